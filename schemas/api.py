@@ -1,0 +1,109 @@
+"""The COC change-ticket API: request body and response of ``PUT /v1/change/tickets/{ticket_id}``.
+
+Field names and enumerations are the reference page's (Tables 2-8). The request models are dumped
+with ``exclude_unset=True``: the mapping sets exactly the keys the reference examples show,
+including the explicit ``null`` values some of them carry (``verified_docs``, rollback times).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: ``error_code`` of a successful call (Table 6, default value).
+SUCCESS_CODE = "GOM.00000000"
+
+
+class Phase(StrEnum):
+    """``ticket_info.phase`` (Table 3)."""
+
+    END = "phase_change_end"
+    CANCEL = "phase_change_cancel"
+    DRAFT = "phase_change_draft"
+    IMPLEMENTE = "phase_change_implemente"  # sic: the API's own spelling
+    APPLY = "phase_change_apply"
+    APPROVE = "phase_change_approve"
+    CLOSE = "phase_change_close"
+
+
+class HistoryAction(StrEnum):
+    """``history_info.action`` (Table 5)."""
+
+    START = "change_start_change_success"
+    END = "change_end_change_success"
+    SET_RESULT = "change_set_change_result_success"
+    RESULT_FAILED = "change_result_failed"
+    CANCEL = "change_cancel_change_success"
+
+
+class ChangeResult(StrEnum):
+    """``sub_tickets[].change_result`` values used by the reference examples."""
+
+    SUCCESS = "change_result_success"
+    FAILED = "change_result_failed"
+    CANCEL = "change_result_cancel"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TicketInfoBody(_Body):
+    """Table 3: sent only for operations on the change ticket itself."""
+
+    phase: Phase | None = None
+    work_flow_status: str | None = None
+
+
+class SubTicketBody(_Body):
+    """Table 4: one change sub-ticket (one per change region)."""
+
+    ticket_id: str | None = None
+    sub_tickets: list[dict[str, Any]] | None = None
+    change_result: ChangeResult | None = None
+    is_verified_in_change_time: bool | None = None
+    verified_docs: str | None = None
+    comment: str | None = None
+    change_fail_type: str | None = None
+    rollback_start_time: int | None = None
+    rollback_end_time: int | None = None
+    is_rollback_success: bool | None = None
+    is_monitor_found: bool | None = None
+
+
+class HistoryInfoBody(_Body):
+    """Table 5: the action recorded in the ticket's history."""
+
+    action: HistoryAction | None = None
+
+
+class UpdateTicketBody(_Body):
+    """Table 2: the request body."""
+
+    ticket_info: TicketInfoBody | None = None
+    sub_tickets: list[SubTicketBody] | None = None
+    history_info: HistoryInfoBody | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object sent on the wire: exactly the keys that were set."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class UpdateTicketResponse(BaseModel):
+    """Tables 6-8. Parsed leniently: the server, not us, owns this shape.
+
+    ``provider_code`` is a string in the table but an integer in the example response; both pass.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    provider_code: str | int | None = None
+    error_code: str | None = None
+    error_msg: str | None = None
+    data: dict[str, Any] | None = Field(default=None)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error_code == SUCCESS_CODE

@@ -1,0 +1,74 @@
+"""The outcome event: exactly one per consumed message, on the results topic.
+
+Downstream consumers read these to learn what happened to every change event. An outcome is
+identified by its ``source`` (topic, partition, offset): after a crash the same input may be
+re-read and its outcome published again (at-least-once delivery); such a copy carries the same
+``status`` and ``redelivered=true``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OUTCOME_SCHEMA_VERSION = 1
+
+
+class OutcomeStatus(StrEnum):
+    APPLIED = "applied"
+    """The API accepted the change."""
+    REJECTED = "rejected"
+    """The API refused the change (4xx, or a non-success error_code); also dead-lettered."""
+    FAILED = "failed"
+    """Transient errors outlived the retry budget; also dead-lettered."""
+    INVALID = "invalid"
+    """The message broke the contract and was never sent to the API; also dead-lettered."""
+    DUPLICATE = "duplicate"
+    """Another message with this event_id was already applied; no API call was made."""
+
+
+#: Statuses whose input message is also written to the dead-letter topic.
+DEAD_LETTER_STATUSES = frozenset({OutcomeStatus.REJECTED, OutcomeStatus.FAILED, OutcomeStatus.INVALID})
+
+
+class SourceRef(BaseModel):
+    """Where the input message was read from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class OutcomeEvent(BaseModel):
+    """What happened to one consumed message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = OUTCOME_SCHEMA_VERSION
+    event_id: str | None = Field(description="The input's event_id; null when it could not be read.")
+    ticket_id: str | None
+    sub_ticket_id: str | None = None
+    type: str | None = Field(description="The input's event type; null when it could not be read.")
+    status: OutcomeStatus
+    reason: str | None = Field(
+        default=None, description="Machine-readable cause for invalid/rejected/failed (e.g. schema)."
+    )
+    attempts: int = Field(ge=0, description="API calls made for this message (0 when none).")
+    http_status: int | None = None
+    error_code: str | None = None
+    error_msg: str | None = None
+    request: dict[str, Any] | None = Field(default=None, description="The API request body sent.")
+    source: SourceRef
+    received_at: datetime
+    finished_at: datetime
+    duration_ms: float = Field(ge=0)
+    worker: str = Field(description="Id of the worker process that produced this outcome.")
+    redelivered: bool = Field(
+        default=False, description="True when this repeats the outcome of an earlier delivery."
+    )
+    trace_id: str | None = Field(default=None, description="W3C trace id carried from the input.")

@@ -1,0 +1,5 @@
+"""``python -m worker`` is the same as ``coc-worker``."""
+
+from worker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Decode and validate one Kafka message value into a change event, or say exactly why not.
+
+Stricter than ``json.loads``: it refuses oversized values, invalid UTF-8, duplicate keys,
+NaN/Infinity, lone surrogates and nesting deeper than any event needs, before the pydantic
+contract checks every field. Whatever is refused becomes an ``InvalidEvent`` with a reason code and
+a readable detail; nothing here ever raises anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.events import (
+    CHANGE_EVENT_ADAPTER,
+    EVENT_ID_PATTERN,
+    TICKET_ID_PATTERN,
+    AnyChangeEvent,
+    EventType,
+)
+from worker.errors import InvalidEvent
+
+#: The contract nests three levels at most; anything much deeper is hostile.
+MAX_DEPTH = 16
+_MAX_ERRORS_SHOWN = 5
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_EVENT_ID = re.compile(EVENT_ID_PATTERN.replace("$", r"\Z"), re.ASCII)
+_TICKET_ID = re.compile(TICKET_ID_PATTERN.replace("$", r"\Z"), re.ASCII)
+_EVENT_TYPES = frozenset(t.value for t in EventType)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """True when ``value`` nests deeper than ``limit`` containers."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            if level > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def parse_json(value: bytes | None, max_bytes: int) -> Any:
+    """Strict JSON parsing of a message value (step one of decoding)."""
+    if value is None:
+        raise InvalidEvent("empty", "message has no value (tombstone)")
+    if len(value) > max_bytes:
+        raise InvalidEvent("too_large", f"message is {len(value)} bytes, the limit is {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("not_utf8", f"value is not UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise InvalidEvent("bad_json", f"duplicate key {str(exc)[:64]!r}") from None
+    except RecursionError:
+        raise InvalidEvent("bad_json", "JSON nesting is too deep") from None
+    except ValueError as exc:  # JSONDecodeError and the NaN/Infinity refusal
+        raise InvalidEvent("bad_json", str(exc)[:200]) from None
+    if _depth(obj, MAX_DEPTH):
+        raise InvalidEvent("bad_json", f"JSON nesting is deeper than {MAX_DEPTH}")
+    if _SURROGATE_ESCAPE.search(value) and _has_surrogate(obj):
+        raise InvalidEvent("bad_json", "string contains an unpaired UTF-16 surrogate")
+    return obj
+
+
+def _json_path(loc: tuple[int | str, ...]) -> str:
+    parts = list(loc)
+    if parts and isinstance(parts[0], str) and parts[0] in _EVENT_TYPES:
+        parts = parts[1:]  # the discriminated union's tag is not part of the document
+    path = "$"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def describe(exc: ValidationError) -> list[tuple[str, str]]:
+    """(JSON path, message) for every error, input values left out (they may be hostile or huge)."""
+    return [
+        (_json_path(err["loc"]), err["msg"]) for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def validate(obj: Any) -> AnyChangeEvent:
+    """Step two: the pydantic contract."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent("schema", f"$: expected a JSON object, got {type(obj).__name__}")
+    try:
+        return CHANGE_EVENT_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        errors = describe(exc)
+        shown = "; ".join(f"{path}: {msg}" for path, msg in errors[:_MAX_ERRORS_SHOWN])
+        more = f" (+{len(errors) - _MAX_ERRORS_SHOWN} more)" if len(errors) > _MAX_ERRORS_SHOWN else ""
+        raise InvalidEvent("schema", shown + more) from None
+
+
+def decode(value: bytes | None, max_bytes: int) -> AnyChangeEvent:
+    """Bytes to a validated event; raises ``InvalidEvent`` and nothing else."""
+    return validate(parse_json(value, max_bytes))
+
+
+def salvage_identity(value: bytes | None, max_bytes: int) -> dict[str, str | None]:
+    """Best-effort ``event_id``/``ticket_id``/``sub_ticket_id``/``type`` of an invalid message.
+
+    Only values that pass their own contract rule are kept: a hostile ``ticket_id`` must not
+    become an outcome key.
+    """
+    found: dict[str, str | None] = {"event_id": None, "ticket_id": None, "sub_ticket_id": None, "type": None}
+    try:
+        obj = parse_json(value, max_bytes)
+    except InvalidEvent:
+        return found
+    if not isinstance(obj, dict):
+        return found
+    checks = {"event_id": _EVENT_ID, "ticket_id": _TICKET_ID, "sub_ticket_id": _TICKET_ID}
+    for name, pattern in checks.items():
+        candidate = obj.get(name)
+        if isinstance(candidate, str) and pattern.match(candidate):
+            found[name] = candidate
+    kind = obj.get("type")
+    if isinstance(kind, str) and kind in _EVENT_TYPES:
+        found["type"] = kind
+    return found

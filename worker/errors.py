@@ -1,0 +1,140 @@
+"""The one error tree of the worker.
+
+Every failure is classified once, at the boundary where it happens, into the branch that decides
+what the pipeline does with the message::
+
+    CocWorkerError
+    ├── ConfigError               bad settings: the process refuses to start
+    ├── InvalidEvent              the message breaks the contract -> outcome `invalid` + DLQ
+    ├── TransientError            may work if tried again -> retry with backoff
+    │   └── ApiTransientError     connection error, timeout, 408, 429 (+Retry-After), 500/502/503/504
+    ├── PermanentError            will fail the same way again -> outcome + DLQ, no retry
+    │   ├── ApiRejected           other 4xx/5xx, or 200 with a non-success error_code -> `rejected`
+    │   └── RetriesExhausted      a transient error outlived the retry budget -> `failed`
+    └── SystemicError             the *worker* cannot make progress, not the message:
+        │                         pause consumption, report not-ready, probe, resume by itself;
+        │                         the message is retried, never rejected or dead-lettered
+        ├── ApiAuthError          401/403: credentials are wrong or revoked
+        ├── ApiUnreachable        every call failed to connect for longer than the threshold
+        ├── DedupUnavailable      the dedup store cannot be reached
+        └── BrokerUnavailable     outcome/DLQ writes cannot be confirmed by the broker
+
+Library exceptions (aiohttp, aiokafka, redis, sqlite3) never cross a module boundary: they are
+translated here with ``raise ... from exc``. Messages never carry secrets.
+"""
+
+from __future__ import annotations
+
+
+class CocWorkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+
+class ConfigError(CocWorkerError):
+    """A setting is missing or invalid; raised before anything connects."""
+
+
+class InvalidEvent(CocWorkerError):
+    """The consumed bytes are not a valid change event (never retried).
+
+    ``reason`` is a short machine-readable code (``too_large``, ``not_utf8``, ``bad_json``,
+    ``schema``); ``detail`` is the human-readable explanation, safe to publish.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class TransientError(CocWorkerError):
+    """A failure that may go away by itself; the retry policy decides how long to wait."""
+
+
+class ApiTransientError(TransientError):
+    """The API call failed in a way worth retrying.
+
+    ``ambiguous`` is true when the request may have reached the API (a read timeout or a dropped
+    connection after the body was sent): a retry might find the change already applied.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        http_status: int | None = None,
+        error_code: str | None = None,
+        retry_after_s: float | None = None,
+        ambiguous: bool = False,
+        connect_failure: bool = False,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.http_status = http_status
+        self.error_code = error_code
+        self.retry_after_s = retry_after_s
+        self.ambiguous = ambiguous
+        self.connect_failure = connect_failure
+
+
+class PermanentError(CocWorkerError):
+    """A failure that will repeat if retried; the message ends here."""
+
+
+class ApiRejected(PermanentError):
+    """The API refused the change (a 4xx, or 200 with a non-success ``error_code``)."""
+
+    def __init__(
+        self, detail: str, *, http_status: int, error_code: str | None, error_msg: str | None
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.http_status = http_status
+        self.error_code = error_code
+        self.error_msg = error_msg
+
+
+class RetriesExhausted(PermanentError):
+    """The retry budget (attempts or elapsed time) ran out on a transient error."""
+
+    def __init__(self, last: ApiTransientError, attempts: int, elapsed_s: float) -> None:
+        super().__init__(f"gave up after {attempts} attempts in {elapsed_s:.1f}s: {last.detail}")
+        self.last = last
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
+
+
+class SystemicError(CocWorkerError):
+    """The worker as a whole cannot make progress; pause and probe instead of failing messages."""
+
+    #: Short name used in metrics and logs (one fixed label value per subclass).
+    kind = "systemic"
+
+
+class ApiAuthError(SystemicError):
+    """401/403 from the API: every message would fail the same way until credentials are fixed."""
+
+    kind = "api_auth"
+
+    def __init__(self, detail: str, *, http_status: int, error_code: str | None = None) -> None:
+        super().__init__(detail)
+        self.http_status = http_status
+        self.error_code = error_code
+
+
+class ApiUnreachable(SystemicError):
+    """No API call has connected for longer than the configured threshold."""
+
+    kind = "api_unreachable"
+
+
+class DedupUnavailable(SystemicError):
+    """The dedup store cannot be read or written; applying without it risks double application."""
+
+    kind = "dedup_unavailable"
+
+
+class BrokerUnavailable(SystemicError):
+    """The broker did not confirm an outcome or dead-letter write."""
+
+    kind = "broker_unavailable"

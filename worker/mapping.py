@@ -1,0 +1,118 @@
+"""Map a validated change event to the exact API request body of the reference page's examples.
+
+Each event type produces the body of one example (started, ended, succeeded, failed, cancelled),
+key for key, including the explicit ``null`` and empty-list values those examples send. Keys the
+reference does not show are sent only when the producer set them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.api import (
+    ChangeResult,
+    HistoryAction,
+    HistoryInfoBody,
+    SubTicketBody,
+    TicketInfoBody,
+    UpdateTicketBody,
+)
+from schemas.events import (
+    AnyChangeEvent,
+    ChangeCancelled,
+    ChangeEnded,
+    ChangeFailed,
+    ChangeStarted,
+    ChangeSucceeded,
+    TicketUpdate,
+)
+
+TICKET_TYPE = "change"
+
+
+def _set(result: Any, always: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, Any]:
+    """Fields in ``always`` are sent even when null (as the examples do); ``optional`` only when set."""
+    fields = {name: getattr(result, name) for name in always}
+    fields.update({name: getattr(result, name) for name in optional if getattr(result, name) is not None})
+    return fields
+
+
+def to_request_body(event: AnyChangeEvent) -> UpdateTicketBody:
+    """The request body for ``PUT /v1/change/tickets/{event.ticket_id}``."""
+    match event:
+        case ChangeStarted():
+            return UpdateTicketBody(
+                history_info=HistoryInfoBody(action=HistoryAction.START),
+                sub_tickets=[SubTicketBody(ticket_id=event.sub_ticket_id)],
+            )
+        case ChangeEnded():
+            return UpdateTicketBody(
+                history_info=HistoryInfoBody(action=HistoryAction.END),
+                sub_tickets=[SubTicketBody(ticket_id=event.sub_ticket_id)],
+            )
+        case ChangeSucceeded():
+            fields = _set(event.result, ("verified_docs",), ("is_verified_in_change_time", "comment"))
+            return UpdateTicketBody(
+                sub_tickets=[
+                    SubTicketBody(
+                        ticket_id=event.sub_ticket_id,
+                        sub_tickets=[],
+                        change_result=ChangeResult.SUCCESS,
+                        **fields,
+                    )
+                ],
+                history_info=HistoryInfoBody(action=HistoryAction.SET_RESULT),
+            )
+        case ChangeFailed():
+            fields = _set(
+                event.result,
+                ("verified_docs", "rollback_start_time", "rollback_end_time"),
+                (
+                    "is_verified_in_change_time",
+                    "comment",
+                    "change_fail_type",
+                    "is_rollback_success",
+                    "is_monitor_found",
+                ),
+            )
+            return UpdateTicketBody(
+                sub_tickets=[
+                    SubTicketBody(
+                        ticket_id=event.sub_ticket_id,
+                        sub_tickets=[],
+                        change_result=ChangeResult.FAILED,
+                        **fields,
+                    )
+                ],
+                history_info=HistoryInfoBody(action=HistoryAction.SET_RESULT),
+            )
+        case ChangeCancelled():
+            fields = _set(event.result, (), ("comment",))
+            return UpdateTicketBody(
+                history_info=HistoryInfoBody(action=HistoryAction.CANCEL),
+                sub_tickets=[
+                    SubTicketBody(
+                        ticket_id=event.sub_ticket_id,
+                        sub_tickets=[],
+                        change_result=ChangeResult.CANCEL,
+                        **fields,
+                    )
+                ],
+            )
+        case TicketUpdate():
+            info = event.ticket_info
+            return UpdateTicketBody(
+                ticket_info=TicketInfoBody(
+                    **{
+                        k: v
+                        for k, v in (("phase", info.phase), ("work_flow_status", info.work_flow_status))
+                        if v
+                    }
+                )
+            )
+    raise TypeError(f"no mapping for {type(event).__name__}")  # pragma: no cover - the union is closed
+
+
+def request_path(ticket_id: str) -> str:
+    """The URL path; ``ticket_id`` is already restricted to ``[A-Za-z0-9_-]`` by the contract."""
+    return f"/v1/{TICKET_TYPE}/tickets/{ticket_id}"

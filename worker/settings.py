@@ -1,0 +1,213 @@
+"""The one settings class: every knob of the worker, from ``COC_WORKER_*`` environment variables.
+
+Built once at the entry point (CLI flags override the environment) and passed down; nothing else
+reads the environment. Secrets are ``SecretStr`` (their repr is ``**********``) and may come from
+files (``COC_WORKER_API_SK_FILE=/var/run/secrets/...``), which are re-read when credentials are
+refreshed so a rotated Kubernetes secret is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "COC_WORKER_"
+
+#: The cloud's published COC endpoints (the official SDK's ``CocRegion`` table).
+COC_REGION_ENDPOINTS: dict[str, str] = {
+    "cn-north-4": "https://coc.myhuaweicloud.com",
+    "ap-southeast-3": "https://coc-intl.myhuaweicloud.com",
+    "eu-west-101": "https://coc-eu-west-101-open-api.myhuaweicloud.eu",
+}
+
+#: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
+SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password")
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class WorkerSettings(BaseSettings):
+    """Settings of ``coc-worker`` (environment ``COC_WORKER_<FIELD>``, e.g. ``COC_WORKER_MAX_IN_FLIGHT``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False, validate_default=True
+    )
+
+    # --- Kafka ---------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    input_topic: str = Field("coc.change-events", min_length=1)
+    results_topic: str = Field("coc.change-outcomes", min_length=1)
+    dlq_topic: str = Field("coc.change-events.dlq", min_length=1)
+    group_id: str = Field("coc-change-worker", min_length=1)
+    kafka_client_id: str = "coc-change-worker"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_verify: bool = Field(True, description="Verify the broker's TLS certificate and hostname.")
+    kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    kafka_fetch_max_wait_ms: int = Field(100, ge=0, description="Lower is lower latency, more fetches.")
+    kafka_enable_idempotence: bool = Field(False, description="Needs a broker with InitProducerId.")
+    create_topics: bool = Field(False, description="Create the three topics at start if missing.")
+    topic_partitions: int = Field(12, ge=1, description="Partitions for topics made by --create-topics.")
+    topic_replication_factor: int = Field(1, ge=1)
+
+    # --- COC API -------------------------------------------------------------------------------
+    api_endpoint: str | None = Field(None, description="Base URL; overrides api_region.")
+    api_region: str | None = Field(None, description="A COC region, e.g. cn-north-4.")
+    api_ak: SecretStr | None = None
+    api_ak_file: Path | None = None
+    api_sk: SecretStr | None = None
+    api_sk_file: Path | None = None
+    api_token: SecretStr | None = Field(None, description="Static X-Auth-Token instead of AK/SK.")
+    api_token_file: Path | None = None
+    api_domain_id: str | None = None
+    api_project_id: str | None = None
+    api_verify_tls: bool = True
+    api_ca_file: Path | None = None
+    api_connect_timeout_s: PositiveSeconds = 3.0
+    api_request_timeout_s: PositiveSeconds = 10.0
+    api_max_connections: int = Field(100, ge=1)
+    api_unreachable_threshold_s: PositiveSeconds = Field(
+        10.0, description="Connection failures for this long with no success pause the worker."
+    )
+    api_rate_limit_per_s: float | None = Field(None, gt=0, description="Client-side cap on API calls.")
+
+    # --- Retry policy --------------------------------------------------------------------------
+    retry_max_attempts: int = Field(8, ge=1)
+    retry_max_elapsed_s: PositiveSeconds = 120.0
+    retry_base_delay_s: PositiveSeconds = 0.2
+    retry_max_delay_s: PositiveSeconds = 20.0
+    retry_after_max_s: PositiveSeconds = Field(60.0, description="Cap on a server's Retry-After.")
+    probe_max_delay_s: PositiveSeconds = Field(30.0, description="Cap on the backoff while paused.")
+
+    # --- Dedup ---------------------------------------------------------------------------------
+    dedup_url: str = Field(
+        "sqlite:///coc-worker-dedup.sqlite3", description="memory://, sqlite:///, redis://"
+    )
+    dedup_ttl_s: PositiveSeconds = Field(7 * 24 * 3600.0, description="How long an applied event is kept.")
+    dedup_lease_s: PositiveSeconds = Field(60.0, description="Claim lease; renewed before every attempt.")
+
+    # --- Pipeline ------------------------------------------------------------------------------
+    max_in_flight: int = Field(256, ge=1, description="Messages taken from Kafka and not yet finished.")
+    max_event_bytes: int = Field(1_048_576, ge=256)
+    commit_interval_s: PositiveSeconds = 1.0
+    shutdown_grace_s: PositiveSeconds = 25.0
+    revoke_grace_s: PositiveSeconds = 10.0
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
+
+    # --- Operations ----------------------------------------------------------------------------
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        hosts = [h.strip() for h in value.split(",") if h.strip()]
+        if not hosts or any(":" not in h for h in hosts):
+            raise ValueError("must be host:port[,host:port...]")
+        return ",".join(hosts)
+
+    @field_validator("api_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://coc.myhuaweicloud.com")
+        return value.rstrip("/")
+
+    @field_validator("api_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and value not in COC_REGION_ENDPOINTS:
+            raise ValueError("unknown region; known: " + ", ".join(sorted(COC_REGION_ENDPOINTS)))
+        return value
+
+    @field_validator("dedup_url")
+    @classmethod
+    def _dedup(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("memory", "sqlite", "redis", "rediss"):
+            raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WorkerSettings:
+        for name in SECRET_FIELDS:
+            if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
+                raise ValueError(f"set {name} or {name}_file, not both")
+        if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
+            raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
+        if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
+            raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")
+        return self
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def api_base_url(self) -> str:
+        """The endpoint to call: the explicit one, else the region's, else the region default."""
+        if self.api_endpoint:
+            return self.api_endpoint
+        if self.api_region:
+            return COC_REGION_ENDPOINTS[self.api_region]
+        raise ConfigError("set COC_WORKER_API_ENDPOINT or COC_WORKER_API_REGION")
+
+    def secret(self, name: str) -> str | None:
+        """Current value of a secret setting, re-reading its ``_FILE`` when one is configured."""
+        path: Path | None = getattr(self, f"{name}_file")
+        if path is not None:
+            try:
+                return path.read_text(encoding="utf-8").strip() or None
+            except OSError as exc:
+                raise ConfigError(f"cannot read {ENV_PREFIX}{name.upper()}_FILE: {exc.strerror}") from exc
+        value: SecretStr | None = getattr(self, name)
+        return value.get_secret_value() if value is not None else None
+
+    def secret_values(self) -> list[str]:
+        """Every secret currently configured; the log redactor scrubs these from all output."""
+        values = []
+        for name in SECRET_FIELDS:
+            try:
+                value = self.secret(name)
+            except ConfigError:
+                continue
+            if value and len(value) >= 4:
+                values.append(value)
+        return values
+
+
+def load_settings(**overrides: Any) -> WorkerSettings:
+    """Build settings from the environment plus explicit overrides (CLI flags win).
+
+    Raises ``ConfigError`` naming each bad setting by its environment variable.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return WorkerSettings(**clean)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False, include_input=False):
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            name = f"{ENV_PREFIX}{field.upper()}" if err["loc"] else "settings"
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,195 @@
+"""AK/SK request signing (``SDK-HMAC-SHA256``), byte-for-byte as the cloud's SDKs sign.
+
+Pure functions, shared by the API client (to sign) and the simulator (to verify). A test proves
+the ``Authorization`` value equal to the official ``huaweicloudsdkcore`` ``Signer`` on generated
+requests, non-ASCII paths, queries and bodies included.
+
+The canonical request is::
+
+    METHOD \\n CanonicalURI \\n CanonicalQuery \\n CanonicalHeaders \\n SignedHeaders \\n hex(sha256(body))
+
+and the signature is ``hex(hmac_sha256(SK, "SDK-HMAC-SHA256\\n" + X-Sdk-Date + "\\n" +
+hex(sha256(canonical_request))))``. Every header whose name has no underscore is signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote, unquote
+
+ALGORITHM = "SDK-HMAC-SHA256"
+DATE_HEADER = "X-Sdk-Date"
+CONTENT_SHA_HEADER = "X-Sdk-Content-Sha256"
+DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+QueryParam = tuple[str, str | bool | int | float | list[str]]
+
+_AUTH_RE = re.compile(
+    r"^SDK-HMAC-SHA256\s+Access=(?P<ak>[^,\s]+),\s*SignedHeaders=(?P<headers>[^,\s]+),\s*Signature=(?P<sig>[0-9a-f]+)$"
+)
+
+
+def sdk_date(now: datetime | None = None) -> str:
+    """The ``X-Sdk-Date`` value for ``now`` (UTC)."""
+    return (now or datetime.now(UTC)).strftime(DATE_FORMAT)
+
+
+def _encode(text: str) -> str:
+    return quote(text, safe="~")
+
+
+def canonical_uri(path: str) -> str:
+    """Each path segment percent-encoded (after decoding once), always ending with ``/``."""
+    encoded = "/".join(_encode(segment) for segment in unquote(path).split("/"))
+    return encoded if encoded.endswith("/") else encoded + "/"
+
+
+def canonical_query(params: Iterable[QueryParam]) -> str:
+    parts: list[str] = []
+    for key, value in sorted(params, key=lambda kv: (kv[0], str(kv[1]))):
+        k = _encode(key)
+        if isinstance(value, list):
+            parts.extend(f"{k}={_encode(str(v))}" for v in sorted(value))
+        elif isinstance(value, bool):
+            parts.append(f"{k}={_encode(str(value).lower())}")
+        else:
+            parts.append(f"{k}={_encode(str(value))}")
+    return "&".join(parts)
+
+
+def signed_header_names(headers: Mapping[str, str]) -> list[str]:
+    return sorted({name.lower() for name in headers if "_" not in name})
+
+
+def _payload_hash(headers: Mapping[str, str], body: bytes) -> str:
+    if not body:
+        return EMPTY_BODY_SHA256
+    declared = _get(headers, CONTENT_SHA_HEADER)
+    return declared if declared else hashlib.sha256(body).hexdigest()
+
+
+def _get(headers: Mapping[str, str], name: str) -> str | None:
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def canonical_request(
+    method: str,
+    path: str,
+    query: Iterable[QueryParam],
+    headers: Mapping[str, str],
+    signed: list[str],
+    body: bytes,
+) -> str:
+    lowered = {k.lower(): str(v).strip() for k, v in headers.items()}
+    canonical_headers = "".join(f"{name}:{lowered.get(name, '')}\n" for name in signed)
+    return "\n".join(
+        (
+            method.upper(),
+            canonical_uri(path),
+            canonical_query(query),
+            canonical_headers,
+            ";".join(signed),
+            _payload_hash(headers, body),
+        )
+    )
+
+
+def signature(sk: str, date: str, canonical: str) -> str:
+    string_to_sign = f"{ALGORITHM}\n{date}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    return hmac.new(sk.encode(), string_to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+def sign(
+    *,
+    ak: str,
+    sk: str,
+    method: str,
+    host: str,
+    path: str,
+    query: Iterable[QueryParam] = (),
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    now: datetime | None = None,
+) -> dict[str, str]:
+    """Return ``headers`` plus ``X-Sdk-Date``, ``Host`` and ``Authorization`` for this request.
+
+    A fresh date is taken on every call: a retry is signed again, never replayed.
+    """
+    out = dict(headers or {})
+    content_type = _get(out, "Content-Type")
+    if content_type and not content_type.startswith(("application/json", "application/bson")):
+        out[CONTENT_SHA_HEADER] = "UNSIGNED-PAYLOAD"
+    date = _get(out, DATE_HEADER)
+    if date is None:
+        date = sdk_date(now)
+        out[DATE_HEADER] = date
+    if _get(out, "Host") is None:
+        out["Host"] = host
+    names = signed_header_names(out)
+    canonical = canonical_request(method, path, list(query), out, names, body)
+    out["Authorization"] = (
+        f"{ALGORITHM} Access={ak}, SignedHeaders={';'.join(names)}, Signature={signature(sk, date, canonical)}"
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class ParsedAuthorization:
+    ak: str
+    signed_headers: list[str]
+    signature: str
+
+
+def parse_authorization(value: str) -> ParsedAuthorization | None:
+    match = _AUTH_RE.match(value.strip())
+    if match is None:
+        return None
+    return ParsedAuthorization(match["ak"], match["headers"].split(";"), match["sig"])
+
+
+def verify(
+    *,
+    secret_for: Mapping[str, str],
+    method: str,
+    path: str,
+    query: Iterable[QueryParam],
+    headers: Mapping[str, str],
+    body: bytes,
+    now: datetime,
+    max_skew_s: float = 15 * 60,
+) -> str | None:
+    """Check a signed request as the API gateway does; return ``None`` if valid, else why not."""
+    auth = _get(headers, "Authorization")
+    if not auth:
+        return "missing Authorization header"
+    parsed = parse_authorization(auth)
+    if parsed is None:
+        return "malformed Authorization header"
+    sk = secret_for.get(parsed.ak)
+    if sk is None:
+        return "unknown access key"
+    date = _get(headers, DATE_HEADER)
+    if date is None or DATE_HEADER.lower() not in parsed.signed_headers:
+        return "X-Sdk-Date missing or not signed"
+    try:
+        signed_at = datetime.strptime(date, DATE_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return "malformed X-Sdk-Date"
+    if abs((now - signed_at).total_seconds()) > max_skew_s:
+        return "request expired: X-Sdk-Date is more than 15 minutes away from server time"
+    if "host" not in parsed.signed_headers:
+        return "Host not signed"
+    canonical = canonical_request(method, path, query, headers, parsed.signed_headers, body)
+    if not hmac.compare_digest(signature(sk, date, canonical), parsed.signature):
+        return "signature mismatch"
+    return None
