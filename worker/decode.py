@@ -30,6 +30,9 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _EVENT_ID = re.compile(EVENT_ID_PATTERN.replace("$", r"\Z"), re.ASCII)
 _TICKET_ID = re.compile(TICKET_ID_PATTERN.replace("$", r"\Z"), re.ASCII)
 _EVENT_TYPES = frozenset(t.value for t in EventType)
+#: Keys shown as ``.name`` in an error path; any other key is the producer's text, shown escaped.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_]{1,64}\Z", re.ASCII)
+_KEY_SHOWN = 32
 
 
 class _DuplicateKey(ValueError):
@@ -105,7 +108,12 @@ def _json_path(loc: tuple[int | str, ...]) -> str:
         parts = parts[1:]  # the discriminated union's tag is not part of the document
     path = "$"
     for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _PLAIN_KEY.match(part):
+            path += f".{part}"
+        else:  # an unknown key may be hostile: ASCII-escaped and cut short
+            path += f"[{json.dumps(part[:_KEY_SHOWN])}{'...' if len(part) > _KEY_SHOWN else ''}]"
     return path
 
 

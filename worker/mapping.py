@@ -106,7 +106,7 @@ def to_request_body(event: AnyChangeEvent) -> UpdateTicketBody:
                     **{
                         k: v
                         for k, v in (("phase", info.phase), ("work_flow_status", info.work_flow_status))
-                        if v
+                        if v is not None
                     }
                 )
             )

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, unquote
 
 ALGORITHM = "SDK-HMAC-SHA256"
@@ -50,9 +51,20 @@ def canonical_uri(path: str) -> str:
     return encoded if encoded.endswith("/") else encoded + "/"
 
 
+def _query_order(param: QueryParam) -> tuple[str, int, Any]:
+    """Sort as the SDK's ``params.sort()`` does: by key, then by the value itself (``9 < 10``).
+
+    The SDK cannot compare values of different kinds under one key (it raises); ranking the kind
+    first keeps that case deterministic here.
+    """
+    key, value = param
+    rank = 2 if isinstance(value, list) else 1 if isinstance(value, str) else 0
+    return key, rank, value
+
+
 def canonical_query(params: Iterable[QueryParam]) -> str:
     parts: list[str] = []
-    for key, value in sorted(params, key=lambda kv: (kv[0], str(kv[1]))):
+    for key, value in sorted(params, key=_query_order):
         k = _encode(key)
         if isinstance(value, list):
             parts.extend(f"{k}={_encode(str(v))}" for v in sorted(value))
@@ -126,7 +138,7 @@ def sign(
     A fresh date is taken on every call: a retry is signed again, never replayed.
     """
     out = dict(headers or {})
-    content_type = _get(out, "Content-Type")
+    content_type = out.get("Content-Type")  # case-sensitive, exactly as the SDK looks it up
     if content_type and not content_type.startswith(("application/json", "application/bson")):
         out[CONTENT_SHA_HEADER] = "UNSIGNED-PAYLOAD"
     date = _get(out, DATE_HEADER)

@@ -1,0 +1,407 @@
+"""Decoding a Kafka message value: strict JSON, the contract, and errors that are safe to publish."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas.events import ChangeFailed, ChangeStarted, EventType
+from worker.decode import MAX_DEPTH, decode, salvage_identity
+from worker.errors import InvalidEvent
+
+MAX_BYTES = 64 * 1024
+TICKET_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {
+        "event_id": "evt-1",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "S1",
+        "type": "change.started",
+        **fields,
+    }
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def invalid(value: bytes | None, max_bytes: int = MAX_BYTES) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as info:
+        decode(value, max_bytes)
+    assert str(info.value) == f"{info.value.reason}: {info.value.detail}"
+    return info.value
+
+
+# --- happy path ----------------------------------------------------------------------------------
+
+
+def test_decodes_a_valid_event() -> None:
+    parsed = decode(encode(event(source="argo-cd")), MAX_BYTES)
+    assert isinstance(parsed, ChangeStarted)
+    assert (parsed.event_id, parsed.ticket_id, parsed.sub_ticket_id) == ("evt-1", "CM1", "S1")
+    assert parsed.source == "argo-cd"
+
+
+def test_non_ascii_text_survives() -> None:
+    raw = encode(event(type="change.failed", result={"comment": "回滚成功 — ok ✓ 😀"}))
+    parsed = decode(raw, MAX_BYTES)
+    assert isinstance(parsed, ChangeFailed)
+    assert parsed.result.comment == "回滚成功 — ok ✓ 😀"
+
+
+def test_escaped_surrogate_pair_is_one_character() -> None:
+    raw = encode(event(type="change.cancelled", result={"comment": "PLACEHOLDER"}))
+    raw = raw.replace(b"PLACEHOLDER", rb"\ud83d\ude00")
+    assert decode(raw, MAX_BYTES).result.comment == "\U0001f600"
+
+
+def test_escaped_backslash_u_is_plain_text() -> None:
+    raw = encode(event(type="change.cancelled", result={"comment": "PLACEHOLDER"}))
+    raw = raw.replace(b"PLACEHOLDER", rb"\\ud800")
+    assert decode(raw, MAX_BYTES).result.comment == "\\ud800"
+
+
+def test_exactly_max_bytes_is_accepted() -> None:
+    raw = encode(event())
+    padded = raw + b" " * (512 - len(raw))
+    assert len(padded) == 512
+    assert decode(padded, 512).ticket_id == "CM1"
+
+
+# --- refusals before the contract ----------------------------------------------------------------
+
+
+def test_tombstone() -> None:
+    assert invalid(None).reason == "empty"
+
+
+def test_oversized() -> None:
+    raw = encode(event())
+    err = invalid(raw + b" ", max_bytes=len(raw))
+    assert err.reason == "too_large"
+    assert str(len(raw) + 1) in err.detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff",
+        b'{"event_id": "\xff"}',
+        b'{"ticket_id": "\xc0\xaf"}',  # overlong '/'
+        b'{"ticket_id": "\xed\xa0\x80"}',  # a UTF-8 encoded surrogate
+        b'{"ticket_id": "\xe2\x82"}',  # truncated sequence
+        "{}".encode("utf-16"),
+    ],
+)
+def test_invalid_utf8(raw: bytes) -> None:
+    assert invalid(raw).reason == "not_utf8"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b" ",
+        b"{",
+        b'{"a":}',
+        b"{} x",
+        b"{}{}",
+        b"{'type': 'change.started'}",
+        b'{"a": 1,}',
+        b'{"a": 01}',
+        b'{"a": "\x01"}',  # raw control character in a string
+        "\ufeff{}".encode(),  # byte-order mark
+        b'{"a": undefined}',
+    ],
+)
+def test_bad_json(raw: bytes) -> None:
+    assert invalid(raw).reason == "bad_json"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"event_id": "e1", "ticket_id": "CM1", "ticket_id": "CM2", "sub_ticket_id": "S1", "type": "change.started"}',
+        b'{"event_id": "e1", "ticket_id": "CM1", "sub_ticket_id": "S1", "type": "change.failed",'
+        b' "result": {"comment": "a", "comment": "b"}}',
+        b'{"a": [{"x": 1, "x": 1}]}',
+    ],
+)
+def test_duplicate_keys(raw: bytes) -> None:
+    err = invalid(raw)
+    assert err.reason == "bad_json"
+    assert "duplicate key" in err.detail
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_nan_and_infinity(constant: bytes) -> None:
+    raw = (
+        b'{"event_id": "e1", "ticket_id": "CM1", "sub_ticket_id": "S1", "type": "change.failed",'
+        b' "result": {"rollback_start_time": ' + constant + b"}}"
+    )
+    err = invalid(raw)
+    assert err.reason == "bad_json"
+    assert constant.decode() in err.detail
+    assert invalid(constant).reason == "bad_json"
+
+
+def test_huge_exponent_is_not_a_number_we_take() -> None:
+    raw = encode(event(type="change.failed", result={"rollback_start_time": 0})).replace(b": 0", b": 1e400")
+    assert invalid(raw).reason == "schema"
+
+
+def test_integer_with_too_many_digits() -> None:
+    raw = encode(event(type="change.failed", result={"rollback_start_time": 0})).replace(
+        b": 0", b": " + b"9" * 5000
+    )
+    assert invalid(raw).reason == "bad_json"
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[" * 100_000, b'{"a":' * 100_000, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"]
+)
+def test_deep_nesting(raw: bytes) -> None:
+    err = invalid(raw, max_bytes=1 << 20)
+    assert err.reason == "bad_json"
+    assert "nesting" in err.detail
+
+
+def test_nesting_just_past_the_limit() -> None:
+    deep: Any = "x"
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    within = event(type="change.cancelled", result={"comment": "x"}, deep=deep[0])
+    assert invalid(encode(within)).reason == "schema"  # nesting is fine, the unknown field is not
+    too_deep = event(type="change.cancelled", result={"comment": "x"}, deep=deep)
+    err = invalid(encode(too_deep))
+    assert err.reason == "bad_json"
+    assert f"deeper than {MAX_DEPTH}" in err.detail
+
+
+@pytest.mark.parametrize("escape", [rb"\ud800", rb"\uDFFF", rb"a\udc00b", rb"\ud83d"])
+def test_lone_surrogate_in_comment(escape: bytes) -> None:
+    raw = encode(event(type="change.succeeded", result={"comment": "PLACEHOLDER"})).replace(
+        b"PLACEHOLDER", escape
+    )
+    err = invalid(raw)
+    assert err.reason == "bad_json"
+    assert "surrogate" in err.detail
+
+
+def test_lone_surrogate_in_a_key() -> None:
+    err = invalid(b'{"\\ud800": 1}')
+    assert err.reason == "bad_json"
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"[{}]", b'"change.started"', b"42", b"1.5", b"null", b"true"])
+def test_non_object_json(raw: bytes) -> None:
+    err = invalid(raw)
+    assert err.reason == "schema"
+    assert err.detail.startswith("$: expected a JSON object")
+
+
+# --- contract errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"type": "change.failed", "result": {"comment": "c" * 2001}}, "$.result.comment"),
+        ({"type": "change.failed", "result": {"is_monitor_found": "true"}}, "$.result.is_monitor_found"),
+        ({"ticket_id": "../../etc/passwd"}, "$.ticket_id"),
+        ({"sub_ticket_id": "S1\r\nX-Injected: 1"}, "$.sub_ticket_id"),
+        ({"event_id": ""}, "$.event_id"),
+        ({"occurred_at": 1750965578}, "$.occurred_at"),
+        (
+            {"type": "change.cancelled", "result": {"comment": "ok", "is_monitor_found": True}},
+            "$.result.is_monitor_found",
+        ),
+    ],
+)
+def test_errors_carry_the_json_path(fields: dict[str, Any], path: str) -> None:
+    err = invalid(encode(event(**fields)))
+    assert err.reason == "schema"
+    assert err.detail.startswith(f"{path}: ")
+
+
+def test_error_path_inside_ticket_info() -> None:
+    raw = {
+        "event_id": "e1",
+        "ticket_id": "CM1",
+        "type": "ticket.update",
+        "ticket_info": {"phase": "phase_change_x"},
+    }
+    assert invalid(encode(raw)).detail.startswith("$.ticket_info.phase: ")
+
+
+def test_unknown_type_names_the_allowed_ones() -> None:
+    err = invalid(encode(event(type="change.exploded")))
+    assert err.reason == "schema"
+    assert err.detail.startswith("$: type must be one of:")
+    for kind in EventType:
+        assert kind.value in err.detail
+    assert "change.exploded" not in err.detail
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"ticket_id": "SECRET-VALUE/../x"},
+        {"event_id": "SECRET-VALUE with spaces"},
+        {"type": "change.failed", "result": {"comment": "SECRET-VALUE" * 200}},
+        {"type": "change.failed", "result": {"change_fail_type": ["SECRET-VALUE"]}},
+        {"source": "SECRET-VALUE" * 20},
+        {"occurred_at": "SECRET-VALUE"},
+        {"type": "SECRET-VALUE"},
+        {"extra": "SECRET-VALUE"},
+    ],
+)
+def test_errors_never_echo_the_input_value(fields: dict[str, Any]) -> None:
+    err = invalid(encode(event(**fields)))
+    assert "SECRET-VALUE" not in str(err)
+
+
+def test_hostile_keys_are_not_echoed_raw() -> None:
+    long_key = "k" * 10_000
+    err = invalid(encode(event(**{long_key: 1, "a\r\nX-Injected: 1": 2, "\u202eevil": 3})))
+    assert err.reason == "schema"
+    assert len(err.detail) < 1000
+    assert "\r" not in err.detail
+    assert "\n" not in err.detail
+    assert "\u202e" not in err.detail
+    assert err.detail.count("Extra inputs are not permitted") == 3
+
+
+def test_many_errors_are_summarised() -> None:
+    raw = {"type": "change.failed", "result": {f"unknown_{i}": i for i in range(20)}}
+    err = invalid(encode(raw))
+    assert err.detail.endswith("more)")
+    assert err.detail.count("; ") == 4
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400)
+@given(raw=st.binary(max_size=512))
+def test_arbitrary_bytes_only_raise_invalid_event(raw: bytes) -> None:
+    reason = "ok"
+    try:
+        decode(raw, 256)
+    except InvalidEvent as err:
+        reason = err.reason
+    assert reason in {"ok", "too_large", "not_utf8", "bad_json", "schema"}
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(value=json_values, extra=st.dictionaries(st.text(max_size=16), json_values, max_size=4))
+def test_arbitrary_json_only_raises_invalid_event(value: Any, extra: dict[str, Any]) -> None:
+    for candidate in (
+        value,
+        {**event(), **extra},
+        event(result=value),
+        event(type="change.failed", result=value),
+    ):
+        reason = "ok"
+        try:
+            decode(json.dumps(candidate).encode(), MAX_BYTES)
+        except InvalidEvent as err:
+            reason = err.reason
+        assert reason in {"ok", "bad_json", "schema"}
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_mutated_valid_events_only_raise_invalid_event(data: st.DataObject) -> None:
+    raw = bytearray(encode(event(type="change.failed", result={"comment": "é", "rollback_start_time": 1})))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(InvalidEvent):
+        decode(bytes(raw), MAX_BYTES)
+
+
+# --- salvage_identity ----------------------------------------------------------------------------
+
+
+def test_salvage_of_an_invalid_event_keeps_the_valid_ids() -> None:
+    raw = encode(event(type="change.failed", result={"comment": 1}))
+    with pytest.raises(InvalidEvent):
+        decode(raw, MAX_BYTES)
+    assert salvage_identity(raw, MAX_BYTES) == {
+        "event_id": "evt-1",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "S1",
+        "type": "change.failed",
+    }
+
+
+@pytest.mark.parametrize(
+    "ticket_id",
+    ["../x", "a/b", "a\n", "a\r\nb", "\uff41", "CM\u0430", "%2e%2e", "x" * 65, "", 7, None, ["CM1"]],
+)
+def test_salvage_drops_a_hostile_ticket_id(ticket_id: Any) -> None:
+    found = salvage_identity(encode(event(ticket_id=ticket_id, sub_ticket_id=ticket_id)), MAX_BYTES)
+    assert found["ticket_id"] is None
+    assert found["sub_ticket_id"] is None
+    assert found["event_id"] == "evt-1"
+
+
+def test_salvage_drops_an_unknown_type_and_bad_event_id() -> None:
+    found = salvage_identity(encode(event(type="change.exploded", event_id="a b")), MAX_BYTES)
+    assert found == {"event_id": None, "ticket_id": "CM1", "sub_ticket_id": "S1", "type": None}
+
+
+@pytest.mark.parametrize(
+    "raw", [None, b"", b"\xff", b"[1]", b'"CM1"', b'{"ticket_id": "A", "ticket_id": "B"}', b"[" * 10_000]
+)
+def test_salvage_of_unreadable_messages(raw: bytes | None) -> None:
+    assert salvage_identity(raw, MAX_BYTES) == dict.fromkeys(
+        ("event_id", "ticket_id", "sub_ticket_id", "type")
+    )
+
+
+def test_salvage_respects_max_bytes() -> None:
+    raw = encode(event())
+    assert salvage_identity(raw, len(raw) - 1)["ticket_id"] is None
+
+
+@settings(max_examples=300)
+@given(
+    ticket_id=st.one_of(st.text(max_size=70), st.from_regex(TICKET_ID, fullmatch=True), json_values),
+    event_id=st.one_of(st.text(max_size=130), json_values),
+    kind=st.one_of(st.text(max_size=20), st.sampled_from([t.value for t in EventType])),
+)
+def test_salvage_never_returns_a_hostile_id(ticket_id: Any, event_id: Any, kind: str) -> None:
+    raw = encode({"ticket_id": ticket_id, "sub_ticket_id": ticket_id, "event_id": event_id, "type": kind})
+    found = salvage_identity(raw, MAX_BYTES)
+    for name in ("ticket_id", "sub_ticket_id"):
+        assert found[name] is None or (found[name] == ticket_id and TICKET_ID.fullmatch(found[name]))
+    assert found["event_id"] is None or (
+        found["event_id"] == event_id and EVENT_ID.fullmatch(found["event_id"])
+    )
+    assert found["type"] is None or found["type"] in {t.value for t in EventType}
+
+
+@settings(max_examples=300)
+@given(raw=st.binary(max_size=256))
+def test_salvage_of_arbitrary_bytes(raw: bytes) -> None:
+    found = salvage_identity(raw, MAX_BYTES)
+    assert set(found) == {"event_id", "ticket_id", "sub_ticket_id", "type"}
+    assert found["ticket_id"] is None or TICKET_ID.fullmatch(found["ticket_id"])

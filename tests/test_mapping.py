@@ -1,0 +1,182 @@
+"""Every event type maps to exactly the request of the reference page's examples."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.api import Phase
+from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
+from worker.mapping import request_path, to_request_body
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "coc-update-ticket-api.txt"
+FIXTURE = Path(__file__).parent / "data" / "reference_examples.json"
+
+_EXAMPLE = re.compile(
+    r"^\s*\u2022\s*(?P<title>.+?)\s*\n\s*\n\s*(?P<method>PUT) https://\{Endpoint\}(?P<path>\S+)\s*\n", re.M
+)
+
+
+def parse_reference(text: str) -> list[dict[str, Any]]:
+    """The example requests of the reference page: title, method, path and JSON body of each."""
+    decoder = json.JSONDecoder()
+    examples = []
+    for match in _EXAMPLE.finditer(text):
+        start = text.index("{", match.end())
+        body, _ = decoder.raw_decode(text, start)
+        examples.append(
+            {"title": match["title"], "method": match["method"], "path": match["path"], "body": body}
+        )
+    return examples
+
+
+def _examples() -> dict[str, dict[str, Any]]:
+    return {example["title"]: example for example in json.loads(FIXTURE.read_text(encoding="utf-8"))}
+
+
+EXAMPLES = _examples()
+TICKET = "CM202506261919380164485133"
+
+#: Title of each reference example -> the event a producer sends for it.
+EVENTS: dict[str, dict[str, Any]] = {
+    "Change started.": {
+        "type": "change.started",
+        "sub_ticket_id": "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
+    },
+    "Change ended.": {
+        "type": "change.ended",
+        "sub_ticket_id": "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
+    },
+    "If the change is successful, fill in the change result.": {
+        "type": "change.succeeded",
+        "sub_ticket_id": "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
+        "result": {"is_verified_in_change_time": True, "comment": "Change succeeded."},
+    },
+    "If the change fails, fill in the change result.": {
+        "type": "change.failed",
+        "sub_ticket_id": "80f198c6-14c0-4541-8e2d-1808bfcedf48",
+        "result": {
+            "comment": "Change failed.",
+            "change_fail_type": "fr_dependent_service_issue",
+            "is_rollback_success": True,
+            "is_monitor_found": False,
+        },
+    },
+    "Change canceled.": {
+        "type": "change.cancelled",
+        "sub_ticket_id": "b0a966fa-5be7-40e4-bad0-a0749d6fac9c",
+        "result": {"comment": "Change cancelled."},
+    },
+}
+
+
+def _event(**fields: Any) -> AnyChangeEvent:
+    return CHANGE_EVENT_ADAPTER.validate_python({"event_id": "evt-1", "ticket_id": TICKET, **fields})
+
+
+def test_fixture_matches_reference_page() -> None:
+    if not REFERENCE.exists():
+        pytest.skip(f"reference page not present at {REFERENCE} (outside the repo, e.g. in CI)")
+    parsed = parse_reference(REFERENCE.read_text(encoding="utf-8"))
+    assert len(parsed) == 5
+    assert parsed == json.loads(FIXTURE.read_text(encoding="utf-8"))
+
+
+def test_every_example_has_an_event() -> None:
+    assert set(EVENTS) == set(EXAMPLES)
+    assert len(EXAMPLES) == 5
+
+
+@pytest.mark.parametrize("title", list(EVENTS))
+def test_event_maps_to_reference_example(title: str) -> None:
+    example = EXAMPLES[title]
+    event = _event(**EVENTS[title])
+
+    assert to_request_body(event).to_wire() == example["body"]
+    assert example["method"] == "PUT"
+    assert request_path(event.ticket_id) == example["path"]
+
+
+@pytest.mark.parametrize("title", list(EVENTS))
+def test_wire_json_is_the_examples_json(title: str) -> None:
+    """Text comparison too: dict equality alone would let ``0`` pass for ``false``."""
+    body = to_request_body(_event(**EVENTS[title])).to_wire()
+    expected = EXAMPLES[title]["body"]
+    assert json.dumps(body, sort_keys=True, allow_nan=False) == json.dumps(expected, sort_keys=True)
+
+
+def test_failed_with_rollback_window_sends_the_times() -> None:
+    event = _event(
+        type="change.failed",
+        sub_ticket_id="S1",
+        result={"rollback_start_time": 1_750_000_000_000, "rollback_end_time": 1_750_000_060_000},
+    )
+    sub = to_request_body(event).to_wire()["sub_tickets"][0]
+    assert sub["rollback_start_time"] == 1_750_000_000_000
+    assert sub["rollback_end_time"] == 1_750_000_060_000
+    assert "comment" not in sub
+    assert "is_monitor_found" not in sub
+
+
+def test_failed_without_result_keeps_the_examples_nulls() -> None:
+    body = to_request_body(_event(type="change.failed", sub_ticket_id="S1")).to_wire()
+    assert body == {
+        "sub_tickets": [
+            {
+                "ticket_id": "S1",
+                "sub_tickets": [],
+                "change_result": "change_result_failed",
+                "verified_docs": None,
+                "rollback_start_time": None,
+                "rollback_end_time": None,
+            }
+        ],
+        "history_info": {"action": "change_set_change_result_success"},
+    }
+
+
+def test_succeeded_sends_verified_docs_when_set() -> None:
+    event = _event(type="change.succeeded", sub_ticket_id="S1", result={"verified_docs": "DOC-1"})
+    sub = to_request_body(event).to_wire()["sub_tickets"][0]
+    assert sub["verified_docs"] == "DOC-1"
+    assert "is_verified_in_change_time" not in sub
+
+
+def test_cancelled_without_comment() -> None:
+    body = to_request_body(_event(type="change.cancelled", sub_ticket_id="S1")).to_wire()
+    assert body == {
+        "history_info": {"action": "change_cancel_change_success"},
+        "sub_tickets": [{"ticket_id": "S1", "sub_tickets": [], "change_result": "change_result_cancel"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("ticket_info", "expected"),
+    [
+        ({"phase": "phase_change_close"}, {"phase": "phase_change_close"}),
+        ({"work_flow_status": "closed"}, {"work_flow_status": "closed"}),
+        (
+            {"phase": "phase_change_cancel", "work_flow_status": "cancelled"},
+            {"phase": "phase_change_cancel", "work_flow_status": "cancelled"},
+        ),
+        ({"work_flow_status": ""}, {"work_flow_status": ""}),
+    ],
+)
+def test_ticket_update_sends_ticket_info_only(ticket_info: dict[str, Any], expected: dict[str, Any]) -> None:
+    body = to_request_body(_event(type="ticket.update", ticket_info=ticket_info)).to_wire()
+    assert body == {"ticket_info": expected}
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_ticket_update_every_phase(phase: Phase) -> None:
+    body = to_request_body(_event(type="ticket.update", ticket_info={"phase": phase.value})).to_wire()
+    assert body == {"ticket_info": {"phase": phase.value}}
+
+
+@pytest.mark.parametrize("ticket_id", ["CM1", "a-b_C-9", "x" * 64])
+def test_request_path(ticket_id: str) -> None:
+    assert request_path(ticket_id) == f"/v1/change/tickets/{ticket_id}"

@@ -1,0 +1,245 @@
+"""Settings: documented defaults, environment, overrides, validation, secrets and their files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import COC_REGION_ENDPOINTS, ENV_PREFIX, SECRET_FIELDS, WorkerSettings, load_settings
+
+SECRET = "s3cr3t-VALUE-never-shown"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test starts from an environment without any ``COC_WORKER_*`` variable."""
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def config_error(**overrides: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(**overrides)
+    return str(info.value)
+
+
+# --- defaults ------------------------------------------------------------------------------------
+
+
+def test_documented_defaults() -> None:
+    settings = load_settings()
+    assert settings.input_topic == "coc.change-events"
+    assert settings.results_topic == "coc.change-outcomes"
+    assert settings.dlq_topic == "coc.change-events.dlq"
+    assert settings.group_id == "coc-change-worker"
+    assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
+    assert settings.kafka_security_protocol == "PLAINTEXT"
+    assert settings.api_endpoint is None
+    assert settings.api_region is None
+    assert all(getattr(settings, name) is None for name in SECRET_FIELDS)
+    assert settings.max_in_flight == 256
+    assert settings.max_event_bytes == 1_048_576
+    assert settings.log_level == "INFO"
+
+
+def test_each_load_gets_its_own_worker_id() -> None:
+    first, second = load_settings().worker_id, load_settings().worker_id
+    assert first
+    assert first != second
+
+
+# --- environment and overrides -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value", "expected"),
+    [
+        ("COC_WORKER_INPUT_TOPIC", "input_topic", "in", "in"),
+        ("COC_WORKER_RESULTS_TOPIC", "results_topic", "out", "out"),
+        ("COC_WORKER_DLQ_TOPIC", "dlq_topic", "dead", "dead"),
+        ("COC_WORKER_GROUP_ID", "group_id", "g1", "g1"),
+        ("COC_WORKER_MAX_IN_FLIGHT", "max_in_flight", "8", 8),
+        ("COC_WORKER_API_REQUEST_TIMEOUT_S", "api_request_timeout_s", "2.5", 2.5),
+        ("COC_WORKER_KAFKA_SSL_VERIFY", "kafka_ssl_verify", "false", False),
+        (
+            "COC_WORKER_KAFKA_BOOTSTRAP_SERVERS",
+            "kafka_bootstrap_servers",
+            " a:9092 , b:9093 ",
+            "a:9092,b:9093",
+        ),
+        ("COC_WORKER_API_ENDPOINT", "api_endpoint", "https://coc.example.com/", "https://coc.example.com"),
+        ("COC_WORKER_LOG_LEVEL", "log_level", "DEBUG", "DEBUG"),
+        ("coc_worker_group_id", "group_id", "lower", "lower"),
+    ],
+)
+def test_environment_is_read(
+    monkeypatch: pytest.MonkeyPatch, env: str, field: str, value: str, expected: object
+) -> None:
+    monkeypatch.setenv(env, value)
+    assert getattr(load_settings(), field) == expected
+
+
+def test_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COC_WORKER_INPUT_TOPIC", "from-env")
+    monkeypatch.setenv("COC_WORKER_MAX_IN_FLIGHT", "4")
+    settings = load_settings(input_topic="from-cli", max_in_flight=16)
+    assert settings.input_topic == "from-cli"
+    assert settings.max_in_flight == 16
+
+
+def test_unset_overrides_leave_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COC_WORKER_INPUT_TOPIC", "from-env")
+    assert load_settings(input_topic=None).input_topic == "from-env"
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("COC_WORKER_INPUT_TOPIC", ""),
+        ("COC_WORKER_MAX_IN_FLIGHT", "0"),
+        ("COC_WORKER_MAX_IN_FLIGHT", "many"),
+        ("COC_WORKER_API_REQUEST_TIMEOUT_S", "0"),
+        ("COC_WORKER_RETRY_MAX_ATTEMPTS", "-1"),
+        ("COC_WORKER_KAFKA_SSL_VERIFY", "maybe"),
+        ("COC_WORKER_KAFKA_BOOTSTRAP_SERVERS", "localhost"),
+        ("COC_WORKER_KAFKA_BOOTSTRAP_SERVERS", " , "),
+        ("COC_WORKER_KAFKA_SECURITY_PROTOCOL", "TLS"),
+        ("COC_WORKER_API_ENDPOINT", "ftp://coc.example.com"),
+        ("COC_WORKER_API_ENDPOINT", "coc.example.com"),
+        ("COC_WORKER_API_REGION", "mars-1"),
+        ("COC_WORKER_DEDUP_URL", "postgres://db/x"),
+        ("COC_WORKER_HTTP_PORT", "70000"),
+        ("COC_WORKER_LOG_LEVEL", "TRACE"),
+        ("COC_WORKER_MAX_EVENT_BYTES", "10"),
+    ],
+)
+def test_invalid_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    message = config_error()
+    assert f"{env}:" in message
+
+
+def test_invalid_override_names_the_variable() -> None:
+    assert "COC_WORKER_GROUP_ID:" in config_error(group_id="")
+
+
+def test_unknown_override_rejected() -> None:
+    assert "COC_WORKER_INPUT_TOPIK" in config_error(input_topik="x")
+
+
+def test_every_problem_is_reported() -> None:
+    message = config_error(input_topic="", max_in_flight=0)
+    assert "COC_WORKER_INPUT_TOPIC" in message
+    assert "COC_WORKER_MAX_IN_FLIGHT" in message
+
+
+def test_sasl_protocol_needs_a_mechanism() -> None:
+    assert "kafka_sasl_mechanism" in config_error(kafka_security_protocol="SASL_SSL")
+    settings = load_settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512")
+    assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+
+
+def test_heartbeat_at_most_a_third_of_the_session() -> None:
+    assert "heartbeat" in config_error(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_001)
+    assert load_settings(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_000)
+
+
+# --- endpoint ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("region", "endpoint"), list(COC_REGION_ENDPOINTS.items()))
+def test_region_gives_its_endpoint(monkeypatch: pytest.MonkeyPatch, region: str, endpoint: str) -> None:
+    monkeypatch.setenv("COC_WORKER_API_REGION", region)
+    assert load_settings().api_base_url == endpoint
+
+
+def test_known_regions() -> None:
+    assert COC_REGION_ENDPOINTS["cn-north-4"] == "https://coc.myhuaweicloud.com"
+    assert COC_REGION_ENDPOINTS["ap-southeast-3"] == "https://coc-intl.myhuaweicloud.com"
+
+
+def test_explicit_endpoint_wins_over_region() -> None:
+    settings = load_settings(api_region="cn-north-4", api_endpoint="http://127.0.0.1:8443/")
+    assert settings.api_base_url == "http://127.0.0.1:8443"
+
+
+def test_no_endpoint_and_no_region() -> None:
+    settings = load_settings()
+    with pytest.raises(ConfigError, match="COC_WORKER_API_ENDPOINT or COC_WORKER_API_REGION"):
+        _ = settings.api_base_url
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SECRET_FIELDS)
+def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET)
+    assert load_settings().secret(name) == SECRET
+
+
+@pytest.mark.parametrize("name", SECRET_FIELDS)
+def test_secret_file_is_read_and_re_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.secret"
+    path.write_text(SECRET + "\n", encoding="utf-8")
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}_FILE", str(path))
+    settings = load_settings()
+    assert settings.secret(name) == SECRET
+
+    path.write_text("rotated-" + SECRET, encoding="utf-8")
+    assert settings.secret(name) == "rotated-" + SECRET
+
+    path.write_text("", encoding="utf-8")
+    assert settings.secret(name) is None
+
+
+def test_missing_secret_file_names_the_variable(tmp_path: Path) -> None:
+    settings = load_settings(api_sk_file=tmp_path / "absent")
+    with pytest.raises(ConfigError, match="COC_WORKER_API_SK_FILE"):
+        settings.secret("api_sk")
+    assert settings.secret_values() == []
+
+
+@pytest.mark.parametrize("name", SECRET_FIELDS)
+def test_value_and_file_together_rejected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    path = tmp_path / "secret"
+    path.write_text(SECRET, encoding="utf-8")
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET)
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}_FILE", str(path))
+    message = config_error()
+    assert f"{name} or {name}_file" in message
+    assert SECRET not in message
+
+
+def test_secret_values_lists_every_secret(tmp_path: Path) -> None:
+    path = tmp_path / "sk"
+    path.write_text("file-" + SECRET, encoding="utf-8")
+    settings = load_settings(api_ak="AK-" + SECRET, api_sk_file=path, api_token="tok")
+    assert sorted(settings.secret_values()) == sorted(
+        ["AK-" + SECRET, "file-" + SECRET]
+    )  # "tok" is too short
+
+
+def test_secrets_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "sk"
+    path.write_text("file-" + SECRET, encoding="utf-8")
+    monkeypatch.setenv("COC_WORKER_API_AK", "ak-" + SECRET)
+    monkeypatch.setenv("COC_WORKER_API_SK_FILE", str(path))
+    settings = load_settings(api_token="token-" + SECRET, kafka_sasl_password="pw-" + SECRET)
+    assert settings.secret("api_token") == "token-" + SECRET
+    for text in (repr(settings), str(settings), settings.model_dump_json(), repr(settings.model_dump())):
+        assert SECRET not in text
+
+
+def test_settings_class_is_the_one_entry_point() -> None:
+    assert isinstance(load_settings(), WorkerSettings)
