@@ -122,6 +122,8 @@ class CancelledResult(_Strict):
 class TicketInfo(_Strict):
     """Operation on the change ticket itself (not a sub-ticket)."""
 
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
     # strict=False: strict mode would want a Phase instance; lax enum validation still takes only
     # the seven strings.
     phase: Phase | None = Field(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-OUTCOME_SCHEMA_VERSION = 1
+OUTCOME_SCHEMA_VERSION: Literal[1] = 1
 
 
 class OutcomeStatus(StrEnum):

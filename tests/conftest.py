@@ -1,0 +1,95 @@
+"""Shared fixtures: the real Tansu broker (once per session), the real Redis, fresh topics per test.
+
+A missing service skips its tests locally, with the reason printed, and fails the run in CI
+(``CI=true``): CI must never go green by skipping the integration suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from worker.sandbox import TansuBroker, create_topics
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-soak", action="store_true", default=False, help="run full-size soak scenarios")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-soak"):
+        return
+    skip = pytest.mark.skip(reason="soak scenario: run with `make soak`")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+def service_missing(what: str) -> None:
+    """Skip locally, fail in CI."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not available")
+    pytest.skip(f"{what} is not available here")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[TansuBroker]:
+    """One real Tansu broker for the whole session (topics are unique per test)."""
+    try:
+        tansu = TansuBroker().start()
+    except Exception as exc:  # the binary is missing or will not start
+        service_missing(f"the Tansu broker ({exc})")
+        raise
+    try:
+        yield tansu
+    finally:
+        tansu.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def topics(broker: TansuBroker, unique: str) -> dict[str, str]:
+    """Fresh input/results/DLQ topics for one test."""
+    names = {
+        "input": f"in-{unique}",
+        "results": f"out-{unique}",
+        "dlq": f"dlq-{unique}",
+    }
+    await create_topics(broker.bootstrap, list(names.values()), partitions=4)
+    return names
+
+
+@pytest.fixture
+def redis_url(unique: str) -> Iterator[str]:
+    """The real Redis on 127.0.0.1:6379, db 15, with a key prefix of this test only."""
+    if not _port_open(REDIS_HOST, REDIS_PORT):
+        service_missing(f"Redis on {REDIS_HOST}:{REDIS_PORT}")
+    prefix = f"test:{unique}:"
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/15?prefix={prefix}"
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=15)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

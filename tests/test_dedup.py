@@ -1,0 +1,133 @@
+"""Every dedup backend keeps the same promises: one claim at a time, applied events stay applied."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, open_store
+from worker.errors import ConfigError, DedupUnavailable
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupStore]:
+    if request.param == "memory":
+        url = "memory://?max_entries=1000"
+    elif request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/dedup.sqlite3"
+    else:
+        url = request.getfixturevalue("redis_url")
+    s = open_store(url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_first_claim_wins_and_others_see_it_held(store: DedupStore) -> None:
+    assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+    held = await store.claim("e1", "w2", "t/0/1", 30)
+    assert held.kind is ClaimKind.HELD
+    assert held.record is not None
+    assert held.record.owner == "w1"
+    # the owner may claim again (a retry inside the same worker)
+    assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+
+
+async def test_lease_expires(store: DedupStore) -> None:
+    assert (await store.claim("e2", "w1", "t/0/1", 0.05)).kind is ClaimKind.NEW
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await store.claim("e2", "w2", "t/0/1", 30)).kind is not ClaimKind.NEW:
+        assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
+        await asyncio.sleep(0.02)
+
+
+async def test_extend_only_by_owner(store: DedupStore) -> None:
+    await store.claim("e3", "w1", "t/0/1", 30)
+    assert await store.extend("e3", "w1", 30)
+    assert not await store.extend("e3", "w2", 30)
+    assert not await store.extend("missing", "w1", 30)
+
+
+async def test_applied_then_done(store: DedupStore) -> None:
+    await store.claim("e4", "w1", "t/0/7", 30)
+    await store.mark_applied("e4", DedupRecord("applied", "w1", "t/0/7", "applied", 2, 200), 60)
+    claim = await store.claim("e4", "w2", "t/0/9", 30)
+    assert claim.kind is ClaimKind.APPLIED
+    assert claim.record == DedupRecord("applied", "w1", "t/0/7", "applied", 2, 200)
+    assert not await store.extend("e4", "w1", 30)  # no longer a claim
+    await store.mark_done("e4", DedupRecord("done", "w1", "t/0/7", "applied", 2, 200), 60)
+    claim = await store.claim("e4", "w1", "t/0/7", 30)
+    assert claim.kind is ClaimKind.DONE
+    assert claim.record is not None
+    assert claim.record.source == "t/0/7"
+
+
+async def test_release_frees_only_own_claim(store: DedupStore) -> None:
+    await store.claim("e5", "w1", "t/0/1", 30)
+    await store.release("e5", "w2")
+    assert (await store.claim("e5", "w2", "t/0/1", 30)).kind is ClaimKind.HELD
+    await store.release("e5", "w1")
+    assert (await store.claim("e5", "w2", "t/0/1", 30)).kind is ClaimKind.NEW
+
+
+async def test_release_never_drops_an_applied_record(store: DedupStore) -> None:
+    await store.mark_applied("e6", DedupRecord("applied", "w1", "t/0/1", "applied", 1, 200), 60)
+    await store.release("e6", "w1")
+    assert (await store.claim("e6", "w1", "t/0/1", 30)).kind is ClaimKind.APPLIED
+
+
+async def test_concurrent_claims_have_exactly_one_winner(store: DedupStore) -> None:
+    results = await asyncio.gather(*(store.claim("race", f"w{i}", "t/0/1", 30) for i in range(20)))
+    assert sum(r.kind is ClaimKind.NEW for r in results) == 1
+
+
+async def test_sqlite_survives_a_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/d.sqlite3"
+    first = open_store(url)
+    await first.mark_done("e7", DedupRecord("done", "w1", "t/0/1", "applied", 1, 200), 60)
+    await first.close()
+    second = open_store(url)
+    try:
+        assert (await second.claim("e7", "w2", "t/0/2", 30)).kind is ClaimKind.DONE
+    finally:
+        await second.close()
+
+
+async def test_memory_is_bounded() -> None:
+    store = MemoryStore(max_entries=10)
+    for i in range(50):
+        await store.mark_done(f"e{i}", DedupRecord("done"), 60)
+    assert (await store.claim("e0", "w", "s", 30)).kind is ClaimKind.NEW
+    assert (await store.claim("e49", "w", "s", 30)).kind is ClaimKind.DONE
+
+
+async def test_unreachable_redis_is_dedup_unavailable() -> None:
+    store = open_store("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(DedupUnavailable):
+            await store.ping()
+        with pytest.raises(DedupUnavailable):
+            await store.claim("e", "w", "s", 1)
+    finally:
+        await store.close()
+
+
+async def test_unusable_sqlite_path_is_dedup_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = open_store(f"sqlite:///{blocker}/dedup.sqlite3")
+    try:
+        with pytest.raises(DedupUnavailable):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "postgres://x", "memory"])
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        open_store(url)

@@ -1,0 +1,276 @@
+"""The COC API client: one signed HTTP attempt, classified into the worker's error tree.
+
+The only module that speaks aiohttp as a client. One shared ``ClientSession`` with a bounded
+connector and explicit connect/read timeouts. Every attempt is signed afresh (a new
+``X-Sdk-Date``; a signature is never reused across retries). Results:
+
+=========================================  ===========================================
+success: 2xx and ``error_code`` GOM.00000000  returns ``ApiResponse``
+connection refused / DNS / connect timeout   ``ApiTransientError(connect_failure=True)``
+read timeout, dropped connection             ``ApiTransientError(ambiguous=True)``
+408, 429 (+``Retry-After``), 500/502/503/504  ``ApiTransientError``
+401, 403                                     ``ApiAuthError`` (systemic)
+other 4xx/5xx, 2xx with another error_code   ``ApiRejected``
+=========================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from pydantic import ValidationError
+from yarl import URL
+
+from schemas.api import UpdateTicketResponse
+from worker import signing
+from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigError
+from worker.logs import get_logger
+from worker.mapping import request_path
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
+
+log = get_logger(__name__)
+
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+AUTH_STATUSES = frozenset({401, 403})
+_ERROR_TEXT_LIMIT = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    http_status: int
+    body: UpdateTicketResponse
+    latency_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    ak: str | None
+    sk: str | None
+    token: str | None
+    domain_id: str | None
+    project_id: str | None
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> Credentials:
+        creds = cls(
+            ak=settings.secret("api_ak"),
+            sk=settings.secret("api_sk"),
+            token=settings.secret("api_token"),
+            domain_id=settings.api_domain_id,
+            project_id=settings.api_project_id,
+        )
+        if not creds.token and not (creds.ak and creds.sk):
+            raise ConfigError("set COC_WORKER_API_AK and COC_WORKER_API_SK, or COC_WORKER_API_TOKEN")
+        return creds
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; ``None`` if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+def _ssl_context(settings: WorkerSettings) -> ssl.SSLContext | bool:
+    if not settings.api_verify_tls:
+        log.warning("api_tls_verification_disabled", setting="COC_WORKER_API_VERIFY_TLS")
+        return False
+    context = ssl.create_default_context(cafile=str(settings.api_ca_file) if settings.api_ca_file else None)
+    return context
+
+
+def _short(text: str | None) -> str | None:
+    return text[:_ERROR_TEXT_LIMIT] if text else text
+
+
+class CocApiClient:
+    """Calls ``PUT /v1/change/tickets/{ticket_id}`` (and a read-only GET used as a health probe)."""
+
+    def __init__(self, settings: WorkerSettings, metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        self._base = URL(settings.api_base_url)
+        self._host = urlsplit(settings.api_base_url).netloc
+        self._metrics = metrics or Metrics()
+        self._credentials = Credentials.from_settings(settings)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._settings.api_max_connections,
+            ssl=_ssl_context(self._settings),
+            ttl_dns_cache=300,
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=self._settings.api_connect_timeout_s + self._settings.api_request_timeout_s,
+            sock_connect=self._settings.api_connect_timeout_s,
+            sock_read=self._settings.api_request_timeout_s,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def refresh_credentials(self) -> None:
+        """Re-read secret files (a rotated Kubernetes secret) before probing after a 401."""
+        self._credentials = Credentials.from_settings(self._settings)
+
+    # --- requests -------------------------------------------------------------------------------
+    def _headers(self, method: str, path: str, body: bytes, extra: dict[str, str]) -> dict[str, str]:
+        headers = {"Content-Type": "application/json;charset=UTF-8", **extra}
+        creds = self._credentials
+        if creds.domain_id:
+            headers["X-Domain-Id"] = creds.domain_id
+        if creds.project_id:
+            headers["X-Project-Id"] = creds.project_id
+        if creds.ak and creds.sk:
+            return signing.sign(
+                ak=creds.ak,
+                sk=creds.sk,
+                method=method,
+                host=self._host,
+                path=path,
+                headers=headers,
+                body=body,
+            )
+        assert creds.token is not None
+        headers["X-Auth-Token"] = creds.token
+        headers["Host"] = self._host
+        return headers
+
+    async def _send(
+        self, method: str, path: str, body: bytes, extra_headers: dict[str, str]
+    ) -> tuple[int, bytes, dict[str, str], float]:
+        if self._session is None:
+            raise RuntimeError("CocApiClient.start() was not called")
+        headers = self._headers(method, path, body, extra_headers)
+        url = self._base.with_path(path, encoded=True)
+        started = time.perf_counter()
+        code = "error"
+        try:
+            async with self._session.request(method, url, data=body or None, headers=headers) as resp:
+                payload = await resp.read()
+                code = str(resp.status)
+                return resp.status, payload, dict(resp.headers), time.perf_counter() - started
+        except aiohttp.ClientConnectorError as exc:
+            code = "connect_error"
+            raise ApiTransientError(
+                f"cannot connect to the API: {type(exc).__name__}", connect_failure=True
+            ) from None
+        except aiohttp.ConnectionTimeoutError:
+            code = "connect_error"
+            raise ApiTransientError("timed out connecting to the API", connect_failure=True) from None
+        except (aiohttp.SocketTimeoutError, TimeoutError):
+            code = "timeout"
+            raise ApiTransientError("the API did not answer in time", ambiguous=True) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+            code = "disconnected"
+            raise ApiTransientError(
+                f"connection lost during the call: {type(exc).__name__}", ambiguous=True
+            ) from None
+        except aiohttp.ClientError as exc:
+            code = "client_error"
+            raise ApiTransientError(f"HTTP client error: {type(exc).__name__}", ambiguous=True) from None
+        finally:
+            self._metrics.api_requests.labels(code=code).inc()
+            self._metrics.api_latency.observe(time.perf_counter() - started)
+
+    async def update_ticket(
+        self, ticket_id: str, body: bytes, *, event_id: str, traceparent: str
+    ) -> ApiResponse:
+        """One attempt of ``PUT /v1/change/tickets/{ticket_id}``; raises the classified error."""
+        status, payload, headers, latency = await self._send(
+            "PUT", request_path(ticket_id), body, {"X-Event-Id": event_id, "traceparent": traceparent}
+        )
+        parsed = self._parse(payload)
+        if 200 <= status < 300:
+            if parsed is None:
+                raise ApiRejected(
+                    f"HTTP {status} with an unreadable body",
+                    http_status=status,
+                    error_code=None,
+                    error_msg=None,
+                )
+            if not parsed.succeeded:
+                raise ApiRejected(
+                    f"HTTP {status} with error_code {parsed.error_code}",
+                    http_status=status,
+                    error_code=parsed.error_code,
+                    error_msg=_short(parsed.error_msg),
+                )
+            return ApiResponse(status, parsed, latency)
+        raise self._classify_failure(status, parsed, headers)
+
+    async def probe(self, ticket_id: str) -> None:
+        """A read-only signed GET: returns when the API is reachable and accepts our credentials.
+
+        Raises ``ApiAuthError`` or ``ApiTransientError`` like ``update_ticket``; any other answer
+        (even 404) proves reachability and valid credentials.
+        """
+        status, payload, headers, _ = await self._send("GET", request_path(ticket_id), b"", {})
+        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
+            raise self._classify_failure(status, self._parse(payload), headers)
+
+    async def show_ticket(self, ticket_id: str) -> dict[str, Any] | None:
+        """The ticket's detail (used to reconcile an ambiguous attempt); ``None`` if unreadable."""
+        status, payload, headers, _ = await self._send("GET", request_path(ticket_id), b"", {})
+        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
+            raise self._classify_failure(status, self._parse(payload), headers)
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    # --- classification -------------------------------------------------------------------------
+    @staticmethod
+    def _parse(payload: bytes) -> UpdateTicketResponse | None:
+        try:
+            return UpdateTicketResponse.model_validate_json(payload)
+        except ValidationError:
+            return None
+
+    @staticmethod
+    def _classify_failure(
+        status: int, parsed: UpdateTicketResponse | None, headers: dict[str, str]
+    ) -> ApiTransientError | ApiAuthError | ApiRejected:
+        code = parsed.error_code if parsed else None
+        message = _short(parsed.error_msg) if parsed else None
+        if status in AUTH_STATUSES:
+            return ApiAuthError(
+                f"HTTP {status}: credentials refused ({code})", http_status=status, error_code=code
+            )
+        if status in RETRYABLE_STATUSES:
+            retry_after = parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+            return ApiTransientError(
+                f"HTTP {status}" + (f" ({code})" if code else ""),
+                http_status=status,
+                error_code=code,
+                retry_after_s=retry_after,
+            )
+        return ApiRejected(
+            f"HTTP {status}" + (f": {code} {message or ''}".rstrip() if code else ""),
+            http_status=status,
+            error_code=code,
+            error_msg=message,
+        )

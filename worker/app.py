@@ -1,0 +1,294 @@
+"""The worker: wires the stages together and owns the lifecycle, top to bottom.
+
+start:    dedup store -> API client -> producer -> consumer (joins the group) -> HTTP server
+run:      fetch -> decode -> submit to the ticket's lane (bounded by ``max_in_flight``; fetching
+          pauses when full or when the gate is closed) ; every second commit the watermarks
+revoke:   let the revoked partitions' jobs finish within ``revoke_grace_s``, cancel the rest,
+          commit what is finished, forget the partitions
+stop:     (SIGTERM/SIGINT only sets an event) stop fetching -> drain within ``shutdown_grace_s``
+          -> cancel the rest -> commit -> leave the group -> flush the producer -> close
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.api_client import CocApiClient
+from worker.apply import ApiCaller
+from worker.consumer import Consumer, Message
+from worker.decode import decode
+from worker.dedup import DedupStore, open_store
+from worker.errors import BrokerUnavailable, InvalidEvent
+from worker.gate import Gate
+from worker.health import HealthServer
+from worker.kafka_config import ensure_topics
+from worker.lanes import Lanes
+from worker.logs import get_logger, register_secrets
+from worker.metrics import Metrics
+from worker.offsets import OffsetTracker, PartitionKey
+from worker.pipeline import Job, Pipeline
+from worker.publisher import Publisher
+from worker.ratelimit import build_throttle
+from worker.retry import RetryPolicy
+from worker.settings import WorkerSettings
+from worker.tracing import from_headers
+
+log = get_logger(__name__)
+
+_FETCH_TIMEOUT_S = 0.5
+_HEALTH_EVERY_S = 5.0
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        register_secrets(settings.secret_values())
+        self._stopping = asyncio.Event()
+        self._room = asyncio.Event()
+        self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
+        self._offsets = OffsetTracker()
+        self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left)
+        self._commit_lock = asyncio.Lock()
+        self._store: DedupStore = open_store(settings.dedup_url)
+        self._client = CocApiClient(settings, self.metrics)
+        self._publisher = Publisher(settings)
+        self._consumer = Consumer(settings, self)
+        self._throttle = build_throttle(settings, self.metrics)
+        self._pipeline = Pipeline(
+            settings,
+            self._store,
+            ApiCaller(
+                self._client,
+                RetryPolicy.from_settings(settings),
+                self._gate,
+                self.metrics,
+                settings.api_unreachable_threshold_s,
+                throttle=self._throttle.acquire if self._throttle else None,
+            ),
+            self._publisher,
+            self._gate,
+            self.metrics,
+        )
+        self._http = HealthServer(settings, self.metrics, self.status)
+        self._assigned: set[PartitionKey] | None = None
+        self._broker_ok = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = asyncio.Event()
+
+    # --- public ---------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to shut down gracefully (safe to call from a signal handler)."""
+        self._stopping.set()
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._assigned is not None
+            and self._broker_ok
+            and self._gate.is_open
+            and not self._stopping.is_set()
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "worker": self.settings.worker_id,
+            "assigned": sorted(f"{t}/{p}" for t, p in (self._assigned or set())),
+            "broker_reachable": self._broker_ok,
+            "paused_by": self._gate.causes,
+            "in_flight": len(self._lanes),
+            "stopping": self._stopping.is_set(),
+        }
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port
+
+    async def run(self) -> None:
+        """Run until ``stop()``; always shuts down in order, whatever ended the loop."""
+        try:
+            await self._start()
+            await self._consume()
+        finally:
+            await self._shutdown()
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    async def _start(self) -> None:
+        s = self.settings
+        log.info(
+            "worker_starting",
+            worker=s.worker_id,
+            input_topic=s.input_topic,
+            results_topic=s.results_topic,
+            dlq_topic=s.dlq_topic,
+            group_id=s.group_id,
+            max_in_flight=s.max_in_flight,
+            dedup=s.dedup_url.split("?", 1)[0].split("@")[-1],
+        )
+        await self._http.start()
+        if s.create_topics:
+            created = await ensure_topics(s)
+            if created:
+                log.info("topics_created", topics=created)
+        await self._store.ping()
+        await self._client.start()
+        await self._publisher.start()
+        await self._consumer.start()
+        self._broker_ok = True
+        self._tasks = [
+            asyncio.create_task(self._commit_periodically(), name="committer"),
+            asyncio.create_task(self._watch_health(), name="health"),
+        ]
+        self.started.set()
+        log.info("worker_started", http_port=self._http.port)
+
+    async def _consume(self) -> None:
+        s = self.settings
+        resume_at = max(1, s.max_in_flight * 3 // 4)
+        while not self._stopping.is_set():
+            in_flight = len(self._lanes)
+            if not self._consumer.paused and (in_flight >= s.max_in_flight or not self._gate.is_open):
+                self._consumer.pause()
+            elif self._consumer.paused and in_flight <= resume_at and self._gate.is_open:
+                self._consumer.resume()
+            if self._consumer.paused:
+                # Keep polling (it keeps the group membership) while waiting for room or the gate.
+                await self._poll(0, 0.0)
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_room_or_stop(), _FETCH_TIMEOUT_S)
+                continue
+            for message in await self._poll(s.max_in_flight - in_flight, _FETCH_TIMEOUT_S):
+                self._dispatch(message)
+
+    async def _poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        try:
+            return await self._consumer.fetch(max(1, max_records), timeout_s)
+        except BrokerUnavailable as exc:
+            log.warning("fetch_failed", detail=str(exc))
+            self._broker_ok = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            return []
+
+    async def _wait_room_or_stop(self) -> None:
+        room = asyncio.ensure_future(self._room.wait())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({room, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            stop.cancel()
+
+    def _dispatch(self, message: Message) -> None:
+        try:
+            self._offsets.take(message.partition_key, message.offset)
+        except ValueError:
+            log.warning(
+                "offset_seen_twice", topic=message.topic, partition=message.partition, offset=message.offset
+            )
+            return
+        self.metrics.consumed.inc()
+        event, invalid = None, None
+        try:
+            event = decode(message.value, self.settings.max_event_bytes)
+        except InvalidEvent as exc:
+            invalid = exc
+        job = Job(message, event, invalid, from_headers(message.headers), datetime.now(UTC), time.monotonic())
+        self._lanes.submit(job.lane, job)
+        self.metrics.in_flight.set(len(self._lanes))
+
+    async def _run_job(self, job: Job) -> None:
+        await self._pipeline.process(job)
+
+    def _job_left(self, job: Job, finished: bool) -> None:
+        if finished:
+            self._offsets.finish(job.message.partition_key, job.message.offset)
+        self.metrics.in_flight.set(len(self._lanes))
+        self._room.set()
+
+    async def _commit(self, keys: set[PartitionKey] | None = None) -> None:
+        async with self._commit_lock:
+            positions = self._offsets.to_commit(keys)
+            if not positions:
+                return
+            try:
+                await self._consumer.commit(positions)
+            except BrokerUnavailable as exc:
+                log.warning("commit_failed", detail=str(exc), partitions=len(positions))
+                return
+            self._offsets.committed(positions)
+            self.metrics.commits.inc()
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_s)
+            await self._commit()
+
+    async def _watch_health(self) -> None:
+        while True:
+            try:
+                await self._consumer.ping()
+                self._broker_ok = True
+            except BrokerUnavailable:
+                self._broker_ok = False
+            for key in self._assigned or set():
+                high = self._consumer.highwater(key)
+                position = self._offsets.committed_position(key)
+                if high is not None and position is not None:
+                    self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
+            await asyncio.sleep(_HEALTH_EVERY_S)
+
+    async def _shutdown(self) -> None:
+        s = self.settings
+        self._stopping.set()
+        log.info("worker_stopping", in_flight=len(self._lanes))
+        with contextlib.suppress(Exception):
+            self._consumer.pause()
+        if not await self._lanes.wait_idle(s.shutdown_grace_s):
+            log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
+            await self._lanes.close(timeout_s=5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._commit()
+        await self._gate.close()
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+        with contextlib.suppress(Exception):
+            await self._publisher.stop()
+        await self._client.close()
+        await self._store.close()
+        await self._http.stop()
+        log.info("worker_stopped")
+
+    # --- rebalance (called by the consumer inside the group protocol) -------------------------------
+    async def on_revoked(self, partitions: set[PartitionKey]) -> None:
+        if not partitions:
+            return
+
+        def revoked(job: Job) -> bool:
+            return job.message.partition_key in partitions
+
+        pending = self._lanes.matching(revoked)
+        if pending and not await self._lanes.wait_for(revoked, self.settings.revoke_grace_s):
+            log.warning("revoke_grace_exceeded", abandoned=self._lanes.matching(revoked))
+            self._lanes.drop(revoked)
+            await self._lanes.wait_for(revoked, 5.0)
+        await self._commit(partitions)
+        self._offsets.drop(partitions)
+        if self._assigned is not None:
+            self._assigned -= partitions
+        log.info("partitions_revoked", partitions=sorted(f"{t}/{p}" for t, p in partitions), drained=pending)
+
+    async def on_assigned(self, partitions: set[PartitionKey]) -> None:
+        for key in partitions:
+            self._offsets.assign(key)
+        self._assigned = set(partitions)
+        self._consumer.reapply_pause()
+        log.info("partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in partitions))

@@ -1,0 +1,157 @@
+"""Call the API for one event until it is applied, rejected, or out of retry budget.
+
+This is where the retry policy meets the gate: transient errors back off (``worker.retry``),
+systemic ones (credentials refused, API unreachable past the threshold) trip the gate and wait
+for it without spending the message's budget, so an outage never turns into rejected or failed
+events. A connect failure that outlives the budget is systemic too: the API is down, not the
+event wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from worker.api_client import ApiResponse, CocApiClient
+from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ApiUnreachable
+from worker.gate import Gate
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.retry import RetryPolicy
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What the API made of one event: ``status`` is ``applied``, ``rejected`` or ``failed``."""
+
+    status: str
+    calls: int
+    http_status: int | None = None
+    error_code: str | None = None
+    error_msg: str | None = None
+    detail: str | None = None
+    response: ApiResponse | None = None
+
+
+class Reachability:
+    """Tracks how long every API call has failed to connect (any HTTP answer resets it)."""
+
+    def __init__(self, threshold_s: float) -> None:
+        self._threshold_s = threshold_s
+        self._failing_since: float | None = None
+
+    def reached(self) -> None:
+        self._failing_since = None
+
+    def connect_failed(self) -> bool:
+        """Record a connect failure; ``True`` once failures have lasted past the threshold."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        return now - self._failing_since >= self._threshold_s
+
+
+class ApiCaller:
+    def __init__(
+        self,
+        client: CocApiClient,
+        policy: RetryPolicy,
+        gate: Gate,
+        metrics: Metrics,
+        unreachable_threshold_s: float,
+        throttle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._client = client
+        self._policy = policy
+        self._gate = gate
+        self._metrics = metrics
+        self._reachability = Reachability(unreachable_threshold_s)
+        self._throttle = throttle
+
+    def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
+        async def probe() -> None:
+            self._client.refresh_credentials()
+            await self._client.probe(ticket_id)
+
+        self._gate.trip(exc, probe)
+
+    def _trip_unreachable(self, detail: str, ticket_id: str) -> None:
+        async def probe() -> None:
+            await self._client.probe(ticket_id)
+            self._reachability.reached()
+
+        self._gate.trip(ApiUnreachable(detail), probe)
+
+    async def apply(
+        self,
+        ticket_id: str,
+        body: bytes,
+        *,
+        event_id: str,
+        traceparent: str,
+        before_attempt: Callable[[], Awaitable[None]],
+    ) -> ApplyResult:
+        calls = 0  # HTTP attempts made, reported in the outcome
+        spent = 0  # attempts that count against the budget
+        active_s = 0.0  # time spent trying, time paused at the gate excluded
+        while True:
+            await self._gate.wait_open()
+            await before_attempt()
+            if self._throttle is not None:
+                await self._throttle()
+            calls += 1
+            spent += 1
+            if calls > 1:
+                self._metrics.retries.inc()
+            started = time.monotonic()
+            try:
+                response = await self._client.update_ticket(
+                    ticket_id, body, event_id=event_id, traceparent=traceparent
+                )
+            except ApiAuthError as exc:
+                self._reachability.reached()
+                spent -= 1
+                self._trip_auth(exc, ticket_id)
+                continue
+            except ApiRejected as exc:
+                self._reachability.reached()
+                return ApplyResult(
+                    "rejected",
+                    calls,
+                    http_status=exc.http_status,
+                    error_code=exc.error_code,
+                    error_msg=exc.error_msg,
+                    detail=exc.detail,
+                )
+            except ApiTransientError as exc:
+                active_s += time.monotonic() - started
+                if exc.connect_failure:
+                    if self._reachability.connect_failed():
+                        spent -= 1
+                        self._trip_unreachable(exc.detail, ticket_id)
+                        continue
+                else:
+                    self._reachability.reached()
+                delay = self._policy.next_delay(spent, active_s, exc)
+                if delay is None:
+                    if exc.connect_failure:
+                        spent -= 1
+                        self._trip_unreachable(exc.detail, ticket_id)
+                        continue
+                    return ApplyResult(
+                        "failed",
+                        calls,
+                        http_status=exc.http_status,
+                        error_code=exc.error_code,
+                        detail=f"gave up after {calls} attempts in {active_s:.1f}s: {exc.detail}",
+                    )
+                log.info("api_retry", attempt=calls, delay_s=round(delay, 3), detail=exc.detail)
+                await asyncio.sleep(delay)
+                active_s += delay
+                continue
+            self._reachability.reached()
+            return ApplyResult("applied", calls, http_status=response.http_status, response=response)

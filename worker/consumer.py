@@ -1,0 +1,139 @@
+"""Read the input topic as a member of the consumer group, with manual commits.
+
+The only module that drives ``AIOKafkaConsumer``. It hands plain ``Message`` values upward,
+forwards rebalances to a handler (awaited inside the group protocol, so revoked partitions can be
+drained and committed before another member takes them), and turns Kafka errors into
+``BrokerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker.errors import BrokerUnavailable
+from worker.kafka_config import connection_kwargs
+from worker.logs import get_logger
+from worker.offsets import PartitionKey
+from worker.settings import WorkerSettings
+
+log = get_logger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+    @property
+    def partition_key(self) -> PartitionKey:
+        return (self.topic, self.partition)
+
+
+class RebalanceHandler(Protocol):
+    async def on_revoked(self, partitions: set[PartitionKey]) -> None: ...
+    async def on_assigned(self, partitions: set[PartitionKey]) -> None: ...
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, handler: RebalanceHandler) -> None:
+        self._handler = handler
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._handler.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._handler.on_assigned({(tp.topic, tp.partition) for tp in assigned})
+
+
+class Consumer:
+    def __init__(self, settings: WorkerSettings, handler: RebalanceHandler) -> None:
+        self._settings = settings
+        self._handler = handler
+        self._consumer = AIOKafkaConsumer(
+            **connection_kwargs(settings),
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            max_partition_fetch_bytes=max(1_048_576, settings.max_event_bytes + 65_536),
+        )
+        self._paused = False
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"consumer cannot connect: {type(exc).__name__}") from exc
+        self._consumer.subscribe([self._settings.input_topic], listener=_Listener(self._handler))
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def fetch(self, max_records: int, timeout_s: float) -> list[Message]:
+        try:
+            batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
+        return [
+            Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
+            for records in batches.values()
+            for r in records
+        ]
+
+    def assignment(self) -> set[PartitionKey]:
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop fetching every assigned partition (the group membership stays alive)."""
+        parts = self._consumer.assignment()
+        if parts:
+            self._consumer.pause(*parts)
+        self._paused = True
+
+    def resume(self) -> None:
+        parts = self._consumer.assignment()
+        if parts:
+            self._consumer.resume(*parts)
+        self._paused = False
+
+    def reapply_pause(self) -> None:
+        """After a rebalance, newly assigned partitions start unpaused: keep our state."""
+        if self._paused:
+            self.pause()
+
+    async def commit(self, positions: dict[PartitionKey, int]) -> None:
+        offsets = {TopicPartition(t, p): o for (t, p), o in positions.items()}
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"commit failed: {type(exc).__name__}") from exc
+
+    def highwater(self, key: PartitionKey) -> int | None:
+        value = self._consumer.highwater(TopicPartition(*key))
+        return int(value) if value is not None else None
+
+    async def ping(self, timeout_s: float = 5.0) -> None:
+        """A metadata round trip: proves the broker answers."""
+        try:
+            await asyncio.wait_for(self._consumer.topics(), timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc

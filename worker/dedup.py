@@ -1,0 +1,367 @@
+"""Deduplication by ``event_id``: a claim before the API call, a record of what was applied after.
+
+Each event id moves through three states in the store::
+
+    (absent) --claim--> claimed(owner, lease) --API success--> applied --outcome durable--> done
+                           |  lease expires / release                          (TTL, 7 days)
+                           v
+                        (absent)
+
+* ``claimed`` is a lease: two workers racing on one event (after a rebalance) cannot both call
+  the API; a crashed owner's claim expires after ``lease_s``.
+* ``applied`` is written right after the API accepted the change, *before* the outcome is
+  published: a redelivery after a crash in between republishes ``applied`` without calling the
+  API again.
+* ``done`` remembers the outcome for the TTL; only applied events are kept: a rejected or failed
+  event's claim is released so a fixed-and-replayed event can still be applied.
+
+Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
+(survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
+Every backend failure is raised as ``DedupUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from worker.errors import ConfigError, DedupUnavailable
+
+T = TypeVar("T")
+
+
+class ClaimKind(StrEnum):
+    NEW = "new"  # the caller now holds the claim and may call the API
+    HELD = "held"  # another live owner holds it: wait, then ask again
+    APPLIED = "applied"  # already applied; the outcome may not have been published
+    DONE = "done"  # finished and its outcome durable
+
+
+@dataclass(frozen=True, slots=True)
+class DedupRecord:
+    state: str  # "claimed" | "applied" | "done"
+    owner: str = ""
+    source: str = ""  # "topic/partition/offset" of the message that produced it
+    status: str = ""  # outcome status, for "done"
+    attempts: int = 0
+    http_status: int | None = None
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> DedupRecord:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    kind: ClaimKind
+    record: DedupRecord | None = None
+
+
+def _claim_from(record: DedupRecord | None, owner: str) -> Claim | None:
+    """The answer implied by an existing record, or ``None`` when the caller may take the claim."""
+    if record is None:
+        return None
+    if record.state == "claimed":
+        return None if record.owner == owner else Claim(ClaimKind.HELD, record)
+    if record.state == "applied":
+        return Claim(ClaimKind.APPLIED, record)
+    return Claim(ClaimKind.DONE, record)
+
+
+class DedupStore(Protocol):
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim: ...
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool: ...
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
+    async def release(self, event_id: str, owner: str) -> None: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+# --- memory ---------------------------------------------------------------------------------------
+class MemoryStore:
+    """Bounded LRU in this process: protects against redelivery, not against restarts."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._max = max_entries
+        self._items: OrderedDict[str, tuple[DedupRecord, float]] = OrderedDict()  # record, expires_at
+
+    def _get(self, event_id: str) -> DedupRecord | None:
+        item = self._items.get(event_id)
+        if item is None:
+            return None
+        if item[1] < time.monotonic():
+            del self._items[event_id]
+            return None
+        self._items.move_to_end(event_id)
+        return item[0]
+
+    def _put(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._items[event_id] = (record, time.monotonic() + ttl_s)
+        self._items.move_to_end(event_id)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+        answer = _claim_from(self._get(event_id), owner)
+        if answer is not None:
+            return answer
+        self._put(event_id, DedupRecord("claimed", owner, source), lease_s)
+        return Claim(ClaimKind.NEW)
+
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+        record = self._get(event_id)
+        if record is None or record.state != "claimed" or record.owner != owner:
+            return False
+        self._put(event_id, record, lease_s)
+        return True
+
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._put(event_id, record, ttl_s)
+
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._put(event_id, record, ttl_s)
+
+    async def release(self, event_id: str, owner: str) -> None:
+        record = self._get(event_id)
+        if record is not None and record.state == "claimed" and record.owner == owner:
+            del self._items[event_id]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# --- sqlite ---------------------------------------------------------------------------------------
+class SqliteStore:
+    """One file on local disk (WAL). Calls run on one dedicated thread, in order."""
+
+    _PURGE_EVERY_S = 60.0
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedup-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._last_purge = 0.0
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise DedupUnavailable(f"sqlite dedup store: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=5)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS dedup (event_id TEXT PRIMARY KEY, record TEXT NOT NULL,"
+                " expires_at REAL NOT NULL)"
+            )
+            self._conn = conn
+        return self._conn
+
+    def _read(self, conn: sqlite3.Connection, event_id: str, now: float) -> DedupRecord | None:
+        row = conn.execute(
+            "SELECT record FROM dedup WHERE event_id = ? AND expires_at >= ?", (event_id, now)
+        ).fetchone()
+        return DedupRecord.decode(row[0]) if row else None
+
+    def _write(self, conn: sqlite3.Connection, event_id: str, record: DedupRecord, expires_at: float) -> None:
+        conn.execute(
+            "INSERT INTO dedup (event_id, record, expires_at) VALUES (?, ?, ?) ON CONFLICT(event_id)"
+            " DO UPDATE SET record = excluded.record, expires_at = excluded.expires_at",
+            (event_id, record.encode(), expires_at),
+        )
+
+    def _claim_sync(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+        conn = self._connect()
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            answer = _claim_from(self._read(conn, event_id, now), owner)
+            if answer is None:
+                self._write(conn, event_id, DedupRecord("claimed", owner, source), now + lease_s)
+                answer = Claim(ClaimKind.NEW)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if now - self._last_purge > self._PURGE_EVERY_S:
+            self._last_purge = now
+            conn.execute("DELETE FROM dedup WHERE expires_at < ?", (now,))
+        return answer
+
+    def _extend_sync(self, event_id: str, owner: str, lease_s: float) -> bool:
+        conn = self._connect()
+        now = time.time()
+        record = self._read(conn, event_id, now)
+        if record is None or record.state != "claimed" or record.owner != owner:
+            return False
+        cur = conn.execute(
+            "UPDATE dedup SET expires_at = ? WHERE event_id = ? AND record = ?",
+            (now + lease_s, event_id, record.encode()),
+        )
+        return cur.rowcount == 1
+
+    def _put_sync(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._write(self._connect(), event_id, record, time.time() + ttl_s)
+
+    def _release_sync(self, event_id: str, owner: str) -> None:
+        conn = self._connect()
+        record = self._read(conn, event_id, time.time())
+        if record is not None and record.state == "claimed" and record.owner == owner:
+            conn.execute("DELETE FROM dedup WHERE event_id = ? AND record = ?", (event_id, record.encode()))
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+        result: Claim = await self._run(self._claim_sync, event_id, owner, source, lease_s)
+        return result
+
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+        return bool(await self._run(self._extend_sync, event_id, owner, lease_s))
+
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        await self._run(self._put_sync, event_id, record, ttl_s)
+
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        await self._run(self._put_sync, event_id, record, ttl_s)
+
+    async def release(self, event_id: str, owner: str) -> None:
+        await self._run(self._release_sync, event_id, owner)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._connect().execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        with contextlib.suppress(DedupUnavailable):
+            await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+
+# --- redis ----------------------------------------------------------------------------------------
+# Claim atomically: an existing record answers; otherwise (or when our own claim) take the lease.
+# A claim's lease is the key's PX expiry, so a crashed owner's claim disappears by itself.
+_CLAIM_LUA = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local r = cjson.decode(v)
+  if r['state'] ~= 'claimed' or r['owner'] ~= ARGV[1] then return v end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return false
+"""
+_EXTEND_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local r = cjson.decode(v)
+if r['state'] == 'claimed' and r['owner'] == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local r = cjson.decode(v)
+if r['state'] == 'claimed' and r['owner'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    """Shared by every replica; atomic claims by Lua script."""
+
+    def __init__(self, url: str, prefix: str = "coc:dedup:") -> None:
+        self._prefix = prefix
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15
+        )
+        self._claim = self._client.register_script(_CLAIM_LUA)
+        self._extend = self._client.register_script(_EXTEND_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
+
+    def _key(self, event_id: str) -> str:
+        return self._prefix + event_id
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise DedupUnavailable(f"redis dedup store unreachable: {type(exc).__name__}") from exc
+        except redis_errors.RedisError as exc:
+            raise DedupUnavailable(f"redis dedup store error: {type(exc).__name__}") from exc
+
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+        mine = DedupRecord("claimed", owner, source).encode()
+        existing = await self._call(
+            self._claim(keys=[self._key(event_id)], args=[owner, mine, int(lease_s * 1000)])
+        )
+        if existing is None:
+            return Claim(ClaimKind.NEW)
+        answer = _claim_from(DedupRecord.decode(existing), owner)
+        return answer if answer is not None else Claim(ClaimKind.NEW)
+
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+        return bool(
+            await self._call(self._extend(keys=[self._key(event_id)], args=[owner, int(lease_s * 1000)]))
+        )
+
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        await self._call(self._client.set(self._key(event_id), record.encode(), px=int(ttl_s * 1000)))
+
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        await self._call(self._client.set(self._key(event_id), record.encode(), px=int(ttl_s * 1000)))
+
+    async def release(self, event_id: str, owner: str) -> None:
+        await self._call(self._release(keys=[self._key(event_id)], args=[owner]))
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def open_store(url: str) -> DedupStore:
+    """The backend named by ``url`` (``COC_WORKER_DEDUP_URL``)."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.scheme == "memory":
+        return MemoryStore(max_entries=int(query.get("max_entries", "100000")))
+    if parts.scheme == "sqlite":
+        path = unquote(url[len("sqlite:///") :].split("?", 1)[0])
+        if not url.startswith("sqlite:///") or not path:
+            raise ConfigError("COC_WORKER_DEDUP_URL: use sqlite:///relative/path or sqlite:////absolute/path")
+        return SqliteStore(Path(path))
+    if parts.scheme in ("redis", "rediss"):
+        prefix = query.pop("prefix", "coc:dedup:")
+        base = url.split("?", 1)[0]
+        return RedisStore(base, prefix=prefix)
+    raise ConfigError(f"COC_WORKER_DEDUP_URL: unsupported scheme {parts.scheme!r}")

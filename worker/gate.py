@@ -1,0 +1,100 @@
+"""The systemic-failure gate: pause everything while the worker (not a message) is unhealthy.
+
+When a stage meets a ``SystemicError`` (credentials refused, API unreachable, dedup store or broker
+away) it trips the gate with a *probe*: a cheap call that succeeds once the cause is gone. While
+any cause is open the consumer stops fetching, ``/readyz`` says not ready, and jobs wait at the
+gate instead of failing. One prober task per cause retries its probe with capped exponential
+backoff; when every cause has cleared, the gate opens and the waiting jobs retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from worker.errors import CocWorkerError, SystemicError
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.retry import backoff_delay
+
+log = get_logger(__name__)
+
+Probe = Callable[[], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Cause:
+    error: SystemicError
+    task: asyncio.Task[None]
+
+
+class Gate:
+    def __init__(self, metrics: Metrics, probe_base_s: float = 0.25, probe_max_s: float = 30.0) -> None:
+        self._metrics = metrics
+        self._probe_base_s = probe_base_s
+        self._probe_max_s = probe_max_s
+        self._causes: dict[str, _Cause] = {}
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    @property
+    def causes(self) -> list[str]:
+        return sorted(self._causes)
+
+    def trip(self, error: SystemicError, probe: Probe) -> None:
+        """Close the gate for ``error.kind`` (idempotent while that cause is already open)."""
+        if error.kind in self._causes:
+            return
+        log.warning("worker_paused", cause=error.kind, detail=str(error))
+        self._metrics.pauses.labels(kind=error.kind).inc()
+        self._metrics.paused.set(1)
+        self._open.clear()
+        task = asyncio.create_task(self._probe(error.kind, probe), name=f"probe-{error.kind}")
+        self._causes[error.kind] = _Cause(error, task)
+
+    async def wait_open(self) -> float:
+        """Wait until no cause is open; returns the seconds spent waiting."""
+        if self._open.is_set():
+            return 0.0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._open.wait()
+        return loop.time() - started
+
+    async def _probe(self, kind: str, probe: Probe) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            await asyncio.sleep(backoff_delay(attempt, self._probe_base_s, self._probe_max_s, _half_to_full))
+            try:
+                await probe()
+            except CocWorkerError as exc:
+                log.info("probe_failed", cause=kind, attempt=attempt, detail=str(exc))
+                continue
+            except Exception as exc:  # a probe must never kill its prober: log, classify, retry
+                log.error("probe_crashed", cause=kind, attempt=attempt, error=type(exc).__name__)
+                continue
+            break
+        self._causes.pop(kind, None)
+        log.info("worker_resumed", cause=kind, probes=attempt)
+        if not self._causes:
+            self._metrics.paused.set(0)
+            self._open.set()
+
+    async def close(self) -> None:
+        for cause in list(self._causes.values()):
+            cause.task.cancel()
+        if self._causes:
+            await asyncio.wait([c.task for c in self._causes.values()])
+        self._causes.clear()
+
+
+def _half_to_full() -> float:
+    """Jitter in [0.5, 1): probes back off steadily instead of firing at once."""
+    return 0.5 + random.random() / 2

@@ -1,0 +1,66 @@
+"""The operations HTTP server: ``/healthz`` (alive), ``/readyz`` (ready to work), ``/metrics``.
+
+``/readyz`` is 200 only while the worker has joined its group, the broker answers, and no
+systemic failure has paused consumption; Kubernetes then stops counting a paused pod as ready.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
+
+
+class HealthServer:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        metrics: Metrics,
+        status: Callable[[], dict[str, Any]],
+        extra_routes: list[web.RouteDef] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._status = status
+        self._app = web.Application()
+        self._app.add_routes(
+            [
+                web.get("/healthz", self._healthz),
+                web.get("/readyz", self._readyz),
+                web.get("/metrics", self._metrics_handler),
+                *(extra_routes or []),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._settings.http_host, self._settings.http_port)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound port only through the server's sockets
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._settings.http_port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        status = self._status()
+        return web.json_response(status, status=200 if status.get("ready") else 503)
+
+    async def _metrics_handler(self, _: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response

@@ -1,0 +1,66 @@
+"""Connection arguments shared by every Kafka client of the worker (consumer, producer, admin, tools).
+
+TLS verification is on unless ``COC_WORKER_KAFKA_SSL_VERIFY=false``, which logs a warning.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+
+from worker.errors import BrokerUnavailable
+from worker.logs import get_logger
+from worker.settings import WorkerSettings
+
+log = get_logger(__name__)
+
+#: Kafka's error code for "topic already exists".
+_TOPIC_EXISTS = 36
+
+
+def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),
+        "client_id": settings.kafka_client_id,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        context = create_ssl_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+        if not settings.kafka_ssl_verify:
+            log.warning("kafka_tls_verification_disabled", setting="COC_WORKER_KAFKA_SSL_VERIFY")
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.secret("kafka_sasl_password")
+    return kwargs
+
+
+async def ensure_topics(settings: WorkerSettings, topics: list[str] | None = None) -> list[str]:
+    """Create the worker's topics when missing (only with ``--create-topics``); returns those created."""
+    names = topics or [settings.input_topic, settings.results_topic, settings.dlq_topic]
+    admin = AIOKafkaAdminClient(**connection_kwargs(settings))
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        wanted = [n for n in names if n not in existing]
+        if wanted:
+            response = await admin.create_topics(
+                [NewTopic(n, settings.topic_partitions, settings.topic_replication_factor) for n in wanted]
+            )
+            for topic, code, *_ in getattr(response, "topic_errors", []):
+                if code not in (0, _TOPIC_EXISTS):
+                    raise BrokerUnavailable(f"cannot create topic {topic}: Kafka error {code}")
+        return wanted
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"cannot create topics: {type(exc).__name__}") from exc
+    finally:
+        await admin.close()

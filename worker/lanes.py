@@ -1,0 +1,114 @@
+"""Per-ticket ordering: jobs with the same key run one at a time, in the order they were submitted.
+
+Different keys run concurrently, each job in its own tracked task. A ticket whose job is retrying
+holds back only its own later jobs. Keyless jobs (messages too broken to name a ticket) run at
+once. Nothing here knows about Kafka; the caller bounds how many jobs exist at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+J = TypeVar("J")
+
+
+class Lanes(Generic[J]):
+    def __init__(self, run: Callable[[J], Awaitable[None]], on_done: Callable[[J, bool], None]) -> None:
+        """``run(job)`` does the work; ``on_done(job, finished)`` is told when a job leaves, with
+        ``finished=False`` when it was cancelled or dropped before it could finish."""
+        self._run = run
+        self._on_done = on_done
+        self._queued: dict[str, deque[J]] = {}
+        self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
+        self._busy: set[str] = set()
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        """Jobs queued or running."""
+        return len(self._running) + sum(len(q) for q in self._queued.values())
+
+    def submit(self, key: str | None, job: J) -> None:
+        if self._closed:
+            raise RuntimeError("lanes are closed")
+        self._idle.clear()
+        if key is not None and key in self._busy:
+            self._queued.setdefault(key, deque()).append(job)
+            return
+        self._start(key, job)
+
+    def _start(self, key: str | None, job: J) -> None:
+        if key is not None:
+            self._busy.add(key)
+        task = asyncio.create_task(self._run(job))
+        self._running[task] = (key, job)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        key, job = self._running.pop(task)
+        ok = not task.cancelled() and task.exception() is None
+        self._on_done(job, ok)
+        if key is not None:
+            queue = self._queued.get(key)
+            if queue and not self._closed:
+                self._start(key, queue.popleft())
+                if not queue:
+                    del self._queued[key]
+            else:
+                self._busy.discard(key)
+        if not self._running and not self._queued:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every job has left; ``False`` when the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def wait_for(self, predicate: Callable[[J], bool], timeout_s: float) -> bool:
+        """Wait until no job matching ``predicate`` is queued or running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.matching(predicate):
+            tasks = {t for t, (_, job) in self._running.items() if predicate(job)} or set(self._running)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    def matching(self, predicate: Callable[[J], bool]) -> int:
+        running = sum(1 for _, job in self._running.values() if predicate(job))
+        return running + sum(1 for q in self._queued.values() for job in q if predicate(job))
+
+    def drop(self, predicate: Callable[[J], bool]) -> None:
+        """Remove queued jobs matching ``predicate`` and cancel running ones (they do not finish)."""
+        for key in list(self._queued):
+            keep: deque[J] = deque()
+            for job in self._queued[key]:
+                if predicate(job):
+                    self._on_done(job, False)
+                else:
+                    keep.append(job)
+            if keep:
+                self._queued[key] = keep
+            else:
+                del self._queued[key]
+        for task, (_, job) in list(self._running.items()):
+            if predicate(job):
+                task.cancel()
+        if not self._running and not self._queued:
+            self._idle.set()
+
+    async def close(self, timeout_s: float) -> None:
+        """Drop everything queued, cancel everything running, and wait for them to unwind."""
+        self._closed = True
+        self.drop(lambda _: True)
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout_s)

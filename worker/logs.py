@@ -1,0 +1,93 @@
+"""Structured logging (structlog): JSON when not on a terminal, and no secret ever printed.
+
+Every secret value configured (AK, SK, token, SASL password) is registered with the redactor,
+which replaces it in every rendered line, whatever field or exception text carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "**redacted**"
+_secrets: set[str] = set()
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Add values the redactor must scrub from all output (short values are ignored)."""
+    _secrets.update(v for v in values if v and len(v) >= 4)
+
+
+def redact_text(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if not _secrets:
+        return event_dict
+    for key, value in list(event_dict.items()):
+        if isinstance(value, str):
+            event_dict[key] = redact_text(value)
+        elif value is not None and not isinstance(value, int | float | bool):
+            text = str(value)
+            cleaned = redact_text(text)
+            if cleaned != text:
+                event_dict[key] = cleaned
+    return event_dict
+
+
+def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure structlog once, at the entry point."""
+    out = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (aiokafka, aiohttp) log through stdlib logging: keep their warnings, redacted too.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(_StdlibFormatter(use_json))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _StdlibFormatter(logging.Formatter):
+    """Formats library log records like ours (JSON or plain), redacted after formatting."""
+
+    def __init__(self, use_json: bool) -> None:
+        super().__init__()
+        self._json = use_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        message = redact_text(message)
+        if not self._json:
+            return f"{record.levelname.lower()} [{record.name}] {message}"
+        return json.dumps({"event": message, "logger": record.name, "level": record.levelname.lower()})
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

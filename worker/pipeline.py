@@ -1,0 +1,323 @@
+"""Carry one consumed message to exactly one outcome: dedup -> map -> apply -> publish -> done.
+
+``Pipeline.process(job)`` never raises (short of cancellation): every path ends with an outcome
+event confirmed by the broker (plus a dead-letter record for ``invalid``, ``rejected`` and
+``failed``), and only then does the job count as finished, so its offset may be committed.
+Systemic failures of the dedup store or the broker wait at the gate instead of failing the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from schemas.events import AnyChangeEvent
+from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeEvent, OutcomeStatus, SourceRef
+from worker.apply import ApiCaller, ApplyResult
+from worker.consumer import Message
+from worker.decode import salvage_identity
+from worker.dedup import ClaimKind, DedupRecord, DedupStore
+from worker.errors import BrokerUnavailable, DedupUnavailable, InvalidEvent
+from worker.gate import Gate
+from worker.logs import get_logger, redact_text
+from worker.mapping import to_request_body
+from worker.metrics import Metrics
+from worker.publisher import DeadLetter, Publisher
+from worker.settings import WorkerSettings
+from worker.tracing import TraceContext
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+_HELD_POLL_MAX_S = 1.0
+
+
+@dataclass(slots=True)
+class Job:
+    """One consumed message on its way to an outcome."""
+
+    message: Message
+    event: AnyChangeEvent | None
+    invalid: InvalidEvent | None
+    trace: TraceContext
+    received_at: datetime
+    received_mono: float
+
+    @property
+    def source(self) -> str:
+        m = self.message
+        return f"{m.topic}/{m.partition}/{m.offset}"
+
+    @property
+    def lane(self) -> str | None:
+        return self.event.ticket_id if self.event is not None else None
+
+
+class _ClaimLost(Exception):
+    """Our lease expired and another worker took the event: go back and ask the store again."""
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        store: DedupStore,
+        caller: ApiCaller,
+        publisher: Publisher,
+        gate: Gate,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._caller = caller
+        self._publisher = publisher
+        self._gate = gate
+        self._metrics = metrics
+        self._owner = settings.worker_id
+
+    # --- the one entry point ----------------------------------------------------------------------
+    async def process(self, job: Job) -> None:
+        m = job.message
+        structlog.contextvars.bind_contextvars(
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            event_id=job.event.event_id if job.event else None,
+            ticket_id=job.event.ticket_id if job.event else None,
+        )
+        try:
+            if job.event is None:
+                assert job.invalid is not None
+                await self._finish_invalid(job, job.invalid)
+            else:
+                await self._process_event(job, job.event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # top of the job: a bug must still end as an outcome, never a crash
+            log.exception("pipeline_error", error=type(exc).__name__)
+            await self._emit(
+                job,
+                OutcomeStatus.FAILED,
+                reason="internal_error",
+                error_msg=redact_text(f"{type(exc).__name__}: {exc}")[:500],
+            )
+
+    # --- stages -------------------------------------------------------------------------------------
+    async def _finish_invalid(self, job: Job, invalid: InvalidEvent) -> None:
+        log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
+        await self._emit(job, OutcomeStatus.INVALID, reason=invalid.reason, error_msg=invalid.detail)
+
+    async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
+        body = to_request_body(event).to_wire()
+        while True:
+            claim = await self._dedup(
+                lambda: self._store.claim(event.event_id, self._owner, job.source, self._lease_s)
+            )
+            if claim.kind is ClaimKind.HELD:
+                await self._wait_for_other_owner(event.event_id, job)
+                continue
+            if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
+                await self._finish_known(job, event, body, claim.record)
+                return
+            try:
+                result = await self._apply(job, event, body)
+            except _ClaimLost:
+                log.warning("claim_lost")
+                continue
+            break
+        await self._finish_applied_or_not(job, event, body, result)
+
+    async def _apply(self, job: Job, event: AnyChangeEvent, body: dict[str, Any]) -> ApplyResult:
+        async def renew_lease() -> None:
+            held = await self._dedup(lambda: self._store.extend(event.event_id, self._owner, self._lease_s))
+            if not held:
+                raise _ClaimLost
+
+        payload = _encode_body(body)
+        return await self._caller.apply(
+            event.ticket_id,
+            payload,
+            event_id=event.event_id,
+            traceparent=job.trace.child().traceparent,
+            before_attempt=renew_lease,
+        )
+
+    async def _finish_applied_or_not(
+        self, job: Job, event: AnyChangeEvent, body: dict[str, Any], result: ApplyResult
+    ) -> None:
+        if result.status == "applied":
+            record = DedupRecord(
+                "applied", self._owner, job.source, "applied", result.calls, result.http_status
+            )
+            await self._dedup(
+                lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
+            )
+            log.info("event_applied", attempts=result.calls)
+            await self._emit(
+                job,
+                OutcomeStatus.APPLIED,
+                attempts=result.calls,
+                http_status=result.http_status,
+                request=body,
+            )
+            done = DedupRecord("done", self._owner, job.source, "applied", result.calls, result.http_status)
+            await self._dedup(lambda: self._store.mark_done(event.event_id, done, self._settings.dedup_ttl_s))
+            return
+        status = OutcomeStatus.REJECTED if result.status == "rejected" else OutcomeStatus.FAILED
+        log.warning(
+            "event_not_applied", status=status.value, attempts=result.calls, http_status=result.http_status
+        )
+        await self._emit(
+            job,
+            status,
+            reason="api_rejected" if status is OutcomeStatus.REJECTED else "retries_exhausted",
+            attempts=result.calls,
+            http_status=result.http_status,
+            error_code=result.error_code,
+            error_msg=result.error_msg or result.detail,
+            request=body,
+        )
+        # Not applied: free the event id, so a fixed and replayed event can still be applied.
+        await self._dedup(lambda: self._store.release(event.event_id, self._owner))
+
+    async def _finish_known(
+        self, job: Job, event: AnyChangeEvent, body: dict[str, Any], record: DedupRecord | None
+    ) -> None:
+        """The store already knows this event: a redelivery of the same message, or a duplicate."""
+        if record is not None and record.source == job.source:
+            # Same message again (we crashed or lost the partition before committing): repeat its
+            # outcome without calling the API again.
+            self._metrics.dedup_hits.labels(kind="redelivered").inc()
+            log.info("event_redelivered", state=record.state)
+            await self._emit(
+                job,
+                OutcomeStatus(record.status or "applied"),
+                attempts=record.attempts,
+                http_status=record.http_status,
+                request=body,
+                redelivered=True,
+            )
+            if record.state == "applied":
+                done = DedupRecord(
+                    "done", record.owner, record.source, "applied", record.attempts, record.http_status
+                )
+                await self._dedup(
+                    lambda: self._store.mark_done(event.event_id, done, self._settings.dedup_ttl_s)
+                )
+            return
+        self._metrics.dedup_hits.labels(kind="duplicate").inc()
+        log.info("event_duplicate", first_source=record.source if record else None)
+        await self._emit(
+            job,
+            OutcomeStatus.DUPLICATE,
+            reason="duplicate_event_id",
+            error_msg=f"event_id already applied from {record.source}" if record else None,
+        )
+
+    async def _wait_for_other_owner(self, event_id: str, job: Job) -> None:
+        """Another worker holds the claim (a rebalance race): wait for it to finish or its lease to end."""
+        log.info("event_claimed_elsewhere")
+        delay = 0.05
+        while True:
+            await asyncio.sleep(delay)
+            claim = await self._dedup(
+                lambda: self._store.claim(event_id, self._owner, job.source, self._lease_s)
+            )
+            if claim.kind is not ClaimKind.HELD:
+                if claim.kind is ClaimKind.NEW:  # we now hold it; hand it back to the main loop
+                    await self._dedup(lambda: self._store.release(event_id, self._owner))
+                return
+            delay = min(delay * 2, _HELD_POLL_MAX_S)
+
+    # --- outcome ------------------------------------------------------------------------------------
+    async def _emit(
+        self,
+        job: Job,
+        status: OutcomeStatus,
+        *,
+        reason: str | None = None,
+        attempts: int = 0,
+        http_status: int | None = None,
+        error_code: str | None = None,
+        error_msg: str | None = None,
+        request: dict[str, Any] | None = None,
+        redelivered: bool = False,
+    ) -> None:
+        m = job.message
+        identity = (
+            {
+                "event_id": job.event.event_id,
+                "ticket_id": job.event.ticket_id,
+                "sub_ticket_id": getattr(job.event, "sub_ticket_id", None),
+                "type": job.event.type.value,
+            }
+            if job.event is not None
+            else salvage_identity(m.value, self._settings.max_event_bytes)
+        )
+        outcome = OutcomeEvent(
+            **identity,
+            status=status,
+            reason=reason,
+            attempts=attempts,
+            http_status=http_status,
+            error_code=error_code,
+            error_msg=redact_text(error_msg) if error_msg else None,
+            request=request,
+            source=SourceRef(topic=m.topic, partition=m.partition, offset=m.offset),
+            received_at=job.received_at,
+            finished_at=datetime.now(UTC),
+            duration_ms=round((time.monotonic() - job.received_mono) * 1000, 3),
+            worker=self._owner,
+            redelivered=redelivered,
+            trace_id=job.trace.trace_id,
+        )
+        letter = None
+        if status in DEAD_LETTER_STATUSES:
+            letter = DeadLetter(
+                key=m.key,
+                value=m.value,
+                headers=m.headers,
+                status=status.value,
+                reason=reason or status.value,
+                detail=outcome.error_msg or "",
+                topic=m.topic,
+                partition=m.partition,
+                offset=m.offset,
+                event_id=identity["event_id"],
+            )
+        traceparent = job.trace.child().traceparent
+        while True:
+            await self._gate.wait_open()
+            try:
+                await self._publisher.publish(outcome, letter, traceparent)
+                break
+            except BrokerUnavailable as exc:
+                self._gate.trip(exc, self._publisher.ping)
+        self._metrics.outcomes.labels(status=status.value).inc()
+        if letter is not None:
+            self._metrics.dead_letters.inc()
+
+    # --- helpers ------------------------------------------------------------------------------------
+    @property
+    def _lease_s(self) -> float:
+        return self._settings.dedup_lease_s
+
+    async def _dedup(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a dedup-store call; while the store is away, pause the worker and wait."""
+        while True:
+            await self._gate.wait_open()
+            try:
+                return await op()
+            except DedupUnavailable as exc:
+                self._gate.trip(exc, self._store.ping)
+
+
+def _encode_body(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

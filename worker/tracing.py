@@ -1,0 +1,61 @@
+"""W3C trace context: carry the producer's ``traceparent`` to the API call and the outcome.
+
+No tracing SDK is needed to *propagate*: a valid incoming ``traceparent`` keeps its trace id and
+gets a new span id per hop; an absent or malformed one starts a fresh trace.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+HEADER = "traceparent"
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    trace_id: str
+    span_id: str
+    flags: str = "01"
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+    def child(self) -> TraceContext:
+        """The same trace, a new span: one per outgoing hop (API call, outcome record)."""
+        return TraceContext(self.trace_id, secrets.token_hex(8), self.flags)
+
+
+def new_trace() -> TraceContext:
+    return TraceContext(secrets.token_hex(16), secrets.token_hex(8))
+
+
+def parse(value: str | bytes | None) -> TraceContext | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    match = _TRACEPARENT.match(value.strip())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags = match.groups()
+    if version == "ff" or trace_id == "0" * 32 or span_id == "0" * 16:
+        return None
+    return TraceContext(trace_id, span_id, flags)
+
+
+def from_headers(headers: Sequence[tuple[str, bytes]] | None) -> TraceContext:
+    """The trace of an input message: its ``traceparent`` header, else a new trace."""
+    for key, value in headers or ():
+        if key.lower() == HEADER:
+            found = parse(value)
+            if found is not None:
+                return found
+    return new_trace()
