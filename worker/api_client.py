@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
+import uuid
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -120,11 +121,12 @@ class CocApiClient:
             sock_connect=self._settings.api_connect_timeout_s,
             sock_read=self._settings.api_request_timeout_s,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            raise_for_status=False,
-        )
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+        # aiohttp silently re-sends an idempotent request (PUT included) once after a dropped
+        # connection, with the same headers: a replayed signature, and a change that may have been
+        # applied reported as a rejection. Retries are ours to decide (fresh signature, retry
+        # policy, reconciliation), so switch it off; there is no public setting for it.
+        self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:
@@ -137,7 +139,9 @@ class CocApiClient:
 
     # --- requests -------------------------------------------------------------------------------
     def _headers(self, method: str, path: str, body: bytes, extra: dict[str, str]) -> dict[str, str]:
-        headers = {"Content-Type": "application/json;charset=UTF-8", **extra}
+        # A fresh request id per attempt: with X-Sdk-Date (1 s resolution) alone, two attempts in
+        # the same second would carry the same signature.
+        headers = {"Content-Type": "application/json;charset=UTF-8", "X-Request-Id": uuid.uuid4().hex, **extra}
         creds = self._credentials
         if creds.domain_id:
             headers["X-Domain-Id"] = creds.domain_id

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from worker.api_client import ApiResponse, CocApiClient
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ApiUnreachable
@@ -35,6 +36,7 @@ class ApplyResult:
     error_msg: str | None = None
     detail: str | None = None
     response: ApiResponse | None = None
+    reconciled: bool = False
 
 
 class Reachability:
@@ -94,7 +96,12 @@ class ApiCaller:
         event_id: str,
         traceparent: str,
         before_attempt: Callable[[], Awaitable[None]],
+        confirm: Callable[[dict[str, Any]], bool] | None = None,
     ) -> ApplyResult:
+        """``confirm(ticket_detail)`` tells whether the change is already in place; it is asked
+        only when an attempt whose fate is unknown (dropped connection, read timeout) is followed
+        by a refusal, which is what a second attempt of an applied change gets."""
+        ambiguous = False  # an earlier attempt may have been applied without our knowing
         calls = 0  # HTTP attempts made, reported in the outcome
         spent = 0  # attempts that count against the budget
         active_s = 0.0  # time spent trying, time paused at the gate excluded
@@ -119,6 +126,9 @@ class ApiCaller:
                 continue
             except ApiRejected as exc:
                 self._reachability.reached()
+                if ambiguous and confirm is not None and await self._confirmed(ticket_id, confirm):
+                    log.info("api_reconciled", attempts=calls, refused_with=exc.error_code)
+                    return ApplyResult("applied", calls, reconciled=True)
                 return ApplyResult(
                     "rejected",
                     calls,
@@ -129,6 +139,7 @@ class ApiCaller:
                 )
             except ApiTransientError as exc:
                 active_s += time.monotonic() - started
+                ambiguous = ambiguous or exc.ambiguous
                 if exc.connect_failure:
                     if self._reachability.connect_failed():
                         spent -= 1
@@ -155,3 +166,11 @@ class ApiCaller:
                 continue
             self._reachability.reached()
             return ApplyResult("applied", calls, http_status=response.http_status, response=response)
+
+    async def _confirmed(self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool]) -> bool:
+        try:
+            detail = await self._client.show_ticket(ticket_id)
+        except (ApiTransientError, ApiAuthError, ApiRejected) as exc:
+            log.warning("api_reconcile_unreadable", detail=str(exc))
+            return False
+        return detail is not None and confirm(detail)

@@ -113,6 +113,39 @@ def to_request_body(event: AnyChangeEvent) -> UpdateTicketBody:
     raise TypeError(f"no mapping for {type(event).__name__}")  # pragma: no cover - the union is closed
 
 
+#: The state a sub-ticket is in once each change event has been applied.
+_TARGET_SUB_STATE = {
+    ChangeStarted: "implementing",
+    ChangeEnded: "ended",
+    ChangeSucceeded: "succeeded",
+    ChangeFailed: "failed",
+    ChangeCancelled: "cancelled",
+}
+
+
+def already_applied(event: AnyChangeEvent, ticket: dict[str, Any]) -> bool:
+    """Whether the ticket detail (``GET`` of the ticket) shows this event's change in place.
+
+    Used only after an ambiguous attempt (the connection dropped after sending) was followed by a
+    refusal: if the ticket is exactly where the event would have put it, the first attempt was
+    applied. Reads ``data.phase``/``data.work_flow_status`` and ``data.sub_tickets[].state``;
+    when the answer lacks those fields nothing is confirmed and the event stays rejected.
+    """
+    data = ticket.get("data")
+    if not isinstance(data, dict):
+        return False
+    if isinstance(event, TicketUpdate):
+        info = event.ticket_info
+        return (info.phase is None or data.get("phase") == info.phase.value) and (
+            info.work_flow_status is None or data.get("work_flow_status") == info.work_flow_status
+        )
+    target = _TARGET_SUB_STATE[type(event)]
+    for sub in data.get("sub_tickets") or []:
+        if isinstance(sub, dict) and sub.get("ticket_id") == event.sub_ticket_id:
+            return bool(sub.get("state") == target)
+    return False
+
+
 def request_path(ticket_id: str) -> str:
     """The URL path; ``ticket_id`` is already restricted to ``[A-Za-z0-9_-]`` by the contract."""
     return f"/v1/{TICKET_TYPE}/tickets/{ticket_id}"

@@ -27,7 +27,7 @@ from worker.dedup import ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import get_logger, redact_text
-from worker.mapping import to_request_body
+from worker.mapping import already_applied, to_request_body
 from worker.metrics import Metrics
 from worker.publisher import DeadLetter, Publisher
 from worker.settings import WorkerSettings
@@ -147,6 +147,7 @@ class Pipeline:
             event_id=event.event_id,
             traceparent=job.trace.child().traceparent,
             before_attempt=renew_lease,
+            confirm=lambda ticket: already_applied(event, ticket),
         )
 
     async def _finish_applied_or_not(
