@@ -215,3 +215,15 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) 
             raise TimeoutError(f"topic {topic} has no partitions")
         await consumer.topics()  # refreshes metadata
         await asyncio.sleep(0.05)
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed position per partition (-1 when none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        found = await admin.list_consumer_group_offsets(group, partitions=tps)
+        return {tp.partition: meta.offset for tp, meta in found.items()}
+    finally:
+        await admin.close()

@@ -47,7 +47,7 @@ def make_settings(
             "dedup_url": f"sqlite:///{tmp_path}/dedup.sqlite3",
             "http_host": "127.0.0.1",
             "http_port": 0,
-            "kafka_session_timeout_ms": 3000,
+            "kafka_session_timeout_ms": 2000,
             "kafka_heartbeat_interval_ms": 300,
             "kafka_fetch_max_wait_ms": 20,
             "commit_interval_s": 0.2,

@@ -1,0 +1,257 @@
+"""The worker's promises, against the real broker, the simulator and the real Redis."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+
+import aiohttp
+from conftest import SettingsFactory, running_worker, wait_until
+from helpers import event, read_json, read_records, send
+
+from worker.sandbox import TansuBroker, committed_offsets
+from worker.simulator import SimulatorServer
+
+
+def ticket_script(ticket: str, subs: int = 2) -> list[dict]:
+    """A plausible life of one ticket: each sub-ticket started, ended and given a result."""
+    events = []
+    for n in range(subs):
+        sub = f"{ticket}-s{n}"
+        events += [
+            event("change.started", ticket, sub),
+            event("change.ended", ticket, sub),
+            event("change.succeeded", ticket, sub, result={"comment": "ok"})
+            if n % 2 == 0
+            else event("change.failed", ticket, sub, result={"comment": "bad", "is_monitor_found": True}),
+        ]
+    return events
+
+
+async def test_per_ticket_order_under_concurrency(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """40 tickets x 6 ordered events, random API latency: each ticket's events apply in order."""
+    simulator.state.set_faults(latency_ms=1, latency_jitter_ms=15)
+    scripts = {f"CM{n:04d}": ticket_script(f"CM{n:04d}") for n in range(40)}
+    # interleave tickets randomly while keeping each ticket's own order
+    rng = random.Random(7)
+    queues = {t: list(evs) for t, evs in scripts.items()}
+    stream = []
+    while queues:
+        ticket = rng.choice(sorted(queues))
+        stream.append(queues[ticket].pop(0))
+        if not queues[ticket]:
+            del queues[ticket]
+    async with running_worker(make_settings(max_in_flight=32)) as worker:
+        await send(broker.bootstrap, topics["input"], stream)
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
+        assert worker.metrics.api_latency._sum.get() > 0  # API calls were really made
+    assert len(outcomes) == len(stream)
+    assert {o["status"] for o in outcomes} == {"applied"}
+    applied = defaultdict(list)
+    for entry in simulator.state.applied_log:
+        applied[entry["ticket_id"]].append(entry["event_id"])
+    for ticket, events in scripts.items():
+        assert applied[ticket] == [e["event_id"] for e in events], ticket
+    # concurrency really happened: more than one ticket was in flight at once
+    starts = sorted((e["at"], e["ticket_id"]) for e in simulator.state.applied_log)
+    assert len({t for _, t in starts[:10]}) > 1
+
+
+async def test_duplicates_are_applied_once_before_and_after_a_restart(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    first = event("ticket.update", "CM-DUP", None, event_id="dup-1", ticket_info={"work_flow_status": "x"})
+    settings = make_settings()
+    async with running_worker(settings):
+        await send(broker.bootstrap, topics["input"], [first, first])
+        outcomes = await read_json(broker.bootstrap, topics["results"], 2)
+    assert [o["status"] for o in outcomes] == ["applied", "duplicate"]
+    assert outcomes[1]["attempts"] == 0
+    async with running_worker(settings):  # same dedup store (sqlite file), new process state
+        await send(broker.bootstrap, topics["input"], [first])
+        outcomes = await read_json(broker.bootstrap, topics["results"], 3)
+    assert [o["status"] for o in outcomes] == ["applied", "duplicate", "duplicate"]
+    assert len(simulator.state.applied_for("dup-1")) == 1
+
+
+async def test_redis_dedup_is_shared(
+    broker: TansuBroker,
+    topics: dict[str, str],
+    simulator: SimulatorServer,
+    make_settings: SettingsFactory,
+    redis_url: str,
+) -> None:
+    ev = event("change.started", "CM-R", "s1", event_id="redis-1")
+    async with running_worker(make_settings(dedup_url=redis_url, worker_id="w-a")):
+        await send(broker.bootstrap, topics["input"], [ev])
+        await read_json(broker.bootstrap, topics["results"], 1)
+    async with running_worker(make_settings(dedup_url=redis_url, worker_id="w-b", group_id="other-group")):
+        outcomes = await read_json(broker.bootstrap, topics["results"], 2)
+    # the second group re-reads the topic from the start: the event is a redelivery of the same
+    # message, so its outcome is repeated, not re-applied
+    assert [o["status"] for o in outcomes] == ["applied", "applied"]
+    assert outcomes[1]["redelivered"] is True
+    assert len(simulator.state.applied_for("redis-1")) == 1
+
+
+async def test_bad_input_becomes_invalid_outcome_and_dead_letter(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    good = event("change.started", "CM-OK", "s1")
+    bad_event = event("change.started", "CM-BAD", "s1")
+    bad_event["ticket_id"] = "../../etc/passwd"
+    inputs: list[dict | bytes] = [
+        b"\xff\xfe not utf-8",
+        b"{not json",
+        json.dumps({"event_id": "x", "type": "change.started"}).encode(),  # missing fields
+        bad_event,
+        b'{"a": 1, "a": 2}',
+        good,
+    ]
+    async with running_worker(make_settings()) as worker:
+        await send(broker.bootstrap, topics["input"], inputs, headers=[("origin", b"test")])
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(inputs))
+        dead = await read_records(broker.bootstrap, topics["dlq"], len(inputs) - 1)
+        assert worker.ready
+    by_offset = {(o["source"]["partition"], o["source"]["offset"]): o for o in outcomes}
+    assert len(by_offset) == len(inputs)
+    statuses = sorted(o["status"] for o in outcomes)
+    assert statuses == ["applied"] + ["invalid"] * 5
+    reasons = sorted(o["reason"] for o in outcomes if o["status"] == "invalid")
+    assert reasons == ["bad_json", "bad_json", "not_utf8", "schema", "schema"]
+    traversal = next(o for o in outcomes if o["event_id"] == bad_event["event_id"])
+    assert traversal["ticket_id"] is None  # a hostile id never becomes an outcome field or key
+    assert "$.ticket_id" in traversal["error_msg"]
+    assert len(dead) == 5
+    original = {bytes(v) if isinstance(v, bytes) else json.dumps(v).encode() for v in inputs[:5]}
+    assert {r.value for r in dead} == original
+    for record in dead:
+        assert record.header("origin") == b"test"  # original headers kept
+        assert record.header("coc-dlq-status") == b"invalid"
+        assert record.header("coc-dlq-source-topic") == topics["input"].encode()
+        assert record.header("coc-dlq-source-offset") is not None
+        assert record.header("coc-dlq-at") is not None
+        assert record.header("traceparent") is not None
+    assert all("etc/passwd" not in r["path"] for r in simulator.state.request_dicts())
+
+
+async def test_restart_mid_stream_loses_nothing_and_reapplies_nothing(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    simulator.state.set_faults(latency_ms=5, latency_jitter_ms=10)
+    stream = [e for n in range(30) for e in ticket_script(f"CMR{n:03d}", subs=1)]
+    settings = make_settings(max_in_flight=8)
+    await send(broker.bootstrap, topics["input"], stream)
+    async with running_worker(settings):
+        await simulator.state.wait_for(lambda: len(simulator.state.applied_log) >= 30, 30)
+    first_run = len(simulator.state.applied_log)
+    assert first_run < len(stream), "the first run should stop mid-stream"
+    async with running_worker(settings):
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
+        await simulator.state.wait_for(lambda: len(simulator.state.applied_log) >= len(stream), 30)
+    by_source = defaultdict(set)
+    for o in outcomes:
+        by_source[(o["source"]["partition"], o["source"]["offset"])].add(o["status"])
+    assert len(by_source) == len(stream)  # every message has an outcome
+    assert all(statuses == {"applied"} for statuses in by_source.values())
+    event_ids = [entry["event_id"] for entry in simulator.state.applied_log]
+    assert sorted(event_ids) == sorted(e["event_id"] for e in stream)  # each applied exactly once
+
+
+async def test_two_workers_share_the_partitions(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    stream = [e for n in range(40) for e in ticket_script(f"CMT{n:03d}", subs=1)]
+    async with (
+        running_worker(make_settings(worker_id="w-one")) as one,
+        running_worker(make_settings(worker_id="w-two"), assigned=False) as two,
+    ):
+        await wait_until(
+            lambda: bool(one.status()["assigned"]) and bool(two.status()["assigned"]),
+            30,
+            "both to get partitions",
+        )
+        assert not set(one.status()["assigned"]) & set(two.status()["assigned"])
+        await send(broker.bootstrap, topics["input"], stream)
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
+    assert len(outcomes) == len(stream)
+    assert len({(o["source"]["partition"], o["source"]["offset"]) for o in outcomes}) == len(stream)
+    assert {o["worker"] for o in outcomes} == {"w-one", "w-two"}
+    assert {o["status"] for o in outcomes} == {"applied"}
+    assert len(simulator.state.applied_log) == len(stream)
+
+
+async def test_revoked_credentials_pause_and_resume_without_rejecting(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    stream = [e for n in range(10) for e in ticket_script(f"CMA{n:03d}", subs=1)]
+    async with running_worker(make_settings()) as worker:
+        port = worker.http_port
+        simulator.state.revoke(True)
+        await send(broker.bootstrap, topics["input"], stream)
+        await wait_until(lambda: not worker.ready, 20, "the worker to pause")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                assert resp.status == 503
+                assert "api_auth" in (await resp.json())["paused_by"]
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+                assert "coc_worker_paused 1.0" in text
+        await simulator.state.wait_for(lambda: simulator.state.status_counts["401"] >= 3, 20)
+        simulator.state.revoke(False)
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
+        await wait_until(lambda: worker.ready, 20, "the worker to resume")
+    assert {o["status"] for o in outcomes} == {"applied"}
+    assert len(simulator.state.applied_log) == len(stream)
+
+
+async def test_health_and_metrics_endpoints(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    async with running_worker(make_settings()) as worker:
+        await send(broker.bootstrap, topics["input"], [event("change.started", "CM-H", "s1"), b"junk"])
+        await read_json(broker.bootstrap, topics["results"], 2)
+        await wait_until(lambda: worker.ready, 10, "readiness")
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{worker.http_port}"
+            async with http.get(base + "/healthz") as resp:
+                assert resp.status == 200
+            async with http.get(base + "/readyz") as resp:
+                assert resp.status == 200
+                body = await resp.json()
+                assert body["ready"] is True
+                assert body["broker_reachable"] is True
+            async with http.get(base + "/metrics") as resp:
+                text = await resp.text()
+    for line in (
+        "coc_worker_messages_consumed_total 2.0",
+        'coc_worker_outcomes_total{status="applied"} 1.0',
+        'coc_worker_outcomes_total{status="invalid"} 1.0',
+        'coc_worker_api_requests_total{code="200"} 1.0',
+        "coc_worker_dead_letters_total 1.0",
+        "coc_worker_in_flight 0.0",
+        "coc_worker_paused 0.0",
+    ):
+        assert line in text, line
+    assert "coc_worker_api_request_seconds_bucket" in text
+
+
+async def test_offsets_are_committed_only_over_finished_work(
+    broker: TansuBroker,
+    topics: dict[str, str],
+    simulator: SimulatorServer,
+    make_settings: SettingsFactory,
+    unique: str,
+) -> None:
+    stream = [event("change.started", f"CMO{n}", "s1") for n in range(20)]
+    async with running_worker(make_settings()):
+        await send(broker.bootstrap, topics["input"], stream)
+        await read_json(broker.bootstrap, topics["results"], len(stream))
+    committed = await committed_offsets(broker.bootstrap, f"group-{unique}", topics["input"], 4)
+    written = defaultdict(int)
+    for o in await read_json(broker.bootstrap, topics["results"], len(stream)):
+        written[o["source"]["partition"]] = max(written[o["source"]["partition"]], o["source"]["offset"] + 1)
+    assert {p: committed[p] for p in written} == dict(written)
