@@ -17,10 +17,12 @@ other 4xx/5xx, 2xx with another error_code   ``ApiRejected``
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +44,7 @@ log = get_logger(__name__)
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 _ERROR_TEXT_LIMIT = 500
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +81,16 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # Digits only (str.isdigit() also takes "²", which float() refuses); a fraction is accepted,
+    # as the simulator sends one to keep tests fast.
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000": UTC, not the local time naive datetimes stand for
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
@@ -141,7 +148,11 @@ class CocApiClient:
     def _headers(self, method: str, path: str, body: bytes, extra: dict[str, str]) -> dict[str, str]:
         # A fresh request id per attempt: with X-Sdk-Date (1 s resolution) alone, two attempts in
         # the same second would carry the same signature.
-        headers = {"Content-Type": "application/json;charset=UTF-8", "X-Request-Id": uuid.uuid4().hex, **extra}
+        headers = {
+            "Content-Type": "application/json;charset=UTF-8",
+            "X-Request-Id": uuid.uuid4().hex,
+            **extra,
+        }
         creds = self._credentials
         if creds.domain_id:
             headers["X-Domain-Id"] = creds.domain_id

@@ -10,6 +10,7 @@ event wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -83,7 +84,10 @@ class ApiCaller:
 
     def _trip_unreachable(self, detail: str, ticket_id: str) -> None:
         async def probe() -> None:
-            await self._client.probe(ticket_id)
+            # A 401/403 is an answer: the API is back. Clearing this cause lets the next attempt
+            # trip the auth cause, whose probe re-reads the credentials (rotated while it was away).
+            with contextlib.suppress(ApiAuthError):
+                await self._client.probe(ticket_id)
             self._reachability.reached()
 
         self._gate.trip(ApiUnreachable(detail), probe)

@@ -1,0 +1,682 @@
+"""The API client over real HTTP: every answer classified into the error tree, signed afresh, measured.
+
+Most cases run against the COC API simulator; the few statuses it cannot produce (403, 404 from
+the gateway, 408, 501, odd 2xx bodies, ``Retry-After`` on a 503) come from a tiny stub server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from structlog.testing import capture_logs
+
+from schemas.api import SUCCESS_CODE
+from worker import signing
+from worker.api_client import ApiResponse, CocApiClient, _ssl_context, parse_retry_after
+from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, CocWorkerError, ConfigError
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
+from worker.simulator import SimulatorConfig, SimulatorServer
+from worker.simulator.tickets import ILLEGAL_TRANSITION, TICKET_NOT_FOUND
+
+AK = "AK-CLIENT-TEST-01"
+SK = "sk-client-test-secret-0001"
+TOKEN = "token-client-test-secret-0001"
+SEED: dict[str, Any] = {"tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1", "s-2"]}]}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def change(action: str, sub: str = "s-1") -> bytes:
+    return json.dumps({"history_info": {"action": action}, "sub_tickets": [{"ticket_id": sub}]}).encode()
+
+
+START = change("change_start_change_success")
+END = change("change_end_change_success")
+
+
+def settings(url: str, **overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = {"api_endpoint": url, "api_ak": AK, "api_sk": SK}
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(config: WorkerSettings, metrics: Metrics | None = None) -> AsyncIterator[CocApiClient]:
+    client = CocApiClient(config, metrics)
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def put(client: CocApiClient, body: bytes = START, event_id: str = "ev-1") -> ApiResponse:
+    return await client.update_ticket("CM1", body, event_id=event_id, traceparent=TRACEPARENT)
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatorServer]:
+    async with SimulatorServer(SimulatorConfig(credentials={AK: SK}, tokens={TOKEN}, seed=SEED)) as server:
+        yield server
+
+
+# --------------------------------------------------------------------------- a stub for the rest
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class Stub:
+    """Answers every request with ``status``/``body``/``headers`` and records what it received."""
+
+    url: str = ""
+    status: int = 200
+    body: bytes = json.dumps({"provider_code": "049", "error_code": SUCCESS_CODE, "data": {}}).encode()
+    headers: dict[str, str] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+
+    def reply(self, status: int, payload: Any = None, raw: bytes | None = None, **headers: str) -> None:
+        self.status = status
+        self.body = raw if raw is not None else json.dumps(payload).encode()
+        self.headers = {k.replace("_", "-"): v for k, v in headers.items()}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.rel_url.raw_path, CIMultiDict(request.headers), body))
+        return web.Response(
+            status=self.status, body=self.body, headers=self.headers, content_type="application/json"
+        )
+
+
+@contextlib.asynccontextmanager
+async def serving(stub: Stub, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Stub]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stub.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+        port = runner.addresses[0][1]
+        stub.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+        yield stub
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Stub]:
+    async with serving(Stub()) as server:
+        yield server
+
+
+def gom(code: str, msg: str | None = "refused") -> dict[str, Any]:
+    return {"provider_code": "049", "error_code": code, "error_msg": msg}
+
+
+# --------------------------------------------------------------------------- success and refusals
+
+
+async def test_success_is_an_api_response(sim: SimulatorServer) -> None:
+    async with running(settings(sim.url)) as client:
+        response = await put(client, event_id="ev-ok")
+    assert isinstance(response, ApiResponse)
+    assert response.http_status == 200
+    assert response.body.succeeded
+    assert response.body.data is not None
+    assert response.body.data["ticket_info"]["ticket_id"] == "CM1"
+    assert response.latency_s > 0
+    [applied] = sim.state.applied_log
+    assert (applied["event_id"], applied["traceparent"], applied["sub_ticket_id"]) == (
+        "ev-ok",
+        TRACEPARENT,
+        "s-1",
+    )
+
+
+async def test_illegal_transition_is_rejected_with_the_gom_code(sim: SimulatorServer) -> None:
+    async with running(settings(sim.url)) as client:
+        with pytest.raises(ApiRejected) as refused:
+            await put(client, END)
+    exc = refused.value
+    assert (exc.http_status, exc.error_code) == (400, ILLEGAL_TRANSITION)
+    assert exc.error_msg is not None
+    assert "needs implementing" in exc.error_msg
+    assert ILLEGAL_TRANSITION in exc.detail
+    assert sim.state.applied_log == []
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_injected_5xx_is_transient(sim: SimulatorServer, status: int) -> None:
+    sim.state.set_faults(error_ratio=1.0, error_statuses=[status])
+    async with running(settings(sim.url)) as client:
+        with pytest.raises(ApiTransientError) as failed:
+            await put(client)
+    exc = failed.value
+    assert (exc.http_status, exc.error_code) == (status, f"GOM.00009{status}")
+    assert (exc.retry_after_s, exc.ambiguous, exc.connect_failure) == (None, False, False)
+
+
+@pytest.mark.parametrize(("retry_after_s", "expected"), [(0.2, 0.2), (2, 2.0)])
+async def test_throttle_is_transient_with_retry_after(
+    sim: SimulatorServer, retry_after_s: float, expected: float
+) -> None:
+    sim.state.set_faults(throttle_ratio=1.0, retry_after_s=retry_after_s)
+    async with running(settings(sim.url)) as client:
+        with pytest.raises(ApiTransientError) as throttled:
+            await put(client)
+    exc = throttled.value
+    assert (exc.http_status, exc.error_code, exc.retry_after_s) == (429, "APIGW.0308", expected)
+    assert not exc.ambiguous
+    assert sim.state.applied_log == []
+
+
+async def test_wrong_secret_key_is_systemic(sim: SimulatorServer) -> None:
+    async with running(settings(sim.url, api_sk="sk-not-the-right-one")) as client:
+        with pytest.raises(ApiAuthError) as refused:
+            await put(client)
+    assert (refused.value.http_status, refused.value.error_code) == (401, "APIGW.0301")
+    assert refused.value.kind == "api_auth"
+    assert sim.state.applied_log == []
+
+
+@pytest.mark.parametrize("auth", ["aksk", "token"])
+async def test_revoked_credentials_are_systemic(sim: SimulatorServer, auth: str) -> None:
+    config = settings(sim.url) if auth == "aksk" else WorkerSettings(api_endpoint=sim.url, api_token=TOKEN)
+    sim.state.revoke()
+    async with running(config) as client:
+        with pytest.raises(ApiAuthError) as refused:
+            await put(client)
+    assert refused.value.http_status == 401
+
+
+def _stub_cases() -> list[Any]:
+    long_msg = "x" * 2000
+    return [
+        pytest.param(
+            (403, {"error_code": "APIGW.0302", "error_msg": "forbidden"}, None, {}),
+            ApiAuthError,
+            {"http_status": 403, "error_code": "APIGW.0302"},
+            id="403-auth",
+        ),
+        pytest.param(
+            (404, gom(TICKET_NOT_FOUND, "no such ticket"), None, {}),
+            ApiRejected,
+            {"http_status": 404, "error_code": TICKET_NOT_FOUND, "error_msg": "no such ticket"},
+            id="404-rejected",
+        ),
+        pytest.param(
+            (400, None, b"<html>bad request</html>", {}),
+            ApiRejected,
+            {"http_status": 400, "error_code": None, "error_msg": None, "detail": "HTTP 400"},
+            id="400-html",
+        ),
+        pytest.param(
+            (501, gom("GOM.00009501", "not implemented"), None, {}),
+            ApiRejected,
+            {"http_status": 501, "error_code": "GOM.00009501"},
+            id="501-rejected",
+        ),
+        pytest.param(
+            (200, gom("GOM.00001234", long_msg), None, {}),
+            ApiRejected,
+            {"http_status": 200, "error_code": "GOM.00001234", "error_msg": "x" * 500},
+            id="200-error-code",
+        ),
+        pytest.param(
+            (200, None, b"<html>proxy page</html>", {}),
+            ApiRejected,
+            {"http_status": 200, "error_code": None, "error_msg": None},
+            id="200-unreadable",
+        ),
+        pytest.param(
+            (200, {"provider_code": "049", "data": {}}, None, {}),
+            ApiRejected,
+            {"http_status": 200, "error_code": None},
+            id="200-no-error-code",
+        ),
+        pytest.param(
+            (408, None, b"", {}),
+            ApiTransientError,
+            {"http_status": 408, "error_code": None, "ambiguous": False, "connect_failure": False},
+            id="408-transient",
+        ),
+        pytest.param(
+            (502, None, b"<html>bad gateway</html>", {}),
+            ApiTransientError,
+            {"http_status": 502, "error_code": None, "retry_after_s": None},
+            id="502-html",
+        ),
+        pytest.param(
+            (503, gom("GOM.00009503"), None, {"Retry-After": "7"}),
+            ApiTransientError,
+            {"http_status": 503, "error_code": "GOM.00009503", "retry_after_s": 7.0},
+            id="503-retry-after",
+        ),
+        pytest.param(
+            (500, gom("GOM.00009500"), None, {"Retry-After": "7"}),
+            ApiTransientError,
+            {"http_status": 500, "retry_after_s": None},
+            id="500-retry-after-ignored",
+        ),
+        pytest.param(
+            (429, {"error_code": "APIGW.0308"}, None, {}),
+            ApiTransientError,
+            {"http_status": 429, "retry_after_s": None},
+            id="429-without-retry-after",
+        ),
+        pytest.param(
+            (429, {"error_code": "APIGW.0308"}, None, {"Retry-After": "soon"}),
+            ApiTransientError,
+            {"http_status": 429, "retry_after_s": None},
+            id="429-unreadable-retry-after",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("answer", "error", "fields"), _stub_cases())
+async def test_statuses_the_simulator_cannot_produce(
+    stub: Stub, answer: tuple[int, Any, bytes | None, dict[str, str]], error: type, fields: dict[str, Any]
+) -> None:
+    status, payload, raw, headers = answer
+    stub.reply(status, payload, raw, **headers)
+    async with running(settings(stub.url)) as client:
+        with pytest.raises(CocWorkerError) as caught:
+            await put(client)
+    assert type(caught.value) is error
+    assert {name: getattr(caught.value, name) for name in fields} == fields
+    assert len(stub.seen) == 1
+
+
+async def test_retry_after_as_an_http_date(stub: Stub) -> None:
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    stub.reply(429, {"error_code": "APIGW.0308"}, None, Retry_After=format_datetime(when, usegmt=True))
+    async with running(settings(stub.url)) as client:
+        with pytest.raises(ApiTransientError) as throttled:
+            await put(client)
+    assert throttled.value.retry_after_s is not None
+    assert 28.0 <= throttled.value.retry_after_s <= 30.0
+
+
+# --------------------------------------------------------------------------- the network
+
+
+async def test_connection_refused_is_a_connect_failure() -> None:
+    async with running(settings(f"http://127.0.0.1:{closed_port()}")) as client:
+        with pytest.raises(ApiTransientError) as failed:
+            await put(client)
+    exc = failed.value
+    assert (exc.connect_failure, exc.ambiguous, exc.http_status) == (True, False, None)
+
+
+async def test_a_hung_request_times_out_ambiguously(sim: SimulatorServer) -> None:
+    sim.state.set_faults(hang_ratio=1.0)
+    started = time.monotonic()
+    async with running(settings(sim.url, api_request_timeout_s=0.2)) as client:
+        with pytest.raises(ApiTransientError) as failed:
+            await put(client)
+    assert time.monotonic() - started < 2.0
+    exc = failed.value
+    assert (exc.ambiguous, exc.connect_failure, exc.http_status) == (True, False, None)
+    assert "in time" in exc.detail
+
+
+async def test_a_dropped_connection_is_ambiguous_and_not_resent(sim: SimulatorServer) -> None:
+    sim.state.set_faults(drop_ratio=1.0)
+    async with running(settings(sim.url)) as client:
+        with pytest.raises(ApiTransientError) as failed:
+            await put(client)
+    assert (failed.value.ambiguous, failed.value.connect_failure) == (True, False)
+    assert [(r.method, r.fault) for r in sim.state.requests] == [("PUT", "drop")]
+
+
+async def test_drop_after_apply_is_ambiguous_and_sent_exactly_once(sim: SimulatorServer) -> None:
+    sim.state.set_faults(drop_after_apply_ratio=1.0)
+    async with running(settings(sim.url)) as client:
+        with pytest.raises(ApiTransientError) as failed:
+            await put(client, event_id="ev-amb")
+    assert failed.value.ambiguous
+    # aiohttp's hidden re-send of an idempotent PUT would show as a second request here.
+    assert [(r.method, r.error_code, r.fault) for r in sim.state.requests] == [
+        ("PUT", SUCCESS_CODE, "drop_after_apply")
+    ]
+    assert [e["event_id"] for e in sim.state.applied_log] == ["ev-amb"]
+
+
+async def test_calls_before_start_are_a_programming_error() -> None:
+    client = CocApiClient(settings("http://127.0.0.1:1"))
+    with pytest.raises(RuntimeError, match="start"):
+        await put(client)
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+async def test_every_attempt_is_signed_afresh(stub: Stub) -> None:
+    async with running(settings(stub.url, api_domain_id="dom-1", api_project_id="proj-1")) as client:
+        await put(client)
+        await put(client)
+    first, second = stub.seen
+    assert first.headers["Authorization"] != second.headers["Authorization"]
+    assert first.headers["X-Request-Id"] != second.headers["X-Request-Id"]
+    for seen in stub.seen:
+        assert seen.headers["Authorization"].startswith(f"SDK-HMAC-SHA256 Access={AK}, ")
+        assert (seen.headers["X-Domain-Id"], seen.headers["X-Project-Id"]) == ("dom-1", "proj-1")
+        assert "X-Auth-Token" not in seen.headers
+        reason = signing.verify(
+            secret_for={AK: SK},
+            method=seen.method,
+            path=seen.path,
+            query=[],
+            headers=seen.headers,
+            body=seen.body,
+            now=datetime.now(UTC),
+        )
+        assert reason is None
+
+
+async def test_the_simulator_accepts_consecutive_signed_attempts(sim: SimulatorServer) -> None:
+    async with running(settings(sim.url)) as client:
+        await put(client, START)
+        await put(client, END)
+    assert [r.status for r in sim.state.requests] == [200, 200]
+    assert sim.state.tickets["CM1"].sub_tickets["s-1"].state == "ended"
+
+
+async def test_token_auth(sim: SimulatorServer, stub: Stub) -> None:
+    async with running(WorkerSettings(api_endpoint=sim.url, api_token=TOKEN)) as client:
+        assert (await put(client)).http_status == 200
+    async with running(WorkerSettings(api_endpoint=stub.url, api_token=TOKEN)) as client:
+        await put(client)
+    [seen] = stub.seen
+    assert seen.headers["X-Auth-Token"] == TOKEN
+    assert "Authorization" not in seen.headers
+
+
+def test_missing_credentials_refuse_to_build_a_client() -> None:
+    with pytest.raises(ConfigError, match="COC_WORKER_API_AK"):
+        CocApiClient(WorkerSettings(api_endpoint="http://127.0.0.1:1"))
+
+
+async def test_credentials_are_re_read_from_their_files(sim: SimulatorServer, tmp_path: Path) -> None:
+    sk_file = tmp_path / "sk"
+    sk_file.write_text("sk-old-and-wrong\n")
+    async with running(settings(sim.url, api_sk=None, api_sk_file=sk_file)) as client:
+        with pytest.raises(ApiAuthError):
+            await put(client)
+        sk_file.write_text(SK + "\n")
+        client.refresh_credentials()
+        assert (await put(client)).http_status == 200
+
+
+# --------------------------------------------------------------------------- probe and detail
+
+
+async def test_probe_raises_on_401_and_passes_on_404(sim: SimulatorServer) -> None:
+    async with running(settings(sim.url)) as client:
+        await client.probe("CM1")
+        await client.probe("CM-UNKNOWN")
+        sim.state.revoke()
+        with pytest.raises(ApiAuthError):
+            await client.probe("CM1")
+        sim.state.revoke(False)
+        sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+        with pytest.raises(ApiTransientError):
+            await client.probe("CM1")
+    assert [(r.method, r.status) for r in sim.state.requests] == [
+        ("GET", 200),
+        ("GET", 404),
+        ("GET", 401),
+        ("GET", 503),
+    ]
+
+
+async def test_probe_of_an_unreachable_api_is_a_connect_failure() -> None:
+    async with running(settings(f"http://127.0.0.1:{closed_port()}")) as client:
+        with pytest.raises(ApiTransientError) as failed:
+            await client.probe("CM1")
+    assert failed.value.connect_failure
+
+
+async def test_show_ticket_returns_the_detail(sim: SimulatorServer, stub: Stub) -> None:
+    async with running(settings(sim.url)) as client:
+        await put(client)
+        detail = await client.show_ticket("CM1")
+        assert detail is not None
+        assert detail["error_code"] == SUCCESS_CODE
+        states = {sub["ticket_id"]: sub["state"] for sub in detail["data"]["sub_tickets"]}
+        assert states == {"s-1": "implementing", "s-2": "pending"}
+        missing = await client.show_ticket("CM-UNKNOWN")
+        assert missing is not None
+        assert missing["error_code"] == TICKET_NOT_FOUND
+        sim.state.revoke()
+        with pytest.raises(ApiAuthError):
+            await client.show_ticket("CM1")
+    stub.reply(200, None, b"not json")
+    async with running(settings(stub.url)) as client:
+        assert await client.show_ticket("CM1") is None
+        stub.reply(200, ["a", "list"])
+        assert await client.show_ticket("CM1") is None
+
+
+# --------------------------------------------------------------------------- metrics and secrets
+
+
+async def test_requests_are_counted_by_code_and_timed(sim: SimulatorServer) -> None:
+    metrics = Metrics()
+    async with running(settings(sim.url), metrics) as client:
+        await put(client, START)
+        for body in (START, START):
+            with pytest.raises(ApiRejected):
+                await put(client, body)
+        sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+        with pytest.raises(ApiTransientError):
+            await put(client)
+    async with running(settings(f"http://127.0.0.1:{closed_port()}"), metrics) as client:
+        with pytest.raises(ApiTransientError):
+            await put(client)
+
+    def count(code: str) -> float | None:
+        return metrics.registry.get_sample_value("coc_worker_api_requests_total", {"code": code})
+
+    assert (count("200"), count("400"), count("503"), count("connect_error")) == (1.0, 2.0, 1.0, 1.0)
+    assert metrics.registry.get_sample_value("coc_worker_api_request_seconds_count") == 5.0
+    latency_sum = metrics.registry.get_sample_value("coc_worker_api_request_seconds_sum")
+    assert latency_sum is not None
+    assert latency_sum > 0
+
+
+async def test_no_secret_in_errors_or_metrics(sim: SimulatorServer, stub: Stub) -> None:
+    metrics = Metrics()
+    wrong_sk = "sk-wrong-secret-value-0002"
+    errors: list[BaseException] = []
+
+    async def collect(config: WorkerSettings, body: bytes = START) -> None:
+        async with running(config, metrics) as client:
+            try:
+                await put(client, body)
+            except CocWorkerError as exc:
+                errors.append(exc)
+
+    await collect(settings(sim.url, api_sk=wrong_sk))
+    await collect(WorkerSettings(api_endpoint=sim.url, api_token="token-wrong-secret-0003"))
+    await collect(settings(sim.url), END)
+    stub.reply(403, {"error_code": "APIGW.0302", "error_msg": "forbidden"})
+    await collect(WorkerSettings(api_endpoint=stub.url, api_token=TOKEN))
+    stub.reply(503, gom("GOM.00009503"), None, Retry_After="1")
+    await collect(settings(stub.url))
+    sim.state.set_faults(drop_ratio=1.0)
+    await collect(settings(sim.url))
+    await collect(settings(f"http://127.0.0.1:{closed_port()}"))
+    try:
+        CocApiClient(WorkerSettings(api_endpoint=sim.url))
+    except ConfigError as exc:
+        errors.append(exc)
+
+    assert [type(e).__name__ for e in errors] == [
+        "ApiAuthError",
+        "ApiAuthError",
+        "ApiRejected",
+        "ApiAuthError",
+        "ApiTransientError",
+        "ApiTransientError",
+        "ApiTransientError",
+        "ConfigError",
+    ]
+    secrets = (SK, TOKEN, wrong_sk, "token-wrong-secret-0003")
+    for error in errors:
+        texts = [str(error), repr(error), *(repr(v) for v in vars(error).values())]
+        assert error.__cause__ is None
+        for secret in secrets:
+            assert not any(secret in text for text in texts), (type(error).__name__, secret)
+    rendered = metrics.render().decode()
+    assert "coc_worker_api_requests_total" in rendered
+    for secret in (*secrets, AK):
+        assert secret not in rendered
+
+
+# --------------------------------------------------------------------------- Retry-After parsing
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("   ", None),
+        ("0", 0.0),
+        ("5", 5.0),
+        (" 7 ", 7.0),
+        ("120", 120.0),
+        ("0.5", 0.5),
+        ("-1", None),
+        ("1e3", None),
+        ("inf", None),
+        ("nan", None),
+        ("soon", None),
+        ("\u00b2", None),  # isdigit() but not a number float() reads
+        ("Thu, 01 Jan 1970 00:01:40 GMT", 60.0),
+        ("Thu, 01 Jan 1970 00:01:40 -0000", 60.0),
+        ("Thu, 01 Jan 1970 00:00:10 GMT", 0.0),  # already past
+        ("Thu, 41 Jan 1970 00:00:10 GMT", None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, now=40.0) == expected
+
+
+def test_parse_retry_after_reads_minus_zero_as_utc_in_any_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    time.tzset()
+    try:
+        assert parse_retry_after("Thu, 01 Jan 1970 00:01:40 -0000", now=40.0) == 60.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_parse_retry_after_uses_the_clock_by_default() -> None:
+    when = datetime.now(UTC) + timedelta(seconds=100)
+    parsed = parse_retry_after(format_datetime(when, usegmt=True))
+    assert parsed is not None
+    assert 98.0 <= parsed <= 100.0
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def test_default_tls_context_verifies() -> None:
+    context = _ssl_context(settings("https://coc.example.com"))
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+
+
+async def test_disabling_tls_verification_logs_a_warning() -> None:
+    with capture_logs() as logs:
+        async with running(settings("https://coc.example.com", api_verify_tls=False)):
+            pass
+    assert [(e["event"], e["log_level"]) for e in logs] == [("api_tls_verification_disabled", "warning")]
+    with capture_logs() as logs:
+        async with running(settings("https://coc.example.com")):
+            pass
+    assert logs == []
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_is_verified_against_the_configured_ca(self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    async with serving(Stub(), server_context) as stub:
+        async with running(settings(stub.url)) as client:
+            with pytest.raises(ApiTransientError) as untrusted:
+                await put(client)
+        assert untrusted.value.connect_failure
+        assert stub.seen == []
+        async with running(settings(stub.url, api_ca_file=cert)) as client:
+            assert (await put(client)).http_status == 200
+        with capture_logs():
+            async with running(settings(stub.url, api_verify_tls=False)) as client:
+                assert (await put(client)).http_status == 200
+        assert len(stub.seen) == 2

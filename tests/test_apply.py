@@ -1,0 +1,461 @@
+"""``ApiCaller.apply``: retries, the budget, the systemic gate and reconciliation, against the simulator.
+
+Real client, real gate, real metrics; only the retry delays are shrunk to milliseconds. Faults are
+switched from ``before_attempt`` (called before every HTTP attempt), so which attempt meets which
+fault is exact rather than a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
+from worker.api_client import CocApiClient
+from worker.apply import ApiCaller, ApplyResult
+from worker.gate import Gate
+from worker.mapping import already_applied, to_request_body
+from worker.metrics import Metrics
+from worker.retry import RetryPolicy
+from worker.settings import WorkerSettings
+from worker.simulator import SimulatorConfig, SimulatorServer, SubState
+from worker.simulator.tickets import ILLEGAL_TRANSITION
+
+AK = "AK-APPLY-TEST-01"
+SK = "sk-apply-test-secret-0001"
+SEED: dict[str, Any] = {"tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1", "s-2"]}]}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+FAST = RetryPolicy(
+    max_attempts=5, max_elapsed_s=10.0, base_delay_s=0.002, max_delay_s=0.01, retry_after_max_s=1.0
+)
+PATIENT = RetryPolicy(
+    max_attempts=10_000, max_elapsed_s=60.0, base_delay_s=0.002, max_delay_s=0.01, retry_after_max_s=1.0
+)
+
+
+def started(sub: str = "s-1", event_id: str = "ev-start") -> AnyChangeEvent:
+    return CHANGE_EVENT_ADAPTER.validate_python(
+        {"event_id": event_id, "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": sub}
+    )
+
+
+def wire(event: AnyChangeEvent) -> bytes:
+    return json.dumps(to_request_body(event).to_wire(), separators=(",", ":")).encode()
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    """Wait for a condition nothing signals (gate state, metrics), polling with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, f"condition not met within {timeout_s}s"
+        await asyncio.sleep(0.002)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Attempts:
+    """A ``before_attempt`` hook: records when each attempt starts and runs per-attempt actions."""
+
+    actions: dict[int, Callable[[], object]] = field(default_factory=dict)
+    at: list[float] = field(default_factory=list)
+
+    async def __call__(self) -> None:
+        self.at.append(time.monotonic())
+        action = self.actions.get(len(self.at))
+        if action is not None:
+            action()
+
+
+@dataclass
+class Rig:
+    sim: SimulatorServer
+    client: CocApiClient
+    gate: Gate
+    metrics: Metrics
+
+    def caller(
+        self, policy: RetryPolicy = FAST, unreachable_threshold_s: float = 60.0, **kw: Any
+    ) -> ApiCaller:
+        return ApiCaller(self.client, policy, self.gate, self.metrics, unreachable_threshold_s, **kw)
+
+    async def apply(
+        self,
+        caller: ApiCaller,
+        event: AnyChangeEvent | None = None,
+        hook: Callable[[], Awaitable[None]] | None = None,
+        confirm: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> ApplyResult:
+        event = event or started()
+        return await caller.apply(
+            event.ticket_id,
+            wire(event),
+            event_id=event.event_id,
+            traceparent=TRACEPARENT,
+            before_attempt=hook or Attempts(),
+            confirm=confirm,
+        )
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def puts(self) -> list[tuple[int | None, str | None]]:
+        return [(r.status, r.fault) for r in self.sim.state.requests if r.method == "PUT"]
+
+
+def make_sim(port: int = 0) -> SimulatorServer:
+    return SimulatorServer(SimulatorConfig(port=port, credentials={AK: SK}, seed=SEED))
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    async with make_sim() as sim:
+        client = CocApiClient(WorkerSettings(api_endpoint=sim.url, api_ak=AK, api_sk=SK), metrics)
+        await client.start()
+        try:
+            yield Rig(sim, client, gate, metrics)
+        finally:
+            await gate.close()
+            await client.close()
+
+
+# --------------------------------------------------------------------------- retries and budget
+
+
+async def test_transient_503s_then_success(rig: Rig) -> None:
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+    throttled = 0
+
+    async def throttle() -> None:
+        nonlocal throttled
+        throttled += 1
+
+    hook = Attempts({3: lambda: rig.sim.state.set_faults(error_ratio=0.0)})
+    result = await rig.apply(rig.caller(throttle=throttle), hook=hook)
+    assert (result.status, result.calls, result.http_status, result.reconciled) == ("applied", 3, 200, False)
+    assert result.response is not None
+    assert result.response.body.succeeded
+    assert rig.puts() == [(503, "error"), (503, "error"), (200, None)]
+    assert len(rig.sim.state.applied_for("ev-start")) == 1
+    assert rig.sample("coc_worker_api_retries_total") == 2.0
+    assert throttled == 3
+    assert rig.gate.is_open
+
+
+async def test_retry_after_is_honoured(rig: Rig) -> None:
+    rig.sim.state.set_faults(throttle_ratio=1.0, retry_after_s=0.2)
+    hook = Attempts({2: lambda: rig.sim.state.set_faults(throttle_ratio=0.0)})
+    result = await rig.apply(rig.caller(), hook=hook)
+    assert (result.status, result.calls) == ("applied", 2)
+    assert rig.puts() == [(429, "throttle"), (200, None)]
+    assert hook.at[1] - hook.at[0] >= 0.2  # the backoff alone is at most 10 ms
+
+
+async def test_illegal_transition_is_rejected_without_retry(rig: Rig) -> None:
+    confirmations: list[dict[str, Any]] = []
+
+    def confirm(detail: dict[str, Any]) -> bool:
+        confirmations.append(detail)
+        return True
+
+    assert (await rig.apply(rig.caller(), started(event_id="ev-1"))).status == "applied"
+    result = await rig.apply(rig.caller(), started(event_id="ev-2"), confirm=confirm)
+    assert (result.status, result.calls, result.http_status, result.error_code) == (
+        "rejected",
+        1,
+        400,
+        ILLEGAL_TRANSITION,
+    )
+    assert result.error_msg is not None
+    assert "needs pending" in result.error_msg
+    assert confirmations == []  # nothing was ambiguous: the refusal stands without asking
+    assert rig.puts() == [(200, None), (400, None)]
+    assert rig.sample("coc_worker_api_retries_total") == 0.0
+
+
+async def test_budget_of_attempts_runs_out(rig: Rig) -> None:
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+    policy = RetryPolicy(max_attempts=4, max_elapsed_s=10.0, base_delay_s=0.001, max_delay_s=0.005)
+    result = await rig.apply(rig.caller(policy))
+    assert (result.status, result.calls, result.http_status, result.error_code) == (
+        "failed",
+        4,
+        503,
+        "GOM.00009503",
+    )
+    assert result.detail is not None
+    assert result.detail.startswith("gave up after 4 attempts")
+    assert rig.puts() == [(503, "error")] * 4
+    assert rig.sample("coc_worker_api_retries_total") == 3.0
+    assert rig.sim.state.applied_log == []
+    assert rig.gate.is_open
+
+
+async def test_budget_of_elapsed_time_runs_out(rig: Rig) -> None:
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[502])
+    policy = RetryPolicy(max_attempts=10_000, max_elapsed_s=0.15, base_delay_s=0.02, max_delay_s=0.05)
+    begun = time.monotonic()
+    result = await rig.apply(rig.caller(policy))
+    elapsed = time.monotonic() - begun
+    assert result.status == "failed"
+    assert 1 < result.calls < 100
+    # It stops when the next wait would pass the budget: the last wait is at most 50 ms.
+    assert 0.1 <= elapsed < 1.0
+    assert len(rig.puts()) == result.calls
+
+
+async def test_retry_after_beyond_the_elapsed_budget_fails_at_once(rig: Rig) -> None:
+    rig.sim.state.set_faults(throttle_ratio=1.0, retry_after_s=0.5)
+    policy = RetryPolicy(max_attempts=10, max_elapsed_s=0.3, base_delay_s=0.001, max_delay_s=0.005)
+    begun = time.monotonic()
+    result = await rig.apply(rig.caller(policy))
+    assert (result.status, result.calls, result.http_status) == ("failed", 1, 429)
+    assert time.monotonic() - begun < 0.3
+
+
+# --------------------------------------------------------------------------- the systemic gate
+
+
+async def test_401_storm_pauses_without_spending_the_budget(rig: Rig) -> None:
+    state = rig.sim.state
+    state.revoke()
+    # After the pause: one 503 then success. With max_attempts=2 that fits only if the 401 cost nothing.
+    hook = Attempts(
+        {
+            2: lambda: state.set_faults(error_ratio=1.0, error_statuses=[503]),
+            3: lambda: state.set_faults(error_ratio=0.0),
+        }
+    )
+    policy = RetryPolicy(max_attempts=2, max_elapsed_s=10.0, base_delay_s=0.001, max_delay_s=0.005)
+    task = asyncio.create_task(rig.apply(rig.caller(policy), hook=hook))
+    try:
+        await until(lambda: not rig.gate.is_open)
+        # The prober keeps trying (GET, refused) while the message waits at the gate.
+        await state.wait_for(
+            lambda: [r.status for r in state.requests if r.method == "GET"][:2] == [401, 401], 3.0
+        )
+        assert not task.done()
+        assert rig.gate.causes == ["api_auth"]
+        assert rig.puts() == [(401, None)]
+        assert len(hook.at) == 1
+        assert rig.sample("coc_worker_paused") == 1.0
+        assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 1.0
+
+        state.revoke(False)
+        result = await asyncio.wait_for(task, timeout=5.0)
+    finally:
+        task.cancel()
+    assert (result.status, result.calls) == ("applied", 3)
+    assert rig.puts() == [(401, None), (503, "error"), (200, None)]
+    assert len(state.applied_for("ev-start")) == 1
+    assert rig.gate.is_open
+    assert rig.sample("coc_worker_paused") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("policy", "threshold_s"),
+    [
+        pytest.param(PATIENT, 0.1, id="threshold"),
+        pytest.param(
+            RetryPolicy(max_attempts=3, max_elapsed_s=60.0, base_delay_s=0.001, max_delay_s=0.005),
+            60.0,
+            id="budget",
+        ),
+    ],
+)
+async def test_unreachable_api_pauses_and_resumes(policy: RetryPolicy, threshold_s: float) -> None:
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    sim = make_sim(free_port())  # not started yet: nothing listens on its port
+    client = CocApiClient(
+        WorkerSettings(api_endpoint=f"http://127.0.0.1:{sim.config.port}", api_ak=AK, api_sk=SK), metrics
+    )
+    await client.start()
+    rig = Rig(sim, client, gate, metrics)
+    task = asyncio.create_task(rig.apply(rig.caller(policy, threshold_s)))
+    try:
+        await until(lambda: gate.causes == ["api_unreachable"])
+        connect_errors = rig.sample("coc_worker_api_requests_total", code="connect_error")
+        await until(
+            lambda: rig.sample("coc_worker_api_requests_total", code="connect_error") > connect_errors
+        )
+        assert not task.done()  # the prober fails too, and the event is neither failed nor rejected
+        assert rig.sample("coc_worker_pauses_total", kind="api_unreachable") == 1.0
+
+        await sim.start()
+        result = await asyncio.wait_for(task, timeout=5.0)
+        assert (result.status, result.http_status) == ("applied", 200)
+        assert len(sim.state.applied_for("ev-start")) == 1
+        assert gate.is_open
+    finally:
+        task.cancel()
+        await gate.close()
+        await client.close()
+        await sim.stop()
+
+
+async def test_short_connect_failures_are_plain_retries(rig: Rig) -> None:
+    port = free_port()
+    metrics = rig.metrics
+    sim = make_sim(port)
+    client = CocApiClient(
+        WorkerSettings(api_endpoint=f"http://127.0.0.1:{port}", api_ak=AK, api_sk=SK), metrics
+    )
+    await client.start()
+    task = asyncio.create_task(
+        Rig(sim, client, rig.gate, metrics).apply(
+            ApiCaller(client, PATIENT, rig.gate, metrics, unreachable_threshold_s=60.0)
+        )
+    )
+    try:
+        await until(lambda: rig.sample("coc_worker_api_requests_total", code="connect_error") >= 2)
+        await sim.start()
+        result = await asyncio.wait_for(task, timeout=5.0)
+    finally:
+        task.cancel()
+        await client.close()
+        await sim.stop()
+    assert result.status == "applied"
+    assert result.calls >= 3
+    assert rig.sample("coc_worker_pauses_total", kind="api_unreachable") == 0.0
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+async def test_ambiguous_attempt_then_refusal_is_reconciled(rig: Rig) -> None:
+    state = rig.sim.state
+    state.set_faults(drop_after_apply_ratio=1.0)
+    event = started()
+    hook = Attempts({2: lambda: state.set_faults(drop_after_apply_ratio=0.0)})
+    result = await rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail))
+    assert (result.status, result.calls, result.reconciled) == ("applied", 2, True)
+    assert [(r.method, r.status, r.error_code, r.fault) for r in state.requests] == [
+        ("PUT", None, "GOM.00000000", "drop_after_apply"),
+        ("PUT", 400, ILLEGAL_TRANSITION, None),
+        ("GET", 200, "GOM.00000000", None),
+    ]
+    assert len(state.applied_for("ev-start")) == 1
+    assert len(state.applied_log) == 1
+
+
+async def test_ambiguous_attempt_then_refusal_without_confirm_is_rejected(rig: Rig) -> None:
+    state = rig.sim.state
+    state.set_faults(drop_after_apply_ratio=1.0)
+    hook = Attempts({2: lambda: state.set_faults(drop_after_apply_ratio=0.0)})
+    result = await rig.apply(rig.caller(), hook=hook)
+    assert (result.status, result.calls, result.error_code, result.reconciled) == (
+        "rejected",
+        2,
+        ILLEGAL_TRANSITION,
+        False,
+    )
+    assert len(state.applied_log) == 1
+
+
+async def test_refusal_is_kept_when_the_ticket_is_elsewhere(rig: Rig) -> None:
+    state = rig.sim.state
+    state.set_faults(drop_ratio=1.0)  # dropped before it was applied
+
+    def meanwhile() -> None:
+        state.set_faults(drop_ratio=0.0)
+        state.tickets["CM1"].sub_tickets["s-1"].state = SubState.ENDED  # someone else moved it on
+
+    event = started()
+    hook = Attempts({2: meanwhile})
+    result = await rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail))
+    assert (result.status, result.calls, result.error_code, result.reconciled) == (
+        "rejected",
+        2,
+        ILLEGAL_TRANSITION,
+        False,
+    )
+    assert state.applied_log == []
+
+
+async def test_ambiguous_drop_then_success_is_a_plain_success(rig: Rig) -> None:
+    state = rig.sim.state
+    state.set_faults(drop_ratio=1.0)
+    event = started()
+    hook = Attempts({2: lambda: state.set_faults(drop_ratio=0.0)})
+    result = await rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail))
+    assert (result.status, result.calls, result.http_status, result.reconciled) == ("applied", 2, 200, False)
+    assert len(state.applied_for("ev-start")) == 1
+
+
+async def test_credentials_rotated_during_an_outage_are_picked_up(tmp_path: Path) -> None:
+    sk_file = tmp_path / "sk"
+    sk_file.write_text(SK)
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    sim = make_sim(free_port())
+    client = CocApiClient(
+        WorkerSettings(api_endpoint=f"http://127.0.0.1:{sim.config.port}", api_ak=AK, api_sk_file=sk_file),
+        metrics,
+    )
+    await client.start()
+    rig = Rig(sim, client, gate, metrics)
+    task = asyncio.create_task(rig.apply(rig.caller(PATIENT, 0.05)))
+    try:
+        await until(lambda: gate.causes == ["api_unreachable"])
+        rotated = "sk-rotated-secret-0002"
+        sk_file.write_text(rotated)
+        sim.state.set_credentials({AK: rotated})
+        await sim.start()
+        # The API answers the unreachable probe with 401: it is back. The auth cause takes over,
+        # and its probe re-reads the rotated secret.
+        result = await asyncio.wait_for(task, timeout=5.0)
+        assert result.status == "applied"
+        assert len(sim.state.applied_for("ev-start")) == 1
+        assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 1.0
+        assert gate.is_open
+    finally:
+        task.cancel()
+        await gate.close()
+        await client.close()
+        await sim.stop()
+
+
+@pytest.mark.parametrize(
+    ("before", "event"),
+    [
+        (SubState.PENDING, {"type": "change.started"}),
+        (SubState.IMPLEMENTING, {"type": "change.ended"}),
+        (SubState.ENDED, {"type": "change.succeeded", "result": {"comment": "done"}}),
+        (SubState.ENDED, {"type": "change.failed", "result": {"comment": "broke"}}),
+        (SubState.IMPLEMENTING, {"type": "change.cancelled", "result": {"comment": "stop"}}),
+        (SubState.PENDING, {"type": "ticket.update", "ticket_info": {"phase": "phase_change_close"}}),
+    ],
+    ids=lambda value: value["type"] if isinstance(value, dict) else str(value),
+)
+async def test_every_event_type_is_reconciled_from_the_ticket_detail(
+    rig: Rig, before: SubState, event: dict[str, Any]
+) -> None:
+    state = rig.sim.state
+    state.tickets["CM1"].sub_tickets["s-1"].state = before
+    raw = {"event_id": "ev-x", "ticket_id": "CM1", **event}
+    if raw["type"].startswith("change."):
+        raw["sub_ticket_id"] = "s-1"
+    parsed = CHANGE_EVENT_ADAPTER.validate_python(raw)
+    state.set_faults(drop_after_apply_ratio=1.0)
+    hook = Attempts({2: lambda: state.set_faults(drop_after_apply_ratio=0.0)})
+    result = await rig.apply(
+        rig.caller(), parsed, hook, confirm=lambda detail: already_applied(parsed, detail)
+    )
+    assert (result.status, result.calls, result.reconciled) == ("applied", 2, True)
+    assert len(state.applied_for("ev-x")) == 1

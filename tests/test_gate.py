@@ -1,0 +1,187 @@
+"""The systemic gate: a trip closes it, probers retry with backoff, every cause must clear to reopen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from structlog.testing import capture_logs
+
+from worker.errors import ApiAuthError, ApiTransientError, ApiUnreachable, DedupUnavailable
+from worker.gate import Gate
+from worker.metrics import Metrics
+
+BASE_S, CAP_S = 0.01, 0.04
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    """Wait for a condition nothing signals, polling with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, f"condition not met within {timeout_s}s"
+        await asyncio.sleep(0.002)
+
+
+class Probe:
+    """A probe that fails until ``heal()``; records when it ran. ``crash`` raises a non-worker error."""
+
+    def __init__(self, crash: int = 0) -> None:
+        self.healthy = False
+        self.crash = crash
+        self.at: list[float] = []
+
+    def heal(self) -> None:
+        self.healthy = True
+
+    async def __call__(self) -> None:
+        self.at.append(asyncio.get_running_loop().time())
+        if len(self.at) <= self.crash:
+            raise RuntimeError("probe bug")
+        if not self.healthy:
+            raise ApiTransientError("still down", connect_failure=True)
+
+
+def auth_error() -> ApiAuthError:
+    return ApiAuthError("HTTP 401: credentials refused (APIGW.0301)", http_status=401)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def gate(metrics: Metrics) -> AsyncIterator[Gate]:
+    gate = Gate(metrics, probe_base_s=BASE_S, probe_max_s=CAP_S)
+    yield gate
+    await gate.close()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def probers() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("probe-") and not t.done()]
+
+
+async def test_an_open_gate_does_not_wait(gate: Gate, metrics: Metrics) -> None:
+    assert gate.is_open
+    assert gate.causes == []
+    assert await gate.wait_open() == 0.0
+    assert sample(metrics, "coc_worker_paused") == 0.0
+
+
+async def test_trip_closes_and_waiters_resume_when_the_probe_passes(gate: Gate, metrics: Metrics) -> None:
+    probe = Probe()
+    gate.trip(auth_error(), probe)
+    assert not gate.is_open
+    assert gate.causes == ["api_auth"]
+    assert sample(metrics, "coc_worker_paused") == 1.0
+    assert sample(metrics, "coc_worker_pauses_total", kind="api_auth") == 1.0
+
+    waiters = [asyncio.create_task(gate.wait_open()) for _ in range(3)]
+    await until(lambda: len(probe.at) >= 3)
+    assert not any(w.done() for w in waiters)
+
+    probe.heal()
+    waited = await asyncio.wait_for(asyncio.gather(*waiters), timeout=2.0)
+    assert all(w > 0 for w in waited)
+    assert gate.is_open
+    assert gate.causes == []
+    assert sample(metrics, "coc_worker_paused") == 0.0
+    assert probers() == []
+
+
+async def test_probe_backs_off_up_to_the_cap(gate: Gate) -> None:
+    probe = Probe()
+    tripped = asyncio.get_running_loop().time()
+    gate.trip(ApiUnreachable("no connection"), probe)
+    await until(lambda: len(probe.at) >= 6)
+    probe.heal()
+    await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+    gaps = [b - a for a, b in zip([tripped, *probe.at], probe.at, strict=False)][:6]
+    # Each wait is in [ceiling/2, ceiling), the ceiling doubling from BASE_S up to CAP_S.
+    floors = [min(CAP_S, BASE_S * 2**n) / 2 for n in range(6)]
+    assert all(gap >= floor - 0.001 for gap, floor in zip(gaps, floors, strict=True)), (gaps, floors)
+    assert gaps[3] >= CAP_S / 2 - 0.001 > gaps[0]
+    assert probe.at[5] - tripped < 1.0  # capped: six probes in well under a second
+
+
+async def test_every_cause_must_clear(gate: Gate, metrics: Metrics) -> None:
+    auth, dedup = Probe(), Probe()
+    gate.trip(auth_error(), auth)
+    gate.trip(DedupUnavailable("redis is away"), dedup)
+    assert gate.causes == ["api_auth", "dedup_unavailable"]
+    waiter = asyncio.create_task(gate.wait_open())
+
+    auth.heal()
+    await until(lambda: gate.causes == ["dedup_unavailable"])
+    await until(lambda: len(dedup.at) >= 2)
+    assert not gate.is_open
+    assert not waiter.done()
+    assert sample(metrics, "coc_worker_paused") == 1.0
+
+    dedup.heal()
+    await asyncio.wait_for(waiter, timeout=2.0)
+    assert gate.is_open
+    assert sample(metrics, "coc_worker_paused") == 0.0
+    assert sample(metrics, "coc_worker_pauses_total", kind="api_auth") == 1.0
+    assert sample(metrics, "coc_worker_pauses_total", kind="dedup_unavailable") == 1.0
+
+
+async def test_a_second_trip_of_an_open_cause_changes_nothing(gate: Gate, metrics: Metrics) -> None:
+    first, second = Probe(), Probe()
+    gate.trip(auth_error(), first)
+    gate.trip(auth_error(), second)
+    assert len(probers()) == 1
+    await until(lambda: len(first.at) >= 2)
+    first.heal()
+    await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+    assert second.at == []
+    assert sample(metrics, "coc_worker_pauses_total", kind="api_auth") == 1.0
+
+
+async def test_the_same_cause_can_pause_again_after_resuming(gate: Gate, metrics: Metrics) -> None:
+    for round_ in (1, 2):
+        probe = Probe()
+        gate.trip(auth_error(), probe)
+        assert not gate.is_open
+        probe.heal()
+        await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+        assert sample(metrics, "coc_worker_pauses_total", kind="api_auth") == round_
+    assert sample(metrics, "coc_worker_paused") == 0.0
+
+
+async def test_a_crashing_probe_does_not_kill_its_prober(gate: Gate) -> None:
+    probe = Probe(crash=2)
+    with capture_logs() as logs:
+        gate.trip(auth_error(), probe)
+        await until(lambda: len(probe.at) >= 3)
+        probe.heal()
+        await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+    events = [(e["event"], e.get("error")) for e in logs if e["event"] != "probe_failed"]
+    assert events == [
+        ("worker_paused", None),
+        ("probe_crashed", "RuntimeError"),
+        ("probe_crashed", "RuntimeError"),
+        ("worker_resumed", None),
+    ]
+    assert {e["log_level"] for e in logs if e["event"] == "probe_crashed"} == {"error"}
+    assert len(probe.at) >= 3
+
+
+async def test_close_cancels_the_probers(metrics: Metrics) -> None:
+    gate = Gate(metrics, probe_base_s=BASE_S, probe_max_s=CAP_S)
+    auth, unreachable = Probe(), Probe()
+    gate.trip(auth_error(), auth)
+    gate.trip(ApiUnreachable("no connection"), unreachable)
+    await until(lambda: len(auth.at) >= 1 and len(unreachable.at) >= 1)
+    tasks = probers()
+    assert len(tasks) == 2
+    await gate.close()
+    assert all(t.cancelled() for t in tasks)
+    assert gate.causes == []
+    await gate.close()  # idempotent
