@@ -139,21 +139,26 @@ async def rig() -> AsyncIterator[Rig]:
 
 async def test_transient_503s_then_success(rig: Rig) -> None:
     rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
-    throttled = 0
 
-    async def throttle() -> None:
-        nonlocal throttled
-        throttled += 1
+    class CountingLimit:
+        acquired = 0
 
+        async def acquire(self) -> None:
+            self.acquired += 1
+
+        async def close(self) -> None:
+            return None
+
+    limit = CountingLimit()
     hook = Attempts({3: lambda: rig.sim.state.set_faults(error_ratio=0.0)})
-    result = await rig.apply(rig.caller(throttle=throttle), hook=hook)
+    result = await rig.apply(rig.caller(rate_limit=limit), hook=hook)
     assert (result.status, result.calls, result.http_status, result.reconciled) == ("applied", 3, 200, False)
     assert result.response is not None
     assert result.response.body.succeeded
     assert rig.puts() == [(503, "error"), (503, "error"), (200, None)]
     assert len(rig.sim.state.applied_for("ev-start")) == 1
     assert rig.sample("coc_worker_api_retries_total") == 2.0
-    assert throttled == 3
+    assert limit.acquired == 3  # every attempt passes the rate limit
     assert rig.gate.is_open
 
 

@@ -112,6 +112,8 @@ class CocApiClient:
     def __init__(self, settings: WorkerSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._base = URL(settings.api_base_url)
+        #: An endpoint may carry a path prefix (an API gateway route): keep it, and sign it.
+        self._prefix = self._base.raw_path.rstrip("/")
         self._host = urlsplit(settings.api_base_url).netloc
         self._metrics = metrics or Metrics()
         self._credentials = Credentials.from_settings(settings)
@@ -178,6 +180,7 @@ class CocApiClient:
     ) -> tuple[int, bytes, dict[str, str], float]:
         if self._session is None:
             raise RuntimeError("CocApiClient.start() was not called")
+        path = self._prefix + path
         headers = self._headers(method, path, body, extra_headers)
         url = self._base.with_path(path, encoded=True)
         started = time.perf_counter()

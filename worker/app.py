@@ -32,7 +32,7 @@ from worker.metrics import Metrics
 from worker.offsets import OffsetTracker, PartitionKey
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
-from worker.ratelimit import build_throttle
+from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.tracing import from_headers
@@ -58,7 +58,7 @@ class Worker:
         self._client = CocApiClient(settings, self.metrics)
         self._publisher = Publisher(settings)
         self._consumer = Consumer(settings, self)
-        self._throttle = build_throttle(settings, self.metrics)
+        self._rate_limit = build_rate_limit(settings, self.metrics)
         self._pipeline = Pipeline(
             settings,
             self._store,
@@ -68,7 +68,8 @@ class Worker:
                 self._gate,
                 self.metrics,
                 settings.api_unreachable_threshold_s,
-                throttle=self._throttle.acquire if self._throttle else None,
+                rate_limit=self._rate_limit,
+                concurrency=AdaptiveConcurrency(settings.max_in_flight, self.metrics),
             ),
             self._publisher,
             self._gate,
@@ -263,6 +264,8 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._publisher.stop()
         await self._client.close()
+        if self._rate_limit is not None:
+            await self._rate_limit.close()
         await self._store.close()
         await self._http.stop()
         log.info("worker_stopped")

@@ -21,6 +21,7 @@ from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ApiUnrea
 from worker.gate import Gate
 from worker.logs import get_logger
 from worker.metrics import Metrics
+from worker.ratelimit import AdaptiveConcurrency, RateLimit
 from worker.retry import RetryPolicy
 
 log = get_logger(__name__)
@@ -66,14 +67,16 @@ class ApiCaller:
         gate: Gate,
         metrics: Metrics,
         unreachable_threshold_s: float,
-        throttle: Callable[[], Awaitable[None]] | None = None,
+        rate_limit: RateLimit | None = None,
+        concurrency: AdaptiveConcurrency | None = None,
     ) -> None:
         self._client = client
         self._policy = policy
         self._gate = gate
         self._metrics = metrics
         self._reachability = Reachability(unreachable_threshold_s)
-        self._throttle = throttle
+        self._rate_limit = rate_limit
+        self._concurrency = concurrency or AdaptiveConcurrency(1 << 30, metrics)
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
         async def probe() -> None:
@@ -91,6 +94,22 @@ class ApiCaller:
             self._reachability.reached()
 
         self._gate.trip(ApiUnreachable(detail), probe)
+
+    async def _attempt(self, ticket_id: str, body: bytes, event_id: str, traceparent: str) -> ApiResponse:
+        """One HTTP attempt behind the rate limit and the adaptive concurrency limit."""
+        if self._rate_limit is not None:
+            await self._rate_limit.acquire()
+        async with self._concurrency.slot():
+            try:
+                response = await self._client.update_ticket(
+                    ticket_id, body, event_id=event_id, traceparent=traceparent
+                )
+            except ApiTransientError as exc:
+                if exc.http_status == 429:
+                    self._concurrency.throttled()
+                raise
+        self._concurrency.succeeded()
+        return response
 
     async def apply(
         self,
@@ -112,17 +131,13 @@ class ApiCaller:
         while True:
             await self._gate.wait_open()
             await before_attempt()
-            if self._throttle is not None:
-                await self._throttle()
             calls += 1
             spent += 1
             if calls > 1:
                 self._metrics.retries.inc()
             started = time.monotonic()
             try:
-                response = await self._client.update_ticket(
-                    ticket_id, body, event_id=event_id, traceparent=traceparent
-                )
+                response = await self._attempt(ticket_id, body, event_id, traceparent)
             except ApiAuthError as exc:
                 self._reachability.reached()
                 spent -= 1
@@ -130,19 +145,20 @@ class ApiCaller:
                 continue
             except ApiRejected as exc:
                 self._reachability.reached()
-                if ambiguous and confirm is not None and await self._confirmed(ticket_id, confirm):
+                if not (ambiguous and confirm is not None):
+                    return _rejected(calls, exc)
+                confirmed = await self._confirmed(ticket_id, confirm)
+                if confirmed:
                     log.info("api_reconciled", attempts=calls, refused_with=exc.error_code)
                     return ApplyResult("applied", calls, reconciled=True)
-                return ApplyResult(
-                    "rejected",
-                    calls,
-                    http_status=exc.http_status,
-                    error_code=exc.error_code,
-                    error_msg=exc.error_msg,
-                    detail=exc.detail,
+                if confirmed is False:
+                    return _rejected(calls, exc)
+                # Unknown: the ticket could not be read. Neither applied nor refused for sure, so
+                # try again within the budget rather than report a rejection that may be false.
+                error = ApiTransientError(
+                    f"refused after an ambiguous attempt, state unreadable: {exc.detail}"
                 )
             except ApiTransientError as exc:
-                active_s += time.monotonic() - started
                 ambiguous = ambiguous or exc.ambiguous
                 if exc.connect_failure:
                     if self._reachability.connect_failed():
@@ -151,30 +167,46 @@ class ApiCaller:
                         continue
                 else:
                     self._reachability.reached()
-                delay = self._policy.next_delay(spent, active_s, exc)
-                if delay is None:
-                    if exc.connect_failure:
-                        spent -= 1
-                        self._trip_unreachable(exc.detail, ticket_id)
-                        continue
-                    return ApplyResult(
-                        "failed",
-                        calls,
-                        http_status=exc.http_status,
-                        error_code=exc.error_code,
-                        detail=f"gave up after {calls} attempts in {active_s:.1f}s: {exc.detail}",
-                    )
-                log.info("api_retry", attempt=calls, delay_s=round(delay, 3), detail=exc.detail)
-                await asyncio.sleep(delay)
-                active_s += delay
-                continue
-            self._reachability.reached()
-            return ApplyResult("applied", calls, http_status=response.http_status, response=response)
+                error = exc
+            else:
+                self._reachability.reached()
+                return ApplyResult("applied", calls, http_status=response.http_status, response=response)
+            active_s += time.monotonic() - started
+            delay = self._policy.next_delay(spent, active_s, error)
+            if delay is None:
+                if error.connect_failure:
+                    spent -= 1
+                    self._trip_unreachable(error.detail, ticket_id)
+                    continue
+                return ApplyResult(
+                    "failed",
+                    calls,
+                    http_status=error.http_status,
+                    error_code=error.error_code,
+                    detail=f"gave up after {calls} attempts in {active_s:.1f}s: {error.detail}",
+                )
+            log.info("api_retry", attempt=calls, delay_s=round(delay, 3), detail=error.detail)
+            await asyncio.sleep(delay)
+            active_s += delay
 
-    async def _confirmed(self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool]) -> bool:
+    async def _confirmed(self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool]) -> bool | None:
+        """True/False from the ticket's state; ``None`` when the state could not be read."""
         try:
             detail = await self._client.show_ticket(ticket_id)
         except (ApiTransientError, ApiAuthError, ApiRejected) as exc:
             log.warning("api_reconcile_unreadable", detail=str(exc))
-            return False
-        return detail is not None and confirm(detail)
+            return None
+        if detail is None:
+            return None
+        return confirm(detail)
+
+
+def _rejected(calls: int, exc: ApiRejected) -> ApplyResult:
+    return ApplyResult(
+        "rejected",
+        calls,
+        http_status=exc.http_status,
+        error_code=exc.error_code,
+        error_msg=exc.error_msg,
+        detail=exc.detail,
+    )

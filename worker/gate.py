@@ -93,6 +93,8 @@ class Gate:
         if self._causes:
             await asyncio.wait([c.task for c in self._causes.values()])
         self._causes.clear()
+        self._metrics.paused.set(0)
+        self._open.set()  # nothing is probing any more: let waiters through to see the shutdown
 
 
 def _half_to_full() -> float:

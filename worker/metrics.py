@@ -57,7 +57,12 @@ class Metrics:
         )
         self.commits = Counter("coc_worker_commits", "Offset commits sent to the broker.", registry=r)
         self.rate_limited = Counter(
-            "coc_worker_rate_limit_waits", "API calls delayed by the client-side rate limit.", registry=r
+            "coc_worker_rate_limit_waits", "API calls delayed by the rate or concurrency limit.", registry=r
+        )
+        self.api_concurrency_limit = Gauge(
+            "coc_worker_api_concurrency_limit",
+            "Adaptive limit on concurrent API calls (halved on 429).",
+            registry=r,
         )
 
     def render(self) -> bytes:

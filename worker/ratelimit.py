@@ -1,20 +1,45 @@
-"""Client-side rate limit on API calls, so a large backlog never floods the API.
+"""Client-side flow control of API calls, so a large backlog never floods the API.
 
-A token bucket in its GCRA form (one "theoretical arrival time" instead of a token count): each
-call reserves the next slot and waits for it. ``COC_WORKER_API_RATE_LIMIT_PER_S`` unset means no
-limit.
+Two independent brakes, both in front of every HTTP attempt:
+
+* a **rate limit** (``COC_WORKER_API_RATE_LIMIT_PER_S``, off by default): a token bucket in its
+  GCRA form (one "theoretical arrival time" instead of a token count). With the Redis dedup
+  backend the bucket lives in Redis, so the limit holds for all replicas together;
+* an **adaptive concurrency limit** (always on): AIMD like TCP's congestion window. It starts at
+  ``max_in_flight``; a 429 halves it (at most once per second), every success adds ``1/limit``. So
+  after 429s the worker slows down by itself and speeds up again when the API recovers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Protocol
+from urllib.parse import urlsplit
 
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
+log = get_logger(__name__)
+
+_HALVE_AT_MOST_EVERY_S = 1.0
+
+
+class RateLimit(Protocol):
+    async def acquire(self) -> None: ...
+    async def close(self) -> None: ...
+
 
 class TokenBucket:
+    """GCRA in this process."""
+
     def __init__(self, rate_per_s: float, burst: int, metrics: Metrics) -> None:
         self._interval_s = 1.0 / rate_per_s
         self._tolerance_s = (max(1, burst) - 1) * self._interval_s
@@ -30,9 +55,123 @@ class TokenBucket:
             self._metrics.rate_limited.inc()
             await asyncio.sleep(wait_s)
 
+    async def close(self) -> None:
+        return None
 
-def build_throttle(settings: WorkerSettings, metrics: Metrics) -> TokenBucket | None:
+
+# Reserve the next slot atomically with Redis' own clock; returns how long to wait (ms).
+_GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', math.ceil(tat + interval - now + 1000))
+return math.floor(tat - tolerance - now)
+"""
+
+
+class RedisTokenBucket:
+    """GCRA shared by every replica through one Redis key; degrades to local if Redis is away."""
+
+    def __init__(self, url: str, key: str, rate_per_s: float, burst: int, metrics: Metrics) -> None:
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        self._script = self._client.register_script(_GCRA_LUA)
+        self._key = key
+        self._interval_ms = 1000.0 / rate_per_s
+        self._tolerance_ms = (max(1, burst) - 1) * self._interval_ms
+        self._local = TokenBucket(rate_per_s, burst, metrics)
+        self._metrics = metrics
+
+    async def acquire(self) -> None:
+        try:
+            wait_ms = int(await self._script(keys=[self._key], args=[self._interval_ms, self._tolerance_ms]))
+        except (redis_errors.RedisError, OSError):
+            # The dedup store's own failure handling pauses the worker; meanwhile limit locally.
+            await self._local.acquire()
+            return
+        if wait_ms > 0:
+            self._metrics.rate_limited.inc()
+            await asyncio.sleep(wait_ms / 1000)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class AdaptiveConcurrency:
+    """AIMD limit on concurrent API calls: halve on 429, creep back up on success."""
+
+    def __init__(self, maximum: int, metrics: Metrics) -> None:
+        self._max = float(maximum)
+        self._limit = float(maximum)
+        self._in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._last_halved = 0.0
+        self._metrics = metrics
+        metrics.api_concurrency_limit.set(self._limit)
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self._limit))
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+            self._wake()
+
+    async def _acquire(self) -> None:
+        if self._in_use < self.limit and not self._waiters:
+            self._in_use += 1
+            return
+        self._metrics.rate_limited.inc()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # the slot is counted for us by _wake
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._in_use -= 1  # woken and cancelled at once: give the slot back
+                self._wake()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _wake(self) -> None:
+        while self._waiters and self._in_use < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._in_use += 1
+                waiter.set_result(None)
+
+    def throttled(self) -> None:
+        now = time.monotonic()
+        if now - self._last_halved < _HALVE_AT_MOST_EVERY_S:
+            return
+        self._last_halved = now
+        self._limit = max(1.0, self._limit / 2)
+        self._metrics.api_concurrency_limit.set(self._limit)
+        log.warning("api_throttled_slowing_down", concurrency_limit=self.limit)
+
+    def succeeded(self) -> None:
+        if self._limit < self._max:
+            self._limit = min(self._max, self._limit + 1.0 / self._limit)
+            self._metrics.api_concurrency_limit.set(self._limit)
+            self._wake()
+
+
+def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | None:
     rate = settings.api_rate_limit_per_s
     if rate is None:
         return None
-    return TokenBucket(rate, burst=max(1, int(rate)), metrics=metrics)
+    burst = max(1, int(rate))
+    if urlsplit(settings.dedup_url).scheme in ("redis", "rediss"):
+        url = settings.dedup_url.split("?", 1)[0]
+        return RedisTokenBucket(url, f"coc:ratelimit:{settings.group_id}", rate, burst, metrics)
+    return TokenBucket(rate, burst, metrics)

@@ -1,0 +1,116 @@
+"""Flow control in front of the API: token bucket (local and shared in Redis) and AIMD concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from worker.metrics import Metrics
+from worker.ratelimit import AdaptiveConcurrency, RedisTokenBucket, TokenBucket, build_rate_limit
+from worker.settings import load_settings
+
+
+async def _rate(bucket: TokenBucket | RedisTokenBucket, calls: int) -> float:
+    started = time.monotonic()
+    await asyncio.gather(*(bucket.acquire() for _ in range(calls)))
+    return calls / (time.monotonic() - started)
+
+
+async def test_token_bucket_caps_the_rate() -> None:
+    metrics = Metrics()
+    bucket = TokenBucket(rate_per_s=50, burst=5, metrics=metrics)
+    started = time.monotonic()
+    await asyncio.gather(*(bucket.acquire() for _ in range(30)))
+    elapsed = time.monotonic() - started
+    # 5 pass at once (burst), the other 25 are spaced 20 ms apart
+    assert elapsed >= 25 * 0.02 * 0.95
+    assert metrics.rate_limited._value.get() >= 25
+
+
+async def test_redis_bucket_is_shared_between_replicas(redis_url: str) -> None:
+    base = redis_url.split("?", 1)[0]
+    key = f"{redis_url.rsplit('prefix=', 1)[-1]}ratelimit"
+    one = RedisTokenBucket(base, key, rate_per_s=40, burst=1, metrics=Metrics())
+    two = RedisTokenBucket(base, key, rate_per_s=40, burst=1, metrics=Metrics())
+    try:
+        started = time.monotonic()
+        await asyncio.gather(*(b.acquire() for b in (one, two) for _ in range(10)))
+        elapsed = time.monotonic() - started
+    finally:
+        await one.close()
+        await two.close()
+    # 20 calls between the two replicas at 40/s together take ~0.5 s, not ~0.25 s
+    assert elapsed >= 19 / 40 * 0.9
+
+
+async def test_redis_bucket_falls_back_to_local_when_redis_is_away() -> None:
+    bucket = RedisTokenBucket("redis://127.0.0.1:1/0", "k", rate_per_s=1000, burst=10, metrics=Metrics())
+    try:
+        await asyncio.wait_for(bucket.acquire(), 5)
+    finally:
+        await bucket.close()
+
+
+def test_backend_follows_the_dedup_store(redis_url: str) -> None:
+    assert build_rate_limit(load_settings(), Metrics()) is None
+    assert isinstance(build_rate_limit(load_settings(api_rate_limit_per_s=5), Metrics()), TokenBucket)
+    shared = build_rate_limit(load_settings(api_rate_limit_per_s=5, dedup_url=redis_url), Metrics())
+    assert isinstance(shared, RedisTokenBucket)
+    asyncio.run(shared.close())
+
+
+async def test_concurrency_limit_bounds_calls_in_flight() -> None:
+    limit = AdaptiveConcurrency(3, Metrics())
+    running = peak = 0
+    release = asyncio.Event()
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with limit.slot():
+            running += 1
+            peak = max(peak, running)
+            await release.wait()
+            running -= 1
+
+    tasks = [asyncio.create_task(call()) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert running == 3
+    release.set()
+    await asyncio.gather(*tasks)
+    assert peak == 3
+
+
+async def test_429_halves_and_success_recovers() -> None:
+    metrics = Metrics()
+    limit = AdaptiveConcurrency(64, metrics)
+    limit.throttled()
+    assert limit.limit == 32
+    limit.throttled()  # twice within a second counts once
+    assert limit.limit == 32
+    for _ in range(200):
+        limit.succeeded()
+    assert 32 < limit.limit <= 64
+    assert metrics.api_concurrency_limit._value.get() == pytest.approx(limit._limit)
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    limit = AdaptiveConcurrency(1, Metrics())
+    hold = asyncio.Event()
+
+    async def holder() -> None:
+        async with limit.slot():
+            await hold.wait()
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    hold.set()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    async with limit.slot():  # the slot is free again
+        pass
