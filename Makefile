@@ -45,3 +45,24 @@ simulate: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# --- deployment (Dockerfile, helm/coc-change-worker) --------------------------------------------------
+.PHONY: lock helm-venv helm-lint image
+
+# Re-pin requirements.lock (the image's runtime dependencies) from the current .venv.
+lock: $(STAMP)
+	$(BIN)/python tests/test_dockerfile.py --write-lock
+
+# helm-sdkpy needs Python >= 3.12: its own venv, made from requirements-helm.lock (set HELM_PYTHON
+# to choose the interpreter). tests/test_helm_chart.py makes it on demand too.
+helm-venv: $(STAMP)
+	$(BIN)/python tests/test_helm_chart.py
+
+# helm lint, the rendered manifests, the values schema and the settings drift check.
+helm-lint: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_helm_chart.py
+
+# The production image (needs a Docker engine; tests/test_dockerfile.py replays it without one).
+image:
+	docker build -t coc-change-worker:$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) \
+		--build-arg REVISION=$$(git rev-parse --short HEAD) .

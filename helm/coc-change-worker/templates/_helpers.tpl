@@ -1,0 +1,172 @@
+{{/* Names ---------------------------------------------------------------------------------- */}}
+{{- define "coc.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "coc.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "coc.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "coc.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "coc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "coc.labels" -}}
+helm.sh/chart: {{ include "coc.chart" . }}
+{{ include "coc.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: worker
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "coc.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "coc.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "coc.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s:%s@%s" .Values.image.repository $tag .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret the credential files come from: the user's, or the one this chart makes. */}}
+{{- define "coc.secretName" -}}
+{{- default (include "coc.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/* Numbers: values arrive as float64, and 1048576 would print as 1.048576e+06. */}}
+{{- define "coc.num" -}}
+{{- if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- end }}
+
+{{/* Which credential files the pod needs: a list of [settings name, secret key, file name]. */}}
+{{- define "coc.secretFiles" -}}
+{{- $k := .Values.secrets.keys }}
+{{- $files := list }}
+{{- if eq .Values.api.auth "aksk" }}
+{{- $files = append $files (list "API_AK" $k.apiAk "api-ak") }}
+{{- $files = append $files (list "API_SK" $k.apiSk "api-sk") }}
+{{- else }}
+{{- $files = append $files (list "API_TOKEN" $k.apiToken "api-token") }}
+{{- end }}
+{{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
+{{- $files = append $files (list "KAFKA_SASL_PASSWORD" $k.kafkaSaslPassword "kafka-sasl-password") }}
+{{- end }}
+{{- toJson $files }}
+{{- end }}
+
+{{- define "coc.redisUrlFromSecret" -}}
+{{- if and (eq .Values.dedup.backend "redis") (not .Values.dedup.redis.url) }}true{{ end }}
+{{- end }}
+
+{{- define "coc.dedupUrl" -}}
+{{- if eq .Values.dedup.backend "sqlite" }}sqlite:////data/dedup.sqlite3
+{{- else if eq .Values.dedup.backend "memory" }}memory://
+{{- else }}{{ .Values.dedup.redis.url }}
+{{- end }}
+{{- end }}
+
+{{/* Kubernetes waits this long after SIGTERM: always above the worker's own shutdown grace. */}}
+{{- define "coc.terminationGracePeriodSeconds" -}}
+{{- add (ceil .Values.worker.shutdownGraceS | int64) (.Values.terminationGraceExtraS | int64) }}
+{{- end }}
+
+{{- define "coc.kedaMaxReplicas" -}}
+{{- $max := .Values.autoscaling.keda.maxReplicaCount | int64 }}
+{{- if eq $max 0 }}{{ .Values.kafka.inputTopicPartitions | int64 }}{{ else }}{{ $max }}{{ end }}
+{{- end }}
+
+{{/* The most replicas this release can ever run: never above the input topic's partitions. */}}
+{{- define "coc.maxReplicas" -}}
+{{- if .Values.autoscaling.keda.enabled }}{{ include "coc.kedaMaxReplicas" . }}
+{{- else if .Values.autoscaling.hpa.enabled }}{{ .Values.autoscaling.hpa.maxReplicas | int64 }}
+{{- else }}{{ .Values.replicaCount | int64 }}
+{{- end }}
+{{- end }}
+
+{{/* Contradictions the schema cannot express: fail the render with a message naming the values. */}}
+{{- define "coc.validate" -}}
+{{- $v := .Values }}
+{{- $partitions := $v.kafka.inputTopicPartitions | int64 }}
+{{- if and $v.autoscaling.hpa.enabled $v.autoscaling.keda.enabled }}
+{{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are exclusive: enable one" }}
+{{- end }}
+{{- if gt ($v.replicaCount | int64) $partitions }}
+{{- fail (printf "replicaCount (%d) is above kafka.inputTopicPartitions (%d): extra consumers would sit idle" ($v.replicaCount | int64) $partitions) }}
+{{- end }}
+{{- if $v.autoscaling.hpa.enabled }}
+{{- if gt ($v.autoscaling.hpa.maxReplicas | int64) $partitions }}
+{{- fail (printf "autoscaling.hpa.maxReplicas (%d) is above kafka.inputTopicPartitions (%d)" ($v.autoscaling.hpa.maxReplicas | int64) $partitions) }}
+{{- end }}
+{{- if gt ($v.autoscaling.hpa.minReplicas | int64) ($v.autoscaling.hpa.maxReplicas | int64) }}
+{{- fail "autoscaling.hpa.minReplicas is above autoscaling.hpa.maxReplicas" }}
+{{- end }}
+{{- if not (and $v.resources.requests $v.resources.requests.cpu) }}
+{{- fail "autoscaling.hpa needs resources.requests.cpu (utilisation is relative to it)" }}
+{{- end }}
+{{- end }}
+{{- if $v.autoscaling.keda.enabled }}
+{{- $kmax := include "coc.kedaMaxReplicas" . | int64 }}
+{{- if gt $kmax $partitions }}
+{{- fail (printf "autoscaling.keda.maxReplicaCount (%d) is above kafka.inputTopicPartitions (%d)" $kmax $partitions) }}
+{{- end }}
+{{- if gt ($v.autoscaling.keda.minReplicaCount | int64) $kmax }}
+{{- fail "autoscaling.keda.minReplicaCount is above the maximum replica count" }}
+{{- end }}
+{{- end }}
+{{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
+{{- if not $v.kafka.sasl.mechanism }}
+{{- fail (printf "kafka.sasl.mechanism is required with kafka.securityProtocol=%s" $v.kafka.securityProtocol) }}
+{{- end }}
+{{- if not $v.kafka.sasl.username }}
+{{- fail (printf "kafka.sasl.username is required with kafka.securityProtocol=%s" $v.kafka.securityProtocol) }}
+{{- end }}
+{{- end }}
+{{- if gt (mul ($v.kafka.heartbeatIntervalMs | int64) 3) ($v.kafka.sessionTimeoutMs | int64) }}
+{{- fail "kafka.heartbeatIntervalMs must be at most a third of kafka.sessionTimeoutMs" }}
+{{- end }}
+{{- if $v.secrets.existingSecret }}
+{{- range $key := list "apiAk" "apiSk" "apiToken" "kafkaSaslPassword" "redisUrl" }}
+{{- if index $v.secrets $key }}
+{{- fail (printf "secrets.%s is set together with secrets.existingSecret: put it in that Secret instead" $key) }}
+{{- end }}
+{{- end }}
+{{- else if and (include "coc.redisUrlFromSecret" .) (not $v.secrets.redisUrl) }}
+{{- fail "dedup.backend=redis needs dedup.redis.url, secrets.redisUrl or secrets.existingSecret" }}
+{{- end }}
+{{- if and (eq $v.persistence.type "pvc") (gt (include "coc.maxReplicas" . | int64) 1) }}
+{{- fail "persistence.type=pvc holds one pod's sqlite file: run one replica, or use dedup.backend=redis with an emptyDir" }}
+{{- end }}
+{{- if $v.networkPolicy.enabled }}
+{{- if not $v.networkPolicy.kafka.peers }}
+{{- fail "networkPolicy.enabled needs networkPolicy.kafka.peers (where the brokers are)" }}
+{{- end }}
+{{- if not $v.networkPolicy.api.peers }}
+{{- fail "networkPolicy.enabled needs networkPolicy.api.peers (where the COC API is)" }}
+{{- end }}
+{{- if and (eq $v.dedup.backend "redis") (not $v.networkPolicy.redis.peers) }}
+{{- fail "networkPolicy.enabled with dedup.backend=redis needs networkPolicy.redis.peers" }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,731 @@
+"""The Helm chart: ``helm lint``, rendered manifests, the values schema, and drift against the settings.
+
+Helm itself runs through ``helm-sdkpy`` (Helm's Go library in a wheel) in its own venv on Python >= 3.12
+(``.venv-helm``, made on demand from ``requirements-helm.lock``). helm-sdkpy has no ``template`` call, so
+the chart is rendered the way ``helm install`` renders it, against a stand-in Kubernetes API on loopback
+that answers discovery and accepts every object: Helm validates the values against
+``values.schema.json``, runs the templates (including their ``fail`` checks) and returns the manifest.
+
+Without Python 3.12 the Helm tests skip locally and fail in CI (``CI=true``); the schema and drift tests
+that need no Helm always run.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from worker.settings import SECRET_FIELDS, WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "coc-change-worker"
+FULL_VALUES = CHART / "ci" / "full-values.yaml"
+HELM_LOCK = ROOT / "requirements-helm.lock"
+HELM_VENV = ROOT / ".venv-helm"
+HELM_STAMP = HELM_VENV / ".installed"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: The settings issue 3 names as the documented contract; each must be reachable through values.
+CONTRACT = [
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "INPUT_TOPIC",
+    "RESULTS_TOPIC",
+    "DLQ_TOPIC",
+    "GROUP_ID",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+    "API_ENDPOINT",
+    "API_REGION",
+    "API_AK",
+    "API_SK",
+    "API_TOKEN",
+    "API_DOMAIN_ID",
+    "DEDUP_URL",
+    "MAX_IN_FLIGHT",
+    "HTTP_PORT",
+    "RETRY_MAX_ATTEMPTS",
+    "RETRY_MAX_ELAPSED_S",
+    "SHUTDOWN_GRACE_S",
+]
+
+
+def _missing(what: str) -> None:
+    """Skip locally, fail in CI (the pattern of ``service_missing`` in conftest.py)."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not available")
+    pytest.skip(f"{what} is not available here")
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of user values over the chart's: maps merge, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data
+
+
+def readme_example() -> dict[str, Any]:
+    """The values example of the README's "Deploy on Kubernetes" section (kept true by rendering it)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").partition("## Deploy on Kubernetes")[2]
+    match = re.search(r"```yaml\n(# my-values.yaml\n.*?)```", text, re.DOTALL)
+    assert match, "README: no values example in 'Deploy on Kubernetes'"
+    example: dict[str, Any] = yaml.safe_load(match[1])
+    return example
+
+
+DEFAULTS = load_yaml(CHART / "values.yaml")
+FULL = load_yaml(FULL_VALUES)
+README_EXAMPLE = readme_example()
+SCHEMA = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+
+
+# --- the values cases ------------------------------------------------------------------------------
+#: Values that must render. "full" is the full-featured file; the rest vary one concern each.
+GOOD: dict[str, dict[str, Any]] = {
+    "default": {},
+    "full": FULL,
+    "full_config_changed": merged(FULL, {"worker": {"maxInFlight": 64}}),
+    "full_secret_changed": merged(FULL, {"secrets": {"apiToken": "another-token"}}),
+    "aksk_endpoint_hpa": {
+        "api": {"endpoint": "https://coc.example.test", "auth": "aksk", "caSecret": {"name": "api-ca"}},
+        "secrets": {"apiAk": "test-ak-value", "apiSk": "test-sk-value"},
+        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+        "kafka": {"securityProtocol": "SSL", "ssl": {"verify": False}, "createTopics": True},
+        "autoscaling": {"hpa": {"enabled": True, "minReplicas": 2, "maxReplicas": 12}},
+        "podAntiAffinity": "hard",
+    },
+    "readme_example": README_EXAMPLE,
+    "existing_secret_pvc": {
+        "replicaCount": 1,
+        "secrets": {"existingSecret": "coc-worker-credentials"},
+        "kafka": {"securityProtocol": "SASL_PLAINTEXT", "sasl": {"mechanism": "PLAIN", "username": "u"}},
+        "persistence": {"type": "pvc", "size": "2Gi"},
+        "podDisruptionBudget": {"minAvailable": 1},
+    },
+}
+
+#: Values Helm must refuse, and a fragment of the reason it must give.
+BAD: dict[str, tuple[dict[str, Any], str]] = {
+    "negative_replicas": ({"replicaCount": -1}, "replicaCount"),
+    "unknown_protocol": ({"kafka": {"securityProtocol": "SASL_TLS"}}, "securityProtocol"),
+    "unknown_key": ({"replicas": 3}, "replicas"),
+    "root_user": ({"podSecurityContext": {"runAsUser": 0}}, "runAsUser"),
+    "zero_shutdown_grace": ({"worker": {"shutdownGraceS": 0}}, "shutdownGraceS"),
+    "sasl_without_mechanism": ({"kafka": {"securityProtocol": "SASL_SSL"}}, "mechanism"),
+    "password_in_redis_url": (
+        {"dedup": {"backend": "redis", "redis": {"url": "redis://:pw@redis:6379/0"}}},
+        "url",
+    ),
+    "setting_in_extra_env": ({"extraEnv": [{"name": "COC_WORKER_MAX_IN_FLIGHT", "value": "1"}]}, "extraEnv"),
+    "replicas_over_partitions": (
+        {"replicaCount": 13, "kafka": {"inputTopicPartitions": 12}},
+        "inputTopicPartitions",
+    ),
+    "keda_over_partitions": (
+        merged(FULL, {"autoscaling": {"keda": {"maxReplicaCount": 25}}}),
+        "inputTopicPartitions",
+    ),
+    "hpa_over_partitions": (
+        {"autoscaling": {"hpa": {"enabled": True, "maxReplicas": 13}}, "kafka": {"inputTopicPartitions": 12}},
+        "inputTopicPartitions",
+    ),
+    "hpa_and_keda": (
+        {"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}},
+        "enabled",
+    ),
+    "pvc_with_two_replicas": ({"persistence": {"type": "pvc"}, "replicaCount": 2}, "one replica"),
+    "network_policy_without_brokers": (
+        {"networkPolicy": {"enabled": True, "api": {"peers": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}}},
+        "networkPolicy.kafka.peers",
+    ),
+    "existing_secret_and_inline": (
+        {"secrets": {"existingSecret": "mine", "apiAk": "inline"}},
+        "existingSecret",
+    ),
+    "redis_without_url": ({"dedup": {"backend": "redis"}}, "dedup.redis.url"),
+}
+
+#: The subset of BAD that the JSON Schema alone rejects (the rest are cross-field checks in the templates).
+SCHEMA_BAD = [
+    "negative_replicas",
+    "unknown_protocol",
+    "unknown_key",
+    "root_user",
+    "zero_shutdown_grace",
+    "sasl_without_mechanism",
+    "password_in_redis_url",
+    "setting_in_extra_env",
+    "hpa_and_keda",
+]
+
+
+# --- the values schema (jsonschema; no Helm needed) ---------------------------------------------------
+def schema_errors(values: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(SCHEMA)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(values)]
+
+
+def test_schema_is_valid_draft7() -> None:
+    jsonschema.Draft7Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("case", sorted(GOOD))
+def test_schema_accepts_good_values(case: str) -> None:
+    assert schema_errors(merged(DEFAULTS, GOOD[case])) == []
+
+
+@pytest.mark.parametrize("case", SCHEMA_BAD)
+def test_schema_rejects_bad_values(case: str) -> None:
+    values, fragment = BAD[case]
+    errors = schema_errors(merged(DEFAULTS, values))
+    assert errors, f"{case} passed the schema"
+    assert any(fragment in error for error in errors), errors
+
+
+def test_every_value_is_documented() -> None:
+    """values.yaml documented line by line: each key has a comment line right above it."""
+    lines = (CHART / "values.yaml").read_text(encoding="utf-8").splitlines()
+    undocumented = []
+    item_indent: int | None = None  # inside a list item's body (example data, not a value key)
+    for number, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        if line.lstrip().startswith("- "):
+            item_indent = indent if item_indent is None else min(item_indent, indent)
+            continue
+        if not line.strip() or (item_indent is not None and indent > item_indent):
+            continue
+        item_indent = None
+        if re.match(r"^\s*[A-Za-z][\w.-]*:", line) and not lines[number - 1].lstrip().startswith("#"):
+            undocumented.append(f"{number + 1}: {line.strip()}")
+    assert undocumented == []
+
+
+def test_schema_covers_every_value() -> None:
+    """Each key of values.yaml is declared in the schema (which forbids unknown keys)."""
+
+    def walk(values: dict[str, Any], schema: dict[str, Any], path: str) -> list[str]:
+        missing = []
+        for key, value in values.items():
+            sub = schema.get("properties", {}).get(key)
+            if sub is None:
+                missing.append(path + key)
+            elif isinstance(value, dict) and "properties" in sub:
+                missing += walk(value, sub, f"{path}{key}.")
+        return missing
+
+    assert walk(DEFAULTS, SCHEMA, "") == []
+
+
+# --- Helm, through helm-sdkpy in its own venv ----------------------------------------------------------
+def find_python312() -> str | None:
+    """A Python >= 3.12 interpreter: $HELM_PYTHON, python3.12 on PATH, or a pyenv install."""
+    candidates = [os.environ.get("HELM_PYTHON"), shutil.which("python3.12"), shutil.which("python3.13")]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]")))
+    for candidate in filter(None, candidates):
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import sys; raise SystemExit(sys.version_info < (3, 12))"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+        except OSError:
+            continue
+        if probe.returncode == 0:  # a pyenv shim without that version exits non-zero
+            return candidate
+    return None
+
+
+def ensure_helm_venv() -> Path:
+    """``.venv-helm`` with helm-sdkpy, (re)made when missing or older than requirements-helm.lock."""
+    python = HELM_VENV / "bin" / "python"
+    if HELM_STAMP.exists() and HELM_STAMP.stat().st_mtime >= HELM_LOCK.stat().st_mtime and python.exists():
+        return python
+    interpreter = find_python312()
+    if interpreter is None:
+        _missing("Python >= 3.12 (helm-sdkpy needs it; set HELM_PYTHON or install python3.12)")
+    subprocess.run([interpreter, "-m", "venv", "--clear", str(HELM_VENV)], check=True, timeout=120)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(HELM_LOCK)],
+        check=True,
+        timeout=600,
+    )
+    HELM_STAMP.touch()
+    return python
+
+
+_CORE = {"configmaps": "ConfigMap", "secrets": "Secret", "services": "Service"}
+_CORE |= {"serviceaccounts": "ServiceAccount", "persistentvolumeclaims": "PersistentVolumeClaim"}
+_GROUPS = {
+    "v1": _CORE,
+    "apps/v1": {"deployments": "Deployment"},
+    "policy/v1": {"poddisruptionbudgets": "PodDisruptionBudget"},
+    "autoscaling/v2": {"horizontalpodautoscalers": "HorizontalPodAutoscaler"},
+    "networking.k8s.io/v1": {"networkpolicies": "NetworkPolicy"},
+    "monitoring.coreos.com/v1": {"servicemonitors": "ServiceMonitor"},
+    "keda.sh/v1alpha1": {"scaledobjects": "ScaledObject", "triggerauthentications": "TriggerAuthentication"},
+}
+
+
+class _StandInApi(BaseHTTPRequestHandler):
+    """Just enough of a Kubernetes API for ``helm install``: discovery, nothing exists, accept all."""
+
+    def log_message(self, *args: Any) -> None:  # keep pytest's output clean
+        pass
+
+    def _send(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/version":
+            return self._send(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0"})
+        if path == "/api":
+            return self._send(
+                200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+            )
+        if path == "/apis":
+            groups = [
+                {
+                    "name": gv.split("/")[0],
+                    "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                    "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]},
+                }
+                for gv in _GROUPS
+                if gv != "v1"
+            ]
+            return self._send(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        group_version = "v1" if path == "/api/v1" else path.removeprefix("/apis/")
+        if group_version in _GROUPS:
+            resources = [
+                {"name": name, "singularName": kind.lower(), "namespaced": True, "kind": kind, "verbs": ["*"]}
+                for name, kind in _GROUPS[group_version].items()
+            ]
+            return self._send(
+                200, {"kind": "APIResourceList", "groupVersion": group_version, "resources": resources}
+            )
+        if path.endswith("/secrets"):  # Helm's release history: none
+            return self._send(200, {"kind": "SecretList", "apiVersion": "v1", "metadata": {}, "items": []})
+        return self._send(404, {"kind": "Status", "apiVersion": "v1", "reason": "NotFound", "code": 404})
+
+    def _accept(self, code: int) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if "json" in self.headers.get("Content-Type", ""):
+            body = json.loads(raw)
+        else:  # Helm's release record travels as protobuf; its content does not matter here
+            body = {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "release"}}
+        body.setdefault("metadata", {})["resourceVersion"] = "1"
+        self._send(code, body)
+
+    def do_POST(self) -> None:
+        self._accept(201)
+
+    def do_PUT(self) -> None:
+        self._accept(200)
+
+    do_PATCH = do_PUT
+
+
+_DRIVER = r"""
+import asyncio, json, sys
+import helm_sdkpy as helm
+
+job = json.load(sys.stdin)
+config = helm.Configuration(namespace="default", kubeconfig=job["kubeconfig"])
+out = {}
+for name, chart in job["lint"].items():
+    result = asyncio.run(helm.Lint(config).run(chart))
+    out["lint:" + name] = [[m["Severity"], m["Path"]] for m in result.get("Messages") or []]
+for name, values in job["render"].items():
+    try:
+        release = asyncio.run(helm.Install(config).run(
+            "coc", job["chart"], values=values or None, wait=False, timeout=30))
+        out[name] = {"manifest": release["manifest"], "notes": release.get("info", {}).get("notes", "")}
+    except helm.HelmError as exc:
+        out[name] = {"error": str(exc)}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def stand_in_api() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandInApi)
+    thread = threading.Thread(target=server.serve_forever, name="stand-in-kube-api", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def helm_results(stand_in_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Lint (defaults, and the full values) and render every GOOD and BAD case in one helm-sdkpy run."""
+    python = ensure_helm_venv()
+    full_chart = tmp_path_factory.mktemp("chart") / CHART.name
+    shutil.copytree(CHART, full_chart)  # `helm lint -f ci/full-values.yaml`, as the SDK lints a path only
+    (full_chart / "values.yaml").write_text(yaml.safe_dump(merged(DEFAULTS, FULL)), encoding="utf-8")
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "stand-in", "cluster": {"server": stand_in_api}}],
+        "users": [{"name": "stand-in", "user": {"token": "unused"}}],
+        "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "stand-in"}}],
+        "current-context": "stand-in",
+    }
+    job = {
+        "kubeconfig": yaml.safe_dump(kubeconfig),
+        "chart": str(CHART),
+        "lint": {"default": str(CHART), "full": str(full_chart)},
+        "render": {**GOOD, **{f"bad:{name}": values for name, (values, _) in BAD.items()}},
+    }
+    proc = subprocess.run(
+        [str(python), "-c", _DRIVER],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results: dict[str, Any] = json.loads(proc.stdout)
+    return results
+
+
+def manifests(results: dict[str, Any], case: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rendered objects of one case, by (kind, name)."""
+    result = results[case]
+    assert "error" not in result, result.get("error")
+    docs = [d for d in yaml.safe_load_all(result["manifest"]) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def one(objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [obj for (k, _), obj in objects.items() if k == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def kinds(objects: dict[tuple[str, str], dict[str, Any]]) -> set[str]:
+    return {kind for kind, _ in objects}
+
+
+def worker_env(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """Every COC_WORKER_* variable the pod gets: the ConfigMap (envFrom) plus the container's env."""
+    deployment = one(objects, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    config = one(objects, "ConfigMap")
+    assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    env: dict[str, Any] = dict(config["data"])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value", var.get("valueFrom"))
+    return env
+
+
+def test_helm_lint_is_clean(helm_results: dict[str, Any]) -> None:
+    """No warning or error (severity >= 2) with the defaults nor with every feature on."""
+    for name in ("default", "full"):
+        messages = helm_results["lint:" + name]
+        assert [m for m in messages if m[0] >= 2] == [], f"helm lint ({name} values): {messages}"
+
+
+@pytest.mark.parametrize("case", sorted(GOOD))
+def test_good_values_render(helm_results: dict[str, Any], case: str) -> None:
+    objects = manifests(helm_results, case)
+    assert {"Deployment", "ConfigMap", "Service"} <= kinds(objects)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_helm_rejects_bad_values(helm_results: dict[str, Any], case: str) -> None:
+    result = helm_results[f"bad:{case}"]
+    assert "error" in result, f"{case} rendered"
+    assert BAD[case][1] in result["error"], result["error"]
+
+
+def test_default_render(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "default")
+    assert kinds(objects) == {
+        "Deployment",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+    }
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == DEFAULTS["replicaCount"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert container["image"] == f"{DEFAULTS['image']['repository']}:{chart['appVersion']}"
+    env = worker_env(objects)
+    # The sqlite file lives on the /data volume, as in the image (Dockerfile: VOLUME /data).
+    assert env["COC_WORKER_DEDUP_URL"] == "sqlite:////data/dedup.sqlite3"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts["/data"]]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert {"COC_WORKER_API_AK_FILE", "COC_WORKER_API_SK_FILE"} <= set(env)
+    assert "COC_WORKER_API_TOKEN_FILE" not in env
+    # The defaults render, and NOTES.txt says what is still missing before the worker can start.
+    notes = helm_results["default"]["notes"]
+    assert "neither api.endpoint nor api.region" in notes
+    assert "secrets.apiAk / secrets.apiSk are empty" in notes
+    assert "WARNING" not in helm_results["full"]["notes"]
+
+
+def test_pod_is_hardened(helm_results: dict[str, Any]) -> None:
+    for case in GOOD:
+        pod = one(manifests(helm_results, case), "Deployment")["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        security = pod["containers"][0]["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        writable = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if not m.get("readOnly")}
+        assert writable == {"/data", "/tmp"}
+
+
+def test_probes_and_grace_period(helm_results: dict[str, Any]) -> None:
+    for case in GOOD:
+        objects = manifests(helm_results, case)
+        pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = worker_env(objects)
+        port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+        assert port == int(env["COC_WORKER_HTTP_PORT"])
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        grace = float(env["COC_WORKER_SHUTDOWN_GRACE_S"])
+        assert pod["terminationGracePeriodSeconds"] >= grace + 5, case
+    full_pod = one(manifests(helm_results, "full"), "Deployment")["spec"]["template"]["spec"]
+    assert full_pod["terminationGracePeriodSeconds"] == 43 + DEFAULTS["terminationGraceExtraS"]  # ceil(42.5)
+
+
+def test_checksums_roll_pods_on_change(helm_results: dict[str, Any]) -> None:
+    def annotations(case: str) -> dict[str, str]:
+        deployment = one(manifests(helm_results, case), "Deployment")
+        found: dict[str, str] = deployment["spec"]["template"]["metadata"]["annotations"]
+        return found
+
+    base = annotations("full")
+    assert re.fullmatch(r"[0-9a-f]{64}", base["checksum/config"])
+    assert re.fullmatch(r"[0-9a-f]{64}", base["checksum/secret"])
+    config_changed = annotations("full_config_changed")
+    assert config_changed["checksum/config"] != base["checksum/config"]
+    assert config_changed["checksum/secret"] == base["checksum/secret"]
+    secret_changed = annotations("full_secret_changed")
+    assert secret_changed["checksum/secret"] != base["checksum/secret"]
+    assert secret_changed["checksum/config"] == base["checksum/config"]
+    assert "checksum/secret" not in annotations("existing_secret_pvc")  # not the chart's to hash
+
+
+def test_secrets_are_files_wired_by_file_env(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "full")
+    env = worker_env(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    secret = one(objects, "Secret")
+    volume = next(v for v in pod["volumes"] if v["name"] == "credentials")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "credentials")
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount  # a rotated Secret reaches the files
+    files = {item["path"]: item["key"] for item in volume["secret"]["items"]}
+    file_envs = {k: v for k, v in env.items() if k.endswith("_FILE")}
+    assert set(file_envs) == {"COC_WORKER_API_TOKEN_FILE", "COC_WORKER_KAFKA_SASL_PASSWORD_FILE"}
+    given = {
+        "COC_WORKER_API_TOKEN_FILE": "test-token-value",
+        "COC_WORKER_KAFKA_SASL_PASSWORD_FILE": "test-sasl-password",
+    }
+    for name, path in file_envs.items():
+        directory, _, filename = path.rpartition("/")
+        assert directory == mount["mountPath"]
+        key = files[filename]
+        assert base64.b64decode(secret["data"][key]).decode() == given[name]
+    # The Redis URL carries a password: it comes from the Secret, and no secret is in the ConfigMap.
+    ref = env["COC_WORKER_DEDUP_URL"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"]
+    assert base64.b64decode(secret["data"][ref["key"]]).decode() == FULL["secrets"]["redisUrl"]
+    config_text = json.dumps(one(objects, "ConfigMap")["data"])
+    for value in FULL["secrets"].values():
+        assert value not in config_text
+    # Private CA for the brokers: mounted, and its path is the configured file.
+    ca_mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca")
+    assert env["COC_WORKER_KAFKA_SSL_CAFILE"] == ca_mount["mountPath"] + "/ca.crt"
+
+
+def test_existing_secret_is_used_as_is(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "existing_secret_pvc")
+    assert "Secret" not in kinds(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "credentials")
+    assert volume["secret"]["secretName"] == "coc-worker-credentials"
+    assert {i["key"] for i in volume["secret"]["items"]} == {"api-ak", "api-sk", "kafka-sasl-password"}
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # one RWO claim
+    claim = one(objects, "PersistentVolumeClaim")
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert one(objects, "PodDisruptionBudget")["spec"] == {
+        "minAvailable": 1,
+        "selector": deployment["spec"]["selector"],
+    }
+
+
+def test_keda_scales_on_lag_within_partitions(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "full")
+    env = worker_env(objects)
+    deployment = one(objects, "Deployment")
+    assert "replicas" not in deployment["spec"]  # the autoscaler owns it
+    scaled = one(objects, "ScaledObject")
+    partitions = FULL["kafka"]["inputTopicPartitions"]
+    assert scaled["spec"]["maxReplicaCount"] == partitions  # 0 in values = the partition count
+    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert meta["bootstrapServers"] == env["COC_WORKER_KAFKA_BOOTSTRAP_SERVERS"]
+    assert meta["consumerGroup"] == env["COC_WORKER_GROUP_ID"]
+    assert meta["topic"] == env["COC_WORKER_INPUT_TOPIC"]
+    assert meta["allowIdleConsumers"] == "false"
+    assert (meta["sasl"], meta["tls"]) == ("scram_sha512", "enable")
+    auth = one(objects, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    secret = one(objects, "Secret")
+    assert refs["password"]["name"] == secret["metadata"]["name"]
+    assert base64.b64decode(secret["data"][refs["password"]["key"]]).decode() == "test-sasl-password"
+    assert refs["ca"]["name"] == FULL["kafka"]["ssl"]["caSecret"]["name"]
+    (username,) = auth["spec"]["env"]
+    assert username["name"] in env
+    assert username["containerName"] == "worker"
+    assert "HorizontalPodAutoscaler" not in kinds(objects)
+
+
+def test_hpa_within_partitions(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "aksk_endpoint_hpa")
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] <= DEFAULTS["kafka"]["inputTopicPartitions"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in one(objects, "Deployment")["spec"]
+    env = worker_env(objects)
+    assert env["COC_WORKER_DEDUP_URL"] == "redis://redis-master:6379/0"  # no password: plain config
+    assert env["COC_WORKER_TOPIC_PARTITIONS"] == str(DEFAULTS["kafka"]["inputTopicPartitions"])
+
+
+def test_service_and_service_monitor(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "full")
+    service = one(objects, "Service")
+    deployment = one(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == port["name"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_network_policy_allows_only_dependencies(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "full")
+    policy = one(objects, "NetworkPolicy")
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    egress = policy["spec"]["egress"]
+    by_port = {(p["port"], p["protocol"]): rule["to"] for rule in egress for p in rule["ports"]}
+    assert set(by_port) == {(53, "UDP"), (53, "TCP"), (9093, "TCP"), (443, "TCP"), (6379, "TCP")}
+    net = FULL["networkPolicy"]
+    assert by_port[(9093, "TCP")] == net["kafka"]["peers"]
+    assert by_port[(443, "TCP")] == net["api"]["peers"]
+    assert by_port[(6379, "TCP")] == net["redis"]["peers"]
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress["from"] == net["metricsFrom"]
+    assert "NetworkPolicy" not in kinds(manifests(helm_results, "aksk_endpoint_hpa"))
+
+
+# --- drift between the chart and the worker's settings ---------------------------------------------------
+def test_chart_sets_only_real_settings(helm_results: dict[str, Any]) -> None:
+    fields = set(WorkerSettings.model_fields)
+    for case in GOOD:
+        names = [n for n in worker_env(manifests(helm_results, case)) if n.startswith("COC_WORKER_")]
+        unknown = [n for n in names if n.removeprefix("COC_WORKER_").lower() not in fields]
+        assert unknown == [], f"{case}: not WorkerSettings fields: {unknown}"
+
+
+def test_documented_contract_is_configurable(helm_results: dict[str, Any]) -> None:
+    reachable: set[str] = set()
+    for case in GOOD:
+        reachable |= set(worker_env(manifests(helm_results, case)))
+    secrets = {name.upper() for name in SECRET_FIELDS}
+    missing = []
+    for setting in CONTRACT:
+        name = f"COC_WORKER_{setting}"
+        if setting in secrets:
+            name += "_FILE"  # secrets only ever as mounted files
+        if name not in reachable:
+            missing.append(name)
+    assert missing == []
+    assert not any(f"COC_WORKER_{s.upper()}" in reachable for s in SECRET_FIELDS), "a secret as plain env"
+
+
+@pytest.mark.parametrize("case", sorted(GOOD))
+def test_rendered_config_is_accepted_by_the_worker(
+    helm_results: dict[str, Any], case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ConfigMap as the worker reads it: WorkerSettings validates every value (types, ranges, rules)."""
+    for name in list(os.environ):
+        if name.startswith("COC_WORKER_"):
+            monkeypatch.delenv(name)
+    env = worker_env(manifests(helm_results, case))
+    for name, value in env.items():
+        if isinstance(value, dict):  # from the Secret (the README's existingSecret holds a rediss:// URL)
+            value = merged(DEFAULTS, GOOD[case])["secrets"]["redisUrl"] or "rediss://redis:6379/0"
+        monkeypatch.setenv(name, value)
+    settings = WorkerSettings()
+    assert settings.shutdown_grace_s == float(env["COC_WORKER_SHUTDOWN_GRACE_S"])
+
+
+if __name__ == "__main__":  # `make helm-venv`
+    print(ensure_helm_venv(), file=sys.stderr)
