@@ -90,6 +90,10 @@ class UpdateTicketBody(_Body):
         """The JSON object sent on the wire: exactly the keys that were set."""
         return self.model_dump(mode="json", exclude_unset=True)
 
+    def to_bytes(self) -> bytes:
+        """``to_wire()`` as compact UTF-8 JSON, the exact bytes signed and sent."""
+        return self.__pydantic_serializer__.to_json(self, exclude_unset=True)
+
 
 class UpdateTicketResponse(BaseModel):
     """Tables 6-8. Parsed leniently: the server, not us, owns this shape.

@@ -95,7 +95,8 @@ def parse_json(value: bytes | None, max_bytes: int) -> Any:
         raise InvalidEvent("bad_json", "JSON nesting is too deep") from None
     except ValueError as exc:  # JSONDecodeError and the NaN/Infinity refusal
         raise InvalidEvent("bad_json", str(exc)[:200]) from None
-    if _depth(obj, MAX_DEPTH):
+    # Walk the structure only when the text has enough brackets to nest that deep at all.
+    if value.count(b"{") + value.count(b"[") > MAX_DEPTH and _depth(obj, MAX_DEPTH):
         raise InvalidEvent("bad_json", f"JSON nesting is deeper than {MAX_DEPTH}")
     if _SURROGATE_ESCAPE.search(value) and _has_surrogate(obj):
         raise InvalidEvent("bad_json", "string contains an unpaired UTF-16 surrogate")

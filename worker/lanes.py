@@ -25,17 +25,19 @@ class Lanes(Generic[J]):
         self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
         self._busy: set[str] = set()
         self._closed = False
+        self._count = 0  # jobs queued or running, kept as a number: asked for on every message
         self._idle = asyncio.Event()
         self._idle.set()
 
     def __len__(self) -> int:
         """Jobs queued or running."""
-        return len(self._running) + sum(len(q) for q in self._queued.values())
+        return self._count
 
     def submit(self, key: str | None, job: J) -> None:
         if self._closed:
             raise RuntimeError("lanes are closed")
         self._idle.clear()
+        self._count += 1
         if key is not None and key in self._busy:
             self._queued.setdefault(key, deque()).append(job)
             return
@@ -50,6 +52,7 @@ class Lanes(Generic[J]):
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         key, job = self._running.pop(task)
+        self._count -= 1
         ok = not task.cancelled() and task.exception() is None
         self._on_done(job, ok)
         if key is not None:
@@ -93,6 +96,7 @@ class Lanes(Generic[J]):
             keep: deque[J] = deque()
             for job in self._queued[key]:
                 if predicate(job):
+                    self._count -= 1
                     self._on_done(job, False)
                 else:
                     keep.append(job)

@@ -159,6 +159,10 @@ class WorkerSettings(BaseSettings):
                 raise ValueError(f"set {env} or {env}_FILE, not both")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
+        if self.dedup_lease_s < 1.5 * (self.api_connect_timeout_s + self.api_request_timeout_s):
+            raise ValueError(
+                "dedup_lease_s must be at least 1.5 x (api_connect_timeout_s + api_request_timeout_s)"
+            )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")
         return self

@@ -45,8 +45,13 @@ def _encode(text: str) -> str:
     return quote(text, safe="~")
 
 
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9/_.~-]*$")
+
+
 def canonical_uri(path: str) -> str:
     """Each path segment percent-encoded (after decoding once), always ending with ``/``."""
+    if _PLAIN_PATH.match(path):  # the worker's own paths: nothing to decode or encode
+        return path if path.endswith("/") else path + "/"
     encoded = "/".join(_encode(segment) for segment in unquote(path).split("/"))
     return encoded if encoded.endswith("/") else encoded + "/"
 

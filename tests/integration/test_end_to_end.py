@@ -8,6 +8,7 @@ from pathlib import Path
 from conftest import SettingsFactory, running_worker
 from helpers import event, read_json, read_records, send
 
+from schemas.outcomes import OutcomeEvent
 from worker.sandbox import TansuBroker
 from worker.simulator import SimulatorServer
 
@@ -63,6 +64,8 @@ async def test_every_event_type_reaches_the_api_with_the_reference_body(
         outcomes = await read_json(broker.bootstrap, topics["results"], len(events))
         outcome_records = await read_records(broker.bootstrap, topics["results"], len(events))
 
+    for o in outcomes:  # the worker builds outcomes without validation: prove they match the contract
+        OutcomeEvent.model_validate(o)
     assert [o["status"] for o in outcomes] == ["applied"] * len(events)
     assert [o["event_id"] for o in outcomes] == [e["event_id"] for e in events]
     assert all(o["attempts"] == 1 and o["http_status"] == 200 for o in outcomes)

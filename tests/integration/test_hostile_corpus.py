@@ -11,6 +11,7 @@ import aiohttp
 from conftest import SettingsFactory, running_worker, wait_until
 from helpers import event, read_json, read_records, send
 
+from schemas.outcomes import OutcomeEvent
 from worker.sandbox import TansuBroker, produce
 from worker.simulator import SimulatorServer
 
@@ -38,6 +39,8 @@ async def test_hostile_corpus_through_the_worker(
         ):
             assert resp.status == 200
     assert len(outcomes) == len(corpus)
+    for o in outcomes:
+        OutcomeEvent.model_validate(o)
     assert len(dead) == len(corpus)
     assert Counter(o["status"] for o in outcomes) == {"invalid": len(corpus)}
     assert all(o["reason"] and o["error_msg"] for o in outcomes if o["reason"] != "empty")
