@@ -75,7 +75,14 @@ class Worker:
             self._gate,
             self.metrics,
         )
-        self._http = HealthServer(settings, self.metrics, self.status)
+        self._ingress = None
+        if settings.ingest_enabled:  # monitoring systems may post events to the worker itself
+            from worker.ingest import Ingress
+
+            self._ingress = Ingress(settings, self.metrics)
+        self._http = HealthServer(
+            settings, self.metrics, self.status, self._ingress.routes() if self._ingress else None
+        )
         self._assigned: set[PartitionKey] | None = None
         self._broker_ok = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,6 +138,8 @@ class Worker:
             max_in_flight=s.max_in_flight,
             dedup=s.dedup_url.split("?", 1)[0].split("@")[-1],
         )
+        if self._ingress is not None:
+            await self._ingress.start()
         await self._http.start()
         if s.create_topics:
             created = await ensure_topics(s)
@@ -268,6 +277,8 @@ class Worker:
             await self._rate_limit.close()
         await self._store.close()
         await self._http.stop()
+        if self._ingress is not None:
+            await self._ingress.stop()
         log.info("worker_stopped")
 
     # --- rebalance (called by the consumer inside the group protocol) -------------------------------

@@ -30,7 +30,7 @@ COC_REGION_ENDPOINTS: dict[str, str] = {
 }
 
 #: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
-SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password")
+SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest_tokens")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -117,6 +117,13 @@ class WorkerSettings(BaseSettings):
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- HTTP ingress for monitoring systems (coc-worker ingest, or mounted in the worker) -----------
+    ingest_enabled: bool = Field(False, description="Serve POST /v1/events and /v1/alertmanager here too.")
+    ingest_tokens: SecretStr | None = Field(None, description="Comma-separated bearer tokens accepted.")
+    ingest_tokens_file: Path | None = None
+    ingest_max_body_bytes: int = Field(1_048_576, ge=1024)
+    ingest_max_batch: int = Field(500, ge=1)
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator("kafka_bootstrap_servers")
