@@ -27,7 +27,7 @@ from worker.simulator import SimulatorConfig, SimulatorServer
 
 AK, SK = "demo-ak", "demo-sk-0123456789abcdef"
 TOPICS = {"input": "coc.change-events", "results": "coc.change-outcomes", "dlq": "coc.change-events.dlq"}
-SEED = {
+SEED: dict[str, list[dict[str, Any]]] = {
     "tickets": [
         {"ticket_id": "CM202511280001", "sub_tickets": ["cn-north-4"]},
         {"ticket_id": "CM202511280002", "sub_tickets": ["ap-southeast-3"]},
@@ -39,7 +39,7 @@ BURST_TICKETS, BURST_PER_TICKET = 300, 3
 
 def _scenario() -> list[tuple[str, dict[str, Any] | bytes]]:
     """(who, event) in the order the systems emit them."""
-    t1, t2, t3 = (t["ticket_id"] for t in SEED["tickets"])
+    t1, t2, t3 = (str(t["ticket_id"]) for t in SEED["tickets"])
     success = {
         "event_id": "argo-7f3a-result",
         "type": "change.succeeded",
@@ -197,7 +197,7 @@ def _print_scenario(
 
 def _print_tickets(sim: SimulatorServer) -> None:
     rows = []
-    for ticket_id in (t["ticket_id"] for t in SEED["tickets"]):
+    for ticket_id in (str(t["ticket_id"]) for t in SEED["tickets"]):
         ticket = sim.state.tickets[ticket_id]
         for sub in ticket.sub_tickets.values():
             rows.append([ticket_id, sub.ticket_id, str(sub.state), str(sub.change_result or "")])

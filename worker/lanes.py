@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Generic, TypeVar
 
 J = TypeVar("J")
 
 
 class Lanes(Generic[J]):
-    def __init__(self, run: Callable[[J], Awaitable[None]], on_done: Callable[[J, bool], None]) -> None:
+    def __init__(
+        self, run: Callable[[J], Coroutine[object, object, None]], on_done: Callable[[J, bool], None]
+    ) -> None:
         """``run(job)`` does the work; ``on_done(job, finished)`` is told when a job leaves, with
         ``finished=False`` when it was cancelled or dropped before it could finish."""
         self._run = run
