@@ -23,7 +23,6 @@ Every backend failure is raised as ``DedupUnavailable``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sqlite3
 import time
@@ -152,7 +151,12 @@ class MemoryStore:
 
 # --- sqlite ---------------------------------------------------------------------------------------
 class SqliteStore:
-    """One file on local disk (WAL). Calls run on one dedicated thread, in order."""
+    """One file on local disk (WAL), written by one dedicated thread with group commit.
+
+    Calls made in the same event-loop turn are handed to the thread together and run in one
+    transaction: one thread hop and one commit per batch instead of per call, which is what
+    makes the embedded default fast enough for thousands of events per second.
+    """
 
     _PURGE_EVERY_S = 60.0
 
@@ -161,13 +165,42 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedup-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
+        self._batch: list[tuple[Any, tuple[Any, ...], asyncio.Future[Any]]] = []
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._submit_batch, loop)
+        self._batch.append((fn, args, future))
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await future
         except (sqlite3.Error, OSError) as exc:
             raise DedupUnavailable(f"sqlite dedup store: {exc}") from exc
+
+    def _submit_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._batch = self._batch, []
+        self._executor.submit(self._run_batch, loop, batch)
+
+    def _run_batch(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        """On the sqlite thread: every call of the batch in one transaction."""
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, args, future in batch:
+                    results.append((future, fn(conn, *args), None))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._maybe_purge(conn)
+        except Exception as exc:  # every waiting caller must hear about it, whatever it is
+            results = [(future, None, exc) for _, _, future in batch]
+        loop.call_soon_threadsafe(_settle, results)
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -182,86 +215,95 @@ class SqliteStore:
             self._conn = conn
         return self._conn
 
-    def _read(self, conn: sqlite3.Connection, event_id: str, now: float) -> DedupRecord | None:
+    def _maybe_purge(self, conn: sqlite3.Connection) -> None:
+        now = time.time()
+        if now - self._last_purge > self._PURGE_EVERY_S:
+            self._last_purge = now
+            conn.execute("DELETE FROM dedup WHERE expires_at < ?", (now,))
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, event_id: str, now: float) -> DedupRecord | None:
         row = conn.execute(
             "SELECT record FROM dedup WHERE event_id = ? AND expires_at >= ?", (event_id, now)
         ).fetchone()
         return DedupRecord.decode(row[0]) if row else None
 
-    def _write(self, conn: sqlite3.Connection, event_id: str, record: DedupRecord, expires_at: float) -> None:
+    @staticmethod
+    def _write(conn: sqlite3.Connection, event_id: str, record: DedupRecord, expires_at: float) -> None:
         conn.execute(
             "INSERT INTO dedup (event_id, record, expires_at) VALUES (?, ?, ?) ON CONFLICT(event_id)"
             " DO UPDATE SET record = excluded.record, expires_at = excluded.expires_at",
             (event_id, record.encode(), expires_at),
         )
 
-    def _claim_sync(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
-        conn = self._connect()
+    # Each operation runs on the sqlite thread, inside the batch's transaction.
+    @classmethod
+    def _claim_op(
+        cls, conn: sqlite3.Connection, event_id: str, owner: str, source: str, lease_s: float
+    ) -> Claim:
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            answer = _claim_from(self._read(conn, event_id, now), owner)
-            if answer is None:
-                self._write(conn, event_id, DedupRecord("claimed", owner, source), now + lease_s)
-                answer = Claim(ClaimKind.NEW)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if now - self._last_purge > self._PURGE_EVERY_S:
-            self._last_purge = now
-            conn.execute("DELETE FROM dedup WHERE expires_at < ?", (now,))
+        answer = _claim_from(cls._read(conn, event_id, now), owner)
+        if answer is None:
+            cls._write(conn, event_id, DedupRecord("claimed", owner, source), now + lease_s)
+            answer = Claim(ClaimKind.NEW)
         return answer
 
-    def _extend_sync(self, event_id: str, owner: str, lease_s: float) -> bool:
-        conn = self._connect()
+    @classmethod
+    def _extend_op(cls, conn: sqlite3.Connection, event_id: str, owner: str, lease_s: float) -> bool:
         now = time.time()
-        record = self._read(conn, event_id, now)
+        record = cls._read(conn, event_id, now)
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
-        cur = conn.execute(
-            "UPDATE dedup SET expires_at = ? WHERE event_id = ? AND record = ?",
-            (now + lease_s, event_id, record.encode()),
-        )
-        return cur.rowcount == 1
+        conn.execute("UPDATE dedup SET expires_at = ? WHERE event_id = ?", (now + lease_s, event_id))
+        return True
 
-    def _put_sync(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        self._write(self._connect(), event_id, record, time.time() + ttl_s)
+    @classmethod
+    def _put_op(cls, conn: sqlite3.Connection, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        cls._write(conn, event_id, record, time.time() + ttl_s)
 
-    def _release_sync(self, event_id: str, owner: str) -> None:
-        conn = self._connect()
-        record = self._read(conn, event_id, time.time())
+    @classmethod
+    def _release_op(cls, conn: sqlite3.Connection, event_id: str, owner: str) -> None:
+        record = cls._read(conn, event_id, time.time())
         if record is not None and record.state == "claimed" and record.owner == owner:
-            conn.execute("DELETE FROM dedup WHERE event_id = ? AND record = ?", (event_id, record.encode()))
-
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            conn.execute("DELETE FROM dedup WHERE event_id = ?", (event_id,))
 
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
-        result: Claim = await self._run(self._claim_sync, event_id, owner, source, lease_s)
+        result: Claim = await self._run(self._claim_op, event_id, owner, source, lease_s)
         return result
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
-        return bool(await self._run(self._extend_sync, event_id, owner, lease_s))
+        return bool(await self._run(self._extend_op, event_id, owner, lease_s))
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._run(self._put_sync, event_id, record, ttl_s)
+        await self._run(self._put_op, event_id, record, ttl_s)
 
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._run(self._put_sync, event_id, record, ttl_s)
+        await self._run(self._put_op, event_id, record, ttl_s)
 
     async def release(self, event_id: str, owner: str) -> None:
-        await self._run(self._release_sync, event_id, owner)
+        await self._run(self._release_op, event_id, owner)
 
     async def ping(self) -> None:
-        await self._run(lambda: self._connect().execute("SELECT 1").fetchone())
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
-        with contextlib.suppress(DedupUnavailable):
-            await self._run(self._close_sync)
+        def close_connection() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close_connection)
         self._executor.shutdown(wait=True)
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():  # its caller was cancelled meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
 
 
 # --- redis ----------------------------------------------------------------------------------------
