@@ -1,0 +1,45 @@
+"""Kafka client settings: TLS verification on by default, off only when asked, with a warning."""
+
+from __future__ import annotations
+
+import ssl
+
+from structlog.testing import capture_logs
+
+from worker.kafka_config import connection_kwargs
+from worker.settings import load_settings
+
+
+def test_plaintext_has_no_tls_or_sasl() -> None:
+    kwargs = connection_kwargs(load_settings(kafka_bootstrap_servers="a:9092,b:9092"))
+    assert kwargs["bootstrap_servers"] == ["a:9092", "b:9092"]
+    assert kwargs["security_protocol"] == "PLAINTEXT"
+    assert "ssl_context" not in kwargs
+    assert "sasl_plain_password" not in kwargs
+
+
+def test_tls_verifies_certificates_by_default() -> None:
+    kwargs = connection_kwargs(
+        load_settings(
+            kafka_security_protocol="SASL_SSL",
+            kafka_sasl_mechanism="SCRAM-SHA-512",
+            kafka_sasl_username="worker",
+            kafka_sasl_password="s3cret-password",
+        )
+    )
+    context: ssl.SSLContext = kwargs["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kwargs["sasl_plain_username"] == "worker"
+    assert kwargs["sasl_plain_password"] == "s3cret-password"
+
+
+def test_turning_verification_off_is_explicit_and_logged() -> None:
+    with capture_logs() as logs:
+        kwargs = connection_kwargs(load_settings(kafka_security_protocol="SSL", kafka_ssl_verify=False))
+    context: ssl.SSLContext = kwargs["ssl_context"]
+    assert context.verify_mode == ssl.CERT_NONE
+    assert not context.check_hostname
+    assert [entry["event"] for entry in logs] == ["kafka_tls_verification_disabled"]
+    assert logs[0]["log_level"] == "warning"
