@@ -9,22 +9,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.errors import CocWorkerError, ConfigError
+from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
+from worker.errors import CocWorkerError, ConfigError, InvalidEvent
 from worker.logs import configure
 from worker.settings import SECRET_FIELDS, WorkerSettings, load_settings
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     group = parser.add_argument_group("settings (each also COC_WORKER_<NAME>)")
     for name, field in WorkerSettings.model_fields.items():
         if name in SECRET_FIELDS:
             continue  # secrets on a command line end up in `ps` and shell history: env or *_FILE only
+        if only is not None and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
         if field.annotation is bool:
@@ -58,9 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from schemas.export import write_all
+    from schemas import asyncapi
+    from schemas.export import JSON_DIR, write_all
 
-    for path in write_all(Path(args.out)) if args.out else write_all():
+    out = Path(args.out) if args.out else JSON_DIR
+    for path in [*write_all(out), asyncapi.write(out)]:
         print(path)
     return 0
 
@@ -127,6 +133,323 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tools for producers, monitoring and downstream consumers ---------------------------------------
+#: The settings a Kafka tool needs (connection, security, topics); the rest keep their defaults.
+_KAFKA_SETTINGS = (
+    "kafka_bootstrap_servers",
+    "input_topic",
+    "results_topic",
+    "dlq_topic",
+    "kafka_client_id",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password_file",
+    "kafka_ssl_cafile",
+    "kafka_ssl_verify",
+    "kafka_enable_idempotence",
+    "max_event_bytes",
+    "log_level",
+    "log_format",
+)
+_INGEST_SETTINGS = (
+    *_KAFKA_SETTINGS,
+    "http_host",
+    "http_port",
+    "ingest_tokens_file",
+    "ingest_max_body_bytes",
+    "ingest_max_batch",
+)
+_TOOL_LOG_LEVEL = "WARNING"
+
+
+def _tool_settings(args: argparse.Namespace) -> WorkerSettings:
+    """Settings for a tool: quiet logs unless a level was set (stdout is the tool's output)."""
+    settings = _settings_from(args)
+    explicit = "log_level" in settings.model_fields_set
+    configure(settings.log_level if explicit else _TOOL_LOG_LEVEL, settings.log_format)
+    if (
+        not explicit
+    ):  # the tool reports a failure in its own one line; the client library's noise only hides it
+        logging.getLogger().setLevel(logging.CRITICAL)
+    return settings
+
+
+def _bool_flag(group: Any, flag: str, help_text: str) -> None:
+    group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+
+
+def _add_event_flags(parser: argparse.ArgumentParser) -> None:
+    from worker.tools.events import TYPE_ALIASES
+
+    event = parser.add_argument_group("the event (flags override the fields of --file)")
+    event.add_argument("--file", metavar="PATH", help="JSON event to start from; - reads stdin")
+    event.add_argument(
+        "--type", choices=sorted(TYPE_ALIASES), metavar="TYPE", help="e.g. started, change.ended"
+    )
+    event.add_argument("--ticket", dest="ticket_id", metavar="ID", help="ticket_id (the Kafka key)")
+    event.add_argument("--sub-ticket", dest="sub_ticket_id", metavar="ID", help="sub_ticket_id")
+    event.add_argument("--event-id", help="idempotency key (default: a new one); reuse it on retries")
+    event.add_argument("--source", help="who sends it, e.g. github-actions")
+    event.add_argument("--occurred-at", help="RFC 3339 time (default with flags only: now)")
+    event.add_argument("--comment", help="result.comment")
+    event.add_argument("--fail-type", dest="change_fail_type", help="result.change_fail_type")
+    event.add_argument("--verified-docs", help="result.verified_docs")
+    _bool_flag(event, "--verified", "result.is_verified_in_change_time")
+    event.add_argument("--rollback-start-ms", dest="rollback_start_time", type=int, help="epoch ms")
+    event.add_argument("--rollback-end-ms", dest="rollback_end_time", type=int, help="epoch ms")
+    _bool_flag(event, "--rollback-success", "result.is_rollback_success")
+    _bool_flag(event, "--monitor-found", "result.is_monitor_found")
+    event.add_argument("--phase", help="ticket_info.phase (ticket.update)")
+    event.add_argument("--work-flow-status", help="ticket_info.work_flow_status (ticket.update)")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from worker.tools import events, send
+    from worker.tracing import parse
+
+    settings = _tool_settings(args)
+    flags = events.EventFlags(
+        type=args.type,
+        ticket_id=args.ticket_id,
+        sub_ticket_id=args.sub_ticket_id,
+        event_id=args.event_id,
+        source=args.source,
+        occurred_at=args.occurred_at,
+        comment=args.comment,
+        change_fail_type=args.change_fail_type,
+        is_verified_in_change_time=args.verified,
+        verified_docs=args.verified_docs,
+        rollback_start_time=args.rollback_start_time,
+        rollback_end_time=args.rollback_end_time,
+        is_rollback_success=args.rollback_success,
+        is_monitor_found=args.monitor_found,
+        phase=args.phase,
+        work_flow_status=args.work_flow_status,
+    )
+    trace = None
+    if args.traceparent is not None:
+        trace = parse(args.traceparent)
+        if trace is None:
+            print("coc-worker send: --traceparent is not a W3C traceparent", file=sys.stderr)
+            return send.EXIT_BAD_INPUT
+    try:
+        base = None
+        if args.file is not None:
+            base = events.parse_document(events.read_document(args.file, sys.stdin.buffer))
+            if not isinstance(base, dict):
+                raise InvalidEvent("schema", "$: the file must hold one JSON object")
+        obj = events.build(base, flags)
+        event = events.validated(obj, settings.max_event_bytes)
+    except InvalidEvent as exc:
+        print(f"coc-worker send: invalid event: {exc.detail}", file=sys.stderr)
+        return send.EXIT_BAD_INPUT
+    wait_s = args.timeout_s if args.wait_outcome else None
+    result = asyncio.run(send.send_event(settings, event, obj, trace=trace, wait_outcome_s=wait_s))
+    print(result.event_id, flush=True)
+    if result.timed_out:
+        print(
+            f"coc-worker send: no outcome for {result.event_id} within {args.timeout_s:g}s "
+            f"(is a worker running on {settings.input_topic}?)",
+            file=sys.stderr,
+        )
+    elif result.outcome is not None:
+        print(result.outcome.model_dump_json() if args.json else send.describe_outcome(result.outcome))
+    return result.exit_code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from worker.tools.validate import print_reports, validate_files
+
+    settings = _tool_settings(args)
+    return print_reports(validate_files(args.files, sys.stdin.buffer, settings.max_event_bytes), sys.stdout)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from worker.ingest import serve
+
+    settings = _settings_from(args)
+    configure(settings.log_level, settings.log_format)  # a server: its logs are its output
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(port: int) -> None:
+            print(f"coc-worker ingest listening on http://{settings.http_host}:{port}", flush=True)
+
+        await serve(settings, stop, ready)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_outcomes_tail(args: argparse.Namespace) -> int:
+    from worker.tools.tail import OutcomeFilter, tail
+
+    settings = _tool_settings(args)
+    selection = OutcomeFilter(frozenset(args.ticket), frozenset(OutcomeStatus(s) for s in args.status))
+    asyncio.run(
+        tail(
+            settings,
+            selection,
+            sys.stdout,
+            sys.stderr,
+            json_lines=args.json,
+            from_beginning=args.from_beginning,
+            follow=args.follow,
+            max_count=args.max_count,
+        )
+    )
+    return 0
+
+
+def _selection(args: argparse.Namespace) -> Any:
+    from worker.tools.dlq import Selection
+
+    return Selection(
+        reasons=frozenset(args.reason),
+        statuses=frozenset(args.status),
+        tickets=frozenset(args.ticket),
+        event_ids=frozenset(args.event_id),
+        partition=args.partition,
+        from_offset=args.from_offset,
+        to_offset=args.to_offset,
+    )
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from worker.tools.dlq import list_dead_letters
+
+    settings = _tool_settings(args)
+    shown = asyncio.run(
+        list_dead_letters(
+            settings, _selection(args), sys.stdout, sys.stderr, json_lines=args.json, limit=args.limit
+        )
+    )
+    print(f"{shown} dead-letter record{'s' if shown != 1 else ''}", file=sys.stderr)
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from worker.tools.dlq import replay
+
+    settings = _tool_settings(args)
+    selection = _selection(args)
+    if not selection.narrows and not args.all:
+        print(
+            "coc-worker dlq replay: choose records (--reason, --status, --ticket, --event-id, --partition, "
+            "--from-offset, --to-offset) or pass --all",
+            file=sys.stderr,
+        )
+        return 2
+    report = asyncio.run(
+        replay(
+            settings,
+            selection,
+            sys.stdout,
+            sys.stderr,
+            to_topic=args.to_topic,
+            dry_run=args.dry_run,
+            limit=args.limit,
+        )
+    )
+    if report.dry_run:
+        print(f"dry run: {report.selected} record(s) would be replayed to {report.target}", file=sys.stderr)
+    else:
+        print(f"replayed {report.sent} of {report.selected} record(s) to {report.target}", file=sys.stderr)
+    return 0
+
+
+def _add_dlq_selection(parser: argparse.ArgumentParser) -> None:
+    select = parser.add_argument_group("which records (repeat a flag for any of several values)")
+    select.add_argument("--reason", action="append", default=[], help="coc-dlq-reason, e.g. api_rejected")
+    select.add_argument(
+        "--status", action="append", default=[], choices=sorted(s.value for s in DEAD_LETTER_STATUSES)
+    )
+    select.add_argument("--ticket", action="append", default=[], metavar="ID", help="ticket_id")
+    select.add_argument("--event-id", action="append", default=[], metavar="ID")
+    select.add_argument("--partition", type=int, help="only this DLQ partition")
+    select.add_argument("--from-offset", type=int, metavar="N", help="first DLQ offset (inclusive)")
+    select.add_argument("--to-offset", type=int, metavar="N", help="last DLQ offset (inclusive)")
+    select.add_argument("--limit", type=int, metavar="N", help="stop after N records")
+
+
+def _add_tool_parsers(sub: Any) -> None:
+    send = sub.add_parser(
+        "send",
+        help="produce one change event (keyed by ticket) and print its event id",
+        description="Exit codes: 0 sent (with --wait-outcome: applied or duplicate); "
+        "1 rejected, failed, invalid, no outcome in time, or broker failure; 2 bad input.",
+    )
+    _add_event_flags(send)
+    send.add_argument(
+        "--wait-outcome", action="store_true", help="wait for the outcome and exit by its status"
+    )
+    send.add_argument("--timeout-s", type=float, default=60.0, help="how long --wait-outcome waits (60)")
+    send.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    send.add_argument("--traceparent", help="continue this W3C trace (default: a new one)")
+    _add_settings_flags(send, _KAFKA_SETTINGS)
+    send.set_defaults(func=cmd_send)
+
+    validate = sub.add_parser("validate", help="check event files against the contract (exit 0 valid, 1 not)")
+    validate.add_argument(
+        "files", nargs="+", metavar="FILE", help="a JSON event or array of events; - is stdin"
+    )
+    _add_settings_flags(validate, ("max_event_bytes", "log_level", "log_format"))
+    validate.set_defaults(func=cmd_validate)
+
+    ingest = sub.add_parser(
+        "ingest", help="HTTP ingress: POST /v1/events and /v1/alertmanager to the input topic"
+    )
+    _add_settings_flags(ingest, _INGEST_SETTINGS)
+    ingest.set_defaults(func=cmd_ingest)
+
+    outcomes = sub.add_parser("outcomes", help="read the results topic")
+    outcomes_sub = outcomes.add_subparsers(dest="outcomes_command", required=True)
+    tail = outcomes_sub.add_parser("tail", help="follow outcomes as a live table or JSON lines")
+    tail.add_argument(
+        "--ticket", action="append", default=[], metavar="ID", help="only this ticket (repeatable)"
+    )
+    tail.add_argument(
+        "--status",
+        action="append",
+        default=[],
+        choices=[s.value for s in OutcomeStatus],
+        help="repeatable",
+    )
+    tail.add_argument("--json", action="store_true", help="one outcome JSON per line")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest outcome")
+    tail.add_argument(
+        "--follow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep waiting for new outcomes (--no-follow: stop at the current end)",
+    )
+    tail.add_argument("--max-count", type=int, metavar="N", help="stop after N outcomes")
+    _add_settings_flags(tail, _KAFKA_SETTINGS)
+    tail.set_defaults(func=cmd_outcomes_tail)
+
+    dlq = sub.add_parser("dlq", help="list and replay dead-letter records")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = dlq_sub.add_parser("list", help="dead-letter records with their reasons")
+    _add_dlq_selection(listing)
+    listing.add_argument("--json", action="store_true", help="one record per line as JSON")
+    _add_settings_flags(listing, _KAFKA_SETTINGS)
+    listing.set_defaults(func=cmd_dlq_list)
+    replaying = dlq_sub.add_parser(
+        "replay", help="send selected records back to the input topic (same key, value, event_id)"
+    )
+    _add_dlq_selection(replaying)
+    replaying.add_argument("--all", action="store_true", help="replay every record (no selection)")
+    replaying.add_argument("--dry-run", action="store_true", help="only show what would be replayed")
+    replaying.add_argument("--to-topic", help="replay here instead of the input topic")
+    _add_settings_flags(replaying, _KAFKA_SETTINGS)
+    replaying.set_defaults(func=cmd_dlq_replay)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coc-worker", description="Apply Kafka change events to the COC change-ticket API."
@@ -137,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(run)
     run.set_defaults(func=cmd_run)
 
-    schema = sub.add_parser("schema", help="write the JSON Schemas of the contract")
+    schema = sub.add_parser("schema", help="write the JSON Schemas and the AsyncAPI 3.0 document")
     schema.add_argument("--out", default=None, help="directory (default: the package's schemas/json)")
     schema.set_defaults(func=cmd_schema)
 
@@ -148,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="run the COC API simulator")
     _add_simulator_flags(simulate)
     simulate.set_defaults(func=cmd_simulate)
+
+    _add_tool_parsers(sub)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""The HTTP ingress against the real broker: auth, limits, validation, production; and
+``coc-worker ingest`` as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from helpers import event
+
+from worker.ingest import serve
+from worker.sandbox import TansuBroker, read_topic
+from worker.settings import WorkerSettings, load_settings
+from worker.tools.kafka_io import TopicReader
+
+TOKENS = ("ingest-token-one-7f3a", "ingest-token-two-9b2c")
+
+
+@pytest.fixture
+def settings(broker: TansuBroker, topics: dict[str, str], tmp_path: Path) -> WorkerSettings:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(",".join(TOKENS) + "\n")
+    return load_settings(
+        kafka_bootstrap_servers=broker.bootstrap,
+        input_topic=topics["input"],
+        http_host="127.0.0.1",
+        http_port=0,
+        ingest_tokens_file=str(tokens),
+        ingest_max_body_bytes=4096,
+        ingest_max_batch=3,
+    )
+
+
+@pytest.fixture
+async def ingress(settings: WorkerSettings) -> AsyncIterator[str]:
+    """The ingress on its own server, as ``coc-worker ingest`` runs it; yields its base URL."""
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, stop, port.set_result))
+    try:
+        yield f"http://127.0.0.1:{await asyncio.wait_for(port, 20)}"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def size(settings: WorkerSettings) -> int:
+    async with TopicReader(settings, settings.input_topic) as reader:
+        return sum((await reader.end_offsets()).values())
+
+
+async def post(
+    url: str, body: Any, headers: dict[str, str] | None = None, raw: bytes | None = None
+) -> tuple[int, Any, str]:
+    async with aiohttp.ClientSession() as http:
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with http.post(
+            url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+        ) as r:
+            text = await r.text()
+            return r.status, (json.loads(text) if text else None), text
+
+
+async def test_bearer_tokens_are_required_and_never_echoed(ingress: str, settings: WorkerSettings) -> None:
+    one = event("change.started", "CM-I", "s1")
+    for headers in ({}, bearer("nope"), {"Authorization": f"Basic {TOKENS[0]}"}, {"Authorization": "Bearer"}):
+        status, body, text = await post(f"{ingress}/v1/events", one, headers)
+        assert status == 401
+        assert body["error"] == "unauthorized"
+        assert not any(token in text for token in TOKENS)
+    status, _, _ = await post(f"{ingress}/v1/alertmanager", {"version": "4", "alerts": []})
+    assert status == 401
+    assert await size(settings) == 0
+    for token in TOKENS:  # either configured token works
+        status, body, _ = await post(
+            f"{ingress}/v1/events", event("change.started", "CM-I", "s1"), bearer(token)
+        )
+        assert status == 202
+    assert await size(settings) == 2
+
+
+async def test_body_and_batch_limits(ingress: str, settings: WorkerSettings) -> None:
+    auth = bearer(TOKENS[0])
+    big = event("change.succeeded", "CM-L", "s1", result={"comment": "x" * 1900})
+    status, body, _ = await post(f"{ingress}/v1/events", [big, big, big], auth)  # > 4096 bytes
+    assert (status, body["error"]) == (413, "too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit holds while reading
+        for _ in range(10):
+            yield b" " * 1024
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{ingress}/v1/events", data=chunks(), headers=auth) as response,
+    ):
+        assert response.status == 413
+    four = [event("change.started", "CM-L", f"s{n}") for n in range(4)]
+    status, body, _ = await post(f"{ingress}/v1/events", four, auth)
+    assert (status, body["error"]) == (413, "too_many_events")
+    assert await size(settings) == 0
+
+
+async def test_a_batch_is_produced_whole_or_not_at_all(
+    ingress: str, settings: WorkerSettings, broker: TansuBroker, topics: dict[str, str]
+) -> None:
+    auth = bearer(TOKENS[1])
+    good = event("change.started", "CM-B", "s1")
+    missing_sub = event("change.ended", "CM-B", None)
+    hostile = {**event("change.started", "CM-B", "s1"), "ticket_id": "../../etc/passwd", "extra": 1}
+    status, body, text = await post(f"{ingress}/v1/events", [good, missing_sub, hostile], auth)
+    assert status == 400
+    assert body["error"] == "invalid_events"
+    assert [item["index"] for item in body["invalid"]] == [1, 2]
+    paths = {e["path"] for item in body["invalid"] for e in item["errors"]}
+    assert paths == {"$[1].sub_ticket_id", "$[2].ticket_id", "$[2].extra"}
+    assert "etc/passwd" not in text  # input values are never echoed
+    assert await size(settings) == 0
+
+    status, body, _ = await post(f"{ingress}/v1/events", {"type": "change.started"}, auth)  # one object
+    assert status == 400
+    assert {e["path"] for e in body["invalid"][0]["errors"]} == {
+        "$.event_id",
+        "$.ticket_id",
+        "$.sub_ticket_id",
+    }
+    status, body, _ = await post(f"{ingress}/v1/events", None, auth, raw=b'{"a": 1, "a": 2}')
+    assert (status, body["error"]) == (400, "bad_json")
+
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    other = event("change.started", "CM-C", "s1")
+    status, body, _ = await post(f"{ingress}/v1/events", [good, other], {**auth, "traceparent": trace})
+    assert (status, body) == (202, {"event_ids": [good["event_id"], other["event_id"]]})
+    records = await read_topic(broker.bootstrap, topics["input"], until=lambda r: len(r) >= 2, timeout_s=10)
+    assert {r.key: json.loads(r.value or b"") for r in records} == {b"CM-B": good, b"CM-C": other}
+    for record in records:
+        assert (record.header("traceparent") or b"").decode().split("-")[
+            1
+        ] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_alertmanager_payload_checks(ingress: str, settings: WorkerSettings) -> None:
+    auth = bearer(TOKENS[0])
+    status, body, _ = await post(f"{ingress}/v1/alertmanager", {"version": "3", "alerts": []}, auth)
+    assert (status, body["error"]) == (400, "unsupported_version")
+    status, body, _ = await post(
+        f"{ingress}/v1/alertmanager", {"version": "4", "alerts": [{"labels": 1}]}, auth
+    )
+    assert (status, body["error"]) == (400, "not_an_alertmanager_notification")
+    assert {e["path"] for e in body["errors"]} == {"$.alerts[0].status", "$.alerts[0].labels"}
+    resolved = {
+        "status": "resolved",
+        "labels": {"ticket_id": "CM-R", "sub_ticket_id": "s1"},
+        "annotations": {},
+        "startsAt": "2025-11-28T03:00:00Z",
+        "endsAt": "2025-11-28T03:05:00Z",
+        "fingerprint": "ab12",
+    }
+    status, body, _ = await post(
+        f"{ingress}/v1/alertmanager", {"version": "4", "status": "resolved", "alerts": [resolved]}, auth
+    )
+    assert (status, body) == (
+        202,
+        {"event_ids": [], "skipped": [{"index": 0, "reason": "resolved", "fingerprint": "ab12"}]},
+    )
+    assert await size(settings) == 0
+
+
+async def test_coc_worker_ingest_runs_alone(broker: TansuBroker, topics: dict[str, str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COC_WORKER_")}
+    env["COC_WORKER_INGEST_TOKENS"] = TOKENS[0]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "ingest",
+        "--kafka-bootstrap-servers",
+        broker.bootstrap,
+        "--input-topic",
+        topics["input"],
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "0",
+        "--log-format",
+        "json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        match = re.search(r"listening on (http://\S+)", line)
+        assert match, line
+        base = match.group(1)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            async with http.get(f"{base}/readyz") as response:
+                assert (await response.json())["ready"] is True
+        status, _, _ = await post(
+            f"{base}/v1/events", event("change.started", "CM-P", "s1"), bearer(TOKENS[0])
+        )
+        assert status == 202
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as response:
+            assert 'coc_worker_ingest_events_total{route="events"} 1.0' in await response.text()
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert TOKENS[0] not in (line + out.decode() + err.decode())

@@ -1,0 +1,545 @@
+"""The tools against the real broker, and (where the worker matters) a running worker + the simulator:
+``send`` -> outcome, ``outcomes tail``, ``dlq list|replay``, Alertmanager notifications through the
+worker's mounted ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+from conftest import SettingsFactory, running_worker
+from helpers import event, read_json, read_records, send
+
+from schemas.outcomes import OutcomeEvent, OutcomeStatus, SourceRef
+from worker.cli import main
+from worker.publisher import DeadLetter, dead_letter_headers
+from worker.sandbox import TansuBroker, free_port, produce
+from worker.settings import load_settings
+from worker.simulator import SimulatorServer
+from worker.tools.kafka_io import TopicReader
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+
+Cli = Callable[..., Awaitable[Run]]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The CLI configures structlog and the root logger for its process: undo it after the test."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def cli(
+    broker: TansuBroker, topics: dict[str, str], capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> Cli:
+    """``coc-worker ARGS`` in this process (in a thread: it runs its own event loop), for this test's topics."""
+    kafka = [
+        "--kafka-bootstrap-servers",
+        broker.bootstrap,
+        "--input-topic",
+        topics["input"],
+        "--results-topic",
+        topics["results"],
+        "--dlq-topic",
+        topics["dlq"],
+    ]
+
+    async def run(*args: str) -> Run:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, [*args, *kafka])
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+async def topic_size(broker: TansuBroker, topic: str) -> int:
+    """How many records ``topic`` holds now (its partitions start at offset 0)."""
+    async with TopicReader(load_settings(kafka_bootstrap_servers=broker.bootstrap), topic) as reader:
+        return sum((await reader.end_offsets()).values())
+
+
+# --- send -----------------------------------------------------------------------------------------------
+async def test_send_waits_for_the_outcome_and_exits_by_its_status(
+    broker: TansuBroker,
+    topics: dict[str, str],
+    simulator: SimulatorServer,
+    make_settings: SettingsFactory,
+    cli: Cli,
+) -> None:
+    async with running_worker(make_settings()):
+        started = await cli(
+            "send",
+            "--type",
+            "started",
+            "--ticket",
+            "CM-SEND",
+            "--sub-ticket",
+            "s1",
+            "--source",
+            "ci",
+            "--wait-outcome",
+            "--timeout-s",
+            "30",
+        )
+        assert started.code == 0, started.err
+        event_id, summary = started.lines
+        assert summary.startswith("applied (HTTP 200")
+        # the sub-ticket is implementing now: starting it again is refused by the API
+        again = await cli(
+            "send",
+            "--type",
+            "change.started",
+            "--ticket",
+            "CM-SEND",
+            "--sub-ticket",
+            "s1",
+            "--wait-outcome",
+            "--timeout-s",
+            "30",
+            "--json",
+        )
+        assert again.code == 1
+        refused = OutcomeEvent.model_validate_json(again.lines[1])
+        assert refused.status is OutcomeStatus.REJECTED
+        assert (refused.http_status, refused.error_code) == (400, "GOM.00001005")
+        # the same event id again (a retried CI step): a duplicate, which is success
+        retried = await cli(
+            "send",
+            "--type",
+            "started",
+            "--ticket",
+            "CM-SEND",
+            "--sub-ticket",
+            "s1",
+            "--event-id",
+            event_id,
+            "--wait-outcome",
+            "--timeout-s",
+            "30",
+        )
+        assert retried.code == 0
+        assert retried.lines == [event_id, "duplicate (reason duplicate_event_id)"]
+    assert len(simulator.state.applied_for(event_id)) == 1
+    sent = await read_records(broker.bootstrap, topics["input"], 3)
+    assert {r.key for r in sent} == {b"CM-SEND"}
+    assert all(r.header("traceparent") for r in sent)
+    first = json.loads(
+        next(r.value for r in sent if json.loads(r.value or b"")["event_id"] == event_id) or b""
+    )
+    assert first["source"] == "ci"
+    assert first["type"] == "change.started"
+    assert "occurred_at" in first
+
+
+async def test_send_as_a_process_from_stdin_with_env_settings(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """The CI use: settings from COC_WORKER_* variables, the event from a file on stdin, flags on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COC_WORKER_")}
+    env.update(
+        {
+            "COC_WORKER_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "COC_WORKER_INPUT_TOPIC": topics["input"],
+            "COC_WORKER_RESULTS_TOPIC": topics["results"],
+        }
+    )
+    template = {
+        "event_id": "deploy-42-start",
+        "type": "change.started",
+        "ticket_id": "CM-PROC",
+        "source": "gha",
+    }
+    async with running_worker(make_settings()):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            "send",
+            "--file",
+            "-",
+            "--sub-ticket",
+            "eu-1",
+            "--wait-outcome",
+            "--timeout-s",
+            "30",
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(template).encode()), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[0] == "deploy-42-start"
+    assert out.decode().splitlines()[1].startswith("applied")
+    [applied] = simulator.state.applied_for("deploy-42-start")
+    assert applied["sub_ticket_id"] == "eu-1"
+
+
+async def test_send_refuses_bad_input_and_reports_a_missing_outcome(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli, tmp_path: Path
+) -> None:
+    bad = await cli("send", "--type", "ended", "--ticket", "../etc")
+    assert bad.code == 2
+    assert "$.ticket_id" in bad.err
+    assert "$.sub_ticket_id: Field required" in bad.err
+    assert len(bad.err.strip().splitlines()) == 1  # one line, every error on it
+    array = tmp_path / "array.json"
+    array.write_text("[]")
+    assert (await cli("send", "--file", str(array))).code == 2
+    with pytest.raises(SystemExit) as usage:
+        await cli("send", "--type", "exploded")
+    assert usage.value.code == 2
+    assert await topic_size(broker, topics["input"]) == 0  # nothing was produced
+    # no worker runs: the event is produced, its outcome never comes
+    waited = await cli(
+        "send",
+        "--type",
+        "started",
+        "--ticket",
+        "CM-T",
+        "--sub-ticket",
+        "s1",
+        "--wait-outcome",
+        "--timeout-s",
+        "0.5",
+    )
+    assert waited.code == 1
+    assert waited.lines[0].startswith("cli-")
+    assert "no outcome" in waited.err
+    [record] = await read_records(broker.bootstrap, topics["input"], 1)
+    assert record.key == b"CM-T"
+    assert json.loads(record.value or b"")["event_id"] == waited.lines[0]
+
+
+async def test_send_reports_an_unreachable_broker(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    argv = [
+        "send",
+        "--type",
+        "started",
+        "--ticket",
+        "T",
+        "--sub-ticket",
+        "s",
+        "--kafka-bootstrap-servers",
+        nobody,
+    ]
+    code = await asyncio.to_thread(main, argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == "coc-worker: cannot connect to the broker: KafkaConnectionError\n"
+
+
+# --- outcomes tail --------------------------------------------------------------------------------------
+def _outcome(ticket: str, status: OutcomeStatus, offset: int, **fields: object) -> bytes:
+    now = datetime.now(UTC)
+    outcome = OutcomeEvent(
+        event_id=f"ev-{ticket}-{offset}",
+        ticket_id=ticket,
+        sub_ticket_id="s1",
+        type="change.started",
+        status=status,
+        attempts=1,
+        source=SourceRef(topic="in", partition=0, offset=offset),
+        received_at=now,
+        finished_at=now,
+        duration_ms=1.0,
+        worker="w",
+        **fields,  # type: ignore[arg-type]
+    )
+    return outcome.model_dump_json().encode()
+
+
+async def test_outcomes_tail_filters_and_follows(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli
+) -> None:
+    rejected = _outcome(
+        "CM-A",
+        OutcomeStatus.REJECTED,
+        2,
+        http_status=400,
+        error_code="GOM.00001005",
+        error_msg="sub-ticket s1 is pending",
+        reason="api_rejected",
+    )
+    await produce(
+        broker.bootstrap,
+        topics["results"],
+        [
+            (b"CM-A", _outcome("CM-A", OutcomeStatus.APPLIED, 1), None),
+            (b"CM-A", rejected, None),
+            (b"CM-B", _outcome("CM-B", OutcomeStatus.APPLIED, 3), None),
+            (None, b"not an outcome", None),
+        ],
+    )
+    everything = await cli("outcomes", "tail", "--from-beginning", "--no-follow")
+    assert everything.code == 0
+    assert everything.lines[0].split()[:3] == ["FINISHED", "STATUS", "TICKET"]
+    assert len(everything.lines) == 4
+    assert "not an outcome event" in everything.err
+    only = await cli(
+        "outcomes", "tail", "--from-beginning", "--no-follow", "--ticket", "CM-A", "--status", "rejected"
+    )
+    [row] = only.lines[1:]
+    assert row.split()[1:3] == ["rejected", "CM-A"]
+    assert "api_rejected HTTP 400 GOM.00001005 sub-ticket s1 is pending" in row
+    as_json = await cli(
+        "outcomes", "tail", "--from-beginning", "--no-follow", "--json", "--status", "applied"
+    )
+    assert sorted(OutcomeEvent.model_validate_json(line).ticket_id or "" for line in as_json.lines) == [
+        "CM-A",
+        "CM-B",
+    ]
+    # following: the tail waits for an outcome of CM-C that does not exist yet
+    follower = asyncio.create_task(
+        cli("outcomes", "tail", "--from-beginning", "--ticket", "CM-C", "--max-count", "1")
+    )
+    await produce(
+        broker.bootstrap, topics["results"], [(b"CM-C", _outcome("CM-C", OutcomeStatus.FAILED, 4), None)]
+    )
+    followed = await asyncio.wait_for(follower, 30)
+    assert followed.code == 0
+    assert [line.split()[1:3] for line in followed.lines[1:]] == [["failed", "CM-C"]]
+
+
+# --- dlq list / replay ------------------------------------------------------------------------------------
+async def test_dlq_list_shows_reasons_and_selects(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli
+) -> None:
+    def letter(status: str, reason: str, event_id: str | None, value: bytes) -> tuple[bytes, bytes, list]:
+        dead = DeadLetter(
+            b"CM-L",
+            value,
+            [("origin", b"x")],
+            status,
+            reason,
+            f"{reason} detail",
+            topics["input"],
+            0,
+            7,
+            event_id,
+        )
+        return (
+            b"CM-L",
+            value,
+            dead_letter_headers(dead, "w-1", "00-" + "a" * 32 + "-" + "b" * 16 + "-01", datetime.now(UTC)),
+        )
+
+    await produce(
+        broker.bootstrap,
+        topics["dlq"],
+        [
+            letter(
+                "rejected",
+                "api_rejected",
+                "e1",
+                json.dumps(event("change.ended", "CM-L", event_id="e1")).encode(),
+            ),
+            letter("invalid", "bad_json", None, b"{not json"),
+            letter(
+                "failed",
+                "retries_exhausted",
+                "e3",
+                json.dumps(event("change.started", "CM-L", event_id="e3")).encode(),
+            ),
+        ],
+    )
+    listing = await cli("dlq", "list")
+    assert listing.code == 0
+    assert len(listing.lines) == 4
+    assert "3 dead-letter records" in listing.err
+    assert "api_rejected" in listing.lines[1]
+    assert "CM-L" in listing.lines[1]
+    assert "e1" in listing.lines[1]
+    invalid = await cli("dlq", "list", "--status", "invalid", "--json")
+    [record] = [json.loads(line) for line in invalid.lines]
+    assert (record["reason"], record["event_id"], record["ticket_id"]) == ("bad_json", None, "CM-L")
+    assert record["source"] == f"{topics['input']}/0/7"
+    partition = record["dlq"]["partition"]
+    ranged = await cli(
+        "dlq", "list", "--json", "--partition", str(partition), "--from-offset", "1", "--to-offset", "1"
+    )
+    assert [json.loads(line)["dlq"]["offset"] for line in ranged.lines] == [1]
+    no_selection = await cli("dlq", "replay")
+    assert no_selection.code == 2
+    assert "--all" in no_selection.err
+
+
+async def test_dlq_replay_after_the_ticket_was_fixed_ends_applied(
+    broker: TansuBroker,
+    topics: dict[str, str],
+    simulator: SimulatorServer,
+    make_settings: SettingsFactory,
+    cli: Cli,
+) -> None:
+    """An end reported before the start is rejected; once started, the replayed end is applied."""
+    async with running_worker(make_settings()):
+        early = await cli(
+            "send",
+            "--type",
+            "ended",
+            "--ticket",
+            "CM-DLQ",
+            "--sub-ticket",
+            "s1",
+            "--wait-outcome",
+            "--timeout-s",
+            "30",
+        )
+        assert early.code == 1
+        assert early.lines[1].startswith("rejected")
+        ended_id = early.lines[0]
+        [dead] = await read_records(broker.bootstrap, topics["dlq"], 1)
+        listing = await cli("dlq", "list", "--ticket", "CM-DLQ")
+        assert "rejected" in listing.lines[1]
+        assert "api_rejected" in listing.lines[1]
+        assert ended_id in listing.lines[1]
+        dry = await cli("dlq", "replay", "--ticket", "CM-DLQ", "--dry-run")
+        assert dry.code == 0
+        assert dry.lines[0].startswith("would replay")
+        assert "dry run: 1 record(s)" in dry.err
+        assert await topic_size(broker, topics["input"]) == 1
+        fixed = await cli(
+            "send",
+            "--type",
+            "started",
+            "--ticket",
+            "CM-DLQ",
+            "--sub-ticket",
+            "s1",
+            "--wait-outcome",
+            "--timeout-s",
+            "30",
+        )
+        assert fixed.code == 0
+        replayed = await cli("dlq", "replay", "--reason", "api_rejected", "--ticket", "CM-DLQ")
+        assert replayed.code == 0
+        assert "replayed 1 of 1 record(s)" in replayed.err
+        outcomes = await read_json(broker.bootstrap, topics["results"], 3)
+    assert [(o["event_id"], o["status"]) for o in outcomes] == [
+        (ended_id, "rejected"),
+        (fixed.lines[0], "applied"),
+        (ended_id, "applied"),
+    ]
+    assert len(simulator.state.applied_for(ended_id)) == 1
+    inputs = await read_records(broker.bootstrap, topics["input"], 3)
+    again = inputs[-1]
+    assert (again.key, again.value) == (dead.key, dead.value)  # same key, same bytes, same event_id
+    names = [k for k, _ in again.headers]
+    assert not [n for n in names if n.startswith("coc-dlq-")]
+    assert again.header("coc-replayed-from-topic") == topics["dlq"].encode()
+    assert again.header("coc-replayed-from-offset") == str(dead.offset).encode()
+    assert again.header("traceparent") == dead.header("traceparent")
+
+
+# --- Alertmanager through the worker's own HTTP server -----------------------------------------------------
+def alertmanager_notification(ticket: str, sub: str) -> dict[str, object]:
+    """Shaped like Alertmanager's documented webhook body (version 4)."""
+    firing = {
+        "status": "firing",
+        "labels": {
+            "alertname": "HighErrorRate",
+            "severity": "critical",
+            "ticket_id": ticket,
+            "sub_ticket_id": sub,
+            "change_fail_type": "fr_dependent_service_issue",
+        },
+        "annotations": {
+            "summary": "5xx ratio above 5%",
+            "description": "checkout returns errors since the rollout",
+        },
+        "startsAt": "2025-11-28T03:00:26.739266876+01:00",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus.example.org:9090/graph?g0.expr=errors",
+        "fingerprint": "1a30ba71cca2921f",
+    }
+    resolved = {
+        **firing,
+        "status": "resolved",
+        "fingerprint": "2b41cb82ddb3a320",
+        "endsAt": "2025-11-28T03:10:00Z",
+    }
+    unlabelled = {**firing, "labels": {"alertname": "DiskFull"}, "fingerprint": "3c52dc93eec4b431"}
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="HighErrorRate"}',
+        "truncatedAlerts": 0,
+        "status": "firing",
+        "receiver": "coc",
+        "groupLabels": {"alertname": "HighErrorRate"},
+        "commonLabels": {"alertname": "HighErrorRate"},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example.org:9093",
+        "alerts": [firing, resolved, unlabelled],
+    }
+
+
+async def test_alertmanager_notification_sent_twice_is_applied_once(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(ingest_enabled=True, ingest_tokens="am-token-0123")
+    async with running_worker(settings) as worker:
+        await send(
+            broker.bootstrap,
+            topics["input"],
+            [event("change.started", "CM-AM", "eu-1"), event("change.ended", "CM-AM", "eu-1")],
+        )
+        await read_json(broker.bootstrap, topics["results"], 2)
+        url = f"http://127.0.0.1:{worker.http_port}/v1/alertmanager"
+        body = alertmanager_notification("CM-AM", "eu-1")
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer am-token-0123"}) as http:
+            answers = []
+            for _ in range(2):  # Alertmanager notifies again (repeat_interval, retry, HA pair)
+                async with http.post(url, json=body) as response:
+                    assert response.status == 202
+                    answers.append(await response.json())
+            async with http.post(url, json=body, headers={"Authorization": "Bearer wrong"}) as response:
+                assert response.status == 401
+        outcomes = await read_json(broker.bootstrap, topics["results"], 4)
+    assert answers[0] == answers[1]
+    [event_id] = answers[0]["event_ids"]
+    assert event_id == "am-1a30ba71cca2921f-1764295226739"
+    assert [(s["index"], s["reason"]) for s in answers[0]["skipped"]] == [
+        (1, "resolved"),
+        (2, "no_ticket_labels"),
+    ]
+    assert [o["status"] for o in outcomes] == ["applied", "applied", "applied", "duplicate"]
+    assert {o["event_id"] for o in outcomes[2:]} == {event_id}
+    sub = simulator.state.book.tickets["CM-AM"].sub_tickets["eu-1"]
+    assert sub.state == "failed"
+    assert sub.fields["is_monitor_found"] is True
+    assert sub.fields["change_fail_type"] == "fr_dependent_service_issue"
+    assert (
+        sub.fields["comment"]
+        == "[HighErrorRate] 5xx ratio above 5% - checkout returns errors since the rollout"
+    )

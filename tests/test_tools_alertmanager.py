@@ -1,0 +1,120 @@
+"""Alertmanager webhook notifications (version 4) as change.failed events with stable event ids."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from schemas.events import CHANGE_EVENT_ADAPTER, ChangeFailed
+from worker.tools.alertmanager import Notification, event_id, to_events
+
+#: The body Alertmanager POSTs to a webhook_config receiver (its documented format, version 4).
+DOCUMENTED: dict[str, Any] = {
+    "receiver": "coc",
+    "status": "firing",
+    "alerts": [
+        {
+            "status": "firing",
+            "labels": {
+                "alertname": "ProbeFailure",
+                "instance": "https://server.example.org",
+                "severity": "critical",
+                "ticket_id": "CM202511280003",
+                "sub_ticket_id": "eu-west-101",
+            },
+            "annotations": {
+                "description": "Instance https://server.example.org has been down for over 5m.",
+                "summary": "BlackBox Probe Failure: https://server.example.org",
+            },
+            "startsAt": "2023-02-06T13:08:45.828Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus.example.org:9090/graph?g0.expr=probe_success+%3D%3D+0",
+            "fingerprint": "1a30ba71cca2921f",
+        }
+    ],
+    "groupLabels": {"alertname": "ProbeFailure"},
+    "commonLabels": {"alertname": "ProbeFailure", "severity": "critical"},
+    "commonAnnotations": {},
+    "externalURL": "http://alertmanager.example.org:9093",
+    "version": "4",
+    "groupKey": '{}/{severity="critical"}:{alertname="ProbeFailure"}',
+    "truncatedAlerts": 0,
+}
+
+
+def notification(**alert_changes: Any) -> Notification:
+    body = copy.deepcopy(DOCUMENTED)
+    body["alerts"][0].update(alert_changes)
+    return Notification.model_validate(body)
+
+
+def test_a_firing_alert_becomes_a_monitor_found_failure() -> None:
+    [event], skipped = to_events(notification())
+    assert skipped == []
+    assert event == {
+        "event_id": "am-1a30ba71cca2921f-1675688925828",
+        "type": "change.failed",
+        "ticket_id": "CM202511280003",
+        "sub_ticket_id": "eu-west-101",
+        "source": "alertmanager",
+        "occurred_at": "2023-02-06T13:08:45.828Z",
+        "result": {
+            "comment": "[ProbeFailure] BlackBox Probe Failure: https://server.example.org - "
+            "Instance https://server.example.org has been down for over 5m.",
+            "is_monitor_found": True,
+        },
+    }
+    parsed = CHANGE_EVENT_ADAPTER.validate_python(event)
+    assert isinstance(parsed, ChangeFailed)
+    assert parsed.result.is_monitor_found is True
+
+
+def test_the_event_id_is_stable_per_alert_instance() -> None:
+    first = notification().alerts[0]
+    again = notification(endsAt="2023-02-06T14:00:00Z", annotations={"summary": "changed text"}).alerts[0]
+    assert event_id(first) == event_id(again)  # the same alert notified again
+    later = notification(startsAt="2023-02-07T13:08:45.828Z").alerts[0]
+    assert event_id(later) != event_id(first)  # it fired again later: a new failure
+    nanos = notification(startsAt="2023-02-06T14:08:45.828123456+01:00").alerts[0]
+    assert event_id(nanos) == event_id(first)  # same instant, other zone, nanosecond digits
+    unprinted = notification(fingerprint=None).alerts[0]
+    assert event_id(unprinted) == event_id(notification(fingerprint="not hex!").alerts[0])
+    assert CHANGE_EVENT_ADAPTER.validate_python(to_events(notification(fingerprint="x" * 500))[0][0])
+
+
+def test_labels_may_be_annotations_and_the_fail_type_is_carried() -> None:
+    moved = notification(
+        labels={"alertname": "HighErrorRate", "change_fail_type": "fr_dependent_service_issue"},
+        annotations={"ticket_id": "CM1", "sub_ticket_id": "s1"},
+    )
+    [event], _ = to_events(moved)
+    assert (event["ticket_id"], event["sub_ticket_id"]) == ("CM1", "s1")
+    assert event["result"]["change_fail_type"] == "fr_dependent_service_issue"
+    assert event["result"]["comment"] == "[HighErrorRate] alert firing"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"status": "resolved"}, "resolved"),
+        ({"labels": {"alertname": "DiskFull"}}, "no_ticket_labels"),
+        ({"labels": {"ticket_id": "CM1"}}, "no_ticket_labels"),
+        ({"labels": {"ticket_id": "../CM1", "sub_ticket_id": "s1"}}, "invalid"),
+    ],
+)
+def test_other_alerts_are_skipped_with_a_reason(changes: dict[str, Any], reason: str) -> None:
+    events, [skipped] = to_events(notification(**changes))
+    assert events == []
+    assert skipped.reason == reason
+    assert skipped.as_json()["fingerprint"] == "1a30ba71cca2921f"
+    if reason == "invalid":
+        assert skipped.errors == [
+            {"path": "$.ticket_id", "message": "String should match pattern '^[A-Za-z0-9_-]{1,64}$'"}
+        ]
+
+
+def test_a_long_description_is_cut_to_the_comment_limit() -> None:
+    [event], _ = to_events(notification(annotations={"description": "x" * 5000}))
+    assert len(event["result"]["comment"]) == 2000

@@ -1,0 +1,87 @@
+"""``dlq list|replay``: reading the coc-dlq-* explanation, choosing records, the replayed headers."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from worker.consumer import Message
+from worker.publisher import DeadLetter, dead_letter_headers
+from worker.tools.dlq import DeadLetterRecord, Selection, replay_headers
+
+TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+EVENT = {"event_id": "e1", "type": "change.ended", "ticket_id": "CM1", "sub_ticket_id": "s1"}
+
+
+def dead_letter(value: bytes | None = None, key: bytes | None = b"CM1", **changes: object) -> Message:
+    fields: dict[str, object] = {
+        "key": key,
+        "value": json.dumps(EVENT).encode() if value is None else value,
+        "headers": [("origin", b"ci"), ("coc-replayed-from-offset", b"3")],
+        "status": "rejected",
+        "reason": "api_rejected",
+        "detail": "GOM.00001005: sub-ticket s1 is pending",
+        "topic": "in",
+        "partition": 2,
+        "offset": 40,
+        "event_id": "e1",
+    }
+    fields.update(changes)
+    letter = DeadLetter(**fields)  # type: ignore[arg-type]
+    headers = dead_letter_headers(letter, "w-1", TRACEPARENT, datetime(2025, 11, 28, tzinfo=UTC))
+    return Message("dlq", 1, 7, letter.key, letter.value, headers, 0)
+
+
+def test_a_record_is_read_from_its_headers() -> None:
+    record = DeadLetterRecord.from_message(dead_letter(), 1 << 20)
+    assert (record.status, record.reason, record.event_id, record.ticket_id) == (
+        "rejected",
+        "api_rejected",
+        "e1",
+        "CM1",
+    )
+    assert record.source == "in/2/40"
+    assert record.error == "GOM.00001005: sub-ticket s1 is pending"
+    assert record.as_json()["dlq"] == {"topic": "dlq", "partition": 1, "offset": 7}
+
+
+def test_ticket_and_event_id_fall_back_to_the_value_and_never_trust_a_hostile_key() -> None:
+    record = DeadLetterRecord.from_message(dead_letter(key=b"../etc", event_id=None), 1 << 20)
+    assert (record.ticket_id, record.event_id) == ("CM1", "e1")
+    garbage = DeadLetterRecord.from_message(
+        dead_letter(value=b"\xff", key=None, event_id=None, status="invalid"), 1 << 20
+    )
+    assert (garbage.ticket_id, garbage.event_id, garbage.status) == (None, None, "invalid")
+    bare = DeadLetterRecord.from_message(Message("dlq", 0, 0, None, None, [], 0), 1 << 20)
+    assert (bare.status, bare.reason, bare.source) == ("?", "?", "?/?/?")
+
+
+def test_selection() -> None:
+    record = DeadLetterRecord.from_message(dead_letter(), 1 << 20)
+    assert Selection().matches(record)
+    assert not Selection().narrows
+    assert Selection(reasons=frozenset({"api_rejected", "x"}), tickets=frozenset({"CM1"})).matches(record)
+    assert not Selection(statuses=frozenset({"invalid"})).matches(record)
+    assert not Selection(event_ids=frozenset({"e2"})).matches(record)
+    assert Selection(from_offset=0).narrows
+
+
+def test_bounds_narrow_the_topic_range() -> None:
+    begin, end = {0: 0, 1: 5, 2: 0}, {0: 10, 1: 9, 2: 0}
+    assert Selection().bounds(begin, end) == (begin, end)
+    assert Selection(partition=1, from_offset=2, to_offset=6).bounds(begin, end) == ({1: 5}, {1: 7})
+    assert Selection(to_offset=100).bounds(begin, end) == (begin, end)
+
+
+def test_replayed_headers_drop_the_dlq_explanation_and_say_where_from() -> None:
+    record = DeadLetterRecord.from_message(dead_letter(), 1 << 20)
+    now = datetime(2025, 11, 28, 4, tzinfo=UTC)
+    headers = replay_headers(record, now)
+    assert headers == [
+        ("origin", b"ci"),
+        ("traceparent", TRACEPARENT.encode()),
+        ("coc-replayed-from-topic", b"dlq"),
+        ("coc-replayed-from-partition", b"1"),
+        ("coc-replayed-from-offset", b"7"),
+        ("coc-replayed-at", now.isoformat().encode()),
+    ]

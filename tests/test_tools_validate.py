@@ -1,0 +1,70 @@
+"""``coc-worker validate``: every error with file and JSON path; exit 0 only when all files are valid."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from worker.cli import main
+from worker.tools.validate import check_document
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The CLI configures logging for its process: undo it after each test."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+GOOD = {"event_id": "e1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s1"}
+
+
+def test_one_event_or_a_batch() -> None:
+    assert check_document(json.dumps(GOOD).encode(), 1 << 20) == (1, [])
+    batch = [GOOD, {**GOOD, "sub_ticket_id": None}, {**GOOD, "extra": 1, "type": "change.exploded"}]
+    count, errors = check_document(json.dumps(batch).encode(), 1 << 20)
+    assert count == 3
+    assert [path for path, _ in errors] == ["$[1].sub_ticket_id", "$[2]"]
+    assert errors[1][1].startswith("type must be one of: change.started")
+    assert check_document(b"[]", 1 << 20) == (0, [("$", "an empty array holds no event")])
+    assert check_document(b"{nope", 1 << 20)[1][0][1].startswith("bad_json:")
+    size = len(json.dumps(GOOD, separators=(",", ":")))
+    assert check_document(json.dumps(GOOD).encode(), 64) == (
+        1,
+        [("$", f"event is {size} bytes, the limit is 64")],
+    )
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    paths = {}
+    for name, content in {
+        "good.json": json.dumps([GOOD, {**GOOD, "event_id": "e2", "type": "change.ended"}]),
+        "bad.json": json.dumps({**GOOD, "ticket_id": "a/b", "result": {}}),
+    }.items():
+        (tmp_path / name).write_text(content)
+        paths[name] = str(tmp_path / name)
+    return paths
+
+
+def test_command_exit_codes_and_lines(
+    files: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["validate", files["good.json"]]) == 0
+    assert capsys.readouterr().out == f"{files['good.json']}: ok (2 events)\n"
+    assert main(["validate", files["good.json"], files["bad.json"], "/nonexistent.json"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(": ok (2 events)")
+    assert f"{files['bad.json']}: $.ticket_id: String should match pattern '^[A-Za-z0-9_-]{{1,64}}$'" in lines
+    assert f"{files['bad.json']}: $.result: Extra inputs are not permitted" in lines
+    assert lines[-1] == "/nonexistent.json: $: cannot read /nonexistent.json: No such file or directory"

@@ -1,0 +1,251 @@
+"""The HTTP ingress for monitoring systems: events in over HTTP, onto the input topic.
+
+Routes (mounted in the worker's HTTP server when ``COC_WORKER_INGEST_ENABLED``, or served alone
+by ``coc-worker ingest``)::
+
+    POST /v1/events          one event (a JSON object) or a batch (a JSON array)
+                             202 {"event_ids": [...]}: every event validated, produced keyed by
+                                 ticket_id with acks=all and acknowledged by the broker
+                             400 {"error", "invalid": [{"index", "errors": [{"path", "message"}]}]}:
+                                 nothing was produced
+    POST /v1/alertmanager    an Alertmanager webhook notification (payload version 4)
+                             202 {"event_ids": [...], "skipped": [{"index", "reason", ...}]}
+
+Both: 401 without ``Authorization: Bearer <token>`` when tokens are configured
+(``COC_WORKER_INGEST_TOKENS[_FILE]``, comma-separated, re-read per request so a rotated secret
+file is picked up), 413 over ``COC_WORKER_INGEST_MAX_BODY_BYTES`` or ``_MAX_BATCH`` events,
+503 when the broker does not acknowledge (nothing is lost by retrying: the event ids dedupe).
+Responses and logs never carry a token or an input value; errors name JSON paths only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from worker.decode import parse_json
+from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
+from worker.health import HealthServer
+from worker.logs import get_logger, register_secrets
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
+from worker.tools import alertmanager
+from worker.tools.events import contract_errors, encode
+from worker.tools.kafka_io import EventProducer, OutRecord
+from worker.tracing import HEADER as TRACEPARENT
+from worker.tracing import new_trace, parse
+
+log = get_logger(__name__)
+
+_READ_CHUNK = 64 * 1024
+_Handler = Callable[[web.Request, Any], Awaitable[web.Response]]
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": error, "detail": detail, **extra}, status=status)
+
+
+class Ingress:
+    """``POST /v1/events`` and ``POST /v1/alertmanager``; owns one producer to the input topic."""
+
+    def __init__(self, settings: WorkerSettings, metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        self._producer = EventProducer(settings)
+        self._started = False
+        registry = (metrics or Metrics()).registry
+        self._requests = Counter(
+            "coc_worker_ingest_requests",
+            "Ingress requests by route and HTTP status.",
+            ["route", "code"],
+            registry=registry,
+        )
+        self._events = Counter(
+            "coc_worker_ingest_events",
+            "Events produced by the ingress, by route.",
+            ["route"],
+            registry=registry,
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/events", self._post_events), web.post("/v1/alertmanager", self._post_alerts)]
+
+    async def start(self) -> None:
+        tokens = self._tokens()  # fail at start, not at the first request, on an unreadable file
+        if not tokens:
+            log.warning("ingest_auth_disabled", setting="COC_WORKER_INGEST_TOKENS")
+        await self._producer.start()
+        self._started = True
+        log.info("ingest_started", topic=self._settings.input_topic, auth=bool(tokens))
+
+    async def stop(self) -> None:
+        self._started = False
+        await self._producer.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self._started, "topic": self._settings.input_topic}
+
+    # --- handlers ------------------------------------------------------------------------------------
+    async def _post_events(self, request: web.Request) -> web.StreamResponse:
+        response = await self._guarded(request, self._events_body)
+        self._requests.labels(route="events", code=str(response.status)).inc()
+        return response
+
+    async def _post_alerts(self, request: web.Request) -> web.StreamResponse:
+        response = await self._guarded(request, self._alerts_body)
+        self._requests.labels(route="alertmanager", code=str(response.status)).inc()
+        return response
+
+    async def _guarded(self, request: web.Request, handle: _Handler) -> web.Response:
+        """Auth, then the size limit, then strict JSON; ``handle(document)`` does the rest."""
+        try:
+            tokens = self._tokens()
+        except ConfigError:
+            log.error("ingest_tokens_unreadable")
+            return _error(503, "auth_unavailable", "the ingress cannot read its tokens")
+        if tokens and not _authorized(request, tokens):
+            log.warning("ingest_unauthorized", path=request.path, remote=request.remote)
+            return web.json_response(
+                {"error": "unauthorized", "detail": "a valid Authorization: Bearer token is required"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="coc-worker"'},
+            )
+        body = await self._read_limited(request)
+        if body is None:
+            limit = self._settings.ingest_max_body_bytes
+            return _error(413, "too_large", f"the body is over {limit} bytes")
+        try:
+            document = parse_json(body, self._settings.ingest_max_body_bytes)
+        except InvalidEvent as exc:
+            return _error(400, exc.reason, exc.detail)
+        try:
+            return await handle(request, document)
+        except BrokerUnavailable as exc:
+            log.warning("ingest_broker_unavailable", detail=str(exc))
+            return _error(
+                503, "broker_unavailable", "the broker did not acknowledge; retry with the same event ids"
+            )
+
+    async def _read_limited(self, request: web.Request) -> bytes | None:
+        """The body, or None when it is over the limit (read no further than the limit)."""
+        limit = self._settings.ingest_max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.read(_READ_CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+
+    async def _events_body(self, request: web.Request, document: Any) -> web.Response:
+        items = document if isinstance(document, list) else [document]
+        if not items:
+            return _error(400, "empty_batch", "the array holds no event")
+        if len(items) > self._settings.ingest_max_batch:
+            return _error(
+                413, "too_many_events", f"at most {self._settings.ingest_max_batch} events per request"
+            )
+        invalid = []
+        for index, item in enumerate(items):
+            where = f"$[{index}]" if isinstance(document, list) else "$"
+            errors = contract_errors(item)
+            if not errors and len(encode(item)) > self._settings.max_event_bytes:
+                errors = [("$", f"event is over {self._settings.max_event_bytes} bytes")]
+            if errors:
+                shown = [{"path": where + path[1:], "message": msg} for path, msg in errors]
+                invalid.append({"index": index, "errors": shown})
+        if invalid:
+            log.info("ingest_rejected", route="events", invalid=len(invalid), events=len(items))
+            return _error(400, "invalid_events", "nothing was produced", invalid=invalid)
+        event_ids = await self._produce(request, items, route="events")
+        return web.json_response({"event_ids": event_ids}, status=202)
+
+    async def _alerts_body(self, request: web.Request, document: Any) -> web.Response:
+        try:
+            notification = alertmanager.Notification.model_validate(document)
+        except ValidationError as exc:
+            errors = [
+                {
+                    "path": "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]),
+                    "message": e["msg"],
+                }
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            return _error(400, "not_an_alertmanager_notification", "see errors", errors=errors[:20])
+        if notification.version != alertmanager.SUPPORTED_VERSION:
+            return _error(
+                400, "unsupported_version", f"webhook payload version {alertmanager.SUPPORTED_VERSION} only"
+            )
+        events, skipped = alertmanager.to_events(notification)
+        if len(events) > self._settings.ingest_max_batch:
+            return _error(
+                413, "too_many_events", f"at most {self._settings.ingest_max_batch} events per request"
+            )
+        event_ids = await self._produce(request, events, route="alertmanager") if events else []
+        return web.json_response(
+            {"event_ids": event_ids, "skipped": [s.as_json() for s in skipped]}, status=202
+        )
+
+    async def _produce(self, request: web.Request, items: list[dict[str, Any]], *, route: str) -> list[str]:
+        """Produce every event keyed by ticket; returns once the broker acknowledged them all."""
+        trace = parse(request.headers.get(TRACEPARENT)) or new_trace()
+        records = [
+            OutRecord(
+                str(item["ticket_id"]).encode(),
+                encode(item),
+                [(TRACEPARENT, trace.child().traceparent.encode())],
+            )
+            for item in items
+        ]
+        await self._producer.send_many(self._settings.input_topic, records)
+        self._events.labels(route=route).inc(len(items))
+        event_ids = [str(item["event_id"]) for item in items]
+        log.info("ingest_accepted", route=route, events=len(items), trace_id=trace.trace_id)
+        return event_ids
+
+    # --- auth ----------------------------------------------------------------------------------------
+    def _tokens(self) -> list[str]:
+        raw = self._settings.secret("ingest_tokens") or ""
+        tokens = [token.strip() for token in raw.split(",") if token.strip()]
+        register_secrets(tokens)  # each token on its own: the log redactor must know them all
+        return tokens
+
+
+def _authorized(request: web.Request, tokens: list[str]) -> bool:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return False
+    offered = credentials.strip().encode()
+    # compare with every token (no early exit), in constant time per token
+    matches = [hmac.compare_digest(offered, token.encode()) for token in tokens]
+    return any(matches)
+
+
+async def serve(
+    settings: WorkerSettings, stop: asyncio.Event, ready: Callable[[int], None] | None = None
+) -> None:
+    """``coc-worker ingest``: the ingress on its own HTTP server (with /healthz, /readyz, /metrics)."""
+    metrics = Metrics()
+    ingress = Ingress(settings, metrics)
+    server = HealthServer(settings, metrics, ingress.status, ingress.routes())
+    await ingress.start()
+    try:
+        await server.start()
+        log.info("ingest_listening", host=settings.http_host, port=server.port)
+        if ready is not None and server.port is not None:
+            ready(server.port)
+        await stop.wait()
+    finally:
+        await server.stop()
+        await ingress.stop()

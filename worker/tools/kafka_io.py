@@ -1,0 +1,262 @@
+"""The tools' Kafka edge: produce with the broker's ack, read a topic up to a snapshot, follow a topic.
+
+The only module of the tools (and of the HTTP ingress) that drives aiokafka, as ``consumer.py``
+and ``publisher.py`` are for the worker. Readers never join a consumer group: they assign every
+partition themselves, so a tool can never steal partitions from the worker nor commit its offsets.
+Kafka errors surface as ``BrokerUnavailable``; a topic that does not exist is a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+from worker.consumer import Message
+from worker.errors import BrokerUnavailable, ConfigError
+from worker.kafka_config import connection_kwargs
+from worker.settings import WorkerSettings
+
+Headers = list[tuple[str, bytes]]
+
+#: Room above the event size limit for headers (the same headroom the worker's publisher keeps).
+_HEADROOM_BYTES = 64 * 1024
+_FETCH_TIMEOUT_S = 0.2
+_PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """One record to produce."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """Where the broker stored a record it acknowledged."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class EventProducer:
+    """A producer whose sends return only once the broker acknowledged them (``acks=all``)."""
+
+    def __init__(self, settings: WorkerSettings, *, request_timeout_s: float = 30.0) -> None:
+        self._settings = settings
+        self._request_timeout_ms = int(request_timeout_s * 1000)
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        s = self._settings
+        producer = AIOKafkaProducer(
+            **connection_kwargs(s),
+            acks="all",
+            linger_ms=2,
+            enable_idempotence=s.kafka_enable_idempotence,
+            max_request_size=max(s.max_event_bytes + _HEADROOM_BYTES, 1_048_576),
+            request_timeout_ms=self._request_timeout_ms,
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise BrokerUnavailable(f"cannot connect to the broker: {type(exc).__name__}") from exc
+        self._producer = producer
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def send(self, topic: str, record: OutRecord) -> Delivered:
+        return (await self.send_many(topic, [record]))[0]
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        """Send in order (pipelined) and wait until the broker acknowledged every one."""
+        if self._producer is None:
+            raise RuntimeError("EventProducer.start() was not awaited")
+        try:
+            pending = [
+                await self._producer.send(topic, key=r.key, value=r.value, headers=r.headers) for r in records
+            ]
+            metas = await asyncio.gather(*pending)
+        except KafkaTimeoutError as exc:
+            raise BrokerUnavailable(
+                f"the broker did not acknowledge the write to {topic!r} in time (is the topic there?)"
+            ) from exc
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"write to {topic!r} failed: {type(exc).__name__}") from exc
+        return [Delivered(m.topic, m.partition, m.offset) for m in metas]
+
+
+class TopicReader:
+    """Reads every partition of one topic from chosen positions, outside any consumer group."""
+
+    def __init__(self, settings: WorkerSettings, topic: str, *, metadata_timeout_s: float = 10.0) -> None:
+        self._settings = settings
+        self.topic = topic
+        self._metadata_timeout_s = metadata_timeout_s
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        s = self._settings
+        consumer = AIOKafkaConsumer(
+            **connection_kwargs(s),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+            max_partition_fetch_bytes=max(1_048_576, s.max_event_bytes + _HEADROOM_BYTES),
+        )
+        try:
+            await consumer.start()
+            self._consumer = consumer
+            self._partitions = await self._discover()
+            consumer.assign(self._partitions)
+        except KafkaError as exc:
+            await self.stop()
+            raise BrokerUnavailable(f"cannot read {self.topic!r}: {type(exc).__name__}") from exc
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _discover(self) -> list[TopicPartition]:
+        assert self._consumer is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._metadata_timeout_s
+        while True:
+            ids = self._consumer.partitions_for_topic(self.topic)
+            if ids:
+                return [TopicPartition(self.topic, p) for p in sorted(ids)]
+            if loop.time() > deadline:
+                raise ConfigError(f"topic {self.topic!r} does not exist on the broker")
+            await self._consumer.topics()  # refreshes the metadata
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def __aenter__(self) -> TopicReader:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("TopicReader.start() was not awaited")
+        return self._consumer
+
+    async def end_offsets(self) -> dict[int, int]:
+        """The offset the next record of each partition will get (a snapshot of "now").
+
+        ListOffsets is checked against the high watermark of a fetch of the last record: some
+        Kafka-protocol brokers (Tansu) answer ListOffsets with the last *batch's* base offset + 1,
+        which would hide the rest of that batch.
+        """
+        try:
+            listed = await self._require().end_offsets(self._partitions)
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"cannot read offsets of {self.topic!r}: {type(exc).__name__}") from exc
+        ends = {tp.partition: int(offset) for tp, offset in listed.items()}
+        probed = await self._high_watermarks({p: o - 1 for p, o in ends.items() if o > 0})
+        return {p: max(o, probed.get(p, o)) for p, o in ends.items()}
+
+    async def _high_watermarks(self, offsets: dict[int, int]) -> dict[int, int]:
+        """Fetch at ``offsets`` and read each partition's high watermark from the answer."""
+        consumer = self._require()
+        pending = {TopicPartition(self.topic, p): o for p, o in offsets.items()}
+        found: dict[int, int] = {}
+        if not pending:
+            return found
+        consumer.resume(*pending)
+        for tp, offset in pending.items():
+            consumer.seek(tp, offset)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PROBE_TIMEOUT_S
+        while pending and loop.time() < deadline:
+            try:
+                batches = await consumer.getmany(*pending, timeout_ms=int(_FETCH_TIMEOUT_S * 1000))
+            except KafkaError as exc:
+                raise BrokerUnavailable(f"reading {self.topic!r} failed: {type(exc).__name__}") from exc
+            for tp in batches:
+                high = consumer.highwater(tp)
+                if high is not None:
+                    found[tp.partition] = int(high)
+                    pending.pop(tp, None)
+        return found
+
+    async def beginning_offsets(self) -> dict[int, int]:
+        try:
+            found = await self._require().beginning_offsets(self._partitions)
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"cannot read offsets of {self.topic!r}: {type(exc).__name__}") from exc
+        return {tp.partition: int(offset) for tp, offset in found.items()}
+
+    def seek(self, positions: dict[int, int]) -> None:
+        consumer = self._require()
+        for partition, offset in positions.items():
+            consumer.seek(TopicPartition(self.topic, partition), offset)
+
+    async def fetch(self, timeout_s: float = _FETCH_TIMEOUT_S) -> list[Message]:
+        try:
+            batches = await self._require().getmany(timeout_ms=int(timeout_s * 1000))
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"reading {self.topic!r} failed: {type(exc).__name__}") from exc
+        messages = [
+            Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
+            for records in batches.values()
+            for r in records
+        ]
+        messages.sort(key=lambda m: (m.partition, m.offset))
+        return messages
+
+    async def read_range(self, start: dict[int, int], end: dict[int, int]) -> AsyncGenerator[Message, None]:
+        """Every record with ``start[p] <= offset < end[p]``, then stop (partitions missing from
+        ``start`` are not read)."""
+        consumer = self._require()
+        remaining = {p for p in start if start[p] < end.get(p, 0)}
+        consumer.pause(*self._partitions)
+        consumer.resume(*(TopicPartition(self.topic, p) for p in remaining))
+        self.seek({p: start[p] for p in remaining})
+        while remaining:
+            for message in await self.fetch():
+                p = message.partition
+                if p in remaining and start[p] <= message.offset < end[p]:
+                    yield message
+            for partition in list(remaining):
+                if await consumer.position(TopicPartition(self.topic, partition)) >= end[partition]:
+                    remaining.discard(partition)
+                    consumer.pause(TopicPartition(self.topic, partition))
+
+    async def follow(self, start: dict[int, int]) -> AsyncGenerator[Message, None]:
+        """Every record from ``start`` on, waiting for new ones forever (the caller stops iterating)."""
+        self._require().resume(*self._partitions)
+        self.seek(start)
+        while True:
+            for message in await self.fetch():
+                yield message

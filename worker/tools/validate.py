@@ -1,0 +1,76 @@
+"""``coc-worker validate FILE...``: check event files against the contract in a producer's CI.
+
+A file holds one event (a JSON object) or a batch (a JSON array of events), the same shapes the
+HTTP ingress takes. Every error is printed with its file and JSON path, e.g.
+``deploy.json: $[1].sub_ticket_id: Field required``; the exit code is 0 when every file is valid,
+else 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, TextIO
+
+from worker.errors import InvalidEvent
+from worker.tools.events import contract_errors, encode, parse_document, read_document
+
+
+@dataclass(slots=True)
+class FileReport:
+    name: str
+    events: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_document(raw: bytes, max_event_bytes: int) -> tuple[int, list[tuple[str, str]]]:
+    """(number of events, every (JSON path, message)) for one document."""
+    try:
+        document = parse_document(raw)
+    except InvalidEvent as exc:
+        return 0, [("$", f"{exc.reason}: {exc.detail}")]
+    if isinstance(document, list):
+        if not document:
+            return 0, [("$", "an empty array holds no event")]
+        errors = []
+        for index, item in enumerate(document):
+            errors += [(f"$[{index}]{path[1:]}", msg) for path, msg in _item_errors(item, max_event_bytes)]
+        return len(document), errors
+    return 1, _item_errors(document, max_event_bytes)
+
+
+def _item_errors(item: Any, max_event_bytes: int) -> list[tuple[str, str]]:
+    errors = contract_errors(item)
+    if not errors and isinstance(item, dict):
+        size = len(encode(item))
+        if size > max_event_bytes:
+            errors.append(("$", f"event is {size} bytes, the limit is {max_event_bytes}"))
+    return errors
+
+
+def validate_files(paths: list[str], stdin: BinaryIO, max_event_bytes: int) -> list[FileReport]:
+    reports = []
+    for path in paths:
+        report = FileReport("<stdin>" if path == "-" else path)
+        try:
+            raw = read_document(path, stdin)
+        except InvalidEvent as exc:
+            report.errors.append(("$", exc.detail))
+        else:
+            report.events, report.errors = check_document(raw, max_event_bytes)
+        reports.append(report)
+    return reports
+
+
+def print_reports(reports: list[FileReport], out: TextIO) -> int:
+    """One line per error (or one ``ok`` line per file); returns the exit code."""
+    for report in reports:
+        if report.ok:
+            noun = "event" if report.events == 1 else "events"
+            print(f"{report.name}: ok ({report.events} {noun})", file=out)
+        for path, message in report.errors:
+            print(f"{report.name}: {path}: {message}", file=out)
+    return 0 if all(r.ok for r in reports) else 1
