@@ -30,6 +30,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from schemas.asyncapi import ASYNCAPI_FILE
 from schemas.export import contract_schemas
 from worker.settings import WorkerSettings
 
@@ -360,8 +361,9 @@ def test_image_install_replays(tmp_path: Path) -> None:
     assert "run" in worker("--help")
     out = tmp_path / "schemas"
     written = worker("schema", "--out", str(out))
-    assert {Path(line).name for line in written.split()} == set(contract_schemas())
-    assert {p.name for p in out.iterdir()} == set(contract_schemas())
+    expected = {*contract_schemas(), ASYNCAPI_FILE}
+    assert {Path(line).name for line in written.split()} == expected
+    assert {p.name for p in out.iterdir()} == expected
     # Every module imports with the runtime dependencies alone (`--help` imports only the CLI).
     imports = (
         "import importlib, pkgutil, worker, schemas\n"
