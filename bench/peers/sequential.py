@@ -1,0 +1,52 @@
+"""Baseline: the naive loop — consume one message, call the API, produce its outcome, commit, repeat.
+
+At-least-once (the commit follows the confirmed outcome), ordered (one message at a time), and
+as slow as one API round trip plus two broker round trips per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from common import Step, now, parse_args
+
+
+async def main() -> None:
+    args = parse_args(__doc__ or "")
+    consumer = AIOKafkaConsumer(
+        args.input,
+        bootstrap_servers=args.bootstrap,
+        group_id=args.group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=args.fetch_max_wait_ms,
+        session_timeout_ms=args.session_timeout_ms,
+        heartbeat_interval_ms=args.heartbeat_ms,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all")
+    step = Step(args.api, args.ak, args.sk, connections=1)
+    await step.start()
+    await producer.start()
+    await consumer.start()
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        while True:
+            msg = await consumer.getone()
+            key, value = await step.process(msg.value, msg.topic, msg.partition, msg.offset, now())
+            await producer.send_and_wait(args.results, value=value, key=key)
+            await consumer.commit({TopicPartition(msg.topic, msg.partition): msg.offset + 1})
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        await producer.stop()
+        await step.close()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,404 @@
+"""From raw runs to the report: medians per group, the issue's targets as ratios, Markdown, chart.
+
+Everything but ``write_chart`` is pure (dicts in, dicts or text out) and tested in
+``tests/test_bench.py``. A run is the dict of ``RunResult.to_json()``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.stats import median, ratio
+
+Run = dict[str, Any]
+Group = dict[str, Any]
+
+LABELS = {
+    "worker": "worker (coc-change-worker)",
+    "ceiling_a": "ceiling A: bare consumer",
+    "ceiling_b": "ceiling B: bare signed PUTs",
+    "faststream": "peer 1: FastStream",
+    "pyrallel": "peer 2: pyrallel-consumer",
+    "baseline": "baseline: sequential loop",
+}
+ORDER = list(LABELS)
+
+#: Thresholds of the issue's targets.
+T0_MIN_RATIO = 0.7  # worker >= 0.7 x min(A, B) at 0 ms
+T20_MIN_RATIO = 0.8  # worker >= 0.8 x min(max_in_flight / 20 ms, A, B) at 20 ms
+T20_VS_PEER1 = 5.0  # worker >= 5 x peer 1 at 20 ms
+P99_LIMIT_MS = 50.0  # paced at half the saturating rate, 0 ms API latency
+RSS_LIMIT_MB = 250.0  # 100k-event backlog
+
+
+def summarize(runs: Iterable[Run]) -> dict[str, Group]:
+    """Medians over repeats per (scenario, subject, concurrency); key ``scenario/subject/concurrency``."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[group_key(run["scenario"], run["subject"], run["concurrency"])].append(run)
+    out: dict[str, Group] = {}
+    for key, members in groups.items():
+        good = [r for r in members if r["ok"]]
+        statuses: Counter[str] = Counter()
+        for r in good:
+            statuses.update(r["statuses"])
+        first = members[0]
+        out[key] = {
+            "scenario": first["scenario"],
+            "subject": first["subject"],
+            "latency_ms": first["latency_ms"],
+            "concurrency": first["concurrency"],
+            "events": first["events"],
+            "runs": len(members),
+            "ok_runs": len(good),
+            "throughput": median(r["throughput"] for r in good),
+            "throughputs": [r["throughput"] for r in good],
+            "p50_ms": median(r["p50_ms"] for r in good),
+            "p99_ms": median(r["p99_ms"] for r in good),
+            "p99s": [r["p99_ms"] for r in good],
+            **{
+                name: median(r["extra"].get(name) for r in good)
+                for name in ("wait_p50_ms", "wait_p99_ms", "held_p50_ms", "held_p99_ms")
+            },
+            "cpu_s_per_1k": median(r["cpu_s_per_1k"] for r in good),
+            "peak_rss_mb": max((r["peak_rss_mb"] for r in good if r["peak_rss_mb"]), default=None),
+            "count": median(r["count"] for r in good),
+            "complete": all(r["extra"].get("complete", True) for r in good) if good else False,
+            "statuses": dict(statuses),
+            "errors": [r["error"] for r in members if r["error"]],
+        }
+    return out
+
+
+def group_key(scenario: str, subject: str, concurrency: int) -> str:
+    return f"{scenario}/{subject}/{concurrency}"
+
+
+def find(
+    summary: dict[str, Group], scenario: str, subject: str, concurrency: int | None = None
+) -> Group | None:
+    """The group of ``subject`` in ``scenario`` (any concurrency when None: the first one)."""
+    for group in summary.values():
+        if (
+            group["scenario"] == scenario
+            and group["subject"] == subject
+            and (concurrency is None or group["concurrency"] == concurrency)
+        ):
+            return group
+    return None
+
+
+def _tp(group: Group | None) -> float | None:
+    return group["throughput"] if group else None
+
+
+def _min(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    measured: str
+    ratio: float | None  # measured / threshold, oriented so that >= 1 means met
+    met: bool | None  # None: not measured
+
+    @property
+    def mark(self) -> str:
+        return "n/a" if self.met is None else ("✅" if self.met else "❌")
+
+
+def evaluate_targets(
+    summary: dict[str, Group], concurrency: int, api_latency_ms: float = 20.0, rss_events: int = 100_000
+) -> list[Target]:
+    """The four targets of the issue, each as a ratio from the same run."""
+    targets: list[Target] = []
+
+    w0 = _tp(find(summary, "api0", "worker", concurrency))
+    floor0 = _min(
+        _tp(find(summary, "api0", "ceiling_a")), _tp(find(summary, "api0", "ceiling_b", concurrency))
+    )
+    r0 = ratio(w0, floor0)
+    targets.append(
+        Target(
+            f"0 ms API: worker >= {T0_MIN_RATIO} x min(ceiling A, ceiling B)",
+            f"{_fmt(w0)} ev/s vs min {_fmt(floor0)} ev/s = {_fmt(r0, 2)}x",
+            ratio(r0, T0_MIN_RATIO),
+            None if r0 is None else r0 >= T0_MIN_RATIO,
+        )
+    )
+
+    w20 = _tp(find(summary, "api20", "worker", concurrency))
+    theory = concurrency / (api_latency_ms / 1000)
+    floor20 = _min(
+        theory,
+        _tp(find(summary, "api20", "ceiling_a")),
+        _tp(find(summary, "api20", "ceiling_b", concurrency)),
+    )
+    r20 = ratio(w20, floor20)
+    targets.append(
+        Target(
+            f"20 ms API: worker >= {T20_MIN_RATIO} x min(max_in_flight / 20 ms, A, B)",
+            f"{_fmt(w20)} ev/s vs min {_fmt(floor20)} ev/s = {_fmt(r20, 2)}x",
+            ratio(r20, T20_MIN_RATIO),
+            None if r20 is None else r20 >= T20_MIN_RATIO,
+        )
+    )
+    peer1 = _tp(find(summary, "api20", "faststream"))
+    rp = ratio(w20, peer1)
+    targets.append(
+        Target(
+            f"20 ms API: worker >= {T20_VS_PEER1:g} x peer 1 (FastStream)",
+            f"{_fmt(w20)} vs {_fmt(peer1)} ev/s = {_fmt(rp, 2)}x",
+            ratio(rp, T20_VS_PEER1),
+            None if rp is None else rp >= T20_VS_PEER1,
+        )
+    )
+
+    paced = find(summary, "paced", "worker")
+    p99 = paced["p99_ms"] if paced else None
+    targets.append(
+        Target(
+            f"p99 added latency at half the saturating rate (0 ms API) < {P99_LIMIT_MS:g} ms",
+            f"p99 {_fmt(p99, 1)} ms (p50 {_fmt(paced['p50_ms'] if paced else None, 1)} ms)",
+            ratio(P99_LIMIT_MS, p99),
+            None if p99 is None else p99 < P99_LIMIT_MS,
+        )
+    )
+
+    rss = find(summary, "rss", "worker")
+    peak = rss["peak_rss_mb"] if rss else None
+    note = ""
+    if rss and not rss["complete"]:
+        note = f" (only {_fmt(rss['count'])} of {_fmt(rss['events'])} events done within the time cap)"
+    targets.append(
+        Target(
+            f"peak RSS with a {_fmt(rss['events'] if rss else rss_events)}-event backlog < {RSS_LIMIT_MB:g} MB",
+            f"{_fmt(peak, 1)} MB{note}",
+            ratio(RSS_LIMIT_MB, peak),
+            None if peak is None else peak < RSS_LIMIT_MB,
+        )
+    )
+    return targets
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def scenario_table(summary: dict[str, Group], scenario: str, concurrency: int) -> str:
+    """One row per subject: throughput and its ratios to the ceilings and to peer 1."""
+    floor = _min(
+        _tp(find(summary, scenario, "ceiling_a")), _tp(find(summary, scenario, "ceiling_b", concurrency))
+    )
+    peer1 = _tp(find(summary, scenario, "faststream"))
+    rows = []
+    for subject in ORDER:
+        group = find(summary, scenario, subject, concurrency if subject in ("worker", "ceiling_b") else None)
+        if group is None:
+            continue
+        tp = group["throughput"]
+        statuses = ", ".join(f"{k} {v:,}" for k, v in sorted(group["statuses"].items())) or "-"
+        if group["errors"] and group["ok_runs"] < group["runs"]:
+            statuses += f" ({group['runs'] - group['ok_runs']} run(s) failed)"
+        rows.append(
+            [
+                LABELS[subject],
+                str(group["concurrency"]),
+                _fmt(tp),
+                _fmt(ratio(tp, floor), 2),
+                _fmt(ratio(tp, peer1), 2),
+                _fmt(group["p50_ms"]),
+                _fmt(group["p99_ms"]),
+                _fmt(group["cpu_s_per_1k"], 2),
+                _fmt(group["peak_rss_mb"]),
+                statuses,
+            ]
+        )
+    header = [
+        "subject",
+        "concurrency",
+        "events/s",
+        "x min(A,B)",
+        "x peer 1",
+        "p50 ms",
+        "p99 ms",
+        "CPU s / 1k ev",
+        "peak RSS MB",
+        "outcomes",
+    ]
+    return _table(header, rows)
+
+
+def sweep_points(
+    summary: dict[str, Group], latency_scenarios: Sequence[str] = ("sweep", "api20")
+) -> list[dict[str, Any]]:
+    """Worker and ceiling B throughput per max_in_flight at 20 ms (sweep runs plus the main run)."""
+    points: dict[int, dict[str, Any]] = {}
+    for group in summary.values():
+        if group["scenario"] not in latency_scenarios or group["subject"] not in ("worker", "ceiling_b"):
+            continue
+        point = points.setdefault(group["concurrency"], {"max_in_flight": group["concurrency"]})
+        point.setdefault(group["subject"], group["throughput"])
+    return [points[c] for c in sorted(points)]
+
+
+def sweep_table(points: list[dict[str, Any]], ceiling_a: float | None, api_latency_ms: float = 20.0) -> str:
+    rows = []
+    for point in points:
+        theory = point["max_in_flight"] / (api_latency_ms / 1000)
+        floor = _min(theory, ceiling_a, point.get("ceiling_b"))
+        rows.append(
+            [
+                str(point["max_in_flight"]),
+                _fmt(point.get("worker")),
+                _fmt(theory),
+                _fmt(point.get("ceiling_b")),
+                _fmt(ratio(point.get("worker"), floor), 2),
+            ]
+        )
+    header = [
+        "max_in_flight",
+        "worker events/s",
+        "max_in_flight / 20 ms",
+        "ceiling B events/s",
+        "x min(theory, A, B)",
+    ]
+    return _table(header, rows)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The whole Markdown report from the JSON report's content."""
+    summary: dict[str, Group] = report["summary"]
+    env = report["environment"]
+    config = report["config"]
+    concurrency = config["concurrency"]
+    targets = [Target(**t) for t in report["targets"]]
+    out = [
+        "# coc-change-worker benchmark",
+        "",
+        f"{env['date']} · commit `{env['git_commit']}`{' (dirty)' if env.get('git_dirty') else ''} · "
+        f"{env['cpu_count']} CPUs · load average {env['loadavg_start']} → {env['loadavg_end']} · "
+        f"Python {env['python']} · {config['mode']} run: {config['events']:,} events over "
+        f"{config['tickets']:,} tickets, {config['repeats']} repeat(s), medians shown · "
+        f"took {report['elapsed_s']:.0f} s",
+        "",
+        "## Targets (issue 5), as ratios from this run",
+        "",
+        _table(
+            ["target", "measured", "ratio to threshold", "met"],
+            [[t.name, t.measured, _fmt(t.ratio, 2), t.mark] for t in targets],
+        ),
+        "",
+        f"## 0 ms API latency (backlog, worker max_in_flight {concurrency})",
+        "",
+        scenario_table(summary, "api0", concurrency),
+        "",
+        f"## 20 ms API latency (backlog, worker max_in_flight {concurrency})",
+        "",
+        scenario_table(summary, "api20", concurrency),
+        "",
+        "## max_in_flight sweep at 20 ms API latency",
+        "",
+        sweep_table(sweep_points(summary), _tp(find(summary, "api20", "ceiling_a"))),
+        "",
+    ]
+    paced = find(summary, "paced", "worker")
+    if paced:
+        out += [
+            "## Paced at half the saturating rate (0 ms API latency)",
+            "",
+            f"{_fmt(report['config'].get('paced_rate'))} events/s offered "
+            f"(half the worker's median 0 ms throughput) for {config['paced_s']:g} s, "
+            f"{paced['runs']} run(s), medians: p50 {_fmt(paced['p50_ms'], 1)} ms, "
+            f"p99 {_fmt(paced['p99_ms'], 1)} ms from the input record's timestamp to the outcome "
+            f"record's (p99 per run: {', '.join(_fmt(v, 1) for v in paced['p99s'])} ms). Split at the "
+            f"worker's `received_at`: waiting to be fetched p50/p99 {_fmt(paced['wait_p50_ms'], 1)}/"
+            f"{_fmt(paced['wait_p99_ms'], 1)} ms, held by the worker p50/p99 "
+            f"{_fmt(paced['held_p50_ms'], 1)}/{_fmt(paced['held_p99_ms'], 1)} ms. "
+            f"CPU {_fmt(paced['cpu_s_per_1k'], 2)} s / 1k events.",
+            "",
+        ]
+    out += ["## Notes", ""]
+    out += [f"- {note}" for note in report.get("notes", [])]
+    out += [
+        "- Latency columns of the backlog scenarios are queueing time (the whole backlog is written "
+        "before the subject starts); the paced scenario measures added latency.",
+        "- Slow subjects are measured over a time-capped window after their first outcome "
+        "(`cap_s` in latest.json), not over the whole backlog.",
+        "",
+        "![throughput vs max_in_flight](latest.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def write_chart(summary: dict[str, Group], path: Path, api_latency_ms: float = 20.0) -> None:
+    """Throughput vs max_in_flight at 20 ms, with the max_in_flight / 20 ms line and the ceilings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sweep_points(summary)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    if points:
+        xs = [p["max_in_flight"] for p in points]
+        lo, hi = min(xs), max(xs)
+        theory_x = [lo, hi]
+        ax.plot(
+            theory_x,
+            [x / (api_latency_ms / 1000) for x in theory_x],
+            "k--",
+            lw=1,
+            label="max_in_flight / 20 ms",
+        )
+        worker = [(p["max_in_flight"], p["worker"]) for p in points if p.get("worker")]
+        if worker:
+            ax.plot(*zip(*worker, strict=True), "o-", color="tab:blue", lw=2, label="worker")
+        ceiling_b = [(p["max_in_flight"], p["ceiling_b"]) for p in points if p.get("ceiling_b")]
+        if ceiling_b:
+            ax.plot(
+                *zip(*ceiling_b, strict=True), "s:", color="tab:orange", label="ceiling B: bare signed PUTs"
+            )
+        ceiling_a = _tp(find(summary, "api20", "ceiling_a"))
+        if ceiling_a:
+            ax.axhline(
+                ceiling_a, color="tab:green", ls="-.", label=f"ceiling A: bare consumer ({ceiling_a:,.0f}/s)"
+            )
+        for subject, color in (
+            ("faststream", "tab:red"),
+            ("pyrallel", "tab:purple"),
+            ("baseline", "tab:gray"),
+        ):
+            value = _tp(find(summary, "api20", subject))
+            if value:
+                ax.axhline(value, color=color, ls=":", lw=1, label=f"{LABELS[subject]} ({value:,.0f}/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        tops = [v for p in points for v in (p.get("worker"), p.get("ceiling_b")) if v]
+        if ceiling_a:
+            tops.append(ceiling_a)
+        ax.set_ylim(bottom=10, top=max([*tops, hi / (api_latency_ms / 1000)]) * 2)
+    ax.set_xlabel("max_in_flight (concurrency)")
+    ax.set_ylabel("events per second (log)")
+    ax.set_title("Throughput at 20 ms API latency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,404 @@
+"""``make bench``: measure the worker against its ceilings, two peers and a naive baseline, in one run.
+
+Writes ``bench/results/latest.json`` (every run's raw numbers and the environment),
+``latest.md`` (tables; the issue's targets as ratios) and ``latest.png`` (throughput vs
+max_in_flight at 20 ms), then prints the Markdown. See ``bench/README.md``.
+
+    python bench/run.py                     # full run, < 10 minutes on 2 cores
+    python bench/run.py --quick             # ~1 minute smoke run
+    python bench/run.py --subjects worker,ceiling_a,ceiling_b --repeats 1 \\
+        --worker-env COC_WORKER_KAFKA_FETCH_MAX_WAIT_MS=20   # quick re-measure while tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import report  # noqa: E402
+from bench.envs import pyrallel_python  # noqa: E402
+from bench.scenarios import Harness, RunResult, RunSpec  # noqa: E402
+from bench.stats import median  # noqa: E402
+
+SUBJECTS = ("ceiling_a", "ceiling_b", "worker", "faststream", "pyrallel", "baseline")
+
+
+@dataclass(slots=True)
+class Plan:
+    """Sizes and time caps; ``--quick`` shrinks all of them."""
+
+    mode: str
+    events: int
+    tickets: int
+    repeats: int
+    concurrency: int
+    sweep: list[int]
+    rss_events: int
+    worker_cap_s: float
+    peer_cap_s: float
+    ceiling_cap_s: float
+    sweep_cap_s: float
+    paced_s: float
+    rss_cap_s: float
+    subjects: list[str] = field(default_factory=lambda: list(SUBJECTS))
+    latencies: list[float] = field(default_factory=lambda: [0.0, 20.0])
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        plan = Plan("quick", 5_000, 200, 1, 256, [16, 256], 5_000, 3, 2, 2, 3, 4, 4)
+    else:
+        plan = Plan("full", 50_000, 1_000, 3, 256, [16, 64, 256, 1024], 100_000, 8, 5, 4, 7, 10, 45)
+    if args.events:
+        plan.events = args.events
+    if args.tickets:
+        plan.tickets = args.tickets
+    if args.repeats:
+        plan.repeats = args.repeats
+    if args.concurrency:
+        plan.concurrency = args.concurrency
+    if args.sweep is not None:
+        plan.sweep = [int(c) for c in args.sweep.split(",") if c]
+    if args.rss_events is not None:
+        plan.rss_events = args.rss_events
+    if args.subjects:
+        unknown = set(args.subjects.split(",")) - set(SUBJECTS)
+        if unknown:
+            raise SystemExit(f"unknown subjects: {', '.join(sorted(unknown))}; known: {', '.join(SUBJECTS)}")
+        plan.subjects = [s for s in SUBJECTS if s in args.subjects.split(",")]
+    return plan
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run with small sizes")
+    parser.add_argument("--events", type=int, help="backlog size (default 50,000; quick 5,000)")
+    parser.add_argument("--tickets", type=int, help="tickets the events are spread over (default 1,000)")
+    parser.add_argument("--repeats", type=int, help="repeats of the 0 ms and 20 ms scenarios (default 3)")
+    parser.add_argument("--concurrency", type=int, help="worker max_in_flight of the main scenarios (256)")
+    parser.add_argument("--sweep", help="max_in_flight values at 20 ms, comma-separated ('' = none)")
+    parser.add_argument("--rss-events", type=int, help="backlog of the peak-RSS run (100,000; 0 = skip)")
+    parser.add_argument("--subjects", help="comma-separated subset of: " + ", ".join(SUBJECTS))
+    parser.add_argument("--no-paced", action="store_true", help="skip the paced latency scenario")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="COC_WORKER_X=VALUE",
+        help="extra worker setting for every worker run (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where latest.* go")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every run)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the worker at 0 and 20 ms, once, under pyinstrument: writes profile-*.txt to --out "
+        "(latest.* are left alone: profiled numbers are not comparable)",
+    )
+    return parser.parse_args(argv)
+
+
+def _worker_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("COC_WORKER_"):
+            raise SystemExit(f"--worker-env wants COC_WORKER_NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+# --- the run ------------------------------------------------------------------------------------------
+async def measure(plan: Plan, harness: Harness, log: Any) -> tuple[list[RunResult], dict[str, Any]]:
+    results: list[RunResult] = []
+    extra: dict[str, Any] = {}
+
+    async def run(spec: RunSpec) -> RunResult:
+        result = await harness.run(spec)
+        results.append(result)
+        log(_line(result))
+        return result
+
+    main_subjects = [s for s in plan.subjects]
+    for repeat in range(plan.repeats):
+        for latency in plan.latencies:
+            scenario = f"api{latency:g}"
+            # rotate the order every repeat so slow drifts of the machine's load hit every subject
+            shift = repeat % len(main_subjects) if main_subjects else 0
+            for subject in main_subjects[shift:] + main_subjects[:shift]:
+                await run(_spec(plan, scenario, subject, latency))
+    if "worker" in plan.subjects or "ceiling_b" in plan.subjects:
+        for concurrency in plan.sweep:
+            if concurrency == plan.concurrency and "api20" in {f"api{lat:g}" for lat in plan.latencies}:
+                continue  # the main 20 ms runs are this point
+            for subject in ("ceiling_b", "worker"):
+                if subject in plan.subjects:
+                    cap = plan.ceiling_cap_s if subject == "ceiling_b" else plan.sweep_cap_s
+                    await run(RunSpec("sweep", subject, 20.0, concurrency, plan.events, cap))
+    if "worker" in plan.subjects and plan.paced_s > 0:
+        saturating = median(
+            r.throughput for r in results if r.spec.scenario == "api0" and r.spec.subject == "worker"
+        )
+        if saturating:
+            rate = saturating / 2
+            count = max(200, int(rate * plan.paced_s))
+            extra["paced_rate"] = rate
+            for _ in range(plan.repeats):  # the p99 of one short run is at the mercy of one hiccup
+                await run(
+                    RunSpec(
+                        "paced", "worker", 0.0, plan.concurrency, count, plan.paced_s + 20, paced_rate=rate
+                    )
+                )
+    if "worker" in plan.subjects and plan.rss_events > 0:
+        await run(RunSpec("rss", "worker", 0.0, plan.concurrency, plan.rss_events, plan.rss_cap_s))
+    return results, extra
+
+
+def _spec(plan: Plan, scenario: str, subject: str, latency: float) -> RunSpec:
+    if subject == "worker":
+        return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.worker_cap_s)
+    if subject == "ceiling_a":
+        return RunSpec(scenario, subject, latency, 1, plan.events, 60.0)
+    if subject == "ceiling_b":
+        return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.ceiling_cap_s)
+    if subject == "faststream":
+        # at-least-once FastStream runs one message at a time per partition: one worker per partition
+        from bench.scenarios import PARTITIONS
+
+        return RunSpec(scenario, subject, latency, PARTITIONS, plan.events, plan.peer_cap_s)
+    if subject == "pyrallel":
+        return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.peer_cap_s)
+    return RunSpec(scenario, subject, latency, 1, plan.events, plan.peer_cap_s)
+
+
+def _line(r: RunResult) -> str:
+    s = r.spec
+    tp = f"{r.throughput:,.0f} ev/s" if r.throughput else "-"
+    cpu = f"{r.cpu_s_per_1k:.2f} CPU s/1k" if r.cpu_s_per_1k is not None else ""
+    rss = f"{r.peak_rss_mb:.0f} MB" if r.peak_rss_mb else ""
+    state = "ok" if r.ok else f"FAILED: {r.error}"
+    return (
+        f"  {s.scenario:>6} {s.subject:<10} c={s.concurrency:<5} {tp:>14} n={r.count:<6} "
+        f"{cpu:>16} {rss:>7} {r.wall_s:5.1f}s {state}"
+    )
+
+
+# --- environment --------------------------------------------------------------------------------------
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _pyrallel_version(python: str | None) -> str | None:
+    if python is None:
+        return None
+    try:
+        out = subprocess.run(
+            [
+                python,
+                "-c",
+                "from importlib.metadata import version as v; print(v('pyrallel-consumer'), v('confluent-kafka'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        return f"{out[0]} (confluent-kafka {out[1]})"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def environment(pyrallel: str | None) -> dict[str, Any]:
+    from worker.sandbox import tansu_binary
+
+    try:
+        tansu = subprocess.run(
+            [tansu_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        tansu = "unknown"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "worker", "schemas")),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_start": _loadavg(),
+        "tansu": tansu,
+        "versions": {
+            name: _version(name)
+            for name in (
+                "aiokafka",
+                "aiohttp",
+                "pydantic",
+                "faststream",
+                "psutil",
+                "matplotlib",
+                "uvloop",
+                "orjson",
+            )
+        }
+        | {"pyrallel-consumer": _pyrallel_version(pyrallel)},
+    }
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+# --- main ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = build_plan(args)
+    if args.no_paced:
+        plan.paced_s = 0
+    if args.profile:
+        plan.subjects, plan.repeats, plan.sweep, plan.paced_s, plan.rss_events = ["worker"], 1, [], 0, 0
+    worker_env = _worker_env(args.worker_env)
+    started = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="coc-bench-"))
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    notes: list[str] = []
+    pyrallel: str | None = None
+    if "pyrallel" in plan.subjects:
+        log("peer 2: preparing pyrallel-consumer ...")
+        pyrallel, how = pyrallel_python(workdir / "pyrallel-install.log")
+        log(f"peer 2: {how}")
+        if pyrallel is None:
+            plan.subjects.remove("pyrallel")
+            notes.append(f"Peer 2 (pyrallel-consumer) was not measured: {how}.")
+        else:
+            notes.append(f"Peer 2 (pyrallel-consumer) ran from the {how}.")
+    env = environment(pyrallel)
+    log(
+        f"plan: {plan.mode}, {plan.events:,} events over {plan.tickets:,} tickets, {plan.repeats} repeat(s), "
+        f"subjects {', '.join(plan.subjects)}; work directory {workdir}"
+    )
+    harness = Harness(
+        workdir,
+        plan.tickets,
+        seed=7,
+        worker_env=worker_env,
+        pyrallel_python=pyrallel,
+        profile_dir=args.out if args.profile else None,
+    )
+    harness.start()
+    try:
+        results, extra = asyncio.run(measure(plan, harness, log))
+    finally:
+        harness.stop()
+    env["loadavg_end"] = _loadavg()
+    if args.profile:
+        for path in sorted(args.out.glob("profile-*.txt")):
+            print(f"profile: {path}")
+        return 0
+    runs = [r.to_json() for r in results]
+    summary = report.summarize(runs)
+    targets = report.evaluate_targets(summary, plan.concurrency, rss_events=plan.rss_events)
+    notes += harness.incidents
+    notes += _notes(plan, runs)
+    config: dict[str, Any] = {
+        "mode": plan.mode,
+        "events": plan.events,
+        "tickets": plan.tickets,
+        "repeats": plan.repeats,
+        "concurrency": plan.concurrency,
+        "sweep": plan.sweep,
+        "rss_events": plan.rss_events,
+        "paced_s": plan.paced_s,
+        "subjects": plan.subjects,
+        "worker_env": worker_env,
+        "caps_s": {
+            "worker": plan.worker_cap_s,
+            "peers": plan.peer_cap_s,
+            "ceiling_b": plan.ceiling_cap_s,
+            "sweep": plan.sweep_cap_s,
+            "rss": plan.rss_cap_s,
+        },
+        **extra,
+    }
+    doc = {
+        "environment": env,
+        "config": config,
+        "elapsed_s": time.monotonic() - started,
+        "targets": [
+            {"name": t.name, "measured": t.measured, "ratio": t.ratio, "met": t.met} for t in targets
+        ],
+        "summary": summary,
+        "notes": notes,
+        "runs": runs,
+    }
+    (args.out / "latest.json").write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    text = report.markdown(doc)
+    (args.out / "latest.md").write_text(text, encoding="utf-8")
+    report.write_chart(summary, args.out / "latest.png")
+    print()
+    print(text)
+    if args.keep:
+        print(f"logs of every run: {workdir}")
+    else:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _notes(plan: Plan, runs: list[dict[str, Any]]) -> list[str]:
+    notes = [
+        "Every subject is its own process; the simulator is another (one process for the whole run, reset "
+        "before each run); broker: a fresh Tansu per run. All share the machine's cores.",
+        "FastStream runs with `ack_policy=AckPolicy.ACK` (commit after the handler, i.e. after the outcome is "
+        "confirmed) and `max_workers` = partitions: at-least-once FastStream handles one message at a time per "
+        "partition, so its concurrency is the partition count, not max_in_flight.",
+    ]
+    bad = [r for r in runs if r["statuses"] and set(r["statuses"]) != {"applied"}]
+    for r in bad:
+        notes.append(
+            f"{r['subject']} in {r['scenario']} (c={r['concurrency']}) had non-applied outcomes {r['statuses']}: "
+            "an event applied out of order is refused by the simulator."
+        )
+    failed = [r for r in runs if not r["ok"]]
+    for r in failed:
+        notes.append(f"{r['subject']} in {r['scenario']} (c={r['concurrency']}) failed: {r['error']}")
+    return notes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

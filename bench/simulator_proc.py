@@ -1,0 +1,46 @@
+"""Run the COC API simulator in its own process and print its URL on the first stdout line.
+
+The benchmark runs the simulator here, not in its own event loop, so that the simulator's work does
+not compete with the measured process's event loop (they still share the machine's cores).
+``python bench/simulator_proc.py --ak AK --sk SK --latency-ms 20`` prints ``http://127.0.0.1:PORT``.
+Faults can be changed between scenarios through the admin API (``PUT /_sim/faults``,
+``POST /_sim/reset``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ak", required=True)
+    parser.add_argument("--sk", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    config = SimulatorConfig(
+        port=args.port,
+        credentials={args.ak: args.sk},
+        auto_create=True,
+        faults=FaultConfig(latency_ms=args.latency_ms),
+        request_log_size=1,  # the benchmark reads counters only; keep the simulator's memory flat
+    )
+
+    def ready(url: str) -> None:
+        print(url, flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_simulator(config, ready=ready))
+
+
+if __name__ == "__main__":
+    main()

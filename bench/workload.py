@@ -1,0 +1,148 @@
+"""The benchmark's input: a deterministic backlog of valid change events, and how it is produced.
+
+Every ticket walks its sub-tickets through the simulator's state machine in order (started ->
+ended -> succeeded | failed), so an event applied out of order is refused by the simulator and
+shows up as a ``rejected`` outcome: the report counts them, which doubles as an ordering check.
+Events are produced keyed by ticket, tickets interleaved, so every partition holds many tickets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+
+Record = tuple[bytes, bytes]
+
+_SOURCES = ("argo-cd", "spinnaker", "jenkins", "alertmanager")
+_FAIL_TYPES = ("fr_dependent_service_issue", "fr_change_plan_issue", "fr_operation_issue")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    events: int
+    tickets: int
+    seed: int = 7
+
+    @property
+    def per_ticket(self) -> int:
+        return max(1, self.events // self.tickets)
+
+
+def ticket_id(n: int) -> str:
+    return f"CMBENCH{n:06d}"
+
+
+def _event(ticket: int, k: int, rng: random.Random) -> dict[str, object]:
+    """The k-th event of a ticket: sub-ticket k // 3, step k % 3 of its lifecycle."""
+    sub, step = divmod(k, 3)
+    base: dict[str, object] = {
+        "event_id": f"bench-{ticket:06d}-{k:05d}",
+        "ticket_id": ticket_id(ticket),
+        "sub_ticket_id": f"region-{sub:03d}",
+        "source": _SOURCES[(ticket + sub) % len(_SOURCES)],
+        "occurred_at": f"2025-11-28T{(k // 60) % 24:02d}:{k % 60:02d}:00Z",
+    }
+    if step == 0:
+        return {**base, "type": "change.started"}
+    if step == 1:
+        return {**base, "type": "change.ended"}
+    if rng.random() < 0.8:
+        return {
+            **base,
+            "type": "change.succeeded",
+            "result": {"is_verified_in_change_time": True, "comment": "Rollout healthy; canary green."},
+        }
+    start = 1_764_300_000_000 + k * 1000
+    return {
+        **base,
+        "type": "change.failed",
+        "result": {
+            "comment": "HighErrorRate firing after the change.",
+            "change_fail_type": rng.choice(_FAIL_TYPES),
+            "rollback_start_time": start,
+            "rollback_end_time": start + 300_000,
+            "is_rollback_success": True,
+            "is_monitor_found": True,
+        },
+    }
+
+
+def generate(workload: Workload) -> list[Record]:
+    """``(key, value)`` in produce order: round-robin over tickets, each ticket's events in order."""
+    rng = random.Random(workload.seed)
+    records: list[Record] = []
+    order = list(range(workload.tickets))
+    rng.shuffle(order)
+    produced = 0
+    for k in range(workload.per_ticket):
+        for ticket in order:
+            if produced == workload.events:
+                return records
+            value = json.dumps(_event(ticket, k, rng), separators=(",", ":")).encode()
+            records.append((ticket_id(ticket).encode(), value))
+            produced += 1
+    # events not divisible by tickets: top up on the first tickets, still in order
+    k = workload.per_ticket
+    for ticket in order:
+        if produced == workload.events:
+            break
+        value = json.dumps(_event(ticket, k, rng), separators=(",", ":")).encode()
+        records.append((ticket_id(ticket).encode(), value))
+        produced += 1
+    return records
+
+
+def _producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024)
+
+
+#: (partition, offset) -> the record's timestamp (ms), as the producer stamped it
+Timestamps = dict[tuple[int, int], int]
+
+
+async def produce_backlog(bootstrap: str, topic: str, records: list[Record]) -> Timestamps:
+    """Write every record (acks=all) before the subject starts."""
+    producer = _producer(bootstrap)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=key, value=value) for key, value in records]
+        written = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return {(md.partition, md.offset): md.timestamp for md in written}
+
+
+def paced_schedule(count: int, rate_per_s: float) -> Iterator[tuple[int, float]]:
+    """(index, offset in seconds from the start) at which each record is due, evenly spaced."""
+    interval = 1.0 / rate_per_s
+    for i in range(count):
+        yield i, i * interval
+
+
+async def produce_paced(
+    bootstrap: str, topic: str, records: list[Record], rate_per_s: float
+) -> tuple[Timestamps, float]:
+    """Produce at ``rate_per_s``, each record stamped when it is sent; returns them and the rate achieved."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    loop = asyncio.get_running_loop()
+    futures = []
+    try:
+        start = loop.time()
+        for i, due in paced_schedule(len(records), rate_per_s):
+            delay = start + due - loop.time()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            key, value = records[i]
+            futures.append(await producer.send(topic, key=key, value=value))
+        written = await asyncio.gather(*futures)
+        elapsed = loop.time() - start
+    finally:
+        await producer.stop()
+    achieved = len(records) / elapsed if elapsed > 0 else float("inf")
+    return {(md.partition, md.offset): md.timestamp for md in written}, achieved

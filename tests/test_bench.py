@@ -1,0 +1,296 @@
+"""The benchmark's pure parts (statistics, workload, report), so they cannot rot between runs.
+
+The benchmark itself is ``make bench``; nothing here starts a broker or a process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import report
+from bench.stats import (
+    Sample,
+    analyze_outcomes,
+    cpu_at,
+    cpu_between,
+    median,
+    percentile,
+    ratio,
+)
+from bench.workload import Workload, generate, paced_schedule, ticket_id
+from schemas.events import CHANGE_EVENT_ADAPTER
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+def test_percentile_interpolates_between_closest_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # order of the input does not matter
+
+
+def test_percentile_of_nothing_is_none_and_q_is_checked() -> None:
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match=r"0\.\.100"):
+        percentile([1.0], 101)
+
+
+def test_median_skips_missing_values() -> None:
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([1.0, 4.0]) == 2.5
+    assert median([None, None]) is None
+    assert median([]) is None
+
+
+def test_ratio_guards_missing_and_zero() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None
+    assert ratio(1.0, 0.0) is None
+    assert ratio(1.0, None) is None
+
+
+def test_cpu_between_interpolates_samples() -> None:
+    samples = [Sample(100.0, 1.0, 0), Sample(101.0, 2.0, 0), Sample(103.0, 6.0, 0)]
+    assert cpu_at(samples, 99.0) == 1.0  # before the first sample
+    assert cpu_at(samples, 100.5) == pytest.approx(1.5)
+    assert cpu_at(samples, 102.0) == pytest.approx(4.0)
+    assert cpu_at(samples, 200.0) == 6.0  # after the last
+    assert cpu_between(samples, 100.5, 102.0) == pytest.approx(2.5)
+    assert cpu_between([], 0.0, 1.0) is None
+
+
+def _outcome(
+    partition: int, offset: int, received: datetime, seconds: float, status: str = "applied"
+) -> bytes:
+    return json.dumps(
+        {
+            "status": status,
+            "source": {"topic": "t", "partition": partition, "offset": offset},
+            "received_at": received.isoformat().replace("+00:00", "Z"),
+            "finished_at": (received + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z"),
+        }
+    ).encode()
+
+
+def test_analyze_outcomes_counts_each_input_once_and_measures_the_window() -> None:
+    t0 = datetime(2025, 11, 28, 12, 0, 0, tzinfo=UTC)
+    outcomes = [
+        (_outcome(0, 0, t0, 0.5), 1_000),
+        (_outcome(0, 1, t0 + timedelta(seconds=1), 1.0), 1_100),
+        (_outcome(1, 0, t0 + timedelta(seconds=2), 2.0, "rejected"), 1_300),
+        (_outcome(0, 1, t0 + timedelta(seconds=3), 1.0), 9_999),  # a redelivered copy
+    ]
+    inputs = {(0, 0): 900, (0, 1): 1_000, (1, 0): 1_000}
+    stats = analyze_outcomes(outcomes, inputs)
+    assert stats.count == 3
+    assert stats.copies == 1
+    assert stats.statuses == {"applied": 2, "rejected": 1}
+    assert stats.window_s == pytest.approx(4.0)  # 12:00:00 -> 12:00:04
+    assert stats.throughput == pytest.approx(0.75)
+    assert sorted(stats.latencies_ms) == [100.0, 100.0, 300.0]  # first copies only
+    # received_at 12:00:00 is 900 ms after the input's timestamp of 1970-01-01 00:00:00.900
+    assert stats.wait_ms[0] == pytest.approx(t0.timestamp() * 1000 - 900)
+    assert stats.held_ms == pytest.approx([500.0, 1000.0, 2000.0])
+
+
+def test_analyze_outcomes_of_nothing() -> None:
+    stats = analyze_outcomes([])
+    assert stats.count == 0
+    assert stats.throughput is None
+    assert stats.window_s is None
+
+
+# --- workload -----------------------------------------------------------------------------------------
+def test_workload_is_deterministic_valid_and_ordered_per_ticket() -> None:
+    records = generate(Workload(events=300, tickets=20, seed=3))
+    assert records == generate(Workload(events=300, tickets=20, seed=3))
+    assert len(records) == 300
+    steps: dict[str, list[str]] = defaultdict(list)
+    for key, value in records:
+        event = CHANGE_EVENT_ADAPTER.validate_json(value)  # every event passes the contract
+        assert key == event.ticket_id.encode()
+        steps[f"{event.ticket_id}/{event.sub_ticket_id}"].append(event.type.value)
+    assert len({key for key, _ in records}) == 20
+    for sequence in steps.values():  # each sub-ticket walks the state machine in order
+        assert sequence[0] == "change.started"
+        assert sequence[1:2] in ([], ["change.ended"])
+        assert all(step in ("change.succeeded", "change.failed") for step in sequence[2:])
+        assert len(sequence) <= 3
+
+
+def test_workload_tops_up_when_events_do_not_divide_evenly() -> None:
+    records = generate(Workload(events=47, tickets=10))
+    assert len(records) == 47
+    assert {key for key, _ in records} == {ticket_id(n).encode() for n in range(10)}
+    event_ids = [json.loads(value)["event_id"] for _, value in records]
+    assert len(set(event_ids)) == 47
+
+
+def test_paced_schedule_spreads_records_evenly() -> None:
+    schedule = list(paced_schedule(5, rate_per_s=100.0))
+    assert [i for i, _ in schedule] == [0, 1, 2, 3, 4]
+    assert [due for _, due in schedule] == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04])
+
+
+# --- report -------------------------------------------------------------------------------------------
+def _run(
+    scenario: str, subject: str, concurrency: int, throughput: float | None, **extra: Any
+) -> dict[str, Any]:
+    run: dict[str, Any] = {
+        "scenario": scenario,
+        "subject": subject,
+        "latency_ms": 20.0 if scenario in ("api20", "sweep") else 0.0,
+        "concurrency": concurrency,
+        "events": 1000,
+        "cap_s": 10.0,
+        "paced_rate": None,
+        "ok": throughput is not None,
+        "error": None if throughput is not None else "boom",
+        "count": 1000,
+        "throughput": throughput,
+        "p50_ms": 10.0,
+        "p99_ms": 40.0,
+        "cpu_s": 1.0,
+        "cpu_s_per_1k": 1.0,
+        "peak_rss_mb": 80.0,
+        "statuses": {"applied": 1000} if throughput is not None else {},
+        "copies": 0,
+        "wall_s": 12.0,
+        "extra": {"complete": True},
+    }
+    run.update(extra)
+    return run
+
+
+def _runs() -> list[dict[str, Any]]:
+    return [
+        _run("api0", "worker", 256, 700.0),
+        _run("api0", "worker", 256, 900.0),
+        _run("api0", "worker", 256, 800.0),
+        _run("api0", "ceiling_a", 1, 100_000.0),
+        _run("api0", "ceiling_b", 256, 1_000.0),
+        _run("api20", "worker", 256, 2_000.0),
+        _run("api20", "worker", 256, None),  # a failed repeat is left out of the medians
+        _run("api20", "ceiling_a", 1, 100_000.0),
+        _run("api20", "ceiling_b", 256, 3_000.0),
+        _run("api20", "faststream", 12, 300.0),
+        _run("sweep", "worker", 16, 500.0),
+        _run("sweep", "ceiling_b", 16, 700.0),
+        _run("paced", "worker", 256, 400.0, p99_ms=30.0, p50_ms=12.0),
+        _run(
+            "rss",
+            "worker",
+            256,
+            800.0,
+            peak_rss_mb=120.0,
+            count=60_000,
+            events=100_000,
+            extra={"complete": False},
+        ),
+    ]
+
+
+def test_summarize_takes_medians_of_the_good_repeats() -> None:
+    summary = report.summarize(_runs())
+    worker0 = summary[report.group_key("api0", "worker", 256)]
+    assert worker0["throughput"] == 800.0
+    assert worker0["runs"] == 3
+    assert worker0["statuses"] == {"applied": 3000}
+    worker20 = summary[report.group_key("api20", "worker", 256)]
+    assert (worker20["runs"], worker20["ok_runs"], worker20["throughput"]) == (2, 1, 2000.0)
+    assert worker20["errors"] == ["boom"]
+    assert summary[report.group_key("rss", "worker", 256)]["complete"] is False
+
+
+def test_targets_are_ratios_to_the_same_run() -> None:
+    targets = report.evaluate_targets(report.summarize(_runs()), concurrency=256)
+    by_name = {t.name.split(":")[0]: t for t in targets}
+    assert len(targets) == 5
+    t0, t20, peer, p99, rss = targets
+    assert t0.met is True  # 800 vs min(100k, 1000) = 0.8 >= 0.7
+    assert t0.ratio == pytest.approx(0.8 / 0.7)
+    assert t20.met is False  # 2000 vs min(12800, 100k, 3000) = 0.67 < 0.8
+    assert t20.ratio == pytest.approx((2000 / 3000) / 0.8)
+    assert peer.met is True  # 2000 / 300 = 6.7 >= 5
+    assert p99.met is True
+    assert p99.ratio == pytest.approx(50 / 30)
+    assert rss.met is True
+    assert "only 60,000 of 100,000" in rss.measured
+    assert {t.mark for t in targets} == {"✅", "❌"}
+    assert "0 ms API" in by_name
+
+
+def test_targets_not_measured_are_not_applicable() -> None:
+    targets = report.evaluate_targets({}, concurrency=256)
+    assert all(t.met is None and t.mark == "n/a" for t in targets)
+
+
+def test_sweep_points_merge_the_sweep_and_the_main_20ms_run() -> None:
+    points = report.sweep_points(report.summarize(_runs()))
+    assert points == [
+        {"max_in_flight": 16, "worker": 500.0, "ceiling_b": 700.0},
+        {"max_in_flight": 256, "worker": 2000.0, "ceiling_b": 3000.0},
+    ]
+    table = report.sweep_table(points, ceiling_a=100_000.0)
+    assert "| 16 | 500 | 800 | 700 | 0.71 |" in table  # 500 / min(800, 100k, 700)
+
+
+def test_markdown_has_the_targets_and_every_scenario() -> None:
+    runs = _runs()
+    summary = report.summarize(runs)
+    targets = report.evaluate_targets(summary, concurrency=256)
+    doc = {
+        "environment": {
+            "date": "2025-11-28 12:00 UTC",
+            "git_commit": "abc1234",
+            "git_dirty": False,
+            "cpu_count": 2,
+            "loadavg_start": "1.00",
+            "loadavg_end": "1.50",
+            "python": "3.11.7",
+        },
+        "config": {
+            "mode": "full",
+            "events": 50_000,
+            "tickets": 1_000,
+            "repeats": 3,
+            "concurrency": 256,
+            "paced_s": 15,
+            "paced_rate": 400.0,
+        },
+        "elapsed_s": 480.0,
+        "targets": [
+            {"name": t.name, "measured": t.measured, "ratio": t.ratio, "met": t.met} for t in targets
+        ],
+        "summary": summary,
+        "notes": ["a note"],
+        "runs": runs,
+    }
+    text = report.markdown(doc)
+    assert "## Targets (issue 5)" in text
+    assert "| worker (coc-change-worker) | 256 | 800 | 0.80 |" in text
+    assert "## max_in_flight sweep" in text
+    assert "p99 30.0 ms" in text
+    assert "- a note" in text
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib: pip install '.[bench]'"
+)
+def test_chart_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "chart.png"
+    report.write_chart(report.summarize(_runs()), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
