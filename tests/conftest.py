@@ -6,6 +6,7 @@ A missing service skips its tests locally, with the reason printed, and fails th
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import structlog
 
 from worker.sandbox import TansuBroker, create_topics
 
@@ -46,6 +48,18 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Commands run in-process configure logging globally: give every test the defaults back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -99,15 +99,17 @@ class ApiCaller:
         """One HTTP attempt behind the rate limit and the adaptive concurrency limit."""
         if self._rate_limit is not None:
             await self._rate_limit.acquire()
-        async with self._concurrency.slot():
-            try:
-                response = await self._client.update_ticket(
-                    ticket_id, body, event_id=event_id, traceparent=traceparent
-                )
-            except ApiTransientError as exc:
-                if exc.http_status == 429:
-                    self._concurrency.throttled()
-                raise
+        await self._concurrency.acquire()
+        try:
+            response = await self._client.update_ticket(
+                ticket_id, body, event_id=event_id, traceparent=traceparent
+            )
+        except ApiTransientError as exc:
+            if exc.http_status == 429:
+                self._concurrency.throttled()
+            raise
+        finally:
+            self._concurrency.release()
         self._concurrency.succeeded()
         return response
 

@@ -46,7 +46,7 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
 
 def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog once, at the entry point."""
-    out = stream or sys.stderr
+    out = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
@@ -70,6 +70,19 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time, not at configure time (it may be redirected)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 class _StdlibFormatter(logging.Formatter):

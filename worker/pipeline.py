@@ -167,7 +167,7 @@ class Pipeline:
             await self._dedup(
                 lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
             )
-            log.info("event_applied", attempts=result.calls)
+            log.debug("event_applied", attempts=result.calls)  # the outcome topic is the record
             await self._emit(
                 job,
                 OutcomeStatus.APPLIED,

@@ -9,11 +9,13 @@ sent. A dead-letter record is the input message as it was (key, value bytes, hea
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.outcomes import OutcomeEvent
 from worker.errors import BrokerUnavailable
@@ -23,11 +25,17 @@ from worker.settings import WorkerSettings
 from worker.tracing import HEADER as TRACEPARENT
 
 Headers = list[tuple[str, bytes]]
+#: (key, value, headers, delivered): an outcome waiting for the next batch.
+_Queued = tuple[bytes | None, bytes, Headers, "asyncio.Future[None]"]
 
 DLQ_HEADER_PREFIX = "coc-dlq-"
 _DETAIL_LIMIT = 1000
 #: Extra room above the event size limit for the DLQ record's headers.
 _HEADROOM_BYTES = 64 * 1024
+#: Outcomes written together in one record batch (they are ~1 KB each).
+_OUTCOME_BATCH_BYTES = 256 * 1024
+#: How often the cached partition list of the results topic is refreshed.
+_PARTITIONS_TTL_S = 30.0
 #: Below Kafka's default message.max.bytes (1 MB) with room for headers.
 _SAFE_DLQ_VALUE_BYTES = 900 * 1024
 
@@ -79,10 +87,16 @@ class Publisher:
             **connection_kwargs(settings),
             acks="all",
             linger_ms=2,
+            max_batch_size=_OUTCOME_BATCH_BYTES,
             enable_idempotence=settings.kafka_enable_idempotence,
             max_request_size=max(settings.max_event_bytes + _HEADROOM_BYTES, 1_048_576),
             compression_type=None,
         )
+        self._partitioner = DefaultPartitioner()
+        self._queued: list[_Queued] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._partitions: list[int] = []
+        self._partitions_at = 0.0
 
     async def start(self) -> None:
         try:
@@ -106,25 +120,74 @@ class Publisher:
         letter: DeadLetter | None,
         traceparent: str,
     ) -> None:
-        """Send the outcome (and the dead-letter record) and wait until the broker has both."""
+        """Send the outcome (and the dead-letter record) and wait until the broker has both.
+
+        Outcomes of concurrent jobs are written together (see ``_flush``); the call returns when
+        the batch holding this outcome is acknowledged.
+        """
         headers: Headers = [
             (TRACEPARENT, traceparent.encode()),
             ("coc-status", outcome.status.value.encode()),
         ]
         key = outcome.ticket_id.encode() if outcome.ticket_id else None
+        loop = asyncio.get_running_loop()
+        delivered: asyncio.Future[None] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._start_flush)
+        self._queued.append((key, outcome.model_dump_json().encode(), headers, delivered))
         try:
-            delivered = await self._producer.send(
-                self._settings.results_topic,
-                value=outcome.model_dump_json().encode(),
-                key=key,
-                headers=headers,
-            )
             if letter is None:
                 await delivered
             else:
                 await asyncio.gather(delivered, self._deliver_dead_letter(letter, traceparent))
         except KafkaError as exc:
             raise BrokerUnavailable(f"outcome not confirmed by the broker: {type(exc).__name__}") from exc
+
+    def _start_flush(self) -> None:
+        queued, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._flush(queued))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, queued: list[_Queued]) -> None:
+        """Write the outcomes queued in one loop turn as one record batch per partition.
+
+        Per message, ``producer.send`` costs several times more CPU than a record appended to a
+        batch; at thousands of outcomes per second that difference is a visible share of the
+        worker's CPU. Partitions are chosen exactly as ``send`` would (the default partitioner on
+        the key), so per-ticket outcome order is kept.
+        """
+        try:
+            partitions = await self._results_partitions()
+            groups: dict[int, list[_Queued]] = {}
+            for item in queued:
+                groups.setdefault(self._partitioner(item[0], partitions, partitions), []).append(item)
+            for partition, items in groups.items():
+                await self._send_group(partition, items)
+        except Exception as exc:  # whatever it is, every waiting job must hear of it
+            _fail([item[3] for item in queued], exc)
+
+    async def _send_group(self, partition: int, items: list[_Queued]) -> None:
+        topic = self._settings.results_topic
+        batch, members = self._producer.create_batch(), []
+        for key, value, headers, delivered in items:
+            if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
+                batch, members = self._producer.create_batch(), []
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    _fail([delivered], MessageSizeTooLargeError())
+                    continue
+            members.append(delivered)
+        if members:
+            _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
+
+    async def _results_partitions(self) -> list[int]:
+        now = time.monotonic()
+        if not self._partitions or now - self._partitions_at > _PARTITIONS_TTL_S:
+            found = await self._producer.partitions_for(self._settings.results_topic)
+            self._partitions = sorted(found)
+            self._partitions_at = now
+        return self._partitions
 
     async def _deliver_dead_letter(self, letter: DeadLetter, traceparent: str) -> None:
         headers = dead_letter_headers(letter, self._settings.worker_id, traceparent, datetime.now(UTC))
@@ -138,3 +201,25 @@ class Publisher:
             headers.append((DLQ_HEADER_PREFIX + "value-truncated-from", str(len(value)).encode()))
             cut = value[: min(self._settings.max_event_bytes, _SAFE_DLQ_VALUE_BYTES)]
             await (await self._producer.send(topic, value=cut, key=letter.key, headers=headers))
+
+
+def _fail(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_exception(exc)
+
+
+def _settle_when_sent(sent: asyncio.Future[object], waiters: list[asyncio.Future[None]]) -> None:
+    """Resolve every outcome of a record batch when the broker acknowledges (or refuses) it."""
+
+    def settle(done: asyncio.Future[object]) -> None:
+        error = done.exception() if not done.cancelled() else KafkaError("outcome batch cancelled")
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    sent.add_done_callback(settle)

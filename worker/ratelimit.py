@@ -119,14 +119,18 @@ class AdaptiveConcurrency:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
+        await self.acquire()
         try:
             yield
         finally:
-            self._in_use -= 1
-            self._wake()
+            self.release()
 
-    async def _acquire(self) -> None:
+    def release(self) -> None:
+        self._in_use -= 1
+        self._wake()
+
+    async def acquire(self) -> None:
+        """Take a slot; pair with ``release()`` (the hot path avoids a context manager's cost)."""
         if self._in_use < self.limit and not self._waiters:
             self._in_use += 1
             return

@@ -63,7 +63,7 @@ class WorkerSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=10_000)
-    kafka_fetch_max_wait_ms: int = Field(100, ge=0, description="Lower is lower latency, more fetches.")
+    kafka_fetch_max_wait_ms: int = Field(20, ge=0, description="Lower is lower latency, more fetches.")
     kafka_enable_idempotence: bool = Field(False, description="Needs a broker with InitProducerId.")
     create_topics: bool = Field(False, description="Create the three topics at start if missing.")
     topic_partitions: int = Field(12, ge=1, description="Partitions for topics made by --create-topics.")

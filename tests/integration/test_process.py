@@ -85,6 +85,7 @@ async def test_sigterm_drains_commits_and_exits_zero(
     assert "worker_stopping" in events
     assert events[-1] == "worker_stopped"
     # every line about a message names it fully
+    assert sum(line["event"] == "event_applied" for line in lines) >= 10
     for line in lines:
         if line["event"] in ("event_applied", "event_invalid", "event_duplicate"):
             assert {"event_id", "ticket_id", "topic", "partition", "offset"} <= line.keys()
