@@ -31,11 +31,20 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
+# Every reliability scenario at full size (tests/integration/test_reliability.py, harness in
+# tests/faults/); writes docs/reliability.md. -rxX lists the known worker bugs still open.
 soak: $(STAMP)
-	$(BIN)/python -m pytest -q -m soak tests/integration --run-soak
+	$(BIN)/python -m pytest -q -rxX -m soak tests/integration --run-soak
 
-bench: $(STAMP)
-	$(BIN)/python bench/run.py
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# make bench ARGS=--quick   (see bench/README.md)
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(ARGS)
 
 schemas: $(STAMP)
 	$(BIN)/coc-worker schema --out schemas/json
