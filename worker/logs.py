@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -61,11 +61,11 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, out)),
         cache_logger_on_first_use=False,
     )
     # Libraries (aiokafka, aiohttp) log through stdlib logging: keep their warnings, redacted too.
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(cast(TextIO, out))
     handler.setFormatter(_StdlibFormatter(use_json))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -169,7 +169,8 @@ class Publisher:
 
     async def _send_group(self, partition: int, items: list[_Queued]) -> None:
         topic = self._settings.results_topic
-        batch, members = self._producer.create_batch(), []
+        batch = self._producer.create_batch()
+        members: list[asyncio.Future[None]] = []
         for key, value, headers, delivered in items:
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
