@@ -37,12 +37,43 @@ async def test_first_claim_wins_and_others_see_it_held(store: DedupStore) -> Non
     assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
 
 
-async def test_lease_expires(store: DedupStore) -> None:
-    assert (await store.claim("e2", "w1", "t/0/1", 0.05)).kind is ClaimKind.NEW
+async def test_lease_expires_and_the_taker_knows_it_took_over(store: DedupStore) -> None:
+    first = await store.claim("e2", "w1", "t/0/1", 0.05)
+    assert first.kind is ClaimKind.NEW
+    assert not first.taken_over
     deadline = asyncio.get_running_loop().time() + 5
-    while (await store.claim("e2", "w2", "t/0/1", 30)).kind is not ClaimKind.NEW:
+    while (claim := await store.claim("e2", "w2", "t/0/1", 30)).kind is not ClaimKind.NEW:
         assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
         await asyncio.sleep(0.02)
+    assert claim.taken_over  # w1 may have reached the API before it died
+    assert claim.record is not None
+    assert claim.record.owner == "w1"
+    # w2 now holds it; w1's lease is gone
+    assert not await store.extend("e2", "w1", 30)
+    assert await store.extend("e2", "w2", 30)
+
+
+async def test_extend_keeps_a_claim_alive(store: DedupStore) -> None:
+    await store.claim("e8", "w1", "t/0/1", 0.3)
+    deadline = asyncio.get_running_loop().time() + 0.6
+    while asyncio.get_running_loop().time() < deadline:
+        assert await store.extend("e8", "w1", 0.3)
+        assert (await store.claim("e8", "w2", "t/0/1", 30)).kind is ClaimKind.HELD
+        await asyncio.sleep(0.05)
+
+
+async def test_rejected_events_repeat_for_their_message_and_retry_for_another(store: DedupStore) -> None:
+    await store.claim("e9", "w1", "t/0/5", 30)
+    await store.mark_done(
+        "e9", DedupRecord("done", "w1", "t/0/5", "rejected", 1, 400, reason="api_rejected"), 60
+    )
+    same = await store.claim("e9", "w2", "t/0/5", 30)
+    assert same.kind is ClaimKind.DONE  # the same message read again: repeat its outcome
+    assert same.record is not None
+    assert same.record.reason == "api_rejected"
+    other = await store.claim("e9", "w2", "dlq-replay/0/1", 30)
+    assert other.kind is ClaimKind.NEW  # a replay of a fixed event may try again
+    assert not other.taken_over
 
 
 async def test_extend_only_by_owner(store: DedupStore) -> None:
@@ -100,7 +131,7 @@ async def test_sqlite_survives_a_restart(tmp_path: Path) -> None:
 async def test_memory_is_bounded() -> None:
     store = MemoryStore(max_entries=10)
     for i in range(50):
-        await store.mark_done(f"e{i}", DedupRecord("done"), 60)
+        await store.mark_done(f"e{i}", DedupRecord("done", status="applied"), 60)
     assert (await store.claim("e0", "w", "s", 30)).kind is ClaimKind.NEW
     assert (await store.claim("e49", "w", "s", 30)).kind is ClaimKind.DONE
 

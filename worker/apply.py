@@ -122,17 +122,22 @@ class ApiCaller:
         traceparent: str,
         before_attempt: Callable[[], Awaitable[None]],
         confirm: Callable[[dict[str, Any]], bool] | None = None,
+        ambiguous: bool = False,
     ) -> ApplyResult:
-        """``confirm(ticket_detail)`` tells whether the change is already in place; it is asked
-        only when an attempt whose fate is unknown (dropped connection, read timeout) is followed
-        by a refusal, which is what a second attempt of an applied change gets."""
-        ambiguous = False  # an earlier attempt may have been applied without our knowing
+        """``confirm(ticket_detail)`` tells whether the change is already in place. It is asked
+        whenever an earlier attempt may have been applied without our knowing (a dropped
+        connection, a read timeout, or a claim taken over from a crashed worker: ``ambiguous``):
+        before sending again, after a refusal, and before giving up. So a change whose answer was
+        lost is reported ``applied`` (reconciled) and is not sent a second time."""
         calls = 0  # HTTP attempts made, reported in the outcome
         spent = 0  # attempts that count against the budget
         active_s = 0.0  # time spent trying, time paused at the gate excluded
         while True:
             await self._gate.wait_open()
             await before_attempt()
+            if ambiguous and confirm is not None and await self._confirmed(ticket_id, confirm):
+                log.info("api_reconciled", attempts=calls, before="retry")
+                return ApplyResult("applied", calls, reconciled=True)
             calls += 1
             spent += 1
             if calls > 1:
@@ -180,6 +185,9 @@ class ApiCaller:
                     spent -= 1
                     self._trip_unreachable(error.detail, ticket_id)
                     continue
+                if ambiguous and confirm is not None and await self._confirmed(ticket_id, confirm):
+                    log.info("api_reconciled", attempts=calls, before="giving up")
+                    return ApplyResult("applied", calls, reconciled=True)
                 return ApplyResult(
                     "failed",
                     calls,

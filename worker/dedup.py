@@ -8,12 +8,16 @@ Each event id moves through three states in the store::
                         (absent)
 
 * ``claimed`` is a lease: two workers racing on one event (after a rebalance) cannot both call
-  the API; a crashed owner's claim expires after ``lease_s``.
+  the API; a crashed owner's claim expires after ``lease_s`` and may then be *taken over*. The
+  taker is told (``Claim.taken_over``): the dead owner may have reached the API, so the change
+  is checked against the ticket before it is sent again.
 * ``applied`` is written right after the API accepted the change, *before* the outcome is
   published: a redelivery after a crash in between republishes ``applied`` without calling the
   API again.
-* ``done`` remembers the outcome for the TTL; only applied events are kept: a rejected or failed
-  event's claim is released so a fixed-and-replayed event can still be applied.
+* ``done`` remembers the outcome and the message it came from, for the TTL. The same message
+  read again (a crash before the commit) gets the same outcome again, marked ``redelivered``.
+  Another message with the same ``event_id`` is a duplicate when the event was applied; when it
+  was rejected or failed, it may try again (a fixed ticket, a replay from the DLQ).
 
 Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
 (survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
@@ -49,6 +53,10 @@ class ClaimKind(StrEnum):
     DONE = "done"  # finished and its outcome durable
 
 
+#: How long a claim record outlives its lease (so a taker learns it took over a dead owner's claim).
+CLAIM_RECORD_KEEP_S = 24 * 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class DedupRecord:
     state: str  # "claimed" | "applied" | "done"
@@ -57,6 +65,8 @@ class DedupRecord:
     status: str = ""  # outcome status, for "done"
     attempts: int = 0
     http_status: int | None = None
+    lease_until: float = 0.0  # epoch seconds, for "claimed"
+    reason: str = ""  # outcome reason, for "done"
 
     def encode(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -70,17 +80,31 @@ class DedupRecord:
 class Claim:
     kind: ClaimKind
     record: DedupRecord | None = None
+    taken_over: bool = False  # NEW by taking an expired claim of another owner
 
 
-def _claim_from(record: DedupRecord | None, owner: str) -> Claim | None:
-    """The answer implied by an existing record, or ``None`` when the caller may take the claim."""
+def decide(record: DedupRecord | None, owner: str, source: str, now: float) -> Claim:
+    """What an existing record means for a new claim (``NEW``: the caller takes the claim).
+
+    The one rule shared by every backend (the Redis script mirrors it).
+    """
     if record is None:
-        return None
+        return Claim(ClaimKind.NEW)
     if record.state == "claimed":
-        return None if record.owner == owner else Claim(ClaimKind.HELD, record)
+        if record.owner == owner:
+            return Claim(ClaimKind.NEW)
+        if record.lease_until > now:
+            return Claim(ClaimKind.HELD, record)
+        return Claim(ClaimKind.NEW, record, taken_over=True)
     if record.state == "applied":
         return Claim(ClaimKind.APPLIED, record)
+    if record.status != "applied" and record.source != source:
+        return Claim(ClaimKind.NEW, record)  # rejected/failed before: another message may retry
     return Claim(ClaimKind.DONE, record)
+
+
+def claimed(owner: str, source: str, now: float, lease_s: float) -> DedupRecord:
+    return DedupRecord("claimed", owner, source, lease_until=now + lease_s)
 
 
 class DedupStore(Protocol):
@@ -118,17 +142,18 @@ class MemoryStore:
             self._items.popitem(last=False)
 
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
-        answer = _claim_from(self._get(event_id), owner)
-        if answer is not None:
-            return answer
-        self._put(event_id, DedupRecord("claimed", owner, source), lease_s)
-        return Claim(ClaimKind.NEW)
+        now = time.time()
+        answer = decide(self._get(event_id), owner, source, now)
+        if answer.kind is ClaimKind.NEW:
+            self._put(event_id, claimed(owner, source, now, lease_s), lease_s + CLAIM_RECORD_KEEP_S)
+        return answer
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
         record = self._get(event_id)
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
-        self._put(event_id, record, lease_s)
+        now = time.time()
+        self._put(event_id, claimed(owner, record.source, now, lease_s), lease_s + CLAIM_RECORD_KEEP_S)
         return True
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
@@ -242,10 +267,10 @@ class SqliteStore:
         cls, conn: sqlite3.Connection, event_id: str, owner: str, source: str, lease_s: float
     ) -> Claim:
         now = time.time()
-        answer = _claim_from(cls._read(conn, event_id, now), owner)
-        if answer is None:
-            cls._write(conn, event_id, DedupRecord("claimed", owner, source), now + lease_s)
-            answer = Claim(ClaimKind.NEW)
+        answer = decide(cls._read(conn, event_id, now), owner, source, now)
+        if answer.kind is ClaimKind.NEW:
+            record = claimed(owner, source, now, lease_s)
+            cls._write(conn, event_id, record, now + lease_s + CLAIM_RECORD_KEEP_S)
         return answer
 
     @classmethod
@@ -254,7 +279,8 @@ class SqliteStore:
         record = cls._read(conn, event_id, now)
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
-        conn.execute("UPDATE dedup SET expires_at = ? WHERE event_id = ?", (now + lease_s, event_id))
+        renewed = claimed(owner, record.source, now, lease_s)
+        cls._write(conn, event_id, renewed, now + lease_s + CLAIM_RECORD_KEEP_S)
         return True
 
     @classmethod
@@ -307,23 +333,34 @@ def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 
 
 # --- redis ----------------------------------------------------------------------------------------
-# Claim atomically: an existing record answers; otherwise (or when our own claim) take the lease.
-# A claim's lease is the key's PX expiry, so a crashed owner's claim disappears by itself.
+# Claim atomically with Redis' clock, following ``decide()``. Returns {taken, previous-or-false}.
 _CLAIM_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local v = redis.call('GET', KEYS[1])
 if v then
   local r = cjson.decode(v)
-  if r['state'] ~= 'claimed' or r['owner'] ~= ARGV[1] then return v end
+  if r['state'] == 'claimed' then
+    if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v} end
+  elseif r['state'] == 'applied' then
+    return {0, v}
+  elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
+    return {0, v}
+  end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return false
+local mine = cjson.decode(ARGV[2])
+mine['lease_until'] = now + tonumber(ARGV[4])
+redis.call('SET', KEYS[1], cjson.encode(mine), 'PX', ARGV[5])
+return {1, v or false}
 """
 _EXTEND_LUA = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local r = cjson.decode(v)
 if r['state'] == 'claimed' and r['owner'] == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local t = redis.call('TIME')
+  r['lease_until'] = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[2])
+  redis.call('SET', KEYS[1], cjson.encode(r), 'PX', ARGV[3])
   return 1
 end
 return 0
@@ -362,18 +399,24 @@ class RedisStore:
 
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
         mine = DedupRecord("claimed", owner, source).encode()
-        existing = await self._call(
-            self._claim(keys=[self._key(event_id)], args=[owner, mine, int(lease_s * 1000)])
+        keep_ms = int((lease_s + CLAIM_RECORD_KEEP_S) * 1000)
+        taken, previous = await self._call(
+            self._claim(keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms])
         )
-        if existing is None:
-            return Claim(ClaimKind.NEW)
-        answer = _claim_from(DedupRecord.decode(existing), owner)
-        return answer if answer is not None else Claim(ClaimKind.NEW)
+        record = DedupRecord.decode(previous) if previous else None
+        if taken:
+            # The script followed decide(): a previous claim of another owner was a takeover.
+            over = record is not None and record.state == "claimed" and record.owner != owner
+            return Claim(ClaimKind.NEW, record, taken_over=over)
+        assert record is not None
+        # Not taken: held by a live owner, applied, or done. decide() says which (a held claim's
+        # lease is by definition in the future of Redis' clock, hence "now" = 0 for it).
+        return decide(record, owner, source, 0.0)
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
-        return bool(
-            await self._call(self._extend(keys=[self._key(event_id)], args=[owner, int(lease_s * 1000)]))
-        )
+        keep_ms = int((lease_s + CLAIM_RECORD_KEEP_S) * 1000)
+        extended = await self._call(self._extend(keys=[self._key(event_id)], args=[owner, lease_s, keep_ms]))
+        return bool(extended)
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._call(self._client.set(self._key(event_id), record.encode(), px=int(ttl_s * 1000)))

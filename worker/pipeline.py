@@ -110,31 +110,48 @@ class Pipeline:
 
     # --- stages -------------------------------------------------------------------------------------
     async def _finish_invalid(self, job: Job, invalid: InvalidEvent) -> None:
+        """An invalid message has no usable event_id: its message position is its identity."""
+        key = f"@{job.source}"  # '@' never occurs in an event_id
+        claim = await self._dedup(lambda: self._store.claim(key, self._owner, job.source, self._lease_s))
+        if claim.kind is ClaimKind.DONE and claim.record is not None:
+            await self._repeat_outcome(job, claim.record, body=None)
+            return
         log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
         await self._emit(job, OutcomeStatus.INVALID, reason=invalid.reason, error_msg=invalid.detail)
+        await self._remember(key, job, OutcomeStatus.INVALID, reason=invalid.reason)
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         request = to_request_body(event)
         body = request.to_wire()
+        held_delay = 0.05
         while True:
             claim = await self._dedup(
                 lambda: self._store.claim(event.event_id, self._owner, job.source, self._lease_s)
             )
             if claim.kind is ClaimKind.HELD:
-                await self._wait_for_other_owner(event.event_id, job)
+                # Another live worker holds it (a rebalance race): wait for it to finish, or for
+                # its lease to run out if it died.
+                if held_delay == 0.05:
+                    log.info("event_claimed_elsewhere", owner=claim.record.owner if claim.record else None)
+                await asyncio.sleep(held_delay)
+                held_delay = min(held_delay * 2, _HELD_POLL_MAX_S)
                 continue
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
                 await self._finish_known(job, event, body, claim.record)
                 return
+            if claim.taken_over:
+                log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
             try:
-                result = await self._apply(job, event, request.to_bytes())
+                result = await self._apply(job, event, request.to_bytes(), ambiguous=claim.taken_over)
             except _ClaimLost:
                 log.warning("claim_lost")
                 continue
             break
         await self._finish_applied_or_not(job, event, body, result)
 
-    async def _apply(self, job: Job, event: AnyChangeEvent, payload: bytes) -> ApplyResult:
+    async def _apply(
+        self, job: Job, event: AnyChangeEvent, payload: bytes, *, ambiguous: bool
+    ) -> ApplyResult:
         renewed_at = time.monotonic()  # the claim was just taken
 
         async def renew_lease() -> None:
@@ -155,6 +172,7 @@ class Pipeline:
             traceparent=job.trace.child().traceparent,
             before_attempt=renew_lease,
             confirm=lambda ticket: already_applied(event, ticket),
+            ambiguous=ambiguous,
         )
 
     async def _finish_applied_or_not(
@@ -168,51 +186,63 @@ class Pipeline:
                 lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
             )
             log.debug("event_applied", attempts=result.calls)  # the outcome topic is the record
+            reason = "reconciled" if result.reconciled else None
             await self._emit(
                 job,
                 OutcomeStatus.APPLIED,
+                reason=reason,
                 attempts=result.calls,
                 http_status=result.http_status,
                 request=body,
             )
-            done = DedupRecord("done", self._owner, job.source, "applied", result.calls, result.http_status)
-            await self._dedup(lambda: self._store.mark_done(event.event_id, done, self._settings.dedup_ttl_s))
+            await self._remember(event.event_id, job, OutcomeStatus.APPLIED, result, reason)
             return
         status = OutcomeStatus.REJECTED if result.status == "rejected" else OutcomeStatus.FAILED
+        reason = "api_rejected" if status is OutcomeStatus.REJECTED else "retries_exhausted"
         log.warning(
             "event_not_applied", status=status.value, attempts=result.calls, http_status=result.http_status
         )
         await self._emit(
             job,
             status,
-            reason="api_rejected" if status is OutcomeStatus.REJECTED else "retries_exhausted",
+            reason=reason,
             attempts=result.calls,
             http_status=result.http_status,
             error_code=result.error_code,
             error_msg=result.error_msg or result.detail,
             request=body,
         )
-        # Not applied: free the event id, so a fixed and replayed event can still be applied.
-        await self._dedup(lambda: self._store.release(event.event_id, self._owner))
+        # Remembered with its message: a redelivery repeats this outcome, while another message
+        # with this event_id (a fixed ticket, a DLQ replay) may try again.
+        await self._remember(event.event_id, job, status, result, reason)
+
+    async def _remember(
+        self,
+        key: str,
+        job: Job,
+        status: OutcomeStatus,
+        result: ApplyResult | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """The done-record, written once the outcome is durable."""
+        done = DedupRecord(
+            "done",
+            self._owner,
+            job.source,
+            status.value,
+            result.calls if result else 0,
+            result.http_status if result else None,
+            reason=reason or "",
+        )
+        await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
 
     async def _finish_known(
         self, job: Job, event: AnyChangeEvent, body: dict[str, Any], record: DedupRecord | None
     ) -> None:
         """The store already knows this event: a redelivery of the same message, or a duplicate."""
         if record is not None and record.source == job.source:
-            # Same message again (we crashed or lost the partition before committing): repeat its
-            # outcome without calling the API again.
-            self._metrics.dedup_hits.labels(kind="redelivered").inc()
-            log.info("event_redelivered", state=record.state)
-            await self._emit(
-                job,
-                OutcomeStatus(record.status or "applied"),
-                attempts=record.attempts,
-                http_status=record.http_status,
-                request=body,
-                redelivered=True,
-            )
-            if record.state == "applied":
+            await self._repeat_outcome(job, record, body)
+            if record.state == "applied":  # the crash came before the done-record
                 done = DedupRecord(
                     "done", record.owner, record.source, "applied", record.attempts, record.http_status
                 )
@@ -229,20 +259,20 @@ class Pipeline:
             error_msg=f"event_id already applied from {record.source}" if record else None,
         )
 
-    async def _wait_for_other_owner(self, event_id: str, job: Job) -> None:
-        """Another worker holds the claim (a rebalance race): wait for it to finish or its lease to end."""
-        log.info("event_claimed_elsewhere")
-        delay = 0.05
-        while True:
-            await asyncio.sleep(delay)
-            claim = await self._dedup(
-                lambda: self._store.claim(event_id, self._owner, job.source, self._lease_s)
-            )
-            if claim.kind is not ClaimKind.HELD:
-                if claim.kind is ClaimKind.NEW:  # we now hold it; hand it back to the main loop
-                    await self._dedup(lambda: self._store.release(event_id, self._owner))
-                return
-            delay = min(delay * 2, _HELD_POLL_MAX_S)
+    async def _repeat_outcome(self, job: Job, record: DedupRecord, body: dict[str, Any] | None) -> None:
+        """Same message again (a crash or a lost partition before the commit): repeat its outcome,
+        marked ``redelivered``, without calling the API or writing the DLQ again."""
+        self._metrics.dedup_hits.labels(kind="redelivered").inc()
+        log.info("event_redelivered", state=record.state, status=record.status)
+        await self._emit(
+            job,
+            OutcomeStatus(record.status or "applied"),
+            reason=record.reason or None,
+            attempts=record.attempts,
+            http_status=record.http_status,
+            request=body,
+            redelivered=True,
+        )
 
     # --- outcome ------------------------------------------------------------------------------------
     async def _emit(
@@ -290,7 +320,7 @@ class Pipeline:
             trace_id=job.trace.trace_id,
         )
         letter = None
-        if status in DEAD_LETTER_STATUSES:
+        if status in DEAD_LETTER_STATUSES and not redelivered:  # the first delivery wrote it
             letter = DeadLetter(
                 key=m.key,
                 value=m.value,
