@@ -103,7 +103,9 @@ class WorkerSettings(BaseSettings):
         "sqlite:///coc-worker-dedup.sqlite3", description="memory://, sqlite:///, redis://"
     )
     dedup_ttl_s: PositiveSeconds = Field(7 * 24 * 3600.0, description="How long an applied event is kept.")
-    dedup_lease_s: PositiveSeconds = Field(60.0, description="Claim lease; renewed before every attempt.")
+    dedup_lease_s: PositiveSeconds = Field(
+        30.0, description="Claim lease; renewed while held. A crashed worker's claims wait this long."
+    )
 
     # --- Pipeline ------------------------------------------------------------------------------
     max_in_flight: int = Field(256, ge=1, description="Messages taken from Kafka and not yet finished.")
