@@ -352,7 +352,11 @@ async def test_ambiguous_attempt_then_refusal_is_reconciled(rig: Rig) -> None:
     hook = Attempts({2: lambda: state.set_faults(drop_after_apply_ratio=0.0)})
     result = await rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail))
     # the ticket is read before sending again: the change is there, so it is not sent twice
-    assert (result.status, result.calls, result.reconciled) == ("applied", 1, True)
+    assert (result.status, result.calls, result.reconciled) == (
+        "applied",
+        1,
+        True,
+    )  # one send; the read settled it
     assert [(r.method, r.status, r.error_code, r.fault) for r in state.requests] == [
         ("PUT", None, "GOM.00000000", "drop_after_apply"),
         ("GET", 200, "GOM.00000000", None),
@@ -466,7 +470,11 @@ async def test_every_event_type_is_reconciled_from_the_ticket_detail(
     )
     # confirmed from the ticket detail before a second send (ticket.update included, which the
     # API would otherwise accept twice)
-    assert (result.status, result.calls, result.reconciled) == ("applied", 1, True)
+    assert (result.status, result.calls, result.reconciled) == (
+        "applied",
+        1,
+        True,
+    )  # one send; the read settled it
     assert len(state.applied_for("ev-x")) == 1
 
 
@@ -478,7 +486,11 @@ async def test_a_taken_over_claim_is_checked_before_sending(rig: Rig) -> None:
     result = await rig.apply(
         rig.caller(), event, confirm=lambda detail: already_applied(event, detail), ambiguous=True
     )
-    assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
+    assert (result.status, result.calls, result.reconciled) == (
+        "applied",
+        0,
+        True,
+    )  # nothing sent: the read settled it
     assert [r.method for r in state.requests] == ["GET"]
 
 

@@ -200,7 +200,7 @@ class CocApiClient:
             raise ApiTransientError("timed out connecting to the API", connect_failure=True) from None
         except (aiohttp.SocketTimeoutError, TimeoutError):
             code = "timeout"
-            raise ApiTransientError("the API did not answer in time", ambiguous=True) from None
+            raise ApiTransientError("the API did not answer in time", timed_out=True) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
             code = "disconnected"
             raise ApiTransientError(

@@ -70,6 +70,7 @@ class Worker:
                 settings.api_unreachable_threshold_s,
                 rate_limit=self._rate_limit,
                 concurrency=AdaptiveConcurrency(settings.max_in_flight, self.metrics),
+                settle_s=settings.api_request_timeout_s,
             ),
             self._publisher,
             self._gate,

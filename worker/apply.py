@@ -69,7 +69,10 @@ class ApiCaller:
         unreachable_threshold_s: float,
         rate_limit: RateLimit | None = None,
         concurrency: AdaptiveConcurrency | None = None,
+        settle_s: float = 0.0,
     ) -> None:
+        """``settle_s``: after a read timeout, wait at least this long before checking the ticket
+        or sending again; the API may still be applying the request we stopped waiting for."""
         self._client = client
         self._policy = policy
         self._gate = gate
@@ -77,6 +80,7 @@ class ApiCaller:
         self._reachability = Reachability(unreachable_threshold_s)
         self._rate_limit = rate_limit
         self._concurrency = concurrency or AdaptiveConcurrency(1 << 30, metrics)
+        self._settle_s = settle_s
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
         async def probe() -> None:
@@ -124,52 +128,58 @@ class ApiCaller:
         confirm: Callable[[dict[str, Any]], bool] | None = None,
         ambiguous: bool = False,
     ) -> ApplyResult:
-        """``confirm(ticket_detail)`` tells whether the change is already in place. It is asked
-        whenever an earlier attempt may have been applied without our knowing (a dropped
-        connection, a read timeout, or a claim taken over from a crashed worker: ``ambiguous``):
-        before sending again, after a refusal, and before giving up. So a change whose answer was
-        lost is reported ``applied`` (reconciled) and is not sent a second time."""
-        calls = 0  # HTTP attempts made, reported in the outcome
-        spent = 0  # attempts that count against the budget
+        """``confirm(ticket_detail)`` tells whether the change is already in place.
+
+        Once an attempt may have been applied without our knowing (a dropped connection, a read
+        timeout, or a claim taken over from a crashed worker: ``ambiguous``), nothing is sent again
+        until the ticket has been read: a change in place ends ``applied`` (reconciled); one that
+        is not is sent again; while the ticket cannot be read, reading it is what is retried,
+        within the same budget. So a change whose answer was lost is not applied twice.
+        """
+        calls = 0  # times the change was sent: the outcome's attempts
+        spent = 0  # sends that count against the budget (a 401 or an outage does not)
         active_s = 0.0  # time spent trying, time paused at the gate excluded
+        error: ApiTransientError | None = None
         while True:
             await self._gate.wait_open()
             await before_attempt()
-            if ambiguous and confirm is not None and await self._confirmed(ticket_id, confirm):
-                log.info("api_reconciled", attempts=calls, before="retry")
-                return ApplyResult("applied", calls, reconciled=True)
-            calls += 1
-            spent += 1
-            if calls > 1:
-                self._metrics.retries.inc()
             started = time.monotonic()
+            reading = False
             try:
+                if ambiguous and confirm is not None:
+                    reading = True
+                    if await self._in_place(ticket_id, confirm):
+                        log.info("api_reconciled", attempts=calls)
+                        return ApplyResult("applied", calls, reconciled=True)
+                    ambiguous = reading = False  # read, and not there: safe to send
+                    if error is not None and spent >= self._policy.max_attempts:
+                        return _failed(calls, active_s, error, applied_maybe=False)
+                spent += 1
+                calls += 1
+                if calls > 1:
+                    self._metrics.retries.inc()
                 response = await self._attempt(ticket_id, body, event_id, traceparent)
             except ApiAuthError as exc:
                 self._reachability.reached()
-                spent -= 1
+                if not reading:
+                    spent -= 1
                 self._trip_auth(exc, ticket_id)
                 continue
             except ApiRejected as exc:
                 self._reachability.reached()
-                if not (ambiguous and confirm is not None):
-                    return _rejected(calls, exc)
-                confirmed = await self._confirmed(ticket_id, confirm)
-                if confirmed:
-                    log.info("api_reconciled", attempts=calls, refused_with=exc.error_code)
-                    return ApplyResult("applied", calls, reconciled=True)
-                if confirmed is False:
-                    return _rejected(calls, exc)
-                # Unknown: the ticket could not be read. Neither applied nor refused for sure, so
-                # try again within the budget rather than report a rejection that may be false.
-                error = ApiTransientError(
-                    f"refused after an ambiguous attempt, state unreadable: {exc.detail}"
+                return ApplyResult(
+                    "rejected",
+                    calls,
+                    http_status=exc.http_status,
+                    error_code=exc.error_code,
+                    error_msg=exc.error_msg,
+                    detail=exc.detail,
                 )
             except ApiTransientError as exc:
                 ambiguous = ambiguous or exc.ambiguous
                 if exc.connect_failure:
                     if self._reachability.connect_failed():
-                        spent -= 1
+                        spent -= 0 if reading else 1
                         self._trip_unreachable(exc.detail, ticket_id)
                         continue
                 else:
@@ -179,44 +189,36 @@ class ApiCaller:
                 self._reachability.reached()
                 return ApplyResult("applied", calls, http_status=response.http_status, response=response)
             active_s += time.monotonic() - started
-            delay = self._policy.next_delay(spent, active_s, error)
+            # Reading the ticket to settle a lost answer is safe: only the time budget bounds it.
+            will_read = ambiguous and confirm is not None
+            delay = self._policy.next_delay(max(spent, 1), active_s, error, limit_attempts=not will_read)
             if delay is None:
                 if error.connect_failure:
-                    spent -= 1
+                    spent -= 0 if reading else 1
                     self._trip_unreachable(error.detail, ticket_id)
                     continue
-                if ambiguous and confirm is not None and await self._confirmed(ticket_id, confirm):
-                    log.info("api_reconciled", attempts=calls, before="giving up")
-                    return ApplyResult("applied", calls, reconciled=True)
-                return ApplyResult(
-                    "failed",
-                    calls,
-                    http_status=error.http_status,
-                    error_code=error.error_code,
-                    detail=f"gave up after {calls} attempts in {active_s:.1f}s: {error.detail}",
-                )
-            log.info("api_retry", attempt=calls, delay_s=round(delay, 3), detail=error.detail)
+                return _failed(calls, active_s, error, applied_maybe=ambiguous)
+            if error.timed_out:  # the API may still be running the request we stopped waiting for
+                delay = max(delay, self._settle_s)
+            log.info(
+                "api_retry", attempt=calls, reading=will_read, delay_s=round(delay, 3), detail=error.detail
+            )
             await asyncio.sleep(delay)
             active_s += delay
 
-    async def _confirmed(self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool]) -> bool | None:
-        """True/False from the ticket's state; ``None`` when the state could not be read."""
-        try:
-            detail = await self._client.show_ticket(ticket_id)
-        except (ApiTransientError, ApiAuthError, ApiRejected) as exc:
-            log.warning("api_reconcile_unreadable", detail=str(exc))
-            return None
+    async def _in_place(self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool]) -> bool:
+        """Read the ticket: is the change there? Raises ``ApiTransientError`` when it cannot tell
+        (the ticket unreadable), ``ApiAuthError`` on 401/403, like an attempt."""
+        detail = await self._client.show_ticket(ticket_id)
         if detail is None:
-            return None
+            raise ApiTransientError("the ticket's state is unreadable after a lost answer")
         return confirm(detail)
 
 
-def _rejected(calls: int, exc: ApiRejected) -> ApplyResult:
+def _failed(calls: int, active_s: float, error: ApiTransientError, *, applied_maybe: bool) -> ApplyResult:
+    detail = f"gave up after {calls} attempts in {active_s:.1f}s: {error.detail}"
+    if applied_maybe:
+        detail += " (its answer was lost and the ticket could not be read: it may have been applied)"
     return ApplyResult(
-        "rejected",
-        calls,
-        http_status=exc.http_status,
-        error_code=exc.error_code,
-        error_msg=exc.error_msg,
-        detail=exc.detail,
+        "failed", calls, http_status=error.http_status, error_code=error.error_code, detail=detail
     )

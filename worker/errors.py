@@ -56,6 +56,7 @@ class ApiTransientError(TransientError):
 
     ``ambiguous`` is true when the request may have reached the API (a read timeout or a dropped
     connection after the body was sent): a retry might find the change already applied.
+    ``timed_out`` marks the read timeout among those: the API may still be working on it.
     """
 
     def __init__(
@@ -67,14 +68,16 @@ class ApiTransientError(TransientError):
         retry_after_s: float | None = None,
         ambiguous: bool = False,
         connect_failure: bool = False,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.http_status = http_status
         self.error_code = error_code
         self.retry_after_s = retry_after_s
-        self.ambiguous = ambiguous
+        self.ambiguous = ambiguous or timed_out
         self.connect_failure = connect_failure
+        self.timed_out = timed_out
 
 
 class PermanentError(CocWorkerError):

@@ -55,13 +55,16 @@ class RetryPolicy:
         elapsed_s: float,
         error: ApiTransientError,
         draw: Callable[[], float] = random.random,
+        *,
+        limit_attempts: bool = True,
     ) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` when the budget is spent.
 
         ``attempt`` is the number of attempts made so far, ``elapsed_s`` the time spent on them
-        (time paused for systemic failures excluded).
+        (time paused for systemic failures excluded). ``limit_attempts=False`` bounds the retries
+        by time only: for reads that change nothing (settling a lost answer).
         """
-        if attempt >= self.max_attempts:
+        if limit_attempts and attempt >= self.max_attempts:
             return None
         delay = backoff_delay(attempt, self.base_delay_s, self.max_delay_s, draw)
         if error.retry_after_s is not None:

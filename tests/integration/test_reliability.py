@@ -113,47 +113,11 @@ def assert_ledger(
     raise WorkerBug(message)
 
 
-#: Reported to the lead; the tests that meet it are xfail(strict) until the worker is fixed.
-BUG_CRASH_WINDOW = pytest.mark.xfail(
-    strict=True,
-    raises=WorkerBug,
-    reason=(
-        "worker bug: SIGKILL after the API applied an event but before the dedup 'applied' mark -> the "
-        "redelivered event is re-sent once the dead owner's lease expires, the API refuses the repeated "
-        "transition (400 GOM.00001005) and the worker publishes 'rejected' + DLQ for an applied change "
-        "(ticket.update events are applied twice instead)"
-    ),
-)
-
 #: Expected ledger problems, by kind, with why (shown in docs/reliability.md).
 CRASH_WINDOW_FIGURE = {
     "applied_twice": "re-application inside a crash window (the API applied a ticket.update, the worker was "
     "SIGKILLed before recording it, the redelivered event was sent again): the honest figure, reported",
 }
-CRASH_WINDOW_BUG = {
-    "applied_not_reported": "#1: the API applied the change, the worker was SIGKILLed before its dedup "
-    "'applied' mark; redelivered, re-sent after the dead owner's lease, refused as a repeated transition "
-    "(400 GOM.00001005) and published as 'rejected' + DLQ",
-    "unmarked_copies": "#1: that spurious 'rejected' is not remembered, so a later redelivery re-sends the "
-    "event and publishes another outcome (not marked redelivered) and another DLQ record",
-    "conflicting": "#1",
-}
-AMBIGUOUS_RETRY_BUG = {
-    "applied_twice": "#2: after a connection dropped once the API had applied the change, the retry is "
-    "sent without checking the ticket, so a ticket.update is applied twice",
-    "applied_not_reported": "#2: when the budget runs out before the reconciling GET succeeds, a change "
-    "the API applied is published as 'failed' + DLQ",
-}
-
-BUG_AMBIGUOUS_RETRY = pytest.mark.xfail(
-    strict=True,
-    raises=WorkerBug,
-    reason=(
-        "worker bug: after an ambiguous attempt (the connection dropped after the API applied the change) "
-        "the retry is sent without checking the ticket: a ticket.update is applied twice; and when the "
-        "budget runs out before the reconcile GET succeeds, an applied change is reported 'failed' + DLQ"
-    ),
-)
 
 
 #: A dead owner's claims expire in 5 s (not 60 s), so redelivered events are not held up for long;
@@ -180,9 +144,9 @@ KILL_MODES = ("random moment", "in the API handler", "after the answer")
 @pytest.mark.parametrize(
     ("size", "backend"),
     [
-        pytest.param("reduced", "redis", id="reduced-redis", marks=BUG_CRASH_WINDOW),
-        pytest.param("full", "redis", id="full-redis", marks=[pytest.mark.soak, BUG_CRASH_WINDOW]),
-        pytest.param("full", "sqlite", id="full-sqlite", marks=[pytest.mark.soak, BUG_CRASH_WINDOW]),
+        pytest.param("reduced", "redis", id="reduced-redis"),
+        pytest.param("full", "redis", id="full-redis", marks=pytest.mark.soak),
+        pytest.param("full", "sqlite", id="full-sqlite", marks=pytest.mark.soak),
     ],
 )
 async def test_crash_sigkill_at_random_moments(
@@ -255,7 +219,7 @@ async def test_crash_sigkill_at_random_moments(
     # every valid message applied, except those the known bug reports wrongly (applied_not_reported)
     assert result.outcomes["applied"] + result.applied_not_reported == result.messages, result.outcomes
     # re-application inside a crash window is the reported figure, not a failure
-    assert_ledger(result, rig, allow=CRASH_WINDOW_FIGURE, known_bugs=CRASH_WINDOW_BUG)
+    assert_ledger(result, rig, allow=CRASH_WINDOW_FIGURE)
 
 
 # --- 2. API faults --------------------------------------------------------------------------------------
@@ -270,7 +234,6 @@ API_FAULTS = {"reduced": ApiFaultSize(200, 0.2, 180), "full": ApiFaultSize(2000,
 MAX_ATTEMPTS = 6
 
 
-@BUG_AMBIGUOUS_RETRY
 @pytest.mark.parametrize("size", SIZES)
 async def test_api_faults_every_event_applied_or_failed_after_its_budget(
     size: str, broker: TansuBroker, sim: SimulatorServer, tmp_path: Path, results: list[LedgerResult]
@@ -318,6 +281,7 @@ async def test_api_faults_every_event_applied_or_failed_after_its_budget(
     )
     # the retry budget: never more PUTs for one event than attempts allowed, and `failed` only when spent
     puts = Counter(q.event_id for q in sim.state.requests if q.method == "PUT" and q.event_id)
+    # every retry is logged (some of them start by reading the ticket to settle a lost answer)
     retries = Counter(line["event_id"] for w in rig.workers for line in w.events("api_retry"))
     assert max(puts.values()) <= MAX_ATTEMPTS, puts.most_common(3)
     by_ticket: dict[str, list[dict[str, Any]]] = {}
@@ -328,7 +292,7 @@ async def test_api_faults_every_event_applied_or_failed_after_its_budget(
             # the worker says it spent the budget, its log shows each retry, the API saw no more
             # (a request whose client timed out during a latency spike is never recorded: <=)
             assert o["attempts"] == MAX_ATTEMPTS, o
-            assert retries[o["event_id"]] == MAX_ATTEMPTS - 1, o
+            assert retries[o["event_id"]] >= MAX_ATTEMPTS - 1, o
             assert puts[o["event_id"]] <= MAX_ATTEMPTS, o
         elif o["status"] == "rejected":
             # only the refusal of a step whose predecessor (same ticket) failed: the state machine's
@@ -341,7 +305,7 @@ async def test_api_faults_every_event_applied_or_failed_after_its_budget(
         f"rejected only as the state machine's refusal after a failed predecessor: {result.outcomes['rejected']}; "
         f"max PUTs for one event: {max(puts.values())}"
     )
-    assert_ledger(result, rig, known_bugs=AMBIGUOUS_RETRY_BUG)
+    assert_ledger(result, rig)
 
 
 def _json(record_: Any) -> dict[str, Any]:
@@ -631,7 +595,7 @@ async def test_rebalance_storm_workers_join_and_leave(
     assert all(code == 0 for code in codes), codes
     # the SIGKILLs open crash windows: the same figure and the same known bug as scenario 1, when hit
     assert result.outcomes["applied"] + result.applied_not_reported == result.messages, result.outcomes
-    assert_ledger(result, rig, allow=CRASH_WINDOW_FIGURE, known_bugs=CRASH_WINDOW_BUG, bug_may_not_show=True)
+    assert_ledger(result, rig, allow=CRASH_WINDOW_FIGURE)
 
 
 # --- 6. slow consumer -----------------------------------------------------------------------------------
