@@ -31,6 +31,7 @@ from worker.simulator.tickets import (
     SUPPORTED_TICKET_TYPE,
     UNSUPPORTED_TICKET_TYPE,
     Refused,
+    Ticket,
 )
 
 EVENT_ID_HEADER = "X-Event-Id"
@@ -196,25 +197,25 @@ class _Api:
             }
         )
 
-    def _show(self, request: web.Request, body: bytes, event_id: str | None) -> _Reply:
+    def _ticket(self, request: web.Request) -> Ticket | _Reply:
+        """The ticket the read endpoints name, or the error reply the API gives instead."""
         ticket_type = request.match_info["ticket_type"]
         if ticket_type != SUPPORTED_TICKET_TYPE:
             return _unsupported(ticket_type)
         try:
-            ticket = self.state.book.get(request.match_info["ticket_id"], now_ms=now_ms())
+            return self.state.book.get(request.match_info["ticket_id"], now_ms=now_ms())
         except Refused as exc:
             return _gom_error(exc.code, exc.message, exc.http_status)
-        return _ok(ticket.snapshot())
+
+    def _show(self, request: web.Request, body: bytes, event_id: str | None) -> _Reply:
+        ticket = self._ticket(request)
+        return _ok(ticket.snapshot()) if isinstance(ticket, Ticket) else ticket
 
     def _list_sub_tickets(self, request: web.Request, body: bytes, event_id: str | None) -> _Reply:
         """``data`` is ``{"total", "sub_tickets"}``, paged by ``limit`` and ``marker`` (last id seen)."""
-        ticket_type = request.match_info["ticket_type"]
-        if ticket_type != SUPPORTED_TICKET_TYPE:
-            return _unsupported(ticket_type)
-        try:
-            ticket = self.state.book.get(request.match_info["ticket_id"], now_ms=now_ms())
-        except Refused as exc:
-            return _gom_error(exc.code, exc.message, exc.http_status)
+        ticket = self._ticket(request)
+        if not isinstance(ticket, Ticket):
+            return ticket
         subs = list(ticket.sub_tickets.values())
         marker = request.query.get("marker")
         if marker:

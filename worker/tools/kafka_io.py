@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Generic, Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
@@ -22,6 +23,7 @@ from worker.kafka_config import connection_kwargs
 from worker.settings import WorkerSettings
 
 Headers = list[tuple[str, bytes]]
+C = TypeVar("C", AIOKafkaProducer, AIOKafkaConsumer)
 
 #: Room above the event size limit for headers (the same headroom the worker's publisher keeps).
 _HEADROOM_BYTES = 64 * 1024
@@ -47,13 +49,35 @@ class Delivered:
     offset: int
 
 
-class EventProducer:
+class _Client(Generic[C]):
+    """Start/stop and ``async with`` for a tool's Kafka client (``_client`` is set by ``start``)."""
+
+    _client: C | None = None
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class EventProducer(_Client[AIOKafkaProducer]):
     """A producer whose sends return only once the broker acknowledged them (``acks=all``)."""
 
     def __init__(self, settings: WorkerSettings, *, request_timeout_s: float = 30.0) -> None:
         self._settings = settings
         self._request_timeout_ms = int(request_timeout_s * 1000)
-        self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
         s = self._settings
@@ -70,32 +94,18 @@ class EventProducer:
         except KafkaError as exc:
             await producer.stop()
             raise BrokerUnavailable(f"cannot connect to the broker: {type(exc).__name__}") from exc
-        self._producer = producer
-
-    async def stop(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
-
-    async def __aenter__(self) -> EventProducer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
+        self._client = producer
 
     async def send(self, topic: str, record: OutRecord) -> Delivered:
         return (await self.send_many(topic, [record]))[0]
 
     async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
         """Send in order (pipelined) and wait until the broker acknowledged every one."""
-        if self._producer is None:
+        if self._client is None:
             raise RuntimeError("EventProducer.start() was not awaited")
         try:
             pending = [
-                await self._producer.send(topic, key=r.key, value=r.value, headers=r.headers) for r in records
+                await self._client.send(topic, key=r.key, value=r.value, headers=r.headers) for r in records
             ]
             metas = await asyncio.gather(*pending)
         except KafkaTimeoutError as exc:
@@ -107,14 +117,13 @@ class EventProducer:
         return [Delivered(m.topic, m.partition, m.offset) for m in metas]
 
 
-class TopicReader:
+class TopicReader(_Client[AIOKafkaConsumer]):
     """Reads every partition of one topic from chosen positions, outside any consumer group."""
 
     def __init__(self, settings: WorkerSettings, topic: str, *, metadata_timeout_s: float = 10.0) -> None:
         self._settings = settings
         self.topic = topic
         self._metadata_timeout_s = metadata_timeout_s
-        self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
 
     async def start(self) -> None:
@@ -129,7 +138,7 @@ class TopicReader:
         )
         try:
             await consumer.start()
-            self._consumer = consumer
+            self._client = consumer
             self._partitions = await self._discover()
             consumer.assign(self._partitions)
         except KafkaError as exc:
@@ -140,36 +149,22 @@ class TopicReader:
             raise
 
     async def _discover(self) -> list[TopicPartition]:
-        assert self._consumer is not None
+        assert self._client is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._metadata_timeout_s
         while True:
-            ids = self._consumer.partitions_for_topic(self.topic)
+            ids = self._client.partitions_for_topic(self.topic)
             if ids:
                 return [TopicPartition(self.topic, p) for p in sorted(ids)]
             if loop.time() > deadline:
                 raise ConfigError(f"topic {self.topic!r} does not exist on the broker")
-            await self._consumer.topics()  # refreshes the metadata
+            await self._client.topics()  # refreshes the metadata
             await asyncio.sleep(0.05)
 
-    async def stop(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
-
-    async def __aenter__(self) -> TopicReader:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
     def _require(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
+        if self._client is None:
             raise RuntimeError("TopicReader.start() was not awaited")
-        return self._consumer
+        return self._client
 
     async def end_offsets(self) -> dict[int, int]:
         """The offset the next record of each partition will get (a snapshot of "now").
