@@ -2,8 +2,9 @@
 
 Downstream consumers read these to learn what happened to every change event. An outcome is
 identified by its ``source`` (topic, partition, offset): after a crash the same input may be
-re-read and its outcome published again (at-least-once delivery); such a copy carries the same
-``status`` and ``redelivered=true``.
+re-read and its outcome published again (at-least-once delivery), and a write whose
+acknowledgement was lost is sent again; such a copy carries the same ``status`` and
+``redelivered=true``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class OutcomeEvent(BaseModel):
     duration_ms: float = Field(ge=0)
     worker: str = Field(description="Id of the worker process that produced this outcome.")
     redelivered: bool = Field(
-        default=False, description="True when this repeats the outcome of an earlier delivery."
+        default=False,
+        description="True when this may repeat an outcome already published: the same message read "
+        "again after a crash or a rebalance, or an outcome write retried after the broker's answer was lost.",
     )
     trace_id: str | None = Field(default=None, description="W3C trace id carried from the input.")

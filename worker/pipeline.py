@@ -340,6 +340,9 @@ class Pipeline:
                 await self._publisher.publish(outcome, letter, traceparent)
                 break
             except BrokerUnavailable as exc:
+                # The broker may have stored the first copy and lost only its answer: whatever is
+                # sent again is marked as a possible repeat.
+                outcome.redelivered = True
                 self._gate.trip(exc, self._publisher.ping)
         self._metrics.outcomes.labels(status=status.value).inc()
         if letter is not None:
