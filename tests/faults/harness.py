@@ -24,6 +24,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -343,6 +344,15 @@ class Rig:
             if time.monotonic() > deadline:
                 raise AssertionError(f"/readyz of {w.name} not {want} within {timeout_s}s: {answer}")
             await asyncio.sleep(0.05)
+
+    def pauses(self) -> Counter[str]:
+        """Why the workers paused (``worker_paused`` log lines): ``cause: detail`` -> count."""
+        found: Counter[str] = Counter()
+        for w in self.workers:
+            for line in w.events("worker_paused"):
+                detail = str(line.get("detail", "")).split(":", 1)[-1].strip()
+                found[f"{line.get('cause')}: {detail}"] += 1
+        return found
 
     # --- input / progress ---------------------------------------------------------------------------
     async def produce(self, stream: list[StreamEvent]) -> None:

@@ -3,7 +3,8 @@
 Pure functions over plain data (read from the broker and the simulator by ``harness``):
 
 (a) every input message (partition, offset) has exactly one *final* outcome: more copies are
-    allowed only with ``redelivered: true`` and the same status (counted as redelivered copies);
+    allowed only with ``redelivered: true`` and the same status (counted as redelivered copies),
+    or byte-identical (one record written twice by a producer retry, counted as producer copies);
 (b) every event applied is in the simulator's applied log at most once (``applied_twice``), and
     the log agrees with the outcomes (applied <=> ``applied``);
 (c) per ticket, the applied log follows the input order;
@@ -58,6 +59,8 @@ class LedgerResult:
     outcomes: Counter[str] = field(default_factory=Counter)
     outcome_records: int = 0
     redelivered_copies: int = 0
+    #: Identical outcome records written twice by the producer (a retry after a lost ack).
+    producer_copies: int = 0
     #: Sources with more than one outcome not marked ``redelivered`` (breaks "exactly one").
     unmarked_copies: int = 0
     #: Sources whose outcomes disagree on the status.
@@ -119,7 +122,7 @@ class LedgerResult:
         recovery = f"{self.recovery_s:.1f}s" if self.recovery_s is not None else "-"
         return (
             f"{self.scenario}[{self.size}]: {self.messages} msgs, outcomes {dict(sorted(self.outcomes.items()))}, "
-            f"redelivered {self.redelivered_copies}, lost {self.lost}, applied twice {self.applied_twice}, "
+            f"redelivered {self.redelivered_copies}, producer copies {self.producer_copies}, lost {self.lost}, applied twice {self.applied_twice}, "
             f"re-sent after apply {self.resent_after_apply} (after applied outcome {self.reapplied_after_outcome}), "
             f"order {self.order_violations}, commits {self.commit_violations}/{self.commit_snapshots}, "
             f"peak RSS {rss}, recovery {recovery}, {self.duration_s:.0f}s; {self.faults}"
@@ -160,6 +163,13 @@ def check(
             r.lost += 1
             r.example("lost", f"{key} {msg.event_id}", msg.event_id)
             continue
+        # A byte-identical copy is the same outcome written twice by a producer retry after a lost
+        # acknowledgement (no idempotent producer): counted apart, it is not a second processing.
+        distinct = {(o["status"], o.get("redelivered"), o["finished_at"], o.get("worker")): o for o in found}
+        r.producer_copies += len(found) - len(distinct)
+        if len(found) > len(distinct):
+            r.example("producer_copies", f"{key} {msg.event_id} x{len(found)}", msg.event_id)
+        found = list(distinct.values())
         statuses = {o["status"] for o in found}
         if len(statuses) > 1:
             r.conflicting += 1

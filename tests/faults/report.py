@@ -18,7 +18,9 @@ against a real Tansu broker, the real Redis and the COC API simulator over HTTP,
 stream (many tickets, several ordered events each, keyed by ticket) and then checks the ledger:
 
 * every input message has exactly one final outcome (extra copies only with `redelivered: true`
-  and the same status, counted as *redelivered*), and a DLQ record when its status needs one;
+  and the same status, counted as *redelivered*, or byte-identical records written twice by a
+  producer retry after a lost acknowledgement, counted apart), and a DLQ record when its status
+  needs one;
 * every event is in the simulator's applied log at most once, and the log agrees with the
   outcomes (an applied event is reported `applied`, an `applied` outcome was applied);
 * per ticket, the applied log follows the input order;
@@ -30,7 +32,8 @@ stream (many tickets, several ordered events each, keyed by ticket) and then che
 request reached the API again after the API had applied them (the simulator refuses a repeated
 state transition, so this is how a near-double application shows); in brackets, those re-sent
 after their `applied` outcome had been written (the target is 0). *Recovery* is the time from the end of
-the fault to the worker being ready (`/readyz` 200) and applying again.
+the fault to the worker being ready (`/readyz` 200) and applying again. The worker must pause
+(`/readyz` 503) only for the faults a scenario injects; every pause is listed in the notes.
 """
 
 
@@ -38,6 +41,8 @@ def _outcomes(r: LedgerResult) -> str:
     parts = [f"{status} {count}" for status, count in sorted(r.outcomes.items())]
     if r.redelivered_copies:
         parts.append(f"(+{r.redelivered_copies} redelivered)")
+    if r.producer_copies:
+        parts.append(f"(+{r.producer_copies} identical producer retries)")
     return ", ".join(parts) or "-"
 
 
@@ -53,6 +58,8 @@ def _verdict(r: LedgerResult) -> str:
     counts = [p.split(" e.g.")[0] for p in r.problems()]
     broken = [c for c in counts if c.split("=")[0] not in r.expected]
     bugs = [c for c in counts if "bug" in r.expected.get(c.split("=")[0], "")]
+    if "bug" in r.expected.get("pauses", ""):
+        bugs.append("spurious pauses (see notes)")
     if broken:
         return "**BROKEN**: " + ", ".join(broken)
     if bugs:
@@ -81,7 +88,7 @@ def render(results: list[LedgerResult], *, title_note: str = "") -> str:
     notes = [(r.scenario, n) for r in results for n in r.notes]
     for r in results:
         for kind, why in r.expected.items():
-            if any(p.startswith(kind + "=") for p in r.problems()):
+            if kind == "pauses" or any(p.startswith(kind + "=") for p in r.problems()):
                 notes.append((r.scenario, f"`{kind}`: {why}"))
     if notes:
         lines.append("\n## Notes\n")

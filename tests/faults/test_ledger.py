@@ -134,3 +134,10 @@ def test_a_request_after_the_applying_one_is_a_resend_and_after_the_outcome_a_re
     assert result.resent_after_apply == 2
     assert result.reapplied_after_outcome == 1
     assert result.example_events["reapplied_after_outcome"] == ["ev2"]
+
+
+def test_an_identical_record_written_twice_is_a_producer_copy_not_a_second_outcome() -> None:
+    result = _run(outcomes=[*(_outcome(i) for i in range(4)), _outcome(2)])
+    assert result.problems() == []
+    assert result.producer_copies == 1
+    assert result.redelivered_copies == 0

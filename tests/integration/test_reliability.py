@@ -113,6 +113,46 @@ def assert_ledger(
     raise WorkerBug(message)
 
 
+def assert_pauses(
+    result: LedgerResult, rig: Rig, *, injected: tuple[str, ...] = (), bug_always_shows: bool = False
+) -> None:
+    """The worker pauses (``/readyz`` 503) only for the systemic faults the scenario injected.
+
+    A pause because the Redis client ran out of pooled connections (``MaxConnectionsError``) is the
+    known worker bug #3: more concurrent dedup calls than the pool's 100 connections make the
+    worker declare its (healthy) dedup store away. It needs a burst: where one is certain
+    (``bug_always_shows``) it raises ``WorkerBug`` for a strict xfail mark, elsewhere it is an
+    imperative xfail."""
+    pauses = rig.pauses()
+    if pauses:
+        result.notes.append(
+            "pauses: " + ", ".join(f"{n}x {why}" for why, n in sorted(pauses.items(), key=lambda kv: -kv[1]))
+        )
+    unexpected = {why: n for why, n in pauses.items() if why.split(":")[0] not in injected}
+    pool = {why: n for why, n in pauses.items() if "MaxConnectionsError" in why}
+    if set(unexpected) - set(pool):
+        raise AssertionError(f"the worker paused for faults nobody injected: {unexpected}")
+    if pool:
+        result.expected["pauses"] = (
+            f"known worker bug #3: {sum(pool.values())} pauses for 'dedup_unavailable: MaxConnectionsError' "
+            "(the Redis client's pool of 100 connections exhausted by up to 256 jobs; the store was fine)"
+        )
+        if bug_always_shows:
+            raise WorkerBug(f"known worker bug #3: {pool}")
+        pytest.xfail(f"known worker bug #3: {pool}")
+
+
+#: Reported to the lead: 256 jobs start at once on a backlog, so the pool always runs out here.
+BUG_REDIS_POOL = pytest.mark.xfail(
+    strict=True,
+    raises=WorkerBug,
+    reason=(
+        "worker bug #3: the Redis dedup client's connection pool (redis-py default, 100) is smaller than "
+        "max_in_flight (256); MaxConnectionsError is classified as DedupUnavailable, so a burst of jobs "
+        "pauses the whole worker (/readyz 503) although Redis is fine"
+    ),
+)
+
 #: Expected ledger problems, by kind, with why (shown in docs/reliability.md).
 CRASH_WINDOW_FIGURE = {
     "applied_twice": "re-application inside a crash window (the API applied a ticket.update, the worker was "
@@ -219,6 +259,7 @@ async def test_crash_sigkill_at_random_moments(
     # re-application inside a crash window is the reported figure, not a failure
     assert_ledger(result, rig, allow=CRASH_WINDOW_FIGURE)
     assert set(result.outcomes) == {"applied"}, result.outcomes
+    assert_pauses(result, rig)
 
 
 # --- 2. API faults --------------------------------------------------------------------------------------
@@ -305,6 +346,7 @@ async def test_api_faults_every_event_applied_or_failed_after_its_budget(
         f"max PUTs for one event: {max(puts.values())}"
     )
     assert_ledger(result, rig)
+    assert_pauses(result, rig, injected=("api_unreachable",))
 
 
 def _json(record_: Any) -> dict[str, Any]:
@@ -408,6 +450,7 @@ async def test_credentials_revoked_and_api_unreachable_pause_and_resume(
     assert_ledger(result, rig)
     assert set(result.outcomes) == {"applied"}, result.outcomes
     assert result.dlq_records == 0
+    assert_pauses(result, rig, injected=("api_auth", "api_unreachable"))
 
 
 # --- 4. broker connection cut, dedup store cut ----------------------------------------------------------
@@ -506,6 +549,7 @@ async def test_broker_and_dedup_store_cut_recover_without_restart(
     result.notes.extend(notes)
     assert_ledger(result, rig)
     assert set(result.outcomes) == {"applied"}, result.outcomes
+    assert_pauses(result, rig, injected=("broker_unavailable", "dedup_unavailable"))
 
 
 async def _wait_outcome_after(rig: Rig, wall: float, timeout_s: float) -> None:
@@ -595,6 +639,7 @@ async def test_rebalance_storm_workers_join_and_leave(
     # the SIGKILLs open crash windows: the same reported figure as scenario 1, when hit
     assert_ledger(result, rig, allow=CRASH_WINDOW_FIGURE)
     assert set(result.outcomes) == {"applied"}, result.outcomes
+    assert_pauses(result, rig)
 
 
 # --- 6. slow consumer -----------------------------------------------------------------------------------
@@ -614,6 +659,7 @@ RSS_LIMIT_BYTES = 400 * 2**20
 MAX_IN_FLIGHT = 256
 
 
+@BUG_REDIS_POOL
 @pytest.mark.parametrize("size", SIZES)
 async def test_slow_consumer_backlog_keeps_memory_bounded(
     size: str,
@@ -667,3 +713,4 @@ async def test_slow_consumer_backlog_keeps_memory_bounded(
     assert result.peak_rss_bytes < RSS_LIMIT_BYTES
     assert_ledger(result, rig)
     assert set(result.outcomes) == {"applied"}, result.outcomes
+    assert_pauses(result, rig, bug_always_shows=True)
