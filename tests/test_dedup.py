@@ -162,3 +162,17 @@ async def test_unusable_sqlite_path_is_dedup_unavailable(tmp_path: Path) -> None
 def test_bad_urls(url: str) -> None:
     with pytest.raises(ConfigError):
         open_store(url)
+
+
+async def test_redis_callers_beyond_the_pool_wait_instead_of_failing(redis_url: str) -> None:
+    """More concurrent calls than pooled connections must queue, not read as "store down"."""
+    from worker.dedup import REDIS_POOL_SIZE
+
+    store = open_store(redis_url)
+    try:
+        claims = await asyncio.gather(
+            *(store.claim(f"burst-{i}", "w1", "t/0/1", 30) for i in range(REDIS_POOL_SIZE * 4))
+        )
+    finally:
+        await store.close()
+    assert {c.kind for c in claims} == {ClaimKind.NEW}

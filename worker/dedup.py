@@ -53,6 +53,9 @@ class ClaimKind(StrEnum):
     DONE = "done"  # finished and its outcome durable
 
 
+#: Connections per process to Redis; callers beyond them wait (up to REDIS_POOL_WAIT_S) for one.
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_S = 5.0
 #: How long a claim record outlives its lease (so a taker learns it took over a dead owner's claim).
 CLAIM_RECORD_KEEP_S = 24 * 3600.0
 
@@ -379,8 +382,8 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str = "coc:dedup:") -> None:
         self._prefix = prefix
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15
+        self._client: aioredis.Redis = aioredis.Redis(
+            connection_pool=blocking_pool(url, socket_timeout_s=2.0)
         )
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
@@ -432,6 +435,22 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def blocking_pool(url: str, *, socket_timeout_s: float) -> aioredis.BlockingConnectionPool:
+    """A pool that makes a caller *wait* for a free connection when all are busy.
+
+    redis-py's default pool raises once its connections are in use, which with hundreds of jobs
+    in flight would read as "the store is down" and pause the worker for nothing.
+    """
+    return aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=REDIS_POOL_WAIT_S,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        health_check_interval=15,
+    )
 
 
 def open_store(url: str) -> DedupStore:

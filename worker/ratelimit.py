@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
+from worker.dedup import blocking_pool
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -76,8 +77,8 @@ class RedisTokenBucket:
     """GCRA shared by every replica through one Redis key; degrades to local if Redis is away."""
 
     def __init__(self, url: str, key: str, rate_per_s: float, burst: int, metrics: Metrics) -> None:
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0
+        self._client: aioredis.Redis = aioredis.Redis(
+            connection_pool=blocking_pool(url, socket_timeout_s=1.0)
         )
         self._script = self._client.register_script(_GCRA_LUA)
         self._key = key
