@@ -434,7 +434,7 @@ class RedisStore:
         await self._call(self._client.ping())
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
 
 def blocking_pool(url: str, *, socket_timeout_s: float) -> aioredis.BlockingConnectionPool:

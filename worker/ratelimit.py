@@ -99,7 +99,7 @@ class RedisTokenBucket:
             await asyncio.sleep(wait_ms / 1000)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
 
 class AdaptiveConcurrency:
