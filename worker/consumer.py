@@ -131,7 +131,7 @@ class Consumer:
         value = self._consumer.highwater(TopicPartition(*key))
         return int(value) if value is not None else None
 
-    async def ping(self, timeout_s: float = 5.0) -> None:
+    async def ping(self, timeout_s: float = 3.0) -> None:
         """A metadata round trip: proves the broker answers."""
         try:
             await asyncio.wait_for(self._consumer.topics(), timeout_s)
