@@ -50,6 +50,8 @@ class Worker:
         register_secrets(settings.secret_values())
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
+        #: Fetching pauses at max_in_flight and resumes once this few are left (hysteresis).
+        self._resume_at = max(1, settings.max_in_flight * 3 // 4)
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left)
@@ -160,7 +162,7 @@ class Worker:
 
     async def _consume(self) -> None:
         s = self.settings
-        resume_at = max(1, s.max_in_flight * 3 // 4)
+        resume_at = self._resume_at
         while not self._stopping.is_set():
             in_flight = len(self._lanes)
             if not self._consumer.paused and (in_flight >= s.max_in_flight or not self._gate.is_open):
@@ -220,8 +222,10 @@ class Worker:
     def _job_left(self, job: Job, finished: bool) -> None:
         if finished:
             self._offsets.finish(job.message.partition_key, job.message.offset)
-        self.metrics.in_flight.set(len(self._lanes))
-        self._room.set()
+        in_flight = len(self._lanes)
+        self.metrics.in_flight.set(in_flight)
+        if in_flight <= self._resume_at:  # wake the consumer only when it may resume fetching
+            self._room.set()
 
     async def _commit(self, keys: set[PartitionKey] | None = None) -> None:
         async with self._commit_lock:

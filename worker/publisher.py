@@ -93,8 +93,8 @@ class Publisher:
             compression_type=None,
         )
         self._partitioner = DefaultPartitioner()
-        self._queued: list[_Queued] = []
-        self._flushes: set[asyncio.Task[None]] = set()
+        self._queued: dict[int, list[_Queued]] = {}  # partition -> outcomes waiting for its writer
+        self._writers: dict[int, asyncio.Task[None]] = {}
         self._partitions: list[int] = []
         self._partitions_at = 0.0
 
@@ -122,7 +122,7 @@ class Publisher:
     ) -> None:
         """Send the outcome (and the dead-letter record) and wait until the broker has both.
 
-        Outcomes of concurrent jobs are written together (see ``_flush``); the call returns when
+        Outcomes of concurrent jobs are written together (see ``_write``); the call returns when
         the batch holding this outcome is acknowledged.
         """
         headers: Headers = [
@@ -130,12 +130,18 @@ class Publisher:
             ("coc-status", outcome.status.value.encode()),
         ]
         key = outcome.ticket_id.encode() if outcome.ticket_id else None
-        loop = asyncio.get_running_loop()
-        delivered: asyncio.Future[None] = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._start_flush)
-        self._queued.append((key, outcome.model_dump_json().encode(), headers, delivered))
+        delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
+            partitions = await self._results_partitions()
+            # Chosen exactly as ``producer.send`` would (the default partitioner on the key), so
+            # each ticket's outcomes keep their order.
+            partition = self._partitioner(key, partitions, partitions)
+            self._queued.setdefault(partition, []).append(
+                (key, outcome.model_dump_json().encode(), headers, delivered)
+            )
+            if partition not in self._writers:
+                task = asyncio.get_running_loop().create_task(self._write(partition))
+                self._writers[partition] = task
             if letter is None:
                 await delivered
             else:
@@ -143,44 +149,47 @@ class Publisher:
         except KafkaError as exc:
             raise BrokerUnavailable(f"outcome not confirmed by the broker: {type(exc).__name__}") from exc
 
-    def _start_flush(self) -> None:
-        queued, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._flush(queued))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _flush(self, queued: list[_Queued]) -> None:
-        """Write the outcomes queued in one loop turn as one record batch per partition.
+    async def _write(self, partition: int) -> None:
+        """One writer per partition: send what has queued as record batches, wait for the broker's
+        acknowledgement, repeat until nothing is left.
 
         Per message, ``producer.send`` costs several times more CPU than a record appended to a
-        batch; at thousands of outcomes per second that difference is a visible share of the
-        worker's CPU. Partitions are chosen exactly as ``send`` would (the default partitioner on
-        the key), so per-ticket outcome order is kept.
+        batch; at thousands of outcomes per second the difference is a visible share of the
+        worker's CPU. While one batch is on its way the next one fills up, so batches grow with
+        the load, and one partition never waits behind another.
         """
         try:
-            partitions = await self._results_partitions()
-            groups: dict[int, list[_Queued]] = {}
-            for item in queued:
-                groups.setdefault(self._partitioner(item[0], partitions, partitions), []).append(item)
-            for partition, items in groups.items():
-                await self._send_group(partition, items)
-        except Exception as exc:  # whatever it is, every waiting job must hear of it
-            _fail([item[3] for item in queued], exc)
+            while queued := self._queued.pop(partition, None):
+                try:
+                    sent = await self._send_group(partition, queued)
+                    await asyncio.wait(sent)
+                except Exception as exc:  # whatever it is, every waiting job must hear of it
+                    _fail([item[3] for item in queued], exc)
+        finally:
+            del self._writers[partition]
 
-    async def _send_group(self, partition: int, items: list[_Queued]) -> None:
+    async def _send_group(self, partition: int, items: list[_Queued]) -> list[asyncio.Future[object]]:
         topic = self._settings.results_topic
+        sent: list[asyncio.Future[object]] = []
         batch = self._producer.create_batch()
         members: list[asyncio.Future[None]] = []
         for key, value, headers, delivered in items:
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
+                sent.append(
+                    _settle_when_sent(
+                        await self._producer.send_batch(batch, topic, partition=partition), members
+                    )
+                )
                 batch, members = self._producer.create_batch(), []
                 if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
                     _fail([delivered], MessageSizeTooLargeError())
                     continue
             members.append(delivered)
         if members:
-            _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
+            sent.append(
+                _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
+            )
+        return sent
 
     async def _results_partitions(self) -> list[int]:
         now = time.monotonic()
@@ -210,7 +219,9 @@ def _fail(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
             waiter.set_exception(exc)
 
 
-def _settle_when_sent(sent: asyncio.Future[object], waiters: list[asyncio.Future[None]]) -> None:
+def _settle_when_sent(
+    sent: asyncio.Future[object], waiters: list[asyncio.Future[None]]
+) -> asyncio.Future[object]:
     """Resolve every outcome of a record batch when the broker acknowledges (or refuses) it."""
 
     def settle(done: asyncio.Future[object]) -> None:
@@ -224,3 +235,4 @@ def _settle_when_sent(sent: asyncio.Future[object], waiters: list[asyncio.Future
                 waiter.set_exception(error)
 
     sent.add_done_callback(settle)
+    return sent
