@@ -346,6 +346,53 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+README_START = "<!-- bench:start: written by make bench from bench/results/latest.json -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_section(report: dict[str, Any]) -> str:
+    """The README's performance block: the targets and both backlog tables of the latest full run.
+
+    Generated, so the README can never show figures other than the committed ``latest.json``'s.
+    """
+    env = report["environment"]
+    config = report["config"]
+    concurrency = config["concurrency"]
+    targets = [Target(**t) for t in report["targets"]]
+    return "\n".join(
+        [
+            README_START,
+            f"Last full run: {env['date']}, commit `{env['git_commit']}`, {env['cpu_count']} CPUs, "
+            f"{config['events']:,} events over {config['tickets']:,} tickets, medians of "
+            f"{config['repeats']} repeat(s). Full report: [bench/results/latest.md](bench/results/latest.md).",
+            "",
+            _table(
+                ["target (issue 5)", "measured", "met"],
+                [[t.name, t.measured, t.mark] for t in targets],
+            ),
+            "",
+            f"0 ms API latency, worker max_in_flight {concurrency}:",
+            "",
+            scenario_table(report["summary"], "api0", concurrency),
+            "",
+            f"20 ms API latency, worker max_in_flight {concurrency}:",
+            "",
+            scenario_table(report["summary"], "api20", concurrency),
+            "",
+            "![throughput vs max_in_flight at 20 ms API latency](bench/results/latest.png)",
+            README_END,
+        ]
+    )
+
+
+def splice_readme(readme: str, section: str) -> str:
+    """``readme`` with the text between the markers replaced by ``section``."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError("README.md has no bench:start/bench:end markers")
+    return readme[:start] + section + readme[end + len(README_END) :]
+
+
 def write_chart(summary: dict[str, Group], path: Path, api_latency_ms: float = 20.0) -> None:
     """Throughput vs max_in_flight at 20 ms, with the max_in_flight / 20 ms line and the ceilings."""
     import matplotlib

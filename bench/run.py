@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     text = report.markdown(doc)
     (args.out / "latest.md").write_text(text, encoding="utf-8")
     report.write_chart(summary, args.out / "latest.png")
+    readme = ROOT / "README.md"
+    if plan.mode == "full" and args.out.resolve() == (ROOT / "bench" / "results").resolve():
+        readme.write_text(
+            report.splice_readme(readme.read_text("utf-8"), report.readme_section(doc)), "utf-8"
+        )
     print()
     print(text)
     if args.keep:

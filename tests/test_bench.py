@@ -294,3 +294,21 @@ def test_chart_is_written(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     report.write_chart(report.summarize(_runs()), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_shows_the_committed_latest_results() -> None:
+    """make bench rewrites the README's block; it must match the committed latest.json."""
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "bench" / "results" / "latest.json").read_text("utf-8"))
+    readme = (root / "README.md").read_text("utf-8")
+    section = report.readme_section(doc)
+    assert section in readme
+    assert "bench/results/latest.png" in section
+    assert report.splice_readme(readme, section) == readme
+
+
+def test_splice_readme_replaces_only_the_marked_block() -> None:
+    text = f"a\n{report.README_START}\nold\n{report.README_END}\nb\n"
+    assert report.splice_readme(text, "new") == "a\nnew\nb\n"
+    with pytest.raises(ValueError, match="markers"):
+        report.splice_readme("no markers", "new")

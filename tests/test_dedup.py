@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, open_store
+from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, SqliteStore, open_store
 from worker.errors import ConfigError, DedupUnavailable
 
 
@@ -126,6 +128,48 @@ async def test_sqlite_survives_a_restart(tmp_path: Path) -> None:
         assert (await second.claim("e7", "w2", "t/0/2", 30)).kind is ClaimKind.DONE
     finally:
         await second.close()
+
+
+async def test_sqlite_purges_expired_records_in_chunks(tmp_path: Path) -> None:
+    """Expired records go in small chunks (the loop is never held by one big DELETE); live ones stay."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    store._PURGE_CHUNK = 2
+    store._last_purge = float("inf")  # not due while the records are written
+    try:
+        for n in range(5):
+            await store.mark_done(f"old{n}", DedupRecord("done", "w1", f"t/0/{n}", "applied"), -1)
+        await store.mark_done("live", DedupRecord("done", "w1", "t/0/9", "applied"), 60)
+
+        def rows() -> set[str]:
+            with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
+                return {r[0] for r in conn.execute("SELECT event_id FROM dedup")}
+
+        counts = []
+        for _ in range(4):
+            store._last_purge = 0.0  # due now: the next batch purges one chunk
+            await store.ping()
+            counts.append(len(rows()))
+        assert counts == [4, 2, 1, 1]  # 6 rows, 2 per chunk; the short chunk ends the round
+        assert rows() == {"live"}
+    finally:
+        await store.close()
+
+
+async def test_sqlite_checkpoints_the_wal_off_the_loop(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    store._CHECKPOINT_EVERY_S = 0.0
+    try:
+        await store.mark_done("e1", DedupRecord("done", "w1", "t/0/1", "applied"), 60)
+        await store.mark_done("e2", DedupRecord("done", "w1", "t/0/2", "applied"), 60)
+        assert store._checkpoint is not None
+        await asyncio.wait_for(asyncio.wrap_future(store._checkpoint), 10)
+        # The database file alone (no -wal beside it) holds the records once they are checkpointed.
+        copy = tmp_path / "copy.sqlite3"
+        shutil.copyfile(tmp_path / "d.sqlite3", copy)
+        with sqlite3.connect(copy) as conn:
+            assert conn.execute("SELECT count(*) FROM dedup").fetchone()[0] >= 1
+    finally:
+        await store.close()
 
 
 async def test_memory_is_bounded() -> None:
