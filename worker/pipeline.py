@@ -311,7 +311,7 @@ class Pipeline:
             error_code=error_code,
             error_msg=redact_text(error_msg) if error_msg else None,
             request=request,
-            source=SourceRef(topic=m.topic, partition=m.partition, offset=m.offset),
+            source=SourceRef.model_construct(topic=m.topic, partition=m.partition, offset=m.offset),
             received_at=job.received_at,
             finished_at=datetime.now(UTC),
             duration_ms=round((time.monotonic() - job.received_mono) * 1000, 3),
