@@ -73,7 +73,7 @@ class DedupRecord:
 
     def encode(self) -> str:
         # Not dataclasses.asdict: it deep-copies every value, measurable at three writes per event.
-        return json.dumps({name: getattr(self, name) for name in _RECORD_FIELDS}, separators=(",", ":"))
+        return _ENCODER.encode({name: getattr(self, name) for name in _RECORD_FIELDS})
 
     @classmethod
     def decode(cls, text: str | bytes) -> DedupRecord:
@@ -81,6 +81,7 @@ class DedupRecord:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(DedupRecord))
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
 
 
 @dataclass(frozen=True, slots=True)
