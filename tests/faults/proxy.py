@@ -132,6 +132,11 @@ class TcpProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._server is None:
+            # Accepted by the kernel just before the listener closed (a refuse-cut or stop()), and
+            # handed to us after _close_all(): close it now, or nothing ever will.
+            _abort(writer)
+            return
         self.stats.accepted += 1
         pipe = _Pipe(writer)
         self._pipes.add(pipe)

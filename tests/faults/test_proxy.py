@@ -72,3 +72,18 @@ async def test_blackhole_swallows_traffic_without_an_error_until_restored(echo: 
         writer.close()
         late_writer.close()
         assert await _roundtrip(proxy.port) == b"ping"
+
+
+async def test_a_connection_handed_over_after_the_listener_closed_is_closed(echo: int) -> None:
+    """The kernel may accept a connection just before a refuse-cut or stop() closes the listener,
+    and asyncio hand it to the proxy afterwards: it must be closed, not forwarded and leaked."""
+    async with TcpProxy("127.0.0.1", echo) as proxy:
+        await proxy.cut("refuse")
+        client_reader, client_writer = await asyncio.open_connection("127.0.0.1", echo)
+        try:
+            await proxy._accept(client_reader, client_writer)  # what asyncio would call, late
+            assert client_writer.transport.is_closing()
+            assert proxy.open_connections == 0
+            assert proxy.stats.accepted == 0
+        finally:
+            client_writer.close()
