@@ -68,11 +68,14 @@ async def test_concurrency_limit_bounds_calls_in_flight() -> None:
 
     async def call() -> None:
         nonlocal running, peak
-        async with limit.slot():
+        await limit.acquire()
+        try:
             running += 1
             peak = max(peak, running)
             await release.wait()
             running -= 1
+        finally:
+            limit.release()
 
     tasks = [asyncio.create_task(call()) for _ in range(10)]
     await asyncio.sleep(0)
@@ -100,8 +103,11 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     hold = asyncio.Event()
 
     async def holder() -> None:
-        async with limit.slot():
+        await limit.acquire()
+        try:
             await hold.wait()
+        finally:
+            limit.release()
 
     first = asyncio.create_task(holder())
     await asyncio.sleep(0)
@@ -112,5 +118,5 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     await first
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    async with limit.slot():  # the slot is free again
-        pass
+    await asyncio.wait_for(limit.acquire(), 1)  # the slot is free again
+    limit.release()

@@ -144,24 +144,24 @@ class ApiCaller:
             await self._gate.wait_open()
             await before_attempt()
             started = time.monotonic()
-            reading = False
+            sent = False  # whether this round sent the change (a read of the ticket is not a send)
             try:
                 if ambiguous and confirm is not None:
-                    reading = True
                     if await self._in_place(ticket_id, confirm):
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
-                    ambiguous = reading = False  # read, and not there: safe to send
+                    ambiguous = False  # read, and not there: safe to send
                     if error is not None and spent >= self._policy.max_attempts:
                         return _failed(calls, active_s, error, applied_maybe=False)
                 spent += 1
                 calls += 1
+                sent = True
                 if calls > 1:
                     self._metrics.retries.inc()
                 response = await self._attempt(ticket_id, body, event_id, traceparent)
             except ApiAuthError as exc:
                 self._reachability.reached()
-                if not reading:
+                if sent:
                     spent -= 1
                 self._trip_auth(exc, ticket_id)
                 continue
@@ -179,7 +179,8 @@ class ApiCaller:
                 ambiguous = ambiguous or exc.ambiguous
                 if exc.connect_failure:
                     if self._reachability.connect_failed():
-                        spent -= 0 if reading else 1
+                        if sent:
+                            spent -= 1
                         self._trip_unreachable(exc.detail, ticket_id)
                         continue
                 else:
@@ -194,7 +195,8 @@ class ApiCaller:
             delay = self._policy.next_delay(max(spent, 1), active_s, error, limit_attempts=not will_read)
             if delay is None:
                 if error.connect_failure:
-                    spent -= 0 if reading else 1
+                    if sent:
+                        spent -= 1
                     self._trip_unreachable(error.detail, ticket_id)
                     continue
                 return _failed(calls, active_s, error, applied_maybe=ambiguous)

@@ -9,10 +9,11 @@ drained and committed before another member takes them), and turns Kafka errors 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.errors import BrokerUnavailable
@@ -39,6 +40,15 @@ class Message:
     @property
     def partition_key(self) -> PartitionKey:
         return (self.topic, self.partition)
+
+
+def messages_from(batches: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]) -> list[Message]:
+    """aiokafka's ``getmany`` result as our messages (the library type stays at this edge)."""
+    return [
+        Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
+        for records in batches.values()
+        for r in records
+    ]
 
 
 class RebalanceHandler(Protocol):
@@ -89,11 +99,7 @@ class Consumer:
             batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as exc:
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
-        return [
-            Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
-            for records in batches.values()
-            for r in records
-        ]
+        return messages_from(batches)
 
     def assignment(self) -> set[PartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}

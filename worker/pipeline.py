@@ -35,6 +35,7 @@ from worker.tracing import TraceContext
 log = get_logger(__name__)
 T = TypeVar("T")
 
+_HELD_POLL_FIRST_S = 0.05
 _HELD_POLL_MAX_S = 1.0
 
 
@@ -123,7 +124,7 @@ class Pipeline:
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         request = to_request_body(event)
         body = request.to_wire()
-        held_delay = 0.05
+        held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
             claim = await self._dedup(
                 lambda: self._store.claim(event.event_id, self._owner, job.source, self._lease_s)
@@ -131,10 +132,10 @@ class Pipeline:
             if claim.kind is ClaimKind.HELD:
                 # Another live worker holds it (a rebalance race): wait for it to finish, or for
                 # its lease to run out if it died.
-                if held_delay == 0.05:
+                if not held_delay:
                     log.info("event_claimed_elsewhere", owner=claim.record.owner if claim.record else None)
+                held_delay = min(held_delay * 2 or _HELD_POLL_FIRST_S, _HELD_POLL_MAX_S)
                 await asyncio.sleep(held_delay)
-                held_delay = min(held_delay * 2, _HELD_POLL_MAX_S)
                 continue
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
                 await self._finish_known(job, event, body, claim.record)

@@ -226,13 +226,12 @@ def _settle_when_sent(
 
     def settle(done: asyncio.Future[object]) -> None:
         error = done.exception() if not done.cancelled() else KafkaError("outcome batch cancelled")
+        if error is not None:
+            _fail(waiters, error)
+            return
         for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
+            if not waiter.done():
                 waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
 
     sent.add_done_callback(settle)
     return sent

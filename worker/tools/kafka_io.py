@@ -17,7 +17,7 @@ from typing import Generic, Self, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from worker.consumer import Message
+from worker.consumer import Message, messages_from
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.kafka_config import connection_kwargs
 from worker.settings import WorkerSettings
@@ -222,11 +222,7 @@ class TopicReader(_Client[AIOKafkaConsumer]):
             batches = await self._require().getmany(timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
             raise BrokerUnavailable(f"reading {self.topic!r} failed: {type(exc).__name__}") from exc
-        messages = [
-            Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
-            for records in batches.values()
-            for r in records
-        ]
+        messages = messages_from(batches)
         messages.sort(key=lambda m: (m.partition, m.offset))
         return messages
 
