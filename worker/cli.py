@@ -14,12 +14,15 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
 from worker.logs import configure
 from worker.settings import SECRET_FIELDS, WorkerSettings, load_settings
+
+if TYPE_CHECKING:
+    from worker.tools.dlq import Selection
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -52,14 +55,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         worker = Worker(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
+        _stop_on_signals(worker.stop)
         await worker.run()
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
     return 0
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT call ``stop`` (in the running loop) for a clean shutdown."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -176,11 +184,11 @@ _TOOL_LOG_LEVEL = "WARNING"
 def _tool_settings(args: argparse.Namespace) -> WorkerSettings:
     """Settings for a tool: quiet logs unless a level was set (stdout is the tool's output)."""
     settings = _settings_from(args)
-    explicit = "log_level" in settings.model_fields_set
-    configure(settings.log_level if explicit else _TOOL_LOG_LEVEL, settings.log_format)
-    if (
-        not explicit
-    ):  # the tool reports a failure in its own one line; the client library's noise only hides it
+    if "log_level" in settings.model_fields_set:
+        configure(settings.log_level, settings.log_format)
+    else:
+        configure(_TOOL_LOG_LEVEL, settings.log_format)
+        # the tool reports a failure in its own one line; the client library's noise only hides it
         logging.getLogger().setLevel(logging.CRITICAL)
     return settings
 
@@ -283,9 +291,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        _stop_on_signals(stop.set)
 
         def ready(port: int) -> None:
             print(f"coc-worker ingest listening on http://{settings.http_host}:{port}", flush=True)
@@ -316,7 +322,7 @@ def cmd_outcomes_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _selection(args: argparse.Namespace) -> Any:
+def _selection(args: argparse.Namespace) -> Selection:
     from worker.tools.dlq import Selection
 
     return Selection(

@@ -29,14 +29,14 @@ from aiohttp import web
 from prometheus_client import Counter
 from pydantic import ValidationError
 
-from worker.decode import parse_json
+from worker.decode import describe, parse_json
 from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
 from worker.logs import get_logger, register_secrets
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 from worker.tools import alertmanager
-from worker.tools.events import contract_errors, encode
+from worker.tools.events import encode, event_errors
 from worker.tools.kafka_io import EventProducer, OutRecord
 from worker.tracing import HEADER as TRACEPARENT
 from worker.tracing import new_trace, parse
@@ -159,9 +159,7 @@ class Ingress:
         invalid = []
         for index, item in enumerate(items):
             where = f"$[{index}]" if isinstance(document, list) else "$"
-            errors = contract_errors(item)
-            if not errors and len(encode(item)) > self._settings.max_event_bytes:
-                errors = [("$", f"event is over {self._settings.max_event_bytes} bytes")]
+            errors = event_errors(item, self._settings.max_event_bytes)
             if errors:
                 shown = [{"path": where + path[1:], "message": msg} for path, msg in errors]
                 invalid.append({"index": index, "errors": shown})
@@ -175,14 +173,8 @@ class Ingress:
         try:
             notification = alertmanager.Notification.model_validate(document)
         except ValidationError as exc:
-            errors = [
-                {
-                    "path": "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]),
-                    "message": e["msg"],
-                }
-                for e in exc.errors(include_url=False, include_input=False)
-            ]
-            return _error(400, "not_an_alertmanager_notification", "see errors", errors=errors[:20])
+            errors = [{"path": path, "message": msg} for path, msg in describe(exc)[:20]]
+            return _error(400, "not_an_alertmanager_notification", "see errors", errors=errors)
         if notification.version != alertmanager.SUPPORTED_VERSION:
             return _error(
                 400, "unsupported_version", f"webhook payload version {alertmanager.SUPPORTED_VERSION} only"

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
-import structlog
 from conftest import SettingsFactory, running_worker
 from helpers import event, read_json, read_records, send
 
@@ -44,21 +42,7 @@ Cli = Callable[..., Awaitable[Run]]
 
 
 @pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The CLI configures structlog and the root logger for its process: undo it after the test."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.fixture
-def cli(
-    broker: TansuBroker, topics: dict[str, str], capsys: pytest.CaptureFixture[str], restore_logging: None
-) -> Cli:
+def cli(broker: TansuBroker, topics: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Cli:
     """``coc-worker ARGS`` in this process (in a thread: it runs its own event loop), for this test's topics."""
     kafka = [
         "--kafka-bootstrap-servers",
@@ -86,6 +70,23 @@ async def topic_size(broker: TansuBroker, topic: str) -> int:
         return sum((await reader.end_offsets()).values())
 
 
+def send_waiting(kind: str, ticket: str, *flags: str, timeout_s: str = "30") -> list[str]:
+    """``send`` of a ``kind`` event for sub-ticket s1 of ``ticket`` that waits for its outcome."""
+    return [
+        "send",
+        "--type",
+        kind,
+        "--ticket",
+        ticket,
+        "--sub-ticket",
+        "s1",
+        *flags,
+        "--wait-outcome",
+        "--timeout-s",
+        timeout_s,
+    ]
+
+
 # --- send -----------------------------------------------------------------------------------------------
 async def test_send_waits_for_the_outcome_and_exits_by_its_status(
     broker: TansuBroker,
@@ -95,56 +96,18 @@ async def test_send_waits_for_the_outcome_and_exits_by_its_status(
     cli: Cli,
 ) -> None:
     async with running_worker(make_settings()):
-        started = await cli(
-            "send",
-            "--type",
-            "started",
-            "--ticket",
-            "CM-SEND",
-            "--sub-ticket",
-            "s1",
-            "--source",
-            "ci",
-            "--wait-outcome",
-            "--timeout-s",
-            "30",
-        )
+        started = await cli(*send_waiting("started", "CM-SEND", "--source", "ci"))
         assert started.code == 0, started.err
         event_id, summary = started.lines
         assert summary.startswith("applied (HTTP 200")
         # the sub-ticket is implementing now: starting it again is refused by the API
-        again = await cli(
-            "send",
-            "--type",
-            "change.started",
-            "--ticket",
-            "CM-SEND",
-            "--sub-ticket",
-            "s1",
-            "--wait-outcome",
-            "--timeout-s",
-            "30",
-            "--json",
-        )
+        again = await cli(*send_waiting("change.started", "CM-SEND", "--json"))
         assert again.code == 1
         refused = OutcomeEvent.model_validate_json(again.lines[1])
         assert refused.status is OutcomeStatus.REJECTED
         assert (refused.http_status, refused.error_code) == (400, "GOM.00001005")
         # the same event id again (a retried CI step): a duplicate, which is success
-        retried = await cli(
-            "send",
-            "--type",
-            "started",
-            "--ticket",
-            "CM-SEND",
-            "--sub-ticket",
-            "s1",
-            "--event-id",
-            event_id,
-            "--wait-outcome",
-            "--timeout-s",
-            "30",
-        )
+        retried = await cli(*send_waiting("started", "CM-SEND", "--event-id", event_id))
         assert retried.code == 0
         assert retried.lines == [event_id, "duplicate (reason duplicate_event_id)"]
     assert len(simulator.state.applied_for(event_id)) == 1
@@ -219,18 +182,7 @@ async def test_send_refuses_bad_input_and_reports_a_missing_outcome(
     assert usage.value.code == 2
     assert await topic_size(broker, topics["input"]) == 0  # nothing was produced
     # no worker runs: the event is produced, its outcome never comes
-    waited = await cli(
-        "send",
-        "--type",
-        "started",
-        "--ticket",
-        "CM-T",
-        "--sub-ticket",
-        "s1",
-        "--wait-outcome",
-        "--timeout-s",
-        "0.5",
-    )
+    waited = await cli(*send_waiting("started", "CM-T", timeout_s="0.5"))
     assert waited.code == 1
     assert waited.lines[0].startswith("cli-")
     assert "no outcome" in waited.err
@@ -239,9 +191,7 @@ async def test_send_refuses_bad_input_and_reports_a_missing_outcome(
     assert json.loads(record.value or b"")["event_id"] == waited.lines[0]
 
 
-async def test_send_reports_an_unreachable_broker(
-    capsys: pytest.CaptureFixture[str], restore_logging: None
-) -> None:
+async def test_send_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -> None:
     nobody = f"127.0.0.1:{free_port()}"
     argv = [
         "send",
@@ -404,18 +354,7 @@ async def test_dlq_replay_after_the_ticket_was_fixed_ends_applied(
 ) -> None:
     """An end reported before the start is rejected; once started, the replayed end is applied."""
     async with running_worker(make_settings()):
-        early = await cli(
-            "send",
-            "--type",
-            "ended",
-            "--ticket",
-            "CM-DLQ",
-            "--sub-ticket",
-            "s1",
-            "--wait-outcome",
-            "--timeout-s",
-            "30",
-        )
+        early = await cli(*send_waiting("ended", "CM-DLQ"))
         assert early.code == 1
         assert early.lines[1].startswith("rejected")
         ended_id = early.lines[0]
@@ -429,18 +368,7 @@ async def test_dlq_replay_after_the_ticket_was_fixed_ends_applied(
         assert dry.lines[0].startswith("would replay")
         assert "dry run: 1 record(s)" in dry.err
         assert await topic_size(broker, topics["input"]) == 1
-        fixed = await cli(
-            "send",
-            "--type",
-            "started",
-            "--ticket",
-            "CM-DLQ",
-            "--sub-ticket",
-            "s1",
-            "--wait-outcome",
-            "--timeout-s",
-            "30",
-        )
+        fixed = await cli(*send_waiting("started", "CM-DLQ"))
         assert fixed.code == 0
         replayed = await cli("dlq", "replay", "--reason", "api_rejected", "--ticket", "CM-DLQ")
         assert replayed.code == 0

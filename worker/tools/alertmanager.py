@@ -16,13 +16,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import EventType
-from worker.tools.events import contract_errors
+from worker.tools.events import contract_errors, rfc3339
 
 SUPPORTED_VERSION = "4"
 SOURCE = "alertmanager"
@@ -143,9 +143,7 @@ def alert_event(alert: Alert, ticket_id: str, sub_ticket_id: str) -> dict[str, A
     }
     started = _started(alert)
     if started is not None:
-        event["occurred_at"] = (
-            started.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        )
+        event["occurred_at"] = rfc3339(started)
     return event
 
 

@@ -74,8 +74,13 @@ def new_event_id(prefix: str = "cli") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def rfc3339(moment: datetime) -> str:
+    """``moment`` in UTC, to the millisecond, with a ``Z``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
 
 
 def read_document(path: str, stdin: BinaryIO) -> bytes:
@@ -122,15 +127,31 @@ def contract_errors(obj: Any) -> list[tuple[str, str]]:
     return []
 
 
+def _size_error(obj: dict[str, Any], max_event_bytes: int) -> str | None:
+    size = len(encode(obj))
+    return f"event is {size} bytes, the limit is {max_event_bytes}" if size > max_event_bytes else None
+
+
+def event_errors(obj: Any, max_event_bytes: int) -> list[tuple[str, str]]:
+    """``contract_errors``, and for a valid event whose message value would be too large, that."""
+    errors = contract_errors(obj)
+    if not errors:
+        too_large = _size_error(obj, max_event_bytes)
+        if too_large is not None:
+            errors.append(("$", too_large))
+    return errors
+
+
 def validated(obj: dict[str, Any], max_event_bytes: int) -> AnyChangeEvent:
     """The event, or ``InvalidEvent`` naming every error on one line."""
-    errors = contract_errors(obj)
-    if errors:
-        raise InvalidEvent("schema", "; ".join(f"{path}: {msg}" for path, msg in errors))
-    size = len(encode(obj))
-    if size > max_event_bytes:
-        raise InvalidEvent("too_large", f"event is {size} bytes, the limit is {max_event_bytes}")
-    return CHANGE_EVENT_ADAPTER.validate_python(obj)
+    try:
+        event = CHANGE_EVENT_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        raise InvalidEvent("schema", "; ".join(f"{path}: {msg}" for path, msg in describe(exc))) from None
+    too_large = _size_error(obj, max_event_bytes)
+    if too_large is not None:
+        raise InvalidEvent("too_large", too_large)
+    return event
 
 
 def parse_document(raw: bytes) -> Any:

@@ -9,10 +9,10 @@ else 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TextIO
+from typing import BinaryIO, TextIO
 
 from worker.errors import InvalidEvent
-from worker.tools.events import contract_errors, encode, parse_document, read_document
+from worker.tools.events import event_errors, parse_document, read_document
 
 
 @dataclass(slots=True)
@@ -37,18 +37,9 @@ def check_document(raw: bytes, max_event_bytes: int) -> tuple[int, list[tuple[st
             return 0, [("$", "an empty array holds no event")]
         errors = []
         for index, item in enumerate(document):
-            errors += [(f"$[{index}]{path[1:]}", msg) for path, msg in _item_errors(item, max_event_bytes)]
+            errors += [(f"$[{index}]{path[1:]}", msg) for path, msg in event_errors(item, max_event_bytes)]
         return len(document), errors
-    return 1, _item_errors(document, max_event_bytes)
-
-
-def _item_errors(item: Any, max_event_bytes: int) -> list[tuple[str, str]]:
-    errors = contract_errors(item)
-    if not errors and isinstance(item, dict):
-        size = len(encode(item))
-        if size > max_event_bytes:
-            errors.append(("$", f"event is {size} bytes, the limit is {max_event_bytes}"))
-    return errors
+    return 1, event_errors(document, max_event_bytes)
 
 
 def validate_files(paths: list[str], stdin: BinaryIO, max_event_bytes: int) -> list[FileReport]:
