@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ class SimulatorProcess:
         self._ak, self._sk = ak, sk
         self._log_path = log_path
         self.proc: subprocess.Popen[str] | None = None
+        self._err: IO[str] | None = None
         self.url = ""
 
     def start(self, timeout_s: float = 30.0) -> SimulatorProcess:
@@ -157,9 +159,10 @@ class SimulatorProcess:
         self._err = open(self._log_path, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        line = self.proc.stdout.readline().strip()
-        if not line.startswith("http") or time.monotonic() > deadline:
+        # its URL, the first line it prints; wait for it at most timeout_s (EOF if it died first)
+        printed, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline().strip() if printed else ""
+        if not line.startswith("http"):
             self.stop()
             raise RuntimeError(f"the simulator did not start: {self._log_path.read_text()[-2000:]}")
         self.url = line
@@ -201,5 +204,6 @@ class SimulatorProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
-        with contextlib.suppress(AttributeError):
+        if self._err is not None:
             self._err.close()
+            self._err = None

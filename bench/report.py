@@ -113,6 +113,14 @@ class Target:
         return "n/a" if self.met is None else ("✅" if self.met else "❌")
 
 
+def _at_least(name: str, measured: str, value: float | None, threshold: float) -> Target:
+    return Target(name, measured, ratio(value, threshold), None if value is None else value >= threshold)
+
+
+def _below(name: str, measured: str, value: float | None, limit: float) -> Target:
+    return Target(name, measured, ratio(limit, value), None if value is None else value < limit)
+
+
 def evaluate_targets(
     summary: dict[str, Group], concurrency: int, api_latency_ms: float = 20.0, rss_events: int = 100_000
 ) -> list[Target]:
@@ -125,11 +133,11 @@ def evaluate_targets(
     )
     r0 = ratio(w0, floor0)
     targets.append(
-        Target(
+        _at_least(
             f"0 ms API: worker >= {T0_MIN_RATIO} x min(ceiling A, ceiling B)",
             f"{_fmt(w0)} ev/s vs min {_fmt(floor0)} ev/s = {_fmt(r0, 2)}x",
-            ratio(r0, T0_MIN_RATIO),
-            None if r0 is None else r0 >= T0_MIN_RATIO,
+            r0,
+            T0_MIN_RATIO,
         )
     )
 
@@ -142,32 +150,32 @@ def evaluate_targets(
     )
     r20 = ratio(w20, floor20)
     targets.append(
-        Target(
+        _at_least(
             f"20 ms API: worker >= {T20_MIN_RATIO} x min(max_in_flight / 20 ms, A, B)",
             f"{_fmt(w20)} ev/s vs min {_fmt(floor20)} ev/s = {_fmt(r20, 2)}x",
-            ratio(r20, T20_MIN_RATIO),
-            None if r20 is None else r20 >= T20_MIN_RATIO,
+            r20,
+            T20_MIN_RATIO,
         )
     )
     peer1 = _tp(find(summary, "api20", "faststream"))
     rp = ratio(w20, peer1)
     targets.append(
-        Target(
+        _at_least(
             f"20 ms API: worker >= {T20_VS_PEER1:g} x peer 1 (FastStream)",
             f"{_fmt(w20)} vs {_fmt(peer1)} ev/s = {_fmt(rp, 2)}x",
-            ratio(rp, T20_VS_PEER1),
-            None if rp is None else rp >= T20_VS_PEER1,
+            rp,
+            T20_VS_PEER1,
         )
     )
 
     paced = find(summary, "paced", "worker")
     p99 = paced["p99_ms"] if paced else None
     targets.append(
-        Target(
+        _below(
             f"p99 added latency at half the saturating rate (0 ms API) < {P99_LIMIT_MS:g} ms",
             f"p99 {_fmt(p99, 1)} ms (p50 {_fmt(paced['p50_ms'] if paced else None, 1)} ms)",
-            ratio(P99_LIMIT_MS, p99),
-            None if p99 is None else p99 < P99_LIMIT_MS,
+            p99,
+            P99_LIMIT_MS,
         )
     )
 
@@ -177,11 +185,11 @@ def evaluate_targets(
     if rss and not rss["complete"]:
         note = f" (only {_fmt(rss['count'])} of {_fmt(rss['events'])} events done within the time cap)"
     targets.append(
-        Target(
+        _below(
             f"peak RSS with a {_fmt(rss['events'] if rss else rss_events)}-event backlog < {RSS_LIMIT_MB:g} MB",
             f"{_fmt(peak, 1)} MB{note}",
-            ratio(RSS_LIMIT_MB, peak),
-            None if peak is None else peak < RSS_LIMIT_MB,
+            peak,
+            RSS_LIMIT_MB,
         )
     )
     return targets
@@ -321,7 +329,7 @@ def markdown(report: dict[str, Any]) -> str:
         out += [
             "## Paced at half the saturating rate (0 ms API latency)",
             "",
-            f"{_fmt(report['config'].get('paced_rate'))} events/s offered "
+            f"{_fmt(config.get('paced_rate'))} events/s offered "
             f"(half the worker's median 0 ms throughput) for {config['paced_s']:g} s, "
             f"{paced['runs']} run(s), medians: p50 {_fmt(paced['p50_ms'], 1)} ms, "
             f"p99 {_fmt(paced['p99_ms'], 1)} ms from the input record's timestamp to the outcome "

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
 from bench.envs import pyrallel_python  # noqa: E402
-from bench.scenarios import Harness, RunResult, RunSpec  # noqa: E402
+from bench.scenarios import PARTITIONS, Harness, RunResult, RunSpec  # noqa: E402
 from bench.stats import median  # noqa: E402
+from worker.sandbox import tansu_binary  # noqa: E402
 
 SUBJECTS = ("ceiling_a", "ceiling_b", "worker", "faststream", "pyrallel", "baseline")
 
@@ -136,7 +138,7 @@ async def measure(plan: Plan, harness: Harness, log: Any) -> tuple[list[RunResul
         log(_line(result))
         return result
 
-    main_subjects = [s for s in plan.subjects]
+    main_subjects = list(plan.subjects)
     for repeat in range(plan.repeats):
         for latency in plan.latencies:
             scenario = f"api{latency:g}"
@@ -180,8 +182,6 @@ def _spec(plan: Plan, scenario: str, subject: str, latency: float) -> RunSpec:
         return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.ceiling_cap_s)
     if subject == "faststream":
         # at-least-once FastStream runs one message at a time per partition: one worker per partition
-        from bench.scenarios import PARTITIONS
-
         return RunSpec(scenario, subject, latency, PARTITIONS, plan.events, plan.peer_cap_s)
     if subject == "pyrallel":
         return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.peer_cap_s)
@@ -238,8 +238,6 @@ def _pyrallel_version(python: str | None) -> str | None:
 
 
 def environment(pyrallel: str | None) -> dict[str, Any]:
-    from worker.sandbox import tansu_binary
-
     try:
         tansu = subprocess.run(
             [tansu_binary(), "--version"], capture_output=True, text=True, timeout=10
@@ -379,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep:
         print(f"logs of every run: {workdir}")
     else:
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

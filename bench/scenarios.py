@@ -43,9 +43,8 @@ PARTITIONS = 12
 #: (Tansu settles a join in ~max(1 s, session/2)); steady-state throughput does not depend on them.
 SESSION_TIMEOUT_MS, HEARTBEAT_MS = 4000, 500
 STARTUP_TIMEOUT_S = 60.0
-
-PIPELINES = ("worker", "faststream", "pyrallel", "baseline")
-CEILINGS = ("ceiling_a", "ceiling_b")
+#: The environment of every script under ``bench/peers``: the API's credentials, and the project.
+PEER_ENV = {"BENCH_API_AK": AK, "BENCH_API_SK": SK, "PYTHONPATH": str(ROOT)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,34 +202,34 @@ class Harness:
         topic_in, *_ = self._topics()
         await create_topics(bootstrap, [topic_in], partitions=PARTITIONS)
         await produce_backlog(bootstrap, topic_in, self.records(spec.events))
-        cmd = [
-            sys.executable,
-            str(BENCH / "peers" / "ceiling_consume.py"),
+        await self._run_script(
+            spec,
+            result,
+            "ceiling_consume.py",
             f"--bootstrap={bootstrap}",
             f"--input={topic_in}",
             f"--expected={spec.events}",
             f"--max-seconds={spec.cap_s}",
-        ]
-        await self._run_script(spec, cmd, result)
+        )
 
     async def _run_ceiling_b(self, spec: RunSpec, result: RunResult) -> None:
         self.sim.reset(spec.latency_ms)
-        cmd = [
-            sys.executable,
-            str(BENCH / "peers" / "ceiling_http.py"),
+        await self._run_script(
+            spec,
+            result,
+            "ceiling_http.py",
             f"--api={self.sim.url}",
             f"--concurrency={spec.concurrency}",
             f"--events={spec.events}",
             f"--tickets={self.tickets}",
             f"--seed={self.seed}",
             f"--max-seconds={spec.cap_s}",
-        ]
-        await self._run_script(spec, cmd, result)
+        )
 
-    async def _run_script(self, spec: RunSpec, cmd: list[str], result: RunResult) -> None:
-        env = {"BENCH_API_AK": AK, "BENCH_API_SK": SK, "PYTHONPATH": str(ROOT)}
-        log = self.workdir / f"run-{self._runs}-{spec.subject}.log"
-        subject = Subject(spec.subject, cmd, env, log).start()
+    async def _run_script(self, spec: RunSpec, result: RunResult, script: str, *flags: str) -> None:
+        """Run a ceiling script to its end and read the JSON line it prints last."""
+        cmd = [sys.executable, str(BENCH / "peers" / script), *flags]
+        subject = Subject(spec.subject, cmd, PEER_ENV, self._log(spec)).start()
         assert subject.proc is not None
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(subject.proc.wait, STARTUP_TIMEOUT_S + spec.cap_s * 2)
@@ -250,11 +249,14 @@ class Harness:
         result.ok = result.count > 0
 
     # --- subjects -----------------------------------------------------------------------------------
+    def _log(self, spec: RunSpec) -> Path:
+        return self.workdir / f"run-{self._runs}-{spec.subject}.log"
+
     def _subject(
         self, spec: RunSpec, bootstrap: str, topic_in: str, topic_out: str, topic_dlq: str, http_port: int
     ) -> Subject:
         group = f"bench-{self._runs}-{spec.subject}"
-        log = self.workdir / f"run-{self._runs}-{spec.subject}.log"
+        log = self._log(spec)
         if spec.subject == "worker":
             env = {
                 "COC_WORKER_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -302,8 +304,7 @@ class Harness:
             f"--session-timeout-ms={SESSION_TIMEOUT_MS}",
             f"--heartbeat-ms={HEARTBEAT_MS}",
         ]
-        env = {"BENCH_API_AK": AK, "BENCH_API_SK": SK, "PYTHONPATH": str(ROOT)}
-        return Subject(spec.subject, cmd, env, log)
+        return Subject(spec.subject, cmd, PEER_ENV, log)
 
 
 def _usage(result: RunResult, usage: Usage, start: float | None, end: float | None, count: int) -> None:

@@ -28,10 +28,6 @@ class Workload:
     tickets: int
     seed: int = 7
 
-    @property
-    def per_ticket(self) -> int:
-        return max(1, self.events // self.tickets)
-
 
 def ticket_id(n: int) -> str:
     return f"CMBENCH{n:06d}"
@@ -73,32 +69,20 @@ def _event(ticket: int, k: int, rng: random.Random) -> dict[str, object]:
 
 
 def generate(workload: Workload) -> list[Record]:
-    """``(key, value)`` in produce order: round-robin over tickets, each ticket's events in order."""
+    """``(key, value)`` in produce order: round-robin over tickets, each ticket's events in order.
+
+    When the events do not divide evenly, the last round stops part way (on the first tickets).
+    """
     rng = random.Random(workload.seed)
-    records: list[Record] = []
     order = list(range(workload.tickets))
     rng.shuffle(order)
-    produced = 0
-    for k in range(workload.per_ticket):
-        for ticket in order:
-            if produced == workload.events:
-                return records
-            value = json.dumps(_event(ticket, k, rng), separators=(",", ":")).encode()
-            records.append((ticket_id(ticket).encode(), value))
-            produced += 1
-    # events not divisible by tickets: top up on the first tickets, still in order
-    k = workload.per_ticket
-    for ticket in order:
-        if produced == workload.events:
-            break
+    records: list[Record] = []
+    for i in range(workload.events):
+        k, position = divmod(i, workload.tickets)  # round k, the position-th ticket of the round
+        ticket = order[position]
         value = json.dumps(_event(ticket, k, rng), separators=(",", ":")).encode()
         records.append((ticket_id(ticket).encode(), value))
-        produced += 1
     return records
-
-
-def _producer(bootstrap: str) -> AIOKafkaProducer:
-    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024)
 
 
 #: (partition, offset) -> the record's timestamp (ms), as the producer stamped it
@@ -107,7 +91,9 @@ Timestamps = dict[tuple[int, int], int]
 
 async def produce_backlog(bootstrap: str, topic: str, records: list[Record]) -> Timestamps:
     """Write every record (acks=all) before the subject starts."""
-    producer = _producer(bootstrap)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, key=key, value=value) for key, value in records]

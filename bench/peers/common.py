@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -167,3 +169,26 @@ class Step:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def running(step: Step, producer: Service, consumer: Service) -> AsyncIterator[None]:
+    """Start the step, the outcome producer and the consumer; stop them in reverse order.
+
+    The consumer's stop may fail at shutdown (the broker or the group going away): that is ignored.
+    """
+    await step.start()
+    await producer.start()
+    await consumer.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        await producer.stop()
+        await step.close()

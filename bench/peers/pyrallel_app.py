@@ -1,6 +1,6 @@
 """Peer 2: the same pipeline on ``pyrallel-consumer`` (key-ordered parallel consumer, confluent-kafka).
 
-Runs in its own Python >= 3.12 environment (the library requires it; ``bench/peers.py`` builds one
+Runs in its own Python >= 3.12 environment (the library requires it; ``bench/envs.py`` builds one
 when the project's interpreter is older). ``ordering_mode="key_hash"`` keeps each ticket's events
 in order while different tickets run concurrently (``execution.max_in_flight``); the library
 commits only offsets below every unfinished message (auto-commit off), and a message counts as
@@ -11,12 +11,11 @@ are produced with aiokafka, as every other subject does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 
 from aiokafka import AIOKafkaProducer
-from common import Step, now, parse_args
+from common import Step, now, parse_args, running
 from pyrallel_consumer.config import KafkaConfig
 from pyrallel_consumer.consumer import PyrallelConsumer
 from pyrallel_consumer.dto import ExecutionMode, WorkItem
@@ -45,19 +44,11 @@ async def main() -> None:
         key, value = await step.process(item.payload, item.tp.topic, item.tp.partition, item.offset, now())
         await producer.send_and_wait(args.results, value=value, key=key)
 
-    await step.start()
-    await producer.start()
     consumer = PyrallelConsumer(config=config, worker=handle, topic=args.input)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await consumer.start()
-    try:
+    async with running(step, producer, consumer):
         await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        await producer.stop()
-        await step.close()
 
 
 if __name__ == "__main__":

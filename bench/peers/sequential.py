@@ -11,7 +11,7 @@ import contextlib
 import signal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from common import Step, now, parse_args
+from common import Step, now, parse_args, running
 
 
 async def main() -> None:
@@ -28,23 +28,15 @@ async def main() -> None:
     )
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all")
     step = Step(args.api, args.ak, args.sk, connections=1)
-    await step.start()
-    await producer.start()
-    await consumer.start()
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
+    async with running(step, producer, consumer):
         while True:
             msg = await consumer.getone()
             key, value = await step.process(msg.value, msg.topic, msg.partition, msg.offset, now())
             await producer.send_and_wait(args.results, value=value, key=key)
             await consumer.commit({TopicPartition(msg.topic, msg.partition): msg.offset + 1})
-    finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
-        await producer.stop()
-        await step.close()
 
 
 if __name__ == "__main__":
