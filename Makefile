@@ -33,9 +33,9 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
 
 # Every reliability scenario at full size (tests/integration/test_reliability.py, harness in
-# tests/faults/); writes docs/reliability.md. -rxX lists the known worker bugs still open.
+# tests/faults/); writes docs/reliability.md.
 soak: $(STAMP)
-	$(BIN)/python -m pytest -q -rxX -m soak tests/integration --run-soak
+	$(BIN)/python -m pytest -q -m soak tests/integration --run-soak
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

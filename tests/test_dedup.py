@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, SqliteStore, open_store
+from worker.dedup import (
+    REDIS_POOL_SIZE,
+    ClaimKind,
+    DedupRecord,
+    DedupStore,
+    MemoryStore,
+    SqliteStore,
+    open_store,
+)
 from worker.errors import ConfigError, DedupUnavailable
 
 
@@ -210,8 +218,6 @@ def test_bad_urls(url: str) -> None:
 
 async def test_redis_callers_beyond_the_pool_wait_instead_of_failing(redis_url: str) -> None:
     """More concurrent calls than pooled connections must queue, not read as "store down"."""
-    from worker.dedup import REDIS_POOL_SIZE
-
     store = open_store(redis_url)
     try:
         claims = await asyncio.gather(

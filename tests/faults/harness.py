@@ -36,11 +36,19 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from faults.ledger import CommitSnapshot, InputMessage, LedgerResult, check
+from faults.ledger import DLQ_STATUSES, CommitSnapshot, InputMessage, LedgerResult, check
 from faults.process import WorkerProcess
 from faults.proxy import TcpProxy
 from faults.stream import StreamEvent, records
-from worker.sandbox import committed_offsets, create_topics, free_port, produce, tansu_binary, wait_for_port
+from worker.sandbox import (
+    committed_offsets,
+    create_topics,
+    free_port,
+    produce,
+    read_topic,
+    tansu_binary,
+    wait_for_port,
+)
 from worker.simulator import SimulatorServer
 
 AK = "fault-access-key"
@@ -291,18 +299,15 @@ class Rig:
 
     async def spawn(self, *, wait_assigned: bool = True, **overrides: str) -> WorkerProcess:
         """Start a new worker process (its log in ``tmp_path``) and wait until it serves HTTP."""
-        n = len(self.workers) + 1
-        w = WorkerProcess(f"worker-{n}", self.env(**overrides), self.tmp_path / f"{self.name}-worker-{n}.log")
-        self.workers.append(w)
-        await w.spawn()
-        if wait_assigned:
-            await w.wait_assigned(self.http)
-        return w
+        return await self._launch(self.env(**overrides), wait_assigned)
 
     async def restart(self, old: WorkerProcess, *, wait_assigned: bool = False) -> WorkerProcess:
         """A new process with the same settings (a new worker id, as a new pod would have)."""
+        return await self._launch(old.env, wait_assigned)
+
+    async def _launch(self, env: dict[str, str], wait_assigned: bool) -> WorkerProcess:
         n = len(self.workers) + 1
-        w = WorkerProcess(f"worker-{n}", old.env, self.tmp_path / f"{self.name}-worker-{n}.log")
+        w = WorkerProcess(f"worker-{n}", env, self.tmp_path / f"{self.name}-worker-{n}.log")
         self.workers.append(w)
         await w.spawn()
         if wait_assigned:
@@ -456,30 +461,30 @@ class Rig:
             del self.simulator.state.record_applied
 
     # --- the ledger -----------------------------------------------------------------------------------
-    async def ledger(self, *, final_commits: bool = True, timeout_s: float = 60.0) -> LedgerResult:
-        """Read everything back and check it. ``final_commits``: workers were stopped cleanly, so
-        everything finished must be committed."""
+    async def ledger(self, *, timeout_s: float = 60.0) -> LedgerResult:
+        """Read everything back and check it. The workers were stopped cleanly, so everything
+        finished must be committed."""
         await self._stop_sampler()
         by_value = {e.value: e for e in self.produced}
-        inputs_tail = TopicTail(self.bootstrap, self.topics["input"])
+        total = len(self.produced)
+        input_records = await read_topic(
+            self.bootstrap, self.topics["input"], until=lambda read: len(read) >= total, timeout_s=timeout_s
+        )
+        assert len(input_records) >= total, (
+            f"timed out after {timeout_s}s reading the input: {len(input_records)} of {total}"
+        )
+        await self.outcomes.poll(500)
+        outcomes = [json.loads(r.value) for r in self.outcomes.records]
+        expected_dlq = sum(o["status"] in DLQ_STATUSES for o in outcomes)
         dlq_tail = TopicTail(self.bootstrap, self.topics["dlq"])
         try:
-            total = len(self.produced)
-            await inputs_tail.until(lambda: len(inputs_tail.records) >= total, timeout_s, "the input")
-            await self.outcomes.poll(500)
-            expected_dlq = sum(
-                1
-                for r in self.outcomes.records
-                if json.loads(r.value)["status"] in ("invalid", "rejected", "failed")
-            )
             with contextlib.suppress(AssertionError):
                 await dlq_tail.until(lambda: len(dlq_tail.records) >= expected_dlq, 10, "dead letters")
             await dlq_tail.poll(300)
         finally:
-            await inputs_tail.close()
             await dlq_tail.close()
         inputs = []
-        for r in inputs_tail.records:
+        for r in input_records:
             e = by_value.get(r.value)
             inputs.append(
                 InputMessage(
@@ -497,14 +502,12 @@ class Rig:
             dead_letters.append(
                 (int(headers["coc-dlq-source-partition"]), int(headers["coc-dlq-source-offset"]))
             )
-        final = None
-        if final_commits:
-            final = (await self.snapshot_commits("final")).positions
+        final = (await self.snapshot_commits("final")).positions
         state = self.simulator.state
         result = check(
             self.name,
             inputs=inputs,
-            outcomes=[json.loads(r.value) for r in self.outcomes.records],
+            outcomes=outcomes,
             dead_letters=dead_letters,
             applied_log=list(state.applied_log),
             requests=[asdict(q) for q in state.requests],

@@ -85,8 +85,8 @@ class LedgerResult:
     recovery_s: float | None = None
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
-    #: Problem kinds the scenario expects, with why: a figure it only reports (e.g. re-application
-    #: inside a crash window), or a worker bug already reported (its test is xfail until fixed).
+    #: Problem kinds the scenario expects, with why: figures it only reports (e.g. re-application
+    #: inside a crash window).
     expected: dict[str, str] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: Event ids of the examples, for ``harness.timeline``.

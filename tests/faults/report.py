@@ -57,14 +57,7 @@ def _recovery(r: LedgerResult) -> str:
 def _verdict(r: LedgerResult) -> str:
     counts = [p.split(" e.g.")[0] for p in r.problems()]
     broken = [c for c in counts if c.split("=")[0] not in r.expected]
-    bugs = [c for c in counts if "bug" in r.expected.get(c.split("=")[0], "")]
-    if "bug" in r.expected.get("pauses", ""):
-        bugs.append("spurious pauses (see notes)")
-    if broken:
-        return "**BROKEN**: " + ", ".join(broken)
-    if bugs:
-        return "holds except known worker bug: " + ", ".join(bugs)
-    return "holds"
+    return "**BROKEN**: " + ", ".join(broken) if broken else "holds"
 
 
 def render(results: list[LedgerResult], *, title_note: str = "") -> str:
@@ -88,7 +81,7 @@ def render(results: list[LedgerResult], *, title_note: str = "") -> str:
     notes = [(r.scenario, n) for r in results for n in r.notes]
     for r in results:
         for kind, why in r.expected.items():
-            if kind == "pauses" or any(p.startswith(kind + "=") for p in r.problems()):
+            if any(p.startswith(kind + "=") for p in r.problems()):
                 notes.append((r.scenario, f"`{kind}`: {why}"))
     if notes:
         lines.append("\n## Notes\n")
