@@ -78,6 +78,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.sweep = [int(c) for c in args.sweep.split(",") if c]
     if args.rss_events is not None:
         plan.rss_events = args.rss_events
+    if args.latencies:
+        plan.latencies = [float(ms) for ms in args.latencies.split(",") if ms]
     if args.subjects:
         unknown = set(args.subjects.split(",")) - set(SUBJECTS)
         if unknown:
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", help="max_in_flight values at 20 ms, comma-separated ('' = none)")
     parser.add_argument("--rss-events", type=int, help="backlog of the peak-RSS run (100,000; 0 = skip)")
     parser.add_argument("--subjects", help="comma-separated subset of: " + ", ".join(SUBJECTS))
+    parser.add_argument("--latencies", help="API latencies in ms of the main scenarios (default 0,20)")
     parser.add_argument("--no-paced", action="store_true", help="skip the paced latency scenario")
     parser.add_argument(
         "--worker-env",

@@ -17,10 +17,10 @@ other 4xx/5xx, 2xx with another error_code   ``ApiRejected``
 from __future__ import annotations
 
 import json
+import random
 import re
 import ssl
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -45,6 +45,8 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 _ERROR_TEXT_LIMIT = 500
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+#: X-Request-Id values: unique per attempt, not secret; the PRNG avoids a syscall per request.
+_request_ids = random.Random()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +154,7 @@ class CocApiClient:
         # the same second would carry the same signature.
         headers = {
             "Content-Type": "application/json;charset=UTF-8",
-            "X-Request-Id": uuid.uuid4().hex,
+            "X-Request-Id": f"{_request_ids.getrandbits(128):032x}",
             **extra,
         }
         creds = self._credentials
@@ -177,7 +179,8 @@ class CocApiClient:
 
     async def _send(
         self, method: str, path: str, body: bytes, extra_headers: dict[str, str]
-    ) -> tuple[int, bytes, dict[str, str], float]:
+    ) -> tuple[int, bytes, str | None, float]:
+        """One request: (status, body, its Retry-After header, seconds taken)."""
         if self._session is None:
             raise RuntimeError("CocApiClient.start() was not called")
         path = self._prefix + path
@@ -189,7 +192,8 @@ class CocApiClient:
             async with self._session.request(method, url, data=body or None, headers=headers) as resp:
                 payload = await resp.read()
                 code = str(resp.status)
-                return resp.status, payload, dict(resp.headers), time.perf_counter() - started
+                retry_after = resp.headers.get("Retry-After")
+                return resp.status, payload, retry_after, time.perf_counter() - started
         except aiohttp.ClientConnectorError as exc:
             code = "connect_error"
             raise ApiTransientError(
@@ -217,7 +221,7 @@ class CocApiClient:
         self, ticket_id: str, body: bytes, *, event_id: str, traceparent: str
     ) -> ApiResponse:
         """One attempt of ``PUT /v1/change/tickets/{ticket_id}``; raises the classified error."""
-        status, payload, headers, latency = await self._send(
+        status, payload, retry_after, latency = await self._send(
             "PUT", request_path(ticket_id), body, {"X-Event-Id": event_id, "traceparent": traceparent}
         )
         parsed = self._parse(payload)
@@ -237,7 +241,7 @@ class CocApiClient:
                     error_msg=_short(parsed.error_msg),
                 )
             return ApiResponse(status, parsed, latency)
-        raise self._classify_failure(status, parsed, headers)
+        raise self._classify_failure(status, parsed, retry_after)
 
     async def probe(self, ticket_id: str) -> None:
         """A read-only signed GET: returns when the API is reachable and accepts our credentials.
@@ -245,15 +249,15 @@ class CocApiClient:
         Raises ``ApiAuthError`` or ``ApiTransientError`` like ``update_ticket``; any other answer
         (even 404) proves reachability and valid credentials.
         """
-        status, payload, headers, _ = await self._send("GET", request_path(ticket_id), b"", {})
+        status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
         if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
-            raise self._classify_failure(status, self._parse(payload), headers)
+            raise self._classify_failure(status, self._parse(payload), retry_after)
 
     async def show_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         """The ticket's detail (used to reconcile an ambiguous attempt); ``None`` if unreadable."""
-        status, payload, headers, _ = await self._send("GET", request_path(ticket_id), b"", {})
+        status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
         if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
-            raise self._classify_failure(status, self._parse(payload), headers)
+            raise self._classify_failure(status, self._parse(payload), retry_after)
         try:
             data = json.loads(payload)
         except ValueError:
@@ -270,7 +274,7 @@ class CocApiClient:
 
     @staticmethod
     def _classify_failure(
-        status: int, parsed: UpdateTicketResponse | None, headers: dict[str, str]
+        status: int, parsed: UpdateTicketResponse | None, retry_after_header: str | None
     ) -> ApiTransientError | ApiAuthError | ApiRejected:
         code = parsed.error_code if parsed else None
         message = _short(parsed.error_msg) if parsed else None
@@ -279,7 +283,7 @@ class CocApiClient:
                 f"HTTP {status}: credentials refused ({code})", http_status=status, error_code=code
             )
         if status in RETRYABLE_STATUSES:
-            retry_after = parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+            retry_after = parse_retry_after(retry_after_header) if status in (429, 503) else None
             return ApiTransientError(
                 f"HTTP {status}" + (f" ({code})" if code else ""),
                 http_status=status,

@@ -55,6 +55,8 @@ class Worker:
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left)
+        # read when scraped, not set twice per message
+        self.metrics.in_flight.set_function(lambda: len(self._lanes))
         self._commit_lock = asyncio.Lock()
         self._store: DedupStore = open_store(settings.dedup_url)
         self._client = CocApiClient(settings, self.metrics)
@@ -214,7 +216,6 @@ class Worker:
             invalid = exc
         job = Job(message, event, invalid, from_headers(message.headers), datetime.now(UTC), time.monotonic())
         self._lanes.submit(job.lane, job)
-        self.metrics.in_flight.set(len(self._lanes))
 
     async def _run_job(self, job: Job) -> None:
         await self._pipeline.process(job)
@@ -222,9 +223,7 @@ class Worker:
     def _job_left(self, job: Job, finished: bool) -> None:
         if finished:
             self._offsets.finish(job.message.partition_key, job.message.offset)
-        in_flight = len(self._lanes)
-        self.metrics.in_flight.set(in_flight)
-        if in_flight <= self._resume_at:  # wake the consumer only when it may resume fetching
+        if len(self._lanes) <= self._resume_at:  # wake the consumer only when it may resume fetching
             self._room.set()
 
     async def _commit(self, keys: set[PartitionKey] | None = None) -> None:

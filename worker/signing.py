@@ -14,9 +14,11 @@ hex(sha256(canonical_request))))``. Every header whose name has no underscore is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +40,15 @@ _AUTH_RE = re.compile(
 
 def sdk_date(now: datetime | None = None) -> str:
     """The ``X-Sdk-Date`` value for ``now`` (UTC)."""
-    return (now or datetime.now(UTC)).strftime(DATE_FORMAT)
+    if now is not None:
+        return now.strftime(DATE_FORMAT)
+    return _date_of_second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=2)
+def _date_of_second(second: int) -> str:
+    """One ``strftime`` per second instead of one per request."""
+    return datetime.fromtimestamp(second, UTC).strftime(DATE_FORMAT)
 
 
 def _encode(text: str) -> str:
