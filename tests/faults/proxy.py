@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +58,8 @@ class TcpProxy:
         self._pipes: set[_Pipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut: CutMode | None = None
+        #: Every accepted client connection still alive, whatever state its pipe reached.
+        self._accepted: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
 
     @property
     def address(self) -> str:
@@ -76,11 +79,19 @@ class TcpProxy:
 
     async def stop(self) -> None:
         await self._unlisten()
+        await asyncio.sleep(0)  # a connection accepted just before gets its handler run (it aborts)
         await self._close_all()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Whatever is still open (its handler ran into a cut at an unlucky moment) is closed here,
+        # and waited for: a socket left to the garbage collector fails the test that owns it.
+        leftovers = list(self._accepted)
+        for writer in leftovers:
+            _abort(writer)
+        if leftovers:
+            await asyncio.wait([asyncio.ensure_future(_closed(writer)) for writer in leftovers], timeout=5.0)
 
     async def cut(self, mode: CutMode = "refuse") -> None:
         """Make the upstream unreachable through this proxy until ``restore()``."""
@@ -132,6 +143,7 @@ class TcpProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._accepted.add(writer)
         if self._server is None:
             # Accepted by the kernel just before the listener closed (a refuse-cut or stop()), and
             # handed to us after _close_all(): close it now, or nothing ever will.
@@ -192,3 +204,8 @@ class TcpProxy:
 def _abort(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         writer.transport.abort()
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
