@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from worker.dedup import (
-    REDIS_POOL_SIZE,
     ClaimKind,
     DedupRecord,
     DedupStore,
@@ -20,6 +19,7 @@ from worker.dedup import (
     open_store,
 )
 from worker.errors import ConfigError, DedupUnavailable
+from worker.redis_config import REDIS_POOL_SIZE
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

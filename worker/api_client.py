@@ -249,20 +249,23 @@ class CocApiClient:
         Raises ``ApiAuthError`` or ``ApiTransientError`` like ``update_ticket``; any other answer
         (even 404) proves reachability and valid credentials.
         """
-        status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
-        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
-            raise self._classify_failure(status, self._parse(payload), retry_after)
+        await self._get_ticket(ticket_id)
 
     async def show_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         """The ticket's detail (used to reconcile an ambiguous attempt); ``None`` if unreadable."""
-        status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
-        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
-            raise self._classify_failure(status, self._parse(payload), retry_after)
+        payload = await self._get_ticket(ticket_id)
         try:
             data = json.loads(payload)
         except ValueError:
             return None
         return data if isinstance(data, dict) else None
+
+    async def _get_ticket(self, ticket_id: str) -> bytes:
+        """A signed GET of the ticket: its body, unless the answer is an auth or retryable failure."""
+        status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
+        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
+            raise self._classify_failure(status, self._parse(payload), retry_after)
+        return payload
 
     # --- classification -------------------------------------------------------------------------
     @staticmethod

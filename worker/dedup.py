@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from worker.errors import ConfigError, DedupUnavailable
+from worker.redis_config import redis_client
 
 T = TypeVar("T")
 
@@ -53,9 +54,6 @@ class ClaimKind(StrEnum):
     DONE = "done"  # finished and its outcome durable
 
 
-#: Connections per process to Redis; callers beyond them wait (up to REDIS_POOL_WAIT_S) for one.
-REDIS_POOL_SIZE = 64
-REDIS_POOL_WAIT_S = 5.0
 #: How long a claim record outlives its lease (so a taker learns it took over a dead owner's claim).
 CLAIM_RECORD_KEEP_S = 24 * 3600.0
 
@@ -413,9 +411,7 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str = "coc:dedup:") -> None:
         self._prefix = prefix
-        self._client: aioredis.Redis = aioredis.Redis(
-            connection_pool=blocking_pool(url, socket_timeout_s=2.0)
-        )
+        self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
         self._release = self._client.register_script(_RELEASE_LUA)
@@ -465,23 +461,7 @@ class RedisStore:
         await self._call(self._client.ping())
 
     async def close(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
-
-
-def blocking_pool(url: str, *, socket_timeout_s: float) -> aioredis.BlockingConnectionPool:
-    """A pool that makes a caller *wait* for a free connection when all are busy.
-
-    redis-py's default pool raises once its connections are in use, which with hundreds of jobs
-    in flight would read as "the store is down" and pause the worker for nothing.
-    """
-    return aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_POOL_SIZE,
-        timeout=REDIS_POOL_WAIT_S,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        health_check_interval=15,
-    )
+        await self._client.aclose()
 
 
 def open_store(url: str) -> DedupStore:

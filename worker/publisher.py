@@ -175,15 +175,15 @@ class Publisher:
         members: list[asyncio.Future[None]] = []
         for key, value, headers, delivered in items:
             if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                # Full: send it and start the next one, which takes any first record whatever its
+                # size (one the broker refuses fails its waiter when the batch is answered).
                 sent.append(
                     _settle_when_sent(
                         await self._producer.send_batch(batch, topic, partition=partition), members
                     )
                 )
                 batch, members = self._producer.create_batch(), []
-                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                    _fail([delivered], MessageSizeTooLargeError())
-                    continue
+                batch.append(timestamp=None, key=key, value=value, headers=headers)
             members.append(delivered)
         if members:
             sent.append(

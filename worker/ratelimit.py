@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from worker.dedup import blocking_pool
 from worker.logs import get_logger
 from worker.metrics import Metrics
+from worker.redis_config import redis_client
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
@@ -75,9 +75,7 @@ class RedisTokenBucket:
     """GCRA shared by every replica through one Redis key; degrades to local if Redis is away."""
 
     def __init__(self, url: str, key: str, rate_per_s: float, burst: int, metrics: Metrics) -> None:
-        self._client: aioredis.Redis = aioredis.Redis(
-            connection_pool=blocking_pool(url, socket_timeout_s=1.0)
-        )
+        self._client: aioredis.Redis = redis_client(url, socket_timeout_s=1.0)
         self._script = self._client.register_script(_GCRA_LUA)
         self._key = key
         self._interval_ms = 1000.0 / rate_per_s
@@ -97,7 +95,7 @@ class RedisTokenBucket:
             await asyncio.sleep(wait_ms / 1000)
 
     async def close(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
+        await self._client.aclose()
 
 
 class AdaptiveConcurrency:

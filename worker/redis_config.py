@@ -1,0 +1,30 @@
+"""The Redis client shared in shape by every Redis user of the worker (dedup store, rate limit).
+
+One place for the pool policy, as ``kafka_config`` is for Kafka clients.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+#: Connections per client; callers beyond them wait (up to REDIS_POOL_WAIT_S) for one.
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_S = 5.0
+
+
+def redis_client(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
+    """A client whose callers *wait* for a free connection when all are busy; ``aclose()`` closes
+    its pool too.
+
+    redis-py's default pool raises once its connections are in use, which with hundreds of jobs
+    in flight would read as "the store is down" and pause the worker for nothing.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=REDIS_POOL_WAIT_S,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        health_check_interval=15,
+    )
+    return aioredis.Redis.from_pool(pool)
