@@ -21,6 +21,7 @@ re-sent after their ``applied`` outcome was written (the target is 0 with a shar
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ def check(
             continue
         # A byte-identical copy is the same outcome written twice by a producer retry after a lost
         # acknowledgement (no idempotent producer): counted apart, it is not a second processing.
-        distinct = {(o["status"], o.get("redelivered"), o["finished_at"], o.get("worker")): o for o in found}
+        distinct = {json.dumps(o, sort_keys=True): o for o in found}
         r.producer_copies += len(found) - len(distinct)
         if len(found) > len(distinct):
             r.example("producer_copies", f"{key} {msg.event_id} x{len(found)}", msg.event_id)
