@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 from schemas.api import SUCCESS_CODE
 from worker import signing
-from worker.api_client import ApiResponse, CocApiClient, _ssl_context, parse_retry_after
+from worker.api_client import ApiResponse, CocApiClient, parse_retry_after
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, CocWorkerError, ConfigError
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -613,13 +613,6 @@ def test_parse_retry_after_uses_the_clock_by_default() -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-def test_default_tls_context_verifies() -> None:
-    context = _ssl_context(settings("https://coc.example.com"))
-    assert isinstance(context, ssl.SSLContext)
-    assert context.verify_mode == ssl.CERT_REQUIRED
-    assert context.check_hostname
-
-
 async def test_disabling_tls_verification_logs_a_warning() -> None:
     with capture_logs() as logs:
         async with running(settings("https://coc.example.com", api_verify_tls=False)):
@@ -631,50 +624,65 @@ async def test_disabling_tls_verification_logs_a_warning() -> None:
     assert logs == []
 
 
+@dataclass(frozen=True)
+class PrivateCa:
+    """A private CA and a server certificate it signed for 127.0.0.1 (an internal API gateway)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
 @pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+def private_ca(tmp_path: Path) -> PrivateCa:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    made = PrivateCa(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server-key.pem")
+    ca_key, csr = tmp_path / "ca-key.pem", tmp_path / "server.csr"
+    steps = [
+        ["req", "-x509", *ec, "-days", "1", "-subj", "/CN=test CA", "-keyout", ca_key, "-out", made.ca_cert],
+        ["req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", made.server_key, "-out", csr],
+        # A leaf (CA:FALSE) with the address as its name: verifiers refuse a CA certificate as a
+        # server's own certificate.
         [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            made.ca_cert,
+            "-CAkey",
+            ca_key,
             "-days",
             "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
             "-out",
-            str(cert),
+            made.server_cert,
+            "-extfile",
+            "/dev/stdin",
         ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    ]
+    for step in steps:
+        subprocess.run(
+            [openssl, *map(str, step)],
+            input=b"subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+            check=True,
+            capture_output=True,
+        )
+    return made
 
 
-async def test_tls_is_verified_against_the_configured_ca(self_signed: tuple[Path, Path]) -> None:
-    cert, key = self_signed
+async def test_tls_is_verified_against_the_configured_ca(private_ca: PrivateCa) -> None:
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
+    server_context.load_cert_chain(private_ca.server_cert, private_ca.server_key)
     async with serving(Stub(), server_context) as stub:
         async with running(settings(stub.url)) as client:
             with pytest.raises(ApiTransientError) as untrusted:
                 await put(client)
         assert untrusted.value.connect_failure
         assert stub.seen == []
-        async with running(settings(stub.url, api_ca_file=cert)) as client:
+        async with running(settings(stub.url, api_ca_file=private_ca.ca_cert)) as client:
             assert (await put(client)).http_status == 200
         with capture_logs():
             async with running(settings(stub.url, api_verify_tls=False)) as client:
