@@ -51,7 +51,7 @@ def _settings_from(args: argparse.Namespace) -> WorkerSettings:
 # --- commands ---------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, final=True)
     from worker.app import Worker  # imported late: `coc-worker schema` must not need a broker client
 
     async def main() -> None:

@@ -44,8 +44,14 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
     return event_dict
 
 
-def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure structlog once, at the entry point."""
+def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None, *, final: bool = False) -> None:
+    """Configure structlog once, at the entry point.
+
+    ``final``: this configuration stays for the life of the process (the worker), so every module's
+    logger may bind it on first use; otherwise each log call binds anew (a few microseconds, a
+    visible share of the hot path at thousands of events per second), which keeps loggers following
+    a later ``configure`` or a test's ``capture_logs``.
+    """
     out = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
@@ -62,7 +68,7 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> Non
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         logger_factory=structlog.PrintLoggerFactory(cast(TextIO, out)),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=final,
     )
     # Libraries (aiokafka, aiohttp) log through stdlib logging: keep their warnings, redacted too.
     handler = logging.StreamHandler(cast(TextIO, out))
