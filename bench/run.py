@@ -59,6 +59,7 @@ class Plan:
     rss_cap_s: float
     subjects: list[str] = field(default_factory=lambda: list(SUBJECTS))
     latencies: list[float] = field(default_factory=lambda: [0.0, 20.0])
+    paced_rate: float = 0.0  # 0: half the worker's 0 ms median
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -78,7 +79,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.sweep = [int(c) for c in args.sweep.split(",") if c]
     if args.rss_events is not None:
         plan.rss_events = args.rss_events
-    if args.latencies:
+    if args.paced_rate:
+        plan.paced_rate = args.paced_rate
+    if args.latencies is not None:
         plan.latencies = [float(ms) for ms in args.latencies.split(",") if ms]
     if args.subjects:
         unknown = set(args.subjects.split(",")) - set(SUBJECTS)
@@ -100,8 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", help="max_in_flight values at 20 ms, comma-separated ('' = none)")
     parser.add_argument("--rss-events", type=int, help="backlog of the peak-RSS run (100,000; 0 = skip)")
     parser.add_argument("--subjects", help="comma-separated subset of: " + ", ".join(SUBJECTS))
-    parser.add_argument("--latencies", help="API latencies in ms of the main scenarios (default 0,20)")
+    parser.add_argument("--latencies", help="API latencies in ms of the main scenarios (default 0,20; '' = none)")
     parser.add_argument("--no-paced", action="store_true", help="skip the paced latency scenario")
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        help="offer this many events/s in the paced scenario instead of half the worker's 0 ms median "
+        "(for A/B runs at one rate; the 0 ms worker runs are then optional)",
+    )
     parser.add_argument(
         "--worker-env",
         action="append",
@@ -158,7 +167,7 @@ async def measure(plan: Plan, harness: Harness, log: Any) -> tuple[list[RunResul
                     cap = plan.ceiling_cap_s if subject == "ceiling_b" else plan.sweep_cap_s
                     await run(RunSpec("sweep", subject, 20.0, concurrency, plan.events, cap))
     if "worker" in plan.subjects and plan.paced_s > 0:
-        saturating = median(
+        saturating = plan.paced_rate * 2 or median(
             r.throughput for r in results if r.spec.scenario == "api0" and r.spec.subject == "worker"
         )
         if saturating:
