@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
+from pyreqwest import exceptions as http_errors
 from structlog.testing import capture_logs
 
 from schemas.api import SUCCESS_CODE
 from worker import signing
-from worker.api_client import ApiResponse, CocApiClient, parse_retry_after
+from worker.api_client import ApiResponse, CocApiClient, _classify_transport_error, parse_retry_after
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, CocWorkerError, ConfigError
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -369,6 +370,54 @@ async def test_drop_after_apply_is_ambiguous_and_sent_exactly_once(sim: Simulato
         ("PUT", SUCCESS_CODE, "drop_after_apply")
     ]
     assert [e["event_id"] for e in sim.state.applied_log] == ["ev-amb"]
+
+
+def _causes(*messages: str) -> dict[str, Any]:
+    return {"causes": [{"message": m} for m in messages]}
+
+
+_SENDING = "error sending request for url (http://127.0.0.1:1/v1/change/tickets/CM1)"
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # As pyreqwest 0.15 reports them (recorded from the network tests above): its exception
+        # class says "connect" for a request that was written and then lost, so only hyper's
+        # Connect cause may make a failure safe to send again.
+        (
+            http_errors.ConnectError(
+                "x", _causes(_SENDING, "client error (Connect)", "tcp connect error", "Connection refused")
+            ),
+            ("connect_error", True, False),
+        ),
+        (
+            http_errors.ConnectTimeoutError(
+                "x", _causes(_SENDING, "client error (Connect)", "operation timed out")
+            ),
+            ("connect_error", True, False),
+        ),
+        (
+            http_errors.ConnectError(
+                "x",
+                _causes(_SENDING, "client error (SendRequest)", "connection closed before message completed"),
+            ),
+            ("disconnected", False, True),
+        ),
+        (
+            http_errors.ConnectTimeoutError("x", _causes(_SENDING, "operation timed out")),
+            ("timeout", False, True),
+        ),
+        (http_errors.ReadError("x", _causes(_SENDING, "connection reset")), ("disconnected", False, True)),
+        (http_errors.ConnectError("x", _causes()), ("disconnected", False, True)),
+        (http_errors.RequestPanicError("x", _causes()), ("client_error", False, True)),
+    ],
+)
+def test_transport_errors_are_never_sent_only_when_hyper_says_connect(
+    error: http_errors.PyreqwestError, expected: tuple[str, bool, bool]
+) -> None:
+    code, exc = _classify_transport_error(error)
+    assert (code, exc.connect_failure, exc.ambiguous) == expected
 
 
 async def test_calls_before_start_are_a_programming_error() -> None:
