@@ -103,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", help="max_in_flight values at 20 ms, comma-separated ('' = none)")
     parser.add_argument("--rss-events", type=int, help="backlog of the peak-RSS run (100,000; 0 = skip)")
     parser.add_argument("--subjects", help="comma-separated subset of: " + ", ".join(SUBJECTS))
-    parser.add_argument("--latencies", help="API latencies in ms of the main scenarios (default 0,20; '' = none)")
+    parser.add_argument(
+        "--latencies", help="API latencies in ms of the main scenarios (default 0,20; '' = none)"
+    )
     parser.add_argument("--no-paced", action="store_true", help="skip the paced latency scenario")
     parser.add_argument(
         "--paced-rate",
