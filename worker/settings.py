@@ -81,7 +81,7 @@ class WorkerSettings(BaseSettings):
     api_domain_id: str | None = None
     api_project_id: str | None = None
     api_verify_tls: bool = True
-    api_ca_file: Path | None = None
+    api_ca_file: Path | None = Field(None, description="PEM CA bundle trusted in addition to the system CAs.")
     api_connect_timeout_s: PositiveSeconds = 3.0
     api_request_timeout_s: PositiveSeconds = 10.0
     api_max_connections: int = Field(100, ge=1)
