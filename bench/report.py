@@ -326,11 +326,15 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     paced = find(summary, "paced", "worker")
     if paced:
+        why = (
+            "set with --paced-rate"
+            if config.get("paced_rate_given")
+            else "half the worker's median 0 ms throughput"
+        )
         out += [
             "## Paced at half the saturating rate (0 ms API latency)",
             "",
-            f"{_fmt(config.get('paced_rate'))} events/s offered "
-            f"(half the worker's median 0 ms throughput) for {config['paced_s']:g} s, "
+            f"{_fmt(config.get('paced_rate'))} events/s offered ({why}) for {config['paced_s']:g} s, "
             f"{paced['runs']} run(s), medians: p50 {_fmt(paced['p50_ms'], 1)} ms, "
             f"p99 {_fmt(paced['p99_ms'], 1)} ms from the input record's timestamp to the outcome "
             f"record's (p99 per run: {', '.join(_fmt(v, 1) for v in paced['p99s'])} ms). Split at the "

@@ -169,13 +169,14 @@ async def measure(plan: Plan, harness: Harness, log: Any) -> tuple[list[RunResul
                     cap = plan.ceiling_cap_s if subject == "ceiling_b" else plan.sweep_cap_s
                     await run(RunSpec("sweep", subject, 20.0, concurrency, plan.events, cap))
     if "worker" in plan.subjects and plan.paced_s > 0:
-        saturating = plan.paced_rate * 2 or median(
+        saturating = median(
             r.throughput for r in results if r.spec.scenario == "api0" and r.spec.subject == "worker"
         )
-        if saturating:
-            rate = saturating / 2
+        rate = plan.paced_rate or (saturating / 2 if saturating else 0.0)
+        if rate:
             count = max(200, int(rate * plan.paced_s))
             extra["paced_rate"] = rate
+            extra["paced_rate_given"] = bool(plan.paced_rate)
             for _ in range(plan.repeats):  # the p99 of one short run is at the mercy of one hiccup
                 await run(
                     RunSpec(
