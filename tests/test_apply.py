@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import until
 
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
 from worker.api_client import CocApiClient
@@ -49,15 +50,6 @@ def started(sub: str = "s-1", event_id: str = "ev-start") -> AnyChangeEvent:
 
 def wire(event: AnyChangeEvent) -> bytes:
     return json.dumps(to_request_body(event).to_wire(), separators=(",", ":")).encode()
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    """Wait for a condition nothing signals (gate state, metrics), polling with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, f"condition not met within {timeout_s}s"
-        await asyncio.sleep(0.002)
 
 
 def free_port() -> int:

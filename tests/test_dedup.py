@@ -10,14 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.dedup import (
-    ClaimKind,
-    DedupRecord,
-    DedupStore,
-    MemoryStore,
-    SqliteStore,
-    open_store,
-)
+from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, SqliteStore, open_store
 from worker.errors import ConfigError, DedupUnavailable
 from worker.redis_config import REDIS_POOL_SIZE
 

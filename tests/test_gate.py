@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from structlog.testing import capture_logs
+from waiting import until
 
 from worker.errors import ApiAuthError, ApiTransientError, ApiUnreachable, DedupUnavailable
 from worker.gate import Gate
 from worker.metrics import Metrics
 
 BASE_S, CAP_S = 0.01, 0.04
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    """Wait for a condition nothing signals, polling with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, f"condition not met within {timeout_s}s"
-        await asyncio.sleep(0.002)
 
 
 class Probe:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from waiting import until
 
 from worker.metrics import Metrics
 from worker.ratelimit import AdaptiveConcurrency, RedisTokenBucket, TokenBucket, build_rate_limit
@@ -78,11 +79,10 @@ async def test_concurrency_limit_bounds_calls_in_flight() -> None:
             limit.release()
 
     tasks = [asyncio.create_task(call()) for _ in range(10)]
-    await asyncio.sleep(0)
-    assert running == 3
+    await until(lambda: running == 3)
     release.set()
     await asyncio.gather(*tasks)
-    assert peak == 3
+    assert peak == 3  # all ten were started before the release: a broken limit lets more in
 
 
 async def test_429_halves_and_success_recovers() -> None:
@@ -99,20 +99,22 @@ async def test_429_halves_and_success_recovers() -> None:
 
 
 async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
-    limit = AdaptiveConcurrency(1, Metrics())
-    hold = asyncio.Event()
+    metrics = Metrics()
+    limit = AdaptiveConcurrency(1, metrics)
+    hold, held = asyncio.Event(), asyncio.Event()
 
     async def holder() -> None:
         await limit.acquire()
         try:
+            held.set()
             await hold.wait()
         finally:
             limit.release()
 
     first = asyncio.create_task(holder())
-    await asyncio.sleep(0)
+    await asyncio.wait_for(held.wait(), 1)
     waiter = asyncio.create_task(holder())
-    await asyncio.sleep(0)
+    await until(lambda: metrics.rate_limited._value.get() == 1)  # queued behind the first
     waiter.cancel()
     hold.set()
     await first

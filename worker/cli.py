@@ -63,11 +63,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             freeze.cancel()
 
-    # asyncio's own loop, not uvloop, although uvloop cost ~8% less CPU per event: a write to a
-    # connection the broker has just closed raises RuntimeError under uvloop (asyncio drops it),
-    # which aiokafka does not catch (aio-libs/aiokafka#1038). Its group coordinator task dies and
-    # the consumer never fetches again; the broker-cut reliability test hit it about once in ten
-    # runs under load.
+    # asyncio's own loop, not uvloop, although uvloop gave ~15% more throughput (bench/README.md):
+    # a write to a connection the broker has just closed raises RuntimeError under uvloop (asyncio
+    # drops it), which aiokafka does not catch (aio-libs/aiokafka#1038). Its group coordinator task
+    # dies and the consumer never fetches again; the broker-cut reliability test hit it about once
+    # in ten runs under load.
     asyncio.run(main())
     return 0
 

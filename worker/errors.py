@@ -19,8 +19,8 @@ what the pipeline does with the message::
         ├── DedupUnavailable      the dedup store cannot be reached
         └── BrokerUnavailable     outcome/DLQ writes cannot be confirmed by the broker
 
-Library exceptions (pyreqwest, aiohttp, aiokafka, redis, sqlite3) never cross a module boundary: they are
-translated here with ``raise ... from exc``. Messages never carry secrets.
+Library exceptions (pyreqwest, aiohttp, aiokafka, redis, sqlite3) never cross a module boundary:
+they are translated here with ``raise ... from exc``. Messages never carry secrets.
 """
 
 from __future__ import annotations
