@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +25,8 @@ from worker.sandbox import free_port
 
 CutMode = Literal["refuse", "blackhole"]
 _CHUNK = 64 * 1024
+#: How long stop() waits for the sockets of closed listeners to be closed.
+_CLOSE_WAIT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -58,8 +59,10 @@ class TcpProxy:
         self._pipes: set[_Pipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut: CutMode | None = None
-        #: Every accepted client connection still alive, whatever state its pipe reached.
-        self._accepted: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
+        #: Client connections handed to us and not yet closed by stop(), whatever their pipe did.
+        self._accepted: set[asyncio.StreamWriter] = set()
+        #: Every listener this proxy opened: stop() waits until each has no socket left open.
+        self._servers: list[asyncio.Server] = []
 
     @property
     def address(self) -> str:
@@ -79,19 +82,12 @@ class TcpProxy:
 
     async def stop(self) -> None:
         await self._unlisten()
-        await asyncio.sleep(0)  # a connection accepted just before gets its handler run (it aborts)
         await self._close_all()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Whatever is still open (its handler ran into a cut at an unlucky moment) is closed here,
-        # and waited for: a socket left to the garbage collector fails the test that owns it.
-        leftovers = list(self._accepted)
-        for writer in leftovers:
-            _abort(writer)
-        if leftovers:
-            await asyncio.wait([asyncio.ensure_future(_closed(writer)) for writer in leftovers], timeout=5.0)
+        await self._wait_sockets_closed()
 
     async def cut(self, mode: CutMode = "refuse") -> None:
         """Make the upstream unreachable through this proxy until ``restore()``."""
@@ -122,6 +118,7 @@ class TcpProxy:
     async def _listen(self) -> None:
         if self._server is None:
             self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+            self._servers.append(self._server)
 
     async def _unlisten(self) -> None:
         server, self._server = self._server, None
@@ -142,13 +139,38 @@ class TcpProxy:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _wait_sockets_closed(self) -> None:
+        """Close every connection the listeners accepted and wait until none is left open.
+
+        A socket left to the garbage collector fails the test that owns it. A connection the kernel
+        accepted as the listener closed reaches us a loop turn or two later, so the condition is
+        the servers' own count of open sockets (what Python 3.12's ``Server.wait_closed()`` waits
+        for; 3.11's returns at once), polled with a deadline.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CLOSE_WAIT_S
+        while loop.time() < deadline:
+            for writer in self._accepted:
+                _abort(writer)
+            self._accepted.clear()
+            await asyncio.sleep(0.005)
+            if not self._accepted and not any(server._active_count for server in self._servers):
+                return
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Called as the connection is made (not as a task that might never start), so every
+        accepted connection is known at once, and closed by stop() whatever happens next."""
         self._accepted.add(writer)
         if self._server is None:
-            # Accepted by the kernel just before the listener closed (a refuse-cut or stop()), and
-            # handed to us after _close_all(): close it now, or nothing ever will.
+            # Accepted by the kernel just before the listener closed (a refuse-cut or stop()):
+            # close it now.
             _abort(writer)
             return
+        task = asyncio.get_running_loop().create_task(self._forward(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.accepted += 1
         pipe = _Pipe(writer)
         self._pipes.add(pipe)
@@ -204,8 +226,3 @@ class TcpProxy:
 def _abort(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         writer.transport.abort()
-
-
-async def _closed(writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()

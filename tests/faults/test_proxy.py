@@ -81,7 +81,7 @@ async def test_a_connection_handed_over_after_the_listener_closed_is_closed(echo
         await proxy.cut("refuse")
         client_reader, client_writer = await asyncio.open_connection("127.0.0.1", echo)
         try:
-            await proxy._accept(client_reader, client_writer)  # what asyncio would call, late
+            proxy._accept(client_reader, client_writer)  # what asyncio would call, late
             assert client_writer.transport.is_closing()
             assert proxy.open_connections == 0
             assert proxy.stats.accepted == 0
