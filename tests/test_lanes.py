@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.waiting import until
 from worker.lanes import Lanes
 
 
@@ -21,11 +22,11 @@ async def test_same_key_in_order_different_keys_concurrently() -> None:
     for job in ("a1", "a2", "b1", "a3"):
         release[job] = asyncio.Event()
         lanes.submit(job[0], job)
-    await asyncio.sleep(0)
+    await until(lambda: len(started) == 2)
     assert started == ["a1", "b1"]  # a2 waits behind a1; b1 runs beside it
     assert len(lanes) == 4
     release["a1"].set()
-    await _until(lambda: "a2" in started)
+    await until(lambda: "a2" in started)
     assert started == ["a1", "b1", "a2"]
     release["a2"].set()
     release["a3"].set()
@@ -47,8 +48,7 @@ async def test_keyless_jobs_run_at_once() -> None:
     lanes: Lanes[int] = Lanes(run, lambda *_: None)
     for i in range(5):
         lanes.submit(None, i)
-    await asyncio.sleep(0)
-    assert running == 5
+    await until(lambda: running == 5)
     gate.set()
     assert await lanes.wait_idle(2)
 
@@ -79,7 +79,6 @@ async def test_drop_cancels_matching_and_keeps_others() -> None:
     lanes.submit("t", "x1")
     lanes.submit("t", "x2")
     lanes.submit("t", "y1")  # another partition's job behind x1 in the same lane
-    await asyncio.sleep(0)
     assert not await lanes.wait_for(lambda j: j.startswith("x"), 0.05)
     lanes.drop(lambda j: j.startswith("x"))
     assert await lanes.wait_idle(2)
@@ -98,15 +97,64 @@ async def test_close_cancels_everything() -> None:
     lanes: Lanes[str] = Lanes(run, lambda job, ok: left.append((job, ok)))
     lanes.submit("a", "1")
     lanes.submit("a", "2")
-    await asyncio.sleep(0)
     assert not await lanes.wait_idle(0.01)
     await lanes.close(1)
     assert sorted(left) == [("1", False), ("2", False)]
     assert len(lanes) == 0
 
 
-async def _until(predicate, timeout_s: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0)
+async def test_at_most_max_running_and_free_slots_go_first_come() -> None:
+    started: list[str] = []
+    release = {job: asyncio.Event() for job in ("a1", "b1", "c1", "a2", "d1")}
+    peak = 0
+
+    async def run(job: str) -> None:
+        nonlocal peak
+        started.append(job)
+        peak = max(peak, lanes.running)
+        await release[job].wait()
+
+    lanes: Lanes[str] = Lanes(run, lambda *_: None, max_running=2)
+    for job in ("a1", "b1", "c1", "a2", "d1"):
+        lanes.submit(job[0], job)
+    await until(lambda: len(started) == 2)
+    assert started == ["a1", "b1"]
+    assert len(lanes) == 5
+    release["a1"].set()  # a2's turn comes, but c1 and d1 were waiting for a slot before it
+    await until(lambda: len(started) == 3)
+    assert started[2] == "c1"
+    release["b1"].set()
+    await until(lambda: len(started) == 4)
+    assert started[3] == "d1"
+    release["c1"].set()
+    await until(lambda: len(started) == 5)
+    assert started[4] == "a2"
+    for event in release.values():
+        event.set()
+    assert await lanes.wait_idle(2)
+    assert peak == 2
+
+
+async def test_drop_removes_jobs_waiting_for_a_slot_and_keeps_their_lane_going() -> None:
+    started: list[str] = []
+    hold = asyncio.Event()
+    left: list[tuple[str, bool]] = []
+
+    async def run(job: str) -> None:
+        started.append(job)
+        if job == "p1":
+            await hold.wait()
+
+    lanes: Lanes[str] = Lanes(run, lambda job, ok: left.append((job, ok)), max_running=1)
+    lanes.submit("k", "p1")  # runs, and holds the only slot
+    lanes.submit("m", "x1")  # waits for a slot
+    lanes.submit("m", "q2")  # waits behind x1 in its lane
+    await until(lambda: started == ["p1"])
+    assert lanes.matching(lambda j: j.startswith("x")) == 1
+    lanes.drop(lambda j: j.startswith("x"))
+    assert left == [("x1", False)]
+    assert len(lanes) == 2
+    hold.set()
+    assert await lanes.wait_idle(2)
+    assert started == ["p1", "q2"]
+    assert left == [("x1", False), ("p1", True), ("q2", True)]

@@ -149,6 +149,12 @@ def test_sasl_protocol_needs_a_mechanism() -> None:
     assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
 
 
+def test_buffer_is_four_slots_deep_unless_set_and_never_below_max_in_flight() -> None:
+    assert load_settings(max_in_flight=64).buffer_limit == 256
+    assert load_settings(max_in_flight=64, max_buffered=64).buffer_limit == 64
+    assert "max_buffered" in config_error(max_in_flight=64, max_buffered=63)
+
+
 def test_heartbeat_at_most_a_third_of_the_session() -> None:
     assert "heartbeat" in config_error(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_001)
     assert load_settings(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_000)

@@ -1,8 +1,9 @@
 """The worker: wires the stages together and owns the lifecycle, top to bottom.
 
 start:    dedup store -> API client -> producer -> consumer (joins the group) -> HTTP server
-run:      fetch -> decode -> submit to the ticket's lane (bounded by ``max_in_flight``; fetching
-          pauses when full or when the gate is closed) ; every second commit the watermarks
+run:      fetch -> decode -> submit to the ticket's lane (at most ``max_in_flight`` run at once, up
+          to ``buffer_limit`` wait; fetching pauses when full or when the gate is closed) ; every
+          second commit the watermarks
 revoke:   let the revoked partitions' jobs finish within ``revoke_grace_s``, cancel the rest,
           commit what is finished, forget the partitions
 stop:     (SIGTERM/SIGINT only sets an event) stop fetching -> drain within ``shutdown_grace_s``
@@ -50,11 +51,11 @@ class Worker:
         register_secrets(settings.secret_values())
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
-        #: Fetching pauses at max_in_flight and resumes once this few are left (hysteresis).
-        self._resume_at = max(1, settings.max_in_flight * 3 // 4)
+        #: Fetching pauses at the buffer limit and resumes once this few are left (hysteresis).
+        self._resume_at = max(1, settings.buffer_limit * 3 // 4)
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
-        self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left)
+        self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
         # read when scraped, not set twice per message
         self.metrics.in_flight.set_function(lambda: len(self._lanes))
         self._commit_lock = asyncio.Lock()
@@ -114,7 +115,8 @@ class Worker:
             "assigned": sorted(f"{t}/{p}" for t, p in (self._assigned or set())),
             "broker_reachable": self._broker_ok,
             "paused_by": self._gate.causes,
-            "in_flight": len(self._lanes),
+            "in_flight": len(self._lanes),  # taken from Kafka, not yet finished
+            "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
             "stopping": self._stopping.is_set(),
         }
 
@@ -141,6 +143,7 @@ class Worker:
             dlq_topic=s.dlq_topic,
             group_id=s.group_id,
             max_in_flight=s.max_in_flight,
+            max_buffered=s.buffer_limit,
             dedup=s.dedup_url.split("?", 1)[0].split("@")[-1],
         )
         if self._ingress is not None:
@@ -167,7 +170,7 @@ class Worker:
         resume_at = self._resume_at
         while not self._stopping.is_set():
             in_flight = len(self._lanes)
-            if not self._consumer.paused and (in_flight >= s.max_in_flight or not self._gate.is_open):
+            if not self._consumer.paused and (in_flight >= s.buffer_limit or not self._gate.is_open):
                 self._consumer.pause()
             elif self._consumer.paused and in_flight <= resume_at and self._gate.is_open:
                 self._consumer.resume()
@@ -178,7 +181,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_room_or_stop(), _FETCH_TIMEOUT_S)
                 continue
-            for message in await self._poll(s.max_in_flight - in_flight, _FETCH_TIMEOUT_S):
+            for message in await self._poll(s.buffer_limit - in_flight, _FETCH_TIMEOUT_S):
                 self._dispatch(message)
 
     async def _poll(self, max_records: int, timeout_s: float) -> list[Message]:

@@ -1,8 +1,11 @@
 """Per-ticket ordering: jobs with the same key run one at a time, in the order they were submitted.
 
-Different keys run concurrently, each job in its own tracked task. A ticket whose job is retrying
-holds back only its own later jobs. Keyless jobs (messages too broken to name a ticket) run at
-once. Nothing here knows about Kafka; the caller bounds how many jobs exist at a time.
+Different keys run concurrently, each job in its own tracked task, at most ``max_running`` at a
+time: a job whose turn has come waits for a free slot in a first-come queue (``_ready``). A ticket
+whose job is retrying holds back only its own later jobs. Keyless jobs (messages too broken to
+name a ticket) need only a slot. Nothing here knows about Kafka; the caller bounds how many jobs
+exist at a time, which may be more than may run: later events of busy tickets wait here while
+other tickets' events take the free slots.
 """
 
 from __future__ import annotations
@@ -17,37 +20,53 @@ J = TypeVar("J")
 
 class Lanes(Generic[J]):
     def __init__(
-        self, run: Callable[[J], Coroutine[object, object, None]], on_done: Callable[[J, bool], None]
+        self,
+        run: Callable[[J], Coroutine[object, object, None]],
+        on_done: Callable[[J, bool], None],
+        max_running: int | None = None,
     ) -> None:
         """``run(job)`` does the work; ``on_done(job, finished)`` is told when a job leaves, with
         ``finished=False`` when it was cancelled or dropped before it could finish."""
         self._run = run
         self._on_done = on_done
-        self._queued: dict[str, deque[J]] = {}
+        self._max_running = max_running
+        self._queued: dict[str, deque[J]] = {}  # behind the key's job that is running or ready
+        self._ready: deque[tuple[str | None, J]] = deque()  # its turn has come; waits for a slot
         self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
-        self._busy: set[str] = set()
+        self._busy: set[str] = set()  # keys with a job running or ready
         self._closed = False
-        self._count = 0  # jobs queued or running, kept as a number: asked for on every message
+        self._count = 0  # jobs queued, ready or running, kept as a number: asked for on every message
         self._idle = asyncio.Event()
         self._idle.set()
 
     def __len__(self) -> int:
-        """Jobs queued or running."""
+        """Jobs queued, ready or running."""
         return self._count
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def submit(self, key: str | None, job: J) -> None:
         if self._closed:
             raise RuntimeError("lanes are closed")
         self._idle.clear()
         self._count += 1
-        if key is not None and key in self._busy:
-            self._queued.setdefault(key, deque()).append(job)
-            return
-        self._start(key, job)
+        if key is not None:
+            if key in self._busy:
+                self._queued.setdefault(key, deque()).append(job)
+                return
+            self._busy.add(key)
+        self._turn(key, job)
+
+    def _turn(self, key: str | None, job: J) -> None:
+        """The job is next in its lane: start it, or wait for a slot."""
+        if self._ready or (self._max_running is not None and len(self._running) >= self._max_running):
+            self._ready.append((key, job))
+        else:
+            self._start(key, job)
 
     def _start(self, key: str | None, job: J) -> None:
-        if key is not None:
-            self._busy.add(key)
         task = asyncio.create_task(self._run(job))
         self._running[task] = (key, job)
         task.add_done_callback(self._finished)
@@ -58,14 +77,31 @@ class Lanes(Generic[J]):
         ok = not task.cancelled() and task.exception() is None
         self._on_done(job, ok)
         if key is not None:
-            queue = self._queued.get(key)
-            if queue and not self._closed:
-                self._start(key, queue.popleft())
-                if not queue:
-                    del self._queued[key]
-            else:
-                self._busy.discard(key)
-        if not self._running and not self._queued:
+            self._next_in_lane(key)
+        self._fill_slots()
+        self._check_idle()
+
+    def _next_in_lane(self, key: str) -> None:
+        """The key's job has left: its next job takes its turn, or the key is free."""
+        queue = self._queued.get(key)
+        if queue and not self._closed:
+            job = queue.popleft()
+            if not queue:
+                del self._queued[key]
+            self._turn(key, job)
+        else:
+            self._busy.discard(key)
+
+    def _fill_slots(self) -> None:
+        while (
+            self._ready
+            and not self._closed
+            and (self._max_running is None or len(self._running) < self._max_running)
+        ):
+            self._start(*self._ready.popleft())
+
+    def _check_idle(self) -> None:
+        if not self._running and not self._queued and not self._ready:
             self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -77,7 +113,7 @@ class Lanes(Generic[J]):
         return True
 
     async def wait_for(self, predicate: Callable[[J], bool], timeout_s: float) -> bool:
-        """Wait until no job matching ``predicate`` is queued or running."""
+        """Wait until no job matching ``predicate`` is queued, ready or running."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self.matching(predicate):
@@ -90,10 +126,11 @@ class Lanes(Generic[J]):
 
     def matching(self, predicate: Callable[[J], bool]) -> int:
         running = sum(1 for _, job in self._running.values() if predicate(job))
-        return running + sum(1 for q in self._queued.values() for job in q if predicate(job))
+        ready = sum(1 for _, job in self._ready if predicate(job))
+        return running + ready + sum(1 for q in self._queued.values() for job in q if predicate(job))
 
     def drop(self, predicate: Callable[[J], bool]) -> None:
-        """Remove queued jobs matching ``predicate`` and cancel running ones (they do not finish)."""
+        """Remove waiting jobs matching ``predicate`` and cancel running ones (they do not finish)."""
         for key in list(self._queued):
             keep: deque[J] = deque()
             for job in self._queued[key]:
@@ -106,14 +143,22 @@ class Lanes(Generic[J]):
                 self._queued[key] = keep
             else:
                 del self._queued[key]
+        ready, self._ready = self._ready, deque()
+        for lane, job in ready:
+            if predicate(job):
+                self._count -= 1
+                self._on_done(job, False)
+                if lane is not None:
+                    self._next_in_lane(lane)  # a kept job behind it takes its turn
+            else:
+                self._ready.append((lane, job))
         for task, (_, job) in list(self._running.items()):
             if predicate(job):
                 task.cancel()
-        if not self._running and not self._queued:
-            self._idle.set()
+        self._check_idle()
 
     async def close(self, timeout_s: float) -> None:
-        """Drop everything queued, cancel everything running, and wait for them to unwind."""
+        """Drop everything waiting, cancel everything running, and wait for them to unwind."""
         self._closed = True
         self.drop(lambda _: True)
         if self._running:

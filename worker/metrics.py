@@ -44,7 +44,9 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "coc_worker_in_flight", "Messages taken from Kafka, not yet finished.", registry=r
+            "coc_worker_in_flight",
+            "Messages taken from Kafka, not yet finished (running, or waiting in their ticket's lane).",
+            registry=r,
         )
         self.lag = Gauge(
             "coc_worker_consumer_lag", "High watermark minus committed offset.", ["partition"], registry=r

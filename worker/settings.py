@@ -108,7 +108,17 @@ class WorkerSettings(BaseSettings):
     )
 
     # --- Pipeline ------------------------------------------------------------------------------
-    max_in_flight: int = Field(256, ge=1, description="Messages taken from Kafka and not yet finished.")
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="Events processed at once (each of a different ticket); also the API call limit.",
+    )
+    max_buffered: int | None = Field(
+        None,
+        ge=1,
+        description="Messages taken from Kafka and not yet finished (default 4 x max_in_flight): later"
+        " events of busy tickets wait here while other tickets' events use the free slots.",
+    )
     max_event_bytes: int = Field(1_048_576, ge=256)
     commit_interval_s: PositiveSeconds = 1.0
     shutdown_grace_s: PositiveSeconds = 25.0
@@ -174,9 +184,16 @@ class WorkerSettings(BaseSettings):
             )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")
+        if self.max_buffered is not None and self.max_buffered < self.max_in_flight:
+            raise ValueError("max_buffered must be at least max_in_flight")
         return self
 
     # --- derived -------------------------------------------------------------------------------
+    @property
+    def buffer_limit(self) -> int:
+        """Messages taken from Kafka and not yet finished: ``max_buffered``, else 4 x ``max_in_flight``."""
+        return self.max_buffered if self.max_buffered is not None else 4 * self.max_in_flight
+
     @property
     def api_base_url(self) -> str:
         """The endpoint to call: the explicit one, else the region's, else the region default."""

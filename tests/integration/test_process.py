@@ -69,7 +69,9 @@ async def test_sigterm_drains_commits_and_exits_zero(
     group = f"proc-{unique}"
     stream = [event("change.started", f"CMP{n:03d}", "s1") for n in range(60)]
     await send(broker.bootstrap, topics["input"], stream)
-    proc = await start_worker(worker_env(broker, topics, simulator, tmp_path, group), "--max-in-flight", "16")
+    # at most 16 taken at a time: SIGTERM comes while most of the stream is still in Kafka
+    flags = ("--max-in-flight", "16", "--max-buffered", "16")
+    proc = await start_worker(worker_env(broker, topics, simulator, tmp_path, group), *flags)
     try:
         await simulator.state.wait_for(lambda: len(simulator.state.applied_log) >= 10, 30)
         proc.send_signal(signal.SIGTERM)
