@@ -2,8 +2,10 @@
 
 Each event id moves through three states in the store::
 
-    (absent) --claim--> claimed(owner, lease) --API success--> applied --outcome durable--> done
-                           |  lease expires / release                          (TTL, 7 days)
+    (absent) --claim--> claimed(owner, lease) --API success-------------------> applied (TTL, 7 days)
+                           |   |
+                           |   +--not applied (rejected, failed), outcome durable--> done (TTL, 7 days)
+                           |  lease expires / release
                            v
                         (absent)
 
@@ -12,12 +14,14 @@ Each event id moves through three states in the store::
   taker is told (``Claim.taken_over``): the dead owner may have reached the API, so the change
   is checked against the ticket before it is sent again.
 * ``applied`` is written right after the API accepted the change, *before* the outcome is
-  published: a redelivery after a crash in between republishes ``applied`` without calling the
-  API again.
-* ``done`` remembers the outcome and the message it came from, for the TTL. The same message
-  read again (a crash before the commit) gets the same outcome again, marked ``redelivered``.
-  Another message with the same ``event_id`` is a duplicate when the event was applied; when it
-  was rejected or failed, it may try again (a fixed ticket, a replay from the DLQ).
+  published, and is the event's last record: a redelivery, whether the crash came before the
+  outcome was published or after, republishes ``applied`` without calling the API again.
+* ``done`` remembers an outcome that is not ``applied`` (invalid, rejected, failed) and the
+  message it came from, once that outcome is durable.
+* Both keep the outcome's status and reason for the TTL. The same message read again (a crash
+  before the commit) gets the same outcome again, marked ``redelivered``. Another message with
+  the same ``event_id`` is a duplicate when the event was applied; when it was rejected or
+  failed, it may try again (a fixed ticket, a replay from the DLQ).
 
 Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
 (survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
@@ -64,11 +68,11 @@ class DedupRecord:
     state: str  # "claimed" | "applied" | "done"
     owner: str = ""
     source: str = ""  # "topic/partition/offset" of the message that produced it
-    status: str = ""  # outcome status, for "done"
+    status: str = ""  # outcome status, for "applied" and "done"
     attempts: int = 0
     http_status: int | None = None
     lease_until: float = 0.0  # epoch seconds, for "claimed"
-    reason: str = ""  # outcome reason, for "done"
+    reason: str = ""  # outcome reason, for "applied" and "done"
 
     def encode(self) -> str:
         # Not dataclasses.asdict (it deep-copies every value) nor the json module (3x slower):

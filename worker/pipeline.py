@@ -1,4 +1,4 @@
-"""Carry one consumed message to exactly one outcome: dedup -> map -> apply -> publish -> done.
+"""Carry one consumed message to exactly one outcome: dedup -> map -> apply -> publish.
 
 ``Pipeline.process(job)`` never raises (short of cancellation): every path ends with an outcome
 event confirmed by the broker (plus a dead-letter record for ``invalid``, ``rejected`` and
@@ -180,14 +180,23 @@ class Pipeline:
         self, job: Job, event: AnyChangeEvent, body: dict[str, Any], result: ApplyResult
     ) -> None:
         if result.status == "applied":
+            reason = "reconciled" if result.reconciled else None
+            # The last write for this event: with it, a redelivery repeats the outcome below
+            # (published or not) and never calls the API again, so a done-record after the
+            # outcome would tell nothing more. It saves one durable write per applied event.
             record = DedupRecord(
-                "applied", self._owner, job.source, "applied", result.calls, result.http_status
+                "applied",
+                self._owner,
+                job.source,
+                "applied",
+                result.calls,
+                result.http_status,
+                reason=reason or "",
             )
             await self._dedup(
                 lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
             )
             log.debug("event_applied", attempts=result.calls)  # the outcome topic is the record
-            reason = "reconciled" if result.reconciled else None
             await self._emit(
                 job,
                 OutcomeStatus.APPLIED,
@@ -196,7 +205,6 @@ class Pipeline:
                 http_status=result.http_status,
                 request=body,
             )
-            await self._remember(event.event_id, job, OutcomeStatus.APPLIED, result, reason)
             return
         status = OutcomeStatus.REJECTED if result.status == "rejected" else OutcomeStatus.FAILED
         reason = "api_rejected" if status is OutcomeStatus.REJECTED else "retries_exhausted"
@@ -225,7 +233,7 @@ class Pipeline:
         result: ApplyResult | None = None,
         reason: str | None = None,
     ) -> None:
-        """The done-record, written once the outcome is durable."""
+        """The done-record of an event not applied, written once its outcome is durable."""
         done = DedupRecord(
             "done",
             self._owner,
@@ -243,13 +251,6 @@ class Pipeline:
         """The store already knows this event: a redelivery of the same message, or a duplicate."""
         if record is not None and record.source == job.source:
             await self._repeat_outcome(job, record, body)
-            if record.state == "applied":  # the crash came before the done-record
-                done = DedupRecord(
-                    "done", record.owner, record.source, "applied", record.attempts, record.http_status
-                )
-                await self._dedup(
-                    lambda: self._store.mark_done(event.event_id, done, self._settings.dedup_ttl_s)
-                )
             return
         self._metrics.dedup_hits.labels(kind="duplicate").inc()
         log.info("event_duplicate", first_source=record.source if record else None)
