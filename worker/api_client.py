@@ -229,7 +229,7 @@ class CocApiClient:
             code, error = _classify_transport_error(exc)
             raise error from None
         finally:
-            self._metrics.api_requests.labels(code=code).inc()
+            self._metrics.count_api_request(code)
             self._metrics.api_latency.observe(time.perf_counter() - started)
 
     async def update_ticket(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from schemas.outcomes import OutcomeStatus
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -66,6 +68,20 @@ class Metrics:
             "Adaptive limit on concurrent API calls (halved on 429).",
             registry=r,
         )
+        # Children of the labelled counters counted once or twice per message, looked up once:
+        # ``labels()`` takes a lock and builds a key on every call. Every status shows from the
+        # start, at 0, so a rate() over it exists before the first such outcome.
+        self._outcome_by_status = {s: self.outcomes.labels(status=s.value) for s in OutcomeStatus}
+        self._api_request_by_code: dict[str, Counter] = {}
+
+    def count_outcome(self, status: OutcomeStatus) -> None:
+        self._outcome_by_status[status].inc()
+
+    def count_api_request(self, code: str) -> None:
+        child = self._api_request_by_code.get(code)
+        if child is None:  # HTTP codes and the few transport error names: a small set
+            child = self._api_request_by_code[code] = self.api_requests.labels(code=code)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -346,7 +346,7 @@ class Pipeline:
                 # sent again is marked as a possible repeat.
                 outcome.redelivered = True
                 self._gate.trip(exc, self._publisher.ping)
-        self._metrics.outcomes.labels(status=status.value).inc()
+        self._metrics.count_outcome(status)
         if letter is not None:
             self._metrics.dead_letters.inc()
 

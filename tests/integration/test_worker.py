@@ -234,12 +234,14 @@ async def test_health_and_metrics_endpoints(
                 body = await resp.json()
                 assert body["ready"] is True
                 assert body["broker_reachable"] is True
+                assert (body["in_flight"], body["running"]) == (0, 0)
             async with http.get(base + "/metrics") as resp:
                 text = await resp.text()
     for line in (
         "coc_worker_messages_consumed_total 2.0",
         'coc_worker_outcomes_total{status="applied"} 1.0',
         'coc_worker_outcomes_total{status="invalid"} 1.0',
+        'coc_worker_outcomes_total{status="failed"} 0.0',  # every status shows from the start
         'coc_worker_api_requests_total{code="200"} 1.0',
         "coc_worker_dead_letters_total 1.0",
         "coc_worker_in_flight 0.0",
