@@ -1,0 +1,133 @@
+"""How much of the paced latency is the broker round trip, and how much the event loop's load?
+
+A diagnostic, not part of ``make bench``. In one process, on a fresh Tansu: a paced producer
+writes ``--rate`` records/s for 10 s; a consumer (the worker's fetch settings) answers each record
+with an ``acks=all`` produce, after burning ``--burn-ms`` of CPU on the event loop in four slices
+with an ``await`` between them (the shape of the worker's stages). It prints, from the input
+record's timestamp, when the record was fetched and when its answer was acknowledged, p50/p99::
+
+    python bench/loop_probe.py --rate 555 --burn-ms 0 1.0
+
+With no burn it is the floor of the paced scenario on this machine; with the worker's loop CPU
+per event it reproduces the worker's paced p99 (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.sandbox import TansuBroker, create_topics
+
+PARTITIONS = 12
+DURATION_S = 10.0
+
+
+class _Joined(ConsumerRebalanceListener):
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if assigned:
+            self.event.set()
+
+
+def _burn(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def probe(rate: float, burn_s: float) -> tuple[list[float], list[float]]:
+    count = int(rate * DURATION_S)
+    fetched: list[float] = []
+    acked: list[float] = []
+    with TansuBroker() as broker:
+        await create_topics(broker.bootstrap, ["in", "out"], partitions=PARTITIONS)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap,
+            group_id="probe",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+        )
+        answers = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=2)
+        paced = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0)
+        joined = _Joined()
+        await consumer.start()
+        consumer.subscribe(["in"], listener=joined)
+        await answers.start()
+        await paced.start()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(key: bytes | None, value: bytes | None, stamp_ms: int) -> None:
+            for _ in range(4):
+                _burn(burn_s / 4)
+                await asyncio.sleep(0)
+            await (await answers.send("out", key=key, value=value))
+            acked.append(time.time() * 1000 - stamp_ms)
+
+        async def consume() -> None:
+            while len(fetched) < count:
+                batches = await consumer.getmany(timeout_ms=1000, max_records=256)
+                for records in batches.values():
+                    for r in records:
+                        fetched.append(time.time() * 1000 - r.timestamp)
+                        task = asyncio.create_task(answer(r.key, r.value, r.timestamp))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+            await asyncio.gather(*pending)
+
+        try:
+            reader = asyncio.create_task(consume())
+            await asyncio.wait_for(joined.event.wait(), 30)  # the paced records are then read live
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            sent = []
+            for i in range(count):
+                delay = start + i / rate - loop.time()
+                if delay > 0.0005:
+                    await asyncio.sleep(delay)
+                sent.append(await paced.send("in", key=f"t{i % 1000}".encode(), value=b"x" * 400))
+            await asyncio.gather(*sent)
+            await asyncio.wait_for(reader, 60)
+        finally:
+            await paced.stop()
+            await consumer.stop()
+            await answers.stop()
+    return fetched, acked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=float, default=555.0, help="records per second")
+    parser.add_argument("--burn-ms", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    args = parser.parse_args()
+    for burn_ms in args.burn_ms:
+        fetched, acked = asyncio.run(probe(args.rate, burn_ms / 1000))
+        print(
+            f"rate {args.rate:.0f}/s, loop CPU {burn_ms:.2f} ms per record: "
+            f"fetched p50/p99 {_quantile(fetched, 0.5):.1f}/{_quantile(fetched, 0.99):.1f} ms, "
+            f"answer acknowledged p50/p99 {_quantile(acked, 0.5):.1f}/{_quantile(acked, 0.99):.1f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
