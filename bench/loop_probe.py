@@ -24,9 +24,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scenarios import PARTITIONS
+from bench.stats import percentile
+from bench.workload import produce_paced
 from worker.sandbox import TansuBroker, create_topics
 
-PARTITIONS = 12
 DURATION_S = 10.0
 
 
@@ -48,11 +50,6 @@ def _burn(seconds: float) -> None:
         pass
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def probe(rate: float, burn_s: float) -> tuple[list[float], list[float]]:
     count = int(rate * DURATION_S)
     fetched: list[float] = []
@@ -67,12 +64,10 @@ async def probe(rate: float, burn_s: float) -> tuple[list[float], list[float]]:
             fetch_max_wait_ms=20,
         )
         answers = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=2)
-        paced = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0)
         joined = _Joined()
         await consumer.start()
         consumer.subscribe(["in"], listener=joined)
         await answers.start()
-        await paced.start()
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(key: bytes | None, value: bytes | None, stamp_ms: int) -> None:
@@ -96,18 +91,10 @@ async def probe(rate: float, burn_s: float) -> tuple[list[float], list[float]]:
         try:
             reader = asyncio.create_task(consume())
             await asyncio.wait_for(joined.event.wait(), 30)  # the paced records are then read live
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            sent = []
-            for i in range(count):
-                delay = start + i / rate - loop.time()
-                if delay > 0.0005:
-                    await asyncio.sleep(delay)
-                sent.append(await paced.send("in", key=f"t{i % 1000}".encode(), value=b"x" * 400))
-            await asyncio.gather(*sent)
+            records = [(f"t{i % 1000}".encode(), b"x" * 400) for i in range(count)]
+            await produce_paced(broker.bootstrap, "in", records, rate)  # the benchmark's own producer
             await asyncio.wait_for(reader, 60)
         finally:
-            await paced.stop()
             await consumer.stop()
             await answers.stop()
     return fetched, acked
@@ -124,9 +111,12 @@ def main() -> None:
         fetched, acked = asyncio.run(probe(args.rate, burn_ms / 1000))
         print(
             f"rate {args.rate:.0f}/s, loop CPU {burn_ms:.2f} ms per record: "
-            f"fetched p50/p99 {_quantile(fetched, 0.5):.1f}/{_quantile(fetched, 0.99):.1f} ms, "
-            f"answer acknowledged p50/p99 {_quantile(acked, 0.5):.1f}/{_quantile(acked, 0.99):.1f} ms"
+            f"fetched p50/p99 {_p50_p99(fetched)} ms, answer acknowledged p50/p99 {_p50_p99(acked)} ms"
         )
+
+
+def _p50_p99(values: list[float]) -> str:
+    return "/".join(f"{percentile(values, q) or 0:.1f}" for q in (50, 99))
 
 
 if __name__ == "__main__":
