@@ -52,7 +52,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
         #: Fetching pauses at the buffer limit and resumes once this few are left (hysteresis).
-        self._resume_at = max(1, settings.buffer_limit * 3 // 4)
+        self._buffer_limit = settings.buffer_limit
+        self._resume_at = max(1, self._buffer_limit * 3 // 4)
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
@@ -143,7 +144,7 @@ class Worker:
             dlq_topic=s.dlq_topic,
             group_id=s.group_id,
             max_in_flight=s.max_in_flight,
-            max_buffered=s.buffer_limit,
+            max_buffered=self._buffer_limit,
             dedup=s.dedup_url.split("?", 1)[0].split("@")[-1],
         )
         if self._ingress is not None:
@@ -166,11 +167,10 @@ class Worker:
         log.info("worker_started", http_port=self._http.port)
 
     async def _consume(self) -> None:
-        s = self.settings
         resume_at = self._resume_at
         while not self._stopping.is_set():
             in_flight = len(self._lanes)
-            if not self._consumer.paused and (in_flight >= s.buffer_limit or not self._gate.is_open):
+            if not self._consumer.paused and (in_flight >= self._buffer_limit or not self._gate.is_open):
                 self._consumer.pause()
             elif self._consumer.paused and in_flight <= resume_at and self._gate.is_open:
                 self._consumer.resume()
@@ -181,7 +181,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_room_or_stop(), _FETCH_TIMEOUT_S)
                 continue
-            for message in await self._poll(s.buffer_limit - in_flight, _FETCH_TIMEOUT_S):
+            for message in await self._poll(self._buffer_limit - in_flight, _FETCH_TIMEOUT_S):
                 self._dispatch(message)
 
     async def _poll(self, max_records: int, timeout_s: float) -> list[Message]:

@@ -11,6 +11,7 @@ other tickets' events take the free slots.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Generic, TypeVar
@@ -29,7 +30,7 @@ class Lanes(Generic[J]):
         ``finished=False`` when it was cancelled or dropped before it could finish."""
         self._run = run
         self._on_done = on_done
-        self._max_running = max_running
+        self._max_running = max_running if max_running is not None else sys.maxsize
         self._queued: dict[str, deque[J]] = {}  # behind the key's job that is running or ready
         self._ready: deque[tuple[str | None, J]] = deque()  # its turn has come; waits for a slot
         self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
@@ -57,14 +58,8 @@ class Lanes(Generic[J]):
                 self._queued.setdefault(key, deque()).append(job)
                 return
             self._busy.add(key)
-        self._turn(key, job)
-
-    def _turn(self, key: str | None, job: J) -> None:
-        """The job is next in its lane: start it, or wait for a slot."""
-        if self._ready or (self._max_running is not None and len(self._running) >= self._max_running):
-            self._ready.append((key, job))
-        else:
-            self._start(key, job)
+        self._ready.append((key, job))
+        self._fill_slots()
 
     def _start(self, key: str | None, job: J) -> None:
         task = asyncio.create_task(self._run(job))
@@ -82,22 +77,18 @@ class Lanes(Generic[J]):
         self._check_idle()
 
     def _next_in_lane(self, key: str) -> None:
-        """The key's job has left: its next job takes its turn, or the key is free."""
+        """The key's job has left: its next job waits for a slot, or the key is free."""
         queue = self._queued.get(key)
         if queue and not self._closed:
             job = queue.popleft()
             if not queue:
                 del self._queued[key]
-            self._turn(key, job)
+            self._ready.append((key, job))
         else:
             self._busy.discard(key)
 
     def _fill_slots(self) -> None:
-        while (
-            self._ready
-            and not self._closed
-            and (self._max_running is None or len(self._running) < self._max_running)
-        ):
+        while self._ready and not self._closed and len(self._running) < self._max_running:
             self._start(*self._ready.popleft())
 
     def _check_idle(self) -> None:
@@ -152,6 +143,7 @@ class Lanes(Generic[J]):
                     self._next_in_lane(lane)  # a kept job behind it takes its turn
             else:
                 self._ready.append((lane, job))
+        self._fill_slots()  # slots are taken in order: a kept job that was behind may start now
         for task, (_, job) in list(self._running.items()):
             if predicate(job):
                 task.cancel()

@@ -138,7 +138,7 @@ class Pipeline:
                 await asyncio.sleep(held_delay)
                 continue
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
-                await self._finish_known(job, event, body, claim.record)
+                await self._finish_known(job, body, claim.record)
                 return
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
@@ -184,15 +184,7 @@ class Pipeline:
             # The last write for this event: with it, a redelivery repeats the outcome below
             # (published or not) and never calls the API again, so a done-record after the
             # outcome would tell nothing more. It saves one durable write per applied event.
-            record = DedupRecord(
-                "applied",
-                self._owner,
-                job.source,
-                "applied",
-                result.calls,
-                result.http_status,
-                reason=reason or "",
-            )
+            record = self._record("applied", job, OutcomeStatus.APPLIED, result, reason)
             await self._dedup(
                 lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
             )
@@ -234,8 +226,15 @@ class Pipeline:
         reason: str | None = None,
     ) -> None:
         """The done-record of an event not applied, written once its outcome is durable."""
-        done = DedupRecord(
-            "done",
+        done = self._record("done", job, status, result, reason)
+        await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
+
+    def _record(
+        self, state: str, job: Job, status: OutcomeStatus, result: ApplyResult | None, reason: str | None
+    ) -> DedupRecord:
+        """What the store keeps of an outcome, so that a redelivery can repeat it."""
+        return DedupRecord(
+            state,
             self._owner,
             job.source,
             status.value,
@@ -243,11 +242,8 @@ class Pipeline:
             result.http_status if result else None,
             reason=reason or "",
         )
-        await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
 
-    async def _finish_known(
-        self, job: Job, event: AnyChangeEvent, body: dict[str, Any], record: DedupRecord | None
-    ) -> None:
+    async def _finish_known(self, job: Job, body: dict[str, Any], record: DedupRecord | None) -> None:
         """The store already knows this event: a redelivery of the same message, or a duplicate."""
         if record is not None and record.source == job.source:
             await self._repeat_outcome(job, record, body)
