@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.waiting import until
+from waiting import until
+
 from worker.lanes import Lanes
 
 

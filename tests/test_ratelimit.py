@@ -114,7 +114,8 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     first = asyncio.create_task(holder())
     await asyncio.wait_for(held.wait(), 1)
     waiter = asyncio.create_task(holder())
-    await until(lambda: metrics.rate_limited._value.get() == 1)  # queued behind the first
+    waits = "coc_worker_rate_limit_waits_total"
+    await until(lambda: metrics.registry.get_sample_value(waits) == 1)  # queued behind the first
     waiter.cancel()
     hold.set()
     await first

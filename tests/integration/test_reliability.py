@@ -29,6 +29,7 @@ from faults.proxy import CutMode, TcpProxy
 from faults.stream import StreamEvent, make_stream
 
 from worker.sandbox import TansuBroker, free_port
+from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
 
 REPORT_PATH = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
@@ -615,7 +616,7 @@ BACKLOG = {
 }
 RSS_LIMIT_BYTES = 400 * 2**20
 MAX_IN_FLIGHT = 256
-BUFFER_LIMIT = 4 * MAX_IN_FLIGHT  # the default of COC_WORKER_MAX_BUFFERED
+BUFFER_LIMIT = WorkerSettings(max_in_flight=MAX_IN_FLIGHT).buffer_limit  # the worker runs with the defaults
 
 
 @pytest.mark.parametrize("size", SIZES)

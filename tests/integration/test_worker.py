@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
-import redis
 from conftest import SettingsFactory, running_worker, wait_until
 from helpers import event, read_json, read_records, send
 
+from worker.dedup import ClaimKind, open_store
 from worker.sandbox import TansuBroker, committed_offsets
 from worker.simulator import SimulatorServer
 
@@ -90,14 +89,16 @@ async def test_redis_dedup_is_shared(
     async with running_worker(make_settings(dedup_url=redis_url, worker_id="w-a")):
         await send(broker.bootstrap, topics["input"], [ev])
         await read_json(broker.bootstrap, topics["results"], 1)
-    # the applied record is the event's last one (no done-record follows), with its outcome
-    prefix = parse_qs(urlsplit(redis_url).query)["prefix"][0]
-    client = redis.Redis.from_url(redis_url.split("?")[0])
+    # the applied record is the event's last one (no done-record follows), with its outcome: asked
+    # as another worker would (a claim that finds a record writes nothing)
+    store = open_store(redis_url)
     try:
-        stored = json.loads(client.get(prefix + "redis-1") or b"{}")
+        found = await store.claim("redis-1", "w-other", "t/0/999", lease_s=30)
     finally:
-        client.close()
-    assert (stored["state"], stored["status"], stored["owner"]) == ("applied", "applied", "w-a")
+        await store.close()
+    assert found.kind is ClaimKind.APPLIED
+    assert found.record is not None
+    assert (found.record.status, found.record.owner) == ("applied", "w-a")
     async with running_worker(make_settings(dedup_url=redis_url, worker_id="w-b", group_id="other-group")):
         outcomes = await read_json(broker.bootstrap, topics["results"], 2)
     # the second group re-reads the topic from the start: the event is a redelivery of the same
