@@ -164,7 +164,8 @@ class Worker:
             asyncio.create_task(self._watch_health(), name="health"),
         ]
         self.started.set()
-        log.info("worker_started", http_port=self._http.port)
+        loop = type(asyncio.get_running_loop())
+        log.info("worker_started", http_port=self._http.port, event_loop=f"{loop.__module__}.{loop.__name__}")
 
     async def _consume(self) -> None:
         resume_at = self._resume_at

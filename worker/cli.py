@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
 from worker.logs import configure
+from worker.loop import loop_factory
 from worker.settings import SECRET_FIELDS, WorkerSettings, load_settings
 
 if TYPE_CHECKING:
@@ -63,12 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             freeze.cancel()
 
-    # asyncio's own loop, not uvloop, although uvloop gave ~15% more throughput (bench/README.md):
-    # a write to a connection the broker has just closed raises RuntimeError under uvloop (asyncio
-    # drops it), which aiokafka does not catch (aio-libs/aiokafka#1038). Its group coordinator task
-    # dies and the consumer never fetches again; the broker-cut reliability test hit it about once
-    # in ten runs under load.
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main())
     return 0
 
 

@@ -85,6 +85,9 @@ async def test_sigterm_drains_commits_and_exits_zero(
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     events = [line["event"] for line in lines]
     assert "worker_stopping" in events
+    # the process runs on uvloop with the lost-write adapter (worker/loop.py), not a plain loop
+    (started,) = (line for line in lines if line["event"] == "worker_started")
+    assert started["event_loop"] == "worker.loop.Loop"
     assert events[-1] == "worker_stopped"
     # every line about a message names it fully
     assert sum(line["event"] == "event_applied" for line in lines) >= 10
