@@ -12,12 +12,20 @@ the event loop that started it. ``cut()`` makes the upstream unreachable:
 
 ``restore()`` listens again on the same port and forwards again. The proxy counts connections
 and bytes so a test can prove traffic really went through it.
+
+The proxy accepts connections itself (``loop.sock_accept``) instead of through ``asyncio.Server``:
+CPython 3.11's server, closed while a connection it has just accepted is still being wrapped,
+fails that wrapping on an assertion (``Server._attach``) and leaves the socket to the garbage
+collector. A refuse-cut closes the listener at arbitrary moments, so that turned into rare
+``ResourceWarning`` failures of whichever test was running. Here every accepted socket is ours
+from the moment ``accept()`` returns it, and is closed by us.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,8 +33,8 @@ from worker.sandbox import free_port
 
 CutMode = Literal["refuse", "blackhole"]
 _CHUNK = 64 * 1024
-#: How long stop() waits for the sockets of closed listeners to be closed.
-_CLOSE_WAIT_S = 5.0
+#: How long closing the listener waits for its accept loop to see the wake-up connection.
+_WAKE_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -55,14 +63,14 @@ class TcpProxy:
         self.host = "127.0.0.1"
         self.port = listen_port or free_port()
         self.stats = ProxyStats()
-        self._server: asyncio.Server | None = None
         self._pipes: set[_Pipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut: CutMode | None = None
-        #: Client connections handed to us and not yet closed by stop(), whatever their pipe did.
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        #: Every socket accepted and every client writer made from one, until stop() closed them.
+        self._accepted_socks: set[socket.socket] = set()
         self._accepted: set[asyncio.StreamWriter] = set()
-        #: Every listener this proxy opened: stop() waits until each has no socket left open.
-        self._servers: list[asyncio.Server] = []
 
     @property
     def address(self) -> str:
@@ -87,7 +95,7 @@ class TcpProxy:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._wait_sockets_closed()
+        await self._close_accepted()
 
     async def cut(self, mode: CutMode = "refuse") -> None:
         """Make the upstream unreachable through this proxy until ``restore()``."""
@@ -116,15 +124,51 @@ class TcpProxy:
 
     # --- internals ------------------------------------------------------------------------------------
     async def _listen(self) -> None:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
-            self._servers.append(self._server)
+        if self._listener is not None:
+            return
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept_loop(listener))
 
     async def _unlisten(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            # Server.wait_closed() also waits for the accepted connections' handlers: do not.
+        """Stop accepting; connections still in the kernel's queue are reset when it closes.
+
+        The accept loop is woken with a connection of our own, not cancelled: a cancel landing
+        just after ``sock_accept`` returned would drop the socket it accepted.
+        """
+        listener, self._listener = self._listener, None
+        acceptor, self._acceptor = self._acceptor, None
+        if listener is None or acceptor is None:
+            return
+        loop = asyncio.get_running_loop()
+        waker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        waker.setblocking(False)
+        try:
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(loop.sock_connect(waker, (self.host, self.port)), _WAKE_TIMEOUT_S)
+            done, _ = await asyncio.wait({acceptor}, timeout=_WAKE_TIMEOUT_S)
+            if not done:
+                acceptor.cancel()
+                await asyncio.gather(acceptor, return_exceptions=True)
+        finally:
+            waker.close()
+            listener.close()
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._accepted_socks.add(conn)
+            if self._listener is not listener:  # closing (a refuse-cut or stop): not forwarded
+                conn.close()
+                return
+            task = loop.create_task(self._forward(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _close_all(self, *, only_dead: bool = False) -> None:
         pipes = [p for p in self._pipes if p.dead or not only_dead]
@@ -139,38 +183,29 @@ class TcpProxy:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _wait_sockets_closed(self) -> None:
-        """Close every connection the listeners accepted and wait until none is left open.
-
-        A socket left to the garbage collector fails the test that owns it. A connection the kernel
-        accepted as the listener closed reaches us a loop turn or two later, so the condition is
-        the servers' own count of open sockets (what Python 3.12's ``Server.wait_closed()`` waits
-        for; 3.11's returns at once), polled with a deadline.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CLOSE_WAIT_S
-        while loop.time() < deadline:
-            for writer in self._accepted:
-                _abort(writer)
-            self._accepted.clear()
-            await asyncio.sleep(0.005)
-            if not self._accepted and not any(server._active_count for server in self._servers):
-                return
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Called as the connection is made (not as a task that might never start), so every
-        accepted connection is known at once, and closed by stop() whatever happens next."""
-        self._accepted.add(writer)
-        if self._server is None:
-            # Accepted by the kernel just before the listener closed (a refuse-cut or stop()):
-            # close it now.
+    async def _close_accepted(self) -> None:
+        """Close every connection ever accepted, whatever its pipe did, and wait until it is closed:
+        a socket left to the garbage collector fails the test that owns it."""
+        writers, self._accepted = self._accepted, set()
+        for writer in writers:
             _abort(writer)
-            return
-        task = asyncio.get_running_loop().create_task(self._forward(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        for writer in writers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), _WAKE_TIMEOUT_S)
+        socks, self._accepted_socks = self._accepted_socks, set()
+        for sock in socks:
+            sock.close()  # a no-op where its transport closed it
 
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _forward(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError:
+            conn.close()
+            return
+        self._accepted.add(writer)
+        if self._listener is None:
+            _abort(writer)  # refused or stopped while it was being wrapped
+            return
         self.stats.accepted += 1
         pipe = _Pipe(writer)
         self._pipes.add(pipe)
