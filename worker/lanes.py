@@ -24,13 +24,13 @@ class Lanes(Generic[J]):
         self,
         run: Callable[[J], Coroutine[object, object, None]],
         on_done: Callable[[J, bool], None],
-        max_running: int | None = None,
+        max_running: int = sys.maxsize,
     ) -> None:
         """``run(job)`` does the work; ``on_done(job, finished)`` is told when a job leaves, with
         ``finished=False`` when it was cancelled or dropped before it could finish."""
         self._run = run
         self._on_done = on_done
-        self._max_running = max_running if max_running is not None else sys.maxsize
+        self._max_running = max_running
         self._queued: dict[str, deque[J]] = {}  # behind the key's job that is running or ready
         self._ready: deque[tuple[str | None, J]] = deque()  # its turn has come; waits for a slot
         self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
