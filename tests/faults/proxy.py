@@ -33,8 +33,8 @@ from worker.sandbox import free_port
 
 CutMode = Literal["refuse", "blackhole"]
 _CHUNK = 64 * 1024
-#: How long closing the listener waits for its accept loop to see the wake-up connection.
-_WAKE_TIMEOUT_S = 5.0
+#: How long closing waits: for the accept loop to see the wake-up connection, for a socket to close.
+_CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -68,7 +68,8 @@ class TcpProxy:
         self._cut: CutMode | None = None
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
-        #: Every socket accepted and every client writer made from one, until stop() closed them.
+        #: Sockets accepted and not yet wrapped in a stream, then the client writers made from them:
+        #: together every accepted connection, until stop() closed it.
         self._accepted_socks: set[socket.socket] = set()
         self._accepted: set[asyncio.StreamWriter] = set()
 
@@ -149,8 +150,8 @@ class TcpProxy:
         waker.setblocking(False)
         try:
             with contextlib.suppress(OSError, TimeoutError):
-                await asyncio.wait_for(loop.sock_connect(waker, (self.host, self.port)), _WAKE_TIMEOUT_S)
-            done, _ = await asyncio.wait({acceptor}, timeout=_WAKE_TIMEOUT_S)
+                await asyncio.wait_for(loop.sock_connect(waker, (self.host, self.port)), _CLOSE_TIMEOUT_S)
+            done, _ = await asyncio.wait({acceptor}, timeout=_CLOSE_TIMEOUT_S)
             if not done:
                 acceptor.cancel()
                 await asyncio.gather(acceptor, return_exceptions=True)
@@ -191,10 +192,10 @@ class TcpProxy:
             _abort(writer)
         for writer in writers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), _WAKE_TIMEOUT_S)
+                await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT_S)
         socks, self._accepted_socks = self._accepted_socks, set()
         for sock in socks:
-            sock.close()  # a no-op where its transport closed it
+            sock.close()
 
     async def _forward(self, conn: socket.socket) -> None:
         try:
@@ -202,6 +203,8 @@ class TcpProxy:
         except OSError:
             conn.close()
             return
+        finally:
+            self._accepted_socks.discard(conn)  # closed, or the writer below owns it
         self._accepted.add(writer)
         if self._listener is None:
             _abort(writer)  # refused or stopped while it was being wrapped
