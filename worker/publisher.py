@@ -132,7 +132,9 @@ class Publisher:
         key = outcome.ticket_id.encode() if outcome.ticket_id else None
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            partitions = await self._results_partitions()
+            partitions = self._partitions
+            if not partitions or time.monotonic() - self._partitions_at > _PARTITIONS_TTL_S:
+                partitions = await self._refresh_partitions()  # rarely: no coroutine per outcome
             # Chosen exactly as ``producer.send`` would (the default partitioner on the key), so
             # each ticket's outcomes keep their order.
             partition = self._partitioner(key, partitions, partitions)
@@ -191,12 +193,10 @@ class Publisher:
             )
         return sent
 
-    async def _results_partitions(self) -> list[int]:
-        now = time.monotonic()
-        if not self._partitions or now - self._partitions_at > _PARTITIONS_TTL_S:
-            found = await self._producer.partitions_for(self._settings.results_topic)
-            self._partitions = sorted(found)
-            self._partitions_at = now
+    async def _refresh_partitions(self) -> list[int]:
+        found = await self._producer.partitions_for(self._settings.results_topic)
+        self._partitions = sorted(found)
+        self._partitions_at = time.monotonic()
         return self._partitions
 
     async def _deliver_dead_letter(self, letter: DeadLetter, traceparent: str) -> None:
