@@ -30,6 +30,7 @@ from schemas.api import SUCCESS_CODE
 from worker import signing
 from worker.api_client import ApiResponse, CocApiClient, _classify_transport_error, parse_retry_after
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, CocWorkerError, ConfigError
+from worker.http_site import TcpSite
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
@@ -124,7 +125,7 @@ async def serving(stub: Stub, ssl_context: ssl.SSLContext | None = None) -> Asyn
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        site = TcpSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         port = runner.addresses[0][1]
         stub.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from worker.http_site import TcpSite
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
@@ -42,11 +43,9 @@ class HealthServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._settings.http_host, self._settings.http_port)
+        site = TcpSite(self._runner, self._settings.http_host, self._settings.http_port)
         await site.start()
-        server = site._server  # aiohttp exposes the bound port only through the server's sockets
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._settings.http_port
+        self.port = site.port  # the bound one when the setting is 0
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-import sys
-import warnings
 from collections.abc import AsyncIterator
 
 import pytest
+from leaks import connect_and_close, unraisable
 
 from faults.proxy import TcpProxy
 
@@ -85,30 +83,15 @@ async def test_cuts_racing_new_connections_leave_no_socket_behind(echo: int) -> 
     drops that socket (CPython 3.11, ``Server._attach``), hundreds of times in this scenario.
     """
 
-    async def connect() -> bool:
-        try:
-            _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        except OSError:
-            return False  # refused: the cut came first
-        writer.close()
-        return True
-
-    leaked: list[object] = []
-    hook, sys.unraisablehook = sys.unraisablehook, leaked.append
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", ResourceWarning)
-            async with TcpProxy("127.0.0.1", echo) as proxy:
-                connected = 0
-                for round_ in range(30):
-                    clients = [asyncio.create_task(connect()) for _ in range(50)]
-                    for _ in range(round_ % 6):  # not a wait: lands the cut at another point of the accepts
-                        await asyncio.sleep(0)
-                    await proxy.cut("refuse")
-                    connected += sum(await asyncio.gather(*clients))
-                    await proxy.restore()
-                assert connected > 0  # the kernel accepted connections that the cut then closed
-            gc.collect()
-    finally:
-        sys.unraisablehook = hook
+    with unraisable() as leaked:
+        async with TcpProxy("127.0.0.1", echo) as proxy:
+            connected = 0
+            for round_ in range(30):
+                clients = [asyncio.create_task(connect_and_close(proxy.port)) for _ in range(50)]
+                for _ in range(round_ % 6):  # not a wait: lands the cut at another point of the accepts
+                    await asyncio.sleep(0)
+                await proxy.cut("refuse")
+                connected += sum(await asyncio.gather(*clients))
+                await proxy.restore()
+            assert connected > 0  # the kernel accepted connections that the cut then closed
     assert leaked == []

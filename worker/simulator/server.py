@@ -8,6 +8,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from worker.http_site import TcpSite
 from worker.simulator.app import build_app
 from worker.simulator.state import SimulatorConfig, SimulatorState
 
@@ -30,7 +31,7 @@ class SimulatorServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port)
+            site = TcpSite(runner, self.config.host, self.config.port)
             await site.start()
         except BaseException:
             await runner.cleanup()
