@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,18 +30,6 @@ from bench.workload import produce_paced
 from worker.sandbox import TansuBroker, create_topics
 
 DURATION_S = 10.0
-
-
-class _Joined(ConsumerRebalanceListener):
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        pass
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        if assigned:
-            self.event.set()
 
 
 def _burn(seconds: float) -> None:
@@ -57,16 +45,13 @@ async def probe(rate: float, burn_s: float) -> tuple[list[float], list[float]]:
     with TansuBroker() as broker:
         await create_topics(broker.bootstrap, ["in", "out"], partitions=PARTITIONS)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=broker.bootstrap,
-            group_id="probe",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=20,
+            bootstrap_servers=broker.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20
         )
         answers = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=2)
-        joined = _Joined()
         await consumer.start()
-        consumer.subscribe(["in"], listener=joined)
+        # Assigned, as the benchmark's other readers are: no group to join before reading live.
+        consumer.assign([TopicPartition("in", p) for p in range(PARTITIONS)])
+        await consumer.seek_to_beginning()
         await answers.start()
         pending: set[asyncio.Task[None]] = set()
 
@@ -90,7 +75,6 @@ async def probe(rate: float, burn_s: float) -> tuple[list[float], list[float]]:
 
         try:
             reader = asyncio.create_task(consume())
-            await asyncio.wait_for(joined.event.wait(), 30)  # the paced records are then read live
             records = [(f"t{i % 1000}".encode(), b"x" * 400) for i in range(count)]
             await produce_paced(broker.bootstrap, "in", records, rate)  # the benchmark's own producer
             await asyncio.wait_for(reader, 60)
