@@ -75,6 +75,21 @@ class Sampler:
         return self.usage
 
 
+class Bystanders:
+    """Samples the processes that share the machine with a subject during its run: the simulator,
+    the broker and this harness (the backlog's producer, the outcomes' reader).
+
+    A subject's throughput here is bounded by the two cores that all of them share, so the report
+    shows their CPU per event next to the subject's own.
+    """
+
+    def __init__(self, pids: Mapping[str, int | None]) -> None:
+        self._samplers = {name: Sampler(pid).start() for name, pid in pids.items() if pid is not None}
+
+    def stop(self) -> dict[str, Usage]:
+        return {name: sampler.stop() for name, sampler in self._samplers.items()}
+
+
 def _vm_hwm(pid: int) -> int:
     """The kernel's peak resident set size of ``pid`` (Linux), 0 when unavailable."""
     try:
@@ -167,6 +182,10 @@ class SimulatorProcess:
             raise RuntimeError(f"the simulator did not start: {self._log_path.read_text()[-2000:]}")
         self.url = line
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def exit_code(self) -> int | None:
         """None while it runs; its exit code (negative: killed by that signal) once it has died."""

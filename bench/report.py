@@ -27,6 +27,9 @@ LABELS = {
 }
 ORDER = list(LABELS)
 
+#: The processes that share the machine with a subject, sampled over its window (``bench/procs.py``).
+BYSTANDERS = ("simulator", "broker", "harness")
+
 #: Thresholds of the issue's targets.
 T0_MIN_RATIO = 0.7  # worker >= 0.7 x min(A, B) at 0 ms
 T20_MIN_RATIO = 0.8  # worker >= 0.8 x min(max_in_flight / 20 ms, A, B) at 20 ms
@@ -65,6 +68,10 @@ def summarize(runs: Iterable[Run]) -> dict[str, Group]:
                 for name in ("wait_p50_ms", "wait_p99_ms", "held_p50_ms", "held_p99_ms")
             },
             "cpu_s_per_1k": median(r["cpu_s_per_1k"] for r in good),
+            **{
+                f"{name}_cpu_s_per_1k": median(r["extra"].get(f"{name}_cpu_s_per_1k") for r in good)
+                for name in BYSTANDERS
+            },
             "peak_rss_mb": max((r["peak_rss_mb"] for r in good if r["peak_rss_mb"]), default=None),
             "count": median(r["count"] for r in good),
             "complete": all(r["extra"].get("complete", True) for r in good) if good else False,
@@ -251,6 +258,30 @@ def scenario_table(summary: dict[str, Group], scenario: str, concurrency: int) -
     return _table(header, rows)
 
 
+def cpu_budget_table(summary: dict[str, Group], scenario: str, concurrency: int) -> str:
+    """Per subject: CPU per 1,000 events of the subject and of every other process on the machine,
+    over the subject's window, and how many cores that keeps busy at its throughput.
+
+    On a machine whose cores are all busy, a subject's throughput is the cores divided by the
+    whole column, so the ratios between subjects follow from it.
+    """
+    rows = []
+    for subject in ORDER:
+        group = find(summary, scenario, subject, concurrency if subject in ("worker", "ceiling_b") else None)
+        if group is None or group["cpu_s_per_1k"] is None:
+            continue
+        others = [group.get(f"{name}_cpu_s_per_1k") for name in BYSTANDERS]
+        if all(other is None for other in others):
+            continue  # a report from before the other processes were sampled
+        parts = [group["cpu_s_per_1k"], *others]
+        total = sum(part for part in parts if part is not None)
+        cores = ratio(group["throughput"] * total, 1000) if group["throughput"] else None
+        shares = [_fmt(part, 3) for part in parts]
+        rows.append([LABELS[subject], _fmt(group["throughput"]), *shares, _fmt(total, 3), _fmt(cores, 2)])
+    header = ["subject", "events/s", "its process", *BYSTANDERS, "all", "cores busy"]
+    return _table(header, rows)
+
+
 def sweep_points(
     summary: dict[str, Group], latency_scenarios: Sequence[str] = ("sweep", "api20")
 ) -> list[dict[str, Any]]:
@@ -318,6 +349,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"## 20 ms API latency (backlog, worker max_in_flight {concurrency})",
         "",
         scenario_table(summary, "api20", concurrency),
+        "",
+        "## Where the machine's CPU goes, per 1,000 events (CPU s; that is, ms per event)",
+        "",
+        "Every process on the machine, over each subject's own window: the subject, the API simulator,",
+        "the broker, and this harness (its outcome reader). The two cores are shared by all of them, so",
+        "a subject's throughput is about the cores it keeps busy divided by the `all` column.",
+        "",
+        "0 ms API latency:",
+        "",
+        cpu_budget_table(summary, "api0", concurrency),
+        "",
+        "20 ms API latency:",
+        "",
+        cpu_budget_table(summary, "api20", concurrency),
         "",
         "## max_in_flight sweep at 20 ms API latency",
         "",
@@ -390,6 +435,11 @@ def readme_section(report: dict[str, Any]) -> str:
             f"20 ms API latency, worker max_in_flight {concurrency}:",
             "",
             scenario_table(report["summary"], "api20", concurrency),
+            "",
+            "Where the machine's CPU goes at 0 ms, per 1,000 events (CPU s), every process over each"
+            " subject's window; the two cores are shared by all of them:",
+            "",
+            cpu_budget_table(report["summary"], "api0", concurrency),
             "",
             "![throughput vs max_in_flight at 20 ms API latency](bench/results/latest.png)",
             README_END,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.procs import BENCH, ROOT, SimulatorProcess, Subject, Usage
+from bench.procs import BENCH, ROOT, Bystanders, SimulatorProcess, Subject, Usage
 from bench.stats import analyze_outcomes, cpu_between, percentile, ratio
 from bench.workload import Record, Timestamps, Workload, generate, produce_backlog, produce_paced
 from worker.sandbox import TansuBroker, create_topics, free_port
@@ -135,19 +136,26 @@ class Harness:
             else:
                 with TansuBroker(log_path=self.workdir / f"tansu-{self._runs}.log") as broker:
                     if spec.subject == "ceiling_a":
-                        await self._run_ceiling_a(broker.bootstrap, spec, result)
+                        await self._run_ceiling_a(broker, spec, result)
                     else:
-                        await self._run_pipeline(broker.bootstrap, spec, result)
+                        await self._run_pipeline(broker, spec, result)
         except Exception as exc:  # one failed run is reported, it does not end the benchmark
             result.ok, result.error = False, f"{type(exc).__name__}: {exc}"[:500]
         result.wall_s = time.monotonic() - started
         return result
 
+    def _bystanders(self, broker: TansuBroker | None) -> Bystanders:
+        """Start sampling the other processes on the machine (right after a subject started)."""
+        return Bystanders(
+            {"simulator": self.sim.pid, "broker": broker.pid if broker else None, "harness": os.getpid()}
+        )
+
     def _topics(self) -> tuple[str, str, str]:
         n = self._runs
         return f"bench{n}.events", f"bench{n}.outcomes", f"bench{n}.dlq"
 
-    async def _run_pipeline(self, bootstrap: str, spec: RunSpec, result: RunResult) -> None:
+    async def _run_pipeline(self, broker: TansuBroker, spec: RunSpec, result: RunResult) -> None:
+        bootstrap = broker.bootstrap
         topic_in, topic_out, topic_dlq = self._topics()
         await create_topics(bootstrap, [topic_in, topic_out, topic_dlq], partitions=PARTITIONS)
         records = self.records(spec.events)
@@ -157,6 +165,7 @@ class Harness:
         self.sim.reset(spec.latency_ms)
         http_port = free_port()
         subject = self._subject(spec, bootstrap, topic_in, topic_out, topic_dlq, http_port).start()
+        bystanders = self._bystanders(broker)
         started = time.monotonic()
         outcomes: list[tuple[bytes, int]] = []
         first_at: float | None = None
@@ -175,6 +184,7 @@ class Harness:
             # the worker gets its whole shutdown grace (its drain is part of what it promises)
             # (peers are killed sooner: their shutdown is not measured, FastStream's takes ~10 s)
             usage = subject.stop(timeout_s=40.0 if spec.subject == "worker" else 3.0)
+            others = bystanders.stop()
         result.extra["stop_s"] = usage.stop_s
         if usage.killed:
             result.extra["killed_after_sigterm"] = True
@@ -185,7 +195,7 @@ class Harness:
         result.throughput = stats.throughput
         result.p50_ms = percentile(stats.latencies_ms, 50)
         result.p99_ms = percentile(stats.latencies_ms, 99)
-        _usage(result, usage, stats.first_received, stats.last_finished, stats.count)
+        _usage(result, usage, stats.first_received, stats.last_finished, stats.count, others)
         result.extra["window_s"] = stats.window_s
         for name, values in (("wait", stats.wait_ms), ("held", stats.held_ms)):
             for q in (50, 99):
@@ -198,13 +208,15 @@ class Harness:
             result.extra["exit_code"] = usage.exit_code
             result.extra["log_tail"] = subject.log_tail(8)
 
-    async def _run_ceiling_a(self, bootstrap: str, spec: RunSpec, result: RunResult) -> None:
+    async def _run_ceiling_a(self, broker: TansuBroker, spec: RunSpec, result: RunResult) -> None:
+        bootstrap = broker.bootstrap
         topic_in, *_ = self._topics()
         await create_topics(bootstrap, [topic_in], partitions=PARTITIONS)
         await produce_backlog(bootstrap, topic_in, self.records(spec.events))
         await self._run_script(
             spec,
             result,
+            broker,
             "ceiling_consume.py",
             f"--bootstrap={bootstrap}",
             f"--input={topic_in}",
@@ -217,6 +229,7 @@ class Harness:
         await self._run_script(
             spec,
             result,
+            None,
             "ceiling_http.py",
             f"--api={self.sim.url}",
             f"--concurrency={spec.concurrency}",
@@ -226,15 +239,19 @@ class Harness:
             f"--max-seconds={spec.cap_s}",
         )
 
-    async def _run_script(self, spec: RunSpec, result: RunResult, script: str, *flags: str) -> None:
+    async def _run_script(
+        self, spec: RunSpec, result: RunResult, broker: TansuBroker | None, script: str, *flags: str
+    ) -> None:
         """Run a ceiling script to its end and read the JSON line it prints last."""
         cmd = [sys.executable, str(BENCH / "peers" / script), *flags]
         subject = Subject(spec.subject, cmd, PEER_ENV, self._log(spec)).start()
+        bystanders = self._bystanders(broker)
         assert subject.proc is not None
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(subject.proc.wait, STARTUP_TIMEOUT_S + spec.cap_s * 2)
         # The script has exited (or is stopped now): its last CPU/RSS sample is from just before.
         usage = subject.stop()
+        others = bystanders.stop()
         lines = subject.log_tail(3).splitlines()
         try:
             report = json.loads(lines[-1])
@@ -245,7 +262,7 @@ class Harness:
         result.throughput = float(report["rate"]) or None
         result.extra.update({k: v for k, v in report.items() if k not in ("count", "rate")})
         end = usage.samples[-1].at if usage.samples else time.time()
-        _usage(result, usage, end - float(report["elapsed_s"]), end, result.count)
+        _usage(result, usage, end - float(report["elapsed_s"]), end, result.count, others)
         result.ok = result.count > 0
 
     # --- subjects -----------------------------------------------------------------------------------
@@ -307,13 +324,26 @@ class Harness:
         return Subject(spec.subject, cmd, PEER_ENV, log)
 
 
-def _usage(result: RunResult, usage: Usage, start: float | None, end: float | None, count: int) -> None:
+def _usage(
+    result: RunResult,
+    usage: Usage,
+    start: float | None,
+    end: float | None,
+    count: int,
+    others: dict[str, Usage],
+) -> None:
+    """The subject's CPU and peak RSS; and, over the same window, the other processes' CPU per
+    1,000 events as ``extra["<name>_cpu_s_per_1k"]`` (simulator, broker, harness)."""
     if usage.peak_rss_bytes:
         result.peak_rss_mb = usage.peak_rss_bytes / 2**20
     if start is not None and end is not None:
         result.cpu_s = cpu_between(usage.samples, start, end)
         per_event = ratio(result.cpu_s, count)
         result.cpu_s_per_1k = per_event * 1000 if per_event is not None else None
+        for name, other in others.items():
+            per_event = ratio(cpu_between(other.samples, start, end), count)
+            if per_event is not None:
+                result.extra[f"{name}_cpu_s_per_1k"] = per_event * 1000
     if usage.samples:
         result.extra["cpu_s_total"] = usage.samples[-1].cpu_s
 

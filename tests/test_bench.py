@@ -18,6 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report
+from bench.procs import Usage
+from bench.scenarios import RunResult, RunSpec, _usage
 from bench.stats import (
     Sample,
     analyze_outcomes,
@@ -288,6 +290,35 @@ def test_markdown_has_the_targets_and_every_scenario() -> None:
     assert "- a note" in text
     doc["config"]["paced_rate_given"] = True  # bench/run.py --paced-rate
     assert "400 events/s offered (set with --paced-rate)" in report.markdown(doc)
+
+
+def test_cpu_budget_adds_every_process_on_the_machine() -> None:
+    worker = {"simulator_cpu_s_per_1k": 0.5, "broker_cpu_s_per_1k": 0.25, "harness_cpu_s_per_1k": 0.05}
+    runs = [
+        _run("api0", "worker", 256, 800.0, extra={"complete": True, **worker}),
+        _run("api0", "worker", 256, 900.0, extra={"complete": True, **worker, "broker_cpu_s_per_1k": 0.35}),
+        # ceiling B runs without a broker: its column stays empty and out of the sum
+        _run("api0", "ceiling_b", 256, 1_000.0, extra={"simulator_cpu_s_per_1k": 0.6}),
+    ]
+    summary = report.summarize(runs)
+    assert summary[report.group_key("api0", "worker", 256)]["broker_cpu_s_per_1k"] == pytest.approx(0.3)
+    table = report.cpu_budget_table(summary, "api0", 256)
+    # worker: 1.0 (its own) + 0.5 + 0.3 + 0.05 = 1.85 s per 1k events, at 850 events/s = 1.57 cores
+    assert "| worker (coc-change-worker) | 850 | 1.000 | 0.500 | 0.300 | 0.050 | 1.850 | 1.57 |" in table
+    assert "| ceiling B: bare signed PUTs | 1,000 | 1.000 | 0.600 | - | - | 1.600 | 1.60 |" in table
+    assert "ceiling A" not in table  # not measured here
+    assert "| 1,000 |" not in report.cpu_budget_table(report.summarize(_runs()), "api0", 256)  # none sampled
+
+
+def test_usage_puts_the_other_processes_on_the_subjects_window() -> None:
+    def usage(*cpu: float) -> Usage:  # samples at t = 0, 10, 20 s
+        return Usage(samples=[Sample(10.0 * i, c, 0) for i, c in enumerate(cpu)])
+
+    result = RunResult(RunSpec("api0", "worker", 0.0, 256, 1000, 6.0))
+    _usage(result, usage(0.0, 4.0, 8.0), 5.0, 15.0, 2000, {"simulator": usage(0.0, 2.0, 4.0)})
+    assert result.cpu_s == pytest.approx(4.0)  # 2.0 -> 6.0 between t = 5 and 15
+    assert result.cpu_s_per_1k == pytest.approx(2.0)
+    assert result.extra["simulator_cpu_s_per_1k"] == pytest.approx(1.0)  # 1.0 -> 3.0, over 2,000 events
 
 
 @pytest.mark.skipif(
