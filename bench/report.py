@@ -388,6 +388,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(paced['held_p50_ms'], 1)}/{_fmt(paced['held_p99_ms'], 1)} ms. "
             f"CPU {_fmt(paced['cpu_s_per_1k'], 2)} s / 1k events.",
             "",
+            "Every process's CPU per 1,000 events during the paced runs (the load generator is the harness):",
+            "",
+            cpu_budget_table(summary, "paced", concurrency),
+            "",
         ]
     out += ["## Notes", ""]
     out += [f"- {note}" for note in report.get("notes", [])]

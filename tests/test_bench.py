@@ -286,6 +286,7 @@ def test_markdown_has_the_targets_and_every_scenario() -> None:
     assert "| worker (coc-change-worker) | 256 | 800 | 0.80 |" in text
     assert "## max_in_flight sweep" in text
     assert "p99 30.0 ms" in text
+    assert "Every process's CPU per 1,000 events during the paced runs" in text
     assert "400 events/s offered (half the worker's median 0 ms throughput)" in text
     assert "- a note" in text
     doc["config"]["paced_rate_given"] = True  # bench/run.py --paced-rate
