@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
-from schemas.outcomes import OutcomeEvent
 from worker.errors import BrokerUnavailable
 from worker.kafka_config import connection_kwargs
 from worker.logs import redact_text
@@ -116,20 +115,19 @@ class Publisher:
 
     async def publish(
         self,
-        outcome: OutcomeEvent,
+        key: bytes | None,
+        outcome: bytes,
+        status: str,
         letter: DeadLetter | None,
         traceparent: str,
     ) -> None:
-        """Send the outcome (and the dead-letter record) and wait until the broker has both.
+        """Send the outcome (its JSON, keyed by ticket) and the dead-letter record, and wait until
+        the broker has both.
 
         Outcomes of concurrent jobs are written together (see ``_write``); the call returns when
         the batch holding this outcome is acknowledged.
         """
-        headers: Headers = [
-            (TRACEPARENT, traceparent.encode()),
-            ("coc-status", outcome.status.value.encode()),
-        ]
-        key = outcome.ticket_id.encode() if outcome.ticket_id else None
+        headers: Headers = [(TRACEPARENT, traceparent.encode()), ("coc-status", status.encode())]
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             partitions = self._partitions
@@ -138,9 +136,7 @@ class Publisher:
             # Chosen exactly as ``producer.send`` would (the default partitioner on the key), so
             # each ticket's outcomes keep their order.
             partition = self._partitioner(key, partitions, partitions)
-            self._queued.setdefault(partition, []).append(
-                (key, outcome.model_dump_json().encode(), headers, delivered)
-            )
+            self._queued.setdefault(partition, []).append((key, outcome, headers, delivered))
             if partition not in self._writers:
                 task = asyncio.get_running_loop().create_task(self._write(partition))
                 self._writers[partition] = task

@@ -66,6 +66,7 @@ async def test_every_event_type_reaches_the_api_with_the_reference_body(
 
     for o in outcomes:  # the worker builds outcomes without validation: prove they match the contract
         OutcomeEvent.model_validate(o)
+        assert list(o) == list(OutcomeEvent.model_fields)  # every field, in the model's order
     assert [o["status"] for o in outcomes] == ["applied"] * len(events)
     assert [o["event_id"] for o in outcomes] == [e["event_id"] for e in events]
     assert all(o["attempts"] == 1 and o["http_status"] == 200 for o in outcomes)

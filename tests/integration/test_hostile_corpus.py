@@ -41,6 +41,7 @@ async def test_hostile_corpus_through_the_worker(
     assert len(outcomes) == len(corpus)
     for o in outcomes:
         OutcomeEvent.model_validate(o)
+        assert list(o) == list(OutcomeEvent.model_fields)
     assert len(dead) == len(corpus)
     assert Counter(o["status"] for o in outcomes) == {"invalid": len(corpus)}
     assert all(o["reason"] and o["error_msg"] for o in outcomes if o["reason"] != "empty")
