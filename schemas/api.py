@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_json
 
 #: ``error_code`` of a successful call (Table 6, default value).
 SUCCESS_CODE = "GOM.00000000"
@@ -92,7 +93,13 @@ class UpdateTicketBody(_Body):
 
     def to_bytes(self) -> bytes:
         """``to_wire()`` as compact UTF-8 JSON, the exact bytes signed and sent."""
-        return self.__pydantic_serializer__.to_json(self, exclude_unset=True)
+        return wire_bytes(self.to_wire())
+
+
+def wire_bytes(wire: dict[str, Any]) -> bytes:
+    """A ``to_wire()`` dict as compact UTF-8 JSON: for a caller that has the dict already (the
+    worker keeps it for the outcome event), the bytes without serializing the model twice."""
+    return to_json(wire)
 
 
 class UpdateTicketResponse(BaseModel):

@@ -109,6 +109,15 @@ def test_wire_json_is_the_examples_json(title: str) -> None:
     assert json.dumps(body, sort_keys=True, allow_nan=False) == json.dumps(expected, sort_keys=True)
 
 
+@pytest.mark.parametrize("title", list(EVENTS))
+def test_bytes_sent_are_the_wire_dict_compact(title: str) -> None:
+    request = to_request_body(_event(**EVENTS[title]))
+    sent = request.to_bytes()
+    assert sent == request.__pydantic_serializer__.to_json(request, exclude_unset=True)
+    compact = json.dumps(request.to_wire(), separators=(",", ":"), ensure_ascii=False).encode()
+    assert sent == compact
+
+
 def test_failed_with_rollback_window_sends_the_times() -> None:
     event = _event(
         type="change.failed",

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from schemas.api import wire_bytes
 from schemas.events import AnyChangeEvent
 from schemas.outcomes import DEAD_LETTER_STATUSES, OUTCOME_SCHEMA_VERSION, OutcomeStatus, dump_outcome
 from worker.apply import ApiCaller, ApplyResult
@@ -124,6 +125,7 @@ class Pipeline:
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         request = to_request_body(event)
         body = request.to_wire()
+        payload = wire_bytes(body)
         held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
             claim = await self._dedup(
@@ -143,7 +145,7 @@ class Pipeline:
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
             try:
-                result = await self._apply(job, event, request.to_bytes(), ambiguous=claim.taken_over)
+                result = await self._apply(job, event, payload, ambiguous=claim.taken_over)
             except _ClaimLost:
                 log.warning("claim_lost")
                 continue
