@@ -500,11 +500,18 @@ def test_default_render(helm_results: dict[str, Any]) -> None:
     assert "emptyDir" in volumes[mounts["/tmp"]]
     assert {"COC_WORKER_API_AK_FILE", "COC_WORKER_API_SK_FILE"} <= set(env)
     assert "COC_WORKER_API_TOKEN_FILE" not in env
+    assert "COC_WORKER_API_MAX_CONNECTIONS" not in env  # unset: the worker uses max_in_flight
     # The defaults render, and NOTES.txt says what is still missing before the worker can start.
     notes = helm_results["default"]["notes"]
     assert "neither api.endpoint nor api.region" in notes
     assert "secrets.apiAk / secrets.apiSk are empty" in notes
     assert "WARNING" not in helm_results["full"]["notes"]
+
+
+def test_api_request_limit_is_passed_only_when_set(helm_results: dict[str, Any]) -> None:
+    env = worker_env(manifests(helm_results, "full"))
+    assert env["COC_WORKER_API_MAX_CONNECTIONS"] == str(FULL["api"]["maxConnections"])
+    assert env["COC_WORKER_MAX_IN_FLIGHT"] == str(FULL["worker"]["maxInFlight"])
 
 
 def test_pod_is_hardened(helm_results: dict[str, Any]) -> None:

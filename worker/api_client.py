@@ -104,7 +104,7 @@ def _build_client(settings: WorkerSettings) -> Client:
     """The shared HTTP client: bounded, timed out, TLS verified unless the settings say otherwise."""
     builder = (
         ClientBuilder()
-        .max_connections(settings.api_max_connections)
+        .max_connections(settings.api_request_limit)
         .connect_timeout(timedelta(seconds=settings.api_connect_timeout_s))
         .read_timeout(timedelta(seconds=settings.api_request_timeout_s))
         .timeout(timedelta(seconds=settings.api_connect_timeout_s + settings.api_request_timeout_s))

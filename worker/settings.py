@@ -84,7 +84,11 @@ class WorkerSettings(BaseSettings):
     api_ca_file: Path | None = Field(None, description="PEM CA bundle trusted in addition to the system CAs.")
     api_connect_timeout_s: PositiveSeconds = 3.0
     api_request_timeout_s: PositiveSeconds = 10.0
-    api_max_connections: int = Field(100, ge=1)
+    api_max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="API requests in flight at once, the HTTP client's limit (default max_in_flight).",
+    )
     api_unreachable_threshold_s: PositiveSeconds = Field(
         10.0, description="Connection failures for this long with no success pause the worker."
     )
@@ -193,6 +197,12 @@ class WorkerSettings(BaseSettings):
     def buffer_limit(self) -> int:
         """Messages taken from Kafka and not yet finished: ``max_buffered``, else 4 x ``max_in_flight``."""
         return self.max_buffered if self.max_buffered is not None else 4 * self.max_in_flight
+
+    @property
+    def api_request_limit(self) -> int:
+        """API requests in flight at once: ``api_max_connections``, else ``max_in_flight`` (every
+        running event may be calling; a lower client limit would queue calls inside the client)."""
+        return self.api_max_connections if self.api_max_connections is not None else self.max_in_flight
 
     @property
     def api_base_url(self) -> str:
