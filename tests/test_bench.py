@@ -235,6 +235,23 @@ def test_targets_are_ratios_to_the_same_run() -> None:
     assert "0 ms API" in by_name
 
 
+def test_targets_show_the_ratio_of_each_repeat_when_the_repeats_pair_up() -> None:
+    runs = [
+        _run("api0", "worker", 256, 800.0),
+        _run("api0", "ceiling_a", 1, 100_000.0),
+        _run("api0", "ceiling_b", 256, 1_000.0),
+        _run("api0", "worker", 256, 1_000.0),  # the machine ran faster in the second repeat
+        _run("api0", "ceiling_a", 1, 100_000.0),
+        _run("api0", "ceiling_b", 256, 2_000.0),
+    ]
+    t0 = report.evaluate_targets(report.summarize(runs), concurrency=256)[0]
+    assert t0.measured == "900 ev/s vs min 1,500 ev/s = 0.60x (per repeat: 0.80, 0.50)"
+    # the 20 ms runs of _runs() do not pair up (a failed repeat): no per-repeat figures
+    assert all(
+        "per repeat" not in t.measured for t in report.evaluate_targets(report.summarize(_runs()), 256)
+    )
+
+
 def test_targets_not_measured_are_not_applicable() -> None:
     targets = report.evaluate_targets({}, concurrency=256)
     assert all(t.met is None and t.mark == "n/a" for t in targets)
