@@ -84,7 +84,7 @@ def dump_outcome(fields: dict[str, Any]) -> bytes:
     The worker writes one outcome per message, and building the model only to dump it again cost
     more than twice this (``model_construct`` alone walks every field with its defaults). So
     ``fields`` must already be a valid outcome: every field of ``OutcomeEvent``, in its order,
-    ``source`` as a dict. ``tests/test_outcomes.py`` checks the bytes against the model's own, and the integration
-    tests check the worker's outcomes against the model.
+    ``source`` as a dict. ``tests/test_outcomes.py`` checks the bytes against the model's own;
+    the integration tests check the worker's outcomes against the model.
     """
     return to_json(fields)
