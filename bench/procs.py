@@ -1,4 +1,4 @@
-"""Processes the benchmark starts: the simulator, the measured subject, and a sampler of its CPU/RSS.
+"""Processes the benchmark starts: the simulator, the measured subject, and samplers of CPU/RSS.
 
 Each measured subject (the worker, a peer, the baseline, a ceiling) is its own OS process, so
 its CPU seconds and peak RSS are its own: ``psutil`` samples the PID every ``interval_s`` in a
