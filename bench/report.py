@@ -99,6 +99,12 @@ def find(
     return None
 
 
+def _group(summary: dict[str, Group], scenario: str, subject: str, concurrency: int) -> Group | None:
+    """A subject's group at the scenario's concurrency: only the worker and ceiling B run at
+    ``max_in_flight``; the others have their own (one consumer, the partition count)."""
+    return find(summary, scenario, subject, concurrency if subject in ("worker", "ceiling_b") else None)
+
+
 def _tp(group: Group | None) -> float | None:
     return group["throughput"] if group else None
 
@@ -151,54 +157,41 @@ def evaluate_targets(
     """The four targets of the issue, each as a ratio from the same run."""
     targets: list[Target] = []
 
-    w0 = _tp(find(summary, "api0", "worker", concurrency))
-    floor0 = _min(
-        _tp(find(summary, "api0", "ceiling_a")), _tp(find(summary, "api0", "ceiling_b", concurrency))
-    )
+    worker0, a0, b0 = (_group(summary, "api0", s, concurrency) for s in ("worker", "ceiling_a", "ceiling_b"))
+    w0 = _tp(worker0)
+    floor0 = _min(_tp(a0), _tp(b0))
     r0 = ratio(w0, floor0)
     targets.append(
         _at_least(
             f"0 ms API: worker >= {T0_MIN_RATIO} x min(ceiling A, ceiling B)",
-            f"{_fmt(w0)} ev/s vs min {_fmt(floor0)} ev/s = {_fmt(r0, 2)}x"
-            + _per_repeat(
-                find(summary, "api0", "worker", concurrency),
-                [find(summary, "api0", "ceiling_a"), find(summary, "api0", "ceiling_b", concurrency)],
-            ),
+            f"{_fmt(w0)} ev/s vs min {_fmt(floor0)} ev/s = {_fmt(r0, 2)}x" + _per_repeat(worker0, [a0, b0]),
             r0,
             T0_MIN_RATIO,
         )
     )
 
-    w20 = _tp(find(summary, "api20", "worker", concurrency))
-    theory = concurrency / (api_latency_ms / 1000)
-    floor20 = _min(
-        theory,
-        _tp(find(summary, "api20", "ceiling_a")),
-        _tp(find(summary, "api20", "ceiling_b", concurrency)),
+    worker20, a20, b20, peer1_group = (
+        _group(summary, "api20", s, concurrency) for s in ("worker", "ceiling_a", "ceiling_b", "faststream")
     )
+    w20 = _tp(worker20)
+    theory = concurrency / (api_latency_ms / 1000)
+    floor20 = _min(theory, _tp(a20), _tp(b20))
     r20 = ratio(w20, floor20)
     targets.append(
         _at_least(
             f"20 ms API: worker >= {T20_MIN_RATIO} x min(max_in_flight / 20 ms, A, B)",
             f"{_fmt(w20)} ev/s vs min {_fmt(floor20)} ev/s = {_fmt(r20, 2)}x"
-            + _per_repeat(
-                find(summary, "api20", "worker", concurrency),
-                [find(summary, "api20", "ceiling_a"), find(summary, "api20", "ceiling_b", concurrency)],
-                theory,
-            ),
+            + _per_repeat(worker20, [a20, b20], theory),
             r20,
             T20_MIN_RATIO,
         )
     )
-    peer1 = _tp(find(summary, "api20", "faststream"))
+    peer1 = _tp(peer1_group)
     rp = ratio(w20, peer1)
     targets.append(
         _at_least(
             f"20 ms API: worker >= {T20_VS_PEER1:g} x peer 1 (FastStream)",
-            f"{_fmt(w20)} vs {_fmt(peer1)} ev/s = {_fmt(rp, 2)}x"
-            + _per_repeat(
-                find(summary, "api20", "worker", concurrency), [find(summary, "api20", "faststream")]
-            ),
+            f"{_fmt(w20)} vs {_fmt(peer1)} ev/s = {_fmt(rp, 2)}x" + _per_repeat(worker20, [peer1_group]),
             rp,
             T20_VS_PEER1,
         )
@@ -245,13 +238,11 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def scenario_table(summary: dict[str, Group], scenario: str, concurrency: int) -> str:
     """One row per subject: throughput and its ratios to the ceilings and to peer 1."""
-    floor = _min(
-        _tp(find(summary, scenario, "ceiling_a")), _tp(find(summary, scenario, "ceiling_b", concurrency))
-    )
-    peer1 = _tp(find(summary, scenario, "faststream"))
+    floor = _min(*(_tp(_group(summary, scenario, s, concurrency)) for s in ("ceiling_a", "ceiling_b")))
+    peer1 = _tp(_group(summary, scenario, "faststream", concurrency))
     rows = []
     for subject in ORDER:
-        group = find(summary, scenario, subject, concurrency if subject in ("worker", "ceiling_b") else None)
+        group = _group(summary, scenario, subject, concurrency)
         if group is None:
             continue
         tp = group["throughput"]
@@ -296,7 +287,7 @@ def cpu_budget_table(summary: dict[str, Group], scenario: str, concurrency: int)
     """
     rows = []
     for subject in ORDER:
-        group = find(summary, scenario, subject, concurrency if subject in ("worker", "ceiling_b") else None)
+        group = _group(summary, scenario, subject, concurrency)
         if group is None or group["cpu_s_per_1k"] is None:
             continue
         others = [group.get(f"{name}_cpu_s_per_1k") for name in BYSTANDERS]
