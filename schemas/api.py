@@ -91,14 +91,11 @@ class UpdateTicketBody(_Body):
         """The JSON object sent on the wire: exactly the keys that were set."""
         return self.model_dump(mode="json", exclude_unset=True)
 
-    def to_bytes(self) -> bytes:
-        """``to_wire()`` as compact UTF-8 JSON, the exact bytes signed and sent."""
-        return wire_bytes(self.to_wire())
-
 
 def wire_bytes(wire: dict[str, Any]) -> bytes:
-    """A ``to_wire()`` dict as compact UTF-8 JSON: for a caller that has the dict already (the
-    worker keeps it for the outcome event), the bytes without serializing the model twice."""
+    """A ``to_wire()`` dict as compact UTF-8 JSON, the exact bytes signed and sent. It takes the
+    dict, not the model: the worker keeps the dict for the outcome event anyway, and serializing
+    the model a second time costs ~2 us per event."""
     return to_json(wire)
 
 

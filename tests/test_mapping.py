@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from schemas.api import Phase
+from schemas.api import Phase, wire_bytes
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
 from worker.mapping import request_path, to_request_body
 
@@ -112,7 +112,7 @@ def test_wire_json_is_the_examples_json(title: str) -> None:
 @pytest.mark.parametrize("title", list(EVENTS))
 def test_bytes_sent_are_the_wire_dict_compact(title: str) -> None:
     request = to_request_body(_event(**EVENTS[title]))
-    sent = request.to_bytes()
+    sent = wire_bytes(request.to_wire())  # what the pipeline signs and sends
     assert sent == request.__pydantic_serializer__.to_json(request, exclude_unset=True)
     compact = json.dumps(request.to_wire(), separators=(",", ":"), ensure_ascii=False).encode()
     assert sent == compact
