@@ -266,6 +266,27 @@ async def test_401_storm_pauses_without_spending_the_budget(rig: Rig) -> None:
     assert rig.sample("coc_worker_paused") == 0.0
 
 
+async def test_a_write_refused_while_reads_pass_ends_rejected(rig: Rig) -> None:
+    """Credentials that may read but not write (an IAM policy without the update permission): the
+    first 403 pauses at the gate like any auth failure; its probe reads a ticket and passes, so a
+    second 403 is this request's own. The event ends ``rejected`` instead of pausing forever."""
+    state = rig.sim.state
+    state.restrict_to_reads()
+    result = await asyncio.wait_for(rig.apply(rig.caller()), timeout=5.0)
+    assert (result.status, result.calls, result.http_status, result.error_code) == (
+        "rejected",
+        2,
+        403,
+        "APIGW.0302",
+    )
+    assert "not permitted" in (result.detail or "")
+    assert rig.puts() == [(403, None), (403, None)]
+    assert [r.status for r in state.requests if r.method == "GET"] == [200]  # the gate's one probe
+    assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 1.0
+    assert rig.gate.is_open
+    assert state.applied_log == []
+
+
 @pytest.mark.parametrize(
     ("policy", "threshold_s"),
     [

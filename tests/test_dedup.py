@@ -36,8 +36,14 @@ async def test_first_claim_wins_and_others_see_it_held(store: DedupStore) -> Non
     assert held.kind is ClaimKind.HELD
     assert held.record is not None
     assert held.record.owner == "w1"
-    # the owner may claim again (a retry inside the same worker)
-    assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+    # its owner may claim it again at once (a job of its own that did not finish), and is told it
+    # took the claim over: that job may have reached the API
+    again = await store.claim("e1", "w1", "t/0/1", 30)
+    assert again.kind is ClaimKind.NEW
+    assert again.taken_over
+    assert again.maybe_sent
+    assert again.record is not None
+    assert again.record.owner == "w1"
 
 
 async def test_lease_expires_and_the_taker_knows_it_took_over(store: DedupStore) -> None:
@@ -77,6 +83,18 @@ async def test_rejected_events_repeat_for_their_message_and_retry_for_another(st
     other = await store.claim("e9", "w2", "dlq-replay/0/1", 30)
     assert other.kind is ClaimKind.NEW  # a replay of a fixed event may try again
     assert not other.taken_over
+    assert not other.maybe_sent  # the API refused it: nothing to check before sending
+
+
+async def test_a_failed_event_retried_by_another_message_may_have_been_sent(store: DedupStore) -> None:
+    await store.claim("e10", "w1", "t/0/5", 30)
+    await store.mark_done(
+        "e10", DedupRecord("done", "w1", "t/0/5", "failed", 5, None, reason="api_failed"), 60
+    )
+    replay = await store.claim("e10", "w2", "dlq-replay/0/1", 30)
+    assert replay.kind is ClaimKind.NEW
+    assert not replay.taken_over
+    assert replay.maybe_sent  # its last answer may have been lost: read the ticket first
 
 
 async def test_extend_only_by_owner(store: DedupStore) -> None:

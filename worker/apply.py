@@ -138,6 +138,7 @@ class ApiCaller:
         """
         calls = 0  # times the change was sent: the outcome's attempts
         spent = 0  # sends that count against the budget (a 401 or an outage does not)
+        forbidden = 0  # 403s met by this event
         active_s = 0.0  # time spent trying, time paused at the gate excluded
         error: ApiTransientError | None = None
         while True:
@@ -163,6 +164,18 @@ class ApiCaller:
                 self._reachability.reached()
                 if sent:
                     spent -= 1
+                forbidden += exc.http_status == 403
+                if forbidden > 1:
+                    # Refused again after the gate reopened, that is after its probe read a ticket
+                    # with these credentials: they work, but may not do this (a read-only policy,
+                    # a ticket outside their scope). Waiting would never end it.
+                    return ApplyResult(
+                        "rejected",
+                        calls,
+                        http_status=exc.http_status,
+                        error_code=exc.error_code,
+                        detail=f"{exc}, again after the credentials were verified: not permitted",
+                    )
                 self._trip_auth(exc, ticket_id)
                 continue
             except ApiRejected as exc:

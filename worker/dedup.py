@@ -12,7 +12,9 @@ Each event id moves through three states in the store::
 * ``claimed`` is a lease: two workers racing on one event (after a rebalance) cannot both call
   the API; a crashed owner's claim expires after ``lease_s`` and may then be *taken over*. The
   taker is told (``Claim.taken_over``): the dead owner may have reached the API, so the change
-  is checked against the ticket before it is sent again.
+  is checked against the ticket before it is sent again. The same holds for a worker's own
+  unfinished claim (a job cancelled mid-call by a revocation or a shutdown past its grace, or a
+  restart under the same worker id): its owner may claim it again at once, as a takeover.
 * ``applied`` is written right after the API accepted the change, *before* the outcome is
   published, and is the event's last record: a redelivery, whether the crash came before the
   outcome was published or after, republishes ``applied`` without calling the API again.
@@ -91,7 +93,14 @@ _RECORD_FIELDS = tuple(f.name for f in fields(DedupRecord))
 class Claim:
     kind: ClaimKind
     record: DedupRecord | None = None
-    taken_over: bool = False  # NEW by taking an expired claim of another owner
+    taken_over: bool = False  # NEW over an unfinished claim: another owner's expired one, or our own
+
+    @property
+    def maybe_sent(self) -> bool:
+        """Whether an earlier attempt may have reached the API without its answer being recorded:
+        an unfinished claim, or an earlier message of this event that failed (its last answer may
+        have been lost). The change is then checked against the ticket before it is sent."""
+        return self.taken_over or (self.record is not None and self.record.status == "failed")
 
 
 def decide(record: DedupRecord | None, owner: str, source: str, now: float) -> Claim:
@@ -102,8 +111,8 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float) -> C
     if record is None:
         return Claim(ClaimKind.NEW)
     if record.state == "claimed":
-        if record.owner == owner:
-            return Claim(ClaimKind.NEW)
+        if record.owner == owner:  # a job of ours that did not finish: it may have sent the change
+            return Claim(ClaimKind.NEW, record, taken_over=True)
         if record.lease_until > now:
             return Claim(ClaimKind.HELD, record)
         return Claim(ClaimKind.NEW, record, taken_over=True)
@@ -440,8 +449,9 @@ class RedisStore:
         )
         record = DedupRecord.decode(previous) if previous else None
         if taken:
-            # The script followed decide(): a previous claim of another owner was a takeover.
-            over = record is not None and record.state == "claimed" and record.owner != owner
+            # The script followed decide(): any previous claim (another owner's expired one, or
+            # our own unfinished one) was a takeover.
+            over = record is not None and record.state == "claimed"
             return Claim(ClaimKind.NEW, record, taken_over=over)
         assert record is not None
         # Not taken: held by a live owner, applied, or done. decide() says which (a held claim's

@@ -115,7 +115,10 @@ class SystemicError(CocWorkerError):
 
 
 class ApiAuthError(SystemicError):
-    """401/403 from the API: every message would fail the same way until credentials are fixed."""
+    """401/403 from the API: every message would fail the same way until credentials are fixed.
+
+    Except a 403 that comes back once the gate's probe has read a ticket with the same
+    credentials: that refusal is the request's own (``ApiCaller`` ends the event ``rejected``)."""
 
     kind = "api_auth"
 

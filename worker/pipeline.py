@@ -145,7 +145,7 @@ class Pipeline:
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
             try:
-                result = await self._apply(job, event, payload, ambiguous=claim.taken_over)
+                result = await self._apply(job, event, payload, ambiguous=claim.maybe_sent)
             except _ClaimLost:
                 log.warning("claim_lost")
                 continue

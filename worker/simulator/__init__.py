@@ -1,7 +1,7 @@
 """A stateful simulator of the COC change-ticket API, for the demo, the integration tests and the benchmark.
 
 It serves, like the cloud API behind its gateway (AK/SK ``SDK-HMAC-SHA256`` or ``X-Auth-Token``;
-failures are 401 ``APIGW.0301``)::
+failures are 401 ``APIGW.0301``; with read-only credentials a write is 403 ``APIGW.0302``)::
 
     PUT /v1/{ticket_type}/tickets/{ticket_id}                     start / end / result / cancel / phase
     GET /v1/{ticket_type}/tickets/{ticket_id}                     ticket detail (SDK ``ShowTicketInfo``)

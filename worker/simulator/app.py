@@ -37,6 +37,7 @@ from worker.simulator.tickets import (
 EVENT_ID_HEADER = "X-Event-Id"
 TRACEPARENT_HEADER = "traceparent"
 AUTH_FAILED_CODE = "APIGW.0301"
+NOT_AUTHORIZED_CODE = "APIGW.0302"
 THROTTLED_CODE = "APIGW.0308"
 
 STATE_KEY = web.AppKey("simulator_state", SimulatorState)
@@ -109,6 +110,11 @@ class _Api:
             kind = None  # the gateway refused it first: no fault was applied
             reply = _gateway_error(
                 401, AUTH_FAILED_CODE, f"Incorrect IAM authentication information: {reason}"
+            )
+        elif state.read_only and request.method != "GET":
+            kind = None
+            reply = _gateway_error(
+                403, NOT_AUTHORIZED_CODE, "The IAM user is not authorized to access the API"
             )
         elif kind is FaultKind.THROTTLE:
             reply = _gateway_error(

@@ -90,6 +90,7 @@ class SimulatorState:
         self.credentials: dict[str, str] = {}
         self.tokens: set[str] = set()
         self.revoked = False
+        self.read_only = False
         self._request_seq = 0
         self.reset()
 
@@ -107,6 +108,7 @@ class SimulatorState:
         self.credentials = dict(config.credentials)
         self.tokens = set(config.tokens)
         self.revoked = False
+        self.read_only = False
         self._request_seq = 0
         self._changed.set()
 
@@ -133,6 +135,11 @@ class SimulatorState:
     def revoke(self, revoked: bool = True) -> None:
         """Make every credential fail (a 401 storm) or work again, without forgetting them."""
         self.revoked = revoked
+
+    def restrict_to_reads(self, read_only: bool = True) -> None:
+        """Credentials that authenticate but may only read (an IAM policy without the ticket
+        update permission): every write is refused with 403, reads still answer."""
+        self.read_only = read_only
 
     def set_credentials(
         self, credentials: Mapping[str, str] | None = None, tokens: Iterable[str] | None = None

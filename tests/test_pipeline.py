@@ -1,0 +1,150 @@
+"""``Pipeline.process`` for one message, against the simulator over HTTP: what an earlier attempt at
+the same event makes the next one do. The outcome publisher is a recorder (the broker's side is
+covered by the integration tests); the store, client, gate and caller are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from waiting import until
+
+from schemas.events import CHANGE_EVENT_ADAPTER
+from worker.api_client import CocApiClient
+from worker.apply import ApiCaller
+from worker.consumer import Message
+from worker.dedup import MemoryStore
+from worker.gate import Gate
+from worker.metrics import Metrics
+from worker.pipeline import Job, Pipeline
+from worker.publisher import DeadLetter
+from worker.retry import RetryPolicy
+from worker.settings import WorkerSettings
+from worker.simulator import SimulatorConfig, SimulatorServer
+from worker.tracing import from_headers
+
+AK = "AK-PIPELINE-TEST-1"
+SK = "sk-pipeline-test-secret-01"
+SEED: dict[str, Any] = {"tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1"]}]}
+STARTED = {"event_id": "ev-1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s-1"}
+TICKET_UPDATE = {
+    "event_id": "ev-1",
+    "type": "ticket.update",
+    "ticket_id": "CM1",
+    "ticket_info": {"phase": "phase_change_close"},
+}
+
+
+@dataclass
+class Recorder:
+    """Stands in for ``Publisher``: keeps what would have been written."""
+
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+
+    async def publish(
+        self, key: bytes | None, outcome: bytes, status: str, letter: DeadLetter | None, traceparent: str
+    ) -> None:
+        self.outcomes.append(json.loads(outcome))
+        if letter is not None:
+            self.letters.append(letter)
+
+    async def ping(self) -> None:
+        return None
+
+
+@dataclass
+class Rig:
+    sim: SimulatorServer
+    pipeline: Pipeline
+    published: Recorder
+
+
+def job(raw: dict[str, Any], offset: int = 7) -> Job:
+    message = Message("in", 0, offset, b"CM1", json.dumps(raw).encode(), [], 0)
+    event = CHANGE_EVENT_ADAPTER.validate_python(raw)
+    return Job(message, event, None, from_headers([]), datetime.now(UTC), time.monotonic())
+
+
+@contextlib.asynccontextmanager
+async def make_rig(policy: RetryPolicy) -> AsyncIterator[Rig]:
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    async with SimulatorServer(SimulatorConfig(port=0, credentials={AK: SK}, seed=SEED)) as sim:
+        settings = WorkerSettings(api_endpoint=sim.url, api_ak=AK, api_sk=SK, worker_id="w1")
+        client = CocApiClient(settings, metrics)
+        await client.start()
+        published = Recorder()
+        caller = ApiCaller(client, policy, gate, metrics, 60.0)
+        try:
+            yield Rig(sim, Pipeline(settings, MemoryStore(), caller, published, gate, metrics), published)
+        finally:
+            await client.close()
+            await gate.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    # Long backoff: after its first attempt the job sleeps until it is cancelled.
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
+    async with make_rig(policy) as made:
+        yield made
+
+
+@pytest.mark.parametrize("raw", [STARTED, TICKET_UPDATE], ids=["started", "ticket_update"])
+async def test_a_job_cancelled_after_sending_is_checked_before_its_owner_sends_again(
+    rig: Rig, raw: dict[str, Any]
+) -> None:
+    """A revocation (or shutdown) past its grace cancels a job whose change reached the API; the
+    claim it leaves is this worker's own. When the same message comes back to the same worker, the
+    ticket is read first: the change is in place, so nothing is sent again and the outcome is
+    ``applied``, not a state-machine refusal (or, for ``ticket.update``, a second application)."""
+    state = rig.sim.state
+    state.set_faults(drop_after_apply_ratio=1.0)
+    first = asyncio.create_task(rig.pipeline.process(job(raw)))
+    await until(lambda: bool(state.applied_log))
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    state.set_faults(drop_after_apply_ratio=0.0)
+
+    await rig.pipeline.process(job(raw))
+
+    assert len(state.applied_for("ev-1")) == 1
+    assert [r.method for r in state.requests] == ["PUT", "GET"]
+    assert [(o["status"], o["attempts"]) for o in rig.published.outcomes] == [("applied", 0)]
+    assert rig.published.letters == []
+
+
+async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None:
+    """The first message's answer was lost and the ticket unreadable until its budget ran out:
+    ``failed``, "it may have been applied". Its replay (the same event, another message) reads the
+    ticket before sending, finds the change in place, and ends ``applied`` without a second PUT."""
+    policy = RetryPolicy(max_attempts=3, max_elapsed_s=0.5, base_delay_s=0.01, max_delay_s=0.05)
+    async with make_rig(policy) as rig:
+        state = rig.sim.state
+        state.set_faults(drop_after_apply_ratio=1.0)
+
+        async def unreadable_once_applied() -> None:
+            await until(lambda: bool(state.applied_log))
+            state.set_faults(drop_after_apply_ratio=0.0, error_ratio=1.0)
+
+        flipper = asyncio.create_task(unreadable_once_applied())
+        await rig.pipeline.process(job(STARTED, offset=7))
+        await flipper
+        state.set_faults(error_ratio=0.0)
+        puts_before = sum(r.method == "PUT" for r in state.requests)
+
+        await rig.pipeline.process(job(STARTED, offset=8))  # e.g. `coc-worker dlq replay`
+
+        assert [o["status"] for o in rig.published.outcomes] == ["failed", "applied"]
+        assert "may have been applied" in rig.published.outcomes[0]["error_msg"]
+        assert sum(r.method == "PUT" for r in state.requests) == puts_before
+        assert len(state.applied_for("ev-1")) == 1
