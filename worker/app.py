@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +43,7 @@ log = get_logger(__name__)
 
 _FETCH_TIMEOUT_S = 0.5
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
+_SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
 
 
 class Worker:
@@ -274,12 +276,12 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._commit()
+        # With the broker gone, aiokafka would retry each of these for ever: bound them, so that a
+        # stop request always ends the process. What is not committed is read again (deduplicated).
+        await _bounded(self._commit(), "final_commit")
         await self._gate.close()
-        with contextlib.suppress(Exception):
-            await self._consumer.stop()
-        with contextlib.suppress(Exception):
-            await self._publisher.stop()
+        await _bounded(self._consumer.stop(), "consumer_stop")
+        await _bounded(self._publisher.stop(), "producer_stop")
         await self._client.close()
         if self._rate_limit is not None:
             await self._rate_limit.close()
@@ -314,3 +316,13 @@ class Worker:
         self._assigned = set(partitions)
         self._consumer.reapply_pause()
         log.info("partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in partitions))
+
+
+async def _bounded(step: Awaitable[None], name: str) -> None:
+    """One step of a shutdown, given at most ``_SHUTDOWN_STEP_S``; a failure is logged, not raised."""
+    try:
+        await asyncio.wait_for(step, _SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("shutdown_step_timed_out", step=name, timeout_s=_SHUTDOWN_STEP_S)
+    except Exception as exc:  # the rest of the shutdown must still run
+        log.warning("shutdown_step_failed", step=name, error=type(exc).__name__)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections import defaultdict
+from pathlib import Path
 
 import aiohttp
+import pytest
 from conftest import SettingsFactory, running_worker, wait_until
+from faults.harness import ProxiedBroker
+from faults.proxy import CutMode
 from helpers import event, read_json, read_records, send
 
+from worker.app import Worker
 from worker.dedup import ClaimKind, open_store
-from worker.sandbox import TansuBroker, committed_offsets
+from worker.sandbox import TansuBroker, committed_offsets, create_topics, produce, read_topic
 from worker.simulator import SimulatorServer
 
 
@@ -268,3 +274,35 @@ async def test_offsets_are_committed_only_over_finished_work(
     for o in await read_json(broker.bootstrap, topics["results"], len(stream)):
         written[o["source"]["partition"]] = max(written[o["source"]["partition"]], o["source"]["offset"] + 1)
     assert {p: committed[p] for p in written} == dict(written)
+
+
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+async def test_a_stop_with_the_broker_gone_still_ends(
+    make_settings: SettingsFactory, tmp_path: Path, unique: str, mode: CutMode
+) -> None:
+    """SIGTERM while the broker is unreachable and a finished offset is not committed yet: aiokafka
+    would retry the final commit for ever. The shutdown bounds each broker step, so the worker
+    ends (the uncommitted message is read again after a restart, and deduplicated)."""
+    names = {k: f"{k}-{unique}" for k in ("input", "results", "dlq")}
+    async with ProxiedBroker(tmp_path / "tansu.log") as pb:
+        await create_topics(pb.bootstrap, list(names.values()), partitions=1)
+        await produce(pb.bootstrap, names["input"], [(b"CM1", b"not json", None)])
+        settings = make_settings(
+            kafka_bootstrap_servers=pb.bootstrap,
+            input_topic=names["input"],
+            results_topic=names["results"],
+            dlq_topic=names["dlq"],
+            commit_interval_s=3600,  # nothing committed before the stop
+            shutdown_grace_s=1,
+        )
+        worker = Worker(settings)
+        task = asyncio.create_task(worker.run())
+        try:
+            await read_topic(pb.bootstrap, names["results"], until=lambda got: len(got) >= 1, timeout_s=20)
+            await pb.proxy.cut(mode)
+            worker.stop()
+            await asyncio.wait_for(task, 30)  # before the bound: still waiting after 40 s
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
