@@ -184,7 +184,8 @@ async def test_injected_5xx_is_transient(sim: SimulatorServer, status: int) -> N
             await put(client)
     exc = failed.value
     assert (exc.http_status, exc.error_code) == (status, f"GOM.00009{status}")
-    assert (exc.retry_after_s, exc.ambiguous, exc.connect_failure) == (None, False, False)
+    # 500/502/504: the server or its gateway took the request in; the change may have been made
+    assert (exc.retry_after_s, exc.ambiguous, exc.connect_failure) == (None, status != 503, False)
 
 
 @pytest.mark.parametrize(("retry_after_s", "expected"), [(0.2, 0.2), (2, 2.0)])
@@ -255,8 +256,8 @@ def _stub_cases() -> list[Any]:
         ),
         pytest.param(
             (200, None, b"<html>proxy page</html>", {}),
-            ApiRejected,
-            {"http_status": 200, "error_code": None, "error_msg": None},
+            ApiTransientError,  # accepted most likely, but unconfirmed: the ticket is read first
+            {"http_status": 200, "error_code": None, "ambiguous": True},
             id="200-unreadable",
         ),
         pytest.param(
@@ -274,19 +275,19 @@ def _stub_cases() -> list[Any]:
         pytest.param(
             (502, None, b"<html>bad gateway</html>", {}),
             ApiTransientError,
-            {"http_status": 502, "error_code": None, "retry_after_s": None},
+            {"http_status": 502, "error_code": None, "retry_after_s": None, "ambiguous": True},
             id="502-html",
         ),
         pytest.param(
             (503, gom("GOM.00009503"), None, {"Retry-After": "7"}),
             ApiTransientError,
-            {"http_status": 503, "error_code": "GOM.00009503", "retry_after_s": 7.0},
+            {"http_status": 503, "error_code": "GOM.00009503", "retry_after_s": 7.0, "ambiguous": False},
             id="503-retry-after",
         ),
         pytest.param(
             (500, gom("GOM.00009500"), None, {"Retry-After": "7"}),
             ApiTransientError,
-            {"http_status": 500, "retry_after_s": None},
+            {"http_status": 500, "retry_after_s": None, "ambiguous": True},
             id="500-retry-after-ignored",
         ),
         pytest.param(

@@ -378,6 +378,34 @@ async def test_ambiguous_attempt_then_refusal_is_reconciled(rig: Rig) -> None:
     assert len(state.applied_log) == 1
 
 
+@pytest.mark.parametrize("kind", ["ticket.update", "change.started"])
+async def test_a_gateway_timeout_after_the_change_is_reconciled(rig: Rig, kind: str) -> None:
+    """A 504 from the gateway while its backend applied the change: the ticket is read before the
+    change is sent again, so a ``ticket.update`` is not applied twice and a start is not refused."""
+    state = rig.sim.state
+    state.set_faults(timeout_after_apply_ratio=1.0)
+    event = (
+        started()
+        if kind == "change.started"
+        else CHANGE_EVENT_ADAPTER.validate_python(
+            {
+                "event_id": "ev-phase",
+                "type": kind,
+                "ticket_id": "CM1",
+                "ticket_info": {"phase": "phase_change_close"},
+            }
+        )
+    )
+    hook = Attempts({2: lambda: state.set_faults(timeout_after_apply_ratio=0.0)})
+    result = await rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail))
+    assert (result.status, result.calls, result.reconciled) == ("applied", 1, True)
+    assert [(r.method, r.status, r.fault) for r in state.requests] == [
+        ("PUT", 504, "timeout_after_apply"),
+        ("GET", 200, None),
+    ]
+    assert len(state.applied_for(event.event_id)) == 1
+
+
 async def test_ambiguous_attempt_then_refusal_without_confirm_is_rejected(rig: Rig) -> None:
     state = rig.sim.state
     state.set_faults(drop_after_apply_ratio=1.0)

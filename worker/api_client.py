@@ -46,6 +46,9 @@ from worker.settings import WorkerSettings
 log = get_logger(__name__)
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: Server-side failures after the request was taken in (a backend error, a gateway that lost or
+#: timed out on its backend): the change may have been made. 408, 429 and 503 say it was not.
+AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
 AUTH_STATUSES = frozenset({401, 403})
 _ERROR_TEXT_LIMIT = 500
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
@@ -242,11 +245,10 @@ class CocApiClient:
         parsed = self._parse(payload)
         if 200 <= status < 300:
             if parsed is None:
-                raise ApiRejected(
-                    f"HTTP {status} with an unreadable body",
-                    http_status=status,
-                    error_code=None,
-                    error_msg=None,
+                # Accepted, most likely, but unconfirmed (a proxy's page, a cut body): whether the
+                # change is in place is read from the ticket before anything is sent again.
+                raise ApiTransientError(
+                    f"HTTP {status} with an unreadable body", http_status=status, ambiguous=True
                 )
             if not parsed.succeeded:
                 raise ApiRejected(
@@ -307,6 +309,7 @@ class CocApiClient:
                 http_status=status,
                 error_code=code,
                 retry_after_s=retry_after,
+                ambiguous=status in AMBIGUOUS_STATUSES,
             )
         return ApiRejected(
             f"HTTP {status}" + (f": {code} {message or ''}".rstrip() if code else ""),

@@ -117,6 +117,7 @@ _FAULT_FLAGS = (
     "hang_s",
     "drop_ratio",
     "drop_after_apply_ratio",
+    "timeout_after_apply_ratio",
 )
 
 

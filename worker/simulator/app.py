@@ -38,6 +38,7 @@ EVENT_ID_HEADER = "X-Event-Id"
 TRACEPARENT_HEADER = "traceparent"
 AUTH_FAILED_CODE = "APIGW.0301"
 NOT_AUTHORIZED_CODE = "APIGW.0302"
+BACKEND_TIMEOUT_CODE = "APIG.0201"
 THROTTLED_CODE = "APIGW.0308"
 
 STATE_KEY = web.AppKey("simulator_state", SimulatorState)
@@ -130,6 +131,8 @@ class _Api:
             reply = handler(request, body, event_id)
             if kind is FaultKind.DROP_AFTER_APPLY:
                 return self._drop(request, event_id, kind, reply.payload.get("error_code"))
+            if kind is FaultKind.TIMEOUT_AFTER_APPLY:  # the backend finished; the gateway gave up
+                reply = _gateway_error(504, BACKEND_TIMEOUT_CODE, "Backend timeout")
         state.record_request(
             request.method, request.path, reply.status, reply.payload.get("error_code"), event_id, kind
         )

@@ -3,9 +3,11 @@
 One seeded ``random.Random`` makes every decision, so a run with the same ``rng_seed`` and the
 same request order injects the same faults. Per request there is at most one fault, drawn with a
 single number against the cumulative ratios in this order: hang, drop, error, throttle,
-drop-after-apply (so ratios summing past 1 starve the later kinds). Latency is independent and is
-spent *before* the request is handled: a client timing out during it sees a change that was never
-applied; ``drop_after_apply_ratio`` is the fault for the ambiguous case.
+drop-after-apply, timeout-after-apply (so ratios summing past 1 starve the later kinds). Latency is
+independent and is spent *before* the request is handled: a client timing out during it sees a
+change that was never applied; ``drop_after_apply_ratio`` (the connection drops) and
+``timeout_after_apply_ratio`` (the gateway answers 504 while its backend applied the change) are
+the faults for the ambiguous case.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class FaultConfig(BaseModel):
     hang_s: float = Field(default=3600.0, ge=0.0)
     drop_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     drop_after_apply_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    timeout_after_apply_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @field_validator("error_statuses")
     @classmethod
@@ -60,6 +63,7 @@ class FaultKind(StrEnum):
     ERROR = "error"
     THROTTLE = "throttle"
     DROP_AFTER_APPLY = "drop_after_apply"
+    TIMEOUT_AFTER_APPLY = "timeout_after_apply"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,7 @@ class FaultInjector:
                 (FaultKind.ERROR, config.error_ratio),
                 (FaultKind.THROTTLE, config.throttle_ratio),
                 (FaultKind.DROP_AFTER_APPLY, config.drop_after_apply_ratio),
+                (FaultKind.TIMEOUT_AFTER_APPLY, config.timeout_after_apply_ratio),
             )
             if ratio > 0
         ]
