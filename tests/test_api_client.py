@@ -28,9 +28,16 @@ from structlog.testing import capture_logs
 
 from schemas.api import SUCCESS_CODE
 from worker import signing
-from worker.api_client import ApiResponse, CocApiClient, _classify_transport_error, parse_retry_after
+from worker.api_client import (
+    ApiResponse,
+    CocApiClient,
+    Credentials,
+    _classify_transport_error,
+    parse_retry_after,
+)
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, CocWorkerError, ConfigError
 from worker.http_site import TcpSite
+from worker.logs import REDACTED, redact_text
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
@@ -486,6 +493,28 @@ async def test_credentials_are_re_read_from_their_files(sim: SimulatorServer, tm
         sk_file.write_text(SK + "\n")
         client.refresh_credentials()
         assert (await put(client)).http_status == 200
+
+
+def test_a_rotated_secret_is_redacted_once_it_is_read(tmp_path: Path) -> None:
+    """The redactor learns the secrets at start; one rotated later (a Kubernetes Secret) is a new
+    value, registered when the client re-reads it, before any answer could echo it."""
+    token_file = tmp_path / "token"
+    token_file.write_text("token-before-rotation-0001")
+    client = CocApiClient(WorkerSettings(api_endpoint="http://127.0.0.1:1", api_token_file=token_file))
+    token_file.write_text("token-after-rotation-0002")
+    client.refresh_credentials()
+    assert redact_text("the API said: bad X-Auth-Token token-after-rotation-0002") == (
+        "the API said: bad X-Auth-Token " + REDACTED
+    )
+
+
+def test_credentials_do_not_show_their_secrets() -> None:
+    creds = Credentials.from_settings(
+        WorkerSettings(
+            api_endpoint="http://127.0.0.1:1", api_ak="AK-SHOWN-NOWHERE", api_sk="SK-SHOWN-NOWHERE"
+        )
+    )
+    assert "SHOWN-NOWHERE" not in repr(creds)
 
 
 # --------------------------------------------------------------------------- probe and detail

@@ -123,3 +123,29 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
         await waiter
     await asyncio.wait_for(limit.acquire(), 1)  # the slot is free again
     limit.release()
+
+
+async def test_a_holder_and_its_waiter_cancelled_together_are_both_cancelled() -> None:
+    """As a revocation past its grace cancels a partition's running jobs: the holder's release
+    wakes the queue, which drops the cancelled waiter; the waiter must still end cancelled (a
+    ValueError there became a ``failed`` outcome and a committed offset)."""
+    limit = AdaptiveConcurrency(1, Metrics())
+    hold = asyncio.Event()
+
+    async def job() -> None:
+        await limit.acquire()
+        try:
+            await hold.wait()  # the HTTP call
+        finally:
+            limit.release()
+
+    first = asyncio.create_task(job())
+    await until(lambda: limit._in_use == 1)
+    second = asyncio.create_task(job())
+    await until(lambda: len(limit._waiters) == 1)
+    first.cancel()
+    second.cancel()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert [type(r) for r in results] == [asyncio.CancelledError, asyncio.CancelledError]
+    await asyncio.wait_for(limit.acquire(), 1)  # and no slot leaked
+    limit.release()

@@ -254,5 +254,13 @@ def test_secrets_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         assert SECRET not in text
 
 
+def test_a_password_in_the_dedup_url_is_not_shown() -> None:
+    settings = load_settings(dedup_url="redis://worker:pw-" + SECRET + "@redis.internal:6379/0")
+    assert settings.secret_values() == ["pw-" + SECRET]  # the redactor scrubs it from all output
+    for text in (repr(settings), str(settings)):
+        assert SECRET not in text
+        assert "redis://worker:***@redis.internal:6379/0" in text
+
+
 def test_settings_class_is_the_one_entry_point() -> None:
     assert isinstance(load_settings(), WorkerSettings)

@@ -25,7 +25,7 @@ import json
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -38,7 +38,7 @@ from pyreqwest.client import Client, ClientBuilder
 from schemas.api import UpdateTicketResponse
 from worker import signing
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigError
-from worker.logs import get_logger
+from worker.logs import get_logger, register_secrets
 from worker.mapping import request_path
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
@@ -65,9 +65,9 @@ class ApiResponse:
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    ak: str | None
-    sk: str | None
-    token: str | None
+    ak: str | None = field(repr=False)
+    sk: str | None = field(repr=False)
+    token: str | None = field(repr=False)
     domain_id: str | None
     project_id: str | None
 
@@ -178,7 +178,10 @@ class CocApiClient:
 
     def refresh_credentials(self) -> None:
         """Re-read secret files (a rotated Kubernetes secret) before probing after a 401."""
-        self._credentials = Credentials.from_settings(self._settings)
+        creds = Credentials.from_settings(self._settings)
+        # New values the redactor has not seen yet: register them before any answer can echo them.
+        register_secrets(value for value in (creds.ak, creds.sk, creds.token) if value)
+        self._credentials = creds
 
     # --- requests -------------------------------------------------------------------------------
     def _headers(self, method: str, path: str, body: bytes, extra: dict[str, str]) -> dict[str, str]:

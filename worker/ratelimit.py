@@ -133,7 +133,7 @@ class AdaptiveConcurrency:
             if waiter.done() and not waiter.cancelled():
                 self._in_use -= 1  # woken and cancelled at once: give the slot back
                 self._wake()
-            else:
+            elif waiter in self._waiters:  # _wake may have dropped it already, being cancelled
                 self._waiters.remove(waiter)
             raise
 

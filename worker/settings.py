@@ -224,6 +224,13 @@ class WorkerSettings(BaseSettings):
         value: SecretStr | None = getattr(self, name)
         return value.get_secret_value() if value is not None else None
 
+    def __repr_args__(self) -> Any:
+        """As pydantic's, with the password of ``dedup_url`` (a Redis URL may carry one) masked."""
+        for name, value in super().__repr_args__():
+            if name == "dedup_url" and isinstance(value, str):
+                value = _without_password(value)
+            yield name, value
+
     def secret_values(self) -> list[str]:
         """Every secret currently configured; the log redactor scrubs these from all output."""
         values = []
@@ -238,6 +245,14 @@ class WorkerSettings(BaseSettings):
         if password:
             values.append(password)
         return values
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 def load_settings(**overrides: Any) -> WorkerSettings:
