@@ -479,6 +479,21 @@ async def test_token_auth(sim: SimulatorServer, stub: Stub) -> None:
     assert "Authorization" not in seen.headers
 
 
+@pytest.mark.parametrize(
+    ("credentials", "variable"),
+    [
+        ({"api_ak": "AK WITH SPACE", "api_sk": SK}, "COC_WORKER_API_AK"),
+        ({"api_token": "tok\u00e9n-0001"}, "COC_WORKER_API_TOKEN"),
+    ],
+)
+def test_credentials_that_cannot_be_sent_refuse_to_build_a_client(
+    credentials: dict[str, str], variable: str
+) -> None:
+    """Caught at start, not as a failed outcome for every event."""
+    with pytest.raises(ConfigError, match=variable):
+        CocApiClient(WorkerSettings(api_endpoint="http://127.0.0.1:1", **credentials))
+
+
 def test_missing_credentials_refuse_to_build_a_client() -> None:
     with pytest.raises(ConfigError, match="COC_WORKER_API_AK"):
         CocApiClient(WorkerSettings(api_endpoint="http://127.0.0.1:1"))

@@ -199,6 +199,18 @@ def test_no_endpoint_and_no_region() -> None:
 def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET)
     assert load_settings().secret(name) == SECRET
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET + "\n")  # a Secret made with `echo`
+    assert load_settings().secret(name) == SECRET
+
+
+@pytest.mark.parametrize("name", ["api_domain_id", "api_project_id"])
+def test_ids_sent_as_headers_must_be_header_safe(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", "0a1b2c3d4e5f\n")
+    assert getattr(load_settings(), name) == "0a1b2c3d4e5f"
+    for bad in ("0a1b 2c3d", "0a1b\r\nX-Injected: 1", "ünïcode"):
+        monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", bad)
+        with pytest.raises(ConfigError, match=f"{ENV_PREFIX}{name.upper()}: .*visible ASCII"):
+            load_settings()
 
 
 @pytest.mark.parametrize("name", SECRET_FIELDS)

@@ -41,7 +41,7 @@ from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigEr
 from worker.logs import get_logger, register_secrets
 from worker.mapping import request_path
 from worker.metrics import Metrics
-from worker.settings import WorkerSettings
+from worker.settings import HEADER_VALUE, WorkerSettings
 
 log = get_logger(__name__)
 
@@ -82,6 +82,10 @@ class Credentials:
         )
         if not creds.token and not (creds.ak and creds.sk):
             raise ConfigError("set COC_WORKER_API_AK and COC_WORKER_API_SK, or COC_WORKER_API_TOKEN")
+        for name in ("ak", "token"):  # sent as header values (the SK only signs)
+            value = getattr(creds, name)
+            if value is not None and not HEADER_VALUE.fullmatch(value):
+                raise ConfigError(f"COC_WORKER_API_{name.upper()} must be visible ASCII without spaces")
         return creds
 
 

@@ -218,7 +218,8 @@ def _authorized(request: web.Request, tokens: list[str]) -> bool:
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         return False
-    offered = credentials.strip().encode()
+    # A header's non-UTF-8 bytes arrive as surrogates: keep them, so they simply match nothing.
+    offered = credentials.strip().encode("utf-8", "surrogateescape")
     # compare with every token (no early exit), in constant time per token
     matches = [hmac.compare_digest(offered, token.encode()) for token in tokens]
     return any(matches)

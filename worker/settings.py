@@ -9,6 +9,7 @@ refreshed so a rotated Kubernetes secret is picked up without a restart.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -37,6 +38,10 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+#: A request header value the API client can send: visible ASCII, no spaces.
+HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
 
 
 class WorkerSettings(BaseSettings):
@@ -167,6 +172,18 @@ class WorkerSettings(BaseSettings):
             raise ValueError("unknown region; known: " + ", ".join(sorted(COC_REGION_ENDPOINTS)))
         return value
 
+    @field_validator("api_domain_id", "api_project_id")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        """Sent as request headers: surrounding whitespace (a trailing newline from ``echo``) is
+        dropped; anything else outside visible ASCII would make every request fail."""
+        if value is None:
+            return None
+        value = value.strip()
+        if not HEADER_VALUE.fullmatch(value):
+            raise ValueError("must be visible ASCII without spaces (it is sent as a request header)")
+        return value
+
     @field_validator("dedup_url")
     @classmethod
     def _dedup(cls, value: str) -> str:
@@ -222,7 +239,8 @@ class WorkerSettings(BaseSettings):
             except OSError as exc:
                 raise ConfigError(f"cannot read {ENV_PREFIX}{name.upper()}_FILE: {exc.strerror}") from exc
         value: SecretStr | None = getattr(self, name)
-        return value.get_secret_value() if value is not None else None
+        # stripped like a file's content: a Secret made with `echo` ends with a newline
+        return (value.get_secret_value().strip() or None) if value is not None else None
 
     def __repr_args__(self) -> Any:
         """As pydantic's, with the password of ``dedup_url`` (a Redis URL may carry one) masked."""

@@ -92,6 +92,25 @@ async def test_bearer_tokens_are_required_and_never_echoed(ingress: str, setting
     assert await size(settings) == 2
 
 
+async def test_a_bearer_token_that_is_not_utf8_is_unauthorized(
+    ingress: str, settings: WorkerSettings
+) -> None:
+    """Header bytes that are not UTF-8 are a wrong token (401), not a server error."""
+    host, port = ingress.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"401"
+    assert await size(settings) == 0
+
+
 async def test_body_and_batch_limits(ingress: str, settings: WorkerSettings) -> None:
     auth = bearer(TOKENS[0])
     big = event("change.succeeded", "CM-L", "s1", result={"comment": "x" * 1900})
