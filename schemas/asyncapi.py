@@ -50,6 +50,8 @@ DLQ_HEADERS: dict[str, str] = {
 DLQ_OPTIONAL_HEADERS: dict[str, str] = {
     "coc-dlq-event-id": "The input's event_id, when it could be read.",
     "coc-dlq-value-truncated-from": "Set when the value was cut to fit the broker's limit: its full size in bytes.",
+    "coc-dlq-headers-dropped": "Set when the input's own headers were left out to fit the broker's limit: how many.",
+    "coc-dlq-key-dropped": "Set (true) when even the key had to be left out to fit the broker's limit.",
 }
 #: Headers ``coc-worker dlq replay`` adds to a replayed message (worker.tools.dlq writes them).
 REPLAY_HEADERS: dict[str, str] = {

@@ -196,17 +196,39 @@ class Publisher:
         return self._partitions
 
     async def _deliver_dead_letter(self, letter: DeadLetter, traceparent: str) -> None:
+        """Write the dead-letter record, smaller if it must be: too big for our request limit or
+        the broker's, first the value is cut, then the input's own headers are left out, then the
+        value and the key. The ``coc-dlq-*`` headers always stay: they say where the whole message
+        still is (source topic, partition, offset). A size error never becomes an outage."""
         headers = dead_letter_headers(letter, self._settings.worker_id, traceparent, datetime.now(UTC))
-        topic = self._settings.dlq_topic
-        try:
-            await (await self._producer.send(topic, value=letter.value, key=letter.key, headers=headers))
-        except MessageSizeTooLargeError:
-            # Too big for our request limit or the broker's: keep the record, cut the value. The
-            # headers say where the whole message still is (source topic, partition, offset).
-            value = letter.value or b""
-            headers.append((DLQ_HEADER_PREFIX + "value-truncated-from", str(len(value)).encode()))
-            cut = value[: min(self._settings.max_event_bytes, _SAFE_DLQ_VALUE_BYTES)]
-            await (await self._producer.send(topic, value=cut, key=letter.key, headers=headers))
+        value = letter.value or b""
+        cut = value[: min(self._settings.max_event_bytes, _SAFE_DLQ_VALUE_BYTES)]
+
+        def truncated(kept: bytes) -> Headers:
+            if len(kept) == len(value):
+                return []
+            return [(DLQ_HEADER_PREFIX + "value-truncated-from", str(len(value)).encode())]
+
+        ours = [(k, v) for k, v in headers if k.startswith(DLQ_HEADER_PREFIX) or k == TRACEPARENT]
+        ours.append((DLQ_HEADER_PREFIX + "headers-dropped", str(len(headers) - len(ours)).encode()))
+        tries: list[tuple[bytes | None, bytes | None, Headers]] = [
+            (letter.value, letter.key, headers),
+            (cut, letter.key, headers + truncated(cut)),
+            (cut, letter.key, ours + truncated(cut)),
+        ]
+        for value_sent, key, headers_sent in tries:
+            try:
+                await (
+                    await self._producer.send(
+                        self._settings.dlq_topic, value=value_sent, key=key, headers=headers_sent
+                    )
+                )
+                return
+            except MessageSizeTooLargeError:
+                continue
+        # Last: no value and no key (a key too big for the broker), only our headers.
+        last = ours + truncated(b"") + [(DLQ_HEADER_PREFIX + "key-dropped", b"true")]
+        await (await self._producer.send(self._settings.dlq_topic, value=b"", key=None, headers=last))
 
 
 def _fail(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:

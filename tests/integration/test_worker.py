@@ -155,6 +155,32 @@ async def test_bad_input_becomes_invalid_outcome_and_dead_letter(
     assert all("etc/passwd" not in r["path"] for r in simulator.state.request_dicts())
 
 
+async def test_a_dead_letter_too_big_even_cut_is_written_without_the_inputs_headers(
+    broker: TansuBroker, topics: dict[str, str], make_settings: SettingsFactory
+) -> None:
+    """An invalid input whose own headers alone are over the producer's request limit: cutting its
+    value is not enough, so the dead letter leaves those headers out (and says so). Before, every
+    try failed, paused the worker as an outage and published the outcome again, for ever."""
+    big_headers = [(f"h{i}", b"x" * 100_000) for i in range(12)]  # 1.2 MB, over the 1 MB limit
+    await send(broker.bootstrap, topics["input"], [b"not json"], headers=big_headers)
+    await send(broker.bootstrap, topics["input"], [event("change.started", "CM-AFTER", "s1")])
+    async with running_worker(make_settings()) as worker:
+        outcomes = await read_json(broker.bootstrap, topics["results"], 2)
+        [dead] = await read_records(broker.bootstrap, topics["dlq"], 1)
+        assert worker.ready
+    assert sorted(o["status"] for o in outcomes) == ["applied", "invalid"]
+    assert dead.value == b"not json"
+    assert dead.header("coc-dlq-headers-dropped") == b"12"
+    assert dead.header("coc-dlq-status") == b"invalid"
+    assert dead.header("h0") is None
+    assert worker.metrics.registry.get_sample_value(
+        "coc_worker_pauses_total", {"kind": "broker_unavailable"}
+    ) in (
+        None,
+        0.0,
+    )
+
+
 async def test_restart_mid_stream_loses_nothing_and_reapplies_nothing(
     broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
 ) -> None:
