@@ -25,6 +25,7 @@ from worker.apply import ApiCaller, ApplyResult
 from worker.gate import Gate
 from worker.mapping import already_applied, to_request_body
 from worker.metrics import Metrics
+from worker.ratelimit import AdaptiveConcurrency
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer, SubState
@@ -225,6 +226,38 @@ async def test_retry_after_beyond_the_elapsed_budget_fails_at_once(rig: Rig) -> 
     result = await rig.apply(rig.caller(policy))
     assert (result.status, result.calls, result.http_status) == ("failed", 1, 429)
     assert time.monotonic() - begun < 0.3
+
+
+async def test_before_send_runs_once_the_limits_let_the_request_through(rig: Rig) -> None:
+    """The claim's lease is renewed in ``before_send``: after a wait for a concurrency slot (or a
+    rate-limit token) of any length, not before it, so the request it covers is really next."""
+    limit = AdaptiveConcurrency(1, rig.metrics)
+    await limit.acquire()  # another call holds the only slot
+    seen: list[str] = []
+
+    async def before_attempt() -> None:
+        seen.append("round")
+
+    async def before_send() -> None:
+        seen.append("send")
+
+    event = started()
+    task = asyncio.create_task(
+        rig.caller(concurrency=limit).apply(
+            event.ticket_id,
+            wire(event),
+            event_id=event.event_id,
+            traceparent=TRACEPARENT,
+            before_attempt=before_attempt,
+            before_send=before_send,
+        )
+    )
+    await until(lambda: rig.sample("coc_worker_rate_limit_waits_total") == 1.0)
+    assert seen == ["round"]  # waiting for the slot; nothing renewed yet
+    limit.release()
+    result = await asyncio.wait_for(task, 5)
+    assert seen == ["round", "send"]
+    assert result.status == "applied"
 
 
 # --------------------------------------------------------------------------- the systemic gate

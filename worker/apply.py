@@ -99,12 +99,21 @@ class ApiCaller:
 
         self._gate.trip(ApiUnreachable(detail), probe)
 
-    async def _attempt(self, ticket_id: str, body: bytes, event_id: str, traceparent: str) -> ApiResponse:
+    async def _attempt(
+        self,
+        ticket_id: str,
+        body: bytes,
+        event_id: str,
+        traceparent: str,
+        before_send: Callable[[], Awaitable[None]] | None,
+    ) -> ApiResponse:
         """One HTTP attempt behind the rate limit and the adaptive concurrency limit."""
         if self._rate_limit is not None:
             await self._rate_limit.acquire()
         await self._concurrency.acquire()
         try:
+            if before_send is not None:  # after the waits above, which have no bound of their own
+                await before_send()
             response = await self._client.update_ticket(
                 ticket_id, body, event_id=event_id, traceparent=traceparent
             )
@@ -124,11 +133,17 @@ class ApiCaller:
         *,
         event_id: str,
         traceparent: str,
-        before_attempt: Callable[[], Awaitable[None]],
+        before_attempt: Callable[[], Awaitable[None]] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
         confirm: Callable[[dict[str, Any]], bool] | None = None,
         ambiguous: bool = False,
     ) -> ApplyResult:
         """``confirm(ticket_detail)`` tells whether the change is already in place.
+
+        ``before_attempt`` runs at the start of every round (a send, or a read of the ticket);
+        ``before_send`` right before the change is sent, once the rate and concurrency limits have
+        let it through: what must hold while the request is out (the claim's lease) is checked
+        there, not before waits of unknown length.
 
         Once an attempt may have been applied without our knowing (a dropped connection, a read
         timeout, or a claim taken over from a crashed worker: ``ambiguous``), nothing is sent again
@@ -143,7 +158,8 @@ class ApiCaller:
         error: ApiTransientError | None = None
         while True:
             await self._gate.wait_open()
-            await before_attempt()
+            if before_attempt is not None:
+                await before_attempt()
             started = time.monotonic()
             sent = False  # whether this round sent the change (a read of the ticket is not a send)
             try:
@@ -159,7 +175,7 @@ class ApiCaller:
                 sent = True
                 if calls > 1:
                     self._metrics.retries.inc()
-                response = await self._attempt(ticket_id, body, event_id, traceparent)
+                response = await self._attempt(ticket_id, body, event_id, traceparent, before_send)
             except ApiAuthError as exc:
                 self._reachability.reached()
                 if sent:

@@ -158,8 +158,9 @@ class Pipeline:
         renewed_at = time.monotonic()  # the claim was just taken
 
         async def renew_lease() -> None:
-            # Renew once a third of the lease has passed: an attempt (bounded by the API timeouts,
-            # which settings keep well below the lease) then always ends inside the lease.
+            # Right before each send, once a third of the lease has passed: the request (bounded by
+            # the API timeouts, which settings keep well below the lease) then always ends inside
+            # the lease, however long the rate or concurrency limit held it back.
             nonlocal renewed_at
             if time.monotonic() - renewed_at < self._lease_s / 3:
                 return
@@ -173,7 +174,7 @@ class Pipeline:
             payload,
             event_id=event.event_id,
             traceparent=job.trace.child().traceparent,
-            before_attempt=renew_lease,
+            before_send=renew_lease,
             confirm=lambda ticket: already_applied(event, ticket),
             ambiguous=ambiguous,
         )
