@@ -122,6 +122,12 @@ GOOD: dict[str, dict[str, Any]] = {
         "podAntiAffinity": "hard",
     },
     "readme_example": README_EXAMPLE,
+    "autoscaler_owns_the_replica_count": {  # replicaCount is not rendered, so not checked
+        "replicaCount": 3,
+        "kafka": {"inputTopicPartitions": 2},
+        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+        "autoscaling": {"hpa": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}},
+    },
     "existing_secret_pvc": {
         "replicaCount": 1,
         "secrets": {"existingSecret": "coc-worker-credentials"},
@@ -170,6 +176,16 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         "existingSecret",
     ),
     "redis_without_url": ({"dedup": {"backend": "redis"}}, "dedup.redis.url"),
+    # each pod's own sqlite file: after a rebalance a pod would not know what another applied
+    "two_replicas_without_redis": ({"replicaCount": 2}, "dedup.backend=sqlite"),
+    "autoscaled_without_redis": (
+        {"autoscaling": {"hpa": {"enabled": True, "minReplicas": 1, "maxReplicas": 3}}},
+        "dedup.backend=sqlite",
+    ),
+    # settings the worker would refuse at start (the pod would crash-loop)
+    "lease_shorter_than_a_call": ({"api": {"requestTimeoutS": 30}}, "dedup.leaseS"),
+    "buffer_below_in_flight": ({"worker": {"maxBuffered": 100}}, "worker.maxBuffered"),
+    "domain_id_not_header_safe": ({"api": {"domainId": "abc def"}}, "domainId"),
 }
 
 #: The subset of BAD that the JSON Schema alone rejects (the rest are cross-field checks in the templates).
@@ -183,6 +199,7 @@ SCHEMA_BAD = [
     "password_in_redis_url",
     "setting_in_extra_env",
     "hpa_and_keda",
+    "domain_id_not_header_safe",
 ]
 
 
@@ -543,9 +560,12 @@ def test_probes_and_grace_period(helm_results: dict[str, Any]) -> None:
         assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         grace = float(env["COC_WORKER_SHUTDOWN_GRACE_S"])
-        assert pod["terminationGracePeriodSeconds"] >= grace + 5, case
+        # the grace, then the shutdown's bounded steps (5 s to abandon work, 3 broker steps of 5 s)
+        assert pod["terminationGracePeriodSeconds"] >= grace + 20 + 5, case
     full_pod = one(manifests(helm_results, "full"), "Deployment")["spec"]["template"]["spec"]
-    assert full_pod["terminationGracePeriodSeconds"] == 43 + DEFAULTS["terminationGraceExtraS"]  # ceil(42.5)
+    assert (
+        full_pod["terminationGracePeriodSeconds"] == 43 + 20 + DEFAULTS["terminationGraceExtraS"]
+    )  # ceil(42.5)
 
 
 def test_checksums_roll_pods_on_change(helm_results: dict[str, Any]) -> None:

@@ -87,9 +87,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Kubernetes waits this long after SIGTERM: always above the worker's own shutdown grace. */}}
+{{/* Kubernetes waits this long after SIGTERM: the worker's own grace, then the 20 s its shutdown
+may still take by design (5 s to abandon unfinished work, then at most 5 s for each broker step:
+final commit, leaving the group, the producer), then terminationGraceExtraS for the rest. */}}
 {{- define "coc.terminationGracePeriodSeconds" -}}
-{{- add (ceil .Values.worker.shutdownGraceS | int64) (.Values.terminationGraceExtraS | int64) }}
+{{- add (ceil .Values.worker.shutdownGraceS | int64) 20 (.Values.terminationGraceExtraS | int64) }}
 {{- end }}
 
 {{- define "coc.kedaMaxReplicas" -}}
@@ -112,7 +114,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $v.autoscaling.hpa.enabled $v.autoscaling.keda.enabled }}
 {{- fail "autoscaling.hpa.enabled and autoscaling.keda.enabled are exclusive: enable one" }}
 {{- end }}
-{{- if gt ($v.replicaCount | int64) $partitions }}
+{{- if and (not $v.autoscaling.hpa.enabled) (not $v.autoscaling.keda.enabled) (gt ($v.replicaCount | int64) $partitions) }}
 {{- fail (printf "replicaCount (%d) is above kafka.inputTopicPartitions (%d): extra consumers would sit idle" ($v.replicaCount | int64) $partitions) }}
 {{- end }}
 {{- if $v.autoscaling.hpa.enabled }}
@@ -154,6 +156,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- else if and (include "coc.redisUrlFromSecret" .) (not $v.secrets.redisUrl) }}
 {{- fail "dedup.backend=redis needs dedup.redis.url, secrets.redisUrl or secrets.existingSecret" }}
+{{- end }}
+{{- if and (ne $v.dedup.backend "redis") (gt (include "coc.maxReplicas" . | int64) 1) }}
+{{- fail (printf "dedup.backend=%s keeps each pod's own records: after a rebalance a pod would not know what another applied; run one replica or use dedup.backend=redis" $v.dedup.backend) }}
+{{- end }}
+{{- if lt ($v.dedup.leaseS | float64) (mulf 1.5 (addf ($v.api.connectTimeoutS | float64) ($v.api.requestTimeoutS | float64))) }}
+{{- fail "dedup.leaseS must be at least 1.5 x (api.connectTimeoutS + api.requestTimeoutS): a call must end inside its claim's lease" }}
+{{- end }}
+{{- if and (gt ($v.worker.maxBuffered | int64) 0) (lt ($v.worker.maxBuffered | int64) ($v.worker.maxInFlight | int64)) }}
+{{- fail "worker.maxBuffered must be 0 (4 x maxInFlight) or at least worker.maxInFlight" }}
 {{- end }}
 {{- if and (eq $v.persistence.type "pvc") (gt (include "coc.maxReplicas" . | int64) 1) }}
 {{- fail "persistence.type=pvc holds one pod's sqlite file: run one replica, or use dedup.backend=redis with an emptyDir" }}
