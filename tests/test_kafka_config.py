@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ssl
 
+import pytest
 from structlog.testing import capture_logs
 
+from worker.errors import ConfigError
 from worker.kafka_config import connection_kwargs
 from worker.settings import load_settings
 
@@ -43,3 +45,17 @@ def test_turning_verification_off_is_explicit_and_logged() -> None:
     assert not context.check_hostname
     assert [entry["event"] for entry in logs] == ["kafka_tls_verification_disabled"]
     assert logs[0]["log_level"] == "warning"
+
+
+def test_sasl_without_its_password_is_a_configuration_error() -> None:
+    settings = load_settings(
+        kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN", kafka_sasl_username="u"
+    )
+    with pytest.raises(ConfigError, match="COC_WORKER_KAFKA_SASL_PASSWORD"):
+        connection_kwargs(settings)
+
+
+@pytest.mark.parametrize("servers", ["broker:99999", "broker:0", "broker:x", ":9092"])
+def test_a_bootstrap_port_out_of_range_is_refused(servers: str) -> None:
+    with pytest.raises(ConfigError, match="COC_WORKER_KAFKA_BOOTSTRAP_SERVERS"):
+        load_settings(kafka_bootstrap_servers=servers)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -142,7 +143,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     configure("INFO", "auto")
     faults = {name: getattr(args, name) for name in _FAULT_FLAGS if getattr(args, name) is not None}
-    seed = json.loads(args.seed_file.read_text(encoding="utf-8")) if args.seed_file else None
+    try:
+        seed = json.loads(args.seed_file.read_text(encoding="utf-8")) if args.seed_file else None
+    except ValueError as exc:  # not JSON (a missing file is an OSError, reported by main)
+        raise ConfigError(f"--seed-file {args.seed_file}: not JSON ({exc})") from None
     config = SimulatorConfig(
         host=args.host,
         port=args.port,
@@ -401,7 +405,7 @@ def _add_dlq_selection(parser: argparse.ArgumentParser) -> None:
     select.add_argument("--partition", type=int, help="only this DLQ partition")
     select.add_argument("--from-offset", type=int, metavar="N", help="first DLQ offset (inclusive)")
     select.add_argument("--to-offset", type=int, metavar="N", help="last DLQ offset (inclusive)")
-    select.add_argument("--limit", type=int, metavar="N", help="stop after N records")
+    select.add_argument("--limit", type=_at_least_one, metavar="N", help="stop after N records")
 
 
 def _add_tool_parsers(sub: Any) -> None:
@@ -455,7 +459,7 @@ def _add_tool_parsers(sub: Any) -> None:
         default=True,
         help="keep waiting for new outcomes (--no-follow: stop at the current end)",
     )
-    tail.add_argument("--max-count", type=int, metavar="N", help="stop after N outcomes")
+    tail.add_argument("--max-count", type=_at_least_one, metavar="N", help="stop after N outcomes")
     _add_settings_flags(tail, _KAFKA_SETTINGS)
     tail.set_defaults(func=cmd_outcomes_tail)
 
@@ -503,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -516,6 +527,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): stop quietly, as a shell tool does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # a file or port we were given (a seed file, --out, a port in use)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"coc-worker: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
-from worker.errors import BrokerUnavailable
+from worker.errors import BrokerUnavailable, ConfigError
 from worker.logs import get_logger
 from worker.settings import WorkerSettings
 
@@ -29,9 +29,12 @@ def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
         "security_protocol": settings.kafka_security_protocol,
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        context = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
-        )
+        try:
+            context = create_ssl_context(
+                cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+            )
+        except (OSError, ssl.SSLError) as exc:  # missing, unreadable or not a certificate
+            raise ConfigError(f"COC_WORKER_KAFKA_SSL_CAFILE: cannot load it ({exc})") from None
         if not settings.kafka_ssl_verify:
             log.warning("kafka_tls_verification_disabled", setting="COC_WORKER_KAFKA_SSL_VERIFY")
             context.check_hostname = False
@@ -41,6 +44,11 @@ def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
         kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
         kwargs["sasl_plain_username"] = settings.kafka_sasl_username
         kwargs["sasl_plain_password"] = settings.secret("kafka_sasl_password")
+        if not (settings.kafka_sasl_username and kwargs["sasl_plain_password"]):  # PLAIN and SCRAM both
+            raise ConfigError(
+                f"SASL {settings.kafka_sasl_mechanism} needs COC_WORKER_KAFKA_SASL_USERNAME and"
+                " COC_WORKER_KAFKA_SASL_PASSWORD (or its _FILE)"
+            )
     return kwargs
 
 

@@ -151,8 +151,8 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _hosts(cls, value: str) -> str:
         hosts = [h.strip() for h in value.split(",") if h.strip()]
-        if not hosts or any(":" not in h for h in hosts):
-            raise ValueError("must be host:port[,host:port...]")
+        if not hosts or any(not _valid_host_port(h) for h in hosts):
+            raise ValueError("must be host:port[,host:port...], ports 1-65535")
         return ",".join(hosts)
 
     @field_validator("api_endpoint")
@@ -263,6 +263,11 @@ class WorkerSettings(BaseSettings):
         if password:
             values.append(password)
         return values
+
+
+def _valid_host_port(entry: str) -> bool:
+    host, _, port = entry.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _without_password(url: str) -> str:

@@ -39,6 +39,7 @@ class Run:
 
 
 Cli = Callable[..., Awaitable[Run]]
+TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
 
 
 @pytest.fixture
@@ -343,6 +344,76 @@ async def test_dlq_list_shows_reasons_and_selects(
     no_selection = await cli("dlq", "replay")
     assert no_selection.code == 2
     assert "--all" in no_selection.err
+
+
+def dead_letters(
+    topics: dict[str, str], count: int, big_at: int | None = None
+) -> list[tuple[bytes, bytes, list]]:
+    """``count`` rejected events of ticket CM-R as dead letters; the one at ``big_at`` is 1.5 MiB
+    (dead-lettered by a worker with a larger COC_WORKER_MAX_EVENT_BYTES than the tools' limit)."""
+    records = []
+    for i in range(count):
+        value = json.dumps(event("change.ended", "CM-R", event_id=f"r{i}")).encode()
+        if i == big_at:
+            value += b" " * (1536 * 1024)
+        dead = DeadLetter(b"CM-R", value, [], "rejected", "api_rejected", "d", topics["input"], 0, i, f"r{i}")
+        records.append((b"CM-R", value, dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC))))
+    return records
+
+
+async def test_a_replay_that_fails_part_way_reports_exactly_what_was_written(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli
+) -> None:
+    """Each record is reported replayed only once the broker acknowledged it. Before, every selected
+    record was printed as replayed ahead of its send, and a failure left no account at all."""
+    await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 21, big_at=10))
+    run = await cli("dlq", "replay", "--ticket", "CM-R")
+    assert run.code == 1
+    replayed = [line for line in run.lines if line.startswith("replay ")]
+    skipped = [line for line in run.lines if line.startswith("NOT replayed ")]
+    assert len(replayed) == await topic_size(broker, topics["input"]) == 10
+    assert len(skipped) == 11
+    assert "10 record(s) replayed before the failure" in run.err
+    assert "MessageSizeTooLargeError" in run.err
+
+
+async def test_limits_below_one_are_refused(broker: TansuBroker, topics: dict[str, str], cli: Cli) -> None:
+    await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 3))
+    for args in (("dlq", "replay", "--all", "--limit", "0"), ("dlq", "list", "--limit", "-1")):
+        with pytest.raises(SystemExit) as exited:
+            await cli(*args)
+        assert exited.value.code == 2
+    assert await topic_size(broker, topics["input"]) == 0
+
+
+async def test_a_listing_piped_into_head_ends_quietly(broker: TansuBroker, topics: dict[str, str]) -> None:
+    await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 50))
+    env = {
+        **os.environ,
+        "COC_WORKER_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "COC_WORKER_DLQ_TOPIC": topics["dlq"],
+    }
+    proc = await asyncio.create_subprocess_shell(
+        f"{sys.executable} -m worker dlq list | head -1; echo exit=${{PIPESTATUS[0]}}",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        executable="/bin/bash",
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert "Traceback" not in err.decode()
+    assert out.decode().splitlines()[-1] in ("exit=141", "exit=0")  # 0: it finished before head left
+
+
+async def test_a_kafka_ca_file_that_cannot_be_loaded_is_a_configuration_error(
+    cli: Cli, tmp_path: Path
+) -> None:
+    not_a_cert = tmp_path / "ca.pem"
+    not_a_cert.write_text("not a certificate")
+    for cafile in ("/nonexistent/ca.pem", str(not_a_cert)):
+        run = await cli("dlq", "list", "--kafka-security-protocol", "SSL", "--kafka-ssl-cafile", cafile)
+        assert run.code == 2
+        assert "COC_WORKER_KAFKA_SSL_CAFILE" in run.err
 
 
 async def test_dlq_replay_after_the_ticket_was_fixed_ends_applied(

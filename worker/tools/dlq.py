@@ -26,7 +26,7 @@ from worker.consumer import Message
 from worker.decode import salvage_identity
 from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
-from worker.tools.kafka_io import EventProducer, OutRecord, TopicReader
+from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
 from worker.tools.progress import Progress
 
 REPLAYED_FROM_PREFIX = "coc-replayed-from-"
@@ -223,7 +223,39 @@ async def replay(
     target = to_topic or settings.input_topic
     progress = Progress(f"dlq replay -> {target}", stream=err)
     selected, sent = 0, 0
-    batch: list[OutRecord] = []
+    chunk: list[DeadLetterRecord] = []
+
+    def line(verb: str, record: DeadLetterRecord) -> str:
+        m = record.message
+        return (
+            f"{verb} {m.partition}/{m.offset} {record.status} {record.reason} "
+            f"ticket={record.ticket_id or '-'} event={record.event_id or '-'}"
+        )
+
+    async def flush(producer: EventProducer) -> None:
+        """Send the chunk; a record is reported replayed once the broker has acknowledged it."""
+        nonlocal sent, chunk
+        now = datetime.now(UTC)
+        out_records = [OutRecord(r.message.key, r.message.value, replay_headers(r, now)) for r in chunk]
+        try:
+            acked: list[Delivered | None] = list(await producer.send_many(target, out_records))
+            failure: PartialWrite | None = None
+        except PartialWrite as exc:
+            acked, failure = exc.acked, exc
+        for record, where in zip(chunk, acked, strict=True):
+            print(line("replay" if where is not None else "NOT replayed", record), file=out, flush=True)
+        done = sum(where is not None for where in acked)
+        sent += done
+        progress.add("sent", done)
+        chunk = []
+        if failure is not None:
+            print(
+                f"dlq replay: {sent} record(s) replayed before the failure; those marked NOT replayed"
+                " were not written",
+                file=err,
+            )
+            raise failure
+
     async with AsyncExitStack() as stack:
         reader = await stack.enter_async_context(TopicReader(settings, settings.dlq_topic))
         producer = None if dry_run else await stack.enter_async_context(EventProducer(settings))
@@ -231,21 +263,14 @@ async def replay(
         async with aclosing(records):
             async for record in records:
                 selected += 1
-                m = record.message
-                print(
-                    f"{'would replay' if dry_run else 'replay'} {m.partition}/{m.offset} {record.status} "
-                    f"{record.reason} ticket={record.ticket_id or '-'} event={record.event_id or '-'}",
-                    file=out,
-                    flush=True,
-                )
-                if producer is not None:
-                    batch.append(OutRecord(m.key, m.value, replay_headers(record, datetime.now(UTC))))
-                    if len(batch) >= _SEND_CHUNK:
-                        sent += len(await producer.send_many(target, batch))
-                        progress.add("sent", len(batch))
-                        batch = []
+                if producer is None:
+                    print(line("would replay", record), file=out, flush=True)
+                else:
+                    chunk.append(record)
+                    if len(chunk) >= _SEND_CHUNK:
+                        await flush(producer)
                 if limit is not None and selected >= limit:
                     break
-        if producer is not None and batch:
-            sent += len(await producer.send_many(target, batch))
+        if producer is not None and chunk:
+            await flush(producer)
     return ReplayReport(selected, sent, target, dry_run)

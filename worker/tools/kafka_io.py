@@ -49,6 +49,14 @@ class Delivered:
     offset: int
 
 
+class PartialWrite(BrokerUnavailable):
+    """A batch write failed; ``acked[i]`` is where record ``i`` was stored, or None if it was not."""
+
+    def __init__(self, detail: str, acked: list[Delivered | None]) -> None:
+        super().__init__(detail)
+        self.acked = acked
+
+
 class _Client(Generic[C]):
     """Start/stop and ``async with`` for a tool's Kafka client (``_client`` is set by ``start``)."""
 
@@ -100,21 +108,35 @@ class EventProducer(_Client[AIOKafkaProducer]):
         return (await self.send_many(topic, [record]))[0]
 
     async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
-        """Send in order (pipelined) and wait until the broker acknowledged every one."""
+        """Send in order (pipelined) and wait until the broker acknowledged every one.
+
+        On a failure it still waits for every record already handed to the client (they may be
+        written), then raises ``PartialWrite`` saying which were acknowledged: a caller reports
+        exactly what was written.
+        """
         if self._client is None:
             raise RuntimeError("EventProducer.start() was not awaited")
+        pending: list[asyncio.Future[object]] = []
+        failure: BaseException | None = None
         try:
-            pending = [
-                await self._client.send(topic, key=r.key, value=r.value, headers=r.headers) for r in records
-            ]
-            metas = await asyncio.gather(*pending)
-        except KafkaTimeoutError as exc:
-            raise BrokerUnavailable(
-                f"the broker did not acknowledge the write to {topic!r} in time (is the topic there?)"
-            ) from exc
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"write to {topic!r} failed: {type(exc).__name__}") from exc
-        return [Delivered(m.topic, m.partition, m.offset) for m in metas]
+            for r in records:
+                pending.append(await self._client.send(topic, key=r.key, value=r.value, headers=r.headers))
+        except KafkaError as exc:  # refused before sending (e.g. too large): the rest is not sent
+            failure = exc
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        acked: list[Delivered | None] = [None] * len(records)
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                failure = failure or result
+            else:
+                acked[i] = Delivered(result.topic, result.partition, result.offset)  # type: ignore[attr-defined]
+        if failure is None:
+            return [d for d in acked if d is not None]
+        if isinstance(failure, KafkaTimeoutError):
+            detail = f"the broker did not acknowledge the write to {topic!r} in time (is the topic there?)"
+        else:
+            detail = f"write to {topic!r} failed: {type(failure).__name__}"
+        raise PartialWrite(detail, acked) from failure
 
 
 class TopicReader(_Client[AIOKafkaConsumer]):
