@@ -18,6 +18,7 @@ import pytest
 from waiting import until
 
 from schemas.events import CHANGE_EVENT_ADAPTER
+from schemas.outcomes import OutcomeEvent
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
 from worker.consumer import Message
@@ -53,7 +54,11 @@ class Recorder:
     async def publish(
         self, key: bytes | None, outcome: bytes, status: str, letter: DeadLetter | None, traceparent: str
     ) -> None:
-        self.outcomes.append(json.loads(outcome))
+        written = json.loads(outcome)
+        # the pipeline serializes the fields itself (dump_outcome): they must be the model's, in order
+        assert list(written) == list(OutcomeEvent.model_fields)
+        assert OutcomeEvent.model_validate(written).status.value == status
+        self.outcomes.append(written)
         if letter is not None:
             self.letters.append(letter)
 

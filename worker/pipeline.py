@@ -125,7 +125,6 @@ class Pipeline:
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         request = to_request_body(event)
         body = request.to_wire()
-        payload = wire_bytes(body)
         held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
             claim = await self._dedup(
@@ -145,7 +144,7 @@ class Pipeline:
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
             try:
-                result = await self._apply(job, event, payload, ambiguous=claim.maybe_sent)
+                result = await self._apply(job, event, wire_bytes(body), ambiguous=claim.maybe_sent)
             except _ClaimLost:
                 log.warning("claim_lost")
                 continue

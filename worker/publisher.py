@@ -215,8 +215,10 @@ class Publisher:
             (letter.value, letter.key, headers),
             (cut, letter.key, headers + truncated(cut)),
             (cut, letter.key, ours + truncated(cut)),
+            # no value and no key (a key too big for the broker), only our headers
+            (b"", None, ours + truncated(b"") + [(DLQ_HEADER_PREFIX + "key-dropped", b"true")]),
         ]
-        for value_sent, key, headers_sent in tries:
+        for i, (value_sent, key, headers_sent) in enumerate(tries):
             try:
                 await (
                     await self._producer.send(
@@ -225,10 +227,8 @@ class Publisher:
                 )
                 return
             except MessageSizeTooLargeError:
-                continue
-        # Last: no value and no key (a key too big for the broker), only our headers.
-        last = ours + truncated(b"") + [(DLQ_HEADER_PREFIX + "key-dropped", b"true")]
-        await (await self._producer.send(self._settings.dlq_topic, value=b"", key=None, headers=last))
+                if i == len(tries) - 1:  # the smallest record: nothing left to leave out
+                    raise
 
 
 def _fail(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:

@@ -16,6 +16,7 @@ from typing import Generic, Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.structs import RecordMetadata
 
 from worker.consumer import Message, messages_from
 from worker.errors import BrokerUnavailable, ConfigError
@@ -116,7 +117,7 @@ class EventProducer(_Client[AIOKafkaProducer]):
         """
         if self._client is None:
             raise RuntimeError("EventProducer.start() was not awaited")
-        pending: list[asyncio.Future[object]] = []
+        pending: list[asyncio.Future[RecordMetadata]] = []
         failure: BaseException | None = None
         try:
             for r in records:
@@ -129,7 +130,7 @@ class EventProducer(_Client[AIOKafkaProducer]):
             if isinstance(result, BaseException):
                 failure = failure or result
             else:
-                acked[i] = Delivered(result.topic, result.partition, result.offset)  # type: ignore[attr-defined]
+                acked[i] = Delivered(result.topic, result.partition, result.offset)
         if failure is None:
             return [d for d in acked if d is not None]
         if isinstance(failure, KafkaTimeoutError):
