@@ -237,3 +237,27 @@ async def test_redis_callers_beyond_the_pool_wait_instead_of_failing(redis_url: 
     finally:
         await store.close()
     assert {c.kind for c in claims} == {ClaimKind.NEW}
+
+
+async def test_sqlite_wal_starts_over_under_writes_that_never_pause(tmp_path: Path) -> None:
+    """A checkpoint on another thread never catches up with a writer that never pauses, and the WAL
+    only starts over once every frame is copied: without the store's short hold it grew for ever
+    (here 56 MB; 1.2 GB after 240,000 events). Every record must still be there."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    store._CHECKPOINT_EVERY_S = 0.0
+    store._WAL_RESTART_FRAMES = 200
+    wal = tmp_path / "d.sqlite3-wal"
+    writers, each = 64, 300
+
+    async def write(w: int) -> None:
+        for n in range(each):
+            await store.mark_done(f"e{w}-{n}", DedupRecord("done", "w1", f"t/{w}/{n}", "applied"), 60)
+
+    try:
+        await asyncio.gather(*(write(w) for w in range(writers)))
+        await store.ping()
+        assert wal.stat().st_size < 16 << 20
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
+        assert conn.execute("SELECT count(*) FROM dedup").fetchone()[0] == writers * each
