@@ -34,7 +34,9 @@ from worker.tracing import from_headers
 
 AK = "AK-PIPELINE-TEST-1"
 SK = "sk-pipeline-test-secret-01"
-SEED: dict[str, Any] = {"tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1"]}]}
+SEED: dict[str, Any] = {
+    "tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1"]}, {"ticket_id": "CM2", "sub_tickets": ["s-2"]}]
+}
 STARTED = {"event_id": "ev-1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s-1"}
 TICKET_UPDATE = {
     "event_id": "ev-1",
@@ -153,3 +155,40 @@ async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None
         assert "may have been applied" in rig.published.outcomes[0]["error_msg"]
         assert sum(r.method == "PUT" for r in state.requests) == puts_before
         assert len(state.applied_for("ev-1")) == 1
+
+
+async def test_one_event_id_in_two_lanes_at_once_is_decided_as_if_one_came_after(rig: Rig) -> None:
+    """Two messages with one ``event_id`` but different tickets run in different lanes, so at the
+    same time. The second must not take the first's unfinished claim for one of its own cancelled
+    jobs (read the ticket, send): it waits for the first to finish and is then a ``duplicate``,
+    exactly as when it arrives later. One PUT, not two."""
+    other_ticket = {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}
+    second = job(other_ticket, offset=8)
+    second.message = Message("in", 1, 8, b"CM2", json.dumps(other_ticket).encode(), [], 0)
+
+    await asyncio.gather(rig.pipeline.process(job(STARTED)), rig.pipeline.process(second))
+
+    state = rig.sim.state
+    assert [r.method for r in state.requests] == ["PUT"]
+    assert sorted(o["status"] for o in rig.published.outcomes) == ["applied", "duplicate"]
+    assert [o["ticket_id"] for o in rig.published.outcomes if o["status"] == "applied"] == ["CM1"]
+
+
+async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_cancelled(rig: Rig) -> None:
+    """The job holding the event is cancelled (a revocation past its grace): the waiting one is not
+    left waiting. It finds the cancelled job's claim, reads its own ticket first, and finishes."""
+    state = rig.sim.state
+    state.set_faults(drop_after_apply_ratio=1.0)  # the first job's answer is lost: it backs off 30 s
+    other_ticket = {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}
+    first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
+    await until(lambda: bool(state.applied_log))
+    second = asyncio.create_task(rig.pipeline.process(job(other_ticket, offset=8)))
+    await until(lambda: bool(rig.pipeline._in_hand.get("ev-1")))  # it waits for the first
+    state.set_faults(drop_after_apply_ratio=0.0)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+    await asyncio.wait_for(second, 10)
+
+    assert [r.method for r in state.requests] == ["PUT", "GET", "PUT"]
+    assert [(o["ticket_id"], o["status"]) for o in rig.published.outcomes] == [("CM2", "applied")]

@@ -82,6 +82,8 @@ class Pipeline:
         self._gate = gate
         self._metrics = metrics
         self._owner = settings.worker_id
+        #: event_id -> jobs waiting for the job of this worker that has that event in hand
+        self._in_hand: dict[str, list[asyncio.Future[None]] | None] = {}
 
     # --- the one entry point ----------------------------------------------------------------------
     async def process(self, job: Job) -> None:
@@ -123,6 +125,27 @@ class Pipeline:
         await self._remember(key, job, OutcomeStatus.INVALID, reason=invalid.reason)
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
+        """One job per event_id at a time in this worker. Two messages with one event_id but
+        different tickets run in different lanes; the second would find the first's unfinished
+        claim, which is ours, take it for a cancelled job of ours and send again. It waits, and is
+        then decided as if it had come after (a duplicate, or a retry of a failed event)."""
+        event_id = event.event_id
+        while event_id in self._in_hand:
+            waiters = self._in_hand[event_id]
+            if waiters is None:
+                waiters = self._in_hand[event_id] = []
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiters.append(waiter)
+            await waiter
+        self._in_hand[event_id] = None
+        try:
+            await self._claim_and_apply(job, event)
+        finally:
+            for waiter in self._in_hand.pop(event_id) or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _claim_and_apply(self, job: Job, event: AnyChangeEvent) -> None:
         request = to_request_body(event)
         body = request.to_wire()
         held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
