@@ -177,3 +177,41 @@ async def test_close_cancels_the_probers(metrics: Metrics) -> None:
     assert all(t.cancelled() for t in tasks)
     assert gate.causes == []
     await gate.close()  # idempotent
+
+
+async def pause_once(gate: Gate, probe: Probe) -> float:
+    """Trip the gate with a probe that passes while the work does not: how long the pause lasted."""
+    loop = asyncio.get_running_loop()
+    tripped = loop.time()
+    gate.trip(DedupUnavailable("writes refused (OOM)"), probe)
+    await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+    return loop.time() - tripped
+
+
+async def test_a_cause_back_as_soon_as_its_probe_passed_goes_on_backing_off(gate: Gate) -> None:
+    """A full Redis answers PING but refuses writes; a topic's metadata answers but writes to it are
+    refused. The work fails again the moment the gate opens: each pause then goes on from the last
+    one's backoff, so the pauses grow to the cap instead of flapping at the first step."""
+    probe = Probe()
+    probe.heal()
+    pauses = [await pause_once(gate, probe) for _ in range(4)]
+    floors = [min(CAP_S, BASE_S * 2**n) / 2 for n in range(4)]
+    assert all(p >= f - 0.001 for p, f in zip(pauses, floors, strict=True)), (pauses, floors)
+    assert pauses[3] >= CAP_S / 2 - 0.001 > pauses[0]
+
+
+async def test_a_cause_that_stayed_away_starts_its_backoff_over(metrics: Metrics) -> None:
+    gate = Gate(metrics, probe_base_s=BASE_S, probe_max_s=CAP_S, flap_window_s=0.05)
+    try:
+        probe = Probe()
+        probe.heal()
+        for _ in range(3):
+            await pause_once(gate, probe)
+        assert gate._cleared["dedup_unavailable"][0] == 3  # back at once: it went on from there
+        loop = asyncio.get_running_loop()
+        cleared = loop.time()
+        await until(lambda: loop.time() - cleared > 0.06)  # the cause stays away past the window
+        await pause_once(gate, probe)
+        assert gate._cleared["dedup_unavailable"][0] == 1  # one probe, at the first step again
+    finally:
+        await gate.close()

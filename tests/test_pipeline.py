@@ -23,6 +23,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
 from worker.consumer import Message
 from worker.dedup import MemoryStore
+from worker.errors import BrokerUnavailable, DeadLetterUnwritable, InvalidEvent
 from worker.gate import Gate
 from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
@@ -48,23 +49,45 @@ TICKET_UPDATE = {
 
 @dataclass
 class Recorder:
-    """Stands in for ``Publisher``: keeps what would have been written."""
+    """Stands in for ``Publisher``: keeps what would have been written. ``refuse_letters`` /
+    ``refuse_outcomes``: that many dead letters / outcomes fail while the other part goes through."""
 
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
+    refuse_letters: int = 0
+    refuse_outcomes: int = 0
 
     async def publish(
-        self, key: bytes | None, outcome: bytes, status: str, letter: DeadLetter | None, traceparent: str
+        self,
+        key: bytes | None,
+        outcome: bytes | None,
+        status: str,
+        letter: DeadLetter | None,
+        traceparent: str,
     ) -> None:
-        written = json.loads(outcome)
-        # the pipeline serializes the fields itself (dump_outcome): they must be the model's, in order
-        assert list(written) == list(OutcomeEvent.model_fields)
-        assert OutcomeEvent.model_validate(written).status.value == status
-        self.outcomes.append(written)
+        if outcome is not None and self.refuse_outcomes:
+            self.refuse_outcomes -= 1
+            if letter is not None:
+                self.letters.append(letter)
+            error = BrokerUnavailable("outcome not confirmed")
+            error.dead_letter_confirmed = letter is not None
+            raise error
+        if outcome is not None:
+            written = json.loads(outcome)
+            # the pipeline serializes the fields itself (dump_outcome): the model's, in its order
+            assert list(written) == list(OutcomeEvent.model_fields)
+            assert OutcomeEvent.model_validate(written).status.value == status
+            self.outcomes.append(written)
         if letter is not None:
+            if self.refuse_letters:
+                self.refuse_letters -= 1
+                raise DeadLetterUnwritable("topic missing")
             self.letters.append(letter)
 
     async def ping(self) -> None:
+        return None
+
+    async def ping_dead_letters(self) -> None:
         return None
 
 
@@ -192,3 +215,34 @@ async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_can
 
     assert [r.method for r in state.requests] == ["PUT", "GET", "PUT"]
     assert [(o["ticket_id"], o["status"]) for o in rig.published.outcomes] == [("CM2", "applied")]
+
+
+def invalid_job(offset: int = 9) -> Job:
+    message = Message("in", 0, offset, b"CM1", b"{not json", [], 0)
+    return Job(message, None, InvalidEvent("not_json", "not JSON"), from_headers([]), datetime.now(UTC), 0.0)
+
+
+async def test_a_dead_letter_refused_is_sent_again_without_its_confirmed_outcome(rig: Rig) -> None:
+    """The dead-letter topic refuses the record (missing, writes denied) while the outcome went
+    through: the worker pauses until the topic answers and then owes only the record. The outcome
+    was written once, not once per try."""
+    rig.published.refuse_letters = 3
+
+    await asyncio.wait_for(rig.pipeline.process(invalid_job()), 10)
+
+    assert [o["status"] for o in rig.published.outcomes] == ["invalid"]
+    assert len(rig.published.letters) == 1
+    assert rig.pipeline._gate.is_open
+    assert (
+        rig.pipeline._metrics.registry.get_sample_value("coc_worker_pauses_total", {"kind": "dlq_unwritable"})
+        == 3
+    )
+
+
+async def test_an_outcome_refused_is_sent_again_without_its_confirmed_dead_letter(rig: Rig) -> None:
+    rig.published.refuse_outcomes = 2
+
+    await asyncio.wait_for(rig.pipeline.process(invalid_job()), 10)
+
+    assert [(o["status"], o["redelivered"]) for o in rig.published.outcomes] == [("invalid", True)]
+    assert len(rig.published.letters) == 1

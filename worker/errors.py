@@ -144,3 +144,12 @@ class BrokerUnavailable(SystemicError):
     """The broker did not confirm an outcome or dead-letter write."""
 
     kind = "broker_unavailable"
+    #: The outcome failed but its dead-letter record went through: only the outcome is owed.
+    dead_letter_confirmed = False
+
+
+class DeadLetterUnwritable(BrokerUnavailable):
+    """The outcome is confirmed, the dead-letter record is not (its topic missing, writes to it
+    refused, or the broker gone meanwhile): only the record is still owed."""
+
+    kind = "dlq_unwritable"

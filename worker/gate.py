@@ -5,6 +5,11 @@ away) it trips the gate with a *probe*: a cheap call that succeeds once the caus
 any cause is open the consumer stops fetching, ``/readyz`` says not ready, and jobs wait at the
 gate instead of failing. One prober task per cause retries its probe with capped exponential
 backoff; when every cause has cleared, the gate opens and the waiting jobs retry.
+
+A probe can pass while the work still fails (metadata answers but writes to a topic are refused; a
+full Redis answers PING but refuses writes). Such a cause is back the moment the gate opens: it
+then goes on from the backoff it had reached instead of starting over, so the worker waits longer
+and longer (up to the cap) instead of flapping several times a second.
 """
 
 from __future__ import annotations
@@ -31,11 +36,21 @@ class _Cause:
 
 
 class Gate:
-    def __init__(self, metrics: Metrics, probe_base_s: float = 0.25, probe_max_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        probe_base_s: float = 0.25,
+        probe_max_s: float = 30.0,
+        flap_window_s: float = 1.0,
+    ) -> None:
         self._metrics = metrics
         self._probe_base_s = probe_base_s
         self._probe_max_s = probe_max_s
+        self._flap_window_s = flap_window_s
         self._causes: dict[str, _Cause] = {}
+        #: kind -> (probes its last pause took, when it cleared): a cause back within the window
+        #: goes on from there
+        self._cleared: dict[str, tuple[int, float]] = {}
         self._open = asyncio.Event()
         self._open.set()
 
@@ -55,7 +70,10 @@ class Gate:
         self._metrics.pauses.labels(kind=error.kind).inc()
         self._metrics.paused.set(1)
         self._open.clear()
-        task = asyncio.create_task(self._probe(error.kind, probe), name=f"probe-{error.kind}")
+        attempts, cleared_at = self._cleared.pop(error.kind, (0, float("-inf")))
+        if asyncio.get_running_loop().time() - cleared_at > self._flap_window_s:
+            attempts = 0
+        task = asyncio.create_task(self._probe(error.kind, probe, attempts), name=f"probe-{error.kind}")
         self._causes[error.kind] = _Cause(error, task)
 
     async def wait_open(self) -> float:
@@ -67,8 +85,7 @@ class Gate:
         await self._open.wait()
         return loop.time() - started
 
-    async def _probe(self, kind: str, probe: Probe) -> None:
-        attempt = 0
+    async def _probe(self, kind: str, probe: Probe, attempt: int) -> None:
         while True:
             attempt += 1
             await asyncio.sleep(backoff_delay(attempt, self._probe_base_s, self._probe_max_s, _half_to_full))
@@ -82,6 +99,7 @@ class Gate:
                 continue
             break
         self._causes.pop(kind, None)
+        self._cleared[kind] = (attempt, asyncio.get_running_loop().time())
         log.info("worker_resumed", cause=kind, probes=attempt)
         if not self._causes:
             self._metrics.paused.set(0)

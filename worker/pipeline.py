@@ -24,7 +24,7 @@ from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import salvage_identity
 from worker.dedup import ClaimKind, DedupRecord, DedupStore
-from worker.errors import BrokerUnavailable, DedupUnavailable, InvalidEvent
+from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import get_logger, redact_text
 from worker.mapping import already_applied, to_request_body
@@ -360,15 +360,25 @@ class Pipeline:
         ticket_id = identity["ticket_id"]
         key = ticket_id.encode() if ticket_id else None
         traceparent = job.trace.child().traceparent
+        payload: bytes | None = dump_outcome(outcome)
+        owed = letter
         while True:
             await self._gate.wait_open()
             try:
-                await self._publisher.publish(key, dump_outcome(outcome), status.value, letter, traceparent)
+                await self._publisher.publish(key, payload, status.value, owed, traceparent)
                 break
+            except DeadLetterUnwritable as exc:
+                # The outcome is in: only the dead letter is owed, and the pause lasts until its
+                # topic answers (a missing topic is not an outage the results topic would show).
+                payload = None
+                self._gate.trip(exc, self._publisher.ping_dead_letters)
             except BrokerUnavailable as exc:
                 # The broker may have stored the first copy and lost only its answer: whatever is
                 # sent again is marked as a possible repeat.
                 outcome["redelivered"] = True
+                payload = dump_outcome(outcome)
+                if exc.dead_letter_confirmed:
+                    owed = None
                 self._gate.trip(exc, self._publisher.ping)
         self._metrics.count_outcome(status)
         if letter is not None:

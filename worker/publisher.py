@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
-from worker.errors import BrokerUnavailable
+from worker.errors import BrokerUnavailable, DeadLetterUnwritable
 from worker.kafka_config import connection_kwargs
 from worker.logs import redact_text
 from worker.settings import WorkerSettings
@@ -108,25 +108,63 @@ class Publisher:
 
     async def ping(self) -> None:
         """Fetch metadata of the results topic: proves the broker answers."""
+        await self._metadata(self._settings.results_topic)
+
+    async def ping_dead_letters(self) -> None:
+        """Fetch metadata of the dead-letter topic: fails while the topic does not exist."""
+        await self._metadata(self._settings.dlq_topic)
+
+    async def _metadata(self, topic: str) -> None:
         try:
-            await asyncio.wait_for(self._producer.partitions_for(self._settings.results_topic), 10)
+            await asyncio.wait_for(self._producer.partitions_for(topic), 10)
         except (KafkaError, TimeoutError) as exc:
             raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
 
     async def publish(
         self,
         key: bytes | None,
-        outcome: bytes,
+        outcome: bytes | None,
         status: str,
         letter: DeadLetter | None,
         traceparent: str,
     ) -> None:
         """Send the outcome (its JSON, keyed by ticket) and the dead-letter record, and wait until
-        the broker has both.
+        the broker has both. ``outcome`` is None when an earlier call confirmed it.
 
         Outcomes of concurrent jobs are written together (see ``_write``); the call returns when
-        the batch holding this outcome is acknowledged.
+        the batch holding this outcome is acknowledged. When one of the two fails, the error says
+        which one went through, so that it is not written again: ``DeadLetterUnwritable`` when
+        only the dead-letter record failed, ``BrokerUnavailable.dead_letter_confirmed`` when only
+        the outcome did.
         """
+        if outcome is None:
+            if letter is not None:
+                await self._send_dead_letter(letter, traceparent)
+            return
+        if letter is None:
+            await self._send_outcome(key, outcome, status, traceparent)
+            return
+        sent, lettered = await asyncio.gather(
+            self._send_outcome(key, outcome, status, traceparent),
+            self._send_dead_letter(letter, traceparent),
+            return_exceptions=True,
+        )
+        if isinstance(sent, BaseException):
+            if isinstance(sent, BrokerUnavailable) and not isinstance(lettered, BaseException):
+                sent.dead_letter_confirmed = True
+            raise sent
+        if isinstance(lettered, BaseException):
+            raise lettered
+
+    async def _send_dead_letter(self, letter: DeadLetter, traceparent: str) -> None:
+        try:
+            await self._deliver_dead_letter(letter, traceparent)
+        except KafkaError as exc:
+            raise DeadLetterUnwritable(
+                f"dead letter not confirmed by the broker: {type(exc).__name__}"
+            ) from exc
+
+    async def _send_outcome(self, key: bytes | None, outcome: bytes, status: str, traceparent: str) -> None:
         headers: Headers = [(TRACEPARENT, traceparent.encode()), ("coc-status", status.encode())]
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
@@ -140,10 +178,7 @@ class Publisher:
             if partition not in self._writers:
                 task = asyncio.get_running_loop().create_task(self._write(partition))
                 self._writers[partition] = task
-            if letter is None:
-                await delivered
-            else:
-                await asyncio.gather(delivered, self._deliver_dead_letter(letter, traceparent))
+            await delivered
         except KafkaError as exc:
             raise BrokerUnavailable(f"outcome not confirmed by the broker: {type(exc).__name__}") from exc
 
