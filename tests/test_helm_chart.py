@@ -186,6 +186,8 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "lease_shorter_than_a_call": ({"api": {"requestTimeoutS": 30}}, "dedup.leaseS"),
     "buffer_below_in_flight": ({"worker": {"maxBuffered": 100}}, "worker.maxBuffered"),
     "domain_id_not_header_safe": ({"api": {"domainId": "abc def"}}, "domainId"),
+    "results_topic_is_input": ({"kafka": {"resultsTopic": "coc.change-events"}}, "three different topics"),
+    "dlq_topic_dots": ({"kafka": {"dlqTopic": ".."}}, "'..'"),
 }
 
 #: The subset of BAD that the JSON Schema alone rejects (the rest are cross-field checks in the templates).

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from worker.errors import ConfigError
 from worker.settings import COC_REGION_ENDPOINTS, ENV_PREFIX, SECRET_FIELDS, WorkerSettings, load_settings
@@ -276,3 +277,21 @@ def test_a_password_in_the_dedup_url_is_not_shown() -> None:
 
 def test_settings_class_is_the_one_entry_point() -> None:
     assert isinstance(load_settings(), WorkerSettings)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dlq_topic": "bad topic!"},
+        {"results_topic": ".."},
+        {"input_topic": "x" * 250},
+        {"dlq_topic": "coc.change-outcomes"},  # the results topic
+        {"results_topic": "coc.change-events"},  # the input topic: the worker would read its outcomes
+    ],
+    ids=["illegal-characters", "dots", "too-long", "dlq-is-results", "results-is-input"],
+)
+def test_topics_must_be_legal_kafka_names_and_three_different_ones(overrides: dict[str, str]) -> None:
+    """A topic name the broker refuses failed only at the first write (a missing dead letter paused
+    the worker); the results topic as the input would feed the worker its own outcomes."""
+    with pytest.raises(ValidationError):
+        WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="b", **overrides)

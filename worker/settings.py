@@ -34,6 +34,9 @@ COC_REGION_ENDPOINTS: dict[str, str] = {
 SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest_tokens")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+#: Kafka's own rule for topic names (also not "." or ".."); the broker would refuse anything else,
+#: at the first write to it.
+TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
 
 def _default_worker_id() -> str:
@@ -53,9 +56,9 @@ class WorkerSettings(BaseSettings):
 
     # --- Kafka ---------------------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
-    input_topic: str = Field("coc.change-events", min_length=1)
-    results_topic: str = Field("coc.change-outcomes", min_length=1)
-    dlq_topic: str = Field("coc.change-events.dlq", min_length=1)
+    input_topic: TopicName = "coc.change-events"
+    results_topic: TopicName = "coc.change-outcomes"
+    dlq_topic: TopicName = "coc.change-events.dlq"
     group_id: str = Field("coc-change-worker", min_length=1)
     kafka_client_id: str = "coc-change-worker"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -197,6 +200,10 @@ class WorkerSettings(BaseSettings):
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
                 env = f"{ENV_PREFIX}{name.upper()}"
                 raise ValueError(f"set {env} or {env}_FILE, not both")
+        if {self.input_topic, self.results_topic, self.dlq_topic} & {".", ".."}:
+            raise ValueError("a topic cannot be named '.' or '..'")
+        if len({self.input_topic, self.results_topic, self.dlq_topic}) < 3:
+            raise ValueError("input_topic, results_topic and dlq_topic must be three different topics")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
         if self.dedup_lease_s < 1.5 * (self.api_connect_timeout_s + self.api_request_timeout_s):

@@ -163,6 +163,15 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if lt ($v.dedup.leaseS | float64) (mulf 1.5 (addf ($v.api.connectTimeoutS | float64) ($v.api.requestTimeoutS | float64))) }}
 {{- fail "dedup.leaseS must be at least 1.5 x (api.connectTimeoutS + api.requestTimeoutS): a call must end inside its claim's lease" }}
 {{- end }}
+{{- if or (eq $v.kafka.inputTopic $v.kafka.resultsTopic) (eq $v.kafka.inputTopic $v.kafka.dlqTopic) (eq $v.kafka.resultsTopic $v.kafka.dlqTopic) }}
+{{- fail "kafka.inputTopic, kafka.resultsTopic and kafka.dlqTopic must be three different topics" }}
+{{- end }}
+{{- if has "." (list $v.kafka.inputTopic $v.kafka.resultsTopic $v.kafka.dlqTopic) }}
+{{- fail "a topic cannot be named '.'" }}
+{{- end }}
+{{- if has ".." (list $v.kafka.inputTopic $v.kafka.resultsTopic $v.kafka.dlqTopic) }}
+{{- fail "a topic cannot be named '..'" }}
+{{- end }}
 {{- if and (gt ($v.worker.maxBuffered | int64) 0) (lt ($v.worker.maxBuffered | int64) ($v.worker.maxInFlight | int64)) }}
 {{- fail "worker.maxBuffered must be 0 (4 x maxInFlight) or at least worker.maxInFlight" }}
 {{- end }}
