@@ -306,6 +306,9 @@ class Worker:
             await self._lanes.wait_for(revoked, 5.0)
         await self._commit(partitions)
         self._offsets.drop(partitions)
+        for _, partition in partitions:  # another member reports their lag now
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(str(partition))
         if self._assigned is not None:
             self._assigned -= partitions
         log.info("partitions_revoked", partitions=sorted(f"{t}/{p}" for t, p in partitions), drained=pending)
