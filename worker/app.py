@@ -56,6 +56,9 @@ class Worker:
         #: Fetching pauses at the buffer limit and resumes once this few are left (hysteresis).
         self._buffer_limit = settings.buffer_limit
         self._resume_at = max(1, self._buffer_limit * 3 // 4)
+        #: A partition this far behind its oldest unfinished message stops being fetched, until half
+        #: of that is left: a stuck message must not hold an ever longer tail in memory.
+        self._uncommitted_limit = settings.max_uncommitted
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
@@ -120,6 +123,7 @@ class Worker:
             "paused_by": self._gate.causes,
             "in_flight": len(self._lanes),  # taken from Kafka, not yet finished
             "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
+            "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # at max_uncommitted
             "stopping": self._stopping.is_set(),
         }
 
@@ -215,6 +219,10 @@ class Worker:
             )
             return
         self.metrics.consumed.inc()
+        key = message.partition_key
+        if self._offsets.pending_of(key) >= self._uncommitted_limit and key not in self._consumer.held:
+            self._consumer.hold(key)
+            log.warning("partition_held", topic=key[0], partition=key[1], uncommitted=self._uncommitted_limit)
         event, invalid = None, None
         try:
             event = decode(message.value, self.settings.max_event_bytes)
@@ -227,8 +235,12 @@ class Worker:
         await self._pipeline.process(job)
 
     def _job_left(self, job: Job, finished: bool) -> None:
+        key = job.message.partition_key
         if finished:
-            self._offsets.finish(job.message.partition_key, job.message.offset)
+            self._offsets.finish(key, job.message.offset)
+        if key in self._consumer.held and self._offsets.pending_of(key) <= self._uncommitted_limit // 2:
+            self._consumer.release(key)
+            log.info("partition_released", topic=key[0], partition=key[1])
         if len(self._lanes) <= self._resume_at:  # wake the consumer only when it may resume fetching
             self._room.set()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +84,7 @@ class Consumer:
             max_partition_fetch_bytes=max(1_048_576, settings.max_event_bytes + 65_536),
         )
         self._paused = False
+        self._held: set[PartitionKey] = set()  # paused on their own, whatever ``_paused`` says
 
     async def start(self) -> None:
         try:
@@ -116,15 +118,36 @@ class Consumer:
         self._paused = True
 
     def resume(self) -> None:
-        parts = self._consumer.assignment()
+        parts = [tp for tp in self._consumer.assignment() if (tp.topic, tp.partition) not in self._held]
         if parts:
             self._consumer.resume(*parts)
         self._paused = False
 
+    @property
+    def held(self) -> AbstractSet[PartitionKey]:
+        """Partitions paused on their own (``hold``); read on every finished job, so not a copy."""
+        return self._held
+
+    def hold(self, key: PartitionKey) -> None:
+        """Stop fetching one partition while the others go on."""
+        self._held.add(key)
+        tp = TopicPartition(*key)
+        if tp in self._consumer.assignment():
+            self._consumer.pause(tp)
+
+    def release(self, key: PartitionKey) -> None:
+        self._held.discard(key)
+        tp = TopicPartition(*key)
+        if not self._paused and tp in self._consumer.assignment():
+            self._consumer.resume(tp)
+
     def reapply_pause(self) -> None:
         """After a rebalance, newly assigned partitions start unpaused: keep our state."""
+        self._held &= self.assignment()
         if self._paused:
             self.pause()
+        elif self._held:
+            self._consumer.pause(*(TopicPartition(*key) for key in self._held))
 
     async def commit(self, positions: dict[PartitionKey, int]) -> None:
         offsets = {TopicPartition(t, p): o for (t, p), o in positions.items()}

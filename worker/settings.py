@@ -131,6 +131,13 @@ class WorkerSettings(BaseSettings):
         description="Messages taken from Kafka and not yet finished (default 4 x max_in_flight): later"
         " events of busy tickets wait here while other tickets' events use the free slots.",
     )
+    max_uncommitted: int = Field(
+        10_000,
+        ge=1,
+        description="Messages of one partition taken behind its oldest unfinished one before that"
+        " partition stops being fetched (the others go on): bounds what a stuck message holds in"
+        " memory and what a crash reads again.",
+    )
     max_event_bytes: int = Field(1_048_576, ge=256)
     commit_interval_s: PositiveSeconds = 1.0
     shutdown_grace_s: PositiveSeconds = 25.0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from conftest import SettingsFactory, running_worker, wait_until
 from faults.harness import ProxiedBroker
 from faults.proxy import CutMode
@@ -332,3 +333,57 @@ async def test_a_stop_with_the_broker_gone_still_ends(
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_stuck_message_holds_back_its_partition_not_an_ever_longer_tail(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """One message cannot finish (another live worker holds its event's claim) while the later
+    messages of its partition do. Nothing behind it can be committed, so past ``max_uncommitted`` its
+    partition stops being fetched (the other partitions go on), and it is fetched again once the
+    stuck message is done: memory and a crash's re-reading stay bounded."""
+    settings = make_settings(max_uncommitted=20, max_in_flight=8)
+    partitioner = DefaultPartitioner()
+
+    def partition_of(ticket: str) -> int:
+        return int(partitioner(ticket.encode(), [0, 1, 2, 3], [0, 1, 2, 3]))
+
+    stuck = event("change.started", "CM-STUCK", "s1", event_id="ev-stuck")
+    target = partition_of("CM-STUCK")
+    tickets = [f"CM-T{n:04d}" for n in range(600)]
+    behind = [t for t in tickets if partition_of(t) == target][:100]
+    elsewhere = [t for t in tickets if partition_of(t) != target][:30]
+    store = open_store(settings.dedup_url)
+    try:
+        assert (await store.claim("ev-stuck", "another-worker", "elsewhere/0/0", 600)).kind is ClaimKind.NEW
+        async with running_worker(settings) as worker:
+            key = (topics["input"], target)
+            await send(broker.bootstrap, topics["input"], [stuck])
+            await send(
+                broker.bootstrap,
+                topics["input"],
+                [event("change.started", t, "s1") for t in behind + elsewhere],
+            )
+            done = await read_topic(
+                broker.bootstrap,
+                topics["results"],
+                until=lambda records: (
+                    set(elsewhere) <= {json.loads(r.value or b"{}")["ticket_id"] for r in records}
+                ),
+                timeout_s=60,
+            )
+            await wait_until(
+                lambda: f"{key[0]}/{key[1]}" in worker.status()["held"], 30, "the partition held"
+            )
+            assert worker._offsets.pending_of(key) <= 20 + settings.buffer_limit < len(behind)
+            assert len(done) < 1 + len(behind) + len(elsewhere)
+
+            await store.release("ev-stuck", "another-worker")
+            outcomes = await read_json(
+                broker.bootstrap, topics["results"], 1 + len(behind) + len(elsewhere), 60
+            )
+            await wait_until(lambda: not worker.status()["held"], 30, "the partition fetched again")
+    finally:
+        await store.close()
+    assert {o["status"] for o in outcomes} == {"applied"}
+    assert {o["ticket_id"] for o in outcomes} == {"CM-STUCK", *behind, *elsewhere}
