@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import redis.asyncio as aioredis
 from waiting import until
 
 from worker.metrics import Metrics
@@ -44,6 +45,26 @@ async def test_redis_bucket_is_shared_between_replicas(redis_url: str) -> None:
         await two.close()
     # 20 calls between the two replicas at 40/s together take ~0.5 s, not ~0.25 s
     assert elapsed >= 19 / 40 * 0.9
+
+
+async def test_redis_bucket_survives_the_redis_clock_stepping_back(redis_url: str) -> None:
+    """The schedule is an absolute time on Redis' clock. After that clock steps back 60 s (the state
+    written as it is then: the schedule and the clock last seen both 60 s ahead of TIME), a call
+    must not wait out the step: every replica would make no API call for a minute."""
+    base = redis_url.split("?", 1)[0]
+    key = f"{redis_url.rsplit('prefix=', 1)[-1]}ratelimit"
+    bucket = RedisTokenBucket(base, key, rate_per_s=10, burst=1, metrics=Metrics())
+    client = aioredis.from_url(base)
+    try:
+        seconds, micros = await client.time()
+        ahead = str(seconds * 1000 + micros // 1000 + 60_000)
+        await client.set(key, ahead, px=120_000)
+        await client.set(f"{key}:clock", ahead, px=120_000)
+        await asyncio.wait_for(bucket.acquire(), 5)
+    finally:
+        await client.delete(key, f"{key}:clock")
+        await client.aclose()
+        await bucket.close()
 
 
 async def test_redis_bucket_falls_back_to_local_when_redis_is_away() -> None:

@@ -58,15 +58,22 @@ class TokenBucket:
         return None
 
 
-# Reserve the next slot atomically with Redis' own clock; returns how long to wait (ms).
+# Reserve the next slot atomically with Redis' own clock; returns how long to wait (ms). KEYS[2]
+# keeps the clock as last seen: when Redis' host clock steps back, the schedule (an absolute time)
+# moves back with it, or every replica would wait out the step (an hour's step: an hour of no API
+# calls, with /readyz still green).
 _GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seen = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now < seen then tat = tat - (seen - now) end
 if tat < now then tat = now end
-redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', math.ceil(tat + interval - now + 1000))
+local ttl = math.ceil(tat + interval - now + 1000)
+redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
+redis.call('SET', KEYS[2], tostring(now), 'PX', ttl)
 return math.floor(tat - tolerance - now)
 """
 
@@ -78,6 +85,7 @@ class RedisTokenBucket:
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=1.0)
         self._script = self._client.register_script(_GCRA_LUA)
         self._key = key
+        self._clock_key = f"{key}:clock"
         self._interval_ms = 1000.0 / rate_per_s
         self._tolerance_ms = (max(1, burst) - 1) * self._interval_ms
         self._local = TokenBucket(rate_per_s, burst, metrics)
@@ -85,7 +93,11 @@ class RedisTokenBucket:
 
     async def acquire(self) -> None:
         try:
-            wait_ms = int(await self._script(keys=[self._key], args=[self._interval_ms, self._tolerance_ms]))
+            wait_ms = int(
+                await self._script(
+                    keys=[self._key, self._clock_key], args=[self._interval_ms, self._tolerance_ms]
+                )
+            )
         except (redis_errors.RedisError, OSError):
             # The dedup store's own failure handling pauses the worker; meanwhile limit locally.
             await self._local.acquire()
