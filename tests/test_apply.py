@@ -577,3 +577,26 @@ async def test_a_taken_over_claim_not_yet_applied_is_sent(rig: Rig) -> None:
     assert (result.status, result.calls, result.reconciled) == ("applied", 1, False)
     assert [r.method for r in state.requests] == ["GET", "PUT"]
     assert len(state.applied_for("ev-start")) == 1
+
+
+async def test_a_request_left_behind_by_a_cancelled_job_lands_before_the_event_is_tried_again(
+    rig: Rig,
+) -> None:
+    """The HTTP client does not abort a request whose caller was cancelled (a revocation or a
+    shutdown past its grace): it still reaches the API. The next job of that event waits for it to
+    land, reads the ticket and finds the change in place: one PUT, not a second one that the state
+    machine refuses (or, for ``ticket.update``, applies twice)."""
+    state = rig.sim.state
+    state.set_faults(latency_ms=300)
+    caller = rig.caller(abandon_s=2.0)
+    first = asyncio.create_task(rig.apply(caller))
+    await until(lambda: state.arrived == 1)  # on its way: the API holds it for 300 ms
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    state.set_faults(latency_ms=0)
+
+    result = await rig.apply(caller, confirm=lambda detail: already_applied(started(), detail))
+
+    assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
+    assert [r.method for r in state.requests] == ["PUT", "GET"]
+    assert len(state.applied_for("ev-start")) == 1

@@ -70,9 +70,11 @@ class ApiCaller:
         rate_limit: RateLimit | None = None,
         concurrency: AdaptiveConcurrency | None = None,
         settle_s: float = 0.0,
+        abandon_s: float = 0.0,
     ) -> None:
         """``settle_s``: after a read timeout, wait at least this long before checking the ticket
-        or sending again; the API may still be applying the request we stopped waiting for."""
+        or sending again; the API may still be applying the request we stopped waiting for.
+        ``abandon_s``: how long a request of a cancelled job may still reach the API."""
         self._client = client
         self._policy = policy
         self._gate = gate
@@ -81,6 +83,12 @@ class ApiCaller:
         self._rate_limit = rate_limit
         self._concurrency = concurrency or AdaptiveConcurrency(1 << 30, metrics)
         self._settle_s = settle_s
+        #: event_id -> until when a PUT of it, left behind by a cancelled job, may still reach the
+        #: API: the HTTP client does not abort a request whose caller was cancelled (one waiting
+        #: for a connection is even sent later), so the next job of that event must not read the
+        #: ticket and send before then
+        self._abandoned: dict[str, float] = {}
+        self._abandon_s = abandon_s
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
         async def probe() -> None:
@@ -117,6 +125,12 @@ class ApiCaller:
             response = await self._client.update_ticket(
                 ticket_id, body, event_id=event_id, traceparent=traceparent
             )
+        except asyncio.CancelledError:
+            now = time.monotonic()
+            for stale in [e for e, until in self._abandoned.items() if until <= now]:
+                del self._abandoned[stale]
+            self._abandoned[event_id] = now + self._abandon_s
+            raise
         except ApiTransientError as exc:
             if exc.http_status == 429:
                 self._concurrency.throttled()
@@ -151,6 +165,15 @@ class ApiCaller:
         is not is sent again; while the ticket cannot be read, reading it is what is retried,
         within the same budget. So a change whose answer was lost is not applied twice.
         """
+        until = self._abandoned.pop(event_id, None)
+        if until is not None:
+            # A cancelled job's request for this event may still be on its way: let it land, then
+            # read the ticket before sending anything.
+            wait_s = until - time.monotonic()
+            if wait_s > 0:
+                log.info("api_waiting_for_abandoned_request", wait_s=round(wait_s, 3))
+                await asyncio.sleep(wait_s)
+            ambiguous = True
         calls = 0  # times the change was sent: the outcome's attempts
         spent = 0  # sends that count against the budget (a 401 or an outage does not)
         forbidden = 0  # 403s met by this event

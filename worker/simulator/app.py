@@ -94,6 +94,7 @@ class _Api:
 
     async def _serve(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         state = self.state
+        state.arrived += 1
         decision = state.injector.decide()
         if decision.delay_s > 0:
             await asyncio.sleep(decision.delay_s)

@@ -84,6 +84,8 @@ class SimulatorState:
         #: change_result, body, event_id, traceparent}``; ``at`` is epoch seconds.
         self.applied_log: list[dict[str, Any]] = []
         self.requests: deque[RequestRecord] = deque(maxlen=config.request_log_size)
+        #: Requests received, counted on arrival (``requests`` records them once answered)
+        self.arrived = 0
         self.status_counts: Counter[str] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.injector = FaultInjector(config.faults, config.rng_seed)
@@ -102,6 +104,7 @@ class SimulatorState:
             self.book.seed(config.seed, now_ms=now_ms())
         self.applied_log.clear()
         self.requests.clear()
+        self.arrived = 0
         self.status_counts.clear()
         self.fault_counts.clear()
         self.injector = FaultInjector(config.faults, config.rng_seed)
