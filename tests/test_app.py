@@ -4,8 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiokafka import TopicPartition
+
 from worker.app import Worker
 from worker.settings import WorkerSettings
+
+
+class GroupMember:
+    """What ``Consumer`` asks of aiokafka's consumer for pausing: its assignment and paused set."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = assigned
+        self.paused_now: set[TopicPartition] = set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_now |= set(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_now -= set(partitions)
+
+
+def make_worker(tmp_path: Path) -> Worker:
+    settings = WorkerSettings(
+        api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="b", dedup_url=f"sqlite:///{tmp_path}/d.sqlite3"
+    )
+    return Worker(settings)
 
 
 async def test_a_revoked_partition_stops_being_reported_in_the_lag_metric(tmp_path: Path) -> None:
@@ -30,3 +56,27 @@ async def test_a_revoked_partition_stops_being_reported_in_the_lag_metric(tmp_pa
     registry = worker.metrics.registry
     assert registry.get_sample_value("coc_worker_consumer_lag", {"partition": "0"}) is None
     assert registry.get_sample_value("coc_worker_consumer_lag", {"partition": "1"}) == 11
+
+
+async def test_a_held_partition_assigned_back_at_once_is_fetched_again(tmp_path: Path) -> None:
+    """An eager rebalance revokes every partition, then assigns them again. A partition held at
+    ``max_uncommitted`` loses its tail with its offsets on the revocation: held on, no job of it
+    would ever finish to release it, and it would never be fetched again."""
+    worker = make_worker(tmp_path)
+    key = (worker.settings.input_topic, 0)
+    real, group = worker._consumer._consumer, GroupMember({TopicPartition(*key)})
+    worker._consumer._consumer = group  # the library's side of pause/resume, without a broker
+    try:
+        await worker.on_assigned({key})
+        worker._consumer.hold(key)
+        assert group.paused_now == {TopicPartition(*key)}
+
+        await worker.on_revoked({key})
+        group.paused_now.clear()  # as aiokafka does: a new assignment starts unpaused
+        await worker.on_assigned({key})
+
+        assert worker.status()["held"] == []
+        assert group.paused_now == set()
+    finally:  # never started: only the clients' objects to close
+        await real.stop()
+        await worker._publisher.stop()

@@ -320,6 +320,9 @@ class Worker:
             await self._lanes.wait_for(revoked, 5.0)
         await self._commit(partitions)
         self._offsets.drop(partitions)
+        # Its tail is dropped with its offsets: held on, a partition assigned back at once (eager
+        # rebalances revoke everything first) would never have a job left to release it.
+        self._consumer.forget_held(partitions)
         for _, partition in partitions:  # another member reports their lag now
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(str(partition))

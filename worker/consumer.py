@@ -135,6 +135,10 @@ class Consumer:
         if tp in self._consumer.assignment():
             self._consumer.pause(tp)
 
+    def forget_held(self, keys: set[PartitionKey]) -> None:
+        """Partitions being revoked: whoever gets them next starts fetching them afresh."""
+        self._held -= keys
+
     def release(self, key: PartitionKey) -> None:
         self._held.discard(key)
         tp = TopicPartition(*key)
