@@ -600,3 +600,33 @@ async def test_a_request_left_behind_by_a_cancelled_job_lands_before_the_event_i
     assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
     assert [r.method for r in state.requests] == ["PUT", "GET"]
     assert len(state.applied_for("ev-start")) == 1
+
+
+async def test_a_job_cancelled_before_its_request_was_made_leaves_nothing_to_wait_for(rig: Rig) -> None:
+    """Cancelled while renewing its claim (``before_send``), before the request existed: the next
+    job of the event has no request to wait for."""
+    caller = rig.caller(abandon_s=60.0)
+    renewing = asyncio.Event()
+
+    async def renew_forever() -> None:
+        renewing.set()
+        await asyncio.Event().wait()
+
+    event = started()
+    first = asyncio.create_task(
+        caller.apply(
+            event.ticket_id,
+            wire(event),
+            event_id=event.event_id,
+            traceparent=TRACEPARENT,
+            before_send=renew_forever,
+        )
+    )
+    await asyncio.wait_for(renewing.wait(), 5)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+    result = await asyncio.wait_for(rig.apply(caller), 5)  # would wait 60 s for a request never made
+
+    assert (result.status, result.calls) == ("applied", 1)
+    assert [r.method for r in rig.sim.state.requests] == ["PUT"]

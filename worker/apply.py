@@ -119,13 +119,17 @@ class ApiCaller:
         if self._rate_limit is not None:
             await self._rate_limit.acquire()
         await self._concurrency.acquire()
+        sending = False
         try:
             if before_send is not None:  # after the waits above, which have no bound of their own
                 await before_send()
+            sending = True
             response = await self._client.update_ticket(
                 ticket_id, body, event_id=event_id, traceparent=traceparent
             )
         except asyncio.CancelledError:
+            if not sending:  # cancelled before the request was made: nothing can land later
+                raise
             now = time.monotonic()
             for stale in [e for e, until in self._abandoned.items() if until <= now]:
                 del self._abandoned[stale]
