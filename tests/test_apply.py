@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 from waiting import until
 
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
@@ -630,3 +631,29 @@ async def test_a_job_cancelled_before_its_request_was_made_leaves_nothing_to_wai
 
     assert (result.status, result.calls) == ("applied", 1)
     assert [r.method for r in rig.sim.state.requests] == ["PUT"]
+
+
+async def test_a_job_cancelled_while_waiting_for_a_left_behind_request_leaves_the_wait_to_the_next(
+    rig: Rig,
+) -> None:
+    """The next job of the event waits for the left-behind request, and is cancelled too (a second
+    revocation within the window). The job after it must still wait, not read and send at once."""
+    state = rig.sim.state
+    state.set_faults(latency_ms=600)
+    caller = rig.caller(abandon_s=2.0)
+    confirm: Callable[[dict[str, Any]], bool] = lambda detail: already_applied(started(), detail)  # noqa: E731
+    first = asyncio.create_task(rig.apply(caller))
+    await until(lambda: state.arrived == 1)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    state.set_faults(latency_ms=0)
+    with capture_logs() as logs:
+        second = asyncio.create_task(rig.apply(caller, confirm=confirm, ambiguous=True))
+        await until(lambda: any(e["event"] == "api_waiting_for_abandoned_request" for e in logs))
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+
+    result = await rig.apply(caller, confirm=confirm, ambiguous=True)
+
+    assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
+    assert [r.method for r in state.requests] == ["PUT", "GET"]

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,24 @@ async def test_sqlite_wal_starts_over_under_writes_that_never_pause(tmp_path: Pa
         await store.close()
     with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
         assert conn.execute("SELECT count(*) FROM dedup").fetchone()[0] == writers * each
+
+
+async def test_upkeep_failing_after_a_commit_neither_fails_nor_holds_up_the_writes(tmp_path: Path) -> None:
+    """The checkpoint that lets the WAL start over cannot be scheduled (the maintenance thread is
+    gone). The batch is committed by then: its callers get their answers, not the upkeep's error,
+    and later writes are not queued for ever behind a hold that was never set up."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    try:
+        await store.mark_done("a", DedupRecord("done", "w1", "t/0/1", "applied"), 60)
+        store._executor.shutdown()
+        store._WAL_RESTART_FRAMES = 1
+        last: Future[int] = Future()
+        last.set_result(10_000)  # a regular checkpoint left a large WAL behind: hold for another
+        store._checkpoint = last
+
+        await store.mark_done("b", DedupRecord("done", "w1", "t/0/2", "applied"), 60)
+        await asyncio.wait_for(store.mark_done("c", DedupRecord("done", "w1", "t/0/3", "applied"), 60), 5)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
+        assert {r[0] for r in conn.execute("SELECT event_id FROM dedup")} == {"a", "b", "c"}

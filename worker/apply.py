@@ -169,14 +169,17 @@ class ApiCaller:
         is not is sent again; while the ticket cannot be read, reading it is what is retried,
         within the same budget. So a change whose answer was lost is not applied twice.
         """
-        until = self._abandoned.pop(event_id, None)
+        until = self._abandoned.get(event_id)
         if until is not None:
             # A cancelled job's request for this event may still be on its way: let it land, then
-            # read the ticket before sending anything.
+            # read the ticket before sending anything. The record goes only after the wait: this
+            # job may be cancelled too while it waits, and the next one must wait as well.
             wait_s = until - time.monotonic()
             if wait_s > 0:
                 log.info("api_waiting_for_abandoned_request", wait_s=round(wait_s, 3))
                 await asyncio.sleep(wait_s)
+            if self._abandoned.get(event_id) == until:
+                del self._abandoned[event_id]
             ambiguous = True
         calls = 0  # times the change was sent: the outcome's attempts
         spent = 0  # sends that count against the budget (a 401 or an outage does not)

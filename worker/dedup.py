@@ -49,9 +49,11 @@ import redis.exceptions as redis_errors
 from pydantic_core import to_json
 
 from worker.errors import ConfigError, DedupUnavailable
+from worker.logs import get_logger
 from worker.redis_config import redis_client
 
 T = TypeVar("T")
+log = get_logger(__name__)
 
 
 class ClaimKind(StrEnum):
@@ -245,21 +247,25 @@ class SqliteStore:
     def _run_batch(self) -> None:
         """Every call queued in the last loop turn, in one transaction."""
         batch, self._batch = self._batch, []
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for fn, args, future in batch:
-                    results.append((future, fn(conn, *args), None))
+                results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
+                    (future, fn(conn, *args), None) for fn, args, future in batch
+                ]
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            self._maintain(conn)
         except Exception as exc:  # every waiting caller must hear about it, whatever it is
-            results = [(future, None, exc) for _, _, future in batch]
+            _settle([(future, None, exc) for _, _, future in batch])
+            return
         _settle(results)
+        try:
+            self._maintain(conn)
+        except Exception as exc:  # the batch is committed and answered; the upkeep runs again next time
+            log.warning("dedup_maintenance_failed", error=type(exc).__name__, detail=str(exc))
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -303,8 +309,8 @@ class SqliteStore:
     def _hold_for_checkpoint(self) -> None:
         """Queue writes while the maintenance thread copies the frames the last checkpoint missed:
         with none added meanwhile it copies them all, and the next commit starts the WAL over."""
+        self._checkpoint = self._executor.submit(self._checkpoint_wal)  # first: it raises once closed
         self._holding = self._held = True
-        self._checkpoint = self._executor.submit(self._checkpoint_wal)
         asyncio.wrap_future(self._checkpoint).add_done_callback(self._release_hold)
 
     def _release_hold(self, _: object) -> None:
