@@ -36,7 +36,7 @@ from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
 from worker.retry import RetryPolicy
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, without_password
 from worker.tracing import from_headers
 
 log = get_logger(__name__)
@@ -153,7 +153,7 @@ class Worker:
             group_id=s.group_id,
             max_in_flight=s.max_in_flight,
             max_buffered=self._buffer_limit,
-            dedup=s.dedup_url.split("?", 1)[0].split("@")[-1],
+            dedup=without_password(s.dedup_url.split("?", 1)[0]),  # options left out
         )
         if self._ingress is not None:
             await self._ingress.start()

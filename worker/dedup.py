@@ -230,7 +230,6 @@ class SqliteStore:
         self._last_checkpoint = time.monotonic()
         self._checkpoint: Future[int] | None = None
         self._holding = False  # writes wait for the checkpoint that lets the WAL start over
-        self._held = False  # the running checkpoint is such a hold's
         self._maintenance_conn: sqlite3.Connection | None = None  # used on the maintenance thread only
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -294,12 +293,12 @@ class SqliteStore:
                 self._last_purge = now
         if self._checkpoint is not None and self._checkpoint.done():
             frames = self._checkpoint.result()
-            self._checkpoint, held = None, self._held
-            self._held = False
+            self._checkpoint = None
             # A WAL this large has not started over since: a commit began while a checkpoint ran.
-            # Once per regular checkpoint at most: a reader that keeps the WAL from being copied
-            # (someone inspecting the file) must not turn every batch into a hold.
-            if not held and frames >= self._WAL_RESTART_FRAMES:
+            # Only after a regular checkpoint (a hold's is forgotten by ``_release_hold``): a reader
+            # that keeps the WAL from being copied (someone inspecting the file) must not turn
+            # every batch into a hold.
+            if frames >= self._WAL_RESTART_FRAMES:
                 self._hold_for_checkpoint()
                 return
         if now - self._last_checkpoint > self._CHECKPOINT_EVERY_S and self._checkpoint is None:
@@ -310,11 +309,12 @@ class SqliteStore:
         """Queue writes while the maintenance thread copies the frames the last checkpoint missed:
         with none added meanwhile it copies them all, and the next commit starts the WAL over."""
         self._checkpoint = self._executor.submit(self._checkpoint_wal)  # first: it raises once closed
-        self._holding = self._held = True
+        self._holding = True
         asyncio.wrap_future(self._checkpoint).add_done_callback(self._release_hold)
 
     def _release_hold(self, _: object) -> None:
         self._holding = False
+        self._checkpoint = None  # its count is not looked at: the next commit starts the WAL over
         if self._batch:
             self._run_batch()
 

@@ -69,7 +69,7 @@ class OffsetTracker:
     def pending_of(self, key: PartitionKey) -> int:
         """Messages of one partition taken and not committable yet (from its oldest unfinished)."""
         part = self._parts.get(key)
-        return len(part.taken) if part is not None else 0
+        return part.pending if part is not None else 0
 
     def pending(self, keys: set[PartitionKey] | None = None) -> int:
         return sum(p.pending for k, p in self._parts.items() if keys is None or k in keys)

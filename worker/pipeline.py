@@ -83,7 +83,7 @@ class Pipeline:
         self._metrics = metrics
         self._owner = settings.worker_id
         #: event_id -> jobs waiting for the job of this worker that has that event in hand
-        self._in_hand: dict[str, list[asyncio.Future[None]] | None] = {}
+        self._in_hand: dict[str, list[asyncio.Future[None]]] = {}
 
     # --- the one entry point ----------------------------------------------------------------------
     async def process(self, job: Job) -> None:
@@ -130,18 +130,15 @@ class Pipeline:
         claim, which is ours, take it for a cancelled job of ours and send again. It waits, and is
         then decided as if it had come after (a duplicate, or a retry of a failed event)."""
         event_id = event.event_id
-        while event_id in self._in_hand:
-            waiters = self._in_hand[event_id]
-            if waiters is None:
-                waiters = self._in_hand[event_id] = []
+        while (waiters := self._in_hand.get(event_id)) is not None:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiters.append(waiter)
             await waiter
-        self._in_hand[event_id] = None
+        self._in_hand[event_id] = []
         try:
             await self._claim_and_apply(job, event)
         finally:
-            for waiter in self._in_hand.pop(event_id) or ():
+            for waiter in self._in_hand.pop(event_id):
                 if not waiter.done():
                     waiter.set_result(None)
 

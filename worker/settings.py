@@ -207,9 +207,10 @@ class WorkerSettings(BaseSettings):
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
                 env = f"{ENV_PREFIX}{name.upper()}"
                 raise ValueError(f"set {env} or {env}_FILE, not both")
-        if {self.input_topic, self.results_topic, self.dlq_topic} & {".", ".."}:
+        topics = {self.input_topic, self.results_topic, self.dlq_topic}
+        if topics & {".", ".."}:
             raise ValueError("a topic cannot be named '.' or '..'")
-        if len({self.input_topic, self.results_topic, self.dlq_topic}) < 3:
+        if len(topics) < 3:
             raise ValueError("input_topic, results_topic and dlq_topic must be three different topics")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
@@ -260,7 +261,7 @@ class WorkerSettings(BaseSettings):
         """As pydantic's, with the password of ``dedup_url`` (a Redis URL may carry one) masked."""
         for name, value in super().__repr_args__():
             if name == "dedup_url" and isinstance(value, str):
-                value = _without_password(value)
+                value = without_password(value)
             yield name, value
 
     def secret_values(self) -> list[str]:
@@ -284,7 +285,8 @@ def _valid_host_port(entry: str) -> bool:
     return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***`` (a Redis URL may carry one)."""
     parts = urlsplit(url)
     if not parts.password:
         return url
