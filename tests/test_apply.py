@@ -93,6 +93,7 @@ class Rig:
         hook: Callable[[], Awaitable[None]] | None = None,
         confirm: Callable[[dict[str, Any]], bool] | None = None,
         ambiguous: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> ApplyResult:
         event = event or started()
         return await caller.apply(
@@ -101,9 +102,21 @@ class Rig:
             event_id=event.event_id,
             traceparent=TRACEPARENT,
             before_attempt=hook or Attempts(),
+            before_send=before_send,
             confirm=confirm,
             ambiguous=ambiguous,
         )
+
+    async def leave_a_request_behind(self, caller: ApiCaller, latency_ms: float) -> None:
+        """A job whose PUT the API holds for ``latency_ms`` is cancelled once the PUT has arrived:
+        the HTTP client still delivers it (a revocation or shutdown past its grace)."""
+        state = self.sim.state
+        state.set_faults(latency_ms=latency_ms)
+        first = asyncio.create_task(self.apply(caller))
+        await until(lambda: state.arrived == 1)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        state.set_faults(latency_ms=0)
 
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -242,16 +255,8 @@ async def test_before_send_runs_once_the_limits_let_the_request_through(rig: Rig
     async def before_send() -> None:
         seen.append("send")
 
-    event = started()
     task = asyncio.create_task(
-        rig.caller(concurrency=limit).apply(
-            event.ticket_id,
-            wire(event),
-            event_id=event.event_id,
-            traceparent=TRACEPARENT,
-            before_attempt=before_attempt,
-            before_send=before_send,
-        )
+        rig.apply(rig.caller(concurrency=limit), hook=before_attempt, before_send=before_send)
     )
     await until(lambda: rig.sample("coc_worker_rate_limit_waits_total") == 1.0)
     assert seen == ["round"]  # waiting for the slot; nothing renewed yet
@@ -588,13 +593,8 @@ async def test_a_request_left_behind_by_a_cancelled_job_lands_before_the_event_i
     land, reads the ticket and finds the change in place: one PUT, not a second one that the state
     machine refuses (or, for ``ticket.update``, applies twice)."""
     state = rig.sim.state
-    state.set_faults(latency_ms=300)
     caller = rig.caller(abandon_s=2.0)
-    first = asyncio.create_task(rig.apply(caller))
-    await until(lambda: state.arrived == 1)  # on its way: the API holds it for 300 ms
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    state.set_faults(latency_ms=0)
+    await rig.leave_a_request_behind(caller, latency_ms=300)
 
     result = await rig.apply(caller, confirm=lambda detail: already_applied(started(), detail))
 
@@ -613,16 +613,7 @@ async def test_a_job_cancelled_before_its_request_was_made_leaves_nothing_to_wai
         renewing.set()
         await asyncio.Event().wait()
 
-    event = started()
-    first = asyncio.create_task(
-        caller.apply(
-            event.ticket_id,
-            wire(event),
-            event_id=event.event_id,
-            traceparent=TRACEPARENT,
-            before_send=renew_forever,
-        )
-    )
+    first = asyncio.create_task(rig.apply(caller, before_send=renew_forever))
     await asyncio.wait_for(renewing.wait(), 5)
     first.cancel()
     await asyncio.gather(first, return_exceptions=True)
@@ -639,14 +630,9 @@ async def test_a_job_cancelled_while_waiting_for_a_left_behind_request_leaves_th
     """The next job of the event waits for the left-behind request, and is cancelled too (a second
     revocation within the window). The job after it must still wait, not read and send at once."""
     state = rig.sim.state
-    state.set_faults(latency_ms=600)
     caller = rig.caller(abandon_s=2.0)
     confirm: Callable[[dict[str, Any]], bool] = lambda detail: already_applied(started(), detail)  # noqa: E731
-    first = asyncio.create_task(rig.apply(caller))
-    await until(lambda: state.arrived == 1)
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    state.set_faults(latency_ms=0)
+    await rig.leave_a_request_behind(caller, latency_ms=600)
     with capture_logs() as logs:
         second = asyncio.create_task(rig.apply(caller, confirm=confirm, ambiguous=True))
         await until(lambda: any(e["event"] == "api_waiting_for_abandoned_request" for e in logs))

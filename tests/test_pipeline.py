@@ -99,7 +99,7 @@ class Rig:
 
 
 def job(raw: dict[str, Any], offset: int = 7) -> Job:
-    message = Message("in", 0, offset, b"CM1", json.dumps(raw).encode(), [], 0)
+    message = Message("in", 0, offset, raw["ticket_id"].encode(), json.dumps(raw).encode(), [], 0)
     event = CHANGE_EVENT_ADAPTER.validate_python(raw)
     return Job(message, event, None, from_headers([]), datetime.now(UTC), time.monotonic())
 
@@ -186,10 +186,10 @@ async def test_one_event_id_in_two_lanes_at_once_is_decided_as_if_one_came_after
     jobs (read the ticket, send): it waits for the first to finish and is then a ``duplicate``,
     exactly as when it arrives later. One PUT, not two."""
     other_ticket = {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}
-    second = job(other_ticket, offset=8)
-    second.message = Message("in", 1, 8, b"CM2", json.dumps(other_ticket).encode(), [], 0)
 
-    await asyncio.gather(rig.pipeline.process(job(STARTED)), rig.pipeline.process(second))
+    await asyncio.gather(
+        rig.pipeline.process(job(STARTED)), rig.pipeline.process(job(other_ticket, offset=8))
+    )
 
     state = rig.sim.state
     assert [r.method for r in state.requests] == ["PUT"]
