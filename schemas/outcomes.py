@@ -23,7 +23,8 @@ class OutcomeStatus(StrEnum):
     APPLIED = "applied"
     """The API accepted the change."""
     REJECTED = "rejected"
-    """The API refused the change (4xx, or a non-success error_code); also dead-lettered."""
+    """The API refused the change (an answer that is not retried: 4xx other than 401/403/408/429,
+    3xx, 501, 505...; or a 2xx with a non-success error_code); also dead-lettered."""
     FAILED = "failed"
     """Transient errors outlived the retry budget; also dead-lettered."""
     INVALID = "invalid"
