@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.cli import main
-from worker.tools.validate import check_document
+from worker.tools.validate import IngressLimits, check_document
 
 GOOD = {"event_id": "e1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s1"}
 
@@ -29,6 +29,20 @@ def test_one_event_or_a_batch() -> None:
     )
 
 
+def test_a_file_the_ingress_would_refuse_is_not_valid() -> None:
+    """Before, a 501-event array or a 2 MiB body was 'ok', then answered 413 by the ingress."""
+    batch = json.dumps([GOOD, {**GOOD, "event_id": "e2"}, {**GOOD, "event_id": "e3"}]).encode()
+    assert check_document(batch, 1 << 20, IngressLimits(1 << 20, 3)) == (3, [])
+    assert check_document(batch, 1 << 20, IngressLimits(1 << 20, 2)) == (
+        3,
+        [("$", "3 events; the ingress takes at most 2 per request")],
+    )
+    assert check_document(batch, 1 << 20, IngressLimits(100, 3)) == (
+        3,
+        [("$", f"{len(batch)} bytes; the ingress takes at most 100 per request")],
+    )
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, str]:
     paths = {}
@@ -46,6 +60,11 @@ def test_command_exit_codes_and_lines(
 ) -> None:
     assert main(["validate", files["good.json"]]) == 0
     assert capsys.readouterr().out == f"{files['good.json']}: ok (2 events)\n"
+    assert main(["validate", files["good.json"], "--ingest-max-batch", "1"]) == 1
+    assert (
+        capsys.readouterr().out
+        == f"{files['good.json']}: $: 2 events; the ingress takes at most 1 per request\n"
+    )
     assert main(["validate", files["good.json"], files["bad.json"], "/nonexistent.json"]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith(": ok (2 events)")

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +24,7 @@ from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
 from worker.logs import configure
 from worker.loop import loop_factory
-from worker.settings import SECRET_FIELDS, WorkerSettings, load_settings
+from worker.settings import SECRET_FIELDS, TOPIC_NAME_PATTERN, WorkerSettings, load_settings
 
 if TYPE_CHECKING:
     from worker.tools.dlq import Selection
@@ -237,6 +239,9 @@ def _add_event_flags(parser: argparse.ArgumentParser) -> None:
     event.add_argument("--work-flow-status", help="ticket_info.work_flow_status (ticket.update)")
 
 
+_SEND_TIMEOUT_S = 60.0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from worker.tools import events, send
     from worker.tracing import parse
@@ -260,6 +265,9 @@ def cmd_send(args: argparse.Namespace) -> int:
         phase=args.phase,
         work_flow_status=args.work_flow_status,
     )
+    if not args.wait_outcome and (args.json or args.timeout_s is not None):
+        print("coc-worker send: --json and --timeout-s go with --wait-outcome", file=sys.stderr)
+        return send.EXIT_BAD_INPUT
     trace = None
     if args.traceparent is not None:
         trace = parse(args.traceparent)
@@ -277,12 +285,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     except InvalidEvent as exc:
         print(f"coc-worker send: invalid event: {exc.detail}", file=sys.stderr)
         return send.EXIT_BAD_INPUT
-    wait_s = args.timeout_s if args.wait_outcome else None
+    wait_s = (args.timeout_s or _SEND_TIMEOUT_S) if args.wait_outcome else None
+    # The id first, before anything can fail: a caller retrying after an error must reuse it.
+    print(event.event_id, flush=True)
     result = asyncio.run(send.send_event(settings, event, obj, trace=trace, wait_outcome_s=wait_s))
-    print(result.event_id, flush=True)
     if result.timed_out:
         print(
-            f"coc-worker send: no outcome for {result.event_id} within {args.timeout_s:g}s "
+            f"coc-worker send: no outcome for {result.event_id} within {wait_s:g}s "
             f"(is a worker running on {settings.input_topic}?)",
             file=sys.stderr,
         )
@@ -292,10 +301,12 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from worker.tools.validate import print_reports, validate_files
+    from worker.tools.validate import IngressLimits, print_reports, validate_files
 
     settings = _tool_settings(args)
-    return print_reports(validate_files(args.files, sys.stdin.buffer, settings.max_event_bytes), sys.stdout)
+    ingress = IngressLimits(settings.ingest_max_body_bytes, settings.ingest_max_batch)
+    reports = validate_files(args.files, sys.stdin.buffer, settings.max_event_bytes, ingress)
+    return print_reports(reports, sys.stdout)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -376,6 +387,11 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.to_topic is not None:
+        problem = _replay_target_problem(args.to_topic, settings)
+        if problem:
+            print(f"coc-worker dlq replay: --to-topic {args.to_topic!r}: {problem}", file=sys.stderr)
+            return 2
     report = asyncio.run(
         replay(
             settings,
@@ -387,11 +403,25 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
     )
+    sending = report.selected - report.copies - report.refused
     if report.dry_run:
-        print(f"dry run: {report.selected} record(s) would be replayed to {report.target}", file=sys.stderr)
+        summary = f"dry run: {sending} of {report.selected} record(s) would be replayed to {report.target}"
     else:
-        print(f"replayed {report.sent} of {report.selected} record(s) to {report.target}", file=sys.stderr)
-    return 0
+        summary = f"replayed {report.sent} of {report.selected} record(s) to {report.target}"
+    if report.copies:
+        summary += f"; {report.copies} later cop{'ies' if report.copies != 1 else 'y'} of an event skipped"
+    if report.refused:
+        summary += f"; {report.refused} NOT replayable (see those lines)"
+    print(summary, file=sys.stderr)
+    return 1 if report.refused else 0
+
+
+def _replay_target_problem(topic: str, settings: WorkerSettings) -> str | None:
+    if not _TOPIC_NAME.match(topic):
+        return "not a Kafka topic name (1-249 of A-Z a-z 0-9 . _ -)"
+    if topic in (settings.dlq_topic, settings.results_topic):
+        return "that is the dead-letter or the results topic; replays go to an input topic"
+    return None
 
 
 def _add_dlq_selection(parser: argparse.ArgumentParser) -> None:
@@ -402,9 +432,9 @@ def _add_dlq_selection(parser: argparse.ArgumentParser) -> None:
     )
     select.add_argument("--ticket", action="append", default=[], metavar="ID", help="ticket_id")
     select.add_argument("--event-id", action="append", default=[], metavar="ID")
-    select.add_argument("--partition", type=int, help="only this DLQ partition")
-    select.add_argument("--from-offset", type=int, metavar="N", help="first DLQ offset (inclusive)")
-    select.add_argument("--to-offset", type=int, metavar="N", help="last DLQ offset (inclusive)")
+    select.add_argument("--partition", type=_not_negative, help="only this DLQ partition")
+    select.add_argument("--from-offset", type=_not_negative, metavar="N", help="first DLQ offset (inclusive)")
+    select.add_argument("--to-offset", type=_not_negative, metavar="N", help="last DLQ offset (inclusive)")
     select.add_argument("--limit", type=_at_least_one, metavar="N", help="stop after N records")
 
 
@@ -419,7 +449,7 @@ def _add_tool_parsers(sub: Any) -> None:
     send.add_argument(
         "--wait-outcome", action="store_true", help="wait for the outcome and exit by its status"
     )
-    send.add_argument("--timeout-s", type=float, default=60.0, help="how long --wait-outcome waits (60)")
+    send.add_argument("--timeout-s", type=_seconds, default=None, help="how long --wait-outcome waits (60)")
     send.add_argument("--json", action="store_true", help="print the outcome as JSON")
     send.add_argument("--traceparent", help="continue this W3C trace (default: a new one)")
     _add_settings_flags(send, _KAFKA_SETTINGS)
@@ -429,7 +459,10 @@ def _add_tool_parsers(sub: Any) -> None:
     validate.add_argument(
         "files", nargs="+", metavar="FILE", help="a JSON event or array of events; - is stdin"
     )
-    _add_settings_flags(validate, ("max_event_bytes", "log_level", "log_format"))
+    _add_settings_flags(
+        validate,
+        ("max_event_bytes", "ingest_max_body_bytes", "ingest_max_batch", "log_level", "log_format"),
+    )
     validate.set_defaults(func=cmd_validate)
 
     ingest = sub.add_parser(
@@ -471,7 +504,12 @@ def _add_tool_parsers(sub: Any) -> None:
     _add_settings_flags(listing, _KAFKA_SETTINGS)
     listing.set_defaults(func=cmd_dlq_list)
     replaying = dlq_sub.add_parser(
-        "replay", help="send selected records back to the input topic (same key, value, event_id)"
+        "replay",
+        help="send selected records back to the input topic (same key, value, event_id)",
+        description="One copy of an event per run; records cut by the dead-letter writer, or from "
+        "another topic than the target (unless --to-topic), are not sent. Exit codes: 0 every "
+        "selected record replayed or a skipped copy; 1 a record NOT replayable, or a write failed "
+        "(UNKNOWN: sent, not acknowledged); 2 bad input.",
     )
     _add_dlq_selection(replaying)
     replaying.add_argument("--all", action="store_true", help="replay every record (no selection)")
@@ -507,10 +545,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TOPIC_NAME = re.compile(TOPIC_NAME_PATTERN)
+
+
 def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    return _at_least(text, 1)
+
+
+def _not_negative(text: str) -> int:
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
 
 

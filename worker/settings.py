@@ -36,7 +36,9 @@ SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest
 PositiveSeconds = Annotated[float, Field(gt=0)]
 #: Kafka's own rule for topic names (also not "." or ".."); the broker would refuse anything else,
 #: at the first write to it.
-TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+#: Kafka's own rule for a topic name.
+TOPIC_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+TopicName = Annotated[str, Field(pattern=TOPIC_NAME_PATTERN)]
 
 
 def _default_worker_id() -> str:

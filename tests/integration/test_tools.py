@@ -24,7 +24,7 @@ from worker.publisher import DeadLetter, dead_letter_headers
 from worker.sandbox import TansuBroker, free_port, produce
 from worker.settings import load_settings
 from worker.simulator import SimulatorServer
-from worker.tools.kafka_io import TopicReader
+from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,29 @@ async def test_send_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[
         "--kafka-bootstrap-servers",
         nobody,
     ]
-    code = await asyncio.to_thread(main, argv)
-    err = capsys.readouterr().err
+    code = await asyncio.to_thread(main, [*argv, "--event-id", "deploy-7"])
+    out, err = capsys.readouterr()
     assert code == 1
     assert err == "coc-worker: cannot connect to the broker: KafkaConnectionError\n"
+    assert out == "deploy-7\n"  # printed before the attempt: a retry must reuse it
+    assert await asyncio.to_thread(main, argv) == 1
+    assert capsys.readouterr().out.startswith("cli-")  # a generated id too (before: none on a failure)
+
+
+def test_send_refuses_wait_flags_without_wait_outcome_and_bad_timeouts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Before, --timeout-s 0, -5 or nan produced the event and then gave up at once, and --json or
+    --timeout-s without --wait-outcome were silently ignored."""
+    argv = ["send", "--type", "started", "--ticket", "T", "--sub-ticket", "s", "--wait-outcome"]
+    for timeout in ("0", "-5", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as usage:
+            main([*argv, "--timeout-s", timeout])
+        assert usage.value.code == 2
+        assert "--timeout-s" in capsys.readouterr().err
+    for flags in (["--json"], ["--timeout-s", "5"]):
+        assert main([*argv[:-1], *flags]) == 2
+        assert "go with --wait-outcome" in capsys.readouterr().err
 
 
 # --- outcomes tail --------------------------------------------------------------------------------------
@@ -377,6 +396,104 @@ async def test_a_replay_that_fails_part_way_reports_exactly_what_was_written(
     assert "MessageSizeTooLargeError" in run.err
 
 
+def _letter(
+    topics: dict[str, str],
+    event_id: str,
+    at: int,
+    *,
+    source_topic: str | None = None,
+    cut_to: int | None = None,
+) -> tuple[bytes, bytes, list]:
+    """A rejected event of ticket CM-R dead-lettered from ``source_topic`` (the input) offset ``at``;
+    ``cut_to``: as the dead-letter writer stores a value too large for the DLQ."""
+    value = json.dumps(event("change.ended", "CM-R", event_id=event_id)).encode()
+    dead = DeadLetter(
+        b"CM-R", value, [], "rejected", "api_rejected", "d", source_topic or topics["input"], 0, at, event_id
+    )
+    headers = dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC))
+    if cut_to is not None:
+        headers.append(("coc-dlq-value-truncated-from", str(len(value)).encode()))
+        value = value[:cut_to]
+    return b"CM-R", value, headers
+
+
+async def test_a_replay_sends_one_copy_of_an_event_and_nothing_that_is_not_the_event(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli
+) -> None:
+    """The DLQ holds event r0 twice (rejected, replayed, rejected again), r1 cut by the dead-letter
+    writer, and r2 dead-lettered from another input topic. Before: both copies of r0 were sent, so
+    the copies doubled on every replay; r1's cut bytes were sent as if they were the event (the
+    worker then called it invalid); r2 went to this worker's input topic."""
+    other = topics["input"] + "-other"
+    await produce(
+        broker.bootstrap,
+        topics["dlq"],
+        [
+            _letter(topics, "r0", 0),
+            _letter(topics, "r0", 5),
+            _letter(topics, "r1", 1, cut_to=40),
+            _letter(topics, "r2", 0, source_topic=other),
+        ],
+    )
+    run = await cli("dlq", "replay", "--all")
+    assert run.code == 1
+    verbs = [(line.split()[0], line.split(" event=")[1].split(":")[0]) for line in run.lines]
+    assert verbs == [("replay", "r0"), ("skip", "r0"), ("NOT", "r1"), ("NOT", "r2")]
+    first_at = run.lines[0].split()[1]  # the DLQ's partition/offset of r0's first record
+    assert run.lines[1].endswith(f"a copy of {first_at}, sent by this run")
+    assert "cut its value to 40 of" in run.lines[2]
+    assert f"the whole message is at {topics['input']}/0/1" in run.lines[2]
+    assert f"pass --to-topic {other}" in run.lines[3]
+    assert "replayed 1 of 4 record(s)" in run.err
+    assert "1 later copy of an event skipped; 2 NOT replayable" in run.err
+    [sent] = await read_records(broker.bootstrap, topics["input"], 1)
+    assert json.loads(sent.value or b"")["event_id"] == "r0"
+    assert await topic_size(broker, topics["input"]) == 1
+    dry = await cli("dlq", "replay", "--all", "--dry-run")
+    assert [line.split()[0] for line in dry.lines] == ["would", "would", "NOT", "NOT"]
+    assert dry.lines[1].startswith("would skip")
+    assert "dry run: 1 of 4 record(s) would be replayed" in dry.err
+    named = await cli("dlq", "replay", "--event-id", "r2", "--to-topic", other)
+    assert named.code == 0, named.err
+    [stranger] = await read_records(broker.bootstrap, other, 1)
+    assert json.loads(stranger.value or b"")["event_id"] == "r2"
+
+
+async def test_replay_targets_and_partitions_are_checked(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli
+) -> None:
+    await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 2))
+    for target in (topics["dlq"], topics["results"], "bad topic!"):
+        run = await cli("dlq", "replay", "--all", "--to-topic", target)
+        assert run.code == 2
+        assert "--to-topic" in run.err
+    missing = await cli("dlq", "replay", "--partition", "99")
+    assert missing.code == 2
+    assert "has partitions 0-" in missing.err
+    for bad in (("--partition", "-1"), ("--from-offset", "-3"), ("--to-offset", "x")):
+        with pytest.raises(SystemExit) as usage:
+            await cli("dlq", "list", *bad)
+        assert usage.value.code == 2
+    assert await topic_size(broker, topics["input"]) == 0
+
+
+async def test_records_sent_but_not_acknowledged_are_reported_as_unknown(
+    broker: TansuBroker, topics: dict[str, str], cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record handed to the client whose acknowledgement never came (a timeout) may be written:
+    before, it was reported 'NOT replayed ... were not written'."""
+    await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 3))
+
+    async def answer_lost(self: EventProducer, topic: str, records: list[OutRecord]) -> list[Delivered]:
+        raise PartialWrite("timed out", [Delivered(topic, 0, 0), None, None], handed=2)
+
+    monkeypatch.setattr(EventProducer, "send_many", answer_lost)
+    run = await cli("dlq", "replay", "--all")
+    assert run.code == 1
+    assert [line.split()[0] for line in run.lines] == ["replay", "UNKNOWN", "NOT"]
+    assert "1 marked UNKNOWN were sent but not acknowledged and may have been written" in run.err
+
+
 async def test_limits_below_one_are_refused(broker: TansuBroker, topics: dict[str, str], cli: Cli) -> None:
     await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 3))
     for args in (("dlq", "replay", "--all", "--limit", "0"), ("dlq", "list", "--limit", "-1")):
@@ -437,7 +554,7 @@ async def test_dlq_replay_after_the_ticket_was_fixed_ends_applied(
         dry = await cli("dlq", "replay", "--ticket", "CM-DLQ", "--dry-run")
         assert dry.code == 0
         assert dry.lines[0].startswith("would replay")
-        assert "dry run: 1 record(s)" in dry.err
+        assert "dry run: 1 of 1 record(s)" in dry.err
         assert await topic_size(broker, topics["input"]) == 1
         fixed = await cli(*send_waiting("started", "CM-DLQ"))
         assert fixed.code == 0

@@ -8,11 +8,18 @@ was applied meanwhile from being applied twice), without the ``coc-dlq-*`` heade
 rejected because the ticket was not ready, replayed once the ticket is fixed, ends ``applied``.
 
 Only records present when the command starts are read (a replay that is rejected again lands in
-the DLQ again, and must not be picked up by the same run).
+the DLQ again, and must not be picked up by the same run). For the same reason one run sends one
+copy of an event: an event replayed and rejected again has two records in the DLQ, and sending
+both on the next run would double them on every run. A record the dead-letter writer had to cut
+(too large for the DLQ) is never sent: its bytes are no longer the event; the headers say where the
+whole message still is. A record that came from another topic than the target is not sent either,
+unless ``--to-topic`` names the target explicitly.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import re
 from collections.abc import AsyncGenerator
@@ -24,6 +31,7 @@ from typing import TextIO
 from schemas.events import TICKET_ID_PATTERN
 from worker.consumer import Message
 from worker.decode import salvage_identity
+from worker.errors import ConfigError
 from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
 from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
@@ -47,6 +55,9 @@ class DeadLetterRecord:
     at: str
     event_id: str | None
     ticket_id: str | None
+    source_topic: str | None
+    #: Why the dead-letter writer's record is not the whole message any more (None: it is).
+    cut: str | None
 
     @classmethod
     def from_message(cls, message: Message, max_event_bytes: int) -> DeadLetterRecord:
@@ -61,6 +72,12 @@ class DeadLetterRecord:
         source = "/".join(
             dlq.get(name, "?") for name in ("source-topic", "source-partition", "source-offset")
         )
+        cut = None
+        if "key-dropped" in dlq:
+            cut = "the dead-letter writer dropped its key and value (too large)"
+        elif "value-truncated-from" in dlq:
+            kept = len(message.value) if message.value is not None else 0
+            cut = f"the dead-letter writer cut its value to {kept} of {dlq['value-truncated-from']} bytes"
         return cls(
             message=message,
             status=dlq.get("status", "?"),
@@ -70,7 +87,21 @@ class DeadLetterRecord:
             at=dlq.get("at", ""),
             event_id=dlq.get("event-id") or identity["event_id"],
             ticket_id=ticket,
+            source_topic=dlq.get("source-topic"),
+            cut=cut,
         )
+
+    @property
+    def identity(self) -> str:
+        """What makes two records copies of one message: its event_id, else its exact bytes."""
+        if self.event_id is not None:
+            return self.event_id
+        m = self.message
+        digest = hashlib.sha256()
+        for part in (m.key or b"", m.value or b""):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        return "sha256:" + digest.hexdigest()
 
     def as_json(self) -> dict[str, object]:
         m = self.message
@@ -84,6 +115,7 @@ class DeadLetterRecord:
             "event_id": self.event_id,
             "ticket_id": self.ticket_id,
             "value_bytes": len(m.value) if m.value is not None else None,
+            "cut": self.cut,
         }
 
 
@@ -142,7 +174,12 @@ def replay_headers(record: DeadLetterRecord, now: datetime) -> list[tuple[str, b
 async def _records(
     reader: TopicReader, selection: Selection, max_event_bytes: int, progress: Progress
 ) -> AsyncGenerator[DeadLetterRecord, None]:
-    start, end = selection.bounds(await reader.beginning_offsets(), await reader.end_offsets())
+    begin = await reader.beginning_offsets()
+    if selection.partition is not None and selection.partition not in begin:
+        raise ConfigError(
+            f"--partition {selection.partition}: the topic {reader.topic!r} has partitions 0-{len(begin) - 1}"
+        )
+    start, end = selection.bounds(begin, await reader.end_offsets())
     progress.set_total("read", sum(max(0, end[p] - start[p]) for p in start))
     messages = reader.read_range(start, end)
     async with aclosing(messages):
@@ -207,6 +244,22 @@ class ReplayReport:
     sent: int
     target: str
     dry_run: bool
+    #: Later copies of an event this run already sent (or, dry, would send).
+    copies: int = 0
+    #: Records not sent because they cannot be: cut by the dead-letter writer, or from another topic.
+    refused: int = 0
+
+
+def _refusal(record: DeadLetterRecord, target: str, target_named: bool) -> str | None:
+    """Why this record must not be sent to ``target``, if it must not."""
+    if record.cut is not None:
+        return f"{record.cut}; the whole message is at {record.source}"
+    if not target_named and record.source_topic is not None and record.source_topic != target:
+        return (
+            f"it came from {record.source_topic!r}, not {target!r}; "
+            f"pass --to-topic {record.source_topic} to send it there"
+        )
+    return None
 
 
 async def replay(
@@ -222,36 +275,67 @@ async def replay(
     """Send the matching records back to the input topic (or only list them with ``dry_run``)."""
     target = to_topic or settings.input_topic
     progress = Progress(f"dlq replay -> {target}", stream=err)
-    selected, sent = 0, 0
-    chunk: list[DeadLetterRecord] = []
+    selected, sent, refused = 0, 0, 0
+    first_copy: dict[str, str] = {}  # identity -> the DLQ position of the record this run sends
+    #: Records in DLQ order since the last send: None to send, else the line saying why not.
+    chunk: list[tuple[DeadLetterRecord, str | None]] = []
 
-    def line(verb: str, record: DeadLetterRecord) -> str:
+    def line(verb: str, record: DeadLetterRecord, why: str = "") -> str:
         m = record.message
         return (
             f"{verb} {m.partition}/{m.offset} {record.status} {record.reason} "
-            f"ticket={record.ticket_id or '-'} event={record.event_id or '-'}"
+            f"ticket={record.ticket_id or '-'} event={record.event_id or '-'}" + (f": {why}" if why else "")
         )
 
-    async def flush(producer: EventProducer) -> None:
-        """Send the chunk; a record is reported replayed once the broker has acknowledged it."""
+    async def flush(producer: EventProducer | None) -> None:
+        """Send the chunk; a record is reported replayed once the broker has acknowledged it.
+        Lines come in DLQ order, the records not sent among them."""
         nonlocal sent, chunk
         now = datetime.now(UTC)
-        out_records = [OutRecord(r.message.key, r.message.value, replay_headers(r, now)) for r in chunk]
+        to_send = [r for r, note in chunk if note is None]
+        out_records = [OutRecord(r.message.key, r.message.value, replay_headers(r, now)) for r in to_send]
+        failure: PartialWrite | None = None
         try:
-            acked: list[Delivered | None] = list(await producer.send_many(target, out_records))
-            failure: PartialWrite | None = None
+            acked: list[Delivered | None] = (
+                list(await producer.send_many(target, out_records)) if producer and out_records else []
+            )
+            handed = len(to_send)
         except PartialWrite as exc:
-            acked, failure = exc.acked, exc
-        for record, where in zip(chunk, acked, strict=True):
-            print(line("replay" if where is not None else "NOT replayed", record), file=out, flush=True)
+            acked, failure, handed = exc.acked, exc, exc.handed
+        except asyncio.CancelledError:  # Ctrl-C while the chunk was on its way
+            for record in to_send:
+                print(line("UNKNOWN", record, "interrupted while it was being sent"), file=out, flush=True)
+            print(
+                f"dlq replay: interrupted; {sent} record(s) replayed before this last group of "
+                f"{len(to_send)}, which may or may not have been written: check {target!r} before "
+                "replaying them again",
+                file=err,
+            )
+            raise
+        unknown, i = 0, 0
+        for record, note in chunk:
+            if note is not None:
+                print(note, file=out, flush=True)
+                continue
+            if producer is None:
+                print(line("would replay", record), file=out, flush=True)
+            elif acked[i] is not None:
+                print(line("replay", record), file=out, flush=True)
+            elif i < handed:
+                unknown += 1
+                print(line("UNKNOWN", record, "not acknowledged, may be written"), file=out, flush=True)
+            else:
+                print(line("NOT replayed", record), file=out, flush=True)
+            i += 1
         done = sum(where is not None for where in acked)
         sent += done
         progress.add("sent", done)
         chunk = []
         if failure is not None:
             print(
-                f"dlq replay: {sent} record(s) replayed before the failure; those marked NOT replayed"
-                " were not written",
+                f"dlq replay: {sent} record(s) replayed before the failure; {unknown} marked UNKNOWN were "
+                f"sent but not acknowledged and may have been written (check {target!r} before replaying "
+                "them again); those marked NOT replayed were not written",
                 file=err,
             )
             raise failure
@@ -263,14 +347,22 @@ async def replay(
         async with aclosing(records):
             async for record in records:
                 selected += 1
-                if producer is None:
-                    print(line("would replay", record), file=out, flush=True)
+                why = _refusal(record, target, to_topic is not None)
+                earlier = first_copy.get(record.identity)
+                if why is not None:
+                    refused += 1
+                    chunk.append((record, line("NOT replayable", record, why)))
+                elif earlier is not None:
+                    verb = "would skip" if producer is None else "skip"
+                    chunk.append((record, line(verb, record, f"a copy of {earlier}, sent by this run")))
                 else:
-                    chunk.append(record)
-                    if len(chunk) >= _SEND_CHUNK:
-                        await flush(producer)
+                    first_copy[record.identity] = f"{record.message.partition}/{record.message.offset}"
+                    chunk.append((record, None))
+                if len(chunk) >= _SEND_CHUNK or producer is None:
+                    await flush(producer)
                 if limit is not None and selected >= limit:
                     break
-        if producer is not None and chunk:
+        if chunk:
             await flush(producer)
-    return ReplayReport(selected, sent, target, dry_run)
+    copies = selected - refused - len(first_copy)
+    return ReplayReport(selected, sent, target, dry_run, copies, refused)

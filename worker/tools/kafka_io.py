@@ -51,11 +51,14 @@ class Delivered:
 
 
 class PartialWrite(BrokerUnavailable):
-    """A batch write failed; ``acked[i]`` is where record ``i`` was stored, or None if it was not."""
+    """A batch write failed; ``acked[i]`` is where record ``i`` was stored, or None if it was not
+    acknowledged. The first ``handed`` records went to the client: one of those without an
+    acknowledgement may still have been written (a timeout); the rest were not sent at all."""
 
-    def __init__(self, detail: str, acked: list[Delivered | None]) -> None:
+    def __init__(self, detail: str, acked: list[Delivered | None], handed: int) -> None:
         super().__init__(detail)
         self.acked = acked
+        self.handed = handed
 
 
 class _Client(Generic[C]):
@@ -137,7 +140,7 @@ class EventProducer(_Client[AIOKafkaProducer]):
             detail = f"the broker did not acknowledge the write to {topic!r} in time (is the topic there?)"
         else:
             detail = f"write to {topic!r} failed: {type(failure).__name__}"
-        raise PartialWrite(detail, acked) from failure
+        raise PartialWrite(detail, acked, len(pending)) from failure
 
 
 class TopicReader(_Client[AIOKafkaConsumer]):

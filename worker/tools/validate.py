@@ -1,7 +1,9 @@
 """``coc-worker validate FILE...``: check event files against the contract in a producer's CI.
 
 A file holds one event (a JSON object) or a batch (a JSON array of events), the same shapes the
-HTTP ingress takes. Every error is printed with its file and JSON path, e.g.
+HTTP ingress takes, within its limits (``COC_WORKER_INGEST_MAX_BODY_BYTES``,
+``COC_WORKER_INGEST_MAX_BATCH``: a file the ingress would answer with 413 is not valid). Every
+error is printed with its file and JSON path, e.g.
 ``deploy.json: $[1].sub_ticket_id: Field required``; the exit code is 0 when every file is valid,
 else 1.
 """
@@ -26,8 +28,32 @@ class FileReport:
         return not self.errors
 
 
-def check_document(raw: bytes, max_event_bytes: int) -> tuple[int, list[tuple[str, str]]]:
+@dataclass(frozen=True, slots=True)
+class IngressLimits:
+    """What one request to the HTTP ingress may hold."""
+
+    max_body_bytes: int
+    max_batch: int
+
+
+def check_document(
+    raw: bytes, max_event_bytes: int, ingress: IngressLimits | None = None
+) -> tuple[int, list[tuple[str, str]]]:
     """(number of events, every (JSON path, message)) for one document."""
+    limit_errors: list[tuple[str, str]] = []
+    if ingress is not None and len(raw) > ingress.max_body_bytes:
+        limit_errors.append(
+            ("$", f"{len(raw)} bytes; the ingress takes at most {ingress.max_body_bytes} per request")
+        )
+    count, errors = _check_events(raw, max_event_bytes)
+    if ingress is not None and count > ingress.max_batch:
+        limit_errors.append(
+            ("$", f"{count} events; the ingress takes at most {ingress.max_batch} per request")
+        )
+    return count, limit_errors + errors
+
+
+def _check_events(raw: bytes, max_event_bytes: int) -> tuple[int, list[tuple[str, str]]]:
     try:
         document = parse_document(raw)
     except InvalidEvent as exc:
@@ -42,7 +68,9 @@ def check_document(raw: bytes, max_event_bytes: int) -> tuple[int, list[tuple[st
     return 1, event_errors(document, max_event_bytes)
 
 
-def validate_files(paths: list[str], stdin: BinaryIO, max_event_bytes: int) -> list[FileReport]:
+def validate_files(
+    paths: list[str], stdin: BinaryIO, max_event_bytes: int, ingress: IngressLimits | None = None
+) -> list[FileReport]:
     reports = []
     for path in paths:
         report = FileReport("<stdin>" if path == "-" else path)
@@ -51,7 +79,7 @@ def validate_files(paths: list[str], stdin: BinaryIO, max_event_bytes: int) -> l
         except InvalidEvent as exc:
             report.errors.append(("$", exc.detail))
         else:
-            report.events, report.errors = check_document(raw, max_event_bytes)
+            report.events, report.errors = check_document(raw, max_event_bytes, ingress)
         reports.append(report)
     return reports
 
