@@ -351,6 +351,8 @@ def cmd_outcomes_tail(args: argparse.Namespace) -> int:
 def _selection(args: argparse.Namespace) -> Selection:
     from worker.tools.dlq import Selection
 
+    if args.from_offset is not None and args.to_offset is not None and args.from_offset > args.to_offset:
+        raise ConfigError(f"--from-offset {args.from_offset} is after --to-offset {args.to_offset}")
     return Selection(
         reasons=frozenset(args.reason),
         statuses=frozenset(args.status),

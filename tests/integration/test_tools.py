@@ -467,6 +467,9 @@ async def test_replay_targets_and_partitions_are_checked(
         run = await cli("dlq", "replay", "--all", "--to-topic", target)
         assert run.code == 2
         assert "--to-topic" in run.err
+    backwards = await cli("dlq", "list", "--from-offset", "9", "--to-offset", "3")
+    assert backwards.code == 2
+    assert "--from-offset 9 is after --to-offset 3" in backwards.err
     missing = await cli("dlq", "replay", "--partition", "99")
     assert missing.code == 2
     assert "has partitions 0-" in missing.err
