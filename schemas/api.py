@@ -8,13 +8,16 @@ including the explicit ``null`` values some of them carry (``verified_docs``, ro
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
 #: ``error_code`` of a successful call (Table 6, default value).
 SUCCESS_CODE = "GOM.00000000"
+
+#: The reference's ``Long``: a signed 64-bit integer.
+Long = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class Phase(StrEnum):
@@ -68,8 +71,8 @@ class SubTicketBody(_Body):
     verified_docs: str | None = None
     comment: str | None = None
     change_fail_type: str | None = None
-    rollback_start_time: int | None = None
-    rollback_end_time: int | None = None
+    rollback_start_time: Long | None = None
+    rollback_end_time: Long | None = None
     is_rollback_success: bool | None = None
     is_monitor_found: bool | None = None
 

@@ -535,7 +535,7 @@ def test_credentials_do_not_show_their_secrets() -> None:
 # --------------------------------------------------------------------------- probe and detail
 
 
-async def test_probe_raises_on_401_and_passes_on_404(sim: SimulatorServer) -> None:
+async def test_probe_raises_on_401_and_passes_on_an_unknown_ticket(sim: SimulatorServer) -> None:
     async with running(settings(sim.url)) as client:
         await client.probe("CM1")
         await client.probe("CM-UNKNOWN")
@@ -548,7 +548,7 @@ async def test_probe_raises_on_401_and_passes_on_404(sim: SimulatorServer) -> No
             await client.probe("CM1")
     assert [(r.method, r.status) for r in sim.state.requests] == [
         ("GET", 200),
-        ("GET", 404),
+        ("GET", 400),  # no such ticket: the API answers, and accepts our credentials
         ("GET", 401),
         ("GET", 503),
     ]

@@ -248,7 +248,7 @@ def test_ticket_book_seed_lookup_and_auto_create(tmp_path: Path) -> None:
     assert {k: s.state for k, s in cm9.sub_tickets.items()} == {"a": "pending", "b": "ended"}
     with pytest.raises(Refused) as refused:
         book.get("missing", now_ms=2)
-    assert (refused.value.code, refused.value.http_status) == (TICKET_NOT_FOUND, 404)
+    assert (refused.value.code, refused.value.http_status) == (TICKET_NOT_FOUND, 400)
     with pytest.raises(ValidationError):
         book.seed({"tickets": [{"ticket_id": "x", "unknown": 1}]}, now_ms=1)
 
@@ -499,6 +499,23 @@ async def test_list_sub_tickets_pages(api: Api) -> None:
             "s-404",
         ),
         ({"sub_tickets": [{"ticket_id": "s-1"}]}, None, BAD_ACTION, "history_info.action is required"),
+        # The reference's types, strictly (before, each of these was coerced and applied):
+        *(
+            (
+                {**START, "sub_tickets": [{"ticket_id": "s-1", name: value}]},
+                None,
+                BAD_BODY,
+                f"sub_tickets.0.{name}",
+            )
+            for name, value in (
+                ("is_verified_in_change_time", "yes"),
+                ("is_monitor_found", 1),
+                ("rollback_start_time", "123"),
+                ("rollback_start_time", 1.0),
+                ("rollback_end_time", True),
+                ("rollback_end_time", 2**63),  # a Long is 64 bits
+            )
+        ),
     ],
 )
 async def test_refusals_are_400_with_gom_codes(
@@ -519,9 +536,9 @@ async def test_ticket_type_unknown_ticket_and_closed_ticket(api: Api) -> None:
     reply = await api.call("GET", "/v1/issues_mgmt/tickets/CM1")
     assert (reply.status, reply.json["error_code"]) == (400, UNSUPPORTED_TICKET_TYPE)
     reply = await api.put("CM-404", START)
-    assert (reply.status, reply.json["error_code"]) == (404, TICKET_NOT_FOUND)
+    assert (reply.status, reply.json["error_code"]) == (400, TICKET_NOT_FOUND)
     reply = await api.call("GET", "/v1/change/tickets/CM-404")
-    assert (reply.status, reply.json["error_code"]) == (404, TICKET_NOT_FOUND)
+    assert (reply.status, reply.json["error_code"]) == (400, TICKET_NOT_FOUND)
     reply = await api.put("CM-CLOSED", {"ticket_info": {"phase": "phase_change_end"}})
     assert (reply.status, reply.json["error_code"]) == (400, TICKET_CLOSED)
 

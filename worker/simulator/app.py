@@ -184,7 +184,9 @@ class _Api:
         if not isinstance(raw, dict):
             return _gom_error(BAD_BODY, "the body must be a JSON object")
         try:
-            parsed = UpdateTicketBody.model_validate(raw)
+            # Strict, as the reference types the fields: "yes" or 1 is not a Boolean, "123" or 1.0
+            # not a Long. Lax validation would let a type bug in the worker's mapping pass here.
+            parsed = UpdateTicketBody.model_validate_json(body, strict=True)
         except ValidationError as exc:
             return _gom_error(BAD_BODY, _describe(exc))
         try:
@@ -192,6 +194,8 @@ class _Api:
         except Refused as exc:
             return _gom_error(exc.code, exc.message, exc.http_status)
         self.state.record_applied(ticket_id, changes, raw, event_id, request.headers.get(TRACEPARENT_HEADER))
+        # Shaped as the reference's example answer (``data.ticket_info``), which differs from its
+        # Table 7 (the same fields directly in ``data``); the worker reads only ``error_code``.
         return _ok(
             {
                 "ticket_info": {

@@ -7,7 +7,18 @@ Each change sub-ticket (one per change region) walks::
        +------cancel--------+--> cancelled
 
 ``history_info.action`` names the step (Table 5 of the reference page); ``change_result`` must
-agree with it. A body touching several sub-tickets is all-or-nothing: the whole plan is checked
+agree with it.
+
+Assumptions beyond the reference page (it gives the fields, their types and the five examples, not
+the rules the service enforces): the order above, taken from the examples' order (start, end,
+then "fill in the change result"), so a result before the end is refused; a sub-ticket needs its
+``ticket_id`` (Table 4 marks it optional, but without it nothing says which region changes);
+``change_result`` takes the three values of the examples (Table 4: "Value range: N/A"); unknown
+keys are refused; a ticket's ``phase`` may move to any phase; the detail (``GET``) of a
+sub-ticket carries its ``state`` and ``change_result``, which the SDK's detail model does not
+have: against the real API the worker's check of a lost answer (``mapping.already_applied``)
+finds no state and confirms nothing, so such an event ends ``rejected`` instead of
+``reconciled``. A body touching several sub-tickets is all-or-nothing: the whole plan is checked
 before anything is written. The ticket itself only carries ``phase`` and ``work_flow_status``,
 and once its phase is ``phase_change_close`` or ``phase_change_cancel`` it accepts nothing more.
 
@@ -16,7 +27,7 @@ The simulator's own error codes (the real API's codes are not published per caus
     code           HTTP  meaning
     GOM.00001001   400   body is not JSON, not an object, or breaks Table 2 (unknown keys, types)
     GOM.00001002   400   ticket_type in the path is not ``change``
-    GOM.00001003   404   no such ticket
+    GOM.00001003   400   no such ticket (the reference lists 400 as the only error status)
     GOM.00001004   400   no such sub-ticket on this ticket
     GOM.00001005   400   the sub-ticket's state does not allow this action
     GOM.00001006   400   the ticket is closed or cancelled: no more updates
@@ -316,11 +327,11 @@ class TicketBook:
         return len(seed.tickets)
 
     def get(self, ticket_id: str, *, now_ms: int) -> Ticket:
-        """The ticket, created on first sight with ``auto_create``, else ``Refused`` (404)."""
+        """The ticket, created on first sight with ``auto_create``, else ``Refused`` (400)."""
         ticket = self.tickets.get(ticket_id)
         if ticket is None:
             if not self.auto_create:
-                raise Refused(TICKET_NOT_FOUND, f"ticket {ticket_id} not found", http_status=404)
+                raise Refused(TICKET_NOT_FOUND, f"ticket {ticket_id} not found")
             ticket = Ticket(ticket_id, create_time=now_ms, update_time=now_ms)
             self.tickets[ticket_id] = ticket
         return ticket
