@@ -10,6 +10,8 @@ import pytest
 from schemas.events import CHANGE_EVENT_ADAPTER, ChangeFailed
 from worker.tools.alertmanager import Notification, event_id, to_events
 
+MAX = 1 << 20  # COC_WORKER_MAX_EVENT_BYTES
+
 #: The body Alertmanager POSTs to a webhook_config receiver (its documented format, version 4).
 DOCUMENTED: dict[str, Any] = {
     "receiver": "coc",
@@ -51,7 +53,7 @@ def notification(**alert_changes: Any) -> Notification:
 
 
 def test_a_firing_alert_becomes_a_monitor_found_failure() -> None:
-    [event], skipped = to_events(notification())
+    [event], skipped = to_events(notification(), MAX)
     assert skipped == []
     assert event == {
         "event_id": "am-1a30ba71cca2921f-1675688925828",
@@ -81,7 +83,7 @@ def test_the_event_id_is_stable_per_alert_instance() -> None:
     assert event_id(nanos) == event_id(first)  # same instant, other zone, nanosecond digits
     unprinted = notification(fingerprint=None).alerts[0]
     assert event_id(unprinted) == event_id(notification(fingerprint="not hex!").alerts[0])
-    assert CHANGE_EVENT_ADAPTER.validate_python(to_events(notification(fingerprint="x" * 500))[0][0])
+    assert CHANGE_EVENT_ADAPTER.validate_python(to_events(notification(fingerprint="x" * 500), MAX)[0][0])
 
 
 def test_labels_may_be_annotations_and_the_fail_type_is_carried() -> None:
@@ -89,7 +91,7 @@ def test_labels_may_be_annotations_and_the_fail_type_is_carried() -> None:
         labels={"alertname": "HighErrorRate", "change_fail_type": "fr_dependent_service_issue"},
         annotations={"ticket_id": "CM1", "sub_ticket_id": "s1"},
     )
-    [event], _ = to_events(moved)
+    [event], _ = to_events(moved, MAX)
     assert (event["ticket_id"], event["sub_ticket_id"]) == ("CM1", "s1")
     assert event["result"]["change_fail_type"] == "fr_dependent_service_issue"
     assert event["result"]["comment"] == "[HighErrorRate] alert firing"
@@ -105,7 +107,7 @@ def test_labels_may_be_annotations_and_the_fail_type_is_carried() -> None:
     ],
 )
 def test_other_alerts_are_skipped_with_a_reason(changes: dict[str, Any], reason: str) -> None:
-    events, [skipped] = to_events(notification(**changes))
+    events, [skipped] = to_events(notification(**changes), MAX)
     assert events == []
     assert skipped.reason == reason
     assert skipped.as_json()["fingerprint"] == "1a30ba71cca2921f"
@@ -116,5 +118,13 @@ def test_other_alerts_are_skipped_with_a_reason(changes: dict[str, Any], reason:
 
 
 def test_a_long_description_is_cut_to_the_comment_limit() -> None:
-    [event], _ = to_events(notification(annotations={"description": "x" * 5000}))
+    [event], _ = to_events(notification(annotations={"description": "x" * 5000}), MAX)
     assert len(event["result"]["comment"]) == 2000
+
+
+def test_an_event_over_the_workers_size_limit_is_skipped_not_produced() -> None:
+    """Before, it was produced (202) and the worker then refused it as too large."""
+    events, [skipped] = to_events(notification(annotations={"description": "é" * 2000}), 1024)
+    assert events == []
+    assert skipped.reason == "invalid"
+    assert "the limit is 1024" in skipped.errors[0]["message"]

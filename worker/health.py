@@ -24,8 +24,11 @@ class HealthServer:
         metrics: Metrics,
         status: Callable[[], dict[str, Any]],
         extra_routes: list[web.RouteDef] | None = None,
+        *,
+        idle_timeout_s: float = 15.0,
     ) -> None:
         self._settings = settings
+        self._idle_timeout_s = idle_timeout_s
         self._metrics = metrics
         self._status = status
         self._app = web.Application()
@@ -41,7 +44,9 @@ class HealthServer:
         self.port: int | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None)
+        # A connection that sends nothing (or half a request) is closed after this long, instead of
+        # aiohttp's hour: idle clients must not hold the worker's file descriptors.
+        self._runner = web.AppRunner(self._app, access_log=None, keepalive_timeout=self._idle_timeout_s)
         await self._runner.setup()
         site = TcpSite(self._runner, self._settings.http_host, self._settings.http_port)
         await site.start()

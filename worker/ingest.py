@@ -12,16 +12,21 @@ by ``coc-worker ingest``)::
                              202 {"event_ids": [...], "skipped": [{"index", "reason", ...}]}
 
 Both: 401 without ``Authorization: Bearer <token>`` when tokens are configured
-(``COC_WORKER_INGEST_TOKENS[_FILE]``, comma-separated, re-read per request so a rotated secret
-file is picked up), 413 over ``COC_WORKER_INGEST_MAX_BODY_BYTES`` or ``_MAX_BATCH`` events,
-503 when the broker does not acknowledge (nothing is lost by retrying: the event ids dedupe).
-Responses and logs never carry a token or an input value; errors name JSON paths only.
+(``COC_WORKER_INGEST_TOKENS[_FILE]``, separated by commas or whitespace, re-read per request so a
+rotated secret file is picked up; once configured, an empty list lets nobody in), 415 unless the
+body is ``application/json``, 413 over ``COC_WORKER_INGEST_MAX_BODY_BYTES`` or ``_MAX_BATCH``
+events, 408 when the body does not arrive within ``body_timeout_s``, 400 for a body that cannot be
+decoded, 503 when the broker does not acknowledge (nothing is lost by retrying: the event ids
+dedupe). Responses and logs never carry a token or an input value; errors name JSON paths only.
+Served alone, ``/readyz`` follows the broker (a metadata request every few seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +49,7 @@ from worker.tracing import new_trace, parse
 log = get_logger(__name__)
 
 _READ_CHUNK = 64 * 1024
+_TOKEN_SEPARATORS = re.compile(r"[,\s]+")
 _Handler = Callable[[web.Request, Any], Awaitable[web.Response]]
 
 
@@ -54,10 +60,23 @@ def _error(status: int, error: str, detail: str, **extra: Any) -> web.Response:
 class Ingress:
     """``POST /v1/events`` and ``POST /v1/alertmanager``; owns one producer to the input topic."""
 
-    def __init__(self, settings: WorkerSettings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        metrics: Metrics | None = None,
+        *,
+        body_timeout_s: float = 30.0,
+        broker_check_s: float = 5.0,
+    ) -> None:
         self._settings = settings
         self._producer = EventProducer(settings)
         self._started = False
+        #: Tokens are required once either setting is given, even while the list is empty.
+        self._auth = settings.ingest_tokens is not None or settings.ingest_tokens_file is not None
+        self._body_timeout_s = body_timeout_s
+        self._broker_check_s = broker_check_s
+        self._broker_ok = True
+        self._watcher: asyncio.Task[None] | None = None
         registry = (metrics or Metrics()).registry
         self._requests = Counter(
             "coc_worker_ingest_requests",
@@ -78,45 +97,78 @@ class Ingress:
 
     async def start(self) -> None:
         tokens = self._tokens()  # fail at start, not at the first request, on an unreadable file
-        if not tokens:
+        if not self._auth:
             log.warning("ingest_auth_disabled", setting="COC_WORKER_INGEST_TOKENS")
+        elif not tokens:
+            log.warning("ingest_no_tokens", detail="every request is refused until tokens are set")
         await self._producer.start()
         self._started = True
-        log.info("ingest_started", topic=self._settings.input_topic, auth=bool(tokens))
+        self._watcher = asyncio.create_task(self._watch_broker(), name="ingest-broker-check")
+        log.info("ingest_started", topic=self._settings.input_topic, auth=self._auth)
 
     async def stop(self) -> None:
         self._started = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self._producer.stop()
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self._started, "topic": self._settings.input_topic}
+        """Ready while the broker answers: served alone, the ingress is only as good as its producer."""
+        return {
+            "ready": self._started and self._broker_ok,
+            "broker": self._broker_ok,
+            "topic": self._settings.input_topic,
+        }
+
+    async def _watch_broker(self) -> None:
+        while True:
+            try:
+                await self._producer.ping(self._settings.input_topic)
+            except BrokerUnavailable:
+                if self._broker_ok:
+                    log.warning("ingest_broker_unreachable")
+                self._broker_ok = False
+            else:
+                self._broker_ok = True
+            await asyncio.sleep(self._broker_check_s)
 
     # --- handlers ------------------------------------------------------------------------------------
     async def _post_events(self, request: web.Request) -> web.StreamResponse:
-        response = await self._guarded(request, self._events_body)
-        self._requests.labels(route="events", code=str(response.status)).inc()
-        return response
+        return await self._counted("events", request, self._events_body)
 
     async def _post_alerts(self, request: web.Request) -> web.StreamResponse:
-        response = await self._guarded(request, self._alerts_body)
-        self._requests.labels(route="alertmanager", code=str(response.status)).inc()
-        return response
+        return await self._counted("alertmanager", request, self._alerts_body)
+
+    async def _counted(self, route: str, request: web.Request, handle: _Handler) -> web.Response:
+        code = "500"  # whatever escapes is answered 500 by aiohttp: count it so
+        try:
+            response = await self._guarded(request, handle)
+            code = str(response.status)
+            return response
+        finally:
+            self._requests.labels(route=route, code=code).inc()
 
     async def _guarded(self, request: web.Request, handle: _Handler) -> web.Response:
         """Auth, then the size limit, then strict JSON; ``handle(document)`` does the rest."""
+        if self._auth:
+            try:
+                tokens = self._tokens()
+            except ConfigError:
+                log.error("ingest_tokens_unreadable")
+                return _error(503, "auth_unavailable", "the ingress cannot read its tokens")
+            if not _authorized(request, tokens):
+                return self._unauthorized(request)
+        if request.content_type != "application/json":  # also refuses a browser's no-preflight post
+            return _error(415, "unsupported_media_type", "the body must be application/json")
         try:
-            tokens = self._tokens()
-        except ConfigError:
-            log.error("ingest_tokens_unreadable")
-            return _error(503, "auth_unavailable", "the ingress cannot read its tokens")
-        if tokens and not _authorized(request, tokens):
-            log.warning("ingest_unauthorized", path=request.path, remote=request.remote)
-            return web.json_response(
-                {"error": "unauthorized", "detail": "a valid Authorization: Bearer token is required"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="coc-worker"'},
-            )
-        body = await self._read_limited(request)
+            async with asyncio.timeout(self._body_timeout_s):
+                body = await self._read_limited(request)
+        except TimeoutError:
+            return _error(408, "request_timeout", f"the body did not arrive within {self._body_timeout_s:g}s")
+        except web.RequestPayloadError:  # a broken chunked or compressed body
+            return _error(400, "bad_body", "the body could not be read (its encoding is broken)")
         if body is None:
             limit = self._settings.ingest_max_body_bytes
             return _error(413, "too_large", f"the body is over {limit} bytes")
@@ -179,7 +231,7 @@ class Ingress:
             return _error(
                 400, "unsupported_version", f"webhook payload version {alertmanager.SUPPORTED_VERSION} only"
             )
-        events, skipped = alertmanager.to_events(notification)
+        events, skipped = alertmanager.to_events(notification, self._settings.max_event_bytes)
         if len(events) > self._settings.ingest_max_batch:
             return _error(
                 413, "too_many_events", f"at most {self._settings.ingest_max_batch} events per request"
@@ -209,9 +261,18 @@ class Ingress:
     # --- auth ----------------------------------------------------------------------------------------
     def _tokens(self) -> list[str]:
         raw = self._settings.secret("ingest_tokens") or ""
-        tokens = [token.strip() for token in raw.split(",") if token.strip()]
+        tokens = [token for token in _TOKEN_SEPARATORS.split(raw) if token]
         register_secrets(tokens)  # each token on its own: the log redactor must know them all
         return tokens
+
+    @staticmethod
+    def _unauthorized(request: web.Request) -> web.Response:
+        log.warning("ingest_unauthorized", path=request.path, remote=request.remote)
+        return web.json_response(
+            {"error": "unauthorized", "detail": "a valid Authorization: Bearer token is required"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="coc-worker"'},
+        )
 
 
 def _authorized(request: web.Request, tokens: list[str]) -> bool:

@@ -255,6 +255,8 @@ class WorkerSettings(BaseSettings):
                 return path.read_text(encoding="utf-8").strip() or None
             except OSError as exc:
                 raise ConfigError(f"cannot read {ENV_PREFIX}{name.upper()}_FILE: {exc.strerror}") from exc
+            except UnicodeDecodeError:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()}_FILE is not UTF-8 text") from None
         value: SecretStr | None = getattr(self, name)
         # stripped like a file's content: a Secret made with `echo` ends with a newline
         return (value.get_secret_value().strip() or None) if value is not None else None

@@ -16,8 +16,12 @@ from typing import Any
 import aiohttp
 import pytest
 from helpers import event
+from waiting import until
 
-from worker.ingest import serve
+from worker.errors import BrokerUnavailable
+from worker.health import HealthServer
+from worker.ingest import Ingress, serve
+from worker.metrics import Metrics
 from worker.sandbox import TansuBroker, read_topic
 from worker.settings import WorkerSettings, load_settings
 from worker.tools.kafka_io import TopicReader
@@ -111,6 +115,100 @@ async def test_a_bearer_token_that_is_not_utf8_is_unauthorized(
     assert await size(settings) == 0
 
 
+async def test_an_emptied_tokens_file_lets_nobody_in(ingress: str, settings: WorkerSettings) -> None:
+    """Before, an empty (or momentarily truncated) tokens file turned authentication off: 202 for
+    anyone. Tokens may also be one per line."""
+    assert settings.ingest_tokens_file is not None
+    one = event("change.started", "CM-E", "s1")
+    settings.ingest_tokens_file.write_text("")
+    for headers in ({}, bearer(TOKENS[0])):
+        status, body, _ = await post(f"{ingress}/v1/events", one, headers)
+        assert (status, body["error"]) == (401, "unauthorized")
+    settings.ingest_tokens_file.write_text("\n".join(TOKENS) + "\n")
+    for token in TOKENS:
+        status, _, _ = await post(f"{ingress}/v1/events", one, bearer(token))
+        assert status == 202
+    settings.ingest_tokens_file.write_bytes(b"\xff\xfe")
+    status, body, _ = await post(f"{ingress}/v1/events", one, bearer(TOKENS[0]))
+    assert (status, body["error"]) == (503, "auth_unavailable")
+    assert await size(settings) == 2
+
+
+async def test_what_is_not_a_json_body_is_refused_and_counted(ingress: str, settings: WorkerSettings) -> None:
+    """A text/plain post (a browser's cross-site form needs no preflight) is 415; a body whose gzip
+    is broken is 400 (before: a 500 with a traceback, and not counted in the metrics)."""
+    one = json.dumps(event("change.started", "CM-T", "s1")).encode()
+    async with aiohttp.ClientSession() as http:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            async with http.post(
+                f"{ingress}/v1/events", data=one, headers={**bearer(TOKENS[0]), "Content-Type": content_type}
+            ) as r:
+                assert r.status == 415
+        broken = {**bearer(TOKENS[0]), "Content-Type": "application/json", "Content-Encoding": "gzip"}
+        async with http.post(f"{ingress}/v1/events", data=b"not gzip at all", headers=broken) as r:
+            assert r.status == 400
+            assert (await r.json())["error"] == "bad_body"
+        async with http.get(f"{ingress}/metrics") as r:
+            metrics = await r.text()
+    assert 'coc_worker_ingest_requests_total{code="415",route="events"} 2.0' in metrics
+    assert 'coc_worker_ingest_requests_total{code="400",route="events"} 1.0' in metrics
+    assert await size(settings) == 0
+
+
+@pytest.fixture
+async def quick_ingress(settings: WorkerSettings) -> AsyncIterator[tuple[Ingress, int]]:
+    """The ingress with short timeouts (idle connection, body) and broker checks."""
+    metrics = Metrics()
+    ingress = Ingress(settings, metrics, body_timeout_s=0.5, broker_check_s=0.05)
+    server = HealthServer(settings, metrics, ingress.status, ingress.routes(), idle_timeout_s=0.5)
+    await ingress.start()
+    await server.start()
+    assert server.port is not None
+    try:
+        yield ingress, server.port
+    finally:
+        await server.stop()
+        await ingress.stop()
+
+
+async def test_slow_and_silent_clients_are_let_go(quick_ingress: tuple[Ingress, int]) -> None:
+    """Before, a connection that sent half a request was kept for aiohttp's hour (every such client
+    holds one of the worker's file descriptors), and a body that never finished was waited for."""
+    _, port = quick_ingress
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKENS[0].encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 10)).split()[1] == b"408"
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+    writer.close()
+
+
+async def test_standalone_readiness_follows_the_broker(
+    quick_ingress: tuple[Ingress, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, /readyz said ready from start to stop, broker or not."""
+    ingress, port = quick_ingress
+    assert ingress.status()["ready"]
+
+    async def unreachable(self: object, topic: str, timeout_s: float = 3.0) -> None:
+        raise BrokerUnavailable("broker unreachable: KafkaConnectionError")
+
+    monkeypatch.setattr("worker.tools.kafka_io.EventProducer.ping", unreachable)
+    await until(lambda: not ingress.status()["ready"], 5)
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
+        assert r.status == 503
+        assert (await r.json())["broker"] is False
+    monkeypatch.undo()
+    await until(lambda: ingress.status()["ready"], 5)
+
+
 async def test_body_and_batch_limits(ingress: str, settings: WorkerSettings) -> None:
     auth = bearer(TOKENS[0])
     big = event("change.succeeded", "CM-L", "s1", result={"comment": "x" * 1900})
@@ -123,7 +221,9 @@ async def test_body_and_batch_limits(ingress: str, settings: WorkerSettings) -> 
 
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{ingress}/v1/events", data=chunks(), headers=auth) as response,
+        http.post(
+            f"{ingress}/v1/events", data=chunks(), headers={**auth, "Content-Type": "application/json"}
+        ) as response,
     ):
         assert response.status == 413
     four = [event("change.started", "CM-L", f"s{n}") for n in range(4)]

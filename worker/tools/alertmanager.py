@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import EventType
-from worker.tools.events import contract_errors, rfc3339
+from worker.tools.events import event_errors, rfc3339
 
 SUPPORTED_VERSION = "4"
 SOURCE = "alertmanager"
@@ -147,8 +147,9 @@ def alert_event(alert: Alert, ticket_id: str, sub_ticket_id: str) -> dict[str, A
     return event
 
 
-def to_events(notification: Notification) -> tuple[list[dict[str, Any]], list[Skipped]]:
-    """The events to produce, and the alerts skipped with the reason."""
+def to_events(notification: Notification, max_event_bytes: int) -> tuple[list[dict[str, Any]], list[Skipped]]:
+    """The events to produce, and the alerts skipped with the reason (an event the worker would
+    refuse, over the contract or over ``max_event_bytes``, is skipped as ``invalid``)."""
     events: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
     for index, alert in enumerate(notification.alerts):
@@ -163,7 +164,7 @@ def to_events(notification: Notification) -> tuple[list[dict[str, Any]], list[Sk
             skipped.append(Skipped(index, "no_ticket_labels", name, fingerprint))
             continue
         event = alert_event(alert, ticket_id, sub_ticket_id)
-        errors = contract_errors(event)
+        errors = event_errors(event, max_event_bytes)
         if errors:
             details = [{"path": path, "message": msg} for path, msg in errors]
             skipped.append(Skipped(index, "invalid", name, fingerprint, details))

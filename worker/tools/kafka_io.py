@@ -108,6 +108,15 @@ class EventProducer(_Client[AIOKafkaProducer]):
             raise BrokerUnavailable(f"cannot connect to the broker: {type(exc).__name__}") from exc
         self._client = producer
 
+    async def ping(self, topic: str, timeout_s: float = 3.0) -> None:
+        """Metadata of ``topic``: proves the broker answers (and knows the topic)."""
+        if self._client is None:
+            raise RuntimeError("EventProducer.start() was not awaited")
+        try:
+            await asyncio.wait_for(self._client.partitions_for(topic), timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+
     async def send(self, topic: str, record: OutRecord) -> Delivered:
         return (await self.send_many(topic, [record]))[0]
 
