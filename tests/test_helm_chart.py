@@ -133,7 +133,11 @@ GOOD: dict[str, dict[str, Any]] = {
         "secrets": {"existingSecret": "coc-worker-credentials"},
         "kafka": {"securityProtocol": "SASL_PLAINTEXT", "sasl": {"mechanism": "PLAIN", "username": "u"}},
         "persistence": {"type": "pvc", "size": "2Gi"},
-        "podDisruptionBudget": {"minAvailable": 1},
+    },
+    "pdb_min_available_below_the_replicas": {
+        "replicaCount": 3,
+        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+        "podDisruptionBudget": {"minAvailable": 2},
     },
 }
 
@@ -144,6 +148,10 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "unknown_key": ({"replicas": 3}, "replicas"),
     "root_user": ({"podSecurityContext": {"runAsUser": 0}}, "runAsUser"),
     "zero_shutdown_grace": ({"worker": {"shutdownGraceS": 0}}, "shutdownGraceS"),
+    # a PodDisruptionBudget that never allows an eviction blocks every node drain
+    "pdb_min_available_of_every_replica": ({"podDisruptionBudget": {"minAvailable": 1}}, "minAvailable=1"),
+    "pdb_min_available_all": ({"podDisruptionBudget": {"minAvailable": "100%"}}, "minAvailable=100%"),
+    "pdb_max_unavailable_zero": ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable=0"),
     "sasl_without_mechanism": ({"kafka": {"securityProtocol": "SASL_SSL"}}, "mechanism"),
     "password_in_redis_url": (
         {"dedup": {"backend": "redis", "redis": {"url": "redis://:pw@redis:6379/0"}}},
@@ -635,9 +643,16 @@ def test_existing_secret_is_used_as_is(helm_results: dict[str, Any]) -> None:
     data = next(v for v in pod["volumes"] if v["name"] == "data")
     assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert one(objects, "PodDisruptionBudget")["spec"] == {
-        "minAvailable": 1,
+        "maxUnavailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",  # all pods are unready while the API is down
         "selector": deployment["spec"]["selector"],
     }
+    assert (
+        one(manifests(helm_results, "pdb_min_available_below_the_replicas"), "PodDisruptionBudget")["spec"][
+            "minAvailable"
+        ]
+        == 2
+    )
 
 
 def test_keda_scales_on_lag_within_partitions(helm_results: dict[str, Any]) -> None:

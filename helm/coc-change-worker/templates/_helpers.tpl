@@ -107,6 +107,14 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- end }}
 
+{{/* The fewest replicas this release runs (0: KEDA may scale to zero). */}}
+{{- define "coc.minReplicas" -}}
+{{- if .Values.autoscaling.keda.enabled }}{{ .Values.autoscaling.keda.minReplicaCount | int64 }}
+{{- else if .Values.autoscaling.hpa.enabled }}{{ .Values.autoscaling.hpa.minReplicas | int64 }}
+{{- else }}{{ .Values.replicaCount | int64 }}
+{{- end }}
+{{- end }}
+
 {{/* Contradictions the schema cannot express: fail the render with a message naming the values. */}}
 {{- define "coc.validate" -}}
 {{- $v := .Values }}
@@ -174,6 +182,17 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- if and (gt ($v.worker.maxBuffered | int64) 0) (lt ($v.worker.maxBuffered | int64) ($v.worker.maxInFlight | int64)) }}
 {{- fail "worker.maxBuffered must be 0 (4 x maxInFlight) or at least worker.maxInFlight" }}
+{{- end }}
+{{- $pdb := $v.podDisruptionBudget }}
+{{- $fewest := include "coc.minReplicas" . | int64 }}
+{{- if $pdb.enabled }}
+{{- if kindIs "invalid" $pdb.minAvailable }}
+{{- if has (toString $pdb.maxUnavailable) (list "0" "0%") }}
+{{- fail "podDisruptionBudget.maxUnavailable=0 never lets a pod be evicted: node drains and cluster upgrades would wait for ever" }}
+{{- end }}
+{{- else if or (eq (toString $pdb.minAvailable) "100%") (and (not (kindIs "string" $pdb.minAvailable)) (gt $fewest 0) (ge ($pdb.minAvailable | int64) $fewest)) }}
+{{- fail (printf "podDisruptionBudget.minAvailable=%v with %d replica(s) never lets a pod be evicted: node drains and cluster upgrades would wait for ever; use maxUnavailable" $pdb.minAvailable $fewest) }}
+{{- end }}
 {{- end }}
 {{- if and (eq $v.persistence.type "pvc") (gt (include "coc.maxReplicas" . | int64) 1) }}
 {{- fail "persistence.type=pvc holds one pod's sqlite file: run one replica, or use dedup.backend=redis with an emptyDir" }}
