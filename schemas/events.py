@@ -34,7 +34,9 @@ TICKET_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _RFC3339 = re.compile(
     r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII
 )
-#: Epoch milliseconds: non-negative and below year 10000, so they fit a Java ``Long`` comfortably.
+#: Epoch milliseconds from 2000-01-01 (a time in epoch *seconds* is below that, so the common mix-up
+#: is refused instead of sent as a date in January 1970) to year 9999, well inside a Java ``Long``.
+_MIN_EPOCH_MS = 946_684_800_000
 _MAX_EPOCH_MS = 253_402_300_799_999
 
 
@@ -73,7 +75,14 @@ OccurredAt = Annotated[
     Field(strict=False, description="When the change happened, RFC 3339 with timezone."),
     BeforeValidator(_rfc3339_string),
 ]
-EpochMs = Annotated[int, Field(ge=0, le=_MAX_EPOCH_MS, description="Epoch milliseconds.")]
+EpochMs = Annotated[
+    int,
+    Field(
+        ge=_MIN_EPOCH_MS,
+        le=_MAX_EPOCH_MS,
+        description="Epoch milliseconds (from 2000-01-01: a time in seconds is refused).",
+    ),
+]
 Comment = Annotated[str, Field(max_length=2000, description="Free text shown on the ticket.")]
 ShortText = Annotated[str, Field(max_length=256)]
 
@@ -122,7 +131,15 @@ class CancelledResult(_Strict):
 class TicketInfo(_Strict):
     """Operation on the change ticket itself (not a sub-ticket)."""
 
-    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+    # Either key, not null: what the validator below checks (minProperties would let {"phase": null}).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["phase"], "properties": {"phase": {"type": "string"}}},
+                {"required": ["work_flow_status"], "properties": {"work_flow_status": {"type": "string"}}},
+            ]
+        }
+    )
 
     # strict=False: strict mode would want a Phase instance; lax enum validation still takes only
     # the seven strings.

@@ -59,7 +59,10 @@ class OutcomeEvent(BaseModel):
     type: str | None = Field(description="The input's event type; null when it could not be read.")
     status: OutcomeStatus
     reason: str | None = Field(
-        default=None, description="Machine-readable cause for invalid/rejected/failed (e.g. schema)."
+        default=None,
+        description="Machine-readable cause: reconciled (applied); api_rejected (rejected); "
+        "retries_exhausted, internal_error (failed); empty, too_large, not_utf8, bad_json, schema "
+        "(invalid); duplicate_event_id (duplicate).",
     )
     attempts: int = Field(ge=0, description="API calls made for this message (0 when none).")
     http_status: int | None = None

@@ -134,7 +134,7 @@ def _field_attacks(rng: random.Random) -> list[tuple[str, bytes | None]]:
         {"comment": "c" * 2001},
         {"is_monitor_found": "true"},
         {"is_monitor_found": 1},
-        {"rollback_start_time": 10, "rollback_end_time": 5},
+        {"rollback_start_time": 1_750_000_000_010, "rollback_end_time": 1_750_000_000_005},
         {"rollback_start_time": -1},
         {"rollback_start_time": 2**63},
         {"rollback_start_time": "1764300000000"},

@@ -322,7 +322,7 @@ def test_comment_must_be_text(kind: EventType, comment: Any) -> None:
 @pytest.mark.parametrize(
     "window",
     [
-        {"rollback_start_time": 0, "rollback_end_time": 0},
+        {"rollback_start_time": 946_684_800_000, "rollback_end_time": 946_684_800_000},  # 2000-01-01
         {"rollback_start_time": 1_750_000_000_000, "rollback_end_time": 1_750_000_000_000},
         {"rollback_start_time": 1_750_000_000_000, "rollback_end_time": 1_750_000_000_001},
         {"rollback_start_time": 1_750_000_000_000},
@@ -334,11 +334,18 @@ def test_rollback_window_accepts(window: dict[str, Any]) -> None:
     accepts(event(EventType.FAILED, result=window))
 
 
+@pytest.mark.parametrize("field", ["rollback_start_time", "rollback_end_time"])
+@pytest.mark.parametrize("value", [0, 1_750_000_000, 946_684_799_999])  # seconds, or before 2000
+def test_rollback_times_are_epoch_milliseconds(field: str, value: int) -> None:
+    """A time in epoch seconds was taken as milliseconds and sent: a date in January 1970."""
+    rejects(event(EventType.FAILED, result={field: value}), field)
+
+
 @pytest.mark.parametrize(
     "window",
     [
         {"rollback_start_time": 1_750_000_000_001, "rollback_end_time": 1_750_000_000_000},
-        {"rollback_start_time": 1, "rollback_end_time": 0},
+        {"rollback_start_time": 1_750_000_000_000, "rollback_end_time": 1_749_999_999_999},
     ],
 )
 def test_rollback_end_before_start_rejected(window: dict[str, Any]) -> None:
@@ -516,7 +523,7 @@ def _optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(st.none(), strategy)
 
 
-epoch_ms = st.integers(min_value=0, max_value=253_402_300_799_999)
+epoch_ms = st.integers(min_value=946_684_800_000, max_value=253_402_300_799_999)
 comments = st.text(max_size=2000).filter(lambda s: not any("\ud800" <= c <= "\udfff" for c in s))
 short_text = st.text(max_size=256)
 

@@ -30,8 +30,8 @@ VALID_EVENTS: list[dict[str, Any]] = [
         "result": {
             "comment": "Change failed.",
             "change_fail_type": "fr_dependent_service_issue",
-            "rollback_start_time": 1,
-            "rollback_end_time": 2,
+            "rollback_start_time": 1_750_000_000_000,
+            "rollback_end_time": 1_750_000_060_000,
             "is_rollback_success": True,
             "is_monitor_found": False,
         },
@@ -68,6 +68,16 @@ INVALID_EVENTS: list[dict[str, Any]] = [
         "ticket_id": "CM1",
         "type": "ticket.update",
         "ticket_info": {"phase": "phase_change_x"},
+    },
+    # refused by the models; before, the schema (minProperties) took a null phase as a property
+    {"event_id": "e1", "ticket_id": "CM1", "type": "ticket.update", "ticket_info": {"phase": None}},
+    {"event_id": "e1", "ticket_id": "CM1", "type": "ticket.update", "ticket_info": {}},
+    {
+        "event_id": "e1",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "S1",
+        "type": "change.failed",
+        "result": {"rollback_start_time": 1_750_000_000},  # seconds, not milliseconds
     },
     [],
 ]

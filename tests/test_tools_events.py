@@ -28,8 +28,8 @@ def test_flags_alone_make_a_complete_event() -> None:
             comment="boom",
             change_fail_type="fr_x",
             is_monitor_found=True,
-            rollback_start_time=1,
-            rollback_end_time=2,
+            rollback_start_time=1_750_000_000_000,
+            rollback_end_time=1_750_000_060_000,
         ),
     )
     assert event["type"] == "change.failed"
@@ -38,8 +38,8 @@ def test_flags_alone_make_a_complete_event() -> None:
     assert event["result"] == {
         "comment": "boom",
         "change_fail_type": "fr_x",
-        "rollback_start_time": 1,
-        "rollback_end_time": 2,
+        "rollback_start_time": 1_750_000_000_000,
+        "rollback_end_time": 1_750_000_060_000,
         "is_monitor_found": True,
     }
     assert isinstance(validated(event, 1 << 20), ChangeFailed)
