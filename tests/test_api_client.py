@@ -37,7 +37,7 @@ from worker.api_client import (
 )
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, CocWorkerError, ConfigError
 from worker.http_site import TcpSite
-from worker.logs import REDACTED, redact_text
+from worker.logs import REDACTED, redact_text, register_secrets
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
@@ -324,6 +324,32 @@ async def test_statuses_the_simulator_cannot_produce(
     assert type(caught.value) is error
     assert {name: getattr(caught.value, name) for name in fields} == fields
     assert len(stub.seen) == 1
+
+
+async def test_an_echoed_secret_is_scrubbed_before_the_text_is_cut_and_a_code_must_look_like_one(
+    stub: Stub,
+) -> None:
+    """A proxy echoing a long token: the text was cut to 500 characters first, so the redactor no
+    longer recognised the token and ~460 of its characters went into the outcome and the dead
+    letter. And error_code went out as the answer gave it."""
+    token = "iam-token-" + "Q" * 1200
+    echoed = "your request carried X-Auth-Token " + token + " which is not valid here"
+    stub.reply(400, {"error_code": "BAD:" + token[:40], "error_msg": echoed}, None)
+    async with running(settings(stub.url, api_ak=None, api_sk=None, api_token=token)) as client:
+        with pytest.raises(ApiRejected) as refused:
+            await put(client)
+    assert refused.value.error_msg is not None
+    assert "QQQQ" not in refused.value.error_msg
+    assert REDACTED in refused.value.error_msg
+    assert refused.value.error_code == "unparseable"
+    assert "QQQQ" not in str(refused.value)
+
+
+def test_the_redactor_knows_encoded_forms_and_replaces_longer_secrets_first() -> None:
+    register_secrets(["p@ss/w0rd+x", "sasl-secret-base", "sasl-secret-base-and-more"])
+    assert redact_text("url: redis://:p%40ss%2Fw0rd%2Bx@h") == "url: redis://:" + REDACTED + "@h"
+    assert redact_text("form: pw=p%40ss%2Fw0rd%2Bx") == "form: pw=" + REDACTED
+    assert redact_text("auth sasl-secret-base-and-more!") == "auth " + REDACTED + "!"
 
 
 async def test_retry_after_as_an_http_date(stub: Stub) -> None:

@@ -29,7 +29,10 @@ class GroupMember:
 
 def make_worker(tmp_path: Path) -> Worker:
     settings = WorkerSettings(
-        api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="b", dedup_url=f"sqlite:///{tmp_path}/d.sqlite3"
+        api_endpoint="http://127.0.0.1:1",
+        api_ak="a",
+        api_sk="sk-0123456789",
+        dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
     )
     return Worker(settings)
 
@@ -39,7 +42,10 @@ async def test_a_revoked_partition_stops_being_reported_in_the_lag_metric(tmp_pa
     measured before it lost the partition must not stay exported (summed across pods it counted
     twice, and a lag from a backlog kept an alert firing)."""
     settings = WorkerSettings(
-        api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="b", dedup_url=f"sqlite:///{tmp_path}/d.sqlite3"
+        api_endpoint="http://127.0.0.1:1",
+        api_ak="a",
+        api_sk="sk-0123456789",
+        dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
     )
     worker = Worker(settings)
     topic = settings.input_topic

@@ -250,10 +250,44 @@ def test_value_and_file_together_rejected(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_secret_values_lists_every_secret(tmp_path: Path) -> None:
     path = tmp_path / "sk"
     path.write_text("file-" + SECRET, encoding="utf-8")
-    settings = load_settings(api_ak="AK-" + SECRET, api_sk_file=path, api_token="tok")
-    assert sorted(settings.secret_values()) == sorted(
-        ["AK-" + SECRET, "file-" + SECRET]
-    )  # "tok" is too short
+    settings = load_settings(api_ak="AK-" + SECRET, api_sk_file=path, api_token="token-" + SECRET)
+    assert sorted(settings.secret_values()) == sorted(["AK-" + SECRET, "file-" + SECRET, "token-" + SECRET])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"api_token": "tok"}, {"kafka_sasl_password": "pw12345"}, {"ingest_tokens": "long-enough-token,short"}],
+)
+def test_short_secrets_are_refused(overrides: dict[str, str], tmp_path: Path) -> None:
+    """Before, a secret under 4 characters was accepted and never scrubbed from any output."""
+    with pytest.raises(ConfigError, match="at least 8 are needed"):
+        load_settings(**overrides)
+    [(name, value)] = overrides.items()
+    path = tmp_path / name
+    path.write_text(value + "\n", encoding="utf-8")
+    settings = load_settings(**{f"{name}_file": str(path)})  # a file is read when used: refused then
+    with pytest.raises(ConfigError, match="at least 8 are needed"):
+        settings.secret(name)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw/rest-of-it@redis:6379/0",
+        "redis://:p#ss-word@redis:6379/0",
+        "redis://:p?ss-word@redis:6379/0",
+    ],
+)
+def test_a_redis_password_that_breaks_the_url_is_refused_without_showing_it(url: str) -> None:
+    """Before, the URL parsed with part of the password as the host or port: nothing was masked or
+    registered, and redis-py's error printed it ('Port could not be cast to integer value as ...')."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings(dedup_url=url)
+    assert "percent-encoded" in str(refused.value)
+    assert "rest-of-it" not in str(refused.value)
+    assert "ss-word" not in str(refused.value)
+    encoded = load_settings(dedup_url="redis://:pw%2Frest-of-it@redis:6379/0")
+    assert encoded.secret_values() == ["pw%2Frest-of-it", "pw/rest-of-it"]  # as written, as sent
 
 
 def test_secrets_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -294,4 +328,4 @@ def test_topics_must_be_legal_kafka_names_and_three_different_ones(overrides: di
     """A topic name the broker refuses failed only at the first write (a missing dead letter paused
     the worker); the results topic as the input would feed the worker its own outcomes."""
     with pytest.raises(ValidationError):
-        WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="b", **overrides)
+        WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", **overrides)

@@ -38,7 +38,7 @@ from pyreqwest.client import Client, ClientBuilder
 from schemas.api import UpdateTicketResponse
 from worker import signing
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigError
-from worker.logs import get_logger, register_secrets
+from worker.logs import get_logger, redact_text, register_secrets
 from worker.mapping import request_path
 from worker.metrics import Metrics
 from worker.settings import HEADER_VALUE, WorkerSettings
@@ -155,7 +155,20 @@ def _classify_transport_error(exc: http_errors.PyreqwestError) -> tuple[str, Api
 
 
 def _short(text: str | None) -> str | None:
-    return text[:_ERROR_TEXT_LIMIT] if text else text
+    """The API's text, secrets scrubbed *before* it is cut (a cut secret no longer matches)."""
+    return redact_text(text)[:_ERROR_TEXT_LIMIT] if text else text
+
+
+_ERROR_CODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _code(parsed: UpdateTicketResponse | None) -> str | None:
+    """The answer's ``error_code`` when it looks like one; a proxy's or an echo's text does not
+    go into outcomes and dead letters as a code."""
+    code = parsed.error_code if parsed else None
+    if code is None or _ERROR_CODE.fullmatch(code):
+        return code
+    return "unparseable"
 
 
 class CocApiClient:
@@ -169,7 +182,7 @@ class CocApiClient:
         self._prefix = base.path.rstrip("/")
         self._host = base.netloc
         self._metrics = metrics or Metrics()
-        self._credentials = Credentials.from_settings(settings)
+        self._credentials = self._load_credentials()
         self._client: Client | None = None
 
     async def start(self) -> None:
@@ -182,10 +195,13 @@ class CocApiClient:
 
     def refresh_credentials(self) -> None:
         """Re-read secret files (a rotated Kubernetes secret) before probing after a 401."""
+        self._credentials = self._load_credentials()
+
+    def _load_credentials(self) -> Credentials:
         creds = Credentials.from_settings(self._settings)
-        # New values the redactor has not seen yet: register them before any answer can echo them.
+        # Values the redactor may not have seen yet: registered before any answer can echo them.
         register_secrets(value for value in (creds.ak, creds.sk, creds.token) if value)
-        self._credentials = creds
+        return creds
 
     # --- requests -------------------------------------------------------------------------------
     def _headers(self, method: str, path: str, body: bytes, extra: dict[str, str]) -> dict[str, str]:
@@ -259,9 +275,9 @@ class CocApiClient:
                 )
             if not parsed.succeeded:
                 raise ApiRejected(
-                    f"HTTP {status} with error_code {parsed.error_code}",
+                    f"HTTP {status} with error_code {_code(parsed)}",
                     http_status=status,
-                    error_code=parsed.error_code,
+                    error_code=_code(parsed),
                     error_msg=_short(parsed.error_msg),
                 )
             return ApiResponse(status, parsed, latency)
@@ -303,7 +319,7 @@ class CocApiClient:
     def _classify_failure(
         status: int, parsed: UpdateTicketResponse | None, retry_after_header: str | None
     ) -> ApiTransientError | ApiAuthError | ApiRejected:
-        code = parsed.error_code if parsed else None
+        code = _code(parsed)
         message = _short(parsed.error_msg) if parsed else None
         if status in AUTH_STATUSES:
             return ApiAuthError(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
-from worker.logs import configure
+from worker.logs import configure, register_secrets
 from worker.loop import loop_factory
 from worker.settings import SECRET_FIELDS, TOPIC_NAME_PATTERN, WorkerSettings, load_settings
 
@@ -48,8 +48,17 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | N
 
 
 def _settings_from(args: argparse.Namespace) -> WorkerSettings:
+    flagged_url = getattr(args, "dedup_url", None)
+    if flagged_url and "@" in flagged_url:
+        raise ConfigError(
+            "--dedup-url with credentials: a command line shows in `ps` and shell history; set"
+            " COC_WORKER_DEDUP_URL in the environment instead"
+        )
     overrides = {name: getattr(args, name, None) for name in WorkerSettings.model_fields}
-    return load_settings(**overrides)
+    settings = load_settings(**overrides)
+    # Every command (the tools and the ingress too) scrubs its secrets from whatever it prints.
+    register_secrets(settings.secret_values())
+    return settings
 
 
 # --- commands ---------------------------------------------------------------------------------------

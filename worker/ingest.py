@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +38,7 @@ from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
 from worker.logs import get_logger, register_secrets
 from worker.metrics import Metrics
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, split_tokens
 from worker.tools import alertmanager
 from worker.tools.events import encode, event_errors
 from worker.tools.kafka_io import EventProducer, OutRecord
@@ -49,7 +48,6 @@ from worker.tracing import new_trace, parse
 log = get_logger(__name__)
 
 _READ_CHUNK = 64 * 1024
-_TOKEN_SEPARATORS = re.compile(r"[,\s]+")
 _Handler = Callable[[web.Request, Any], Awaitable[web.Response]]
 
 
@@ -261,7 +259,7 @@ class Ingress:
     # --- auth ----------------------------------------------------------------------------------------
     def _tokens(self) -> list[str]:
         raw = self._settings.secret("ingest_tokens") or ""
-        tokens = [token for token in _TOKEN_SEPARATORS.split(raw) if token]
+        tokens = split_tokens(raw)
         register_secrets(tokens)  # each token on its own: the log redactor must know them all
         return tokens
 

@@ -1,7 +1,9 @@
 """Structured logging (structlog): JSON when not on a terminal, and no secret ever printed.
 
 Every secret value configured (AK, SK, token, SASL password) is registered with the redactor,
-which replaces it in every rendered line, whatever field or exception text carries it.
+which replaces it in every rendered line, whatever field or exception text carries it, also in
+the forms an echo may carry it in (percent-encoded, form-encoded, JSON-escaped). Longer secrets
+are replaced first, so one that contains another leaves nothing readable behind.
 """
 
 from __future__ import annotations
@@ -11,20 +13,34 @@ import logging
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO, cast
+from urllib.parse import quote, quote_plus
 
 import structlog
 
 REDACTED = "**redacted**"
+#: Shorter values are not scrubbed (they would mangle every line); settings refuse short secrets.
+MIN_REDACTED_CHARS = 4
 _secrets: set[str] = set()
+_longest_first: list[str] = []
 
 
 def register_secrets(values: Iterable[str]) -> None:
-    """Add values the redactor must scrub from all output (short values are ignored)."""
-    _secrets.update(v for v in values if v and len(v) >= 4)
+    """Add values the redactor must scrub from all output, with their encoded forms."""
+    global _longest_first
+    added = False
+    for value in values:
+        if not value or len(value) < MIN_REDACTED_CHARS:
+            continue
+        for form in (value, quote(value, safe=""), quote_plus(value), json.dumps(value)[1:-1]):
+            if form not in _secrets:
+                _secrets.add(form)
+                added = True
+    if added:
+        _longest_first = sorted(_secrets, key=len, reverse=True)
 
 
 def redact_text(text: str) -> str:
-    for secret in _secrets:
+    for secret in _longest_first:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text

@@ -14,7 +14,7 @@ import socket
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +36,21 @@ SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest
 PositiveSeconds = Annotated[float, Field(gt=0)]
 #: Kafka's own rule for topic names (also not "." or ".."); the broker would refuse anything else,
 #: at the first write to it.
+#: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
+_STRONG_SECRETS = frozenset({"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens"})
+MIN_SECRET_CHARS = 8
+_TOKEN_SEPARATORS = re.compile(r"[,\s]+")
+
+
+def split_tokens(text: str) -> list[str]:
+    """``ingest_tokens`` holds several, separated by commas or whitespace (one per line in a file)."""
+    return [token for token in _TOKEN_SEPARATORS.split(text) if token]
+
+
+_REDIS_URL_HINT = (
+    "must be redis://[[user]:password@]host[:port][/db]; a password holding / # ? @ or : must be"
+    " percent-encoded (%2F %23 %3F %40 %3A)"
+)
 #: Kafka's own rule for a topic name.
 TOPIC_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_NAME_PATTERN)]
@@ -199,8 +214,18 @@ class WorkerSettings(BaseSettings):
     @field_validator("dedup_url")
     @classmethod
     def _dedup(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("memory", "sqlite", "redis", "rediss"):
+        parts = urlsplit(value)
+        if parts.scheme not in ("memory", "sqlite", "redis", "rediss"):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        if parts.scheme.startswith("redis"):
+            # A password with an unencoded / # ? or @ splits the URL in the wrong place: the rest of
+            # it would be read as the host or the port, and printed in an error. Nothing is echoed.
+            try:
+                parts.port  # noqa: B018 (parses the port)
+            except ValueError:
+                raise ValueError(_REDIS_URL_HINT) from None
+            if not parts.hostname or "@" in parts.path + parts.query + parts.fragment:
+                raise ValueError(_REDIS_URL_HINT)
         return value
 
     @model_validator(mode="after")
@@ -209,6 +234,11 @@ class WorkerSettings(BaseSettings):
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
                 env = f"{ENV_PREFIX}{name.upper()}"
                 raise ValueError(f"set {env} or {env}_FILE, not both")
+            if getattr(self, name) is not None:  # from the environment: checked now, files when read
+                try:
+                    self.secret(name)
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
         topics = {self.input_topic, self.results_topic, self.dlq_topic}
         if topics & {".", ".."}:
             raise ValueError("a topic cannot be named '.' or '..'")
@@ -252,14 +282,25 @@ class WorkerSettings(BaseSettings):
         path: Path | None = getattr(self, f"{name}_file")
         if path is not None:
             try:
-                return path.read_text(encoding="utf-8").strip() or None
+                found = path.read_text(encoding="utf-8").strip() or None
             except OSError as exc:
                 raise ConfigError(f"cannot read {ENV_PREFIX}{name.upper()}_FILE: {exc.strerror}") from exc
             except UnicodeDecodeError:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()}_FILE is not UTF-8 text") from None
-        value: SecretStr | None = getattr(self, name)
-        # stripped like a file's content: a Secret made with `echo` ends with a newline
-        return (value.get_secret_value().strip() or None) if value is not None else None
+        else:
+            value: SecretStr | None = getattr(self, name)
+            # stripped like a file's content: a Secret made with `echo` ends with a newline
+            found = (value.get_secret_value().strip() or None) if value is not None else None
+        if found is not None and name in _STRONG_SECRETS:
+            parts = split_tokens(found) if name == "ingest_tokens" else [found]
+            short = [part for part in parts if len(part) < MIN_SECRET_CHARS]
+            if short:
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()}: a value of {len(short[0])} characters; at least"
+                    f" {MIN_SECRET_CHARS} are needed (a short secret is guessable, and cannot be"
+                    " told apart from ordinary text in logs)"
+                )
+        return found
 
     def __repr_args__(self) -> Any:
         """As pydantic's, with the password of ``dedup_url`` (a Redis URL may carry one) masked."""
@@ -280,8 +321,8 @@ class WorkerSettings(BaseSettings):
                 values.append(value)
         password = urlsplit(self.dedup_url).password
         if password:
-            values.append(password)
-        return values
+            values += [password, unquote(password)]  # as written in the URL, and as sent to Redis
+        return list(dict.fromkeys(values))
 
 
 def _valid_host_port(entry: str) -> bool:
