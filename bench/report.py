@@ -273,7 +273,7 @@ def scenario_table(summary: dict[str, Group], scenario: str, concurrency: int) -
         "p99 ms",
         "CPU s / 1k ev",
         "peak RSS MB",
-        "outcomes",
+        "outcomes (all repeats)",
     ]
     return _table(header, rows)
 
@@ -406,7 +406,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"worker's `received_at`: waiting to be fetched p50/p99 {_fmt(paced['wait_p50_ms'], 1)}/"
             f"{_fmt(paced['wait_p99_ms'], 1)} ms, held by the worker p50/p99 "
             f"{_fmt(paced['held_p50_ms'], 1)}/{_fmt(paced['held_p99_ms'], 1)} ms. "
-            f"CPU {_fmt(paced['cpu_s_per_1k'], 2)} s / 1k events.",
+            f"CPU {_fmt(paced['cpu_s_per_1k'], 2)} s / 1k events. The figures are end to end, so "
+            "they include what is not the worker's: the load generator's own produce queueing (one "
+            "`acks=all` request in flight at a time) and the broker's fetch wait; with no work "
+            "between consume and produce, the same round trip measures p99 ~20 ms here "
+            "(`bench/loop_probe.py --burn-ms 0`, bench/README.md). The target is judged on the end-to-end "
+            "figure.",
             "",
             "Every process's CPU per 1,000 events during the paced runs (the load generator is the harness):",
             "",
@@ -417,9 +422,14 @@ def markdown(report: dict[str, Any]) -> str:
     out += [f"- {note}" for note in report.get("notes", [])]
     out += [
         "- Latency columns of the backlog scenarios are queueing time (the whole backlog is written "
-        "before the subject starts); the paced scenario measures added latency.",
-        "- Slow subjects are measured over a time-capped window after their first outcome "
-        "(`cap_s` in latest.json), not over the whole backlog.",
+        "before the subject starts) and depend on how long each subject's window is: they do not "
+        "compare between subjects. The paced scenario measures latency under load.",
+        "- Throughput windows: the worker (15 s) and ceiling B (8 s) are given windows that hold the "
+        "whole backlog at their usual speeds; the peers (4 s) and, in a slow hour, the others are "
+        "measured over a time-capped window after their first outcome (`caps_s` in latest.json; a "
+        "capped run counts every outcome finished by the last one read when the cap struck).",
+        "- The sweep's 256 point is the 20 ms scenario's median; the other points are single runs.",
+        "- The outcomes column adds up every repeat; the other columns are medians.",
         "",
         "![throughput vs max_in_flight](latest.png)",
         "",

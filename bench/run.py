@@ -66,7 +66,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.quick:
         plan = Plan("quick", 5_000, 200, 1, 256, [16, 256], 5_000, 3, 2, 2, 3, 4, 4)
     else:
-        plan = Plan("full", 50_000, 1_000, 3, 256, [16, 64, 256, 1024], 100_000, 6, 4, 3, 6, 10, 60)
+        # The worker and ceiling B get windows that hold the whole backlog at their usual speeds
+        # (the "first consume to last outcome"); slower hours and the peers are capped.
+        plan = Plan("full", 50_000, 1_000, 3, 256, [16, 64, 256, 1024], 100_000, 15, 4, 8, 6, 10, 60)
     if args.events:
         plan.events = args.events
     if args.tickets:

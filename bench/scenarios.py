@@ -34,7 +34,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.procs import BENCH, ROOT, Bystanders, SimulatorProcess, Subject, Usage
-from bench.stats import analyze_outcomes, cpu_between, percentile, ratio
+from bench.stats import analyze_outcomes, cpu_between, last_finished_at, percentile, ratio
 from bench.workload import Record, Timestamps, Workload, generate, produce_backlog, produce_paced
 from worker.sandbox import TansuBroker, create_topics, free_port
 
@@ -169,9 +169,12 @@ class Harness:
         started = time.monotonic()
         outcomes: list[tuple[bytes, int]] = []
         first_at: float | None = None
+        capped_at: int | None = None
         try:
             if spec.paced_rate is None:
-                outcomes, first_at = await collect(bootstrap, topic_out, spec.events, spec.cap_s, subject)
+                outcomes, first_at, capped_at = await collect(
+                    bootstrap, topic_out, spec.events, spec.cap_s, subject
+                )
             else:
                 await wait_ready(http_port, subject)
                 collector = asyncio.create_task(
@@ -179,7 +182,7 @@ class Harness:
                 )
                 timestamps, achieved = await produce_paced(bootstrap, topic_in, records, spec.paced_rate)
                 result.extra["paced_rate_achieved"] = achieved
-                outcomes, first_at = await collector
+                outcomes, first_at, capped_at = await collector
         finally:
             # the worker gets its whole shutdown grace (its drain is part of what it promises)
             # (peers are killed sooner: their shutdown is not measured, FastStream's takes ~10 s)
@@ -190,7 +193,11 @@ class Harness:
             result.extra["killed_after_sigterm"] = True
         if first_at is not None:
             result.extra["first_outcome_after_s"] = first_at - started
-        stats = analyze_outcomes(outcomes, timestamps)
+        # A capped window ends at the last outcome read when the cap struck; everything finished by
+        # then counts, also what was read during the grace.
+        cutoff = last_finished_at(outcomes[:capped_at]) if capped_at is not None else None
+        result.extra["capped"] = capped_at is not None
+        stats = analyze_outcomes(outcomes, timestamps, finished_by=cutoff)
         result.count, result.copies, result.statuses = stats.count, stats.copies, stats.statuses
         result.throughput = stats.throughput
         result.p50_ms = percentile(stats.latencies_ms, 50)
@@ -371,13 +378,20 @@ def _get_status(url: str) -> int:
         return int(exc.code)
 
 
+#: After a capped window, how long the reader goes on: outcomes written inside the window but not
+#: yet read (other partitions, the subject's publish queue) are counted, not left out.
+CAP_GRACE_S = 1.5
+
+
 async def collect(
     bootstrap: str, topic: str, expected: int, cap_s: float, subject: Subject
-) -> tuple[list[tuple[bytes, int]], float | None]:
+) -> tuple[list[tuple[bytes, int]], float | None, int | None]:
     """Read the results topic from the start until ``expected`` inputs have an outcome.
 
-    Also stops ``cap_s`` after the first outcome, when the subject has exited, or when nothing
-    at all arrives within the startup timeout. Returns the records and when the first arrived.
+    Also stops ``cap_s`` after the first outcome (then reads ``CAP_GRACE_S`` more), when the
+    subject has exited, or when nothing at all arrives within the startup timeout. Returns the
+    records, when the first arrived, and how many had been read when the cap struck (None when it
+    did not: the whole backlog, or the subject's end).
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=200)
     await consumer.start()
@@ -387,6 +401,7 @@ async def collect(
         await consumer.seek_to_beginning()
         started = time.monotonic()
         first: float | None = None
+        capped_at: int | None = None
         checked = 0
         while True:
             batches = await consumer.getmany(timeout_ms=200)
@@ -399,7 +414,9 @@ async def collect(
                 checked = len(out)
                 if len({_source(value) for value, _ in out}) >= expected:
                     break
-            if first is not None and now - first > cap_s:
+            if capped_at is None and first is not None and now - first > cap_s:
+                capped_at = len(out)
+            if capped_at is not None and first is not None and now - first > cap_s + CAP_GRACE_S:
                 break
             if first is None and now - started > STARTUP_TIMEOUT_S:
                 break
@@ -407,7 +424,7 @@ async def collect(
                 break
     finally:
         await consumer.stop()
-    return out, first
+    return out, first, capped_at
 
 
 def _source(value: bytes) -> tuple[int, int]:

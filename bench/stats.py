@@ -104,13 +104,23 @@ def _epoch(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+def last_finished_at(outcomes: Iterable[tuple[bytes, int]]) -> float | None:
+    """The latest ``finished_at`` (epoch s) among these outcomes."""
+    found = [_epoch(json.loads(value)["finished_at"]) for value, _ in outcomes]
+    return max(found) if found else None
+
+
 def analyze_outcomes(
-    outcomes: Iterable[tuple[bytes, int]], input_timestamps: dict[SourceKey, int] | None = None
+    outcomes: Iterable[tuple[bytes, int]],
+    input_timestamps: dict[SourceKey, int] | None = None,
+    *,
+    finished_by: float | None = None,
 ) -> OutcomeStats:
     """From ``(outcome JSON, outcome record timestamp ms)``: counts, window and per-event latency.
 
     Latency is the outcome record's timestamp minus its input record's timestamp (both set by
-    the producing client), for the first outcome of each input.
+    the producing client), for the first outcome of each input. ``finished_by`` (epoch s): only
+    outcomes finished by then count (a time-capped window).
     """
     stats = OutcomeStats()
     seen: set[SourceKey] = set()
@@ -119,12 +129,14 @@ def analyze_outcomes(
         outcome: dict[str, Any] = json.loads(value)
         source = outcome["source"]
         key = (int(source["partition"]), int(source["offset"]))
+        received, finished = _epoch(outcome["received_at"]), _epoch(outcome["finished_at"])
+        if finished_by is not None and finished > finished_by:
+            continue
         if key in seen:
             stats.copies += 1
             continue
         seen.add(key)
         statuses[outcome["status"]] += 1
-        received, finished = _epoch(outcome["received_at"]), _epoch(outcome["finished_at"])
         if stats.first_received is None or received < stats.first_received:
             stats.first_received = received
         if stats.last_finished is None or finished > stats.last_finished:

@@ -25,6 +25,7 @@ from bench.stats import (
     analyze_outcomes,
     cpu_at,
     cpu_between,
+    last_finished_at,
     median,
     percentile,
     ratio,
@@ -106,6 +107,20 @@ def test_analyze_outcomes_counts_each_input_once_and_measures_the_window() -> No
     # received_at 12:00:00 is 900 ms after the input's timestamp of 1970-01-01 00:00:00.900
     assert stats.wait_ms[0] == pytest.approx(t0.timestamp() * 1000 - 900)
     assert stats.held_ms == pytest.approx([500.0, 1000.0, 2000.0])
+
+
+def test_a_capped_window_counts_what_finished_inside_it_even_if_read_later() -> None:
+    """The window of a capped run ends at the last outcome read when the cap struck; outcomes that
+    finished by then but were read during the grace count, later ones do not. Before, the window
+    ended at the cap's read and anything finished but not yet read was left out (an undercount)."""
+    t0 = datetime(2025, 11, 28, 12, 0, 0, tzinfo=UTC)
+    read_by_the_cap = [(_outcome(0, 0, t0, 1.0), 0), (_outcome(0, 1, t0, 3.0), 0)]
+    read_in_the_grace = [(_outcome(1, 0, t0, 2.0), 0), (_outcome(1, 1, t0, 3.5), 0)]
+    cutoff = last_finished_at(read_by_the_cap)
+    assert cutoff == pytest.approx(t0.timestamp() + 3.0)
+    stats = analyze_outcomes(read_by_the_cap + read_in_the_grace, finished_by=cutoff)
+    assert stats.count == 3  # 1/0 finished at +2 s, inside; 1/1 at +3.5 s, after
+    assert stats.window_s == pytest.approx(3.0)
 
 
 def test_analyze_outcomes_of_nothing() -> None:
