@@ -424,7 +424,7 @@ def markdown(report: dict[str, Any]) -> str:
         "- Latency columns of the backlog scenarios are queueing time (the whole backlog is written "
         "before the subject starts) and depend on how long each subject's window is: they do not "
         "compare between subjects. The paced scenario measures latency under load.",
-        "- Throughput windows: the worker (15 s) and ceiling B (8 s) are given windows that hold the "
+        "- Throughput windows: the worker (14 s) and ceiling B (8 s) are given windows that hold the "
         "whole backlog at their usual speeds; the peers (4 s) and, in a slow hour, the others are "
         "measured over a time-capped window after their first outcome (`caps_s` in latest.json; a "
         "capped run counts every outcome finished by the last one read when the cap struck).",

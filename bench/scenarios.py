@@ -380,7 +380,7 @@ def _get_status(url: str) -> int:
 
 #: After a capped window, how long the reader goes on: outcomes written inside the window but not
 #: yet read (other partitions, the subject's publish queue) are counted, not left out.
-CAP_GRACE_S = 1.5
+CAP_GRACE_S = 0.75
 
 
 async def collect(
