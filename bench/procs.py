@@ -139,9 +139,12 @@ class Subject:
         started = time.monotonic()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
+            # The high-water mark keeps being read until the process is gone: the drain after
+            # SIGTERM is part of the worker's life, and of its peak memory.
+            while self.proc.poll() is None and time.monotonic() - started < timeout_s:
+                usage.peak_rss_bytes = max(usage.peak_rss_bytes, _vm_hwm(self.proc.pid))
+                time.sleep(0.05)
+            if self.proc.poll() is None:
                 usage.killed = True
                 self.proc.kill()
                 self.proc.wait(timeout=10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report
-from bench.procs import Usage
+from bench.procs import Subject, Usage
 from bench.scenarios import RunResult, RunSpec, _usage
 from bench.stats import (
     Sample,
@@ -379,3 +380,31 @@ def test_splice_readme_replaces_only_the_marked_block() -> None:
     assert report.splice_readme(text, "new") == "a\nnew\nb\n"
     with pytest.raises(ValueError, match="markers"):
         report.splice_readme("no markers", "new")
+
+
+_DRAINS_BIG = """
+import signal, sys, time
+def drain(*_):
+    block = bytearray(160 * 1024 * 1024)  # touched below: resident, not just reserved
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(0.5)  # a drain takes a while (the worker's: its in-flight jobs, a last commit)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, drain)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_peak_rss_includes_what_the_subject_uses_while_it_drains(tmp_path: Path) -> None:
+    """The high-water mark was last read before SIGTERM, so memory used during the drain was
+    never seen."""
+    log = tmp_path / "subject.log"
+    subject = Subject("drains-big", [sys.executable, "-c", _DRAINS_BIG], {}, log).start()
+    deadline = datetime.now(UTC) + timedelta(seconds=20)
+    while "ready" not in log.read_text():
+        assert datetime.now(UTC) < deadline, "the subject never started"
+        time.sleep(0.01)
+    usage = subject.stop(timeout_s=20)
+    assert usage.exit_code == 0
+    assert usage.peak_rss_bytes > 150 * 1024 * 1024
