@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint unit integration soak bench schemas simulate clean
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "coc-change-worker needs Python >= 3.11; '$(PYTHON)' is older or missing: run 'make clean' and then e.g. 'make demo PYTHON=python3.11'" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
