@@ -16,6 +16,10 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Generic, TypeVar
 
+from worker.logs import get_logger
+
+log = get_logger(__name__)
+
 J = TypeVar("J")
 
 
@@ -69,7 +73,10 @@ class Lanes(Generic[J]):
     def _finished(self, task: asyncio.Task[None]) -> None:
         key, job = self._running.pop(task)
         self._count -= 1
-        ok = not task.cancelled() and task.exception() is None
+        error = None if task.cancelled() else task.exception()
+        if error is not None:  # a job must end as an outcome: one that raised is a bug, said loudly
+            log.error("job_crashed", error=type(error).__name__, exc_info=error)
+        ok = not task.cancelled() and error is None
         self._on_done(job, ok)
         if key is not None:
             self._next_in_lane(key)

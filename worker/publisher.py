@@ -237,6 +237,10 @@ class Publisher:
         still is (source topic, partition, offset). A size error never becomes an outage."""
         headers = dead_letter_headers(letter, self._settings.worker_id, traceparent, datetime.now(UTC))
         value = letter.value or b""
+        if letter.value is None:
+            # A tombstone: Kafka refuses a record with neither key nor value, and a keyed one would
+            # delete older records of its key from a compacted topic. An empty value says it.
+            headers.append((DLQ_HEADER_PREFIX + "tombstone", b"true"))
         cut = value[: min(self._settings.max_event_bytes, _SAFE_DLQ_VALUE_BYTES)]
 
         def truncated(kept: bytes) -> Headers:
@@ -247,7 +251,7 @@ class Publisher:
         ours = [(k, v) for k, v in headers if k.startswith(DLQ_HEADER_PREFIX) or k == TRACEPARENT]
         ours.append((DLQ_HEADER_PREFIX + "headers-dropped", str(len(headers) - len(ours)).encode()))
         tries: list[tuple[bytes | None, bytes | None, Headers]] = [
-            (letter.value, letter.key, headers),
+            (value, letter.key, headers),
             (cut, letter.key, headers + truncated(cut)),
             (cut, letter.key, ours + truncated(cut)),
             # no value and no key (a key too big for the broker), only our headers

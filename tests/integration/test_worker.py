@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from conftest import SettingsFactory, running_worker, wait_until
 from faults.harness import ProxiedBroker
@@ -154,6 +155,37 @@ async def test_bad_input_becomes_invalid_outcome_and_dead_letter(
         assert record.header("coc-dlq-at") is not None
         assert record.header("traceparent") is not None
     assert all("etc/passwd" not in r["path"] for r in simulator.state.request_dicts())
+
+
+async def test_a_tombstone_without_a_key_is_dead_lettered_and_its_partition_moves_on(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """A record with neither key nor value (other clients than aiokafka may write one). Before, its
+    dead letter was that same empty record, which the producer refuses with an AssertionError: the
+    job raised out of the pipeline unseen, the offset was never finished, nothing behind it in the
+    partition was committed again, and each restart published two more outcomes."""
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        batch.append(key=None, value=None, timestamp=None, headers=[])
+        after = json.dumps(event("change.started", "CM-TOMB", "s1")).encode()
+        batch.append(key=None, value=after, timestamp=None, headers=[])
+        await (await producer.send_batch(batch, topics["input"], partition=0))
+    finally:
+        await producer.stop()
+    settings = make_settings()
+    async with running_worker(settings):
+        outcomes = await read_json(broker.bootstrap, topics["results"], 2)
+        [dead] = await read_records(broker.bootstrap, topics["dlq"], 1)
+        deadline = asyncio.get_running_loop().time() + 20
+        while (await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 1))[0] < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the partition was not committed past it"
+            await asyncio.sleep(0.1)
+    assert sorted((o["status"], o["reason"]) for o in outcomes) == [("applied", None), ("invalid", "empty")]
+    assert dead.value == b""
+    assert dead.header("coc-dlq-tombstone") == b"true"
+    assert dead.header("coc-dlq-reason") == b"empty"
 
 
 async def test_a_dead_letter_too_big_even_cut_is_written_without_the_inputs_headers(

@@ -73,7 +73,9 @@ class DeadLetterRecord:
             dlq.get(name, "?") for name in ("source-topic", "source-partition", "source-offset")
         )
         cut = None
-        if "key-dropped" in dlq:
+        if "tombstone" in dlq:
+            cut = "the input was a tombstone (no value): there is no event to replay"
+        elif "key-dropped" in dlq:
             cut = "the dead-letter writer dropped its key and value (too large)"
         elif "value-truncated-from" in dlq:
             kept = len(message.value) if message.value is not None else 0
