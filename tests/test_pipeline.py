@@ -20,7 +20,7 @@ from waiting import until
 from schemas.events import CHANGE_EVENT_ADAPTER
 from schemas.outcomes import OutcomeEvent
 from worker.api_client import CocApiClient
-from worker.apply import ApiCaller
+from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.dedup import MemoryStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, InvalidEvent
@@ -246,3 +246,50 @@ async def test_an_outcome_refused_is_sent_again_without_its_confirmed_dead_lette
 
     assert [(o["status"], o["redelivered"]) for o in rig.published.outcomes] == [("invalid", True)]
     assert len(rig.published.letters) == 1
+
+
+class _SlowSender:
+    """An ApiCaller stand-in: sends twice, the second time ``gap_s`` after the first (a retry)."""
+
+    def __init__(self, gap_s: float) -> None:
+        self.gap_s = gap_s
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        await kwargs["before_send"]()
+        await asyncio.sleep(self.gap_s)  # the first attempt and its backoff take this long
+        await kwargs["before_send"]()
+        return ApplyResult("applied", 2, http_status=200)
+
+
+class _CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extended: list[float] = []
+
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+        self.extended.append(time.monotonic())
+        return await super().extend(event_id, owner, lease_s)
+
+
+async def test_a_send_renews_the_claim_unless_the_lease_outlasts_a_late_request() -> None:
+    """A request may still reach the API up to 2 x (connect + request timeouts) after it is sent
+    (0.9 s here), even when its job is cancelled; another worker may take the event over once the
+    lease (1.0 s) ends. Before, a send renewed the lease only once a third of it had passed, so a
+    send 0.2 s after the claim left 0.8 s of lease for a request that may land 0.9 s later."""
+    settings = WorkerSettings(
+        api_endpoint="http://127.0.0.1:1",
+        api_ak=AK,
+        api_sk=SK,
+        dedup_lease_s=1.0,
+        api_connect_timeout_s=0.15,
+        api_request_timeout_s=0.3,
+    )
+    metrics = Metrics()
+    gate = Gate(metrics)
+    store = _CountingStore()
+    pipeline = Pipeline(settings, store, _SlowSender(0.2), Recorder(), gate, metrics)  # type: ignore[arg-type]
+    try:
+        await pipeline.process(job(STARTED))
+    finally:
+        await gate.close()
+    assert len(store.extended) == 1  # not before the first send, right after the claim; before the second

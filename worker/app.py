@@ -83,7 +83,7 @@ class Worker:
                 concurrency=AdaptiveConcurrency(settings.max_in_flight, self.metrics),
                 settle_s=settings.api_request_timeout_s,
                 # one total timeout to get a connection (the client may queue it), one to be sent
-                abandon_s=2 * (settings.api_connect_timeout_s + settings.api_request_timeout_s),
+                abandon_s=settings.api_abandon_s,
             ),
             self._publisher,
             self._gate,

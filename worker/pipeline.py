@@ -177,11 +177,12 @@ class Pipeline:
         renewed_at = time.monotonic()  # the claim was just taken
 
         async def renew_lease() -> None:
-            # Right before each send, once a third of the lease has passed: the request (bounded by
-            # the API timeouts, which settings keep well below the lease) then always ends inside
-            # the lease, however long the rate or concurrency limit held it back.
+            # Right before each send, unless the lease still outlasts the longest a request may take
+            # to reach the API (settings.api_abandon_s, which settings keep within the lease): no
+            # other worker takes the event over while a request of ours, even one whose job was
+            # cancelled, may still land. The usual send, just after the claim, renews nothing.
             nonlocal renewed_at
-            if time.monotonic() - renewed_at < self._lease_s / 3:
+            if self._lease_s - (time.monotonic() - renewed_at) > self._settings.api_abandon_s:
                 return
             held = await self._dedup(lambda: self._store.extend(event.event_id, self._owner, self._lease_s))
             if not held:

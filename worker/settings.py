@@ -246,9 +246,11 @@ class WorkerSettings(BaseSettings):
             raise ValueError("input_topic, results_topic and dlq_topic must be three different topics")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
-        if self.dedup_lease_s < 1.5 * (self.api_connect_timeout_s + self.api_request_timeout_s):
+        if self.dedup_lease_s < self.api_abandon_s:
             raise ValueError(
-                "dedup_lease_s must be at least 1.5 x (api_connect_timeout_s + api_request_timeout_s)"
+                "dedup_lease_s must be at least 2 x (api_connect_timeout_s + api_request_timeout_s): a"
+                " request may still reach the API that long after it was sent, and until then no other"
+                " worker may take the event over"
             )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")
@@ -276,6 +278,12 @@ class WorkerSettings(BaseSettings):
         if self.api_region:
             return COC_REGION_ENDPOINTS[self.api_region]
         raise ConfigError("set COC_WORKER_API_ENDPOINT or COC_WORKER_API_REGION")
+
+    @property
+    def api_abandon_s(self) -> float:
+        """How long a request may still reach the API after it was sent, its caller cancelled or not
+        (the HTTP client does not abort it): the connect and the request timeouts, twice over."""
+        return 2 * (self.api_connect_timeout_s + self.api_request_timeout_s)
 
     def secret(self, name: str) -> str | None:
         """Current value of a secret setting, re-reading its ``_FILE`` when one is configured."""
