@@ -52,6 +52,8 @@ DLQ_OPTIONAL_HEADERS: dict[str, str] = {
     "coc-dlq-value-truncated-from": "Set when the value was cut to fit the broker's limit: its full size in bytes.",
     "coc-dlq-headers-dropped": "Set when the input's own headers were left out to fit the broker's limit: how many.",
     "coc-dlq-key-dropped": "Set (true) when even the key had to be left out to fit the broker's limit.",
+    "coc-dlq-tombstone": "Set (true) when the input had no value: the record carries an empty one.",
+    "coc-dlq-redelivered": "Set (true) on the dead letter of a redelivered message: the first may exist too.",
 }
 #: Headers ``coc-worker dlq replay`` adds to a replayed message (worker.tools.dlq writes them).
 REPLAY_HEADERS: dict[str, str] = {

@@ -23,7 +23,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.dedup import MemoryStore
-from worker.errors import BrokerUnavailable, DeadLetterUnwritable, InvalidEvent
+from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
@@ -293,3 +293,86 @@ async def test_a_send_renews_the_claim_unless_the_lease_outlasts_a_late_request(
     finally:
         await gate.close()
     assert len(store.extended) == 1  # not before the first send, right after the claim; before the second
+
+
+class _Answers:
+    """An ApiCaller stand-in answering with ``status``; counts its calls."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+        self.calls = 0
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        self.calls += 1
+        await kwargs["before_send"]()
+        code = "GOM.00001005" if self.status == "rejected" else None
+        return ApplyResult(
+            self.status, 1, http_status=400 if code else 200, error_code=code, error_msg="pending"
+        )
+
+
+class _StoreAway(MemoryStore):
+    """A store whose done-records fail while ``away``."""
+
+    away = False
+
+    async def mark_done(self, key: str, record: Any, ttl_s: float) -> None:
+        if self.away:
+            raise DedupUnavailable("store away")
+        await super().mark_done(key, record, ttl_s)
+
+    async def ping(self) -> None:
+        if self.away:
+            raise DedupUnavailable("store away")
+
+
+def _pipeline(store: MemoryStore, caller: Any, published: Recorder) -> tuple[Pipeline, Gate]:
+    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak=AK, api_sk=SK, worker_id="w1")
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    return Pipeline(settings, store, caller, published, gate, metrics), gate
+
+
+async def test_a_rejected_events_record_is_written_before_its_outcome() -> None:
+    """The done-record of a rejected event was written after its outcome: when the store was away
+    then and the job was cancelled (a revoke), the message came back to a claim of its own, was sent
+    again and got a second, different outcome that did not say ``redelivered``. Now nothing is
+    published before the record: the message comes back to nothing published, and gets one outcome."""
+    store, published = _StoreAway(), Recorder()
+    store.away = True
+    first, gate = _pipeline(store, _Answers("rejected"), published)
+    running = asyncio.create_task(first.process(job(STARTED)))
+    await until(lambda: not gate.is_open)  # the record could not be written: paused
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await gate.close()
+    assert published.outcomes == []
+    store.away = False
+    again, gate = _pipeline(store, _Answers("applied"), published)  # the ticket was fixed meanwhile
+    await again.process(job(STARTED))
+    await gate.close()
+    assert [(o["status"], o["redelivered"]) for o in published.outcomes] == [("applied", False)]
+
+
+async def test_a_redelivered_rejected_event_repeats_its_outcome_and_its_dead_letter() -> None:
+    """The record is written first, so a crash before the publish leaves a record and nothing on
+    the topics: the redelivery repeats the outcome and writes the dead letter (both marked
+    redelivered), and never calls the API again."""
+    store, published = MemoryStore(), Recorder(refuse_outcomes=1)
+    answers = _Answers("rejected")
+    first, gate = _pipeline(store, answers, published)
+    running = asyncio.create_task(first.process(job(STARTED)))
+    await until(lambda: not gate.is_open)  # the record is in; the publish failed: paused
+    running.cancel()  # the crash
+    await asyncio.gather(running, return_exceptions=True)
+    await gate.close()
+    again, gate = _pipeline(store, answers, published)
+    await again.process(job(STARTED))
+    await gate.close()
+    assert answers.calls == 1
+    assert [(o["status"], o["redelivered"], o["error_code"]) for o in published.outcomes] == [
+        ("rejected", True, "GOM.00001005")
+    ]
+    assert [(d.status, d.redelivered, d.detail) for d in published.letters[-1:]] == [
+        ("rejected", True, "pending")
+    ]

@@ -77,6 +77,9 @@ class DedupRecord:
     http_status: int | None = None
     lease_until: float = 0.0  # epoch seconds, for "claimed"
     reason: str = ""  # outcome reason, for "applied" and "done"
+    #: What a redelivery needs to repeat a dead letter, for "done" (redacted, cut short)
+    error_code: str | None = None
+    detail: str = ""
 
     def encode(self) -> str:
         # Not dataclasses.asdict (it deep-copies every value) nor the json module (3x slower):

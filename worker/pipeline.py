@@ -36,6 +36,8 @@ from worker.tracing import TraceContext
 log = get_logger(__name__)
 T = TypeVar("T")
 
+#: The dead letter's detail a done-record keeps (redacted), so that a redelivery can repeat it.
+_RECORD_DETAIL_CHARS = 500
 _HELD_POLL_FIRST_S = 0.05
 _HELD_POLL_MAX_S = 1.0
 
@@ -121,8 +123,8 @@ class Pipeline:
             await self._repeat_outcome(job, claim.record, body=None)
             return
         log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
+        await self._remember(key, job, OutcomeStatus.INVALID, reason=invalid.reason, detail=invalid.detail)
         await self._emit(job, OutcomeStatus.INVALID, reason=invalid.reason, error_msg=invalid.detail)
-        await self._remember(key, job, OutcomeStatus.INVALID, reason=invalid.reason)
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         """One job per event_id at a time in this worker. Two messages with one event_id but
@@ -226,6 +228,12 @@ class Pipeline:
         log.warning(
             "event_not_applied", status=status.value, attempts=result.calls, http_status=result.http_status
         )
+        detail = result.error_msg or result.detail
+        # Remembered with its message before anything is published, as an applied event is: a
+        # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter
+        # and never calls the API again, while another message with this event_id (a fixed ticket,
+        # a DLQ replay) may try again.
+        await self._remember(event.event_id, job, status, result, reason, detail=detail)
         await self._emit(
             job,
             status,
@@ -233,12 +241,9 @@ class Pipeline:
             attempts=result.calls,
             http_status=result.http_status,
             error_code=result.error_code,
-            error_msg=result.error_msg or result.detail,
+            error_msg=detail,
             request=body,
         )
-        # Remembered with its message: a redelivery repeats this outcome, while another message
-        # with this event_id (a fixed ticket, a DLQ replay) may try again.
-        await self._remember(event.event_id, job, status, result, reason)
 
     async def _remember(
         self,
@@ -247,15 +252,24 @@ class Pipeline:
         status: OutcomeStatus,
         result: ApplyResult | None = None,
         reason: str | None = None,
+        *,
+        detail: str | None = None,
     ) -> None:
-        """The done-record of an event not applied, written once its outcome is durable."""
-        done = self._record("done", job, status, result, reason)
+        """The done-record of an event not applied, written before its outcome is published."""
+        done = self._record("done", job, status, result, reason, detail)
         await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
 
     def _record(
-        self, state: str, job: Job, status: OutcomeStatus, result: ApplyResult | None, reason: str | None
+        self,
+        state: str,
+        job: Job,
+        status: OutcomeStatus,
+        result: ApplyResult | None,
+        reason: str | None,
+        detail: str | None = None,
     ) -> DedupRecord:
-        """What the store keeps of an outcome, so that a redelivery can repeat it."""
+        """What the store keeps of an outcome, so that a redelivery can repeat it (and its dead
+        letter: the detail is kept redacted and short)."""
         return DedupRecord(
             state,
             self._owner,
@@ -264,6 +278,8 @@ class Pipeline:
             result.calls if result else 0,
             result.http_status if result else None,
             reason=reason or "",
+            error_code=result.error_code if result else None,
+            detail=redact_text(detail)[:_RECORD_DETAIL_CHARS] if detail else "",
         )
 
     async def _finish_known(self, job: Job, body: dict[str, Any], record: DedupRecord | None) -> None:
@@ -282,7 +298,9 @@ class Pipeline:
 
     async def _repeat_outcome(self, job: Job, record: DedupRecord, body: dict[str, Any] | None) -> None:
         """Same message again (a crash or a lost partition before the commit): repeat its outcome,
-        marked ``redelivered``, without calling the API or writing the DLQ again."""
+        marked ``redelivered``, without calling the API. The record was written before the first
+        outcome was published, so that one and its dead letter may be missing: the dead letter is
+        written again too (at least once; ``coc-dlq-redelivered`` marks the repeat)."""
         self._metrics.dedup_hits.labels(kind="redelivered").inc()
         log.info("event_redelivered", state=record.state, status=record.status)
         await self._emit(
@@ -291,6 +309,8 @@ class Pipeline:
             reason=record.reason or None,
             attempts=record.attempts,
             http_status=record.http_status,
+            error_code=record.error_code,
+            error_msg=record.detail or None,
             request=body,
             redelivered=True,
         )
@@ -342,7 +362,7 @@ class Pipeline:
             "trace_id": job.trace.trace_id,
         }
         letter = None
-        if status in DEAD_LETTER_STATUSES and not redelivered:  # the first delivery wrote it
+        if status in DEAD_LETTER_STATUSES:
             letter = DeadLetter(
                 key=m.key,
                 value=m.value,
@@ -354,6 +374,7 @@ class Pipeline:
                 partition=m.partition,
                 offset=m.offset,
                 event_id=identity["event_id"],
+                redelivered=redelivered,
             )
         ticket_id = identity["ticket_id"]
         key = ticket_id.encode() if ticket_id else None

@@ -53,6 +53,8 @@ class DeadLetter:
     partition: int
     offset: int
     event_id: str | None
+    #: A repeat for a redelivered message: the first may or may not have been written.
+    redelivered: bool = False
 
 
 def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, now: datetime) -> Headers:
@@ -72,6 +74,8 @@ def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, no
     }
     if letter.event_id:
         ours["event-id"] = letter.event_id
+    if letter.redelivered:
+        ours["redelivered"] = "true"
     return [
         *kept,
         *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in ours.items()),
