@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
 from aiokafka import TopicPartition
 
+import worker.consumer as consumer_module
 from worker.app import Worker
+from worker.consumer import Consumer
+from worker.errors import BrokerUnavailable
 from worker.settings import WorkerSettings
 
 
@@ -86,3 +91,42 @@ async def test_a_held_partition_assigned_back_at_once_is_fetched_again(tmp_path:
     finally:  # never started: only the clients' objects to close
         await real.stop()
         await worker._publisher.stop()
+
+
+async def test_a_stop_interrupts_a_fetch_that_waits_for_a_rebalance(tmp_path: Path) -> None:
+    """While a rebalance is under way aiokafka's fetch ignores its timeout and waits for the new
+    assignment (for ever, if the broker is gone): a stop waited with it instead of beginning."""
+    worker = make_worker(tmp_path)
+    never = asyncio.Event()
+
+    async def waits_for_the_assignment(max_records: int, timeout_s: float) -> list[object]:
+        await never.wait()
+        return []
+
+    worker._consumer.fetch = waits_for_the_assignment  # type: ignore[method-assign]
+    try:
+        polling = asyncio.create_task(worker._poll(10, 0.1))
+        worker._stopping.set()
+        assert await asyncio.wait_for(polling, 2) == []
+    finally:
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+
+
+async def test_a_commit_the_broker_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka retries a commit while the broker is away; a revoke (or a stop) awaiting it never
+    ended. It is bounded now, and reported as the broker being unavailable."""
+    monkeypatch.setattr(consumer_module, "_COMMIT_TIMEOUT_S", 0.1)
+    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
+
+    class Hangs:
+        async def commit(self, offsets: object) -> None:
+            await asyncio.Event().wait()
+
+    real, consumer._consumer = consumer._consumer, Hangs()  # type: ignore[assignment]
+    try:
+        with pytest.raises(BrokerUnavailable, match="not answered"):
+            await asyncio.wait_for(consumer.commit({(settings.input_topic, 0): 5}), 2)
+    finally:
+        await real.stop()

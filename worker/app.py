@@ -194,8 +194,21 @@ class Worker:
                 self._dispatch(message)
 
     async def _poll(self, max_records: int, timeout_s: float) -> list[Message]:
+        """A fetch that a stop interrupts: while a rebalance is under way aiokafka's fetch waits for
+        the new assignment whatever its timeout (for ever, if the broker left), and a stop must
+        still begin at once."""
+        fetch = asyncio.ensure_future(self._consumer.fetch(max(1, max_records), timeout_s))
+        stopped = asyncio.ensure_future(self._stopping.wait())
         try:
-            return await self._consumer.fetch(max(1, max_records), timeout_s)
+            await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not fetch.done():
+                fetch.cancel()
+        if not fetch.done() or fetch.cancelled():
+            return []
+        try:
+            return fetch.result()
         except BrokerUnavailable as exc:
             log.warning("fetch_failed", detail=str(exc))
             self._broker_ok = False

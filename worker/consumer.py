@@ -25,6 +25,9 @@ from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
 
+#: A commit not answered by then is given up (a later one commits the same offsets or more).
+_COMMIT_TIMEOUT_S = 10.0
+
 Headers = list[tuple[str, bytes]]
 
 
@@ -154,11 +157,15 @@ class Consumer:
             self._consumer.pause(*(TopicPartition(*key) for key in self._held))
 
     async def commit(self, positions: dict[PartitionKey, int]) -> None:
+        """Bounded: aiokafka retries a commit for as long as the broker is away, and a revoke or a
+        stop that waits on it would never end (the offsets are committed again next time)."""
         offsets = {TopicPartition(t, p): o for (t, p), o in positions.items()}
         try:
-            await self._consumer.commit(offsets)
+            await asyncio.wait_for(self._consumer.commit(offsets), _COMMIT_TIMEOUT_S)
         except KafkaError as exc:
             raise BrokerUnavailable(f"commit failed: {type(exc).__name__}") from exc
+        except TimeoutError:
+            raise BrokerUnavailable(f"commit not answered within {_COMMIT_TIMEOUT_S:g} s") from None
 
     def highwater(self, key: PartitionKey) -> int | None:
         value = self._consumer.highwater(TopicPartition(*key))
