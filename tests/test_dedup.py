@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator
@@ -283,3 +284,24 @@ async def test_upkeep_failing_after_a_commit_neither_fails_nor_holds_up_the_writ
         await store.close()
     with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
         assert {r[0] for r in conn.execute("SELECT event_id FROM dedup")} == {"a", "b", "c"}
+
+
+def test_records_stay_readable_by_the_release_before_and_after() -> None:
+    """Claimed and applied records are written as the previous release wrote them (it could not
+    read the dead-letter fields: a rolling update or a rollback would fail on every such record),
+    and keys a later release adds are left out when read, not an error."""
+    claimed = DedupRecord("claimed", "w1", "t/0/1", lease_until=5.0)
+    assert set(json.loads(claimed.encode())) == {
+        "state",
+        "owner",
+        "source",
+        "status",
+        "attempts",
+        "http_status",
+        "lease_until",
+        "reason",
+    }
+    done = DedupRecord("done", "w1", "t/0/1", "rejected", 1, 400, error_code="GOM.1", detail="pending")
+    assert DedupRecord.decode(done.encode()) == done
+    later = json.dumps({**json.loads(done.encode()), "a_later_field": [1]})
+    assert DedupRecord.decode(later) == done

@@ -248,15 +248,25 @@ async def test_an_outcome_refused_is_sent_again_without_its_confirmed_dead_lette
     assert len(rig.published.letters) == 1
 
 
+class _Clock:
+    """Stands in for ``time`` in worker.pipeline: the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 class _SlowSender:
     """An ApiCaller stand-in: sends twice, the second time ``gap_s`` after the first (a retry)."""
 
-    def __init__(self, gap_s: float) -> None:
-        self.gap_s = gap_s
+    def __init__(self, clock: _Clock, gap_s: float) -> None:
+        self.clock, self.gap_s = clock, gap_s
 
     async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
         await kwargs["before_send"]()
-        await asyncio.sleep(self.gap_s)  # the first attempt and its backoff take this long
+        self.clock.now += self.gap_s  # the first attempt and its backoff take this long
         await kwargs["before_send"]()
         return ApplyResult("applied", 2, http_status=200)
 
@@ -264,35 +274,40 @@ class _SlowSender:
 class _CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
-        self.extended: list[float] = []
+        self.extended = 0
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
-        self.extended.append(time.monotonic())
+        self.extended += 1
         return await super().extend(event_id, owner, lease_s)
 
 
-async def test_a_send_renews_the_claim_unless_the_lease_outlasts_a_late_request() -> None:
+@pytest.mark.parametrize(("gap_s", "renewals"), [(0.5, 0), (2.2, 1)])
+async def test_a_send_renews_the_claim_unless_the_lease_outlasts_a_late_request(
+    monkeypatch: pytest.MonkeyPatch, gap_s: float, renewals: int
+) -> None:
     """A request may still reach the API up to 2 x (connect + request timeouts) after it is sent
-    (0.9 s here), even when its job is cancelled; another worker may take the event over once the
-    lease (1.0 s) ends. Before, a send renewed the lease only once a third of it had passed, so a
-    send 0.2 s after the claim left 0.8 s of lease for a request that may land 0.9 s later."""
+    (5 s here), even when its job is cancelled; another worker may take the event over once the
+    lease (7 s) ends. Before, a send renewed the lease only once a third of it had passed (2.33 s),
+    so a send 2.2 s after the claim left 4.8 s of lease for a request that may land 5 s later."""
+    clock = _Clock()
+    monkeypatch.setattr("worker.pipeline.time", clock)
     settings = WorkerSettings(
         api_endpoint="http://127.0.0.1:1",
         api_ak=AK,
         api_sk=SK,
-        dedup_lease_s=1.0,
-        api_connect_timeout_s=0.15,
-        api_request_timeout_s=0.3,
+        dedup_lease_s=7.0,
+        api_connect_timeout_s=1.0,
+        api_request_timeout_s=1.5,
     )
     metrics = Metrics()
     gate = Gate(metrics)
     store = _CountingStore()
-    pipeline = Pipeline(settings, store, _SlowSender(0.2), Recorder(), gate, metrics)  # type: ignore[arg-type]
+    pipeline = Pipeline(settings, store, _SlowSender(clock, gap_s), Recorder(), gate, metrics)  # type: ignore[arg-type]
     try:
         await pipeline.process(job(STARTED))
     finally:
         await gate.close()
-    assert len(store.extended) == 1  # not before the first send, right after the claim; before the second
+    assert store.extended == renewals  # never for the send just after the claim
 
 
 class _Answers:

@@ -158,7 +158,9 @@ class Consumer:
 
     async def commit(self, positions: dict[PartitionKey, int]) -> None:
         """Bounded: aiokafka retries a commit for as long as the broker is away, and a revoke or a
-        stop that waits on it would never end (the offsets are committed again next time)."""
+        stop that waits on it would never end. Given up, the offsets are committed with the next
+        commit; after a revoke or a stop there is none, and whoever reads the partition next starts
+        from the last commit: those messages come back, their outcomes repeated as ``redelivered``."""
         offsets = {TopicPartition(t, p): o for (t, p), o in positions.items()}
         try:
             await asyncio.wait_for(self._consumer.commit(offsets), _COMMIT_TIMEOUT_S)

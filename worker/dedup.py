@@ -4,7 +4,7 @@ Each event id moves through three states in the store::
 
     (absent) --claim--> claimed(owner, lease) --API success-------------------> applied (TTL, 7 days)
                            |   |
-                           |   +--not applied (rejected, failed), outcome durable--> done (TTL, 7 days)
+                           |   +--not applied (rejected, failed), before its outcome--> done (TTL, 7 days)
                            |  lease expires / release
                            v
                         (absent)
@@ -18,8 +18,9 @@ Each event id moves through three states in the store::
 * ``applied`` is written right after the API accepted the change, *before* the outcome is
   published, and is the event's last record: a redelivery, whether the crash came before the
   outcome was published or after, republishes ``applied`` without calling the API again.
-* ``done`` remembers an outcome that is not ``applied`` (invalid, rejected, failed) and the
-  message it came from, once that outcome is durable.
+* ``done`` remembers an outcome that is not ``applied`` (invalid, rejected, failed), the message
+  it came from and its dead letter's detail, *before* the outcome and the dead letter are
+  published: a redelivery repeats both, never calling the API again.
 * Both keep the outcome's status and reason for the TTL. The same message read again (a crash
   before the commit) gets the same outcome again, marked ``redelivered``. Another message with
   the same ``event_id`` is a duplicate when the event was applied; when it was rejected or
@@ -60,7 +61,7 @@ class ClaimKind(StrEnum):
     NEW = "new"  # the caller now holds the claim and may call the API
     HELD = "held"  # another live owner holds it: wait, then ask again
     APPLIED = "applied"  # already applied; the outcome may not have been published
-    DONE = "done"  # finished and its outcome durable
+    DONE = "done"  # finished; its outcome and dead letter published, or owed to a redelivery
 
 
 #: How long a claim record outlives its lease (so a taker learns it took over a dead owner's claim).
@@ -83,15 +84,25 @@ class DedupRecord:
 
     def encode(self) -> str:
         # Not dataclasses.asdict (it deep-copies every value) nor the json module (3x slower):
-        # both are measurable at three writes per event.
-        return to_json({name: getattr(self, name) for name in _RECORD_FIELDS}).decode()
+        # both are measurable at three writes per event. The dead-letter fields are written only
+        # when set (done-records): claimed and applied records stay as an earlier release wrote
+        # them, so it can still read them (a rolling update, a rollback).
+        data = {name: getattr(self, name) for name in _BASE_FIELDS}
+        if self.error_code is not None:
+            data["error_code"] = self.error_code
+        if self.detail:
+            data["detail"] = self.detail
+        return to_json(data).decode()
 
     @classmethod
     def decode(cls, text: str | bytes) -> DedupRecord:
-        return cls(**json.loads(text))
+        """Keys this release does not know (a later one's) are left out, not an error."""
+        data = json.loads(text)
+        return cls(**{name: value for name, value in data.items() if name in _RECORD_FIELDS})
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(DedupRecord))
+_RECORD_FIELDS = frozenset(f.name for f in fields(DedupRecord))
+_BASE_FIELDS = tuple(f.name for f in fields(DedupRecord) if f.name not in ("error_code", "detail"))
 
 
 @dataclass(frozen=True, slots=True)

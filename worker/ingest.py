@@ -123,7 +123,7 @@ class Ingress:
     async def _watch_broker(self) -> None:
         while True:
             try:
-                await self._producer.ping(self._settings.input_topic)
+                await self._producer.ping()
             except BrokerUnavailable:
                 if self._broker_ok:
                     log.warning("ingest_broker_unreachable")

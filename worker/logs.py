@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO, cast
@@ -31,12 +32,27 @@ def register_secrets(values: Iterable[str]) -> None:
     for value in values:
         if not value or len(value) < MIN_REDACTED_CHARS:
             continue
-        for form in (value, quote(value, safe=""), quote_plus(value), json.dumps(value)[1:-1]):
+        escaped = json.dumps(value)[1:-1]
+        encoded = quote(value, safe="")
+        forms = (
+            value,
+            encoded,
+            _lower_escapes(encoded),
+            quote_plus(value),
+            escaped,
+            escaped.replace("/", "\\/"),
+        )
+        for form in forms:
             if form not in _secrets:
                 _secrets.add(form)
                 added = True
     if added:
         _longest_first = sorted(_secrets, key=len, reverse=True)
+
+
+def _lower_escapes(encoded: str) -> str:
+    """``%2F`` as ``%2f``: percent-encoding is case-insensitive, and some encoders write lowercase."""
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), encoded)
 
 
 def redact_text(text: str) -> str:

@@ -47,6 +47,8 @@ def split_tokens(text: str) -> list[str]:
     return [token for token in _TOKEN_SEPARATORS.split(text) if token]
 
 
+#: What the claim's lease must hold beyond the longest a request may take to land.
+LEASE_MARGIN_S = 2.0
 _REDIS_URL_HINT = (
     "must be redis://[[user]:password@]host[:port][/db]; a password holding / # ? @ or : must be"
     " percent-encoded (%2F %23 %3F %40 %3A)"
@@ -246,11 +248,12 @@ class WorkerSettings(BaseSettings):
             raise ValueError("input_topic, results_topic and dlq_topic must be three different topics")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
-        if self.dedup_lease_s < self.api_abandon_s:
+        if self.dedup_lease_s < self.api_abandon_s + LEASE_MARGIN_S:
             raise ValueError(
-                "dedup_lease_s must be at least 2 x (api_connect_timeout_s + api_request_timeout_s): a"
-                " request may still reach the API that long after it was sent, and until then no other"
-                " worker may take the event over"
+                "dedup_lease_s must be at least 2 x (api_connect_timeout_s + api_request_timeout_s)"
+                f" + {LEASE_MARGIN_S:g} s: a request may still reach the API that long after it was"
+                " sent, no other worker may take the event over until then, and a send soon after"
+                " the claim needs no renewal"
             )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from faults.harness import ProxiedBroker
 from helpers import event
 from waiting import until
 
@@ -22,7 +23,7 @@ from worker.errors import BrokerUnavailable
 from worker.health import HealthServer
 from worker.ingest import Ingress, serve
 from worker.metrics import Metrics
-from worker.sandbox import TansuBroker, read_topic
+from worker.sandbox import TansuBroker, create_topics, read_topic
 from worker.settings import WorkerSettings, load_settings
 from worker.tools.kafka_io import TopicReader
 
@@ -197,7 +198,7 @@ async def test_standalone_readiness_follows_the_broker(
     ingress, port = quick_ingress
     assert ingress.status()["ready"]
 
-    async def unreachable(self: object, topic: str, timeout_s: float = 3.0) -> None:
+    async def unreachable(self: object, timeout_s: float = 3.0) -> None:
         raise BrokerUnavailable("broker unreachable: KafkaConnectionError")
 
     monkeypatch.setattr("worker.tools.kafka_io.EventProducer.ping", unreachable)
@@ -344,3 +345,21 @@ async def test_coc_worker_ingest_runs_alone(broker: TansuBroker, topics: dict[st
             await proc.wait()
     assert proc.returncode == 0
     assert TOKENS[0] not in (line + out.decode() + err.decode())
+
+
+async def test_standalone_readiness_sees_the_broker_go(tmp_path: Path) -> None:
+    """The check must reach the broker: a metadata lookup of a topic already seen answers from the
+    client's cache, so readiness stayed green with the broker gone (a proxy cut here)."""
+    async with ProxiedBroker(tmp_path / "tansu.log") as pb:
+        await create_topics(pb.bootstrap, ["in-ready"], partitions=1)
+        settings = load_settings(kafka_bootstrap_servers=pb.bootstrap, input_topic="in-ready")
+        ingress = Ingress(settings, Metrics(), broker_check_s=0.1)
+        await ingress.start()
+        try:
+            await until(lambda: ingress.status()["ready"], 10)
+            await pb.proxy.cut("refuse")
+            await until(lambda: not ingress.status()["ready"], 15)
+            await pb.proxy.restore()
+            await until(lambda: ingress.status()["ready"], 20)
+        finally:
+            await ingress.stop()

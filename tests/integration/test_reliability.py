@@ -125,10 +125,10 @@ CRASH_WINDOW_FIGURE = {
 }
 
 
-#: A dead owner's claims expire in 6 s (not 30 s), so redelivered events are not held up for long;
-#: the worker requires the lease to outlast 2 x (connect + request timeout).
+#: A dead owner's claims expire in 8 s (not 30 s), so redelivered events are not held up for long;
+#: the worker requires the lease to outlast 2 x (connect + request timeout) + 2 s.
 SHORT_LEASE = {
-    "COC_WORKER_DEDUP_LEASE_S": "6",
+    "COC_WORKER_DEDUP_LEASE_S": "8",
     "COC_WORKER_API_CONNECT_TIMEOUT_S": "1",
     "COC_WORKER_API_REQUEST_TIMEOUT_S": "2",
 }

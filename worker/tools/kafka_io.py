@@ -108,12 +108,13 @@ class EventProducer(_Client[AIOKafkaProducer]):
             raise BrokerUnavailable(f"cannot connect to the broker: {type(exc).__name__}") from exc
         self._client = producer
 
-    async def ping(self, topic: str, timeout_s: float = 3.0) -> None:
-        """Metadata of ``topic``: proves the broker answers (and knows the topic)."""
+    async def ping(self, timeout_s: float = 3.0) -> None:
+        """A metadata request: proves the broker answers now (``partitions_for`` would answer from
+        its cache once a topic has been seen, broker or not)."""
         if self._client is None:
             raise RuntimeError("EventProducer.start() was not awaited")
         try:
-            await asyncio.wait_for(self._client.partitions_for(topic), timeout_s)
+            await asyncio.wait_for(self._client.client.fetch_all_metadata(), timeout_s)
         except (KafkaError, TimeoutError) as exc:
             raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
 

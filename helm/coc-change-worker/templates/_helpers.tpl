@@ -168,8 +168,8 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if and (ne $v.dedup.backend "redis") (gt (include "coc.maxReplicas" . | int64) 1) }}
 {{- fail (printf "dedup.backend=%s keeps each pod's own records: after a rebalance a pod would not know what another applied; run one replica or use dedup.backend=redis" $v.dedup.backend) }}
 {{- end }}
-{{- if lt ($v.dedup.leaseS | float64) (mulf 2.0 (addf ($v.api.connectTimeoutS | float64) ($v.api.requestTimeoutS | float64))) }}
-{{- fail "dedup.leaseS must be at least 2 x (api.connectTimeoutS + api.requestTimeoutS): a request may still land that long after it was sent, and until then no other pod may take the event over" }}
+{{- if lt ($v.dedup.leaseS | float64) (addf 2.0 (mulf 2.0 (addf ($v.api.connectTimeoutS | float64) ($v.api.requestTimeoutS | float64)))) }}
+{{- fail "dedup.leaseS must be at least 2 x (api.connectTimeoutS + api.requestTimeoutS) + 2: a request may still land that long after it was sent, and until then no other pod may take the event over" }}
 {{- end }}
 {{- if or (eq $v.kafka.inputTopic $v.kafka.resultsTopic) (eq $v.kafka.inputTopic $v.kafka.dlqTopic) (eq $v.kafka.resultsTopic $v.kafka.dlqTopic) }}
 {{- fail "kafka.inputTopic, kafka.resultsTopic and kafka.dlqTopic must be three different topics" }}
