@@ -713,6 +713,7 @@ async def test_no_secret_in_errors_or_metrics(sim: SimulatorServer, stub: Stub) 
         ("Thu, 01 Jan 1970 00:01:40 -0000", 60.0),
         ("Thu, 01 Jan 1970 00:00:10 GMT", 0.0),  # already past
         ("Thu, 41 Jan 1970 00:00:10 GMT", None),
+        ("Mon, 01 Jan 2020 00:00:00 +99999999999999999999", None),  # was an OverflowError
     ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:

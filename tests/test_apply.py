@@ -8,6 +8,7 @@ fault is exact rather than a race.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
@@ -26,7 +27,7 @@ from worker.apply import ApiCaller, ApplyResult
 from worker.gate import Gate
 from worker.mapping import already_applied, to_request_body
 from worker.metrics import Metrics
-from worker.ratelimit import AdaptiveConcurrency
+from worker.ratelimit import AdaptiveConcurrency, TokenBucket
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer, SubState
@@ -643,3 +644,42 @@ async def test_a_job_cancelled_while_waiting_for_a_left_behind_request_leaves_th
 
     assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
     assert [r.method for r in state.requests] == ["PUT", "GET"]
+
+
+# --------------------------------------------------------------------------- reads after a lost answer
+
+
+async def test_reads_after_a_lost_answer_back_off_and_wait_for_the_rate_limit(rig: Rig) -> None:
+    """The ticket unreadable after a lost answer: its reads were retried with the first attempt's
+    backoff for the whole budget (~40 GETs a second here, ~1,000 per event with the defaults) and
+    bypassed the rate limit. Now their backoff grows and each read waits for the limit."""
+    state = rig.sim.state
+    state.set_faults(error_ratio=1.0, error_statuses=[503])
+    policy = RetryPolicy(max_attempts=3, max_elapsed_s=1.0, base_delay_s=0.05, max_delay_s=0.4)
+    event = started()
+    result = await rig.apply(
+        rig.caller(policy), event, confirm=lambda detail: already_applied(event, detail), ambiguous=True
+    )
+    assert result.status == "failed"
+    gets = [r for r in state.requests if r.method == "GET"]
+    assert 2 <= len(gets) <= 12
+    state.requests.clear()
+    limited = rig.caller(policy, rate_limit=TokenBucket(4.0, 1, rig.metrics))
+    await rig.apply(limited, event, confirm=lambda detail: already_applied(event, detail), ambiguous=True)
+    at = [r.at for r in state.requests if r.method == "GET"]
+    assert len(at) >= 2
+    assert min(b - a for a, b in itertools.pairwise(at)) >= 0.2  # 4 a second at most
+
+
+async def test_waiting_for_the_rate_limit_is_not_taken_off_the_retry_budget(rig: Rig) -> None:
+    """A backlog makes the rate limit hand out slots far ahead; that wait is the limit's, not the
+    event's. Before, it counted against the budget, and one 503 after a long wait failed the event
+    without a retry."""
+    state = rig.sim.state
+    state.set_faults(error_ratio=1.0, error_statuses=[503])
+    bucket = TokenBucket(2.0, 1, rig.metrics)
+    await bucket.acquire()  # the slot now taken by another event: this one waits 0.5 s for its own
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=0.4, base_delay_s=0.01, max_delay_s=0.02)
+    attempts = Attempts(actions={2: lambda: state.set_faults(error_ratio=0.0)})
+    result = await rig.apply(rig.caller(policy, rate_limit=bucket), hook=attempts)
+    assert (result.status, result.calls) == ("applied", 2)

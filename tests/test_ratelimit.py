@@ -7,6 +7,7 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from waiting import until
 
 from worker.metrics import Metrics
@@ -68,11 +69,15 @@ async def test_redis_bucket_survives_the_redis_clock_stepping_back(redis_url: st
 
 
 async def test_redis_bucket_falls_back_to_local_when_redis_is_away() -> None:
+    """And says so, once: each replica then allows the whole rate (before, nothing was logged)."""
     bucket = RedisTokenBucket("redis://127.0.0.1:1/0", "k", rate_per_s=1000, burst=10, metrics=Metrics())
     try:
-        await asyncio.wait_for(bucket.acquire(), 5)
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(bucket.acquire(), 5)
+            await asyncio.wait_for(bucket.acquire(), 5)
     finally:
         await bucket.close()
+    assert [entry["event"] for entry in logs] == ["rate_limit_local"]
 
 
 def test_backend_follows_the_dedup_store(redis_url: str) -> None:

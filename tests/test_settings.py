@@ -329,3 +329,9 @@ def test_topics_must_be_legal_kafka_names_and_three_different_ones(overrides: di
     the worker); the results topic as the input would feed the worker its own outcomes."""
     with pytest.raises(ValidationError):
         WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", **overrides)
+
+
+def test_a_retry_after_cap_beyond_the_budget_is_refused() -> None:
+    """Every Retry-After the worker would honour past the budget failed the event at its first 429."""
+    with pytest.raises(ConfigError, match="retry_after_max_s"):
+        load_settings(retry_after_max_s=300, retry_max_elapsed_s=30)

@@ -100,7 +100,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a year or zone out of range
         return None
     if when.tzinfo is None:  # "-0000": UTC, not the local time naive datetimes stand for
         when = when.replace(tzinfo=UTC)

@@ -114,11 +114,10 @@ class ApiCaller:
         event_id: str,
         traceparent: str,
         before_send: Callable[[], Awaitable[None]] | None,
+        waited: _Waited,
     ) -> ApiResponse:
         """One HTTP attempt behind the rate limit and the adaptive concurrency limit."""
-        if self._rate_limit is not None:
-            await self._rate_limit.acquire()
-        await self._concurrency.acquire()
+        await self._limits(waited)
         sending = False
         try:
             if before_send is not None:  # after the waits above, which have no bound of their own
@@ -143,6 +142,17 @@ class ApiCaller:
             self._concurrency.release()
         self._concurrency.succeeded()
         return response
+
+    async def _limits(self, waited: _Waited) -> None:
+        """Wait for the rate limit and a concurrency slot (the caller releases the slot); the time
+        waited is not the event's: it is taken off its retry budget."""
+        began = time.monotonic()
+        try:
+            if self._rate_limit is not None:
+                await self._rate_limit.acquire()
+            await self._concurrency.acquire()
+        finally:
+            waited.s += time.monotonic() - began
 
     async def apply(
         self,
@@ -183,6 +193,7 @@ class ApiCaller:
             ambiguous = True
         calls = 0  # times the change was sent: the outcome's attempts
         spent = 0  # sends that count against the budget (a 401 or an outage does not)
+        rounds = 0  # failed rounds, sends and reads alike: the backoff grows with them
         forbidden = 0  # 403s met by this event
         active_s = 0.0  # time spent trying, time paused at the gate excluded
         error: ApiTransientError | None = None
@@ -191,10 +202,11 @@ class ApiCaller:
             if before_attempt is not None:
                 await before_attempt()
             started = time.monotonic()
+            waited = _Waited()
             sent = False  # whether this round sent the change (a read of the ticket is not a send)
             try:
                 if ambiguous and confirm is not None:
-                    if await self._in_place(ticket_id, confirm):
+                    if await self._in_place(ticket_id, confirm, waited):
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
                     ambiguous = False  # read, and not there: safe to send
@@ -205,7 +217,7 @@ class ApiCaller:
                 sent = True
                 if calls > 1:
                     self._metrics.retries.inc()
-                response = await self._attempt(ticket_id, body, event_id, traceparent, before_send)
+                response = await self._attempt(ticket_id, body, event_id, traceparent, before_send, waited)
             except ApiAuthError as exc:
                 self._reachability.reached()
                 if sent:
@@ -248,10 +260,20 @@ class ApiCaller:
             else:
                 self._reachability.reached()
                 return ApplyResult("applied", calls, http_status=response.http_status, response=response)
-            active_s += time.monotonic() - started
-            # Reading the ticket to settle a lost answer is safe: only the time budget bounds it.
+            active_s += time.monotonic() - started - waited.s
+            rounds += 1
+            # Reading the ticket to settle a lost answer is safe: only the time budget bounds it
+            # (and its backoff grows with the reads, as a send's does with the sends).
             will_read = ambiguous and confirm is not None
-            delay = self._policy.next_delay(max(spent, 1), active_s, error, limit_attempts=not will_read)
+            delay = self._policy.next_delay(
+                rounds if will_read else max(spent, 1), active_s, error, limit_attempts=not will_read
+            )
+            if delay is not None and error.timed_out:
+                # The API may still be running the request we stopped waiting for: let it settle,
+                # within the budget like any wait.
+                delay = max(delay, self._settle_s)
+                if active_s + delay > self._policy.max_elapsed_s:
+                    delay = None
             if delay is None:
                 if error.connect_failure:
                     if sent:
@@ -259,21 +281,33 @@ class ApiCaller:
                     self._trip_unreachable(error.detail, ticket_id)
                     continue
                 return _failed(calls, active_s, error, applied_maybe=ambiguous)
-            if error.timed_out:  # the API may still be running the request we stopped waiting for
-                delay = max(delay, self._settle_s)
             log.info(
                 "api_retry", attempt=calls, reading=will_read, delay_s=round(delay, 3), detail=error.detail
             )
             await asyncio.sleep(delay)
             active_s += delay
 
-    async def _in_place(self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool]) -> bool:
+    async def _in_place(
+        self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool], waited: _Waited
+    ) -> bool:
         """Read the ticket: is the change there? Raises ``ApiTransientError`` when it cannot tell
-        (the ticket unreadable), ``ApiAuthError`` on 401/403, like an attempt."""
-        detail = await self._client.show_ticket(ticket_id)
+        (the ticket unreadable), ``ApiAuthError`` on 401/403, like an attempt. Behind the same
+        limits as a send: a read is a request to the same API."""
+        await self._limits(waited)
+        try:
+            detail = await self._client.show_ticket(ticket_id)
+        finally:
+            self._concurrency.release()
         if detail is None:
             raise ApiTransientError("the ticket's state is unreadable after a lost answer")
         return confirm(detail)
+
+
+@dataclass(slots=True)
+class _Waited:
+    """Seconds a round spent waiting for the rate and concurrency limits."""
+
+    s: float = 0.0
 
 
 def _failed(calls: int, active_s: float, error: ApiTransientError, *, applied_maybe: bool) -> ApplyResult:

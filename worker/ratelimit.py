@@ -90,6 +90,7 @@ class RedisTokenBucket:
         self._tolerance_ms = (max(1, burst) - 1) * self._interval_ms
         self._local = TokenBucket(rate_per_s, burst, metrics)
         self._metrics = metrics
+        self._local_since_failure = False
 
     async def acquire(self) -> None:
         try:
@@ -98,10 +99,19 @@ class RedisTokenBucket:
                     keys=[self._key, self._clock_key], args=[self._interval_ms, self._tolerance_ms]
                 )
             )
-        except (redis_errors.RedisError, OSError):
-            # The dedup store's own failure handling pauses the worker; meanwhile limit locally.
+        except (redis_errors.RedisError, OSError) as exc:
+            # The dedup store's own failure handling pauses the worker; meanwhile limit locally
+            # (each replica to the whole rate: said once per episode, so it is not a silent change).
+            if not self._local_since_failure:
+                self._local_since_failure = True
+                log.warning(
+                    "rate_limit_local", error=type(exc).__name__, detail="Redis away: limited per replica"
+                )
             await self._local.acquire()
             return
+        if self._local_since_failure:
+            self._local_since_failure = False
+            log.info("rate_limit_shared_again")
         if wait_ms > 0:
             self._metrics.rate_limited.inc()
             await asyncio.sleep(wait_ms / 1000)

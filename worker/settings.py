@@ -255,6 +255,11 @@ class WorkerSettings(BaseSettings):
                 " sent, no other worker may take the event over until then, and a send soon after"
                 " the claim needs no renewal"
             )
+        if self.retry_after_max_s > self.retry_max_elapsed_s:
+            raise ValueError(
+                "retry_after_max_s must be at most retry_max_elapsed_s: a Retry-After the worker would"
+                " honour could never fit the budget, and the event would fail at its first 429"
+            )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")
         if self.max_buffered is not None and self.max_buffered < self.max_in_flight:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 HEADER = "traceparent"
 _random = random.Random()
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+#: A later version may append fields ("-..."), which a version-00 parser reads past (W3C).
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +53,13 @@ def parse(value: str | bytes | None) -> TraceContext | None:
     match = _TRACEPARENT.match(value.strip())
     if match is None:
         return None
-    version, trace_id, span_id, flags = match.groups()
+    version, trace_id, span_id, flags, rest = match.groups()
     if version == "ff" or trace_id == "0" * 32 or span_id == "0" * 16:
         return None
+    if rest is not None:
+        if version == "00":  # version 00 has exactly four fields
+            return None
+        flags = f"{int(flags, 16) & 0x01:02x}"  # of a later version's flags, only "sampled" is known
     return TraceContext(trace_id, span_id, flags)
 
 

@@ -1,0 +1,40 @@
+"""W3C ``traceparent``: what is taken from an input, what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.tracing import parse
+
+TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"00-{TRACE}-{SPAN}-01",
+        f"01-{TRACE}-{SPAN}-01",
+        f"01-{TRACE}-{SPAN}-01-what-a-later-version-adds",  # before: refused, the trace broken
+        f"cc-{TRACE}-{SPAN}-03-x",
+    ],
+)
+def test_this_and_later_versions_are_continued(value: str) -> None:
+    found = parse(value)
+    assert found is not None
+    assert (found.trace_id, found.span_id) == (TRACE, SPAN)
+    assert found.flags == "01"  # of a later version's flags, only "sampled" is known
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"00-{TRACE}-{SPAN}-01-extra",  # version 00 has four fields
+        f"ff-{TRACE}-{SPAN}-01",
+        f"00-{'0' * 32}-{SPAN}-01",
+        f"00-{TRACE}-{'0' * 16}-01",
+        f"00-{TRACE.upper()}-{SPAN}-01",
+        f"00-{TRACE}-{SPAN}",
+    ],
+)
+def test_what_the_standard_refuses_starts_a_new_trace(value: str) -> None:
+    assert parse(value) is None
