@@ -291,18 +291,15 @@ async def test_a_send_renews_the_claim_unless_the_lease_outlasts_a_late_request(
     so a send 2.2 s after the claim left 4.8 s of lease for a request that may land 5 s later."""
     clock = _Clock()
     monkeypatch.setattr("worker.pipeline.time", clock)
-    settings = WorkerSettings(
-        api_endpoint="http://127.0.0.1:1",
-        api_ak=AK,
-        api_sk=SK,
+    store = _CountingStore()
+    pipeline, gate = _pipeline(
+        store,
+        _SlowSender(clock, gap_s),
+        Recorder(),
         dedup_lease_s=7.0,
         api_connect_timeout_s=1.0,
         api_request_timeout_s=1.5,
     )
-    metrics = Metrics()
-    gate = Gate(metrics)
-    store = _CountingStore()
-    pipeline = Pipeline(settings, store, _SlowSender(clock, gap_s), Recorder(), gate, metrics)  # type: ignore[arg-type]
     try:
         await pipeline.process(job(STARTED))
     finally:
@@ -341,8 +338,13 @@ class _StoreAway(MemoryStore):
             raise DedupUnavailable("store away")
 
 
-def _pipeline(store: MemoryStore, caller: Any, published: Recorder) -> tuple[Pipeline, Gate]:
-    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak=AK, api_sk=SK, worker_id="w1")
+def _pipeline(
+    store: MemoryStore, caller: Any, published: Recorder, **settings_: Any
+) -> tuple[Pipeline, Gate]:
+    """A pipeline around stand-ins (no simulator): ``caller`` answers, ``published`` records."""
+    settings = WorkerSettings(
+        api_endpoint="http://127.0.0.1:1", api_ak=AK, api_sk=SK, worker_id="w1", **settings_
+    )
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     return Pipeline(settings, store, caller, published, gate, metrics), gate

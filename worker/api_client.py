@@ -274,10 +274,11 @@ class CocApiClient:
                     f"HTTP {status} with an unreadable body", http_status=status, ambiguous=True
                 )
             if not parsed.succeeded:
+                code = _code(parsed)
                 raise ApiRejected(
-                    f"HTTP {status} with error_code {_code(parsed)}",
+                    f"HTTP {status} with error_code {code}",
                     http_status=status,
-                    error_code=_code(parsed),
+                    error_code=code,
                     error_msg=_short(parsed.error_msg),
                 )
             return ApiResponse(status, parsed, latency)

@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
@@ -40,6 +40,7 @@ from worker.settings import WorkerSettings, without_password
 from worker.tracing import from_headers
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 _FETCH_TIMEOUT_S = 0.5
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
@@ -188,7 +189,7 @@ class Worker:
                 await self._poll(0, 0.0)
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_room_or_stop(), _FETCH_TIMEOUT_S)
+                    await asyncio.wait_for(self._unless_stopped(self._room.wait()), _FETCH_TIMEOUT_S)
                 continue
             for message in await self._poll(self._buffer_limit - in_flight, _FETCH_TIMEOUT_S):
                 self._dispatch(message)
@@ -197,15 +198,8 @@ class Worker:
         """A fetch that a stop interrupts: while a rebalance is under way aiokafka's fetch waits for
         the new assignment whatever its timeout (for ever, if the broker left), and a stop must
         still begin at once."""
-        fetch = asyncio.ensure_future(self._consumer.fetch(max(1, max_records), timeout_s))
-        stopped = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not fetch.done():
-                fetch.cancel()
-        if not fetch.done() or fetch.cancelled():
+        fetch = await self._unless_stopped(self._consumer.fetch(max(1, max_records), timeout_s))
+        if fetch is None:
             return []
         try:
             return fetch.result()
@@ -216,14 +210,17 @@ class Worker:
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
             return []
 
-    async def _wait_room_or_stop(self) -> None:
-        room = asyncio.ensure_future(self._room.wait())
-        stop = asyncio.ensure_future(self._stopping.wait())
+    async def _unless_stopped(self, work: Awaitable[T]) -> asyncio.Future[T] | None:
+        """``work``, finished; or None, ``work`` cancelled, when a stop came first."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({room, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            room.cancel()
-            stop.cancel()
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+        return task if task.done() and not task.cancelled() else None
 
     def _dispatch(self, message: Message) -> None:
         try:
