@@ -181,12 +181,16 @@ async def measure(plan: Plan, harness: Harness, log: Any) -> tuple[list[RunResul
             count = max(200, int(rate * plan.paced_s))
             extra["paced_rate"] = rate
             extra["paced_rate_given"] = bool(plan.paced_rate)
-            for _ in range(plan.repeats):  # the p99 of one short run is at the mercy of one hiccup
-                await run(
-                    RunSpec(
-                        "paced", "worker", 0.0, plan.concurrency, count, plan.paced_s + 20, paced_rate=rate
+            # the p99 of one short run is at the mercy of one hiccup: repeats, each with the floor
+            # (the pass-through) beside the worker, in alternating order
+            for repeat in range(plan.repeats):
+                pair = ("worker", "passthrough") if repeat % 2 == 0 else ("passthrough", "worker")
+                for subject in pair:
+                    await run(
+                        RunSpec(
+                            "paced", subject, 0.0, plan.concurrency, count, plan.paced_s + 20, paced_rate=rate
+                        )
                     )
-                )
     if "worker" in plan.subjects and plan.rss_events > 0:
         await run(RunSpec("rss", "worker", 0.0, plan.concurrency, plan.rss_events, plan.rss_cap_s))
     return results, extra

@@ -9,6 +9,7 @@ Subjects (``RunSpec.subject``):
 ``baseline``   ``bench/peers/sequential.py``: consume -> call -> produce -> commit, one at a time
 ``ceiling_a``  ``bench/peers/ceiling_consume.py``: read the backlog, nothing else
 ``ceiling_b``  ``bench/peers/ceiling_http.py``: signed PUTs only, at the same concurrency
+``passthrough`` ``bench/peers/passthrough.py``: consume -> outcome at once (the paced latency floor)
 =============  ==============================================================================
 
 A pipeline subject runs until every input has an outcome on the results topic, or for at most
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -27,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,12 +180,13 @@ class Harness:
                 )
             else:
                 await wait_ready(http_port, subject)
-                collector = asyncio.create_task(
-                    collect(bootstrap, topic_out, spec.events, spec.cap_s, subject)
-                )
-                timestamps, achieved = await produce_paced(bootstrap, topic_in, records, spec.paced_rate)
-                result.extra["paced_rate_achieved"] = achieved
-                outcomes, first_at, capped_at = await collector
+                with _collector_paused():
+                    collector = asyncio.create_task(
+                        collect(bootstrap, topic_out, spec.events, spec.cap_s, subject)
+                    )
+                    timestamps, achieved = await produce_paced(bootstrap, topic_in, records, spec.paced_rate)
+                    result.extra["paced_rate_achieved"] = achieved
+                    outcomes, first_at, capped_at = await collector
         finally:
             # the worker gets its whole shutdown grace (its drain is part of what it promises)
             # (peers are killed sooner: their shutdown is not measured, FastStream's takes ~10 s)
@@ -310,6 +314,7 @@ class Harness:
             "faststream": "faststream_app.py",
             "pyrallel": "pyrallel_app.py",
             "baseline": "sequential.py",
+            "passthrough": "passthrough.py",
         }
         python = sys.executable
         if spec.subject == "pyrallel":
@@ -329,6 +334,22 @@ class Harness:
             f"--heartbeat-ms={HEARTBEAT_MS}",
         ]
         return Subject(spec.subject, cmd, PEER_ENV, log)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """This process's garbage collector off while it paces the load.
+
+    The load generator and the outcome reader live here, with every record and acknowledgement of
+    the run: the collector's full passes took 26-69 ms each, once or twice a run, and stalled the
+    load generator with records stamped but not yet sent, inflating the measured latency of
+    whatever subject was running. Ten seconds of cyclic garbage is freed right after."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _usage(
@@ -356,16 +377,21 @@ def _usage(
 
 
 async def wait_ready(http_port: int, subject: Subject, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Until the worker's ``/readyz`` answers 200 (it has joined the group and holds partitions)."""
+    """Until the subject holds its partitions: the worker's ``/readyz`` answers 200 (it has joined
+    the group), a peer has printed ``ready``."""
     deadline = time.monotonic() + timeout_s
     url = f"http://127.0.0.1:{http_port}/readyz"
     while time.monotonic() < deadline:
         if not subject.alive:
             raise RuntimeError(f"the subject exited before it was ready: {subject.log_tail(8)}")
-        with contextlib.suppress(OSError):
-            ready = await asyncio.to_thread(_get_status, url)
-            if ready == 200:
+        if subject.name != "worker":
+            if "ready" in subject.log_tail(8).splitlines():
                 return
+        else:
+            with contextlib.suppress(OSError):
+                ready = await asyncio.to_thread(_get_status, url)
+                if ready == 200:
+                    return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"not ready after {timeout_s}s")
 

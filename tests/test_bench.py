@@ -268,6 +268,32 @@ def test_targets_show_the_ratio_of_each_repeat_when_the_repeats_pair_up() -> Non
     )
 
 
+def test_added_latency_is_the_worker_p99_over_the_pass_through_floor() -> None:
+    """The worker's paced p99 minus the floor's, both medians of their runs; without a floor the
+    end-to-end p99 is judged, and the row says so."""
+    paced = [
+        _run("paced", "worker", 256, 400.0, p99_ms=70.0, extra={"held_p99_ms": 30.0}),
+        _run("paced", "passthrough", 256, 400.0, p99_ms=25.0),
+        _run("paced", "worker", 256, 400.0, p99_ms=90.0, extra={"held_p99_ms": 34.0}),
+        _run("paced", "passthrough", 256, 400.0, p99_ms=40.0),
+    ]
+    summary = report.summarize(paced)
+    added, text = report.added_latency(summary)
+    assert added == pytest.approx(80.0 - 32.5)
+    assert text.startswith("47.5 ms = worker p99 80.0 ms - floor p99 32.5 ms")
+    assert "held by the worker p99 32.0 ms" in text
+    p99 = report.evaluate_targets(summary, concurrency=256)[3]
+    assert (p99.met, p99.ratio) == (True, pytest.approx(50 / 47.5))
+
+    alone = report.summarize([r for r in paced if r["subject"] == "worker"])
+    assert report.added_latency(alone) == (
+        None,
+        "end to end p99 80.0 ms (p50 10.0 ms), no floor measured: judged end to end",
+    )
+    judged = report.evaluate_targets(alone, concurrency=256)[3]
+    assert (judged.met, judged.ratio) == (False, pytest.approx(50 / 80))
+
+
 def test_targets_not_measured_are_not_applicable() -> None:
     targets = report.evaluate_targets({}, concurrency=256)
     assert all(t.met is None and t.mark == "n/a" for t in targets)
@@ -319,6 +345,7 @@ def test_markdown_has_the_targets_and_every_scenario() -> None:
     assert "| worker (coc-change-worker) | 256 | 800 | 0.80 |" in text
     assert "## max_in_flight sweep" in text
     assert "p99 30.0 ms" in text
+    assert "No floor was measured, so the target is judged on the end-to-end figure." in text
     assert "Every process's CPU per 1,000 events during the paced runs" in text
     assert "400 events/s offered (half the worker's median 0 ms throughput)" in text
     assert "- a note" in text

@@ -37,6 +37,10 @@ class SimulatorConfig(BaseModel):
     faults: FaultConfig = FaultConfig()
     rng_seed: int | None = 0
     request_log_size: int = Field(default=100_000, ge=1)
+    #: Entries the applied log keeps (the last ones); None keeps every one, as the tests' ledgers
+    #: need. Each entry holds its request body: a benchmark's log of every change made its
+    #: garbage collector's full passes take tens of milliseconds, answers stalled behind them.
+    applied_log_size: int | None = Field(default=None, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     #: How long stopping waits for in-flight requests (hung ones are released at once).
     shutdown_timeout_s: float = Field(default=1.0, ge=0.0)
@@ -83,6 +87,8 @@ class SimulatorState:
         #: Every state change, in order: ``{seq, at, ticket_id, sub_ticket_id, action,
         #: change_result, body, event_id, traceparent}``; ``at`` is epoch seconds.
         self.applied_log: list[dict[str, Any]] = []
+        #: Every change counted (``seq`` and ``stats()["applied"]``), kept in the log or not.
+        self.applied_total = 0
         self.requests: deque[RequestRecord] = deque(maxlen=config.request_log_size)
         #: Requests received, counted on arrival (``requests`` records them once answered)
         self.arrived = 0
@@ -103,6 +109,7 @@ class SimulatorState:
         if config.seed is not None:
             self.book.seed(config.seed, now_ms=now_ms())
         self.applied_log.clear()
+        self.applied_total = 0
         self.requests.clear()
         self.arrived = 0
         self.status_counts.clear()
@@ -163,9 +170,10 @@ class SimulatorState:
         at = time.time()
         log = self.applied_log
         for change in changes:
+            self.applied_total += 1
             log.append(
                 {
-                    "seq": len(log) + 1,
+                    "seq": self.applied_total,
                     "at": at,
                     "ticket_id": ticket_id,
                     "sub_ticket_id": change.sub_ticket_id,
@@ -176,6 +184,9 @@ class SimulatorState:
                     "traceparent": traceparent,
                 }
             )
+        keep = self._config.applied_log_size
+        if keep is not None and len(log) > keep:
+            del log[: len(log) - keep]
         self._changed.set()
 
     def record_request(
@@ -210,7 +221,7 @@ class SimulatorState:
             "requests_total": self._request_seq,
             "by_status": dict(self.status_counts),
             "faults": dict(self.fault_counts),
-            "applied": len(self.applied_log),
+            "applied": self.applied_total,
             "tickets": len(self.book.tickets),
         }
 
