@@ -132,7 +132,9 @@ def _at_least(name: str, measured: str, value: float | None, threshold: float) -
 
 
 def _below(name: str, measured: str, value: float | None, limit: float) -> Target:
-    return Target(name, measured, ratio(limit, value), None if value is None else value < limit)
+    if value is None:
+        return Target(name, measured, None, None)
+    return Target(name, measured, ratio(limit, value) if value > 0 else float("inf"), value < limit)
 
 
 def _per_repeat(worker: Group | None, others: Sequence[Group | None], cap: float | None = None) -> str:
@@ -238,8 +240,10 @@ def added_latency(summary: dict[str, Group]) -> tuple[float | None, str]:
     floor = find(summary, "paced", "passthrough")
     ends = f"end to end p99 {_fmt(paced['p99_ms'], 1)} ms (p50 {_fmt(paced['p50_ms'], 1)} ms)"
     if floor is None or floor["p99_ms"] is None:
-        return None, ends + ", no floor measured: judged end to end"
-    added = paced["p99_ms"] - floor["p99_ms"]
+        failed = f" ({len(floor['errors'])} floor run(s) failed)" if floor and floor["errors"] else ""
+        return None, ends + f", no floor measured{failed}: judged end to end"
+    # A floor above the worker is a fluke of the machine, not a worker that removes latency.
+    added = max(0.0, paced["p99_ms"] - floor["p99_ms"])
     return added, (
         f"{_fmt(added, 1)} ms = worker p99 {_fmt(paced['p99_ms'], 1)} ms - floor p99 "
         f"{_fmt(floor['p99_ms'], 1)} ms (pass-through, same rate, alternating runs); held by the "
@@ -247,15 +251,22 @@ def added_latency(summary: dict[str, Group]) -> tuple[float | None, str]:
     )
 
 
+def _failed(group: Group) -> str:
+    errors = group["errors"]
+    return f" ({len(errors)} more failed: {'; '.join(errors)})" if errors else ""
+
+
 def _floor_sentence(summary: dict[str, Group]) -> str:
     floor = find(summary, "paced", "passthrough")
     added, _ = added_latency(summary)
     if floor is None or added is None:
-        return "No floor was measured, so the target is judged on the end-to-end figure."
+        why = f" (every floor run failed: {'; '.join(floor['errors'])})" if floor and floor["errors"] else ""
+        return f"No floor was measured{why}, so the target is judged on the end-to-end figure."
     return (
         f"The floor, a pass-through that writes each record's outcome as it reads it with the "
         f"worker's Kafka settings (`bench/peers/passthrough.py`), ran at the same rate in "
-        f"{floor['runs']} run(s) alternating with the worker's: p50 {_fmt(floor['p50_ms'], 1)} ms, "
+        f"{floor['ok_runs']} run(s){_failed(floor)} alternating with the worker's: "
+        f"p50 {_fmt(floor['p50_ms'], 1)} ms, "
         f"p99 {_fmt(floor['p99_ms'], 1)} ms (per run: {', '.join(_fmt(v, 1) for v in floor['p99s'])} "
         f"ms). The latency the worker adds, the target's figure, is the difference of the two p99s: "
         f"{_fmt(added, 1)} ms."

@@ -40,6 +40,7 @@ from bench.procs import BENCH, ROOT, Bystanders, SimulatorProcess, Subject, Usag
 from bench.stats import analyze_outcomes, cpu_between, last_finished_at, percentile, ratio
 from bench.workload import Record, Timestamps, Workload, generate, produce_backlog, produce_paced
 from worker.sandbox import TansuBroker, create_topics, free_port
+from worker.settings import WorkerSettings
 
 AK, SK = "bench-ak", "bench-sk-0123456789abcdef"
 PARTITIONS = 12
@@ -333,6 +334,11 @@ class Harness:
             f"--session-timeout-ms={SESSION_TIMEOUT_MS}",
             f"--heartbeat-ms={HEARTBEAT_MS}",
         ]
+        if spec.subject == "passthrough":  # the floor fetches as the worker does, tuned or not
+            wait = self.worker_env.get("COC_WORKER_KAFKA_FETCH_MAX_WAIT_MS") or str(
+                WorkerSettings.model_fields["kafka_fetch_max_wait_ms"].default
+            )
+            cmd.append(f"--fetch-max-wait-ms={wait}")
         return Subject(spec.subject, cmd, PEER_ENV, log)
 
 
@@ -385,7 +391,7 @@ async def wait_ready(http_port: int, subject: Subject, timeout_s: float = STARTU
         if not subject.alive:
             raise RuntimeError(f"the subject exited before it was ready: {subject.log_tail(8)}")
         if subject.name != "worker":
-            if "ready" in subject.log_tail(8).splitlines():
+            if "ready" in subject.log_path.read_text(errors="replace").splitlines():
                 return
         else:
             with contextlib.suppress(OSError):

@@ -274,24 +274,34 @@ def test_added_latency_is_the_worker_p99_over_the_pass_through_floor() -> None:
     paced = [
         _run("paced", "worker", 256, 400.0, p99_ms=70.0, extra={"held_p99_ms": 30.0}),
         _run("paced", "passthrough", 256, 400.0, p99_ms=25.0),
-        _run("paced", "worker", 256, 400.0, p99_ms=90.0, extra={"held_p99_ms": 34.0}),
+        _run("paced", "worker", 256, 400.0, p99_ms=200.0, extra={"held_p99_ms": 34.0}),  # a hiccup
         _run("paced", "passthrough", 256, 400.0, p99_ms=40.0),
+        _run("paced", "worker", 256, 400.0, p99_ms=75.0, extra={"held_p99_ms": 31.0}),
+        _run("paced", "passthrough", 256, 400.0, p99_ms=30.0),
     ]
     summary = report.summarize(paced)
     added, text = report.added_latency(summary)
-    assert added == pytest.approx(80.0 - 32.5)
-    assert text.startswith("47.5 ms = worker p99 80.0 ms - floor p99 32.5 ms")
-    assert "held by the worker p99 32.0 ms" in text
+    assert added == pytest.approx(75.0 - 30.0)  # medians, not means (115 - 31.7)
+    assert text.startswith("45.0 ms = worker p99 75.0 ms - floor p99 30.0 ms")
+    assert "held by the worker p99 31.0 ms" in text
     p99 = report.evaluate_targets(summary, concurrency=256)[3]
-    assert (p99.met, p99.ratio) == (True, pytest.approx(50 / 47.5))
+    assert (p99.met, p99.ratio) == (True, pytest.approx(50 / 45))
+    assert "ran at the same rate in 3 run(s) alternating" in report._floor_sentence(summary)
+
+    # one floor run failed: counted apart, named; a floor above the worker is no negative latency
+    broken = [*paced, _run("paced", "passthrough", 256, None)]
+    assert "in 3 run(s) (1 more failed: boom) alternating" in report._floor_sentence(report.summarize(broken))
+    high = [r if r["subject"] == "worker" else {**r, "p99_ms": 500.0} for r in paced]
+    assert report.added_latency(report.summarize(high))[0] == 0.0
+    assert report.evaluate_targets(report.summarize(high), concurrency=256)[3].met is True
 
     alone = report.summarize([r for r in paced if r["subject"] == "worker"])
     assert report.added_latency(alone) == (
         None,
-        "end to end p99 80.0 ms (p50 10.0 ms), no floor measured: judged end to end",
+        "end to end p99 75.0 ms (p50 10.0 ms), no floor measured: judged end to end",
     )
     judged = report.evaluate_targets(alone, concurrency=256)[3]
-    assert (judged.met, judged.ratio) == (False, pytest.approx(50 / 80))
+    assert (judged.met, judged.ratio) == (False, pytest.approx(50 / 75))
 
 
 def test_targets_not_measured_are_not_applicable() -> None:
