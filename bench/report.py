@@ -246,9 +246,20 @@ def added_latency(summary: dict[str, Group]) -> tuple[float | None, str]:
     added = max(0.0, paced["p99_ms"] - floor["p99_ms"])
     return added, (
         f"{_fmt(added, 1)} ms = worker p99 {_fmt(paced['p99_ms'], 1)} ms - floor p99 "
-        f"{_fmt(floor['p99_ms'], 1)} ms (pass-through, same rate, alternating runs); held by the "
-        f"worker p99 {_fmt(paced['held_p99_ms'], 1)} ms"
+        f"{_fmt(floor['p99_ms'], 1)} ms (pass-through, same rate, alternating runs{_per_pair(paced, floor)}); "
+        f"held by the worker p99 {_fmt(paced['held_p99_ms'], 1)} ms"
     )
+
+
+def _per_pair(worker: Group, floor: Group) -> str:
+    """``; per pair: 40.0, 31.0``: each repeat's worker p99 minus its own floor run's, which ran
+    right before or after it; shows how far one hiccup of the machine moves a single pair. Empty
+    unless every run of both succeeded and they pair up."""
+    runs = (worker["runs"], worker["ok_runs"], floor["runs"], floor["ok_runs"])
+    if len(set(runs)) != 1 or runs[0] < 2:
+        return ""
+    pairs = [_fmt(own - base, 1) for own, base in zip(worker["p99s"], floor["p99s"], strict=True)]
+    return f"; per pair: {', '.join(pairs)}"
 
 
 def _failed(group: Group) -> str:

@@ -283,6 +283,7 @@ def test_added_latency_is_the_worker_p99_over_the_pass_through_floor() -> None:
     added, text = report.added_latency(summary)
     assert added == pytest.approx(75.0 - 30.0)  # medians, not means (115 - 31.7)
     assert text.startswith("45.0 ms = worker p99 75.0 ms - floor p99 30.0 ms")
+    assert "alternating runs; per pair: 45.0, 160.0, 45.0)" in text  # each repeat's own difference
     assert "held by the worker p99 31.0 ms" in text
     p99 = report.evaluate_targets(summary, concurrency=256)[3]
     assert (p99.met, p99.ratio) == (True, pytest.approx(50 / 45))
@@ -291,6 +292,7 @@ def test_added_latency_is_the_worker_p99_over_the_pass_through_floor() -> None:
     # one floor run failed: counted apart, named; a floor above the worker is no negative latency
     broken = [*paced, _run("paced", "passthrough", 256, None)]
     assert "in 3 run(s) (1 more failed: boom) alternating" in report._floor_sentence(report.summarize(broken))
+    assert "per pair" not in report.added_latency(report.summarize(broken))[1]  # they no longer pair up
     high = [r if r["subject"] == "worker" else {**r, "p99_ms": 500.0} for r in paced]
     assert report.added_latency(report.summarize(high))[0] == 0.0
     assert report.evaluate_targets(report.summarize(high), concurrency=256)[3].met is True
