@@ -181,3 +181,16 @@ def test_replay_headers_are_the_documented_ones(document: dict[str, Any]) -> Non
     assert {k for k, _ in headers} - {"traceparent"} == set(REPLAY_HEADERS)
     schema = document["components"]["messages"]["ChangeEvent"]["headers"]
     assert Draft7Validator(schema).is_valid({k: v.decode() for k, v in headers})
+
+
+def test_a_tombstones_dead_letter_says_so_in_a_documented_header() -> None:
+    tombstone = DeadLetter(None, None, [], "invalid", "empty", "no value", "in", 0, 1, None)
+    headers = dict(
+        dead_letter_headers(tombstone, "w", "00-" + "a" * 32 + "-" + "b" * 16 + "-01", datetime.now(UTC))
+    )
+    assert headers["coc-dlq-tombstone"] == b"true"
+    assert "coc-dlq-tombstone" in DLQ_OPTIONAL_HEADERS
+    letter = DeadLetter(b"CM1", b"", [], "invalid", "empty", "no", "in", 0, 1, None)  # empty, not absent
+    assert "coc-dlq-tombstone" not in dict(
+        dead_letter_headers(letter, "w", "00-" + "a" * 32 + "-" + "b" * 16 + "-01", datetime.now(UTC))
+    )

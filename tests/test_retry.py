@@ -63,3 +63,14 @@ def test_retry_after_is_honoured_and_capped() -> None:
         policy.next_delay(4, 0, ApiTransientError("429", http_status=429, retry_after_s=0), lambda: 1.0)
         == 0.8
     )
+
+
+def test_a_floor_from_the_caller_is_waited_and_must_fit_the_budget() -> None:
+    """A timed-out request left to settle: the wait is at least the floor, and the floor counts
+    against the time budget like any wait (it is the policy's one budget check)."""
+    policy = RetryPolicy(max_attempts=10, max_elapsed_s=10, base_delay_s=0.1, max_delay_s=1)
+    err = ApiTransientError("timeout", timed_out=True)
+    assert policy.next_delay(1, 0, err, lambda: 0.5, at_least_s=3.0) == 3.0
+    assert policy.next_delay(1, 6.0, err, lambda: 0.5, at_least_s=3.0) == 3.0
+    assert policy.next_delay(1, 7.5, err, lambda: 0.5, at_least_s=3.0) is None
+    assert policy.next_delay(1, 7.5, err, lambda: 0.5) == 0.05

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    """Wait for a condition nothing signals (gate state, metrics, counters), polling with a deadline."""
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 3.0, every_s: float = 0.002
+) -> None:
+    """Wait for a condition nothing signals (gate state, metrics, counters, a broker's committed
+    offsets), polling with a deadline. The predicate may be a coroutine function; ``every_s`` spaces
+    out polls that are requests of their own."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while not predicate():
+    while True:
+        met = predicate()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
         assert loop.time() < deadline, f"condition not met within {timeout_s}s"
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(every_s)

@@ -266,14 +266,13 @@ class ApiCaller:
             # (and its backoff grows with the reads, as a send's does with the sends).
             will_read = ambiguous and confirm is not None
             delay = self._policy.next_delay(
-                rounds if will_read else max(spent, 1), active_s, error, limit_attempts=not will_read
+                rounds if will_read else max(spent, 1),
+                active_s,
+                error,
+                limit_attempts=not will_read,
+                # the API may still be running the request we stopped waiting for: let it settle
+                at_least_s=self._settle_s if error.timed_out else 0.0,
             )
-            if delay is not None and error.timed_out:
-                # The API may still be running the request we stopped waiting for: let it settle,
-                # within the budget like any wait.
-                delay = max(delay, self._settle_s)
-                if active_s + delay > self._policy.max_elapsed_s:
-                    delay = None
             if delay is None:
                 if error.connect_failure:
                     if sent:

@@ -76,6 +76,10 @@ def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, no
         ours["event-id"] = letter.event_id
     if letter.redelivered:
         ours["redelivered"] = "true"
+    if letter.value is None:
+        # A tombstone: Kafka refuses a record with neither key nor value, and a keyed one would
+        # delete older records of its key from a compacted topic. The letter's empty value says it.
+        ours["tombstone"] = "true"
     return [
         *kept,
         *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in ours.items()),
@@ -240,11 +244,7 @@ class Publisher:
         value and the key. The ``coc-dlq-*`` headers always stay: they say where the whole message
         still is (source topic, partition, offset). A size error never becomes an outage."""
         headers = dead_letter_headers(letter, self._settings.worker_id, traceparent, datetime.now(UTC))
-        value = letter.value or b""
-        if letter.value is None:
-            # A tombstone: Kafka refuses a record with neither key nor value, and a keyed one would
-            # delete older records of its key from a compacted topic. An empty value says it.
-            headers.append((DLQ_HEADER_PREFIX + "tombstone", b"true"))
+        value = letter.value or b""  # a tombstone's letter carries an empty value (see its headers)
         cut = value[: min(self._settings.max_event_bytes, _SAFE_DLQ_VALUE_BYTES)]
 
         def truncated(kept: bytes) -> Headers:

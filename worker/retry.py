@@ -57,16 +57,19 @@ class RetryPolicy:
         draw: Callable[[], float] = random.random,
         *,
         limit_attempts: bool = True,
+        at_least_s: float = 0.0,
     ) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` when the budget is spent.
 
         ``attempt`` is the number of attempts made so far, ``elapsed_s`` the time spent on them
         (time paused for systemic failures excluded). ``limit_attempts=False`` bounds the retries
-        by time only: for reads that change nothing (settling a lost answer).
+        by time only: for reads that change nothing (settling a lost answer). ``at_least_s`` is a
+        floor the caller's own reason sets (a timed-out request left to settle): like a
+        ``Retry-After``, the wait must fit the budget with it.
         """
         if limit_attempts and attempt >= self.max_attempts:
             return None
-        delay = backoff_delay(attempt, self.base_delay_s, self.max_delay_s, draw)
+        delay = max(backoff_delay(attempt, self.base_delay_s, self.max_delay_s, draw), at_least_s)
         if error.retry_after_s is not None:
             delay = max(delay, min(error.retry_after_s, self.retry_after_max_s))
         if elapsed_s + delay > self.max_elapsed_s:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from schemas.api import UpdateTicketResponse
@@ -50,6 +51,21 @@ def parse_args(description: str) -> argparse.Namespace:
     args.ak = os.environ["BENCH_API_AK"]  # secrets by environment, as the worker takes them
     args.sk = os.environ["BENCH_API_SK"]
     return args
+
+
+def group_consumer(args: argparse.Namespace, *topics: str) -> AIOKafkaConsumer:
+    """A consumer-group member as the aiokafka peers run one: offsets committed by the peer after
+    its outcome is written, from the earliest offset, with the command line's group timings."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=args.bootstrap,
+        group_id=args.group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=args.fetch_max_wait_ms,
+        session_timeout_ms=args.session_timeout_ms,
+        heartbeat_interval_ms=args.heartbeat_ms,
+    )
 
 
 @dataclass(slots=True)

@@ -12,7 +12,6 @@ and rate, is the latency the worker adds. Prints ``ready`` once it holds its par
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -22,7 +21,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import uvloop
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from common import group_consumer, parse_args
 
 #: The worker's producer and commit defaults (``worker/publisher.py``, ``worker/settings.py``); the
 #: fetch wait is the worker's too, passed by the harness (``--worker-env`` may change it).
@@ -42,28 +42,12 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--results", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--session-timeout-ms", type=int, default=10_000)
-    parser.add_argument("--heartbeat-ms", type=int, default=3_000)
-    parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
-    args, _ = parser.parse_known_args()  # the harness passes every peer the same flags
+    args = parse_args(__doc__ or "")  # the flags every peer gets; --api and the keys go unused
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=args.bootstrap,
-        group_id=args.group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=args.fetch_max_wait_ms,
-        session_timeout_ms=args.session_timeout_ms,
-        heartbeat_interval_ms=args.heartbeat_ms,
-    )
+    consumer = group_consumer(args)  # subscribed below, with a listener that tells when it is ready
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=LINGER_MS)
     await producer.start()
     await consumer.start()

@@ -10,22 +10,13 @@ import asyncio
 import contextlib
 import signal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from common import Step, now, parse_args, running
+from aiokafka import AIOKafkaProducer, TopicPartition
+from common import Step, group_consumer, now, parse_args, running
 
 
 async def main() -> None:
     args = parse_args(__doc__ or "")
-    consumer = AIOKafkaConsumer(
-        args.input,
-        bootstrap_servers=args.bootstrap,
-        group_id=args.group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=args.fetch_max_wait_ms,
-        session_timeout_ms=args.session_timeout_ms,
-        heartbeat_interval_ms=args.heartbeat_ms,
-    )
+    consumer = group_consumer(args, args.input)
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap, acks="all")
     step = Step(args.api, args.ak, args.sk, connections=1)
     task = asyncio.current_task()
