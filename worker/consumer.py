@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from worker.errors import BrokerUnavailable
-from worker.kafka_config import connection_kwargs
+from worker.kafka_config import broker_answers, connection_kwargs
 from worker.logs import get_logger
 from worker.offsets import PartitionKey
 from worker.settings import WorkerSettings
@@ -175,7 +175,4 @@ class Consumer:
 
     async def ping(self, timeout_s: float = 3.0) -> None:
         """A metadata round trip: proves the broker answers."""
-        try:
-            await asyncio.wait_for(self._consumer.topics(), timeout_s)
-        except (KafkaError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+        await broker_answers(self._consumer.topics(), timeout_s)

@@ -5,7 +5,9 @@ TLS verification is on unless ``COC_WORKER_KAFKA_SSL_VERIFY=false``, which logs 
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import Awaitable
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -20,6 +22,18 @@ log = get_logger(__name__)
 
 #: Kafka's error code for "topic already exists".
 _TOPIC_EXISTS = 36
+
+
+async def broker_answers(request: Awaitable[object], timeout_s: float) -> None:
+    """Await a probe of the broker, bounded; no answer is ``BrokerUnavailable``.
+
+    The probe must be a request: a metadata request (``fetch_all_metadata``, a consumer's
+    ``topics()``) proves the broker answers now, a topic's ``partitions_for`` only once, as it
+    answers from the client's cache as soon as the topic has been seen, broker or not."""
+    try:
+        await asyncio.wait_for(request, timeout_s)
+    except (KafkaError, TimeoutError) as exc:
+        raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
 
 
 def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:

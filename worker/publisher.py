@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
-from worker.kafka_config import connection_kwargs
+from worker.kafka_config import broker_answers, connection_kwargs
 from worker.logs import redact_text
 from worker.settings import WorkerSettings
 from worker.tracing import HEADER as TRACEPARENT
@@ -33,6 +33,8 @@ _DETAIL_LIMIT = 1000
 _HEADROOM_BYTES = 64 * 1024
 #: Outcomes written together in one record batch (they are ~1 KB each).
 _OUTCOME_BATCH_BYTES = 256 * 1024
+#: How long the gate's probe of the broker waits for an answer.
+_PROBE_TIMEOUT_S = 10.0
 #: How often the cached partition list of the results topic is refreshed.
 _PARTITIONS_TTL_S = 30.0
 #: Below Kafka's default message.max.bytes (1 MB) with room for headers.
@@ -115,18 +117,13 @@ class Publisher:
         await self._producer.stop()
 
     async def ping(self) -> None:
-        """Fetch metadata of the results topic: proves the broker answers."""
-        await self._metadata(self._settings.results_topic)
+        """A metadata request: proves the broker answers now (the gate's probe after a failed
+        write; the results topic's metadata would answer from the client's cache)."""
+        await broker_answers(self._producer.client.fetch_all_metadata(), _PROBE_TIMEOUT_S)
 
     async def ping_dead_letters(self) -> None:
-        """Fetch metadata of the dead-letter topic: fails while the topic does not exist."""
-        await self._metadata(self._settings.dlq_topic)
-
-    async def _metadata(self, topic: str) -> None:
-        try:
-            await asyncio.wait_for(self._producer.partitions_for(topic), 10)
-        except (KafkaError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+        """Metadata of the dead-letter topic: fails while the topic does not exist."""
+        await broker_answers(self._producer.partitions_for(self._settings.dlq_topic), _PROBE_TIMEOUT_S)
 
     async def publish(
         self,

@@ -20,7 +20,7 @@ from aiokafka.structs import RecordMetadata
 
 from worker.consumer import Message, messages_from
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.kafka_config import connection_kwargs
+from worker.kafka_config import broker_answers, connection_kwargs
 from worker.settings import WorkerSettings
 
 Headers = list[tuple[str, bytes]]
@@ -109,14 +109,10 @@ class EventProducer(_Client[AIOKafkaProducer]):
         self._client = producer
 
     async def ping(self, timeout_s: float = 3.0) -> None:
-        """A metadata request: proves the broker answers now (``partitions_for`` would answer from
-        its cache once a topic has been seen, broker or not)."""
+        """A metadata request: proves the broker answers now."""
         if self._client is None:
             raise RuntimeError("EventProducer.start() was not awaited")
-        try:
-            await asyncio.wait_for(self._client.client.fetch_all_metadata(), timeout_s)
-        except (KafkaError, TimeoutError) as exc:
-            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+        await broker_answers(self._client.client.fetch_all_metadata(), timeout_s)
 
     async def send(self, topic: str, record: OutRecord) -> Delivered:
         return (await self.send_many(topic, [record]))[0]

@@ -1,0 +1,33 @@
+"""The outcome publisher against a broker that goes away (a TCP proxy in front of Tansu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from faults.harness import ProxiedBroker
+
+from worker.errors import BrokerUnavailable
+from worker.publisher import Publisher
+from worker.sandbox import create_topics
+from worker.settings import load_settings
+
+
+async def test_the_gates_probe_after_a_failed_write_reaches_the_broker(tmp_path: Path) -> None:
+    """The probe read the results topic's metadata, which the client answers from its cache once
+    the topic has been seen: with the broker gone it passed at once, and the gate reopened onto
+    writes that failed again. It is a metadata request now."""
+    async with ProxiedBroker(tmp_path / "tansu.log") as pb:
+        topics = {"input_topic": "probe-in", "results_topic": "probe-results", "dlq_topic": "probe-dlq"}
+        await create_topics(pb.bootstrap, list(topics.values()), partitions=1)
+        publisher = Publisher(load_settings(kafka_bootstrap_servers=pb.bootstrap, **topics))
+        await publisher.start()
+        try:
+            await publisher.ping()
+            assert await publisher._producer.partitions_for("probe-results")  # seen: cached now
+            await pb.proxy.cut("refuse")
+            with pytest.raises(BrokerUnavailable, match="broker unreachable"):
+                await publisher.ping()
+        finally:
+            await pb.proxy.restore()
+            await publisher.stop()
