@@ -37,6 +37,8 @@ _OUTCOME_BATCH_BYTES = 256 * 1024
 _PROBE_TIMEOUT_S = 10.0
 #: How often the cached partition list of the results topic is refreshed.
 _PARTITIONS_TTL_S = 30.0
+#: Keys whose partition is remembered (a ticket's is asked for with each of its outcomes).
+_PARTITION_MEMO_KEYS = 65_536
 #: Below Kafka's default message.max.bytes (1 MB) with room for headers.
 _SAFE_DLQ_VALUE_BYTES = 900 * 1024
 
@@ -106,6 +108,9 @@ class Publisher:
         self._writers: dict[int, asyncio.Task[None]] = {}
         self._partitions: list[int] = []
         self._partitions_at = 0.0
+        #: key -> its partition under ``_partitions``: the default partitioner hashes in pure Python
+        #: (~3 us per outcome), and a ticket's outcomes always land on the same partition
+        self._partition_of: dict[bytes, int] = {}
 
     async def start(self) -> None:
         try:
@@ -173,12 +178,9 @@ class Publisher:
         headers: Headers = [(TRACEPARENT, traceparent.encode()), ("coc-status", status.encode())]
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            partitions = self._partitions
-            if not partitions or time.monotonic() - self._partitions_at > _PARTITIONS_TTL_S:
-                partitions = await self._refresh_partitions()  # rarely: no coroutine per outcome
-            # Chosen exactly as ``producer.send`` would (the default partitioner on the key), so
-            # each ticket's outcomes keep their order.
-            partition = self._partitioner(key, partitions, partitions)
+            if not self._partitions or time.monotonic() - self._partitions_at > _PARTITIONS_TTL_S:
+                await self._refresh_partitions()  # rarely: no coroutine per outcome
+            partition = self._partition(key)
             self._queued.setdefault(partition, []).append((key, outcome, headers, delivered))
             if partition not in self._writers:
                 task = asyncio.get_running_loop().create_task(self._write(partition))
@@ -229,11 +231,26 @@ class Publisher:
             )
         return sent
 
-    async def _refresh_partitions(self) -> list[int]:
-        found = await self._producer.partitions_for(self._settings.results_topic)
-        self._partitions = sorted(found)
+    def _partition(self, key: bytes | None) -> int:
+        """Chosen exactly as ``producer.send`` would (the default partitioner on the key), so each
+        ticket's outcomes keep their order; a keyless outcome goes to any partition."""
+        partitions = self._partitions
+        if key is None:
+            return int(self._partitioner(key, partitions, partitions))
+        partition = self._partition_of.get(key)
+        if partition is None:
+            partition = int(self._partitioner(key, partitions, partitions))
+            if len(self._partition_of) >= _PARTITION_MEMO_KEYS:
+                self._partition_of.clear()
+            self._partition_of[key] = partition
+        return partition
+
+    async def _refresh_partitions(self) -> None:
+        found = sorted(await self._producer.partitions_for(self._settings.results_topic))
+        if found != self._partitions:  # partitions were added: a key's partition may have moved
+            self._partition_of.clear()
+        self._partitions = found
         self._partitions_at = time.monotonic()
-        return self._partitions
 
     async def _deliver_dead_letter(self, letter: DeadLetter, traceparent: str) -> None:
         """Write the dead-letter record, smaller if it must be: too big for our request limit or

@@ -90,14 +90,11 @@ def canonical_query(params: Iterable[QueryParam]) -> str:
     return "&".join(parts)
 
 
-def signed_header_names(headers: Mapping[str, str]) -> list[str]:
-    return sorted({name.lower() for name in headers if "_" not in name})
-
-
-def _payload_hash(headers: Mapping[str, str], body: bytes) -> str:
+def _payload_hash(headers: Mapping[str, str], body: bytes, *, maybe_declared: bool = True) -> str:
+    """``maybe_declared=False``: the caller knows no content-hash header is there (no lookup)."""
     if not body:
         return EMPTY_BODY_SHA256
-    declared = _get(headers, CONTENT_SHA_HEADER)
+    declared = _get(headers, CONTENT_SHA_HEADER) if maybe_declared else None
     return declared if declared else hashlib.sha256(body).hexdigest()
 
 
@@ -118,6 +115,18 @@ def canonical_request(
     body: bytes,
 ) -> str:
     lowered = {k.lower(): str(v).strip() for k, v in headers.items()}
+    return _canonical(method, path, query, lowered, signed, _payload_hash(headers, body))
+
+
+def _canonical(
+    method: str,
+    path: str,
+    query: Iterable[QueryParam],
+    lowered: Mapping[str, str],
+    signed: list[str],
+    payload_hash: str,
+) -> str:
+    """``lowered``: the headers by lower-case name (the last of a name wins), values stripped."""
     canonical_headers = "".join(f"{name}:{lowered.get(name, '')}\n" for name in signed)
     return "\n".join(
         (
@@ -126,14 +135,14 @@ def canonical_request(
             canonical_query(query),
             canonical_headers,
             ";".join(signed),
-            _payload_hash(headers, body),
+            payload_hash,
         )
     )
 
 
 def signature(sk: str, date: str, canonical: str) -> str:
     string_to_sign = f"{ALGORITHM}\n{date}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-    return hmac.new(sk.encode(), string_to_sign.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(sk.encode(), string_to_sign.encode(), "sha256").hex()
 
 
 def sign(
@@ -150,24 +159,33 @@ def sign(
 ) -> dict[str, str]:
     """Return ``headers`` plus ``X-Sdk-Date``, ``Host`` and ``Authorization`` for this request.
 
-    A fresh date is taken on every call: a retry is signed again, never replayed.
+    A fresh date is taken on every call: a retry is signed again, never replayed. The headers are
+    lower-cased once; the first-of-a-name lookups (``_get``, as the SDK finds a header) run only
+    when such a header is there at all: the worker signs every request it sends.
     """
     out = dict(headers or {})
     content_type = out.get("Content-Type")  # case-sensitive, exactly as the SDK looks it up
     if content_type and not content_type.startswith(("application/json", "application/bson")):
         out[CONTENT_SHA_HEADER] = "UNSIGNED-PAYLOAD"
-    date = _get(out, DATE_HEADER)
+    lowered = {k.lower(): str(v).strip() for k, v in out.items()}
+    date = _get(out, DATE_HEADER) if _DATE_LOWER in lowered else None
     if date is None:
         date = sdk_date(now)
-        out[DATE_HEADER] = date
-    if _get(out, "Host") is None:
+        out[DATE_HEADER] = lowered[_DATE_LOWER] = date
+    if "host" not in lowered:
         out["Host"] = host
-    names = signed_header_names(out)
-    canonical = canonical_request(method, path, list(query), out, names, body)
+        lowered["host"] = str(host).strip()
+    names = sorted(name for name in lowered if "_" not in name)
+    payload_hash = _payload_hash(out, body, maybe_declared=_CONTENT_SHA_LOWER in lowered)
+    canonical = _canonical(method, path, query, lowered, names, payload_hash)
     out["Authorization"] = (
         f"{ALGORITHM} Access={ak}, SignedHeaders={';'.join(names)}, Signature={signature(sk, date, canonical)}"
     )
     return out
+
+
+_DATE_LOWER = DATE_HEADER.lower()
+_CONTENT_SHA_LOWER = CONTENT_SHA_HEADER.lower()
 
 
 @dataclass(frozen=True)
