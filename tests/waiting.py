@@ -8,11 +8,15 @@ from collections.abc import Awaitable, Callable
 
 
 async def until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 3.0, every_s: float = 0.002
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float = 3.0,
+    every_s: float = 0.002,
+    *,
+    what: str = "the condition",
 ) -> None:
     """Wait for a condition nothing signals (gate state, metrics, counters, a broker's committed
     offsets), polling with a deadline. The predicate may be a coroutine function; ``every_s`` spaces
-    out polls that are requests of their own."""
+    out polls that are requests of their own; ``what`` names the condition in the failure."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -21,5 +25,5 @@ async def until(
             met = await met
         if met:
             return
-        assert loop.time() < deadline, f"condition not met within {timeout_s}s"
+        assert loop.time() < deadline, f"timed out after {timeout_s}s waiting for {what}"
         await asyncio.sleep(every_s)

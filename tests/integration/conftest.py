@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import until
 
 from worker.app import Worker
 from worker.sandbox import TansuBroker
@@ -64,26 +65,17 @@ def make_settings(
     return make
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @contextlib.asynccontextmanager
 async def running_worker(settings: WorkerSettings, *, assigned: bool = True) -> AsyncIterator[Worker]:
     """Run a worker in this event loop; on exit stop it and wait for a clean shutdown."""
     worker = Worker(settings)
     task = asyncio.create_task(worker.run())
     try:
-        await wait_until(lambda: worker.started.is_set() or task.done(), 20, "the worker to start")
+        await until(lambda: worker.started.is_set() or task.done(), 20, 0.02, what="the worker to start")
         if task.done():
             task.result()
         if assigned:
-            await wait_until(lambda: bool(worker.status()["assigned"]), 20, "a partition assignment")
+            await until(lambda: bool(worker.status()["assigned"]), 20, 0.02, what="a partition assignment")
         yield worker
     finally:
         worker.stop()

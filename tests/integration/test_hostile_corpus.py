@@ -8,8 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-from conftest import SettingsFactory, running_worker, wait_until
+from conftest import SettingsFactory, running_worker
 from helpers import event, read_json, read_records, send
+from waiting import until
 
 from schemas.outcomes import OutcomeEvent
 from worker.sandbox import TansuBroker, produce
@@ -32,7 +33,7 @@ async def test_hostile_corpus_through_the_worker(
         follow_up = event("change.started", "CM-AFTER", "s1")
         await send(broker.bootstrap, topics["input"], [follow_up])
         everything = await read_json(broker.bootstrap, topics["results"], len(corpus) + 1)
-        await wait_until(lambda: worker.ready, 10, "readiness")
+        await until(lambda: worker.ready, 10, 0.02, what="readiness")
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{worker.http_port}/healthz") as resp,

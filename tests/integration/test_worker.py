@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
-from conftest import SettingsFactory, running_worker, wait_until
+from conftest import SettingsFactory, running_worker
 from faults.harness import ProxiedBroker
 from faults.proxy import CutMode
 from helpers import event, read_json, read_records, send
@@ -247,10 +247,11 @@ async def test_two_workers_share_the_partitions(
         running_worker(make_settings(worker_id="w-one")) as one,
         running_worker(make_settings(worker_id="w-two"), assigned=False) as two,
     ):
-        await wait_until(
+        await until(
             lambda: bool(one.status()["assigned"]) and bool(two.status()["assigned"]),
             30,
-            "both to get partitions",
+            0.02,
+            what="both to get partitions",
         )
         assert not set(one.status()["assigned"]) & set(two.status()["assigned"])
         await send(broker.bootstrap, topics["input"], stream)
@@ -270,7 +271,7 @@ async def test_revoked_credentials_pause_and_resume_without_rejecting(
         port = worker.http_port
         simulator.state.revoke(True)
         await send(broker.bootstrap, topics["input"], stream)
-        await wait_until(lambda: not worker.ready, 20, "the worker to pause")
+        await until(lambda: not worker.ready, 20, 0.02, what="the worker to pause")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
                 assert resp.status == 503
@@ -281,7 +282,7 @@ async def test_revoked_credentials_pause_and_resume_without_rejecting(
         await simulator.state.wait_for(lambda: simulator.state.status_counts["401"] >= 3, 20)
         simulator.state.revoke(False)
         outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
-        await wait_until(lambda: worker.ready, 20, "the worker to resume")
+        await until(lambda: worker.ready, 20, 0.02, what="the worker to resume")
     assert {o["status"] for o in outcomes} == {"applied"}
     assert len(simulator.state.applied_log) == len(stream)
 
@@ -292,7 +293,7 @@ async def test_health_and_metrics_endpoints(
     async with running_worker(make_settings()) as worker:
         await send(broker.bootstrap, topics["input"], [event("change.started", "CM-H", "s1"), b"junk"])
         await read_json(broker.bootstrap, topics["results"], 2)
-        await wait_until(lambda: worker.ready, 10, "readiness")
+        await until(lambda: worker.ready, 10, 0.02, what="readiness")
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{worker.http_port}"
             async with http.get(base + "/healthz") as resp:
@@ -406,8 +407,8 @@ async def test_a_stuck_message_holds_back_its_partition_not_an_ever_longer_tail(
                 ),
                 timeout_s=60,
             )
-            await wait_until(
-                lambda: f"{key[0]}/{key[1]}" in worker.status()["held"], 30, "the partition held"
+            await until(
+                lambda: f"{key[0]}/{key[1]}" in worker.status()["held"], 30, 0.02, what="the partition held"
             )
             assert worker._offsets.pending_of(key) <= 20 + settings.buffer_limit < len(behind)
             assert len(done) < 1 + len(behind) + len(elsewhere)
@@ -416,7 +417,7 @@ async def test_a_stuck_message_holds_back_its_partition_not_an_ever_longer_tail(
             outcomes = await read_json(
                 broker.bootstrap, topics["results"], 1 + len(behind) + len(elsewhere), 60
             )
-            await wait_until(lambda: not worker.status()["held"], 30, "the partition fetched again")
+            await until(lambda: not worker.status()["held"], 30, 0.02, what="the partition fetched again")
     finally:
         await store.close()
     assert {o["status"] for o in outcomes} == {"applied"}
