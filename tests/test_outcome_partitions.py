@@ -34,6 +34,7 @@ async def _check(publisher: Publisher, keys: list[bytes], monkeypatch: pytest.Mo
         await publisher._refresh_partitions()
         expected = {key: partitioner(key, sorted(partitions), sorted(partitions)) for key in keys}
         assert len(set(expected.values())) == count  # the keys spread over every partition
-        for _ in range(2):  # the second pass answers from what was remembered
-            assert {key: publisher._partition(key) for key in keys} == expected
+        assert {key: publisher._partition(key) for key in keys} == expected
+        assert publisher._partition_of == expected  # remembered: the next pass answers from it
+        assert {key: publisher._partition(key) for key in keys} == expected
     assert publisher._partition(None) in range(12)

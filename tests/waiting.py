@@ -25,5 +25,6 @@ async def until(
             met = await met
         if met:
             return
-        assert loop.time() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        if loop.time() >= deadline:  # not an assert: the wait must end under python -O too
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(every_s)

@@ -109,7 +109,7 @@ class Publisher:
         self._partitions: list[int] = []
         self._partitions_at = 0.0
         #: key -> its partition under ``_partitions``: the default partitioner hashes in pure Python
-        #: (~3 us per outcome), and a ticket's outcomes always land on the same partition
+        #: (~2 us per outcome), and a ticket's outcomes always land on the same partition
         self._partition_of: dict[bytes, int] = {}
 
     async def start(self) -> None:
