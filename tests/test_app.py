@@ -10,7 +10,7 @@ from aiokafka import TopicPartition
 
 import worker.consumer as consumer_module
 from worker.app import Worker
-from worker.consumer import Consumer
+from worker.consumer import Consumer, Message
 from worker.errors import BrokerUnavailable
 from worker.settings import WorkerSettings
 
@@ -130,3 +130,35 @@ async def test_a_commit_the_broker_never_answers_is_given_up(monkeypatch: pytest
             await asyncio.wait_for(consumer.commit({(settings.input_topic, 0): 5}), 2)
     finally:
         await real.stop()
+
+
+async def test_a_message_fetched_just_before_its_partition_was_revoked_is_left_to_its_new_owner(
+    tmp_path: Path,
+) -> None:
+    """The fetch runs as a task of its own: records it returned may reach the dispatcher a loop step
+    after a revocation. Taken then, the revoked partition came back into the offsets, every later
+    commit named it, and the broker refused each whole commit (nothing was committed again)."""
+    worker = make_worker(tmp_path)
+    topic = worker.settings.input_topic
+    ours, gone = (topic, 1), (topic, 0)
+    try:
+        await worker.on_assigned({ours, gone})
+
+        async def revoked_meanwhile(max_records: int, timeout_s: float) -> list[Message]:
+            async def rebalance() -> None:  # eager: all revoked, only one assigned back
+                await worker.on_revoked({ours, gone})
+                await worker.on_assigned({ours})
+
+            asyncio.get_running_loop().create_task(rebalance())
+            return [Message(topic, 0, 5, None, b"{}", [], 0)]
+
+        worker._consumer.fetch = revoked_meanwhile  # type: ignore[method-assign]
+        for message in await worker._poll(10, 0.1):
+            worker._dispatch(message)
+
+        assert worker._offsets.keys() == {ours}
+        assert len(worker._lanes) == 0  # not processed here either
+    finally:  # never started: only the clients' objects to close
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()

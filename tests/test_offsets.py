@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.offsets import OffsetTracker, PartitionOffsets
+from worker.offsets import NotAssigned, OffsetTracker, PartitionOffsets
 
 
 def test_watermark_is_first_unfinished() -> None:
@@ -69,6 +69,8 @@ def test_never_commits_past_unfinished(count: int, rnd: random.Random) -> None:
 def test_tracker_reports_only_moved_watermarks() -> None:
     tracker = OffsetTracker()
     a, b = ("t", 0), ("t", 1)
+    tracker.assign(a)
+    tracker.assign(b)
     tracker.take(a, 0)
     tracker.take(b, 0)
     assert tracker.to_commit() == {a: 0, b: 0}
@@ -81,3 +83,11 @@ def test_tracker_reports_only_moved_watermarks() -> None:
     tracker.finish(a, 5)  # a late finisher of a revoked partition is ignored
     assert tracker.to_commit() == {}
     assert tracker.pending() == 1
+
+
+def test_a_partition_not_assigned_is_not_tracked() -> None:
+    tracker = OffsetTracker()
+    tracker.assign(("t", 1))
+    with pytest.raises(NotAssigned):
+        tracker.take(("t", 0), 5)
+    assert tracker.keys() == {("t", 1)}

@@ -31,7 +31,7 @@ from worker.kafka_config import ensure_topics
 from worker.lanes import Lanes
 from worker.logs import get_logger, register_secrets
 from worker.metrics import Metrics
-from worker.offsets import OffsetTracker, PartitionKey
+from worker.offsets import NotAssigned, OffsetTracker, PartitionKey
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
@@ -225,6 +225,16 @@ class Worker:
     def _dispatch(self, message: Message) -> None:
         try:
             self._offsets.take(message.partition_key, message.offset)
+        except NotAssigned:
+            # Fetched before a revocation that ran while the fetch was handed over (a loop step or
+            # two): the partition's new owner reads it from the committed offset.
+            log.info(
+                "message_of_revoked_partition",
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+            )
+            return
         except ValueError:
             log.warning(
                 "offset_seen_twice", topic=message.topic, partition=message.partition, offset=message.offset

@@ -49,6 +49,10 @@ class PartitionOffsets:
         return len(self.taken)
 
 
+class NotAssigned(KeyError):
+    """A message of a partition that is not (or no longer) assigned to this member."""
+
+
 class OffsetTracker:
     """Watermarks of every assigned partition."""
 
@@ -59,7 +63,12 @@ class OffsetTracker:
         self._parts.setdefault(key, PartitionOffsets())
 
     def take(self, key: PartitionKey, offset: int) -> None:
-        self._parts.setdefault(key, PartitionOffsets()).take(offset)
+        """Raises ``NotAssigned`` for a partition not assigned: tracked again, it would be named in
+        every later commit, and the broker refuses a whole commit naming a partition not ours."""
+        part = self._parts.get(key)
+        if part is None:
+            raise NotAssigned(key)
+        part.take(offset)
 
     def finish(self, key: PartitionKey, offset: int) -> None:
         part = self._parts.get(key)
