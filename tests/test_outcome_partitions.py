@@ -1,12 +1,17 @@
-"""The publisher's choice of partition for an outcome, without a broker."""
+"""The publisher without a broker: the partition of an outcome, and what a failed write raises."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from worker.publisher import Publisher
+from worker.errors import BrokerUnavailable, DeadLetterUnwritable
+from worker.publisher import DeadLetter, Publisher
 from worker.settings import load_settings
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 async def test_each_outcome_goes_where_the_default_partitioner_sends_its_key(
@@ -38,3 +43,50 @@ async def _check(publisher: Publisher, keys: list[bytes], monkeypatch: pytest.Mo
         assert publisher._partition_of == expected  # remembered: the next pass answers from it
         assert {key: publisher._partition(key) for key in keys} == expected
     assert publisher._partition(None) in range(12)
+
+
+async def test_a_producer_error_of_any_kind_leaves_the_outcome_unconfirmed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka raises more than KafkaError: an assertion on a partition the topic no longer has
+    (our list is cached for 30 s), a dead sender's stored error. Such an error went past the
+    pipeline's handling: the message got a second, different outcome, or none, and its offset was
+    never committed. It is an unconfirmed write now, and the partition list is read again."""
+    publisher = Publisher(load_settings())
+    topic_partitions = {0, 1, 2}
+    written: list[int] = []
+
+    async def partitions_for(topic: str) -> set[int]:
+        return set(topic_partitions)
+
+    async def send_batch(batch: object, topic: str, *, partition: int) -> asyncio.Future[None]:
+        assert partition in topic_partitions, "Unrecognized partition"  # as aiokafka's check
+        written.append(partition)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def send(topic: str, **record: object) -> asyncio.Future[None]:
+        raise RuntimeError("the producer's sender has died")
+
+    monkeypatch.setattr(publisher._producer, "partitions_for", partitions_for)
+    monkeypatch.setattr(publisher._producer, "send_batch", send_batch)
+    monkeypatch.setattr(publisher._producer, "send", send)
+    partitioner = DefaultPartitioner()
+    key = next(
+        k for k in (f"CT-{n:06d}".encode() for n in range(100)) if partitioner(k, [0, 1, 2], [0, 1, 2]) == 2
+    )
+    letter = DeadLetter(None, b"{}", [], "failed", "retries_exhausted", "", "in", 0, 7, "ev-1")
+    try:
+        await publisher.publish(key, b"{}", "applied", None, TRACEPARENT)
+        assert written == [2]
+        topic_partitions.clear()
+        topic_partitions.add(0)  # recreated with one partition
+        with pytest.raises(BrokerUnavailable, match="AssertionError"):
+            await publisher.publish(key, b"{}", "applied", None, TRACEPARENT)
+        await publisher.publish(key, b"{}", "applied", None, TRACEPARENT)  # the list read again
+        assert written == [2, 0]
+        with pytest.raises(DeadLetterUnwritable, match="RuntimeError"):
+            await publisher.publish(key, None, "failed", letter, TRACEPARENT)
+    finally:
+        await publisher.stop()

@@ -9,6 +9,7 @@ sent. A dead-letter record is the input message as it was (key, value bytes, hea
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -169,7 +170,7 @@ class Publisher:
     async def _send_dead_letter(self, letter: DeadLetter, traceparent: str) -> None:
         try:
             await self._deliver_dead_letter(letter, traceparent)
-        except KafkaError as exc:
+        except Exception as exc:  # not only KafkaError: see _send_outcome
             raise DeadLetterUnwritable(
                 f"dead letter not confirmed by the broker: {type(exc).__name__}"
             ) from exc
@@ -186,7 +187,12 @@ class Publisher:
                 task = asyncio.get_running_loop().create_task(self._write(partition))
                 self._writers[partition] = task
             await delivered
-        except KafkaError as exc:
+        except Exception as exc:
+            # Not only KafkaError: aiokafka also raises others (an assertion on a partition the
+            # topic no longer has; a dead sender's stored error). Whatever it is, the outcome is not
+            # confirmed, and the caller must wait and write it again, never finish the message.
+            # The partition list is read again before that write: it may be what failed.
+            self._partitions_at = -math.inf
             raise BrokerUnavailable(f"outcome not confirmed by the broker: {type(exc).__name__}") from exc
 
     async def _write(self, partition: int) -> None:
