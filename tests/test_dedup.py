@@ -6,11 +6,13 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from waiting import until
 
 from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, SqliteStore, open_store
 from worker.errors import ConfigError, DedupUnavailable
@@ -284,6 +286,29 @@ async def test_upkeep_failing_after_a_commit_neither_fails_nor_holds_up_the_writ
         await store.close()
     with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
         assert {r[0] for r in conn.execute("SELECT event_id FROM dedup")} == {"a", "b", "c"}
+
+
+async def test_a_hold_released_after_close_does_not_open_the_database_again(tmp_path: Path) -> None:
+    """A shutdown closes the store while writes wait for a WAL hold (a cancelled job's claim still
+    queued): the hold's release ran that batch after close, and it opened the database again."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    await store.ping()
+    release = threading.Event()
+    checkpoint = store._checkpoint_wal
+
+    def held() -> int:
+        release.wait(5)
+        return checkpoint()
+
+    store._checkpoint_wal = held  # type: ignore[method-assign]
+    store._hold_for_checkpoint()  # as _maintain does after a checkpoint left a large WAL behind
+    claim = asyncio.create_task(store.claim("ev-1", "w1", "in/0/1", 30.0))
+    await until(lambda: bool(store._batch))  # queued behind the hold
+    claim.cancel()
+    release.set()
+    await store.close()
+    await until(lambda: not store._holding)  # the hold's release has run
+    assert store._conn is None
 
 
 def test_records_stay_readable_by_the_release_before_and_after() -> None:

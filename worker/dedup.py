@@ -245,6 +245,7 @@ class SqliteStore:
         self._checkpoint: Future[int] | None = None
         self._holding = False  # writes wait for the checkpoint that lets the WAL start over
         self._maintenance_conn: sqlite3.Connection | None = None  # used on the maintenance thread only
+        self._closed = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -260,6 +261,11 @@ class SqliteStore:
     def _run_batch(self) -> None:
         """Every call queued in the last loop turn, in one transaction."""
         batch, self._batch = self._batch, []
+        if self._closed:  # a hold released after close(), or a turn that began before it
+            _settle(
+                [(future, None, DedupUnavailable("sqlite dedup store is closed")) for _, _, future in batch]
+            )
+            return
         try:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
@@ -413,6 +419,7 @@ class SqliteStore:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def close(self) -> None:
+        self._closed = True  # no batch after this one opens the database again
         self._executor.shutdown(wait=True)
         if self._maintenance_conn is not None:
             self._maintenance_conn.close()
