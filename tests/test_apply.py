@@ -24,6 +24,7 @@ from waiting import until
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
+from worker.errors import ApiTransientError
 from worker.gate import Gate
 from worker.mapping import already_applied, to_request_body
 from worker.metrics import Metrics
@@ -644,6 +645,54 @@ async def test_a_job_cancelled_while_waiting_for_a_left_behind_request_leaves_th
 
     assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
     assert [r.method for r in state.requests] == ["PUT", "GET"]
+
+
+class _TimesOutThenLands:
+    """A stand-in client (a simulator cannot make a client-side read timeout exact): the first
+    PUT times out on the client while the API goes on and applies it ``late_s`` later; the ticket
+    read says whether it has landed."""
+
+    def __init__(self, late_s: float) -> None:
+        self.late_s = late_s
+        self.puts = 0
+        self.landed = False
+
+    async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
+        self.puts += 1
+        if self.puts == 1:
+            asyncio.get_running_loop().call_later(self.late_s, setattr, self, "landed", True)
+            raise ApiTransientError("read timeout", timed_out=True)
+        raise AssertionError("sent again before the first request could land")
+
+    async def show_ticket(self, ticket_id: str) -> dict[str, Any]:
+        return {"landed": self.landed}
+
+
+async def test_a_job_cancelled_while_its_timed_out_request_may_land_leaves_the_wait_to_the_next(
+    rig: Rig,
+) -> None:
+    """A job whose PUT timed out waits ``settle_s`` before it reads the ticket, and is cancelled in
+    that wait (a revocation past its grace). The event's next job (the partition back at this
+    worker, which takes its own claim over at once) read the ticket at once, found nothing and sent
+    again; the late first request could then land after the ticket's next event. It waits for the
+    settle time now, like the next job after a request cancelled mid-send."""
+    client = _TimesOutThenLands(late_s=0.3)
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0, settle_s=0.5, abandon_s=2.0)  # type: ignore[arg-type]
+
+    def confirm(detail: dict[str, Any]) -> bool:
+        return bool(detail["landed"])
+
+    with capture_logs() as logs:
+        first = asyncio.create_task(rig.apply(caller, confirm=confirm))
+        await until(lambda: any(e["event"] == "api_retry" for e in logs))  # in its settle wait
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+        result = await asyncio.wait_for(rig.apply(caller, confirm=confirm, ambiguous=True), 5)
+
+    assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
+    assert client.puts == 1
+    assert any(e["event"] == "api_waiting_for_abandoned_request" for e in logs)
 
 
 # --------------------------------------------------------------------------- reads after a lost answer

@@ -127,12 +127,8 @@ class ApiCaller:
                 ticket_id, body, event_id=event_id, traceparent=traceparent
             )
         except asyncio.CancelledError:
-            if not sending:  # cancelled before the request was made: nothing can land later
-                raise
-            now = time.monotonic()
-            for stale in [e for e, until in self._abandoned.items() if until <= now]:
-                del self._abandoned[stale]
-            self._abandoned[event_id] = now + self._abandon_s
+            if sending:  # a request made may still land; one never made cannot
+                self._abandon(event_id, time.monotonic() + self._abandon_s)
             raise
         except ApiTransientError as exc:
             if exc.http_status == 429:
@@ -142,6 +138,14 @@ class ApiCaller:
             self._concurrency.release()
         self._concurrency.succeeded()
         return response
+
+    def _abandon(self, event_id: str, until: float) -> None:
+        """A cancelled job leaves a request of ``event_id`` behind that may reach the API until
+        ``until``: the event's next job waits for it, then reads the ticket before sending."""
+        now = time.monotonic()
+        for stale in [e for e, at in self._abandoned.items() if at <= now]:
+            del self._abandoned[stale]
+        self._abandoned[event_id] = max(until, self._abandoned.get(event_id, until))
 
     async def _limits(self, waited: _Waited) -> None:
         """Wait for the rate limit and a concurrency slot (the caller releases the slot); the time
@@ -178,7 +182,41 @@ class ApiCaller:
         until the ticket has been read: a change in place ends ``applied`` (reconciled); one that
         is not is sent again; while the ticket cannot be read, reading it is what is retried,
         within the same budget. So a change whose answer was lost is not applied twice.
+
+        A job cancelled while a timed-out request of its own may still land (in its settle wait,
+        or reading the ticket after it) leaves that request behind, as one cancelled mid-send does.
         """
+        unsettled = _Unsettled()
+        try:
+            return await self._rounds(
+                ticket_id,
+                body,
+                event_id,
+                traceparent,
+                before_attempt,
+                before_send,
+                confirm,
+                ambiguous,
+                unsettled,
+            )
+        except asyncio.CancelledError:
+            if unsettled.until > time.monotonic():
+                self._abandon(event_id, unsettled.until)
+            raise
+
+    async def _rounds(
+        self,
+        ticket_id: str,
+        body: bytes,
+        event_id: str,
+        traceparent: str,
+        before_attempt: Callable[[], Awaitable[None]] | None,
+        before_send: Callable[[], Awaitable[None]] | None,
+        confirm: Callable[[dict[str, Any]], bool] | None,
+        ambiguous: bool,
+        unsettled: _Unsettled,
+    ) -> ApplyResult:
+        """``apply``'s rounds; ``unsettled.until`` says until when a timed-out send may land."""
         until = self._abandoned.get(event_id)
         if until is not None:
             # A cancelled job's request for this event may still be on its way: let it land, then
@@ -210,6 +248,7 @@ class ApiCaller:
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
                     ambiguous = False  # read, and not there: safe to send
+                    unsettled.until = 0.0  # read after the settle wait: the request has landed or never will
                     if error is not None and spent >= self._policy.max_attempts:
                         return _failed(calls, active_s, error, applied_maybe=False)
                 spent += 1
@@ -248,6 +287,8 @@ class ApiCaller:
                 )
             except ApiTransientError as exc:
                 ambiguous = ambiguous or exc.ambiguous
+                if sent and exc.timed_out:  # the API may still be applying it for settle_s
+                    unsettled.until = time.monotonic() + self._settle_s
                 if exc.connect_failure:
                     if self._reachability.connect_failed():
                         if sent:
@@ -300,6 +341,13 @@ class ApiCaller:
         if detail is None:
             raise ApiTransientError("the ticket's state is unreadable after a lost answer")
         return confirm(detail)
+
+
+@dataclass(slots=True)
+class _Unsettled:
+    """Until when (monotonic) a timed-out send of the event may still land; 0 when none may."""
+
+    until: float = 0.0
 
 
 @dataclass(slots=True)
