@@ -25,6 +25,7 @@ from worker.consumer import Message
 from worker.dedup import MemoryStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
+from worker.logs import REDACTED, register_secrets
 from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
 from worker.publisher import DeadLetter
@@ -393,3 +394,27 @@ async def test_a_redelivered_rejected_event_repeats_its_outcome_and_its_dead_let
     assert [(d.status, d.redelivered, d.detail) for d in published.letters[-1:]] == [
         ("rejected", True, "pending")
     ]
+
+
+class _EchoesTheSecret(_Answers):
+    """An API that answers a refusal with the caller's secret key as its error code."""
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        await kwargs["before_send"]()
+        return ApplyResult("rejected", 1, http_status=400, error_code=SK, error_msg="refused")
+
+
+async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -> None:
+    """``error_code`` is the API's text, checked only against a format (letters, digits, ``._-``)
+    that a secret key matches too: it reached the outcome event as it came."""
+    register_secrets([SK])
+    published = Recorder()
+    pipeline, gate = _pipeline(MemoryStore(), _EchoesTheSecret("rejected"), published)
+    try:
+        await pipeline.process(job(STARTED))
+    finally:
+        await gate.close()
+    [outcome] = published.outcomes
+    assert outcome["status"] == "rejected"
+    assert SK not in json.dumps(outcome)
+    assert outcome["error_code"] == REDACTED

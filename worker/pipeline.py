@@ -341,6 +341,8 @@ class Pipeline:
             else salvage_identity(m.value, self._settings.max_event_bytes)
         )
         error_msg = redact_text(error_msg) if error_msg else None
+        # The API's own text; it passed a format check only, and a secret may match that format.
+        error_code = redact_text(error_code) if error_code else None
         # Every field of OutcomeEvent, in its order: these values are ours and already valid, and
         # building the model per message only to dump it is measurable on the hot path.
         outcome: dict[str, Any] = {
