@@ -311,6 +311,27 @@ async def test_a_hold_released_after_close_does_not_open_the_database_again(tmp_
     assert store._conn is None
 
 
+async def test_a_record_that_cannot_be_read_fails_its_own_event_not_the_batch(tmp_path: Path) -> None:
+    """A call of a group commit that raised anything but a database error rolled the whole batch
+    back and failed every event in it, each ending as an internal error without calling the API."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    try:
+        await store.ping()
+        assert store._conn is not None
+        store._conn.execute("INSERT INTO dedup VALUES ('bad', '{not json', 9e99)")
+        bad, good = await asyncio.gather(
+            store.claim("bad", "w1", "t/0/1", 30.0),
+            store.claim("good", "w1", "t/0/2", 30.0),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, ValueError)
+        assert not isinstance(good, BaseException)
+        assert good.kind is ClaimKind.NEW
+        assert (await store.claim("good", "w2", "t/0/2", 30.0)).kind is ClaimKind.HELD  # committed
+    finally:
+        await store.close()
+
+
 def test_records_stay_readable_by_the_release_before_and_after() -> None:
     """Claimed and applied records are written as the previous release wrote them (it could not
     read the dead-letter fields: a rolling update or a rollback would fail on every such record),

@@ -270,9 +270,7 @@ class SqliteStore:
             conn = self._connect()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [
-                    (future, fn(conn, *args), None) for fn, args, future in batch
-                ]
+                results = [_call(conn, fn, args, future) for fn, args, future in batch]
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -427,6 +425,20 @@ class SqliteStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _call(
+    conn: sqlite3.Connection, fn: Any, args: tuple[Any, ...], future: asyncio.Future[Any]
+) -> tuple[asyncio.Future[Any], Any, BaseException | None]:
+    """One call of a batch. A failure of the database fails the whole batch (it is rolled back);
+    any other is this call's own (a record it cannot read, written before it raised nothing) and
+    goes to its caller alone, not to every other event of the batch."""
+    try:
+        return future, fn(conn, *args), None
+    except sqlite3.Error:
+        raise
+    except Exception as exc:
+        return future, None, exc
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
