@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
+from waiting import until
 
 import worker.consumer as consumer_module
 from worker.app import Worker
@@ -159,6 +160,38 @@ async def test_a_message_fetched_just_before_its_partition_was_revoked_is_left_t
         assert worker._offsets.keys() == {ours}
         assert len(worker._lanes) == 0  # not processed here either
     finally:  # never started: only the clients' objects to close
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
+async def test_an_invalid_message_naming_a_busy_ticket_waits_for_that_tickets_earlier_events(
+    tmp_path: Path,
+) -> None:
+    """An invalid message's outcome is keyed by the ticket its value still names; it ran in no lane
+    and its outcome could come out before that ticket's earlier events' outcomes."""
+    worker = make_worker(tmp_path)
+    key = (worker.settings.input_topic, 0)
+    release, started = asyncio.Event(), []
+
+    class Holds:
+        async def process(self, job: object) -> None:
+            started.append(job)
+            await release.wait()
+
+    worker._pipeline = Holds()  # type: ignore[assignment]
+    valid = b'{"event_id": "ev-1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s-1"}'
+    no_sub_ticket = b'{"event_id": "ev-2", "type": "change.started", "ticket_id": "CM1"}'
+    try:
+        await worker.on_assigned({key})
+        worker._dispatch(Message(key[0], 0, 0, b"CM1", valid, [], 0))
+        worker._dispatch(Message(key[0], 0, 1, b"CM1", no_sub_ticket, [], 0))
+        await until(lambda: len(started) == 1)
+        assert (len(worker._lanes), worker._lanes.running) == (2, 1)  # the invalid one waits its turn
+        release.set()
+        assert await worker._lanes.wait_idle(5)
+        assert [job.message.offset for job in started] == [0, 1]  # type: ignore[attr-defined]
+    finally:
         await worker._consumer.stop()
         await worker._publisher.stop()
         await worker._store.close()

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
 from worker.consumer import Consumer, Message
-from worker.decode import decode
+from worker.decode import decode, salvage_identity
 from worker.dedup import DedupStore, open_store
 from worker.errors import BrokerUnavailable, InvalidEvent
 from worker.gate import Gate
@@ -245,12 +245,21 @@ class Worker:
         if self._offsets.pending_of(key) >= self._uncommitted_limit and key not in self._consumer.held:
             self._consumer.hold(key)
             log.warning("partition_held", topic=key[0], partition=key[1], uncommitted=self._uncommitted_limit)
-        event, invalid = None, None
+        event, invalid, salvaged = None, None, None
         try:
             event = decode(message.value, self.settings.max_event_bytes)
         except InvalidEvent as exc:
             invalid = exc
-        job = Job(message, event, invalid, from_headers(message.headers), datetime.now(UTC), time.monotonic())
+            salvaged = salvage_identity(message.value, self.settings.max_event_bytes)
+        job = Job(
+            message,
+            event,
+            invalid,
+            from_headers(message.headers),
+            datetime.now(UTC),
+            time.monotonic(),
+            salvaged,
+        )
         self._lanes.submit(job.lane, job)
 
     async def _run_job(self, job: Job) -> None:

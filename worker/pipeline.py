@@ -52,6 +52,9 @@ class Job:
     trace: TraceContext
     received_at: datetime
     received_mono: float
+    #: What an invalid message's value still tells (``decode.salvage_identity``): its outcome is
+    #: keyed by that ticket, so it takes that ticket's lane, after the ticket's earlier events.
+    salvaged: dict[str, str | None] | None = None
 
     @property
     def source(self) -> str:
@@ -60,7 +63,9 @@ class Job:
 
     @property
     def lane(self) -> str | None:
-        return self.event.ticket_id if self.event is not None else None
+        if self.event is not None:
+            return self.event.ticket_id
+        return self.salvaged["ticket_id"] if self.salvaged is not None else None
 
 
 class _ClaimLost(Exception):
@@ -338,7 +343,7 @@ class Pipeline:
                 "type": job.event.type.value,
             }
             if job.event is not None
-            else salvage_identity(m.value, self._settings.max_event_bytes)
+            else job.salvaged or salvage_identity(m.value, self._settings.max_event_bytes)
         )
         error_msg = redact_text(error_msg) if error_msg else None
         # The API's own text; it passed a format check only, and a secret may match that format.
