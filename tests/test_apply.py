@@ -21,10 +21,11 @@ import pytest
 from structlog.testing import capture_logs
 from waiting import until
 
+from schemas.api import UpdateTicketResponse
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
-from worker.api_client import CocApiClient
+from worker.api_client import ApiResponse, CocApiClient
 from worker.apply import ApiCaller, ApplyResult
-from worker.errors import ApiTransientError
+from worker.errors import ApiAuthError, ApiTransientError
 from worker.gate import Gate
 from worker.mapping import already_applied, to_request_body
 from worker.metrics import Metrics
@@ -693,6 +694,45 @@ async def test_a_job_cancelled_while_its_timed_out_request_may_land_leaves_the_w
     assert (result.status, result.calls, result.reconciled) == ("applied", 0, True)
     assert client.puts == 1
     assert any(e["event"] == "api_waiting_for_abandoned_request" for e in logs)
+
+
+class _OneTicketForbidden:
+    """A stand-in client: the credentials work, but ticket ``T-X`` is outside their scope, and the
+    API refuses its reads as well as its changes with 403 (the simulator refuses writes only)."""
+
+    def __init__(self) -> None:
+        self.probed: list[str] = []
+
+    def refresh_credentials(self) -> None:
+        return None
+
+    async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
+        if ticket_id == "T-X":
+            raise ApiAuthError("HTTP 403: credentials refused (APIGW.0302)", http_status=403)
+        return ApiResponse(200, UpdateTicketResponse(), 0.0)
+
+    async def probe(self, ticket_id: str) -> None:
+        self.probed.append(ticket_id)
+        if ticket_id == "T-X":
+            raise ApiAuthError("HTTP 403: credentials refused (APIGW.0302)", http_status=403)
+
+
+async def test_a_ticket_refused_even_to_reads_does_not_keep_every_ticket_paused(rig: Rig) -> None:
+    """The auth probe read the refused event's own ticket; refused there too, the gate never
+    opened, and one ticket outside the credentials' scope paused every event of every ticket until
+    a restart (and again after it). The probe reads a ticket the API has answered for instead."""
+    client = _OneTicketForbidden()
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
+
+    async def put(ticket_id: str, event_id: str) -> ApplyResult:
+        return await caller.apply(ticket_id, b"{}", event_id=event_id, traceparent=TRACEPARENT)
+
+    assert (await put("T-OK", "ev-1")).status == "applied"
+    refused = await asyncio.wait_for(put("T-X", "ev-2"), 5)
+    assert (refused.status, refused.http_status) == ("rejected", 403)
+    assert client.probed
+    assert set(client.probed) == {"T-OK"}
+    assert (await asyncio.wait_for(put("T-OK", "ev-3"), 5)).status == "applied"
 
 
 # --------------------------------------------------------------------------- reads after a lost answer

@@ -89,11 +89,18 @@ class ApiCaller:
         #: ticket and send before then
         self._abandoned: dict[str, float] = {}
         self._abandon_s = abandon_s
+        #: The last ticket the API applied a change to: the auth probe reads it when there is one.
+        #: A ticket outside the credentials' scope is refused on reads too, and a probe of that
+        #: ticket kept every event of every ticket paused; the refused event, once the gate opens,
+        #: meets its second 403 and ends rejected.
+        self._answered_ticket: str | None = None
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
+        target = self._answered_ticket or ticket_id
+
         async def probe() -> None:
             self._client.refresh_credentials()
-            await self._client.probe(ticket_id)
+            await self._client.probe(target)
 
         self._gate.trip(exc, probe)
 
@@ -300,6 +307,7 @@ class ApiCaller:
                 error = exc
             else:
                 self._reachability.reached()
+                self._answered_ticket = ticket_id
                 return ApplyResult("applied", calls, http_status=response.http_status, response=response)
             active_s += time.monotonic() - started - waited.s
             rounds += 1
