@@ -9,7 +9,6 @@ sent. A dead-letter record is the input message as it was (key, value bytes, hea
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -192,7 +191,7 @@ class Publisher:
             # topic no longer has; a dead sender's stored error). Whatever it is, the outcome is not
             # confirmed, and the caller must wait and write it again, never finish the message.
             # The partition list is read again before that write: it may be what failed.
-            self._partitions_at = -math.inf
+            self._partitions = []
             raise BrokerUnavailable(f"outcome not confirmed by the broker: {type(exc).__name__}") from exc
 
     async def _write(self, partition: int) -> None:
