@@ -11,7 +11,7 @@ import pytest
 
 from schemas.api import Phase, wire_bytes
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
-from worker.mapping import request_path, to_request_body
+from worker.mapping import request_path, request_wire, to_request_body
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "coc-update-ticket-api.txt"
 FIXTURE = Path(__file__).parent / "data" / "reference_examples.json"
@@ -96,7 +96,7 @@ def test_event_maps_to_reference_example(title: str) -> None:
     example = EXAMPLES[title]
     event = _event(**EVENTS[title])
 
-    assert to_request_body(event).to_wire() == example["body"]
+    assert request_wire(event) == example["body"]
     assert example["method"] == "PUT"
     assert request_path(event.ticket_id) == example["path"]
 
@@ -104,18 +104,49 @@ def test_event_maps_to_reference_example(title: str) -> None:
 @pytest.mark.parametrize("title", list(EVENTS))
 def test_wire_json_is_the_examples_json(title: str) -> None:
     """Text comparison too: dict equality alone would let ``0`` pass for ``false``."""
-    body = to_request_body(_event(**EVENTS[title])).to_wire()
+    body = request_wire(_event(**EVENTS[title]))
     expected = EXAMPLES[title]["body"]
     assert json.dumps(body, sort_keys=True, allow_nan=False) == json.dumps(expected, sort_keys=True)
 
 
-@pytest.mark.parametrize("title", list(EVENTS))
-def test_bytes_sent_are_the_wire_dict_compact(title: str) -> None:
-    request = to_request_body(_event(**EVENTS[title]))
-    sent = wire_bytes(request.to_wire())  # what the pipeline signs and sends
+#: Every optional field set, for each type: the cases where key order and nulls could differ.
+FULL_EVENTS = [
+    *EVENTS.values(),
+    {
+        "type": "change.failed",
+        "sub_ticket_id": "S1",
+        "result": {
+            "comment": "rolled back",
+            "is_verified_in_change_time": False,
+            "verified_docs": "DOC-1",
+            "change_fail_type": "rollback",
+            "rollback_start_time": 1_750_000_000_000,
+            "rollback_end_time": 1_750_000_060_000,
+            "is_rollback_success": True,
+            "is_monitor_found": True,
+        },
+    },
+    {
+        "type": "change.succeeded",
+        "sub_ticket_id": "S1",
+        "result": {"comment": "ok", "is_verified_in_change_time": True, "verified_docs": "DOC-2"},
+    },
+    {"type": "change.succeeded", "sub_ticket_id": "S1"},
+    {"type": "change.cancelled", "sub_ticket_id": "S1", "result": {"comment": "not needed"}},
+    {"type": "ticket.update", "ticket_info": {"phase": "phase_change_cancel", "work_flow_status": "x"}},
+]
+
+
+@pytest.mark.parametrize("fields", FULL_EVENTS)
+def test_bytes_sent_are_the_request_models_bytes(fields: dict[str, Any]) -> None:
+    """What the pipeline sends, built straight from the event, passes the request model and is
+    byte for byte what the model would send: same keys, same nulls, same order."""
+    wire = request_wire(_event(**fields))
+    request = to_request_body(_event(**fields))
+    assert request.to_wire() == wire
+    sent = wire_bytes(wire)  # what the pipeline signs and sends
     assert sent == request.__pydantic_serializer__.to_json(request, exclude_unset=True)
-    compact = json.dumps(request.to_wire(), separators=(",", ":"), ensure_ascii=False).encode()
-    assert sent == compact
+    assert sent == json.dumps(wire, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def test_failed_with_rollback_window_sends_the_times() -> None:
@@ -124,7 +155,7 @@ def test_failed_with_rollback_window_sends_the_times() -> None:
         sub_ticket_id="S1",
         result={"rollback_start_time": 1_750_000_000_000, "rollback_end_time": 1_750_000_060_000},
     )
-    sub = to_request_body(event).to_wire()["sub_tickets"][0]
+    sub = request_wire(event)["sub_tickets"][0]
     assert sub["rollback_start_time"] == 1_750_000_000_000
     assert sub["rollback_end_time"] == 1_750_000_060_000
     assert "comment" not in sub
@@ -132,7 +163,7 @@ def test_failed_with_rollback_window_sends_the_times() -> None:
 
 
 def test_failed_without_result_keeps_the_examples_nulls() -> None:
-    body = to_request_body(_event(type="change.failed", sub_ticket_id="S1")).to_wire()
+    body = request_wire(_event(type="change.failed", sub_ticket_id="S1"))
     assert body == {
         "sub_tickets": [
             {
@@ -150,13 +181,13 @@ def test_failed_without_result_keeps_the_examples_nulls() -> None:
 
 def test_succeeded_sends_verified_docs_when_set() -> None:
     event = _event(type="change.succeeded", sub_ticket_id="S1", result={"verified_docs": "DOC-1"})
-    sub = to_request_body(event).to_wire()["sub_tickets"][0]
+    sub = request_wire(event)["sub_tickets"][0]
     assert sub["verified_docs"] == "DOC-1"
     assert "is_verified_in_change_time" not in sub
 
 
 def test_cancelled_without_comment() -> None:
-    body = to_request_body(_event(type="change.cancelled", sub_ticket_id="S1")).to_wire()
+    body = request_wire(_event(type="change.cancelled", sub_ticket_id="S1"))
     assert body == {
         "history_info": {"action": "change_cancel_change_success"},
         "sub_tickets": [{"ticket_id": "S1", "sub_tickets": [], "change_result": "change_result_cancel"}],
@@ -176,13 +207,13 @@ def test_cancelled_without_comment() -> None:
     ],
 )
 def test_ticket_update_sends_ticket_info_only(ticket_info: dict[str, Any], expected: dict[str, Any]) -> None:
-    body = to_request_body(_event(type="ticket.update", ticket_info=ticket_info)).to_wire()
+    body = request_wire(_event(type="ticket.update", ticket_info=ticket_info))
     assert body == {"ticket_info": expected}
 
 
 @pytest.mark.parametrize("phase", list(Phase))
 def test_ticket_update_every_phase(phase: Phase) -> None:
-    body = to_request_body(_event(type="ticket.update", ticket_info={"phase": phase.value})).to_wire()
+    body = request_wire(_event(type="ticket.update", ticket_info={"phase": phase.value}))
     assert body == {"ticket_info": {"phase": phase.value}}
 
 

@@ -27,7 +27,7 @@ from worker.dedup import ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import get_logger, redact_text
-from worker.mapping import already_applied, to_request_body
+from worker.mapping import already_applied, request_wire
 from worker.metrics import Metrics
 from worker.publisher import DeadLetter, Publisher
 from worker.settings import WorkerSettings
@@ -150,8 +150,7 @@ class Pipeline:
                     waiter.set_result(None)
 
     async def _claim_and_apply(self, job: Job, event: AnyChangeEvent) -> None:
-        request = to_request_body(event)
-        body = request.to_wire()
+        body = request_wire(event)
         held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
             claim = await self._dedup(

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.workload import Workload, generate
 from schemas.events import CHANGE_EVENT_ADAPTER
-from worker.mapping import request_path, to_request_body
+from worker.mapping import request_path, request_wire
 from worker.signing import sign
 
 
@@ -34,7 +34,7 @@ def requests_by_ticket(workload: Workload) -> dict[str, list[tuple[str, bytes, s
     out: dict[str, list[tuple[str, bytes, str]]] = {}
     for _, value in generate(workload):
         event = CHANGE_EVENT_ADAPTER.validate_json(value)
-        body = json.dumps(to_request_body(event).to_wire(), separators=(",", ":")).encode()
+        body = json.dumps(request_wire(event), separators=(",", ":")).encode()
         out.setdefault(event.ticket_id, []).append((request_path(event.ticket_id), body, event.event_id))
     return out
 

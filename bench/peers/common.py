@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from schemas.api import UpdateTicketResponse
 from schemas.events import CHANGE_EVENT_ADAPTER
 from schemas.outcomes import OutcomeEvent, OutcomeStatus, SourceRef
-from worker.mapping import request_path, to_request_body
+from worker.mapping import request_path, request_wire
 from worker.signing import sign
 
 RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
@@ -110,7 +110,7 @@ class Step:
                 None, source, received_at, ApiResult(OutcomeStatus.INVALID, 0, error_msg=str(exc)[:500]), None
             )
             return None, outcome.model_dump_json().encode()
-        body = to_request_body(event).to_wire()
+        body = request_wire(event)
         result = await self._call(
             event.ticket_id, json.dumps(body, separators=(",", ":")).encode(), event.event_id
         )
