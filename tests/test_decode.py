@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.events import ChangeFailed, ChangeStarted, EventType
-from worker.decode import MAX_DEPTH, decode, salvage_identity
+from worker.decode import MAX_DEPTH, MAX_KEYS, decode, salvage_identity
 from worker.errors import InvalidEvent
 
 MAX_BYTES = 64 * 1024
@@ -185,6 +185,23 @@ def test_nesting_just_past_the_limit() -> None:
     err = invalid(encode(too_deep))
     assert err.reason == "bad_json"
     assert f"deeper than {MAX_DEPTH}" in err.detail
+
+
+@pytest.mark.parametrize("where", ["top", "result"])
+def test_objects_wider_than_the_limit(where: str) -> None:
+    """A value of ~95,000 unknown keys (under 1 MiB) made pydantic list an error per key, which
+    kept the event loop busy ~0.4 s per message: such an object is refused by the parser."""
+
+    def with_keys(count: int) -> bytes:
+        extra = {f"k{i}": 0 for i in range(count)}
+        if where == "top":
+            return encode(event(type="change.cancelled", **extra))
+        return encode(event(type="change.cancelled", result={"comment": "x", **extra}))
+
+    assert invalid(with_keys(MAX_KEYS - 10), max_bytes=1 << 20).reason == "schema"  # wide, but within
+    err = invalid(with_keys(MAX_KEYS + 1), max_bytes=1 << 20)
+    assert err.reason == "bad_json"
+    assert f"more than {MAX_KEYS}" in err.detail
 
 
 @pytest.mark.parametrize("escape", [rb"\ud800", rb"\uDFFF", rb"a\udc00b", rb"\ud83d"])

@@ -40,7 +40,7 @@ from worker.logs import get_logger, register_secrets
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings, split_tokens
 from worker.tools import alertmanager
-from worker.tools.events import encode, event_errors
+from worker.tools.events import encode, event_errors, is_valid_event
 from worker.tools.kafka_io import EventProducer, OutRecord
 from worker.tracing import HEADER as TRACEPARENT
 from worker.tracing import new_trace, parse
@@ -48,6 +48,9 @@ from worker.tracing import new_trace, parse
 log = get_logger(__name__)
 
 _READ_CHUNK = 64 * 1024
+#: Of a refused request: the invalid events listed, and the errors listed for each.
+_INVALID_SHOWN = 20
+_ERRORS_SHOWN = 20
 _Handler = Callable[[web.Request, Any], Awaitable[web.Response]]
 
 
@@ -206,16 +209,32 @@ class Ingress:
             return _error(
                 413, "too_many_events", f"at most {self._settings.ingest_max_batch} events per request"
             )
-        invalid = []
+        # Listed for the first few invalid events only, each with its first few errors: listing
+        # every error of every event of a 1 MiB batch kept the event loop busy for seconds.
+        invalid: list[dict[str, Any]] = []
+        invalid_count = 0
         for index, item in enumerate(items):
-            where = f"$[{index}]" if isinstance(document, list) else "$"
+            if len(invalid) >= _INVALID_SHOWN:
+                invalid_count += not is_valid_event(item, self._settings.max_event_bytes)
+                continue
             errors = event_errors(item, self._settings.max_event_bytes)
             if errors:
-                shown = [{"path": where + path[1:], "message": msg} for path, msg in errors]
-                invalid.append({"index": index, "errors": shown})
+                where = f"$[{index}]" if isinstance(document, list) else "$"
+                entry: dict[str, Any] = {
+                    "index": index,
+                    "errors": [
+                        {"path": where + path[1:], "message": msg} for path, msg in errors[:_ERRORS_SHOWN]
+                    ],
+                }
+                if len(errors) > _ERRORS_SHOWN:
+                    entry["more_errors"] = len(errors) - _ERRORS_SHOWN
+                invalid.append(entry)
+                invalid_count += 1
         if invalid:
-            log.info("ingest_rejected", route="events", invalid=len(invalid), events=len(items))
-            return _error(400, "invalid_events", "nothing was produced", invalid=invalid)
+            log.info("ingest_rejected", route="events", invalid=invalid_count, events=len(items))
+            return _error(
+                400, "invalid_events", "nothing was produced", invalid=invalid, invalid_count=invalid_count
+            )
         event_ids = await self._produce(request, items, route="events")
         return web.json_response({"event_ids": event_ids}, status=202)
 
@@ -223,7 +242,7 @@ class Ingress:
         try:
             notification = alertmanager.Notification.model_validate(document)
         except ValidationError as exc:
-            errors = [{"path": path, "message": msg} for path, msg in describe(exc)[:20]]
+            errors = [{"path": path, "message": msg} for path, msg in describe(exc)[:_ERRORS_SHOWN]]
             return _error(400, "not_an_alertmanager_notification", "see errors", errors=errors)
         if notification.version != alertmanager.SUPPORTED_VERSION:
             return _error(

@@ -271,6 +271,31 @@ async def test_a_batch_is_produced_whole_or_not_at_all(
         ] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
+async def test_a_refusal_lists_a_bounded_number_of_errors(settings: WorkerSettings) -> None:
+    """Listing every error of every event of a large batch kept the event loop busy for seconds
+    (one pydantic error per unknown key): the answer lists the first 20 invalid events, the
+    first 20 errors of each, and counts the rest."""
+    settings = settings.model_copy(update={"ingest_max_body_bytes": 1 << 20, "ingest_max_batch": 500})
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, stop, port.set_result))
+    wide = {**event("change.started", "CM-W", "s1"), **{f"k{i}": 0 for i in range(100)}}
+    batch = [wide] * 30 + [event("change.started", "CM-W", "s2")] + [{"type": "nope"}] * 5
+    try:
+        url = f"http://127.0.0.1:{await asyncio.wait_for(port, 20)}/v1/events"
+        status, body, text = await post(url, batch, bearer(TOKENS[1]))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert status == 400
+    assert body["error"] == "invalid_events"
+    assert body["invalid_count"] == 35
+    assert [item["index"] for item in body["invalid"]] == list(range(20))
+    assert all(len(item["errors"]) == 20 and item["more_errors"] == 80 for item in body["invalid"])
+    assert len(text) < 64 * 1024
+    assert await size(settings) == 0
+
+
 async def test_alertmanager_payload_checks(ingress: str, settings: WorkerSettings) -> None:
     auth = bearer(TOKENS[0])
     status, body, _ = await post(f"{ingress}/v1/alertmanager", {"version": "3", "alerts": []}, auth)

@@ -142,6 +142,17 @@ def event_errors(obj: Any, max_event_bytes: int) -> list[tuple[str, str]]:
     return errors
 
 
+def is_valid_event(obj: Any, max_event_bytes: int) -> bool:
+    """``not event_errors(obj, max_event_bytes)``, without describing any error."""
+    if not isinstance(obj, dict):
+        return False
+    try:
+        CHANGE_EVENT_ADAPTER.validate_python(obj)
+    except ValidationError:
+        return False
+    return _size_error(obj, max_event_bytes) is None
+
+
 def validated(obj: dict[str, Any], max_event_bytes: int) -> AnyChangeEvent:
     """The event, or ``InvalidEvent`` naming every error on one line."""
     try:
