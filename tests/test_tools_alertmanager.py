@@ -128,3 +128,18 @@ def test_an_event_over_the_workers_size_limit_is_skipped_not_produced() -> None:
     assert events == []
     assert skipped.reason == "invalid"
     assert "the limit is 1024" in skipped.errors[0]["message"]
+
+
+@pytest.mark.parametrize("starts_at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_start_time_no_instant_can_hold_spoils_only_its_own_alert(starts_at: str) -> None:
+    """Such an offset raised ``OverflowError`` out of the whole notification (a 500 for every
+    alert in it, resent by Alertmanager for as long as the alert fires)."""
+    body = copy.deepcopy(DOCUMENTED)
+    body["alerts"].append({**body["alerts"][0], "startsAt": starts_at, "fingerprint": "2b40cb82ddb3a032"})
+    events, skipped = to_events(Notification.model_validate(body), MAX)
+    assert skipped == []
+    assert len(events) == 2
+    assert events[0]["event_id"] == "am-1a30ba71cca2921f-1675688925828"
+    assert "occurred_at" not in events[1]  # produced without a start time, as one with none
+    assert CHANGE_EVENT_ADAPTER.validate_python(events[1])
+    assert event_id(Notification.model_validate(body).alerts[1]) == events[1]["event_id"]

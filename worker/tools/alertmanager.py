@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -101,9 +101,11 @@ def _started(alert: Alert) -> datetime | None:
         return None
     try:
         started = datetime.fromisoformat(alert.startsAt.replace("z", "Z"))
-    except ValueError:
+        # In UTC, once: an offset at either end of the calendar ("0001-01-01T00:00:00+01:00")
+        # is no instant a datetime can hold, and raised out of the whole notification.
+        return started.astimezone(UTC) if started.tzinfo is not None else None
+    except (ValueError, OverflowError):
         return None
-    return started if started.tzinfo is not None else None
 
 
 def event_id(alert: Alert) -> str:
