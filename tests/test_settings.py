@@ -290,6 +290,19 @@ def test_a_redis_password_that_breaks_the_url_is_refused_without_showing_it(url:
     assert encoded.secret_values() == ["pw%2Frest-of-it", "pw/rest-of-it"]  # as written, as sent
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["memory://?max_entries=0", "memory://?max_entries=-1", "memory://?max_entries=abc", "memory://?size=9"],
+)
+def test_a_memory_store_size_that_breaks_deduplication_is_refused(url: str) -> None:
+    """0 kept no record (two owners' claims of a live event were both NEW), -1 failed every event,
+    a word failed at start with a traceback; an unknown option was ignored."""
+    with pytest.raises(ConfigError, match="memory://"):
+        load_settings(dedup_url=url)
+    assert load_settings(dedup_url="memory://?max_entries=1").dedup_url == "memory://?max_entries=1"
+    assert load_settings(dedup_url="memory://").dedup_url == "memory://"
+
+
 def test_secrets_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     path = tmp_path / "sk"
     path.write_text("file-" + SECRET, encoding="utf-8")

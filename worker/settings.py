@@ -14,7 +14,7 @@ import socket
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -219,6 +219,15 @@ class WorkerSettings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("memory", "sqlite", "redis", "rediss"):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
+        if parts.scheme == "memory":
+            # 0 kept nothing (every claim of a live event was NEW: no deduplication at all), a
+            # negative size failed every event, a word failed at start with a traceback.
+            options = parse_qs(parts.query, keep_blank_values=True)
+            if set(options) - {"max_entries"}:
+                raise ValueError("memory:// takes one option, ?max_entries=N")
+            entries = options.get("max_entries", ["1"])[-1]
+            if not entries.isascii() or not entries.isdigit() or int(entries) < 1:
+                raise ValueError("memory://?max_entries= must be a whole number of at least 1")
         if parts.scheme.startswith("redis"):
             # A password with an unencoded / # ? or @ splits the URL in the wrong place: the rest of
             # it would be read as the host or the port, and printed in an error. Nothing is echoed.
