@@ -80,6 +80,42 @@ async def test_redis_bucket_falls_back_to_local_when_redis_is_away() -> None:
     assert [entry["event"] for entry in logs] == ["rate_limit_local"]
 
 
+async def _cancel_sleepers(bucket: TokenBucket | RedisTokenBucket, metrics: Metrics, count: int) -> None:
+    """``count`` callers that reserved a slot and sleep until it, cancelled (as a rebalance does)."""
+    sleepers = [asyncio.create_task(bucket.acquire()) for _ in range(count)]
+    await until(
+        lambda: metrics.rate_limited._value.get() >= count - 1, what="every caller asleep on its slot"
+    )
+    for task in sleepers:
+        task.cancel()
+    await asyncio.gather(*sleepers, return_exceptions=True)
+
+
+async def test_cancelled_callers_give_their_slots_back() -> None:
+    """50 callers at 10/s reserved 5 s of slots; cancelled, they kept them, and the next call
+    waited ~5 s for slots no call would use."""
+    metrics = Metrics()
+    bucket = TokenBucket(rate_per_s=10, burst=1, metrics=metrics)
+    await _cancel_sleepers(bucket, metrics, 50)
+    await asyncio.wait_for(bucket.acquire(), 1.0)
+
+
+async def test_cancelled_callers_give_their_slots_back_in_redis(redis_url: str) -> None:
+    """The same for the shared bucket, whose schedule outlives the process: the next owner of the
+    partitions waited out the slots of another replica's cancelled calls."""
+    base = redis_url.split("?", 1)[0]
+    key = f"{redis_url.rsplit('prefix=', 1)[-1]}ratelimit-give-back"
+    metrics = Metrics()
+    one = RedisTokenBucket(base, key, rate_per_s=10, burst=1, metrics=metrics)
+    two = RedisTokenBucket(base, key, rate_per_s=10, burst=1, metrics=Metrics())
+    try:
+        await _cancel_sleepers(one, metrics, 50)
+        await asyncio.wait_for(two.acquire(), 1.0)
+    finally:
+        await one.close()
+        await two.close()
+
+
 def test_backend_follows_the_dedup_store(redis_url: str) -> None:
     assert build_rate_limit(load_settings(), Metrics()) is None
     assert isinstance(build_rate_limit(load_settings(api_rate_limit_per_s=5), Metrics()), TokenBucket)
