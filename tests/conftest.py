@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 import structlog
 
-from worker.sandbox import TansuBroker, create_topics
+from worker.sandbox import TansuBroker, create_topics, free_port
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -91,6 +95,27 @@ async def topics(broker: TansuBroker, unique: str) -> dict[str, str]:
     }
     await create_topics(broker.bootstrap, list(names.values()), partitions=4)
     return names
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server of this test's own (the shared one must never be demoted); its port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        service_missing("redis-server (the binary, to run a Redis of the test's own)")
+    port = free_port()
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen([*args, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _port_open("127.0.0.1", port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("redis-server did not start")
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.fixture

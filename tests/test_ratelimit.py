@@ -211,3 +211,31 @@ async def test_a_holder_and_its_waiter_cancelled_together_are_both_cancelled() -
     assert [type(r) for r in results] == [asyncio.CancelledError, asyncio.CancelledError]
     await asyncio.wait_for(limit.acquire(), 1)  # and no slot leaked
     limit.release()
+
+
+async def test_the_shared_bucket_leaves_a_redis_demoted_by_a_failover(own_redis: int) -> None:
+    """On READONLY the bucket limits locally, as when Redis is away, and drops its pooled
+    connections, which would otherwise reach the demoted node for ever (per-replica limits for
+    good); new ones find the new primary."""
+    bucket = RedisTokenBucket(
+        f"redis://127.0.0.1:{own_redis}/0", "k", rate_per_s=100, burst=1, metrics=Metrics()
+    )
+    admin = aioredis.Redis(port=own_redis)
+
+    async def bucket_connections() -> set[str]:
+        mine = str(await admin.client_id())
+        return {c["id"] for c in await admin.client_list() if c["id"] != mine}
+
+    try:
+        await bucket.acquire()
+        before = await bucket_connections()
+        assert before
+        await admin.replicaof("127.0.0.1", "1")  # a replica now, of a primary that is not there
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(bucket.acquire(), 5)
+        assert [entry["event"] for entry in logs] == ["rate_limit_local"]
+        assert not before & await bucket_connections()
+    finally:
+        await admin.replicaof("NO", "ONE")
+        await bucket.close()
+        await admin.aclose()

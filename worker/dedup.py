@@ -51,7 +51,7 @@ from pydantic_core import to_json
 
 from worker.errors import ConfigError, DedupUnavailable
 from worker.logs import get_logger
-from worker.redis_config import redis_client
+from worker.redis_config import leave_demoted_node, redis_client
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -493,6 +493,10 @@ return 0
 """
 
 
+#: Written by the store's probe; '@' never occurs in an event_id.
+_PROBE_KEY = "@probe"
+
+
 class RedisStore:
     """Shared by every replica; atomic claims by Lua script."""
 
@@ -511,6 +515,9 @@ class RedisStore:
             return await coro
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise DedupUnavailable(f"redis dedup store unreachable: {type(exc).__name__}") from exc
+        except redis_errors.ReadOnlyError as exc:
+            await leave_demoted_node(self._client)
+            raise DedupUnavailable("redis dedup store is a read-only replica now (failover)") from exc
         except redis_errors.RedisError as exc:
             raise DedupUnavailable(f"redis dedup store error: {type(exc).__name__}") from exc
 
@@ -546,7 +553,9 @@ class RedisStore:
         await self._call(self._release(keys=[self._key(event_id)], args=[owner]))
 
     async def ping(self) -> None:
-        await self._call(self._client.ping())
+        """A write, not ``PING``: a replica answers ``PING``, and the gate would reopen onto a node
+        that refuses every claim."""
+        await self._call(self._client.set(self._key(_PROBE_KEY), "1", px=10_000))
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -24,7 +24,7 @@ import redis.exceptions as redis_errors
 
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.redis_config import redis_client
+from worker.redis_config import leave_demoted_node, redis_client
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
@@ -128,6 +128,8 @@ class RedisTokenBucket:
                 )
             )
         except (redis_errors.RedisError, OSError) as exc:
+            if isinstance(exc, redis_errors.ReadOnlyError):
+                await leave_demoted_node(self._client)
             # The dedup store's own failure handling pauses the worker; meanwhile limit locally
             # (each replica to the whole rate: said once per episode, so it is not a silent change).
             if not self._local_since_failure:

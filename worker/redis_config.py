@@ -28,3 +28,10 @@ def redis_client(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
         health_check_interval=15,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+async def leave_demoted_node(client: aioredis.Redis) -> None:
+    """After a ``READONLY`` answer: a failover demoted the node the pooled connections reach (a
+    primary behind a stable name, whose clients were not dropped), and pooled they would reach it
+    for ever. New connections resolve the name again and find the new primary."""
+    await client.connection_pool.disconnect()
