@@ -202,6 +202,16 @@ def parse_authorization(value: str) -> ParsedAuthorization | None:
     return ParsedAuthorization(match["ak"], match["headers"].split(";"), match["sig"])
 
 
+@functools.lru_cache(maxsize=16)
+def _signed_at(date: str) -> datetime | None:
+    """``X-Sdk-Date`` as a time; a second's requests all carry the same value, and ``strptime``
+    was ~5% of the simulator's CPU per request."""
+    try:
+        return datetime.strptime(date, DATE_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def verify(
     *,
     secret_for: Mapping[str, str],
@@ -226,9 +236,8 @@ def verify(
     date = _get(headers, DATE_HEADER)
     if date is None or DATE_HEADER.lower() not in parsed.signed_headers:
         return "X-Sdk-Date missing or not signed"
-    try:
-        signed_at = datetime.strptime(date, DATE_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
+    signed_at = _signed_at(date)
+    if signed_at is None:
         return "malformed X-Sdk-Date"
     if abs((now - signed_at).total_seconds()) > max_skew_s:
         return "request expired: X-Sdk-Date is more than 15 minutes away from server time"

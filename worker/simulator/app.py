@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from schemas.api import SUCCESS_CODE, UpdateTicketBody
 from worker.signing import verify
@@ -137,7 +138,13 @@ class _Api:
         state.record_request(
             request.method, request.path, reply.status, reply.payload.get("error_code"), event_id, kind
         )
-        return web.json_response(reply.payload, status=reply.status, headers=reply.headers)
+        # pydantic_core's encoder: the json module's was ~4% of the simulator's CPU per request
+        return web.Response(
+            body=to_json(reply.payload),
+            status=reply.status,
+            headers=reply.headers,
+            content_type="application/json",
+        )
 
     def _drop(
         self, request: web.Request, event_id: str | None, kind: FaultKind, error_code: str | None = None
