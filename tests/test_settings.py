@@ -187,6 +187,33 @@ def test_explicit_endpoint_wins_over_region() -> None:
     assert settings.api_base_url == "http://127.0.0.1:8443"
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://coc.example.com:99999",  # the client refused it per request: every event failed
+        "https://coc.example.com:0",
+        "https://exa mple.com",
+        "https://gw.example.com/coc/./api",  # the client sent /coc/api, signed was /coc/./api: 401s
+        "https://gw.example.com/coc/../api",
+        "https://gw.example.com/coc\\api",
+        "https://gw.example.com/c%6Fc",
+        "https://user:pw-x@gw.example.com",
+        "https://gw.example.com/coc?x=1",
+    ],
+)
+def test_an_endpoint_the_http_client_would_refuse_or_rewrite_is_refused(endpoint: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(api_endpoint=endpoint)
+    assert "pw-x" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://127.0.0.1:8443", "https://[::1]:8443/coc", "https://gw_1.internal/coc/v2.1/"]
+)
+def test_usual_endpoints_pass(endpoint: str) -> None:
+    assert load_settings(api_endpoint=endpoint).api_endpoint == endpoint.rstrip("/")
+
+
 def test_no_endpoint_and_no_region() -> None:
     settings = load_settings()
     with pytest.raises(ConfigError, match="COC_WORKER_API_ENDPOINT or COC_WORKER_API_REGION"):

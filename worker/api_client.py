@@ -187,6 +187,10 @@ class CocApiClient:
 
     async def start(self) -> None:
         self._client = _build_client(self._settings)
+        try:  # built, not sent: what the client refuses would otherwise fail every event
+            self._client.request("GET", self._origin + self._prefix + "/").build()
+        except ValueError as exc:
+            raise ConfigError(f"COC_WORKER_API_ENDPOINT: the HTTP client cannot use it ({exc})") from None
 
     async def close(self) -> None:
         if self._client is not None:

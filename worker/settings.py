@@ -63,6 +63,9 @@ def _default_worker_id() -> str:
 
 
 #: A request header value the API client can send: visible ASCII, no spaces.
+#: A host name or an IPv4 address, or an IPv6 address (``urlsplit`` drops its brackets).
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+_ENDPOINT_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
 
 
@@ -192,6 +195,22 @@ class WorkerSettings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL such as https://coc.myhuaweicloud.com")
+        # What the HTTP client would refuse per request (every event failed as an internal error)
+        # or rewrite after signing (every call refused as unauthenticated), refused here instead.
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0 or not _HOST.fullmatch(parts.hostname):
+            raise ValueError("has a host or port the HTTP client cannot use")
+        if parts.username is not None or parts.query or parts.fragment:
+            raise ValueError("must hold no user, query or fragment: only scheme, host, port and path")
+        if not _ENDPOINT_PATH.fullmatch(parts.path) or {".", ".."} & set(parts.path.split("/")):
+            # the client would send another path than is signed (dot segments resolved, others
+            # percent-encoded): every call refused as unauthenticated
+            raise ValueError(
+                "its path may hold letters, digits, '/', '-', '_', '~' and '.', and no '.' or '..' segment"
+            )
         return value.rstrip("/")
 
     @field_validator("api_region")
