@@ -517,7 +517,7 @@ def _add_tool_parsers(sub: Any) -> None:
     replaying = dlq_sub.add_parser(
         "replay",
         help="send selected records back to the input topic (same key, value, event_id)",
-        description="One copy of an event per run; records cut by the dead-letter writer, or from "
+        description="One copy of a message (its key and value bytes) per run; records cut by the dead-letter writer, or from "
         "another topic than the target (unless --to-topic), are not sent. Exit codes: 0 every "
         "selected record replayed or a skipped copy; 1 a record NOT replayable, or a write failed "
         "(UNKNOWN: sent, not acknowledged); 2 bad input.",

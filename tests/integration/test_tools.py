@@ -403,10 +403,11 @@ def _letter(
     *,
     source_topic: str | None = None,
     cut_to: int | None = None,
+    value: bytes | None = None,
 ) -> tuple[bytes, bytes, list]:
     """A rejected event of ticket CM-R dead-lettered from ``source_topic`` (the input) offset ``at``;
     ``cut_to``: as the dead-letter writer stores a value too large for the DLQ."""
-    value = json.dumps(event("change.ended", "CM-R", event_id=event_id)).encode()
+    value = value or json.dumps(event("change.ended", "CM-R", event_id=event_id)).encode()
     dead = DeadLetter(
         b"CM-R", value, [], "rejected", "api_rejected", "d", source_topic or topics["input"], 0, at, event_id
     )
@@ -421,9 +422,11 @@ async def test_a_replay_sends_one_copy_of_an_event_and_nothing_that_is_not_the_e
     broker: TansuBroker, topics: dict[str, str], cli: Cli
 ) -> None:
     """The DLQ holds event r0 twice (rejected, replayed, rejected again), r1 cut by the dead-letter
-    writer, and r2 dead-lettered from another input topic. Before: both copies of r0 were sent, so
+    writer, r2 dead-lettered from another input topic, and r3 twice in two versions: invalid, then
+    corrected by its producer under the same event_id. Before: both copies of r0 were sent, so
     the copies doubled on every replay; r1's cut bytes were sent as if they were the event (the
-    worker then called it invalid); r2 went to this worker's input topic."""
+    worker then called it invalid); r2 went to this worker's input topic; r3's correction was
+    skipped as a copy of the invalid version, on every run."""
     other = topics["input"] + "-other"
     await produce(
         broker.bootstrap,
@@ -433,26 +436,36 @@ async def test_a_replay_sends_one_copy_of_an_event_and_nothing_that_is_not_the_e
             _letter(topics, "r0", 5),
             _letter(topics, "r1", 1, cut_to=40),
             _letter(topics, "r2", 0, source_topic=other),
+            _letter(topics, "r3", 2, value=b'{"event_id": "r3", "type": "change.ended"}'),
+            _letter(topics, "r3", 3),
         ],
     )
     run = await cli("dlq", "replay", "--all")
     assert run.code == 1
     verbs = [(line.split()[0], line.split(" event=")[1].split(":")[0]) for line in run.lines]
-    assert verbs == [("replay", "r0"), ("skip", "r0"), ("NOT", "r1"), ("NOT", "r2")]
+    assert verbs == [
+        ("replay", "r0"),
+        ("skip", "r0"),
+        ("NOT", "r1"),
+        ("NOT", "r2"),
+        ("replay", "r3"),
+        ("replay", "r3"),
+    ]
     first_at = run.lines[0].split()[1]  # the DLQ's partition/offset of r0's first record
     assert run.lines[1].endswith(f"a copy of {first_at}, sent by this run")
     assert "cut its value to 40 of" in run.lines[2]
     assert f"the whole message is at {topics['input']}/0/1" in run.lines[2]
     assert f"pass --to-topic {other}" in run.lines[3]
-    assert "replayed 1 of 4 record(s)" in run.err
+    assert "replayed 3 of 6 record(s)" in run.err
     assert "1 later copy of an event skipped; 2 NOT replayable" in run.err
-    [sent] = await read_records(broker.bootstrap, topics["input"], 1)
-    assert json.loads(sent.value or b"")["event_id"] == "r0"
-    assert await topic_size(broker, topics["input"]) == 1
+    sent = await read_records(broker.bootstrap, topics["input"], 3)
+    assert [json.loads(r.value or b"")["event_id"] for r in sent] == ["r0", "r3", "r3"]
+    assert "sub_ticket_id" in json.loads(sent[2].value or b"")  # the corrected version
+    assert await topic_size(broker, topics["input"]) == 3
     dry = await cli("dlq", "replay", "--all", "--dry-run")
-    assert [line.split()[0] for line in dry.lines] == ["would", "would", "NOT", "NOT"]
+    assert [line.split()[0] for line in dry.lines] == ["would", "would", "NOT", "NOT", "would", "would"]
     assert dry.lines[1].startswith("would skip")
-    assert "dry run: 1 of 4 record(s) would be replayed" in dry.err
+    assert "dry run: 3 of 6 record(s) would be replayed" in dry.err
     named = await cli("dlq", "replay", "--event-id", "r2", "--to-topic", other)
     assert named.code == 0, named.err
     [stranger] = await read_records(broker.bootstrap, other, 1)

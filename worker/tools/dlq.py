@@ -9,8 +9,8 @@ rejected because the ticket was not ready, replayed once the ticket is fixed, en
 
 Only records present when the command starts are read (a replay that is rejected again lands in
 the DLQ again, and must not be picked up by the same run). For the same reason one run sends one
-copy of an event: an event replayed and rejected again has two records in the DLQ, and sending
-both on the next run would double them on every run. A record the dead-letter writer had to cut
+copy of a message (its key and value bytes): an event replayed and rejected again has two records
+in the DLQ, and sending both on the next run would double them on every run. A record the dead-letter writer had to cut
 (too large for the DLQ) is never sent: its bytes are no longer the event; the headers say where the
 whole message still is. A record that came from another topic than the target is not sent either,
 unless ``--to-topic`` names the target explicitly.
@@ -95,9 +95,9 @@ class DeadLetterRecord:
 
     @property
     def identity(self) -> str:
-        """What makes two records copies of one message: its event_id, else its exact bytes."""
-        if self.event_id is not None:
-            return self.event_id
+        """What makes two records copies of one message: its exact bytes (a replayed message
+        keeps them). Not its event_id alone: a producer may send a corrected message with the
+        event_id of one that was dead-lettered, and the first record would hide it on every run."""
         m = self.message
         digest = hashlib.sha256()
         for part in (m.key or b"", m.value or b""):
