@@ -7,7 +7,6 @@ A missing service skips its tests locally, with the reason printed, and fails th
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -19,10 +18,10 @@ from pathlib import Path
 import pytest
 import redis
 import structlog
+from services import service_missing
 
 from worker.sandbox import TansuBroker, create_topics, free_port
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
@@ -37,13 +36,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
-
-
-def service_missing(what: str) -> None:
-    """Skip locally, fail in CI."""
-    if IN_CI:
-        pytest.fail(f"{what} is required in CI but is not available")
-    pytest.skip(f"{what} is not available here")
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from pyreqwest import exceptions as http_errors
+from services import service_missing
 from structlog.testing import capture_logs
 
 from schemas.api import SUCCESS_CODE
@@ -764,7 +765,7 @@ class PrivateCa:
 def private_ca(tmp_path: Path) -> PrivateCa:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
+        service_missing("openssl (to make a test certificate)")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     made = PrivateCa(tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server-key.pem")
     ca_key, csr = tmp_path / "ca-key.pem", tmp_path / "server.csr"

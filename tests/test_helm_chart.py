@@ -30,6 +30,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from services import service_missing
 
 from worker.settings import SECRET_FIELDS, WorkerSettings
 
@@ -39,7 +40,6 @@ FULL_VALUES = CHART / "ci" / "full-values.yaml"
 HELM_LOCK = ROOT / "requirements-helm.lock"
 HELM_VENV = ROOT / ".venv-helm"
 HELM_STAMP = HELM_VENV / ".installed"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: The settings issue 3 names as the documented contract; each must be reachable through values.
 CONTRACT = [
@@ -66,13 +66,6 @@ CONTRACT = [
     "RETRY_MAX_ELAPSED_S",
     "SHUTDOWN_GRACE_S",
 ]
-
-
-def _missing(what: str) -> None:
-    """Skip locally, fail in CI (the pattern of ``service_missing`` in conftest.py)."""
-    if IN_CI:
-        pytest.fail(f"{what} is required in CI but is not available")
-    pytest.skip(f"{what} is not available here")
 
 
 def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +151,11 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         "url",
     ),
     "setting_in_extra_env": ({"extraEnv": [{"name": "COC_WORKER_MAX_IN_FLIGHT", "value": "1"}]}, "extraEnv"),
+    # the worker reads its settings whatever their case: this one got past a case-sensitive check
+    "setting_in_extra_env_lower_case": (
+        {"extraEnv": [{"name": "coc_worker_dedup_url", "value": "memory://"}]},
+        "extraEnv",
+    ),
     "replicas_over_partitions": (
         {"replicaCount": 13, "kafka": {"inputTopicPartitions": 12}},
         "inputTopicPartitions",
@@ -196,6 +194,11 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "domain_id_not_header_safe": ({"api": {"domainId": "abc def"}}, "domainId"),
     "results_topic_is_input": ({"kafka": {"resultsTopic": "coc.change-events"}}, "three different topics"),
     "dlq_topic_dots": ({"kafka": {"dlqTopic": ".."}}, "'..'"),
+    "retry_after_over_the_budget": ({"retry": {"maxElapsedS": 30}}, "retry.retryAfterMaxS"),
+    "endpoint_with_a_query": ({"api": {"endpoint": "https://gw.example.com/coc?x=1"}}, "endpoint"),
+    "endpoint_with_a_dot_segment": ({"api": {"endpoint": "https://gw.example.com/coc/./api"}}, "endpoint"),
+    "endpoint_port_out_of_range": ({"api": {"endpoint": "https://gw.example.com:99999"}}, "endpoint"),
+    "bootstrap_port_out_of_range": ({"kafka": {"bootstrapServers": "kafka:99999"}}, "bootstrapServers"),
 }
 
 #: The subset of BAD that the JSON Schema alone rejects (the rest are cross-field checks in the templates).
@@ -208,8 +211,13 @@ SCHEMA_BAD = [
     "sasl_without_mechanism",
     "password_in_redis_url",
     "setting_in_extra_env",
+    "setting_in_extra_env_lower_case",
     "hpa_and_keda",
     "domain_id_not_header_safe",
+    "endpoint_with_a_query",
+    "endpoint_with_a_dot_segment",
+    "endpoint_port_out_of_range",
+    "bootstrap_port_out_of_range",
 ]
 
 
@@ -297,7 +305,7 @@ def ensure_helm_venv() -> Path:
         return python
     interpreter = find_python312()
     if interpreter is None:
-        _missing("Python >= 3.12 (helm-sdkpy needs it; set HELM_PYTHON or install python3.12)")
+        service_missing("Python >= 3.12 (helm-sdkpy needs it; set HELM_PYTHON or install python3.12)")
     subprocess.run([interpreter, "-m", "venv", "--clear", str(HELM_VENV)], check=True, timeout=120)
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", str(HELM_LOCK)],
@@ -521,6 +529,7 @@ def test_default_render(helm_results: dict[str, Any]) -> None:
     env = worker_env(objects)
     # The sqlite file lives on the /data volume, as in the image (Dockerfile: VOLUME /data).
     assert env["COC_WORKER_DEDUP_URL"] == "sqlite:////data/dedup.sqlite3"
+    assert env["COC_WORKER_HTTP_HOST"] == "0.0.0.0"  # worker.httpHost: "::" on an IPv6-only cluster
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes[mounts["/data"]]
@@ -533,6 +542,15 @@ def test_default_render(helm_results: dict[str, Any]) -> None:
     assert "neither api.endpoint nor api.region" in notes
     assert "secrets.apiAk / secrets.apiSk are empty" in notes
     assert "WARNING" not in helm_results["full"]["notes"]
+
+
+def test_rolling_updates_only_with_a_shared_dedup_store(helm_results: dict[str, Any]) -> None:
+    """A rolling update runs the old and the new pod together, the partitions moving between them:
+    with each pod's own sqlite file the new one did not know what the old one had in hand."""
+    strategy = one(manifests(helm_results, "default"), "Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "Recreate"
+    strategy = one(manifests(helm_results, "aksk_endpoint_hpa"), "Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
 
 
 def test_api_request_limit_is_passed_only_when_set(helm_results: dict[str, Any]) -> None:

@@ -171,6 +171,9 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if lt ($v.dedup.leaseS | float64) (addf 2.0 (mulf 2.0 (addf ($v.api.connectTimeoutS | float64) ($v.api.requestTimeoutS | float64)))) }}
 {{- fail "dedup.leaseS must be at least 2 x (api.connectTimeoutS + api.requestTimeoutS) + 2: a request may still land that long after it was sent, and until then no other pod may take the event over" }}
 {{- end }}
+{{- if gt ($v.retry.retryAfterMaxS | float64) ($v.retry.maxElapsedS | float64) }}
+{{- fail "retry.retryAfterMaxS must be at most retry.maxElapsedS: the worker refuses a Retry-After it may honour past the event's whole budget" }}
+{{- end }}
 {{- if or (eq $v.kafka.inputTopic $v.kafka.resultsTopic) (eq $v.kafka.inputTopic $v.kafka.dlqTopic) (eq $v.kafka.resultsTopic $v.kafka.dlqTopic) }}
 {{- fail "kafka.inputTopic, kafka.resultsTopic and kafka.dlqTopic must be three different topics" }}
 {{- end }}
