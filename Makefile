@@ -12,9 +12,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall whenever the project's dependency list changes.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# Reinstall whenever the project's dependency list or its pins change. The pins are constraints:
+# a fresh machine gets the versions CI last passed with (`make lock` re-pins from .venv).
+$(STAMP): pyproject.toml requirements-test.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c requirements-test.lock -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -41,8 +42,8 @@ soak: $(STAMP)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-$(BENCH_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+$(BENCH_STAMP): pyproject.toml requirements-test.lock | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c requirements-test.lock -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
 # make bench ARGS=--quick   (see bench/README.md)
@@ -61,7 +62,8 @@ clean:
 # --- deployment (Dockerfile, helm/coc-change-worker) --------------------------------------------------
 .PHONY: lock helm-venv helm-lint image
 
-# Re-pin requirements.lock (the image's runtime dependencies) from the current .venv.
+# Re-pin requirements.lock (the image's runtime dependencies) and requirements-test.lock (what
+# `make test` installs) from the current .venv.
 lock: $(STAMP)
 	$(BIN)/python tests/test_dockerfile.py --write-lock
 

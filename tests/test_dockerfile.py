@@ -6,8 +6,9 @@ copies the build context as the Dockerfile's ``COPY`` lines and ``.dockerignore`
 ``coc-worker`` from the resulting venv (what the final stage copies). The only deviation from a real
 build is pip's cache, which is kept so the replay takes seconds, not minutes.
 
-``python tests/test_dockerfile.py --write-lock`` (``make lock``) regenerates requirements.lock from the
-current .venv.
+``python tests/test_dockerfile.py --write-lock`` (``make lock``) regenerates requirements.lock (the
+image's runtime closure) and requirements-test.lock (runtime and test extras: what ``make test``
+installs, as constraints) from the current .venv.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from worker.settings import WorkerSettings
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements.lock"
+TEST_LOCK = ROOT / "requirements-test.lock"
 PROJECT = "coc-change-worker"
 BUILD_TOOLS = {"pip", "setuptools", "wheel"}
 
@@ -132,9 +134,9 @@ def copy_from_context(source: str, target: Path) -> None:
 
 
 # --- the lock -------------------------------------------------------------------------------------------
-def lock_pins() -> dict[str, str]:
+def lock_pins(lock: Path = LOCK) -> dict[str, str]:
     pins = {}
-    for line in LOCK.read_text(encoding="utf-8").splitlines():
+    for line in lock.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             name, sep, version = line.partition("==")
@@ -144,10 +146,13 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
-def runtime_closure(dists: dict[str, metadata.Distribution]) -> dict[str, str]:
-    """Name -> installed version of every distribution the project needs at run time (no extras)."""
+def runtime_closure(
+    dists: dict[str, metadata.Distribution], extras: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Name -> installed version of every distribution the project needs at run time (with
+    ``extras``: also for those extras)."""
     found: dict[str, str] = {}
-    todo: list[tuple[str, frozenset[str]]] = [(PROJECT, frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(PROJECT, extras)]
     visited: set[tuple[str, frozenset[str]]] = set()
     while todo:
         name, extras = todo.pop()
@@ -171,9 +176,11 @@ def distributions(paths: list[str] | None = None) -> dict[str, metadata.Distribu
 
 
 def write_lock() -> None:
-    header = [line for line in LOCK.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
-    pins = [f"{name}=={version}" for name, version in sorted(runtime_closure(distributions()).items())]
-    LOCK.write_text("\n".join(header + pins) + "\n", encoding="utf-8")
+    for lock, extras in ((LOCK, frozenset()), (TEST_LOCK, frozenset({"test"}))):
+        header = [line for line in lock.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+        closure = runtime_closure(distributions(), extras)
+        pins = [f"{name}=={version}" for name, version in sorted(closure.items())]
+        lock.write_text("\n".join(header + pins) + "\n", encoding="utf-8")
 
 
 # --- static checks ----------------------------------------------------------------------------------------
@@ -270,6 +277,25 @@ def test_lock_pins_runtime_dependencies_only() -> None:
     test_only = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["test"]}
     assert not (test_only - runtime) & set(pins), "test extras in the runtime lock"
     assert not BUILD_TOOLS & set(pins)
+
+
+def test_the_test_lock_pins_what_make_test_installs() -> None:
+    """``make test`` installs the project's test closure with requirements-test.lock as constraints:
+    before, a fresh machine (CI) took the newest releases the floors allowed, and a new ruff or a
+    library's new warning (pytest runs with warnings as errors) could turn an unchanged commit red."""
+    pins = lock_pins(TEST_LOCK)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for requirement in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        req = Requirement(requirement)
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), f"lock breaks {requirement}"
+    runtime = lock_pins()
+    assert {name: pins[name] for name in runtime} == runtime, "the two locks disagree"
+    installed = runtime_closure(distributions(), frozenset({"test"}))
+    assert {name: installed.get(name) for name in pins} == pins, (
+        "this venv is not the lock's: make clean test"
+    )
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "-c requirements-test.lock -e '.[test]'" in makefile
 
 
 def test_build_context_holds_what_the_build_copies() -> None:
