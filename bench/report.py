@@ -137,21 +137,51 @@ def _below(name: str, measured: str, value: float | None, limit: float) -> Targe
     return Target(name, measured, ratio(limit, value) if value > 0 else float("inf"), value < limit)
 
 
-def _per_repeat(worker: Group | None, others: Sequence[Group | None], cap: float | None = None) -> str:
-    """`` (per repeat: 0.53, 0.58)``: the worker's throughput over the smallest of the others' (and
-    ``cap``) repeat by repeat. A repeat runs the subjects one after another, so these ratios see
-    less of the machine's drift than the ratio of the medians. Empty unless every run of every
-    group succeeded and the repeats pair up."""
+def _paired(
+    worker: Group | None, others: Sequence[Group | None], cap: float | None = None
+) -> list[float] | None:
+    """The worker's throughput over the smallest of the others' (and ``cap``), repeat by repeat.
+    A repeat runs the subjects one after another, so these ratios see less of the machine's drift
+    than the ratio of the medians, which may pair a fast hour's run with a slow one's. None unless
+    every run of every group succeeded and there are repeats to pair."""
     groups = [g for g in (worker, *others) if g is not None]
-    if worker is None or len(groups) < 2:
-        return ""
+    if worker is None or len(groups) < 2 or len(worker["throughputs"]) < 2:
+        return None
     if any(g["ok_runs"] != g["runs"] or len(g["throughputs"]) != len(worker["throughputs"]) for g in groups):
-        return ""
-    ratios = []
-    for i, own in enumerate(worker["throughputs"]):
-        floor = _min(cap, *(g["throughputs"][i] for g in groups[1:]))
-        ratios.append(_fmt(ratio(own, floor), 2))
-    return f" (per repeat: {', '.join(ratios)})" if len(ratios) > 1 else ""
+        return None
+    ratios = [
+        ratio(own, _min(cap, *(g["throughputs"][i] for g in groups[1:])))
+        for i, own in enumerate(worker["throughputs"])
+    ]
+    return None if any(r is None for r in ratios) else [r for r in ratios if r is not None]
+
+
+def _ratio_target(
+    name: str,
+    worker: Group | None,
+    others: Sequence[Group | None],
+    threshold: float,
+    cap: float | None = None,
+) -> Target:
+    """Judged on the median of the per-repeat ratios when the repeats pair up, else on the ratio of
+    the medians; both are shown."""
+    own = _tp(worker)
+    floor = _min(cap, *(_tp(g) for g in others))
+    on_medians = ratio(own, floor)
+    versus = (
+        f"{_fmt(own)} ev/s vs min {_fmt(floor)} ev/s"
+        if len(others) > 1 or cap
+        else f"{_fmt(own)} vs {_fmt(floor)} ev/s"
+    )
+    paired = _paired(worker, others, cap)
+    if paired is None:
+        return _at_least(name, f"{versus} = {_fmt(on_medians, 2)}x", on_medians, threshold)
+    judged = median(paired)
+    measured = (
+        f"{_fmt(judged, 2)}x, the median of the per-repeat ratios ({', '.join(_fmt(r, 2) for r in paired)}); "
+        f"on the medians {versus} = {_fmt(on_medians, 2)}x"
+    )
+    return _at_least(name, measured, judged, threshold)
 
 
 def evaluate_targets(
@@ -161,41 +191,29 @@ def evaluate_targets(
     targets: list[Target] = []
 
     worker0, a0, b0 = (_group(summary, "api0", s, concurrency) for s in ("worker", "ceiling_a", "ceiling_b"))
-    w0 = _tp(worker0)
-    floor0 = _min(_tp(a0), _tp(b0))
-    r0 = ratio(w0, floor0)
     targets.append(
-        _at_least(
-            f"0 ms API: worker >= {T0_MIN_RATIO} x min(ceiling A, ceiling B)",
-            f"{_fmt(w0)} ev/s vs min {_fmt(floor0)} ev/s = {_fmt(r0, 2)}x" + _per_repeat(worker0, [a0, b0]),
-            r0,
-            T0_MIN_RATIO,
+        _ratio_target(
+            f"0 ms API: worker >= {T0_MIN_RATIO} x min(ceiling A, ceiling B)", worker0, [a0, b0], T0_MIN_RATIO
         )
     )
-
     worker20, a20, b20, peer1_group = (
         _group(summary, "api20", s, concurrency) for s in ("worker", "ceiling_a", "ceiling_b", "faststream")
     )
-    w20 = _tp(worker20)
     theory = concurrency / (api_latency_ms / 1000)
-    floor20 = _min(theory, _tp(a20), _tp(b20))
-    r20 = ratio(w20, floor20)
     targets.append(
-        _at_least(
+        _ratio_target(
             f"20 ms API: worker >= {T20_MIN_RATIO} x min(max_in_flight / 20 ms, A, B)",
-            f"{_fmt(w20)} ev/s vs min {_fmt(floor20)} ev/s = {_fmt(r20, 2)}x"
-            + _per_repeat(worker20, [a20, b20], theory),
-            r20,
+            worker20,
+            [a20, b20],
             T20_MIN_RATIO,
+            cap=theory,
         )
     )
-    peer1 = _tp(peer1_group)
-    rp = ratio(w20, peer1)
     targets.append(
-        _at_least(
+        _ratio_target(
             f"20 ms API: worker >= {T20_VS_PEER1:g} x peer 1 (FastStream)",
-            f"{_fmt(w20)} vs {_fmt(peer1)} ev/s = {_fmt(rp, 2)}x" + _per_repeat(worker20, [peer1_group]),
-            rp,
+            worker20,
+            [peer1_group],
             T20_VS_PEER1,
         )
     )
@@ -232,8 +250,9 @@ def added_latency(summary: dict[str, Group]) -> tuple[float | None, str]:
     """The worker's p99 in the paced runs minus the pass-through's (the floor: the same broker,
     load generator, rate and runs, with no work between consume and outcome), and how it reads.
 
-    Both are medians over the runs. Without a floor (an older report) the end-to-end p99 is all
-    there is, and the text says so."""
+    Judged on the median of the per-pair differences when the runs pair up (each worker run with
+    the floor run right before or after it), else on the difference of the medians; both are shown.
+    Without a floor (an older report) the end-to-end p99 is all there is, and the text says so."""
     paced = find(summary, "paced", "worker")
     if paced is None or paced["p99_ms"] is None:
         return None, "-"
@@ -243,23 +262,30 @@ def added_latency(summary: dict[str, Group]) -> tuple[float | None, str]:
         failed = f" ({len(floor['errors'])} floor run(s) failed)" if floor and floor["errors"] else ""
         return None, ends + f", no floor measured{failed}: judged end to end"
     # A floor above the worker is a fluke of the machine, not a worker that removes latency.
-    added = max(0.0, paced["p99_ms"] - floor["p99_ms"])
+    on_medians = max(0.0, paced["p99_ms"] - floor["p99_ms"])
+    medians = (
+        f"worker p99 {_fmt(paced['p99_ms'], 1)} ms - floor p99 {_fmt(floor['p99_ms'], 1)} ms "
+        "(pass-through, same rate, alternating runs)"
+    )
+    held = f"held by the worker p99 {_fmt(paced['held_p99_ms'], 1)} ms"
+    pairs = _pairs(paced, floor)
+    if pairs is None:
+        return on_medians, f"{_fmt(on_medians, 1)} ms = {medians}; {held}"
+    added = median(pairs)
+    assert added is not None
     return added, (
-        f"{_fmt(added, 1)} ms = worker p99 {_fmt(paced['p99_ms'], 1)} ms - floor p99 "
-        f"{_fmt(floor['p99_ms'], 1)} ms (pass-through, same rate, alternating runs{_per_pair(paced, floor)}); "
-        f"held by the worker p99 {_fmt(paced['held_p99_ms'], 1)} ms"
+        f"{_fmt(added, 1)} ms, the median of the per-pair differences ({', '.join(_fmt(p, 1) for p in pairs)}); "
+        f"on the medians {_fmt(on_medians, 1)} ms = {medians}; {held}"
     )
 
 
-def _per_pair(worker: Group, floor: Group) -> str:
-    """``; per pair: 40.0, 31.0``: each repeat's worker p99 minus its own floor run's, which ran
-    right before or after it; shows how far one hiccup of the machine moves a single pair. Empty
+def _pairs(worker: Group, floor: Group) -> list[float] | None:
+    """Each repeat's worker p99 minus its own floor run's, which ran right before or after it. None
     unless every run of both succeeded and they pair up."""
     runs = (worker["runs"], worker["ok_runs"], floor["runs"], floor["ok_runs"])
     if len(set(runs)) != 1 or runs[0] < 2:
-        return ""
-    pairs = [_fmt(own - base, 1) for own, base in zip(worker["p99s"], floor["p99s"], strict=True)]
-    return f"; per pair: {', '.join(pairs)}"
+        return None
+    return [max(0.0, own - base) for own, base in zip(worker["p99s"], floor["p99s"], strict=True)]
 
 
 def _failed(group: Group) -> str:
