@@ -90,9 +90,24 @@ _EXAMPLE_OUTCOME: dict[str, Any] = {
     "reason": None,
     "attempts": 1,
     "http_status": 200,
-    "error_code": "GOM.00000000",
+    "error_code": None,  # the API's own code is kept for rejected and failed events only
     "error_msg": None,
-    "request": None,
+    "request": {  # the body sent for _EXAMPLE_EVENT (worker.mapping.request_wire)
+        "sub_tickets": [
+            {
+                "ticket_id": "eu-west-101",
+                "sub_tickets": [],
+                "change_result": "change_result_failed",
+                "verified_docs": None,
+                "comment": "HighErrorRate firing",
+                "change_fail_type": "fr_dependent_service_issue",
+                "rollback_start_time": None,
+                "rollback_end_time": None,
+                "is_monitor_found": True,
+            }
+        ],
+        "history_info": {"action": "change_set_change_result_success"},
+    },
     "source": {"topic": "coc.change-events", "partition": 3, "offset": 42},
     "received_at": "2025-11-28T03:00:00.100000Z",
     "finished_at": "2025-11-28T03:00:00.160000Z",

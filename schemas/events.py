@@ -72,7 +72,15 @@ SubTicketId = Annotated[
 ]
 OccurredAt = Annotated[
     AwareDatetime,
-    Field(strict=False, description="When the change happened, RFC 3339 with timezone."),
+    Field(
+        strict=False,
+        description="When the change happened, RFC 3339 with timezone.",
+        # The exported schema says it too: "format" alone is an annotation most validators skip,
+        # so a producer's schema check passed a time without a zone that the worker refuses.
+        json_schema_extra={
+            "pattern": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+        },
+    ),
     BeforeValidator(_rfc3339_string),
 ]
 EpochMs = Annotated[

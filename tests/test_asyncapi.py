@@ -194,3 +194,17 @@ def test_a_tombstones_dead_letter_says_so_in_a_documented_header() -> None:
     assert "coc-dlq-tombstone" not in dict(
         dead_letter_headers(letter, "w", "00-" + "a" * 32 + "-" + "b" * 16 + "-01", datetime.now(UTC))
     )
+
+
+def test_the_applied_example_is_what_the_pipeline_emits() -> None:
+    """The example said error_code "GOM.00000000" and request null; an applied outcome carries no
+    error_code and the body sent. A consumer coding against the example would have read every
+    applied outcome as something else."""
+    from schemas.asyncapi import _EXAMPLE_EVENT, _EXAMPLE_OUTCOME
+    from schemas.events import CHANGE_EVENT_ADAPTER
+    from worker.mapping import request_wire
+
+    event = CHANGE_EVENT_ADAPTER.validate_python({**_EXAMPLE_EVENT})
+    assert _EXAMPLE_OUTCOME["status"] == "applied"
+    assert _EXAMPLE_OUTCOME["error_code"] is None
+    assert _EXAMPLE_OUTCOME["request"] == request_wire(event)

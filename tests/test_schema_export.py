@@ -44,6 +44,22 @@ VALID_EVENTS: list[dict[str, Any]] = [
     },
 ]
 INVALID_EVENTS: list[dict[str, Any]] = [
+    # no timezone (Python's datetime.utcnow().isoformat()), and not a date at all: the worker
+    # refuses both, and "format": "date-time" alone let them through a producer's check
+    {
+        "event_id": "e1",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "S1",
+        "type": "change.started",
+        "occurred_at": "2025-06-26T19:19:38.123456",
+    },
+    {
+        "event_id": "e1",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "S1",
+        "type": "change.started",
+        "occurred_at": "yesterday",
+    },
     {"event_id": "e1", "ticket_id": "CM1", "sub_ticket_id": "S1", "type": "change.exploded"},
     {"event_id": "e1", "ticket_id": "CM1", "type": "change.started"},
     {"event_id": "e1", "ticket_id": "../CM1", "sub_ticket_id": "S1", "type": "change.started"},
