@@ -305,8 +305,9 @@ def _floor_sentence(summary: dict[str, Group]) -> str:
         f"{floor['ok_runs']} run(s){_failed(floor)} alternating with the worker's: "
         f"p50 {_fmt(floor['p50_ms'], 1)} ms, "
         f"p99 {_fmt(floor['p99_ms'], 1)} ms (per run: {', '.join(_fmt(v, 1) for v in floor['p99s'])} "
-        f"ms). The latency the worker adds, the target's figure, is the difference of the two p99s: "
-        f"{_fmt(added, 1)} ms."
+        f"ms). The latency the worker adds, the target's figure, is the worker's p99 minus the floor's: "
+        f"{_fmt(added, 1)} ms (the median of the per-pair differences when the runs pair up, else "
+        f"the difference of the medians)."
     )
 
 
