@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.events import ChangeFailed, ChangeStarted, EventType
-from worker.decode import MAX_DEPTH, MAX_KEYS, decode, salvage_identity
+from worker.decode import MAX_DEPTH, MAX_KEYS, decode, decode_or_salvage, salvage_identity
 from worker.errors import InvalidEvent
 
 MAX_BYTES = 64 * 1024
@@ -422,3 +422,27 @@ def test_salvage_of_arbitrary_bytes(raw: bytes) -> None:
     found = salvage_identity(raw, MAX_BYTES)
     assert set(found) == {"event_id", "ticket_id", "sub_ticket_id", "type"}
     assert found["ticket_id"] is None or TICKET_ID.fullmatch(found["ticket_id"])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        encode(event()),
+        encode(event(type="change.failed", result={"comment": 1})),
+        encode(event(ticket_id="../x")),
+        b"{not json",
+        None,
+        b"[1, 2]",
+    ],
+)
+def test_decode_or_salvage_is_decode_and_salvage_from_one_parse(raw: bytes | None) -> None:
+    """The dispatcher's one call: the event, or why not and what the value still names (it parsed
+    an invalid message twice, once to decode it and once to salvage its identity)."""
+    event_, why, found = decode_or_salvage(raw, MAX_BYTES)
+    if event_ is not None:
+        assert (event_, why, found) == (decode(raw, MAX_BYTES), None, None)
+        return
+    refused = invalid(raw)
+    assert why is not None
+    assert (why.reason, why.detail) == (refused.reason, refused.detail)
+    assert found == salvage_identity(raw, MAX_BYTES)

@@ -22,6 +22,7 @@ from schemas.outcomes import OutcomeEvent
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
+from worker.decode import salvage_identity
 from worker.dedup import MemoryStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
@@ -220,7 +221,16 @@ async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_can
 
 def invalid_job(offset: int = 9) -> Job:
     message = Message("in", 0, offset, b"CM1", b"{not json", [], 0)
-    return Job(message, None, InvalidEvent("not_json", "not JSON"), from_headers([]), datetime.now(UTC), 0.0)
+    salvaged = salvage_identity(message.value, 1 << 20)
+    return Job(
+        message,
+        None,
+        InvalidEvent("not_json", "not JSON"),
+        from_headers([]),
+        datetime.now(UTC),
+        0.0,
+        salvaged,
+    )
 
 
 async def test_a_dead_letter_refused_is_sent_again_without_its_confirmed_outcome(rig: Rig) -> None:

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
 from worker.consumer import Consumer, Message
-from worker.decode import decode, salvage_identity
+from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable, InvalidEvent
+from worker.errors import BrokerUnavailable
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -245,12 +245,7 @@ class Worker:
         if self._offsets.pending_of(key) >= self._uncommitted_limit and key not in self._consumer.held:
             self._consumer.hold(key)
             log.warning("partition_held", topic=key[0], partition=key[1], uncommitted=self._uncommitted_limit)
-        event, invalid, salvaged = None, None, None
-        try:
-            event = decode(message.value, self.settings.max_event_bytes)
-        except InvalidEvent as exc:
-            invalid = exc
-            salvaged = salvage_identity(message.value, self.settings.max_event_bytes)
+        event, invalid, salvaged = decode_or_salvage(message.value, self.settings.max_event_bytes)
         job = Job(
             message,
             event,

@@ -155,17 +155,39 @@ def decode(value: bytes | None, max_bytes: int) -> AnyChangeEvent:
     return validate(parse_json(value, max_bytes))
 
 
-def salvage_identity(value: bytes | None, max_bytes: int) -> dict[str, str | None]:
+Identity = dict[str, str | None]
+
+
+def decode_or_salvage(
+    value: bytes | None, max_bytes: int
+) -> tuple[AnyChangeEvent, None, None] | tuple[None, InvalidEvent, Identity]:
+    """``(event, None, None)``, or for a message ``decode`` refuses ``(None, why, what its value
+    still tells)`` (``salvage_identity``), from one parse of the value."""
+    try:
+        obj = parse_json(value, max_bytes)
+    except InvalidEvent as exc:
+        return None, exc, _identity_of(None)
+    try:
+        return validate(obj), None, None
+    except InvalidEvent as exc:
+        return None, exc, _identity_of(obj)
+
+
+def salvage_identity(value: bytes | None, max_bytes: int) -> Identity:
     """Best-effort ``event_id``/``ticket_id``/``sub_ticket_id``/``type`` of an invalid message.
 
     Only values that pass their own contract rule are kept: a hostile ``ticket_id`` must not
     become an outcome key.
     """
-    found: dict[str, str | None] = {"event_id": None, "ticket_id": None, "sub_ticket_id": None, "type": None}
     try:
         obj = parse_json(value, max_bytes)
     except InvalidEvent:
-        return found
+        obj = None
+    return _identity_of(obj)
+
+
+def _identity_of(obj: Any) -> Identity:
+    found: Identity = {"event_id": None, "ticket_id": None, "sub_ticket_id": None, "type": None}
     if not isinstance(obj, dict):
         return found
     checks = {"event_id": _EVENT_ID, "ticket_id": _TICKET_ID, "sub_ticket_id": _TICKET_ID}

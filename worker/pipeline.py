@@ -22,7 +22,7 @@ from schemas.events import AnyChangeEvent
 from schemas.outcomes import DEAD_LETTER_STATUSES, OUTCOME_SCHEMA_VERSION, OutcomeStatus, dump_outcome
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
-from worker.decode import salvage_identity
+from worker.decode import Identity
 from worker.dedup import ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
@@ -52,9 +52,9 @@ class Job:
     trace: TraceContext
     received_at: datetime
     received_mono: float
-    #: What an invalid message's value still tells (``decode.salvage_identity``): its outcome is
+    #: What an invalid message's value still tells (``decode.decode_or_salvage``): its outcome is
     #: keyed by that ticket, so it takes that ticket's lane, after the ticket's earlier events.
-    salvaged: dict[str, str | None] | None = None
+    salvaged: Identity | None = None
 
     @property
     def source(self) -> str:
@@ -342,8 +342,9 @@ class Pipeline:
                 "type": job.event.type.value,
             }
             if job.event is not None
-            else job.salvaged or salvage_identity(m.value, self._settings.max_event_bytes)
+            else job.salvaged
         )
+        assert identity is not None  # every invalid job carries it (Worker._dispatch)
         error_msg = redact_text(error_msg) if error_msg else None
         # The API's own text; it passed a format check only, and a secret may match that format.
         error_code = redact_text(error_code) if error_code else None
