@@ -116,15 +116,22 @@ def build(base: dict[str, Any] | None, flags: EventFlags) -> dict[str, Any]:
     return event
 
 
-def contract_errors(obj: Any) -> list[tuple[str, str]]:
-    """Every (JSON path, message) by which ``obj`` breaks the contract; empty when it is valid."""
+def _breach(obj: Any) -> list[tuple[str, str]] | ValidationError | None:
+    """How ``obj`` breaks the contract, not yet described (describing every error is the costly
+    part); None when it is valid."""
     if not isinstance(obj, dict):
         return [("$", f"expected a JSON object, got {_json_type(obj)}")]
     try:
         CHANGE_EVENT_ADAPTER.validate_python(obj)
     except ValidationError as exc:
-        return describe(exc)
-    return []
+        return exc
+    return None
+
+
+def contract_errors(obj: Any) -> list[tuple[str, str]]:
+    """Every (JSON path, message) by which ``obj`` breaks the contract; empty when it is valid."""
+    breach = _breach(obj)
+    return describe(breach) if isinstance(breach, ValidationError) else breach or []
 
 
 def _size_error(obj: dict[str, Any], max_event_bytes: int) -> str | None:
@@ -144,13 +151,7 @@ def event_errors(obj: Any, max_event_bytes: int) -> list[tuple[str, str]]:
 
 def is_valid_event(obj: Any, max_event_bytes: int) -> bool:
     """``not event_errors(obj, max_event_bytes)``, without describing any error."""
-    if not isinstance(obj, dict):
-        return False
-    try:
-        CHANGE_EVENT_ADAPTER.validate_python(obj)
-    except ValidationError:
-        return False
-    return _size_error(obj, max_event_bytes) is None
+    return _breach(obj) is None and _size_error(obj, max_event_bytes) is None
 
 
 def validated(obj: dict[str, Any], max_event_bytes: int) -> AnyChangeEvent:
