@@ -62,10 +62,10 @@ class TokenBucket:
             try:
                 await asyncio.sleep(wait_s)
             except asyncio.CancelledError:
-                self.give_back()
+                self._give_back()
                 raise
 
-    def give_back(self) -> None:
+    def _give_back(self) -> None:
         """The last slot goes to whoever asks next (the schedule keeps its rate: one call fewer
         at the cancelled slot's time, one more at the end of what is reserved)."""
         self._tat = max(time.monotonic(), self._tat - self._interval_s)
@@ -92,7 +92,7 @@ redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
 redis.call('SET', KEYS[2], tostring(now), 'PX', ttl)
 return math.floor(tat - tolerance - now)
 """
-#: A slot reserved by a caller cancelled before it was due, given back (``TokenBucket.give_back``).
+#: A slot reserved by a caller cancelled before it was due, given back (``TokenBucket._give_back``).
 _GIVE_BACK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -111,7 +111,7 @@ class RedisTokenBucket:
     def __init__(self, url: str, key: str, rate_per_s: float, burst: int, metrics: Metrics) -> None:
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=1.0)
         self._script = self._client.register_script(_GCRA_LUA)
-        self._give_back = self._client.register_script(_GIVE_BACK_LUA)
+        self._give_back_script = self._client.register_script(_GIVE_BACK_LUA)
         self._key = key
         self._clock_key = f"{key}:clock"
         self._interval_ms = 1000.0 / rate_per_s
@@ -151,7 +151,7 @@ class RedisTokenBucket:
                 # next owner of the partitions, for as long as they reached ahead.
                 with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
                     async with asyncio.timeout(_GIVE_BACK_TIMEOUT_S):
-                        await self._give_back(keys=[self._key], args=[self._interval_ms])
+                        await self._give_back_script(keys=[self._key], args=[self._interval_ms])
                 raise
 
     async def close(self) -> None:
