@@ -63,10 +63,11 @@ def _default_worker_id() -> str:
 
 
 #: A request header value the API client can send: visible ASCII, no spaces.
-#: A host name or an IPv4 address, or an IPv6 address (``urlsplit`` drops its brackets).
-_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
-_ENDPOINT_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 HEADER_VALUE = re.compile(r"[\x21-\x7e]+")
+#: An endpoint's host: a name or an IPv4 address, or an IPv6 address (``urlsplit`` drops its brackets).
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+#: An endpoint's path prefix: characters the HTTP client sends as they are signed.
+_ENDPOINT_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 
 
 class WorkerSettings(BaseSettings):
