@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import structlog
-from services import service_missing
+from services import OwnRedis, service_missing
 
 from worker.sandbox import TansuBroker, create_topics, free_port
 
@@ -90,8 +90,8 @@ async def topics(broker: TansuBroker, unique: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[int]:
-    """A redis-server of this test's own (the shared one must never be demoted); its port."""
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A redis-server of this test's own (the shared one must never be demoted)."""
     exe = shutil.which("redis-server")
     if exe is None:
         service_missing("redis-server (the binary, to run a Redis of the test's own)")
@@ -104,7 +104,7 @@ def own_redis(tmp_path: Path) -> Iterator[int]:
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("redis-server did not start")
             time.sleep(0.02)
-        yield port
+        yield OwnRedis(port)
     finally:
         server.terminate()
         server.wait(10)

@@ -6,8 +6,10 @@ CI must never go green because something it was meant to test could not run ther
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -17,3 +19,29 @@ def service_missing(what: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI but is not available")
     pytest.skip(f"{what} is not available here")
+
+
+class OwnRedis:
+    """A redis-server of one test's own (the ``own_redis`` fixture), which the test may demote to a
+    replica, as a failover does, and promote again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    async def _admin(self, *command: str) -> Any:
+        async with aioredis.Redis(port=self.port) as admin:
+            return await admin.execute_command(*command)
+
+    async def demote(self) -> None:
+        """A replica now, of a primary that is not there: every write is refused with READONLY."""
+        await self._admin("REPLICAOF", "127.0.0.1", "1")
+
+    async def promote(self) -> None:
+        await self._admin("REPLICAOF", "NO", "ONE")
+
+    async def connections(self) -> set[str]:
+        """The ids of the server's client connections, other than the one asking."""
+        async with aioredis.Redis(port=self.port) as admin:
+            mine = str(await admin.client_id())
+            return {c["id"] for c in await admin.client_list() if c["id"] != mine}

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
+from services import OwnRedis
 from waiting import until
 
 from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, RedisStore, SqliteStore, open_store
@@ -354,32 +354,25 @@ def test_records_stay_readable_by_the_release_before_and_after() -> None:
     assert DedupRecord.decode(later) == done
 
 
-async def test_a_redis_demoted_by_a_failover_is_left_and_not_probed_as_healthy(own_redis: int) -> None:
+async def test_a_redis_demoted_by_a_failover_is_left_and_not_probed_as_healthy(own_redis: OwnRedis) -> None:
     """A failover that demotes the primary behind a stable name without dropping its clients: every
     claim met READONLY on the pooled connections for ever, and the gate's probe (PING, which a
     replica answers) reopened the gate onto it again and again. Now the pool is dropped (new
     connections find the new primary) and the probe is a write."""
-    store = RedisStore(f"redis://127.0.0.1:{own_redis}/0")
-    admin = aioredis.Redis(port=own_redis)
-
-    async def store_connections() -> set[str]:
-        mine = str(await admin.client_id())
-        return {c["id"] for c in await admin.client_list() if c["id"] != mine}
-
+    store = RedisStore(own_redis.url)
     try:
         await store.ping()
         assert (await store.claim("e1", "w", "s", 30)).kind is ClaimKind.NEW
-        before = await store_connections()
+        before = await own_redis.connections()
         assert before
-        await admin.replicaof("127.0.0.1", "1")  # a replica now, of a primary that is not there
+        await own_redis.demote()
         with pytest.raises(DedupUnavailable, match="read-only"):
             await store.claim("e2", "w", "s", 30)
-        assert not before & await store_connections()  # the pooled connections were dropped
+        assert not before & await own_redis.connections()  # the pooled connections were dropped
         with pytest.raises(DedupUnavailable):
             await store.ping()
-        await admin.replicaof("NO", "ONE")  # the new primary
+        await own_redis.promote()  # the new primary
         await store.ping()
         assert (await store.claim("e2", "w", "s", 30)).kind is ClaimKind.NEW
     finally:
         await store.close()
-        await admin.aclose()

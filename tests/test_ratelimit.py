@@ -8,6 +8,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from services import OwnRedis
 from waiting import until
 
 from worker.metrics import Metrics
@@ -213,29 +214,20 @@ async def test_a_holder_and_its_waiter_cancelled_together_are_both_cancelled() -
     limit.release()
 
 
-async def test_the_shared_bucket_leaves_a_redis_demoted_by_a_failover(own_redis: int) -> None:
+async def test_the_shared_bucket_leaves_a_redis_demoted_by_a_failover(own_redis: OwnRedis) -> None:
     """On READONLY the bucket limits locally, as when Redis is away, and drops its pooled
     connections, which would otherwise reach the demoted node for ever (per-replica limits for
     good); new ones find the new primary."""
-    bucket = RedisTokenBucket(
-        f"redis://127.0.0.1:{own_redis}/0", "k", rate_per_s=100, burst=1, metrics=Metrics()
-    )
-    admin = aioredis.Redis(port=own_redis)
-
-    async def bucket_connections() -> set[str]:
-        mine = str(await admin.client_id())
-        return {c["id"] for c in await admin.client_list() if c["id"] != mine}
-
+    bucket = RedisTokenBucket(own_redis.url, "k", rate_per_s=100, burst=1, metrics=Metrics())
     try:
         await bucket.acquire()
-        before = await bucket_connections()
+        before = await own_redis.connections()
         assert before
-        await admin.replicaof("127.0.0.1", "1")  # a replica now, of a primary that is not there
+        await own_redis.demote()
         with structlog.testing.capture_logs() as logs:
             await asyncio.wait_for(bucket.acquire(), 5)
         assert [entry["event"] for entry in logs] == ["rate_limit_local"]
-        assert not before & await bucket_connections()
+        assert not before & await own_redis.connections()
     finally:
-        await admin.replicaof("NO", "ONE")
+        await own_redis.promote()
         await bucket.close()
-        await admin.aclose()
