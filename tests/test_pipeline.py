@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from worker.decode import salvage_identity
 from worker.dedup import MemoryStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
-from worker.logs import REDACTED, register_secrets
+from worker.logs import REDACTED, bind_message_context, configure, get_logger, register_secrets
 from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
 from worker.publisher import DeadLetter
@@ -428,3 +429,29 @@ async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -
     assert outcome["status"] == "rejected"
     assert SK not in json.dumps(outcome)
     assert outcome["error_code"] == REDACTED
+
+
+async def test_each_jobs_log_lines_carry_its_message_and_event(rig: Rig) -> None:
+    """Every line a job logs names its message and event (``logs.bind_message_context``), also in
+    jobs running at the same time, and a line's own value of a key is kept."""
+    out = io.StringIO()
+    configure("DEBUG", "json", out)
+    second = {**STARTED, "event_id": "ev-2", "ticket_id": "CM2", "sub_ticket_id": "s-2"}
+    await asyncio.gather(
+        asyncio.create_task(rig.pipeline.process(job(STARTED, offset=7))),
+        asyncio.create_task(rig.pipeline.process(job(second, offset=8))),
+    )
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    applied = {line["event_id"]: line for line in lines if line["event"] == "event_applied"}
+    assert {k: applied["ev-1"][k] for k in ("topic", "partition", "offset", "ticket_id")} == {
+        "topic": "in",
+        "partition": 0,
+        "offset": 7,
+        "ticket_id": "CM1",
+    }
+    assert (applied["ev-2"]["offset"], applied["ev-2"]["ticket_id"]) == (8, "CM2")
+    log = get_logger("test")
+    bind_message_context({"offset": 1, "ticket_id": "CM9"})
+    log.info("own_value", offset=2)
+    last = json.loads(out.getvalue().splitlines()[-1])
+    assert (last["offset"], last["ticket_id"]) == (2, "CM9")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.tracing import parse
+from worker.tracing import TraceContext, parse
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
@@ -38,3 +38,14 @@ def test_this_and_later_versions_are_continued(value: str) -> None:
 )
 def test_what_the_standard_refuses_starts_a_new_trace(value: str) -> None:
     assert parse(value) is None
+
+
+def test_a_childs_traceparent_keeps_the_trace_and_takes_a_new_span() -> None:
+    parent = TraceContext(TRACE, SPAN, "00")
+    values = {parent.child_traceparent() for _ in range(100)}
+    assert len(values) == 100
+    for value in values:
+        child = parse(value)
+        assert child is not None
+        assert (child.trace_id, child.flags) == (TRACE, "00")
+        assert child.span_id != SPAN

@@ -64,6 +64,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: Made once: ``json.loads`` with hooks builds a decoder (and its scanner) on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text, ...)`` with the hooks above, its BOM refusal included."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
+
+
 def _depth(value: Any, limit: int) -> bool:
     """True when ``value`` nests deeper than ``limit`` containers."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -98,7 +109,7 @@ def parse_json(value: bytes | None, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidEvent("not_utf8", f"value is not UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = _loads(text)
     except _DuplicateKey as exc:
         raise InvalidEvent("bad_json", f"duplicate key {str(exc)[:64]!r}") from None
     except _TooManyKeys as exc:

@@ -12,7 +12,8 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus
 
@@ -62,6 +63,25 @@ def redact_text(text: str) -> str:
     return text
 
 
+#: Where the running task's message came from and what it names, merged into every line the task
+#: logs. One variable set once per message: structlog's ``bind_contextvars`` sets one per key, five
+#: times the work on every message for lines that are mostly never written.
+_message_context: ContextVar[Mapping[str, Any] | None] = ContextVar("coc_message_context", default=None)
+
+
+def bind_message_context(fields: Mapping[str, Any]) -> None:
+    """Fields every later log line of this task (and of tasks it starts) carries."""
+    _message_context.set(fields)
+
+
+def _merge_message_context(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    fields = _message_context.get()
+    if fields:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)  # a line's own value of a key wins
+    return event_dict
+
+
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if not _secrets:
         return event_dict
@@ -92,6 +112,7 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None, *, fin
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _merge_message_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-
-import structlog
 
 from schemas.api import wire_bytes
 from schemas.events import AnyChangeEvent
@@ -26,7 +24,7 @@ from worker.decode import Identity
 from worker.dedup import ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
-from worker.logs import get_logger, redact_text
+from worker.logs import bind_message_context, get_logger, redact_text
 from worker.mapping import already_applied, request_wire
 from worker.metrics import Metrics
 from worker.publisher import DeadLetter, Publisher
@@ -55,11 +53,12 @@ class Job:
     #: What an invalid message's value still tells (``decode.decode_or_salvage``): its outcome is
     #: keyed by that ticket, so it takes that ticket's lane, after the ticket's earlier events.
     salvaged: Identity | None = None
+    #: ``topic/partition/offset``, formatted once (the dedup store is told it on every call).
+    source: str = field(init=False)
 
-    @property
-    def source(self) -> str:
+    def __post_init__(self) -> None:
         m = self.message
-        return f"{m.topic}/{m.partition}/{m.offset}"
+        self.source = f"{m.topic}/{m.partition}/{m.offset}"
 
     @property
     def lane(self) -> str | None:
@@ -95,12 +94,15 @@ class Pipeline:
     # --- the one entry point ----------------------------------------------------------------------
     async def process(self, job: Job) -> None:
         m = job.message
-        structlog.contextvars.bind_contextvars(
-            topic=m.topic,
-            partition=m.partition,
-            offset=m.offset,
-            event_id=job.event.event_id if job.event else None,
-            ticket_id=job.event.ticket_id if job.event else None,
+        event = job.event
+        bind_message_context(
+            {
+                "topic": m.topic,
+                "partition": m.partition,
+                "offset": m.offset,
+                "event_id": event.event_id if event else None,
+                "ticket_id": event.ticket_id if event else None,
+            }
         )
         try:
             if job.event is None:
@@ -199,7 +201,7 @@ class Pipeline:
             event.ticket_id,
             payload,
             event_id=event.event_id,
-            traceparent=job.trace.child().traceparent,
+            traceparent=job.trace.child_traceparent(),
             before_send=renew_lease,
             confirm=lambda ticket: already_applied(event, ticket),
             ambiguous=ambiguous,
@@ -385,7 +387,7 @@ class Pipeline:
             )
         ticket_id = identity["ticket_id"]
         key = ticket_id.encode() if ticket_id else None
-        traceparent = job.trace.child().traceparent
+        traceparent = job.trace.child_traceparent()
         payload: bytes | None = dump_outcome(outcome)
         owed = letter
         while True:

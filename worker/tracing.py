@@ -31,6 +31,10 @@ class TraceContext:
         """The same trace, a new span: one per outgoing hop (API call, outcome record)."""
         return TraceContext(self.trace_id, _span_id(), self.flags)
 
+    def child_traceparent(self) -> str:
+        """``child().traceparent`` without building the child: two hops per message."""
+        return f"00-{self.trace_id}-{_random.getrandbits(64) or 1:016x}-{self.flags}"
+
 
 def _span_id() -> str:
     # Ids must be unique and random, not secret (W3C trace context): the PRNG is enough, and a
