@@ -163,16 +163,22 @@ class AdaptiveConcurrency:
 
     def __init__(self, maximum: int, metrics: Metrics) -> None:
         self._max = float(maximum)
-        self._limit = float(maximum)
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._last_halved = 0.0
         self._metrics = metrics
-        metrics.api_concurrency_limit.set(self._limit)
+        self._limit = self._max
+        self._slots = 1  # the limit as whole slots (_set_limit), asked for on every call
+        self._set_limit(self._max)
 
     @property
     def limit(self) -> int:
-        return max(1, int(self._limit))
+        return self._slots
+
+    def _set_limit(self, limit: float) -> None:
+        self._limit = limit
+        self._slots = max(1, int(limit))
+        self._metrics.api_concurrency_limit.set(limit)
 
     def release(self) -> None:
         self._in_use -= 1
@@ -181,7 +187,7 @@ class AdaptiveConcurrency:
     async def acquire(self) -> None:
         """Take a slot; pair with ``release()`` in a ``finally`` (no context manager: its cost
         was measurable on the hot path)."""
-        if self._in_use < self.limit and not self._waiters:
+        if self._in_use < self._slots and not self._waiters:
             self._in_use += 1
             return
         self._metrics.rate_limited.inc()
@@ -198,7 +204,7 @@ class AdaptiveConcurrency:
             raise
 
     def _wake(self) -> None:
-        while self._waiters and self._in_use < self.limit:
+        while self._waiters and self._in_use < self._slots:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._in_use += 1
@@ -209,14 +215,12 @@ class AdaptiveConcurrency:
         if now - self._last_halved < _HALVE_AT_MOST_EVERY_S:
             return
         self._last_halved = now
-        self._limit = max(1.0, self._limit / 2)
-        self._metrics.api_concurrency_limit.set(self._limit)
+        self._set_limit(max(1.0, self._limit / 2))
         log.warning("api_throttled_slowing_down", concurrency_limit=self.limit)
 
     def succeeded(self) -> None:
         if self._limit < self._max:
-            self._limit = min(self._max, self._limit + 1.0 / self._limit)
-            self._metrics.api_concurrency_limit.set(self._limit)
+            self._set_limit(min(self._max, self._limit + 1.0 / self._limit))
             self._wake()
 
 
