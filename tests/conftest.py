@@ -20,6 +20,7 @@ import redis
 import structlog
 from services import OwnRedis, service_missing
 
+from worker.logs import bind_message_context
 from worker.sandbox import TansuBroker, create_topics, free_port
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -54,6 +55,7 @@ def _isolated_logging() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    bind_message_context({})
     root.handlers[:] = handlers
     root.setLevel(level)
 

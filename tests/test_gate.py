@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,6 +13,7 @@ from waiting import until
 
 from worker.errors import ApiAuthError, ApiTransientError, ApiUnreachable, DedupUnavailable
 from worker.gate import Gate
+from worker.logs import bind_message_context, configure
 from worker.metrics import Metrics
 
 BASE_S, CAP_S = 0.01, 0.04
@@ -215,3 +218,24 @@ async def test_a_cause_that_stayed_away_starts_its_backoff_over(metrics: Metrics
         assert gate._cleared["dedup_unavailable"][0] == 1  # one probe, at the first step again
     finally:
         await gate.close()
+
+
+async def test_the_probers_lines_do_not_carry_the_context_of_the_job_that_tripped_it(gate: Gate) -> None:
+    """The probe runs for the outage, not for the job that met it first: its lines must not name
+    that job's message (``logs.bind_message_context``)."""
+    out = io.StringIO()
+    configure("INFO", "json", out)
+    probe = Probe()
+
+    async def job() -> None:
+        bind_message_context({"topic": "in", "partition": 0, "offset": 7, "event_id": "ev-1"})
+        gate.trip(ApiUnreachable("no connection"), probe)
+
+    await asyncio.create_task(job())
+    await until(lambda: len(probe.at) >= 2)
+    probe.heal()
+    await gate.wait_open()
+    lines = {line["event"]: line for line in map(json.loads, out.getvalue().splitlines())}
+    assert lines["worker_paused"]["event_id"] == "ev-1"  # the job's own line names it
+    assert "event_id" not in lines["probe_failed"]
+    assert "offset" not in lines["worker_resumed"]

@@ -1,8 +1,12 @@
 """The per-message counts kept without prometheus-client's locks expose what its own counters and
-histogram would: same names, labels, samples and bucket edges."""
+histogram would: same families, help, types, samples and bucket edges."""
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+import prometheus_client.metrics
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -10,31 +14,64 @@ from schemas.outcomes import OutcomeStatus
 from worker.metrics import API_LATENCY_BUCKETS, Metrics
 
 LATENCIES = [0.0, 0.001, 0.005, 0.0050001, 0.3, 1.0, 29.9, 30.0, 45.0]
+HOT = {
+    "coc_worker_messages_consumed",
+    "coc_worker_outcomes",
+    "coc_worker_api_requests",
+    "coc_worker_api_request_seconds",
+}
 
 
-def _samples(
-    registry: CollectorRegistry, names: set[str]
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _families(registry: CollectorRegistry) -> dict[str, Any]:
+    """Each hot family's help, type and samples; a ``_created`` sample's value is left out."""
     return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
+        family.name: (
+            family.documentation,
+            family.type,
+            sorted(
+                (s.name, sorted(s.labels.items()), None if s.name.endswith("_created") else s.value)
+                for s in family.samples
+            ),
+        )
         for family in registry.collect()
-        for s in family.samples
-        if family.name in names and not s.name.endswith("_created")
+        if family.name in HOT
     }
 
 
-@pytest.mark.parametrize("latencies", [[], LATENCIES])
-def test_the_hot_metrics_expose_what_prometheus_clients_own_would(latencies: list[float]) -> None:
-    ours = Metrics()
+def _reference() -> tuple[CollectorRegistry, Counter, Counter, Counter, Histogram]:
+    """prometheus-client's own metrics, declared as the worker declared them before."""
     ref = CollectorRegistry()
-    consumed = Counter("coc_worker_messages_consumed", "x", registry=ref)
-    outcomes = Counter("coc_worker_outcomes", "x", ["status"], registry=ref)
-    requests = Counter("coc_worker_api_requests", "x", ["code"], registry=ref)
-    latency = Histogram("coc_worker_api_request_seconds", "x", buckets=API_LATENCY_BUCKETS, registry=ref)
+    consumed = Counter("coc_worker_messages_consumed", "Messages read from the input topic.", registry=ref)
+    outcomes = Counter(
+        "coc_worker_outcomes", "Outcome events published, by status.", ["status"], registry=ref
+    )
+    requests = Counter(
+        "coc_worker_api_requests",
+        "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected').",
+        ["code"],
+        registry=ref,
+    )
+    latency = Histogram(
+        "coc_worker_api_request_seconds",
+        "API call latency, successful or not.",
+        buckets=API_LATENCY_BUCKETS,
+        registry=ref,
+    )
     for status in OutcomeStatus:
         outcomes.labels(status=status.value)
+    return ref, consumed, outcomes, requests, latency
+
+
+@pytest.mark.parametrize("use_created", [True, False])
+@pytest.mark.parametrize("latencies", [[], LATENCIES])
+def test_the_hot_metrics_expose_what_prometheus_clients_own_would(
+    latencies: list[float], use_created: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", use_created)
+    ours = Metrics()
+    ref, consumed, outcomes, requests, latency = _reference()
     for seconds in latencies:
-        ours.consumed.inc()
+        ours.count_consumed()
         consumed.inc()
         ours.count_outcome(OutcomeStatus.APPLIED)
         outcomes.labels(status="applied").inc()
@@ -43,9 +80,35 @@ def test_the_hot_metrics_expose_what_prometheus_clients_own_would(latencies: lis
         requests.labels(code=code).inc()
         ours.api_latency.observe(seconds)
         latency.observe(seconds)
-    names = {"coc_worker_messages_consumed", "coc_worker_outcomes", "coc_worker_api_requests"}
-    names.add("coc_worker_api_request_seconds")
-    assert _samples(ours.registry, names) == _samples(ref, names)
-    rendered = ours.render().decode()
-    for name in ("coc_worker_messages_consumed_created", "coc_worker_api_request_seconds_created"):
-        assert f"# TYPE {name} gauge" in rendered
+    assert _families(ours.registry) == _families(ref)
+    assert ("_created" in ours.render().decode()) is use_created
+
+
+def test_the_hot_metrics_names_are_taken_in_their_registry() -> None:
+    ours = Metrics()
+    with pytest.raises(ValueError, match="Duplicated"):
+        Counter("coc_worker_outcomes", "again", registry=ours.registry)
+
+
+def test_a_scrape_from_another_thread_while_codes_are_added() -> None:
+    ours = Metrics()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                ours.render()
+            except BaseException as exc:  # what the scrape would have raised
+                errors.append(exc)
+                return
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(20_000):
+            ours.count_api_request(str(i))
+    finally:
+        done.set()
+        scraper.join()
+    assert errors == []

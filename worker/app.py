@@ -240,7 +240,7 @@ class Worker:
                 "offset_seen_twice", topic=message.topic, partition=message.partition, offset=message.offset
             )
             return
-        self.metrics.consumed.inc()
+        self.metrics.count_consumed()
         key = message.partition_key
         if self._offsets.pending_of(key) >= self._uncommitted_limit and key not in self._consumer.held:
             self._consumer.hold(key)

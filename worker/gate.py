@@ -15,6 +15,7 @@ and longer (up to the cap) instead of flapping several times a second.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -73,7 +74,12 @@ class Gate:
         attempts, cleared_at = self._cleared.pop(error.kind, (0, float("-inf")))
         if asyncio.get_running_loop().time() - cleared_at > self._flap_window_s:
             attempts = 0
-        task = asyncio.create_task(self._probe(error.kind, probe, attempts), name=f"probe-{error.kind}")
+        # Its own context: the probe's lines are about the outage, not the job that hit it first.
+        task = asyncio.create_task(
+            self._probe(error.kind, probe, attempts),
+            name=f"probe-{error.kind}",
+            context=contextvars.Context(),
+        )
         self._causes[error.kind] = _Cause(error, task)
 
     async def wait_open(self) -> float:

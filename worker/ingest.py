@@ -265,7 +265,7 @@ class Ingress:
             OutRecord(
                 str(item["ticket_id"]).encode(),
                 encode(item),
-                [(TRACEPARENT, trace.child().traceparent.encode())],
+                [(TRACEPARENT, trace.child_traceparent().encode())],
             )
             for item in items
         ]

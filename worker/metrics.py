@@ -17,6 +17,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric, Sample
 from prometheus_client.registry import Collector
@@ -28,15 +29,13 @@ API_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 
 
 class Tally:
-    """A counter's value, without a lock: incremented on the event loop's thread only."""
+    """A counter's value, without a lock: counted on the event loop's thread only."""
 
-    __slots__ = ("value",)
+    __slots__ = ("created", "value")
 
     def __init__(self) -> None:
         self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
+        self.created = time.time()  # as a prometheus-client counter (child) keeps it
 
 
 class LatencyHistogram:
@@ -61,36 +60,51 @@ class _HotMetrics(Collector):
         self._m = metrics
         self._created = time.time()
 
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: the registry refuses another metric of these names."""
+        return self._families(with_samples=False)
+
     def collect(self) -> Iterator[Metric]:
-        m, created = self._m, self._created
-        consumed = CounterMetricFamily("coc_worker_messages_consumed", "Messages read from the input topic.")
-        consumed.add_metric([], m.consumed.value, created=created)
-        yield consumed
-        outcomes = CounterMetricFamily(
-            "coc_worker_outcomes", "Outcome events published, by status.", labels=["status"]
-        )
-        for status, tally in m.outcome_counts.items():
-            outcomes.add_metric([status.value], tally.value, created=created)
-        yield outcomes
-        requests = CounterMetricFamily(
-            "coc_worker_api_requests",
-            "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected').",
-            labels=["code"],
-        )
-        for code, tally in m.api_request_counts.items():
-            requests.add_metric([code], tally.value, created=created)
-        yield requests
-        latency = m.api_latency
-        cumulative, buckets = 0, []
-        for bound, count in zip(latency.bounds, latency.counts, strict=True):
-            cumulative += count
-            buckets.append((_bucket_label(bound), cumulative))
-        histogram = HistogramMetricFamily(
-            "coc_worker_api_request_seconds", "API call latency, successful or not."
-        )
-        histogram.add_metric([], buckets, latency.sum)
-        histogram.samples.append(Sample("coc_worker_api_request_seconds_created", {}, created))
-        yield histogram
+        return self._families(with_samples=True)
+
+    def _families(self, *, with_samples: bool) -> Iterator[Metric]:
+        m = self._m
+        # As prometheus-client's own metrics: no _created samples when they are turned off
+        # (PROMETHEUS_DISABLE_CREATED_SERIES, or disable_created_metrics()).
+        use_created = getattr(prometheus_client.metrics, "_use_created", True)
+
+        def created(tally: Tally) -> float | None:
+            return tally.created if use_created else None
+
+        consumed = CounterMetricFamily(*_CONSUMED)
+        outcomes = CounterMetricFamily(*_OUTCOMES, labels=["status"])
+        requests = CounterMetricFamily(*_API_REQUESTS, labels=["code"])
+        histogram = HistogramMetricFamily(*_API_LATENCY)
+        if with_samples:
+            consumed.add_metric([], m.consumed.value, created=created(m.consumed))
+            for status, tally in m.outcome_counts.items():
+                outcomes.add_metric([status.value], tally.value, created=created(tally))
+            # a copy: a scrape from another thread must not see the dict grow under it
+            for code, tally in list(m.api_request_counts.items()):
+                requests.add_metric([code], tally.value, created=created(tally))
+            latency = m.api_latency
+            cumulative, buckets = 0, []
+            for bound, count in zip(latency.bounds, latency.counts, strict=True):
+                cumulative += count
+                buckets.append((_bucket_label(bound), cumulative))
+            histogram.add_metric([], buckets, latency.sum)
+            if use_created:
+                histogram.samples.append(Sample(f"{_API_LATENCY[0]}_created", {}, self._created))
+        yield from (consumed, outcomes, requests, histogram)
+
+
+_CONSUMED = ("coc_worker_messages_consumed", "Messages read from the input topic.")
+_OUTCOMES = ("coc_worker_outcomes", "Outcome events published, by status.")
+_API_REQUESTS = (
+    "coc_worker_api_requests",
+    "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected').",
+)
+_API_LATENCY = ("coc_worker_api_request_seconds", "API call latency, successful or not.")
 
 
 def _bucket_label(bound: float) -> str:
@@ -144,6 +158,9 @@ class Metrics:
             "Adaptive limit on concurrent API calls (halved on 429).",
             registry=r,
         )
+
+    def count_consumed(self) -> None:
+        self.consumed.value += 1
 
     def count_outcome(self, status: OutcomeStatus) -> None:
         self.outcome_counts[status].value += 1

@@ -9,6 +9,7 @@ sent. A dead-letter record is the input message as it was (key, value bytes, hea
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,7 +184,10 @@ class Publisher:
             partition = self._partition(key)
             self._queued.setdefault(partition, []).append((key, outcome, headers, delivered))
             if partition not in self._writers:
-                task = asyncio.get_running_loop().create_task(self._write(partition))
+                # Its own context: it writes for every job, not for the one that started it.
+                task = asyncio.get_running_loop().create_task(
+                    self._write(partition), context=contextvars.Context()
+                )
                 self._writers[partition] = task
             await delivered
         except Exception as exc:

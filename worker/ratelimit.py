@@ -167,8 +167,6 @@ class AdaptiveConcurrency:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._last_halved = 0.0
         self._metrics = metrics
-        self._limit = self._max
-        self._slots = 1  # the limit as whole slots (_set_limit), asked for on every call
         self._set_limit(self._max)
 
     @property
@@ -177,7 +175,7 @@ class AdaptiveConcurrency:
 
     def _set_limit(self, limit: float) -> None:
         self._limit = limit
-        self._slots = max(1, int(limit))
+        self._slots = max(1, int(limit))  # as whole slots, asked for on every call
         self._metrics.api_concurrency_limit.set(limit)
 
     def release(self) -> None:

@@ -25,7 +25,7 @@ class TraceContext:
 
     @property
     def traceparent(self) -> str:
-        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+        return _traceparent(self.trace_id, self.span_id, self.flags)
 
     def child(self) -> TraceContext:
         """The same trace, a new span: one per outgoing hop (API call, outcome record)."""
@@ -33,7 +33,11 @@ class TraceContext:
 
     def child_traceparent(self) -> str:
         """``child().traceparent`` without building the child: two hops per message."""
-        return f"00-{self.trace_id}-{_random.getrandbits(64) or 1:016x}-{self.flags}"
+        return _traceparent(self.trace_id, _span_id(), self.flags)
+
+
+def _traceparent(trace_id: str, span_id: str, flags: str) -> str:
+    return f"00-{trace_id}-{span_id}-{flags}"
 
 
 def _span_id() -> str:
