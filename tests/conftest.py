@@ -10,7 +10,6 @@ import logging
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ import structlog
 from services import OwnRedis, service_missing
 
 from worker.logs import bind_message_context
-from worker.sandbox import TansuBroker, create_topics, free_port
+from worker.sandbox import TansuBroker, create_topics, free_port, wait_for_port
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
@@ -54,7 +53,6 @@ def _isolated_logging() -> Iterator[None]:
     handlers, level = root.handlers[:], root.level
     yield
     structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
     bind_message_context({})
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -101,11 +99,10 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     server = subprocess.Popen([*args, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not _port_open("127.0.0.1", port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("redis-server did not start")
-            time.sleep(0.02)
+        try:
+            wait_for_port("127.0.0.1", port, timeout_s=10)
+        except TimeoutError:
+            pytest.fail("redis-server did not start")
         yield OwnRedis(port)
     finally:
         server.terminate()

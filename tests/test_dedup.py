@@ -226,7 +226,9 @@ async def test_unusable_sqlite_path_is_dedup_unavailable(tmp_path: Path) -> None
         await store.close()
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "postgres://x", "memory"])
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "postgres://x", "memory", "memory://?max_entries=0", "memory://?size=9"]
+)
 def test_bad_urls(url: str) -> None:
     with pytest.raises(ConfigError):
         open_store(url)

@@ -52,6 +52,7 @@ from pydantic_core import to_json
 from worker.errors import ConfigError, DedupUnavailable
 from worker.logs import get_logger
 from worker.redis_config import leave_demoted_node, redis_client
+from worker.settings import MEMORY_MAX_ENTRIES, memory_max_entries
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -157,7 +158,7 @@ class DedupStore(Protocol):
 class MemoryStore:
     """Bounded LRU in this process: protects against redelivery, not against restarts."""
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = MEMORY_MAX_ENTRIES) -> None:
         self._max = max_entries
         self._items: OrderedDict[str, tuple[DedupRecord, float]] = OrderedDict()  # record, expires_at
 
@@ -566,7 +567,10 @@ def open_store(url: str) -> DedupStore:
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if parts.scheme == "memory":
-        return MemoryStore(max_entries=int(query.get("max_entries", "100000")))
+        try:
+            return MemoryStore(max_entries=memory_max_entries(url))
+        except ValueError as exc:
+            raise ConfigError(f"COC_WORKER_DEDUP_URL: {exc}") from None
     if parts.scheme == "sqlite":
         path = unquote(url[len("sqlite:///") :].split("?", 1)[0])
         if not url.startswith("sqlite:///") or not path:

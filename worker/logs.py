@@ -111,7 +111,6 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None, *, fin
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             _merge_message_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -41,12 +41,13 @@ class Tally:
 class LatencyHistogram:
     """A histogram's buckets and sum, without a lock (see ``Tally``)."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "created", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = (*bounds, float("inf"))
         self.counts = [0] * len(self.bounds)
         self.sum = 0.0
+        self.created = time.time()
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1  # the first bucket with seconds <= le
@@ -58,7 +59,6 @@ class _HotMetrics(Collector):
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
-        self._created = time.time()
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: the registry refuses another metric of these names."""
@@ -73,7 +73,7 @@ class _HotMetrics(Collector):
         # (PROMETHEUS_DISABLE_CREATED_SERIES, or disable_created_metrics()).
         use_created = getattr(prometheus_client.metrics, "_use_created", True)
 
-        def created(tally: Tally) -> float | None:
+        def created(tally: Tally | LatencyHistogram) -> float | None:
             return tally.created if use_created else None
 
         consumed = CounterMetricFamily(*_CONSUMED)
@@ -94,7 +94,7 @@ class _HotMetrics(Collector):
                 buckets.append((_bucket_label(bound), cumulative))
             histogram.add_metric([], buckets, latency.sum)
             if use_created:
-                histogram.samples.append(Sample(f"{_API_LATENCY[0]}_created", {}, self._created))
+                histogram.samples.append(Sample(f"{_API_LATENCY[0]}_created", {}, latency.created))
         yield from (consumed, outcomes, requests, histogram)
 
 

@@ -105,11 +105,11 @@ class Pipeline:
             }
         )
         try:
-            if job.event is None:
+            if event is None:
                 assert job.invalid is not None
                 await self._finish_invalid(job, job.invalid)
             else:
-                await self._process_event(job, job.event)
+                await self._process_event(job, event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # top of the job: a bug must still end as an outcome, never a crash

@@ -70,6 +70,25 @@ _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 _ENDPOINT_PATH = re.compile(r"[A-Za-z0-9._~/-]*")
 
 
+#: Records the ``memory://`` dedup store keeps unless ``?max_entries=N`` says otherwise.
+MEMORY_MAX_ENTRIES = 100_000
+
+
+def memory_max_entries(url: str) -> int:
+    """The size of a ``memory://?max_entries=N`` dedup store; ``ValueError`` for anything else.
+
+    0 kept nothing (every claim of a live event was NEW: no deduplication at all), a negative size
+    failed every event, a word failed at start with a traceback.
+    """
+    options = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    if set(options) - {"max_entries"}:
+        raise ValueError("memory:// takes one option, ?max_entries=N")
+    entries = options.get("max_entries", [str(MEMORY_MAX_ENTRIES)])[-1]
+    if not entries.isascii() or not entries.isdigit() or int(entries) < 1:
+        raise ValueError("memory://?max_entries= must be a whole number of at least 1")
+    return int(entries)
+
+
 class WorkerSettings(BaseSettings):
     """Settings of ``coc-worker`` (environment ``COC_WORKER_<FIELD>``, e.g. ``COC_WORKER_MAX_IN_FLIGHT``)."""
 
@@ -240,14 +259,7 @@ class WorkerSettings(BaseSettings):
         if parts.scheme not in ("memory", "sqlite", "redis", "rediss"):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
         if parts.scheme == "memory":
-            # 0 kept nothing (every claim of a live event was NEW: no deduplication at all), a
-            # negative size failed every event, a word failed at start with a traceback.
-            options = parse_qs(parts.query, keep_blank_values=True)
-            if set(options) - {"max_entries"}:
-                raise ValueError("memory:// takes one option, ?max_entries=N")
-            entries = options.get("max_entries", ["1"])[-1]
-            if not entries.isascii() or not entries.isdigit() or int(entries) < 1:
-                raise ValueError("memory://?max_entries= must be a whole number of at least 1")
+            memory_max_entries(value)
         if parts.scheme.startswith("redis"):
             # A password with an unencoded / # ? or @ splits the URL in the wrong place: the rest of
             # it would be read as the host or the port, and printed in an error. Nothing is echoed.

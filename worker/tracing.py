@@ -27,12 +27,9 @@ class TraceContext:
     def traceparent(self) -> str:
         return _traceparent(self.trace_id, self.span_id, self.flags)
 
-    def child(self) -> TraceContext:
-        """The same trace, a new span: one per outgoing hop (API call, outcome record)."""
-        return TraceContext(self.trace_id, _span_id(), self.flags)
-
     def child_traceparent(self) -> str:
-        """``child().traceparent`` without building the child: two hops per message."""
+        """The ``traceparent`` of a child span: the same trace, a new span id, one per outgoing hop
+        (API call, outcome record). Only its header is needed, so no child is built."""
         return _traceparent(self.trace_id, _span_id(), self.flags)
 
 
