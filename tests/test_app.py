@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,9 @@ class GroupMember:
 
     def resume(self, *partitions: TopicPartition) -> None:
         self.paused_now -= set(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_now)
 
 
 def make_worker(tmp_path: Path) -> Worker:
@@ -268,3 +272,56 @@ def _record(tp: TopicPartition, offset: int) -> SimpleNamespace:
     return SimpleNamespace(
         topic=tp.topic, partition=tp.partition, offset=offset, key=None, value=b"{}", headers=(), timestamp=0
     )
+
+
+class Prefetched(GroupMember):
+    """aiokafka's side of ``getmany``: records prefetched per partition, handed out in its order
+    (one partition after another), and dropped for a paused partition that is asked for."""
+
+    def __init__(self, records: dict[TopicPartition, int]) -> None:
+        super().__init__(set(records))
+        self.buffered = {tp: list(range(count)) for tp, count in records.items()}
+        self.asked: list[tuple[TopicPartition, ...]] = []
+
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int, max_records: int) -> object:
+        self.asked.append(partitions)
+        taken: dict[TopicPartition, list[SimpleNamespace]] = {}
+        for tp in list(self.buffered):
+            if partitions and tp not in partitions:
+                continue
+            if tp in self.paused_now:
+                del self.buffered[tp]  # what aiokafka does
+                continue
+            offsets, self.buffered[tp] = self.buffered[tp][:max_records], self.buffered[tp][max_records:]
+            if offsets:
+                taken[tp] = [_record(tp, offset) for offset in offsets]
+                max_records -= len(offsets)
+            if not max_records:
+                break
+        return taken
+
+
+async def test_a_fetch_takes_a_share_of_every_partition_that_has_messages() -> None:
+    """aiokafka hands out one partition's prefetched records before the next's: a fetch filled the
+    buffer from one partition, whose messages name few tickets, and each ticket's events run one at
+    a time, so at 20 ms API latency ~110 of the 256 slots were busy."""
+    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
+    parts = [TopicPartition(settings.input_topic, p) for p in range(4)]
+    member = Prefetched({parts[0]: 100, parts[1]: 100, parts[2]: 1, parts[3]: 100})
+    real, consumer._consumer = consumer._consumer, member  # type: ignore[assignment]
+    try:
+        taken = Counter(m.partition for m in await consumer.fetch(12, 0.1))
+        assert sum(taken.values()) <= 12
+        assert taken[2] == 1
+        assert min(taken[0], taken[1], taken[3]) >= 3  # not 12 from one partition
+
+        member.pause(parts[3])  # held: never asked for, so its prefetched records stay
+        member.buffered[parts[3]] = list(range(100))
+        member.asked.clear()
+        for _ in range(30):
+            await consumer.fetch(12, 0.1)
+        assert all(parts[3] not in asked for asked in member.asked if asked)
+        assert len(member.buffered[parts[3]]) == 100
+    finally:
+        await real.stop()
