@@ -43,10 +43,6 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 _FETCH_TIMEOUT_S = 0.5
-#: While paused, how often the consumer is polled all the same: often enough for the group to see
-#: the member alive (``kafka_max_poll_interval_ms`` is at least 10 s), rarely enough that aiokafka's
-#: dropping of paused partitions' prefetched records on each poll stays rare (``_consume``).
-_PAUSED_POLL_EVERY_S = 5.0
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
 _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
 
@@ -104,7 +100,6 @@ class Worker:
         )
         self._assigned: set[PartitionKey] | None = None
         self._broker_ok = False
-        self._polled_at = 0.0  # monotonic time of the last poll's start
         self._tasks: list[asyncio.Task[None]] = []
         self.started = asyncio.Event()
 
@@ -190,13 +185,9 @@ class Worker:
             elif self._consumer.paused and in_flight <= resume_at and self._gate.is_open:
                 self._consumer.resume()
             if self._consumer.paused:
-                # Waiting for room or the gate. A poll keeps the group membership, but each one
-                # makes aiokafka drop what it has prefetched for the paused partitions, to fetch it
-                # again on resume: polled at every wake-up, the worker read ~10 times the input's
-                # bytes at full load, and the broker spent 2.5 times the CPU per event
-                # (bench/README.md). So a pause polls only as often as the group needs.
-                if time.monotonic() - self._polled_at >= _PAUSED_POLL_EVERY_S:
-                    await self._poll(0, 0.0)
+                # Waiting for room or the gate, polling all the same: it keeps the group membership.
+                # The poll takes nothing and touches nothing prefetched (``Consumer.fetch``).
+                await self._poll(0, 0.0)
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._unless_stopped(self._room.wait()), _FETCH_TIMEOUT_S)
@@ -208,8 +199,7 @@ class Worker:
         """A fetch that a stop interrupts: while a rebalance is under way aiokafka's fetch waits for
         the new assignment whatever its timeout (for ever, if the broker left), and a stop must
         still begin at once."""
-        self._polled_at = time.monotonic()
-        fetch = await self._unless_stopped(self._consumer.fetch(max(1, max_records), timeout_s))
+        fetch = await self._unless_stopped(self._consumer.fetch(max_records, timeout_s))
         if fetch is None:
             return []
         try:

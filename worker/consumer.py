@@ -29,6 +29,11 @@ log = get_logger(__name__)
 _COMMIT_TIMEOUT_S = 10.0
 
 Headers = list[tuple[str, bytes]]
+_Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+#: Named to ``getmany`` by a poll that must take nothing: no member is ever assigned it, so aiokafka
+#: touches none of the records it has prefetched.
+_NO_PARTITION = TopicPartition("", -1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +93,8 @@ class Consumer:
         )
         self._paused = False
         self._held: set[PartitionKey] = set()  # paused on their own, whatever ``_paused`` says
-        self._turn = 0  # the partition a fetch asks first (``fetch``)
+        self._turn = 0  # the partition a fetch asks first (``_shares``)
+        self._deferred: KafkaError | None = None  # raised by the next fetch (``_shares``)
 
     async def start(self) -> None:
         try:
@@ -101,41 +107,73 @@ class Consumer:
         await self._consumer.stop()
 
     async def fetch(self, max_records: int, timeout_s: float) -> list[Message]:
-        """Up to ``max_records`` messages, shared out over the partitions that have some.
+        """Up to ``max_records`` messages, shared out over the partitions that have some; with
+        ``max_records=0`` a poll that takes none (the group sees a member alive by its polls, and
+        aiokafka reports its coordinator's errors through them).
 
-        aiokafka hands out what it has prefetched one partition at a time: a fetch filled the
-        worker's buffer from a single partition, whose messages name few tickets (a partition's
-        tickets take turns), and with each ticket's events one at a time most of the
-        ``max_in_flight`` slots stayed idle (at 20 ms API latency ~110 of 256 were busy). Each
-        partition now gives at most its share, and only when none has anything buffered does the
-        fetch wait, for whichever answers first.
+        A paused partition is never named to ``getmany``, and neither is "every partition": aiokafka
+        drops the records it has prefetched for a paused partition a poll touches. Polled that way
+        at each wake-up of a pause (the buffer full, about ten times a second at full load), the
+        worker read ~10 times the input's bytes.
         """
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise BrokerUnavailable(f"fetch failed: {type(error).__name__}") from error
+        wait_ms = int(timeout_s * 1000)
+        assigned = self._consumer.assignment()
+        paused = self._consumer.paused()
+        partitions = sorted(tp for tp in assigned if tp not in paused)
         try:
-            batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
-            partitions = self._fetchable()
+            if max_records <= 0 or (assigned and not partitions):
+                await self._consumer.getmany(_NO_PARTITION, timeout_ms=wait_ms)
+                return []
             if len(partitions) > 1:
-                share = -(-max_records // len(partitions))
-                self._turn = (self._turn + 1) % len(partitions)  # who goes first, when shares run out
-                for tp in partitions[self._turn :] + partitions[: self._turn]:
-                    left = max_records - sum(map(len, batches.values()))
-                    if left <= 0:
-                        break
-                    batches.update(
-                        await self._consumer.getmany(tp, timeout_ms=0, max_records=min(share, left))
-                    )
-            if not batches:
-                batches = await self._consumer.getmany(
-                    *partitions, timeout_ms=int(timeout_s * 1000), max_records=max_records
-                )
+                shared = await self._shares(partitions, max_records)
+                if shared:
+                    return messages_from(shared)
+            # Nothing buffered (or a single partition, or no assignment yet): wait for whichever
+            # partition answers first.
+            batches = await self._consumer.getmany(*partitions, timeout_ms=wait_ms, max_records=max_records)
         except KafkaError as exc:
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
         return messages_from(batches)
 
-    def _fetchable(self) -> list[TopicPartition]:
-        """Assigned and not paused, in a fixed order. A paused partition is never named to
-        ``getmany``: aiokafka drops what it has prefetched for a paused partition it is asked for."""
-        paused = self._consumer.paused()
-        return sorted(tp for tp in self._consumer.assignment() if tp not in paused)
+    async def _shares(self, partitions: list[TopicPartition], max_records: int) -> _Batches:
+        """What the partitions have buffered, each up to its share of ``max_records``, without
+        waiting; what a partition cannot fill goes to those that filled theirs.
+
+        aiokafka hands out one partition's buffered records after another's: the worker's buffer
+        filled from a single partition, whose messages name few tickets (its tickets take turns),
+        and with each ticket's events one at a time most ``max_in_flight`` slots stayed idle (at
+        20 ms API latency ~110 of 256 were busy). A partition moves past what it hands out, so an
+        error met after others gave theirs is kept for the next fetch, not raised over their
+        messages (aiokafka's own ``getmany`` does the same).
+        """
+        taken: _Batches = {}
+        left = max_records
+        self._turn = (self._turn + 1) % len(partitions)  # who goes first when the shares run out
+        asking = partitions[self._turn :] + partitions[: self._turn]
+        while asking and left > 0:
+            share = -(-left // len(asking))
+            filled = []
+            for tp in asking:
+                want = min(share, left)
+                try:
+                    got = (await self._consumer.getmany(tp, timeout_ms=0, max_records=want)).get(tp, [])
+                except KafkaError as exc:
+                    if not taken:
+                        raise
+                    self._deferred = exc
+                    return taken
+                if got:
+                    taken.setdefault(tp, []).extend(got)
+                    left -= len(got)
+                if len(got) == want:
+                    filled.append(tp)
+                if left <= 0:
+                    break
+            asking = filled
+        return taken
 
     def assignment(self) -> set[PartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
