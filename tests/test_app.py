@@ -356,3 +356,40 @@ async def test_a_fetch_error_met_after_other_partitions_gave_their_share_loses_n
         assert len(received) == 60
     finally:
         await real.stop()
+
+
+async def test_a_stopping_worker_keeps_polling_while_it_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka leaves the group of a member that has not polled for ``kafka_max_poll_interval_ms``
+    (10 s at least), and the shutdown's drain (25 s by default) polled nothing: a long drain lost
+    the group, and the broker refused the final commit. The drain polls as a paused worker does,
+    touching none of the prefetched records."""
+    monkeypatch.setattr(app_module, "_FETCH_TIMEOUT_S", 0.01)
+    worker = make_worker(tmp_path)
+    tp = TopicPartition(worker.settings.input_topic, 0)
+    member = Prefetched({tp: 10})
+    release = asyncio.Event()
+
+    class Holds:
+        async def process(self, job: object) -> None:
+            await release.wait()
+
+    real, worker._consumer._consumer = worker._consumer._consumer, member
+    worker._pipeline = Holds()  # type: ignore[assignment]
+    try:
+        await worker.on_assigned({(tp.topic, tp.partition)})
+        worker._dispatch(Message(tp.topic, 0, 0, None, b"{}", [], 0))
+        worker._consumer.pause()
+        assert not await worker._drain(0.2)  # the job holds on: the grace runs out
+        assert len(member.asked) >= 5
+        assert all(asked and tp not in asked for asked in member.asked)
+        assert not member.dropped
+
+        release.set()
+        assert await worker._drain(2)
+    finally:
+        release.set()
+        await real.stop()
+        await worker._publisher.stop()
+        await worker._store.close()

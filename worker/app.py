@@ -309,7 +309,7 @@ class Worker:
         log.info("worker_stopping", in_flight=len(self._lanes))
         with contextlib.suppress(Exception):
             self._consumer.pause()
-        if not await self._lanes.wait_idle(s.shutdown_grace_s):
+        if not await self._drain(s.shutdown_grace_s):
             log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
             await self._lanes.close(timeout_s=5.0)
         for task in self._tasks:
@@ -329,6 +329,20 @@ class Worker:
         if self._ingress is not None:
             await self._ingress.stop()
         log.info("worker_stopped")
+
+    async def _drain(self, grace_s: float) -> bool:
+        """Wait up to ``grace_s`` for the jobs in hand, polling meanwhile as a paused worker does:
+        aiokafka leaves the group of a member that has not polled for ``kafka_max_poll_interval_ms``
+        (10 s at least; the grace is 25 s by default), and the final commit would then be refused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
+            if loop.time() >= deadline:
+                return False
+            # Bounded: during a rebalance aiokafka's poll waits for the new assignment.
+            with contextlib.suppress(BrokerUnavailable, TimeoutError):
+                await asyncio.wait_for(self._consumer.fetch(0, 0.0), _FETCH_TIMEOUT_S)
+        return True
 
     # --- rebalance (called by the consumer inside the group protocol) -------------------------------
     async def on_revoked(self, partitions: set[PartitionKey]) -> None:
