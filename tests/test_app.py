@@ -1,4 +1,4 @@
-"""``Worker``'s rebalance handlers, without a broker: what a revocation leaves behind."""
+"""``Worker`` and ``Consumer`` without a broker: rebalances, pausing, fetching, draining (aiokafka faked)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import worker.consumer as consumer_module
 from worker.app import Worker
 from worker.consumer import Consumer, Message
 from worker.errors import BrokerUnavailable
+from worker.pipeline import Job
 from worker.settings import WorkerSettings
 
 
@@ -48,6 +49,24 @@ def make_worker(tmp_path: Path) -> Worker:
         dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
     )
     return Worker(settings)
+
+
+class Holds:
+    """A pipeline whose jobs wait until ``release`` is set, so that they stay in hand."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started: list[Job] = []
+
+    async def process(self, job: Job) -> None:
+        self.started.append(job)
+        await self.release.wait()
+
+
+def holding_jobs(worker: Worker) -> Holds:
+    pipeline = Holds()
+    worker._pipeline = pipeline  # type: ignore[assignment]
+    return pipeline
 
 
 async def test_a_revoked_partition_stops_being_reported_in_the_lag_metric(tmp_path: Path) -> None:
@@ -179,25 +198,18 @@ async def test_an_invalid_message_naming_a_busy_ticket_waits_for_that_tickets_ea
     and its outcome could come out before that ticket's earlier events' outcomes."""
     worker = make_worker(tmp_path)
     key = (worker.settings.input_topic, 0)
-    release, started = asyncio.Event(), []
-
-    class Holds:
-        async def process(self, job: object) -> None:
-            started.append(job)
-            await release.wait()
-
-    worker._pipeline = Holds()  # type: ignore[assignment]
+    pipeline = holding_jobs(worker)
     valid = b'{"event_id": "ev-1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s-1"}'
     no_sub_ticket = b'{"event_id": "ev-2", "type": "change.started", "ticket_id": "CM1"}'
     try:
         await worker.on_assigned({key})
         worker._dispatch(Message(key[0], 0, 0, b"CM1", valid, [], 0))
         worker._dispatch(Message(key[0], 0, 1, b"CM1", no_sub_ticket, [], 0))
-        await until(lambda: len(started) == 1)
+        await until(lambda: len(pipeline.started) == 1)
         assert (len(worker._lanes), worker._lanes.running) == (2, 1)  # the invalid one waits its turn
-        release.set()
+        pipeline.release.set()
         assert await worker._lanes.wait_idle(5)
-        assert [job.message.offset for job in started] == [0, 1]  # type: ignore[attr-defined]
+        assert [job.message.offset for job in pipeline.started] == [0, 1]
     finally:
         await worker._consumer.stop()
         await worker._publisher.stop()
@@ -275,14 +287,8 @@ async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_
     worker = Worker(settings)
     tp = TopicPartition(settings.input_topic, 0)
     member = Prefetched({tp: 100})
-    release = asyncio.Event()
-
-    class Holds:
-        async def process(self, job: object) -> None:
-            await release.wait()
-
     real, worker._consumer._consumer = worker._consumer._consumer, member
-    worker._pipeline = Holds()  # type: ignore[assignment]
+    release = holding_jobs(worker).release
     try:
         await worker.on_assigned({(tp.topic, tp.partition)})
         consuming = asyncio.create_task(worker._consume())
@@ -369,14 +375,8 @@ async def test_a_stopping_worker_keeps_polling_while_it_drains(
     worker = make_worker(tmp_path)
     tp = TopicPartition(worker.settings.input_topic, 0)
     member = Prefetched({tp: 10})
-    release = asyncio.Event()
-
-    class Holds:
-        async def process(self, job: object) -> None:
-            await release.wait()
-
     real, worker._consumer._consumer = worker._consumer._consumer, member
-    worker._pipeline = Holds()  # type: ignore[assignment]
+    release = holding_jobs(worker).release
     try:
         await worker.on_assigned({(tp.topic, tp.partition)})
         worker._dispatch(Message(tp.topic, 0, 0, None, b"{}", [], 0))

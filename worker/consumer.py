@@ -116,14 +116,14 @@ class Consumer:
         at each wake-up of a pause (the buffer full, about ten times a second at full load), the
         worker read ~10 times the input's bytes.
         """
-        if self._deferred is not None:
-            error, self._deferred = self._deferred, None
-            raise BrokerUnavailable(f"fetch failed: {type(error).__name__}") from error
         wait_ms = int(timeout_s * 1000)
         assigned = self._consumer.assignment()
         paused = self._consumer.paused()
         partitions = sorted(tp for tp in assigned if tp not in paused)
         try:
+            if self._deferred is not None:
+                error, self._deferred = self._deferred, None
+                raise error
             if max_records <= 0 or (assigned and not partitions):
                 await self._consumer.getmany(_NO_PARTITION, timeout_ms=wait_ms)
                 return []
