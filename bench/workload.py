@@ -14,10 +14,14 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 Record = tuple[bytes, bytes]
+#: Record batches of the backlog: as large as the broker takes by default (1 MB), with room.
+_BACKLOG_BATCH_BYTES = 512 * 1024
 
 _SOURCES = ("argo-cd", "spinnaker", "jenkins", "alertmanager")
 _FAIL_TYPES = ("fr_dependent_service_issue", "fr_change_plan_issue", "fr_operation_issue")
@@ -91,17 +95,41 @@ Timestamps = dict[tuple[int, int], int]
 
 
 async def produce_backlog(bootstrap: str, topic: str, records: list[Record]) -> Timestamps:
-    """Write every record (acks=all) before the subject starts."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024
-    )
+    """Write every record (acks=all) before the subject starts: each on the partition
+    ``producer.send`` would choose for its key, in order, in record batches built here.
+
+    ``send`` per record cost ~1.6 s of every run's set-up for the 50,000-event backlog (a full
+    benchmark makes ~30 such runs); whole batches cost a fraction of that. Each record is dated
+    when it is appended, and its offset is its batch's base offset plus its place in the batch.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=_BACKLOG_BATCH_BYTES)
     await producer.start()
     try:
-        futures = [await producer.send(topic, key=key, value=value) for key, value in records]
-        written = await asyncio.gather(*futures)
+        partitions = sorted(await producer.partitions_for(topic))
+        partitioner = DefaultPartitioner()
+        by_partition: dict[int, list[Record]] = {}
+        for key, value in records:
+            by_partition.setdefault(partitioner(key, partitions, partitions), []).append((key, value))
+        sent: list[tuple[int, list[int], asyncio.Future[Any]]] = []
+        for partition, items in by_partition.items():
+            batch, stamps = producer.create_batch(), []
+            for key, value in items:
+                stamp = int(time.time() * 1000)
+                if batch.append(key=key, value=value, timestamp=stamp, headers=[]) is None:
+                    sent.append(
+                        (partition, stamps, await producer.send_batch(batch, topic, partition=partition))
+                    )
+                    batch, stamps = producer.create_batch(), []
+                    batch.append(key=key, value=value, timestamp=stamp, headers=[])
+                stamps.append(stamp)
+            sent.append((partition, stamps, await producer.send_batch(batch, topic, partition=partition)))
+        timestamps: Timestamps = {}
+        for partition, stamps, delivered in sent:
+            base = (await delivered).offset
+            timestamps.update(((partition, base + i), stamp) for i, stamp in enumerate(stamps))
     finally:
         await producer.stop()
-    return {(md.partition, md.offset): md.timestamp for md in written}
+    return timestamps
 
 
 def paced_schedule(count: int, rate_per_s: float) -> Iterator[tuple[int, float]]:
