@@ -20,8 +20,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 Record = tuple[bytes, bytes]
-#: Record batches of the backlog: as large as the broker takes by default (1 MB), with room.
-_BACKLOG_BATCH_BYTES = 512 * 1024
+#: Record batches of the backlog: the size its ``producer.send`` batches had (``max_batch_size``),
+#: so that the subjects fetch the same layout as before.
+_BACKLOG_BATCH_BYTES = 256 * 1024
 
 _SOURCES = ("argo-cd", "spinnaker", "jenkins", "alertmanager")
 _FAIL_TYPES = ("fr_dependent_service_issue", "fr_change_plan_issue", "fr_operation_issue")
