@@ -456,3 +456,90 @@ def test_peak_rss_includes_what_the_subject_uses_while_it_drains(tmp_path: Path)
     usage = subject.stop(timeout_s=20)
     assert usage.exit_code == 0
     assert usage.peak_rss_bytes > 150 * 1024 * 1024
+
+
+# --- the time budget ----------------------------------------------------------------------------------
+class _ClockedHarness:
+    """Each run takes its window plus ``overhead_s`` on a fake clock and succeeds."""
+
+    def __init__(self, overhead_s: float) -> None:
+        self.now = 0.0
+        self.overhead_s = overhead_s
+        self.specs: list[RunSpec] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def run(self, spec: RunSpec) -> RunResult:
+        self.specs.append(spec)
+        wall = spec.cap_s + self.overhead_s
+        self.now += wall
+        return RunResult(spec, ok=True, count=1000, throughput=1000.0, wall_s=wall)
+
+
+def _full_plan() -> Any:
+    from bench.run import build_plan, parse_args
+
+    return build_plan(parse_args([]))
+
+
+def _measure(harness: _ClockedHarness, deadline: float) -> tuple[list[RunResult], dict[str, Any]]:
+    import asyncio
+
+    from bench.run import measure
+
+    return asyncio.run(measure(_full_plan(), harness, lambda _: None, deadline, harness.clock))  # type: ignore[arg-type]
+
+
+def test_with_time_to_spare_nothing_gives_way() -> None:
+    harness = _ClockedHarness(overhead_s=2.0)
+    results, extra = _measure(harness, deadline=10_000.0)
+    plan = _full_plan()
+    rss = [r.spec for r in results if r.spec.scenario == "rss"]
+    assert [s.cap_s for s in rss] == [plan.rss_cap_s]
+    assert sorted({s.concurrency for s in harness.specs if s.scenario == "sweep"}) == [16, 64, 1024]
+    assert "rss_cap_trimmed_s" not in extra
+    assert "sweep_skipped" not in extra
+
+
+def test_a_slow_hour_trims_the_rss_window_and_skips_sweep_points_but_never_a_target_scenario() -> None:
+    """A slow hour (runs taking 7 s beyond their windows, as on 2026-11-29 19:22): everything the
+    targets need still runs whole, the peak-RSS window shrinks, no further than its floor, and
+    the sweep points that no longer fit are skipped and named; nothing runs past the deadline
+    but what the targets need."""
+    from bench.run import REPORT_RESERVE_S, RSS_MIN_CAP_S
+
+    generous = _ClockedHarness(overhead_s=7.0)
+    _measure(generous, deadline=10_000.0)
+    targets_end = sum(s.cap_s + 7.0 for s in generous.specs if s.scenario in ("api0", "api20", "paced"))
+    harness = _ClockedHarness(overhead_s=7.0)
+    _results, extra = _measure(harness, deadline=targets_end + 40.0)
+    plan = _full_plan()
+    by_scenario = defaultdict(list)
+    for spec in harness.specs:
+        by_scenario[spec.scenario].append(spec)
+    for scenario in ("api0", "api20", "paced"):
+        assert len(by_scenario[scenario]) == len([s for s in generous.specs if s.scenario == scenario])
+    assert [s.cap_s for s in by_scenario["rss"]] == [RSS_MIN_CAP_S]
+    assert extra["rss_cap_trimmed_s"] == RSS_MIN_CAP_S < plan.rss_cap_s
+    assert extra["sweep_skipped"] == [16, 64, 1024]
+    assert not by_scenario["sweep"]
+    assert harness.now <= targets_end + RSS_MIN_CAP_S + 7.0
+
+    # with a little more time the window gives way first, and the points that fit still run
+    roomier = _ClockedHarness(overhead_s=7.0)
+    _, extra = _measure(roomier, deadline=targets_end + 120.0)
+    ran = [s.concurrency for s in roomier.specs if s.scenario == "sweep"]
+    assert ran
+    assert "rss_cap_trimmed_s" in extra
+    assert roomier.now <= targets_end + 120.0 - REPORT_RESERVE_S + 1e-6
+
+
+def test_what_gave_way_is_said_in_the_report() -> None:
+    from bench.run import _budget_notes
+
+    plan = _full_plan()
+    notes = _budget_notes(plan, {"rss_cap_trimmed_s": 15.0, "sweep_skipped": [16, 1024]})
+    assert any("trimmed from 45 s to 15 s" in n for n in notes)
+    assert any("16, 1024" in n and "not in the chart" in n for n in notes)
+    assert _budget_notes(plan, {}) == []
