@@ -57,6 +57,7 @@ def summarize(runs: Iterable[Run]) -> dict[str, Group]:
             "latency_ms": first["latency_ms"],
             "concurrency": first["concurrency"],
             "events": first["events"],
+            "cap_s": first.get("cap_s"),
             "runs": len(members),
             "ok_runs": len(good),
             "throughput": median(r["throughput"] for r in good),
@@ -234,7 +235,8 @@ def evaluate_targets(
     peak = rss["peak_rss_mb"] if rss else None
     note = ""
     if rss and not rss["complete"]:
-        note = f" (only {_fmt(rss['count'])} of {_fmt(rss['events'])} events done within the time cap)"
+        window = f"its {rss['cap_s']:g} s window" if rss.get("cap_s") else "the time cap"
+        note = f" (only {_fmt(rss['count'])} of {_fmt(rss['events'])} events done within {window})"
     targets.append(
         _below(
             f"peak RSS with a {_fmt(rss['events'] if rss else rss_events)}-event backlog < {RSS_LIMIT_MB:g} MB",

@@ -64,7 +64,7 @@ class Plan:
     #: Wall seconds from the start of ``bench/run.py`` (its side environment included), within
     #: which the peak-RSS window and the sweep give way (``measure``): ``make bench`` on a fresh
     #: machine also installs ``.venv`` first (~50 s here), and the whole must stay under 10 minutes.
-    budget_s: float = 510.0
+    budget_s: float = 510.0  # 0: none
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -91,6 +91,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         plan.rss_events = args.rss_events
     if args.paced_rate:
         plan.paced_rate = args.paced_rate
+    if args.budget_s is not None:
+        plan.budget_s = args.budget_s
     if args.latencies is not None:
         plan.latencies = [float(ms) for ms in args.latencies.split(",") if ms]
     if args.subjects:
@@ -113,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", help="max_in_flight values at 20 ms, comma-separated ('' = none)")
     parser.add_argument("--rss-events", type=int, help="backlog of the peak-RSS run (100,000; 0 = skip)")
     parser.add_argument("--subjects", help="comma-separated subset of: " + ", ".join(SUBJECTS))
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="seconds the run keeps to by trimming the peak-RSS window and skipping sweep points "
+        "(default 510; quick 240; 0 = no budget, for long A/B runs)",
+    )
     parser.add_argument(
         "--latencies", help="API latencies in ms of the main scenarios (default 0,20; '' = none)"
     )
@@ -159,6 +167,8 @@ RSS_MIN_CAP_S = 15.0
 REPORT_RESERVE_S = 15.0
 #: A run's time beyond its window (start-up, backlog, drain) before any was measured.
 _OVERHEAD_GUESS_S = 8.0
+#: The peak-RSS run's set-up beyond a main run's: twice the backlog, generated for the first time.
+_RSS_EXTRA_OVERHEAD_S = 5.0
 
 
 async def measure(
@@ -168,10 +178,10 @@ async def measure(
     deadline: float = float("inf"),
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[list[RunResult], dict[str, Any]]:
-    """Every run of the plan. The 0 and 20 ms scenarios and the paced one always run whole; then,
-    by ``deadline`` (on ``clock``), the peak-RSS run's window is trimmed (to no less than
-    ``RSS_MIN_CAP_S``) to leave room for the sweep, and sweep points that no longer fit are
-    skipped (the sweep only draws the chart). ``extra`` says what gave way.
+    """Every run of the plan. The 0 and 20 ms scenarios and the paced one always run whole, and
+    the peak-RSS run always runs; by ``deadline`` (on ``clock``) its window is trimmed, to no less
+    than ``RSS_MIN_CAP_S`` (the peak comes in the first seconds), to leave room for the sweep the
+    chart draws, and sweep points that still do not fit are skipped. ``extra`` says what gave way.
     """
     results: list[RunResult] = []
     extra: dict[str, Any] = {}
@@ -183,9 +193,10 @@ async def measure(
         return result
 
     def overhead(subject: str) -> float:
-        """What a run of ``subject`` took beyond its window so far in this benchmark."""
+        """What a run of ``subject`` took beyond its window so far in this benchmark (a run that
+        finished its backlog inside the cap used only part of it)."""
         spent = [
-            r.wall_s - r.spec.cap_s
+            r.wall_s - min(r.spec.cap_s, r.extra.get("window_s") or r.extra.get("elapsed_s") or r.spec.cap_s)
             for r in results
             if r.spec.subject == subject and r.ok and r.spec.scenario.startswith("api")
         ]
@@ -233,10 +244,13 @@ async def measure(
         return sum(sweep_cap(s) + overhead(s) for s in sweep_subjects)
 
     if "worker" in plan.subjects and plan.rss_events > 0:
-        room = deadline - clock() - REPORT_RESERVE_S - point_s() * len(sweep) - overhead("worker")
-        cap = min(plan.rss_cap_s, max(RSS_MIN_CAP_S, room))
-        if cap < plan.rss_cap_s:
-            extra["rss_cap_trimmed_s"] = round(cap, 1)
+        room = deadline - clock() - REPORT_RESERVE_S - point_s() * len(sweep)
+        room -= overhead("worker") + _RSS_EXTRA_OVERHEAD_S
+        cap = plan.rss_cap_s
+        if room < plan.rss_cap_s - 0.5:
+            cap = min(plan.rss_cap_s, max(RSS_MIN_CAP_S, float(int(room))))
+            if cap < plan.rss_cap_s:
+                extra["rss_cap_trimmed_s"] = cap
         await run(RunSpec("rss", "worker", 0.0, plan.concurrency, plan.rss_events, cap))
     skipped = []
     for concurrency in sweep:
@@ -396,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     harness.start()
     try:
-        results, extra = asyncio.run(measure(plan, harness, log, deadline=started + plan.budget_s))
+        results, extra = asyncio.run(measure(plan, harness, log, deadline=_deadline(started, plan)))
     finally:
         harness.stop()
     env["loadavg_end"] = _loadavg()
@@ -422,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "subjects": plan.subjects,
         "worker_env": worker_env,
         "budget_s": plan.budget_s,
-        "caps_s": {
+        "caps_s": {  # as planned; what the budget trimmed is in rss_cap_trimmed_s and sweep_skipped
             "worker": plan.worker_cap_s,
             "peers": plan.peer_cap_s,
             "ceiling_b": plan.ceiling_cap_s,
@@ -458,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _deadline(started: float, plan: Plan) -> float:
+    return started + plan.budget_s if plan.budget_s > 0 else float("inf")
 
 
 def _budget_notes(plan: Plan, extra: dict[str, Any]) -> list[str]:

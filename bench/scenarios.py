@@ -14,7 +14,7 @@ Subjects (``RunSpec.subject``):
 
 A pipeline subject runs until every input has an outcome on the results topic, or for at most
 ``cap_s`` after its first outcome (the slow subjects are measured on a steady-state window rather
-than the whole backlog). The simulator is one long-lived process, reset before every run.
+than the whole backlog; in the paced scenario, after the load generator began). The simulator is one long-lived process, reset before every run.
 """
 
 from __future__ import annotations
@@ -181,14 +181,16 @@ class Harness:
                 )
             else:
                 await wait_ready(http_port, subject)
+                offered_from = time.monotonic()
                 with _collector_paused():
                     timestamps, achieved = await produce_paced(bootstrap, topic_in, records, spec.paced_rate)
                 result.extra["paced_rate_achieved"] = achieved
                 # Read once the load is offered, not beside it: every outcome carries its own
                 # timestamp, and a live reader's fetches cost the broker and this process CPU
-                # that the subject and the load generator share (see bench/README.md).
-                outcomes, first_at, capped_at = await collect(
-                    bootstrap, topic_out, spec.events, spec.cap_s, subject
+                # that the subject and the load generator share (see bench/README.md). The cap
+                # still counts from when the load began.
+                outcomes, _, capped_at = await collect(
+                    bootstrap, topic_out, spec.events, spec.cap_s, subject, window_from=offered_from
                 )
         finally:
             # the worker gets its whole shutdown grace (its drain is part of what it promises)
@@ -348,10 +350,11 @@ class Harness:
 def _collector_paused() -> Iterator[None]:
     """This process's garbage collector off while it paces the load.
 
-    The load generator and the outcome reader live here, with every record and acknowledgement of
-    the run: the collector's full passes took 26-69 ms each, once or twice a run, and stalled the
-    load generator with records stamped but not yet sent, inflating the measured latency of
-    whatever subject was running. Ten seconds of cyclic garbage is freed right after."""
+    The load generator lives here, with every record and acknowledgement of the run (and, until
+    the outcomes were read after the load, the outcome reader): the collector's full passes took
+    26-69 ms each, once or twice a run, and stalled the load generator with records stamped but
+    not yet sent, inflating the measured latency of whatever subject was running. Ten seconds of
+    cyclic garbage is freed right after."""
     gc.collect()
     gc.disable()
     try:
@@ -418,14 +421,21 @@ CAP_GRACE_S = 0.75
 
 
 async def collect(
-    bootstrap: str, topic: str, expected: int, cap_s: float, subject: Subject
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    cap_s: float,
+    subject: Subject,
+    *,
+    window_from: float | None = None,
 ) -> tuple[list[tuple[bytes, int]], float | None, int | None]:
     """Read the results topic from the start until ``expected`` inputs have an outcome.
 
-    Also stops ``cap_s`` after the first outcome (then reads ``CAP_GRACE_S`` more), when the
-    subject has exited, or when nothing at all arrives within the startup timeout. Returns the
-    records, when the first arrived, and how many had been read when the cap struck (None when it
-    did not: the whole backlog, or the subject's end).
+    Also stops ``cap_s`` after the first outcome, or after ``window_from`` when given (then reads
+    ``CAP_GRACE_S`` more), once the subject has exited and nothing more comes, or when nothing at
+    all arrives within the startup timeout (from ``window_from`` when given). Returns the records,
+    when the first was read, and how many had been read when the cap struck (None when it did
+    not: the whole backlog, or the subject's end).
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=200)
     await consumer.start()
@@ -433,8 +443,9 @@ async def collect(
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
         await consumer.seek_to_beginning()
-        started = time.monotonic()
+        started = window_from if window_from is not None else time.monotonic()
         first: float | None = None
+        cap_from = window_from  # else the first outcome's arrival
         capped_at: int | None = None
         checked = 0
         while True:
@@ -444,17 +455,18 @@ async def collect(
             now = time.monotonic()
             if out and first is None:
                 first = now
+                cap_from = now if cap_from is None else cap_from
             if len(out) >= expected and len(out) != checked:
                 checked = len(out)
                 if len({_source(value) for value, _ in out}) >= expected:
                     break
-            if capped_at is None and first is not None and now - first > cap_s:
+            if capped_at is None and cap_from is not None and now - cap_from > cap_s:
                 capped_at = len(out)
-            if capped_at is not None and first is not None and now - first > cap_s + CAP_GRACE_S:
+            if capped_at is not None and cap_from is not None and now - cap_from > cap_s + CAP_GRACE_S:
                 break
             if first is None and now - started > STARTUP_TIMEOUT_S:
                 break
-            if not subject.alive:
+            if not subject.alive and not batches:  # what it wrote before it exited is read first
                 break
     finally:
         await consumer.stop()

@@ -121,7 +121,8 @@ async def produce_backlog(bootstrap: str, topic: str, records: list[Record]) -> 
                         (partition, stamps, await producer.send_batch(batch, topic, partition=partition))
                     )
                     batch, stamps = producer.create_batch(), []
-                    batch.append(key=key, value=value, timestamp=stamp, headers=[])
+                    # an empty batch takes any first record, whatever its size
+                    assert batch.append(key=key, value=value, timestamp=stamp, headers=[]) is not None
                 stamps.append(stamp)
             sent.append((partition, stamps, await producer.send_batch(batch, topic, partition=partition)))
         timestamps: Timestamps = {}

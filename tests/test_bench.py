@@ -460,21 +460,37 @@ def test_peak_rss_includes_what_the_subject_uses_while_it_drains(tmp_path: Path)
 
 # --- the time budget ----------------------------------------------------------------------------------
 class _ClockedHarness:
-    """Each run takes its window plus ``overhead_s`` on a fake clock and succeeds."""
+    """Each run takes its window plus ``overhead_s`` on a fake clock and succeeds; with
+    ``done_in_s`` the main scenarios' runs finish their backlog that soon, inside their cap."""
 
-    def __init__(self, overhead_s: float) -> None:
+    def __init__(self, overhead_s: float, done_in_s: float | None = None) -> None:
         self.now = 0.0
         self.overhead_s = overhead_s
+        self.done_in_s = done_in_s
         self.specs: list[RunSpec] = []
 
     def clock(self) -> float:
         return self.now
 
+    def wall(self, spec: RunSpec) -> float:
+        return self.window(spec) + self.overhead_s
+
+    def window(self, spec: RunSpec) -> float:
+        if self.done_in_s is not None and spec.scenario.startswith("api"):
+            return min(spec.cap_s, self.done_in_s)
+        return spec.cap_s
+
     async def run(self, spec: RunSpec) -> RunResult:
         self.specs.append(spec)
-        wall = spec.cap_s + self.overhead_s
-        self.now += wall
-        return RunResult(spec, ok=True, count=1000, throughput=1000.0, wall_s=wall)
+        self.now += self.wall(spec)
+        return RunResult(
+            spec,
+            ok=True,
+            count=1000,
+            throughput=1000.0,
+            wall_s=self.wall(spec),
+            extra={"window_s": self.window(spec)},
+        )
 
 
 def _full_plan() -> Any:
@@ -543,3 +559,37 @@ def test_what_gave_way_is_said_in_the_report() -> None:
     assert any("trimmed from 45 s to 15 s" in n for n in notes)
     assert any("16, 1024" in n and "not in the chart" in n for n in notes)
     assert _budget_notes(plan, {}) == []
+
+
+def test_with_no_time_left_the_targets_still_run_and_only_the_rest_gives_way() -> None:
+    from bench.run import RSS_MIN_CAP_S
+
+    generous = _ClockedHarness(overhead_s=7.0)
+    _measure(generous, deadline=10_000.0)
+    harness = _ClockedHarness(overhead_s=7.0)
+    _, extra = _measure(harness, deadline=0.0)
+    for scenario in ("api0", "api20", "paced"):
+        assert [s for s in harness.specs if s.scenario == scenario] == [
+            s for s in generous.specs if s.scenario == scenario
+        ]
+    assert [s.cap_s for s in harness.specs if s.scenario == "rss"] == [RSS_MIN_CAP_S]
+    assert extra["sweep_skipped"] == [16, 64, 1024]
+
+
+def test_a_run_that_finished_inside_its_cap_counts_only_the_window_it_used_as_its_own() -> None:
+    """Runs that finish their backlog before the cap (a fast hour) must not make the set-up look
+    free: the estimate of what a sweep point costs would be too small, and the peak-RSS window
+    would not give way when it should."""
+    from bench.run import REPORT_RESERVE_S
+
+    generous = _ClockedHarness(overhead_s=7.0, done_in_s=5.0)
+    _measure(generous, deadline=10_000.0)
+    after_paced = sum(generous.wall(s) for s in generous.specs if s.scenario in ("api0", "api20", "paced"))
+    plan = _full_plan()
+    point = (plan.sweep_cap_s + 7.0) + (plan.sweep_cap_s / 2 + 7.0)  # worker + ceiling B
+    spare = 30.0
+    deadline = after_paced + REPORT_RESERVE_S + 3 * point + 7.0 + 5.0 + spare
+    harness = _ClockedHarness(overhead_s=7.0, done_in_s=5.0)
+    _, extra = _measure(harness, deadline=deadline)
+    assert extra["rss_cap_trimmed_s"] == spare
+    assert "sweep_skipped" not in extra

@@ -1,10 +1,15 @@
-"""The benchmark's producers: the backlog lands where ``producer.send`` would put it, in order, and
-the paced load generator dates each record when it sends it, as the broker stores it."""
+"""The benchmark's broker I/O: the backlog lands where ``producer.send`` would put it, in order;
+the paced load generator dates each record when it sends it, as the broker stores it; the outcome
+reader reads what an exited subject wrote to the end, and caps from the window it is given."""
 
 from __future__ import annotations
 
+import json
+import time
+
 from aiokafka.partitioner import DefaultPartitioner
 
+from bench.scenarios import PARTITIONS, collect
 from bench.workload import produce_backlog, produce_paced
 from worker.sandbox import TansuBroker, create_topics, read_topic
 
@@ -44,3 +49,45 @@ async def test_the_backlog_lands_on_each_keys_partition_in_order_with_its_timest
         assert [
             (r.key, r.value) for r in sorted(stored, key=lambda r: r.offset) if r.partition == p
         ] == expected
+
+
+class _Exited:
+    """A subject as ``collect`` sees it: ``alive`` only."""
+
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+
+
+def _outcomes(count: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"t", json.dumps({"source": {"partition": 0, "offset": i}, "pad": "x" * 1000}).encode())
+        for i in range(count)
+    ]
+
+
+async def test_the_outcomes_of_a_subject_that_exited_are_read_to_the_end(
+    broker: TansuBroker, unique: str
+) -> None:
+    """The paced runs read their outcomes after the load: a subject that died meanwhile has
+    written them all already, and they must all be read, more than one fetch's worth."""
+    topic = f"out-{unique}"
+    await create_topics(broker.bootstrap, [topic], partitions=PARTITIONS)
+    written = _outcomes(3000)  # ~3 MB on one partition: several fetches
+    await produce_backlog(broker.bootstrap, topic, written)
+    out, _, capped_at = await collect(broker.bootstrap, topic, 10_000, 60.0, _Exited(alive=False))  # type: ignore[arg-type]
+    assert len(out) == len(written)
+    assert capped_at is None
+
+
+async def test_the_cap_counts_from_the_window_given_not_from_the_first_read(
+    broker: TansuBroker, unique: str
+) -> None:
+    topic = f"out-{unique}"
+    await create_topics(broker.bootstrap, [topic], partitions=PARTITIONS)
+    await produce_backlog(broker.bootstrap, topic, _outcomes(100))
+    began = time.monotonic() - 100.0  # the load began long ago: the cap has struck already
+    out, _, capped_at = await collect(
+        broker.bootstrap, topic, 10_000, 5.0, _Exited(alive=True), window_from=began
+    )  # type: ignore[arg-type]
+    assert capped_at is not None
+    assert capped_at <= len(out) <= 100
