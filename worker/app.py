@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
+from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
@@ -312,9 +313,7 @@ class Worker:
         if not await self._drain(s.shutdown_grace_s):
             log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
             await self._lanes.close(timeout_s=5.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         # With the broker gone, aiokafka would retry each of these for ever: bound them, so that a
         # stop request always ends the process. What is not committed is read again (deduplicated).
         await _bounded(self._commit(), "final_commit")

@@ -20,6 +20,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from worker.cancel import cancel_and_wait
 from worker.errors import CocWorkerError, SystemicError
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -112,10 +113,7 @@ class Gate:
             self._open.set()
 
     async def close(self) -> None:
-        for cause in list(self._causes.values()):
-            cause.task.cancel()
-        if self._causes:
-            await asyncio.wait([c.task for c in self._causes.values()])
+        await cancel_and_wait([c.task for c in self._causes.values()])
         self._causes.clear()
         self._metrics.paused.set(0)
         self._open.set()  # nothing is probing any more: let waiters through to see the shutdown

@@ -24,7 +24,6 @@ Served alone, ``/readyz`` follows the broker (a metadata request every few secon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +32,7 @@ from aiohttp import web
 from prometheus_client import Counter
 from pydantic import ValidationError
 
+from worker.cancel import cancel_and_wait
 from worker.decode import describe, parse_json
 from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
@@ -110,9 +110,7 @@ class Ingress:
     async def stop(self) -> None:
         self._started = False
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await cancel_and_wait([self._watcher])
         await self._producer.stop()
 
     def status(self) -> dict[str, Any]:

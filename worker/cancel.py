@@ -1,0 +1,29 @@
+"""Cancel the worker's own background tasks and wait until they have ended.
+
+One ``task.cancel()`` is not always enough on Python 3.11: ``asyncio.wait_for`` returns the inner
+result when it arrives in the same loop step as the cancellation, and the cancellation is lost
+(fixed in 3.12). A task that loops around such a call (the health probe, the committer, the gate's
+probes, the ingest's broker check) then goes on for ever, and a shutdown waiting for it never
+ends: seen once in the test suite, a stop that hung until the test's timeout. So the tasks are
+asked again until they are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from typing import Any
+
+#: How long a cancelled task is given before it is cancelled again.
+CANCEL_AGAIN_S = 0.5
+
+
+async def cancel_and_wait(
+    tasks: Collection[asyncio.Task[Any]], again_after_s: float = CANCEL_AGAIN_S
+) -> None:
+    """Cancel ``tasks`` until every one has ended; their exceptions are retrieved, not raised."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=again_after_s)
+    await asyncio.gather(*tasks, return_exceptions=True)
