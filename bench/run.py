@@ -489,8 +489,8 @@ def _budget_notes(plan: Plan, extra: dict[str, Any]) -> list[str]:
     if extra.get("sweep_skipped"):
         points = ", ".join(str(c) for c in extra["sweep_skipped"])
         notes.append(
-            f"Time budget ({plan.budget_s:g} s): the sweep's max_in_flight {points} did not fit and "
-            "are not in the chart."
+            f"Time budget ({plan.budget_s:g} s): the sweep's points at max_in_flight {points} did not "
+            "fit and are not in the chart."
         )
     return notes
 
