@@ -40,6 +40,7 @@ from faults.ledger import DLQ_STATUSES, CommitSnapshot, InputMessage, LedgerResu
 from faults.process import WorkerProcess
 from faults.proxy import TcpProxy
 from faults.stream import StreamEvent, records
+from worker.cancel import cancel_and_wait
 from worker.sandbox import (
     committed_offsets,
     create_topics,
@@ -261,11 +262,11 @@ class Rig:
         return self
 
     async def _stop_sampler(self) -> None:
+        """The sampler loops around ``wait_for``, which on Python 3.11 can swallow a cancellation
+        (``worker/cancel.py``): cancelled once, it ran on and a CI run hung here."""
         task, self._sampler = self._sampler, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.disarm()
