@@ -230,12 +230,8 @@ async def measure(
                         )
                     )
     sweep_subjects = [s for s in ("ceiling_b", "worker") if s in plan.subjects]
-    sweep = [
-        c
-        for c in plan.sweep
-        if sweep_subjects
-        and not (c == plan.concurrency and "api20" in {f"api{lat:g}" for lat in plan.latencies})
-    ]  # the main 20 ms runs are the sweep's point at the main concurrency
+    main_20ms = 20.0 in plan.latencies  # its runs are the sweep's point at the main concurrency
+    sweep = [c for c in plan.sweep if sweep_subjects and not (main_20ms and c == plan.concurrency)]
 
     def sweep_cap(subject: str) -> float:
         return plan.sweep_cap_s / 2 if subject == "ceiling_b" else plan.sweep_cap_s
@@ -246,11 +242,9 @@ async def measure(
     if "worker" in plan.subjects and plan.rss_events > 0:
         room = deadline - clock() - REPORT_RESERVE_S - point_s() * len(sweep)
         room -= overhead("worker") + _RSS_EXTRA_OVERHEAD_S
-        cap = plan.rss_cap_s
-        if room < plan.rss_cap_s - 0.5:
-            cap = min(plan.rss_cap_s, max(RSS_MIN_CAP_S, float(int(room))))
-            if cap < plan.rss_cap_s:
-                extra["rss_cap_trimmed_s"] = cap
+        cap = min(plan.rss_cap_s, max(RSS_MIN_CAP_S, float(int(room))))  # whole seconds
+        if cap < plan.rss_cap_s:
+            extra["rss_cap_trimmed_s"] = cap
         await run(RunSpec("rss", "worker", 0.0, plan.concurrency, plan.rss_events, cap))
     skipped = []
     for concurrency in sweep:

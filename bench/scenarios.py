@@ -14,7 +14,8 @@ Subjects (``RunSpec.subject``):
 
 A pipeline subject runs until every input has an outcome on the results topic, or for at most
 ``cap_s`` after its first outcome (the slow subjects are measured on a steady-state window rather
-than the whole backlog; in the paced scenario, after the load generator began). The simulator is one long-lived process, reset before every run.
+than the whole backlog; in the paced scenario, after the load generator began). The simulator is
+one long-lived process, reset before every run.
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ import pytest
 
 from worker.cancel import cancel_and_wait
 
-pytestmark = pytest.mark.asyncio
-
 
 def _probe_loop(current: list[asyncio.Future[None]], rounds: list[int]) -> asyncio.Task[None]:
     """A task shaped like the health probe: a loop around ``wait_for`` on a reply."""
@@ -24,10 +22,10 @@ def _probe_loop(current: list[asyncio.Future[None]], rounds: list[int]) -> async
     return asyncio.create_task(loop())
 
 
-async def _reply_and_cancel_at_once(task: asyncio.Task[None], current: list[asyncio.Future[None]]) -> None:
-    await asyncio.sleep(0)  # the task is waiting for its reply
-    current[0].set_result(None)  # the reply and the cancellation arrive in the same loop step
-    task.cancel()
+async def _reply(current: list[asyncio.Future[None]]) -> None:
+    """The reply, in the loop step the caller cancels in (the task is waiting for it)."""
+    await asyncio.sleep(0)
+    current[0].set_result(None)
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="Python 3.12's wait_for keeps the cancellation")
@@ -36,7 +34,8 @@ async def test_on_this_python_one_cancel_can_be_lost_by_wait_for() -> None:
     current: list[asyncio.Future[None]] = [asyncio.get_running_loop().create_future()]
     rounds = [0]
     task = _probe_loop(current, rounds)
-    await _reply_and_cancel_at_once(task, current)
+    await _reply(current)
+    task.cancel()  # in the same loop step as the reply
     done, _ = await asyncio.wait([task], timeout=0.3)
     assert not done  # still looping: the cancellation was swallowed
     assert rounds[0] == 1
@@ -48,9 +47,8 @@ async def test_a_task_whose_cancellation_is_lost_still_ends() -> None:
     current: list[asyncio.Future[None]] = [asyncio.get_running_loop().create_future()]
     rounds = [0]
     task = _probe_loop(current, rounds)
-    await asyncio.sleep(0)
-    current[0].set_result(None)
-    await asyncio.wait_for(cancel_and_wait([task], again_after_s=0.05), 5.0)
+    await _reply(current)
+    await asyncio.wait_for(cancel_and_wait([task], again_after_s=0.05), 5.0)  # cancels in this step
     assert task.cancelled()
 
 
