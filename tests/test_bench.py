@@ -518,6 +518,15 @@ def test_with_time_to_spare_nothing_gives_way() -> None:
     assert "sweep_skipped" not in extra
 
 
+def test_without_a_budget_nothing_gives_way() -> None:
+    """``--budget-s 0`` makes the deadline infinite: the RSS window must stay whole, not fail."""
+    harness = _ClockedHarness(overhead_s=2.0)
+    results, extra = _measure(harness, deadline=float("inf"))
+    assert [r.spec.cap_s for r in results if r.spec.scenario == "rss"] == [_full_plan().rss_cap_s]
+    assert "rss_cap_trimmed_s" not in extra
+    assert "sweep_skipped" not in extra
+
+
 def test_a_slow_hour_trims_the_rss_window_and_skips_sweep_points_but_never_a_target_scenario() -> None:
     """A slow hour (runs taking 7 s beyond their windows, as on 2026-11-29 19:22): everything the
     targets need still runs whole, the peak-RSS window shrinks, no further than its floor, and
