@@ -32,3 +32,40 @@ def test_a_dedup_url_with_a_password_is_refused_on_the_command_line(
     err = capsys.readouterr().err
     assert "COC_WORKER_DEDUP_URL" in err
     assert "pw-0123456789" not in err
+
+
+def test_once_started_the_heap_is_frozen_and_cyclic_garbage_is_still_collected() -> None:
+    """The worker raises the young generation's threshold once it has started (``cli``): the
+    collector must still run by itself when cyclic garbage piles up, or memory would grow."""
+    import asyncio
+    import gc
+
+    from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started
+
+    before = gc.get_threshold()
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            collections.append(info["collected"])
+
+    async def started_worker() -> None:
+        started = asyncio.Event()
+        started.set()
+        await _freeze_heap_when_started(started)
+
+    try:
+        asyncio.run(started_worker())
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == _YOUNG_THRESHOLD > before[0]
+        gc.callbacks.append(count)
+        for _ in range(_YOUNG_THRESHOLD):  # two objects that keep each other alive, dropped
+            a: list[object] = []
+            a.append([a])
+        assert collections, "no collection ran by itself"
+        assert sum(collections) > 0
+    finally:
+        if count in gc.callbacks:
+            gc.callbacks.remove(count)
+        gc.unfreeze()
+        gc.set_threshold(*before)
