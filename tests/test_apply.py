@@ -223,6 +223,40 @@ async def test_budget_of_attempts_runs_out(rig: Rig) -> None:
     assert rig.gate.is_open
 
 
+@pytest.mark.parametrize(
+    "faults",
+    [{"error_ratio": 1.0, "error_statuses": [503]}, {"drop_ratio": 1.0}],
+    ids=["http-503", "connection-dropped"],
+)
+async def test_a_failed_event_leaves_no_cyclic_garbage_behind(rig: Rig, faults: dict[str, Any]) -> None:
+    """A failure the retry loop keeps (``error``) must not keep its frames: with the worker's
+    raised GC threshold (``worker/cli.py``), cycles of frames holding request bodies would pile up
+    between collections under an API outage."""
+    import gc
+    import types
+
+    rig.sim.state.set_faults(**faults)
+    policy = RetryPolicy(max_attempts=3, max_elapsed_s=10.0, base_delay_s=0.001, max_delay_s=0.005)
+    caller = rig.caller(policy)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable is kept in gc.garbage
+    try:
+        for n in range(5):
+            result = await rig.apply(caller, started(event_id=f"ev-fail-{n}"))
+            assert result.status == "failed"
+        gc.collect()
+        ours = {
+            obj.f_code.co_name
+            for obj in gc.garbage
+            if isinstance(obj, types.FrameType)
+            and obj.f_code.co_filename.endswith(("worker/apply.py", "worker/api_client.py"))
+        }
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == set()
+
+
 async def test_budget_of_elapsed_time_runs_out(rig: Rig) -> None:
     rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[502])
     policy = RetryPolicy(max_attempts=10_000, max_elapsed_s=0.15, base_delay_s=0.02, max_delay_s=0.05)

@@ -257,7 +257,10 @@ class CocApiClient:
             return response.status, payload, response.get_header("Retry-After"), time.perf_counter() - started
         except http_errors.PyreqwestError as exc:
             code, error = _classify_transport_error(exc)
-            raise error from None
+            try:
+                raise error from None
+            finally:
+                del error  # its traceback holds this frame: a local naming it would make a cycle
         finally:
             self._metrics.count_api_request(code)
             self._metrics.api_latency.observe(time.perf_counter() - started)

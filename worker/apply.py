@@ -304,7 +304,9 @@ class ApiCaller:
                         continue
                 else:
                     self._reachability.reached()
-                error = exc
+                # Without its traceback: kept past this block, it would hold this frame (and, below
+                # it, the client's with their request bodies) in a cycle only the collector frees.
+                error = exc.with_traceback(None)
             else:
                 self._reachability.reached()
                 self._answered_ticket = ticket_id

@@ -97,8 +97,10 @@ async def _freeze_heap_when_started(started: asyncio.Event) -> None:
     (~450 objects in a 50,000-event run), yet at the default of 700 the count of live objects,
     which rises and falls with the events in flight, crossed it ~100 times a second, and the
     collector walked the in-flight events' objects ~6% of the loop's time, freeing nothing. The
-    count must now grow by ``_YOUNG_THRESHOLD`` before a collection, so cyclic garbage (a
-    failure's traceback, say) is still collected, a few MB of it at most.
+    count must now grow by ``_YOUNG_THRESHOLD`` before a collection, so cyclic garbage is still
+    collected. The bound is a count of objects, not of bytes, so the worker's own failure paths
+    keep no traceback that would hold frames and their request bodies in a cycle
+    (``tests/test_apply.py``).
     """
     await started.wait()
     gc.collect()  # what is garbage now must not be frozen with the rest
