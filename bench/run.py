@@ -242,9 +242,9 @@ async def measure(
     if "worker" in plan.subjects and plan.rss_events > 0:
         room = deadline - clock() - REPORT_RESERVE_S - point_s() * len(sweep)
         room -= overhead("worker") + _RSS_EXTRA_OVERHEAD_S
-        # whole seconds; no budget (an infinite deadline) leaves the window whole
-        cap = min(plan.rss_cap_s, max(RSS_MIN_CAP_S, float(int(min(room, plan.rss_cap_s)))))
+        cap = min(plan.rss_cap_s, max(RSS_MIN_CAP_S, room))  # no budget: room is infinite
         if cap < plan.rss_cap_s:
+            cap = float(int(cap))  # whole seconds
             extra["rss_cap_trimmed_s"] = cap
         await run(RunSpec("rss", "worker", 0.0, plan.concurrency, plan.rss_events, cap))
     skipped = []

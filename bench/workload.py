@@ -112,19 +112,21 @@ async def produce_backlog(bootstrap: str, topic: str, records: list[Record]) -> 
         for key, value in records:
             by_partition.setdefault(partitioner(key, partitions, partitions), []).append((key, value))
         sent: list[tuple[int, list[int], asyncio.Future[Any]]] = []
+
+        async def send(partition: int, batch: Any, stamps: list[int]) -> None:
+            sent.append((partition, stamps, await producer.send_batch(batch, topic, partition=partition)))
+
         for partition, items in by_partition.items():
             batch, stamps = producer.create_batch(), []
             for key, value in items:
                 stamp = int(time.time() * 1000)
-                if batch.append(key=key, value=value, timestamp=stamp, headers=[]) is None:
-                    sent.append(
-                        (partition, stamps, await producer.send_batch(batch, topic, partition=partition))
-                    )
+                # A full batch is sent and the record goes into the next: an empty batch takes any
+                # first record, whatever its size, so this runs at most twice.
+                while batch.append(key=key, value=value, timestamp=stamp, headers=[]) is None:
+                    await send(partition, batch, stamps)
                     batch, stamps = producer.create_batch(), []
-                    # an empty batch takes any first record, whatever its size
-                    assert batch.append(key=key, value=value, timestamp=stamp, headers=[]) is not None
                 stamps.append(stamp)
-            sent.append((partition, stamps, await producer.send_batch(batch, topic, partition=partition)))
+            await send(partition, batch, stamps)
         timestamps: Timestamps = {}
         for partition, stamps, delivered in sent:
             base = (await delivered).offset
