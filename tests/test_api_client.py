@@ -816,3 +816,28 @@ async def test_tls_is_verified_against_the_configured_ca(private_ca: PrivateCa) 
             async with running(settings(stub.url, api_verify_tls=False)) as client:
                 assert (await put(client)).http_status == 200
         assert len(stub.seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "COC_WORKER_API_CA_FILE: cannot read it (No such file or directory"),
+        (b"a gateway's CA, pasted as text\n", "COC_WORKER_API_CA_FILE: no PEM certificate in"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+            "COC_WORKER_API_CA_FILE: not a valid PEM certificate (invalid peer certificate: BadEncoding)",
+        ),
+    ],
+)
+async def test_a_ca_file_the_client_cannot_use_is_a_configuration_error(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    """A broken PEM raised the HTTP client's own error (a traceback at start, no setting named), a
+    file without a certificate was skipped without a word and every call failed to connect."""
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+    client = CocApiClient(settings("https://127.0.0.1:1", api_ca_file=path))
+    with pytest.raises(ConfigError) as refused:
+        await client.start()
+    assert str(refused.value).startswith(expected)

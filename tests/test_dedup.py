@@ -10,14 +10,16 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import redis
 from services import OwnRedis
 from waiting import until
 
 from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, RedisStore, SqliteStore, open_store
 from worker.errors import ConfigError, DedupUnavailable
-from worker.redis_config import REDIS_POOL_SIZE
+from worker.redis_config import REDIS_POOL_SIZE, connection_url
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -378,3 +380,26 @@ async def test_a_redis_demoted_by_a_failover_is_left_and_not_probed_as_healthy(o
         assert (await store.claim("e2", "w", "s", 30)).kind is ClaimKind.NEW
     finally:
         await store.close()
+
+
+async def test_redis_url_options_reach_redis(redis_url: str) -> None:
+    """``?db=`` was dropped with the rest of the query (only ``prefix`` was read), and the store
+    wrote to the database of the path instead."""
+    url = redis_url.replace("/15?", "/0?db=15&")
+    store = open_store(url)
+    try:
+        await store.claim("options-db", "w1", "t/0/1", 30)
+    finally:
+        await store.close()
+    prefix = parse_qs(urlsplit(url).query)["prefix"][0]
+    with redis.Redis(host="127.0.0.1", port=6379, db=15) as db15, redis.Redis(port=6379, db=0) as db0:
+        assert db15.exists(prefix + "options-db") == 1
+        assert db0.exists(prefix + "options-db") == 0
+
+
+def test_the_worker_prefix_is_not_passed_to_redis() -> None:
+    url = "rediss://:pw@redis:6380/2?prefix=p:&ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false"
+    assert (
+        connection_url(url)
+        == "rediss://:pw@redis:6380/2?ssl_ca_certs=%2Fetc%2Fca.pem&ssl_check_hostname=false"
+    )

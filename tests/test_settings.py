@@ -375,3 +375,56 @@ def test_a_retry_after_cap_beyond_the_budget_is_refused() -> None:
     """Every Retry-After the worker would honour past the budget failed the event at its first 429."""
     with pytest.raises(ConfigError, match="retry_after_max_s"):
         load_settings(retry_after_max_s=300, retry_max_elapsed_s=30)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"dedup_ttl_s": "inf"},
+        {"dedup_lease_s": "Infinity"},
+        {"retry_max_elapsed_s": "inf"},
+        {"api_rate_limit_per_s": "inf"},
+    ],
+)
+def test_infinite_durations_and_rates_are_refused(overrides: dict[str, str]) -> None:
+    """They were accepted, then crashed at run time: a Redis TTL of inf ms after the API call had
+    succeeded (the applied change reported failed, its claim left open), a rate limit at start."""
+    [(name, _)] = overrides.items()
+    assert f"{ENV_PREFIX}{name.upper()}: Input should be a finite number" in config_error(**overrides)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://redis:6379/2?password=" + SECRET,
+        "redis://redis:6379/2?" + SECRET,
+        "redis://redis:6379/2?prefix=p:&max_connections=2",
+        "redis://redis:6379/2?ssl_ca_certs=/etc/ca.pem",  # TLS options on a plain connection
+    ],
+)
+def test_redis_url_options_the_worker_would_drop_are_refused(url: str) -> None:
+    """Only ``prefix`` was read and the rest dropped: a ``?password=`` never reached the login, and
+    it was shown in clear (the mask covers a password before the host only)."""
+    error = config_error(dedup_url=url)
+    assert "COC_WORKER_DEDUP_URL" in error
+    assert SECRET not in error
+
+
+def test_redis_url_options_redis_reads_are_accepted() -> None:
+    url = "rediss://:pw-secret@redis:6380/0?db=5&prefix=p:&ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false"
+    assert load_settings(dedup_url=url).dedup_url == url
+
+
+def test_a_misspelled_variable_is_refused_with_the_name_it_meant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings ignores unknown variables: ``COC_WORKER_DEDUP_URI`` left every replica
+    on a local sqlite store of its own, and events could be applied twice."""
+    monkeypatch.setenv("COC_WORKER_DEDUP_URI", "redis://redis:6379/0")
+    monkeypatch.setenv("coc_worker_max_inflight", "5")
+    error = config_error()
+    assert "COC_WORKER_DEDUP_URI (did you mean COC_WORKER_DEDUP_URL?)" in error
+    assert "coc_worker_max_inflight (did you mean COC_WORKER_MAX_IN_FLIGHT?)" in error
+    assert "redis://" not in error  # names only, never values
+    monkeypatch.delenv("COC_WORKER_DEDUP_URI")
+    monkeypatch.delenv("coc_worker_max_inflight")
+    monkeypatch.setenv("COC_WORKER_API_SK_FILE", "/run/secrets/sk")  # a known name, with its _FILE
+    assert load_settings().api_sk_file == Path("/run/secrets/sk")

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -125,8 +126,25 @@ def _build_client(settings: WorkerSettings) -> Client:
         builder = builder.danger_accept_invalid_certs(True)
     elif settings.api_ca_file is not None:
         # A private CA (an internal gateway): trusted in addition to the system's roots.
-        builder = builder.add_root_certificate_pem(settings.api_ca_file.read_bytes())
-    return builder.build()
+        builder = builder.add_root_certificate_pem(_read_ca_file(settings.api_ca_file))
+    try:
+        return builder.build()
+    except http_errors.BuilderError as exc:  # the CA file is the one input the builder parses
+        causes = (getattr(exc, "details", None) or {}).get("causes") or [{}]
+        reason = causes[-1].get("message") or type(exc).__name__
+        raise ConfigError(f"COC_WORKER_API_CA_FILE: not a valid PEM certificate ({reason})") from None
+
+
+def _read_ca_file(path: Path) -> bytes:
+    """The CA bundle's bytes, refused with the setting's name when they hold no certificate: the
+    builder skips what is not PEM without a word, and every call would fail as "cannot connect"."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"COC_WORKER_API_CA_FILE: cannot read it ({exc.strerror}: {path})") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(f"COC_WORKER_API_CA_FILE: no PEM certificate in {path}")
+    return pem
 
 
 #: How hyper reports a failure of the connect phase (DNS, TCP, TLS, proxy, connect timeout) in the

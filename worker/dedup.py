@@ -577,7 +577,5 @@ def open_store(url: str) -> DedupStore:
             raise ConfigError("COC_WORKER_DEDUP_URL: use sqlite:///relative/path or sqlite:////absolute/path")
         return SqliteStore(Path(path))
     if parts.scheme in ("redis", "rediss"):
-        prefix = query.pop("prefix", "coc:dedup:")
-        base = url.split("?", 1)[0]
-        return RedisStore(base, prefix=prefix)
+        return RedisStore(url, prefix=query.get("prefix", "coc:dedup:"))
     raise ConfigError(f"COC_WORKER_DEDUP_URL: unsupported scheme {parts.scheme!r}")

@@ -228,6 +228,6 @@ def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | 
         return None
     burst = max(1, int(rate))
     if urlsplit(settings.dedup_url).scheme in ("redis", "rediss"):
-        url = settings.dedup_url.split("?", 1)[0]
-        return RedisTokenBucket(url, f"coc:ratelimit:{settings.group_id}", rate, burst, metrics)
+        key = f"coc:ratelimit:{settings.group_id}"
+        return RedisTokenBucket(settings.dedup_url, key, rate, burst, metrics)
     return TokenBucket(rate, burst, metrics)

@@ -5,11 +5,21 @@ One place for the pool policy, as ``kafka_config`` is for Kafka clients.
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
 import redis.asyncio as aioredis
 
 #: Connections per client; callers beyond them wait (up to REDIS_POOL_WAIT_S) for one.
 REDIS_POOL_SIZE = 64
 REDIS_POOL_WAIT_S = 5.0
+
+
+def connection_url(url: str) -> str:
+    """``url`` without the worker's own ``prefix`` option: the options left are redis-py's
+    (``settings.REDIS_URL_OPTIONS``), which it reads from the URL itself."""
+    parts = urlsplit(url)
+    options = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "prefix"]
+    return parts._replace(query=urlencode(options)).geturl()
 
 
 def redis_client(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
@@ -20,7 +30,7 @@ def redis_client(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
     in flight would read as "the store is down" and pause the worker for nothing.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
+        connection_url(url),
         max_connections=REDIS_POOL_SIZE,
         timeout=REDIS_POOL_WAIT_S,
         socket_timeout=socket_timeout_s,

@@ -8,10 +8,12 @@ refreshed so a rotated Kubernetes secret is picked up without a restart.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -33,7 +35,8 @@ COC_REGION_ENDPOINTS: dict[str, str] = {
 #: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
 SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest_tokens")
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+#: Finite: "inf" parses as a float, and a store's TTL in ms or a token bucket's burst cannot be infinite.
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: Kafka's own rule for topic names (also not "." or ".."); the broker would refuse anything else,
 #: at the first write to it.
 #: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
@@ -52,6 +55,12 @@ LEASE_MARGIN_S = 2.0
 _REDIS_URL_HINT = (
     "must be redis://[[user]:password@]host[:port][/db]; a password holding / # ? @ or : must be"
     " percent-encoded (%2F %23 %3F %40 %3A)"
+)
+#: The options a Redis dedup URL may carry: the worker's key prefix, and the redis-py connection
+#: options it passes on (the database, TLS files and checks). Anything else is refused rather than
+#: dropped: a ``?password=`` would otherwise be ignored at the login and shown in clear.
+REDIS_URL_OPTIONS = frozenset(
+    {"prefix", "db", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
 )
 #: Kafka's own rule for a topic name.
 TOPIC_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
@@ -142,7 +151,9 @@ class WorkerSettings(BaseSettings):
     api_unreachable_threshold_s: PositiveSeconds = Field(
         10.0, description="Connection failures for this long with no success pause the worker."
     )
-    api_rate_limit_per_s: float | None = Field(None, gt=0, description="Client-side cap on API calls.")
+    api_rate_limit_per_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Client-side cap on API calls."
+    )
 
     # --- Retry policy --------------------------------------------------------------------------
     retry_max_attempts: int = Field(8, ge=1)
@@ -269,6 +280,14 @@ class WorkerSettings(BaseSettings):
                 raise ValueError(_REDIS_URL_HINT) from None
             if not parts.hostname or "@" in parts.path + parts.query + parts.fragment:
                 raise ValueError(_REDIS_URL_HINT)
+            options = set(parse_qs(parts.query, keep_blank_values=True))
+            if options - REDIS_URL_OPTIONS:  # not echoed: a misplaced password would be one
+                raise ValueError(
+                    f"a Redis URL takes only the options {', '.join(sorted(REDIS_URL_OPTIONS))}"
+                    " (a password goes before the host)"
+                )
+            if parts.scheme == "redis" and any(name.startswith("ssl_") for name in options):
+                raise ValueError("the ssl_* options need a TLS connection: rediss://")
         return value
 
     @model_validator(mode="after")
@@ -396,11 +415,29 @@ def without_password(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``COC_WORKER_*`` variables that name no setting, each with the closest name if one is near.
+
+    pydantic-settings ignores them, so a typo (``COC_WORKER_DEDUP_URI``) would leave the setting
+    at its default: for the dedup URL, a local store per replica, and events applied twice."""
+    known = [f"{ENV_PREFIX}{name}".upper() for name in WorkerSettings.model_fields]
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            near = difflib.get_close_matches(upper, known, n=1)
+            found.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return found
+
+
 def load_settings(**overrides: Any) -> WorkerSettings:
     """Build settings from the environment plus explicit overrides (CLI flags win).
 
     Raises ``ConfigError`` naming each bad setting by its environment variable.
     """
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError("unknown setting(s): " + "; ".join(unknown))
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
         return WorkerSettings(**clean)
