@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
+from waiting import until
 
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
 from worker.publisher import DeadLetter, Publisher
@@ -88,5 +90,49 @@ async def test_a_producer_error_of_any_kind_leaves_the_outcome_unconfirmed(
         assert written == [2, 0]
         with pytest.raises(DeadLetterUnwritable, match="RuntimeError"):
             await publisher.publish(key, None, "failed", letter, TRACEPARENT)
+    finally:
+        await publisher.stop()
+
+
+async def test_a_batch_not_handed_over_fails_only_its_own_outcomes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the second of two record batches could not be handed to the producer, the first one's
+    outcomes were failed too, while aiokafka went on to deliver them: their jobs wrote them again."""
+    publisher = Publisher(load_settings())
+    first_batch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    handed: list[int] = []
+
+    class TwoRecordBatch:
+        def __init__(self) -> None:
+            self.records = 0
+
+        def append(self, **record: object) -> object | None:
+            if self.records == 2:
+                return None
+            self.records += 1
+            return object()
+
+    async def partitions_for(topic: str) -> set[int]:
+        return {0}
+
+    async def send_batch(batch: TwoRecordBatch, topic: str, *, partition: int) -> asyncio.Future[None]:
+        if handed:
+            raise KafkaTimeoutError("the accumulator stayed full")
+        handed.append(batch.records)
+        return first_batch
+
+    monkeypatch.setattr(publisher._producer, "partitions_for", partitions_for)
+    monkeypatch.setattr(publisher._producer, "create_batch", TwoRecordBatch)
+    monkeypatch.setattr(publisher._producer, "send_batch", send_batch)
+    try:
+        jobs = [
+            asyncio.ensure_future(publisher.publish(b"CT-1", b"{}", "applied", None, TRACEPARENT))
+            for _ in range(4)
+        ]
+        await until(lambda: jobs[3].done())
+        assert [job.done() for job in jobs] == [False, False, True, True]
+        assert all(isinstance(job.exception(), BrokerUnavailable) for job in jobs[2:])
+        first_batch.set_result(None)  # the broker acknowledges the batch that was handed over
+        assert await asyncio.gather(*jobs[:2]) == [None, None]
+        assert handed == [2]
     finally:
         await publisher.stop()

@@ -244,6 +244,8 @@ async def test_a_dead_letter_refused_is_sent_again_without_its_confirmed_outcome
 
     assert [o["status"] for o in rig.published.outcomes] == ["invalid"]
     assert len(rig.published.letters) == 1
+    # A refused write may have been stored all the same (a timed-out answer): the copy says so.
+    assert rig.published.letters[0].redelivered
     assert rig.pipeline._gate.is_open
     assert (
         rig.pipeline._metrics.registry.get_sample_value("coc_worker_pauses_total", {"kind": "dlq_unwritable"})

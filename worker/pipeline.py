@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -65,6 +65,11 @@ class Job:
         if self.event is not None:
             return self.event.ticket_id
         return self.salvaged["ticket_id"] if self.salvaged is not None else None
+
+
+def _as_repeat(letter: DeadLetter | None) -> DeadLetter | None:
+    """The dead letter to send again after an unconfirmed write, marked as a possible repeat."""
+    return replace(letter, redelivered=True) if letter is not None else None
 
 
 class _ClaimLost(Exception):
@@ -398,15 +403,16 @@ class Pipeline:
             except DeadLetterUnwritable as exc:
                 # The outcome is in: only the dead letter is owed, and the pause lasts until its
                 # topic answers (a missing topic is not an outage the results topic would show).
+                # A timed-out write may have been stored: the next is marked as a possible repeat.
                 payload = None
+                owed = _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping_dead_letters)
             except BrokerUnavailable as exc:
                 # The broker may have stored the first copy and lost only its answer: whatever is
                 # sent again is marked as a possible repeat.
                 outcome["redelivered"] = True
                 payload = dump_outcome(outcome)
-                if exc.dead_letter_confirmed:
-                    owed = None
+                owed = None if exc.dead_letter_confirmed else _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping)
         self._metrics.count_outcome(status)
         if letter is not None:

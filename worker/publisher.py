@@ -211,33 +211,45 @@ class Publisher:
             while queued := self._queued.pop(partition, None):
                 try:
                     sent = await self._send_group(partition, queued)
-                    await asyncio.wait(sent)
+                    if sent:
+                        await asyncio.wait(sent)
                 except Exception as exc:  # whatever it is, every waiting job must hear of it
                     _fail([item[3] for item in queued], exc)
         finally:
             del self._writers[partition]
 
     async def _send_group(self, partition: int, items: list[_Queued]) -> list[asyncio.Future[object]]:
+        """Hand ``items`` to the producer as record batches; the futures of those handed over.
+
+        A batch that could not be handed over (``send_batch`` raised: a full accumulator timed out,
+        the producer closed) fails its records and every later one. Those handed over before it are
+        left to the broker's answer: failed too, their jobs would write the outcomes again, while
+        aiokafka still delivers the first copies."""
         topic = self._settings.results_topic
         sent: list[asyncio.Future[object]] = []
         batch = self._producer.create_batch()
         members: list[asyncio.Future[None]] = []
-        for key, value, headers, delivered in items:
-            if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                # Full: send it and start the next one, which takes any first record whatever its
-                # size (one the broker refuses fails its waiter when the batch is answered).
+        rest = 0  # items[rest:] are in no batch handed over
+        try:
+            for index, (key, value, headers, delivered) in enumerate(items):
+                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                    # Full: send it and start the next one, which takes any first record whatever
+                    # its size (one the broker refuses fails its waiter when the batch is answered).
+                    rest = index
+                    handed = await self._producer.send_batch(batch, topic, partition=partition)
+                    sent.append(_settle_when_sent(handed, members))
+                    batch, members = self._producer.create_batch(), []
+                    batch.append(timestamp=None, key=key, value=value, headers=headers)
+                members.append(delivered)
+            rest = len(items)
+            if members:
                 sent.append(
                     _settle_when_sent(
                         await self._producer.send_batch(batch, topic, partition=partition), members
                     )
                 )
-                batch, members = self._producer.create_batch(), []
-                batch.append(timestamp=None, key=key, value=value, headers=headers)
-            members.append(delivered)
-        if members:
-            sent.append(
-                _settle_when_sent(await self._producer.send_batch(batch, topic, partition=partition), members)
-            )
+        except Exception as exc:
+            _fail(members + [item[3] for item in items[rest:]], exc)
         return sent
 
     def _partition(self, key: bytes | None) -> int:
