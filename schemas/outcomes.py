@@ -61,8 +61,8 @@ class OutcomeEvent(BaseModel):
     reason: str | None = Field(
         default=None,
         description="Machine-readable cause: reconciled (applied); api_rejected (rejected); "
-        "retries_exhausted, internal_error (failed); empty, too_large, not_utf8, bad_json, schema "
-        "(invalid); duplicate_event_id (duplicate).",
+        "retries_exhausted, internal_error (failed); empty, too_large, not_utf8, bad_json, schema, "
+        "unreadable (invalid); duplicate_event_id (duplicate).",
     )
     attempts: int = Field(ge=0, description="API calls made for this message (0 when none).")
     http_status: int | None = None

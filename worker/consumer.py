@@ -31,6 +31,14 @@ _COMMIT_TIMEOUT_S = 10.0
 Headers = list[tuple[str, bytes]]
 _Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
+#: How long a partition read again after an unreadable record is waited for, one record at a time.
+_STEP_WAIT_MS = 200
+_UNREADABLE = (
+    "the Kafka client cannot read this record, or one before it in its record batch (a header key"
+    " that is not UTF-8, which the Kafka protocol requires): its key, value and headers are only in"
+    " the input topic, at this offset"
+)
+
 #: Named to ``getmany`` by a poll that must take nothing: no member is ever assigned it, so aiokafka
 #: touches none of the records it has prefetched.
 _NO_PARTITION = TopicPartition("", -1)
@@ -45,6 +53,8 @@ class Message:
     value: bytes | None
     headers: Headers
     timestamp_ms: int
+    #: Why the client could not read this record (then its key, value and headers are unknown).
+    unreadable: str | None = None
 
     @property
     def partition_key(self) -> PartitionKey:
@@ -94,7 +104,9 @@ class Consumer:
         self._paused = False
         self._held: set[PartitionKey] = set()  # paused on their own, whatever ``_paused`` says
         self._turn = 0  # the partition a fetch asks first (``_shares``)
-        self._deferred: KafkaError | None = None  # raised by the next fetch (``_shares``)
+        self._deferred: Exception | None = None  # raised by the next fetch (``_shares``)
+        #: Per partition, the offset after the last message handed up (``_read_past_unreadable``).
+        self._next: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         try:
@@ -116,27 +128,83 @@ class Consumer:
         at each wake-up of a pause (the buffer full, about ten times a second at full load), the
         worker read ~10 times the input's bytes.
         """
-        wait_ms = int(timeout_s * 1000)
-        assigned = self._consumer.assignment()
-        paused = self._consumer.paused()
-        partitions = sorted(tp for tp in assigned if tp not in paused)
         try:
-            if self._deferred is not None:
-                error, self._deferred = self._deferred, None
-                raise error
-            if max_records <= 0 or (assigned and not partitions):
-                await self._consumer.getmany(_NO_PARTITION, timeout_ms=wait_ms)
-                return []
-            if len(partitions) > 1:
-                shared = await self._shares(partitions, max_records)
-                if shared:
-                    return messages_from(shared)
-            # Nothing buffered (or a single partition, or no assignment yet): wait for whichever
-            # partition answers first.
-            batches = await self._consumer.getmany(*partitions, timeout_ms=wait_ms, max_records=max_records)
+            try:
+                batches = await self._take(max_records, int(timeout_s * 1000))
+            except UnicodeDecodeError:
+                return await self._read_past_unreadable(max_records)
         except KafkaError as exc:
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
+        for tp, records in batches.items():
+            if records:
+                self._next[tp] = records[-1].offset + 1
         return messages_from(batches)
+
+    def _fetchable(self) -> tuple[set[TopicPartition], list[TopicPartition]]:
+        """The assigned partitions, and those of them not paused, in order."""
+        assigned = self._consumer.assignment()
+        paused = self._consumer.paused()
+        return assigned, sorted(tp for tp in assigned if tp not in paused)
+
+    async def _take(self, max_records: int, wait_ms: int) -> _Batches:
+        assigned, partitions = self._fetchable()
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
+        if max_records <= 0 or (assigned and not partitions):
+            await self._consumer.getmany(_NO_PARTITION, timeout_ms=wait_ms)
+            return {}
+        if len(partitions) > 1:
+            shared = await self._shares(partitions, max_records)
+            if shared:
+                return shared
+        # Nothing buffered (or a single partition, or no assignment yet): wait for whichever
+        # partition answers first.
+        batches: _Batches = await self._consumer.getmany(
+            *partitions, timeout_ms=wait_ms, max_records=max_records
+        )
+        return batches
+
+    async def _read_past_unreadable(self, max_records: int) -> list[Message]:
+        """A fetch met a record the client cannot read: aiokafka decodes header keys as UTF-8 and
+        raises on any other bytes, which a producer not bound to the protocol may write. Raised, the
+        error stopped the worker, and every restart (or member the partition went to) met it again.
+
+        aiokafka has moved past what that fetch had read before the record, without handing it
+        over. So every partition is read again from the message after the last one handed up, one
+        record at a time, up to the unreadable one: that one becomes a message that says so (an
+        ``unreadable`` outcome and dead letter), and reading goes on after it. aiokafka decodes a
+        whole record batch to reach any record of it, so the records after it in its batch are
+        unreadable to it too, and each becomes such a message in turn."""
+        _, partitions = self._fetchable()
+        for tp in partitions:
+            start = self._next.get(tp)
+            if start is None:  # nothing handed up since it was assigned: from the last commit
+                start = await self._consumer.committed(tp)
+            if start is None:
+                start = (await self._consumer.beginning_offsets([tp]))[tp]
+            self._consumer.seek(tp, start)
+        messages: list[Message] = []
+        for tp in partitions:
+            while len(messages) < max_records:
+                try:
+                    got = await self._consumer.getmany(tp, timeout_ms=_STEP_WAIT_MS, max_records=1)
+                except UnicodeDecodeError:
+                    # The failed read left the position where it started; the next one moves it
+                    # to the record that failed (past any control records before it).
+                    await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
+                    offset = await self._consumer.position(tp)
+                    log.error("record_unreadable", topic=tp.topic, partition=tp.partition, offset=offset)
+                    messages.append(Message(tp.topic, tp.partition, offset, None, b"", [], 0, _UNREADABLE))
+                    self._consumer.seek(tp, offset + 1)
+                    self._next[tp] = offset + 1
+                    break
+                records = got.get(tp, [])
+                if not records:
+                    break
+                messages.extend(messages_from(got))
+                self._next[tp] = records[-1].offset + 1
+        return messages
 
     async def _shares(self, partitions: list[TopicPartition], max_records: int) -> _Batches:
         """What the partitions have buffered, each up to its share of ``max_records``, without
@@ -160,7 +228,7 @@ class Consumer:
                 want = min(share, left)
                 try:
                     got = (await self._consumer.getmany(tp, timeout_ms=0, max_records=want)).get(tp, [])
-                except KafkaError as exc:
+                except (KafkaError, UnicodeDecodeError) as exc:
                     if not taken:
                         raise
                     self._deferred = exc
@@ -208,8 +276,11 @@ class Consumer:
             self._consumer.pause(tp)
 
     def forget_held(self, keys: set[PartitionKey]) -> None:
-        """Partitions being revoked: whoever gets them next starts fetching them afresh."""
+        """Partitions being revoked: whoever gets them next starts fetching them afresh, from the
+        last commit."""
         self._held -= keys
+        for key in keys:
+            self._next.pop(TopicPartition(*key), None)
 
     def release(self, key: PartitionKey) -> None:
         self._held.discard(key)

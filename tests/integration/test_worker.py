@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer import message_accumulator
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from conftest import SettingsFactory, running_worker
 from faults.harness import ProxiedBroker
 from faults.proxy import CutMode
@@ -188,6 +190,61 @@ async def test_a_tombstone_without_a_key_is_dead_lettered_and_its_partition_move
     assert dead.value == b""
     assert dead.header("coc-dlq-tombstone") == b"true"
     assert dead.header("coc-dlq-reason") == b"empty"
+
+
+class _NotUtf8Key(str):
+    """A header key that aiokafka's (Python) record builder writes as bytes that are not UTF-8."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe-key"
+
+
+async def test_a_record_the_client_cannot_read_is_dead_lettered_and_its_partition_moves_on(
+    broker: TansuBroker,
+    topics: dict[str, str],
+    make_settings: SettingsFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka decodes header keys as UTF-8 and raises on other bytes (a producer not bound to the
+    protocol may write them). The error stopped the worker, and every restart met it again: the
+    partition never moved past it, and the messages before it in the same fetch had no outcome.
+    Three record batches: offsets 0-2 readable; 3 unreadable, and 4 after it in its batch (aiokafka
+    cannot get past 3 to read it); 5, in a batch of its own, readable again."""
+    values = [json.dumps(event("change.started", f"CM-RAW{n}", "s1")).encode() for n in range(6)]
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for offsets in ((0, 1, 2), (3, 4), (5,)):
+            with monkeypatch.context() as patched:
+                patched.setattr(
+                    message_accumulator, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy
+                )
+                batch = producer.create_batch()
+                for n in offsets:
+                    headers = [(_NotUtf8Key("k"), b"v")] if n == 3 else [("origin", b"test")]
+                    batch.append(key=None, value=values[n], timestamp=None, headers=headers)
+            await (await producer.send_batch(batch, topics["input"], partition=0))
+    finally:
+        await producer.stop()
+    settings = make_settings()
+    async with running_worker(settings) as worker:
+        outcomes = await read_json(broker.bootstrap, topics["results"], 6)
+        dead = await read_records(broker.bootstrap, topics["dlq"], 2)
+
+        async def committed_past_it() -> bool:
+            return (await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 1))[0] >= 6
+
+        await until(committed_past_it, timeout_s=20, every_s=0.1)
+        assert worker.ready
+    by_offset = {o["source"]["offset"]: (o["status"], o["reason"]) for o in outcomes}
+    unreadable = ("invalid", "unreadable")
+    applied = ("applied", None)
+    assert by_offset == {0: applied, 1: applied, 2: applied, 3: unreadable, 4: unreadable, 5: applied}
+    assert sorted(int(d.header("coc-dlq-source-offset") or -1) for d in dead) == [3, 4]
+    for letter in dead:
+        assert letter.value == b""
+        assert letter.header("coc-dlq-reason") == b"unreadable"
+        assert letter.header("coc-dlq-tombstone") is None
 
 
 async def test_a_dead_letter_too_big_even_cut_is_written_without_the_inputs_headers(
