@@ -27,6 +27,7 @@ class GroupMember:
     def __init__(self, assigned: set[TopicPartition]) -> None:
         self.assigned = assigned
         self.paused_now: set[TopicPartition] = set()
+        self.seeks: list[tuple[TopicPartition, int]] = []
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
@@ -39,6 +40,9 @@ class GroupMember:
 
     def paused(self) -> set[TopicPartition]:
         return set(self.paused_now)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.seeks.append((partition, offset))
 
 
 def make_worker(tmp_path: Path) -> Worker:
@@ -390,6 +394,38 @@ async def test_a_stopping_worker_keeps_polling_while_it_drains(
         assert await worker._drain(2)
     finally:
         release.set()
+        await real.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
+async def test_a_partition_whose_offsets_went_back_starts_over_after_its_jobs(tmp_path: Path) -> None:
+    """The log was truncated (an unclean leader election; the topic recreated) and aiokafka went
+    back to its start: the messages at the lower offsets are new ones. They were dropped as "seen
+    twice": no outcome, and the commit of a later offset went past them."""
+    worker = make_worker(tmp_path)
+    key = (worker.settings.input_topic, 0)
+    tp = TopicPartition(*key)
+    real, group = worker._consumer._consumer, GroupMember({tp})
+    worker._consumer._consumer = group
+    pipeline = holding_jobs(worker)
+    try:
+        await worker.on_assigned({key})
+        for offset in (5, 6, 0, 1):  # 0 and 1: the new log's
+            worker._dispatch(Message(key[0], 0, offset, None, b"{}", [], 0))
+        await until(lambda: len(pipeline.started) == 2)
+        assert [job.message.offset for job in pipeline.started] == [5, 6]
+        assert group.paused_now == {tp}  # nothing more of it until the old log's jobs are done
+        assert group.seeks == []
+
+        pipeline.release.set()
+        await until(lambda: group.seeks == [(tp, 0)])
+        assert group.paused_now == set()
+        assert worker._offsets.to_commit() == {}  # tracked afresh: nothing of the old log to commit
+        worker._dispatch(Message(key[0], 0, 0, None, b"{}", [], 0))  # read again, and taken now
+        await until(lambda: [job.message.offset for job in pipeline.started] == [5, 6, 0])
+    finally:  # never started: only the clients' objects to close
+        await worker._lanes.close(timeout_s=1.0)
         await real.stop()
         await worker._publisher.stop()
         await worker._store.close()

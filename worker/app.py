@@ -102,6 +102,8 @@ class Worker:
         self._assigned: set[PartitionKey] | None = None
         self._broker_ok = False
         self._tasks: list[asyncio.Task[None]] = []
+        #: Partitions starting over after their offsets went back (``_start_over``): key -> token.
+        self._rewinding: dict[PartitionKey, object] = {}
         self.started = asyncio.Event()
 
     # --- public ---------------------------------------------------------------------------------------
@@ -225,6 +227,8 @@ class Worker:
         return task if task.done() and not task.cancelled() else None
 
     def _dispatch(self, message: Message) -> None:
+        if self._rewinding and message.partition_key in self._rewinding:
+            return  # read again once its partition starts over
         try:
             self._offsets.take(message.partition_key, message.offset)
         except NotAssigned:
@@ -238,9 +242,7 @@ class Worker:
             )
             return
         except ValueError:
-            log.warning(
-                "offset_seen_twice", topic=message.topic, partition=message.partition, offset=message.offset
-            )
+            self._start_over(message)
             return
         self.metrics.count_consumed()
         key = message.partition_key
@@ -266,6 +268,39 @@ class Worker:
         )
         self._lanes.submit(job.lane, job)
 
+    def _start_over(self, message: Message) -> None:
+        """An offset at or below one already taken: the partition's log was truncated or the topic
+        recreated (an unclean leader election; the broker lost its data), and aiokafka went back
+        to its start. These are new messages: dropped as seen twice, they had no outcome, and the
+        commit of a later offset went past them. The partition is paused until its jobs of the
+        old log have finished, then tracked afresh and read again from this offset."""
+        key = message.partition_key
+        token = self._rewinding[key] = object()
+        self._consumer.hold(key)
+        log.error(
+            "partition_offset_went_back",
+            topic=key[0],
+            partition=key[1],
+            offset=message.offset,
+            in_flight=self._offsets.pending_of(key),
+        )
+        self._tasks.append(asyncio.get_running_loop().create_task(self._rewind(key, message.offset, token)))
+
+    async def _rewind(self, key: PartitionKey, offset: int, token: object) -> None:
+        def of_partition(job: Job) -> bool:
+            return job.message.partition_key == key
+
+        while not await self._lanes.wait_for(of_partition, _FETCH_TIMEOUT_S):
+            pass
+        if self._rewinding.get(key) is not token:
+            return  # revoked meanwhile: its next owner reads it from the last commit
+        del self._rewinding[key]
+        self._offsets.drop({key})
+        self._offsets.assign(key)
+        self._consumer.seek(key, offset)
+        self._consumer.release(key)
+        log.info("partition_started_over", topic=key[0], partition=key[1], offset=offset)
+
     async def _run_job(self, job: Job) -> None:
         await self._pipeline.process(job)
 
@@ -273,7 +308,11 @@ class Worker:
         key = job.message.partition_key
         if finished:
             self._offsets.finish(key, job.message.offset)
-        if key in self._consumer.held and self._offsets.pending_of(key) <= self._uncommitted_limit // 2:
+        if (
+            key in self._consumer.held
+            and self._offsets.pending_of(key) <= self._uncommitted_limit // 2
+            and key not in self._rewinding
+        ):
             self._consumer.release(key)
             log.info("partition_released", topic=key[0], partition=key[1])
         if len(self._lanes) <= self._resume_at:  # wake the consumer only when it may resume fetching
@@ -365,6 +404,8 @@ class Worker:
             await self._lanes.wait_for(revoked, 5.0)
         await self._commit(partitions)
         self._offsets.drop(partitions)
+        for key in partitions:
+            self._rewinding.pop(key, None)
         # Its tail is dropped with its offsets: held on, a partition assigned back at once (eager
         # rebalances revoke everything first) would never have a job left to release it.
         self._consumer.forget_held(partitions)

@@ -243,6 +243,13 @@ class Consumer:
             asking = filled
         return taken
 
+    def seek(self, key: PartitionKey, offset: int) -> None:
+        """Read one partition again from ``offset`` (what was fetched of it is dropped)."""
+        tp = TopicPartition(*key)
+        if tp in self._consumer.assignment():
+            self._consumer.seek(tp, offset)
+            self._next[tp] = offset
+
     def assignment(self) -> set[PartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
