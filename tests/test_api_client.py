@@ -28,6 +28,7 @@ from services import service_missing
 from structlog.testing import capture_logs
 
 from schemas.api import SUCCESS_CODE
+from worker import api_client as api_client_module
 from worker import signing
 from worker.api_client import (
     ApiResponse,
@@ -841,3 +842,24 @@ async def test_a_ca_file_the_client_cannot_use_is_a_configuration_error(
     with pytest.raises(ConfigError) as refused:
         await client.start()
     assert str(refused.value).startswith(expected)
+
+
+async def test_an_http_client_that_cannot_start_without_a_ca_file_names_no_ca_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any builder error was reported as a bad COC_WORKER_API_CA_FILE, set or not (on an image
+    without the system's CA certificates the builder refuses to start)."""
+    causes = [{"message": "builder error"}, {"message": "No CA certificates were loaded from the system"}]
+
+    class Builder:
+        def __getattr__(self, name: str) -> Any:
+            if name == "build":
+                raise http_errors.BuilderError("builder error", {"causes": causes})
+            return lambda *args, **kwargs: self
+
+    monkeypatch.setattr(api_client_module, "ClientBuilder", Builder)
+    with pytest.raises(ConfigError) as refused:
+        await CocApiClient(settings("https://127.0.0.1:1")).start()
+    assert (
+        str(refused.value) == "the API client cannot start (No CA certificates were loaded from the system)"
+    )

@@ -429,3 +429,36 @@ async def test_a_partition_whose_offsets_went_back_starts_over_after_its_jobs(tm
         await real.stop()
         await worker._publisher.stop()
         await worker._store.close()
+
+
+async def test_records_read_before_a_rebalance_during_the_same_fetch_are_not_handed_up() -> None:
+    """A fetch asks each partition in turn, and a call waits while a rebalance runs. What earlier
+    calls had read belongs to the old assignment: the new one reads it again from the last commit.
+    Handed up, it was taken by the new assignment's offsets, and when it came again the partition
+    looked as if its offsets had gone back (a start-over, and each message answered twice)."""
+    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
+    parts = [TopicPartition(settings.input_topic, p) for p in range(3)]
+
+    class RebalancedDuringSecondCall(Prefetched):
+        before: list[tuple[int, int]] = []
+
+        async def getmany(
+            self, *partitions: TopicPartition, timeout_ms: int, max_records: int | None = None
+        ) -> dict[TopicPartition, list[SimpleNamespace]]:
+            if len(self.asked) == 1:
+                self.before = list(self.handed_out)
+                consumer._rebalanced()  # as the listener does, while this call waits
+            return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+    member = RebalancedDuringSecondCall(dict.fromkeys(parts, 10))
+    real, consumer._consumer = consumer._consumer, member  # type: ignore[assignment]
+    try:
+        fetched = [(m.partition, m.offset) for m in await consumer.fetch(12, 0.1)]
+        assert member.before  # the first call read some
+        assert fetched  # and later calls some more
+        assert not set(fetched) & set(member.before)
+        assert sorted(fetched) == sorted(set(member.handed_out) - set(member.before))
+        assert consumer._next == {(settings.input_topic, p): o + 1 for p, o in sorted(fetched)}
+    finally:
+        await real.stop()

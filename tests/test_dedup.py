@@ -403,3 +403,9 @@ def test_the_worker_prefix_is_not_passed_to_redis() -> None:
         connection_url(url)
         == "rediss://:pw@redis:6380/2?ssl_ca_certs=%2Fetc%2Fca.pem&ssl_check_hostname=false"
     )
+
+
+def test_a_redis_tls_file_that_cannot_be_read_is_a_configuration_error(tmp_path: Path) -> None:
+    """redis-py opens it when it connects: a missing CA file read as the store being down."""
+    with pytest.raises(ConfigError, match=r"\?ssl_ca_certs= names no readable file: /nowhere/ca.pem"):
+        open_store("rediss://redis:6380/0?ssl_ca_certs=/nowhere/ca.pem")

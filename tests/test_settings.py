@@ -400,6 +400,8 @@ def test_infinite_durations_and_rates_are_refused(overrides: dict[str, str]) -> 
         "redis://redis:6379/2?" + SECRET,
         "redis://redis:6379/2?prefix=p:&max_connections=2",
         "redis://redis:6379/2?ssl_ca_certs=/etc/ca.pem",  # TLS options on a plain connection
+        "redis://redis:6379/0?db=two",  # redis-py raised at start, naming no setting
+        "rediss://redis:6380/0?ssl_cert_reqs=strict",  # read as a store outage, for ever
     ],
 )
 def test_redis_url_options_the_worker_would_drop_are_refused(url: str) -> None:

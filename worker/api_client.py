@@ -129,10 +129,12 @@ def _build_client(settings: WorkerSettings) -> Client:
         builder = builder.add_root_certificate_pem(_read_ca_file(settings.api_ca_file))
     try:
         return builder.build()
-    except http_errors.BuilderError as exc:  # the CA file is the one input the builder parses
+    except http_errors.BuilderError as exc:
         causes = (getattr(exc, "details", None) or {}).get("causes") or [{}]
         reason = causes[-1].get("message") or type(exc).__name__
-        raise ConfigError(f"COC_WORKER_API_CA_FILE: not a valid PEM certificate ({reason})") from None
+        if settings.api_ca_file is not None:  # the one input of ours the builder parses
+            raise ConfigError(f"COC_WORKER_API_CA_FILE: not a valid PEM certificate ({reason})") from None
+        raise ConfigError(f"the API client cannot start ({reason})") from None
 
 
 def _read_ca_file(path: Path) -> bytes:

@@ -284,6 +284,7 @@ class Worker:
             offset=message.offset,
             in_flight=self._offsets.pending_of(key),
         )
+        self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.get_running_loop().create_task(self._rewind(key, message.offset, token)))
 
     async def _rewind(self, key: PartitionKey, offset: int, token: object) -> None:

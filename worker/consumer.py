@@ -9,7 +9,7 @@ drained and committed before another member takes them), and turns Kafka errors 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,16 +55,30 @@ class Message:
     timestamp_ms: int
     #: Why the client could not read this record (then its key, value and headers are unknown).
     unreadable: str | None = None
+    #: The consumer's assignment generation when the record was read (``Consumer.fetch``).
+    generation: int = 0
 
     @property
     def partition_key(self) -> PartitionKey:
         return (self.topic, self.partition)
 
 
-def messages_from(batches: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]) -> list[Message]:
+def messages_from(
+    batches: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]], generation: int = 0
+) -> list[Message]:
     """aiokafka's ``getmany`` result as our messages (the library type stays at this edge)."""
     return [
-        Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
+        Message(
+            r.topic,
+            r.partition,
+            r.offset,
+            r.key,
+            r.value,
+            list(r.headers or ()),
+            r.timestamp or 0,
+            None,
+            generation,
+        )
         for records in batches.values()
         for r in records
     ]
@@ -76,13 +90,16 @@ class RebalanceHandler(Protocol):
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, handler: RebalanceHandler) -> None:
+    def __init__(self, handler: RebalanceHandler, rebalanced: Callable[[], None]) -> None:
         self._handler = handler
+        self._rebalanced = rebalanced
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._rebalanced()
         await self._handler.on_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._rebalanced()
         await self._handler.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
 
@@ -106,14 +123,21 @@ class Consumer:
         self._turn = 0  # the partition a fetch asks first (``_shares``)
         self._deferred: Exception | None = None  # raised by the next fetch (``_shares``)
         #: Per partition, the offset after the last message handed up (``_read_past_unreadable``).
-        self._next: dict[TopicPartition, int] = {}
+        self._next: dict[PartitionKey, int] = {}
+        #: Bumped by every rebalance: a fetch that spans one drops what it read before it.
+        self._generation = 0
 
     async def start(self) -> None:
         try:
             await self._consumer.start()
         except KafkaError as exc:
             raise BrokerUnavailable(f"consumer cannot connect: {type(exc).__name__}") from exc
-        self._consumer.subscribe([self._settings.input_topic], listener=_Listener(self._handler))
+        self._consumer.subscribe(
+            [self._settings.input_topic], listener=_Listener(self._handler, self._rebalanced)
+        )
+
+    def _rebalanced(self) -> None:
+        self._generation += 1
 
     async def stop(self) -> None:
         await self._consumer.stop()
@@ -128,17 +152,26 @@ class Consumer:
         at each wake-up of a pause (the buffer full, about ten times a second at full load), the
         worker read ~10 times the input's bytes.
         """
+        generation = self._generation
         try:
             try:
+                # Stamped after the call: what one getmany returns is of the assignment it ended
+                # in, and _shares drops what its earlier calls read when a rebalance ran since.
                 batches = await self._take(max_records, int(timeout_s * 1000))
+                messages = messages_from(batches, self._generation)
             except UnicodeDecodeError:
-                return await self._read_past_unreadable(max_records)
+                messages = await self._read_past_unreadable(max_records)
         except KafkaError as exc:
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
-        for tp, records in batches.items():
-            if records:
-                self._next[tp] = records[-1].offset + 1
-        return messages_from(batches)
+        if self._generation != generation:
+            # Read before a rebalance that ran during this fetch (its calls wait for one): the
+            # partitions' new assignment reads them again from the last commit. Handed up, they
+            # were taken by the new assignment's offsets, and the same offsets read again looked
+            # like a partition whose offsets went back.
+            messages = [m for m in messages if m.generation == self._generation]
+        for m in messages:
+            self._next[m.topic, m.partition] = m.offset + 1
+        return messages
 
     def _fetchable(self) -> tuple[set[TopicPartition], list[TopicPartition]]:
         """The assigned partitions, and those of them not paused, in order."""
@@ -175,35 +208,63 @@ class Consumer:
         record at a time, up to the unreadable one: that one becomes a message that says so (an
         ``unreadable`` outcome and dead letter), and reading goes on after it. aiokafka decodes a
         whole record batch to reach any record of it, so the records after it in its batch are
-        unreadable to it too, and each becomes such a message in turn."""
+        unreadable to it too, and each becomes such a message in turn. Each partition reads at
+        most its share of ``max_records`` (a backlog elsewhere must not keep the one with the record
+        from moving), and an error after some records were read is kept for the next fetch, so that
+        those are handed up first.
+
+        Not told apart: a transaction marker or a compaction gap just before the record. aiokafka's
+        position stops there, and each such offset is reported ``unreadable`` too."""
+        if max_records <= 0:  # a poll that takes nothing: the next fetch meets the record again
+            return []
         _, partitions = self._fetchable()
         for tp in partitions:
-            start = self._next.get(tp)
+            start = self._next.get((tp.topic, tp.partition))
             if start is None:  # nothing handed up since it was assigned: from the last commit
                 start = await self._consumer.committed(tp)
             if start is None:
                 start = (await self._consumer.beginning_offsets([tp]))[tp]
             self._consumer.seek(tp, start)
         messages: list[Message] = []
+        share = max(1, max_records // max(1, len(partitions)))
         for tp in partitions:
-            while len(messages) < max_records:
-                try:
-                    got = await self._consumer.getmany(tp, timeout_ms=_STEP_WAIT_MS, max_records=1)
-                except UnicodeDecodeError:
-                    # The failed read left the position where it started; the next one moves it
-                    # to the record that failed (past any control records before it).
-                    await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
-                    offset = await self._consumer.position(tp)
-                    log.error("record_unreadable", topic=tp.topic, partition=tp.partition, offset=offset)
-                    messages.append(Message(tp.topic, tp.partition, offset, None, b"", [], 0, _UNREADABLE))
-                    self._consumer.seek(tp, offset + 1)
-                    self._next[tp] = offset + 1
-                    break
-                records = got.get(tp, [])
-                if not records:
-                    break
-                messages.extend(messages_from(got))
-                self._next[tp] = records[-1].offset + 1
+            try:
+                messages += await self._step(tp, share)
+            except KafkaError as exc:
+                if not messages:
+                    raise
+                self._deferred = exc
+            if self._deferred is not None:
+                break
+        return messages
+
+    async def _step(self, tp: TopicPartition, most: int) -> list[Message]:
+        """Up to ``most`` messages of one partition, one record at a time, ending at an unreadable
+        record (which becomes a message that says so) or when nothing more comes. A Kafka error
+        after some were read is kept for the next fetch (``_deferred``), and those are returned."""
+        messages: list[Message] = []
+        while len(messages) < most:
+            try:
+                got = await self._consumer.getmany(tp, timeout_ms=_STEP_WAIT_MS, max_records=1)
+            except KafkaError as exc:
+                if not messages:
+                    raise
+                self._deferred = exc
+                break
+            except UnicodeDecodeError:
+                # The failed read left the position where it started; the next one moves it to
+                # the record that failed.
+                await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
+                offset = await self._consumer.position(tp)
+                log.error("record_unreadable", topic=tp.topic, partition=tp.partition, offset=offset)
+                messages.append(
+                    Message(tp.topic, tp.partition, offset, None, b"", [], 0, _UNREADABLE, self._generation)
+                )
+                self._consumer.seek(tp, offset + 1)
+                break
+            if not got.get(tp):
+                break
+            messages += messages_from(got, self._generation)
         return messages
 
     async def _shares(self, partitions: list[TopicPartition], max_records: int) -> _Batches:
@@ -219,6 +280,7 @@ class Consumer:
         """
         taken: _Batches = {}
         left = max_records
+        generation = self._generation
         self._turn = (self._turn + 1) % len(partitions)  # who goes first when the shares run out
         asking = partitions[self._turn :] + partitions[: self._turn]
         while asking and left > 0:
@@ -233,6 +295,8 @@ class Consumer:
                         raise
                     self._deferred = exc
                     return taken
+                if self._generation != generation:  # a rebalance ran during the call (see fetch)
+                    taken, left, generation = {}, max_records, self._generation
                 if got:
                     taken.setdefault(tp, []).extend(got)
                     left -= len(got)
@@ -248,7 +312,7 @@ class Consumer:
         tp = TopicPartition(*key)
         if tp in self._consumer.assignment():
             self._consumer.seek(tp, offset)
-            self._next[tp] = offset
+            self._next[key] = offset
 
     def assignment(self) -> set[PartitionKey]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -287,7 +351,7 @@ class Consumer:
         last commit."""
         self._held -= keys
         for key in keys:
-            self._next.pop(TopicPartition(*key), None)
+            self._next.pop(key, None)
 
     def release(self, key: PartitionKey) -> None:
         self._held.discard(key)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections import OrderedDict
@@ -577,5 +578,9 @@ def open_store(url: str) -> DedupStore:
             raise ConfigError("COC_WORKER_DEDUP_URL: use sqlite:///relative/path or sqlite:////absolute/path")
         return SqliteStore(Path(path))
     if parts.scheme in ("redis", "rediss"):
+        for option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            # Read when connecting: a missing file would look like the store being down.
+            if option in query and not os.access(query[option], os.R_OK):
+                raise ConfigError(f"COC_WORKER_DEDUP_URL: ?{option}= names no readable file: {query[option]}")
         return RedisStore(url, prefix=query.get("prefix", "coc:dedup:"))
     raise ConfigError(f"COC_WORKER_DEDUP_URL: unsupported scheme {parts.scheme!r}")

@@ -280,7 +280,8 @@ class WorkerSettings(BaseSettings):
                 raise ValueError(_REDIS_URL_HINT) from None
             if not parts.hostname or "@" in parts.path + parts.query + parts.fragment:
                 raise ValueError(_REDIS_URL_HINT)
-            options = set(parse_qs(parts.query, keep_blank_values=True))
+            values = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+            options = set(values)
             if options - REDIS_URL_OPTIONS:  # not echoed: a misplaced password would be one
                 raise ValueError(
                     f"a Redis URL takes only the options {', '.join(sorted(REDIS_URL_OPTIONS))}"
@@ -288,6 +289,10 @@ class WorkerSettings(BaseSettings):
                 )
             if parts.scheme == "redis" and any(name.startswith("ssl_") for name in options):
                 raise ValueError("the ssl_* options need a TLS connection: rediss://")
+            if not values.get("db", "0").isdigit():  # redis-py raised at start, naming no setting
+                raise ValueError("?db= must be a whole number")
+            if values.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+                raise ValueError("?ssl_cert_reqs= must be none, optional or required")
         return value
 
     @model_validator(mode="after")
