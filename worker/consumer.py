@@ -155,23 +155,25 @@ class Consumer:
         generation = self._generation
         try:
             try:
-                # Stamped after the call: what one getmany returns is of the assignment it ended
-                # in, and _shares drops what its earlier calls read when a rebalance ran since.
                 batches = await self._take(max_records, int(timeout_s * 1000))
-                messages = messages_from(batches, self._generation)
             except UnicodeDecodeError:
                 messages = await self._read_past_unreadable(max_records)
+                if self._generation != generation:
+                    # Read before a rebalance that ran meanwhile (its calls wait for one): the new
+                    # assignment reads them again from the last commit. Handed up, they would be
+                    # taken by its offsets, and read again they would look like offsets gone back.
+                    messages = [m for m in messages if m.generation == self._generation]
+                for m in messages:
+                    self._next[m.topic, m.partition] = m.offset + 1
+                return messages
         except KafkaError as exc:
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
-        if self._generation != generation:
-            # Read before a rebalance that ran during this fetch (its calls wait for one): the
-            # partitions' new assignment reads them again from the last commit. Handed up, they
-            # were taken by the new assignment's offsets, and the same offsets read again looked
-            # like a partition whose offsets went back.
-            messages = [m for m in messages if m.generation == self._generation]
-        for m in messages:
-            self._next[m.topic, m.partition] = m.offset + 1
-        return messages
+        # What one getmany returns is of the assignment it ended in, and _shares drops what its
+        # earlier calls read when a rebalance ran since.
+        for tp, records in batches.items():
+            if records:
+                self._next[tp.topic, tp.partition] = records[-1].offset + 1
+        return messages_from(batches, self._generation)
 
     def _fetchable(self) -> tuple[set[TopicPartition], list[TopicPartition]]:
         """The assigned partitions, and those of them not paused, in order."""
