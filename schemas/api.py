@@ -117,4 +117,6 @@ class UpdateTicketResponse(BaseModel):
 
     @property
     def succeeded(self) -> bool:
-        return self.error_code == SUCCESS_CODE
+        """Table 6 gives ``error_code`` the default value ``GOM.00000000``: an answer without it
+        says success as much as one with it (a 2xx without it was reported ``rejected``)."""
+        return self.error_code is None or self.error_code == SUCCESS_CODE

@@ -24,7 +24,7 @@ from waiting import until
 from schemas.api import UpdateTicketResponse
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
 from worker.api_client import ApiResponse, CocApiClient
-from worker.apply import ApiCaller, ApplyResult
+from worker.apply import UNNAMED_TICKET, ApiCaller, ApplyResult
 from worker.errors import ApiAuthError, ApiTransientError
 from worker.gate import Gate
 from worker.mapping import already_applied, to_request_body
@@ -767,6 +767,44 @@ async def test_a_ticket_refused_even_to_reads_does_not_keep_every_ticket_paused(
     assert client.probed
     assert set(client.probed) == {"T-OK"}
     assert (await asyncio.wait_for(put("T-OK", "ev-3"), 5)).status == "applied"
+
+
+async def test_a_ticket_refused_even_to_reads_before_any_ticket_answered_does_not_pause_for_ever(
+    rig: Rig,
+) -> None:
+    """With no ticket answered yet (the refused event the first since a start), the probe read that
+    same ticket, was refused for ever, and nothing else could run to give it another: every event
+    stayed paused, and after a restart the same message came first again. The probe now asks a
+    ticket no event names whether the credentials work at all."""
+    client = _OneTicketForbidden()
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
+
+    refused = await asyncio.wait_for(caller.apply("T-X", b"{}", event_id="ev-1", traceparent=TRACEPARENT), 5)
+
+    assert (refused.status, refused.http_status) == ("rejected", 403)
+    assert client.probed[:2] == ["T-X", UNNAMED_TICKET]
+    assert rig.gate.is_open
+
+
+async def test_credentials_refused_everywhere_stay_paused_until_they_work(rig: Rig) -> None:
+    """The fallback must not open the gate for credentials that no ticket accepts."""
+    client = _OneTicketForbidden()
+    works = asyncio.Event()
+
+    async def probe(ticket_id: str) -> None:
+        client.probed.append(ticket_id)
+        if not works.is_set():
+            raise ApiAuthError("HTTP 403: credentials refused (APIGW.0302)", http_status=403)
+
+    client.probe = probe  # type: ignore[method-assign]
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
+    job = asyncio.ensure_future(caller.apply("T-X", b"{}", event_id="ev-1", traceparent=TRACEPARENT))
+    await until(lambda: client.probed.count(UNNAMED_TICKET) >= 2)
+    assert not job.done()
+    assert not rig.gate.is_open
+    works.set()
+    result = await asyncio.wait_for(job, 5)
+    assert (result.status, result.http_status) == ("rejected", 403)  # T-X itself is still refused
 
 
 # --------------------------------------------------------------------------- reads after a lost answer

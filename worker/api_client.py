@@ -361,6 +361,9 @@ class CocApiClient:
                 error_code=code,
                 retry_after_s=retry_after,
                 ambiguous=status in AMBIGUOUS_STATUSES,
+                # A gateway that stopped waiting, as our own read timeout does: the backend may
+                # still be applying it, so the ticket is read only after the settle wait.
+                timed_out=status == 504,
             )
         return ApiRejected(
             f"HTTP {status}" + (f": {code} {message or ''}".rstrip() if code else ""),

@@ -59,6 +59,10 @@ class Reachability:
         return now - self._failing_since >= self._threshold_s
 
 
+#: The ticket the auth probe reads when no ticket has answered yet: an id no deploy system uses.
+UNNAMED_TICKET = "coc-worker-auth-probe"
+
+
 class ApiCaller:
     def __init__(
         self,
@@ -96,11 +100,21 @@ class ApiCaller:
         self._answered_ticket: str | None = None
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
-        target = self._answered_ticket or ticket_id
-
         async def probe() -> None:
             self._client.refresh_credentials()
-            await self._client.probe(target)
+            answered = self._answered_ticket
+            if answered is not None:
+                await self._client.probe(answered)
+                return
+            try:
+                await self._client.probe(ticket_id)
+            except ApiAuthError as refused:
+                if refused.http_status != 403:
+                    raise
+                # No ticket has answered yet (the first event since a start may be the refused
+                # one): whether the credentials work at all is asked of a ticket no event names,
+                # which a working key reads as "no such ticket". Else the gate never opened.
+                await self._client.probe(UNNAMED_TICKET)
 
         self._gate.trip(exc, probe)
 

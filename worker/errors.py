@@ -56,7 +56,8 @@ class ApiTransientError(TransientError):
 
     ``ambiguous`` is true when the request may have reached the API (a read timeout or a dropped
     connection after the body was sent): a retry might find the change already applied.
-    ``timed_out`` marks the read timeout among those: the API may still be working on it.
+    ``timed_out`` marks a read timeout (ours, or a gateway's 504) among those: the API may still
+    be working on it.
     """
 
     def __init__(
