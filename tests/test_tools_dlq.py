@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from worker.consumer import Message
 from worker.publisher import DeadLetter, dead_letter_headers
-from worker.tools.dlq import DeadLetterRecord, Selection, replay_headers
+from worker.tools.dlq import DeadLetterRecord, Selection, _refusal, replay_headers
 
 TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
 EVENT = {"event_id": "e1", "type": "change.ended", "ticket_id": "CM1", "sub_ticket_id": "s1"}
@@ -85,3 +85,15 @@ def test_replayed_headers_drop_the_dlq_explanation_and_say_where_from() -> None:
         ("coc-replayed-from-offset", b"7"),
         ("coc-replayed-at", now.isoformat().encode()),
     ]
+
+
+def test_the_dead_letter_of_an_unreadable_record_is_never_replayed() -> None:
+    """Its empty key and value are not the event: replayed, they went to the input as a junk
+    message (a new bad_json dead letter pointing at the copy), and the run reported success."""
+    record = DeadLetterRecord.from_message(
+        dead_letter(value=b"", key=None, event_id=None, status="invalid", reason="unreadable"), 1 << 20
+    )
+    assert _refusal(record, "in", target_named=False) == (
+        "the Kafka client could not read the input record (a header key that is not UTF-8);"
+        " the whole message is at in/2/40"
+    )

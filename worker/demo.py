@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ SEED: dict[str, list[dict[str, Any]]] = {
     ]
 }
 BURST_TICKETS, BURST_PER_TICKET = 300, 3
+#: How long the scenario's outcomes are waited for.
+OUTCOMES_TIMEOUT_S = 60.0
 
 
 def _scenario() -> list[tuple[str, dict[str, Any] | bytes]]:
@@ -125,6 +128,7 @@ async def run_demo(verbose: bool = False) -> int:
                 kafka_heartbeat_interval_ms=300,
                 kafka_fetch_max_wait_ms=20,
                 worker_id="demo-worker",
+                shutdown_grace_s=5.0,  # a demo that went wrong must not hold the terminal for long
             )
             worker = Worker(settings)
             task = asyncio.create_task(worker.run())
@@ -138,6 +142,8 @@ async def run_demo(verbose: bool = False) -> int:
                 scenario = _scenario()
                 await produce(broker.bootstrap, TOPICS["input"], [_encode(item) for _, item in scenario])
                 outcomes = await _outcomes(broker.bootstrap, len(scenario))
+                if len(outcomes) < len(scenario):
+                    return _incomplete(f"{len(outcomes)} of {len(scenario)} outcomes", OUTCOMES_TIMEOUT_S)
                 _print_scenario(scenario, outcomes)
                 _print_tickets(sim)
                 dead = await read_topic(
@@ -145,7 +151,11 @@ async def run_demo(verbose: bool = False) -> int:
                 )
                 print(f"\nDead-letter topic: {len(dead)} record(s); reason: ", end="")
                 print(", ".join(f"{(r.header('coc-dlq-error') or b'').decode()[:90]}" for r in dead))
-                rate = await _burst(broker.bootstrap, len(scenario))
+                done, rate = await _burst(broker.bootstrap, len(scenario))
+                if done < BURST_TICKETS * BURST_PER_TICKET:
+                    return _incomplete(
+                        f"{done} of the burst's {BURST_TICKETS * BURST_PER_TICKET} outcomes", 120
+                    )
                 print(
                     f"\nBurst: {BURST_TICKETS * BURST_PER_TICKET} events on {BURST_TICKETS} tickets "
                     f"(API latency 5-15 ms) -> {rate:,.0f} events/s end to end"
@@ -155,6 +165,16 @@ async def run_demo(verbose: bool = False) -> int:
                 await asyncio.wait_for(task, 60)
     print(f"\nDemo finished in {time.monotonic() - started:.1f}s; everything stopped.")
     return 0
+
+
+def _incomplete(what: str, timeout_s: float) -> int:
+    """The demo's exit status when the worker did not finish its part: it must not pass as a run."""
+    print(
+        f"\nDemo incomplete: {what} within {timeout_s:g} s. Run `coc-worker demo --verbose` for the"
+        " worker's log.",
+        file=sys.stderr,
+    )
+    return 1
 
 
 async def _until(predicate: Any, timeout_s: float) -> None:
@@ -167,7 +187,9 @@ async def _until(predicate: Any, timeout_s: float) -> None:
 
 
 async def _outcomes(bootstrap: str, count: int) -> list[dict[str, Any]]:
-    records = await read_topic(bootstrap, TOPICS["results"], until=lambda r: len(r) >= count, timeout_s=60)
+    records = await read_topic(
+        bootstrap, TOPICS["results"], until=lambda r: len(r) >= count, timeout_s=OUTCOMES_TIMEOUT_S
+    )
     return [json.loads(r.value or b"{}") for r in records]
 
 
@@ -205,7 +227,8 @@ def _print_tickets(sim: SimulatorServer) -> None:
     print(_table(rows, ["ticket", "sub-ticket", "state", "change_result"]))
 
 
-async def _burst(bootstrap: str, already: int) -> float:
+async def _burst(bootstrap: str, already: int) -> tuple[int, float]:
+    """(outcomes of the burst read within the time allowed, its events per second)"""
     events = []
     for n in range(BURST_TICKETS):
         ticket = f"CMBURST{n:05d}"
@@ -214,5 +237,5 @@ async def _burst(bootstrap: str, already: int) -> float:
     t0 = time.monotonic()
     await produce(bootstrap, TOPICS["input"], events)
     total = already + len(events)
-    await read_topic(bootstrap, TOPICS["results"], until=lambda r: len(r) >= total, timeout_s=120)
-    return len(events) / (time.monotonic() - t0)
+    records = await read_topic(bootstrap, TOPICS["results"], until=lambda r: len(r) >= total, timeout_s=120)
+    return len(records) - already, len(events) / (time.monotonic() - t0)

@@ -75,6 +75,9 @@ class DeadLetterRecord:
         cut = None
         if "tombstone" in dlq:
             cut = "the input was a tombstone (no value): there is no event to replay"
+        elif dlq.get("reason") == "unreadable":
+            # Its empty key and value are not the event: sent, they would be a junk message.
+            cut = "the Kafka client could not read the input record (a header key that is not UTF-8)"
         elif "key-dropped" in dlq:
             cut = "the dead-letter writer dropped its key and value (too large)"
         elif "value-truncated-from" in dlq:
