@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
 from worker.app import Worker
 from worker.logs import configure
 from worker.sandbox import TansuBroker, create_topics, produce, read_topic
-from worker.settings import load_settings
+from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
 
 AK, SK = "demo-ak", "demo-sk-0123456789abcdef"
@@ -113,7 +115,7 @@ async def run_demo(verbose: bool = False) -> int:
         config = SimulatorConfig(credentials={AK: SK}, seed=SEED, auto_create=True, rng_seed=1)
         config.faults = config.faults.updated(latency_ms=5, latency_jitter_ms=10)
         async with SimulatorServer(config) as sim:
-            settings = load_settings(
+            settings = demo_settings(
                 kafka_bootstrap_servers=broker.bootstrap,
                 input_topic=TOPICS["input"],
                 results_topic=TOPICS["results"],
@@ -165,6 +167,28 @@ async def run_demo(verbose: bool = False) -> int:
                 await asyncio.wait_for(task, 60)
     print(f"\nDemo finished in {time.monotonic() - started:.1f}s; everything stopped.")
     return 0
+
+
+class _OwnValuesOnly(WorkerSettings):
+    """Settings from the values given, never from the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def demo_settings(**values: Any) -> WorkerSettings:
+    """The demo's worker runs on its own broker, simulator and values: a ``COC_WORKER_*`` variable
+    left in the user's shell (the README's SASL example, a Redis URL) pointed it elsewhere, or
+    stopped it as an unknown setting."""
+    return _OwnValuesOnly(**values)
 
 
 def _incomplete(what: str, timeout_s: float) -> int:

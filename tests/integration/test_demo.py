@@ -9,7 +9,12 @@ import pytest
 import worker.demo as demo
 
 
-async def test_the_demo_runs_its_scenario_and_burst(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_the_demo_runs_its_scenario_and_burst(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left in the user's shell, these pointed the demo's worker at SASL, or stopped it.
+    monkeypatch.setenv("COC_WORKER_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("COC_WORKER_NOT_A_SETTING", "x")
     assert await demo.run_demo() == 0
     out = capsys.readouterr().out
     assert out.count(" applied    1 ") == 8  # status and calls columns
@@ -25,12 +30,12 @@ async def test_a_demo_whose_worker_cannot_finish_fails(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It printed a partial table and "Demo finished", and exited 0."""
-    real_load = demo.load_settings
+    own = demo.demo_settings
 
-    def wrong_key(**overrides: Any) -> Any:  # the simulator refuses every call: the worker pauses
-        return real_load(**{**overrides, "api_sk": "not-the-demo-sk-0123"})
+    def wrong_key(**values: Any) -> Any:  # the simulator refuses every call: the worker pauses
+        return own(**{**values, "api_sk": "not-the-demo-sk-0123"})
 
-    monkeypatch.setattr(demo, "load_settings", wrong_key)
+    monkeypatch.setattr(demo, "demo_settings", wrong_key)
     monkeypatch.setattr(demo, "OUTCOMES_TIMEOUT_S", 3.0)
     assert await demo.run_demo() == 1
     captured = capsys.readouterr()
