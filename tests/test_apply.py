@@ -8,10 +8,12 @@ fault is exact rather than a race.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import socket
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,9 +234,6 @@ async def test_a_failed_event_leaves_no_cyclic_garbage_behind(rig: Rig, faults: 
     """A failure the retry loop keeps (``error``) must not keep its frames: with the worker's
     raised GC threshold (``worker/cli.py``), cycles of frames holding request bodies would pile up
     between collections under an API outage."""
-    import gc
-    import types
-
     rig.sim.state.set_faults(**faults)
     policy = RetryPolicy(max_attempts=3, max_elapsed_s=10.0, base_delay_s=0.001, max_delay_s=0.005)
     caller = rig.caller(policy)

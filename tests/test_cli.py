@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from pathlib import Path
 
 import pytest
 
-from worker.cli import main
+from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, main
 
 
 def test_a_missing_file_is_a_message_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,11 +39,6 @@ def test_a_dedup_url_with_a_password_is_refused_on_the_command_line(
 def test_once_started_the_heap_is_frozen_and_cyclic_garbage_is_still_collected() -> None:
     """The worker raises the young generation's threshold once it has started (``cli``): the
     collector must still run by itself when cyclic garbage piles up, or memory would grow."""
-    import asyncio
-    import gc
-
-    from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started
-
     before = gc.get_threshold()
     collections: list[int] = []
 

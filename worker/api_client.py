@@ -130,8 +130,8 @@ def _build_client(settings: WorkerSettings) -> Client:
     try:
         return builder.build()
     except http_errors.BuilderError as exc:
-        causes = (getattr(exc, "details", None) or {}).get("causes") or [{}]
-        reason = causes[-1].get("message") or type(exc).__name__
+        causes = _causes(exc)
+        reason = (causes[-1].get("message") if causes else None) or type(exc).__name__
         if settings.api_ca_file is not None:  # the one input of ours the builder parses
             raise ConfigError(f"COC_WORKER_API_CA_FILE: not a valid PEM certificate ({reason})") from None
         raise ConfigError(f"the API client cannot start ({reason})") from None
@@ -157,10 +157,14 @@ def _read_ca_file(path: Path) -> bytes:
 _CONNECT_PHASE_CAUSE = "client error (Connect)"
 
 
+def _causes(exc: http_errors.PyreqwestError) -> list[dict[str, Any]]:
+    """pyreqwest's cause chain of an error, outermost first (``[{"message": ...}, ...]``)."""
+    return list((getattr(exc, "details", None) or {}).get("causes") or [])
+
+
 def _classify_transport_error(exc: http_errors.PyreqwestError) -> tuple[str, ApiTransientError]:
     """A failed attempt without an HTTP answer: (metrics code, the worker's error)."""
-    details = getattr(exc, "details", None) or {}
-    causes = details.get("causes") or []
+    causes = _causes(exc)
     timed_out = isinstance(exc, http_errors.RequestTimeoutError)
     if any(cause.get("message") == _CONNECT_PHASE_CAUSE for cause in causes):
         detail = "timed out connecting to the API" if timed_out else "cannot connect to the API"

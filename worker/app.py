@@ -23,9 +23,9 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
-from worker.decode import decode_or_salvage, salvage_identity
+from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable, InvalidEvent
+from worker.errors import BrokerUnavailable
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -249,14 +249,9 @@ class Worker:
         if self._offsets.pending_of(key) >= self._uncommitted_limit and key not in self._consumer.held:
             self._consumer.hold(key)
             log.warning("partition_held", topic=key[0], partition=key[1], uncommitted=self._uncommitted_limit)
-        if message.unreadable is None:
-            event, invalid, salvaged = decode_or_salvage(message.value, self.settings.max_event_bytes)
-        else:
-            event, invalid, salvaged = (
-                None,
-                InvalidEvent("unreadable", message.unreadable),
-                salvage_identity(None, 0),
-            )
+        event, invalid, salvaged = decode_or_salvage(
+            message.value, self.settings.max_event_bytes, unreadable=message.unreadable
+        )
         job = Job(
             message,
             event,

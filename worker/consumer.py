@@ -55,30 +55,16 @@ class Message:
     timestamp_ms: int
     #: Why the client could not read this record (then its key, value and headers are unknown).
     unreadable: str | None = None
-    #: The consumer's assignment generation when the record was read (``Consumer.fetch``).
-    generation: int = 0
 
     @property
     def partition_key(self) -> PartitionKey:
         return (self.topic, self.partition)
 
 
-def messages_from(
-    batches: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]], generation: int = 0
-) -> list[Message]:
+def messages_from(batches: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]) -> list[Message]:
     """aiokafka's ``getmany`` result as our messages (the library type stays at this edge)."""
     return [
-        Message(
-            r.topic,
-            r.partition,
-            r.offset,
-            r.key,
-            r.value,
-            list(r.headers or ()),
-            r.timestamp or 0,
-            None,
-            generation,
-        )
+        Message(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or ()), r.timestamp or 0)
         for records in batches.values()
         for r in records
     ]
@@ -152,20 +138,11 @@ class Consumer:
         at each wake-up of a pause (the buffer full, about ten times a second at full load), the
         worker read ~10 times the input's bytes.
         """
-        generation = self._generation
         try:
             try:
                 batches = await self._take(max_records, int(timeout_s * 1000))
             except UnicodeDecodeError:
-                messages = await self._read_past_unreadable(max_records)
-                if self._generation != generation:
-                    # Read before a rebalance that ran meanwhile (its calls wait for one): the new
-                    # assignment reads them again from the last commit. Handed up, they would be
-                    # taken by its offsets, and read again they would look like offsets gone back.
-                    messages = [m for m in messages if m.generation == self._generation]
-                for m in messages:
-                    self._next[m.topic, m.partition] = m.offset + 1
-                return messages
+                return await self._read_past_unreadable(max_records)
         except KafkaError as exc:
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
         # What one getmany returns is of the assignment it ended in, and _shares drops what its
@@ -173,7 +150,7 @@ class Consumer:
         for tp, records in batches.items():
             if records:
                 self._next[tp.topic, tp.partition] = records[-1].offset + 1
-        return messages_from(batches, self._generation)
+        return messages_from(batches)
 
     def _fetchable(self) -> tuple[set[TopicPartition], list[TopicPartition]]:
         """The assigned partitions, and those of them not paused, in order."""
@@ -227,24 +204,31 @@ class Consumer:
             if start is None:
                 start = (await self._consumer.beginning_offsets([tp]))[tp]
             self._consumer.seek(tp, start)
-        messages: list[Message] = []
+        read: list[tuple[int, Message]] = []  # (the rebalance count it was read under, the message)
         share = max(1, max_records // max(1, len(partitions)))
         for tp in partitions:
             try:
-                messages += await self._step(tp, share)
+                read += await self._step(tp, share)
             except KafkaError as exc:
-                if not messages:
+                if not read:
                     raise
                 self._deferred = exc
             if self._deferred is not None:
                 break
+        # What was read before a rebalance that ran meanwhile (these calls wait for one) is read
+        # again by the new assignment from the last commit. Handed up, it would be taken by its
+        # offsets, and read again it would look like offsets gone back.
+        messages = [message for generation, message in read if generation == self._generation]
+        for m in messages:
+            self._next[m.topic, m.partition] = m.offset + 1
         return messages
 
-    async def _step(self, tp: TopicPartition, most: int) -> list[Message]:
+    async def _step(self, tp: TopicPartition, most: int) -> list[tuple[int, Message]]:
         """Up to ``most`` messages of one partition, one record at a time, ending at an unreadable
-        record (which becomes a message that says so) or when nothing more comes. A Kafka error
-        after some were read is kept for the next fetch (``_deferred``), and those are returned."""
-        messages: list[Message] = []
+        record (which becomes a message that says so) or when nothing more comes, each with the
+        rebalance count it was read under. A Kafka error after some were read is kept for the next
+        fetch (``_deferred``), and those are returned."""
+        messages: list[tuple[int, Message]] = []
         while len(messages) < most:
             try:
                 got = await self._consumer.getmany(tp, timeout_ms=_STEP_WAIT_MS, max_records=1)
@@ -259,14 +243,13 @@ class Consumer:
                 await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
                 offset = await self._consumer.position(tp)
                 log.error("record_unreadable", topic=tp.topic, partition=tp.partition, offset=offset)
-                messages.append(
-                    Message(tp.topic, tp.partition, offset, None, b"", [], 0, _UNREADABLE, self._generation)
-                )
+                unreadable = Message(tp.topic, tp.partition, offset, None, b"", [], 0, _UNREADABLE)
+                messages.append((self._generation, unreadable))
                 self._consumer.seek(tp, offset + 1)
                 break
             if not got.get(tp):
                 break
-            messages += messages_from(got, self._generation)
+            messages += [(self._generation, message) for message in messages_from(got)]
         return messages
 
     async def _shares(self, partitions: list[TopicPartition], max_records: int) -> _Batches:

@@ -170,10 +170,13 @@ Identity = dict[str, str | None]
 
 
 def decode_or_salvage(
-    value: bytes | None, max_bytes: int
+    value: bytes | None, max_bytes: int, *, unreadable: str | None = None
 ) -> tuple[AnyChangeEvent, None, None] | tuple[None, InvalidEvent, Identity]:
     """``(event, None, None)``, or for a message ``decode`` refuses ``(None, why, what its value
-    still tells)`` (``salvage_identity``), from one parse of the value."""
+    still tells)`` (``salvage_identity``), from one parse of the value. ``unreadable``: why the
+    Kafka client could not read the record at all (``consumer.Message.unreadable``)."""
+    if unreadable is not None:
+        return None, InvalidEvent("unreadable", unreadable), _identity_of(None)
     try:
         obj = parse_json(value, max_bytes)
     except InvalidEvent as exc:

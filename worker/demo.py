@@ -38,8 +38,10 @@ SEED: dict[str, list[dict[str, Any]]] = {
     ]
 }
 BURST_TICKETS, BURST_PER_TICKET = 300, 3
+BURST_EVENTS = BURST_TICKETS * BURST_PER_TICKET
 #: How long the scenario's outcomes are waited for.
 OUTCOMES_TIMEOUT_S = 60.0
+BURST_TIMEOUT_S = 120.0
 
 
 def _scenario() -> list[tuple[str, dict[str, Any] | bytes]]:
@@ -154,12 +156,10 @@ async def run_demo(verbose: bool = False) -> int:
                 print(f"\nDead-letter topic: {len(dead)} record(s); reason: ", end="")
                 print(", ".join(f"{(r.header('coc-dlq-error') or b'').decode()[:90]}" for r in dead))
                 done, rate = await _burst(broker.bootstrap, len(scenario))
-                if done < BURST_TICKETS * BURST_PER_TICKET:
-                    return _incomplete(
-                        f"{done} of the burst's {BURST_TICKETS * BURST_PER_TICKET} outcomes", 120
-                    )
+                if done < BURST_EVENTS:
+                    return _incomplete(f"{done} of the burst's {BURST_EVENTS} outcomes", BURST_TIMEOUT_S)
                 print(
-                    f"\nBurst: {BURST_TICKETS * BURST_PER_TICKET} events on {BURST_TICKETS} tickets "
+                    f"\nBurst: {BURST_EVENTS} events on {BURST_TICKETS} tickets "
                     f"(API latency 5-15 ms) -> {rate:,.0f} events/s end to end"
                 )
             finally:
@@ -261,5 +261,7 @@ async def _burst(bootstrap: str, already: int) -> tuple[int, float]:
     t0 = time.monotonic()
     await produce(bootstrap, TOPICS["input"], events)
     total = already + len(events)
-    records = await read_topic(bootstrap, TOPICS["results"], until=lambda r: len(r) >= total, timeout_s=120)
+    records = await read_topic(
+        bootstrap, TOPICS["results"], until=lambda r: len(r) >= total, timeout_s=BURST_TIMEOUT_S
+    )
     return len(records) - already, len(events) / (time.monotonic() - t0)

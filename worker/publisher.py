@@ -229,27 +229,23 @@ class Publisher:
         sent: list[asyncio.Future[object]] = []
         batch = self._producer.create_batch()
         members: list[asyncio.Future[None]] = []
-        rest = 0  # items[rest:] are in no batch handed over
+        handed = 0  # items[:handed] are in batches handed over
         try:
-            for index, (key, value, headers, delivered) in enumerate(items):
+            for key, value, headers, delivered in items:
                 if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
                     # Full: send it and start the next one, which takes any first record whatever
                     # its size (one the broker refuses fails its waiter when the batch is answered).
-                    rest = index
-                    handed = await self._producer.send_batch(batch, topic, partition=partition)
-                    sent.append(_settle_when_sent(handed, members))
+                    answer = await self._producer.send_batch(batch, topic, partition=partition)
+                    sent.append(_settle_when_sent(answer, members))
+                    handed += len(members)
                     batch, members = self._producer.create_batch(), []
                     batch.append(timestamp=None, key=key, value=value, headers=headers)
                 members.append(delivered)
-            rest = len(items)
             if members:
-                sent.append(
-                    _settle_when_sent(
-                        await self._producer.send_batch(batch, topic, partition=partition), members
-                    )
-                )
+                answer = await self._producer.send_batch(batch, topic, partition=partition)
+                sent.append(_settle_when_sent(answer, members))
         except Exception as exc:
-            _fail(members + [item[3] for item in items[rest:]], exc)
+            _fail([item[3] for item in items[handed:]], exc)
         return sent
 
     def _partition(self, key: bytes | None) -> int:
