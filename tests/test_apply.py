@@ -160,6 +160,9 @@ async def test_transient_503s_then_success(rig: Rig) -> None:
         async def acquire(self) -> None:
             self.acquired += 1
 
+        async def give_back(self) -> None:
+            self.acquired -= 1
+
         async def close(self) -> None:
             return None
 
@@ -843,3 +846,48 @@ async def test_waiting_for_the_rate_limit_is_not_taken_off_the_retry_budget(rig:
     attempts = Attempts(actions={2: lambda: state.set_faults(error_ratio=0.0)})
     result = await rig.apply(rig.caller(policy, rate_limit=bucket), hook=attempts)
     assert (result.status, result.calls) == ("applied", 2)
+
+
+async def test_jobs_cancelled_while_queued_for_a_concurrency_slot_give_their_rate_slots_back(
+    rig: Rig,
+) -> None:
+    """A rebalance cancels every job queued for a concurrency slot. Each had already reserved its
+    rate-limit slot (a burst of 51 lets them all through without a wait); before, those slots
+    stayed reserved, and the next call waited 2 s for slots no call used (at a real rate of 10/s
+    and 256 jobs, 25 s of no calls)."""
+    bucket = TokenBucket(rate_per_s=0.5, burst=51, metrics=rig.metrics)
+    concurrency = AdaptiveConcurrency(1, rig.metrics)
+    caller = rig.caller(rate_limit=bucket, concurrency=concurrency)
+    holding = asyncio.Event()
+
+    async def hold_the_slot() -> None:
+        holding.set()
+        await asyncio.Event().wait()
+
+    holder = asyncio.create_task(rig.apply(caller, before_send=hold_the_slot))
+    await asyncio.wait_for(holding.wait(), 5)
+    queued = [asyncio.create_task(rig.apply(caller, started(event_id=f"ev-{i}"))) for i in range(50)]
+    await until(lambda: len(concurrency._waiters) == 50, what="every job queued for the slot")
+    for task in [holder, *queued]:
+        task.cancel()
+    await asyncio.gather(holder, *queued, return_exceptions=True)
+
+    await asyncio.wait_for(bucket.acquire(), 1.0)  # waited 2 s for the cancelled jobs' slots
+    assert not rig.sim.state.requests  # no job made a call
+
+
+async def test_a_claim_lost_before_the_send_gives_its_rate_slot_back(rig: Rig) -> None:
+    """``before_send`` failed (the claim's lease taken over): no call was made with the slot."""
+    bucket = TokenBucket(rate_per_s=0.5, burst=2, metrics=rig.metrics)
+
+    class ClaimLost(Exception):
+        pass
+
+    async def lose_the_claim() -> None:
+        raise ClaimLost
+
+    with pytest.raises(ClaimLost):
+        await rig.apply(rig.caller(rate_limit=bucket), before_send=lose_the_claim)
+    await asyncio.wait_for(bucket.acquire(), 1.0)
+    await asyncio.wait_for(bucket.acquire(), 1.0)  # waited 2 s for the slot no call used
+    assert not rig.sim.state.requests

@@ -147,18 +147,24 @@ class ApiCaller:
             response = await self._client.update_ticket(
                 ticket_id, body, event_id=event_id, traceparent=traceparent
             )
-        except asyncio.CancelledError:
-            if sending:  # a request made may still land; one never made cannot
-                self._abandon(event_id, time.monotonic() + self._abandon_s)
-            raise
         except ApiTransientError as exc:
             if exc.http_status == 429:
                 self._concurrency.throttled()
+            raise
+        except BaseException as exc:
+            if not sending:  # cancelled or the claim lost before the send: the slot served no call
+                await self._give_back_rate()
+            elif isinstance(exc, asyncio.CancelledError):  # a request made may still land
+                self._abandon(event_id, time.monotonic() + self._abandon_s)
             raise
         finally:
             self._concurrency.release()
         self._concurrency.succeeded()
         return response
+
+    async def _give_back_rate(self) -> None:
+        if self._rate_limit is not None:
+            await self._rate_limit.give_back()
 
     def _abandon(self, event_id: str, until: float) -> None:
         """A cancelled job leaves a request of ``event_id`` behind that may reach the API until
@@ -175,7 +181,13 @@ class ApiCaller:
         try:
             if self._rate_limit is not None:
                 await self._rate_limit.acquire()
-            await self._concurrency.acquire()
+            try:
+                await self._concurrency.acquire()
+            except asyncio.CancelledError:
+                # A rebalance cancels every job queued here at once: slots they kept would hold
+                # back the calls that follow, as in ``TokenBucket``'s own cancellation.
+                await self._give_back_rate()
+                raise
         finally:
             waited.s += time.monotonic() - began
 

@@ -35,6 +35,10 @@ _GIVE_BACK_TIMEOUT_S = 1.0
 
 class RateLimit(Protocol):
     async def acquire(self) -> None: ...
+    async def give_back(self) -> None:
+        """Return the slot of the last ``acquire()`` when no call was made with it (its job was
+        cancelled or lost its claim before sending)."""
+
     async def close(self) -> None: ...
 
 
@@ -62,10 +66,13 @@ class TokenBucket:
             try:
                 await asyncio.sleep(wait_s)
             except asyncio.CancelledError:
-                self._give_back()
+                self._return_slot()
                 raise
 
-    def _give_back(self) -> None:
+    async def give_back(self) -> None:
+        self._return_slot()
+
+    def _return_slot(self) -> None:
         """The last slot goes to whoever asks next (the schedule keeps its rate: one call fewer
         at the cancelled slot's time, one more at the end of what is reserved)."""
         self._tat = max(time.monotonic(), self._tat - self._interval_s)
@@ -92,7 +99,7 @@ redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
 redis.call('SET', KEYS[2], tostring(now), 'PX', ttl)
 return math.floor(tat - tolerance - now)
 """
-#: A slot reserved by a caller cancelled before it was due, given back (``TokenBucket._give_back``).
+#: A slot reserved by a caller that made no call with it, given back (``TokenBucket._return_slot``).
 _GIVE_BACK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -149,10 +156,17 @@ class RedisTokenBucket:
             except asyncio.CancelledError:
                 # Kept in Redis, the slots of cancelled callers held back every replica, and the
                 # next owner of the partitions, for as long as they reached ahead.
-                with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
-                    async with asyncio.timeout(_GIVE_BACK_TIMEOUT_S):
-                        await self._give_back_script(keys=[self._key], args=[self._interval_ms])
+                await self.give_back()
                 raise
+
+    async def give_back(self) -> None:
+        """Best effort, bounded: a slot Redis does not take back only delays later calls."""
+        if self._local_since_failure:  # the slot was the local bucket's
+            await self._local.give_back()
+            return
+        with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(_GIVE_BACK_TIMEOUT_S):
+                await self._give_back_script(keys=[self._key], args=[self._interval_ms])
 
     async def close(self) -> None:
         await self._client.aclose()
