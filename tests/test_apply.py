@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from huaweicloudsdkcoc.v1 import CocTicketDetailInfoResponseData, CocTicketDetailInfoResponseDataSubTickets
 from structlog.testing import capture_logs
 from waiting import until
 
@@ -35,7 +36,7 @@ from worker.ratelimit import AdaptiveConcurrency, TokenBucket
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer, SubState
-from worker.simulator.tickets import ILLEGAL_TRANSITION
+from worker.simulator.tickets import ILLEGAL_TRANSITION, SubTicket, Ticket
 
 AK = "AK-APPLY-TEST-01"
 SK = "sk-apply-test-secret-0001"
@@ -496,6 +497,40 @@ async def test_ambiguous_attempt_then_refusal_without_confirm_is_rejected(rig: R
         False,
     )
     assert len(state.applied_log) == 1
+
+
+async def test_a_lost_answer_against_a_detail_without_sub_ticket_state_ends_rejected_and_says_so(
+    rig: Rig,
+) -> None:
+    """The real API's ticket detail has no sub-ticket state (the SDK's model): the read after a
+    lost answer confirms nothing, the send that follows is refused, and the event ends
+    ``rejected``. The change is in place once, and the outcome says that it may be."""
+    state = rig.sim.state
+    state.detail_as_sdk = True
+    state.set_faults(drop_after_apply_ratio=1.0)
+    event = started()
+    hook = Attempts({2: lambda: state.set_faults(drop_after_apply_ratio=0.0)})
+    result = await rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail))
+    assert (result.status, result.calls, result.error_code, result.reconciled) == (
+        "rejected",
+        2,
+        ILLEGAL_TRANSITION,
+        False,
+    )
+    assert [(r.method, r.status) for r in state.requests] == [("PUT", None), ("GET", 200), ("PUT", 400)]
+    assert len(state.applied_for("ev-start")) == 1
+    assert result.error_msg is not None
+    assert result.error_msg.endswith("the change may already be in place)")
+    assert result.error_msg.startswith("sub-ticket s-1 is implementing")  # the API's own words first
+
+
+def test_the_sdk_shaped_detail_has_only_the_sdk_models_keys() -> None:
+    ticket = Ticket("CM1", sub_tickets={"s-1": SubTicket("s-1", "CM1", fields={"comment": "x"})})
+    detail = ticket.snapshot(sdk_only=True)
+    sub_keys = set(detail["sub_tickets"][0])
+    assert sub_keys <= set(CocTicketDetailInfoResponseDataSubTickets.openapi_types)
+    assert set(detail) <= set(CocTicketDetailInfoResponseData.openapi_types)
+    assert {"state", "change_result", "comment"} <= set(ticket.snapshot()["sub_tickets"][0])
 
 
 async def test_refusal_is_kept_when_the_ticket_is_elsewhere(rig: Rig) -> None:

@@ -268,6 +268,10 @@ class ApiCaller:
         forbidden = 0  # 403s met by this event
         active_s = 0.0  # time spent trying, time paused at the gate excluded
         error: ApiTransientError | None = None
+        #: A lost answer was followed by a read of the ticket that did not show the change: the
+        #: API may not show it at all (its sub-tickets have no state), so a refusal of the send
+        #: that follows may be of a change already made.
+        unconfirmed = False
         while True:
             await self._gate.wait_open()
             if before_attempt is not None:
@@ -281,6 +285,7 @@ class ApiCaller:
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
                     ambiguous = False  # read, and not there: safe to send
+                    unconfirmed = True
                     unsettled.until = 0.0  # read after the settle wait: the request has landed or never will
                     if error is not None and spent >= self._policy.max_attempts:
                         return _failed(calls, active_s, error, applied_maybe=False)
@@ -310,13 +315,17 @@ class ApiCaller:
                 continue
             except ApiRejected as exc:
                 self._reachability.reached()
+                error_msg, detail = exc.error_msg, exc.detail
+                if unconfirmed:
+                    error_msg = f"{error_msg or detail}{_UNCONFIRMED_NOTE}"
+                    detail += _UNCONFIRMED_NOTE
                 return ApplyResult(
                     "rejected",
                     calls,
                     http_status=exc.http_status,
                     error_code=exc.error_code,
-                    error_msg=exc.error_msg,
-                    detail=exc.detail,
+                    error_msg=error_msg,
+                    detail=detail,
                 )
             except ApiTransientError as exc:
                 ambiguous = ambiguous or exc.ambiguous
@@ -391,6 +400,12 @@ class _Waited:
     """Seconds a round spent waiting for the rate and concurrency limits."""
 
     s: float = 0.0
+
+
+_UNCONFIRMED_NOTE = (
+    " (refused after an earlier attempt's answer was lost and the ticket did not show the change:"
+    " the change may already be in place)"
+)
 
 
 def _failed(calls: int, active_s: float, error: ApiTransientError, *, applied_maybe: bool) -> ApplyResult:

@@ -155,6 +155,11 @@ def _add_simulator_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", action="append", default=[], help="also accept this X-Auth-Token")
     parser.add_argument("--seed-file", type=Path, help='JSON {"tickets": [{"ticket_id", "sub_tickets"}]}')
     parser.add_argument("--auto-create", action="store_true", help="create unknown tickets on first sight")
+    parser.add_argument(
+        "--detail-as-sdk",
+        action="store_true",
+        help="answer a ticket's GET with the SDK detail model's keys only (no sub-ticket state)",
+    )
     parser.add_argument("--rng-seed", type=int, default=0)
     faults = parser.add_argument_group("injected faults (ratios are per-request probabilities)")
     for name in _FAULT_FLAGS:
@@ -178,6 +183,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         credentials={args.ak: args.sk},
         tokens=set(args.token),
         auto_create=args.auto_create,
+        detail_as_sdk=args.detail_as_sdk,
         seed=seed,
         faults=FaultConfig(**faults),
         rng_seed=args.rng_seed,

@@ -230,7 +230,9 @@ class _Api:
 
     def _show(self, request: web.Request, body: bytes, event_id: str | None) -> _Reply:
         ticket = self._ticket(request)
-        return _ok(ticket.snapshot()) if isinstance(ticket, Ticket) else ticket
+        if not isinstance(ticket, Ticket):
+            return ticket
+        return _ok(ticket.snapshot(sdk_only=self.state.detail_as_sdk))
 
     def _list_sub_tickets(self, request: web.Request, body: bytes, event_id: str | None) -> _Reply:
         """``data`` is ``{"total", "sub_tickets"}``, paged by ``limit`` and ``marker`` (last id seen)."""
@@ -249,7 +251,12 @@ class _Api:
             except ValueError:
                 return _gom_error(BAD_BODY, f"limit must be an integer, not {limit_text!r}")
             subs = subs[: max(limit, 0)]
-        return _ok({"total": len(ticket.sub_tickets), "sub_tickets": [sub.snapshot() for sub in subs]})
+        return _ok(
+            {
+                "total": len(ticket.sub_tickets),
+                "sub_tickets": [sub.snapshot(sdk_only=self.state.detail_as_sdk) for sub in subs],
+            }
+        )
 
 
 def _unsupported(ticket_type: str) -> _Reply:

@@ -41,6 +41,10 @@ class SimulatorConfig(BaseModel):
     #: need. Each entry holds its request body: a benchmark's log of every change made its
     #: garbage collector's full passes take tens of milliseconds, answers stalled behind them.
     applied_log_size: int | None = Field(default=None, ge=1)
+    #: The ticket detail (``GET``) with the SDK detail model's keys only, as the real API is
+    #: expected to answer: no sub-ticket ``state``, ``change_result`` or result fields. A
+    #: sub-ticket change whose answer was lost can then not be confirmed from the ticket.
+    detail_as_sdk: bool = False
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     #: How long stopping waits for in-flight requests (hung ones are released at once).
     shutdown_timeout_s: float = Field(default=1.0, ge=0.0)
@@ -99,6 +103,7 @@ class SimulatorState:
         self.tokens: set[str] = set()
         self.revoked = False
         self.read_only = False
+        self.detail_as_sdk = config.detail_as_sdk
         self._request_seq = 0
         self.reset()
 
@@ -119,6 +124,7 @@ class SimulatorState:
         self.tokens = set(config.tokens)
         self.revoked = False
         self.read_only = False
+        self.detail_as_sdk = config.detail_as_sdk
         self._request_seq = 0
         self._changed.set()
 

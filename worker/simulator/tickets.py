@@ -142,10 +142,10 @@ class SubTicket:
     create_time: int = 0
     update_time: int = 0
 
-    def snapshot(self) -> dict[str, Any]:
-        """Shaped like the SDK's ``CocTicketDetailInfoResponseDataSubTickets`` plus the state."""
-        return {
-            **self.fields,
+    def snapshot(self, *, sdk_only: bool = False) -> dict[str, Any]:
+        """Shaped like the SDK's ``CocTicketDetailInfoResponseDataSubTickets``, plus (unless
+        ``sdk_only``) the state, the result and the result fields last sent."""
+        known = {
             "id": self.ticket_id,
             "ticket_id": self.ticket_id,
             "real_ticket_id": self.ticket_id,
@@ -155,9 +155,10 @@ class SubTicket:
             "is_deleted": False,
             "create_time": self.create_time,
             "update_time": self.update_time,
-            "state": str(self.state),
-            "change_result": self.change_result,
         }
+        if sdk_only:
+            return known
+        return {**self.fields, **known, "state": str(self.state), "change_result": self.change_result}
 
 
 @dataclass(slots=True)
@@ -169,7 +170,7 @@ class Ticket:
     create_time: int = 0
     update_time: int = 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, sdk_only: bool = False) -> dict[str, Any]:
         """Shaped like the SDK's ``CocTicketDetailInfoResponseData`` (extra keys are ignored by it)."""
         return {
             "id": self.ticket_id,
@@ -185,7 +186,7 @@ class Ticket:
             "is_deleted": False,
             "create_time": self.create_time,
             "update_time": self.update_time,
-            "sub_tickets": [sub.snapshot() for sub in self.sub_tickets.values()],
+            "sub_tickets": [sub.snapshot(sdk_only=sdk_only) for sub in self.sub_tickets.values()],
             "enum_data_list": [],
         }
 
