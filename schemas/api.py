@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import to_json
 
 #: ``error_code`` of a successful call (Table 6, default value).
@@ -110,10 +110,18 @@ class UpdateTicketResponse(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    provider_code: str | int | None = None
+    provider_code: Any = None
     error_code: str | None = None
+    #: Text for people; a number or an object here is shown as its JSON, not a reason to call the
+    #: answer unreadable (that would make a success ambiguous, or hide a refusal's reason).
     error_msg: str | None = None
-    data: dict[str, Any] | None = Field(default=None)
+    #: Only ``error_code`` decides; what ``data`` holds is not the worker's to check.
+    data: Any = None
+
+    @field_validator("error_msg", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return value if value is None or isinstance(value, str) else to_json(value).decode()
 
     @property
     def succeeded(self) -> bool:

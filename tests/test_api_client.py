@@ -871,6 +871,21 @@ async def test_a_success_answer_without_an_error_code_is_a_success() -> None:
                 await put(client)
 
 
+async def test_an_answer_is_judged_by_its_error_code_alone() -> None:
+    """A ``data`` that is not an object, a numeric ``provider_code`` or ``error_msg``: the answer
+    was "unreadable" before, so a success became an ambiguous attempt (read the ticket, send
+    again) and a refusal lost its reason."""
+    async with serving(Stub()) as stub:
+        stub.reply(200, {"provider_code": 4.0, "error_code": "GOM.00000000", "data": []})
+        async with running(settings(stub.url)) as client:
+            assert (await put(client)).http_status == 200
+            stub.reply(400, {"error_code": "GOM.00001005", "error_msg": {"why": "illegal"}})
+            with pytest.raises(ApiRejected) as refused:
+                await put(client)
+    assert refused.value.error_code == "GOM.00001005"
+    assert refused.value.error_msg == '{"why":"illegal"}'
+
+
 async def test_a_gateway_timeout_is_read_as_our_own_timeout() -> None:
     """A 504 is a gateway that stopped waiting while the backend may still be applying the change:
     the ticket is read only after the settle wait, as after our own read timeout. Before, it was
