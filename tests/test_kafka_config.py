@@ -7,9 +7,10 @@ import ssl
 import pytest
 from structlog.testing import capture_logs
 
+from worker.consumer import Consumer
 from worker.errors import ConfigError
 from worker.kafka_config import connection_kwargs
-from worker.settings import load_settings
+from worker.settings import REVOKE_CANCEL_WAIT_S, load_settings
 
 
 def test_plaintext_has_no_tls_or_sasl() -> None:
@@ -59,3 +60,20 @@ def test_sasl_without_its_password_is_a_configuration_error() -> None:
 def test_a_bootstrap_port_out_of_range_is_refused(servers: str) -> None:
     with pytest.raises(ConfigError, match="COC_WORKER_KAFKA_BOOTSTRAP_SERVERS"):
         load_settings(kafka_bootstrap_servers=servers)
+
+
+@pytest.mark.parametrize("grace_s", [10.0, 60.0])
+async def test_the_group_waits_out_a_revoke_before_dropping_the_member(grace_s: float) -> None:
+    """aiokafka's rebalance timeout defaults to the session timeout (10 s), shorter than a revoke
+    that waits ``revoke_grace_s`` (10 s by default) for a slow job, then 5 s for the jobs it
+    cancelled, then commits: the group dropped the member, its commit was refused, and its rejoin
+    started another rebalance."""
+    settings = load_settings(revoke_grace_s=grace_s)
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]  # built, never started
+    try:
+        rebalance_timeout_ms = consumer._consumer._rebalance_timeout_ms
+    finally:
+        await consumer._consumer.stop()
+    revoke_worst_ms = (settings.revoke_grace_s + REVOKE_CANCEL_WAIT_S) * 1000
+    assert rebalance_timeout_ms > revoke_worst_ms + settings.kafka_heartbeat_interval_ms
+    assert settings.kafka_rebalance_timeout_ms >= settings.kafka_session_timeout_ms

@@ -37,7 +37,7 @@ from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
 from worker.retry import RetryPolicy
-from worker.settings import WorkerSettings, without_password
+from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, without_password
 from worker.tracing import from_headers
 
 log = get_logger(__name__)
@@ -397,7 +397,7 @@ class Worker:
         if pending and not await self._lanes.wait_for(revoked, self.settings.revoke_grace_s):
             log.warning("revoke_grace_exceeded", abandoned=self._lanes.matching(revoked))
             self._lanes.drop(revoked)
-            await self._lanes.wait_for(revoked, 5.0)
+            await self._lanes.wait_for(revoked, REVOKE_CANCEL_WAIT_S)
         await self._commit(partitions)
         self._offsets.drop(partitions)
         for key in partitions:

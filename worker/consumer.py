@@ -101,6 +101,7 @@ class Consumer:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            rebalance_timeout_ms=settings.kafka_rebalance_timeout_ms,
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=max(1_048_576, settings.max_event_bytes + 65_536),
         )

@@ -40,6 +40,11 @@ PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: Kafka's own rule for topic names (also not "." or ".."); the broker would refuse anything else,
 #: at the first write to it.
 #: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
+#: After ``revoke_grace_s``, how long a revoke waits for the jobs it cancelled to end (worker/app.py).
+REVOKE_CANCEL_WAIT_S = 5.0
+#: A revoke's commit and the rejoin, beyond the waits above, before the group gives up on us.
+_REJOIN_MARGIN_S = 10.0
+
 _STRONG_SECRETS = frozenset({"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens"})
 MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")
@@ -357,6 +362,15 @@ class WorkerSettings(BaseSettings):
         """How long a request may still reach the API after it was sent, its caller cancelled or not
         (the HTTP client does not abort it): the connect and the request timeouts, twice over."""
         return 2 * (self.api_connect_timeout_s + self.api_request_timeout_s)
+
+    @property
+    def kafka_rebalance_timeout_ms(self) -> int:
+        """How long the group waits for this member to rejoin a rebalance: the revoke's worst case
+        (its grace, the cancelled jobs' wait, the commit) and a margin. aiokafka's default, the
+        session timeout (10 s), was shorter than the grace alone: a revoke that waited for a slow
+        job got this member dropped from the group, its commit refused and another rebalance."""
+        worst_s = self.revoke_grace_s + REVOKE_CANCEL_WAIT_S + _REJOIN_MARGIN_S
+        return max(self.kafka_session_timeout_ms, round(worst_s * 1000))
 
     def secret(self, name: str) -> str | None:
         """Current value of a secret setting, re-reading its ``_FILE`` when one is configured."""
