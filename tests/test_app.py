@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -190,6 +191,87 @@ async def test_a_message_fetched_just_before_its_partition_was_revoked_is_left_t
         assert worker._offsets.keys() == {ours}
         assert len(worker._lanes) == 0  # not processed here either
     finally:  # never started: only the clients' objects to close
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
+async def test_a_message_dispatched_while_its_partitions_revoke_commits_is_not_taken(tmp_path: Path) -> None:
+    """A fetch handed over just as a rebalance began: the revoke was awaiting its commit, the
+    partition was still tracked, and the message was taken; its job then ran after the revoke had
+    returned (and dropped the partition's offsets), for a partition already another member's."""
+    worker = make_worker(tmp_path)
+    key = (worker.settings.input_topic, 0)
+    pipeline = holding_jobs(worker)
+    answer = asyncio.Event()
+    committing = asyncio.Event()
+
+    async def slow_commit(positions: dict[tuple[str, int], int]) -> None:
+        committing.set()
+        await answer.wait()
+
+    worker._consumer.commit = slow_commit  # type: ignore[method-assign]
+    try:
+        await worker.on_assigned({key})
+        taken_in = worker._offsets.take(key, 4)
+        worker._offsets.finish(key, 4, taken_in)  # something for the revoke to commit
+        revoking = asyncio.create_task(worker.on_revoked({key}))
+        await asyncio.wait_for(committing.wait(), 5)
+
+        worker._dispatch(Message(key[0], 0, 5, None, b"{}", [], 0))
+
+        assert len(worker._lanes) == 0
+        answer.set()
+        await asyncio.wait_for(revoking, 5)
+        assert pipeline.started == []
+        assert worker._offsets.keys() == set()
+    finally:
+        await worker._lanes.close(timeout_s=1.0)
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
+async def test_a_job_left_behind_by_a_revoke_does_not_finish_its_offset_for_the_next_assignment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job the revoke gave up on (past its grace and the wait for cancelled jobs) that ends later
+    marked its offset finished in the tracker of the partition assigned back, where a copy of its
+    message was running: the commit went past that copy, which was then never committed for."""
+    monkeypatch.setattr(app_module, "REVOKE_CANCEL_WAIT_S", 0.05)
+    worker = make_worker(tmp_path)
+    worker.settings.revoke_grace_s = 0.05
+    key = (worker.settings.input_topic, 0)
+    release = asyncio.Event()
+    started: list[Job] = []
+
+    class Stubborn:
+        """A job that outlives its cancellation (as one stuck in a shielded call would)."""
+
+        async def process(self, job: Job) -> None:
+            started.append(job)
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+
+    worker._pipeline = Stubborn()  # type: ignore[assignment]
+    try:
+        await worker.on_assigned({key})
+        worker._dispatch(Message(key[0], 0, 6, None, b"{}", [], 0))
+        await until(lambda: len(started) == 1)
+        await worker.on_revoked({key})  # gives up on it
+        await worker.on_assigned({key})  # an eager rebalance: assigned back at once
+        worker._dispatch(Message(key[0], 0, 6, None, b"{}", [], 0))  # read again from the commit
+        await until(lambda: len(started) == 2)
+
+        release.set()  # both end; the first belongs to the earlier assignment
+        first = started[0]
+        await until(lambda: worker._lanes.running == 0)
+        assert first.taken_in is not worker._offsets._parts[key]
+        assert worker._offsets.to_commit() == {key: 7}
+        assert worker._offsets._parts[key].finished == set()
+    finally:
+        await worker._lanes.close(timeout_s=1.0)
         await worker._consumer.stop()
         await worker._publisher.stop()
         await worker._store.close()

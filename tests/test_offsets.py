@@ -71,18 +71,32 @@ def test_tracker_reports_only_moved_watermarks() -> None:
     a, b = ("t", 0), ("t", 1)
     tracker.assign(a)
     tracker.assign(b)
-    tracker.take(a, 0)
+    in_a = tracker.take(a, 0)
     tracker.take(b, 0)
     assert tracker.to_commit() == {a: 0, b: 0}
     tracker.committed({a: 0, b: 0})
     assert tracker.to_commit() == {}
-    tracker.finish(a, 0)
+    tracker.finish(a, 0, in_a)
     assert tracker.to_commit() == {a: 1}
     assert tracker.to_commit({b}) == {}
     tracker.drop({a})
-    tracker.finish(a, 5)  # a late finisher of a revoked partition is ignored
+    tracker.finish(a, 5, in_a)  # a late finisher of a revoked partition is ignored
     assert tracker.to_commit() == {}
     assert tracker.pending() == 1
+
+
+def test_a_late_finisher_of_an_earlier_assignment_is_ignored() -> None:
+    """The partition was revoked and assigned back: the offset is taken again by a copy still
+    running, and the earlier job's finish must not let the commit pass it."""
+    tracker = OffsetTracker()
+    key = ("t", 0)
+    tracker.assign(key)
+    before = tracker.take(key, 6)
+    tracker.drop({key})
+    tracker.assign(key)
+    tracker.take(key, 6)
+    tracker.finish(key, 6, before)
+    assert tracker.to_commit() == {key: 6}
 
 
 def test_a_partition_not_assigned_is_not_tracked() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -104,6 +104,8 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         #: Partitions starting over after their offsets went back (``_start_over``): key -> token.
         self._rewinding: dict[PartitionKey, object] = {}
+        #: Partitions whose revoke is under way (``on_revoked``).
+        self._revoking: set[PartitionKey] = set()
         self.started = asyncio.Event()
 
     # --- public ---------------------------------------------------------------------------------------
@@ -230,10 +232,13 @@ class Worker:
         if self._rewinding and message.partition_key in self._rewinding:
             return  # read again once its partition starts over
         try:
-            self._offsets.take(message.partition_key, message.offset)
+            if self._revoking and message.partition_key in self._revoking:
+                raise NotAssigned(message.partition_key)
+            taken_in = self._offsets.take(message.partition_key, message.offset)
         except NotAssigned:
-            # Fetched before a revocation that ran while the fetch was handed over (a loop step or
-            # two): the partition's new owner reads it from the committed offset.
+            # Fetched before a revocation that began while the fetch was handed over (a loop step
+            # or two; the revoke's commit may still be under way): the partition's new owner
+            # reads it from the committed offset.
             log.info(
                 "message_of_revoked_partition",
                 topic=message.topic,
@@ -260,6 +265,7 @@ class Worker:
             datetime.now(UTC),
             time.monotonic(),
             salvaged,
+            taken_in,
         )
         self._lanes.submit(job.lane, job)
 
@@ -302,8 +308,8 @@ class Worker:
 
     def _job_left(self, job: Job, finished: bool) -> None:
         key = job.message.partition_key
-        if finished:
-            self._offsets.finish(key, job.message.offset)
+        if finished and job.taken_in is not None:
+            self._offsets.finish(key, job.message.offset, job.taken_in)
         if (
             key in self._consumer.held
             and self._offsets.pending_of(key) <= self._uncommitted_limit // 2
@@ -393,6 +399,15 @@ class Worker:
         def revoked(job: Job) -> bool:
             return job.message.partition_key in partitions
 
+        # Before the first await: messages of these partitions fetched just before the rebalance
+        # and dispatched while the revoke waits are not taken (they would run after it returned).
+        self._revoking |= partitions
+        try:
+            await self._revoke(partitions, revoked)
+        finally:
+            self._revoking -= partitions
+
+    async def _revoke(self, partitions: set[PartitionKey], revoked: Callable[[Job], bool]) -> None:
         pending = self._lanes.matching(revoked)
         if pending and not await self._lanes.wait_for(revoked, self.settings.revoke_grace_s):
             log.warning("revoke_grace_exceeded", abandoned=self._lanes.matching(revoked))

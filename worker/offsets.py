@@ -62,18 +62,22 @@ class OffsetTracker:
     def assign(self, key: PartitionKey) -> None:
         self._parts.setdefault(key, PartitionOffsets())
 
-    def take(self, key: PartitionKey, offset: int) -> None:
-        """Raises ``NotAssigned`` for a partition not assigned: tracked again, it would be named in
-        every later commit, and the broker refuses a whole commit naming a partition not ours."""
+    def take(self, key: PartitionKey, offset: int) -> PartitionOffsets:
+        """The partition's tracker, which ``finish`` is given back. Raises ``NotAssigned`` for a
+        partition not assigned: tracked again, it would be named in every later commit, and the
+        broker refuses a whole commit naming a partition not ours."""
         part = self._parts.get(key)
         if part is None:
             raise NotAssigned(key)
         part.take(offset)
+        return part
 
-    def finish(self, key: PartitionKey, offset: int) -> None:
-        part = self._parts.get(key)
-        if part is not None:  # a revoked partition's late finisher is ignored
-            part.finish(offset)
+    def finish(self, key: PartitionKey, offset: int, taken_in: PartitionOffsets) -> None:
+        """Ignored unless ``taken_in`` still tracks the partition: a late finisher of a revoked
+        partition (a job its revoke's grace gave up on) must not mark that offset finished in the
+        tracker of the partition assigned back, where a copy of the message may still run."""
+        if self._parts.get(key) is taken_in:
+            taken_in.finish(offset)
 
     def pending_of(self, key: PartitionKey) -> int:
         """Messages of one partition taken and not committable yet (from its oldest unfinished)."""

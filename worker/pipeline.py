@@ -27,6 +27,7 @@ from worker.gate import Gate
 from worker.logs import bind_message_context, get_logger, redact_text
 from worker.mapping import already_applied, request_wire
 from worker.metrics import Metrics
+from worker.offsets import PartitionOffsets
 from worker.publisher import DeadLetter, Publisher
 from worker.settings import WorkerSettings
 from worker.tracing import TraceContext
@@ -53,6 +54,8 @@ class Job:
     #: What an invalid message's value still tells (``decode.decode_or_salvage``): its outcome is
     #: keyed by that ticket, so it takes that ticket's lane, after the ticket's earlier events.
     salvaged: Identity | None = None
+    #: The partition's offsets this message was counted in (``Worker._dispatch``).
+    taken_in: PartitionOffsets | None = None
     #: ``topic/partition/offset``, formatted once (the dedup store is told it on every call).
     source: str = field(init=False)
 
