@@ -302,6 +302,64 @@ async def test_an_invalid_message_naming_a_busy_ticket_waits_for_that_tickets_ea
         await worker._store.close()
 
 
+async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_others(
+    tmp_path: Path,
+) -> None:
+    """A ticket whose event retries for minutes keeps its later events in the buffer. They filled
+    it, fetching paused for every partition, and the others' tickets got no slot while most
+    slots were free (the per-partition hold at ``max_uncommitted``, 10,000, came far later). Now a
+    partition is held once its unfinished messages reach half the buffer, and released at a
+    quarter."""
+    worker = Worker(
+        WorkerSettings(
+            api_endpoint="http://127.0.0.1:1",
+            api_ak="a",
+            api_sk="sk-0123456789",
+            dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
+            max_in_flight=8,
+            max_buffered=32,
+        )
+    )
+    topic = worker.settings.input_topic
+    hot, other = (topic, 0), (topic, 1)
+    real, group = worker._consumer._consumer, GroupMember({TopicPartition(*hot), TopicPartition(*other)})
+    worker._consumer._consumer = group
+    stuck = asyncio.Event()
+
+    class HeadStuck:
+        async def process(self, job: Job) -> None:
+            if job.message.partition_key == hot and job.message.offset == 0:
+                await stuck.wait()
+
+    def event(n: int, ticket: str) -> bytes:
+        return (
+            f'{{"event_id": "ev-{ticket}-{n}", "type": "change.started", "ticket_id": "{ticket}",'
+            f' "sub_ticket_id": "s-{n}"}}'
+        ).encode()
+
+    worker._pipeline = HeadStuck()  # type: ignore[assignment]
+    try:
+        await worker.on_assigned({hot, other})
+        for n in range(16):
+            worker._dispatch(Message(topic, 0, n, b"HOT", event(n, "HOT"), [], 0))
+        assert worker._consumer.held == {hot}  # 16 unfinished: half the buffer of 32
+        assert group.paused_now == {TopicPartition(*hot)}
+        assert len(worker._lanes) == 16 < worker._buffer_limit  # room for the other partition
+        for n in range(40):  # its tickets come and go
+            worker._dispatch(Message(topic, 1, n, f"T{n}".encode(), event(n, f"T{n}"), [], 0))
+        await until(lambda: len(worker._lanes) == 16)
+        assert worker._consumer.held == {hot}
+
+        stuck.set()  # the head gives up at last: the ticket's queue drains, the partition is fetched again
+        await until(lambda: worker._consumer.held == set())
+        assert group.paused_now == set()
+    finally:
+        await worker._lanes.close(timeout_s=1.0)
+        await real.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
 class Prefetched(GroupMember):
     """aiokafka's side of ``getmany``, as its fetcher behaves: records prefetched per partition,
     handed out one partition after another, and dropped for a paused partition a poll touches

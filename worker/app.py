@@ -61,6 +61,9 @@ class Worker:
         #: A partition this far behind its oldest unfinished message stops being fetched, until half
         #: of that is left: a stuck message must not hold an ever longer tail in memory.
         self._uncommitted_limit = settings.max_uncommitted
+        #: A partition's unfinished messages at most: a ticket stuck on a retrying event keeps its
+        #: later events in the buffer, and one partition's must not fill it for all the others.
+        self._partition_share = max(1, self._buffer_limit // 2)
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
@@ -251,9 +254,17 @@ class Worker:
             return
         self.metrics.count_consumed()
         key = message.partition_key
-        if self._offsets.pending_of(key) >= self._uncommitted_limit and key not in self._consumer.held:
+        if (
+            taken_in.pending >= self._uncommitted_limit or taken_in.unfinished >= self._partition_share
+        ) and key not in self._consumer.held:
             self._consumer.hold(key)
-            log.warning("partition_held", topic=key[0], partition=key[1], uncommitted=self._uncommitted_limit)
+            log.warning(
+                "partition_held",
+                topic=key[0],
+                partition=key[1],
+                uncommitted=taken_in.pending,
+                unfinished=taken_in.unfinished,
+            )
         event, invalid, salvaged = decode_or_salvage(
             message.value, self.settings.max_event_bytes, unreadable=message.unreadable
         )
@@ -308,11 +319,13 @@ class Worker:
 
     def _job_left(self, job: Job, finished: bool) -> None:
         key = job.message.partition_key
-        if finished and job.taken_in is not None:
-            self._offsets.finish(key, job.message.offset, job.taken_in)
+        taken_in = job.taken_in
+        if finished and taken_in is not None:
+            self._offsets.finish(key, job.message.offset, taken_in)
         if (
             key in self._consumer.held
             and self._offsets.pending_of(key) <= self._uncommitted_limit // 2
+            and self._offsets.unfinished_of(key) <= self._partition_share // 2
             and key not in self._rewinding
         ):
             self._consumer.release(key)

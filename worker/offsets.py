@@ -48,6 +48,11 @@ class PartitionOffsets:
     def pending(self) -> int:
         return len(self.taken)
 
+    @property
+    def unfinished(self) -> int:
+        """Messages taken and not finished: this partition's share of the worker's buffer."""
+        return len(self.taken) - len(self.finished)
+
 
 class NotAssigned(KeyError):
     """A message of a partition that is not (or no longer) assigned to this member."""
@@ -83,6 +88,10 @@ class OffsetTracker:
         """Messages of one partition taken and not committable yet (from its oldest unfinished)."""
         part = self._parts.get(key)
         return part.pending if part is not None else 0
+
+    def unfinished_of(self, key: PartitionKey) -> int:
+        part = self._parts.get(key)
+        return part.unfinished if part is not None else 0
 
     def pending(self, keys: set[PartitionKey] | None = None) -> int:
         return sum(p.pending for k, p in self._parts.items() if keys is None or k in keys)
