@@ -143,3 +143,24 @@ def test_a_start_time_no_instant_can_hold_spoils_only_its_own_alert(starts_at: s
     assert "occurred_at" not in events[1]  # produced without a start time, as one with none
     assert CHANGE_EVENT_ADAPTER.validate_python(events[1])
     assert event_id(Notification.model_validate(body).alerts[1]) == events[1]["event_id"]
+
+
+def test_only_a_firing_alert_that_named_a_change_warns_and_its_log_fields_carry_no_value() -> None:
+    """What the ingress logs of a skipped alert (before, nothing: the 202 told Alertmanager it was
+    delivered and the monitor-found failure was lost without a trace)."""
+    _, [invalid] = to_events(notification(labels={"ticket_id": "CM 1/x", "sub_ticket_id": "s1"}), MAX)
+    assert invalid.warns
+    assert invalid.log_fields() == {
+        "index": 0,
+        "reason": "invalid",
+        "fingerprint": "1a30ba71cca2921f",
+        "error_paths": ["$.ticket_id"],
+    }
+    assert "CM 1/x" not in repr(invalid.log_fields())
+    _, [odd] = to_events(
+        notification(labels={"ticket_id": "CM 1/x", "sub_ticket_id": "s1"}, fingerprint="a secret?"), MAX
+    )
+    assert "fingerprint" not in odd.log_fields()  # not Alertmanager's hex: input text, not logged
+    for changes in ({"status": "resolved"}, {"status": "pending"}, {"labels": {"alertname": "DiskFull"}}):
+        _, [quiet] = to_events(notification(**changes), MAX)
+        assert not quiet.warns

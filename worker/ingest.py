@@ -9,22 +9,28 @@ by ``coc-worker ingest``)::
                              400 {"error", "invalid": [{"index", "errors": [{"path", "message"}]}]}:
                                  nothing was produced
     POST /v1/alertmanager    an Alertmanager webhook notification (payload version 4)
-                             202 {"event_ids": [...], "skipped": [{"index", "reason", ...}]}
+                             202 {"event_ids": [...], "skipped": [{"index", "reason", ...}]}:
+                                 the events produced in slices of ``_MAX_BATCH``, every slice
+                                 acknowledged; a skipped firing alert that named a change
+                                 (``invalid``) and ``truncatedAlerts`` are logged as warnings
 
 Both: 401 without ``Authorization: Bearer <token>`` when tokens are configured
 (``COC_WORKER_INGEST_TOKENS[_FILE]``, separated by commas or whitespace, re-read per request so a
 rotated secret file is picked up; once configured, an empty list lets nobody in), 415 unless the
-body is ``application/json``, 413 over ``COC_WORKER_INGEST_MAX_BODY_BYTES`` or ``_MAX_BATCH``
-events, 408 when the body does not arrive within ``body_timeout_s``, 400 for a body that cannot be
-decoded, 503 when the broker does not acknowledge (nothing is lost by retrying: the event ids
-dedupe). Responses and logs never carry a token or an input value; errors name JSON paths only.
-Served alone, ``/readyz`` follows the broker (a metadata request every few seconds).
+body is ``application/json``, 413 over ``COC_WORKER_INGEST_MAX_BODY_BYTES`` (and, on
+``/v1/events`` only, over ``_MAX_BATCH`` events: Alertmanager cannot split a group), 408 when the
+body does not arrive within ``body_timeout_s``, 400 for a body that cannot be decoded, 503 when the
+broker does not acknowledge every event (``written`` and ``not_written`` list the event ids; nothing
+is lost by retrying: the event ids dedupe). Alertmanager does not retry a 4xx: every refusal on its
+route is logged. Responses and logs never carry a token or an input value; errors name JSON paths
+only. Served alone, ``/readyz`` follows the broker (a metadata request every few seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,7 +47,7 @@ from worker.metrics import Metrics
 from worker.settings import WorkerSettings, split_tokens
 from worker.tools import alertmanager
 from worker.tools.events import encode, event_errors, is_valid_event
-from worker.tools.kafka_io import EventProducer, OutRecord
+from worker.tools.kafka_io import EventProducer, OutRecord, PartialWrite
 from worker.tracing import HEADER as TRACEPARENT
 from worker.tracing import new_trace, parse
 
@@ -52,10 +58,32 @@ _READ_CHUNK = 64 * 1024
 _INVALID_SHOWN = 20
 _ERRORS_SHOWN = 20
 _Handler = Callable[[web.Request, Any], Awaitable[web.Response]]
+#: Why alerts were not produced (``coc_worker_ingest_skipped``): the skip reasons, and ``truncated``
+#: for the alerts Alertmanager cut from the notification itself (``max_alerts``).
+SKIPPED_REASONS = (*alertmanager.SKIP_REASONS, "truncated")
 
 
 def _error(status: int, error: str, detail: str, **extra: Any) -> web.Response:
     return web.json_response({"error": error, "detail": detail, **extra}, status=status)
+
+
+def _error_code(response: web.Response) -> str | None:
+    """The ``error`` of a refusal made by ``_error`` (what its log line names)."""
+    try:
+        found = json.loads(response.body) if isinstance(response.body, bytes) else None
+    except ValueError:
+        return None
+    code = found.get("error") if isinstance(found, dict) else None
+    return code if isinstance(code, str) else None
+
+
+class _NotAcknowledged(Exception):
+    """Some events were not acknowledged: which were (``written``) and which not, by event id."""
+
+    def __init__(self, detail: str, written: list[str], not_written: list[str]) -> None:
+        super().__init__(detail)
+        self.written = written
+        self.not_written = not_written
 
 
 class Ingress:
@@ -91,6 +119,15 @@ class Ingress:
             ["route"],
             registry=registry,
         )
+        self._skipped = Counter(
+            "coc_worker_ingest_skipped",
+            "Alerts not produced, by route and reason (resolved, not_firing, no_ticket_labels, "
+            "invalid, truncated by Alertmanager).",
+            ["route", "reason"],
+            registry=registry,
+        )
+        for reason in SKIPPED_REASONS:  # every reason shows from the start, at 0
+            self._skipped.labels(route="alertmanager", reason=reason)
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
@@ -145,6 +182,10 @@ class Ingress:
         try:
             response = await self._guarded(request, handle)
             code = str(response.status)
+            # Alertmanager does not retry a 4xx: the notification is gone, so say so (a 401 is
+            # logged as it is answered).
+            if route == "alertmanager" and 400 <= response.status < 500 and response.status != 401:
+                log.warning("ingest_refused", route=route, code=code, error=_error_code(response))
             return response
         finally:
             self._requests.labels(route=route, code=code).inc()
@@ -177,6 +218,15 @@ class Ingress:
             return _error(400, exc.reason, exc.detail)
         try:
             return await handle(request, document)
+        except _NotAcknowledged as exc:
+            return _error(
+                503,
+                "broker_unavailable",
+                "the broker did not acknowledge every event; retry with the same event ids (those "
+                "written are applied once)",
+                written=exc.written,
+                not_written=exc.not_written,
+            )
         except BrokerUnavailable as exc:
             log.warning("ingest_broker_unavailable", detail=str(exc))
             return _error(
@@ -247,17 +297,37 @@ class Ingress:
                 400, "unsupported_version", f"webhook payload version {alertmanager.SUPPORTED_VERSION} only"
             )
         events, skipped = alertmanager.to_events(notification, self._settings.max_event_bytes)
-        if len(events) > self._settings.ingest_max_batch:
-            return _error(
-                413, "too_many_events", f"at most {self._settings.ingest_max_batch} events per request"
-            )
+        self._report_skipped(notification, skipped)
+        # No limit on the count here: Alertmanager cannot split a group, and would get the same
+        # refusal on every repeat. The body size bounds it; the events go in acknowledged slices.
         event_ids = await self._produce(request, events, route="alertmanager") if events else []
         return web.json_response(
             {"event_ids": event_ids, "skipped": [s.as_json() for s in skipped]}, status=202
         )
 
+    def _report_skipped(
+        self, notification: alertmanager.Notification, skipped: list[alertmanager.Skipped]
+    ) -> None:
+        """Count every skipped alert; warn of those that were failures lost (a firing alert that
+        named a change) and of the alerts Alertmanager itself cut. Never a label value."""
+        route = "alertmanager"
+        for item in skipped:
+            self._skipped.labels(route=route, reason=item.reason).inc()
+            if item.warns:
+                log.warning("ingest_alert_skipped", route=route, **item.log_fields())
+        if notification.truncatedAlerts > 0:
+            self._skipped.labels(route=route, reason="truncated").inc(notification.truncatedAlerts)
+            log.warning(
+                "ingest_alerts_truncated",
+                route=route,
+                truncated=notification.truncatedAlerts,
+                detail="Alertmanager left these alerts out of the notification (max_alerts)",
+            )
+
     async def _produce(self, request: web.Request, items: list[dict[str, Any]], *, route: str) -> list[str]:
-        """Produce every event keyed by ticket; returns once the broker acknowledged them all."""
+        """Produce every event keyed by ticket, in slices of ``ingest_max_batch`` (each acknowledged
+        before the next); returns once the broker acknowledged them all. Raises ``_NotAcknowledged``
+        naming the events written and not when it did not."""
         trace = parse(request.headers.get(TRACEPARENT)) or new_trace()
         records = [
             OutRecord(
@@ -267,9 +337,32 @@ class Ingress:
             )
             for item in items
         ]
-        await self._producer.send_many(self._settings.input_topic, records)
-        self._events.labels(route=route).inc(len(items))
         event_ids = [str(item["event_id"]) for item in items]
+        step = self._settings.ingest_max_batch
+        for start in range(0, len(records), step):
+            chunk = records[start : start + step]
+            try:
+                await self._producer.send_many(self._settings.input_topic, chunk)
+            except BrokerUnavailable as exc:
+                acked = exc.acked if isinstance(exc, PartialWrite) else [None] * len(chunk)
+                stored = sum(where is not None for where in acked)
+                self._events.labels(route=route).inc(stored)
+                ids = event_ids[start : start + step]
+                pairs = list(zip(ids, acked, strict=True))
+                written = event_ids[:start] + [i for i, where in pairs if where is not None]
+                # not acknowledged: maybe stored (a timeout), maybe not; the retry dedupes either way
+                not_written = [i for i, where in pairs if where is None] + event_ids[start + step :]
+                log.warning(
+                    "ingest_broker_unavailable",
+                    route=route,
+                    detail=str(exc),
+                    events=len(items),
+                    written=len(written),
+                    not_written=len(not_written),
+                    trace_id=trace.trace_id,
+                )
+                raise _NotAcknowledged(str(exc), written, not_written) from exc
+            self._events.labels(route=route).inc(len(chunk))
         log.info("ingest_accepted", route=route, events=len(items), trace_id=trace.trace_id)
         return event_ids
 

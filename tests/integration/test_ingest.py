@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from faults.harness import ProxiedBroker
 from helpers import event
+from structlog.testing import capture_logs
 from waiting import until
 
 from worker.errors import BrokerUnavailable
@@ -25,7 +26,7 @@ from worker.ingest import Ingress, serve
 from worker.metrics import Metrics
 from worker.sandbox import TansuBroker, create_topics, read_topic
 from worker.settings import WorkerSettings, load_settings
-from worker.tools.kafka_io import TopicReader
+from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
 
 TOKENS = ("ingest-token-one-7f3a", "ingest-token-two-9b2c")
 
@@ -388,3 +389,208 @@ async def test_standalone_readiness_sees_the_broker_go(tmp_path: Path) -> None:
             await until(lambda: ingress.status()["ready"], 20)
         finally:
             await ingress.stop()
+
+
+def alert(n: int, *, ticket: str = "CM-AM", status: str = "firing", **labels: str) -> dict[str, Any]:
+    """One alert of a notification, its own fingerprint per ``n``."""
+    return {
+        "status": status,
+        "labels": {"alertname": "ProbeFailure", "ticket_id": ticket, "sub_ticket_id": f"s{n}", **labels},
+        "annotations": {},
+        "startsAt": "2025-11-28T03:00:00Z",
+        "fingerprint": f"{n:016x}",
+    }
+
+
+async def test_skipped_alerts_are_counted_and_lost_failures_warned(
+    ingress: str, settings: WorkerSettings
+) -> None:
+    """Before, a firing alert naming a change that made an invalid event, and the alerts
+    Alertmanager cut (truncatedAlerts), were answered 202 with no log and no metric: lost without
+    a trace, as Alertmanager takes a 2xx as delivered."""
+    alerts = [
+        alert(1),
+        alert(2, ticket="CM 1/x"),
+        alert(3, status="resolved"),
+        {**alert(4), "labels": {"alertname": "DiskFull"}},
+    ]
+    with capture_logs() as logs:
+        status, body, text = await post(
+            f"{ingress}/v1/alertmanager",
+            {"version": "4", "status": "firing", "alerts": alerts, "truncatedAlerts": 2},
+            bearer(TOKENS[0]),
+        )
+    assert status == 202
+    assert len(body["event_ids"]) == 1
+    assert [(s["index"], s["reason"]) for s in body["skipped"]] == [
+        (1, "invalid"),
+        (2, "resolved"),
+        (3, "no_ticket_labels"),
+    ]
+    assert "CM 1/x" not in text
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [(w["event"], w.get("index"), w.get("truncated")) for w in warnings] == [
+        ("ingest_alert_skipped", 1, None),
+        ("ingest_alerts_truncated", None, 2),
+    ]
+    assert warnings[0]["reason"] == "invalid"
+    assert warnings[0]["fingerprint"] == f"{2:016x}"
+    assert warnings[0]["error_paths"] == ["$.ticket_id"]
+    assert "CM 1/x" not in repr(logs)  # a label value is never logged
+    async with aiohttp.ClientSession() as http, http.get(f"{ingress}/metrics") as r:
+        metrics = await r.text()
+    for reason, count in {
+        "invalid": 1,
+        "resolved": 1,
+        "no_ticket_labels": 1,
+        "truncated": 2,
+        "not_firing": 0,
+    }.items():
+        assert (
+            f'coc_worker_ingest_skipped_total{{reason="{reason}",route="alertmanager"}} {count}.0' in metrics
+        )
+    assert await size(settings) == 1
+
+
+async def test_a_group_over_the_batch_limit_is_produced_in_acknowledged_slices(
+    settings: WorkerSettings, broker: TansuBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a group of more alerts than INGEST_MAX_BATCH was refused 413, on every repeat too:
+    Alertmanager cannot split a group nor retries a 4xx, so those failures were lost for good."""
+    settings = settings.model_copy(update={"ingest_max_body_bytes": 1 << 20, "ingest_max_batch": 500})
+    slices: list[int] = []
+    send_many = EventProducer.send_many
+
+    async def recorded(self: EventProducer, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        slices.append(len(records))
+        return await send_many(self, topic, records)
+
+    monkeypatch.setattr(EventProducer, "send_many", recorded)
+    stop = asyncio.Event()
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, stop, port.set_result))
+    try:
+        url = f"http://127.0.0.1:{await asyncio.wait_for(port, 20)}"
+        group = {"version": "4", "status": "firing", "alerts": [alert(n) for n in range(501)]}
+        status, body, _ = await post(f"{url}/v1/alertmanager", group, bearer(TOKENS[0]))
+        too_many = [event("change.started", "CM-S", f"s{n}") for n in range(501)]
+        events_status, events_body, _ = await post(f"{url}/v1/events", too_many, bearer(TOKENS[0]))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert status == 202, body
+    assert body["skipped"] == []
+    assert len(set(body["event_ids"])) == 501
+    assert slices == [500, 1]  # each slice acknowledged before the next is sent
+    records = await read_topic(
+        broker.bootstrap, settings.input_topic, until=lambda r: len(r) >= 501, timeout_s=20
+    )
+    assert sorted(json.loads(r.value or b"")["event_id"] for r in records) == sorted(body["event_ids"])
+    # a client of /v1/events can split its batch: still refused there
+    assert (events_status, events_body["error"]) == (413, "too_many_events")
+    assert await size(settings) == 501
+
+
+async def test_a_refusal_on_the_alertmanager_route_is_logged(ingress: str, settings: WorkerSettings) -> None:
+    """Alertmanager does not retry a 4xx: whatever the route still refuses is lost, so it is logged."""
+    auth = bearer(TOKENS[0])
+    big = {"version": "4", "alerts": [alert(n, summary="x" * 100) for n in range(40)]}  # > 4096 bytes
+    with capture_logs() as logs:
+        status, body, _ = await post(f"{ingress}/v1/alertmanager", big, auth)
+        assert (status, body["error"]) == (413, "too_large")
+        status, body, _ = await post(f"{ingress}/v1/alertmanager", {"version": "3", "alerts": []}, auth)
+        assert (status, body["error"]) == (400, "unsupported_version")
+    refused = [(e["code"], e["error"]) for e in logs if e["event"] == "ingest_refused"]
+    assert refused == [("413", "too_large"), ("400", "unsupported_version")]
+    assert all(e["log_level"] == "warning" for e in logs if e["event"] == "ingest_refused")
+    assert await size(settings) == 0
+
+
+class PartlyWriting:
+    """A producer whose ``fail_call``-th ``send_many`` acknowledges only the records ``acked``
+    marks True (as ``EventProducer.send_many`` raises on a failed write); the others succeed."""
+
+    def __init__(self, fail_call: int, acked: list[bool]) -> None:
+        self.fail_call, self.acked = fail_call, acked
+        self.calls: list[int] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def ping(self, timeout_s: float = 3.0) -> None:
+        pass
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        self.calls.append(len(records))
+        delivered = [Delivered(topic, 0, n) for n in range(len(records))]
+        if len(self.calls) == self.fail_call:
+            assert len(records) == len(self.acked)
+            acked = [d if ok else None for d, ok in zip(delivered, self.acked, strict=True)]
+            raise PartialWrite(f"write to {topic!r} failed: KafkaTimeoutError", acked, len(records))
+        return delivered
+
+
+@pytest.fixture
+def stub_settings() -> WorkerSettings:
+    return load_settings(
+        kafka_bootstrap_servers="127.0.0.1:9", input_topic="in-stub", http_host="127.0.0.1", http_port=0
+    )
+
+
+async def post_with_producer(
+    settings: WorkerSettings, producer: PartlyWriting, monkeypatch: pytest.MonkeyPatch, path: str, body: Any
+) -> tuple[int, Any, Metrics]:
+    monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
+    metrics = Metrics()
+    ingress = Ingress(settings, metrics)
+    server = HealthServer(settings, metrics, ingress.status, ingress.routes())
+    await ingress.start()
+    await server.start()
+    try:
+        status, answer, _ = await post(f"http://127.0.0.1:{server.port}{path}", body)
+    finally:
+        await server.stop()
+        await ingress.stop()
+    return status, answer, metrics
+
+
+async def test_a_partly_written_batch_says_which_events_were_written(
+    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the acknowledged records of a failed write were thrown away: a generic 503, not
+    counted in coc_worker_ingest_events, no counts in the log."""
+    batch = [event("change.started", "CM-PW", f"s{n}") for n in range(3)]
+    ids = [e["event_id"] for e in batch]
+    producer = PartlyWriting(1, [True, False, True])
+    with capture_logs() as logs:
+        status, body, metrics = await post_with_producer(
+            stub_settings, producer, monkeypatch, "/v1/events", batch
+        )
+    assert status == 503
+    assert body["error"] == "broker_unavailable"
+    assert "retry with the same event ids" in body["detail"]
+    assert (body["written"], body["not_written"]) == ([ids[0], ids[2]], [ids[1]])
+    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "events"}) == 2
+    [line] = [e for e in logs if e["event"] == "ingest_broker_unavailable"]
+    assert (line["log_level"], line["written"], line["not_written"], line["events"]) == ("warning", 2, 1, 3)
+
+
+async def test_a_partly_written_group_counts_the_slices_already_acknowledged(
+    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second slice of a group fails after one record: the first slice and that record are
+    written, the rest (and the slice never sent) are not."""
+    settings = stub_settings.model_copy(update={"ingest_max_batch": 2})
+    producer = PartlyWriting(2, [True, False])
+    group = {"version": "4", "alerts": [alert(n) for n in range(5)]}
+    status, body, metrics = await post_with_producer(
+        settings, producer, monkeypatch, "/v1/alertmanager", group
+    )
+    ids = [f"am-{n:016x}-1764298800000" for n in range(5)]
+    assert status == 503
+    assert producer.calls == [2, 2]  # the third slice was not sent
+    assert (body["written"], body["not_written"]) == (ids[:3], ids[3:])
+    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "alertmanager"}) == 3

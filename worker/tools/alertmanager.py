@@ -7,7 +7,9 @@ names a change through ``ticket_id`` and ``sub_ticket_id`` (labels, else annotat
 the alert's fingerprint and start time, so the same alert notified again (``repeat_interval``, a
 retried POST, several Alertmanager replicas) is the same event and the worker applies it once.
 Resolved alerts and alerts without the labels are skipped and reported, never an error: a 4xx
-would only make Alertmanager retry a notification that can never succeed.
+would only make Alertmanager retry a notification that can never succeed. A firing alert that names
+a change but would make an invalid event is skipped as ``invalid``: the ingress logs a warning for
+it (``Skipped.warns``, ``Skipped.log_fields``), since Alertmanager takes the 202 as delivered.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +33,9 @@ SUB_TICKET_LABEL = "sub_ticket_id"
 FAIL_TYPE_LABEL = "change_fail_type"
 _COMMENT_MAX = 2000
 _FINGERPRINT = re.compile(r"[0-9a-f]{1,64}\Z")
+SkipReason = Literal["resolved", "not_firing", "no_ticket_labels", "invalid"]
+#: Every reason an alert is skipped for (a metric's label values: the set is fixed).
+SKIP_REASONS: tuple[SkipReason, ...] = ("resolved", "not_firing", "no_ticket_labels", "invalid")
 
 
 class Alert(BaseModel):
@@ -67,7 +72,7 @@ class Notification(BaseModel):
 @dataclass(frozen=True, slots=True)
 class Skipped:
     index: int
-    reason: str  # resolved | no_ticket_labels | invalid
+    reason: SkipReason
     alertname: str | None = None
     fingerprint: str | None = None
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -81,6 +86,22 @@ class Skipped:
         if self.errors:
             found["errors"] = self.errors
         return found
+
+    @property
+    def warns(self) -> bool:
+        """A firing alert that named a change and was still not produced: a failure lost unless
+        someone is told (only ``invalid`` alerts are both firing and naming a ticket)."""
+        return self.reason == "invalid"
+
+    def log_fields(self) -> dict[str, Any]:
+        """For a log line: no label or annotation value, only the index, the reason, the error
+        paths and the fingerprint when it is Alertmanager's (hex; anything else is input text)."""
+        fields: dict[str, Any] = {"index": self.index, "reason": self.reason}
+        if self.fingerprint and _FINGERPRINT.match(self.fingerprint):
+            fields["fingerprint"] = self.fingerprint
+        if self.errors:
+            fields["error_paths"] = [error["path"] for error in self.errors]
+        return fields
 
 
 def _lookup(alert: Alert, name: str) -> str | None:
