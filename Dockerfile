@@ -70,8 +70,11 @@ USER 10001:10001
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 
+# The check connects where the worker listens: a wildcard host (COC_WORKER_HTTP_HOST unset, 0.0.0.0
+# or ::) through its loopback, 127.0.0.1 or ::1 (the worker's "::" socket is IPv6-only: 127.0.0.1 is
+# refused there), any other host directly. tests/test_dockerfile.py runs this command.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('COC_WORKER_HTTP_PORT', '8080') + '/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; h = os.environ.get('COC_WORKER_HTTP_HOST', ''); h = ('[::1]' if ':' in h else '127.0.0.1') if not h.strip('0.:') else '[' + h + ']' if ':' in h else h; urllib.request.urlopen('http://' + h + ':' + os.environ.get('COC_WORKER_HTTP_PORT', '8080') + '/healthz', timeout=2)"]
 
 ENTRYPOINT ["coc-worker"]
 CMD ["run"]

@@ -13,12 +13,14 @@ installs, as constraints) from the current .venv.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,9 +32,12 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from services import service_missing
 
 from schemas.asyncapi import ASYNCAPI_FILE
 from schemas.export import contract_schemas
+from worker.health import HealthServer
+from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -309,6 +314,67 @@ def test_build_context_holds_what_the_build_copies() -> None:
     for private in (".venv", ".venv-helm", ".git", "tests", "helm", "coc-worker-dedup.sqlite3"):
         assert ignored(private), f"{private} would be sent to the Docker daemon"
     assert ignored("worker/__pycache__/app.cpython-311.pyc")
+
+
+# --- the HEALTHCHECK -------------------------------------------------------------------------------------
+def healthcheck_command() -> list[str]:
+    """The HEALTHCHECK's exec-form command, ``python`` being this interpreter: the check needs only the
+    standard library, and ``python`` in the image is the venv's, of the same minor version."""
+    (args,) = args_of(FINAL, "HEALTHCHECK")
+    _, found, command = args.partition(" CMD ")
+    assert found, f"HEALTHCHECK without an exec-form CMD: {args}"
+    argv = json.loads(command)
+    assert argv[0] == "python", argv
+    return [sys.executable, *argv[1:]]
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("host", [None, "0.0.0.0", "::", "127.0.0.1", "::1"])
+async def test_healthcheck_reaches_the_worker_where_it_listens(
+    host: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HEALTHCHECK against the worker's own health server, as ``docker run -e
+    COC_WORKER_HTTP_HOST=...`` starts it. With ``::`` (documented for IPv6 clusters) the socket is
+    IPv6-only: a check of 127.0.0.1 was refused, and the container showed unhealthy for ever."""
+    if host and ":" in host and not ipv6_loopback():
+        service_missing("an IPv6 loopback address")
+    for name in list(os.environ):
+        if name.startswith("COC_WORKER_"):
+            monkeypatch.delenv(name)
+    if host is not None:
+        monkeypatch.setenv("COC_WORKER_HTTP_HOST", host)
+    settings = WorkerSettings(http_port=0)  # the image's host default is the worker's own
+    server = HealthServer(settings, Metrics(), lambda: {"ready": True})
+    await server.start()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env = env_of(FINAL, base) | {"COC_WORKER_HTTP_PORT": str(server.port)}
+
+    async def check() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *healthcheck_command(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+        assert proc.returncode is not None
+        return proc.returncode, stderr.decode(errors="replace")
+
+    try:
+        if host == "::":  # the premise: the IPv4 loopback is not served there
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        code, stderr = await check()
+        assert code == 0, stderr
+    finally:
+        await server.stop()
+    code, _ = await check()
+    assert code != 0, "the check passes with nothing listening"
 
 
 # --- the replay ----------------------------------------------------------------------------------------

@@ -26,13 +26,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 import pytest
 import yaml
 from services import service_missing
 
-from worker.settings import SECRET_FIELDS, WorkerSettings
+from worker.settings import REDIS_URL_OPTIONS, SECRET_FIELDS, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "coc-change-worker"
@@ -132,6 +133,16 @@ GOOD: dict[str, dict[str, Any]] = {
         "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
         "podDisruptionBudget": {"minAvailable": 2},
     },
+    # 66% of 3 rounds up to 2: one pod may go
+    "pdb_min_available_percent_below_the_replicas": {
+        "replicaCount": 3,
+        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+        "podDisruptionBudget": {"minAvailable": "66%"},
+    },
+    "keda_scale_to_zero": merged(FULL, {"autoscaling": {"keda": {"minReplicaCount": 0}}}),
+    "redis_url_with_options": {
+        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0?db=1&prefix=x"}},
+    },
 }
 
 #: Values Helm must refuse, and a fragment of the reason it must give.
@@ -145,10 +156,49 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "pdb_min_available_of_every_replica": ({"podDisruptionBudget": {"minAvailable": 1}}, "minAvailable=1"),
     "pdb_min_available_all": ({"podDisruptionBudget": {"minAvailable": "100%"}}, "minAvailable=100%"),
     "pdb_max_unavailable_zero": ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable=0"),
+    "pdb_max_unavailable_zero_percent": (
+        {"podDisruptionBudget": {"maxUnavailable": "0%"}},
+        "maxUnavailable=0%",
+    ),
+    # Kubernetes rounds a percentage up: 50% of 1 pod is 1, 67% of 3 is 3
+    "pdb_min_available_percent_one_replica": (
+        {"podDisruptionBudget": {"minAvailable": "50%"}},
+        "minAvailable=50% with 1 replica(s) (50% of 1 rounds up to 1)",
+    ),
+    "pdb_min_available_67_percent_three_replicas": (
+        {
+            "replicaCount": 3,
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "podDisruptionBudget": {"minAvailable": "67%"},
+        },
+        "minAvailable=67% with 3 replica(s) (67% of 3 rounds up to 3)",
+    ),
+    # scaled to zero, KEDA wakes one pod: minAvailable=1 then blocks every drain
+    "pdb_min_available_keda_scale_to_zero": (
+        merged(
+            FULL,
+            {"autoscaling": {"keda": {"minReplicaCount": 0}}, "podDisruptionBudget": {"minAvailable": 1}},
+        ),
+        "minAvailable=1 with 1 replica (autoscaling.keda.minReplicaCount=0",
+    ),
     "sasl_without_mechanism": ({"kafka": {"securityProtocol": "SASL_SSL"}}, "mechanism"),
     "password_in_redis_url": (
         {"dedup": {"backend": "redis", "redis": {"url": "redis://:pw@redis:6379/0"}}},
         "url",
+    ),
+    # a URL option the worker refuses, and the ConfigMap would show in clear
+    "password_in_redis_url_query": (
+        {"dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0?password=s3cr3t"}}},
+        "url",
+    ),
+    "username_in_redis_url_query": (
+        {"dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0?username=admin"}}},
+        "url",
+    ),
+    # the worker starts without a committed offset at the earliest one: KEDA counts lag from there
+    "keda_offset_reset_policy": (
+        {"autoscaling": {"keda": {"offsetResetPolicy": "latest"}}},
+        "offsetResetPolicy",
     ),
     "setting_in_extra_env": ({"extraEnv": [{"name": "COC_WORKER_MAX_IN_FLIGHT", "value": "1"}]}, "extraEnv"),
     # the worker reads its settings whatever their case: this one got past a case-sensitive check
@@ -210,6 +260,9 @@ SCHEMA_BAD = [
     "zero_shutdown_grace",
     "sasl_without_mechanism",
     "password_in_redis_url",
+    "password_in_redis_url_query",
+    "username_in_redis_url_query",
+    "keda_offset_reset_policy",
     "setting_in_extra_env",
     "setting_in_extra_env_lower_case",
     "hpa_and_keda",
@@ -242,6 +295,47 @@ def test_schema_rejects_bad_values(case: str) -> None:
     errors = schema_errors(merged(DEFAULTS, values))
     assert errors, f"{case} passed the schema"
     assert any(fragment in error for error in errors), errors
+
+
+#: dedup.redis.url values (no credentials: those go in the Secret), and whether the schema takes them.
+REDIS_URLS = [
+    ("redis://redis-master:6379/0", True),
+    ("redis://redis-master:6379/0?db=1&prefix=x", True),
+    ("redis://redis-master:6379/0?", True),
+    (
+        "rediss://redis:6380/0?ssl_ca_certs=/etc/ca/ca.crt&ssl_certfile=/etc/tls/tls.crt"
+        "&ssl_keyfile=/etc/tls/tls.key&ssl_cert_reqs=required&ssl_check_hostname=true&prefix=coc:&db=2",
+        True,
+    ),
+    ("redis://:s3cr3t@redis-master:6379/0", False),
+    ("redis://redis-master:6379/0?password=s3cr3t", False),
+    ("redis://redis-master:6379/0?username=admin", False),
+    ("redis://redis-master:6379/0?prefix=x&password=s3cr3t", False),
+    ("redis://redis-master:6379/0?db=1#s3cr3t", False),
+    ("redis://redis-master:6379/0?ssl_cert_reqs=none", False),  # the ssl_* options need rediss://
+    ("rediss://redis:6380/0?ssl_cert_reqs=maybe", False),
+    ("redis://redis-master:6379/0?db=one", False),
+]
+
+
+@pytest.mark.parametrize(("url", "taken"), REDIS_URLS)
+def test_schema_takes_only_the_redis_url_options_the_worker_takes(
+    url: str, taken: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL option the worker refuses (``?password=``) failed only at the pod's start, and sat in
+    the ConfigMap in clear until then: the schema takes only the worker's REDIS_URL_OPTIONS."""
+    errors = schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
+    assert (errors == []) is taken, errors
+    if taken:  # and the worker starts with it
+        for name in list(os.environ):
+            if name.startswith("COC_WORKER_"):
+                monkeypatch.delenv(name)
+        assert WorkerSettings(dedup_url=url).dedup_url == url
+
+
+def test_schema_takes_every_redis_url_option_of_the_worker() -> None:
+    taken = {name for url, ok in REDIS_URLS if ok for name in parse_qs(urlsplit(url).query)}
+    assert taken == REDIS_URL_OPTIONS
 
 
 def test_every_value_is_documented() -> None:
@@ -690,6 +784,10 @@ def test_keda_scales_on_lag_within_partitions(helm_results: dict[str, Any]) -> N
     assert meta["consumerGroup"] == env["COC_WORKER_GROUP_ID"]
     assert meta["topic"] == env["COC_WORKER_INPUT_TOPIC"]
     assert meta["allowIdleConsumers"] == "false"
+    # Lag of a group without a committed offset counts from where the worker then starts reading.
+    consumer = (ROOT / "worker" / "consumer.py").read_text(encoding="utf-8")
+    assert re.findall(r'auto_offset_reset="(\w+)"', consumer) == ["earliest"]
+    assert meta["offsetResetPolicy"] == "earliest"
     assert (meta["sasl"], meta["tls"]) == ("scram_sha512", "enable")
     auth = one(objects, "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
@@ -702,6 +800,17 @@ def test_keda_scales_on_lag_within_partitions(helm_results: dict[str, Any]) -> N
     assert username["name"] in env
     assert username["containerName"] == "worker"
     assert "HorizontalPodAutoscaler" not in kinds(objects)
+
+
+def test_keda_may_scale_to_zero(helm_results: dict[str, Any]) -> None:
+    objects = manifests(helm_results, "keda_scale_to_zero")
+    assert one(objects, "ScaledObject")["spec"]["minReplicaCount"] == 0
+    assert one(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_redis_url_options_reach_the_worker(helm_results: dict[str, Any]) -> None:
+    env = worker_env(manifests(helm_results, "redis_url_with_options"))
+    assert env["COC_WORKER_DEDUP_URL"] == "redis://redis-master:6379/0?db=1&prefix=x"
 
 
 def test_hpa_within_partitions(helm_results: dict[str, Any]) -> None:

@@ -186,15 +186,37 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if and (gt ($v.worker.maxBuffered | int64) 0) (lt ($v.worker.maxBuffered | int64) ($v.worker.maxInFlight | int64)) }}
 {{- fail "worker.maxBuffered must be 0 (4 x maxInFlight) or at least worker.maxInFlight" }}
 {{- end }}
+{{- /* The budget binds hardest at the fewest replicas; a KEDA scaled to zero binds as soon as it
+       wakes one pod. Kubernetes rounds a percentage up, of minAvailable as of maxUnavailable:
+       minAvailable=50% of 1 pod is 1, and 67% of 3 is 3. */}}
 {{- $pdb := $v.podDisruptionBudget }}
 {{- $fewest := include "coc.minReplicas" . | int64 }}
+{{- $pods := max $fewest 1 }}
+{{- $replicas := printf "%d replica(s)" $pods }}
+{{- if and (eq $fewest 0) $v.autoscaling.keda.enabled }}
+{{- $replicas = "1 replica (autoscaling.keda.minReplicaCount=0: KEDA wakes one pod)" }}
+{{- else if eq $fewest 0 }}
+{{- $replicas = "1 replica (replicaCount=0, once scaled up)" }}
+{{- end }}
 {{- if $pdb.enabled }}
 {{- if kindIs "invalid" $pdb.minAvailable }}
-{{- if has (toString $pdb.maxUnavailable) (list "0" "0%") }}
-{{- fail "podDisruptionBudget.maxUnavailable=0 never lets a pod be evicted: node drains and cluster upgrades would wait for ever" }}
+{{- $down := $pdb.maxUnavailable }}
+{{- if kindIs "string" $down }}
+{{- $down = div (add (mul (trimSuffix "%" $down | atoi) $pods) 99) 100 }}
 {{- end }}
-{{- else if or (eq (toString $pdb.minAvailable) "100%") (and (not (kindIs "string" $pdb.minAvailable)) (gt $fewest 0) (ge ($pdb.minAvailable | int64) $fewest)) }}
-{{- fail (printf "podDisruptionBudget.minAvailable=%v with %d replica(s) never lets a pod be evicted: node drains and cluster upgrades would wait for ever; use maxUnavailable" $pdb.minAvailable $fewest) }}
+{{- if le ($down | int64) 0 }}
+{{- fail (printf "podDisruptionBudget.maxUnavailable=%v never lets a pod be evicted: node drains and cluster upgrades would wait for ever" $pdb.maxUnavailable) }}
+{{- end }}
+{{- else }}
+{{- $up := $pdb.minAvailable }}
+{{- $rounded := "" }}
+{{- if kindIs "string" $up }}
+{{- $up = div (add (mul (trimSuffix "%" $up | atoi) $pods) 99) 100 }}
+{{- $rounded = printf " (%s of %d rounds up to %d)" $pdb.minAvailable $pods $up }}
+{{- end }}
+{{- if ge ($up | int64) $pods }}
+{{- fail (printf "podDisruptionBudget.minAvailable=%v with %s%s never lets a pod be evicted: node drains and cluster upgrades would wait for ever; use maxUnavailable" $pdb.minAvailable $replicas $rounded) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if and (eq $v.persistence.type "pvc") (gt (include "coc.maxReplicas" . | int64) 1) }}
