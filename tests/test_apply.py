@@ -926,3 +926,20 @@ async def test_a_claim_lost_before_the_send_gives_its_rate_slot_back(rig: Rig) -
     await asyncio.wait_for(bucket.acquire(), 1.0)
     await asyncio.wait_for(bucket.acquire(), 1.0)  # waited 2 s for the slot no call used
     assert not rig.sim.state.requests
+
+
+async def test_a_pause_while_renewing_the_claim_is_not_taken_off_the_retry_budget(rig: Rig) -> None:
+    """The claim's renewal before a send waits at the gate while the dedup store is away; that
+    pause counted against the event's budget, and the next 503 failed the event at once."""
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+    policy = RetryPolicy(max_attempts=4, max_elapsed_s=0.5, base_delay_s=0.01, max_delay_s=0.02)
+    renewals = 0
+
+    async def renew_after_an_outage() -> None:
+        nonlocal renewals
+        renewals += 1
+        if renewals == 2:
+            await asyncio.sleep(0.8)  # the store away: the gate closed for longer than the budget
+
+    result = await rig.apply(rig.caller(policy), before_send=renew_after_an_outage)
+    assert (result.status, result.calls) == ("failed", 4)  # failed after 2 calls, at the first 503 after it

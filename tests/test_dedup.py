@@ -7,6 +7,7 @@ import json
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -409,3 +410,37 @@ def test_a_redis_tls_file_that_cannot_be_read_is_a_configuration_error(tmp_path:
     """redis-py opens it when it connects: a missing CA file read as the store being down."""
     with pytest.raises(ConfigError, match=r"\?ssl_ca_certs= names no readable file: /nowhere/ca.pem"):
         open_store("rediss://redis:6380/0?ssl_ca_certs=/nowhere/ca.pem")
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+async def test_a_claim_is_kept_as_long_as_an_applied_record(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A worker crashed mid-send leaves its claim; the message is read again whenever the group
+    next runs. The claim was forgotten after 24 h while applied records live ``dedup_ttl_s`` (7
+    days): read again on day two, the event was claimed as new and sent again without a look at
+    the ticket, though the first send may have landed."""
+    week_s = 7 * 24 * 3600.0
+    url = {
+        "memory": "memory://?max_entries=1000",
+        "sqlite": f"sqlite:///{tmp_path}/dedup.sqlite3",
+        "redis": request.getfixturevalue("redis_url") if backend == "redis" else "",
+    }[backend]
+    store = open_store(url, record_ttl_s=week_s)
+    try:
+        await store.claim("crashed", "w1", "t/0/1", 30)
+        await store.extend("crashed", "w1", 30)  # renewed before a send
+        if isinstance(store, MemoryStore):
+            left_s = store._items["crashed"][1] - time.monotonic()
+        elif isinstance(store, SqliteStore):
+            with sqlite3.connect(tmp_path / "dedup.sqlite3") as conn:
+                (expires_at,) = conn.execute(
+                    "SELECT expires_at FROM dedup WHERE event_id = 'crashed'"
+                ).fetchone()
+            left_s = expires_at - time.time()
+        else:
+            assert isinstance(store, RedisStore)
+            left_s = await store._client.pttl(store._key("crashed")) / 1000
+        assert left_s > week_s
+    finally:
+        await store.close()

@@ -142,7 +142,11 @@ class ApiCaller:
         sending = False
         try:
             if before_send is not None:  # after the waits above, which have no bound of their own
+                began = time.monotonic()
+                # Its time is not the event's either: the claim's renewal waits at the gate while
+                # the dedup store is away, and that pause used up the retry budget.
                 await before_send()
+                waited.s += time.monotonic() - began
             sending = True
             response = await self._client.update_ticket(
                 ticket_id, body, event_id=event_id, traceparent=traceparent

@@ -66,7 +66,10 @@ class ClaimKind(StrEnum):
     DONE = "done"  # finished; its outcome and dead letter published, or owed to a redelivery
 
 
-#: How long a claim record outlives its lease (so a taker learns it took over a dead owner's claim).
+#: How long a claim record outlives its lease at least (so a taker learns it took over a dead
+#: owner's claim); ``open_store`` keeps it as long as an applied record (``dedup_ttl_s``) when that
+#: is longer: a message read again days after its worker crashed mid-send must still find the
+#: claim, or it is sent again without a look at the ticket (the first send may have landed).
 CLAIM_RECORD_KEEP_S = 24 * 3600.0
 
 
@@ -159,8 +162,11 @@ class DedupStore(Protocol):
 class MemoryStore:
     """Bounded LRU in this process: protects against redelivery, not against restarts."""
 
-    def __init__(self, max_entries: int = MEMORY_MAX_ENTRIES) -> None:
+    def __init__(
+        self, max_entries: int = MEMORY_MAX_ENTRIES, claim_keep_s: float = CLAIM_RECORD_KEEP_S
+    ) -> None:
         self._max = max_entries
+        self._claim_keep_s = claim_keep_s
         self._items: OrderedDict[str, tuple[DedupRecord, float]] = OrderedDict()  # record, expires_at
 
     def _get(self, event_id: str) -> DedupRecord | None:
@@ -183,7 +189,7 @@ class MemoryStore:
         now = time.time()
         answer = decide(self._get(event_id), owner, source, now)
         if answer.kind is ClaimKind.NEW:
-            self._put(event_id, claimed(owner, source, now, lease_s), lease_s + CLAIM_RECORD_KEEP_S)
+            self._put(event_id, claimed(owner, source, now, lease_s), lease_s + self._claim_keep_s)
         return answer
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
@@ -191,7 +197,7 @@ class MemoryStore:
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
         now = time.time()
-        self._put(event_id, claimed(owner, record.source, now, lease_s), lease_s + CLAIM_RECORD_KEEP_S)
+        self._put(event_id, claimed(owner, record.source, now, lease_s), lease_s + self._claim_keep_s)
         return True
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
@@ -237,8 +243,9 @@ class SqliteStore:
     _PURGE_EVERY_S = 60.0
     _PURGE_CHUNK = 1000
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, claim_keep_s: float = CLAIM_RECORD_KEEP_S) -> None:
         self._path = path
+        self._claim_keep_s = claim_keep_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dedup-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._batch: list[tuple[Any, tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -370,23 +377,25 @@ class SqliteStore:
     # Each operation runs on the sqlite thread, inside the batch's transaction.
     @classmethod
     def _claim_op(
-        cls, conn: sqlite3.Connection, event_id: str, owner: str, source: str, lease_s: float
+        cls, conn: sqlite3.Connection, event_id: str, owner: str, source: str, lease_s: float, keep_s: float
     ) -> Claim:
         now = time.time()
         answer = decide(cls._read(conn, event_id, now), owner, source, now)
         if answer.kind is ClaimKind.NEW:
             record = claimed(owner, source, now, lease_s)
-            cls._write(conn, event_id, record, now + lease_s + CLAIM_RECORD_KEEP_S)
+            cls._write(conn, event_id, record, now + lease_s + keep_s)
         return answer
 
     @classmethod
-    def _extend_op(cls, conn: sqlite3.Connection, event_id: str, owner: str, lease_s: float) -> bool:
+    def _extend_op(
+        cls, conn: sqlite3.Connection, event_id: str, owner: str, lease_s: float, keep_s: float
+    ) -> bool:
         now = time.time()
         record = cls._read(conn, event_id, now)
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
         renewed = claimed(owner, record.source, now, lease_s)
-        cls._write(conn, event_id, renewed, now + lease_s + CLAIM_RECORD_KEEP_S)
+        cls._write(conn, event_id, renewed, now + lease_s + keep_s)
         return True
 
     @classmethod
@@ -400,11 +409,11 @@ class SqliteStore:
             conn.execute("DELETE FROM dedup WHERE event_id = ?", (event_id,))
 
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
-        result: Claim = await self._run(self._claim_op, event_id, owner, source, lease_s)
+        result: Claim = await self._run(self._claim_op, event_id, owner, source, lease_s, self._claim_keep_s)
         return result
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
-        return bool(await self._run(self._extend_op, event_id, owner, lease_s))
+        return bool(await self._run(self._extend_op, event_id, owner, lease_s, self._claim_keep_s))
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._run(self._put_op, event_id, record, ttl_s)
@@ -502,8 +511,11 @@ _PROBE_KEY = "@probe"
 class RedisStore:
     """Shared by every replica; atomic claims by Lua script."""
 
-    def __init__(self, url: str, prefix: str = "coc:dedup:") -> None:
+    def __init__(
+        self, url: str, prefix: str = "coc:dedup:", claim_keep_s: float = CLAIM_RECORD_KEEP_S
+    ) -> None:
         self._prefix = prefix
+        self._claim_keep_s = claim_keep_s
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
@@ -525,7 +537,7 @@ class RedisStore:
 
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
         mine = DedupRecord("claimed", owner, source).encode()
-        keep_ms = int((lease_s + CLAIM_RECORD_KEEP_S) * 1000)
+        keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         taken, previous = await self._call(
             self._claim(keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms])
         )
@@ -541,7 +553,7 @@ class RedisStore:
         return decide(record, owner, source, 0.0)
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
-        keep_ms = int((lease_s + CLAIM_RECORD_KEEP_S) * 1000)
+        keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         extended = await self._call(self._extend(keys=[self._key(event_id)], args=[owner, lease_s, keep_ms]))
         return bool(extended)
 
@@ -563,24 +575,26 @@ class RedisStore:
         await self._client.aclose()
 
 
-def open_store(url: str) -> DedupStore:
-    """The backend named by ``url`` (``COC_WORKER_DEDUP_URL``)."""
+def open_store(url: str, record_ttl_s: float = 0.0) -> DedupStore:
+    """The backend named by ``url`` (``COC_WORKER_DEDUP_URL``); ``record_ttl_s`` is how long it
+    keeps an applied or done record (``dedup_ttl_s``), claims at least as long."""
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    keep_s = max(CLAIM_RECORD_KEEP_S, record_ttl_s)
     if parts.scheme == "memory":
         try:
-            return MemoryStore(max_entries=memory_max_entries(url))
+            return MemoryStore(max_entries=memory_max_entries(url), claim_keep_s=keep_s)
         except ValueError as exc:
             raise ConfigError(f"COC_WORKER_DEDUP_URL: {exc}") from None
     if parts.scheme == "sqlite":
         path = unquote(url[len("sqlite:///") :].split("?", 1)[0])
         if not url.startswith("sqlite:///") or not path:
             raise ConfigError("COC_WORKER_DEDUP_URL: use sqlite:///relative/path or sqlite:////absolute/path")
-        return SqliteStore(Path(path))
+        return SqliteStore(Path(path), claim_keep_s=keep_s)
     if parts.scheme in ("redis", "rediss"):
         for option in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
             # Read when connecting: a missing file would look like the store being down.
             if option in query and not os.access(query[option], os.R_OK):
                 raise ConfigError(f"COC_WORKER_DEDUP_URL: ?{option}= names no readable file: {query[option]}")
-        return RedisStore(url, prefix=query.get("prefix", "coc:dedup:"))
+        return RedisStore(url, prefix=query.get("prefix", "coc:dedup:"), claim_keep_s=keep_s)
     raise ConfigError(f"COC_WORKER_DEDUP_URL: unsupported scheme {parts.scheme!r}")
