@@ -18,6 +18,7 @@ from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "**redacted**"
 #: Shorter values are not scrubbed (they would mangle every line); settings refuse short secrets.
@@ -39,9 +40,14 @@ def register_secrets(values: Iterable[str]) -> None:
             value,
             encoded,
             _lower_escapes(encoded),
+            quote(value),  # "/" left as it is, as ``quote`` does by default
             quote_plus(value),
             escaped,
             escaped.replace("/", "\\/"),
+            # As a repr shows it (a dict or bytes in a log field, a KeyError's text, a library's
+            # repr of a raw header line): quotes and control or non-ASCII characters escaped.
+            *_with_json_escapes(repr(value)[1:-1]),
+            *_with_json_escapes(repr(value.encode())[2:-1]),
         )
         for form in forms:
             if form not in _secrets:
@@ -49,6 +55,11 @@ def register_secrets(values: Iterable[str]) -> None:
                 added = True
     if added:
         _longest_first = sorted(_secrets, key=len, reverse=True)
+
+
+def _with_json_escapes(form: str) -> tuple[str, str]:
+    """A form as it is, and as a JSON line shows it (its backslashes and quotes escaped)."""
+    return form, json.dumps(form)[1:-1]
 
 
 def _lower_escapes(encoded: str) -> str:
@@ -82,18 +93,16 @@ def _merge_message_context(_: Any, __: str, event_dict: MutableMapping[str, Any]
     return event_dict
 
 
-def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    if not _secrets:
-        return event_dict
-    for key, value in list(event_dict.items()):
-        if isinstance(value, str):
-            event_dict[key] = redact_text(value)
-        elif value is not None and not isinstance(value, int | float | bool):
-            text = str(value)
-            cleaned = redact_text(text)
-            if cleaned != text:
-                event_dict[key] = cleaned
-    return event_dict
+class _Redacted:
+    """The renderer, then the redactor over the whole line: whatever field, nesting or repr a
+    secret reached the line through, it is replaced in the form the line shows it in."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
+        line: str = self._renderer(logger, name, event_dict)
+        return redact_text(line) if _longest_first else line
 
 
 def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None, *, final: bool = False) -> None:
@@ -115,8 +124,7 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None, *, fin
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            _redact,
-            renderer,
+            _Redacted(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         logger_factory=structlog.PrintLoggerFactory(cast(TextIO, out)),
@@ -152,7 +160,12 @@ class _StdlibFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if record.exc_info:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            # A request the HTTP server could not parse: aiohttp's text quotes the raw request
+            # line or header, an ``Authorization`` of a token the redactor does not know included.
+            message += f": {type(error).__name__} (the request's text is not logged)"
+        elif record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         message = redact_text(message)
         if not self._json:
