@@ -169,7 +169,7 @@ async def test_sqlite_purges_expired_records_in_chunks(tmp_path: Path) -> None:
 
         def rows() -> set[str]:
             with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
-                return {r[0] for r in conn.execute("SELECT event_id FROM dedup")}
+                return {r[0] for r in conn.execute("SELECT event_id FROM dedup WHERE event_id != '@probe'")}
 
         counts = []
         for _ in range(4):
@@ -270,7 +270,10 @@ async def test_sqlite_wal_starts_over_under_writes_that_never_pause(tmp_path: Pa
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / "d.sqlite3") as conn:
-        assert conn.execute("SELECT count(*) FROM dedup").fetchone()[0] == writers * each
+        assert (
+            conn.execute("SELECT count(*) FROM dedup WHERE event_id != '@probe'").fetchone()[0]
+            == writers * each
+        )
 
 
 async def test_upkeep_failing_after_a_commit_neither_fails_nor_holds_up_the_writes(tmp_path: Path) -> None:
@@ -444,3 +447,65 @@ async def test_a_claim_is_kept_as_long_as_an_applied_record(
         assert left_s > week_s
     finally:
         await store.close()
+
+
+async def test_the_sqlite_probe_fails_while_claims_fail(tmp_path: Path) -> None:
+    """A store that takes no writes (a read-only file or mount) fails the probe as it fails the
+    claims, or the gate would reopen onto it over and over. (The probe is a write now, as a full
+    disk lets ``BEGIN IMMEDIATE`` and ``SELECT 1`` pass; a full disk is not simulated here.)"""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    try:
+        await store.ping()
+        assert store._conn is not None
+        store._conn.execute("PRAGMA query_only = ON")  # as a read-only file or mount answers
+        with pytest.raises(DedupUnavailable, match="readonly"):
+            await store.claim("e1", "w1", "t/0/1", 30)
+        with pytest.raises(DedupUnavailable, match="readonly"):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+async def _fill(store: SqliteStore) -> DedupUnavailable:
+    """Write until the store refuses; return its error."""
+    for n in range(10_000):
+        try:
+            await store.mark_done(
+                f"e{n}", DedupRecord("done", "w1", f"t/0/{n}", "applied", detail="x" * 400), 60
+            )
+        except DedupUnavailable as exc:
+            return exc
+    raise AssertionError("never full")
+
+
+async def test_a_full_sqlite_store_says_it_is_full(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back itself when the disk is full; the store's own ROLLBACK then
+    failed, and the error reported was "cannot rollback - no transaction is active"."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    try:
+        await store.ping()
+        assert store._conn is not None
+        (pages,) = store._conn.execute("PRAGMA page_count").fetchone()
+        store._conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the disk full soon
+        error = await _fill(store)
+        assert "full" in str(error)
+    finally:
+        await store.close()
+
+
+async def test_the_redis_probe_fails_for_a_user_that_may_not_run_the_claim(own_redis: OwnRedis) -> None:
+    """An ACL user allowed ``SET`` but not scripts: the probe (a ``SET``) passed, every claim
+    failed, and the gate opened and closed at the probe's pace while nothing was processed."""
+    admin = redis.Redis(port=own_redis.port)
+    admin.execute_command(
+        "ACL", "SETUSER", "setonly", "on", ">setonly-pw", "~*", "+@all", "-eval", "-evalsha"
+    )
+    store = RedisStore(f"redis://setonly:setonly-pw@127.0.0.1:{own_redis.port}/0")
+    try:
+        with pytest.raises(DedupUnavailable):
+            await store.claim("e1", "w1", "t/0/1", 30)
+        with pytest.raises(DedupUnavailable):
+            await store.ping()
+    finally:
+        await store.close()
+        admin.close()

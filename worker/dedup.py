@@ -71,6 +71,9 @@ class ClaimKind(StrEnum):
 #: is longer: a message read again days after its worker crashed mid-send must still find the
 #: claim, or it is sent again without a look at the ticket (the first send may have landed).
 CLAIM_RECORD_KEEP_S = 24 * 3600.0
+#: Written by the stores' probes; '@' never occurs in an event_id (nor "@probe" in an invalid
+#: message's key, ``@topic/partition/offset``).
+_PROBE_KEY = "@probe"
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +285,8 @@ class SqliteStore:
                 results = [_call(conn, fn, args, future) for fn, args, future in batch]
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back itself (a full disk): the
+                    conn.execute("ROLLBACK")  # error to report is that one, not "no transaction"
                 raise
         except Exception as exc:  # every waiting caller must hear about it, whatever it is
             _settle([(future, None, exc) for _, _, future in batch])
@@ -425,7 +429,9 @@ class SqliteStore:
         await self._run(self._release_op, event_id, owner)
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """A write, as a claim makes: a full disk or a read-only file answers ``SELECT 1`` all the
+        same, and the gate would reopen onto a store that refuses every claim."""
+        await self._run(self._put_op, _PROBE_KEY, DedupRecord("probe", "", ""), 10.0)
 
     async def close(self) -> None:
         self._closed = True  # no batch after this one opens the database again
@@ -504,10 +510,6 @@ return 0
 """
 
 
-#: Written by the store's probe; '@' never occurs in an event_id.
-_PROBE_KEY = "@probe"
-
-
 class RedisStore:
     """Shared by every replica; atomic claims by Lua script."""
 
@@ -567,9 +569,13 @@ class RedisStore:
         await self._call(self._release(keys=[self._key(event_id)], args=[owner]))
 
     async def ping(self) -> None:
-        """A write, not ``PING``: a replica answers ``PING``, and the gate would reopen onto a node
+        """A claim of the probe key, not ``PING``: a replica answers ``PING``, as an ACL user
+        without scripts answers a ``SET``, and the gate would reopen onto a node (or with a user)
         that refuses every claim."""
-        await self._call(self._client.set(self._key(_PROBE_KEY), "1", px=10_000))
+        record = DedupRecord("claimed", "coc-worker-probe", "probe").encode()
+        await self._call(
+            self._claim(keys=[self._key(_PROBE_KEY)], args=["coc-worker-probe", record, "probe", 1.0, 10_000])
+        )
 
     async def close(self) -> None:
         await self._client.aclose()
