@@ -24,7 +24,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import salvage_identity
-from worker.dedup import MemoryStore
+from worker.dedup import Claim, ClaimKind, MemoryStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import REDACTED, bind_message_context, configure, get_logger, register_secrets
@@ -457,3 +457,42 @@ async def test_each_jobs_log_lines_carry_its_message_and_event(rig: Rig) -> None
     log.info("own_value", offset=2)
     last = json.loads(out.getvalue().splitlines()[-1])
     assert (last["offset"], last["ticket_id"]) == (2, "CM9")
+
+
+async def test_two_processes_with_one_worker_id_do_not_both_send_the_change() -> None:
+    """A claim of the same owner is taken for a cancelled job of one's own and taken over at once.
+    Two processes given one COC_WORKER_WORKER_ID (or one restarted while its request may still
+    land) each did that with the other's live claim, and both sent the change."""
+    answers: list[ClaimKind] = []
+
+    class Recording(MemoryStore):
+        async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+            answer = await super().claim(event_id, owner, source, lease_s)
+            answers.append(answer.kind)
+            return answer
+
+    store, published = Recording(), Recorder()
+    release = asyncio.Event()
+
+    class Slow(_Answers):
+        async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+            await release.wait()
+            return await super().apply(ticket_id, payload, **kwargs)
+
+    first_caller, second_caller = Slow("applied"), _Answers("applied")
+    first, first_gate = _pipeline(store, first_caller, published)
+    second, second_gate = _pipeline(store, second_caller, published)  # the same worker_id, "w1"
+    try:
+        sending = asyncio.create_task(first.process(job(STARTED)))
+        await until(lambda: answers == [ClaimKind.NEW])
+        again = asyncio.create_task(second.process(job(STARTED)))  # the same message, redelivered
+        await until(lambda: len(answers) == 2)
+        assert answers[1] is ClaimKind.HELD  # was NEW, taken over as its own
+        assert second_caller.calls == 0
+        release.set()
+        await asyncio.wait_for(asyncio.gather(sending, again), 10)
+    finally:
+        await first_gate.close()
+        await second_gate.close()
+    assert (first_caller.calls, second_caller.calls) == (1, 0)
+    assert [o["redelivered"] for o in published.outcomes] == [False, True]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -96,6 +97,10 @@ class Pipeline:
         self._gate = gate
         self._metrics = metrics
         self._owner = settings.worker_id
+        #: Who holds this process's claims: the worker id and a per-process nonce. Two processes
+        #: given one COC_WORKER_WORKER_ID (or one restarted while its request may still land) each
+        #: took the other's live claim for a cancelled job of its own, and both sent the change.
+        self._claimant = f"{settings.worker_id}/{uuid.uuid4().hex[:8]}"
         #: event_id -> jobs waiting for the job of this worker that has that event in hand
         self._in_hand: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -133,7 +138,7 @@ class Pipeline:
     async def _finish_invalid(self, job: Job, invalid: InvalidEvent) -> None:
         """An invalid message has no usable event_id: its message position is its identity."""
         key = f"@{job.source}"  # '@' never occurs in an event_id
-        claim = await self._dedup(lambda: self._store.claim(key, self._owner, job.source, self._lease_s))
+        claim = await self._dedup(lambda: self._store.claim(key, self._claimant, job.source, self._lease_s))
         if claim.kind is ClaimKind.DONE and claim.record is not None:
             await self._repeat_outcome(job, claim.record, body=None)
             return
@@ -164,7 +169,7 @@ class Pipeline:
         held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
             claim = await self._dedup(
-                lambda: self._store.claim(event.event_id, self._owner, job.source, self._lease_s)
+                lambda: self._store.claim(event.event_id, self._claimant, job.source, self._lease_s)
             )
             if claim.kind is ClaimKind.HELD:
                 # Another live worker holds it (a rebalance race): wait for it to finish, or for
@@ -200,7 +205,9 @@ class Pipeline:
             nonlocal renewed_at
             if self._lease_s - (time.monotonic() - renewed_at) > self._settings.api_abandon_s:
                 return
-            held = await self._dedup(lambda: self._store.extend(event.event_id, self._owner, self._lease_s))
+            held = await self._dedup(
+                lambda: self._store.extend(event.event_id, self._claimant, self._lease_s)
+            )
             if not held:
                 raise _ClaimLost
             renewed_at = time.monotonic()
