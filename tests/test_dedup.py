@@ -6,9 +6,10 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +22,7 @@ from waiting import until
 from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, RedisStore, SqliteStore, open_store
 from worker.errors import ConfigError, DedupUnavailable
 from worker.redis_config import REDIS_POOL_SIZE, connection_url
+from worker.sandbox import free_port
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -509,3 +511,52 @@ async def test_the_redis_probe_fails_for_a_user_that_may_not_run_the_claim(own_r
     finally:
         await store.close()
         admin.close()
+
+
+@pytest.fixture
+def replica_of_own_redis(own_redis: OwnRedis, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A redis-server replicating ``own_redis``; the test may stop it."""
+    exe = shutil.which("redis-server")
+    assert exe is not None  # own_redis found it
+    with redis.Redis(port=own_redis.port) as primary:
+        primary.config_set("repl-diskless-sync-delay", 0)  # the first sync at once, not after 5 s
+    port = free_port()
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(tmp_path), "--replicaof", "127.0.0.1", str(own_redis.port)]
+    replica = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    try:
+        yield replica
+    finally:
+        replica.kill()
+        replica.wait(10)
+
+
+async def test_redis_writes_wait_for_the_replicas_asked_for(
+    own_redis: OwnRedis, replica_of_own_redis: subprocess.Popen[bytes]
+) -> None:
+    """Redis replicates asynchronously: a failover lost the last claims and applied records, and
+    another worker then claimed the same event as new and sent it again. With
+    ``dedup_redis_min_replicas`` a claim or record no replica acknowledged is refused as the store
+    being away (the worker pauses) instead of acted on."""
+    primary = redis.Redis(port=own_redis.port)
+    guarded = RedisStore(own_redis.url, min_replicas=1)
+    trusting = RedisStore(own_redis.url)
+    try:
+        await until(
+            lambda: primary.info("replication").get("slave0", {}).get("state") == "online",
+            what="the replica in sync",
+        )
+        assert (await guarded.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+        await guarded.mark_applied("e1", DedupRecord("applied", "w1", "t/0/1", "applied"), 60)
+
+        replica_of_own_redis.terminate()
+        await until(lambda: primary.info("replication")["connected_slaves"] == 0, what="the replica gone")
+        with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+            await guarded.claim("e2", "w1", "t/0/2", 30)
+        with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+            await guarded.mark_applied("e2", DedupRecord("applied", "w1", "t/0/2", "applied"), 60)
+        assert (await trusting.claim("e3", "w1", "t/0/3", 30)).kind is ClaimKind.NEW  # 0: as before
+    finally:
+        primary.close()
+        await guarded.close()
+        await trusting.close()

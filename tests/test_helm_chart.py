@@ -141,7 +141,10 @@ GOOD: dict[str, dict[str, Any]] = {
     },
     "keda_scale_to_zero": merged(FULL, {"autoscaling": {"keda": {"minReplicaCount": 0}}}),
     "redis_url_with_options": {
-        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0?db=1&prefix=x"}},
+        "dedup": {
+            "backend": "redis",
+            "redis": {"url": "redis://redis-master:6379/0?db=1&prefix=x", "minReplicas": 1},
+        },
     },
 }
 
@@ -811,6 +814,7 @@ def test_keda_may_scale_to_zero(helm_results: dict[str, Any]) -> None:
 def test_redis_url_options_reach_the_worker(helm_results: dict[str, Any]) -> None:
     env = worker_env(manifests(helm_results, "redis_url_with_options"))
     assert env["COC_WORKER_DEDUP_URL"] == "redis://redis-master:6379/0?db=1&prefix=x"
+    assert env["COC_WORKER_DEDUP_REDIS_MIN_REPLICAS"] == "1"
 
 
 def test_hpa_within_partitions(helm_results: dict[str, Any]) -> None:

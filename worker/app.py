@@ -70,7 +70,9 @@ class Worker:
         # read when scraped, not set twice per message
         self.metrics.in_flight.set_function(lambda: len(self._lanes))
         self._commit_lock = asyncio.Lock()
-        self._store: DedupStore = open_store(settings.dedup_url, settings.dedup_ttl_s)
+        self._store: DedupStore = open_store(
+            settings.dedup_url, settings.dedup_ttl_s, settings.dedup_redis_min_replicas
+        )
         self._client = CocApiClient(settings, self.metrics)
         self._publisher = Publisher(settings)
         self._consumer = Consumer(settings, self)

@@ -34,11 +34,13 @@ Every backend failure is raised as ``DedupUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -74,6 +76,8 @@ CLAIM_RECORD_KEEP_S = 24 * 3600.0
 #: Written by the stores' probes; '@' never occurs in an event_id (nor "@probe" in an invalid
 #: message's key, ``@topic/partition/offset``).
 _PROBE_KEY = "@probe"
+#: How long a Redis write waits for its replicas' acknowledgements (``RedisStore._write``).
+_REPLICA_WAIT_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,10 +518,15 @@ class RedisStore:
     """Shared by every replica; atomic claims by Lua script."""
 
     def __init__(
-        self, url: str, prefix: str = "coc:dedup:", claim_keep_s: float = CLAIM_RECORD_KEEP_S
+        self,
+        url: str,
+        prefix: str = "coc:dedup:",
+        claim_keep_s: float = CLAIM_RECORD_KEEP_S,
+        min_replicas: int = 0,
     ) -> None:
         self._prefix = prefix
         self._claim_keep_s = claim_keep_s
+        self._min_replicas = min_replicas
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
@@ -537,11 +546,37 @@ class RedisStore:
         except redis_errors.RedisError as exc:
             raise DedupUnavailable(f"redis dedup store error: {type(exc).__name__}") from exc
 
+    async def _write(self, command: Callable[[Any], Any]) -> Any:
+        """``command(client)``, a write. With ``min_replicas``, sent on one connection followed by
+        ``WAIT``, and refused as the store being away unless that many replicas acknowledged it:
+        Redis replicates asynchronously, and a failover lost the last claims and records the
+        worker had acted on (another worker claimed the same event as new and sent it too)."""
+        if not self._min_replicas:
+            return await self._call(command(self._client))
+
+        async def replicated() -> Any:
+            async with self._client.pipeline(transaction=False) as pipe:
+                queued = command(pipe)
+                if inspect.isawaitable(queued):  # a script queues itself in a coroutine
+                    await queued
+                pipe.wait(self._min_replicas, _REPLICA_WAIT_MS)
+                result, acked = await pipe.execute()
+            if acked < self._min_replicas:
+                raise DedupUnavailable(
+                    f"redis dedup store: a write reached {acked} of {self._min_replicas} replicas"
+                    f" in {_REPLICA_WAIT_MS} ms"
+                )
+            return result
+
+        return await self._call(replicated())
+
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
         mine = DedupRecord("claimed", owner, source).encode()
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
-        taken, previous = await self._call(
-            self._claim(keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms])
+        taken, previous = await self._write(
+            lambda client: self._claim(
+                keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms], client=client
+            )
         )
         record = DedupRecord.decode(previous) if previous else None
         if taken:
@@ -556,14 +591,22 @@ class RedisStore:
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
-        extended = await self._call(self._extend(keys=[self._key(event_id)], args=[owner, lease_s, keep_ms]))
+        extended = await self._write(
+            lambda client: self._extend(
+                keys=[self._key(event_id)], args=[owner, lease_s, keep_ms], client=client
+            )
+        )
         return bool(extended)
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._call(self._client.set(self._key(event_id), record.encode(), px=int(ttl_s * 1000)))
+        await self._put(event_id, record, ttl_s)
 
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._call(self._client.set(self._key(event_id), record.encode(), px=int(ttl_s * 1000)))
+        await self._put(event_id, record, ttl_s)
+
+    async def _put(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        value = record.encode()
+        await self._write(lambda client: client.set(self._key(event_id), value, px=int(ttl_s * 1000)))
 
     async def release(self, event_id: str, owner: str) -> None:
         await self._call(self._release(keys=[self._key(event_id)], args=[owner]))
@@ -581,9 +624,10 @@ class RedisStore:
         await self._client.aclose()
 
 
-def open_store(url: str, record_ttl_s: float = 0.0) -> DedupStore:
+def open_store(url: str, record_ttl_s: float = 0.0, redis_min_replicas: int = 0) -> DedupStore:
     """The backend named by ``url`` (``COC_WORKER_DEDUP_URL``); ``record_ttl_s`` is how long it
-    keeps an applied or done record (``dedup_ttl_s``), claims at least as long."""
+    keeps an applied or done record (``dedup_ttl_s``), claims at least as long;
+    ``redis_min_replicas`` the replicas that must acknowledge each Redis write."""
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     keep_s = max(CLAIM_RECORD_KEEP_S, record_ttl_s)
@@ -602,5 +646,10 @@ def open_store(url: str, record_ttl_s: float = 0.0) -> DedupStore:
             # Read when connecting: a missing file would look like the store being down.
             if option in query and not os.access(query[option], os.R_OK):
                 raise ConfigError(f"COC_WORKER_DEDUP_URL: ?{option}= names no readable file: {query[option]}")
-        return RedisStore(url, prefix=query.get("prefix", "coc:dedup:"), claim_keep_s=keep_s)
+        return RedisStore(
+            url,
+            prefix=query.get("prefix", "coc:dedup:"),
+            claim_keep_s=keep_s,
+            min_replicas=redis_min_replicas,
+        )
     raise ConfigError(f"COC_WORKER_DEDUP_URL: unsupported scheme {parts.scheme!r}")

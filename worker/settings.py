@@ -173,6 +173,14 @@ class WorkerSettings(BaseSettings):
         "sqlite:///coc-worker-dedup.sqlite3", description="memory://, sqlite:///, redis://"
     )
     dedup_ttl_s: PositiveSeconds = Field(7 * 24 * 3600.0, description="How long an applied event is kept.")
+    dedup_redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="With a Redis dedup store: replicas that must acknowledge each claim and record"
+        " (WAIT, 1 s) before the worker acts on it; otherwise the store counts as away. Redis"
+        " replicates asynchronously: with 0, a failover may lose the last claims and records, and"
+        " an event whose record was lost may be applied again.",
+    )
     dedup_lease_s: PositiveSeconds = Field(
         30.0, description="Claim lease; renewed while held. A crashed worker's claims wait this long."
     )
