@@ -616,8 +616,12 @@ class RedisStore:
         without scripts answers a ``SET``, and the gate would reopen onto a node (or with a user)
         that refuses every claim."""
         record = DedupRecord("claimed", "coc-worker-probe", "probe").encode()
-        await self._call(
-            self._claim(keys=[self._key(_PROBE_KEY)], args=["coc-worker-probe", record, "probe", 1.0, 10_000])
+        await self._write(  # acknowledged by the replicas asked for, as a claim must be
+            lambda client: self._claim(
+                keys=[self._key(_PROBE_KEY)],
+                args=["coc-worker-probe", record, "probe", 1.0, 10_000],
+                client=client,
+            )
         )
 
     async def close(self) -> None:
