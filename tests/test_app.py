@@ -360,6 +360,37 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
         await worker._store.close()
 
 
+async def test_a_worker_with_one_partition_and_a_small_buffer_keeps_every_slot_busy(tmp_path: Path) -> None:
+    """The partition's share of the buffer is never below max_in_flight: with a buffer of
+    max_in_flight (allowed), half of it held the only partition at half the slots."""
+    worker = Worker(
+        WorkerSettings(
+            api_endpoint="http://127.0.0.1:1",
+            api_ak="a",
+            api_sk="sk-0123456789",
+            dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
+            max_in_flight=8,
+            max_buffered=8,
+        )
+    )
+    key = (worker.settings.input_topic, 0)
+    pipeline = holding_jobs(worker)
+    try:
+        await worker.on_assigned({key})
+        for n in range(8):
+            value = f'{{"event_id": "ev-{n}", "type": "change.started", "ticket_id": "T{n}", "sub_ticket_id": "s"}}'
+            worker._dispatch(Message(key[0], 0, n, f"T{n}".encode(), value.encode(), [], 0))
+        await until(lambda: len(pipeline.started) == 8)
+        assert worker._lanes.running == 8
+        assert worker._consumer.held == set()
+    finally:
+        pipeline.release.set()
+        await worker._lanes.close(timeout_s=1.0)
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
 class Prefetched(GroupMember):
     """aiokafka's side of ``getmany``, as its fetcher behaves: records prefetched per partition,
     handed out one partition after another, and dropped for a paused partition a poll touches

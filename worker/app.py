@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -63,7 +64,10 @@ class Worker:
         self._uncommitted_limit = settings.max_uncommitted
         #: A partition's unfinished messages at most: a ticket stuck on a retrying event keeps its
         #: later events in the buffer, and one partition's must not fill it for all the others.
-        self._partition_share = max(1, self._buffer_limit // 2)
+        #: Never below max_in_flight (a worker with one partition keeps every slot busy); none when
+        #: that is the whole buffer, whose own pause then comes first (and resumes sooner).
+        share = max(settings.max_in_flight, self._buffer_limit // 2)
+        self._partition_share = share if share < self._buffer_limit else sys.maxsize
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
