@@ -158,10 +158,11 @@ async def test_transient_503s_then_success(rig: Rig) -> None:
     class CountingLimit:
         acquired = 0
 
-        async def acquire(self) -> None:
+        async def acquire(self) -> float:
             self.acquired += 1
+            return float("inf")
 
-        async def give_back(self) -> None:
+        async def give_back(self, until: float) -> None:
             self.acquired -= 1
 
         async def close(self) -> None:

@@ -231,3 +231,19 @@ async def test_the_shared_bucket_leaves_a_redis_demoted_by_a_failover(own_redis:
     finally:
         await own_redis.promote()
         await bucket.close()
+
+
+async def test_a_slot_whose_time_has_passed_is_not_given_back() -> None:
+    """A job that waited at the concurrency limit past its slot's time, then was cancelled: the
+    slot was made up by time already, and giving it back let an extra call through."""
+    metrics = Metrics()
+    bucket = TokenBucket(rate_per_s=4, burst=2, metrics=metrics)
+    old = [await bucket.acquire() for _ in range(2)]  # a full burst; its slots count for 0.5 s
+    await until(lambda: time.monotonic() > max(old), what="the first burst's slots to pass")
+    for _ in range(2):  # a new burst fills the bucket again
+        await bucket.acquire()
+    for slot in old:  # the first burst's jobs never sent (cancelled late)
+        await bucket.give_back(slot)
+    waits = metrics.rate_limited._value.get()
+    await asyncio.wait_for(bucket.acquire(), 1.0)
+    assert metrics.rate_limited._value.get() == waits + 1  # the fifth call in 0.5 s at 4/s waits

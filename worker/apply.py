@@ -138,7 +138,7 @@ class ApiCaller:
         waited: _Waited,
     ) -> ApiResponse:
         """One HTTP attempt behind the rate limit and the adaptive concurrency limit."""
-        await self._limits(waited)
+        slot = await self._limits(waited)
         sending = False
         try:
             if before_send is not None:  # after the waits above, which have no bound of their own
@@ -157,7 +157,7 @@ class ApiCaller:
             raise
         except BaseException as exc:
             if not sending:  # cancelled or the claim lost before the send: the slot served no call
-                await self._give_back_rate()
+                await self._give_back_rate(slot)
             elif isinstance(exc, asyncio.CancelledError):  # a request made may still land
                 self._abandon(event_id, time.monotonic() + self._abandon_s)
             raise
@@ -166,9 +166,9 @@ class ApiCaller:
         self._concurrency.succeeded()
         return response
 
-    async def _give_back_rate(self) -> None:
-        if self._rate_limit is not None:
-            await self._rate_limit.give_back()
+    async def _give_back_rate(self, slot: float | None) -> None:
+        if self._rate_limit is not None and slot is not None:
+            await self._rate_limit.give_back(slot)
 
     def _abandon(self, event_id: str, until: float) -> None:
         """A cancelled job leaves a request of ``event_id`` behind that may reach the API until
@@ -178,22 +178,25 @@ class ApiCaller:
             del self._abandoned[stale]
         self._abandoned[event_id] = max(until, self._abandoned.get(event_id, until))
 
-    async def _limits(self, waited: _Waited) -> None:
-        """Wait for the rate limit and a concurrency slot (the caller releases the slot); the time
-        waited is not the event's: it is taken off its retry budget."""
+    async def _limits(self, waited: _Waited) -> float | None:
+        """Wait for the rate limit and a concurrency slot (the caller releases the slot); returns
+        the rate slot (``RateLimit.acquire``), if any. The time waited is not the event's: it is
+        taken off its retry budget."""
         began = time.monotonic()
+        slot = None
         try:
             if self._rate_limit is not None:
-                await self._rate_limit.acquire()
+                slot = await self._rate_limit.acquire()
             try:
                 await self._concurrency.acquire()
             except asyncio.CancelledError:
                 # A rebalance cancels every job queued here at once: slots they kept would hold
                 # back the calls that follow, as in ``TokenBucket``'s own cancellation.
-                await self._give_back_rate()
+                await self._give_back_rate(slot)
                 raise
         finally:
             waited.s += time.monotonic() - began
+        return slot
 
     async def apply(
         self,

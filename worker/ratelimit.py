@@ -34,10 +34,14 @@ _GIVE_BACK_TIMEOUT_S = 1.0
 
 
 class RateLimit(Protocol):
-    async def acquire(self) -> None: ...
-    async def give_back(self) -> None:
-        """Return the slot of the last ``acquire()`` when no call was made with it (its job was
-        cancelled or lost its claim before sending)."""
+    async def acquire(self) -> float:
+        """Wait for a slot; returns until when (``time.monotonic()``) the slot counts against the
+        rate, which ``give_back`` is given."""
+
+    async def give_back(self, until: float) -> None:
+        """Return a slot no call was made with (its job was cancelled, or lost its claim, before
+        sending), unless it no longer counts: a slot whose time has passed was made up by time
+        itself, and returning it would let an extra call through."""
 
     async def close(self) -> None: ...
 
@@ -56,26 +60,29 @@ class TokenBucket:
         self._tat = 0.0
         self._metrics = metrics
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> float:
         now = time.monotonic()
         tat = max(self._tat, now)
         wait_s = tat - self._tolerance_s - now
-        self._tat = tat + self._interval_s
+        until = self._tat = tat + self._interval_s
         if wait_s > 0:
             self._metrics.rate_limited.inc()
             try:
                 await asyncio.sleep(wait_s)
             except asyncio.CancelledError:
-                self._return_slot()
+                self._return_slot(until)
                 raise
+        return until
 
-    async def give_back(self) -> None:
-        self._return_slot()
+    async def give_back(self, until: float) -> None:
+        self._return_slot(until)
 
-    def _return_slot(self) -> None:
+    def _return_slot(self, until: float) -> None:
         """The last slot goes to whoever asks next (the schedule keeps its rate: one call fewer
-        at the cancelled slot's time, one more at the end of what is reserved)."""
-        self._tat = max(time.monotonic(), self._tat - self._interval_s)
+        at the returned slot's time, one more at the end of what is reserved)."""
+        now = time.monotonic()
+        if until > now:
+            self._tat = max(now, self._tat - self._interval_s)
 
     async def close(self) -> None:
         return None
@@ -127,7 +134,7 @@ class RedisTokenBucket:
         self._metrics = metrics
         self._local_since_failure = False
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> float:
         try:
             wait_ms = int(
                 await self._script(
@@ -144,8 +151,9 @@ class RedisTokenBucket:
                 log.warning(
                     "rate_limit_local", error=type(exc).__name__, detail="Redis away: limited per replica"
                 )
-            await self._local.acquire()
-            return
+            return await self._local.acquire()
+        # Until when the slot counts, on this process' clock (Redis' own may differ).
+        until = time.monotonic() + (wait_ms + self._tolerance_ms + self._interval_ms) / 1000
         if self._local_since_failure:
             self._local_since_failure = False
             log.info("rate_limit_shared_again")
@@ -156,13 +164,16 @@ class RedisTokenBucket:
             except asyncio.CancelledError:
                 # Kept in Redis, the slots of cancelled callers held back every replica, and the
                 # next owner of the partitions, for as long as they reached ahead.
-                await self.give_back()
+                await self.give_back(until)
                 raise
+        return until
 
-    async def give_back(self) -> None:
+    async def give_back(self, until: float) -> None:
         """Best effort, bounded: a slot Redis does not take back only delays later calls."""
         if self._local_since_failure:  # the slot was the local bucket's
-            await self._local.give_back()
+            await self._local.give_back(until)
+            return
+        if until <= time.monotonic():
             return
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
             async with asyncio.timeout(_GIVE_BACK_TIMEOUT_S):
