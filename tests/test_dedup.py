@@ -557,6 +557,11 @@ async def test_redis_writes_wait_for_the_replicas_asked_for(
             await guarded.mark_applied("e2", DedupRecord("applied", "w1", "t/0/2", "applied"), 60)
         with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
             await guarded.ping()  # or the gate would reopen onto claims that fail
+        with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+            await guarded.claim("e4", "w1", "t/0/4", 30)  # written on the primary all the same
+        guarded._min_replicas = 0  # as if the replica were back: the claim again
+        again = await guarded.claim("e4", "w1", "t/0/4", 30)
+        assert (again.kind, again.taken_over) == (ClaimKind.NEW, False)  # ours, and nothing was sent
         assert (await trusting.claim("e3", "w1", "t/0/3", 30)).kind is ClaimKind.NEW  # 0: as before
     finally:
         primary.close()

@@ -514,6 +514,10 @@ return 0
 """
 
 
+class _NotReplicated(DedupUnavailable):
+    """A Redis write the primary made but too few replicas acknowledged."""
+
+
 class RedisStore:
     """Shared by every replica; atomic claims by Lua script."""
 
@@ -527,6 +531,8 @@ class RedisStore:
         self._prefix = prefix
         self._claim_keep_s = claim_keep_s
         self._min_replicas = min_replicas
+        #: Events whose last claim here was refused for want of replicas only (``claim``).
+        self._unreplicated: set[str] = set()
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
@@ -562,7 +568,7 @@ class RedisStore:
                 pipe.wait(self._min_replicas, _REPLICA_WAIT_MS)
                 result, acked = await pipe.execute()
             if acked < self._min_replicas:
-                raise DedupUnavailable(
+                raise _NotReplicated(
                     f"redis dedup store: a write reached {acked} of {self._min_replicas} replicas"
                     f" in {_REPLICA_WAIT_MS} ms"
                 )
@@ -573,16 +579,23 @@ class RedisStore:
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
         mine = DedupRecord("claimed", owner, source).encode()
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
-        taken, previous = await self._write(
-            lambda client: self._claim(
-                keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms], client=client
+        try:
+            taken, previous = await self._write(
+                lambda client: self._claim(
+                    keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms], client=client
+                )
             )
-        )
+        except _NotReplicated:
+            self._unreplicated.add(event_id)  # written on the primary: our claim, nothing sent
+            raise
         record = DedupRecord.decode(previous) if previous else None
         if taken:
             # The script followed decide(): any previous claim (another owner's expired one, or
-            # our own unfinished one) was a takeover.
+            # our own unfinished one) was a takeover; not our own that only lacked its replicas.
             over = record is not None and record.state == "claimed"
+            if event_id in self._unreplicated:
+                self._unreplicated.discard(event_id)
+                over = over and record is not None and record.owner != owner
             return Claim(ClaimKind.NEW, record, taken_over=over)
         assert record is not None
         # Not taken: held by a live owner, applied, or done. decide() says which (a held claim's
