@@ -72,8 +72,11 @@ async def test_the_group_waits_out_a_revoke_before_dropping_the_member(grace_s: 
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]  # built, never started
     try:
         rebalance_timeout_ms = consumer._consumer._rebalance_timeout_ms
+        request_timeout_ms = consumer._consumer._client._request_timeout_ms
     finally:
         await consumer._consumer.stop()
     revoke_worst_ms = (settings.revoke_grace_s + REVOKE_CANCEL_WAIT_S) * 1000
     assert rebalance_timeout_ms > revoke_worst_ms + settings.kafka_heartbeat_interval_ms
+    # a JoinGroup waits up to the rebalance timeout for the slowest member: not timed out before
+    assert request_timeout_ms >= rebalance_timeout_ms + 5_000
     assert settings.kafka_rebalance_timeout_ms >= settings.kafka_session_timeout_ms

@@ -25,6 +25,8 @@ from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
 
+#: aiokafka's own default for a request's answer.
+_AIOKAFKA_REQUEST_TIMEOUT_MS = 40_000
 #: A commit not answered by then is given up (a later one commits the same offsets or more).
 _COMMIT_TIMEOUT_S = 10.0
 
@@ -102,6 +104,10 @@ class Consumer:
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
             rebalance_timeout_ms=settings.kafka_rebalance_timeout_ms,
+            # A JoinGroup may wait for the slowest member's revoke: at most the rebalance timeout.
+            # aiokafka gives every request 40 s, and timed out such a join (the member then took
+            # the coordinator for dead and joined again).
+            request_timeout_ms=max(_AIOKAFKA_REQUEST_TIMEOUT_MS, settings.kafka_rebalance_timeout_ms + 5_000),
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=max(1_048_576, settings.max_event_bytes + 65_536),
         )
