@@ -140,6 +140,8 @@ GOOD: dict[str, dict[str, Any]] = {
         "podDisruptionBudget": {"minAvailable": "66%"},
     },
     "keda_scale_to_zero": merged(FULL, {"autoscaling": {"keda": {"minReplicaCount": 0}}}),
+    # a values file from before the key was retired: accepted (an upgrade must not fail on it), ignored
+    "keda_old_offset_reset_policy": merged(FULL, {"autoscaling": {"keda": {"offsetResetPolicy": "latest"}}}),
     "redis_url_with_options": {
         "dedup": {
             "backend": "redis",
@@ -197,11 +199,6 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "username_in_redis_url_query": (
         {"dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0?username=admin"}}},
         "url",
-    ),
-    # the worker starts without a committed offset at the earliest one: KEDA counts lag from there
-    "keda_offset_reset_policy": (
-        {"autoscaling": {"keda": {"offsetResetPolicy": "latest"}}},
-        "offsetResetPolicy",
     ),
     "setting_in_extra_env": ({"extraEnv": [{"name": "COC_WORKER_MAX_IN_FLIGHT", "value": "1"}]}, "extraEnv"),
     # the worker reads its settings whatever their case: this one got past a case-sensitive check
@@ -265,7 +262,6 @@ SCHEMA_BAD = [
     "password_in_redis_url",
     "password_in_redis_url_query",
     "username_in_redis_url_query",
-    "keda_offset_reset_policy",
     "setting_in_extra_env",
     "setting_in_extra_env_lower_case",
     "hpa_and_keda",
@@ -803,6 +799,17 @@ def test_keda_scales_on_lag_within_partitions(helm_results: dict[str, Any]) -> N
     assert username["name"] in env
     assert username["containerName"] == "worker"
     assert "HorizontalPodAutoscaler" not in kinds(objects)
+
+
+def test_keda_counts_lag_from_the_earliest_offset_whatever_an_old_values_file_says(
+    helm_results: dict[str, Any],
+) -> None:
+    """``offsetResetPolicy`` was a value until the chart always counted from the earliest offset
+    (where the worker starts); a values file that still sets it failed every upgrade."""
+    (trigger,) = one(manifests(helm_results, "keda_old_offset_reset_policy"), "ScaledObject")["spec"][
+        "triggers"
+    ]
+    assert trigger["metadata"]["offsetResetPolicy"] == "earliest"
 
 
 def test_keda_may_scale_to_zero(helm_results: dict[str, Any]) -> None:
