@@ -324,8 +324,9 @@ class ApiCaller:
                 self._reachability.reached()
                 error_msg, detail = exc.error_msg, exc.detail
                 if unconfirmed:
-                    error_msg = f"{error_msg or detail}{_UNCONFIRMED_NOTE}"
-                    detail += _UNCONFIRMED_NOTE
+                    # First: a record keeps the first 500 characters, and a redelivery repeats them.
+                    error_msg = f"{_UNCONFIRMED_NOTE}: {error_msg or detail}"
+                    detail = f"{_UNCONFIRMED_NOTE}: {detail}"
                 return ApplyResult(
                     "rejected",
                     calls,
@@ -410,8 +411,8 @@ class _Waited:
 
 
 _UNCONFIRMED_NOTE = (
-    " (refused after an earlier attempt's answer was lost and the ticket did not show the change:"
-    " the change may already be in place)"
+    "the change may already be in place (refused after an earlier attempt's answer was lost, and"
+    " the ticket did not show the change)"
 )
 
 
