@@ -16,8 +16,9 @@ from waiting import until
 import worker.app as app_module
 import worker.consumer as consumer_module
 from worker.app import Worker
+from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
-from worker.errors import BrokerUnavailable
+from worker.errors import BrokerUnavailable, KafkaClientStopped
 from worker.pipeline import Job
 from worker.settings import WorkerSettings
 
@@ -633,3 +634,106 @@ async def test_records_read_before_a_rebalance_during_the_same_fetch_are_not_han
         assert consumer._next == {(settings.input_topic, p): o + 1 for p, o in sorted(fetched)}
     finally:
         await real.stop()
+
+
+async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_answers(tmp_path: Path) -> None:
+    """The health watcher's metadata request is answered while every fetch fails (a topic's ACL
+    revoked, the client's coordination gone): it set the worker ready again every 2 s."""
+    worker = make_worker(tmp_path)
+    pings = 0
+
+    async def answers(timeout_s: float = 3.0) -> None:
+        nonlocal pings
+        pings += 1
+
+    async def fails(max_records: int, timeout_s: float) -> list[Message]:
+        raise BrokerUnavailable("fetch failed: TopicAuthorizationFailedError")
+
+    worker._consumer.ping = answers  # type: ignore[method-assign]
+    worker._consumer.fetch = fails  # type: ignore[method-assign]
+    worker._consumer.highwater = lambda key: None  # type: ignore[method-assign]  # never started
+    monitor = asyncio.create_task(worker._watch_health())
+    try:
+        await worker.on_assigned({(worker.settings.input_topic, 0)})
+        await until(lambda: pings >= 1)
+        assert worker.ready  # the broker answers, nothing fetched yet
+        stopping = asyncio.get_running_loop().call_later(0.05, worker._stopping.set)  # ends the 1 s wait
+        await worker._poll(10, 0.1)
+        stopping.cancel()
+        worker._stopping.clear()
+        seen = pings
+        await until(lambda: pings >= seen + 1, timeout_s=5)
+        assert not worker.ready
+
+        async def works(max_records: int, timeout_s: float) -> list[Message]:
+            return []
+
+        worker._consumer.fetch = works  # type: ignore[method-assign]
+        await worker._poll(10, 0.1)
+        assert worker.ready  # at once, not at the next health tick
+    finally:
+        await cancel_and_wait([monitor])
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()
+
+
+async def test_a_fetch_after_the_clients_coordination_ended_stops_the_worker() -> None:
+    """aiokafka's coordination task, once done, raises its error from every later fetch and is
+    never started again: the worker retried for ever, with no heartbeat and no commit, while
+    ``/healthz`` said alive. Now that fetch ends the worker (exit 1, to be started afresh)."""
+    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
+
+    async def ended() -> None:
+        raise KafkaError("the coordinator's routine failed")
+
+    class Ended(GroupMember):
+        def __init__(self) -> None:
+            super().__init__({TopicPartition(settings.input_topic, 0)})
+            self._coordinator = SimpleNamespace(_coordination_task=asyncio.ensure_future(ended()))
+
+        async def getmany(
+            self, *partitions: TopicPartition, **kwargs: object
+        ) -> dict[TopicPartition, list[object]]:
+            self._coordinator._coordination_task.result()  # as check_errors does
+            return {}
+
+    real, consumer._consumer = consumer._consumer, Ended()  # type: ignore[assignment]
+    try:
+        await asyncio.gather(consumer._consumer._coordinator._coordination_task, return_exceptions=True)
+        with pytest.raises(KafkaClientStopped, match="restart"):
+            await consumer.fetch(10, 0.1)
+    finally:
+        await real.stop()
+
+
+async def test_a_stop_during_the_start_ends_it_at_once(tmp_path: Path) -> None:
+    """A stop was ignored until the start finished: against a broker that takes connections and
+    never answers, each broker step of the start waited 40 s per bootstrap server (past the pod's
+    termination grace), then the stop ended as a start failure (exit 1)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    worker = Worker(
+        WorkerSettings(
+            api_endpoint="http://127.0.0.1:1",
+            api_ak="a",
+            api_sk="sk-0123456789",
+            dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
+            kafka_bootstrap_servers=f"127.0.0.1:{port}",
+            http_port=0,
+        )
+    )
+    try:
+        running = asyncio.create_task(worker.run())
+        await until(lambda: worker.http_port is not None)  # the start is under way
+        worker.stop()
+        await asyncio.wait_for(running, 10)  # returned, and without an error
+        assert not worker.started.is_set()
+    finally:
+        server.close()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from leaks import connect_and_close, unraisable
 
+from worker.health import HealthServer
 from worker.http_site import TcpSite
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings
 
 
 async def _stop_while_clients_connect(site_class: type[web.TCPSite], rounds: int = 30) -> int:
@@ -46,3 +49,28 @@ async def test_the_plain_aiohttp_site_drops_sockets_in_the_same_scenario() -> No
     assert all(
         report.startswith(("ResourceWarning('unclosed", 'ResourceWarning("unclosed')) for report in leaked
     )
+
+
+async def test_a_stop_does_not_wait_long_for_a_request_in_progress() -> None:
+    """aiohttp waits 60 s by default for requests in progress; an ingress POST waits up to 30 s for
+    a broker that is gone, and the stop outlasted the pod's termination grace."""
+    arrived = asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    server = HealthServer(
+        WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", http_port=0),
+        Metrics(),
+        lambda: {},
+        [web.post("/slow", slow)],
+    )
+    await server.start()
+    async with ClientSession() as session:
+        request = asyncio.create_task(session.post(f"http://127.0.0.1:{server.port}/slow"))
+        await asyncio.wait_for(arrived.wait(), 5)
+        await asyncio.wait_for(server.stop(), 5)  # 30 s before
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)

@@ -110,6 +110,7 @@ class Worker:
         )
         self._assigned: set[PartitionKey] | None = None
         self._broker_ok = False
+        self._fetch_failing = False  # the last fetch failed (``_poll``)
         self._tasks: list[asyncio.Task[None]] = []
         #: Partitions starting over after their offsets went back (``_start_over``): key -> token.
         self._rewinding: dict[PartitionKey, object] = {}
@@ -149,10 +150,14 @@ class Worker:
         return self._http.port
 
     async def run(self) -> None:
-        """Run until ``stop()``; always shuts down in order, whatever ended the loop."""
+        """Run until ``stop()``; always shuts down in order, whatever ended the loop. A stop during
+        the start ends it too: each of its broker steps may otherwise wait 40 s per bootstrap
+        server for a broker that takes connections and never answers."""
         try:
-            await self._start()
-            await self._consume()
+            started = await self._unless_stopped(self._start())
+            if started is not None:
+                started.result()  # the start's own failure, if any
+                await self._consume()
         finally:
             await self._shutdown()
 
@@ -217,13 +222,20 @@ class Worker:
         if fetch is None:
             return []
         try:
-            return fetch.result()
+            messages = fetch.result()
         except BrokerUnavailable as exc:
             log.warning("fetch_failed", detail=str(exc))
+            # Not ready until a fetch succeeds: the health watcher's metadata request may be
+            # answered while every fetch fails (a topic's ACL revoked).
+            self._fetch_failing = True
             self._broker_ok = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
             return []
+        if self._fetch_failing:
+            self._fetch_failing = False
+            self._broker_ok = True
+        return messages
 
     async def _unless_stopped(self, work: Awaitable[T]) -> asyncio.Future[T] | None:
         """``work``, finished; or None, ``work`` cancelled, when a stop came first."""
@@ -361,7 +373,7 @@ class Worker:
         while True:
             try:
                 await self._consumer.ping()
-                self._broker_ok = True
+                self._broker_ok = not self._fetch_failing
             except BrokerUnavailable:
                 self._broker_ok = False
             for key in self._assigned or set():
@@ -393,7 +405,7 @@ class Worker:
         await self._store.close()
         await self._http.stop()
         if self._ingress is not None:
-            await self._ingress.stop()
+            await _bounded(self._ingress.stop(), "ingress_stop")  # its producer, the broker gone
         log.info("worker_stopped")
 
     async def _drain(self, grace_s: float) -> bool:

@@ -17,7 +17,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.errors import BrokerUnavailable
+from worker.errors import BrokerUnavailable, KafkaClientStopped
 from worker.kafka_config import broker_answers, connection_kwargs
 from worker.logs import get_logger
 from worker.offsets import PartitionKey
@@ -151,6 +151,10 @@ class Consumer:
             except UnicodeDecodeError:
                 return await self._read_past_unreadable(max_records)
         except KafkaError as exc:
+            if self._coordination_ended():
+                raise KafkaClientStopped(
+                    f"the Kafka client's group coordination ended ({type(exc).__name__}): restart"
+                ) from exc
             raise BrokerUnavailable(f"fetch failed: {type(exc).__name__}") from exc
         # What one getmany returns is of the assignment it ended in, and _shares drops what its
         # earlier calls read when a rebalance ran since.
@@ -158,6 +162,12 @@ class Consumer:
             if records:
                 self._next[tp.topic, tp.partition] = records[-1].offset + 1
         return messages_from(batches)
+
+    def _coordination_ended(self) -> bool:
+        """aiokafka's coordination task is done: its error comes back from every later fetch
+        (``GroupCoordinator.check_errors``), and nothing starts it again."""
+        task = getattr(getattr(self._consumer, "_coordinator", None), "_coordination_task", None)
+        return isinstance(task, asyncio.Future) and task.done()
 
     def _fetchable(self) -> tuple[set[TopicPartition], list[TopicPartition]]:
         """The assigned partitions, and those of them not paused, in order."""

@@ -154,3 +154,9 @@ class DeadLetterUnwritable(BrokerUnavailable):
     refused, or the broker gone meanwhile): only the record is still owed."""
 
     kind = "dlq_unwritable"
+
+
+class KafkaClientStopped(CocWorkerError):
+    """The Kafka client's group coordination ended on an error it does not recover from: every
+    fetch fails from then on, with no heartbeat and no commit, while the broker still answers.
+    Not a pause: the process stops (exit 1) so that it is started afresh."""

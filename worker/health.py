@@ -16,6 +16,9 @@ from worker.http_site import TcpSite
 from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
+#: How long a stop lets requests in progress finish.
+_SHUTDOWN_TIMEOUT_S = 2.0
+
 
 class HealthServer:
     def __init__(
@@ -46,7 +49,14 @@ class HealthServer:
     async def start(self) -> None:
         # A connection that sends nothing (or half a request) is closed after this long, instead of
         # aiohttp's hour: idle clients must not hold the worker's file descriptors.
-        self._runner = web.AppRunner(self._app, access_log=None, keepalive_timeout=self._idle_timeout_s)
+        # A stop waits this long for requests in progress (aiohttp's 60 s outlasted the pod's
+        # termination grace: an ingress POST waits up to 30 s for a broker that is gone).
+        self._runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            keepalive_timeout=self._idle_timeout_s,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
         await self._runner.setup()
         site = TcpSite(self._runner, self._settings.http_host, self._settings.http_port)
         await site.start()
