@@ -737,3 +737,30 @@ async def test_a_stop_during_the_start_ends_it_at_once(tmp_path: Path) -> None:
         assert not worker.started.is_set()
     finally:
         server.close()
+
+
+async def test_the_health_watcher_survives_an_unexpected_error(tmp_path: Path) -> None:
+    """An unexpected exception ended the watcher's task without a word, and readiness and the lag
+    metric froze at their last values for the life of the process."""
+    worker = make_worker(tmp_path)
+    pings = 0
+
+    async def answers(timeout_s: float = 3.0) -> None:
+        nonlocal pings
+        pings += 1
+
+    def broken(key: tuple[str, int]) -> int | None:
+        raise AssertionError("not assigned")  # as aiokafka's highwater does for a stale partition
+
+    worker._consumer.ping = answers  # type: ignore[method-assign]
+    worker._consumer.highwater = broken  # type: ignore[method-assign]
+    monitor = asyncio.create_task(worker._watch_health())
+    try:
+        await worker.on_assigned({(worker.settings.input_topic, 0)})
+        await until(lambda: pings >= 2, timeout_s=5)  # still checking after the first failure
+        assert not monitor.done()
+    finally:
+        await cancel_and_wait([monitor])
+        await worker._consumer.stop()
+        await worker._publisher.stop()
+        await worker._store.close()

@@ -367,21 +367,30 @@ class Worker:
     async def _commit_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.commit_interval_s)
-            await self._commit()
+            try:
+                await self._commit()
+            except Exception as exc:  # a bug here must not end every later commit, unseen
+                log.exception("commit_round_failed", error=type(exc).__name__)
 
     async def _watch_health(self) -> None:
         while True:
             try:
-                await self._consumer.ping()
-                self._broker_ok = not self._fetch_failing
-            except BrokerUnavailable:
-                self._broker_ok = False
-            for key in self._assigned or set():
-                high = self._consumer.highwater(key)
-                position = self._offsets.committed_position(key)
-                if high is not None and position is not None:
-                    self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
+                await self._check_health()
+            except Exception as exc:  # a bug here must not freeze readiness and lag, unseen
+                log.exception("health_check_failed", error=type(exc).__name__)
             await asyncio.sleep(_HEALTH_EVERY_S)
+
+    async def _check_health(self) -> None:
+        try:
+            await self._consumer.ping()
+            self._broker_ok = not self._fetch_failing
+        except BrokerUnavailable:
+            self._broker_ok = False
+        for key in self._assigned or set():
+            high = self._consumer.highwater(key)
+            position = self._offsets.committed_position(key)
+            if high is not None and position is not None:
+                self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
 
     async def _shutdown(self) -> None:
         s = self.settings
