@@ -153,12 +153,13 @@ class Worker:
         """Run until ``stop()``; always shuts down in order, whatever ended the loop. A stop during
         the start ends it too: each of its broker steps may otherwise wait 40 s per bootstrap
         server for a broker that takes connections and never answers."""
+        start = asyncio.ensure_future(self._start())
         try:
-            started = await self._unless_stopped(self._start())
-            if started is not None:
-                started.result()  # the start's own failure, if any
+            if await self._unless_stopped(start) is not None:
+                start.result()  # the start's own failure, if any
                 await self._consume()
         finally:
+            await cancel_and_wait([start])  # a start cut short unwinds before the shutdown begins
             await self._shutdown()
 
     # --- lifecycle ------------------------------------------------------------------------------------
