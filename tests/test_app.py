@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from waiting import until
 
@@ -57,6 +57,18 @@ def make_worker(tmp_path: Path) -> Worker:
     return Worker(settings)
 
 
+async def close_unstarted(worker: Worker, real_consumer: AIOKafkaConsumer | None = None) -> None:
+    """What a worker that was never started still holds: its lanes and its clients' objects
+    (``real_consumer``: aiokafka's consumer, when the test put a fake in its place)."""
+    await worker._lanes.close(timeout_s=1.0)
+    if real_consumer is not None:
+        await real_consumer.stop()
+    else:
+        await worker._consumer.stop()
+    await worker._publisher.stop()
+    await worker._store.close()
+
+
 class Holds:
     """A pipeline whose jobs wait until ``release`` is set, so that they stay in hand."""
 
@@ -94,8 +106,7 @@ async def test_a_revoked_partition_stops_being_reported_in_the_lag_metric(tmp_pa
 
         await worker.on_revoked({(topic, 0)})
     finally:  # never started: only the clients' objects to close
-        await worker._consumer.stop()
-        await worker._publisher.stop()
+        await close_unstarted(worker)
 
     registry = worker.metrics.registry
     assert registry.get_sample_value("coc_worker_consumer_lag", {"partition": "0"}) is None
@@ -122,8 +133,7 @@ async def test_a_held_partition_assigned_back_at_once_is_fetched_again(tmp_path:
         assert worker.status()["held"] == []
         assert group.paused_now == set()
     finally:  # never started: only the clients' objects to close
-        await real.stop()
-        await worker._publisher.stop()
+        await close_unstarted(worker, real)
 
 
 async def test_a_stop_interrupts_a_fetch_that_waits_for_a_rebalance(tmp_path: Path) -> None:
@@ -142,8 +152,7 @@ async def test_a_stop_interrupts_a_fetch_that_waits_for_a_rebalance(tmp_path: Pa
         worker._stopping.set()
         assert await asyncio.wait_for(polling, 2) == []
     finally:
-        await worker._consumer.stop()
-        await worker._publisher.stop()
+        await close_unstarted(worker)
 
 
 async def test_a_commit_the_broker_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,9 +201,7 @@ async def test_a_message_fetched_just_before_its_partition_was_revoked_is_left_t
         assert worker._offsets.keys() == {ours}
         assert len(worker._lanes) == 0  # not processed here either
     finally:  # never started: only the clients' objects to close
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
 
 
 async def test_a_message_dispatched_while_its_partitions_revoke_commits_is_not_taken(tmp_path: Path) -> None:
@@ -227,10 +234,7 @@ async def test_a_message_dispatched_while_its_partitions_revoke_commits_is_not_t
         assert pipeline.started == []
         assert worker._offsets.keys() == set()
     finally:
-        await worker._lanes.close(timeout_s=1.0)
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
 
 
 async def test_a_job_left_behind_by_a_revoke_does_not_finish_its_offset_for_the_next_assignment(
@@ -272,10 +276,7 @@ async def test_a_job_left_behind_by_a_revoke_does_not_finish_its_offset_for_the_
         assert worker._offsets.to_commit() == {key: 7}
         assert worker._offsets._parts[key].finished == set()
     finally:
-        await worker._lanes.close(timeout_s=1.0)
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
 
 
 async def test_an_invalid_message_naming_a_busy_ticket_waits_for_that_tickets_earlier_events(
@@ -298,9 +299,7 @@ async def test_an_invalid_message_naming_a_busy_ticket_waits_for_that_tickets_ea
         assert await worker._lanes.wait_idle(5)
         assert [job.message.offset for job in pipeline.started] == [0, 1]
     finally:
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
 
 
 async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_others(
@@ -355,10 +354,7 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
         await until(lambda: worker._consumer.held == set())
         assert group.paused_now == set()
     finally:
-        await worker._lanes.close(timeout_s=1.0)
-        await real.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker, real)
 
 
 async def test_a_worker_with_one_partition_and_a_small_buffer_keeps_every_slot_busy(tmp_path: Path) -> None:
@@ -386,10 +382,7 @@ async def test_a_worker_with_one_partition_and_a_small_buffer_keeps_every_slot_b
         assert worker._consumer.held == set()
     finally:
         pipeline.release.set()
-        await worker._lanes.close(timeout_s=1.0)
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
 
 
 class Prefetched(GroupMember):
@@ -483,9 +476,7 @@ async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_
     finally:
         release.set()
         worker._stopping.set()
-        await real.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker, real)
 
 
 async def test_a_fetch_takes_a_share_of_every_partition_that_has_messages() -> None:
@@ -566,9 +557,7 @@ async def test_a_stopping_worker_keeps_polling_while_it_drains(
         assert await worker._drain(2)
     finally:
         release.set()
-        await real.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker, real)
 
 
 async def test_a_partition_whose_offsets_went_back_starts_over_after_its_jobs(tmp_path: Path) -> None:
@@ -597,10 +586,7 @@ async def test_a_partition_whose_offsets_went_back_starts_over_after_its_jobs(tm
         worker._dispatch(Message(key[0], 0, 0, None, b"{}", [], 0))  # read again, and taken now
         await until(lambda: [job.message.offset for job in pipeline.started] == [5, 6, 0])
     finally:  # never started: only the clients' objects to close
-        await worker._lanes.close(timeout_s=1.0)
-        await real.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker, real)
 
 
 async def test_records_read_before_a_rebalance_during_the_same_fetch_are_not_handed_up() -> None:
@@ -673,9 +659,7 @@ async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_ans
         assert worker.ready  # at once, not at the next health tick
     finally:
         await cancel_and_wait([monitor])
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
 
 
 async def test_a_fetch_after_the_clients_coordination_ended_stops_the_worker() -> None:
@@ -761,6 +745,4 @@ async def test_the_health_watcher_survives_an_unexpected_error(tmp_path: Path) -
         assert not monitor.done()
     finally:
         await cancel_and_wait([monitor])
-        await worker._consumer.stop()
-        await worker._publisher.stop()
-        await worker._store.close()
+        await close_unstarted(worker)
