@@ -76,6 +76,7 @@ CLAIM_RECORD_KEEP_S = 24 * 3600.0
 #: Written by the stores' probes; '@' never occurs in an event_id (nor "@probe" in an invalid
 #: message's key, ``@topic/partition/offset``).
 _PROBE_KEY = "@probe"
+_PROBE_OWNER = "coc-worker-probe"
 #: How long a Redis write waits for its replicas' acknowledgements (``RedisStore._write``).
 _REPLICA_WAIT_MS = 1000
 
@@ -433,9 +434,9 @@ class SqliteStore:
         await self._run(self._release_op, event_id, owner)
 
     async def ping(self) -> None:
-        """A write, as a claim makes: a full disk or a read-only file answers ``SELECT 1`` all the
+        """A claim of the probe key: a full disk or a read-only file answers ``SELECT 1`` all the
         same, and the gate would reopen onto a store that refuses every claim."""
-        await self._run(self._put_op, _PROBE_KEY, DedupRecord("probe", "", ""), 10.0)
+        await self.claim(_PROBE_KEY, _PROBE_OWNER, "probe", 1.0)
 
     async def close(self) -> None:
         self._closed = True  # no batch after this one opens the database again
@@ -628,14 +629,7 @@ class RedisStore:
         """A claim of the probe key, not ``PING``: a replica answers ``PING``, as an ACL user
         without scripts answers a ``SET``, and the gate would reopen onto a node (or with a user)
         that refuses every claim."""
-        record = DedupRecord("claimed", "coc-worker-probe", "probe").encode()
-        await self._write(  # acknowledged by the replicas asked for, as a claim must be
-            lambda client: self._claim(
-                keys=[self._key(_PROBE_KEY)],
-                args=["coc-worker-probe", record, "probe", 1.0, 10_000],
-                client=client,
-            )
-        )
+        await self.claim(_PROBE_KEY, _PROBE_OWNER, "probe", 1.0)  # acknowledged as a claim must be
 
     async def close(self) -> None:
         await self._client.aclose()

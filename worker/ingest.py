@@ -227,11 +227,6 @@ class Ingress:
                 written=exc.written,
                 not_written=exc.not_written,
             )
-        except BrokerUnavailable as exc:
-            log.warning("ingest_broker_unavailable", detail=str(exc))
-            return _error(
-                503, "broker_unavailable", "the broker did not acknowledge; retry with the same event ids"
-            )
 
     async def _read_limited(self, request: web.Request) -> bytes | None:
         """The body, or None when it is over the limit (read no further than the limit)."""

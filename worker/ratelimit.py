@@ -70,14 +70,11 @@ class TokenBucket:
             try:
                 await asyncio.sleep(wait_s)
             except asyncio.CancelledError:
-                self._return_slot(until)
+                await self.give_back(until)
                 raise
         return until
 
     async def give_back(self, until: float) -> None:
-        self._return_slot(until)
-
-    def _return_slot(self, until: float) -> None:
         """The last slot goes to whoever asks next (the schedule keeps its rate: one call fewer
         at the returned slot's time, one more at the end of what is reserved)."""
         now = time.monotonic()
@@ -106,7 +103,7 @@ redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
 redis.call('SET', KEYS[2], tostring(now), 'PX', ttl)
 return math.floor(tat - tolerance - now)
 """
-#: A slot reserved by a caller that made no call with it, given back (``TokenBucket._return_slot``).
+#: A slot reserved by a caller that made no call with it, given back (``TokenBucket.give_back``).
 _GIVE_BACK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
