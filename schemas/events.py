@@ -175,6 +175,12 @@ class _EventBase(_Strict):
     )
 
 
+def _absent_if_null(value: Any) -> Any:
+    """A result given as JSON null is one left out: producers that serialize every field of one
+    envelope class (Jackson's default, Go without omitempty) write null for the unset ones."""
+    return {} if value is None else value
+
+
 class ChangeStarted(_EventBase):
     type: Literal[EventType.STARTED]
     sub_ticket_id: SubTicketId
@@ -188,19 +194,25 @@ class ChangeEnded(_EventBase):
 class ChangeSucceeded(_EventBase):
     type: Literal[EventType.SUCCEEDED]
     sub_ticket_id: SubTicketId
-    result: SucceededResult = Field(default_factory=SucceededResult)
+    result: Annotated[
+        SucceededResult, BeforeValidator(_absent_if_null, json_schema_input_type=SucceededResult | None)
+    ] = Field(default_factory=SucceededResult)
 
 
 class ChangeFailed(_EventBase):
     type: Literal[EventType.FAILED]
     sub_ticket_id: SubTicketId
-    result: FailedResult = Field(default_factory=FailedResult)
+    result: Annotated[
+        FailedResult, BeforeValidator(_absent_if_null, json_schema_input_type=FailedResult | None)
+    ] = Field(default_factory=FailedResult)
 
 
 class ChangeCancelled(_EventBase):
     type: Literal[EventType.CANCELLED]
     sub_ticket_id: SubTicketId
-    result: CancelledResult = Field(default_factory=CancelledResult)
+    result: Annotated[
+        CancelledResult, BeforeValidator(_absent_if_null, json_schema_input_type=CancelledResult | None)
+    ] = Field(default_factory=CancelledResult)
 
 
 class TicketUpdate(_EventBase):

@@ -30,7 +30,8 @@ class OutcomeStatus(StrEnum):
     INVALID = "invalid"
     """The message broke the contract and was never sent to the API; also dead-lettered."""
     DUPLICATE = "duplicate"
-    """Another message with this event_id was already applied; no API call was made."""
+    """Another message with this event_id and the same change was already applied; no API call
+    was made."""
 
 
 #: Statuses whose input message is also written to the dead-letter topic.
@@ -62,7 +63,7 @@ class OutcomeEvent(BaseModel):
         default=None,
         description="Machine-readable cause: reconciled (applied); api_rejected (rejected); "
         "retries_exhausted, internal_error (failed); empty, too_large, not_utf8, bad_json, schema, "
-        "unreadable (invalid); duplicate_event_id (duplicate).",
+        "unreadable, event_id_reused (invalid); duplicate_event_id (duplicate).",
     )
     attempts: int = Field(ge=0, description="API calls made for this message (0 when none).")
     http_status: int | None = None

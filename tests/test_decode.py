@@ -219,11 +219,23 @@ def test_lone_surrogate_in_a_key() -> None:
     assert err.reason == "bad_json"
 
 
-@pytest.mark.parametrize("raw", [b"[]", b"[{}]", b'"change.started"', b"42", b"1.5", b"null", b"true"])
-def test_non_object_json(raw: bytes) -> None:
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"[]", "an array"),
+        (b"[{}]", "an array"),
+        (b'"change.started"', "a string"),
+        (b"42", "a number"),
+        (b"1.5", "a number"),
+        (b"null", "null"),
+        (b"true", "a boolean"),
+    ],
+)
+def test_non_object_json(raw: bytes, kind: str) -> None:
+    """Named in JSON's words, as the producer tools name them: not NoneType or list."""
     err = invalid(raw)
     assert err.reason == "schema"
-    assert err.detail.startswith("$: expected a JSON object")
+    assert err.detail == f"$: expected a JSON object, got {kind}"
 
 
 # --- contract errors -----------------------------------------------------------------------------

@@ -116,10 +116,11 @@ async def test_extend_only_by_owner(store: DedupStore) -> None:
 
 async def test_applied_then_done(store: DedupStore) -> None:
     await store.claim("e4", "w1", "t/0/7", 30)
-    await store.mark_applied("e4", DedupRecord("applied", "w1", "t/0/7", "applied", 2, 200), 60)
+    applied = DedupRecord("applied", "w1", "t/0/7", "applied", 2, 200, target="change.started CM1/s-1")
+    await store.mark_applied("e4", applied, 60)
     claim = await store.claim("e4", "w2", "t/0/9", 30)
     assert claim.kind is ClaimKind.APPLIED
-    assert claim.record == DedupRecord("applied", "w1", "t/0/7", "applied", 2, 200)
+    assert claim.record == applied  # the target too: a reuse of the id is told from a copy by it
     assert not await store.extend("e4", "w1", 30)  # no longer a claim
     await store.mark_done("e4", DedupRecord("done", "w1", "t/0/7", "applied", 2, 200), 60)
     claim = await store.claim("e4", "w1", "t/0/7", 30)
@@ -344,9 +345,9 @@ async def test_a_record_that_cannot_be_read_fails_its_own_event_not_the_batch(tm
 
 
 def test_records_stay_readable_by_the_release_before_and_after() -> None:
-    """Claimed and applied records are written as the previous release wrote them (it could not
-    read the dead-letter fields: a rolling update or a rollback would fail on every such record),
-    and keys a later release adds are left out when read, not an error."""
+    """Claimed records are written as the first release wrote them, and keys a later release adds
+    (the dead-letter fields, the target) are left out when read, not an error: a rollback reads
+    the records of the release after it."""
     claimed = DedupRecord("claimed", "w1", "t/0/1", lease_until=5.0)
     assert set(json.loads(claimed.encode())) == {
         "state",
@@ -358,7 +359,9 @@ def test_records_stay_readable_by_the_release_before_and_after() -> None:
         "lease_until",
         "reason",
     }
-    done = DedupRecord("done", "w1", "t/0/1", "rejected", 1, 400, error_code="GOM.1", detail="pending")
+    done = DedupRecord(
+        "done", "w1", "t/0/1", "rejected", 1, 400, error_code="GOM.1", detail="pending", target="x CM1/"
+    )
     assert DedupRecord.decode(done.encode()) == done
     later = json.dumps({**json.loads(done.encode()), "a_later_field": [1]})
     assert DedupRecord.decode(later) == done

@@ -22,7 +22,7 @@ from schemas.events import (
     EventType,
     TicketUpdate,
 )
-from worker.mapping import request_path, to_request_body
+from worker.mapping import request_path, request_wire, to_request_body
 
 CHANGE_TYPES = [t for t in EventType if t is not EventType.TICKET_UPDATE]
 RESULT_TYPES = [EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED]
@@ -283,6 +283,15 @@ def test_result_optional_and_may_be_empty(kind: EventType) -> None:
     assert accepts(event(kind, result={})).result.model_dump(exclude_none=True) == {}
 
 
+@pytest.mark.parametrize("kind", RESULT_TYPES)
+def test_a_null_result_is_one_left_out(kind: EventType) -> None:
+    """Producers that write every field of one envelope class (Jackson's default, Go without
+    omitempty) send null for an unset result: it maps exactly as an absent one."""
+    parsed = accepts(event(kind, result=None))
+    assert parsed.result == accepts(event(kind)).result
+    assert request_wire(parsed) == request_wire(accepts(event(kind)))
+
+
 @pytest.mark.parametrize(
     ("kind", "key"),
     [(EventType.SUCCEEDED, key) for key in set(FAILED_RESULT) - set(SUCCEEDED_RESULT)]
@@ -301,7 +310,7 @@ def test_result_only_on_result_types(kind: EventType, result: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("kind", RESULT_TYPES)
-@pytest.mark.parametrize("result", [None, "ok", [], 1])
+@pytest.mark.parametrize("result", ["ok", [], 1])
 def test_result_must_be_an_object(kind: EventType, result: Any) -> None:
     rejects(event(kind, result=result), "result")
 

@@ -24,7 +24,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import salvage_identity
-from worker.dedup import Claim, ClaimKind, MemoryStore
+from worker.dedup import Claim, ClaimKind, DedupRecord, MemoryStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import REDACTED, bind_message_context, configure, get_logger, register_secrets
@@ -186,8 +186,8 @@ async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None
 async def test_one_event_id_in_two_lanes_at_once_is_decided_as_if_one_came_after(rig: Rig) -> None:
     """Two messages with one ``event_id`` but different tickets run in different lanes, so at the
     same time. The second must not take the first's unfinished claim for one of its own cancelled
-    jobs (read the ticket, send): it waits for the first to finish and is then a ``duplicate``,
-    exactly as when it arrives later. One PUT, not two."""
+    jobs (read the ticket, send): it waits for the first to finish and is then decided exactly as
+    when it arrives later: the id was reused for another change. One PUT, not two."""
     other_ticket = {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}
 
     await asyncio.gather(
@@ -196,8 +196,61 @@ async def test_one_event_id_in_two_lanes_at_once_is_decided_as_if_one_came_after
 
     state = rig.sim.state
     assert [r.method for r in state.requests] == ["PUT"]
-    assert sorted(o["status"] for o in rig.published.outcomes) == ["applied", "duplicate"]
+    assert sorted(o["status"] for o in rig.published.outcomes) == ["applied", "invalid"]
     assert [o["ticket_id"] for o in rig.published.outcomes if o["status"] == "applied"] == ["CM1"]
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"},  # a CI matrix sharing one id
+        {**STARTED, "type": "change.ended"},  # one id for a change's start and its end
+    ],
+    ids=["other_ticket", "other_type"],
+)
+async def test_an_event_id_reused_for_another_change_is_invalid_not_a_duplicate(
+    rig: Rig, second: dict[str, Any]
+) -> None:
+    """``duplicate`` would say the second change was done while it was never sent: it ends
+    ``invalid`` (``event_id_reused``) with a dead letter that names both, and a redelivery of it
+    repeats that outcome. The same change sent again stays a ``duplicate``."""
+    await rig.pipeline.process(job(STARTED))
+    await rig.pipeline.process(job(second, offset=8))
+    await rig.pipeline.process(job(second, offset=8))  # redelivered
+    await rig.pipeline.process(job(STARTED, offset=9))  # the first event, sent again
+
+    assert [r.method for r in rig.sim.state.requests] == ["PUT"]
+    first, reused, again, copy = rig.published.outcomes
+    assert first["status"] == "applied"
+    assert (reused["status"], reused["reason"], reused["attempts"]) == ("invalid", "event_id_reused", 0)
+    assert (reused["event_id"], reused["ticket_id"], reused["type"]) == (
+        "ev-1",
+        second["ticket_id"],
+        second["type"],
+    )
+    assert "change.started CM1/s-1" in reused["error_msg"]
+    assert f"{second['type']} {second['ticket_id']}/{second['sub_ticket_id']}" in reused["error_msg"]
+    assert (again["status"], again["reason"], again["redelivered"]) == ("invalid", "event_id_reused", True)
+    assert (copy["status"], copy["reason"]) == ("duplicate", "duplicate_event_id")
+    assert [(letter.reason, letter.offset) for letter in rig.published.letters] == [
+        ("event_id_reused", 8),
+        ("event_id_reused", 8),
+    ]
+
+
+async def test_a_record_without_a_target_still_makes_a_duplicate(rig: Rig) -> None:
+    """A record written before the target was kept (a rolling update) cannot tell a reuse from a
+    copy: the message is a ``duplicate``, as it was then."""
+    store = rig.pipeline._store
+    record = DedupRecord("applied", "w0", "in/0/1", "applied", 1, 200)
+    await store.mark_applied("ev-1", record, 60)
+
+    await rig.pipeline.process(job({**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}))
+
+    assert list(rig.sim.state.requests) == []
+    assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [
+        ("duplicate", "duplicate_event_id")
+    ]
 
 
 async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_cancelled(rig: Rig) -> None:

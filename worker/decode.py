@@ -148,10 +148,16 @@ def describe(exc: ValidationError) -> list[tuple[str, str]]:
     ]
 
 
+def json_type(value: Any) -> str:
+    """A parsed JSON value's kind in JSON's words (producers are not all Python programs)."""
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def validate(obj: Any) -> AnyChangeEvent:
     """Step two: the pydantic contract."""
     if not isinstance(obj, dict):
-        raise InvalidEvent("schema", f"$: expected a JSON object, got {type(obj).__name__}")
+        raise InvalidEvent("schema", f"$: expected a JSON object, got {json_type(obj)}")
     try:
         return CHANGE_EVENT_ADAPTER.validate_python(obj)
     except ValidationError as exc:

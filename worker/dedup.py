@@ -94,17 +94,22 @@ class DedupRecord:
     #: What a redelivery needs to repeat a dead letter, for "done" (redacted, cut short)
     error_code: str | None = None
     detail: str = ""
+    #: What the event changes (``Pipeline``'s ``event_target``), for "applied" and "done": another
+    #: message with this event_id but another target reused the id, it is not a duplicate
+    target: str = ""
 
     def encode(self) -> str:
         # Not dataclasses.asdict (it deep-copies every value) nor the json module (3x slower):
-        # both are measurable at three writes per event. The dead-letter fields are written only
-        # when set (done-records): claimed and applied records stay as an earlier release wrote
-        # them, so it can still read them (a rolling update, a rollback).
+        # both are measurable at three writes per event. The dead-letter fields and the target
+        # are written only when set, and decode leaves out keys it does not know: a release reads
+        # the records of a later one (a rolling update, a rollback).
         data = {name: getattr(self, name) for name in _BASE_FIELDS}
         if self.error_code is not None:
             data["error_code"] = self.error_code
         if self.detail:
             data["detail"] = self.detail
+        if self.target:
+            data["target"] = self.target
         return to_json(data).decode()
 
     @classmethod
@@ -115,7 +120,7 @@ class DedupRecord:
 
 
 _RECORD_FIELDS = frozenset(f.name for f in fields(DedupRecord))
-_BASE_FIELDS = tuple(f.name for f in fields(DedupRecord) if f.name not in ("error_code", "detail"))
+_BASE_FIELDS = tuple(f.name for f in fields(DedupRecord) if f.name not in ("error_code", "detail", "target"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,6 +131,13 @@ def already_applied(event: AnyChangeEvent, ticket: dict[str, Any]) -> bool:
     return False
 
 
+def event_target(event: AnyChangeEvent) -> str:
+    """What the event changes, e.g. ``change.started CM1/s-1``: two messages with one event_id and
+    the same target are one event sent twice; with different targets, the id was reused."""
+    sub_ticket_id = event.sub_ticket_id if not isinstance(event, TicketUpdate) else ""
+    return f"{event.type.value} {event.ticket_id}/{sub_ticket_id}"
+
+
 def request_path(ticket_id: str) -> str:
     """The URL path; ``ticket_id`` is already restricted to ``[A-Za-z0-9_-]`` by the contract."""
     return f"/v1/{TICKET_TYPE}/tickets/{ticket_id}"

@@ -26,7 +26,7 @@ from worker.dedup import ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import bind_message_context, get_logger, redact_text
-from worker.mapping import already_applied, request_wire
+from worker.mapping import already_applied, event_target, request_wire
 from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
 from worker.publisher import DeadLetter, Publisher
@@ -180,7 +180,7 @@ class Pipeline:
                 await asyncio.sleep(held_delay)
                 continue
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
-                await self._finish_known(job, body, claim.record)
+                await self._finish_known(job, event, body, claim.record)
                 return
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
@@ -230,7 +230,8 @@ class Pipeline:
             # The last write for this event: with it, a redelivery repeats the outcome below
             # (published or not) and never calls the API again, so a done-record after the
             # outcome would tell nothing more. It saves one durable write per applied event.
-            record = self._record("applied", job, OutcomeStatus.APPLIED, result, reason)
+            target = event_target(event)
+            record = self._record("applied", job, OutcomeStatus.APPLIED, result, reason, target=target)
             await self._dedup(
                 lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
             )
@@ -254,7 +255,9 @@ class Pipeline:
         # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter
         # and never calls the API again, while another message with this event_id (a fixed ticket,
         # a DLQ replay) may try again.
-        await self._remember(event.event_id, job, status, result, reason, detail=detail)
+        await self._remember(
+            event.event_id, job, status, result, reason, detail=detail, target=event_target(event)
+        )
         await self._emit(
             job,
             status,
@@ -275,9 +278,10 @@ class Pipeline:
         reason: str | None = None,
         *,
         detail: str | None = None,
+        target: str = "",
     ) -> None:
         """The done-record of an event not applied, written before its outcome is published."""
-        done = self._record("done", job, status, result, reason, detail)
+        done = self._record("done", job, status, result, reason, detail, target=target)
         await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
 
     def _record(
@@ -288,6 +292,8 @@ class Pipeline:
         result: ApplyResult | None,
         reason: str | None,
         detail: str | None = None,
+        *,
+        target: str = "",
     ) -> DedupRecord:
         """What the store keeps of an outcome, so that a redelivery can repeat it (and its dead
         letter: the detail is kept redacted and short)."""
@@ -301,12 +307,30 @@ class Pipeline:
             reason=reason or "",
             error_code=result.error_code if result else None,
             detail=redact_text(detail)[:_RECORD_DETAIL_CHARS] if detail else "",
+            target=target,
         )
 
-    async def _finish_known(self, job: Job, body: dict[str, Any], record: DedupRecord | None) -> None:
-        """The store already knows this event: a redelivery of the same message, or a duplicate."""
+    async def _finish_known(
+        self, job: Job, event: AnyChangeEvent, body: dict[str, Any], record: DedupRecord | None
+    ) -> None:
+        """The store already knows this event: a redelivery of the same message, a duplicate, or
+        its event_id reused for another change (records written before the target was kept
+        cannot tell: a duplicate, as before)."""
         if record is not None and record.source == job.source:
             await self._repeat_outcome(job, record, body)
+            return
+        if record is not None and record.target and record.target != (target := event_target(event)):
+            # Not a copy of the first: "duplicate" would report a change never sent as done (a
+            # CI matrix whose regions share one id, one id for a change's start and end).
+            await self._finish_invalid(
+                job,
+                InvalidEvent(
+                    "event_id_reused",
+                    f"event_id {event.event_id} was used for {record.target} (message "
+                    f"{record.source}); this message is {target}: each change event needs an "
+                    "event_id of its own",
+                ),
+            )
             return
         self._metrics.dedup_hits.labels(kind="duplicate").inc()
         log.info("event_duplicate", first_source=record.source if record else None)

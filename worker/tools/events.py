@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent, EventType
-from worker.decode import describe, parse_json
+from worker.decode import describe, json_type, parse_json
 from worker.errors import InvalidEvent
 
 #: Short names accepted by ``--type`` besides the full ones.
@@ -120,7 +120,7 @@ def _breach(obj: Any) -> list[tuple[str, str]] | ValidationError | None:
     """How ``obj`` breaks the contract, not yet described (describing every error is the costly
     part); None when it is valid."""
     if not isinstance(obj, dict):
-        return [("$", f"expected a JSON object, got {_json_type(obj)}")]
+        return [("$", f"expected a JSON object, got {json_type(obj)}")]
     try:
         CHANGE_EVENT_ADAPTER.validate_python(obj)
     except ValidationError as exc:
@@ -174,8 +174,3 @@ def parse_document(raw: bytes) -> Any:
 def encode(obj: dict[str, Any]) -> bytes:
     """The message value: compact UTF-8 JSON of exactly the fields the producer gave."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
