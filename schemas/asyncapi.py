@@ -236,7 +236,7 @@ def _messages() -> dict[str, Any]:
                         "traceparent": _EXAMPLE_TRACEPARENT,
                         "coc-dlq-status": "rejected",
                         "coc-dlq-reason": "api_rejected",
-                        "coc-dlq-error": "GOM.00001005: sub-ticket eu-west-101 is pending; change_end_change_success needs implementing",
+                        "coc-dlq-error": "sub-ticket eu-west-101 is pending; change_set_change_result_success needs ended",
                         "coc-dlq-source-topic": "coc.change-events",
                         "coc-dlq-source-partition": "3",
                         "coc-dlq-source-offset": "41",

@@ -208,3 +208,23 @@ def test_the_applied_example_is_what_the_pipeline_emits() -> None:
     assert _EXAMPLE_OUTCOME["status"] == "applied"
     assert _EXAMPLE_OUTCOME["error_code"] is None
     assert _EXAMPLE_OUTCOME["request"] == request_wire(event)
+
+
+def test_the_dead_letter_example_is_what_a_refusal_of_its_event_writes() -> None:
+    """The example's ``coc-dlq-error`` is the API's ``error_msg`` alone, as the worker writes it:
+    here the simulator's refusal of the example event's action on a pending sub-ticket. (It once
+    showed a code prefix and another action: a consumer parsing it would have broken.)"""
+    from schemas.api import ChangeResult, HistoryAction
+    from schemas.asyncapi import _EXAMPLE_EVENT, asyncapi_document
+    from schemas.events import CHANGE_EVENT_ADAPTER
+    from worker.mapping import request_wire
+    from worker.simulator.tickets import Refused, SubState, transition
+
+    body = request_wire(CHANGE_EVENT_ADAPTER.validate_python({**_EXAMPLE_EVENT}))
+    [sub] = body["sub_tickets"]
+    action = HistoryAction(body["history_info"]["action"])
+    with pytest.raises(Refused) as refused:
+        transition(sub["ticket_id"], SubState.PENDING, action, ChangeResult(sub["change_result"]))
+    [example] = asyncapi_document()["components"]["messages"]["DeadLetter"]["examples"]
+    assert example["payload"] == _EXAMPLE_EVENT
+    assert example["headers"]["coc-dlq-error"] == refused.value.message
