@@ -512,13 +512,15 @@ def markdown(report: dict[str, Any]) -> str:
         "- Latency columns of the backlog scenarios are queueing time (the whole backlog is written "
         "before the subject starts) and depend on how long each subject's window is: they do not "
         "compare between subjects. The paced scenario measures latency under load.",
-        "- Throughput windows: each subject is measured from its first outcome (ceiling B: its first "
-        "request) until it has finished the backlog or its cap strikes: the worker 14 s, ceiling B 8 s, "
+        "- Throughput windows: each subject is measured from its first consume (the earliest "
+        "`received_at`; ceiling B: its first request) to its last outcome written, until it has "
+        "finished the backlog or its cap (counted from its first outcome) strikes: the worker 14 s, ceiling B 8 s, "
         "the peers 4 s (`caps_s` in latest.json; a capped run counts every outcome finished by the last "
         "one read when the cap struck). The windows differ in length: warm-up weighs more in the "
         "peers' short windows, the broker's slowdown within a run more in the worker's long one.",
         "- The sweep's 256 point is the 20 ms scenario's median; the other points are single runs.",
-        "- The outcomes column adds up every repeat; the other columns are medians.",
+        "- The outcomes column adds up every repeat and peak RSS is the highest of the repeats; the "
+        "other columns are medians.",
         "",
         "![throughput vs max_in_flight](latest.png)",
         "",
