@@ -261,7 +261,28 @@ async def test_a_failed_event_leaves_no_cyclic_garbage_behind(rig: Rig, faults: 
     assert ours == set()
 
 
-async def test_budget_of_elapsed_time_runs_out(rig: Rig) -> None:
+class _Sleeps:
+    """``worker.apply``'s ``asyncio``, recording what the caller asks of ``asyncio.sleep``."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.asked.append(delay)
+        await asyncio.sleep(delay)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> _Sleeps:
+    recorder = _Sleeps()
+    monkeypatch.setattr("worker.apply.asyncio", recorder)
+    return recorder
+
+
+async def test_budget_of_elapsed_time_runs_out(rig: Rig, sleeps: _Sleeps) -> None:
     rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[502])
     policy = RetryPolicy(max_attempts=10_000, max_elapsed_s=0.15, base_delay_s=0.02, max_delay_s=0.05)
     begun = time.monotonic()
@@ -269,18 +290,25 @@ async def test_budget_of_elapsed_time_runs_out(rig: Rig) -> None:
     elapsed = time.monotonic() - begun
     assert result.status == "failed"
     assert 1 < result.calls < 100
-    # It stops when the next wait would pass the budget: the last wait is at most 50 ms.
-    assert 0.1 <= elapsed < 1.0
+    # A wait between each two calls, none after the last: it stops when the next wait would pass
+    # the budget, so the waits it took (at most 50 ms each) stay within it.
+    assert len(sleeps.asked) == result.calls - 1
+    assert all(0 <= delay <= 0.05 for delay in sleeps.asked), sleeps.asked
+    assert sum(sleeps.asked) <= 0.15 + 1e-9, sleeps.asked
+    # It ran the budget down (it stopped with under 50 ms of it left); the upper bound only
+    # catches a hang, not a slow machine.
+    assert 0.1 <= elapsed < 10.0
     assert len(rig.puts()) == result.calls
 
 
-async def test_retry_after_beyond_the_elapsed_budget_fails_at_once(rig: Rig) -> None:
+async def test_retry_after_beyond_the_elapsed_budget_fails_at_once(rig: Rig, sleeps: _Sleeps) -> None:
     rig.sim.state.set_faults(throttle_ratio=1.0, retry_after_s=0.5)
     policy = RetryPolicy(max_attempts=10, max_elapsed_s=0.3, base_delay_s=0.001, max_delay_s=0.005)
     begun = time.monotonic()
     result = await rig.apply(rig.caller(policy))
     assert (result.status, result.calls, result.http_status) == ("failed", 1, 429)
-    assert time.monotonic() - begun < 0.3
+    assert sleeps.asked == []  # not the 0.5 s Retry-After, nor any wait, before failing
+    assert time.monotonic() - begun < 3.0  # only catches a hang
 
 
 async def test_before_send_runs_once_the_limits_let_the_request_through(rig: Rig) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from structlog.testing import capture_logs
 from waiting import until
 
+from worker import gate as gate_module
 from worker.errors import ApiAuthError, ApiTransientError, ApiUnreachable, DedupUnavailable
 from worker.gate import Gate
 from worker.logs import bind_message_context, configure
@@ -54,6 +56,29 @@ async def gate(metrics: Metrics) -> AsyncIterator[Gate]:
     await gate.close()
 
 
+@pytest.fixture
+def backoffs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float]]:
+    """What the probers ask of their sleep, in order: ``(attempt, seconds)`` as ``backoff_delay``
+    computed it (the gate sleeps exactly that long before each probe)."""
+    asked: list[tuple[int, float]] = []
+    compute = gate_module.backoff_delay
+
+    def recorded(
+        attempt: int, base_s: float, cap_s: float, draw: Callable[[], float] = random.random
+    ) -> float:
+        delay = compute(attempt, base_s, cap_s, draw)
+        asked.append((attempt, delay))
+        return delay
+
+    monkeypatch.setattr(gate_module, "backoff_delay", recorded)
+    return asked
+
+
+def in_jitter_range(asked: list[float], ceilings: list[float]) -> bool:
+    """Each wait in [ceiling/2, ceiling]: the gate's jitter draws from [0.5, 1)."""
+    return len(asked) == len(ceilings) and all(c / 2 <= d <= c for d, c in zip(asked, ceilings, strict=True))
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -90,19 +115,22 @@ async def test_trip_closes_and_waiters_resume_when_the_probe_passes(gate: Gate, 
     assert probers() == []
 
 
-async def test_probe_backs_off_up_to_the_cap(gate: Gate) -> None:
+async def test_probe_backs_off_up_to_the_cap(gate: Gate, backoffs: list[tuple[int, float]]) -> None:
     probe = Probe()
     tripped = asyncio.get_running_loop().time()
     gate.trip(ApiUnreachable("no connection"), probe)
     await until(lambda: len(probe.at) >= 6)
     probe.heal()
     await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+    # Each wait asked is in [ceiling/2, ceiling), the ceiling doubling from BASE_S up to CAP_S
+    # (capped: 10, 20, 40, 40, 40, 40 ms), one per probe, after each failed probe.
+    assert [attempt for attempt, _ in backoffs[:6]] == [1, 2, 3, 4, 5, 6]
+    asked = [delay for _, delay in backoffs[:6]]
+    ceilings = [min(CAP_S, BASE_S * 2**n) for n in range(6)]
+    assert in_jitter_range(asked, ceilings), (asked, ceilings)
+    # ... and each was slept: a probe comes at least that long after the one before it
     gaps = [b - a for a, b in zip([tripped, *probe.at], probe.at, strict=False)][:6]
-    # Each wait is in [ceiling/2, ceiling), the ceiling doubling from BASE_S up to CAP_S.
-    floors = [min(CAP_S, BASE_S * 2**n) / 2 for n in range(6)]
-    assert all(gap >= floor - 0.001 for gap, floor in zip(gaps, floors, strict=True)), (gaps, floors)
-    assert gaps[3] >= CAP_S / 2 - 0.001 > gaps[0]
-    assert probe.at[5] - tripped < 1.0  # capped: six probes in well under a second
+    assert all(gap >= delay - 0.001 for gap, delay in zip(gaps, asked, strict=True)), (gaps, asked)
 
 
 async def test_every_cause_must_clear(gate: Gate, metrics: Metrics) -> None:
@@ -191,16 +219,21 @@ async def pause_once(gate: Gate, probe: Probe) -> float:
     return loop.time() - tripped
 
 
-async def test_a_cause_back_as_soon_as_its_probe_passed_goes_on_backing_off(gate: Gate) -> None:
+async def test_a_cause_back_as_soon_as_its_probe_passed_goes_on_backing_off(
+    gate: Gate, backoffs: list[tuple[int, float]]
+) -> None:
     """A full Redis answers PING but refuses writes; a topic's metadata answers but writes to it are
     refused. The work fails again the moment the gate opens: each pause then goes on from the last
     one's backoff, so the pauses grow to the cap instead of flapping at the first step."""
     probe = Probe()
     probe.heal()
     pauses = [await pause_once(gate, probe) for _ in range(4)]
-    floors = [min(CAP_S, BASE_S * 2**n) / 2 for n in range(4)]
-    assert all(p >= f - 0.001 for p, f in zip(pauses, floors, strict=True)), (pauses, floors)
-    assert pauses[3] >= CAP_S / 2 - 0.001 > pauses[0]
+    # one probe per pause, each pause's wait at the next step of the backoff (not at the first)
+    assert [attempt for attempt, _ in backoffs] == [1, 2, 3, 4]
+    asked = [delay for _, delay in backoffs]
+    ceilings = [min(CAP_S, BASE_S * 2**n) for n in range(4)]
+    assert in_jitter_range(asked, ceilings), (asked, ceilings)
+    assert all(p >= d - 0.001 for p, d in zip(pauses, asked, strict=True)), (pauses, asked)
 
 
 async def test_a_cause_that_stayed_away_starts_its_backoff_over(metrics: Metrics) -> None:

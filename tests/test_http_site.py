@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 
 import pytest
 from aiohttp import ClientSession, web
@@ -31,9 +33,45 @@ async def _stop_while_clients_connect(site_class: type[web.TCPSite], rounds: int
     return connected
 
 
+async def _stop_between_accept_and_wrap(site_class: type[web.TCPSite], clients: int = 20) -> None:
+    """Stop a site exactly where the race lands it: the selector loop has accepted the waiting
+    connections (``_accept_connection``) and queued their wrapping into transports for the next
+    loop iteration, which the stop comes first in. Ordered by the loop's own queue, not by luck.
+
+    The clients connect from blocking sockets (the kernel completes the handshakes on its own), so
+    the loop cannot accept before they are all waiting. Then: the first ``sleep(0)`` lets the loop
+    poll; the listener is ready, and its accept callback queues behind this task's wake-up. The
+    second queues this task's next step behind the accept callback, which queues the wrapping
+    behind that step, where the stop (``runner.cleanup()`` closes the listener before its first
+    real wait) runs.
+    """
+    runner = web.AppRunner(web.Application(), access_log=None)
+    await runner.setup()
+    site = site_class(runner, "127.0.0.1", 0)
+    await site.start()
+    assert site.port is not None
+    waiting = [socket.create_connection(("127.0.0.1", site.port), timeout=5) for _ in range(clients)]
+    try:
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        [listener] = server.sockets
+        ready, _, _ = select.select([listener.fileno()], [], [], 5)  # a kernel condition, with a deadline
+        assert ready, "the connections did not reach the listener's queue"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for client in waiting:  # gone (no await: the stop must come next), as the race's clients are
+            client.close()
+        await runner.cleanup()
+    finally:
+        for client in waiting:
+            client.close()
+
+
 async def test_a_site_stopped_while_clients_connect_leaves_no_socket_behind() -> None:
     with unraisable() as leaked:
         connected = await _stop_while_clients_connect(TcpSite)
+        if isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):
+            await _stop_between_accept_and_wrap(TcpSite)  # the race's window, every time
     assert connected > 0  # the kernel accepted connections the stop then had to close
     assert leaked == []
 
@@ -44,7 +82,7 @@ async def test_the_plain_aiohttp_site_drops_sockets_in_the_same_scenario() -> No
     if not isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop):
         pytest.skip("the race is the selector loop's")
     with unraisable() as leaked:
-        await _stop_while_clients_connect(web.TCPSite)
+        await _stop_between_accept_and_wrap(web.TCPSite)
     assert leaked, "no socket dropped: CPython may have fixed the accept/close race"
     assert all(
         report.startswith(("ResourceWarning('unclosed", 'ResourceWarning("unclosed')) for report in leaked

@@ -738,7 +738,9 @@ async def test_hang_fault_never_answers_nor_applies(api: Api, sim: SimulatorServ
     assert sim.state.applied_log == []
     started = time.monotonic()
     await sim.stop()  # releases the hung handler instead of waiting out hang_s
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10.0  # only catches a hang
+    # Released, the handler ends as a hang does (the connection closed unanswered) and is logged;
+    # one left hanging would be cancelled by the server's shutdown timeout, leaving no record.
     assert [(r.status, r.fault) for r in sim.state.requests] == [(None, "hang")]
 
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
+import pytest
+
+from worker.cli import main
 from worker.consumer import Message
 from worker.publisher import DeadLetter, dead_letter_headers
 from worker.tools.dlq import DeadLetterRecord, Selection, _refusal, replay_headers
+from worker.tools.kafka_io import Delivered, OutRecord, PartialWrite
 
 TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
 EVENT = {"event_id": "e1", "type": "change.ended", "ticket_id": "CM1", "sub_ticket_id": "s1"}
@@ -97,3 +103,76 @@ def test_the_dead_letter_of_an_unreadable_record_is_never_replayed() -> None:
         "the Kafka client could not read the input record (a header key that is not UTF-8);"
         " the whole message is at in/2/40"
     )
+
+
+class _DeadLetterTopic:
+    """Stands in for ``TopicReader`` of the DLQ: one partition holding ``messages`` from offset 0."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+
+    def __call__(self, settings: Any, topic: str) -> _DeadLetterTopic:
+        self.topic = topic
+        return self
+
+    async def __aenter__(self) -> _DeadLetterTopic:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+    async def beginning_offsets(self) -> dict[int, int]:
+        return {0: 0}
+
+    async def end_offsets(self) -> dict[int, int]:
+        return {0: len(self.messages)}
+
+    async def read_range(self, start: dict[int, int], end: dict[int, int]) -> AsyncGenerator[Message, None]:
+        for message in self.messages[start[0] : end[0]]:
+            yield message
+
+
+class _AnswerLost:
+    """Stands in for ``EventProducer``: the write times out after two records were handed to the
+    client, the first of them acknowledged (as ``EventProducer.send_many`` raises it)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[OutRecord]]] = []
+
+    def __call__(self, settings: Any) -> _AnswerLost:
+        return self
+
+    async def __aenter__(self) -> _AnswerLost:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        self.sent.append((topic, list(records)))
+        raise PartialWrite("timed out", [Delivered(topic, 0, 0), None, None], handed=2)
+
+
+def test_records_sent_but_not_acknowledged_are_reported_as_unknown(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record handed to the client whose acknowledgement never came (a timeout) may be written:
+    before, it was reported 'NOT replayed ... were not written'. The replay's account of a partial
+    write, not the broker, is tested here: the DLQ and the producer are stand-ins."""
+    letters = []
+    for i in range(3):
+        value = json.dumps({**EVENT, "event_id": f"r{i}", "ticket_id": "CM-R"}).encode()
+        dead = DeadLetter(b"CM-R", value, [], "rejected", "api_rejected", "d", "in", 0, i, f"r{i}")
+        headers = dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC))
+        letters.append(Message("dlq", 0, i, b"CM-R", value, headers, 0))
+    producer = _AnswerLost()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic(letters))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    kafka = ["--kafka-bootstrap-servers", "127.0.0.1:9", "--input-topic", "in", "--dlq-topic", "dlq"]
+    code = main(["dlq", "replay", "--all", *kafka])
+    out, err = capsys.readouterr()
+    assert code == 1
+    [(topic, records)] = producer.sent
+    assert (topic, [json.loads(r.value or b"")["event_id"] for r in records]) == ("in", ["r0", "r1", "r2"])
+    assert [line.split()[0] for line in out.splitlines()] == ["replay", "UNKNOWN", "NOT"]
+    assert "1 marked UNKNOWN were sent but not acknowledged and may have been written" in err

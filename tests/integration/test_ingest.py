@@ -20,13 +20,12 @@ from helpers import event
 from structlog.testing import capture_logs
 from waiting import until
 
-from worker.errors import BrokerUnavailable
 from worker.health import HealthServer
 from worker.ingest import Ingress, serve
 from worker.metrics import Metrics
 from worker.sandbox import TansuBroker, create_topics, read_topic
 from worker.settings import WorkerSettings, load_settings
-from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
+from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, TopicReader
 
 TOKENS = ("ingest-token-one-7f3a", "ingest-token-two-9b2c")
 
@@ -192,25 +191,6 @@ async def test_slow_and_silent_clients_are_let_go(quick_ingress: tuple[Ingress, 
     writer.close()
 
 
-async def test_standalone_readiness_follows_the_broker(
-    quick_ingress: tuple[Ingress, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Before, /readyz said ready from start to stop, broker or not."""
-    ingress, port = quick_ingress
-    assert ingress.status()["ready"]
-
-    async def unreachable(self: object, timeout_s: float = 3.0) -> None:
-        raise BrokerUnavailable("broker unreachable: KafkaConnectionError")
-
-    monkeypatch.setattr("worker.tools.kafka_io.EventProducer.ping", unreachable)
-    await until(lambda: not ingress.status()["ready"], 5)
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as r:
-        assert r.status == 503
-        assert (await r.json())["broker"] is False
-    monkeypatch.undo()
-    await until(lambda: ingress.status()["ready"], 5)
-
-
 async def test_body_and_batch_limits(ingress: str, settings: WorkerSettings) -> None:
     auth = bearer(TOKENS[0])
     big = event("change.succeeded", "CM-L", "s1", result={"comment": "x" * 1900})
@@ -374,20 +354,40 @@ async def test_coc_worker_ingest_runs_alone(broker: TansuBroker, topics: dict[st
 
 
 async def test_standalone_readiness_sees_the_broker_go(tmp_path: Path) -> None:
-    """The check must reach the broker: a metadata lookup of a topic already seen answers from the
-    client's cache, so readiness stayed green with the broker gone (a proxy cut here)."""
+    """Served alone, /readyz follows the broker: 200 while it answers, 503 (``broker`` false) while
+    it is cut off, 200 again once it is back. Before, it said ready from start to stop, broker or
+    not. The check must reach the broker: a metadata lookup of a topic already seen answers from
+    the client's cache, so readiness stayed green with the broker gone (a proxy cut here)."""
     async with ProxiedBroker(tmp_path / "tansu.log") as pb:
         await create_topics(pb.bootstrap, ["in-ready"], partitions=1)
-        settings = load_settings(kafka_bootstrap_servers=pb.bootstrap, input_topic="in-ready")
-        ingress = Ingress(settings, Metrics(), broker_check_s=0.1)
+        settings = load_settings(
+            kafka_bootstrap_servers=pb.bootstrap, input_topic="in-ready", http_host="127.0.0.1", http_port=0
+        )
+        metrics = Metrics()
+        ingress = Ingress(settings, metrics, broker_check_s=0.1)
+        server = HealthServer(settings, metrics, ingress.status, ingress.routes())
         await ingress.start()
+        await server.start()
         try:
-            await until(lambda: ingress.status()["ready"], 10)
-            await pb.proxy.cut("refuse")
-            await until(lambda: not ingress.status()["ready"], 15)
-            await pb.proxy.restore()
-            await until(lambda: ingress.status()["ready"], 20)
+            async with aiohttp.ClientSession() as http:
+
+                async def readyz() -> tuple[int, dict[str, Any]]:
+                    async with http.get(f"http://127.0.0.1:{server.port}/readyz") as r:
+                        return r.status, await r.json()
+
+                await until(lambda: ingress.status()["ready"], 10)
+                status, body = await readyz()
+                assert (status, body["ready"], body["broker"]) == (200, True, True)
+                await pb.proxy.cut("refuse")
+                await until(lambda: not ingress.status()["ready"], 15)
+                status, body = await readyz()
+                assert (status, body["ready"], body["broker"]) == (503, False, False)
+                await pb.proxy.restore()
+                await until(lambda: ingress.status()["ready"], 20)
+                status, body = await readyz()
+                assert (status, body["ready"], body["broker"]) == (200, True, True)
         finally:
+            await server.stop()
             await ingress.stop()
 
 
@@ -504,93 +504,3 @@ async def test_a_refusal_on_the_alertmanager_route_is_logged(ingress: str, setti
     assert refused == [("413", "too_large"), ("400", "unsupported_version")]
     assert all(e["log_level"] == "warning" for e in logs if e["event"] == "ingest_refused")
     assert await size(settings) == 0
-
-
-class PartlyWriting:
-    """A producer whose ``fail_call``-th ``send_many`` acknowledges only the records ``acked``
-    marks True (as ``EventProducer.send_many`` raises on a failed write); the others succeed."""
-
-    def __init__(self, fail_call: int, acked: list[bool]) -> None:
-        self.fail_call, self.acked = fail_call, acked
-        self.calls: list[int] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def ping(self, timeout_s: float = 3.0) -> None:
-        pass
-
-    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
-        self.calls.append(len(records))
-        delivered = [Delivered(topic, 0, n) for n in range(len(records))]
-        if len(self.calls) == self.fail_call:
-            assert len(records) == len(self.acked)
-            acked = [d if ok else None for d, ok in zip(delivered, self.acked, strict=True)]
-            raise PartialWrite(f"write to {topic!r} failed: KafkaTimeoutError", acked, len(records))
-        return delivered
-
-
-@pytest.fixture
-def stub_settings() -> WorkerSettings:
-    return load_settings(
-        kafka_bootstrap_servers="127.0.0.1:9", input_topic="in-stub", http_host="127.0.0.1", http_port=0
-    )
-
-
-async def post_with_producer(
-    settings: WorkerSettings, producer: PartlyWriting, monkeypatch: pytest.MonkeyPatch, path: str, body: Any
-) -> tuple[int, Any, Metrics]:
-    monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
-    metrics = Metrics()
-    ingress = Ingress(settings, metrics)
-    server = HealthServer(settings, metrics, ingress.status, ingress.routes())
-    await ingress.start()
-    await server.start()
-    try:
-        status, answer, _ = await post(f"http://127.0.0.1:{server.port}{path}", body)
-    finally:
-        await server.stop()
-        await ingress.stop()
-    return status, answer, metrics
-
-
-async def test_a_partly_written_batch_says_which_events_were_written(
-    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Before, the acknowledged records of a failed write were thrown away: a generic 503, not
-    counted in coc_worker_ingest_events, no counts in the log."""
-    batch = [event("change.started", "CM-PW", f"s{n}") for n in range(3)]
-    ids = [e["event_id"] for e in batch]
-    producer = PartlyWriting(1, [True, False, True])
-    with capture_logs() as logs:
-        status, body, metrics = await post_with_producer(
-            stub_settings, producer, monkeypatch, "/v1/events", batch
-        )
-    assert status == 503
-    assert body["error"] == "broker_unavailable"
-    assert "retry with the same event ids" in body["detail"]
-    assert (body["written"], body["not_written"]) == ([ids[0], ids[2]], [ids[1]])
-    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "events"}) == 2
-    [line] = [e for e in logs if e["event"] == "ingest_broker_unavailable"]
-    assert (line["log_level"], line["written"], line["not_written"], line["events"]) == ("warning", 2, 1, 3)
-
-
-async def test_a_partly_written_group_counts_the_slices_already_acknowledged(
-    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The second slice of a group fails after one record: the first slice and that record are
-    written, the rest (and the slice never sent) are not."""
-    settings = stub_settings.model_copy(update={"ingest_max_batch": 2})
-    producer = PartlyWriting(2, [True, False])
-    group = {"version": "4", "alerts": [alert(n) for n in range(5)]}
-    status, body, metrics = await post_with_producer(
-        settings, producer, monkeypatch, "/v1/alertmanager", group
-    )
-    ids = [f"am-{n:016x}-1764298800000" for n in range(5)]
-    assert status == 503
-    assert producer.calls == [2, 2]  # the third slice was not sent
-    assert (body["written"], body["not_written"]) == (ids[:3], ids[3:])
-    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "alertmanager"}) == 3

@@ -27,6 +27,7 @@ from faults.harness import AK, SK, ProxiedBroker, ReadyWatch, Rig, timeline
 from faults.ledger import LedgerResult
 from faults.proxy import CutMode, TcpProxy
 from faults.stream import StreamEvent, make_stream
+from waiting import until
 
 from worker.sandbox import TansuBroker, free_port
 from worker.settings import WorkerSettings
@@ -480,7 +481,7 @@ async def test_broker_and_dedup_store_cut_recover_without_restart(
                     await redis_proxy.cut(mode)
                     await rig.produce(next(parts))
                     await rig.wait_ready(worker, False, 30)
-                    await asyncio.sleep(1.0)  # in-flight calls that had their claim may still land
+                    await _api_calls_answered(sim)  # calls that had their claim may still land
                     settled = rig.applied_count()
                     await asyncio.sleep(max(0.0, cfg.redis_cut_s - 1.0))  # hold the fault
                     applied_while_away = rig.applied_count() - settled
@@ -491,7 +492,7 @@ async def test_broker_and_dedup_store_cut_recover_without_restart(
                     recoveries[f"Redis {mode}"] = time.monotonic() - fixed
                     notes.append(
                         f"Redis {mode} {cfg.redis_cut_s:.0f} s: /readyz 503 for {watch.not_ready_s(cut, fixed):.1f} s "
-                        f"of it, applied while away (after 1 s settle): {applied_while_away}, "
+                        f"of it, applied while away (once the calls in flight were answered): {applied_while_away}, "
                         f"recovered in {recoveries[f'Redis {mode}']:.1f} s"
                     )
                     assert applied_while_away == 0, f"applied events while the dedup store was away ({mode})"
@@ -511,6 +512,24 @@ async def test_broker_and_dedup_store_cut_recover_without_restart(
     result.recovery_s = max(recoveries.values())
     result.notes.extend(notes)
     assert_all_applied(result, rig, injected=("broker_unavailable", "dedup_unavailable"))
+
+
+async def _api_calls_answered(sim: SimulatorServer, timeout_s: float = 30.0) -> None:
+    """Wait until the API calls the worker made before it paused have landed: no request in progress
+    at the simulator (counted on arrival, recorded once answered), and none arrived since the look
+    before (0.1 s earlier: a request on its way there at one look is seen at the next). Paused, the
+    worker sends nothing new: every call waits at its gate, and the dedup store's probe is not a call
+    to the API."""
+    state = sim.state
+    last = -1
+
+    def quiet() -> bool:
+        nonlocal last
+        arrived, before = state.arrived, last
+        last = arrived
+        return arrived == before == state.stats()["requests_total"]
+
+    await until(quiet, timeout_s, 0.1, what="the API calls in flight to be answered")
 
 
 async def _wait_outcome_after(rig: Rig, wall: float, timeout_s: float) -> None:

@@ -24,7 +24,7 @@ from worker.publisher import DeadLetter, dead_letter_headers
 from worker.sandbox import TansuBroker, free_port, produce
 from worker.settings import load_settings
 from worker.simulator import SimulatorServer
-from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
+from worker.tools.kafka_io import TopicReader
 
 
 @dataclass(frozen=True)
@@ -491,23 +491,6 @@ async def test_replay_targets_and_partitions_are_checked(
             await cli("dlq", "list", *bad)
         assert usage.value.code == 2
     assert await topic_size(broker, topics["input"]) == 0
-
-
-async def test_records_sent_but_not_acknowledged_are_reported_as_unknown(
-    broker: TansuBroker, topics: dict[str, str], cli: Cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A record handed to the client whose acknowledgement never came (a timeout) may be written:
-    before, it was reported 'NOT replayed ... were not written'."""
-    await produce(broker.bootstrap, topics["dlq"], dead_letters(topics, 3))
-
-    async def answer_lost(self: EventProducer, topic: str, records: list[OutRecord]) -> list[Delivered]:
-        raise PartialWrite("timed out", [Delivered(topic, 0, 0), None, None], handed=2)
-
-    monkeypatch.setattr(EventProducer, "send_many", answer_lost)
-    run = await cli("dlq", "replay", "--all")
-    assert run.code == 1
-    assert [line.split()[0] for line in run.lines] == ["replay", "UNKNOWN", "NOT"]
-    assert "1 marked UNKNOWN were sent but not acknowledged and may have been written" in run.err
 
 
 async def test_limits_below_one_are_refused(broker: TansuBroker, topics: dict[str, str], cli: Cli) -> None:

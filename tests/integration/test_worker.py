@@ -7,6 +7,7 @@ import json
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,6 +21,7 @@ from faults.proxy import CutMode
 from helpers import event, read_json, read_records, send
 from waiting import until
 
+from schemas.outcomes import OutcomeStatus
 from worker.app import Worker
 from worker.dedup import ClaimKind, open_store
 from worker.sandbox import TansuBroker, committed_offsets, create_topics, produce, read_topic
@@ -56,10 +58,22 @@ async def test_per_ticket_order_under_concurrency(
         stream.append(queues[ticket].pop(0))
         if not queues[ticket]:
             del queues[ticket]
+    # Requests the simulator is serving at once, seen as each one is answered: counted on arrival
+    # (``arrived``), recorded once answered (``requests_total``); a sequential worker shows 1.
+    state = simulator.state
+    overlapping: list[int] = []
+    record_request = state.record_request
+
+    def answered(*args: Any, **kwargs: Any) -> None:
+        overlapping.append(state.arrived - state.stats()["requests_total"])
+        record_request(*args, **kwargs)
+
+    state.record_request = answered  # type: ignore[method-assign]
     async with running_worker(make_settings(max_in_flight=32)) as worker:
         await send(broker.bootstrap, topics["input"], stream)
         outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
         assert worker.metrics.api_latency.sum > 0  # API calls were really made
+    del state.record_request
     assert len(outcomes) == len(stream)
     assert {o["status"] for o in outcomes} == {"applied"}
     applied = defaultdict(list)
@@ -67,9 +81,10 @@ async def test_per_ticket_order_under_concurrency(
         applied[entry["ticket_id"]].append(entry["event_id"])
     for ticket, events in scripts.items():
         assert applied[ticket] == [e["event_id"] for e in events], ticket
-    # concurrency really happened: more than one ticket was in flight at once
-    starts = sorted((e["at"], e["ticket_id"]) for e in simulator.state.applied_log)
-    assert len({t for _, t in starts[:10]}) > 1
+    # concurrency really happened: API calls overlapped (another request was being served when
+    # one was answered)
+    assert len(overlapping) >= len(stream)
+    assert max(overlapping) > 1, max(overlapping)
 
 
 async def test_duplicates_are_applied_once_before_and_after_a_restart(
@@ -384,15 +399,95 @@ async def test_offsets_are_committed_only_over_finished_work(
     make_settings: SettingsFactory,
     unique: str,
 ) -> None:
-    stream = [event("change.started", f"CMO{n}", "s1") for n in range(20)]
-    async with running_worker(make_settings()):
-        await send(broker.bootstrap, topics["input"], stream)
-        await read_json(broker.bootstrap, topics["results"], len(stream))
-    committed = await committed_offsets(broker.bootstrap, f"group-{unique}", topics["input"], 4)
-    written = defaultdict(int)
-    for o in await read_json(broker.bootstrap, topics["results"], len(stream)):
+    """One message cannot finish (another live worker holds its event's claim) while the messages
+    after it in its partition, and those of the other partitions, do: commits go on, but that
+    partition's committed offset never passes the unfinished message. Once it finishes, the
+    offset moves to the end of the partition."""
+    settings = make_settings()
+    partitioner = DefaultPartitioner()
+
+    def partition_of(ticket: str) -> int:
+        return int(partitioner(ticket.encode(), [0, 1, 2, 3], [0, 1, 2, 3]))
+
+    target = partition_of("CMO-HELD")
+    tickets = [f"CMO{n}" for n in range(200)]
+    same = [t for t in tickets if partition_of(t) == target]
+    elsewhere = [t for t in tickets if partition_of(t) != target]
+    held = event("change.started", "CMO-HELD", "s1", event_id=f"ev-held-{unique}")
+    # in the held partition: one message before it, ten after it; ten in the other partitions
+    stream = [
+        event("change.started", same[0], "s1"),
+        held,
+        *(event("change.started", t, "s1") for t in same[1:11]),
+        *(event("change.started", t, "s1") for t in elsewhere[:10]),
+    ]
+    marker = event("change.started", elsewhere[10], "s1")  # sent once the others have finished
+    store = open_store(settings.dedup_url)
+    try:
+        assert (
+            await store.claim(held["event_id"], "another-worker", "elsewhere/0/0", 600)
+        ).kind is ClaimKind.NEW
+        async with running_worker(settings) as worker:
+            await send(broker.bootstrap, topics["input"], stream)
+            inputs = await read_records(broker.bootstrap, topics["input"], len(stream))
+            ends: dict[int, int] = defaultdict(int)
+            for r in inputs:
+                ends[r.partition] = max(ends[r.partition], r.offset + 1)
+            [(partition, held_at)] = [
+                (r.partition, r.offset)
+                for r in inputs
+                if json.loads(r.value or b"{}")["event_id"] == held["event_id"]
+            ]
+            assert partition == target
+            assert ends[target] == held_at + 11  # ten messages of the partition after it
+
+            async def committed() -> dict[int, int]:
+                """The group's committed offsets; never past the held message while it is held."""
+                found = await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 4)
+                assert found[target] <= held_at, (found, held_at)
+                return found
+
+            applied = worker.metrics.outcome_counts[OutcomeStatus.APPLIED]
+
+            async def all_but_the_held_one_finished() -> bool:
+                found = await committed()
+                return (
+                    applied.value == len(stream) - 1
+                    and worker.status()["in_flight"] == 1  # every other message finished
+                    and found[target] == held_at  # commits reach the held message, not past it
+                    and all(found[p] == end for p, end in ends.items() if p != target)
+                )
+
+            await until(all_but_the_held_one_finished, 30, 0.1, what="every other message committed")
+            # one more message, finished and committed after all of that: a commit round ran
+            # after the ten behind the held one had finished
+            await send(broker.bootstrap, topics["input"], [marker])
+            marked = partition_of(marker["ticket_id"])
+
+            async def marker_committed() -> bool:
+                return (await committed())[marked] > ends[marked]
+
+            await until(marker_committed, 30, 0.1, what="the marker's commit")
+            ends[marked] += 1
+            outcomes = await read_json(broker.bootstrap, topics["results"], len(stream))
+            assert held["event_id"] not in {o["event_id"] for o in outcomes}
+            assert simulator.state.applied_for(held["event_id"]) == []
+
+            await store.release(held["event_id"], "another-worker")
+
+            async def everything_committed() -> bool:
+                found = await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 4)
+                return all(found[p] == end for p, end in ends.items())
+
+            await until(everything_committed, 30, 0.1, what="the held partition committed to its end")
+    finally:
+        await store.close()
+    committed_at_end = await committed_offsets(broker.bootstrap, f"group-{unique}", topics["input"], 4)
+    written: dict[int, int] = defaultdict(int)
+    for o in await read_json(broker.bootstrap, topics["results"], len(stream) + 1):
         written[o["source"]["partition"]] = max(written[o["source"]["partition"]], o["source"]["offset"] + 1)
-    assert {p: committed[p] for p in written} == dict(written)
+    assert {p: committed_at_end[p] for p in written} == dict(written) == dict(ends)
+    assert len(simulator.state.applied_for(held["event_id"])) == 1
 
 
 @pytest.mark.parametrize("mode", ["refuse", "blackhole"])

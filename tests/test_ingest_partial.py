@@ -1,0 +1,138 @@
+"""The HTTP ingress's answer to a write the broker acknowledged only in part.
+
+What is tested is the handler (its 503, the ``written`` / ``not_written`` ids, the metric and the log
+line), not the broker: the producer is a stand-in whose ``send_many`` raises ``PartialWrite`` as
+``EventProducer.send_many`` does, and no broker is contacted (the settings name a closed port).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from worker.health import HealthServer
+from worker.ingest import Ingress
+from worker.metrics import Metrics
+from worker.settings import WorkerSettings, load_settings
+from worker.tools.kafka_io import Delivered, OutRecord, PartialWrite
+
+_ids = itertools.count(1)
+
+
+def event(kind: str, ticket: str, sub: str) -> dict[str, Any]:
+    return {"event_id": f"ev-partial-{next(_ids)}", "type": kind, "ticket_id": ticket, "sub_ticket_id": sub}
+
+
+def alert(n: int) -> dict[str, Any]:
+    """One firing alert of a notification, its own fingerprint per ``n``."""
+    return {
+        "status": "firing",
+        "labels": {"alertname": "ProbeFailure", "ticket_id": "CM-AM", "sub_ticket_id": f"s{n}"},
+        "annotations": {},
+        "startsAt": "2025-11-28T03:00:00Z",
+        "fingerprint": f"{n:016x}",
+    }
+
+
+class PartlyWriting:
+    """A producer whose ``fail_call``-th ``send_many`` acknowledges only the records ``acked``
+    marks True (as ``EventProducer.send_many`` raises on a failed write); the others succeed."""
+
+    def __init__(self, fail_call: int, acked: list[bool]) -> None:
+        self.fail_call, self.acked = fail_call, acked
+        self.calls: list[int] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def ping(self, timeout_s: float = 3.0) -> None:
+        pass
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        self.calls.append(len(records))
+        delivered = [Delivered(topic, 0, n) for n in range(len(records))]
+        if len(self.calls) == self.fail_call:
+            assert len(records) == len(self.acked)
+            acked = [d if ok else None for d, ok in zip(delivered, self.acked, strict=True)]
+            raise PartialWrite(f"write to {topic!r} failed: KafkaTimeoutError", acked, len(records))
+        return delivered
+
+
+@pytest.fixture
+def stub_settings() -> WorkerSettings:
+    return load_settings(
+        kafka_bootstrap_servers="127.0.0.1:9", input_topic="in-stub", http_host="127.0.0.1", http_port=0
+    )
+
+
+async def post_with_producer(
+    settings: WorkerSettings, producer: PartlyWriting, monkeypatch: pytest.MonkeyPatch, path: str, body: Any
+) -> tuple[int, Any, Metrics]:
+    monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
+    metrics = Metrics()
+    ingress = Ingress(settings, metrics)
+    server = HealthServer(settings, metrics, ingress.status, ingress.routes())
+    await ingress.start()
+    await server.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{server.port}{path}",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            ) as r,
+        ):
+            status, answer = r.status, await r.json()
+    finally:
+        await server.stop()
+        await ingress.stop()
+    return status, answer, metrics
+
+
+async def test_a_partly_written_batch_says_which_events_were_written(
+    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the acknowledged records of a failed write were thrown away: a generic 503, not
+    counted in coc_worker_ingest_events, no counts in the log."""
+    batch = [event("change.started", "CM-PW", f"s{n}") for n in range(3)]
+    ids = [e["event_id"] for e in batch]
+    producer = PartlyWriting(1, [True, False, True])
+    with capture_logs() as logs:
+        status, body, metrics = await post_with_producer(
+            stub_settings, producer, monkeypatch, "/v1/events", batch
+        )
+    assert status == 503
+    assert body["error"] == "broker_unavailable"
+    assert "retry with the same event ids" in body["detail"]
+    assert (body["written"], body["not_written"]) == ([ids[0], ids[2]], [ids[1]])
+    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "events"}) == 2
+    [line] = [e for e in logs if e["event"] == "ingest_broker_unavailable"]
+    assert (line["log_level"], line["written"], line["not_written"], line["events"]) == ("warning", 2, 1, 3)
+
+
+async def test_a_partly_written_group_counts_the_slices_already_acknowledged(
+    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second slice of a group fails after one record: the first slice and that record are
+    written, the rest (and the slice never sent) are not."""
+    settings = stub_settings.model_copy(update={"ingest_max_batch": 2})
+    producer = PartlyWriting(2, [True, False])
+    group = {"version": "4", "alerts": [alert(n) for n in range(5)]}
+    status, body, metrics = await post_with_producer(
+        settings, producer, monkeypatch, "/v1/alertmanager", group
+    )
+    ids = [f"am-{n:016x}-1764298800000" for n in range(5)]
+    assert status == 503
+    assert producer.calls == [2, 2]  # the third slice was not sent
+    assert (body["written"], body["not_written"]) == (ids[:3], ids[3:])
+    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "alertmanager"}) == 3
