@@ -38,7 +38,9 @@ from bench.scenarios import PARTITIONS, Harness, RunResult, RunSpec  # noqa: E40
 from bench.stats import median  # noqa: E402
 from worker.sandbox import tansu_binary  # noqa: E402
 
-SUBJECTS = ("ceiling_a", "ceiling_b", "worker", "faststream", "pyrallel", "baseline")
+SUBJECTS = ("ceiling_a", "ceiling_b", "ceiling_b_rs", "worker", "faststream", "pyrallel", "baseline")
+#: Measured at 0 ms API latency only: not a target's, a comparison (``bench/peers/ceiling_http.py``).
+ZERO_MS_ONLY = frozenset({"ceiling_b_rs"})
 
 
 @dataclass(slots=True)
@@ -209,6 +211,8 @@ async def measure(
             # rotate the order every repeat so slow drifts of the machine's load hit every subject
             shift = repeat % len(main_subjects) if main_subjects else 0
             for subject in main_subjects[shift:] + main_subjects[:shift]:
+                if latency and subject in ZERO_MS_ONLY:
+                    continue
                 await run(_spec(plan, scenario, subject, latency))
     if "worker" in plan.subjects and plan.paced_s > 0:
         saturating = median(
@@ -264,7 +268,7 @@ def _spec(plan: Plan, scenario: str, subject: str, latency: float) -> RunSpec:
         return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.worker_cap_s)
     if subject == "ceiling_a":
         return RunSpec(scenario, subject, latency, 1, plan.events, 60.0)
-    if subject == "ceiling_b":
+    if subject in ("ceiling_b", "ceiling_b_rs"):
         return RunSpec(scenario, subject, latency, plan.concurrency, plan.events, plan.ceiling_cap_s)
     if subject == "faststream":
         # at-least-once FastStream runs one message at a time per partition: one worker per partition
@@ -281,7 +285,7 @@ def _line(r: RunResult) -> str:
     rss = f"{r.peak_rss_mb:.0f} MB" if r.peak_rss_mb else ""
     state = "ok" if r.ok else f"FAILED: {r.error}"
     return (
-        f"  {s.scenario:>6} {s.subject:<10} c={s.concurrency:<5} {tp:>14} n={r.count:<6} "
+        f"  {s.scenario:>6} {s.subject:<12} c={s.concurrency:<5} {tp:>14} n={r.count:<6} "
         f"{cpu:>16} {rss:>7} {r.wall_s:5.1f}s {state}"
     )
 

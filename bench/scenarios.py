@@ -9,6 +9,7 @@ Subjects (``RunSpec.subject``):
 ``baseline``   ``bench/peers/sequential.py``: consume -> call -> produce -> commit, one at a time
 ``ceiling_a``  ``bench/peers/ceiling_consume.py``: read the backlog, nothing else
 ``ceiling_b``  ``bench/peers/ceiling_http.py``: signed PUTs only, at the same concurrency
+``ceiling_b_rs`` the same on the worker's HTTP client (pyreqwest): a comparison, not a target's
 ``passthrough`` ``bench/peers/passthrough.py``: consume -> outcome at once (the paced latency floor)
 =============  ==============================================================================
 
@@ -136,7 +137,7 @@ class Harness:
             self.sim.stop()
             self.sim.start()
         try:
-            if spec.subject == "ceiling_b":
+            if spec.subject in ("ceiling_b", "ceiling_b_rs"):
                 await self._run_ceiling_b(spec, result)
             else:
                 with TansuBroker(log_path=self.workdir / f"tansu-{self._runs}.log") as broker:
@@ -254,6 +255,8 @@ class Harness:
             f"--tickets={self.tickets}",
             f"--seed={self.seed}",
             f"--max-seconds={spec.cap_s}",
+            # ceiling B' sends with the worker's own HTTP client (and ceiling B's event loop)
+            f"--client={'pyreqwest' if spec.subject == 'ceiling_b_rs' else 'aiohttp'}",
         )
 
     async def _run_script(

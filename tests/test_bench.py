@@ -5,6 +5,7 @@ The benchmark itself is ``make bench``; nothing here starts a broker or a proces
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -602,3 +603,38 @@ def test_a_run_that_finished_inside_its_cap_counts_only_the_window_it_used_as_it
     _, extra = _measure(harness, deadline=deadline)
     assert extra["rss_cap_trimmed_s"] == spare
     assert "sweep_skipped" not in extra
+
+
+def test_ceiling_b_on_the_worker_client_runs_at_0_ms_only_and_is_no_target() -> None:
+    """Ceiling B' (bare PUTs on the worker's own HTTP client) runs beside the others in every
+    repeat at 0 ms, not at 20 ms, and is shown as a comparison: the targets stay the issue's,
+    against ceiling B (aiohttp)."""
+    harness = _ClockedHarness(overhead_s=2.0)
+    _measure(harness, deadline=10_000.0)
+    own_client = [s for s in harness.specs if s.subject == "ceiling_b_rs"]
+    assert [(s.scenario, s.concurrency) for s in own_client] == [("api0", 256)] * _full_plan().repeats
+
+    runs = [
+        _run("api0", "worker", 256, 800.0),
+        _run("api0", "ceiling_a", 1, 100_000.0),
+        _run("api0", "ceiling_b", 256, 1_000.0),
+        _run("api0", "ceiling_b_rs", 256, 1_600.0),
+        _run("api0", "worker", 256, 900.0),
+        _run("api0", "ceiling_a", 1, 100_000.0),
+        _run("api0", "ceiling_b", 256, 1_000.0),
+        _run("api0", "ceiling_b_rs", 256, 1_200.0),
+    ]
+    summary = report.summarize(runs)
+    t0 = report.evaluate_targets(summary, concurrency=256)[0]
+    assert t0.measured.startswith("0.85x")  # against ceiling B alone: (0.80, 0.90)
+    text = report.versus_own_client(summary, 256)
+    assert text is not None
+    assert "0.62x, the median of the per-repeat ratios (0.50, 0.75)" in text
+    assert report.versus_own_client(report.summarize(_runs()), 256) is None  # not measured: no line
+    doc = {
+        "environment": {"date": "d", "git_commit": "c", "cpu_count": 2},
+        "config": {"concurrency": 256, "events": 1, "tickets": 1, "repeats": 2},
+        "summary": summary,
+        "targets": [dataclasses.asdict(t) for t in report.evaluate_targets(summary, 256)],
+    }
+    assert text in report.readme_section(doc)

@@ -5,6 +5,10 @@ bodies ahead of time and signed per request with the worker's signer. Each ticke
 in order (so the simulator's state machine accepts them all, as it does the worker's), at most
 ``--concurrency`` at a time over all tickets. Prints one JSON line:
 ``{"count", "elapsed_s", "rate", "statuses"}``.
+
+``--client pyreqwest`` sends them with the worker's own HTTP client library instead of aiohttp, and
+``--loop uvloop`` runs on the worker's event loop: not the issue's ceiling B (aiohttp), an
+experiment on how much of the worker's ratio its cheaper client and loop are worth.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,7 +44,7 @@ def requests_by_ticket(workload: Workload) -> dict[str, list[tuple[str, bytes, s
     return out
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--api", required=True)
     parser.add_argument("--concurrency", type=int, required=True)
@@ -47,7 +52,16 @@ async def main() -> None:
     parser.add_argument("--tickets", type=int, required=True)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-seconds", type=float, default=60.0)
-    args = parser.parse_args()
+    parser.add_argument("--client", choices=("aiohttp", "pyreqwest"), default="aiohttp")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> None:
+    if args.client == "pyreqwest":
+        send = await _pyreqwest_sender(args.concurrency)
+    else:
+        send = None
     ak, sk = os.environ["BENCH_API_AK"], os.environ["BENCH_API_SK"]
     host = urlsplit(args.api).netloc
     plan = requests_by_ticket(Workload(args.events, args.tickets, args.seed))
@@ -69,6 +83,9 @@ async def main() -> None:
                     headers={"Content-Type": "application/json;charset=UTF-8", "X-Event-Id": event_id},
                     body=body,
                 )
+                if send is not None:
+                    statuses[await send(args.api + path, body, headers)] += 1
+                    continue
                 async with session.put(args.api + path, data=body, headers=headers) as resp:
                     await resp.read()
                     statuses[resp.status] += 1
@@ -92,5 +109,25 @@ async def main() -> None:
     )
 
 
+async def _pyreqwest_sender(concurrency: int) -> Callable[[str, bytes, dict[str, str]], Awaitable[int]]:
+    """A PUT on pyreqwest, as the worker's client sends one (its bookkeeping left out)."""
+    from pyreqwest.client import ClientBuilder
+
+    client = ClientBuilder().max_connections(concurrency).error_for_status(False).build()
+
+    async def send(url: str, body: bytes, headers: dict[str, str]) -> int:
+        response = await client.request("PUT", url).headers(headers).body_bytes(body).build().send()
+        await response.bytes()
+        return int(response.status)
+
+    return send
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    parsed = parse_args()
+    if parsed.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main(parsed))
+    else:
+        asyncio.run(main(parsed))
