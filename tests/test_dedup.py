@@ -96,6 +96,20 @@ async def test_rejected_events_repeat_for_their_message_and_retry_for_another(st
     assert not other.maybe_sent  # the API refused it: nothing to check before sending
 
 
+async def test_a_not_applied_event_is_retried_only_for_the_same_change(store: DedupStore) -> None:
+    """Another message may retry a rejected or failed event, not reuse its id for another change
+    (that one is refused: DONE, its outcome decided by the caller); a record without a target (an
+    earlier release's) cannot tell, and lets it through as before."""
+    first = DedupRecord("done", "w1", "t/0/1", "rejected", 1, 400, target="change.ended CM1/s-1")
+    await store.mark_done("e9", first, 60)
+    other = await store.claim("e9", "w2", "t/0/2", 30, "change.started CM1/s-1")
+    assert (other.kind, other.record) == (ClaimKind.DONE, first)
+    same = await store.claim("e9", "w2", "t/0/3", 30, "change.ended CM1/s-1")
+    assert same.kind is ClaimKind.NEW
+    await store.mark_done("e10", DedupRecord("done", "w1", "t/0/4", "failed", 8, 503), 60)
+    assert (await store.claim("e10", "w2", "t/0/5", 30, "change.started CM1/s-1")).kind is ClaimKind.NEW
+
+
 async def test_a_failed_event_retried_by_another_message_may_have_been_sent(store: DedupStore) -> None:
     await store.claim("e10", "w1", "t/0/5", 30)
     await store.mark_done(

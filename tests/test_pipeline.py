@@ -238,6 +238,22 @@ async def test_an_event_id_reused_for_another_change_is_invalid_not_a_duplicate(
     ]
 
 
+async def test_an_event_id_reused_after_a_refused_first_use_is_invalid_too(rig: Rig) -> None:
+    """The first use of the id was refused (its sub-ticket not started): another message may
+    retry that change, but not reuse the id for another one. The reuse is never sent, and the
+    first message's redelivery repeats its own outcome."""
+    ended = {**STARTED, "type": "change.ended"}
+    await rig.pipeline.process(job(ended, offset=1))  # refused: s-1 was never started
+    await rig.pipeline.process(job(STARTED, offset=2))  # the id reused for another change
+    await rig.pipeline.process(job(ended, offset=1))  # the first message, redelivered
+
+    assert [r.method for r in rig.sim.state.requests] == ["PUT"]
+    first, reused, again = rig.published.outcomes
+    assert first["status"] == "rejected"
+    assert (reused["status"], reused["reason"], reused["attempts"]) == ("invalid", "event_id_reused", 0)
+    assert (again["status"], again["redelivered"]) == ("rejected", True)
+
+
 async def test_a_record_without_a_target_still_makes_a_duplicate(rig: Rig) -> None:
     """A record written before the target was kept (a rolling update) cannot tell a reuse from a
     copy: the message is a ``duplicate``, as it was then."""
@@ -519,8 +535,10 @@ async def test_two_processes_with_one_worker_id_do_not_both_send_the_change() ->
     answers: list[ClaimKind] = []
 
     class Recording(MemoryStore):
-        async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
-            answer = await super().claim(event_id, owner, source, lease_s)
+        async def claim(
+            self, event_id: str, owner: str, source: str, lease_s: float, target: str = ""
+        ) -> Claim:
+            answer = await super().claim(event_id, owner, source, lease_s, target)
             answers.append(answer.kind)
             return answer
 

@@ -23,8 +23,10 @@ Each event id moves through three states in the store::
   published: a redelivery repeats both, never calling the API again.
 * Both keep the outcome's status and reason for the TTL. The same message read again (a crash
   before the commit) gets the same outcome again, marked ``redelivered``. Another message with
-  the same ``event_id`` is a duplicate when the event was applied; when it was rejected or
-  failed, it may try again (a fixed ticket, a replay from the DLQ).
+  the same ``event_id`` and the same change (the records' ``target``) is a duplicate when the
+  event was applied; when it was rejected or failed, it may try again (a fixed ticket, a replay
+  from the DLQ). One for another change reused the id: the claim answers ``DONE`` and the
+  pipeline refuses it (records of an earlier release, without a target, cannot tell).
 
 Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
 (survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
@@ -137,10 +139,12 @@ class Claim:
         return self.taken_over or (self.record is not None and self.record.status == "failed")
 
 
-def decide(record: DedupRecord | None, owner: str, source: str, now: float) -> Claim:
+def decide(record: DedupRecord | None, owner: str, source: str, now: float, target: str = "") -> Claim:
     """What an existing record means for a new claim (``NEW``: the caller takes the claim).
 
-    The one rule shared by every backend (the Redis script mirrors it).
+    The one rule shared by every backend (the Redis script mirrors it). ``target``: what the
+    claiming message's event changes; a rejected or failed event is retried by another message
+    only for the same change (records without a target, an earlier release's, cannot tell).
     """
     if record is None:
         return Claim(ClaimKind.NEW)
@@ -152,9 +156,13 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float) -> C
         return Claim(ClaimKind.NEW, record, taken_over=True)
     if record.state == "applied":
         return Claim(ClaimKind.APPLIED, record)
-    if record.status != "applied" and record.source != source:
+    if record.status != "applied" and record.source != source and not _other_change(record, target):
         return Claim(ClaimKind.NEW, record)  # rejected/failed before: another message may retry
     return Claim(ClaimKind.DONE, record)
+
+
+def _other_change(record: DedupRecord, target: str) -> bool:
+    return bool(target and record.target and record.target != target)
 
 
 def claimed(owner: str, source: str, now: float, lease_s: float) -> DedupRecord:
@@ -162,7 +170,9 @@ def claimed(owner: str, source: str, now: float, lease_s: float) -> DedupRecord:
 
 
 class DedupStore(Protocol):
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim: ...
+    async def claim(
+        self, event_id: str, owner: str, source: str, lease_s: float, target: str = ""
+    ) -> Claim: ...
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool: ...
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
@@ -198,9 +208,9 @@ class MemoryStore:
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
         now = time.time()
-        answer = decide(self._get(event_id), owner, source, now)
+        answer = decide(self._get(event_id), owner, source, now, target)
         if answer.kind is ClaimKind.NEW:
             self._put(event_id, claimed(owner, source, now, lease_s), lease_s + self._claim_keep_s)
         return answer
@@ -391,10 +401,17 @@ class SqliteStore:
     # Each operation runs on the sqlite thread, inside the batch's transaction.
     @classmethod
     def _claim_op(
-        cls, conn: sqlite3.Connection, event_id: str, owner: str, source: str, lease_s: float, keep_s: float
+        cls,
+        conn: sqlite3.Connection,
+        event_id: str,
+        owner: str,
+        source: str,
+        lease_s: float,
+        keep_s: float,
+        target: str,
     ) -> Claim:
         now = time.time()
-        answer = decide(cls._read(conn, event_id, now), owner, source, now)
+        answer = decide(cls._read(conn, event_id, now), owner, source, now, target)
         if answer.kind is ClaimKind.NEW:
             record = claimed(owner, source, now, lease_s)
             cls._write(conn, event_id, record, now + lease_s + keep_s)
@@ -422,8 +439,10 @@ class SqliteStore:
         if record is not None and record.state == "claimed" and record.owner == owner:
             conn.execute("DELETE FROM dedup WHERE event_id = ?", (event_id,))
 
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
-        result: Claim = await self._run(self._claim_op, event_id, owner, source, lease_s, self._claim_keep_s)
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
+        result: Claim = await self._run(
+            self._claim_op, event_id, owner, source, lease_s, self._claim_keep_s, target
+        )
         return result
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
@@ -491,6 +510,8 @@ if v then
   elseif r['state'] == 'applied' then
     return {0, v}
   elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
+    return {0, v}
+  elseif ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then
     return {0, v}
   end
 end
@@ -582,13 +603,15 @@ class RedisStore:
 
         return await self._call(replicated())
 
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float) -> Claim:
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
         mine = DedupRecord("claimed", owner, source).encode()
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         try:
             taken, previous = await self._write(
                 lambda client: self._claim(
-                    keys=[self._key(event_id)], args=[owner, mine, source, lease_s, keep_ms], client=client
+                    keys=[self._key(event_id)],
+                    args=[owner, mine, source, lease_s, keep_ms, target],
+                    client=client,
                 )
             )
         except _NotReplicated:
@@ -606,7 +629,7 @@ class RedisStore:
         assert record is not None
         # Not taken: held by a live owner, applied, or done. decide() says which (a held claim's
         # lease is by definition in the future of Redis' clock, hence "now" = 0 for it).
-        return decide(record, owner, source, 0.0)
+        return decide(record, owner, source, 0.0, target)
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)

@@ -150,7 +150,8 @@ class Pipeline:
         """One job per event_id at a time in this worker. Two messages with one event_id but
         different tickets run in different lanes; the second would find the first's unfinished
         claim, which is ours, take it for a cancelled job of ours and send again. It waits, and is
-        then decided as if it had come after (a duplicate, or a retry of a failed event)."""
+        then decided as if it had come after (a duplicate, a reuse of the id for another change, or
+        a retry of a failed event)."""
         event_id = event.event_id
         while (waiters := self._in_hand.get(event_id)) is not None:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -166,10 +167,11 @@ class Pipeline:
 
     async def _claim_and_apply(self, job: Job, event: AnyChangeEvent) -> None:
         body = request_wire(event)
+        target = event_target(event)
         held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
             claim = await self._dedup(
-                lambda: self._store.claim(event.event_id, self._claimant, job.source, self._lease_s)
+                lambda: self._store.claim(event.event_id, self._claimant, job.source, self._lease_s, target)
             )
             if claim.kind is ClaimKind.HELD:
                 # Another live worker holds it (a rebalance race): wait for it to finish, or for
