@@ -245,6 +245,10 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "results_topic_is_input": ({"kafka": {"resultsTopic": "coc.change-events"}}, "three different topics"),
     "dlq_topic_dots": ({"kafka": {"dlqTopic": ".."}}, "'..'"),
     "retry_after_over_the_budget": ({"retry": {"maxElapsedS": 30}}, "retry.retryAfterMaxS"),
+    "retry_budget_below_a_timed_out_call": (
+        {"retry": {"maxElapsedS": 20, "retryAfterMaxS": 20}},
+        "retry.maxElapsedS must be at least",
+    ),
     "endpoint_with_a_query": ({"api": {"endpoint": "https://gw.example.com/coc?x=1"}}, "endpoint"),
     "endpoint_with_a_dot_segment": ({"api": {"endpoint": "https://gw.example.com/coc/./api"}}, "endpoint"),
     "endpoint_port_out_of_range": ({"api": {"endpoint": "https://gw.example.com:99999"}}, "endpoint"),

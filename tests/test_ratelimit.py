@@ -125,6 +125,22 @@ def test_backend_follows_the_dedup_store(redis_url: str) -> None:
     asyncio.run(shared.close())
 
 
+def test_deployments_told_apart_by_the_redis_prefix_keep_apart_buckets(redis_url: str) -> None:
+    """Staging and production on one Redis with the default group id: one bucket each."""
+    base = redis_url.split("?", 1)[0]  # no prefix: the default keys (only built here, never used)
+    buckets = [
+        build_rate_limit(load_settings(api_rate_limit_per_s=5, dedup_url=url), Metrics())
+        for url in (base, f"{base}?prefix=staging:", f"{base}?prefix=prod:")
+    ]
+    assert all(isinstance(b, RedisTokenBucket) for b in buckets)
+    keys = [b._key for b in buckets if isinstance(b, RedisTokenBucket)]
+    assert keys[0] == "coc:ratelimit:coc-change-worker"  # as before for the default prefix
+    assert len(set(keys)) == 3
+    for bucket in buckets:
+        assert bucket is not None
+        asyncio.run(bucket.close())
+
+
 async def test_concurrency_limit_bounds_calls_in_flight() -> None:
     limit = AdaptiveConcurrency(3, Metrics())
     running = peak = 0

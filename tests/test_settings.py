@@ -430,3 +430,58 @@ def test_a_misspelled_variable_is_refused_with_the_name_it_meant(monkeypatch: py
     monkeypatch.delenv("coc_worker_max_inflight")
     monkeypatch.setenv("COC_WORKER_API_SK_FILE", "/run/secrets/sk")  # a known name, with its _FILE
     assert load_settings().api_sk_file == Path("/run/secrets/sk")
+
+
+def test_a_retry_budget_shorter_than_a_timed_out_call_and_its_settle_wait_is_refused() -> None:
+    """After a read timeout the next attempt waits a request timeout for the API to settle: with a
+    budget shorter than the call and that wait, one slow answer failed the event at once."""
+    with pytest.raises(ConfigError, match="retry_max_elapsed_s must be at least"):
+        load_settings(retry_max_elapsed_s=20, retry_after_max_s=20)  # 3 + 2 x 10 = 23 s
+    assert load_settings(retry_max_elapsed_s=23, retry_after_max_s=20).retry_max_elapsed_s == 23
+
+
+def test_kubernetes_service_links_are_not_unknown_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Service named ``coc-worker`` in the namespace gives every pod these variables (unless the
+    pod disables service links): they are not typos of settings, and the worker starts."""
+    links = {
+        "COC_WORKER_SERVICE_HOST": "10.96.12.7",
+        "COC_WORKER_SERVICE_PORT": "8080",
+        "COC_WORKER_SERVICE_PORT_HTTP": "8080",
+        "COC_WORKER_PORT": "tcp://10.96.12.7:8080",
+        "COC_WORKER_PORT_8080_TCP": "tcp://10.96.12.7:8080",
+        "COC_WORKER_PORT_8080_TCP_PROTO": "tcp",
+        "COC_WORKER_PORT_8080_TCP_PORT": "8080",
+        "COC_WORKER_PORT_8080_TCP_ADDR": "10.96.12.7",
+        "COC_WORKER_INGEST_SERVICE_HOST": "fd00::12",
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().http_port == 8080
+    monkeypatch.setenv("COC_WORKER_DEDUP_URI", "redis://r:6379/0")  # a typo is still refused
+    assert "COC_WORKER_DEDUP_URI" in config_error()
+    monkeypatch.delenv("COC_WORKER_DEDUP_URI")
+    monkeypatch.setenv("COC_WORKER_PORT", "8080x")  # not a service link's value
+    assert "COC_WORKER_PORT" in config_error()
+
+
+def test_a_service_named_coc_worker_http_is_named_when_it_sets_the_http_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COC_WORKER_HTTP_PORT", "tcp://10.96.12.8:8080")
+    message = config_error()
+    assert "enableServiceLinks: false" in message
+    assert "coc-worker-http" in message
+
+
+@pytest.mark.parametrize("name", ["api_token", "api_sk", "kafka_sasl_password"])
+def test_an_empty_secret_variable_beside_its_file_is_not_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    """Compose's ``${TOKEN:-}`` exports an empty variable: not "set both"."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cr3t-from-a-file-0001\n")
+    monkeypatch.setenv(f"COC_WORKER_{name.upper()}", "")
+    monkeypatch.setenv(f"COC_WORKER_{name.upper()}_FILE", str(secret_file))
+    settings = load_settings()
+    assert getattr(settings, name) is None
+    assert settings.secret(name) == "s3cr3t-from-a-file-0001"

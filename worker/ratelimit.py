@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections import deque
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -245,11 +245,16 @@ class AdaptiveConcurrency:
 
 
 def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | None:
+    """One limit for the whole consumer group when its pods share a Redis (the dedup store's), else
+    this process's own. Deployments that share one Redis, told apart by the URL's ``?prefix=``,
+    keep apart buckets even with the same group id (staging and production, say)."""
     rate = settings.api_rate_limit_per_s
     if rate is None:
         return None
     burst = max(1, int(rate))
-    if urlsplit(settings.dedup_url).scheme in ("redis", "rediss"):
-        key = f"coc:ratelimit:{settings.group_id}"
+    parts = urlsplit(settings.dedup_url)
+    if parts.scheme in ("redis", "rediss"):
+        prefix = parse_qs(parts.query).get("prefix", [""])[0]
+        key = f"coc:ratelimit:{prefix}{settings.group_id}"
         return RedisTokenBucket(settings.dedup_url, key, rate, burst, metrics)
     return TokenBucket(rate, burst, metrics)

@@ -157,7 +157,11 @@ class WorkerSettings(BaseSettings):
         10.0, description="Connection failures for this long with no success pause the worker."
     )
     api_rate_limit_per_s: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="Client-side cap on API calls."
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Client-side cap on API calls per second: with a Redis dedup store one limit"
+        " for every pod of the consumer group, else per process.",
     )
 
     # --- Retry policy --------------------------------------------------------------------------
@@ -308,6 +312,12 @@ class WorkerSettings(BaseSettings):
                 raise ValueError("?ssl_cert_reqs= must be none, optional or required")
         return value
 
+    @field_validator(*SECRET_FIELDS, *(f"{name}_file" for name in SECRET_FIELDS), mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """An empty variable (compose's ``${TOKEN:-}``) is one not set: its ``_FILE`` twin may be."""
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _consistent(self) -> WorkerSettings:
         for name in SECRET_FIELDS:
@@ -332,6 +342,13 @@ class WorkerSettings(BaseSettings):
                 f" + {LEASE_MARGIN_S:g} s: a request may still reach the API that long after it was"
                 " sent, no other worker may take the event over until then, and a send soon after"
                 " the claim needs no renewal"
+            )
+        if self.retry_max_elapsed_s < self.api_connect_timeout_s + 2 * self.api_request_timeout_s:
+            raise ValueError(
+                "retry_max_elapsed_s must be at least api_connect_timeout_s + 2 x"
+                " api_request_timeout_s: a timed-out call takes up to both timeouts, and the next"
+                " attempt waits a request timeout for the API to settle; a shorter budget fails the"
+                " event at its first timeout, with no retry and no look at the ticket"
             )
         if self.retry_after_max_s > self.retry_max_elapsed_s:
             raise ValueError(
@@ -442,16 +459,32 @@ def without_password(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
+#: What Kubernetes sets in every pod for each Service of its namespace (service links, unless the
+#: pod says ``enableServiceLinks: false``): a Service named ``coc-worker...`` yields
+#: ``COC_WORKER..._SERVICE_HOST``, ``..._PORT``, ``..._PORT_8080_TCP_ADDR`` and the like.
+_SERVICE_LINK_NAME = re.compile(
+    r".+_SERVICE_HOST|.+_SERVICE_PORT(?:_[A-Z0-9_]+)?|.+_PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?"
+)
+_SERVICE_LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)(?:://\S+:\d+)?|\d+|[0-9A-Fa-f:.]+")
+
+
+def service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` has the shape of a Kubernetes service-link variable."""
+    return bool(_SERVICE_LINK_NAME.fullmatch(name.upper()) and _SERVICE_LINK_VALUE.fullmatch(value))
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """``COC_WORKER_*`` variables that name no setting, each with the closest name if one is near.
 
     pydantic-settings ignores them, so a typo (``COC_WORKER_DEDUP_URI``) would leave the setting
-    at its default: for the dedup URL, a local store per replica, and events applied twice."""
+    at its default: for the dedup URL, a local store per replica, and events applied twice.
+    Kubernetes' service-link variables are not typos: a Service named ``coc-worker`` in the
+    namespace would otherwise stop every pod of it from starting."""
     known = [f"{ENV_PREFIX}{name}".upper() for name in WorkerSettings.model_fields]
     found = []
     for name in sorted(environ):
         upper = name.upper()
-        if upper.startswith(ENV_PREFIX) and upper not in known:
+        if upper.startswith(ENV_PREFIX) and upper not in known and not service_link(upper, environ[name]):
             near = difflib.get_close_matches(upper, known, n=1)
             found.append(f"{name} (did you mean {near[0]}?)" if near else name)
     return found
@@ -465,6 +498,13 @@ def load_settings(**overrides: Any) -> WorkerSettings:
     unknown = unknown_variables(os.environ)
     if unknown:
         raise ConfigError("unknown setting(s): " + "; ".join(unknown))
+    port = os.environ.get(f"{ENV_PREFIX}HTTP_PORT", "")
+    if "://" in port and service_link(f"{ENV_PREFIX}HTTP_PORT", port):
+        raise ConfigError(
+            f"{ENV_PREFIX}HTTP_PORT is {port}: Kubernetes sets that for a Service named"
+            " coc-worker-http (a service link); set enableServiceLinks: false in the pod spec or"
+            " rename the Service"
+        )
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
         return WorkerSettings(**clean)

@@ -171,6 +171,9 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if lt ($v.dedup.leaseS | float64) (addf 2.0 (mulf 2.0 (addf ($v.api.connectTimeoutS | float64) ($v.api.requestTimeoutS | float64)))) }}
 {{- fail "dedup.leaseS must be at least 2 x (api.connectTimeoutS + api.requestTimeoutS) + 2: a request may still land that long after it was sent, and until then no other pod may take the event over" }}
 {{- end }}
+{{- if lt ($v.retry.maxElapsedS | float64) (addf ($v.api.connectTimeoutS | float64) (mulf 2.0 ($v.api.requestTimeoutS | float64))) }}
+{{- fail "retry.maxElapsedS must be at least api.connectTimeoutS + 2 x api.requestTimeoutS: a timed-out call takes up to both timeouts and the next attempt waits a request timeout for the API to settle" }}
+{{- end }}
 {{- if gt ($v.retry.retryAfterMaxS | float64) ($v.retry.maxElapsedS | float64) }}
 {{- fail "retry.retryAfterMaxS must be at most retry.maxElapsedS: the worker refuses a Retry-After it may honour past the event's whole budget" }}
 {{- end }}
