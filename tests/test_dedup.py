@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 from services import OwnRedis
+from structlog.testing import capture_logs
 from waiting import until
 
 from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, RedisStore, SqliteStore, open_store
@@ -584,3 +585,14 @@ async def test_redis_writes_wait_for_the_replicas_asked_for(
         primary.close()
         await guarded.close()
         await trusting.close()
+
+
+def test_redis_tls_without_verification_is_logged_as_a_warning() -> None:
+    """As for Kafka and the API: a man in the middle could read and forge every claim."""
+    with capture_logs() as logs:
+        stores = [
+            open_store(f"rediss://redis.example:6380/0{query}") for query in ("?ssl_cert_reqs=none", "")
+        ]
+    for store in stores:
+        asyncio.run(store.close())
+    assert [(e["event"], e["log_level"]) for e in logs] == [("redis_tls_verification_disabled", "warning")]

@@ -116,6 +116,15 @@ GOOD: dict[str, dict[str, Any]] = {
         "podAntiAffinity": "hard",
     },
     "readme_example": README_EXAMPLE,
+    "redis_tls": {
+        "dedup": {
+            "backend": "redis",
+            "redis": {
+                "url": "rediss://redis:6380/0?ssl_ca_certs=/etc/coc-worker/redis-tls/ca.crt",
+                "tlsSecret": "redis-tls-files",
+            },
+        },
+    },
     "autoscaler_owns_the_replica_count": {  # replicaCount is not rendered, so not checked
         "replicaCount": 3,
         "kafka": {"inputTopicPartitions": 2},
@@ -743,6 +752,21 @@ def test_secrets_are_files_wired_by_file_env(helm_results: dict[str, Any]) -> No
     # Private CA for the brokers: mounted, and its path is the configured file.
     ca_mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-ca")
     assert env["COC_WORKER_KAFKA_SSL_CAFILE"] == ca_mount["mountPath"] + "/ca.crt"
+
+
+def test_redis_tls_files_are_mounted_where_the_url_names_them(helm_results: dict[str, Any]) -> None:
+    """A rediss:// URL naming a private CA: without the Secret mounted the worker refused to start
+    ('names no readable file'), and the chart had no way to mount one."""
+    pod = one(manifests(helm_results, "redis_tls"), "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "redis-tls")
+    volume = next(v for v in pod["volumes"] if v["name"] == "redis-tls")
+    assert volume["secret"]["secretName"] == "redis-tls-files"
+    assert "items" not in volume["secret"]  # every key, so the URL may name any of them
+    url = GOOD["redis_tls"]["dedup"]["redis"]["url"]
+    ca_path = parse_qs(urlsplit(url).query)["ssl_ca_certs"][0]
+    assert ca_path.rpartition("/")[0] == mount["mountPath"]
+    default = one(manifests(helm_results, "default"), "Deployment")["spec"]["template"]["spec"]
+    assert "redis-tls" not in {v["name"] for v in default["volumes"]}
 
 
 def test_existing_secret_is_used_as_is(helm_results: dict[str, Any]) -> None:

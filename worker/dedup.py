@@ -685,6 +685,8 @@ def open_store(url: str, record_ttl_s: float = 0.0, redis_min_replicas: int = 0)
             # Read when connecting: a missing file would look like the store being down.
             if option in query and not os.access(query[option], os.R_OK):
                 raise ConfigError(f"COC_WORKER_DEDUP_URL: ?{option}= names no readable file: {query[option]}")
+        if query.get("ssl_cert_reqs") == "none":  # said as loudly as for Kafka and the API
+            log.warning("redis_tls_verification_disabled", setting="COC_WORKER_DEDUP_URL")
         return RedisStore(
             url,
             prefix=query.get("prefix", "coc:dedup:"),
