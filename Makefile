@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration soak bench schemas simulate clean
+.PHONY: demo test lint unit integration soak bench schemas simulate broker clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -53,8 +53,18 @@ bench: $(BENCH_STAMP)
 schemas: $(STAMP)
 	$(BIN)/coc-worker schema --out schemas/json
 
+# make simulate ARGS=--seed-file=tickets.json   (default: any ticket is taken, created on first use)
+SIMULATE_ARGS ?= --auto-create
 simulate: $(STAMP)
-	$(BIN)/coc-worker simulate
+	$(BIN)/coc-worker simulate $(or $(ARGS),$(SIMULATE_ARGS))
+
+# A local Kafka-protocol broker (Tansu, in memory: a restart loses everything) for trying the worker
+# and the tools outside the demo; Ctrl-C stops it.
+BROKER_PORT ?= 9092
+broker: $(STAMP)
+	exec "$$($(BIN)/python -c 'from worker.sandbox import tansu_binary; print(tansu_binary())')" broker \
+	  --listener-url tcp://127.0.0.1:$(BROKER_PORT) --advertised-listener-url tcp://127.0.0.1:$(BROKER_PORT) \
+	  --storage-engine memory://tansu/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

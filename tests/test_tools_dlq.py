@@ -12,7 +12,7 @@ import pytest
 from worker.cli import main
 from worker.consumer import Message
 from worker.publisher import DeadLetter, dead_letter_headers
-from worker.tools.dlq import DeadLetterRecord, Selection, _refusal, replay_headers
+from worker.tools.dlq import DeadLetterRecord, Selection, _refusal, list_header, list_row, replay_headers
 from worker.tools.kafka_io import Delivered, OutRecord, PartialWrite
 
 TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
@@ -176,3 +176,22 @@ def test_records_sent_but_not_acknowledged_are_reported_as_unknown(
     assert (topic, [json.loads(r.value or b"")["event_id"] for r in records]) == ("in", ["r0", "r1", "r2"])
     assert [line.split()[0] for line in out.splitlines()] == ["replay", "UNKNOWN", "NOT"]
     assert "1 marked UNKNOWN were sent but not acknowledged and may have been written" in err
+
+
+def test_dlq_list_keeps_its_columns_and_its_identifiers_whole() -> None:
+    """The widest reason stays in its column, an id `send` made is shown whole (an operator copies
+    it into `dlq replay`), and a long error is cut with a mark instead of silently."""
+    long_id = "cli-" + "a" * 32
+    records = [
+        DeadLetterRecord.from_message(dead_letter(reason="retries_exhausted", event_id=long_id), 1 << 20),
+        DeadLetterRecord.from_message(dead_letter(reason="event_id_reused", detail="x " * 300), 1 << 20),
+    ]
+    lines = [list_header(), *(list_row(r) for r in records)]
+    starts = [
+        line.index(word)
+        for line, word in zip(lines, ("REASON", "retries_exhausted", "event_id_reused"), strict=True)
+    ]
+    assert len(set(starts)) == 1
+    assert long_id in lines[1]
+    assert lines[2].endswith("…")
+    assert lines[1].index("in/2/40") == lines[2].index("in/2/40") == lines[0].index("SOURCE")

@@ -36,6 +36,7 @@ from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
 from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
 from worker.tools.progress import Progress
+from worker.tools.table import cell
 
 REPLAYED_FROM_PREFIX = "coc-replayed-from-"
 REPLAYED_AT = "coc-replayed-at"
@@ -195,27 +196,36 @@ async def _records(
                 yield record
 
 
-_LIST_COLUMNS = ("DLQ", "STATUS", "REASON", "TICKET", "EVENT", "SOURCE", "ERROR")
+#: Name and width of each column: the widest reason (retries_exhausted), a COC ticket id
+#: (CM + 24 digits) and the event ids `send` makes fit; identifiers are never cut, the error is.
+_LIST_COLUMNS = (
+    ("DLQ", 9),
+    ("STATUS", 8),
+    ("REASON", 17),
+    ("TICKET", 26),
+    ("EVENT", 36),
+    ("SOURCE", 26),
+    ("ERROR", 0),
+)
 
 
 def list_row(record: DeadLetterRecord) -> str:
     m = record.message
-    error = " ".join(record.error.split())[:160]
-    cells = (
-        f"{m.partition}/{m.offset}".ljust(9),
-        record.status.ljust(8),
-        record.reason.ljust(14),
-        (record.ticket_id or "-").ljust(18),
-        (record.event_id or "-").ljust(24),
-        record.source.ljust(20),
-        error,
+    values = (
+        f"{m.partition}/{m.offset}",
+        record.status,
+        record.reason,
+        record.ticket_id or "-",
+        record.event_id or "-",
+        record.source,
+        record.error,
     )
+    cells = [cell(v, w, cut=name == "ERROR") for v, (name, w) in zip(values, _LIST_COLUMNS, strict=True)]
     return " ".join(cells).rstrip()
 
 
 def list_header() -> str:
-    widths = (9, 8, 14, 18, 24, 20, 0)
-    return " ".join(name.ljust(w) for name, w in zip(_LIST_COLUMNS, widths, strict=True)).rstrip()
+    return " ".join(cell(name, width) for name, width in _LIST_COLUMNS).rstrip()
 
 
 async def list_dead_letters(

@@ -20,6 +20,7 @@ from worker.consumer import Message
 from worker.settings import WorkerSettings
 from worker.tools.kafka_io import TopicReader
 from worker.tools.progress import Progress
+from worker.tools.table import cell
 
 _COLUMNS: tuple[tuple[str, int], ...] = (
     ("FINISHED", 12),
@@ -44,17 +45,8 @@ class OutcomeFilter:
         return not self.statuses or outcome.status in self.statuses
 
 
-def _cell(value: str, width: int) -> str:
-    value = " ".join(value.split())  # no newline or tab from a message may break the table
-    if width == 0:
-        return value[:200]
-    if len(value) > width:
-        value = value[: width - 1] + "…"
-    return value.ljust(width)
-
-
 def header() -> str:
-    return " ".join(_cell(name, width) for name, width in _COLUMNS).rstrip()
+    return " ".join(cell(name, width) for name, width in _COLUMNS).rstrip()
 
 
 def row(outcome: OutcomeEvent) -> str:
@@ -79,7 +71,7 @@ def row(outcome: OutcomeEvent) -> str:
         str(outcome.attempts),
         detail,
     )
-    return " ".join(_cell(v, w) for v, (_, w) in zip(values, _COLUMNS, strict=True)).rstrip()
+    return " ".join(cell(v, w) for v, (_, w) in zip(values, _COLUMNS, strict=True)).rstrip()
 
 
 async def _messages(

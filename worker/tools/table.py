@@ -1,0 +1,18 @@
+"""Cells of the tools' live tables (``outcomes tail``, ``dlq list``): rows are printed as records
+arrive, so columns have fixed widths, and a value longer than its column is cut with a mark."""
+
+from __future__ import annotations
+
+#: The last column takes the rest of the line, up to this many characters.
+LAST_COLUMN_MAX = 200
+
+
+def cell(value: str, width: int, *, cut: bool = True) -> str:
+    """``value`` on one line, cut to ``width`` with "…" when longer; 0: the last column.
+    ``cut=False`` for an identifier an operator copies (an event id, a position): it pushes the
+    rest of its row instead."""
+    value = " ".join(value.split())  # no newline or tab from a message may break the table
+    limit = width or LAST_COLUMN_MAX
+    if cut and len(value) > limit:
+        value = value[: limit - 1] + "…"
+    return value.ljust(width)
