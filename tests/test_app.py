@@ -158,7 +158,7 @@ async def test_a_stop_interrupts_a_fetch_that_waits_for_a_rebalance(tmp_path: Pa
 async def test_a_commit_the_broker_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """aiokafka retries a commit while the broker is away; a revoke (or a stop) awaiting it never
     ended. It is bounded now, and reported as the broker being unavailable."""
-    monkeypatch.setattr(consumer_module, "_COMMIT_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(consumer_module, "COMMIT_TIMEOUT_S", 0.1)
     settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
 
@@ -690,6 +690,29 @@ async def test_a_fetch_after_the_clients_coordination_ended_stops_the_worker() -
             await consumer.fetch(10, 0.1)
     finally:
         await real.stop()
+
+
+async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:
+    """aiokafka's producer fails every send with a copy of its sender task's error once that task
+    has ended (a refused InitProducerId, an unrecoverable sequence error), and never starts it
+    again, while metadata requests (the gate's probe) pass: the worker paused for ever with
+    ``/healthz`` alive. Now the consume loop stops it (exit 1, to be started afresh)."""
+    worker = make_worker(tmp_path)
+    assert worker._publisher.ended() is None
+
+    async def refused() -> None:
+        raise KafkaError("ClusterAuthorizationFailedError: InitProducerId refused")
+
+    sender = worker._publisher._producer._sender
+    sender._sender_task = asyncio.ensure_future(refused())
+    try:
+        await asyncio.gather(sender._sender_task, return_exceptions=True)
+        assert "InitProducerId refused" in (worker._publisher.ended() or "")
+        with pytest.raises(KafkaClientStopped, match=r"producer's sender ended .*restart"):
+            await asyncio.wait_for(worker._consume(), 5)
+    finally:
+        sender._sender_task = None
+        await close_unstarted(worker)
 
 
 async def test_a_stop_during_the_start_ends_it_at_once(tmp_path: Path) -> None:

@@ -254,6 +254,24 @@ async def test_an_event_id_reused_after_a_refused_first_use_is_invalid_too(rig: 
     assert (again["status"], again["redelivered"]) == ("rejected", True)
 
 
+async def test_a_duplicate_read_again_repeats_its_outcome_marked_redelivered(rig: Rig) -> None:
+    """A message whose event was applied from another one is a duplicate; read again (a crash or
+    a revoke before the commit) its outcome comes again marked ``redelivered``, as the README says
+    of every copy (it came unmarked, as a second first answer)."""
+    await rig.pipeline.process(job(STARTED, offset=7))
+    await rig.pipeline.process(job(STARTED, offset=9))
+    await rig.pipeline.process(job(STARTED, offset=9))  # read again
+
+    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in rig.published.outcomes] == [
+        ("applied", 7, False),
+        ("duplicate", 9, False),
+        ("duplicate", 9, True),
+    ]
+    assert rig.published.outcomes[2]["reason"] == "duplicate_event_id"
+    assert rig.published.outcomes[2]["error_msg"] == rig.published.outcomes[1]["error_msg"]
+    assert [r.method for r in rig.sim.state.requests] == ["PUT"]
+
+
 async def test_a_record_without_a_target_still_makes_a_duplicate(rig: Rig) -> None:
     """A record written before the target was kept (a rolling update) cannot tell a reuse from a
     copy: the message is a ``duplicate``, as it was then."""

@@ -26,7 +26,7 @@ from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable
+from worker.errors import BrokerUnavailable, KafkaClientStopped
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -199,6 +199,10 @@ class Worker:
     async def _consume(self) -> None:
         resume_at = self._resume_at
         while not self._stopping.is_set():
+            if (ended := self._publisher.ended()) is not None:
+                # Every outcome would fail for ever, the worker paused and /healthz alive: stop
+                # (exit 1) to be started afresh, as for the consumer's coordination.
+                raise KafkaClientStopped(f"the Kafka producer's sender ended ({ended}): restart")
             in_flight = len(self._lanes)
             if not self._consumer.paused and (in_flight >= self._buffer_limit or not self._gate.is_open):
                 self._consumer.pause()

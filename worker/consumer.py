@@ -21,14 +21,12 @@ from worker.errors import BrokerUnavailable, KafkaClientStopped
 from worker.kafka_config import broker_answers, connection_kwargs
 from worker.logs import get_logger
 from worker.offsets import PartitionKey
-from worker.settings import WorkerSettings
+from worker.settings import COMMIT_TIMEOUT_S, WorkerSettings
 
 log = get_logger(__name__)
 
 #: aiokafka's own default for a request's answer.
 _AIOKAFKA_REQUEST_TIMEOUT_MS = 40_000
-#: A commit not answered by then is given up (a later one commits the same offsets or more).
-_COMMIT_TIMEOUT_S = 10.0
 
 Headers = list[tuple[str, bytes]]
 _Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -376,11 +374,11 @@ class Consumer:
         from the last commit: those messages come back, their outcomes repeated as ``redelivered``."""
         offsets = {TopicPartition(t, p): o for (t, p), o in positions.items()}
         try:
-            await asyncio.wait_for(self._consumer.commit(offsets), _COMMIT_TIMEOUT_S)
+            await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_TIMEOUT_S)
         except KafkaError as exc:
             raise BrokerUnavailable(f"commit failed: {type(exc).__name__}") from exc
         except TimeoutError:
-            raise BrokerUnavailable(f"commit not answered within {_COMMIT_TIMEOUT_S:g} s") from None
+            raise BrokerUnavailable(f"commit not answered within {COMMIT_TIMEOUT_S:g} s") from None
 
     def highwater(self, key: PartitionKey) -> int | None:
         value = self._consumer.highwater(TopicPartition(*key))

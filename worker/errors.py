@@ -157,6 +157,7 @@ class DeadLetterUnwritable(BrokerUnavailable):
 
 
 class KafkaClientStopped(CocWorkerError):
-    """The Kafka client's group coordination ended on an error it does not recover from: every
-    fetch fails from then on, with no heartbeat and no commit, while the broker still answers.
-    Not a pause: the process stops (exit 1) so that it is started afresh."""
+    """A Kafka client ended on an error it does not recover from, while the broker still answers:
+    the consumer's group coordination (every fetch fails from then on, with no heartbeat and no
+    commit) or the producer's sender (every write fails). Not a pause: the process stops (exit 1)
+    so that it is started afresh."""

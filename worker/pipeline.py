@@ -137,14 +137,27 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------------
     async def _finish_invalid(self, job: Job, invalid: InvalidEvent) -> None:
         """An invalid message has no usable event_id: its message position is its identity."""
+        if await self._repeated_at_position(job):
+            return
+        log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
+        await self._finish_at_position(job, OutcomeStatus.INVALID, invalid.reason, invalid.detail)
+
+    async def _repeated_at_position(self, job: Job) -> bool:
+        """Outcomes decided without the API (invalid, duplicate) are remembered under the message's
+        position, not its event_id: True when this message has one already, now repeated (marked
+        ``redelivered``, as every outcome of a message read again)."""
         key = f"@{job.source}"  # '@' never occurs in an event_id
         claim = await self._dedup(lambda: self._store.claim(key, self._claimant, job.source, self._lease_s))
         if claim.kind is ClaimKind.DONE and claim.record is not None:
             await self._repeat_outcome(job, claim.record, body=None)
-            return
-        log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
-        await self._remember(key, job, OutcomeStatus.INVALID, reason=invalid.reason, detail=invalid.detail)
-        await self._emit(job, OutcomeStatus.INVALID, reason=invalid.reason, error_msg=invalid.detail)
+            return True
+        return False
+
+    async def _finish_at_position(
+        self, job: Job, status: OutcomeStatus, reason: str, detail: str | None
+    ) -> None:
+        await self._remember(f"@{job.source}", job, status, reason=reason, detail=detail)
+        await self._emit(job, status, reason=reason, error_msg=detail)
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         """One job per event_id at a time in this worker. Two messages with one event_id but
@@ -334,13 +347,15 @@ class Pipeline:
                 ),
             )
             return
+        if await self._repeated_at_position(job):
+            return
         self._metrics.dedup_hits.labels(kind="duplicate").inc()
         log.info("event_duplicate", first_source=record.source if record else None)
-        await self._emit(
+        await self._finish_at_position(
             job,
             OutcomeStatus.DUPLICATE,
-            reason="duplicate_event_id",
-            error_msg=f"event_id already applied from {record.source}" if record else None,
+            "duplicate_event_id",
+            f"event_id already applied from {record.source}" if record else None,
         )
 
     async def _repeat_outcome(self, job: Job, record: DedupRecord, body: dict[str, Any] | None) -> None:

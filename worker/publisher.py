@@ -122,6 +122,16 @@ class Publisher:
     async def stop(self) -> None:
         await self._producer.stop()
 
+    def ended(self) -> str | None:
+        """Why the producer's sender task ended, if it did: aiokafka then fails every later send
+        with a copy of its error and never starts it again (a refused InitProducerId, an
+        unrecoverable sequence error), while metadata requests, the gate's probe, still pass."""
+        task = self._producer._sender.sender_task if self._producer._sender is not None else None
+        if task is None or not task.done() or task.cancelled():
+            return None
+        error = task.exception()
+        return redact_text(f"{type(error).__name__}: {error}")[:300] if error else "it returned"
+
     async def ping(self) -> None:
         """A metadata request: proves the broker answers now (the gate's probe after a failed
         write; the results topic's metadata would answer from the client's cache)."""

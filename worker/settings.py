@@ -42,7 +42,9 @@ PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
 #: After ``revoke_grace_s``, how long a revoke waits for the jobs it cancelled to end (worker/app.py).
 REVOKE_CANCEL_WAIT_S = 5.0
-#: A revoke's commit and the rejoin, beyond the waits above, before the group gives up on us.
+#: A commit not answered by then is given up (a later one commits the same offsets or more).
+COMMIT_TIMEOUT_S = 10.0
+#: The rejoin, beyond the revoke's waits and commit, before the group gives up on us.
 _REJOIN_MARGIN_S = 10.0
 
 _STRONG_SECRETS = frozenset({"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens"})
@@ -391,10 +393,11 @@ class WorkerSettings(BaseSettings):
     @property
     def kafka_rebalance_timeout_ms(self) -> int:
         """How long the group waits for this member to rejoin a rebalance: the revoke's worst case
-        (its grace, the cancelled jobs' wait, the commit) and a margin. aiokafka's default, the
+        (its grace, the cancelled jobs' wait, its commit, which may first wait for a periodic one
+        holding the commit lock: two commit timeouts) and a margin. aiokafka's default, the
         session timeout (10 s), was shorter than the grace alone: a revoke that waited for a slow
         job got this member dropped from the group, its commit refused and another rebalance."""
-        worst_s = self.revoke_grace_s + REVOKE_CANCEL_WAIT_S + _REJOIN_MARGIN_S
+        worst_s = self.revoke_grace_s + REVOKE_CANCEL_WAIT_S + 2 * COMMIT_TIMEOUT_S + _REJOIN_MARGIN_S
         return max(self.kafka_session_timeout_ms, round(worst_s * 1000))
 
     def secret(self, name: str) -> str | None:
