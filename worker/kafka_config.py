@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -24,14 +24,17 @@ log = get_logger(__name__)
 _TOPIC_EXISTS = 36
 
 
-async def broker_answers(request: Awaitable[object], timeout_s: float) -> None:
+T = TypeVar("T")
+
+
+async def broker_answers(request: Awaitable[T], timeout_s: float) -> T:
     """Await a probe of the broker, bounded; no answer is ``BrokerUnavailable``.
 
     The probe must be a request: a metadata request (``fetch_all_metadata``, a consumer's
     ``topics()``) proves the broker answers now, a topic's ``partitions_for`` only once, as it
     answers from the client's cache as soon as the topic has been seen, broker or not."""
     try:
-        await asyncio.wait_for(request, timeout_s)
+        return await asyncio.wait_for(request, timeout_s)
     except (KafkaError, TimeoutError) as exc:
         raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
 

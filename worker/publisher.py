@@ -138,8 +138,17 @@ class Publisher:
         await broker_answers(self._producer.client.fetch_all_metadata(), _PROBE_TIMEOUT_S)
 
     async def ping_dead_letters(self) -> None:
-        """Metadata of the dead-letter topic: fails while the topic does not exist."""
-        await broker_answers(self._producer.partitions_for(self._settings.dlq_topic), _PROBE_TIMEOUT_S)
+        """Fresh metadata of the dead-letter topic: fails while the topic does not exist or a
+        partition of it has no leader. (``partitions_for`` answered from the client's cache: during
+        an outage of the topic alone the probe passed at once, each write failed a request timeout
+        later, and the pause never backed off.)"""
+        cluster = await broker_answers(self._producer.client.fetch_all_metadata(), _PROBE_TIMEOUT_S)
+        topic = self._settings.dlq_topic
+        partitions = cluster.partitions_for_topic(topic)
+        if not partitions:
+            raise BrokerUnavailable(f"the dead-letter topic {topic!r} does not exist")
+        if cluster.available_partitions_for_topic(topic) != partitions:
+            raise BrokerUnavailable(f"a partition of the dead-letter topic {topic!r} has no leader")
 
     async def publish(
         self,

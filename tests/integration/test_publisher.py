@@ -31,3 +31,26 @@ async def test_the_gates_probe_after_a_failed_write_reaches_the_broker(tmp_path:
         finally:
             await pb.proxy.restore()
             await publisher.stop()
+
+
+async def test_the_dead_letter_probe_asks_the_broker_and_needs_the_topic(tmp_path: Path) -> None:
+    """The dead-letter probe read the topic's partitions from the client's cache: with the broker
+    gone it passed at once, and the pause for an unwritable dead letter never backed off. It asks
+    the broker now, and fails while the topic does not exist."""
+    async with ProxiedBroker(tmp_path / "tansu.log") as pb:
+        topics = {"input_topic": "dlqp-in", "results_topic": "dlqp-results", "dlq_topic": "dlqp-dlq"}
+        await create_topics(pb.bootstrap, ["dlqp-in", "dlqp-results"], partitions=1)
+        publisher = Publisher(load_settings(kafka_bootstrap_servers=pb.bootstrap, **topics))
+        await publisher.start()
+        try:
+            with pytest.raises(BrokerUnavailable, match="does not exist"):
+                await publisher.ping_dead_letters()
+            await create_topics(pb.bootstrap, ["dlqp-dlq"], partitions=2)
+            await publisher.ping_dead_letters()
+            assert await publisher._producer.partitions_for("dlqp-dlq")  # seen: cached now
+            await pb.proxy.cut("refuse")
+            with pytest.raises(BrokerUnavailable, match="broker unreachable"):
+                await publisher.ping_dead_letters()
+        finally:
+            await pb.proxy.restore()
+            await publisher.stop()
