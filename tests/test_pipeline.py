@@ -272,6 +272,29 @@ async def test_a_duplicate_read_again_repeats_its_outcome_marked_redelivered(rig
     assert [r.method for r in rig.sim.state.requests] == ["PUT"]
 
 
+async def test_another_message_at_a_position_read_again_gets_its_own_outcome(rig: Rig) -> None:
+    """A log cut back (an unclean leader election, a recreated topic) puts another message at an
+    offset already finished: an outcome remembered by position is repeated only for the same
+    message, else an invalid message would pass as the duplicate before it (no dead letter), or
+    a duplicate as the invalid message before it."""
+    await rig.pipeline.process(job(STARTED, offset=7))
+    await rig.pipeline.process(invalid_job(offset=9))
+    await rig.pipeline.process(job(STARTED, offset=9))  # another message at offset 9
+    await rig.pipeline.process(job(STARTED, offset=11))
+    await rig.pipeline.process(invalid_job(offset=11))  # another message at offset 11
+    await rig.pipeline.process(invalid_job(offset=11))  # that one, read again
+
+    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in rig.published.outcomes] == [
+        ("applied", 7, False),
+        ("invalid", 9, False),
+        ("duplicate", 9, False),
+        ("duplicate", 11, False),
+        ("invalid", 11, False),
+        ("invalid", 11, True),
+    ]
+    assert [letter.offset for letter in rig.published.letters] == [9, 11, 11]
+
+
 async def test_a_record_without_a_target_still_makes_a_duplicate(rig: Rig) -> None:
     """A record written before the target was kept (a rolling update) cannot tell a reuse from a
     copy: the message is a ``duplicate``, as it was then."""

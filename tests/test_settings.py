@@ -453,6 +453,7 @@ def test_kubernetes_service_links_are_not_unknown_settings(monkeypatch: pytest.M
         "COC_WORKER_PORT_8080_TCP_PORT": "8080",
         "COC_WORKER_PORT_8080_TCP_ADDR": "10.96.12.7",
         "COC_WORKER_INGEST_SERVICE_HOST": "fd00::12",
+        "COC_WORKER_INGEST_PORT": "tcp://[fd00::12]:8080",
     }
     for name, value in links.items():
         monkeypatch.setenv(name, value)
@@ -460,8 +461,19 @@ def test_kubernetes_service_links_are_not_unknown_settings(monkeypatch: pytest.M
     monkeypatch.setenv("COC_WORKER_DEDUP_URI", "redis://r:6379/0")  # a typo is still refused
     assert "COC_WORKER_DEDUP_URI" in config_error()
     monkeypatch.delenv("COC_WORKER_DEDUP_URI")
-    monkeypatch.setenv("COC_WORKER_PORT", "8080x")  # not a service link's value
+    monkeypatch.setenv("COC_WORKER_PORT", "8080")  # a service link's bare _PORT is a URL
     assert "COC_WORKER_PORT" in config_error()
+    monkeypatch.setenv("COC_WORKER_PORT", "tcp://10.96.12.7:8080")
+    # typos that look like links but are none: a number for a URL, no family's _SERVICE_HOST,
+    # a host that is no IP address
+    for typo, value in [
+        ("COC_WORKER_HTP_PORT", "9000"),
+        ("COC_WORKER_METRICS_PORT", "tcp://10.96.12.9:9090"),
+        ("COC_WORKER_API_SERVICE_HOST", "cafe"),
+    ]:
+        monkeypatch.setenv(typo, value)
+        assert typo in config_error()
+        monkeypatch.delenv(typo)
 
 
 def test_a_service_named_coc_worker_http_is_named_when_it_sets_the_http_port(

@@ -56,7 +56,7 @@ from pydantic_core import to_json
 
 from worker.errors import ConfigError, DedupUnavailable
 from worker.logs import get_logger
-from worker.redis_config import leave_demoted_node, redis_client
+from worker.redis_config import DEFAULT_PREFIX, key_prefix, leave_demoted_node, redis_client
 from worker.settings import MEMORY_MAX_ENTRIES, memory_max_entries
 
 T = TypeVar("T")
@@ -551,7 +551,7 @@ class RedisStore:
     def __init__(
         self,
         url: str,
-        prefix: str = "coc:dedup:",
+        prefix: str = DEFAULT_PREFIX,
         claim_keep_s: float = CLAIM_RECORD_KEEP_S,
         min_replicas: int = 0,
     ) -> None:
@@ -689,7 +689,7 @@ def open_store(url: str, record_ttl_s: float = 0.0, redis_min_replicas: int = 0)
             log.warning("redis_tls_verification_disabled", setting="COC_WORKER_DEDUP_URL")
         return RedisStore(
             url,
-            prefix=query.get("prefix", "coc:dedup:"),
+            prefix=key_prefix(url),
             claim_keep_s=keep_s,
             min_replicas=redis_min_replicas,
         )

@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.logs import get_logger
+from worker.logs import get_logger, redact_text
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
@@ -25,6 +25,14 @@ _TOPIC_EXISTS = 36
 
 
 T = TypeVar("T")
+
+
+def kafka_error_text(exc: BaseException) -> str:
+    """A Kafka client's error in its own words, which name what it tried ("Unable to bootstrap
+    from [('127.0.0.1', 1, ...)]"; the class name alone read like a topic or permission
+    problem), once with its class name, redacted and short."""
+    text, name = str(exc), type(exc).__name__
+    return redact_text(text if text.startswith(name) else f"{name}: {text}" if text else name)[:300]
 
 
 async def broker_answers(request: Awaitable[T], timeout_s: float) -> T:

@@ -9,6 +9,7 @@ Systemic failures of the dedup store or the broker wait at the gate instead of f
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -69,6 +70,14 @@ class Job:
         if self.event is not None:
             return self.event.ticket_id
         return self.salvaged["ticket_id"] if self.salvaged is not None else None
+
+
+def _fingerprint(job: Job) -> str:
+    """The message's key and value, in short ("#" and 16 hex digits)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in (job.message.key, job.message.value):
+        digest.update(b"-" if part is None else b"+" + len(part).to_bytes(8, "big") + part)
+    return "#" + digest.hexdigest()
 
 
 def _as_repeat(letter: DeadLetter | None) -> DeadLetter | None:
@@ -148,15 +157,21 @@ class Pipeline:
         ``redelivered``, as every outcome of a message read again)."""
         key = f"@{job.source}"  # '@' never occurs in an event_id
         claim = await self._dedup(lambda: self._store.claim(key, self._claimant, job.source, self._lease_s))
-        if claim.kind is ClaimKind.DONE and claim.record is not None:
-            await self._repeat_outcome(job, claim.record, body=None)
+        record = claim.record
+        # The same message, not another one at a position read again after its log was cut back
+        # (an unclean leader election, a recreated topic); a record without a fingerprint (an
+        # earlier release's) cannot tell.
+        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", _fingerprint(job)):
+            await self._repeat_outcome(job, record, body=None)
             return True
         return False
 
     async def _finish_at_position(
         self, job: Job, status: OutcomeStatus, reason: str, detail: str | None
     ) -> None:
-        await self._remember(f"@{job.source}", job, status, reason=reason, detail=detail)
+        await self._remember(
+            f"@{job.source}", job, status, reason=reason, detail=detail, target=_fingerprint(job)
+        )
         await self._emit(job, status, reason=reason, error_msg=detail)
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:

@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
-from worker.kafka_config import broker_answers, connection_kwargs
+from worker.kafka_config import broker_answers, connection_kwargs, kafka_error_text
 from worker.logs import redact_text
 from worker.settings import WorkerSettings
 from worker.tracing import HEADER as TRACEPARENT
@@ -130,7 +130,7 @@ class Publisher:
         if task is None or not task.done() or task.cancelled():
             return None
         error = task.exception()
-        return redact_text(f"{type(error).__name__}: {error}")[:300] if error else "it returned"
+        return kafka_error_text(error) if error else "it returned"
 
     async def ping(self) -> None:
         """A metadata request: proves the broker answers now (the gate's probe after a failed

@@ -17,14 +17,14 @@ import contextlib
 import time
 from collections import deque
 from typing import Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.redis_config import leave_demoted_node, redis_client
+from worker.redis_config import DEFAULT_PREFIX, key_prefix, leave_demoted_node, redis_client
 from worker.settings import WorkerSettings
 
 log = get_logger(__name__)
@@ -252,9 +252,13 @@ def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | 
     if rate is None:
         return None
     burst = max(1, int(rate))
-    parts = urlsplit(settings.dedup_url)
-    if parts.scheme in ("redis", "rediss"):
-        prefix = parse_qs(parts.query).get("prefix", [""])[0]
-        key = f"coc:ratelimit:{prefix}{settings.group_id}"
+    if urlsplit(settings.dedup_url).scheme in ("redis", "rediss"):
+        prefix = key_prefix(settings.dedup_url)
+        # the default prefix keeps the key of earlier releases (pods of a rolling update share it)
+        key = (
+            f"coc:ratelimit:{settings.group_id}"
+            if prefix == DEFAULT_PREFIX
+            else f"{prefix}ratelimit:{settings.group_id}"
+        )
         return RedisTokenBucket(settings.dedup_url, key, rate, burst, metrics)
     return TokenBucket(rate, burst, metrics)

@@ -14,6 +14,17 @@ REDIS_POOL_SIZE = 64
 REDIS_POOL_WAIT_S = 5.0
 
 
+#: The keys' prefix when the URL names none (``?prefix=``).
+DEFAULT_PREFIX = "coc:dedup:"
+
+
+def key_prefix(url: str) -> str:
+    """The prefix of every key the worker writes in this Redis: the URL's ``?prefix=`` (the last
+    one, as the store reads it), else the default."""
+    found = [v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k == "prefix"]
+    return found[-1] if found else DEFAULT_PREFIX
+
+
 def connection_url(url: str) -> str:
     """``url`` without the worker's own ``prefix`` option: the options left are redis-py's
     (``settings.REDIS_URL_OPTIONS``), which it reads from the URL itself."""

@@ -465,15 +465,32 @@ def without_password(url: str) -> str:
 #: What Kubernetes sets in every pod for each Service of its namespace (service links, unless the
 #: pod says ``enableServiceLinks: false``): a Service named ``coc-worker...`` yields
 #: ``COC_WORKER..._SERVICE_HOST``, ``..._PORT``, ``..._PORT_8080_TCP_ADDR`` and the like.
-_SERVICE_LINK_NAME = re.compile(
-    r".+_SERVICE_HOST|.+_SERVICE_PORT(?:_[A-Z0-9_]+)?|.+_PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?"
+_IP = r"\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]*:[0-9A-Fa-f:]+"  # IPv4, or IPv6 (a colon at least)
+_URL = r"(?:tcp|udp|sctp)://(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:]+\]):\d+"
+#: Each form of name with the shape of its value; every family has its ``<BASE>_SERVICE_HOST``.
+_SERVICE_LINK_FORMS = tuple(
+    (re.compile(name), re.compile(value))
+    for name, value in (
+        (r"(.+)_SERVICE_HOST", _IP),
+        (r"(.+)_SERVICE_PORT(?:_[A-Z0-9_]+)?", r"\d+"),
+        (r"(.+)_PORT(?:_\d+_(?:TCP|UDP|SCTP))?", _URL),
+        (r"(.+)_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO", r"tcp|udp|sctp"),
+        (r"(.+)_PORT_\d+_(?:TCP|UDP|SCTP)_PORT", r"\d+"),
+        (r"(.+)_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR", _IP),
+    )
 )
-_SERVICE_LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)(?:://\S+:\d+)?|\d+|[0-9A-Fa-f:.]+")
 
 
-def service_link(name: str, value: str) -> bool:
-    """Whether ``name=value`` has the shape of a Kubernetes service-link variable."""
-    return bool(_SERVICE_LINK_NAME.fullmatch(name.upper()) and _SERVICE_LINK_VALUE.fullmatch(value))
+def service_link(name: str, value: str, environ: Mapping[str, str]) -> bool:
+    """Whether ``name=value`` is a Kubernetes service-link variable: its form, a value of that
+    form's shape, and its family's ``<BASE>_SERVICE_HOST`` set too (a typo such as
+    ``COC_WORKER_HTP_PORT=9000`` is none of these)."""
+    upper = {key.upper() for key in environ}
+    for form, shape in _SERVICE_LINK_FORMS:
+        match = form.fullmatch(name.upper())
+        if match and shape.fullmatch(value) and f"{match[1]}_SERVICE_HOST" in upper:
+            return True
+    return False
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -487,7 +504,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     found = []
     for name in sorted(environ):
         upper = name.upper()
-        if upper.startswith(ENV_PREFIX) and upper not in known and not service_link(upper, environ[name]):
+        if (
+            upper.startswith(ENV_PREFIX)
+            and upper not in known
+            and not service_link(name, environ[name], environ)
+        ):
             near = difflib.get_close_matches(upper, known, n=1)
             found.append(f"{name} (did you mean {near[0]}?)" if near else name)
     return found
@@ -502,7 +523,7 @@ def load_settings(**overrides: Any) -> WorkerSettings:
     if unknown:
         raise ConfigError("unknown setting(s): " + "; ".join(unknown))
     port = os.environ.get(f"{ENV_PREFIX}HTTP_PORT", "")
-    if "://" in port and service_link(f"{ENV_PREFIX}HTTP_PORT", port):
+    if re.fullmatch(_URL, port):
         raise ConfigError(
             f"{ENV_PREFIX}HTTP_PORT is {port}: Kubernetes sets that for a Service named"
             " coc-worker-http (a service link); set enableServiceLinks: false in the pod spec or"

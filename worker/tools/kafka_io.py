@@ -20,8 +20,7 @@ from aiokafka.structs import RecordMetadata
 
 from worker.consumer import Message, messages_from
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.kafka_config import broker_answers, connection_kwargs
-from worker.logs import redact_text
+from worker.kafka_config import broker_answers, connection_kwargs, kafka_error_text
 from worker.settings import WorkerSettings
 
 Headers = list[tuple[str, bytes]]
@@ -85,13 +84,6 @@ class _Client(Generic[C]):
         await self.stop()
 
 
-def _cause(exc: KafkaError) -> str:
-    """The client's own words, which name the servers it tried ("Unable to bootstrap from
-    [('127.0.0.1', 1, ...)]"): the class name alone read like a topic or permission problem."""
-    text = str(exc)
-    return redact_text(text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}")[:300]
-
-
 class EventProducer(_Client[AIOKafkaProducer]):
     """A producer whose sends return only once the broker acknowledged them (``acks=all``)."""
 
@@ -113,7 +105,7 @@ class EventProducer(_Client[AIOKafkaProducer]):
             await producer.start()
         except KafkaError as exc:
             await producer.stop()
-            raise BrokerUnavailable(f"cannot connect to the broker: {_cause(exc)}") from exc
+            raise BrokerUnavailable(f"cannot connect to the broker: {kafka_error_text(exc)}") from exc
         self._client = producer
 
     async def ping(self, timeout_s: float = 3.0) -> None:
@@ -183,7 +175,7 @@ class TopicReader(_Client[AIOKafkaConsumer]):
             consumer.assign(self._partitions)
         except KafkaError as exc:
             await self.stop()
-            raise BrokerUnavailable(f"cannot read {self.topic!r}: {_cause(exc)}") from exc
+            raise BrokerUnavailable(f"cannot read {self.topic!r}: {kafka_error_text(exc)}") from exc
         except BaseException:
             await self.stop()
             raise
