@@ -100,6 +100,11 @@ class DedupRecord:
     #: message with this event_id but another target reused the id, it is not a duplicate
     target: str = ""
 
+    def of_another_change(self, target: str) -> bool:
+        """Whether this record is of another change than ``target``: the event_id was reused.
+        A record without a target (an earlier release's) cannot tell."""
+        return bool(target and self.target and self.target != target)
+
     def encode(self) -> str:
         # Not dataclasses.asdict (it deep-copies every value) nor the json module (3x slower):
         # both are measurable at three writes per event. The dead-letter fields and the target
@@ -156,13 +161,9 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float, targ
         return Claim(ClaimKind.NEW, record, taken_over=True)
     if record.state == "applied":
         return Claim(ClaimKind.APPLIED, record)
-    if record.status != "applied" and record.source != source and not _other_change(record, target):
+    if record.status != "applied" and record.source != source and not record.of_another_change(target):
         return Claim(ClaimKind.NEW, record)  # rejected/failed before: another message may retry
     return Claim(ClaimKind.DONE, record)
-
-
-def _other_change(record: DedupRecord, target: str) -> bool:
-    return bool(target and record.target and record.target != target)
 
 
 def claimed(owner: str, source: str, now: float, lease_s: float) -> DedupRecord:

@@ -146,33 +146,28 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------------
     async def _finish_invalid(self, job: Job, invalid: InvalidEvent) -> None:
         """An invalid message has no usable event_id: its message position is its identity."""
-        if await self._repeated_at_position(job):
-            return
-        log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
-        await self._finish_at_position(job, OutcomeStatus.INVALID, invalid.reason, invalid.detail)
+        if await self._finish_at_position(job, OutcomeStatus.INVALID, invalid.reason, invalid.detail):
+            log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
 
-    async def _repeated_at_position(self, job: Job) -> bool:
-        """Outcomes decided without the API (invalid, duplicate) are remembered under the message's
-        position, not its event_id: True when this message has one already, now repeated (marked
+    async def _finish_at_position(
+        self, job: Job, status: OutcomeStatus, reason: str, detail: str | None
+    ) -> bool:
+        """An outcome decided without the API (invalid, duplicate), remembered under the message's
+        position, not its event_id; False when this message had one already, now repeated (marked
         ``redelivered``, as every outcome of a message read again)."""
         key = f"@{job.source}"  # '@' never occurs in an event_id
+        fingerprint = _fingerprint(job)
         claim = await self._dedup(lambda: self._store.claim(key, self._claimant, job.source, self._lease_s))
         record = claim.record
         # The same message, not another one at a position read again after its log was cut back
         # (an unclean leader election, a recreated topic); a record without a fingerprint (an
         # earlier release's) cannot tell.
-        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", _fingerprint(job)):
+        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", fingerprint):
             await self._repeat_outcome(job, record, body=None)
-            return True
-        return False
-
-    async def _finish_at_position(
-        self, job: Job, status: OutcomeStatus, reason: str, detail: str | None
-    ) -> None:
-        await self._remember(
-            f"@{job.source}", job, status, reason=reason, detail=detail, target=_fingerprint(job)
-        )
+            return False
+        await self._remember(key, job, status, reason=reason, detail=detail, target=fingerprint)
         await self._emit(job, status, reason=reason, error_msg=detail)
+        return True
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         """One job per event_id at a time in this worker. Two messages with one event_id but
@@ -210,7 +205,7 @@ class Pipeline:
                 await asyncio.sleep(held_delay)
                 continue
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
-                await self._finish_known(job, event, body, claim.record)
+                await self._finish_known(job, event, target, body, claim.record)
                 return
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
@@ -220,7 +215,7 @@ class Pipeline:
                 log.warning("claim_lost")
                 continue
             break
-        await self._finish_applied_or_not(job, event, body, result)
+        await self._finish_applied_or_not(job, event, target, body, result)
 
     async def _apply(
         self, job: Job, event: AnyChangeEvent, payload: bytes, *, ambiguous: bool
@@ -253,14 +248,14 @@ class Pipeline:
         )
 
     async def _finish_applied_or_not(
-        self, job: Job, event: AnyChangeEvent, body: dict[str, Any], result: ApplyResult
+        self, job: Job, event: AnyChangeEvent, target: str, body: dict[str, Any], result: ApplyResult
     ) -> None:
+        """``target``: what the event changes (``event_target``), kept in its record."""
         if result.status == "applied":
             reason = "reconciled" if result.reconciled else None
             # The last write for this event: with it, a redelivery repeats the outcome below
             # (published or not) and never calls the API again, so a done-record after the
             # outcome would tell nothing more. It saves one durable write per applied event.
-            target = event_target(event)
             record = self._record("applied", job, OutcomeStatus.APPLIED, result, reason, target=target)
             await self._dedup(
                 lambda: self._store.mark_applied(event.event_id, record, self._settings.dedup_ttl_s)
@@ -285,9 +280,7 @@ class Pipeline:
         # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter
         # and never calls the API again, while another message with this event_id (a fixed ticket,
         # a DLQ replay) may try again.
-        await self._remember(
-            event.event_id, job, status, result, reason, detail=detail, target=event_target(event)
-        )
+        await self._remember(event.event_id, job, status, result, reason, detail=detail, target=target)
         await self._emit(
             job,
             status,
@@ -341,7 +334,12 @@ class Pipeline:
         )
 
     async def _finish_known(
-        self, job: Job, event: AnyChangeEvent, body: dict[str, Any], record: DedupRecord | None
+        self,
+        job: Job,
+        event: AnyChangeEvent,
+        target: str,
+        body: dict[str, Any],
+        record: DedupRecord | None,
     ) -> None:
         """The store already knows this event: a redelivery of the same message, a duplicate, or
         its event_id reused for another change (records written before the target was kept
@@ -349,7 +347,7 @@ class Pipeline:
         if record is not None and record.source == job.source:
             await self._repeat_outcome(job, record, body)
             return
-        if record is not None and record.target and record.target != (target := event_target(event)):
+        if record is not None and record.of_another_change(target):
             # Not a copy of the first: "duplicate" would report a change never sent as done (a
             # CI matrix whose regions share one id, one id for a change's start and end).
             await self._finish_invalid(
@@ -362,16 +360,10 @@ class Pipeline:
                 ),
             )
             return
-        if await self._repeated_at_position(job):
-            return
-        self._metrics.dedup_hits.labels(kind="duplicate").inc()
-        log.info("event_duplicate", first_source=record.source if record else None)
-        await self._finish_at_position(
-            job,
-            OutcomeStatus.DUPLICATE,
-            "duplicate_event_id",
-            f"event_id already applied from {record.source}" if record else None,
-        )
+        detail = f"event_id already applied from {record.source}" if record else None
+        if await self._finish_at_position(job, OutcomeStatus.DUPLICATE, "duplicate_event_id", detail):
+            self._metrics.dedup_hits.labels(kind="duplicate").inc()
+            log.info("event_duplicate", first_source=record.source if record else None)
 
     async def _repeat_outcome(self, job: Job, record: DedupRecord, body: dict[str, Any] | None) -> None:
         """Same message again (a crash or a lost partition before the commit): repeat its outcome,
