@@ -109,7 +109,7 @@ class Worker:
             settings, self.metrics, self.status, self._ingress.routes() if self._ingress else None
         )
         self._assigned: set[PartitionKey] | None = None
-        self._broker_ok = False
+        self._broker_answered = False  # the last metadata request was answered (``_check_health``)
         self._fetch_failing = False  # the last fetch failed (``_poll``)
         self._tasks: list[asyncio.Task[None]] = []
         #: Partitions starting over after their offsets went back (``_start_over``): key -> token.
@@ -122,6 +122,12 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to shut down gracefully (safe to call from a signal handler)."""
         self._stopping.set()
+
+    @property
+    def _broker_ok(self) -> bool:
+        """Not while fetches fail: the broker may answer a metadata request while every fetch
+        fails (a topic's ACL revoked)."""
+        return self._broker_answered and not self._fetch_failing
 
     @property
     def ready(self) -> bool:
@@ -187,7 +193,7 @@ class Worker:
         await self._client.start()
         await self._publisher.start()
         await self._consumer.start()
-        self._broker_ok = True
+        self._broker_answered = True
         self._tasks = [
             asyncio.create_task(self._commit_periodically(), name="committer"),
             asyncio.create_task(self._watch_health(), name="health"),
@@ -230,16 +236,13 @@ class Worker:
             messages = fetch.result()
         except BrokerUnavailable as exc:
             log.warning("fetch_failed", detail=str(exc))
-            # Not ready until a fetch succeeds: the health watcher's metadata request may be
-            # answered while every fetch fails (a topic's ACL revoked).
-            self._fetch_failing = True
-            self._broker_ok = False
+            self._fetch_failing = True  # not ready until a fetch succeeds
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
             return []
-        if self._fetch_failing:
+        if self._fetch_failing:  # a fetch answered: so did the broker
             self._fetch_failing = False
-            self._broker_ok = True
+            self._broker_answered = True
         return messages
 
     async def _unless_stopped(self, work: Awaitable[T]) -> asyncio.Future[T] | None:
@@ -388,9 +391,9 @@ class Worker:
     async def _check_health(self) -> None:
         try:
             await self._consumer.ping()
-            self._broker_ok = not self._fetch_failing
+            self._broker_answered = True
         except BrokerUnavailable:
-            self._broker_ok = False
+            self._broker_answered = False
         for key in self._assigned or set():
             high = self._consumer.highwater(key)
             position = self._offsets.committed_position(key)
