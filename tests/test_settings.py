@@ -479,6 +479,7 @@ def test_kubernetes_service_links_are_not_unknown_settings(monkeypatch: pytest.M
 def test_a_service_named_coc_worker_http_is_named_when_it_sets_the_http_port(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("COC_WORKER_HTTP_SERVICE_HOST", "10.96.12.8")  # set with it, as Kubernetes does
     monkeypatch.setenv("COC_WORKER_HTTP_PORT", "tcp://10.96.12.8:8080")
     message = config_error()
     assert "enableServiceLinks: false" in message

@@ -481,16 +481,20 @@ _SERVICE_LINK_FORMS = tuple(
 )
 
 
-def service_link(name: str, value: str, environ: Mapping[str, str]) -> bool:
-    """Whether ``name=value`` is a Kubernetes service-link variable: its form, a value of that
-    form's shape, and its family's ``<BASE>_SERVICE_HOST`` set too (a typo such as
-    ``COC_WORKER_HTP_PORT=9000`` is none of these)."""
+def service_link(name: str, value: str, environ: Mapping[str, str]) -> str | None:
+    """The Service whose Kubernetes service-link variable ``name=value`` is, if it is one: its
+    form, a value of that form's shape, and its family's ``<BASE>_SERVICE_HOST`` set too (a typo
+    such as ``COC_WORKER_HTP_PORT=9000`` is none of these)."""
     upper = {key.upper() for key in environ}
     for form, shape in _SERVICE_LINK_FORMS:
         match = form.fullmatch(name.upper())
         if match and shape.fullmatch(value) and f"{match[1]}_SERVICE_HOST" in upper:
-            return True
-    return False
+            return match[1].lower().replace("_", "-")
+    return None
+
+
+def _known_variables() -> list[str]:
+    return [f"{ENV_PREFIX}{name}".upper() for name in WorkerSettings.model_fields]
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -500,7 +504,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     at its default: for the dedup URL, a local store per replica, and events applied twice.
     Kubernetes' service-link variables are not typos: a Service named ``coc-worker`` in the
     namespace would otherwise stop every pod of it from starting."""
-    known = [f"{ENV_PREFIX}{name}".upper() for name in WorkerSettings.model_fields]
+    known = _known_variables()
     found = []
     for name in sorted(environ):
         upper = name.upper()
@@ -514,6 +518,18 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return found
 
 
+def settings_from_service_links(environ: Mapping[str, str]) -> list[str]:
+    """Settings whose value a Kubernetes service link set (a Service named ``coc-worker-http``
+    sets ``COC_WORKER_HTTP_PORT=tcp://...``), each saying which Service."""
+    known = _known_variables()
+    return [
+        f"{name} is {environ[name]}: Kubernetes sets that for a Service named {service} (a service"
+        " link); set enableServiceLinks: false in the pod spec or rename the Service"
+        for name in sorted(environ)
+        if name.upper() in known and (service := service_link(name, environ[name], environ))
+    ]
+
+
 def load_settings(**overrides: Any) -> WorkerSettings:
     """Build settings from the environment plus explicit overrides (CLI flags win).
 
@@ -522,13 +538,9 @@ def load_settings(**overrides: Any) -> WorkerSettings:
     unknown = unknown_variables(os.environ)
     if unknown:
         raise ConfigError("unknown setting(s): " + "; ".join(unknown))
-    port = os.environ.get(f"{ENV_PREFIX}HTTP_PORT", "")
-    if re.fullmatch(_URL, port):
-        raise ConfigError(
-            f"{ENV_PREFIX}HTTP_PORT is {port}: Kubernetes sets that for a Service named"
-            " coc-worker-http (a service link); set enableServiceLinks: false in the pod spec or"
-            " rename the Service"
-        )
+    linked = settings_from_service_links(os.environ)
+    if linked:
+        raise ConfigError("; ".join(linked))
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
         return WorkerSettings(**clean)
