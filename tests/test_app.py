@@ -7,6 +7,7 @@ import contextlib
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -47,14 +48,16 @@ class GroupMember:
         self.seeks.append((partition, offset))
 
 
-def make_worker(tmp_path: Path) -> Worker:
-    settings = WorkerSettings(
-        api_endpoint="http://127.0.0.1:1",
-        api_ak="a",
-        api_sk="sk-0123456789",
-        dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
-    )
-    return Worker(settings)
+def worker_settings(tmp_path: Path | None = None, **overrides: Any) -> WorkerSettings:
+    """Settings of a worker that is never started against a real API; with ``tmp_path``, its
+    sqlite dedup file there."""
+    if tmp_path is not None:
+        overrides.setdefault("dedup_url", f"sqlite:///{tmp_path}/d.sqlite3")
+    return WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", **overrides)
+
+
+def make_worker(tmp_path: Path, **overrides: Any) -> Worker:
+    return Worker(worker_settings(tmp_path, **overrides))
 
 
 async def close_unstarted(worker: Worker, real_consumer: AIOKafkaConsumer | None = None) -> None:
@@ -91,12 +94,7 @@ async def test_a_revoked_partition_stops_being_reported_in_the_lag_metric(tmp_pa
     """After a rebalance another member owns the partition and reports its lag: the value this pod
     measured before it lost the partition must not stay exported (summed across pods it counted
     twice, and a lag from a backlog kept an alert firing)."""
-    settings = WorkerSettings(
-        api_endpoint="http://127.0.0.1:1",
-        api_ak="a",
-        api_sk="sk-0123456789",
-        dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
-    )
+    settings = worker_settings(tmp_path)
     worker = Worker(settings)
     topic = settings.input_topic
     try:
@@ -159,7 +157,7 @@ async def test_a_commit_the_broker_never_answers_is_given_up(monkeypatch: pytest
     """aiokafka retries a commit while the broker is away; a revoke (or a stop) awaiting it never
     ended. It is bounded now, and reported as the broker being unavailable."""
     monkeypatch.setattr(consumer_module, "COMMIT_TIMEOUT_S", 0.1)
-    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    settings = worker_settings()
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
 
     class Hangs:
@@ -310,16 +308,7 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
     slots were free (the per-partition hold at ``max_uncommitted``, 10,000, came far later). Now a
     partition is held once its unfinished messages reach half the buffer, and released at a
     quarter."""
-    worker = Worker(
-        WorkerSettings(
-            api_endpoint="http://127.0.0.1:1",
-            api_ak="a",
-            api_sk="sk-0123456789",
-            dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
-            max_in_flight=8,
-            max_buffered=32,
-        )
-    )
+    worker = make_worker(tmp_path, max_in_flight=8, max_buffered=32)
     topic = worker.settings.input_topic
     hot, other = (topic, 0), (topic, 1)
     real, group = worker._consumer._consumer, GroupMember({TopicPartition(*hot), TopicPartition(*other)})
@@ -360,16 +349,7 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
 async def test_a_worker_with_one_partition_and_a_small_buffer_keeps_every_slot_busy(tmp_path: Path) -> None:
     """The partition's share of the buffer is never below max_in_flight: with a buffer of
     max_in_flight (allowed), half of it held the only partition at half the slots."""
-    worker = Worker(
-        WorkerSettings(
-            api_endpoint="http://127.0.0.1:1",
-            api_ak="a",
-            api_sk="sk-0123456789",
-            dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
-            max_in_flight=8,
-            max_buffered=8,
-        )
-    )
+    worker = make_worker(tmp_path, max_in_flight=8, max_buffered=8)
     key = (worker.settings.input_topic, 0)
     pipeline = holding_jobs(worker)
     try:
@@ -445,14 +425,7 @@ async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_
     and the broker spent 2.5x the CPU per event. A paused worker still polls (the group sees it
     alive by its polls), naming no partition of its own."""
     monkeypatch.setattr(app_module, "_FETCH_TIMEOUT_S", 0.01)  # wake-ups 50 times as often
-    settings = WorkerSettings(
-        api_endpoint="http://127.0.0.1:1",
-        api_ak="a",
-        api_sk="sk-0123456789",
-        dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
-        max_in_flight=2,
-        max_buffered=4,
-    )
+    settings = worker_settings(tmp_path, max_in_flight=2, max_buffered=4)
     worker = Worker(settings)
     tp = TopicPartition(settings.input_topic, 0)
     member = Prefetched({tp: 100})
@@ -484,7 +457,7 @@ async def test_a_fetch_takes_a_share_of_every_partition_that_has_messages() -> N
     buffer from one partition, whose messages name few tickets, and each ticket's events run one at
     a time, so at 20 ms API latency ~110 of the 256 slots were busy. What a partition cannot fill
     goes to the others."""
-    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    settings = worker_settings()
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
     parts = [TopicPartition(settings.input_topic, p) for p in range(4)]
     member = Prefetched({parts[0]: 100, parts[1]: 1, parts[2]: 1, parts[3]: 100})
@@ -509,7 +482,7 @@ async def test_a_fetch_error_met_after_other_partitions_gave_their_share_loses_n
     """A partition moves past the records it hands out: an error raised over the records earlier
     partitions had given lost them, and the commit later passed them by. The error comes with the
     next fetch, as aiokafka's own ``getmany`` does."""
-    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    settings = worker_settings()
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
     parts = [TopicPartition(settings.input_topic, p) for p in range(3)]
     member = Prefetched(dict.fromkeys(parts, 20))
@@ -594,7 +567,7 @@ async def test_records_read_before_a_rebalance_during_the_same_fetch_are_not_han
     calls had read belongs to the old assignment: the new one reads it again from the last commit.
     Handed up, it was taken by the new assignment's offsets, and when it came again the partition
     looked as if its offsets had gone back (a start-over, and each message answered twice)."""
-    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    settings = worker_settings()
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
     parts = [TopicPartition(settings.input_topic, p) for p in range(3)]
 
@@ -666,7 +639,7 @@ async def test_a_fetch_after_the_clients_coordination_ended_stops_the_worker() -
     """aiokafka's coordination task, once done, raises its error from every later fetch and is
     never started again: the worker retried for ever, with no heartbeat and no commit, while
     ``/healthz`` said alive. Now that fetch ends the worker (exit 1, to be started afresh)."""
-    settings = WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789")
+    settings = worker_settings()
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
 
     async def ended() -> None:
@@ -726,16 +699,7 @@ async def test_a_stop_during_the_start_ends_it_at_once(tmp_path: Path) -> None:
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    worker = Worker(
-        WorkerSettings(
-            api_endpoint="http://127.0.0.1:1",
-            api_ak="a",
-            api_sk="sk-0123456789",
-            dedup_url=f"sqlite:///{tmp_path}/d.sqlite3",
-            kafka_bootstrap_servers=f"127.0.0.1:{port}",
-            http_port=0,
-        )
-    )
+    worker = make_worker(tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{port}", http_port=0)
     try:
         running = asyncio.create_task(worker.run())
         await until(lambda: worker.http_port is not None)  # the start is under way

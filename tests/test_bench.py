@@ -194,6 +194,17 @@ def _run(
     return run
 
 
+def _repeat_at_0ms(worker: float, ceiling_b: float, **more: float) -> list[dict[str, Any]]:
+    """One repeat of the 0 ms scenario: the worker, ceiling A (far above) and ceiling B, then
+    ``more`` subjects at the worker's concurrency, with these throughputs."""
+    return [
+        _run("api0", "worker", 256, worker),
+        _run("api0", "ceiling_a", 1, 100_000.0),
+        _run("api0", "ceiling_b", 256, ceiling_b),
+        *(_run("api0", subject, 256, throughput) for subject, throughput in more.items()),
+    ]
+
+
 def _runs() -> list[dict[str, Any]]:
     return [
         _run("api0", "worker", 256, 700.0),
@@ -253,14 +264,8 @@ def test_targets_are_ratios_to_the_same_run() -> None:
 
 
 def test_targets_show_the_ratio_of_each_repeat_when_the_repeats_pair_up() -> None:
-    runs = [
-        _run("api0", "worker", 256, 800.0),
-        _run("api0", "ceiling_a", 1, 100_000.0),
-        _run("api0", "ceiling_b", 256, 1_000.0),
-        _run("api0", "worker", 256, 1_000.0),  # the machine ran faster in the second repeat
-        _run("api0", "ceiling_a", 1, 100_000.0),
-        _run("api0", "ceiling_b", 256, 2_000.0),
-    ]
+    # the machine ran faster in the second repeat
+    runs = _repeat_at_0ms(800.0, 1_000.0) + _repeat_at_0ms(1_000.0, 2_000.0)
     t0 = report.evaluate_targets(report.summarize(runs), concurrency=256)[0]
     # judged on the median of the per-repeat ratios: each repeat's subjects ran one after another,
     # while the ratio of the medians pairs the first repeat's worker with the second's ceiling
@@ -616,16 +621,9 @@ def test_ceiling_b_on_the_worker_client_runs_once_at_0_ms_and_is_no_target() -> 
     first_repeat = harness.specs[: harness.specs.index(own_client[0]) + 1]
     assert {s.scenario for s in first_repeat} == {"api0"}
 
-    runs = [
-        _run("api0", "worker", 256, 800.0),
-        _run("api0", "ceiling_a", 1, 100_000.0),
-        _run("api0", "ceiling_b", 256, 1_000.0),
-        _run("api0", "ceiling_b_rs", 256, 1_600.0),
-        _run("api0", "worker", 256, 900.0),
-        _run("api0", "ceiling_a", 1, 100_000.0),
-        _run("api0", "ceiling_b", 256, 1_000.0),
-        _run("api0", "ceiling_b_rs", 256, 1_200.0),
-    ]
+    runs = _repeat_at_0ms(800.0, 1_000.0, ceiling_b_rs=1_600.0) + _repeat_at_0ms(
+        900.0, 1_000.0, ceiling_b_rs=1_200.0
+    )
     summary = report.summarize(runs)
     t0 = report.evaluate_targets(summary, concurrency=256)[0]
     assert t0.measured.startswith("0.85x")  # against ceiling B alone: (0.80, 0.90)
