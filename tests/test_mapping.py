@@ -11,7 +11,8 @@ import pytest
 
 from schemas.api import Phase, wire_bytes
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
-from worker.mapping import request_path, request_wire, to_request_body
+from worker.mapping import already_applied, request_path, request_wire, to_request_body
+from worker.simulator.tickets import SubState, SubTicket, Ticket, apply_update
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "coc-update-ticket-api.txt"
 FIXTURE = Path(__file__).parent / "data" / "reference_examples.json"
@@ -220,3 +221,87 @@ def test_ticket_update_every_phase(phase: Phase) -> None:
 @pytest.mark.parametrize("ticket_id", ["CM1", "a-b_C-9", "x" * 64])
 def test_request_path(ticket_id: str) -> None:
     assert request_path(ticket_id) == f"/v1/change/tickets/{ticket_id}"
+
+
+# --- already_applied: the ticket read confirms this event's change, not just a like one ----------
+def _detail_after(*events: AnyChangeEvent) -> dict[str, Any]:
+    """The ticket's detail (the simulator's ``GET``) after these events were applied to a
+    sub-ticket where they may be (a result needs it ended, a cancellation still running)."""
+    state = SubState.IMPLEMENTING if events[0].type.value == "change.cancelled" else SubState.ENDED
+    ticket = Ticket(TICKET, sub_tickets={"s-1": SubTicket("s-1", TICKET, state)})
+    for event in events:
+        apply_update(ticket, to_request_body(event), now_ms=1)
+    return {"error_code": "GOM.00000000", "data": ticket.snapshot()}
+
+
+_DEPLOY_FAILED = {
+    "type": "change.failed",
+    "sub_ticket_id": "s-1",
+    "result": {
+        "comment": "deploy failed: disk full",
+        "change_fail_type": "fr_dependent_service_issue",
+        "is_rollback_success": False,
+        "rollback_start_time": 1750000000000,
+        "rollback_end_time": 1750000100000,
+    },
+}
+_MONITOR_FAILED = {
+    "type": "change.failed",
+    "sub_ticket_id": "s-1",
+    "result": {"comment": "alert: 5xx spike", "change_fail_type": "fr_monitoring", "is_monitor_found": True},
+}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        _DEPLOY_FAILED,
+        _MONITOR_FAILED,
+        {"type": "change.failed", "sub_ticket_id": "s-1"},
+        {"type": "change.succeeded", "sub_ticket_id": "s-1", "result": {"comment": "ok", "verified_docs": "D-1"}},
+        {"type": "change.succeeded", "sub_ticket_id": "s-1"},
+        {"type": "change.cancelled", "sub_ticket_id": "s-1", "result": {"comment": "window closed"}},
+    ],
+    ids=["failed", "monitor-failed", "failed-bare", "succeeded", "succeeded-bare", "cancelled"],
+)
+def test_a_result_in_place_is_confirmed(fields: dict[str, Any]) -> None:
+    event = _event(**fields)
+    assert already_applied(event, _detail_after(event)) is True
+
+
+@pytest.mark.parametrize(
+    ("first", "mine"),
+    [
+        (_MONITOR_FAILED, _DEPLOY_FAILED),
+        (_DEPLOY_FAILED, _MONITOR_FAILED),
+        (
+            {"type": "change.succeeded", "sub_ticket_id": "s-1", "result": {"comment": "by the pipeline"}},
+            {"type": "change.succeeded", "sub_ticket_id": "s-1", "result": {"comment": "by the operator"}},
+        ),
+        (
+            {"type": "change.succeeded", "sub_ticket_id": "s-1"},
+            {"type": "change.succeeded", "sub_ticket_id": "s-1", "result": {"verified_docs": "D-1"}},
+        ),
+        (
+            {"type": "change.cancelled", "sub_ticket_id": "s-1", "result": {"comment": "a"}},
+            {"type": "change.cancelled", "sub_ticket_id": "s-1", "result": {"comment": "b"}},
+        ),
+    ],
+    ids=["deploy-after-monitor", "monitor-after-deploy", "other-comment", "docs-missing", "cancel-comment"],
+)
+def test_a_like_result_of_another_event_is_not_this_ones(first: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Two producers report one sub-ticket's result; the state alone would confirm the second
+    from the first, and its own result would be lost without a dead letter."""
+    detail = _detail_after(_event(**first))
+    assert already_applied(_event(**mine), detail) is False
+
+
+def test_a_result_field_sent_null_may_be_absent_from_the_read() -> None:
+    event = _event(type="change.failed", sub_ticket_id="s-1")  # sends the examples' nulls
+    detail = _detail_after(event)
+    sub = detail["data"]["sub_tickets"][0]
+    for name in ("rollback_start_time", "rollback_end_time", "verified_docs"):
+        sub.pop(name, None)
+    assert already_applied(event, detail) is True
+    sub["rollback_start_time"] = 1750000000000  # a value this event did not send
+    assert already_applied(event, detail) is False

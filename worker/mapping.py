@@ -113,8 +113,9 @@ def already_applied(event: AnyChangeEvent, ticket: dict[str, Any]) -> bool:
 
     Used only after an ambiguous attempt (the connection dropped after sending) was followed by a
     refusal: if the ticket is exactly where the event would have put it, the first attempt was
-    applied. Reads ``data.phase``/``data.work_flow_status`` and ``data.sub_tickets[].state``;
-    when the answer lacks those fields nothing is confirmed and the event stays rejected.
+    applied. Reads ``data.phase``/``data.work_flow_status``, and ``data.sub_tickets[].state`` with,
+    for a result, the result fields the event sends; when the answer lacks those fields nothing is
+    confirmed and the event stays rejected.
     """
     data = ticket.get("data")
     if not isinstance(data, dict):
@@ -127,8 +128,31 @@ def already_applied(event: AnyChangeEvent, ticket: dict[str, Any]) -> bool:
     target = _TARGET_SUB_STATE[type(event)]
     for sub in data.get("sub_tickets") or []:
         if isinstance(sub, dict) and sub.get("ticket_id") == event.sub_ticket_id:
-            return bool(sub.get("state") == target)
+            return sub.get("state") == target and _result_in_place(event, sub)
     return False
+
+
+def _result_in_place(event: AnyChangeEvent, sub: dict[str, Any]) -> bool:
+    """Whether the sub-ticket read shows this event's result fields, not only its state.
+
+    The state alone cannot tell two results apart: a monitoring system's ``change.failed`` and
+    the deploy system's for the same sub-ticket both leave it ``failed``, and confirming the
+    second from the first's state would report it applied while its comment, fail type and
+    rollback window were never sent. A field sent as null (or an empty list) may be absent from
+    the read; any other value must be there, equal.
+    """
+    if isinstance(event, ChangeStarted | ChangeEnded):
+        return True  # they carry nothing but the step
+    (sent,) = request_wire(event)["sub_tickets"]
+    for name, value in sent.items():
+        if name in ("ticket_id", "sub_tickets"):
+            continue
+        if value is None or value == []:
+            if sub.get(name) not in (None, []):
+                return False
+        elif sub.get(name) != value:
+            return False
+    return True
 
 
 def event_target(event: AnyChangeEvent) -> str:
