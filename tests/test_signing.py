@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import string
 from datetime import UTC, datetime, timedelta
@@ -425,3 +426,22 @@ def test_a_given_date_header_is_kept() -> None:
     headers = sign(ak=AK, sk=SK, method="GET", host=HOST, path="/", headers={"x-sdk-date": DATE})
     assert headers["x-sdk-date"] == DATE
     assert signing.DATE_HEADER not in headers
+
+
+@pytest.mark.parametrize("declared", ["body", "UNSIGNED-PAYLOAD"])
+def test_verify_ignores_a_content_hash_header_that_was_not_signed(declared: str) -> None:
+    """Only a signed ``X-Sdk-Content-Sha256`` may stand for the body (the SDK signs it whenever
+    it sets it): added afterwards, it let a replaced body through with the old body's hash."""
+    request = _signed()
+    value = hashlib.sha256(request["body"]).hexdigest() if declared == "body" else declared
+    request["headers"] = {**request["headers"], signing.CONTENT_SHA_HEADER: value}
+    assert check(request) is None  # the body as signed still verifies
+    request["body"] = BODY.replace(b"start", b"end__")
+    assert check(request) == "signature mismatch"
+
+
+def test_verify_honours_a_signed_content_hash_header() -> None:
+    request = _signed(headers={"Content-Type": "application/octet-stream"})  # SDK: UNSIGNED-PAYLOAD
+    assert parse_authorization(request["headers"]["Authorization"]) is not None
+    assert check(request) is None
+    assert check({**request, "body": b"other bytes"}) is None  # as the SDK's gateway: not covered

@@ -113,9 +113,14 @@ def canonical_request(
     headers: Mapping[str, str],
     signed: list[str],
     body: bytes,
+    *,
+    declared_hash: bool = True,
 ) -> str:
+    """``declared_hash=False``: hash ``body`` even when an ``X-Sdk-Content-Sha256`` header says
+    what to use instead."""
     lowered = {k.lower(): str(v).strip() for k, v in headers.items()}
-    return _canonical(method, path, query, lowered, signed, _payload_hash(headers, body))
+    payload_hash = _payload_hash(headers, body, maybe_declared=declared_hash)
+    return _canonical(method, path, query, lowered, signed, payload_hash)
 
 
 def _canonical(
@@ -243,7 +248,12 @@ def verify(
         return "request expired: X-Sdk-Date is more than 15 minutes away from server time"
     if "host" not in parsed.signed_headers:
         return "Host not signed"
-    canonical = canonical_request(method, path, query, headers, parsed.signed_headers, body)
+    # A content hash header stands for the body only when it was signed (the SDK signs it whenever
+    # it sets it); one added afterwards would let a replaced body through.
+    trusted = _CONTENT_SHA_LOWER in parsed.signed_headers
+    canonical = canonical_request(
+        method, path, query, headers, parsed.signed_headers, body, declared_hash=trusted
+    )
     if not hmac.compare_digest(signature(sk, date, canonical), parsed.signature):
         return "signature mismatch"
     return None
