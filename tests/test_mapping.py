@@ -258,7 +258,11 @@ _MONITOR_FAILED = {
         _DEPLOY_FAILED,
         _MONITOR_FAILED,
         {"type": "change.failed", "sub_ticket_id": "s-1"},
-        {"type": "change.succeeded", "sub_ticket_id": "s-1", "result": {"comment": "ok", "verified_docs": "D-1"}},
+        {
+            "type": "change.succeeded",
+            "sub_ticket_id": "s-1",
+            "result": {"comment": "ok", "verified_docs": "D-1"},
+        },
         {"type": "change.succeeded", "sub_ticket_id": "s-1"},
         {"type": "change.cancelled", "sub_ticket_id": "s-1", "result": {"comment": "window closed"}},
     ],
