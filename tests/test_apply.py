@@ -36,7 +36,7 @@ from worker.ratelimit import AdaptiveConcurrency, TokenBucket
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer, SubState
-from worker.simulator.tickets import ILLEGAL_TRANSITION, SubTicket, Ticket
+from worker.simulator.tickets import ILLEGAL_TRANSITION, SubTicket, Ticket, apply_update
 
 AK = "AK-APPLY-TEST-01"
 SK = "sk-apply-test-secret-0001"
@@ -581,6 +581,47 @@ async def test_refusal_is_kept_when_the_ticket_is_elsewhere(rig: Rig) -> None:
         False,
     )
     assert state.applied_log == []
+
+
+async def test_a_like_result_from_another_producer_does_not_confirm_this_one(rig: Rig) -> None:
+    """The deploy system's ``change.failed`` is lost on the way; meanwhile a monitoring system's
+    fails the same sub-ticket. The read shows ``failed``, but not this event's result: it ends
+    rejected (in the DLQ), not applied with a comment and rollback window never sent."""
+    state = rig.sim.state
+    state.tickets["CM1"].sub_tickets["s-1"].state = SubState.ENDED
+    state.set_faults(drop_ratio=1.0)  # dropped before it was applied
+    monitor = CHANGE_EVENT_ADAPTER.validate_python(
+        {
+            "event_id": "ev-alert",
+            "type": "change.failed",
+            "ticket_id": "CM1",
+            "sub_ticket_id": "s-1",
+            "result": {"comment": "alert: 5xx spike", "is_monitor_found": True},
+        }
+    )
+    deploy = CHANGE_EVENT_ADAPTER.validate_python(
+        {
+            "event_id": "ev-deploy",
+            "type": "change.failed",
+            "ticket_id": "CM1",
+            "sub_ticket_id": "s-1",
+            "result": {
+                "comment": "deploy failed: disk full",
+                "change_fail_type": "fr_dependent_service_issue",
+            },
+        }
+    )
+
+    def meanwhile() -> None:
+        state.set_faults(drop_ratio=0.0)
+        apply_update(state.tickets["CM1"], to_request_body(monitor), now_ms=1)
+
+    hook = Attempts({2: meanwhile})
+    result = await rig.apply(
+        rig.caller(), deploy, hook, confirm=lambda detail: already_applied(deploy, detail)
+    )
+    assert (result.status, result.error_code, result.reconciled) == ("rejected", ILLEGAL_TRANSITION, False)
+    assert [(r.method, r.status) for r in state.requests] == [("PUT", None), ("GET", 200), ("PUT", 400)]
 
 
 async def test_ambiguous_drop_then_success_is_a_plain_success(rig: Rig) -> None:
