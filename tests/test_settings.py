@@ -440,6 +440,33 @@ def test_a_retry_budget_shorter_than_a_timed_out_call_and_its_settle_wait_is_ref
     assert load_settings(retry_max_elapsed_s=23, retry_after_max_s=20).retry_max_elapsed_s == 23
 
 
+@pytest.mark.parametrize(
+    ("connect", "request_", "lease", "budget"),
+    [(0.1, 1.3, 4.8, 2.7), (0.1, 0.8, 3.8, 1.7), (0.3, 0.7, 4.0, 1.7)],
+)
+def test_bounds_met_exactly_in_decimals_are_met(
+    connect: float, request_: float, lease: float, budget: float
+) -> None:
+    """The chart checks these bounds in exact decimals: a value it renders at the bound must not
+    stop the worker because 2 x (0.1 + 1.3) + 2 is 4.800000000000001 in binary floating point."""
+    settings = load_settings(
+        api_connect_timeout_s=connect,
+        api_request_timeout_s=request_,
+        dedup_lease_s=lease,
+        retry_max_elapsed_s=budget,
+        retry_after_max_s=budget,
+    )
+    assert (settings.dedup_lease_s, settings.retry_max_elapsed_s) == (lease, budget)
+    with pytest.raises(ConfigError, match="dedup_lease_s must be at least"):
+        load_settings(
+            api_connect_timeout_s=connect,
+            api_request_timeout_s=request_,
+            dedup_lease_s=lease - 0.001,
+            retry_max_elapsed_s=budget,
+            retry_after_max_s=budget,
+        )
+
+
 def test_kubernetes_service_links_are_not_unknown_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Service named ``coc-worker`` in the namespace gives every pod these variables (unless the
     pod disables service links): they are not typos of settings, and the worker starts."""

@@ -59,6 +59,10 @@ def split_tokens(text: str) -> list[str]:
 
 #: What the claim's lease must hold beyond the longest a request may take to land.
 LEASE_MARGIN_S = 2.0
+#: What the bounds below between seconds settings allow for binary floating point: the chart checks
+#: the same bounds in exact decimals, and 2 x (0.1 + 1.3) + 2 is 4.800000000000001 here, so a
+#: lease of 4.8 s that the chart rendered would stop the worker at start.
+_BOUND_SLACK_S = 1e-6
 _REDIS_URL_HINT = (
     "must be redis://[[user]:password@]host[:port][/db]; a password holding / # ? @ or : must be"
     " percent-encoded (%2F %23 %3F %40 %3A)"
@@ -338,14 +342,17 @@ class WorkerSettings(BaseSettings):
             raise ValueError("input_topic, results_topic and dlq_topic must be three different topics")
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
-        if self.dedup_lease_s < self.api_abandon_s + LEASE_MARGIN_S:
+        if self.dedup_lease_s < self.api_abandon_s + LEASE_MARGIN_S - _BOUND_SLACK_S:
             raise ValueError(
                 "dedup_lease_s must be at least 2 x (api_connect_timeout_s + api_request_timeout_s)"
                 f" + {LEASE_MARGIN_S:g} s: a request may still reach the API that long after it was"
                 " sent, no other worker may take the event over until then, and a send soon after"
                 " the claim needs no renewal"
             )
-        if self.retry_max_elapsed_s < self.api_connect_timeout_s + 2 * self.api_request_timeout_s:
+        if (
+            self.retry_max_elapsed_s
+            < self.api_connect_timeout_s + 2 * self.api_request_timeout_s - _BOUND_SLACK_S
+        ):
             raise ValueError(
                 "retry_max_elapsed_s must be at least api_connect_timeout_s + 2 x"
                 " api_request_timeout_s: a timed-out call takes up to both timeouts, and the next"
