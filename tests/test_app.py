@@ -48,6 +48,29 @@ class GroupMember:
         self.seeks.append((partition, offset))
 
 
+class CoordinationEnded(GroupMember):
+    """aiokafka's consumer once its group coordination task has ended: every fetch raises."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        super().__init__(assigned)
+
+        async def ended() -> None:
+            raise KafkaError("the coordinator's routine failed")
+
+        self._coordinator = SimpleNamespace(_coordination_task=asyncio.ensure_future(ended()))
+        self.polls = 0
+
+    async def ended(self) -> None:
+        await asyncio.gather(self._coordinator._coordination_task, return_exceptions=True)
+
+    async def getmany(
+        self, *partitions: TopicPartition, **kwargs: object
+    ) -> dict[TopicPartition, list[object]]:
+        self.polls += 1
+        self._coordinator._coordination_task.result()  # as check_errors does
+        return {}
+
+
 def worker_settings(tmp_path: Path | None = None, **overrides: Any) -> WorkerSettings:
     """Settings of a worker that is never started against a real API; with ``tmp_path``, its
     sqlite dedup file there."""
@@ -641,28 +664,45 @@ async def test_a_fetch_after_the_clients_coordination_ended_stops_the_worker() -
     ``/healthz`` said alive. Now that fetch ends the worker (exit 1, to be started afresh)."""
     settings = worker_settings()
     consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
-
-    async def ended() -> None:
-        raise KafkaError("the coordinator's routine failed")
-
-    class Ended(GroupMember):
-        def __init__(self) -> None:
-            super().__init__({TopicPartition(settings.input_topic, 0)})
-            self._coordinator = SimpleNamespace(_coordination_task=asyncio.ensure_future(ended()))
-
-        async def getmany(
-            self, *partitions: TopicPartition, **kwargs: object
-        ) -> dict[TopicPartition, list[object]]:
-            self._coordinator._coordination_task.result()  # as check_errors does
-            return {}
-
-    real, consumer._consumer = consumer._consumer, Ended()  # type: ignore[assignment]
+    member = CoordinationEnded({TopicPartition(settings.input_topic, 0)})
+    real, consumer._consumer = consumer._consumer, member  # type: ignore[assignment]
     try:
-        await asyncio.gather(consumer._consumer._coordinator._coordination_task, return_exceptions=True)
+        await member.ended()
         with pytest.raises(KafkaClientStopped, match="restart"):
             await consumer.fetch(10, 0.1)
     finally:
         await real.stop()
+
+
+async def test_a_stop_after_the_group_coordination_ended_still_drains_and_commits(tmp_path: Path) -> None:
+    """The shutdown that follows the end of aiokafka's coordination (exit 1) polled while its jobs
+    finished, met the same error and stopped at that first step: the jobs in hand lost their
+    grace, nothing was committed and no client was stopped. Polling stops; the rest runs."""
+    worker = make_worker(tmp_path, shutdown_grace_s=3.0)
+    key = (worker.settings.input_topic, 0)
+    member = CoordinationEnded({TopicPartition(*key)})
+    real, worker._consumer._consumer = worker._consumer._consumer, member  # type: ignore[assignment]
+    commits: list[dict[Any, int]] = []
+
+    async def commit(positions: dict[Any, int]) -> None:
+        commits.append(positions)
+
+    worker._consumer.commit = commit  # type: ignore[method-assign]
+    pipeline = holding_jobs(worker)
+    try:
+        await member.ended()
+        await worker.on_assigned({key})
+        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+        await until(lambda: len(pipeline.started) == 1)
+        stopping = asyncio.ensure_future(worker._shutdown())
+        await until(lambda: member.polls >= 1 or stopping.done())  # the drain's poll has failed
+        pipeline.release.set()  # the job in hand ends within its grace
+        await asyncio.wait_for(stopping, 10)  # raised KafkaClientStopped at that poll
+        assert commits == [{key: 8}]
+    finally:
+        pipeline.release.set()
+        worker._consumer._consumer = real
+        await close_unstarted(worker, real)
 
 
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:

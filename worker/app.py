@@ -431,12 +431,20 @@ class Worker:
         (10 s at least; the grace is 25 s by default), and the final commit would then be refused."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
+        polling = True
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
             if loop.time() >= deadline:
                 return False
-            # Bounded: during a rebalance aiokafka's poll waits for the new assignment.
-            with contextlib.suppress(BrokerUnavailable, TimeoutError):
+            if not polling:
+                continue
+            try:  # bounded: during a rebalance aiokafka's poll waits for the new assignment
                 await asyncio.wait_for(self._consumer.fetch(0, 0.0), _FETCH_TIMEOUT_S)
+            except (BrokerUnavailable, TimeoutError):
+                pass
+            except KafkaClientStopped:
+                # The group coordination ended (the stop this shutdown follows, most likely):
+                # nothing left to keep alive, and the jobs in hand still get their grace.
+                polling = False
         return True
 
     # --- rebalance (called by the consumer inside the group protocol) -------------------------------
