@@ -33,11 +33,12 @@ import pytest
 import yaml
 from services import service_missing
 
-from worker.settings import REDIS_URL_OPTIONS, SECRET_FIELDS, WorkerSettings
+from worker.settings import MIN_SECRET_CHARS, REDIS_URL_OPTIONS, SECRET_FIELDS, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "coc-change-worker"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+MINIMAL_VALUES = CHART / "ci" / "minimal-values.yaml"
 HELM_LOCK = ROOT / "requirements-helm.lock"
 HELM_VENV = ROOT / ".venv-helm"
 HELM_STAMP = HELM_VENV / ".installed"
@@ -96,14 +97,17 @@ def readme_example() -> dict[str, Any]:
 
 DEFAULTS = load_yaml(CHART / "values.yaml")
 FULL = load_yaml(FULL_VALUES)
+#: The defaults plus what the worker cannot start without (the chart refuses to render without it).
+MINIMAL = load_yaml(MINIMAL_VALUES)
 README_EXAMPLE = readme_example()
 SCHEMA = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
 
 
 # --- the values cases ------------------------------------------------------------------------------
-#: Values that must render. "full" is the full-featured file; the rest vary one concern each.
+#: Values that must render. "default" is the chart's defaults with the least they need (ci/minimal-values.yaml),
+#: "full" the full-featured file; the rest vary one concern each.
 GOOD: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": MINIMAL,
     "full": FULL,
     "full_config_changed": merged(FULL, {"worker": {"maxInFlight": 64}}),
     "full_secret_changed": merged(FULL, {"secrets": {"apiToken": "another-token"}}),
@@ -114,53 +118,127 @@ GOOD: dict[str, dict[str, Any]] = {
         "kafka": {"securityProtocol": "SSL", "ssl": {"verify": False}, "createTopics": True},
         "autoscaling": {"hpa": {"enabled": True, "minReplicas": 2, "maxReplicas": 12}},
         "podAntiAffinity": "hard",
+        "podLabels": {"team": "payments"},
     },
     "readme_example": README_EXAMPLE,
-    "redis_tls": {
-        "dedup": {
-            "backend": "redis",
-            "redis": {
-                "url": "rediss://redis:6380/0?ssl_ca_certs=/etc/coc-worker/redis-tls/ca.crt",
-                "tlsSecret": "redis-tls-files",
+    "redis_tls": merged(
+        MINIMAL,
+        {
+            "dedup": {
+                "backend": "redis",
+                "redis": {
+                    "url": "rediss://redis:6380/0?ssl_ca_certs=/etc/coc-worker/redis-tls/ca.crt",
+                    "tlsSecret": "redis-tls-files",
+                },
             },
         },
-    },
-    "autoscaler_owns_the_replica_count": {  # replicaCount is not rendered, so not checked
-        "replicaCount": 3,
-        "kafka": {"inputTopicPartitions": 2},
-        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
-        "autoscaling": {"hpa": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}},
-    },
+    ),
+    "autoscaler_owns_the_replica_count": merged(  # replicaCount is not rendered, so not checked
+        MINIMAL,
+        {
+            "replicaCount": 3,
+            "kafka": {"inputTopicPartitions": 2},
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "autoscaling": {"hpa": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}},
+        },
+    ),
     "existing_secret_pvc": {
+        "api": {"region": "cn-north-4"},
         "replicaCount": 1,
         "secrets": {"existingSecret": "coc-worker-credentials"},
         "kafka": {"securityProtocol": "SASL_PLAINTEXT", "sasl": {"mechanism": "PLAIN", "username": "u"}},
         "persistence": {"type": "pvc", "size": "2Gi"},
     },
-    "pdb_min_available_below_the_replicas": {
-        "replicaCount": 3,
-        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
-        "podDisruptionBudget": {"minAvailable": 2},
-    },
+    "pdb_min_available_below_the_replicas": merged(
+        MINIMAL,
+        {
+            "replicaCount": 3,
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "podDisruptionBudget": {"minAvailable": 2},
+        },
+    ),
     # 66% of 3 rounds up to 2: one pod may go
-    "pdb_min_available_percent_below_the_replicas": {
-        "replicaCount": 3,
-        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
-        "podDisruptionBudget": {"minAvailable": "66%"},
-    },
+    "pdb_min_available_percent_below_the_replicas": merged(
+        MINIMAL,
+        {
+            "replicaCount": 3,
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "podDisruptionBudget": {"minAvailable": "66%"},
+        },
+    ),
     "keda_scale_to_zero": merged(FULL, {"autoscaling": {"keda": {"minReplicaCount": 0}}}),
     # a values file from before the key was retired: accepted (an upgrade must not fail on it), ignored
     "keda_old_offset_reset_policy": merged(FULL, {"autoscaling": {"keda": {"offsetResetPolicy": "latest"}}}),
-    "redis_url_with_options": {
-        "dedup": {
-            "backend": "redis",
-            "redis": {"url": "redis://redis-master:6379/0?db=1&prefix=x", "minReplicas": 1},
+    "redis_url_with_options": merged(
+        MINIMAL,
+        {
+            "dedup": {
+                "backend": "redis",
+                "redis": {"url": "redis://redis-master:6379/0?db=1&prefix=x", "minReplicas": 1},
+            },
         },
-    },
+    ),
+    # OpenShift's restricted-v2 SCC assigns the UID and fsGroup from the namespace's range, and
+    # refused the pod when the chart named its own
+    "platform_assigns_the_pod_identity": merged(
+        MINIMAL, {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
+    ),
+    # the shortest secrets the worker takes, counted in characters (each "é" is two bytes)
+    "secrets_of_the_least_length": merged(
+        MINIMAL,
+        {
+            "api": {"auth": "token"},
+            "kafka": {"securityProtocol": "SASL_SSL", "sasl": {"mechanism": "PLAIN", "username": "u"}},
+            "secrets": {"apiToken": "t" * MIN_SECRET_CHARS, "kafkaSaslPassword": "é" * MIN_SECRET_CHARS},
+        },
+    ),
+    "aksk_secret_key_of_the_least_length": merged(MINIMAL, {"secrets": {"apiSk": "s" * MIN_SECRET_CHARS}}),
 }
 
-#: Values Helm must refuse, and a fragment of the reason it must give.
-BAD: dict[str, tuple[dict[str, Any], str]] = {
+#: A secret one character too short for the worker, and not a word an error message would hold.
+SHORT = "short-secret"[: MIN_SECRET_CHARS - 1]
+SASL = {"securityProtocol": "SASL_SSL", "sasl": {"mechanism": "PLAIN", "username": "u"}}
+
+#: Values Helm must refuse, and a fragment of the reason it must give. Each case is MINIMAL plus
+#: one mistake (see BAD below), so it fails for that mistake and not for a value MINIMAL sets.
+_BAD: dict[str, tuple[dict[str, Any], str]] = {
+    # the chart's own defaults (MINIMAL's values emptied again): the worker would exit at start
+    "chart_defaults": (
+        {"api": {"region": ""}, "secrets": {"apiAk": "", "apiSk": ""}},
+        "set api.endpoint or api.region",
+    ),
+    "aksk_without_access_key": ({"secrets": {"apiAk": ""}}, "set secrets.apiAk: api.auth=aksk"),
+    # blank counts as empty: the worker strips the file's content
+    "aksk_without_secret_key": ({"secrets": {"apiSk": " \n"}}, "set secrets.apiSk: api.auth=aksk"),
+    "token_without_token": ({"api": {"auth": "token"}}, "set secrets.apiToken: api.auth=token"),
+    "sasl_without_password": (
+        {"kafka": SASL},
+        "set secrets.kafkaSaslPassword: kafka.securityProtocol=SASL_SSL",
+    ),
+    # secrets the worker refuses ("at least 8 are needed"), named by key, never shown
+    "short_secret_key": ({"secrets": {"apiSk": SHORT}}, f"secrets.apiSk has {len(SHORT)} characters"),
+    "short_token": (
+        {"api": {"auth": "token"}, "secrets": {"apiToken": SHORT}},
+        f"secrets.apiToken has {len(SHORT)} characters",
+    ),
+    "short_sasl_password": (
+        {"kafka": SASL, "secrets": {"kafkaSaslPassword": SHORT}},
+        f"secrets.kafkaSaslPassword has {len(SHORT)} characters",
+    ),
+    # long enough in bytes, not in characters (the worker counts characters)
+    "short_secret_key_in_characters": (
+        {"secrets": {"apiSk": "é" * (MIN_SECRET_CHARS - 1)}},
+        f"secrets.apiSk has {MIN_SECRET_CHARS - 1} characters",
+    ),
+    # a second app.kubernetes.io/instance in the pod template, unlike the Deployment's selector
+    "pod_label_replaces_a_selector_label": (
+        {"podLabels": {"app.kubernetes.io/instance": "other"}},
+        "podLabels sets app.kubernetes.io/instance",
+    ),
+    "redis_url_port_out_of_range": (
+        {"dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:99999/0"}}},
+        "url",
+    ),
     "negative_replicas": ({"replicaCount": -1}, "replicaCount"),
     "unknown_protocol": ({"kafka": {"securityProtocol": "SASL_TLS"}}, "securityProtocol"),
     "unknown_key": ({"replicas": 3}, "replicas"),
@@ -263,6 +341,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "endpoint_port_out_of_range": ({"api": {"endpoint": "https://gw.example.com:99999"}}, "endpoint"),
     "bootstrap_port_out_of_range": ({"kafka": {"bootstrapServers": "kafka:99999"}}, "bootstrapServers"),
 }
+BAD = {name: (merged(MINIMAL, values), fragment) for name, (values, fragment) in _BAD.items()}
 
 #: The subset of BAD that the JSON Schema alone rejects (the rest are cross-field checks in the templates).
 SCHEMA_BAD = [
@@ -283,6 +362,7 @@ SCHEMA_BAD = [
     "endpoint_with_a_dot_segment",
     "endpoint_port_out_of_range",
     "bootstrap_port_out_of_range",
+    "redis_url_port_out_of_range",
 ]
 
 
@@ -343,6 +423,59 @@ def test_schema_takes_only_the_redis_url_options_the_worker_takes(
             if name.startswith("COC_WORKER_"):
                 monkeypatch.delenv(name)
         assert WorkerSettings(dedup_url=url).dedup_url == url
+
+
+#: dedup.redis.url hosts, ports and databases, and whether the worker takes them: the schema must agree.
+REDIS_URL_ADDRESSES = [
+    ("redis://redis-master", True),
+    ("redis://redis-master:6379", True),
+    ("redis://redis-master:65535/15", True),
+    ("redis://redis-master:6379/", True),
+    ("redis://10.0.0.5:6379/0", True),
+    ("redis://[fd00::5]:6379/0", True),
+    ("rediss://redis.data.svc:6380/2?ssl_cert_reqs=required", True),
+    ("redis://redis-master:99999/0", False),
+    ("redis://redis-master:65536/0", False),
+    ("redis://redis-master:port/0", False),
+    ("redis://redis-master:+6379/0", False),
+    ("redis://:6379/0", False),
+    ("redis:///0", False),
+    ("rediss://:6380/0", False),
+]
+
+
+@pytest.mark.parametrize(("url", "taken"), REDIS_URL_ADDRESSES)
+def test_schema_takes_the_redis_addresses_the_worker_takes(
+    url: str, taken: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema took any characters before the options: an out-of-range or named port, or no
+    host at all, rendered, and the worker refused the URL at start ("must be redis://...")."""
+    for name in list(os.environ):
+        if name.startswith("COC_WORKER_"):
+            monkeypatch.delenv(name)
+    try:
+        WorkerSettings(dedup_url=url)
+    except ValueError:
+        worker_takes = False
+    else:
+        worker_takes = True
+    assert worker_takes is taken
+    errors = schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
+    assert (errors == []) is taken, errors
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://redis-master:0/0",  # no server listens on port 0
+        "redis://redis-master:/0",  # an empty port
+        "redis://redis-master:06379/0",  # as the schema's other ports: no leading zero
+        "redis://redis-master:6379/one",  # redis-py ignores a path that is not a number: db 0
+        "redis://redis-master:6379/0/",
+    ],
+)
+def test_schema_is_stricter_than_the_worker_on_odd_redis_addresses(url: str) -> None:
+    assert schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
 
 
 def test_schema_takes_every_redis_url_option_of_the_worker() -> None:
@@ -535,11 +668,16 @@ def stand_in_api() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def helm_results(stand_in_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Lint (defaults, and the full values) and render every GOOD and BAD case in one helm-sdkpy run."""
+    """Lint (the minimal and the full values) and render every GOOD and BAD case in one helm-sdkpy run."""
     python = ensure_helm_venv()
-    full_chart = tmp_path_factory.mktemp("chart") / CHART.name
-    shutil.copytree(CHART, full_chart)  # `helm lint -f ci/full-values.yaml`, as the SDK lints a path only
-    (full_chart / "values.yaml").write_text(yaml.safe_dump(merged(DEFAULTS, FULL)), encoding="utf-8")
+    linted: dict[str, str] = {}
+    for name, values in (("minimal", MINIMAL), ("full", FULL)):
+        # `helm lint -f ci/<name>-values.yaml`, as the SDK lints a path only (the bare defaults fail:
+        # the chart requires what the worker cannot start without)
+        chart = tmp_path_factory.mktemp(name) / CHART.name
+        shutil.copytree(CHART, chart)
+        (chart / "values.yaml").write_text(yaml.safe_dump(merged(DEFAULTS, values)), encoding="utf-8")
+        linted[name] = str(chart)
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -551,7 +689,7 @@ def helm_results(stand_in_api: str, tmp_path_factory: pytest.TempPathFactory) ->
     job = {
         "kubeconfig": yaml.safe_dump(kubeconfig),
         "chart": str(CHART),
-        "lint": {"default": str(CHART), "full": str(full_chart)},
+        "lint": linted,
         "render": {**GOOD, **{f"bad:{name}": values for name, (values, _) in BAD.items()}},
     }
     proc = subprocess.run(
@@ -598,8 +736,8 @@ def worker_env(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]
 
 
 def test_helm_lint_is_clean(helm_results: dict[str, Any]) -> None:
-    """No warning or error (severity >= 2) with the defaults nor with every feature on."""
-    for name in ("default", "full"):
+    """No warning or error (severity >= 2) with the least values nor with every feature on."""
+    for name in ("minimal", "full"):
         messages = helm_results["lint:" + name]
         assert [m for m in messages if m[0] >= 2] == [], f"helm lint ({name} values): {messages}"
 
@@ -643,11 +781,10 @@ def test_default_render(helm_results: dict[str, Any]) -> None:
     assert {"COC_WORKER_API_AK_FILE", "COC_WORKER_API_SK_FILE"} <= set(env)
     assert "COC_WORKER_API_TOKEN_FILE" not in env
     assert "COC_WORKER_API_MAX_CONNECTIONS" not in env  # unset: the worker uses max_in_flight
-    # The defaults render, and NOTES.txt says what is still missing before the worker can start.
-    notes = helm_results["default"]["notes"]
-    assert "neither api.endpoint nor api.region" in notes
-    assert "secrets.apiAk / secrets.apiSk are empty" in notes
-    assert "WARNING" not in helm_results["full"]["notes"]
+    # What the worker cannot start without is refused at render time (BAD), not left to a warning
+    # in NOTES.txt: the defaults alone do not render.
+    assert merged(DEFAULTS, BAD["chart_defaults"][0]) == DEFAULTS
+    assert "WARNING" not in helm_results["default"]["notes"]
 
 
 def test_rolling_updates_only_with_a_shared_dedup_store(helm_results: dict[str, Any]) -> None:
@@ -669,7 +806,7 @@ def test_pod_is_hardened(helm_results: dict[str, Any]) -> None:
     for case in GOOD:
         pod = one(manifests(helm_results, case), "Deployment")["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"].get("runAsUser", 1) > 0  # absent: the platform assigns one
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["automountServiceAccountToken"] is False
         security = pod["containers"][0]["securityContext"]
@@ -680,6 +817,48 @@ def test_pod_is_hardened(helm_results: dict[str, Any]) -> None:
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}
         writable = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if not m.get("readOnly")}
         assert writable == {"/data", "/tmp"}
+
+
+def test_pod_identity_is_left_to_the_platform_when_null(helm_results: dict[str, Any]) -> None:
+    """OpenShift's restricted-v2 SCC refused the pod: the chart always named UID, GID and fsGroup
+    10001, outside the namespace's range, and the schema took no null to leave them out."""
+    default = one(manifests(helm_results, "default"), "Deployment")["spec"]["template"]["spec"]
+    assert {k: default["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")} == {
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+    }
+    deployment = one(manifests(helm_results, "platform_assigns_the_pod_identity"), "Deployment")
+    assert deployment["spec"]["template"]["spec"]["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def test_pods_carry_the_selector_labels(helm_results: dict[str, Any]) -> None:
+    """``podLabels`` naming a selector label made a second key in the pod template (the later won),
+    and the Deployment's pods no longer matched its selector: the chart now refuses it (BAD)."""
+    for case in GOOD:
+        deployment = one(manifests(helm_results, case), "Deployment")
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items(), case
+    template = one(manifests(helm_results, "aksk_endpoint_hpa"), "Deployment")["spec"]["template"]
+    assert template["metadata"]["labels"]["team"] == "payments"  # any other label is the user's
+
+
+def test_chart_made_secrets_are_checked_without_showing_them(helm_results: dict[str, Any]) -> None:
+    """The chart wrote any secret into its Secret, and the worker refused a short one at start (or
+    had none to read): the render fails instead, naming the key and never the value."""
+    for case, (values, _) in BAD.items():
+        error = helm_results[f"bad:{case}"]["error"]
+        for key in ("apiAk", "apiSk", "apiToken", "kafkaSaslPassword"):
+            value = values["secrets"].get(key, "").strip()
+            if value:
+                assert value not in error, case
+    objects = manifests(helm_results, "secrets_of_the_least_length")
+    data = one(objects, "Secret")["data"]
+    written = {base64.b64decode(v).decode() for v in data.values()}
+    assert written == {"t" * MIN_SECRET_CHARS, "é" * MIN_SECRET_CHARS}
 
 
 def test_probes_and_grace_period(helm_results: dict[str, Any]) -> None:

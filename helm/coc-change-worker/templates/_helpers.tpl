@@ -165,6 +165,39 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- else if and (include "coc.redisUrlFromSecret" .) (not $v.secrets.redisUrl) }}
 {{- fail "dedup.backend=redis needs dedup.redis.url, secrets.redisUrl or secrets.existingSecret" }}
 {{- end }}
+{{- /* Values the worker cannot start without: the pod would render, then crash-loop. */}}
+{{- if not (or $v.api.endpoint $v.api.region) }}
+{{- fail "set api.endpoint or api.region: the worker exits at start without either (\"set COC_WORKER_API_ENDPOINT or COC_WORKER_API_REGION\")" }}
+{{- end }}
+{{- if not $v.secrets.existingSecret }}
+{{- /* The chart-made Secret holds only the credentials the configuration uses (coc.secretFiles),
+       and the worker reads only those: each must be there, and a strong one as long as the worker
+       wants it (settings.py MIN_SECRET_CHARS: "a short secret is guessable"). Measured as the
+       worker does, in characters once trimmed (it strips a file's content); a value is never
+       printed, only the name and the length. */}}
+{{- $needs := list }}
+{{- $why := printf "api.auth=%s" $v.api.auth }}
+{{- if eq $v.api.auth "aksk" }}
+{{- $needs = append $needs (list "apiAk" $why false) }}
+{{- $needs = append $needs (list "apiSk" $why true) }}
+{{- else }}
+{{- $needs = append $needs (list "apiToken" $why true) }}
+{{- end }}
+{{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
+{{- $needs = append $needs (list "kafkaSaslPassword" (printf "kafka.securityProtocol=%s" $v.kafka.securityProtocol) true) }}
+{{- end }}
+{{- range $need := $needs }}
+{{- $key := index $need 0 }}
+{{- $value := index $v.secrets $key | default "" | toString | trim }}
+{{- if not $value }}
+{{- fail (printf "set secrets.%s: %s needs it in the chart-made Secret, and the worker cannot start without it (or point secrets.existingSecret at a Secret you manage)" $key (index $need 1)) }}
+{{- end }}
+{{- $chars := regexFindAll "(?s)." $value -1 | len }}
+{{- if and (index $need 2) (lt $chars 8) }}
+{{- fail (printf "secrets.%s has %d characters: the worker refuses a secret of fewer than 8 (\"a short secret is guessable, and cannot be told apart from ordinary text in logs\")" $key $chars) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (ne $v.dedup.backend "redis") (gt (include "coc.maxReplicas" . | int64) 1) }}
 {{- fail (printf "dedup.backend=%s keeps each pod's own records: after a rebalance a pod would not know what another applied; run one replica or use dedup.backend=redis" $v.dedup.backend) }}
 {{- end }}
@@ -234,6 +267,15 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- if and (eq $v.dedup.backend "redis") (not $v.networkPolicy.redis.peers) }}
 {{- fail "networkPolicy.enabled with dedup.backend=redis needs networkPolicy.redis.peers" }}
+{{- end }}
+{{- end }}
+{{- /* The pod template carries the selector's labels, then podLabels: one of the same name would
+       be a second key there (the later one wins), and a Deployment whose pods do not match its
+       selector is refused (nor would the Service, the PDB or KEDA find them). */}}
+{{- $podLabels := $v.podLabels | default dict }}
+{{- range $name, $value := include "coc.selectorLabels" . | fromYaml }}
+{{- if hasKey $podLabels $name }}
+{{- fail (printf "podLabels sets %s, a selector label the chart sets itself (%s=%s): remove it from podLabels" $name $name $value) }}
 {{- end }}
 {{- end }}
 {{- end }}
