@@ -104,7 +104,7 @@ async def test_a_partly_written_batch_says_which_events_were_written(
 ) -> None:
     """Before, the acknowledged records of a failed write were thrown away: a generic 503, not
     counted in coc_worker_ingest_events, no counts in the log."""
-    batch = [event("change.started", "CM-PW", f"s{n}") for n in range(3)]
+    batch = [event("change.started", f"CM-PW{n}", "s1") for n in range(3)]  # three tickets
     ids = [e["event_id"] for e in batch]
     producer = PartlyWriting(1, [True, False, True])
     with capture_logs() as logs:
@@ -118,6 +118,29 @@ async def test_a_partly_written_batch_says_which_events_were_written(
     assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "events"}) == 2
     [line] = [e for e in logs if e["event"] == "ingest_broker_unavailable"]
     assert (line["log_level"], line["written"], line["not_written"], line["events"]) == ("warning", 2, 1, 3)
+
+
+async def test_an_event_stored_after_its_tickets_unwritten_one_is_reported_not_written(
+    stub_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start of CM-A was not acknowledged, its end was: a retry of the start alone would put it
+    behind the end, and the worker would refuse the end (a sub-ticket not yet started) and
+    dead-letter it. The end is reported not written too, so the retry sends both, in order; CM-B's
+    event, with no gap before it, stays written."""
+    batch = [
+        event("change.started", "CM-A", "s1"),
+        event("change.started", "CM-B", "s1"),
+        event("change.ended", "CM-A", "s1"),
+    ]
+    ids = [e["event_id"] for e in batch]
+    producer = PartlyWriting(1, [False, True, True])
+    status, body, metrics = await post_with_producer(
+        stub_settings, producer, monkeypatch, "/v1/events", batch
+    )
+    assert status == 503
+    assert (body["written"], body["not_written"]) == ([ids[1]], [ids[0], ids[2]])
+    # what the broker stored is still counted as stored
+    assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "events"}) == 2
 
 
 async def test_a_partly_written_group_counts_the_slices_already_acknowledged(

@@ -86,6 +86,22 @@ class _NotAcknowledged(Exception):
         self.not_written = not_written
 
 
+def _in_ticket_order(items: list[dict[str, Any]], acked: list[Any]) -> list[bool]:
+    """Which events of a partly acknowledged slice count as written: those acknowledged with no
+    earlier event of their ticket left unacknowledged. One stored after such a gap is out of
+    order (the retry would put the earlier event behind it, and the worker would find, say, an
+    end before its start and dead-letter it): it is reported not written, so that the retry sends
+    it again after the earlier one, and the worker takes that later message of it."""
+    gaps: set[str] = set()
+    in_order = []
+    for item, where in zip(items, acked, strict=True):
+        ticket = str(item["ticket_id"])
+        if where is None:
+            gaps.add(ticket)
+        in_order.append(where is not None and ticket not in gaps)
+    return in_order
+
+
 class Ingress:
     """``POST /v1/events`` and ``POST /v1/alertmanager``; owns one producer to the input topic."""
 
@@ -343,10 +359,11 @@ class Ingress:
                 stored = sum(where is not None for where in acked)
                 self._events.labels(route=route).inc(stored)
                 ids = event_ids[start : start + step]
-                pairs = list(zip(ids, acked, strict=True))
-                written = event_ids[:start] + [i for i, where in pairs if where is not None]
+                in_order = _in_ticket_order(items[start : start + step], acked)
+                pairs = list(zip(ids, in_order, strict=True))
+                written = event_ids[:start] + [i for i, ok in pairs if ok]
                 # not acknowledged: maybe stored (a timeout), maybe not; the retry dedupes either way
-                not_written = [i for i, where in pairs if where is None] + event_ids[start + step :]
+                not_written = [i for i, ok in pairs if not ok] + event_ids[start + step :]
                 log.warning(
                     "ingest_broker_unavailable",
                     route=route,
