@@ -792,11 +792,12 @@ async def test_a_job_cancelled_while_waiting_for_a_left_behind_request_leaves_th
 
 class _TimesOutThenLands:
     """A stand-in client (a simulator cannot make a client-side read timeout exact): the first
-    PUT times out on the client while the API goes on and applies it ``late_s`` later; the ticket
-    read says whether it has landed."""
+    PUT's answer is lost (``first``: a read timeout unless told) while the API goes on and applies
+    it ``late_s`` later; the ticket read says whether it has landed."""
 
-    def __init__(self, late_s: float) -> None:
+    def __init__(self, late_s: float, first: ApiTransientError | None = None) -> None:
         self.late_s = late_s
+        self.first = first or ApiTransientError("read timeout", timed_out=True)
         self.puts = 0
         self.landed = False
 
@@ -804,11 +805,35 @@ class _TimesOutThenLands:
         self.puts += 1
         if self.puts == 1:
             asyncio.get_running_loop().call_later(self.late_s, setattr, self, "landed", True)
-            raise ApiTransientError("read timeout", timed_out=True)
+            raise self.first
         raise AssertionError("sent again before the first request could land")
 
     async def show_ticket(self, ticket_id: str) -> dict[str, Any]:
         return {"landed": self.landed}
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        ApiTransientError("read timeout", timed_out=True),
+        ApiTransientError("connection lost after the request was sent", ambiguous=True),
+        ApiTransientError("HTTP 502", http_status=502, ambiguous=True),
+    ],
+    ids=["timeout", "dropped-after-send", "502"],
+)
+async def test_a_lost_answer_is_read_only_once_the_request_may_have_landed(
+    rig: Rig, first: ApiTransientError
+) -> None:
+    """Only a timeout waited ``settle_s`` before the ticket was read: after a connection dropped
+    once the request was written, or a gateway's 502, the read came at once, did not show the
+    change still under way behind it, and the change was sent a second time."""
+    client = _TimesOutThenLands(late_s=0.3, first=first)
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0, settle_s=0.5, abandon_s=2.0)  # type: ignore[arg-type]
+    result = await asyncio.wait_for(
+        rig.apply(caller, confirm=lambda detail: bool(detail["landed"]), ambiguous=False), 5
+    )
+    assert (result.status, result.calls, result.reconciled) == ("applied", 1, True)
+    assert client.puts == 1
 
 
 async def test_a_job_cancelled_while_its_timed_out_request_may_land_leaves_the_wait_to_the_next(

@@ -76,8 +76,9 @@ class ApiCaller:
         settle_s: float = 0.0,
         abandon_s: float = 0.0,
     ) -> None:
-        """``settle_s``: after a read timeout, wait at least this long before checking the ticket
-        or sending again; the API may still be applying the request we stopped waiting for.
+        """``settle_s``: after a send whose answer was lost (a read timeout, a dropped connection,
+        a gateway's 502/504), wait at least this long before checking the ticket or sending
+        again; the API may still be applying that request.
         ``abandon_s``: how long a request of a cancelled job may still reach the API."""
         self._client = client
         self._policy = policy
@@ -256,7 +257,8 @@ class ApiCaller:
         ambiguous: bool,
         unsettled: _Unsettled,
     ) -> ApplyResult:
-        """``apply``'s rounds; ``unsettled.until`` says until when a timed-out send may land."""
+        """``apply``'s rounds; ``unsettled.until`` says until when a send whose answer was lost may
+        land."""
         until = self._abandoned.get(event_id)
         if until is not None:
             # A cancelled job's request for this event may still be on its way: let it land, then
@@ -286,6 +288,7 @@ class ApiCaller:
             started = time.monotonic()
             waited = _Waited()
             sent = False  # whether this round sent the change (a read of the ticket is not a send)
+            settling = False  # whether that send's answer was lost: it may still land
             try:
                 if ambiguous and confirm is not None:
                     if await self._in_place(ticket_id, confirm, waited):
@@ -337,7 +340,12 @@ class ApiCaller:
                 )
             except ApiTransientError as exc:
                 ambiguous = ambiguous or exc.ambiguous
-                if sent and exc.timed_out:  # the API may still be applying it for settle_s
+                # A send whose answer was lost (a timeout, a connection dropped after the request
+                # was written, a 502/504 from a gateway) may still be under way behind it, for up
+                # to settle_s: reading the ticket at once would not show it, and the change would
+                # go out twice.
+                settling = sent and (exc.ambiguous or exc.timed_out)
+                if settling:
                     unsettled.until = time.monotonic() + self._settle_s
                 if exc.connect_failure:
                     if self._reachability.connect_failed():
@@ -364,8 +372,8 @@ class ApiCaller:
                 active_s,
                 error,
                 limit_attempts=not will_read,
-                # the API may still be running the request we stopped waiting for: let it settle
-                at_least_s=self._settle_s if error.timed_out else 0.0,
+                # the API may still be running the request whose answer was lost: let it settle
+                at_least_s=self._settle_s if settling else 0.0,
             )
             if delay is None:
                 if error.connect_failure:
@@ -398,7 +406,8 @@ class ApiCaller:
 
 @dataclass(slots=True)
 class _Unsettled:
-    """Until when (monotonic) a timed-out send of the event may still land; 0 when none may."""
+    """Until when (monotonic) a send of the event whose answer was lost may still land; 0 when
+    none may."""
 
     until: float = 0.0
 
