@@ -395,6 +395,58 @@ async def test_a_write_refused_while_reads_pass_ends_rejected(rig: Rig) -> None:
     assert state.applied_log == []
 
 
+async def test_credentials_that_may_write_but_not_read_resume_after_a_401(rig: Rig) -> None:
+    """The reference names only the update permission for this call, so a least-privilege key may
+    change tickets and not read them. One 401 (a clock skew, a secret rotated mid-flight) paused
+    the worker, and the gate's probe, a read, met 403 on every try: paused for ever, though every
+    change would pass. The probe now falls back to a change that changes nothing."""
+    state = rig.sim.state
+    state.restrict_to_writes()
+    state.revoke()
+    job = asyncio.ensure_future(rig.apply(rig.caller()))
+    await until(lambda: any(r.method == "GET" and r.status == 401 for r in state.requests))  # probing
+    assert not rig.gate.is_open
+    state.revoke(False)
+    result = await asyncio.wait_for(job, 5)
+    assert (result.status, result.calls) == ("applied", 2)
+    assert rig.gate.is_open
+    probes = [(r.method, r.status) for r in state.requests if r.path.endswith(f"/{UNNAMED_TICKET}")]
+    assert ("PUT", 400) in probes  # "no such ticket": the key may write
+    assert not state.tickets.get(UNNAMED_TICKET)
+    assert len(state.applied_for("ev-start")) == 1
+
+
+async def test_credentials_refused_for_writes_too_stay_paused(rig: Rig) -> None:
+    """The write probe must not open the gate for a key the API refuses to change tickets with."""
+    state = rig.sim.state
+    state.restrict_to_writes()
+    state.restrict_to_reads()  # both: nothing permitted
+    job = asyncio.ensure_future(rig.apply(rig.caller()))
+    await until(
+        lambda: sum(r.path.endswith(f"/{UNNAMED_TICKET}") and r.method == "PUT" for r in state.requests) >= 2
+    )
+    assert not job.done()
+    assert not rig.gate.is_open
+    job.cancel()
+    await asyncio.gather(job, return_exceptions=True)
+
+
+async def test_a_lost_answer_with_reads_not_permitted_is_settled_by_the_send(rig: Rig) -> None:
+    """A lost answer is settled by reading the ticket; with reads not permitted that read's 403
+    paused the whole worker (an auth failure) and its probe never passed. The send decides now."""
+    state = rig.sim.state
+    state.restrict_to_writes()
+    state.set_faults(drop_ratio=1.0)  # dropped before it was applied
+    hook = Attempts({2: lambda: state.set_faults(drop_ratio=0.0)})
+    event = started()
+    result = await asyncio.wait_for(
+        rig.apply(rig.caller(), event, hook, confirm=lambda detail: already_applied(event, detail)), 5
+    )
+    assert (result.status, result.calls, result.reconciled) == ("applied", 2, False)
+    assert [(r.method, r.status) for r in state.requests] == [("PUT", None), ("GET", 403), ("PUT", 200)]
+    assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 0.0
+
+
 @pytest.mark.parametrize(
     ("policy", "threshold_s"),
     [
@@ -883,6 +935,9 @@ class _OneTicketForbidden:
         if ticket_id == "T-X":
             raise ApiAuthError("HTTP 403: credentials refused (APIGW.0302)", http_status=403)
 
+    async def probe_write(self, ticket_id: str) -> None:
+        self.probed.append(f"PUT {ticket_id}")
+
 
 async def test_a_ticket_refused_even_to_reads_does_not_keep_every_ticket_paused(rig: Rig) -> None:
     """The auth probe read the refused event's own ticket; refused there too, the gate never
@@ -929,10 +984,16 @@ async def test_credentials_refused_everywhere_stay_paused_until_they_work(rig: R
         if not works.is_set():
             raise ApiAuthError("HTTP 403: credentials refused (APIGW.0302)", http_status=403)
 
+    async def probe_write(ticket_id: str) -> None:
+        client.probed.append(f"PUT {ticket_id}")
+        if not works.is_set():
+            raise ApiAuthError("HTTP 403: credentials refused (APIGW.0302)", http_status=403)
+
     client.probe = probe  # type: ignore[method-assign]
+    client.probe_write = probe_write  # type: ignore[method-assign]
     caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
     job = asyncio.ensure_future(caller.apply("T-X", b"{}", event_id="ev-1", traceparent=TRACEPARENT))
-    await until(lambda: client.probed.count(UNNAMED_TICKET) >= 2)
+    await until(lambda: client.probed.count(f"PUT {UNNAMED_TICKET}") >= 2)
     assert not job.done()
     assert not rig.gate.is_open
     works.set()

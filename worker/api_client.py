@@ -323,6 +323,15 @@ class CocApiClient:
         """
         await self._get_ticket(ticket_id)
 
+    async def probe_write(self, ticket_id: str) -> None:
+        """A signed ``PUT`` that changes nothing (an empty object, to a ticket no event names):
+        returns when the API accepts our credentials for changes, whatever it says of the ticket.
+        For credentials that may change tickets but not read them, which ``probe`` cannot tell
+        from refused ones. Raises like ``probe``."""
+        status, payload, retry_after, _ = await self._send("PUT", request_path(ticket_id), b"{}", {})
+        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
+            raise self._classify_failure(status, self._parse(payload), retry_after)
+
     async def show_ticket(self, ticket_id: str) -> dict[str, Any] | None:
         """The ticket's detail (used to reconcile an ambiguous attempt); ``None`` if unreadable."""
         payload = await self._get_ticket(ticket_id)

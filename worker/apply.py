@@ -103,6 +103,17 @@ class ApiCaller:
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
         async def probe() -> None:
             self._client.refresh_credentials()
+            try:
+                await read()
+            except ApiAuthError as refused:
+                if refused.http_status != 403:
+                    raise
+                # Reads refused everywhere: credentials that may change tickets but not read them
+                # (the reference names only the update permission for this call) kept every event
+                # paused for ever after one 401. Asked with a change that changes nothing.
+                await self._client.probe_write(UNNAMED_TICKET)
+
+        async def read() -> None:
             answered = self._answered_ticket
             if answered is not None:
                 await self._client.probe(answered)
@@ -291,7 +302,7 @@ class ApiCaller:
             settling = False  # whether that send's answer was lost: it may still land
             try:
                 if ambiguous and confirm is not None:
-                    if await self._in_place(ticket_id, confirm, waited):
+                    if await self._in_place_if_readable(ticket_id, confirm, waited):
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
                     ambiguous = False  # read, and not there: safe to send
@@ -387,6 +398,20 @@ class ApiCaller:
             )
             await asyncio.sleep(delay)
             active_s += delay
+
+    async def _in_place_if_readable(
+        self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool], waited: _Waited
+    ) -> bool:
+        """``_in_place``; False when reads of the ticket are not permitted (403): credentials that
+        may change tickets but not read them. The send that follows decides, as against an API
+        whose ticket detail does not show the change; a refusal then says it may be in place."""
+        try:
+            return await self._in_place(ticket_id, confirm, waited)
+        except ApiAuthError as exc:
+            if exc.http_status != 403:
+                raise
+            log.warning("api_ticket_unreadable", ticket_id=ticket_id, detail=str(exc))
+            return False
 
     async def _in_place(
         self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool], waited: _Waited

@@ -114,7 +114,7 @@ class _Api:
             reply = _gateway_error(
                 401, AUTH_FAILED_CODE, f"Incorrect IAM authentication information: {reason}"
             )
-        elif state.read_only and request.method != "GET":
+        elif (state.read_only and request.method != "GET") or (state.write_only and request.method == "GET"):
             kind = None
             reply = _gateway_error(
                 403, NOT_AUTHORIZED_CODE, "The IAM user is not authorized to access the API"

@@ -103,6 +103,7 @@ class SimulatorState:
         self.tokens: set[str] = set()
         self.revoked = False
         self.read_only = False
+        self.write_only = False
         self.detail_as_sdk = config.detail_as_sdk
         self._request_seq = 0
         self.reset()
@@ -124,6 +125,7 @@ class SimulatorState:
         self.tokens = set(config.tokens)
         self.revoked = False
         self.read_only = False
+        self.write_only = False
         self.detail_as_sdk = config.detail_as_sdk
         self._request_seq = 0
         self._changed.set()
@@ -156,6 +158,12 @@ class SimulatorState:
         """Credentials that authenticate but may only read (an IAM policy without the ticket
         update permission): every write is refused with 403, reads still answer."""
         self.read_only = read_only
+
+    def restrict_to_writes(self, write_only: bool = True) -> None:
+        """Credentials that authenticate but may only change tickets (an IAM policy with the
+        update permission alone, the one the reference names for this call): every read is
+        refused with 403, writes still answer."""
+        self.write_only = write_only
 
     def set_credentials(
         self, credentials: Mapping[str, str] | None = None, tokens: Iterable[str] | None = None
