@@ -117,6 +117,38 @@ async def test_cancelled_callers_give_their_slots_back_in_redis(redis_url: str) 
         await two.close()
 
 
+async def test_callers_cancelled_while_redis_runs_their_reservation_give_their_slots_back(
+    redis_url: str,
+) -> None:
+    """Redis slow to answer (busy, a failover) when a rebalance cancels the callers: each
+    reservation still ran in Redis, none was given back, and every replica waited for slots no
+    call would use (30 callers at 10/s: 3 s)."""
+    base = redis_url.split("?", 1)[0]
+    key = f"{redis_url.rsplit('prefix=', 1)[-1]}ratelimit-cancelled-reserving"
+    one = RedisTokenBucket(base, key, rate_per_s=10, burst=1, metrics=Metrics())
+    two = RedisTokenBucket(base, key, rate_per_s=10, burst=1, metrics=Metrics())
+    reserve, answer, reserved = one._script, asyncio.Event(), []
+
+    async def slow_to_answer(**kwargs: object) -> object:
+        result = await reserve(**kwargs)  # reserved in Redis
+        reserved.append(result)
+        await answer.wait()  # its answer slow to arrive
+        return result
+
+    one._script = slow_to_answer  # type: ignore[assignment]
+    try:
+        callers = [asyncio.create_task(one.acquire()) for _ in range(30)]
+        await until(lambda: len(reserved) == 30, what="every reservation made in Redis")
+        for task in callers:
+            task.cancel()
+        answer.set()
+        await asyncio.gather(*callers, return_exceptions=True)
+        await asyncio.wait_for(two.acquire(), 1.0)
+    finally:
+        await one.close()
+        await two.close()
+
+
 def test_backend_follows_the_dedup_store(redis_url: str) -> None:
     assert build_rate_limit(load_settings(), Metrics()) is None
     assert isinstance(build_rate_limit(load_settings(api_rate_limit_per_s=5), Metrics()), TokenBucket)

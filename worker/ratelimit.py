@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -132,12 +132,14 @@ class RedisTokenBucket:
         self._local_since_failure = False
 
     async def acquire(self) -> float:
+        reservation = asyncio.ensure_future(
+            self._script(keys=[self._key, self._clock_key], args=[self._interval_ms, self._tolerance_ms])
+        )
         try:
-            wait_ms = int(
-                await self._script(
-                    keys=[self._key, self._clock_key], args=[self._interval_ms, self._tolerance_ms]
-                )
-            )
+            wait_ms = int(await asyncio.shield(reservation))
+        except asyncio.CancelledError:
+            await self._give_back_reservation(reservation)
+            raise
         except (redis_errors.RedisError, OSError) as exc:
             if isinstance(exc, redis_errors.ReadOnlyError):
                 await leave_demoted_node(self._client)
@@ -149,8 +151,7 @@ class RedisTokenBucket:
                     "rate_limit_local", error=type(exc).__name__, detail="Redis away: limited per replica"
                 )
             return await self._local.acquire()
-        # Until when the slot counts, on this process' clock (Redis' own may differ).
-        until = time.monotonic() + (wait_ms + self._tolerance_ms + self._interval_ms) / 1000
+        until = self._until(wait_ms)
         if self._local_since_failure:
             self._local_since_failure = False
             log.info("rate_limit_shared_again")
@@ -165,11 +166,30 @@ class RedisTokenBucket:
                 raise
         return until
 
+    def _until(self, wait_ms: int) -> float:
+        """Until when a slot reserved ``wait_ms`` ahead counts, on this process' clock (Redis' own
+        may differ)."""
+        return time.monotonic() + (wait_ms + self._tolerance_ms + self._interval_ms) / 1000
+
+    async def _give_back_reservation(self, reservation: asyncio.Future[Any]) -> None:
+        """A caller cancelled while Redis ran its reservation: Redis keeps the slot all the same,
+        and the slots of callers cancelled together (a rebalance while Redis was slow) held every
+        replica back for as long as they reached ahead. Once it has run, it is given back."""
+        try:
+            async with asyncio.timeout(_GIVE_BACK_TIMEOUT_S):
+                wait_ms = int(await reservation)
+        except (redis_errors.RedisError, OSError, TimeoutError):
+            return  # not reserved, or not known in time: at worst later calls wait for it
+        await self._give_back_shared(self._until(wait_ms))
+
     async def give_back(self, until: float) -> None:
         """Best effort, bounded: a slot Redis does not take back only delays later calls."""
         if self._local_since_failure:  # the slot was the local bucket's
             await self._local.give_back(until)
             return
+        await self._give_back_shared(until)
+
+    async def _give_back_shared(self, until: float) -> None:
         if until <= time.monotonic():
             return
         with contextlib.suppress(redis_errors.RedisError, OSError, TimeoutError):
