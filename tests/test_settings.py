@@ -9,7 +9,14 @@ import pytest
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
-from worker.settings import COC_REGION_ENDPOINTS, ENV_PREFIX, SECRET_FIELDS, WorkerSettings, load_settings
+from worker.settings import (
+    COC_REGION_ENDPOINTS,
+    ENV_PREFIX,
+    SECRET_FIELDS,
+    WorkerSettings,
+    load_settings,
+    without_password,
+)
 
 SECRET = "s3cr3t-VALUE-never-shown"
 
@@ -83,6 +90,20 @@ def test_environment_is_read(
 ) -> None:
     monkeypatch.setenv(env, value)
     assert getattr(load_settings(), field) == expected
+
+
+@pytest.mark.parametrize(
+    "servers",
+    ["user:pw-" + SECRET + "@kafka:9092", "kafka:9092,SASL_SSL://kafka-2:9093", "kafka 1:9092"],
+)
+def test_bootstrap_servers_with_credentials_or_a_scheme_are_refused_without_showing_them(
+    servers: str,
+) -> None:
+    """``user:password@host:9092`` passed as a host name (only the port was checked), and the
+    start-up line then printed the password."""
+    with pytest.raises(ConfigError, match="no scheme and no credentials") as refused:
+        load_settings(kafka_bootstrap_servers=servers)
+    assert SECRET not in str(refused.value)
 
 
 def test_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,6 +368,25 @@ def test_a_password_in_the_dedup_url_is_not_shown() -> None:
     for text in (repr(settings), str(settings)):
         assert SECRET not in text
         assert "redis://worker:***@redis.internal:6379/0" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://pw-" + SECRET + "@redis.internal:6379/0", "redis://***@redis.internal:6379/0"),
+        ("redis://:pw-" + SECRET + "@redis.internal:6379/0", "redis://:***@redis.internal:6379/0"),
+        ("redis://redis.internal:6379/0", "redis://redis.internal:6379/0"),
+    ],
+    ids=["password-where-the-user-goes", "password", "none"],
+)
+def test_a_password_written_where_the_user_goes_is_not_shown(url: str, shown: str) -> None:
+    """``redis://S3cret@host`` (the colon forgotten) passed the secret as a user name, and the
+    start-up line and the settings' repr printed it in clear."""
+    settings = load_settings(dedup_url=url)
+    assert without_password(url) == shown
+    for text in (repr(settings), str(settings)):
+        assert SECRET not in text
+        assert shown in text
 
 
 def test_settings_class_is_the_one_entry_point() -> None:

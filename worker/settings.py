@@ -238,7 +238,10 @@ class WorkerSettings(BaseSettings):
     def _hosts(cls, value: str) -> str:
         hosts = [h.strip() for h in value.split(",") if h.strip()]
         if not hosts or any(not _valid_host_port(h) for h in hosts):
-            raise ValueError("must be host:port[,host:port...], ports 1-65535")
+            raise ValueError(
+                "must be host:port[,host:port...], ports 1-65535, with no scheme and no credentials"
+                " (SASL's go in COC_WORKER_KAFKA_SASL_USERNAME and COC_WORKER_KAFKA_SASL_PASSWORD)"
+            )
         return ",".join(hosts)
 
     @field_validator("api_endpoint")
@@ -456,17 +459,23 @@ class WorkerSettings(BaseSettings):
 
 
 def _valid_host_port(entry: str) -> bool:
+    """``host:port``; no scheme and no ``user:password@``, which would be taken for a host name
+    (and, being a setting's value, shown in the start-up line)."""
     host, _, port = entry.rpartition(":")
-    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+    plain = not any(c in host for c in "@/ ")
+    return bool(host) and plain and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def without_password(url: str) -> str:
-    """``url`` with its password, if any, shown as ``***`` (a Redis URL may carry one)."""
+    """``url`` with its password, if any, shown as ``***`` (a Redis URL may carry one). A user
+    without a password is masked too: ``redis://S3cret@host`` is a password written where the user
+    goes (for ``redis://:S3cret@host``) more often than a ``nopass`` ACL user."""
     parts = urlsplit(url)
-    if not parts.password:
+    if "@" not in parts.netloc:
         return url
     host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+    shown = "***" if parts.password is None else f"{parts.username or ''}:***"
+    return parts._replace(netloc=f"{shown}@{host}").geturl()
 
 
 #: What Kubernetes sets in every pod for each Service of its namespace (service links, unless the
