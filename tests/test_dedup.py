@@ -111,6 +111,28 @@ async def test_a_not_applied_event_is_retried_only_for_the_same_change(store: De
     assert (await store.claim("e10", "w2", "t/0/5", 30, "change.started CM1/s-1")).kind is ClaimKind.NEW
 
 
+async def test_an_unfinished_claim_for_another_change_is_not_taken_over(store: DedupStore) -> None:
+    """A claim keeps its change: a message reusing the id for another change, meeting a claim that
+    is unfinished (its job cancelled, its worker gone, its lease expired), took it over and sent
+    its own change; the first change, sent and unconfirmed, was then refused as the reuse."""
+    started = "change.started CM1/s-1"
+    first = await store.claim("e11", "w1", "t/0/1", 0.05, started)
+    assert first.kind is ClaimKind.NEW
+    assert await store.extend("e11", "w1", 0.05)  # a renewal keeps the target
+    for owner in ("w1", "w2"):  # the same worker (its job cancelled) or another (the lease out)
+        other = await store.claim("e11", owner, "t/0/2", 30, "change.started CM2/s-2")
+        assert other.kind is ClaimKind.DONE
+        assert other.record is not None
+        assert (other.record.state, other.record.target, other.record.source) == ("claimed", started, "t/0/1")
+    # the first message read again still takes its own claim over, and reads its ticket first
+    deadline = asyncio.get_running_loop().time() + 5
+    while (again := await store.claim("e11", "w2", "t/0/1", 30, started)).kind is not ClaimKind.NEW:
+        assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
+        await asyncio.sleep(0.02)
+    assert again.taken_over
+    assert again.maybe_sent
+
+
 async def test_a_failed_event_retried_by_another_message_may_have_been_sent(store: DedupStore) -> None:
     await store.claim("e10", "w1", "t/0/5", 30)
     await store.mark_done(
@@ -359,6 +381,29 @@ async def test_a_record_that_cannot_be_read_fails_its_own_event_not_the_batch(tm
         await store.close()
 
 
+async def test_a_redis_record_that_cannot_be_read_fails_its_own_event_as_on_sqlite(
+    redis_url: str,
+) -> None:
+    """The claim script failed to decode it: a Redis error, so the store counted as away, the
+    worker paused, its probe passed, the same claim paused it again, without end. It is refused
+    like sqlite's now: that event fails (ValueError), the store stays up, renewals say not held."""
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    raw = redis.Redis.from_url(redis_url.split("?", 1)[0])
+    try:
+        raw.set(store._key("bad"), "{not json")
+        with pytest.raises(ValueError, match="Expecting property name"):  # json's, not the store's
+            await store.claim("bad", "w1", "t/0/1", 30.0)
+        assert not await store.extend("bad", "w1", 30.0)
+        await store.release("bad", "w1")
+        await store.ping()
+        assert (await store.claim("good", "w1", "t/0/2", 30.0)).kind is ClaimKind.NEW
+    finally:
+        raw.delete(store._key("bad"), store._key("good"))
+        raw.close()
+        await store.close()
+
+
 def test_records_stay_readable_by_the_release_before_and_after() -> None:
     """Claimed records are written as the first release wrote them, and keys a later release adds
     (the dead-letter fields, the target) are left out when read, not an error: a rollback reads
@@ -585,6 +630,41 @@ async def test_redis_writes_wait_for_the_replicas_asked_for(
         primary.close()
         await guarded.close()
         await trusting.close()
+
+
+async def test_a_takeover_refused_for_want_of_replicas_is_still_a_takeover_when_asked_again(
+    own_redis: OwnRedis,
+) -> None:
+    """The refused claim replaced a crashed worker's expired claim (or a failed event's record) on
+    the primary; asked again, the claim found only its own and answered a plain NEW: the change,
+    maybe sent by the dead worker, went out again without a look at the ticket. (No replica runs
+    here: every write with min_replicas=1 is refused, as while the replica is away.)"""
+    crashed = RedisStore(own_redis.url)
+    guarded = RedisStore(own_redis.url, min_replicas=1)
+    try:
+        assert (await crashed.claim("e1", "w1", "t/0/1", 0.05)).kind is ClaimKind.NEW
+        await crashed.mark_done("e2", DedupRecord("done", "w1", "t/0/2", "failed", 5, 503), 60)
+        for event_id in ("e1", "e2"):
+            deadline = asyncio.get_running_loop().time() + 5
+            while True:  # e1: until w1's lease is out and the claim is taken (on the primary)
+                with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+                    await guarded.claim(event_id, "w2", "t/0/9", 30)
+                if event_id in guarded._unreplicated:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
+                await asyncio.sleep(0.02)
+            with pytest.raises(DedupUnavailable):  # refused again: it must not forget the first
+                await guarded.claim(event_id, "w2", "t/0/9", 30)
+        guarded._min_replicas = 0  # the replica back
+        took = await guarded.claim("e1", "w2", "t/0/9", 30)
+        assert (took.kind, took.taken_over, took.maybe_sent) == (ClaimKind.NEW, True, True)
+        assert took.record is not None
+        assert took.record.owner == "w1"
+        retried = await guarded.claim("e2", "w2", "t/0/9", 30)
+        assert (retried.kind, retried.taken_over, retried.maybe_sent) == (ClaimKind.NEW, False, True)
+    finally:
+        await crashed.close()
+        await guarded.close()
 
 
 def test_redis_tls_without_verification_is_logged_as_a_warning() -> None:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 from waiting import until
 
 from schemas.events import CHANGE_EVENT_ADAPTER
@@ -312,7 +313,11 @@ async def test_a_record_without_a_target_still_makes_a_duplicate(rig: Rig) -> No
 
 async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_cancelled(rig: Rig) -> None:
     """The job holding the event is cancelled (a revocation past its grace): the waiting one is not
-    left waiting. It finds the cancelled job's claim, reads its own ticket first, and finishes."""
+    left waiting. It finds the cancelled job's claim, of another change (the id reused for another
+    ticket): it ends ``event_id_reused`` without a call, and leaves the claim to the first message,
+    whose redelivery reads its own ticket and finds its change applied. Before, the second took
+    the claim over and sent its change too; the first was then refused as the reuse, though its
+    change was in place."""
     state = rig.sim.state
     state.set_faults(drop_after_apply_ratio=1.0)  # the first job's answer is lost: it backs off 30 s
     other_ticket = {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}
@@ -325,9 +330,14 @@ async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_can
     await asyncio.gather(first, return_exceptions=True)
 
     await asyncio.wait_for(second, 10)
+    await asyncio.wait_for(rig.pipeline.process(job(STARTED)), 10)  # the first message, read again
 
-    assert [r.method for r in state.requests] == ["PUT", "GET", "PUT"]
-    assert [(o["ticket_id"], o["status"]) for o in rig.published.outcomes] == [("CM2", "applied")]
+    assert [r.method for r in state.requests] == ["PUT", "GET"]
+    assert [(o["ticket_id"], o["status"], o["reason"]) for o in rig.published.outcomes] == [
+        ("CM2", "invalid", "event_id_reused"),
+        ("CM1", "applied", "reconciled"),
+    ]
+    assert len(state.applied_for("ev-1")) == 1
 
 
 def invalid_job(offset: int = 9) -> Job:
@@ -472,6 +482,141 @@ def _pipeline(
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     return Pipeline(settings, store, caller, published, gate, metrics), gate
+
+
+class _SlowFirstDone(MemoryStore):
+    """A store whose first done-record write waits for ``release`` (a slow store, a zombie owner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self.claims = 0
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self.claims += 1
+        return await super().claim(*args, **kwargs)
+
+    async def mark_done(self, key: str, record: Any, ttl_s: float) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            await self.release.wait()
+        await super().mark_done(key, record, ttl_s)
+
+
+async def test_an_invalid_message_in_hand_at_another_worker_is_waited_for_then_repeated() -> None:
+    """The previous owner of a partition (a zombie after a rebalance) still holds an invalid
+    message's claim; the new owner went ahead all the same, and both published its outcome and
+    dead letter unmarked. It waits for the holder, then repeats the outcome marked redelivered."""
+    store, published = _SlowFirstDone(), Recorder()
+    old, old_gate = _pipeline(store, _Answers("applied"), published)
+    new, new_gate = _pipeline(store, _Answers("applied"), published)
+    holding = asyncio.create_task(old.process(invalid_job()))
+    await store.entered.wait()
+    taking = asyncio.create_task(new.process(invalid_job()))
+    await until(lambda: store.claims >= 2)  # the new owner has asked for the claim
+    store.release.set()
+    await asyncio.wait_for(asyncio.gather(holding, taking), 10)
+    await old_gate.close()
+    await new_gate.close()
+    assert [(o["status"], o["redelivered"]) for o in published.outcomes] == [
+        ("invalid", False),
+        ("invalid", True),
+    ]
+
+
+#: Timeouts as short as settings allow, so that a lease (2 x (0.1 + 0.1) + 2 s at least) runs out soon.
+_SHORT_LEASE = {"api_connect_timeout_s": 0.1, "api_request_timeout_s": 0.1, "dedup_lease_s": 2.5}
+
+
+class _FailsOnceTheOtherApplied:
+    """An ApiCaller stand-in for a worker whose lease runs out while it backs off: it sends, then
+    waits until ``other_done`` (another worker took the event over and applied it), then gives up."""
+
+    def __init__(self) -> None:
+        self.sent, self.other_done = asyncio.Event(), asyncio.Event()
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        await kwargs["before_send"]()
+        self.sent.set()
+        await self.other_done.wait()
+        return ApplyResult("failed", 3, http_status=503, detail="gave up")
+
+
+async def test_a_worker_whose_claim_ran_out_does_not_overwrite_an_applied_record() -> None:
+    """Its lease ran out in a long backoff; another worker took the event over and applied it;
+    the first then gave up and wrote ``failed`` over the applied record: the next copy of the
+    event went back to the API, and this message had two outcomes, ``applied`` and ``failed``.
+    It finds its claim gone now, and repeats the applied outcome (marked redelivered)."""
+    store, published = MemoryStore(), Recorder()
+    slow = _FailsOnceTheOtherApplied()
+    first, first_gate = _pipeline(store, slow, published, **_SHORT_LEASE)
+    second, second_gate = _pipeline(store, _Answers("applied"), published, **_SHORT_LEASE)
+    running = asyncio.create_task(first.process(job(STARTED)))
+    await slow.sent.wait()
+    await asyncio.wait_for(second.process(job(STARTED)), 10)  # takes over once the lease is out
+    slow.other_done.set()
+    await asyncio.wait_for(running, 10)
+    await first_gate.close()
+    await second_gate.close()
+    record = await store.claim("ev-1", "w9", "in/0/99", 30, "change.started CM1/s-1")
+    assert (record.kind, record.record.status if record.record else None) == (ClaimKind.APPLIED, "applied")
+    assert [(o["status"], o["redelivered"]) for o in published.outcomes] == [
+        ("applied", False),
+        ("applied", True),
+    ]
+
+
+class _AnswersLate(MemoryStore):
+    """A store whose claims and renewals answer ``late_s`` after they are written (a Redis write
+    waiting for its replicas); counts the renewals."""
+
+    def __init__(self, late_s: float) -> None:
+        super().__init__()
+        self.late_s, self.extends = late_s, 0
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        answer = await super().claim(*args, **kwargs)
+        await asyncio.sleep(self.late_s)
+        return answer
+
+    async def extend(self, *args: Any, **kwargs: Any) -> bool:
+        self.extends += 1
+        return await super().extend(*args, **kwargs)
+
+
+class _SendsAfter:
+    """An ApiCaller stand-in that sends ``after_s`` into its call."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        await asyncio.sleep(self.after_s)  # the time the call takes before it sends (not a wait for anything)
+        await kwargs["before_send"]()
+        return ApplyResult("applied", 1, http_status=200)
+
+
+async def test_the_lease_is_counted_from_when_the_claim_was_asked_for() -> None:
+    """The lease runs from the store's write; counted from its answer, up to a second later, a send
+    went out with less of the lease left than a request may take to land, and another worker could
+    take the event over and send meanwhile. Here 2.5 s of lease, 0.4 s a request may take, the
+    answer 1 s late, the send 1.2 s after it: 0.3 s left, so the claim is renewed first."""
+    store = _AnswersLate(late_s=1.0)
+    pipeline, gate = _pipeline(store, _SendsAfter(1.2), Recorder(), **_SHORT_LEASE)
+    await asyncio.wait_for(pipeline.process(job(STARTED)), 10)
+    await gate.close()
+    assert store.extends == 1
+
+
+async def test_the_warning_of_an_event_not_applied_says_why() -> None:
+    """It said status, attempts and HTTP status; the API's code and words were in the outcome
+    only, so an operator reading the log could not tell a bad ticket from a bad mapping."""
+    pipeline, gate = _pipeline(MemoryStore(), _Answers("rejected"), Recorder())
+    with capture_logs() as logs:
+        await pipeline.process(job(STARTED))
+    await gate.close()
+    [line] = [e for e in logs if e["event"] == "event_not_applied"]
+    assert (line["log_level"], line["error_code"], line["detail"]) == ("warning", "GOM.00001005", "pending")
 
 
 async def test_a_rejected_events_record_is_written_before_its_outcome() -> None:

@@ -26,7 +26,9 @@ Each event id moves through three states in the store::
   the same ``event_id`` and the same change (the records' ``target``) is a duplicate when the
   event was applied; when it was rejected or failed, it may try again (a fixed ticket, a replay
   from the DLQ). One for another change reused the id: the claim answers ``DONE`` and the
-  pipeline refuses it (records of an earlier release, without a target, cannot tell).
+  pipeline refuses it (records of an earlier release, without a target, cannot tell). A claim
+  keeps its target too: a message for another change that meets an unfinished claim is refused
+  the same way, and never takes the claim over, which the first message's redelivery does.
 
 Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
 (survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
@@ -154,6 +156,11 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float, targ
     if record is None:
         return Claim(ClaimKind.NEW)
     if record.state == "claimed":
+        if record.of_another_change(target):
+            # Its change may have been sent (the claim unfinished: a job cancelled, a worker gone)
+            # under this id: this message reuses it, and must neither send nor take the claim,
+            # which the first message's redelivery takes over to read its own ticket.
+            return Claim(ClaimKind.DONE, record)
         if record.owner == owner:  # a job of ours that did not finish: it may have sent the change
             return Claim(ClaimKind.NEW, record, taken_over=True)
         if record.lease_until > now:
@@ -166,8 +173,9 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float, targ
     return Claim(ClaimKind.DONE, record)
 
 
-def claimed(owner: str, source: str, now: float, lease_s: float) -> DedupRecord:
-    return DedupRecord("claimed", owner, source, lease_until=now + lease_s)
+def claimed(owner: str, source: str, now: float, lease_s: float, target: str = "") -> DedupRecord:
+    """A claim, with the change it is for: another change under the same id is a reuse."""
+    return DedupRecord("claimed", owner, source, lease_until=now + lease_s, target=target)
 
 
 class DedupStore(Protocol):
@@ -213,7 +221,7 @@ class MemoryStore:
         now = time.time()
         answer = decide(self._get(event_id), owner, source, now, target)
         if answer.kind is ClaimKind.NEW:
-            self._put(event_id, claimed(owner, source, now, lease_s), lease_s + self._claim_keep_s)
+            self._put(event_id, claimed(owner, source, now, lease_s, target), lease_s + self._claim_keep_s)
         return answer
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
@@ -221,7 +229,8 @@ class MemoryStore:
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
         now = time.time()
-        self._put(event_id, claimed(owner, record.source, now, lease_s), lease_s + self._claim_keep_s)
+        renewed = claimed(owner, record.source, now, lease_s, record.target)
+        self._put(event_id, renewed, lease_s + self._claim_keep_s)
         return True
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
@@ -414,7 +423,7 @@ class SqliteStore:
         now = time.time()
         answer = decide(cls._read(conn, event_id, now), owner, source, now, target)
         if answer.kind is ClaimKind.NEW:
-            record = claimed(owner, source, now, lease_s)
+            record = claimed(owner, source, now, lease_s, target)
             cls._write(conn, event_id, record, now + lease_s + keep_s)
         return answer
 
@@ -426,7 +435,7 @@ class SqliteStore:
         record = cls._read(conn, event_id, now)
         if record is None or record.state != "claimed" or record.owner != owner:
             return False
-        renewed = claimed(owner, record.source, now, lease_s)
+        renewed = claimed(owner, record.source, now, lease_s, record.target)
         cls._write(conn, event_id, renewed, now + lease_s + keep_s)
         return True
 
@@ -505,8 +514,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local v = redis.call('GET', KEYS[1])
 if v then
-  local r = cjson.decode(v)
+  local ok, r = pcall(cjson.decode, v)
+  -- unreadable: answered as it is, for the caller to refuse (as sqlite does), not a store error
+  if not ok or type(r) ~= 'table' then return {0, v} end
   if r['state'] == 'claimed' then
+    if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then return {0, v} end
     if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v} end
   elseif r['state'] == 'applied' then
     return {0, v}
@@ -524,7 +536,8 @@ return {1, v or false}
 _EXTEND_LUA = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
-local r = cjson.decode(v)
+local ok, r = pcall(cjson.decode, v)
+if not ok or type(r) ~= 'table' then return 0 end
 if r['state'] == 'claimed' and r['owner'] == ARGV[1] then
   local t = redis.call('TIME')
   r['lease_until'] = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[2])
@@ -536,14 +549,19 @@ return 0
 _RELEASE_LUA = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
-local r = cjson.decode(v)
+local ok, r = pcall(cjson.decode, v)
+if not ok or type(r) ~= 'table' then return 0 end
 if r['state'] == 'claimed' and r['owner'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
 
 class _NotReplicated(DedupUnavailable):
-    """A Redis write the primary made but too few replicas acknowledged."""
+    """A Redis write the primary made but too few replicas acknowledged; ``result`` is its answer."""
+
+    def __init__(self, detail: str, result: Any) -> None:
+        super().__init__(detail)
+        self.result = result
 
 
 class RedisStore:
@@ -559,8 +577,9 @@ class RedisStore:
         self._prefix = prefix
         self._claim_keep_s = claim_keep_s
         self._min_replicas = min_replicas
-        #: Events whose last claim here was refused for want of replicas only (``claim``).
-        self._unreplicated: set[str] = set()
+        #: Events whose claim here was refused for want of replicas only (``claim``), with the
+        #: record that claim replaced on the primary (False: none).
+        self._unreplicated: dict[str, str | bool] = {}
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
@@ -598,14 +617,15 @@ class RedisStore:
             if acked < self._min_replicas:
                 raise _NotReplicated(
                     f"redis dedup store: a write reached {acked} of {self._min_replicas} replicas"
-                    f" in {_REPLICA_WAIT_MS} ms"
+                    f" in {_REPLICA_WAIT_MS} ms",
+                    result,
                 )
             return result
 
         return await self._call(replicated())
 
     async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
-        mine = DedupRecord("claimed", owner, source).encode()
+        mine = DedupRecord("claimed", owner, source, target=target).encode()
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         try:
             taken, previous = await self._write(
@@ -615,21 +635,29 @@ class RedisStore:
                     client=client,
                 )
             )
-        except _NotReplicated:
-            self._unreplicated.add(event_id)  # written on the primary: our claim, nothing sent
+        except _NotReplicated as exc:
+            refused_taken, replaced = exc.result
+            if refused_taken:  # written on the primary: our claim, nothing sent yet
+                # What it replaced is what this claim answers for when asked again (the first
+                # refusal's: a second would only have replaced our own claim).
+                self._unreplicated.setdefault(event_id, replaced)
             raise
+        if taken and event_id in self._unreplicated:
+            replaced = self._unreplicated.pop(event_id)
+            mine_before = DedupRecord.decode(previous) if previous else None
+            if mine_before is not None and mine_before.state == "claimed" and mine_before.owner == owner:
+                # Our own claim, written by the refused attempt: the record before it tells what
+                # this claim took over (another owner's expired claim, a failed event), not it.
+                previous = replaced
         record = DedupRecord.decode(previous) if previous else None
         if taken:
             # The script followed decide(): any previous claim (another owner's expired one, or
-            # our own unfinished one) was a takeover; not our own that only lacked its replicas.
-            over = record is not None and record.state == "claimed"
-            if event_id in self._unreplicated:
-                self._unreplicated.discard(event_id)
-                over = over and record is not None and record.owner != owner
-            return Claim(ClaimKind.NEW, record, taken_over=over)
+            # our own unfinished one) was a takeover.
+            return Claim(ClaimKind.NEW, record, taken_over=record is not None and record.state == "claimed")
         assert record is not None
-        # Not taken: held by a live owner, applied, or done. decide() says which (a held claim's
-        # lease is by definition in the future of Redis' clock, hence "now" = 0 for it).
+        # Not taken: held by a live owner, claimed for another change, applied, or done. decide()
+        # says which (a held claim's lease is by definition in the future of Redis' clock, hence
+        # "now" = 0 for it).
         return decide(record, owner, source, 0.0, target)
 
     async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:

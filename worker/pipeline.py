@@ -23,7 +23,7 @@ from schemas.outcomes import DEAD_LETTER_STATUSES, OUTCOME_SCHEMA_VERSION, Outco
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import Identity
-from worker.dedup import ClaimKind, DedupRecord, DedupStore
+from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
 from worker.logs import bind_message_context, get_logger, redact_text
@@ -157,7 +157,7 @@ class Pipeline:
         ``redelivered``, as every outcome of a message read again)."""
         key = f"@{job.source}"  # '@' never occurs in an event_id
         fingerprint = _fingerprint(job)
-        claim = await self._dedup(lambda: self._store.claim(key, self._claimant, job.source, self._lease_s))
+        claim, _ = await self._claim_when_free(key, job.source)
         record = claim.record
         # The same message, not another one at a position read again after its log was cut back
         # (an unclean leader election, a recreated topic); a record without a fingerprint (an
@@ -191,36 +191,60 @@ class Pipeline:
     async def _claim_and_apply(self, job: Job, event: AnyChangeEvent) -> None:
         body = request_wire(event)
         target = event_target(event)
-        held_delay = 0.0  # while another worker holds the claim: the next wait before asking again
         while True:
-            claim = await self._dedup(
-                lambda: self._store.claim(event.event_id, self._claimant, job.source, self._lease_s, target)
-            )
-            if claim.kind is ClaimKind.HELD:
-                # Another live worker holds it (a rebalance race): wait for it to finish, or for
-                # its lease to run out if it died.
-                if not held_delay:
-                    log.info("event_claimed_elsewhere", owner=claim.record.owner if claim.record else None)
-                held_delay = min(held_delay * 2 or _HELD_POLL_FIRST_S, _HELD_POLL_MAX_S)
-                await asyncio.sleep(held_delay)
-                continue
+            claim, claimed_at = await self._claim_when_free(event.event_id, job.source, target)
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
                 await self._finish_known(job, event, target, body, claim.record)
                 return
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
             try:
-                result = await self._apply(job, event, wire_bytes(body), ambiguous=claim.maybe_sent)
+                result = await self._apply(
+                    job, event, wire_bytes(body), ambiguous=claim.maybe_sent, claimed_at=claimed_at
+                )
+                if result.status != "applied":
+                    await self._still_held(event.event_id)
             except _ClaimLost:
                 log.warning("claim_lost")
                 continue
             break
         await self._finish_applied_or_not(job, event, target, body, result)
 
+    async def _still_held(self, event_id: str) -> None:
+        """Raise ``_ClaimLost`` unless our claim still stands (renewed, for the writes that follow).
+
+        Before the done-record of an event not applied: a long retry backoff or settle wait renews
+        nothing, so the lease may have run out and another worker taken the event over and applied
+        it; written over its applied record, a ``failed`` one sent the next copy of the event back
+        to the API, and this message got a second, different outcome."""
+        if not await self._dedup(lambda: self._store.extend(event_id, self._claimant, self._lease_s)):
+            raise _ClaimLost
+
+    async def _claim_when_free(self, key: str, source: str, target: str = "") -> tuple[Claim, float]:
+        """The store's claim of ``key``, once no other live worker holds it: while one does (a
+        rebalance race), wait for it to finish, or for its lease to run out if it died. An
+        outcome decided without the API (``_finish_at_position``) waits too: both workers went
+        ahead, and both published it and its dead letter unmarked. With the claim, when it was
+        asked for (``time.monotonic()``): its lease runs from no later than that."""
+        held_delay = 0.0  # the next wait before asking again
+        while True:
+            asked_at = time.monotonic()
+            claim = await self._dedup(
+                lambda: self._store.claim(key, self._claimant, source, self._lease_s, target)
+            )
+            if claim.kind is not ClaimKind.HELD:
+                return claim, asked_at
+            if not held_delay:
+                log.info("event_claimed_elsewhere", owner=claim.record.owner if claim.record else None)
+            held_delay = min(held_delay * 2 or _HELD_POLL_FIRST_S, _HELD_POLL_MAX_S)
+            await asyncio.sleep(held_delay)
+
     async def _apply(
-        self, job: Job, event: AnyChangeEvent, payload: bytes, *, ambiguous: bool
+        self, job: Job, event: AnyChangeEvent, payload: bytes, *, ambiguous: bool, claimed_at: float
     ) -> ApplyResult:
-        renewed_at = time.monotonic()  # the claim was just taken
+        # The lease runs from the store's write, which came before its answer (by up to a second
+        # when a Redis write waits for its replicas): counted from the asking, so never too late.
+        renewed_at = claimed_at
 
         async def renew_lease() -> None:
             # Right before each send, unless the lease still outlasts the longest a request may take
@@ -230,12 +254,9 @@ class Pipeline:
             nonlocal renewed_at
             if self._lease_s - (time.monotonic() - renewed_at) > self._settings.api_abandon_s:
                 return
-            held = await self._dedup(
-                lambda: self._store.extend(event.event_id, self._claimant, self._lease_s)
-            )
-            if not held:
-                raise _ClaimLost
-            renewed_at = time.monotonic()
+            asked_at = time.monotonic()
+            await self._still_held(event.event_id)
+            renewed_at = asked_at
 
         return await self._caller.apply(
             event.ticket_id,
@@ -272,10 +293,15 @@ class Pipeline:
             return
         status = OutcomeStatus.REJECTED if result.status == "rejected" else OutcomeStatus.FAILED
         reason = "api_rejected" if status is OutcomeStatus.REJECTED else "retries_exhausted"
-        log.warning(
-            "event_not_applied", status=status.value, attempts=result.calls, http_status=result.http_status
-        )
         detail = result.error_msg or result.detail
+        log.warning(
+            "event_not_applied",
+            status=status.value,
+            attempts=result.calls,
+            http_status=result.http_status,
+            error_code=result.error_code,
+            detail=detail[:_RECORD_DETAIL_CHARS] if detail else None,  # the log line is redacted whole
+        )
         # Remembered with its message before anything is published, as an applied event is: a
         # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter
         # and never calls the API again, while another message with this event_id (a fixed ticket,
