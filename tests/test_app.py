@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from structlog.testing import capture_logs
 from waiting import until
 
 import worker.app as app_module
@@ -352,9 +353,13 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
     worker._pipeline = HeadStuck()  # type: ignore[assignment]
     try:
         await worker.on_assigned({hot, other})
-        for n in range(16):
-            worker._dispatch(Message(topic, 0, n, b"HOT", event(n, "HOT"), [], 0))
+        with capture_logs() as logs:
+            for n in range(16):
+                worker._dispatch(Message(topic, 0, n, b"HOT", event(n, "HOT"), [], 0))
         assert worker._consumer.held == {hot}  # 16 unfinished: half the buffer of 32
+        # flow control, not a fault: a plain backlog with one partition per pod meets it all along
+        held = [(e["log_level"], e["reason"]) for e in logs if e["event"] == "partition_held"]
+        assert held == [("info", "share")]
         assert group.paused_now == {TopicPartition(*hot)}
         assert len(worker._lanes) == 16 < worker._buffer_limit  # room for the other partition
         for n in range(40):  # its tickets come and go

@@ -192,7 +192,10 @@ async def test_a_crashing_probe_does_not_kill_its_prober(gate: Gate) -> None:
         ("probe_crashed", "RuntimeError"),
         ("worker_resumed", None),
     ]
-    assert {e["log_level"] for e in logs if e["event"] == "probe_crashed"} == {"error"}
+    crashes = [e for e in logs if e["event"] == "probe_crashed"]
+    assert {e["log_level"] for e in crashes} == {"error"}
+    # with its cause (only the class name was logged), and its traceback the first time
+    assert [(e["detail"], e["exc_info"]) for e in crashes] == [("probe bug", True), ("probe bug", False)]
     assert len(probe.at) >= 3
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -67,3 +69,14 @@ async def test_a_request_the_http_server_cannot_parse_is_logged_without_its_text
     output = log_output.getvalue()
     assert "unregistered-token-1" not in output
     assert "BadHttpMessage" in output or "InvalidHeader" in output  # the failure is still logged
+
+
+def test_a_library_log_line_carries_a_timestamp(log_output: io.StringIO) -> None:
+    """aiokafka's and aiohttp's lines (heartbeats failed, connections lost) had no time, so they
+    could not be placed beside the worker's own."""
+    logging.getLogger("aiokafka.consumer.group_coordinator").warning("Heartbeat failed for group %s", "g")
+    get_logger("test").warning("ours")
+    lines = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["Heartbeat failed for group g", "ours"]
+    stamps = [datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")) for line in lines]
+    assert all(abs(datetime.now(UTC) - stamp) < timedelta(minutes=1) for stamp in stamps)

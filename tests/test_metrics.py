@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from schemas.outcomes import OutcomeStatus
+from worker.errors import PAUSE_KINDS
 from worker.metrics import API_LATENCY_BUCKETS, Metrics
 
 LATENCIES = [0.0, 0.001, 0.005, 0.0050001, 0.3, 1.0, 29.9, 30.0, 45.0]
@@ -47,7 +48,8 @@ def _reference() -> tuple[CollectorRegistry, Counter, Counter, Counter, Histogra
     )
     requests = Counter(
         "coc_worker_api_requests",
-        "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected').",
+        "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected', 'client_error';"
+        " 'error': a call cancelled before its answer).",
         ["code"],
         registry=ref,
     )
@@ -112,3 +114,13 @@ def test_a_scrape_from_another_thread_while_codes_are_added() -> None:
         done.set()
         scraper.join()
     assert errors == []
+
+
+def test_labelled_counters_show_every_kind_from_the_start() -> None:
+    """``increase()`` cannot see a series' first sample: the first pause of a kind (or a short
+    one that flapped) was invisible to an alert, its series appearing already at 1."""
+    registry = Metrics().registry
+    for kind in PAUSE_KINDS:
+        assert registry.get_sample_value("coc_worker_pauses_total", {"kind": kind}) == 0.0
+    for kind in ("duplicate", "redelivered"):
+        assert registry.get_sample_value("coc_worker_dedup_hits_total", {"kind": kind}) == 0.0

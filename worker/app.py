@@ -280,14 +280,16 @@ class Worker:
             return
         self.metrics.count_consumed()
         key = message.partition_key
-        if (
-            taken_in.pending >= self._uncommitted_limit or taken_in.unfinished >= self._partition_share
-        ) and key not in self._consumer.held:
+        stuck = taken_in.pending >= self._uncommitted_limit
+        if (stuck or taken_in.unfinished >= self._partition_share) and key not in self._consumer.held:
             self._consumer.hold(key)
-            log.warning(
+            # Far behind its oldest unfinished message: one is stuck, worth a look. At its share
+            # of the buffer: flow control, which a plain backlog meets every few hundred messages.
+            (log.warning if stuck else log.info)(
                 "partition_held",
                 topic=key[0],
                 partition=key[1],
+                reason="uncommitted" if stuck else "share",
                 uncommitted=taken_in.pending,
                 unfinished=taken_in.unfinished,
             )
@@ -498,4 +500,4 @@ async def _bounded(step: Awaitable[None], name: str) -> None:
     except TimeoutError:
         log.warning("shutdown_step_timed_out", step=name, timeout_s=_SHUTDOWN_STEP_S)
     except Exception as exc:  # the rest of the shutdown must still run
-        log.warning("shutdown_step_failed", step=name, error=type(exc).__name__)
+        log.warning("shutdown_step_failed", step=name, error=type(exc).__name__, detail=str(exc)[:300])

@@ -156,6 +156,13 @@ class DeadLetterUnwritable(BrokerUnavailable):
     kind = "dlq_unwritable"
 
 
+#: Every kind of pause (``SystemicError.kind`` of each subclass): a metric's label values, fixed.
+PAUSE_KINDS = tuple(
+    cls.kind
+    for cls in (ApiAuthError, ApiUnreachable, DedupUnavailable, BrokerUnavailable, DeadLetterUnwritable)
+)
+
+
 class KafkaClientStopped(CocWorkerError):
     """A Kafka client ended on an error it does not recover from, while the broker still answers:
     the consumer's group coordination (every fetch fails from then on, with no heartbeat and no

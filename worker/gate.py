@@ -102,7 +102,15 @@ class Gate:
                 log.info("probe_failed", cause=kind, attempt=attempt, detail=str(exc))
                 continue
             except Exception as exc:  # a probe must never kill its prober: log, classify, retry
-                log.error("probe_crashed", cause=kind, attempt=attempt, error=type(exc).__name__)
+                # Its cause, and its traceback the first time: a bug to find, not an outage to wait out.
+                log.error(
+                    "probe_crashed",
+                    cause=kind,
+                    attempt=attempt,
+                    error=type(exc).__name__,
+                    detail=str(exc)[:300],
+                    exc_info=attempt == 1,
+                )
                 continue
             break
         self._causes.pop(kind, None)

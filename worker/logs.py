@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any, TextIO, cast
 from urllib.parse import quote, quote_plus
 
@@ -170,7 +171,10 @@ class _StdlibFormatter(logging.Formatter):
         message = redact_text(message)
         if not self._json:
             return f"{record.levelname.lower()} [{record.name}] {message}"
-        return json.dumps({"event": message, "logger": record.name, "level": record.levelname.lower()})
+        stamped = datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z")
+        return json.dumps(
+            {"event": message, "logger": record.name, "level": record.levelname.lower(), "timestamp": stamped}
+        )
 
 
 def get_logger(name: str) -> Any:

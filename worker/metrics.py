@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from schemas.outcomes import OutcomeStatus
+from worker.errors import PAUSE_KINDS
 
 #: Upper bounds of the API latency histogram, in seconds.
 API_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -102,7 +103,8 @@ _CONSUMED = ("coc_worker_messages_consumed", "Messages read from the input topic
 _OUTCOMES = ("coc_worker_outcomes", "Outcome events published, by status.")
 _API_REQUESTS = (
     "coc_worker_api_requests",
-    "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected').",
+    "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected', 'client_error';"
+    " 'error': a call cancelled before its answer).",
 )
 _API_LATENCY = ("coc_worker_api_request_seconds", "API call latency, successful or not.")
 
@@ -110,6 +112,10 @@ _API_LATENCY = ("coc_worker_api_request_seconds", "API call latency, successful 
 def _bucket_label(bound: float) -> str:
     """As prometheus-client writes an upper bound (``floatToGoString``): 0.005, 1.0, +Inf."""
     return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+#: Why an event was not applied again (``coc_worker_dedup_hits``'s label values).
+DEDUP_HIT_KINDS = ("duplicate", "redelivered")
 
 
 class Metrics:
@@ -149,6 +155,12 @@ class Metrics:
         self.pauses = Counter(
             "coc_worker_pauses", "Systemic failures that paused consumption, by kind.", ["kind"], registry=r
         )
+        # Every kind from the start, at 0: increase() cannot see a series' first sample, so a
+        # first pause of a kind (or a short one that flapped) went unseen by an alert on it.
+        for kind in PAUSE_KINDS:
+            self.pauses.labels(kind=kind)
+        for kind in DEDUP_HIT_KINDS:
+            self.dedup_hits.labels(kind=kind)
         self.commits = Counter("coc_worker_commits", "Offset commits sent to the broker.", registry=r)
         self.rate_limited = Counter(
             "coc_worker_rate_limit_waits", "API calls delayed by the rate or concurrency limit.", registry=r
