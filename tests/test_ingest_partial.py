@@ -159,3 +159,22 @@ async def test_a_partly_written_group_counts_the_slices_already_acknowledged(
     assert producer.calls == [2, 2]  # the third slice was not sent
     assert (body["written"], body["not_written"]) == (ids[:3], ids[3:])
     assert metrics.registry.get_sample_value("coc_worker_ingest_events_total", {"route": "alertmanager"}) == 3
+
+
+@pytest.mark.parametrize("variable", ["COC_WORKER_INGEST_TOKENS", "COC_WORKER_INGEST_TOKENS_FILE"])
+async def test_an_empty_tokens_variable_lets_nobody_in(
+    variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty variable counted as one not set, and with no tokens set the ingress is open:
+    compose's ``${TOKENS:-}`` with ``TOKENS`` unset, or an empty key of a Kubernetes Secret, let
+    every request in. Given, even empty, the variable asks for tokens: no token, nobody in."""
+    monkeypatch.setenv(variable, "")
+    settings = load_settings(
+        kafka_bootstrap_servers="127.0.0.1:9", input_topic="in-stub", http_host="127.0.0.1", http_port=0
+    )
+    producer = PartlyWriting(0, [])
+    status, body, _ = await post_with_producer(
+        settings, producer, monkeypatch, "/v1/events", [event("change.started", "CM-E", "s1")]
+    )
+    assert (status, body["error"]) == (401, "unauthorized")
+    assert producer.calls == []

@@ -117,7 +117,7 @@ class Ingress:
         self._producer = EventProducer(settings)
         self._started = False
         #: Tokens are required once either setting is given, even while the list is empty.
-        self._auth = settings.ingest_tokens is not None or settings.ingest_tokens_file is not None
+        self._auth = settings.ingest_auth_configured
         self._body_timeout_s = body_timeout_s
         self._broker_check_s = broker_check_s
         self._broker_ok = True

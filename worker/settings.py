@@ -442,6 +442,14 @@ class WorkerSettings(BaseSettings):
                 value = without_password(value)
             yield name, value
 
+    @property
+    def ingest_auth_configured(self) -> bool:
+        """Whether the ingress asks for tokens: once either variable is given, even empty (an
+        empty one counts as not set for its value, but must not open the ingress to anyone:
+        compose's ``${TOKENS:-}`` with ``TOKENS`` unset let every request in)."""
+        given = {"ingest_tokens", "ingest_tokens_file"} & self.model_fields_set
+        return bool(given) or self.ingest_tokens is not None or self.ingest_tokens_file is not None
+
     def secret_values(self) -> list[str]:
         """Every secret currently configured; the log redactor scrubs these from all output."""
         values = []
@@ -452,9 +460,13 @@ class WorkerSettings(BaseSettings):
                 continue
             if value and len(value) >= 4:
                 values.append(value)
-        password = urlsplit(self.dedup_url).password
+        url = urlsplit(self.dedup_url)
+        password = url.password
         if password:
             values += [password, unquote(password)]  # as written in the URL, and as sent to Redis
+        elif url.username and len(url.username) >= MIN_SECRET_CHARS:
+            # a password written where the user goes (``without_password`` masks it too)
+            values += [url.username, unquote(url.username)]
         return list(dict.fromkeys(values))
 
 
