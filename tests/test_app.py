@@ -710,6 +710,51 @@ async def test_a_stop_after_the_group_coordination_ended_still_drains_and_commit
         await close_unstarted(worker, real)
 
 
+async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path) -> None:
+    """A worker paused on an outage has jobs that cannot finish: its stop waited the whole grace
+    (25 s by default), and a second Ctrl-C or SIGTERM changed nothing. The second request stops
+    the waiting; the jobs are cancelled as after the grace, and what finished is committed."""
+    worker = make_worker(tmp_path, shutdown_grace_s=60.0)
+    key = (worker.settings.input_topic, 0)
+
+    class Idle(GroupMember):
+        polls = 0
+
+        async def getmany(
+            self, *partitions: TopicPartition, **kwargs: object
+        ) -> dict[TopicPartition, list[object]]:
+            Idle.polls += 1
+            return {}
+
+        async def stop(self) -> None:
+            return None
+
+    real, worker._consumer._consumer = worker._consumer._consumer, Idle({TopicPartition(*key)})  # type: ignore[assignment]
+    commits: list[dict[Any, int]] = []
+
+    async def commit(positions: dict[Any, int]) -> None:
+        commits.append(positions)
+
+    worker._consumer.commit = commit  # type: ignore[method-assign]
+    pipeline = holding_jobs(worker)
+    try:
+        await worker.on_assigned({key})
+        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+        await until(lambda: len(pipeline.started) == 1)
+        worker.stop()
+        stopping = asyncio.ensure_future(worker._shutdown())
+        await until(lambda: Idle.polls >= 1)  # draining: waiting for the job in hand
+        assert not stopping.done()
+        worker.stop()  # asked again
+        await asyncio.wait_for(stopping, 10)  # not the 60 s grace
+        assert not pipeline.release.is_set()  # the job never finished: cancelled
+        assert commits == [{key: 7}]  # up to the job, not past it: the next owner reads it again
+    finally:
+        pipeline.release.set()
+        worker._consumer._consumer = real
+        await close_unstarted(worker, real)
+
+
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:
     """aiokafka's producer fails every send with a copy of its sender task's error once that task
     has ended (a refused InitProducerId, an unrecoverable sequence error), and never starts it

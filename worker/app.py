@@ -55,6 +55,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         register_secrets(settings.secret_values())
         self._stopping = asyncio.Event()
+        self._hurried = asyncio.Event()  # a second stop request: no more waiting for the jobs
         self._room = asyncio.Event()
         #: Fetching pauses at the buffer limit and resumes once this few are left (hysteresis).
         self._buffer_limit = settings.buffer_limit
@@ -120,7 +121,11 @@ class Worker:
 
     # --- public ---------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the worker to shut down gracefully (safe to call from a signal handler)."""
+        """Ask the worker to shut down gracefully (safe to call from a signal handler). Asked
+        again, it stops waiting for the jobs in hand (a second Ctrl-C or SIGTERM): they are
+        cancelled, as after the grace, and their claims make the next owner read the ticket."""
+        if self._stopping.is_set():
+            self._hurried.set()
         self._stopping.set()
 
     @property
@@ -435,7 +440,7 @@ class Worker:
         deadline = loop.time() + grace_s
         polling = True
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
-            if loop.time() >= deadline:
+            if loop.time() >= deadline or self._hurried.is_set():
                 return False
             if not polling:
                 continue
