@@ -340,6 +340,9 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
     "endpoint_with_a_dot_segment": ({"api": {"endpoint": "https://gw.example.com/coc/./api"}}, "endpoint"),
     "endpoint_port_out_of_range": ({"api": {"endpoint": "https://gw.example.com:99999"}}, "endpoint"),
     "bootstrap_port_out_of_range": ({"kafka": {"bootstrapServers": "kafka:99999"}}, "bootstrapServers"),
+    # the worker refuses these at start (credentials or a scheme taken for a host name)
+    "bootstrap_with_credentials": ({"kafka": {"bootstrapServers": "user@kafka:9092"}}, "bootstrapServers"),
+    "bootstrap_with_a_path": ({"kafka": {"bootstrapServers": "kafka/x:9092"}}, "bootstrapServers"),
 }
 BAD = {name: (merged(MINIMAL, values), fragment) for name, (values, fragment) in _BAD.items()}
 
@@ -362,6 +365,8 @@ SCHEMA_BAD = [
     "endpoint_with_a_dot_segment",
     "endpoint_port_out_of_range",
     "bootstrap_port_out_of_range",
+    "bootstrap_with_credentials",
+    "bootstrap_with_a_path",
     "redis_url_port_out_of_range",
 ]
 
