@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 from waiting import until
 
@@ -134,5 +135,66 @@ async def test_a_batch_not_handed_over_fails_only_its_own_outcomes(monkeypatch: 
         first_batch.set_result(None)  # the broker acknowledges the batch that was handed over
         assert await asyncio.gather(*jobs[:2]) == [None, None]
         assert handed == [2]
+    finally:
+        await publisher.stop()
+
+
+async def test_a_batch_refused_as_too_large_is_written_again_in_smaller_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A results topic whose max.message.bytes is under the producer's batch size (256 KiB) refused
+    every full batch: its outcomes failed together, their jobs paused, then wrote them again
+    together, refused again, and the pause never ended. Each outcome fits; the batches are split
+    until they do."""
+    publisher = Publisher(load_settings())
+    limit = 64 * 1024
+    sizes: list[tuple[int, bool]] = []
+
+    async def partitions_for(topic: str) -> set[int]:
+        return {0}
+
+    async def send_batch(batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        refused = batch.size() > limit
+        sizes.append((batch.size(), refused))
+        if refused:
+            done.set_exception(MessageSizeTooLargeError())
+        else:
+            done.set_result(None)
+        return done
+
+    monkeypatch.setattr(publisher._producer, "partitions_for", partitions_for)
+    monkeypatch.setattr(publisher._producer, "send_batch", send_batch)
+    outcome = b"{" + b"x" * 700 + b"}"
+    try:
+        jobs = [
+            publisher.publish(f"CT-{n}".encode(), outcome, "applied", None, TRACEPARENT) for n in range(256)
+        ]
+        assert await asyncio.wait_for(asyncio.gather(*jobs), 5) == [None] * 256
+    finally:
+        await publisher.stop()
+    assert any(refused for _, refused in sizes)  # the full batches were refused at first
+    written = [size for size, refused in sizes if not refused]
+    assert max(written) <= limit
+    assert len(written) <= 8  # halved, not sent one by one
+
+
+async def test_a_single_outcome_refused_as_too_large_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing left to split: that outcome is unconfirmed (its job pauses), as before."""
+    publisher = Publisher(load_settings())
+
+    async def partitions_for(topic: str) -> set[int]:
+        return {0}
+
+    async def send_batch(batch: Any, topic: str, *, partition: int) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_exception(MessageSizeTooLargeError())
+        return done
+
+    monkeypatch.setattr(publisher._producer, "partitions_for", partitions_for)
+    monkeypatch.setattr(publisher._producer, "send_batch", send_batch)
+    try:
+        with pytest.raises(BrokerUnavailable, match="MessageSizeTooLargeError"):
+            await asyncio.wait_for(publisher.publish(b"CT-1", b"{}", "applied", None, TRACEPARENT), 5)
     finally:
         await publisher.stop()

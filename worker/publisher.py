@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
@@ -228,41 +228,59 @@ class Publisher:
         """
         try:
             while queued := self._queued.pop(partition, None):
-                try:
-                    sent = await self._send_group(partition, queued)
-                    if sent:
-                        await asyncio.wait(sent)
-                except Exception as exc:  # whatever it is, every waiting job must hear of it
-                    _fail([item[3] for item in queued], exc)
+                await self._write_group(partition, queued)
         finally:
             del self._writers[partition]
 
-    async def _send_group(self, partition: int, items: list[_Queued]) -> list[asyncio.Future[object]]:
-        """Hand ``items`` to the producer as record batches; the futures of those handed over.
+    async def _write_group(self, partition: int, items: list[_Queued], per_batch: int = 0) -> None:
+        """``items`` as record batches, each answered. A batch of several records the broker refuses
+        as too large (a results topic whose ``max.message.bytes`` is under the producer's batch
+        size) is written again as two batches, and so on: failed whole, its jobs paused and wrote
+        the same outcomes together again, refused every time, and the pause never ended."""
+        try:
+            sent = await self._send_group(partition, items, per_batch)
+            if sent:
+                await asyncio.wait([answer for answer, _ in sent])
+            for answer, batch_items in sent:
+                if len(batch_items) > 1 and _refused_as_too_large(answer):
+                    await self._write_group(partition, batch_items, (len(batch_items) + 1) // 2)
+        except BaseException as exc:  # whatever it is, every waiting job must hear of it
+            stopped = exc if isinstance(exc, Exception) else KafkaError("outcome writer stopped")
+            _fail([item[3] for item in items], stopped)
+            if stopped is not exc:
+                raise
+
+    async def _send_group(
+        self, partition: int, items: list[_Queued], per_batch: int = 0
+    ) -> list[tuple[asyncio.Future[object], list[_Queued]]]:
+        """Hand ``items`` to the producer as record batches (of at most ``per_batch`` records when
+        given); each one handed over, with its items.
 
         A batch that could not be handed over (``send_batch`` raised: a full accumulator timed out,
         the producer closed) fails its records and every later one. Those handed over before it are
         left to the broker's answer: failed too, their jobs would write the outcomes again, while
         aiokafka still delivers the first copies."""
         topic = self._settings.results_topic
-        sent: list[asyncio.Future[object]] = []
+        sent: list[tuple[asyncio.Future[object], list[_Queued]]] = []
         batch = self._producer.create_batch()
-        members: list[asyncio.Future[None]] = []
+        members: list[_Queued] = []
         handed = 0  # items[:handed] are in batches handed over
         try:
-            for key, value, headers, delivered in items:
-                if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+            for item in items:
+                key, value, headers, _ = item
+                full = per_batch and len(members) == per_batch
+                if full or batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
                     # Full: send it and start the next one, which takes any first record whatever
                     # its size (one the broker refuses fails its waiter when the batch is answered).
                     answer = await self._producer.send_batch(batch, topic, partition=partition)
-                    sent.append(_settle_when_sent(answer, members))
+                    sent.append((_settle_when_sent(answer, members), members))
                     handed += len(members)
                     batch, members = self._producer.create_batch(), []
                     batch.append(timestamp=None, key=key, value=value, headers=headers)
-                members.append(delivered)
+                members.append(item)
             if members:
                 answer = await self._producer.send_batch(batch, topic, partition=partition)
-                sent.append(_settle_when_sent(answer, members))
+                sent.append((_settle_when_sent(answer, members), members))
         except Exception as exc:
             _fail([item[3] for item in items[handed:]], exc)
         return sent
@@ -330,12 +348,20 @@ def _fail(waiters: list[asyncio.Future[None]], exc: BaseException) -> None:
             waiter.set_exception(exc)
 
 
-def _settle_when_sent(
-    sent: asyncio.Future[object], waiters: list[asyncio.Future[None]]
-) -> asyncio.Future[object]:
-    """Resolve every outcome of a record batch when the broker acknowledges (or refuses) it."""
+def _refused_as_too_large(answer: asyncio.Future[object]) -> bool:
+    return not answer.cancelled() and isinstance(
+        answer.exception(), MessageSizeTooLargeError | RecordListTooLargeError
+    )
+
+
+def _settle_when_sent(sent: asyncio.Future[object], items: list[_Queued]) -> asyncio.Future[object]:
+    """Resolve every outcome of a record batch when the broker acknowledges (or refuses) it; a
+    batch of several refused as too large is left to ``_write_group``, which splits it."""
+    waiters = [item[3] for item in items]
 
     def settle(done: asyncio.Future[object]) -> None:
+        if len(waiters) > 1 and _refused_as_too_large(done):
+            return
         error = done.exception() if not done.cancelled() else KafkaError("outcome batch cancelled")
         if error is not None:
             _fail(waiters, error)
