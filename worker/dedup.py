@@ -155,12 +155,12 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float, targ
     """
     if record is None:
         return Claim(ClaimKind.NEW)
+    if record.of_another_change(target):
+        # This message reuses the id: whatever the first change's state, it neither sends nor
+        # takes the record over (an unfinished claim's change may have been sent; the first
+        # message's redelivery takes it over and reads its own ticket).
+        return Claim(ClaimKind.APPLIED if record.state == "applied" else ClaimKind.DONE, record)
     if record.state == "claimed":
-        if record.of_another_change(target):
-            # Its change may have been sent (the claim unfinished: a job cancelled, a worker gone)
-            # under this id: this message reuses it, and must neither send nor take the claim,
-            # which the first message's redelivery takes over to read its own ticket.
-            return Claim(ClaimKind.DONE, record)
         if record.owner == owner:  # a job of ours that did not finish: it may have sent the change
             return Claim(ClaimKind.NEW, record, taken_over=True)
         if record.lease_until > now:
@@ -168,7 +168,7 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float, targ
         return Claim(ClaimKind.NEW, record, taken_over=True)
     if record.state == "applied":
         return Claim(ClaimKind.APPLIED, record)
-    if record.status != "applied" and record.source != source and not record.of_another_change(target):
+    if record.status != "applied" and record.source != source:
         return Claim(ClaimKind.NEW, record)  # rejected/failed before: another message may retry
     return Claim(ClaimKind.DONE, record)
 
@@ -517,14 +517,13 @@ if v then
   local ok, r = pcall(cjson.decode, v)
   -- unreadable: answered as it is, for the caller to refuse (as sqlite does), not a store error
   if not ok or type(r) ~= 'table' then return {0, v} end
+  -- the id reused for another change: never taken, whatever the record's state
+  if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then return {0, v} end
   if r['state'] == 'claimed' then
-    if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then return {0, v} end
     if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v} end
   elseif r['state'] == 'applied' then
     return {0, v}
   elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
-    return {0, v}
-  elseif ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then
     return {0, v}
   end
 end
@@ -578,8 +577,8 @@ class RedisStore:
         self._claim_keep_s = claim_keep_s
         self._min_replicas = min_replicas
         #: Events whose claim here was refused for want of replicas only (``claim``), with the
-        #: record that claim replaced on the primary (False: none).
-        self._unreplicated: dict[str, str | bool] = {}
+        #: record that claim replaced on the primary (None: none).
+        self._unreplicated: dict[str, str | bytes | None] = {}
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
@@ -640,17 +639,16 @@ class RedisStore:
             if refused_taken:  # written on the primary: our claim, nothing sent yet
                 # What it replaced is what this claim answers for when asked again (the first
                 # refusal's: a second would only have replaced our own claim).
-                self._unreplicated.setdefault(event_id, replaced)
+                self._unreplicated.setdefault(event_id, replaced or None)
             raise
-        if taken and event_id in self._unreplicated:
-            replaced = self._unreplicated.pop(event_id)
-            mine_before = DedupRecord.decode(previous) if previous else None
-            if mine_before is not None and mine_before.state == "claimed" and mine_before.owner == owner:
-                # Our own claim, written by the refused attempt: the record before it tells what
-                # this claim took over (another owner's expired claim, a failed event), not it.
-                previous = replaced
         record = DedupRecord.decode(previous) if previous else None
         if taken:
+            if event_id in self._unreplicated:
+                replaced = self._unreplicated.pop(event_id)
+                if record is not None and record.state == "claimed" and record.owner == owner:
+                    # Our own claim, written by the refused attempt: the record before it tells
+                    # what this claim took over (another owner's expired claim, a failed event).
+                    record = DedupRecord.decode(replaced) if replaced else None
             # The script followed decide(): any previous claim (another owner's expired one, or
             # our own unfinished one) was a takeover.
             return Claim(ClaimKind.NEW, record, taken_over=record is not None and record.state == "claimed")
