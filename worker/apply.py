@@ -102,31 +102,31 @@ class ApiCaller:
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
         async def probe() -> None:
-            self._client.refresh_credentials()
-            try:
-                await read()
-            except ApiAuthError as refused:
-                if refused.http_status != 403:
-                    raise
-                # Reads refused everywhere: credentials that may change tickets but not read them
-                # (the reference names only the update permission for this call) kept every event
-                # paused for ever after one 401. Asked with a change that changes nothing.
-                await self._client.probe_write(UNNAMED_TICKET)
-
-        async def read() -> None:
+            """Each question in turn, the next asked only when this one is refused with 403 (the
+            credentials authenticate, but may not do that); any other refusal is the answer."""
+            client = self._client
+            client.refresh_credentials()
             answered = self._answered_ticket
-            if answered is not None:
-                await self._client.probe(answered)
-                return
-            try:
-                await self._client.probe(ticket_id)
-            except ApiAuthError as refused:
-                if refused.http_status != 403:
-                    raise
-                # No ticket has answered yet (the first event since a start may be the refused
-                # one): whether the credentials work at all is asked of a ticket no event names,
-                # which a working key reads as "no such ticket". Else the gate never opened.
-                await self._client.probe(UNNAMED_TICKET)
+            questions: list[Callable[[], Awaitable[None]]] = (
+                # A ticket the API has answered for: one outside the credentials' scope kept
+                # every event of every ticket paused.
+                [lambda: client.probe(answered)]
+                if answered is not None
+                # None answered yet (the first event since a start may be the refused one): then
+                # a ticket no event names, which a working key reads as "no such ticket".
+                else [lambda: client.probe(ticket_id), lambda: client.probe(UNNAMED_TICKET)]
+            )
+            # Reads refused everywhere: credentials that may change tickets but not read them (the
+            # reference names only the update permission for this call). A change that changes
+            # nothing.
+            questions.append(lambda: client.probe_write(UNNAMED_TICKET))
+            for i, ask in enumerate(questions):
+                try:
+                    await ask()
+                    return
+                except ApiAuthError as refused:
+                    if refused.http_status != 403 or i == len(questions) - 1:
+                        raise
 
         self._gate.trip(exc, probe)
 
@@ -302,7 +302,7 @@ class ApiCaller:
             settling = False  # whether that send's answer was lost: it may still land
             try:
                 if ambiguous and confirm is not None:
-                    if await self._in_place_if_readable(ticket_id, confirm, waited):
+                    if await self._in_place(ticket_id, confirm, waited):
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
                     ambiguous = False  # read, and not there: safe to send
@@ -399,29 +399,23 @@ class ApiCaller:
             await asyncio.sleep(delay)
             active_s += delay
 
-    async def _in_place_if_readable(
+    async def _in_place(
         self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool], waited: _Waited
     ) -> bool:
-        """``_in_place``; False when reads of the ticket are not permitted (403): credentials that
-        may change tickets but not read them. The send that follows decides, as against an API
-        whose ticket detail does not show the change; a refusal then says it may be in place."""
+        """Read the ticket: is the change there? Raises ``ApiTransientError`` when it cannot tell
+        (the ticket unreadable), ``ApiAuthError`` on 401, like an attempt. Behind the same limits
+        as a send: a read is a request to the same API. False when reads are not permitted (403:
+        credentials that may change tickets but not read them): the send that follows decides, as
+        against an API whose ticket detail does not show the change, and a refusal then says the
+        change may be in place."""
+        await self._limits(waited)
         try:
-            return await self._in_place(ticket_id, confirm, waited)
+            detail = await self._client.show_ticket(ticket_id)
         except ApiAuthError as exc:
             if exc.http_status != 403:
                 raise
             log.warning("api_ticket_unreadable", ticket_id=ticket_id, detail=str(exc))
             return False
-
-    async def _in_place(
-        self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool], waited: _Waited
-    ) -> bool:
-        """Read the ticket: is the change there? Raises ``ApiTransientError`` when it cannot tell
-        (the ticket unreadable), ``ApiAuthError`` on 401/403, like an attempt. Behind the same
-        limits as a send: a read is a request to the same API."""
-        await self._limits(waited)
-        try:
-            detail = await self._client.show_ticket(ticket_id)
         finally:
             self._concurrency.release()
         if detail is None:

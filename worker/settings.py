@@ -447,8 +447,7 @@ class WorkerSettings(BaseSettings):
         """Whether the ingress asks for tokens: once either variable is given, even empty (an
         empty one counts as not set for its value, but must not open the ingress to anyone:
         compose's ``${TOKENS:-}`` with ``TOKENS`` unset let every request in)."""
-        given = {"ingest_tokens", "ingest_tokens_file"} & self.model_fields_set
-        return bool(given) or self.ingest_tokens is not None or self.ingest_tokens_file is not None
+        return bool({"ingest_tokens", "ingest_tokens_file"} & self.model_fields_set)
 
     def secret_values(self) -> list[str]:
         """Every secret currently configured; the log redactor scrubs these from all output."""
