@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,7 +50,24 @@ class GroupMember:
         self.seeks.append((partition, offset))
 
 
-class CoordinationEnded(GroupMember):
+class Polled(GroupMember):
+    """A member whose fetches find nothing; counts them. Stops at once."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        super().__init__(assigned)
+        self.polls = 0
+
+    async def getmany(
+        self, *partitions: TopicPartition, **kwargs: object
+    ) -> dict[TopicPartition, list[object]]:
+        self.polls += 1
+        return {}
+
+    async def stop(self) -> None:
+        return None
+
+
+class CoordinationEnded(Polled):
     """aiokafka's consumer once its group coordination task has ended: every fetch raises."""
 
     def __init__(self, assigned: set[TopicPartition]) -> None:
@@ -59,7 +77,6 @@ class CoordinationEnded(GroupMember):
             raise KafkaError("the coordinator's routine failed")
 
         self._coordinator = SimpleNamespace(_coordination_task=asyncio.ensure_future(ended()))
-        self.polls = 0
 
     async def ended(self) -> None:
         await asyncio.gather(self._coordinator._coordination_task, return_exceptions=True)
@@ -67,9 +84,27 @@ class CoordinationEnded(GroupMember):
     async def getmany(
         self, *partitions: TopicPartition, **kwargs: object
     ) -> dict[TopicPartition, list[object]]:
-        self.polls += 1
+        await super().getmany(*partitions, **kwargs)
         self._coordinator._coordination_task.result()  # as check_errors does
         return {}
+
+
+@contextlib.asynccontextmanager
+async def member_in_place(worker: Worker, member: GroupMember) -> AsyncIterator[list[dict[Any, int]]]:
+    """``member`` in place of aiokafka's consumer for the block; yields the commits the worker
+    sends (recorded, not sent), and closes what the unstarted worker holds afterwards."""
+    real, worker._consumer._consumer = worker._consumer._consumer, member  # type: ignore[assignment]
+    commits: list[dict[Any, int]] = []
+
+    async def commit(positions: dict[Any, int]) -> None:
+        commits.append(positions)
+
+    worker._consumer.commit = commit  # type: ignore[method-assign]
+    try:
+        yield commits
+    finally:
+        worker._consumer._consumer = real
+        await close_unstarted(worker, real)
 
 
 def worker_settings(tmp_path: Path | None = None, **overrides: Any) -> WorkerSettings:
@@ -686,28 +721,20 @@ async def test_a_stop_after_the_group_coordination_ended_still_drains_and_commit
     worker = make_worker(tmp_path, shutdown_grace_s=3.0)
     key = (worker.settings.input_topic, 0)
     member = CoordinationEnded({TopicPartition(*key)})
-    real, worker._consumer._consumer = worker._consumer._consumer, member  # type: ignore[assignment]
-    commits: list[dict[Any, int]] = []
-
-    async def commit(positions: dict[Any, int]) -> None:
-        commits.append(positions)
-
-    worker._consumer.commit = commit  # type: ignore[method-assign]
     pipeline = holding_jobs(worker)
-    try:
-        await member.ended()
-        await worker.on_assigned({key})
-        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
-        await until(lambda: len(pipeline.started) == 1)
-        stopping = asyncio.ensure_future(worker._shutdown())
-        await until(lambda: member.polls >= 1 or stopping.done())  # the drain's poll has failed
-        pipeline.release.set()  # the job in hand ends within its grace
-        await asyncio.wait_for(stopping, 10)  # raised KafkaClientStopped at that poll
-        assert commits == [{key: 8}]
-    finally:
-        pipeline.release.set()
-        worker._consumer._consumer = real
-        await close_unstarted(worker, real)
+    async with member_in_place(worker, member) as commits:
+        try:
+            await member.ended()
+            await worker.on_assigned({key})
+            worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+            await until(lambda: len(pipeline.started) == 1)
+            stopping = asyncio.ensure_future(worker._shutdown())
+            await until(lambda: member.polls >= 1 or stopping.done())  # the drain's poll has failed
+            pipeline.release.set()  # the job in hand ends within its grace
+            await asyncio.wait_for(stopping, 10)  # raised KafkaClientStopped at that poll
+            assert commits == [{key: 8}]
+        finally:
+            pipeline.release.set()
 
 
 async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path) -> None:
@@ -716,43 +743,23 @@ async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path)
     the waiting; the jobs are cancelled as after the grace, and what finished is committed."""
     worker = make_worker(tmp_path, shutdown_grace_s=60.0)
     key = (worker.settings.input_topic, 0)
-
-    class Idle(GroupMember):
-        polls = 0
-
-        async def getmany(
-            self, *partitions: TopicPartition, **kwargs: object
-        ) -> dict[TopicPartition, list[object]]:
-            Idle.polls += 1
-            return {}
-
-        async def stop(self) -> None:
-            return None
-
-    real, worker._consumer._consumer = worker._consumer._consumer, Idle({TopicPartition(*key)})  # type: ignore[assignment]
-    commits: list[dict[Any, int]] = []
-
-    async def commit(positions: dict[Any, int]) -> None:
-        commits.append(positions)
-
-    worker._consumer.commit = commit  # type: ignore[method-assign]
+    member = Polled({TopicPartition(*key)})
     pipeline = holding_jobs(worker)
-    try:
-        await worker.on_assigned({key})
-        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
-        await until(lambda: len(pipeline.started) == 1)
-        worker.stop()
-        stopping = asyncio.ensure_future(worker._shutdown())
-        await until(lambda: Idle.polls >= 1)  # draining: waiting for the job in hand
-        assert not stopping.done()
-        worker.stop()  # asked again
-        await asyncio.wait_for(stopping, 10)  # not the 60 s grace
-        assert not pipeline.release.is_set()  # the job never finished: cancelled
-        assert commits == [{key: 7}]  # up to the job, not past it: the next owner reads it again
-    finally:
-        pipeline.release.set()
-        worker._consumer._consumer = real
-        await close_unstarted(worker, real)
+    async with member_in_place(worker, member) as commits:
+        try:
+            await worker.on_assigned({key})
+            worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+            await until(lambda: len(pipeline.started) == 1)
+            worker.stop()
+            stopping = asyncio.ensure_future(worker._shutdown())
+            await until(lambda: member.polls >= 1)  # draining: waiting for the job in hand
+            assert not stopping.done()
+            worker.stop()  # asked again
+            await asyncio.wait_for(stopping, 10)  # not the 60 s grace
+            assert not pipeline.release.is_set()  # the job never finished: cancelled
+            assert commits == [{key: 7}]  # up to the job, not past it: the next owner reads it again
+        finally:
+            pipeline.release.set()
 
 
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:

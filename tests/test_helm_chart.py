@@ -415,18 +415,28 @@ REDIS_URLS = [
 ]
 
 
+def without_worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``COC_WORKER_*`` variable of this process reaches the settings built in the test."""
+    for name in list(os.environ):
+        if name.startswith("COC_WORKER_"):
+            monkeypatch.delenv(name)
+
+
+def redis_url_errors(url: str) -> list[str]:
+    """The schema's errors for ``url`` as the Redis dedup store's address."""
+    return schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
+
+
 @pytest.mark.parametrize(("url", "taken"), REDIS_URLS)
 def test_schema_takes_only_the_redis_url_options_the_worker_takes(
     url: str, taken: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A URL option the worker refuses (``?password=``) failed only at the pod's start, and sat in
     the ConfigMap in clear until then: the schema takes only the worker's REDIS_URL_OPTIONS."""
-    errors = schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
+    errors = redis_url_errors(url)
     assert (errors == []) is taken, errors
     if taken:  # and the worker starts with it
-        for name in list(os.environ):
-            if name.startswith("COC_WORKER_"):
-                monkeypatch.delenv(name)
+        without_worker_env(monkeypatch)
         assert WorkerSettings(dedup_url=url).dedup_url == url
 
 
@@ -455,9 +465,7 @@ def test_schema_takes_the_redis_addresses_the_worker_takes(
 ) -> None:
     """The schema took any characters before the options: an out-of-range or named port, or no
     host at all, rendered, and the worker refused the URL at start ("must be redis://...")."""
-    for name in list(os.environ):
-        if name.startswith("COC_WORKER_"):
-            monkeypatch.delenv(name)
+    without_worker_env(monkeypatch)
     try:
         WorkerSettings(dedup_url=url)
     except ValueError:
@@ -465,7 +473,7 @@ def test_schema_takes_the_redis_addresses_the_worker_takes(
     else:
         worker_takes = True
     assert worker_takes is taken
-    errors = schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
+    errors = redis_url_errors(url)
     assert (errors == []) is taken, errors
 
 
@@ -480,7 +488,7 @@ def test_schema_takes_the_redis_addresses_the_worker_takes(
     ],
 )
 def test_schema_is_stricter_than_the_worker_on_odd_redis_addresses(url: str) -> None:
-    assert schema_errors(merged(DEFAULTS, {"dedup": {"backend": "redis", "redis": {"url": url}}}))
+    assert redis_url_errors(url)
 
 
 def test_schema_takes_every_redis_url_option_of_the_worker() -> None:
@@ -1109,9 +1117,7 @@ def test_rendered_config_is_accepted_by_the_worker(
     helm_results: dict[str, Any], case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The ConfigMap as the worker reads it: WorkerSettings validates every value (types, ranges, rules)."""
-    for name in list(os.environ):
-        if name.startswith("COC_WORKER_"):
-            monkeypatch.delenv(name)
+    without_worker_env(monkeypatch)
     env = worker_env(manifests(helm_results, case))
     for name, value in env.items():
         if isinstance(value, dict):  # from the Secret (the README's existingSecret holds a rediss:// URL)
