@@ -341,6 +341,22 @@ async def test_an_echoed_secret_is_scrubbed_before_the_text_is_cut_and_a_code_mu
     assert "QQQQ" not in str(refused.value)
 
 
+async def test_an_echoed_request_signature_is_scrubbed(stub: Stub) -> None:
+    """A 400 quoting the request's Authorization header: its signature authorises that request
+    for 15 minutes and went into the outcome, the dead letter and the log as the API wrote it."""
+    signature = "0123456789abcdef" * 4
+    echoed = (
+        f"bad request; Authorization: SDK-HMAC-SHA256 Access={AK}, SignedHeaders=host, Signature={signature}"
+    )
+    stub.reply(400, {"error_code": "COC.400", "error_msg": echoed}, None)
+    async with running(settings(stub.url)) as client:
+        with pytest.raises(ApiRejected) as refused:
+            await put(client)
+    assert refused.value.error_msg is not None
+    assert refused.value.error_msg.endswith("Signature=" + REDACTED)
+    assert signature not in str(refused.value)
+
+
 def test_the_redactor_knows_encoded_forms_and_replaces_longer_secrets_first() -> None:
     register_secrets(["p@ss/w0rd+x"])
     assert redact_text("url: redis://:p%40ss%2Fw0rd%2Bx@h") == "url: redis://:" + REDACTED + "@h"

@@ -39,7 +39,7 @@ from pyreqwest.client import Client, ClientBuilder
 from schemas.api import UpdateTicketResponse
 from worker import signing
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigError
-from worker.logs import get_logger, redact_text, register_secrets
+from worker.logs import REDACTED, get_logger, redact_text, register_secrets
 from worker.mapping import request_path
 from worker.metrics import Metrics
 from worker.settings import HEADER_VALUE, WorkerSettings
@@ -178,9 +178,17 @@ def _classify_transport_error(exc: http_errors.PyreqwestError) -> tuple[str, Api
     return "client_error", ApiTransientError(f"HTTP client error: {type(exc).__name__}", ambiguous=True)
 
 
+#: A request signature quoted back by the API or a proxy (a 400 that echoes the request's
+#: headers): it is no secret key, but it authorises that one request for 15 minutes, so it stays
+#: out of outcomes, dead letters and logs like one.
+_ECHOED_SIGNATURE = re.compile(r"(Signature=)[0-9A-Fa-f]{16,}")
+
+
 def _short(text: str | None) -> str | None:
     """The API's text, secrets scrubbed *before* it is cut (a cut secret no longer matches)."""
-    return redact_text(text)[:_ERROR_TEXT_LIMIT] if text else text
+    if not text:
+        return text
+    return _ECHOED_SIGNATURE.sub(rf"\g<1>{REDACTED}", redact_text(text))[:_ERROR_TEXT_LIMIT]
 
 
 _ERROR_CODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
