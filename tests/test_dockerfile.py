@@ -352,7 +352,7 @@ async def test_healthcheck_reaches_the_worker_where_it_listens(
     if host is not None:
         monkeypatch.setenv("COC_WORKER_HTTP_HOST", host)
     settings = WorkerSettings(http_port=0)  # the image's host default is the worker's own
-    server = HealthServer(settings, Metrics(), lambda: {"ready": True})
+    server = HealthServer(settings, Metrics().registry, lambda: {"ready": True})
     await server.start()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env = env_of(FINAL, base) | {"COC_WORKER_HTTP_PORT": str(server.port)}

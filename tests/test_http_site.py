@@ -101,7 +101,7 @@ async def test_a_stop_does_not_wait_long_for_a_request_in_progress() -> None:
 
     server = HealthServer(
         WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", http_port=0),
-        Metrics(),
+        Metrics().registry,
         lambda: {},
         [web.post("/slow", slow)],
     )

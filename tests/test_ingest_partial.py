@@ -79,8 +79,8 @@ async def post_with_producer(
 ) -> tuple[int, Any, Metrics]:
     monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
     metrics = Metrics()
-    ingress = Ingress(settings, metrics)
-    server = HealthServer(settings, metrics, ingress.status, ingress.routes())
+    ingress = Ingress(settings, metrics.registry)
+    server = HealthServer(settings, metrics.registry, ingress.status, ingress.routes())
     await ingress.start()
     await server.start()
     try:

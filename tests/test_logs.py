@@ -50,7 +50,7 @@ async def test_a_request_the_http_server_cannot_parse_is_logged_without_its_text
     in clear."""
     server = HealthServer(
         WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", http_port=0),
-        Metrics(),
+        Metrics().registry,
         lambda: {},
     )
     await server.start()

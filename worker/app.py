@@ -105,9 +105,9 @@ class Worker:
         if settings.ingest_enabled:  # monitoring systems may post events to the worker itself
             from worker.ingest import Ingress
 
-            self._ingress = Ingress(settings, self.metrics)
+            self._ingress = Ingress(settings, self.metrics.registry)
         self._http = HealthServer(
-            settings, self.metrics, self.status, self._ingress.routes() if self._ingress else None
+            settings, self.metrics.registry, self.status, self._ingress.routes() if self._ingress else None
         )
         self._assigned: set[PartitionKey] | None = None
         self._broker_answered = False  # the last metadata request was answered (``_check_health``)

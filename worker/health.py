@@ -10,10 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from worker.http_site import TcpSite
-from worker.metrics import Metrics
 from worker.settings import WorkerSettings
 
 #: How long a stop lets requests in progress finish.
@@ -24,7 +23,7 @@ class HealthServer:
     def __init__(
         self,
         settings: WorkerSettings,
-        metrics: Metrics,
+        registry: CollectorRegistry,
         status: Callable[[], dict[str, Any]],
         extra_routes: list[web.RouteDef] | None = None,
         *,
@@ -32,7 +31,8 @@ class HealthServer:
     ) -> None:
         self._settings = settings
         self._idle_timeout_s = idle_timeout_s
-        self._metrics = metrics
+        #: What ``/metrics`` shows: the worker's metrics, or only the ingress's when it runs alone.
+        self._registry = registry
         self._status = status
         self._app = web.Application()
         self._app.add_routes(
@@ -75,6 +75,6 @@ class HealthServer:
         return web.json_response(status, status=200 if status.get("ready") else 503)
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
-        response = web.Response(body=self._metrics.render())
+        response = web.Response(body=generate_latest(self._registry))
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response

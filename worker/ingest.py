@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from worker.cancel import cancel_and_wait
@@ -43,7 +43,6 @@ from worker.decode import describe, parse_json
 from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
 from worker.logs import get_logger, register_secrets
-from worker.metrics import Metrics
 from worker.settings import WorkerSettings, split_tokens
 from worker.tools import alertmanager
 from worker.tools.events import encode, event_errors, is_valid_event
@@ -108,7 +107,7 @@ class Ingress:
     def __init__(
         self,
         settings: WorkerSettings,
-        metrics: Metrics | None = None,
+        registry: CollectorRegistry | None = None,
         *,
         body_timeout_s: float = 30.0,
         broker_check_s: float = 5.0,
@@ -122,7 +121,7 @@ class Ingress:
         self._broker_check_s = broker_check_s
         self._broker_ok = True
         self._watcher: asyncio.Task[None] | None = None
-        registry = (metrics or Metrics()).registry
+        registry = registry or CollectorRegistry()
         self._requests = Counter(
             "coc_worker_ingest_requests",
             "Ingress requests by route and HTTP status.",
@@ -410,9 +409,10 @@ async def serve(
     settings: WorkerSettings, stop: asyncio.Event, ready: Callable[[int], None] | None = None
 ) -> None:
     """``coc-worker ingest``: the ingress on its own HTTP server (with /healthz, /readyz, /metrics)."""
-    metrics = Metrics()
-    ingress = Ingress(settings, metrics)
-    server = HealthServer(settings, metrics, ingress.status, ingress.routes())
+    # Its own metrics only: the worker's (outcomes, API calls, lag) would all show 0 here.
+    registry = CollectorRegistry()
+    ingress = Ingress(settings, registry)
+    server = HealthServer(settings, registry, ingress.status, ingress.routes())
     await ingress.start()
     try:
         await server.start()

@@ -160,8 +160,8 @@ async def test_what_is_not_a_json_body_is_refused_and_counted(ingress: str, sett
 async def quick_ingress(settings: WorkerSettings) -> AsyncIterator[tuple[Ingress, int]]:
     """The ingress with short timeouts (idle connection, body) and broker checks."""
     metrics = Metrics()
-    ingress = Ingress(settings, metrics, body_timeout_s=0.5, broker_check_s=0.05)
-    server = HealthServer(settings, metrics, ingress.status, ingress.routes(), idle_timeout_s=0.5)
+    ingress = Ingress(settings, metrics.registry, body_timeout_s=0.5, broker_check_s=0.05)
+    server = HealthServer(settings, metrics.registry, ingress.status, ingress.routes(), idle_timeout_s=0.5)
     await ingress.start()
     await server.start()
     assert server.port is not None
@@ -342,7 +342,12 @@ async def test_coc_worker_ingest_runs_alone(broker: TansuBroker, topics: dict[st
         )
         assert status == 202
         async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as response:
-            assert 'coc_worker_ingest_events_total{route="events"} 1.0' in await response.text()
+            exported = await response.text()
+        assert 'coc_worker_ingest_events_total{route="events"} 1.0' in exported
+        # Only the ingress's own: the worker's (outcomes, lag, pauses) all at 0 told a dashboard
+        # that a worker was there and idle.
+        assert "coc_worker_outcomes" not in exported
+        assert "coc_worker_paused" not in exported
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -364,8 +369,8 @@ async def test_standalone_readiness_sees_the_broker_go(tmp_path: Path) -> None:
             kafka_bootstrap_servers=pb.bootstrap, input_topic="in-ready", http_host="127.0.0.1", http_port=0
         )
         metrics = Metrics()
-        ingress = Ingress(settings, metrics, broker_check_s=0.1)
-        server = HealthServer(settings, metrics, ingress.status, ingress.routes())
+        ingress = Ingress(settings, metrics.registry, broker_check_s=0.1)
+        server = HealthServer(settings, metrics.registry, ingress.status, ingress.routes())
         await ingress.start()
         await server.start()
         try:
