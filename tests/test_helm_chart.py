@@ -1112,6 +1112,41 @@ def test_documented_contract_is_configurable(helm_results: dict[str, Any]) -> No
     assert not any(f"COC_WORKER_{s.upper()}" in reachable for s in SECRET_FIELDS), "a secret as plain env"
 
 
+#: Where the chart's defaults differ from the worker's on purpose (a cluster, not a laptop: the
+#: broker's Service, the volume's sqlite file, JSON logs), or come from ci/minimal-values.yaml.
+CHART_OWN_DEFAULTS = {
+    f"COC_WORKER_{name}"
+    for name in (
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "DEDUP_URL",
+        "LOG_FORMAT",
+        "API_REGION",
+        "API_AK_FILE",
+        "API_SK_FILE",
+    )
+}
+
+
+def test_chart_defaults_are_the_workers(
+    helm_results: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A default tuned in the worker must reach the chart too: the chart's fetch wait stayed at
+    100 ms after the worker's went to 20 (bench/README.md), and every install got the old one."""
+    without_worker_env(monkeypatch)
+    env = {n: v for n, v in worker_env(manifests(helm_results, "default")).items() if isinstance(v, str)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    chart = WorkerSettings()
+    fields = WorkerSettings.model_fields
+    differ = {
+        name
+        for name in env
+        if (field := name.removeprefix("COC_WORKER_").lower()) in fields
+        and getattr(chart, field) != fields[field].get_default(call_default_factory=True)
+    }
+    assert sorted(differ) == sorted(CHART_OWN_DEFAULTS)
+
+
 @pytest.mark.parametrize("case", sorted(GOOD))
 def test_rendered_config_is_accepted_by_the_worker(
     helm_results: dict[str, Any], case: str, monkeypatch: pytest.MonkeyPatch
