@@ -5,7 +5,7 @@ Writes ``bench/results/latest.json`` (every run's raw numbers and the environmen
 max_in_flight at 20 ms), then prints the Markdown. See ``bench/README.md``.
 
     python bench/run.py                     # full run, < 10 minutes on 2 cores
-    python bench/run.py --quick             # ~1 minute smoke run
+    python bench/run.py --quick             # smoke run (a 240 s budget)
     python bench/run.py --subjects worker,ceiling_a,ceiling_b --repeats 1 \\
         --worker-env COC_WORKER_KAFKA_FETCH_MAX_WAIT_MS=20   # quick re-measure while tuning
 """
@@ -111,7 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run with small sizes")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run with small sizes, within a 240 s budget"
+    )
     parser.add_argument("--events", type=int, help="backlog size (default 50,000; quick 5,000)")
     parser.add_argument("--tickets", type=int, help="tickets the events are spread over (default 1,000)")
     parser.add_argument("--repeats", type=int, help="repeats of the 0 ms and 20 ms scenarios (default 3)")

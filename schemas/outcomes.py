@@ -24,7 +24,8 @@ class OutcomeStatus(StrEnum):
     """The API accepted the change."""
     REJECTED = "rejected"
     """The API refused the change (an answer that is not retried: 4xx other than 401/403/408/429,
-    3xx, 501, 505...; or a 2xx with a non-success error_code); also dead-lettered."""
+    3xx, 501, 505...; or a 2xx with a non-success error_code; or a 403 again once the
+    credentials were verified: not permitted for this change); also dead-lettered."""
     FAILED = "failed"
     """Transient errors outlived the retry budget; also dead-lettered."""
     INVALID = "invalid"

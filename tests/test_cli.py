@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, main
+from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, build_parser, main
+from worker.settings import SECRET_FIELDS
 
 
 def test_a_missing_file_is_a_message_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,3 +67,14 @@ def test_once_started_the_heap_is_frozen_and_cyclic_garbage_is_still_collected()
             gc.callbacks.remove(count)
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_run_takes_no_secret_as_a_flag_and_its_help_says_where_they_go() -> None:
+    """A secret on a command line shows in ``ps`` and shell history; the help named none of the
+    five variables, so a user reading it could not find where the SK goes."""
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    flags = {option for action in run._actions for option in action.option_strings}
+    text = run.format_help()
+    for name in SECRET_FIELDS:
+        assert "--" + name.replace("_", "-") not in flags
+        assert f"COC_WORKER_{name.upper()}" in text.replace("\n", " ")

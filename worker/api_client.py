@@ -15,8 +15,13 @@ connection refused / DNS / connect timeout   ``ApiTransientError(connect_failure
 read timeout, dropped connection             ``ApiTransientError(ambiguous=True)``
 408, 429 (+``Retry-After``), 500/502/503/504  ``ApiTransientError``
 401, 403                                     ``ApiAuthError`` (systemic)
-other 4xx/5xx, 2xx with another error_code   ``ApiRejected``
+2xx with an unreadable body                  ``ApiTransientError(ambiguous=True)``
+other 3xx/4xx/5xx, 2xx with another code     ``ApiRejected``
 =========================================  ===========================================
+
+Three requests: the ``PUT`` of a change; a ``GET`` of the ticket, to confirm a change whose answer
+was lost and as the auth gate's probe; and, for credentials that may change tickets but not read
+them, a ``PUT {}`` to a ticket no event names (``probe_write``), which changes nothing.
 """
 
 from __future__ import annotations

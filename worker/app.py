@@ -1,6 +1,7 @@
 """The worker: wires the stages together and owns the lifecycle, top to bottom.
 
-start:    dedup store -> API client -> producer -> consumer (joins the group) -> HTTP server
+start:    [ingress ->] HTTP server (/readyz 503 until joined) -> [topics ->] dedup store -> API client ->
+          producer -> consumer (joins the group)
 run:      fetch -> decode -> submit to the ticket's lane (at most ``max_in_flight`` run at once, up
           to ``buffer_limit`` wait; fetching pauses when full or when the gate is closed) ; every
           second commit the watermarks

@@ -1,7 +1,8 @@
 """The ``coc-worker`` command line. Nothing in the package imports this module.
 
-Every setting of ``WorkerSettings`` is also a flag of ``run`` (``--max-in-flight 64`` overrides
-``COC_WORKER_MAX_IN_FLIGHT``); flags win over the environment.
+Every setting of ``WorkerSettings`` but the secrets is also a flag of ``run`` (``--max-in-flight
+64`` overrides ``COC_WORKER_MAX_IN_FLIGHT``); flags win over the environment. Secrets are read from
+the environment or a file only (``COC_WORKER_API_SK`` or ``COC_WORKER_API_SK_FILE``, ...).
 """
 
 from __future__ import annotations
@@ -556,7 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="consume change events and apply them (the worker)")
+    run = sub.add_parser(
+        "run",
+        help="consume change events and apply them (the worker)",
+        epilog="Secrets are not flags (a command line shows in `ps` and shell history): set "
+        + ", ".join(f"COC_WORKER_{name.upper()}" for name in SECRET_FIELDS)
+        + " in the environment, or name a file holding one with the same variable plus _FILE.",
+    )
     _add_settings_flags(run)
     run.set_defaults(func=cmd_run)
 

@@ -9,11 +9,13 @@ what the pipeline does with the message::
     ├── TransientError            may work if tried again -> retry with backoff
     │   └── ApiTransientError     connection error, timeout, 408, 429 (+Retry-After), 500/502/503/504
     ├── PermanentError            will fail the same way again -> outcome + DLQ, no retry
-    │   ├── ApiRejected           other 4xx/5xx, or 200 with a non-success error_code -> `rejected`
+    │   ├── ApiRejected           other 3xx/4xx/5xx, or a 2xx with a non-success error_code -> `rejected`
     │   └── RetriesExhausted      a transient error outlived the retry budget -> `failed`
     └── SystemicError             the *worker* cannot make progress, not the message:
         │                         pause consumption, report not-ready, probe, resume by itself;
         │                         the message is retried, never rejected or dead-lettered
+        │                         (but a 403 again once the gate verified the credentials is
+        │                         this change not permitted: `rejected`)
         ├── ApiAuthError          401/403: credentials are wrong or revoked
         ├── ApiUnreachable        every call failed to connect for longer than the threshold
         ├── DedupUnavailable      the dedup store cannot be reached
@@ -37,8 +39,8 @@ class ConfigError(CocWorkerError):
 class InvalidEvent(CocWorkerError):
     """The consumed bytes are not a valid change event (never retried).
 
-    ``reason`` is a short machine-readable code (``too_large``, ``not_utf8``, ``bad_json``,
-    ``schema``); ``detail`` is the human-readable explanation, safe to publish.
+    ``reason`` is a short machine-readable code (``too_large``, ``empty``, ``not_utf8``,
+    ``bad_json``, ``schema``, ``unreadable``, ``event_id_reused``); ``detail`` is the human-readable explanation, safe to publish.
     """
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -10,7 +10,7 @@ by ``coc-worker ingest``)::
                                  nothing was produced
     POST /v1/alertmanager    an Alertmanager webhook notification (payload version 4)
                              202 {"event_ids": [...], "skipped": [{"index", "reason", ...}]}:
-                                 the events produced in slices of ``_MAX_BATCH``, every slice
+                                 the events produced in slices of ``COC_WORKER_INGEST_MAX_BATCH``, every slice
                                  acknowledged; a skipped firing alert that named a change
                                  (``invalid``) and ``truncatedAlerts`` are logged as warnings
 
@@ -18,7 +18,7 @@ Both: 401 without ``Authorization: Bearer <token>`` when tokens are configured
 (``COC_WORKER_INGEST_TOKENS[_FILE]``, separated by commas or whitespace, re-read per request so a
 rotated secret file is picked up; once configured, an empty list lets nobody in), 415 unless the
 body is ``application/json``, 413 over ``COC_WORKER_INGEST_MAX_BODY_BYTES`` (and, on
-``/v1/events`` only, over ``_MAX_BATCH`` events: Alertmanager cannot split a group), 408 when the
+``/v1/events`` only, over ``COC_WORKER_INGEST_MAX_BATCH`` events: Alertmanager cannot split a group), 408 when the
 body does not arrive within ``body_timeout_s``, 400 for a body that cannot be decoded, 503 when the
 broker does not acknowledge every event (``written`` and ``not_written`` list the event ids; nothing
 is lost by retrying: the event ids dedupe). Alertmanager does not retry a 4xx: every refusal on its

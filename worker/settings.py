@@ -37,9 +37,6 @@ SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest
 
 #: Finite: "inf" parses as a float, and a store's TTL in ms or a token bucket's burst cannot be infinite.
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-#: Kafka's own rule for topic names (also not "." or ".."); the broker would refuse anything else,
-#: at the first write to it.
-#: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
 #: After ``revoke_grace_s``, how long a revoke waits for the jobs it cancelled to end (worker/app.py).
 REVOKE_CANCEL_WAIT_S = 5.0
 #: A commit not answered by then is given up (a later one commits the same offsets or more).
@@ -47,6 +44,7 @@ COMMIT_TIMEOUT_S = 10.0
 #: The rejoin, beyond the revoke's waits and commit, before the group gives up on us.
 _REJOIN_MARGIN_S = 10.0
 
+#: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
 _STRONG_SECRETS = frozenset({"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens"})
 MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")
@@ -73,7 +71,7 @@ _REDIS_URL_HINT = (
 REDIS_URL_OPTIONS = frozenset(
     {"prefix", "db", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
 )
-#: Kafka's own rule for a topic name.
+#: Kafka's own rule for a topic name (the broker refuses anything else, at the first write to it).
 TOPIC_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 TopicName = Annotated[str, Field(pattern=TOPIC_NAME_PATTERN)]
 
@@ -180,7 +178,7 @@ class WorkerSettings(BaseSettings):
 
     # --- Dedup ---------------------------------------------------------------------------------
     dedup_url: str = Field(
-        "sqlite:///coc-worker-dedup.sqlite3", description="memory://, sqlite:///, redis://"
+        "sqlite:///coc-worker-dedup.sqlite3", description="memory://, sqlite:///, redis:// or rediss://"
     )
     dedup_ttl_s: PositiveSeconds = Field(7 * 24 * 3600.0, description="How long an applied event is kept.")
     dedup_redis_min_replicas: int = Field(
@@ -387,7 +385,7 @@ class WorkerSettings(BaseSettings):
 
     @property
     def api_base_url(self) -> str:
-        """The endpoint to call: the explicit one, else the region's, else the region default."""
+        """The endpoint to call: the explicit one, else the region's (one of them is required)."""
         if self.api_endpoint:
             return self.api_endpoint
         if self.api_region:
