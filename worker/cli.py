@@ -31,11 +31,35 @@ if TYPE_CHECKING:
     from worker.tools.dlq import Selection
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: ``--api-sk VALUE`` was taken as ``--api-sk-file`` and the secret
+    typed after it sat in ``ps`` and shell history, with an error about a missing file."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class _RefuseSecret(argparse.Action):
+    """A secret given as a flag: refused with where it goes instead, its value never repeated
+    (argparse's "unrecognized arguments" would print it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        variable = f"COC_WORKER_{self.dest.upper()}"
+        parser.error(
+            f"{self.option_strings[0]}: secrets are not flags (a command line shows in `ps` and shell"
+            f" history); set {variable} in the environment, or {variable}_FILE to a file holding it"
+        )
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     group = parser.add_argument_group("settings (each also COC_WORKER_<NAME>)")
     for name, field in WorkerSettings.model_fields.items():
-        if name in SECRET_FIELDS:
-            continue  # secrets on a command line end up in `ps` and shell history: env or *_FILE only
+        if name in SECRET_FIELDS:  # env or *_FILE only
+            if only is None or f"{name}_file" in only:
+                flag = "--" + name.replace("_", "-")
+                group.add_argument(flag, dest=name, action=_RefuseSecret, help=argparse.SUPPRESS)
+            continue
         if only is not None and name not in only:
             continue
         flag = "--" + name.replace("_", "-")
@@ -552,9 +576,7 @@ def _add_tool_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="coc-worker", description="Apply Kafka change events to the COC change-ticket API."
-    )
+    parser = _Parser(prog="coc-worker", description="Apply Kafka change events to the COC change-ticket API.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
