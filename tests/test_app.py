@@ -698,6 +698,32 @@ async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_ans
         await close_unstarted(worker)
 
 
+async def test_a_broker_gone_while_the_worker_is_idle_pauses_it(tmp_path: Path) -> None:
+    """An idle worker writes nothing, so no outcome's write trips the gate: with the broker away
+    only /readyz said so, ``coc_worker_paused`` stayed 0 and the README's pause alert never fired.
+    The health check's failed metadata request pauses it; the same request, answered, resumes it."""
+    worker = make_worker(tmp_path)
+    away = True
+
+    async def ping(timeout_s: float = 3.0) -> None:
+        if away:
+            raise BrokerUnavailable("metadata not answered within 3 s")
+
+    worker._consumer.ping = ping  # type: ignore[method-assign]
+    worker._consumer.highwater = lambda key: None  # type: ignore[method-assign]  # never started
+    try:
+        await worker._check_health()
+        assert not worker._gate.is_open
+        assert worker.metrics.paused._value.get() == 1
+        assert worker.metrics.pauses.labels(kind="broker_unavailable")._value.get() == 1
+        assert not worker.ready
+        away = False
+        await asyncio.wait_for(worker._gate.wait_open(), 10)
+        assert worker.metrics.paused._value.get() == 0
+    finally:
+        await close_unstarted(worker)
+
+
 async def test_a_fetch_after_the_clients_coordination_ended_stops_the_worker() -> None:
     """aiokafka's coordination task, once done, raises its error from every later fetch and is
     never started again: the worker retried for ever, with no heartbeat and no commit, while

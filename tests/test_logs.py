@@ -80,3 +80,29 @@ def test_a_library_log_line_carries_a_timestamp(log_output: io.StringIO) -> None
     assert [line["event"] for line in lines] == ["Heartbeat failed for group g", "ours"]
     stamps = [datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")) for line in lines]
     assert all(abs(datetime.now(UTC) - stamp) < timedelta(minutes=1) for stamp in stamps)
+
+
+def test_a_library_line_repeated_is_shown_once_per_window_then_counted(log_output: io.StringIO) -> None:
+    """With the broker away aiokafka wrote 60-75 errors a second (1,875 lines in 30 s), burying the
+    worker's own lines about the outage."""
+    library = logging.getLogger("aiokafka.conn")
+    for node in range(50):
+        library.error("Unable connect to node with id %s: %s", node, "refused")
+    library.warning("Heartbeat failed for group %s", "g")  # another line: shown
+    later = library.makeRecord(
+        library.name,
+        logging.ERROR,
+        __file__,
+        0,
+        "Unable connect to node with id %s: %s",
+        (7, "refused"),
+        None,
+    )
+    later.created += 11  # past the 10 s window
+    library.handle(later)
+    lines = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    assert [(line["event"], line.get("not_shown")) for line in lines] == [
+        ("Unable connect to node with id 0: refused", None),
+        ("Heartbeat failed for group g", None),
+        ("Unable connect to node with id 7: refused", 49),
+    ]

@@ -400,8 +400,12 @@ class Worker:
         try:
             await self._consumer.ping()
             self._broker_answered = True
-        except BrokerUnavailable:
+        except BrokerUnavailable as exc:
             self._broker_answered = False
+            # A pause like any outage's (``coc_worker_paused``, ``worker_paused``, the pause count):
+            # an idle worker writes nothing, so only this check learns that the broker is away, and
+            # the alerts on a pause never fired for it. The probe is this same request.
+            self._gate.trip(exc, self._consumer.ping)
         for key in self._assigned or set():
             high = self._consumer.highwater(key)
             position = self._offsets.committed_position(key)
