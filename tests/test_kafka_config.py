@@ -8,8 +8,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from worker.consumer import Consumer
-from worker.errors import ConfigError
+from worker.errors import BrokerUnavailable, ConfigError
 from worker.kafka_config import connection_kwargs
+from worker.publisher import Publisher
 from worker.settings import COMMIT_TIMEOUT_S, REVOKE_CANCEL_WAIT_S, load_settings
 
 
@@ -81,3 +82,24 @@ async def test_the_group_waits_out_a_revoke_before_dropping_the_member(grace_s: 
     # a JoinGroup waits up to the rebalance timeout for the slowest member: not timed out before
     assert request_timeout_ms >= rebalance_timeout_ms + 5_000
     assert settings.kafka_rebalance_timeout_ms >= settings.kafka_session_timeout_ms
+
+
+async def test_a_client_that_cannot_start_names_the_setting_and_the_address() -> None:
+    """The worker exited with "producer cannot connect: KafkaConnectionError": no address, no
+    setting to check."""
+    settings = load_settings(
+        kafka_bootstrap_servers="127.0.0.1:1",
+        api_endpoint="http://127.0.0.1:1",
+        api_ak="a",
+        api_sk="sk-0123456789",
+    )
+    publisher = Publisher(settings)
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
+    for client, start in (("producer", publisher.start), ("consumer", consumer.start)):
+        with pytest.raises(BrokerUnavailable) as failed:
+            await start()
+        text = str(failed.value)
+        assert text.startswith(f"{client} cannot connect to COC_WORKER_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:1: ")
+        assert "KafkaConnectionError" in text
+    await publisher.stop()
+    await consumer.stop()

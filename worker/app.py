@@ -187,6 +187,8 @@ class Worker:
             max_in_flight=s.max_in_flight,
             max_buffered=self._buffer_limit,
             dedup=without_password(s.dedup_url.split("?", 1)[0]),  # options left out
+            bootstrap_servers=s.kafka_bootstrap_servers,  # credentials are refused there
+            api=s.api_base_url,  # an endpoint with credentials is refused too
         )
         if self._ingress is not None:
             await self._ingress.start()

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from worker.errors import BrokerUnavailable, KafkaClientStopped
-from worker.kafka_config import broker_answers, connection_kwargs
+from worker.kafka_config import broker_answers, cannot_connect, connection_kwargs
 from worker.logs import get_logger
 from worker.offsets import PartitionKey
 from worker.settings import COMMIT_TIMEOUT_S, WorkerSettings
@@ -122,7 +122,9 @@ class Consumer:
         try:
             await self._consumer.start()
         except KafkaError as exc:
-            raise BrokerUnavailable(f"consumer cannot connect: {type(exc).__name__}") from exc
+            raise BrokerUnavailable(
+                cannot_connect("consumer", self._settings.kafka_bootstrap_servers, exc)
+            ) from exc
         self._consumer.subscribe(
             [self._settings.input_topic], listener=_Listener(self._handler, self._rebalanced)
         )

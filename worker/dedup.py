@@ -57,7 +57,7 @@ import redis.exceptions as redis_errors
 from pydantic_core import to_json
 
 from worker.errors import ConfigError, DedupUnavailable
-from worker.logs import get_logger
+from worker.logs import get_logger, redact_text
 from worker.redis_config import DEFAULT_PREFIX, key_prefix, leave_demoted_node, redis_client
 from worker.settings import MEMORY_MAX_ENTRIES, memory_max_entries
 
@@ -591,7 +591,11 @@ class RedisStore:
         try:
             return await coro
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise DedupUnavailable(f"redis dedup store unreachable: {type(exc).__name__}") from exc
+            # redis-py's text names the address it tried (never the password; redacted all the same)
+            reason = redact_text(str(exc))[:200]
+            raise DedupUnavailable(
+                f"redis dedup store unreachable: {type(exc).__name__}" + (f": {reason}" if reason else "")
+            ) from exc
         except redis_errors.ReadOnlyError as exc:
             await leave_demoted_node(self._client)
             raise DedupUnavailable("redis dedup store is a read-only replica now (failover)") from exc

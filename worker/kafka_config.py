@@ -35,6 +35,12 @@ def kafka_error_text(exc: BaseException) -> str:
     return redact_text(text if text.startswith(name) else f"{name}: {text}" if text else name)[:300]
 
 
+def cannot_connect(client: str, servers: str, exc: BaseException) -> str:
+    """Why a Kafka client could not start, naming the setting to check and what it holds (bootstrap
+    servers never carry credentials: the settings refuse them)."""
+    return f"{client} cannot connect to COC_WORKER_KAFKA_BOOTSTRAP_SERVERS={servers}: {kafka_error_text(exc)}"
+
+
 async def broker_answers(request: Awaitable[T], timeout_s: float) -> T:
     """Await a probe of the broker, bounded; no answer is ``BrokerUnavailable``.
 

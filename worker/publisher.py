@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooL
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
-from worker.kafka_config import broker_answers, connection_kwargs, kafka_error_text
+from worker.kafka_config import broker_answers, cannot_connect, connection_kwargs, kafka_error_text
 from worker.logs import redact_text
 from worker.settings import WorkerSettings
 from worker.tracing import HEADER as TRACEPARENT
@@ -117,7 +117,9 @@ class Publisher:
         try:
             await self._producer.start()
         except KafkaError as exc:
-            raise BrokerUnavailable(f"producer cannot connect: {type(exc).__name__}") from exc
+            raise BrokerUnavailable(
+                cannot_connect("producer", self._settings.kafka_bootstrap_servers, exc)
+            ) from exc
 
     async def stop(self) -> None:
         await self._producer.stop()
