@@ -250,7 +250,7 @@ async def test_memory_is_bounded() -> None:
 async def test_unreachable_redis_is_dedup_unavailable() -> None:
     store = open_store("redis://127.0.0.1:1/0")
     try:
-        with pytest.raises(DedupUnavailable, match="127.0.0.1:1"):  # the address it tried, to check
+        with pytest.raises(DedupUnavailable, match=r"127\.0\.0\.1:1"):  # the address it tried, to check
             await store.ping()
         with pytest.raises(DedupUnavailable):
             await store.claim("e", "w", "s", 1)

@@ -166,7 +166,9 @@ def test_every_problem_is_reported() -> None:
 
 
 def test_sasl_protocol_needs_a_mechanism() -> None:
-    assert "kafka_sasl_mechanism" in config_error(kafka_security_protocol="SASL_SSL")
+    assert "invalid settings: COC_WORKER_KAFKA_SASL_MECHANISM is required" in config_error(
+        kafka_security_protocol="SASL_SSL"
+    )
     settings = load_settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512")
     assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
 
@@ -181,11 +183,15 @@ def test_api_request_limit_follows_max_in_flight_unless_set() -> None:
     # latency, 100 of 256 running events calling at once cost ~10% of the throughput).
     assert load_settings(max_in_flight=64).api_request_limit == 64
     assert load_settings(max_in_flight=64, api_max_connections=16).api_request_limit == 16
-    assert "max_buffered" in config_error(max_in_flight=64, max_buffered=63)
+    assert "COC_WORKER_MAX_BUFFERED must be at least COC_WORKER_MAX_IN_FLIGHT" in config_error(
+        max_in_flight=64, max_buffered=63
+    )
 
 
 def test_heartbeat_at_most_a_third_of_the_session() -> None:
-    assert "heartbeat" in config_error(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_001)
+    assert "COC_WORKER_KAFKA_HEARTBEAT_INTERVAL_MS" in config_error(
+        kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_001
+    )
     assert load_settings(kafka_session_timeout_ms=6_000, kafka_heartbeat_interval_ms=2_000)
 
 
@@ -415,7 +421,7 @@ def test_topics_must_be_legal_kafka_names_and_three_different_ones(overrides: di
 
 def test_a_retry_after_cap_beyond_the_budget_is_refused() -> None:
     """Every Retry-After the worker would honour past the budget failed the event at its first 429."""
-    with pytest.raises(ConfigError, match="retry_after_max_s"):
+    with pytest.raises(ConfigError, match="COC_WORKER_RETRY_AFTER_MAX_S"):
         load_settings(retry_after_max_s=300, retry_max_elapsed_s=30)
 
 
@@ -477,7 +483,7 @@ def test_a_misspelled_variable_is_refused_with_the_name_it_meant(monkeypatch: py
 def test_a_retry_budget_shorter_than_a_timed_out_call_and_its_settle_wait_is_refused() -> None:
     """After a read timeout the next attempt waits a request timeout for the API to settle: with a
     budget shorter than the call and that wait, one slow answer failed the event at once."""
-    with pytest.raises(ConfigError, match="retry_max_elapsed_s must be at least"):
+    with pytest.raises(ConfigError, match="COC_WORKER_RETRY_MAX_ELAPSED_S must be at least"):
         load_settings(retry_max_elapsed_s=20, retry_after_max_s=20)  # 3 + 2 x 10 = 23 s
     assert load_settings(retry_max_elapsed_s=23, retry_after_max_s=20).retry_max_elapsed_s == 23
 
@@ -499,7 +505,7 @@ def test_bounds_met_exactly_in_decimals_are_met(
         retry_after_max_s=budget,
     )
     assert (settings.dedup_lease_s, settings.retry_max_elapsed_s) == (lease, budget)
-    with pytest.raises(ConfigError, match="dedup_lease_s must be at least"):
+    with pytest.raises(ConfigError, match="COC_WORKER_DEDUP_LEASE_S must be at least"):
         load_settings(
             api_connect_timeout_s=connect,
             api_request_timeout_s=request_,
@@ -567,3 +573,15 @@ def test_an_empty_secret_variable_beside_its_file_is_not_set(
     settings = load_settings()
     assert getattr(settings, name) is None
     assert settings.secret(name) == "s3cr3t-from-a-file-0001"
+
+
+def test_errors_name_variables_and_a_level_may_be_lower_case(tmp_path: Path) -> None:
+    """A check across settings said "settings: Value error, kafka_sasl_mechanism is required", a
+    field name no user sets; a short secret read from a file was reported under the variable that
+    was not set; ``debug`` was refused as a level."""
+    assert WorkerSettings(log_level="debug").log_level == "DEBUG"
+    assert "Value error" not in config_error(kafka_security_protocol="SASL_SSL")
+    short = tmp_path / "sk"
+    short.write_text("short\n")
+    with pytest.raises(ConfigError, match=r"^COC_WORKER_API_SK_FILE: a value of 5 characters"):
+        WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk_file=str(short)).secret("api_sk")

@@ -231,6 +231,12 @@ class WorkerSettings(BaseSettings):
     ingest_max_batch: int = Field(500, ge=1)
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        """``debug`` as ``DEBUG``: lower case is how most tools spell a level."""
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _hosts(cls, value: str) -> str:
@@ -340,12 +346,14 @@ class WorkerSettings(BaseSettings):
         if topics & {".", ".."}:
             raise ValueError("a topic cannot be named '.' or '..'")
         if len(topics) < 3:
-            raise ValueError("input_topic, results_topic and dlq_topic must be three different topics")
+            raise ValueError(
+                "COC_WORKER_INPUT_TOPIC, COC_WORKER_RESULTS_TOPIC and COC_WORKER_DLQ_TOPIC must be three different topics"
+            )
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
-            raise ValueError("kafka_sasl_mechanism is required with a SASL security protocol")
+            raise ValueError("COC_WORKER_KAFKA_SASL_MECHANISM is required with a SASL security protocol")
         if self.dedup_lease_s < self.api_abandon_s + LEASE_MARGIN_S - _BOUND_SLACK_S:
             raise ValueError(
-                "dedup_lease_s must be at least 2 x (api_connect_timeout_s + api_request_timeout_s)"
+                "COC_WORKER_DEDUP_LEASE_S must be at least 2 x (COC_WORKER_API_CONNECT_TIMEOUT_S + COC_WORKER_API_REQUEST_TIMEOUT_S)"
                 f" + {LEASE_MARGIN_S:g} s: a request may still reach the API that long after it was"
                 " sent, no other worker may take the event over until then, and a send soon after"
                 " the claim needs no renewal"
@@ -355,20 +363,22 @@ class WorkerSettings(BaseSettings):
             < self.api_connect_timeout_s + 2 * self.api_request_timeout_s - _BOUND_SLACK_S
         ):
             raise ValueError(
-                "retry_max_elapsed_s must be at least api_connect_timeout_s + 2 x"
-                " api_request_timeout_s: a timed-out call takes up to both timeouts, and the next"
+                "COC_WORKER_RETRY_MAX_ELAPSED_S must be at least COC_WORKER_API_CONNECT_TIMEOUT_S + 2 x"
+                " COC_WORKER_API_REQUEST_TIMEOUT_S: a timed-out call takes up to both timeouts, and the next"
                 " attempt waits a request timeout for the API to settle; a shorter budget fails the"
                 " event at its first timeout, with no retry and no look at the ticket"
             )
         if self.retry_after_max_s > self.retry_max_elapsed_s:
             raise ValueError(
-                "retry_after_max_s must be at most retry_max_elapsed_s: a Retry-After the worker would"
+                "COC_WORKER_RETRY_AFTER_MAX_S must be at most COC_WORKER_RETRY_MAX_ELAPSED_S: a Retry-After the worker would"
                 " honour could never fit the budget, and the event would fail at its first 429"
             )
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
-            raise ValueError("kafka_heartbeat_interval_ms must be at most a third of the session timeout")
+            raise ValueError(
+                "COC_WORKER_KAFKA_HEARTBEAT_INTERVAL_MS must be at most a third of COC_WORKER_KAFKA_SESSION_TIMEOUT_MS"
+            )
         if self.max_buffered is not None and self.max_buffered < self.max_in_flight:
-            raise ValueError("max_buffered must be at least max_in_flight")
+            raise ValueError("COC_WORKER_MAX_BUFFERED must be at least COC_WORKER_MAX_IN_FLIGHT")
         return self
 
     # --- derived -------------------------------------------------------------------------------
@@ -426,8 +436,9 @@ class WorkerSettings(BaseSettings):
             parts = split_tokens(found) if name == "ingest_tokens" else [found]
             short = [part for part in parts if len(part) < MIN_SECRET_CHARS]
             if short:
+                source = f"{ENV_PREFIX}{name.upper()}" + ("_FILE" if path is not None else "")
                 raise ConfigError(
-                    f"{ENV_PREFIX}{name.upper()}: a value of {len(short[0])} characters; at least"
+                    f"{source}: a value of {len(short[0])} characters; at least"
                     f" {MIN_SECRET_CHARS} are needed (a short secret is guessable, and cannot be"
                     " told apart from ordinary text in logs)"
                 )
@@ -572,7 +583,10 @@ def load_settings(**overrides: Any) -> WorkerSettings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
-            field = ".".join(str(p) for p in err["loc"]) or "settings"
-            name = f"{ENV_PREFIX}{field.upper()}" if err["loc"] else "settings"
-            problems.append(f"{name}: {err['msg']}")
+            # A check across settings names its variables in its own words.
+            message = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                field = ".".join(str(p) for p in err["loc"])
+                message = f"{ENV_PREFIX}{field.upper()}: {message}"
+            problems.append(message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
