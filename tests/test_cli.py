@@ -29,6 +29,24 @@ def test_a_seed_file_that_is_not_json_is_a_configuration_error(
     assert "--seed-file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--error-ratio", "2"], "error_ratio: Input should be less than or equal to 1"),
+        (["--seed-file", "SEED"], "seed.tickets.0.ticket_id: Field required"),
+    ],
+)
+def test_simulator_settings_out_of_shape_are_a_message_not_a_traceback(
+    args: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed = tmp_path / "tickets.json"
+    seed.write_text('{"tickets": [{"id": "CM1"}]}')
+    assert main(["simulate", "--port", "0", *(str(seed) if a == "SEED" else a for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert "Traceback" not in err
+
+
 def test_a_dedup_url_with_a_password_is_refused_on_the_command_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -104,3 +122,12 @@ def subcommand_help(command: str) -> str:
     with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
         main([command, "--help"])
     return out.getvalue()
+
+
+def test_schema_needs_a_directory(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without one it wrote into the installed package: site-packages, a read-only image's
+    filesystem, or a checkout's tracked files."""
+    with pytest.raises(SystemExit) as exited:
+        main(["schema"])
+    assert exited.value.code == 2
+    assert "--out" in capsys.readouterr().err

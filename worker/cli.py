@@ -142,9 +142,9 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas import asyncapi
-    from schemas.export import JSON_DIR, write_all
+    from schemas.export import write_all
 
-    out = Path(args.out) if args.out else JSON_DIR
+    out = Path(args.out)
     for path in [*write_all(out), asyncapi.write(out)]:
         print(path)
     return 0
@@ -194,6 +194,8 @@ def _add_simulator_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import json
 
+    from pydantic import ValidationError
+
     from worker.simulator import FaultConfig, SimulatorConfig, run_simulator
 
     configure("INFO", "auto")
@@ -202,17 +204,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed = json.loads(args.seed_file.read_text(encoding="utf-8")) if args.seed_file else None
     except ValueError as exc:  # not JSON (a missing file is an OSError, reported by main)
         raise ConfigError(f"--seed-file {args.seed_file}: not JSON ({exc})") from None
-    config = SimulatorConfig(
-        host=args.host,
-        port=args.port,
-        credentials={args.ak: args.sk},
-        tokens=set(args.token),
-        auto_create=args.auto_create,
-        detail_as_sdk=args.detail_as_sdk,
-        seed=seed,
-        faults=FaultConfig(**faults),
-        rng_seed=args.rng_seed,
-    )
+    try:
+        config = SimulatorConfig(
+            host=args.host,
+            port=args.port,
+            credentials={args.ak: args.sk},
+            tokens=set(args.token),
+            auto_create=args.auto_create,
+            detail_as_sdk=args.detail_as_sdk,
+            seed=seed,
+            faults=FaultConfig(**faults),
+            rng_seed=args.rng_seed,
+        )
+    except ValidationError as exc:  # a fault flag out of range, a seed file of another shape
+        problems = [
+            f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ConfigError(f"simulator settings ({exc.title}): " + "; ".join(problems)) from None
 
     def ready(url: str) -> None:
         print(f"COC API simulator listening on {url} (admin: {url}/_sim/stats)", flush=True)
@@ -346,7 +355,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     if result.timed_out:
         print(
             f"coc-worker send: no outcome for {result.event_id} within {wait_s:g}s "
-            f"(is a worker running on {settings.input_topic}?)",
+            f"(is a worker running on {settings.input_topic}, and not paused? its /readyz says)",
             file=sys.stderr,
         )
     elif result.outcome is not None:
@@ -590,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     schema = sub.add_parser("schema", help="write the JSON Schemas and the AsyncAPI 3.0 document")
-    schema.add_argument("--out", default=None, help="directory (default: the package's schemas/json)")
+    # Required: a default inside the package wrote into site-packages, a read-only image, or the
+    # tracked files of a checkout (`make schemas` names schemas/json).
+    schema.add_argument("--out", required=True, help="directory to write them to")
     schema.set_defaults(func=cmd_schema)
 
     demo = sub.add_parser("demo", help="broker + simulator + worker + a scripted scenario, then exit")

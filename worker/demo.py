@@ -141,7 +141,8 @@ async def run_demo(verbose: bool = False) -> int:
                 if task.done():
                     task.result()
                 print(
-                    f"broker {broker.bootstrap} | simulator {sim.url} | worker /metrics on :{worker.http_port}\n"
+                    f"broker {broker.bootstrap} | simulator {sim.url} | worker /metrics on :{worker.http_port}"
+                    " (while the demo runs)\n"
                 )
                 scenario = _scenario()
                 await produce(broker.bootstrap, TOPICS["input"], [_encode(item) for _, item in scenario])
@@ -153,8 +154,14 @@ async def run_demo(verbose: bool = False) -> int:
                 dead = await read_topic(
                     broker.bootstrap, TOPICS["dlq"], until=lambda r: len(r) >= 1, timeout_s=10
                 )
-                print(f"\nDead-letter topic: {len(dead)} record(s); reason: ", end="")
-                print(", ".join(f"{(r.header('coc-dlq-error') or b'').decode()[:90]}" for r in dead))
+                print(f"\nDead-letter topic: {len(dead)} record(s): ", end="")
+                print(
+                    ", ".join(
+                        f"{(r.header('coc-dlq-reason') or b'').decode()}"
+                        f" ({(r.header('coc-dlq-error') or b'').decode()[:90]})"
+                        for r in dead
+                    )
+                )
                 done, rate = await _burst(broker.bootstrap, len(scenario))
                 if done < BURST_EVENTS:
                     return _incomplete(f"{done} of the burst's {BURST_EVENTS} outcomes", BURST_TIMEOUT_S)

@@ -71,7 +71,11 @@ def row(outcome: OutcomeEvent) -> str:
         str(outcome.attempts),
         detail,
     )
-    return " ".join(cell(v, w) for v, (_, w) in zip(values, _COLUMNS, strict=True)).rstrip()
+    # The event id whole (it pushes the rest of its row): ids that differ only at the end
+    # (``run-eu-west-1-start``, ``run-eu-west-1-succeeded``) must not look the same.
+    return " ".join(
+        cell(v, w, cut=name != "EVENT") for v, (name, w) in zip(values, _COLUMNS, strict=True)
+    ).rstrip()
 
 
 async def _messages(
