@@ -664,3 +664,16 @@ async def test_alertmanager_notification_sent_twice_is_applied_once(
         sub.fields["comment"]
         == "[HighErrorRate] 5xx ratio above 5% - checkout returns errors since the rollout"
     )
+
+
+@pytest.mark.parametrize("command", [["outcomes", "tail", "--no-follow"], ["dlq", "list"]])
+async def test_a_table_tool_prints_no_header_when_the_broker_cannot_be_reached(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The header went to stdout before the connection failed: a pipeline got a header line, as if
+    the topic were empty."""
+    nobody = f"127.0.0.1:{free_port()}"
+    assert await asyncio.to_thread(main, [*command, "--kafka-bootstrap-servers", nobody]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Unable to bootstrap" in err

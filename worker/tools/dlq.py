@@ -240,9 +240,9 @@ async def list_dead_letters(
     """Print the matching records present now; returns how many."""
     shown = 0
     progress = Progress("dlq list", stream=err)
-    if not json_lines:
-        print(list_header(), file=out)
     async with TopicReader(settings, settings.dlq_topic) as reader:
+        if not json_lines:  # once the broker answered: a pipeline gets no header line on a failure
+            print(list_header(), file=out)
         records = _records(reader, selection, settings.max_event_bytes, progress)
         async with aclosing(records):
             async for record in records:

@@ -106,10 +106,10 @@ async def tail(
 ) -> int:
     """Print matching outcomes; returns how many were printed."""
     shown = 0
-    if not json_lines:
-        print(header(), file=out, flush=True)
     progress = Progress("outcomes tail", stream=err)
     async with TopicReader(settings, settings.results_topic) as reader:
+        if not json_lines:  # once the broker answered: a pipeline gets no header line on a failure
+            print(header(), file=out, flush=True)
         messages = _messages(reader, from_beginning=from_beginning, follow=follow, progress=progress)
         async with aclosing(messages):
             async for message in messages:
