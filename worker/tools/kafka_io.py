@@ -168,9 +168,9 @@ class TopicReader(_Client[AIOKafkaConsumer]):
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=max(1_048_576, s.max_event_bytes + _HEADROOM_BYTES),
         )
+        self._client = consumer  # before its start: one that fails to start is stopped too
         try:
             await consumer.start()
-            self._client = consumer
             self._partitions = await self._discover()
             consumer.assign(self._partitions)
         except KafkaError as exc:
