@@ -1017,7 +1017,7 @@ async def test_reads_after_a_lost_answer_back_off_and_wait_for_the_rate_limit(ri
     )
     assert result.status == "failed"
     gets = [r for r in state.requests if r.method == "GET"]
-    assert 2 <= len(gets) <= 12
+    assert 2 <= len(gets) <= 20  # the bug read ~40 a second; full jitter makes 13 possible (~0.2%)
     state.requests.clear()
     limited = rig.caller(policy, rate_limit=TokenBucket(4.0, 1, rig.metrics))
     await rig.apply(limited, event, confirm=lambda detail: already_applied(event, detail), ambiguous=True)

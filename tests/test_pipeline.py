@@ -626,7 +626,7 @@ async def test_a_rejected_events_record_is_written_before_its_outcome() -> None:
     published before the record: the message comes back to nothing published, and gets one outcome."""
     store, published = _StoreAway(), Recorder()
     store.away = True
-    first, gate = _pipeline(store, _Answers("rejected"), published)
+    first, gate = _pipeline(store, _Answers("rejected"), published, **_SHORT_LEASE)
     running = asyncio.create_task(first.process(job(STARTED)))
     await until(lambda: not gate.is_open)  # the record could not be written: paused
     running.cancel()
@@ -634,7 +634,8 @@ async def test_a_rejected_events_record_is_written_before_its_outcome() -> None:
     await gate.close()
     assert published.outcomes == []
     store.away = False
-    again, gate = _pipeline(store, _Answers("applied"), published)  # the ticket was fixed meanwhile
+    # the ticket was fixed meanwhile; the cancelled job's claim is taken over once its lease is out
+    again, gate = _pipeline(store, _Answers("applied"), published, **_SHORT_LEASE)
     await again.process(job(STARTED))
     await gate.close()
     assert [(o["status"], o["redelivered"]) for o in published.outcomes] == [("applied", False)]
