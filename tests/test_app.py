@@ -701,8 +701,11 @@ async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_ans
 async def test_a_broker_gone_while_the_worker_is_idle_pauses_it(tmp_path: Path) -> None:
     """An idle worker writes nothing, so no outcome's write trips the gate: with the broker away
     only /readyz said so, ``coc_worker_paused`` stayed 0 and the README's pause alert never fired.
-    The health check's failed metadata request pauses it; the same request, answered, resumes it."""
+    Two failed health checks in a row pause it (one slow answer is no outage); the first answered
+    one probes at once, not after the probe's backoff (up to 30 s)."""
     worker = make_worker(tmp_path)
+    worker._broker_answered = True  # as after the start
+    worker._gate._probe_base_s = 60.0  # the prober's own next try is far off
     away = True
 
     async def ping(timeout_s: float = 3.0) -> None:
@@ -713,13 +716,17 @@ async def test_a_broker_gone_while_the_worker_is_idle_pauses_it(tmp_path: Path) 
     worker._consumer.highwater = lambda key: None  # type: ignore[method-assign]  # never started
     try:
         await worker._check_health()
+        assert not worker._broker_ok  # not ready at once
+        assert worker._gate.is_open
+        await worker._check_health()
         assert not worker._gate.is_open
         assert worker.metrics.paused._value.get() == 1
         assert worker.metrics.pauses.labels(kind="broker_unavailable")._value.get() == 1
-        assert not worker.ready
         away = False
-        await asyncio.wait_for(worker._gate.wait_open(), 10)
+        await worker._check_health()
+        await asyncio.wait_for(worker._gate.wait_open(), 5)
         assert worker.metrics.paused._value.get() == 0
+        assert worker._broker_ok
     finally:
         await close_unstarted(worker)
 

@@ -90,19 +90,33 @@ def test_once_started_the_heap_is_frozen_and_cyclic_garbage_is_still_collected()
 
 
 @pytest.mark.parametrize("name", SECRET_FIELDS)
+@pytest.mark.parametrize(
+    "command",
+    [["run"], ["send", "started"], ["ingest"], ["outcomes", "tail"], ["dlq", "list"], ["dlq", "replay"]],
+)
 def test_a_secret_given_as_a_flag_is_refused_without_repeating_it(
-    name: str, capsys: pytest.CaptureFixture[str]
+    name: str, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A secret on a command line shows in ``ps`` and shell history. ``--api-sk VALUE`` was taken
     as an abbreviation of ``--api-sk-file`` (an error about a missing file, the secret in the
-    shell's history); an unknown flag's error would print the value."""
+    shell's history); on a command without the flag argparse's error printed the value."""
     value = "hunter2-" + name
-    with pytest.raises(SystemExit) as exited:
-        main(["run", "--" + name.replace("_", "-"), value])
-    assert exited.value.code == 2
+    for flag in (["--" + name.replace("_", "-"), value], [f"--{name.replace('_', '-')}={value}"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, *flag])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"COC_WORKER_{name.upper()}_FILE" in err
+        assert value not in err
+
+
+def test_an_unknown_flags_value_is_not_repeated(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["simulate", "--ingest-tokens", "hunter2-token", "--port=0", "--sk-secret=hunter3"])
     err = capsys.readouterr().err
-    assert f"COC_WORKER_{name.upper()}_FILE" in err
-    assert value not in err
+    assert "--ingest-tokens --sk-secret (values not repeated)" in err
+    assert "hunter2" not in err
+    assert "hunter3" not in err
 
 
 def test_flags_are_not_abbreviated(capsys: pytest.CaptureFixture[str]) -> None:

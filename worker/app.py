@@ -401,13 +401,19 @@ class Worker:
     async def _check_health(self) -> None:
         try:
             await self._consumer.ping()
-            self._broker_answered = True
         except BrokerUnavailable as exc:
+            # Not ready at once; paused from the second check in a row (one slow metadata answer,
+            # a broker of several restarting, is no outage). A pause like any outage's
+            # (``coc_worker_paused``, ``worker_paused``, the pause count): an idle worker writes
+            # nothing, so only this check learns that the broker is away, and the alerts on a
+            # pause never fired for it. The probe is this same request.
+            if not self._broker_answered:
+                self._gate.trip(exc, self._consumer.ping)
             self._broker_answered = False
-            # A pause like any outage's (``coc_worker_paused``, ``worker_paused``, the pause count):
-            # an idle worker writes nothing, so only this check learns that the broker is away, and
-            # the alerts on a pause never fired for it. The probe is this same request.
-            self._gate.trip(exc, self._consumer.ping)
+        else:
+            self._broker_answered = True
+            # Back: probe now, not after a backoff of up to probe_max_delay_s (30 s).
+            self._gate.probe_now(BrokerUnavailable.kind)
         for key in self._assigned or set():
             high = self._consumer.highwater(key)
             position = self._offsets.committed_position(key)

@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
@@ -39,6 +39,15 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str) -> NoReturn:
+        unknown = "unrecognized arguments: "
+        if message.startswith(unknown):  # the flags only: a value typed after one may be a secret
+            flags = [
+                arg.split("=", 1)[0] for arg in message.removeprefix(unknown).split() if arg.startswith("-")
+            ]
+            message = unknown + " ".join(flags) + " (values not repeated)"
+        super().error(message)
+
 
 class _RefuseSecret(argparse.Action):
     """A secret given as a flag: refused with where it goes instead, its value never repeated
@@ -55,10 +64,9 @@ class _RefuseSecret(argparse.Action):
 def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     group = parser.add_argument_group("settings (each also COC_WORKER_<NAME>)")
     for name, field in WorkerSettings.model_fields.items():
-        if name in SECRET_FIELDS:  # env or *_FILE only
-            if only is None or f"{name}_file" in only:
-                flag = "--" + name.replace("_", "-")
-                group.add_argument(flag, dest=name, action=_RefuseSecret, help=argparse.SUPPRESS)
+        if name in SECRET_FIELDS:  # env or *_FILE only; refused on every command, used there or not
+            flag = "--" + name.replace("_", "-")
+            group.add_argument(flag, dest=name, action=_RefuseSecret, help=argparse.SUPPRESS)
             continue
         if only is not None and name not in only:
             continue

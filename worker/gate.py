@@ -15,6 +15,7 @@ and longer (up to the cap) instead of flapping several times a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import random
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,8 @@ Probe = Callable[[], Awaitable[None]]
 class _Cause:
     error: SystemicError
     task: asyncio.Task[None]
+    #: Set to end the prober's backoff wait early (``probe_now``).
+    wake: asyncio.Event
 
 
 class Gate:
@@ -75,13 +78,22 @@ class Gate:
         attempts, cleared_at = self._cleared.pop(error.kind, (0, float("-inf")))
         if asyncio.get_running_loop().time() - cleared_at > self._flap_window_s:
             attempts = 0
+        wake = asyncio.Event()
         # Its own context: the probe's lines are about the outage, not the job that hit it first.
         task = asyncio.create_task(
-            self._probe(error.kind, probe, attempts),
+            self._probe(error.kind, probe, attempts, wake),
             name=f"probe-{error.kind}",
             context=contextvars.Context(),
         )
-        self._causes[error.kind] = _Cause(error, task)
+        self._causes[error.kind] = _Cause(error, task, wake)
+
+    def probe_now(self, kind: str) -> None:
+        """Probe ``kind`` at once instead of after its backoff: something else has seen the cause
+        go (the broker answered the health check). Its own probe still decides, so a cause whose
+        probe passes while the work fails keeps its backoff."""
+        cause = self._causes.get(kind)
+        if cause is not None:
+            cause.wake.set()
 
     async def wait_open(self) -> float:
         """Wait until no cause is open; returns the seconds spent waiting."""
@@ -92,10 +104,13 @@ class Gate:
         await self._open.wait()
         return loop.time() - started
 
-    async def _probe(self, kind: str, probe: Probe, attempt: int) -> None:
+    async def _probe(self, kind: str, probe: Probe, attempt: int, wake: asyncio.Event) -> None:
         while True:
             attempt += 1
-            await asyncio.sleep(backoff_delay(attempt, self._probe_base_s, self._probe_max_s, _half_to_full))
+            delay = backoff_delay(attempt, self._probe_base_s, self._probe_max_s, _half_to_full)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+            wake.clear()
             try:
                 await probe()
             except CocWorkerError as exc:

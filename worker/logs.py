@@ -12,7 +12,8 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO, cast
@@ -154,28 +155,33 @@ class _CurrentStderr:
 
 
 class _Repeats(logging.Filter):
-    """A library's line (same logger, level and text before its arguments) is shown once per
-    ``window_s``; the next one shown says how many were held back. With the broker away, aiokafka
-    wrote 60-75 errors a second, burying the worker's own lines about the outage."""
+    """A library's line (same logger, level and text) is shown once per ``window_s``; the next one
+    shown says how many were held back. With the broker away, aiokafka wrote 60-75 errors a
+    second, burying the worker's own lines about the outage. The text is the formatted one: lines
+    of one template about different partitions or nodes are different lines."""
 
-    def __init__(self, window_s: float = 10.0, keep: int = 1000) -> None:
+    def __init__(
+        self, window_s: float = 10.0, keep: int = 1000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         super().__init__()
         self._window_s = window_s
         self._keep = keep
-        #: (logger, level, template) -> [when last shown, held back since]
+        self._clock = clock  # not the record's wall-clock time, which may step back
+        #: (logger, level, text) -> [when last shown, held back since]
         self._shown: dict[tuple[str, int, str], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        key = (record.name, record.levelno, record.getMessage()[:300])
         shown = self._shown.get(key)
-        if shown is not None and record.created - shown[0] < self._window_s:
+        if shown is not None and now - shown[0] < self._window_s:
             shown[1] += 1
             return False
         if shown is None and len(self._shown) >= self._keep:
-            self._shown.clear()  # templates are few; this only bounds a library that formats its own
+            self._shown.clear()  # a bound on lines that carry ever-new values
         if shown is not None and shown[1]:
             record.coc_held_back = int(shown[1])
-        self._shown[key] = [record.created, 0]
+        self._shown[key] = [now, 0]
         return True
 
 
