@@ -127,7 +127,11 @@ def _headers(required: dict[str, str], optional: dict[str, str], *, open_ended: 
     if required:
         schema["required"] = list(required)
     schema["additionalProperties"] = (
-        {"type": "string", "description": "Other headers of the producer, kept as they were."}
+        {
+            "type": "string",
+            "description": "Other headers of the producer, kept as they were (but its own coc-dlq-* "
+            "and traceparent headers: the dead letter's replace them).",
+        }
         if open_ended
         else False
     )
@@ -195,7 +199,8 @@ def _messages() -> dict[str, Any]:
                 {
                     **ticket_key,
                     "type": ["string", "null"],
-                    "description": "The ticket_id, null when the input could not be read.",
+                    "description": "The ticket_id; null when the input's value names none that could "
+                    "be read (not JSON, too large, unreadable, or a ticket_id that breaks the schema).",
                 }
             ),
             "examples": [
@@ -211,8 +216,9 @@ def _messages() -> dict[str, Any]:
             "title": "Dead-letter record",
             "summary": f"An input message whose outcome was {', '.join(dead)}: unchanged, plus why.",
             "description": (
-                "Key, value bytes and headers of the input message as they were (the value may not "
-                "be JSON when the status is invalid), plus the coc-dlq-* headers and a traceparent. "
+                "Key, value bytes and headers of the input message as they were (the value may be "
+                "empty or not JSON when the status is invalid, whatever contentType says), plus the "
+                "coc-dlq-* headers and a traceparent. "
                 "`coc-worker dlq replay` sends such records back to the input topic."
             ),
             "contentType": "application/json",
@@ -227,7 +233,11 @@ def _messages() -> dict[str, Any]:
                 }
             ),
             "bindings": _kafka_key(
-                {"type": ["string", "null"], "description": "The input message's key, unchanged."}
+                {
+                    "type": ["string", "null"],
+                    "description": "The input message's key, unchanged; null for an unreadable record "
+                    "and when the key was dropped to fit the broker's size limit (coc-dlq-key-dropped).",
+                }
             ),
             "examples": [
                 {

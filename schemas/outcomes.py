@@ -52,7 +52,9 @@ class SourceRef(BaseModel):
 class OutcomeEvent(BaseModel):
     """What happened to one consumed message."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Every field is in every outcome the worker writes (null when it does not apply): the schema
+    # says so, and types generated from it do not make them optional.
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
 
     schema_version: Literal[1] = OUTCOME_SCHEMA_VERSION
     event_id: str | None = Field(description="The input's event_id; null when it could not be read.")
@@ -62,11 +64,17 @@ class OutcomeEvent(BaseModel):
     status: OutcomeStatus
     reason: str | None = Field(
         default=None,
-        description="Machine-readable cause: reconciled (applied); api_rejected (rejected); "
-        "retries_exhausted, internal_error (failed); empty, too_large, not_utf8, bad_json, schema, "
+        description="Machine-readable cause: reconciled (applied); api_rejected, "
+        "api_rejected_maybe_applied (rejected); retries_exhausted, retries_exhausted_maybe_applied, "
+        "internal_error (failed); *_maybe_applied: an attempt's answer was lost and the ticket did not "
+        "confirm the change either way, so it may be in place; empty, too_large, not_utf8, bad_json, schema, "
         "unreadable, event_id_reused (invalid); duplicate_event_id (duplicate).",
     )
-    attempts: int = Field(ge=0, description="API calls made for this message (0 when none).")
+    attempts: int = Field(
+        ge=0,
+        description="Changes sent to the API for this message (0 when none); reads of the ticket "
+        "after a lost answer are not counted.",
+    )
     http_status: int | None = None
     error_code: str | None = None
     error_msg: str | None = None

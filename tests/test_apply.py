@@ -603,6 +603,7 @@ async def test_a_lost_answer_against_a_detail_without_sub_ticket_state_ends_reje
     assert result.error_msg is not None
     # the note first: a redelivery repeats the first 500 characters, and the API's text may be long
     assert result.error_msg.startswith("the change may already be in place (refused after")
+    assert result.maybe_applied
     assert "): sub-ticket s-1 is implementing" in result.error_msg  # then the API's own words
 
 

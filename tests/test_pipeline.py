@@ -178,7 +178,10 @@ async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None
 
         await rig.pipeline.process(job(STARTED, offset=8))  # e.g. `coc-worker dlq replay`
 
-        assert [o["status"] for o in rig.published.outcomes] == ["failed", "applied"]
+        assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [
+            ("failed", "retries_exhausted_maybe_applied"),  # the reason says so, not only the text
+            ("applied", "reconciled"),
+        ]
         assert "may have been applied" in rig.published.outcomes[0]["error_msg"]
         assert sum(r.method == "PUT" for r in state.requests) == puts_before
         assert len(state.applied_for("ev-1")) == 1

@@ -39,6 +39,9 @@ class ApplyResult:
     detail: str | None = None
     response: ApiResponse | None = None
     reconciled: bool = False
+    #: Not applied as far as the worker knows, but an attempt's answer was lost and the ticket
+    #: did not confirm either way: the change may be in place (``*_maybe_applied`` reasons).
+    maybe_applied: bool = False
 
 
 class Reachability:
@@ -348,6 +351,7 @@ class ApiCaller:
                     error_code=exc.error_code,
                     error_msg=error_msg,
                     detail=detail,
+                    maybe_applied=unconfirmed,
                 )
             except ApiTransientError as exc:
                 ambiguous = ambiguous or exc.ambiguous
@@ -449,5 +453,10 @@ def _failed(calls: int, active_s: float, error: ApiTransientError, *, applied_ma
     if applied_maybe:
         detail += " (its answer was lost and the ticket could not be read: it may have been applied)"
     return ApplyResult(
-        "failed", calls, http_status=error.http_status, error_code=error.error_code, detail=detail
+        "failed",
+        calls,
+        http_status=error.http_status,
+        error_code=error.error_code,
+        detail=detail,
+        maybe_applied=applied_maybe,
     )

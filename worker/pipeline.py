@@ -293,6 +293,8 @@ class Pipeline:
             return
         status = OutcomeStatus.REJECTED if result.status == "rejected" else OutcomeStatus.FAILED
         reason = "api_rejected" if status is OutcomeStatus.REJECTED else "retries_exhausted"
+        if result.maybe_applied:  # a consumer reading the reason alone must not take it as "not changed"
+            reason += "_maybe_applied"
         detail = result.error_msg or result.detail
         log.warning(
             "event_not_applied",
