@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from worker.tracing import TraceContext, parse
+from worker.tracing import TraceContext, from_headers, parse
 
 TRACE, SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
@@ -49,3 +51,16 @@ def test_a_childs_traceparent_keeps_the_trace_and_takes_a_new_span() -> None:
         assert child is not None
         assert value == f"00-{TRACE}-{child.span_id}-00"
         assert child.span_id != SPAN
+
+
+def test_a_message_without_a_traceparent_keeps_its_trace_id_when_read_again() -> None:
+    """A new random trace per read: a message read again after a crash got a second trace id, and
+    a consumer joining outcomes (and dead letters) by trace id saw two traces for one message."""
+    position = ("in", 3, 41, 1_764_000_000_000)
+    first, again = from_headers([], position), from_headers([("other", b"x")], position)
+    assert first.trace_id == again.trace_id
+    assert first.span_id != again.span_id  # each read is its own hop
+    assert re.fullmatch(r"[0-9a-f]{32}", first.trace_id)
+    assert from_headers([], ("in", 3, 42, 1_764_000_000_000)).trace_id != first.trace_id
+    assert from_headers([], ("in", 3, 41, 1_764_000_000_001)).trace_id != first.trace_id  # recreated
+    assert from_headers([], None).trace_id != from_headers([], None).trace_id

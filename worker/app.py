@@ -308,7 +308,9 @@ class Worker:
             message,
             event,
             invalid,
-            from_headers(message.headers),
+            from_headers(
+                message.headers, (message.topic, message.partition, message.offset, message.timestamp_ms)
+            ),
             datetime.now(UTC),
             time.monotonic(),
             salvaged,

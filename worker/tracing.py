@@ -6,6 +6,7 @@ gets a new span id per hop; an absent or malformed one starts a fresh trace.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Sequence
@@ -68,11 +69,22 @@ def parse(value: str | bytes | None) -> TraceContext | None:
     return TraceContext(trace_id, span_id, flags)
 
 
-def from_headers(headers: Sequence[tuple[str, bytes]] | None) -> TraceContext:
-    """The trace of an input message: its ``traceparent`` header, else a new trace."""
+def from_headers(
+    headers: Sequence[tuple[str, bytes]] | None, position: tuple[str, int, int, int] | None = None
+) -> TraceContext:
+    """The trace of an input message: its ``traceparent`` header, else a new trace. With the
+    message's ``position`` (topic, partition, offset, timestamp), that new trace's id is derived
+    from it: a message read again (a crash before the commit) keeps its trace id, and its repeated
+    outcome and dead letter join the first ones' trace."""
     for key, value in headers or ():
         if key.lower() == HEADER:
             found = parse(value)
             if found is not None:
                 return found
-    return new_trace()
+    if position is None:
+        return new_trace()
+    topic, partition, offset, timestamp_ms = position  # the timestamp tells a recreated topic's apart
+    trace_id = hashlib.blake2b(
+        f"{topic}/{partition}/{offset}/{timestamp_ms}".encode(), digest_size=16
+    ).hexdigest()
+    return TraceContext(trace_id if trace_id != "0" * 32 else "1".zfill(32), _span_id())
