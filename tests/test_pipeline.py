@@ -692,6 +692,29 @@ async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -
     assert outcome["error_code"] == REDACTED
 
 
+async def test_a_secret_quoted_in_the_events_own_text_is_redacted_in_the_outcome() -> None:
+    """The outcome echoes the request, whose comment is the producer's text: a secret quoted there
+    (a pipeline's log pasted into the comment) went to the results topic as it was."""
+    register_secrets([SK])
+    published = Recorder()
+    pipeline, gate = _pipeline(MemoryStore(), _Answers("applied"), published)
+    succeeded = {
+        "event_id": "ev-s",
+        "type": "change.succeeded",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "s-1",
+        "result": {"comment": f"deployed with key {SK}"},
+    }
+    try:
+        await pipeline.process(job(succeeded))
+    finally:
+        await gate.close()
+    [outcome] = published.outcomes
+    assert outcome["status"] == "applied"
+    assert SK not in json.dumps(outcome)
+    assert REDACTED in json.dumps(outcome["request"])
+
+
 async def test_each_jobs_log_lines_carry_its_message_and_event(rig: Rig) -> None:
     """Every line a job logs names its message and event (``logs.bind_message_context``), also in
     jobs running at the same time, and a line's own value of a key is kept."""

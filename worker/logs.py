@@ -27,11 +27,12 @@ REDACTED = "**redacted**"
 MIN_REDACTED_CHARS = 4
 _secrets: set[str] = set()
 _longest_first: list[str] = []
+_longest_first_bytes: list[bytes] = []
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Add values the redactor must scrub from all output, with their encoded forms."""
-    global _longest_first
+    global _longest_first, _longest_first_bytes
     added = False
     for value in values:
         if not value or len(value) < MIN_REDACTED_CHARS:
@@ -57,6 +58,7 @@ def register_secrets(values: Iterable[str]) -> None:
                 added = True
     if added:
         _longest_first = sorted(_secrets, key=len, reverse=True)
+        _longest_first_bytes = [form.encode() for form in _longest_first]
 
 
 def _with_json_escapes(form: str) -> tuple[str, str]:
@@ -74,6 +76,14 @@ def redact_text(text: str) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """``redact_text`` for UTF-8 bytes (an outcome as written), decoding only when one is there."""
+    for secret in _longest_first_bytes:
+        if secret in data:
+            return redact_text(data.decode()).encode()
+    return data
 
 
 #: Where the running task's message came from and what it names, merged into every line the task

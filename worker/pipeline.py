@@ -26,7 +26,7 @@ from worker.decode import Identity
 from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
-from worker.logs import bind_message_context, get_logger, redact_text
+from worker.logs import bind_message_context, get_logger, redact_bytes, redact_text
 from worker.mapping import already_applied, event_target, request_wire
 from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
@@ -78,6 +78,12 @@ def _fingerprint(job: Job) -> str:
     for part in (job.message.key, job.message.value):
         digest.update(b"-" if part is None else b"+" + len(part).to_bytes(8, "big") + part)
     return "#" + digest.hexdigest()
+
+
+def _dump(outcome: dict[str, Any]) -> bytes:
+    """The outcome's bytes with any secret scrubbed: ``request`` echoes the producer's text (a
+    comment), which may quote one; the other texts are scrubbed already."""
+    return redact_bytes(dump_outcome(outcome))
 
 
 def _as_repeat(letter: DeadLetter | None) -> DeadLetter | None:
@@ -479,7 +485,7 @@ class Pipeline:
         ticket_id = identity["ticket_id"]
         key = ticket_id.encode() if ticket_id else None
         traceparent = job.trace.child_traceparent()
-        payload: bytes | None = dump_outcome(outcome)
+        payload: bytes | None = _dump(outcome)
         owed = letter
         while True:
             await self._gate.wait_open()
@@ -497,7 +503,7 @@ class Pipeline:
                 # The broker may have stored the first copy and lost only its answer: whatever is
                 # sent again is marked as a possible repeat.
                 outcome["redelivered"] = True
-                payload = dump_outcome(outcome)
+                payload = _dump(outcome)
                 owed = None if exc.dead_letter_confirmed else _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping)
         self._metrics.count_outcome(status)
