@@ -199,8 +199,8 @@ def _messages() -> dict[str, Any]:
                 {
                     **ticket_key,
                     "type": ["string", "null"],
-                    "description": "The ticket_id; null when the input's value names none that could "
-                    "be read (not JSON, too large, unreadable, or a ticket_id that breaks the schema).",
+                    "description": "The ticket_id; for an invalid input whose value names none that "
+                    "could be read, its key when that is a ticket id; else null.",
                 }
             ),
             "examples": [

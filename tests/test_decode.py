@@ -458,3 +458,31 @@ def test_decode_or_salvage_is_decode_and_salvage_from_one_parse(raw: bytes | Non
     assert why is not None
     assert (why.reason, why.detail) == (refused.reason, refused.detail)
     assert found == salvage_identity(raw, MAX_BYTES)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "ticket"),
+    [
+        (b'{"event_id": "bad-1", "ticket_id": "T4"', b"T4", "T4"),  # broken JSON: the key tells
+        (b"x" * (MAX_BYTES + 1), b"T4", "T4"),  # too large
+        (json.dumps({"event_id": "e", "ticket_id": "T7/../x"}).encode(), b"T7", "T7"),  # hostile id
+        (
+            json.dumps({"event_id": "e", "ticket_id": "T8", "type": "nope"}).encode(),
+            b"T9",
+            "T8",
+        ),  # value first
+        (b"not json", b"T/../x", None),  # a hostile key is no ticket either
+        (b"not json", b"\xff\xfe", None),
+        (b"not json", None, None),
+    ],
+)
+def test_an_invalid_message_names_the_ticket_of_its_key_when_its_value_names_none(
+    raw: bytes, key: bytes | None, ticket: str | None
+) -> None:
+    """Inputs are keyed by ticket_id: a broken event keyed T4 had a keyless outcome with
+    ticket_id null, so T4's consumers never learnt its event was refused (``dlq list`` showed T4)."""
+    event_, why, found = decode_or_salvage(raw, MAX_BYTES, key=key)
+    assert event_ is None
+    assert why is not None
+    assert found is not None
+    assert found["ticket_id"] == ticket

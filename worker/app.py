@@ -302,7 +302,7 @@ class Worker:
                 unfinished=taken_in.unfinished,
             )
         event, invalid, salvaged = decode_or_salvage(
-            message.value, self.settings.max_event_bytes, unreadable=message.unreadable
+            message.value, self.settings.max_event_bytes, key=message.key, unreadable=message.unreadable
         )
         job = Job(
             message,

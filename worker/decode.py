@@ -176,21 +176,34 @@ Identity = dict[str, str | None]
 
 
 def decode_or_salvage(
-    value: bytes | None, max_bytes: int, *, unreadable: str | None = None
+    value: bytes | None, max_bytes: int, *, key: bytes | None = None, unreadable: str | None = None
 ) -> tuple[AnyChangeEvent, None, None] | tuple[None, InvalidEvent, Identity]:
     """``(event, None, None)``, or for a message ``decode`` refuses ``(None, why, what its value
     still tells)`` (``salvage_identity``), from one parse of the value. ``unreadable``: why the
-    Kafka client could not read the record at all (``consumer.Message.unreadable``)."""
+    Kafka client could not read the record at all (``consumer.Message.unreadable``). When the
+    value names no valid ticket, the message's ``key`` does, if it is one (inputs are keyed by
+    ticket_id): the outcome of a broken event then reaches that ticket's consumers, in its order."""
     if unreadable is not None:
         return None, InvalidEvent("unreadable", unreadable), _identity_of(None)
     try:
         obj = parse_json(value, max_bytes)
     except InvalidEvent as exc:
-        return None, exc, _identity_of(None)
+        return None, exc, _with_key_ticket(_identity_of(None), key)
     try:
         return validate(obj), None, None
     except InvalidEvent as exc:
-        return None, exc, _identity_of(obj)
+        return None, exc, _with_key_ticket(_identity_of(obj), key)
+
+
+def _with_key_ticket(identity: Identity, key: bytes | None) -> Identity:
+    if identity["ticket_id"] is None and key:
+        try:
+            candidate = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return identity
+        if _TICKET_ID.match(candidate):
+            identity["ticket_id"] = candidate
+    return identity
 
 
 def salvage_identity(value: bytes | None, max_bytes: int) -> Identity:
