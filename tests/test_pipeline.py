@@ -109,7 +109,7 @@ def job(raw: dict[str, Any], offset: int = 7) -> Job:
 
 
 @contextlib.asynccontextmanager
-async def make_rig(policy: RetryPolicy) -> AsyncIterator[Rig]:
+async def make_rig(policy: RetryPolicy, settle_s: float = 0.0) -> AsyncIterator[Rig]:
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     async with SimulatorServer(SimulatorConfig(port=0, credentials={AK: SK}, seed=SEED)) as sim:
@@ -117,7 +117,7 @@ async def make_rig(policy: RetryPolicy) -> AsyncIterator[Rig]:
         client = CocApiClient(settings, metrics)
         await client.start()
         published = Recorder()
-        caller = ApiCaller(client, policy, gate, metrics, 60.0)
+        caller = ApiCaller(client, policy, gate, metrics, 60.0, settle_s=settle_s)
         try:
             yield Rig(sim, Pipeline(settings, MemoryStore(), caller, published, gate, metrics), published)
         finally:
@@ -135,26 +135,30 @@ async def rig() -> AsyncIterator[Rig]:
 
 @pytest.mark.parametrize("raw", [STARTED, TICKET_UPDATE], ids=["started", "ticket_update"])
 async def test_a_job_cancelled_after_sending_is_checked_before_its_owner_sends_again(
-    rig: Rig, raw: dict[str, Any]
+    raw: dict[str, Any],
 ) -> None:
     """A revocation (or shutdown) past its grace cancels a job whose change reached the API; the
     claim it leaves is this worker's own. When the same message comes back to the same worker, the
     ticket is read first: the change is in place, so nothing is sent again and the outcome is
     ``applied``, not a state-machine refusal (or, for ``ticket.update``, a second application)."""
-    state = rig.sim.state
-    state.set_faults(drop_after_apply_ratio=1.0)
-    first = asyncio.create_task(rig.pipeline.process(job(raw)))
-    await until(lambda: bool(state.applied_log))
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
-    state.set_faults(drop_after_apply_ratio=0.0)
+    # The first job's own read of the ticket waits the settle time, so the cancel comes first (with
+    # none, a loaded machine let it read and reconcile before the test's poll saw the change).
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
+    async with make_rig(policy, settle_s=1.0) as rig:
+        state = rig.sim.state
+        state.set_faults(drop_after_apply_ratio=1.0)
+        first = asyncio.create_task(rig.pipeline.process(job(raw)))
+        await until(lambda: bool(state.applied_log))
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        state.set_faults(drop_after_apply_ratio=0.0)
 
-    await rig.pipeline.process(job(raw))
+        await rig.pipeline.process(job(raw))
 
-    assert len(state.applied_for("ev-1")) == 1
-    assert [r.method for r in state.requests] == ["PUT", "GET"]
-    assert [(o["status"], o["attempts"]) for o in rig.published.outcomes] == [("applied", 0)]
-    assert rig.published.letters == []
+        assert len(state.applied_for("ev-1")) == 1
+        assert [r.method for r in state.requests] == ["PUT", "GET"]
+        assert [(o["status"], o["attempts"]) for o in rig.published.outcomes] == [("applied", 0)]
+        assert rig.published.letters == []
 
 
 async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None:
