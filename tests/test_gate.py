@@ -275,3 +275,23 @@ async def test_the_probers_lines_do_not_carry_the_context_of_the_job_that_trippe
     assert lines["worker_paused"]["event_id"] == "ev-1"  # the job's own line names it
     assert "event_id" not in lines["probe_failed"]
     assert "offset" not in lines["worker_resumed"]
+
+
+async def test_probe_now_wakes_only_a_cause_paused_on_that_probe(metrics: Metrics) -> None:
+    """The health check wakes the broker pause it made as soon as the broker answers. A pause the
+    publisher made (metadata answers, the topic's writes fail) was woken too, at every check: its
+    probe passed, the next write failed, and it flapped on a fixed 2 s cycle past its backoff."""
+    slow = Gate(metrics, probe_base_s=60.0, probe_max_s=60.0)  # no prober wakes by itself here
+    ours, theirs = Probe(), Probe()
+    ours.heal()
+    theirs.heal()
+    try:
+        slow.trip(DedupUnavailable("store away"), theirs)
+        slow.probe_now(DedupUnavailable.kind, ours)
+        assert not slow._causes[DedupUnavailable.kind].wake.is_set()  # still in its backoff
+        slow.probe_now(DedupUnavailable.kind, theirs)
+        await asyncio.wait_for(slow.wait_open(), 5)
+        assert len(theirs.at) == 1
+        assert ours.at == []
+    finally:
+        await slow.close()

@@ -414,8 +414,9 @@ class Worker:
             self._broker_answered = False
         else:
             self._broker_answered = True
-            # Back: probe now, not after a backoff of up to probe_max_delay_s (30 s).
-            self._gate.probe_now(BrokerUnavailable.kind)
+            # Back: if this check paused it, probe now, not after a backoff of up to
+            # probe_max_delay_s (30 s).
+            self._gate.probe_now(BrokerUnavailable.kind, self._consumer.ping)
         for key in self._assigned or set():
             high = self._consumer.highwater(key)
             position = self._offsets.committed_position(key)

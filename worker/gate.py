@@ -36,6 +36,7 @@ Probe = Callable[[], Awaitable[None]]
 class _Cause:
     error: SystemicError
     task: asyncio.Task[None]
+    probe: Probe
     #: Set to end the prober's backoff wait early (``probe_now``).
     wake: asyncio.Event
 
@@ -85,14 +86,16 @@ class Gate:
             name=f"probe-{error.kind}",
             context=contextvars.Context(),
         )
-        self._causes[error.kind] = _Cause(error, task, wake)
+        self._causes[error.kind] = _Cause(error, task, probe, wake)
 
-    def probe_now(self, kind: str) -> None:
-        """Probe ``kind`` at once instead of after its backoff: something else has seen the cause
-        go (the broker answered the health check). Its own probe still decides, so a cause whose
-        probe passes while the work fails keeps its backoff."""
+    def probe_now(self, kind: str, probe: Probe) -> None:
+        """Probe ``kind`` at once instead of after its backoff, when it is paused on ``probe``
+        and the caller has just seen that probe pass (the broker answered the health check). A
+        cause paused on another probe keeps its backoff: one whose probe passes while the work
+        fails (metadata answers, the topic's writes are refused) was woken every health check and
+        flapped on a fixed 2 s cycle."""
         cause = self._causes.get(kind)
-        if cause is not None:
+        if cause is not None and cause.probe == probe:
             cause.wake.set()
 
     async def wait_open(self) -> float:
