@@ -681,3 +681,26 @@ def test_redis_tls_without_verification_is_logged_as_a_warning() -> None:
     for store in stores:
         asyncio.run(store.close())
     assert [(e["event"], e["log_level"]) for e in logs] == [("redis_tls_verification_disabled", "warning")]
+
+
+async def test_after_a_redis_restart_the_pool_is_dropped_at_the_first_lost_connection(
+    own_redis: OwnRedis,
+) -> None:
+    """A restart closes every pooled connection. The probe's PING passed on a fresh one, then each
+    job met another dead pooled connection and paused the worker again, each pause from the
+    backoff already reached: three pauses and ~60 s late in an operator review. Now the first
+    lost connection drops the pool, and the probe's pass holds."""
+    store = RedisStore(own_redis.url)
+    try:
+        await asyncio.gather(*(store.claim(f"warm-{i}", "w", "s", 30) for i in range(8)))
+        assert len(await own_redis.connections()) > 1  # several pooled
+        await own_redis._admin("CLIENT", "KILL", "TYPE", "normal")  # as a restart does
+        with pytest.raises(DedupUnavailable, match="unreachable"):
+            await store.claim("after-1", "w", "s", 30)
+        await store.ping()  # the gate's probe passes
+        claims = await asyncio.gather(
+            *(store.claim(f"after-{i}", "w", "s", 30) for i in range(2, 10)), return_exceptions=True
+        )
+        assert [c for c in claims if isinstance(c, BaseException)] == []
+    finally:
+        await store.close()

@@ -591,6 +591,11 @@ class RedisStore:
         try:
             return await coro
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            # One lost connection, all of them, most likely (a restart, a failover, a network cut):
+            # the probe would pass on a fresh one and each job then meet another dead one, every
+            # pause starting from the backoff already reached. The idle ones are dropped and made
+            # afresh; those in use end on their own.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
             # redis-py's text names the address it tried (never the password; redacted all the same)
             reason = redact_text(str(exc))[:200]
             raise DedupUnavailable(
