@@ -388,6 +388,9 @@ async def test_connection_refused_is_a_connect_failure() -> None:
             await put(client)
     exc = failed.value
     assert (exc.connect_failure, exc.ambiguous, exc.http_status) == (True, False, None)
+    # the innermost cause: a refused connection reads apart from a name not found or a TLS failure
+    assert exc.detail.startswith("cannot connect to the API (")
+    assert "refused" in exc.detail.lower()
 
 
 async def test_a_hung_request_times_out_ambiguously(sim: SimulatorServer) -> None:

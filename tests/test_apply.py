@@ -1101,3 +1101,15 @@ async def test_a_pause_while_renewing_the_claim_is_not_taken_off_the_retry_budge
 
     result = await rig.apply(rig.caller(policy), before_send=renew_after_an_outage)
     assert (result.status, result.calls) == ("failed", 4)  # failed after 2 calls, at the first 503 after it
+
+
+async def test_only_an_events_first_retry_is_logged_at_info(rig: Rig) -> None:
+    """One info line per attempt: 264 lines in 5 s at 10 events/s during an outage in an operator
+    review, thousands at 256 in flight. The later ones are at debug; the metric counts them all."""
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+    policy = RetryPolicy(max_attempts=4, max_elapsed_s=5.0, base_delay_s=0.01, max_delay_s=0.02)
+    with capture_logs() as logs:
+        result = await rig.apply(rig.caller(policy))
+    assert result.status == "failed"
+    retries = [(e["log_level"], e["attempt"]) for e in logs if e["event"] == "api_retry"]
+    assert retries == [("info", 1), ("debug", 2), ("debug", 3)]

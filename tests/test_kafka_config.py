@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from structlog.testing import capture_logs
 
 from worker.consumer import Consumer
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.kafka_config import connection_kwargs
+from worker.kafka_config import broker_answers, connection_kwargs
 from worker.publisher import Publisher
 from worker.settings import COMMIT_TIMEOUT_S, REVOKE_CANCEL_WAIT_S, load_settings
 
@@ -103,3 +105,18 @@ async def test_a_client_that_cannot_start_names_the_setting_and_the_address() ->
         assert "KafkaConnectionError" in text
     await publisher.stop()
     await consumer.stop()
+
+
+async def test_an_unanswered_probe_says_why() -> None:
+    """The pause said "broker unreachable: KafkaError", less than aiokafka's own line beside it."""
+
+    async def refused() -> None:
+        raise KafkaConnectionError("Connection at 127.0.0.1:19192 closed")
+
+    async def silent() -> None:
+        await asyncio.sleep(60)
+
+    with pytest.raises(BrokerUnavailable, match=r"broker unreachable: KafkaConnectionError: .*19192 closed"):
+        await broker_answers(refused(), 1.0)
+    with pytest.raises(BrokerUnavailable, match=r"broker unreachable: no answer within 0\.05 s"):
+        await broker_answers(silent(), 0.05)

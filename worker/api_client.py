@@ -173,6 +173,10 @@ def _classify_transport_error(exc: http_errors.PyreqwestError) -> tuple[str, Api
     timed_out = isinstance(exc, http_errors.RequestTimeoutError)
     if any(cause.get("message") == _CONNECT_PHASE_CAUSE for cause in causes):
         detail = "timed out connecting to the API" if timed_out else "cannot connect to the API"
+        # The innermost cause tells a refused connection from a name not found or a TLS failure.
+        innermost = str(causes[-1].get("message") or "") if causes else ""
+        if innermost and innermost != _CONNECT_PHASE_CAUSE:
+            detail += f" ({innermost[:200]})"
         return "connect_error", ApiTransientError(detail, connect_failure=True)
     if timed_out:
         return "timeout", ApiTransientError("the API did not answer in time", timed_out=True)

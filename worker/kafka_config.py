@@ -49,8 +49,10 @@ async def broker_answers(request: Awaitable[T], timeout_s: float) -> T:
     answers from the client's cache as soon as the topic has been seen, broker or not."""
     try:
         return await asyncio.wait_for(request, timeout_s)
-    except (KafkaError, TimeoutError) as exc:
-        raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}") from exc
+    except TimeoutError:
+        raise BrokerUnavailable(f"broker unreachable: no answer within {timeout_s:g} s") from None
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"broker unreachable: {kafka_error_text(exc)}") from exc
 
 
 def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:

@@ -287,7 +287,8 @@ async def test_api_faults_every_event_applied_or_failed_after_its_budget(
     )
     # the retry budget: never more PUTs for one event than attempts allowed, and `failed` only when spent
     puts = Counter(q.event_id for q in sim.state.requests if q.method == "PUT" and q.event_id)
-    # every retry is logged (some of them start by reading the ticket to settle a lost answer)
+    # an event's first retry is logged at info (the later ones at debug; some of them start by
+    # reading the ticket to settle a lost answer)
     retries = Counter(line["event_id"] for w in rig.workers for line in w.events("api_retry"))
     assert max(puts.values()) <= MAX_ATTEMPTS, puts.most_common(3)
     by_ticket: dict[str, list[dict[str, Any]]] = {}
@@ -295,11 +296,11 @@ async def test_api_faults_every_event_applied_or_failed_after_its_budget(
         by_ticket.setdefault(o["ticket_id"], []).append(o)
     for o in outcomes:
         if o["status"] == "failed":
-            # the worker says it spent the budget and its log shows each retry (that the API saw
+            # the worker says it spent the budget and its log shows it retried (that the API saw
             # no more is the max(puts) check above: a request whose client timed out during a
             # latency spike is never recorded)
             assert o["attempts"] == MAX_ATTEMPTS, o
-            assert retries[o["event_id"]] >= MAX_ATTEMPTS - 1, o
+            assert retries[o["event_id"]] >= 1, o
         elif o["status"] == "rejected":
             # only the refusal of a step whose predecessor (same ticket) failed: the state machine's
             earlier = [p for p in by_ticket[o["ticket_id"]] if _seq(p) < _seq(o)]
