@@ -115,6 +115,12 @@ def worker_settings(tmp_path: Path | None = None, **overrides: Any) -> WorkerSet
     return WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk="sk-0123456789", **overrides)
 
 
+def listed_topics(worker: Worker) -> set[str]:
+    """What a broker's metadata lists when the worker's three topics are there."""
+    s = worker.settings
+    return {s.input_topic, s.results_topic, s.dlq_topic, "someone-elses"}
+
+
 def make_worker(tmp_path: Path, **overrides: Any) -> Worker:
     return Worker(worker_settings(tmp_path, **overrides))
 
@@ -664,9 +670,10 @@ async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_ans
     worker = make_worker(tmp_path)
     pings = 0
 
-    async def answers(timeout_s: float = 3.0) -> None:
+    async def answers(timeout_s: float = 3.0) -> set[str]:
         nonlocal pings
         pings += 1
+        return listed_topics(worker)
 
     async def fails(max_records: int, timeout_s: float) -> list[Message]:
         raise BrokerUnavailable("fetch failed: TopicAuthorizationFailedError")
@@ -708,9 +715,10 @@ async def test_a_broker_gone_while_the_worker_is_idle_pauses_it(tmp_path: Path) 
     worker._gate._probe_base_s = 60.0  # the prober's own next try is far off
     away = True
 
-    async def ping(timeout_s: float = 3.0) -> None:
+    async def ping(timeout_s: float = 3.0) -> set[str]:
         if away:
             raise BrokerUnavailable("metadata not answered within 3 s")
+        return listed_topics(worker)
 
     worker._consumer.ping = ping  # type: ignore[method-assign]
     worker._consumer.highwater = lambda key: None  # type: ignore[method-assign]  # never started
@@ -727,6 +735,37 @@ async def test_a_broker_gone_while_the_worker_is_idle_pauses_it(tmp_path: Path) 
         await asyncio.wait_for(worker._gate.wait_open(), 5)
         assert worker.metrics.paused._value.get() == 0
         assert worker._broker_ok
+    finally:
+        await close_unstarted(worker)
+
+
+async def test_a_topic_the_broker_lists_no_more_makes_the_worker_not_ready(tmp_path: Path) -> None:
+    """A broker that lost its data answered with no topics: the worker stayed ready with
+    partitions of a topic that was gone, and nothing was logged (operator review)."""
+    worker = make_worker(tmp_path)
+    worker._assigned = {(worker.settings.input_topic, 0)}
+    listed = listed_topics(worker)
+
+    async def ping(timeout_s: float = 3.0) -> set[str]:
+        return set(listed)
+
+    worker._consumer.ping = ping  # type: ignore[method-assign]
+    worker._consumer.highwater = lambda key: None  # type: ignore[method-assign]
+    try:
+        await worker._check_health()
+        assert worker.ready
+        listed.discard(worker.settings.input_topic)
+        with capture_logs() as logs:
+            await worker._check_health()
+            await worker._check_health()  # said once, not every check
+        assert not worker.ready
+        assert worker.status()["topics_missing"] == [worker.settings.input_topic]
+        assert [(e["event"], e["topics"]) for e in logs] == [
+            ("topics_missing", {"COC_WORKER_INPUT_TOPIC": worker.settings.input_topic})
+        ]
+        listed.add(worker.settings.input_topic)
+        await worker._check_health()
+        assert worker.ready
     finally:
         await close_unstarted(worker)
 
@@ -846,9 +885,10 @@ async def test_the_health_watcher_survives_an_unexpected_error(tmp_path: Path) -
     worker = make_worker(tmp_path)
     pings = 0
 
-    async def answers(timeout_s: float = 3.0) -> None:
+    async def answers(timeout_s: float = 3.0) -> set[str]:
         nonlocal pings
         pings += 1
+        return listed_topics(worker)
 
     def broken(key: tuple[str, int]) -> int | None:
         raise AssertionError("not assigned")  # as aiokafka's highwater does for a stale partition

@@ -113,6 +113,8 @@ class Worker:
         self._assigned: set[PartitionKey] | None = None
         self._broker_answered = False  # the last metadata request was answered (``_check_health``)
         self._fetch_failing = False  # the last fetch failed (``_poll``)
+        #: setting -> topic, of the three the broker's last metadata did not list (``_check_health``)
+        self._topics_missing: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         #: Partitions starting over after their offsets went back (``_start_over``): key -> token.
         self._rewinding: dict[PartitionKey, object] = {}
@@ -140,6 +142,7 @@ class Worker:
         return (
             self._assigned is not None
             and self._broker_ok
+            and not self._topics_missing
             and self._gate.is_open
             and not self._stopping.is_set()
         )
@@ -151,6 +154,7 @@ class Worker:
             "assigned": sorted(f"{t}/{p}" for t, p in (self._assigned or set())),
             "broker_reachable": self._broker_ok,
             "paused_by": self._gate.causes,
+            "topics_missing": sorted(self._topics_missing.values()),
             "in_flight": len(self._lanes),  # taken from Kafka, not yet finished
             "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
             "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # at max_uncommitted
@@ -402,7 +406,7 @@ class Worker:
 
     async def _check_health(self) -> None:
         try:
-            await self._consumer.ping()
+            listed = await self._consumer.ping()
         except BrokerUnavailable as exc:
             # Not ready at once; paused from the second check in a row (one slow metadata answer,
             # a broker of several restarting, is no outage). A pause like any outage's
@@ -417,11 +421,25 @@ class Worker:
             # Back: if this check paused it, probe now, not after a backoff of up to
             # probe_max_delay_s (30 s).
             self._gate.probe_now(BrokerUnavailable.kind, self._consumer.ping)
+            self._note_missing_topics(listed)
         for key in self._assigned or set():
             high = self._consumer.highwater(key)
             position = self._offsets.committed_position(key)
             if high is not None and position is not None:
                 self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
+
+    def _note_missing_topics(self, listed: set[str]) -> None:
+        """Not ready while the broker lists one of the three topics no more (it lost its data, the
+        topic was deleted): ready with partitions of a topic that was gone, nothing said so."""
+        s = self.settings
+        named = {"COC_WORKER_INPUT_TOPIC": s.input_topic, "COC_WORKER_RESULTS_TOPIC": s.results_topic}
+        named["COC_WORKER_DLQ_TOPIC"] = s.dlq_topic
+        missing = {setting: topic for setting, topic in named.items() if topic not in listed}
+        if missing and missing != self._topics_missing:
+            log.error("topics_missing", topics=missing)
+        elif not missing and self._topics_missing:
+            log.info("topics_listed_again", topics=self._topics_missing)
+        self._topics_missing = missing
 
     async def _shutdown(self) -> None:
         s = self.settings

@@ -386,6 +386,6 @@ class Consumer:
         value = self._consumer.highwater(TopicPartition(*key))
         return int(value) if value is not None else None
 
-    async def ping(self, timeout_s: float = 3.0) -> None:
-        """A metadata round trip: proves the broker answers."""
-        await broker_answers(self._consumer.topics(), timeout_s)
+    async def ping(self, timeout_s: float = 3.0) -> set[str]:
+        """A metadata round trip: proves the broker answers; the topics it lists."""
+        return set(await broker_answers(self._consumer.topics(), timeout_s))

@@ -29,7 +29,8 @@ from worker.retry import backoff_delay
 
 log = get_logger(__name__)
 
-Probe = Callable[[], Awaitable[None]]
+#: A call that succeeds once the cause is gone; what it returns is not looked at.
+Probe = Callable[[], Awaitable[object]]
 
 
 @dataclass(slots=True)
