@@ -85,8 +85,10 @@ async def test_a_producer_error_of_any_kind_leaves_the_outcome_unconfirmed(
         assert written == [2]
         topic_partitions.clear()
         topic_partitions.add(0)  # recreated with one partition
-        with pytest.raises(BrokerUnavailable, match="AssertionError"):
+        with pytest.raises(BrokerUnavailable, match="AssertionError") as refused:
             await publisher.publish(key, b"{}", "applied", None, TRACEPARENT)
+        # which topic and partition: one refusing writes reads apart from a broker that is away
+        assert f"({publisher._settings.results_topic}/2)" in str(refused.value)
         await publisher.publish(key, b"{}", "applied", None, TRACEPARENT)  # the list read again
         assert written == [2, 0]
         with pytest.raises(DeadLetterUnwritable, match="RuntimeError"):

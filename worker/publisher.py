@@ -193,12 +193,13 @@ class Publisher:
             await self._deliver_dead_letter(letter, traceparent)
         except Exception as exc:  # not only KafkaError: see _send_outcome
             raise DeadLetterUnwritable(
-                f"dead letter not confirmed by the broker: {type(exc).__name__}"
+                f"dead letter not confirmed by the broker ({self._settings.dlq_topic}): {kafka_error_text(exc)}"
             ) from exc
 
     async def _send_outcome(self, key: bytes | None, outcome: bytes, status: str, traceparent: str) -> None:
         headers: Headers = [(TRACEPARENT, traceparent.encode()), ("coc-status", status.encode())]
         delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        partition: int | None = None
         try:
             if not self._partitions or time.monotonic() - self._partitions_at > _PARTITIONS_TTL_S:
                 await self._refresh_partitions()  # rarely: no coroutine per outcome
@@ -217,7 +218,12 @@ class Publisher:
             # confirmed, and the caller must wait and write it again, never finish the message.
             # The partition list is read again before that write: it may be what failed.
             self._partitions = []
-            raise BrokerUnavailable(f"outcome not confirmed by the broker: {type(exc).__name__}") from exc
+            # Which topic and partition, in the client's words: one partition refusing writes
+            # (short of in-sync replicas, a broker's error) reads apart from a broker that is away.
+            where = self._settings.results_topic + (f"/{partition}" if partition is not None else "")
+            raise BrokerUnavailable(
+                f"outcome not confirmed by the broker ({where}): {kafka_error_text(exc)}"
+            ) from exc
 
     async def _write(self, partition: int) -> None:
         """One writer per partition: send what has queued as record batches, wait for the broker's
