@@ -78,12 +78,21 @@ def redact_text(text: str) -> str:
     return text
 
 
-def redact_bytes(data: bytes) -> bytes:
-    """``redact_text`` for UTF-8 bytes (an outcome as written), decoding only when one is there."""
-    for secret in _longest_first_bytes:
-        if secret in data:
-            return redact_text(data.decode()).encode()
-    return data
+def holds_secret(data: bytes) -> bool:
+    """Whether UTF-8 bytes (an outcome as written) hold a secret, without decoding them."""
+    return any(secret in data for secret in _longest_first_bytes)
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings) with its strings redacted, its keys as they are:
+    scrubbing the serialised text instead would break it where a secret matched a key."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {key: redact_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_values(item) for item in value]
+    return value
 
 
 #: Where the running task's message came from and what it names, merged into every line the task

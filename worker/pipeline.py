@@ -26,7 +26,7 @@ from worker.decode import Identity
 from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
-from worker.logs import bind_message_context, get_logger, redact_bytes, redact_text
+from worker.logs import bind_message_context, get_logger, holds_secret, redact_text, redact_values
 from worker.mapping import already_applied, event_target, request_wire
 from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
@@ -81,9 +81,13 @@ def _fingerprint(job: Job) -> str:
 
 
 def _dump(outcome: dict[str, Any]) -> bytes:
-    """The outcome's bytes with any secret scrubbed: ``request`` echoes the producer's text (a
-    comment), which may quote one; the other texts are scrubbed already."""
-    return redact_bytes(dump_outcome(outcome))
+    """The outcome's bytes. ``request`` echoes the producer's text (a comment), which may quote a
+    secret: then its values are scrubbed (the other texts are already) and it is written again."""
+    payload = dump_outcome(outcome)
+    if outcome["request"] is not None and holds_secret(payload):
+        outcome["request"] = redact_values(outcome["request"])
+        payload = dump_outcome(outcome)
+    return payload
 
 
 def _as_repeat(letter: DeadLetter | None) -> DeadLetter | None:
