@@ -39,7 +39,7 @@ from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
 from worker.retry import RetryPolicy
-from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, without_password
+from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, env_var, without_password
 from worker.tracing import from_headers
 
 log = get_logger(__name__)
@@ -431,10 +431,11 @@ class Worker:
     def _note_missing_topics(self, listed: set[str]) -> None:
         """Not ready while the broker lists one of the three topics no more (it lost its data, the
         topic was deleted): ready with partitions of a topic that was gone, nothing said so."""
-        s = self.settings
-        named = {"COC_WORKER_INPUT_TOPIC": s.input_topic, "COC_WORKER_RESULTS_TOPIC": s.results_topic}
-        named["COC_WORKER_DLQ_TOPIC"] = s.dlq_topic
-        missing = {setting: topic for setting, topic in named.items() if topic not in listed}
+        missing = {
+            env_var(field): topic
+            for field in ("input_topic", "results_topic", "dlq_topic")
+            if (topic := getattr(self.settings, field)) not in listed
+        }
         if missing and missing != self._topics_missing:
             log.error("topics_missing", topics=missing)
         elif not missing and self._topics_missing:

@@ -25,7 +25,7 @@ from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
 from worker.logs import configure, register_secrets
 from worker.loop import loop_factory
-from worker.settings import SECRET_FIELDS, TOPIC_NAME_PATTERN, WorkerSettings, load_settings
+from worker.settings import SECRET_FIELDS, TOPIC_NAME_PATTERN, WorkerSettings, env_var, load_settings
 
 if TYPE_CHECKING:
     from worker.tools.dlq import Selection
@@ -54,7 +54,7 @@ class _RefuseSecret(argparse.Action):
     (argparse's "unrecognized arguments" would print it)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
-        variable = f"COC_WORKER_{self.dest.upper()}"
+        variable = env_var(self.dest)
         parser.error(
             f"{self.option_strings[0]}: secrets are not flags (a command line shows in `ps` and shell"
             f" history); set {variable} in the environment, or {variable}_FILE to a file holding it"
@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="consume change events and apply them (the worker)",
         epilog="Secrets are not flags (a command line shows in `ps` and shell history): set "
-        + ", ".join(f"COC_WORKER_{name.upper()}" for name in SECRET_FIELDS)
+        + ", ".join(env_var(name) for name in SECRET_FIELDS)
         + " in the environment, or name a file holding one with the same variable plus _FILE.",
     )
     _add_settings_flags(run)

@@ -16,7 +16,7 @@ from aiokafka.helpers import create_ssl_context
 
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.logs import get_logger, redact_text
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, env_var
 
 log = get_logger(__name__)
 
@@ -38,7 +38,9 @@ def kafka_error_text(exc: BaseException) -> str:
 def cannot_connect(client: str, servers: str, exc: BaseException) -> str:
     """Why a Kafka client could not start, naming the setting to check and what it holds (bootstrap
     servers never carry credentials: the settings refuse them)."""
-    return f"{client} cannot connect to COC_WORKER_KAFKA_BOOTSTRAP_SERVERS={servers}: {kafka_error_text(exc)}"
+    return (
+        f"{client} cannot connect to {env_var('kafka_bootstrap_servers')}={servers}: {kafka_error_text(exc)}"
+    )
 
 
 async def broker_answers(request: Awaitable[T], timeout_s: float) -> T:

@@ -32,7 +32,13 @@ COC_REGION_ENDPOINTS: dict[str, str] = {
     "eu-west-101": "https://coc-eu-west-101-open-api.myhuaweicloud.eu",
 }
 
+
 #: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
+def env_var(field: str) -> str:
+    """A setting's environment variable: ``max_in_flight`` is ``COC_WORKER_MAX_IN_FLIGHT``."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
 SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest_tokens")
 
 #: Finite: "inf" parses as a float, and a store's TTL in ms or a token bucket's burst cannot be infinite.
@@ -335,7 +341,7 @@ class WorkerSettings(BaseSettings):
     def _consistent(self) -> WorkerSettings:
         for name in SECRET_FIELDS:
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
-                env = f"{ENV_PREFIX}{name.upper()}"
+                env = env_var(name)
                 raise ValueError(f"set {env} or {env}_FILE, not both")
             if getattr(self, name) is not None:  # from the environment: checked now, files when read
                 try:
@@ -425,9 +431,9 @@ class WorkerSettings(BaseSettings):
             try:
                 found = path.read_text(encoding="utf-8").strip() or None
             except OSError as exc:
-                raise ConfigError(f"cannot read {ENV_PREFIX}{name.upper()}_FILE: {exc.strerror}") from exc
+                raise ConfigError(f"cannot read {env_var(name)}_FILE: {exc.strerror}") from exc
             except UnicodeDecodeError:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()}_FILE is not UTF-8 text") from None
+                raise ConfigError(f"{env_var(name)}_FILE is not UTF-8 text") from None
         else:
             value: SecretStr | None = getattr(self, name)
             # stripped like a file's content: a Secret made with `echo` ends with a newline
@@ -436,7 +442,7 @@ class WorkerSettings(BaseSettings):
             parts = split_tokens(found) if name == "ingest_tokens" else [found]
             short = [part for part in parts if len(part) < MIN_SECRET_CHARS]
             if short:
-                source = f"{ENV_PREFIX}{name.upper()}" + ("_FILE" if path is not None else "")
+                source = env_var(name) + ("_FILE" if path is not None else "")
                 raise ConfigError(
                     f"{source}: a value of {len(short[0])} characters; at least"
                     f" {MIN_SECRET_CHARS} are needed (a short secret is guessable, and cannot be"
@@ -530,7 +536,7 @@ def service_link(name: str, value: str, environ: Mapping[str, str]) -> str | Non
 
 
 def _known_variables() -> list[str]:
-    return [f"{ENV_PREFIX}{name}".upper() for name in WorkerSettings.model_fields]
+    return [env_var(name) for name in WorkerSettings.model_fields]
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -587,6 +593,6 @@ def load_settings(**overrides: Any) -> WorkerSettings:
             message = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
                 field = ".".join(str(p) for p in err["loc"])
-                message = f"{ENV_PREFIX}{field.upper()}: {message}"
+                message = f"{env_var(field)}: {message}"
             problems.append(message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
