@@ -196,14 +196,18 @@ def decode_or_salvage(
 
 
 def _with_key_ticket(identity: Identity, key: bytes | None) -> Identity:
-    if identity["ticket_id"] is None and key:
-        try:
-            candidate = key.decode("utf-8")
-        except UnicodeDecodeError:
-            return identity
-        if _TICKET_ID.match(candidate):
-            identity["ticket_id"] = candidate
+    if identity["ticket_id"] is None:
+        identity["ticket_id"] = ticket_of_key(key)
     return identity
+
+
+def ticket_of_key(key: bytes | None) -> str | None:
+    """A message key that is a valid ticket id (inputs are keyed by ticket_id), else None."""
+    try:
+        candidate = key.decode("utf-8") if key else None
+    except UnicodeDecodeError:
+        return None
+    return candidate if candidate is not None and _TICKET_ID.match(candidate) else None
 
 
 def salvage_identity(value: bytes | None, max_bytes: int) -> Identity:

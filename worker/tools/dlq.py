@@ -21,16 +21,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
-from schemas.events import TICKET_ID_PATTERN
 from worker.consumer import Message
-from worker.decode import salvage_identity
+from worker.decode import salvage_identity, ticket_of_key
 from worker.errors import ConfigError
 from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
@@ -40,7 +38,6 @@ from worker.tools.table import cell
 
 REPLAYED_FROM_PREFIX = "coc-replayed-from-"
 REPLAYED_AT = "coc-replayed-at"
-_TICKET = re.compile(TICKET_ID_PATTERN.replace("$", r"\Z"), re.ASCII)
 _SEND_CHUNK = 500
 
 
@@ -68,8 +65,7 @@ class DeadLetterRecord:
             if k.startswith(DLQ_HEADER_PREFIX)
         }
         identity = salvage_identity(message.value, max_event_bytes)
-        key = message.key.decode("utf-8", "replace") if message.key is not None else None
-        ticket = key if key is not None and _TICKET.match(key) else identity["ticket_id"]
+        ticket = ticket_of_key(message.key) or identity["ticket_id"]
         source = "/".join(
             dlq.get(name, "?") for name in ("source-topic", "source-partition", "source-offset")
         )
