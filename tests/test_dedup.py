@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -20,7 +21,16 @@ from services import OwnRedis
 from structlog.testing import capture_logs
 from waiting import until
 
-from worker.dedup import ClaimKind, DedupRecord, DedupStore, MemoryStore, RedisStore, SqliteStore, open_store
+from worker.dedup import (
+    Claim,
+    ClaimKind,
+    DedupRecord,
+    DedupStore,
+    MemoryStore,
+    RedisStore,
+    SqliteStore,
+    open_store,
+)
 from worker.errors import ConfigError, DedupUnavailable
 from worker.redis_config import REDIS_POOL_SIZE, connection_url
 from worker.sandbox import free_port
@@ -57,14 +67,23 @@ async def test_first_claim_wins_and_others_see_it_held(store: DedupStore) -> Non
     assert again.record.owner == "w1"
 
 
+async def claim_once_expired(store: DedupStore, event_id: str, *args: Any) -> Claim:
+    """``store.claim(event_id, *args)``, asked until it answers NEW: an earlier lease ran out."""
+    answers: list[Claim] = []
+
+    async def taken() -> bool:
+        answers.append(await store.claim(event_id, *args))
+        return answers[-1].kind is ClaimKind.NEW
+
+    await until(taken, timeout_s=5, every_s=0.02, what="the lease to run out")
+    return answers[-1]
+
+
 async def test_lease_expires_and_the_taker_knows_it_took_over(store: DedupStore) -> None:
     first = await store.claim("e2", "w1", "t/0/1", 0.05)
     assert first.kind is ClaimKind.NEW
     assert not first.taken_over
-    deadline = asyncio.get_running_loop().time() + 5
-    while (claim := await store.claim("e2", "w2", "t/0/1", 30)).kind is not ClaimKind.NEW:
-        assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
-        await asyncio.sleep(0.02)
+    claim = await claim_once_expired(store, "e2", "w2", "t/0/1", 30)
     assert claim.taken_over  # w1 may have reached the API before it died
     assert claim.record is not None
     assert claim.record.owner == "w1"
@@ -125,10 +144,7 @@ async def test_an_unfinished_claim_for_another_change_is_not_taken_over(store: D
         assert other.record is not None
         assert (other.record.state, other.record.target, other.record.source) == ("claimed", started, "t/0/1")
     # the first message read again still takes its own claim over, and reads its ticket first
-    deadline = asyncio.get_running_loop().time() + 5
-    while (again := await store.claim("e11", "w2", "t/0/1", 30, started)).kind is not ClaimKind.NEW:
-        assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
-        await asyncio.sleep(0.02)
+    again = await claim_once_expired(store, "e11", "w2", "t/0/1", 30, started)
     assert again.taken_over
     assert again.maybe_sent
 
@@ -650,14 +666,14 @@ async def test_a_takeover_refused_for_want_of_replicas_is_still_a_takeover_when_
         assert (await crashed.claim("e1", "w1", "t/0/1", 0.05)).kind is ClaimKind.NEW
         await crashed.mark_done("e2", DedupRecord("done", "w1", "t/0/2", "failed", 5, 503), 60)
         for event_id in ("e1", "e2"):
-            deadline = asyncio.get_running_loop().time() + 5
-            while True:  # e1: until w1's lease is out and the claim is taken (on the primary)
+
+            async def taken_on_the_primary(event_id: str = event_id) -> bool:
                 with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
                     await guarded.claim(event_id, "w2", "t/0/9", 30)
-                if event_id in guarded._unreplicated:
-                    break
-                assert asyncio.get_running_loop().time() < deadline, "the lease never expired"
-                await asyncio.sleep(0.02)
+                return event_id in guarded._unreplicated
+
+            # e1: once w1's lease is out, the claim is taken (on the primary) and refused
+            await until(taken_on_the_primary, timeout_s=5, every_s=0.02, what="w1's lease to run out")
             with pytest.raises(DedupUnavailable):  # refused again: it must not forget the first
                 await guarded.claim(event_id, "w2", "t/0/9", 30)
         guarded._min_replicas = 0  # the replica back

@@ -680,17 +680,23 @@ class _EchoesTheSecret(_Answers):
         return ApplyResult("rejected", 1, http_status=400, error_code=SK, error_msg="refused")
 
 
-async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -> None:
-    """``error_code`` is the API's text, checked only against a format (letters, digits, ``._-``)
-    that a secret key matches too: it reached the outcome event as it came."""
+async def _the_outcome(caller: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """The one outcome of ``raw`` through a pipeline around ``caller``, with ``SK`` a known secret."""
     register_secrets([SK])
     published = Recorder()
-    pipeline, gate = _pipeline(MemoryStore(), _EchoesTheSecret("rejected"), published)
+    pipeline, gate = _pipeline(MemoryStore(), caller, published)
     try:
-        await pipeline.process(job(STARTED))
+        await pipeline.process(job(raw))
     finally:
         await gate.close()
     [outcome] = published.outcomes
+    return outcome
+
+
+async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -> None:
+    """``error_code`` is the API's text, checked only against a format (letters, digits, ``._-``)
+    that a secret key matches too: it reached the outcome event as it came."""
+    outcome = await _the_outcome(_EchoesTheSecret("rejected"), STARTED)
     assert outcome["status"] == "rejected"
     assert SK not in json.dumps(outcome)
     assert outcome["error_code"] == REDACTED
@@ -699,9 +705,6 @@ async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -
 async def test_a_secret_quoted_in_the_events_own_text_is_redacted_in_the_outcome() -> None:
     """The outcome echoes the request, whose comment is the producer's text: a secret quoted there
     (a pipeline's log pasted into the comment) went to the results topic as it was."""
-    register_secrets([SK])
-    published = Recorder()
-    pipeline, gate = _pipeline(MemoryStore(), _Answers("applied"), published)
     succeeded = {
         "event_id": "ev-s",
         "type": "change.succeeded",
@@ -709,11 +712,7 @@ async def test_a_secret_quoted_in_the_events_own_text_is_redacted_in_the_outcome
         "sub_ticket_id": "s-1",
         "result": {"comment": f"deployed with key {SK}"},
     }
-    try:
-        await pipeline.process(job(succeeded))
-    finally:
-        await gate.close()
-    [outcome] = published.outcomes
+    outcome = await _the_outcome(_Answers("applied"), succeeded)
     assert outcome["status"] == "applied"
     assert SK not in json.dumps(outcome)
     assert REDACTED in json.dumps(outcome["request"])
