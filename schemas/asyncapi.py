@@ -44,11 +44,15 @@ DLQ_HEADERS: dict[str, str] = {
     "coc-dlq-source-topic": "Topic the input message was read from.",
     "coc-dlq-source-partition": "Its partition (decimal).",
     "coc-dlq-source-offset": "Its offset (decimal).",
-    "coc-dlq-at": "When it was dead-lettered (ISO 8601, UTC).",
+    "coc-dlq-at": "When it was dead-lettered (RFC 3339, UTC, as the outcomes' times: ...Z).",
     "coc-dlq-worker": "Id of the worker process.",
 }
 DLQ_OPTIONAL_HEADERS: dict[str, str] = {
     "coc-dlq-event-id": "The input's event_id, when it could be read.",
+    "coc-dlq-http-status": "The API's HTTP status (decimal), when the worker got an answer (a rejected "
+    "event's 400, a failed one's last 5xx).",
+    "coc-dlq-error-code": "The API's error_code, when its answer carried one (secrets redacted): GOM.00001005, "
+    "the sub-ticket's state does not allow the step yet; GOM.00001003, no such ticket.",
     "coc-dlq-value-truncated-from": "Set when the value was cut to fit the broker's limit: its full size in bytes.",
     "coc-dlq-headers-dropped": "Set when the input's own headers were left out to fit the broker's limit: how many.",
     "coc-dlq-key-dropped": "Set (true) when even the key had to be left out to fit the broker's limit.",
@@ -60,7 +64,7 @@ REPLAY_HEADERS: dict[str, str] = {
     "coc-replayed-from-topic": "Dead-letter topic the message was replayed from.",
     "coc-replayed-from-partition": "Partition of the dead-letter record (decimal).",
     "coc-replayed-from-offset": "Offset of the dead-letter record (decimal).",
-    "coc-replayed-at": "When it was replayed (ISO 8601, UTC).",
+    "coc-replayed-at": "When it was replayed (RFC 3339, UTC, as the outcomes' times: ...Z).",
 }
 
 _TRACEPARENT = {
@@ -250,9 +254,11 @@ def _messages() -> dict[str, Any]:
                         "coc-dlq-source-topic": "coc.change-events",
                         "coc-dlq-source-partition": "3",
                         "coc-dlq-source-offset": "41",
-                        "coc-dlq-at": "2025-11-28T03:00:00.160000+00:00",
+                        "coc-dlq-at": "2025-11-28T03:00:00.160000Z",
                         "coc-dlq-worker": "coc-worker-7d9f-1",
                         "coc-dlq-event-id": "am-fp-8c1d2e",
+                        "coc-dlq-http-status": "400",
+                        "coc-dlq-error-code": "GOM.00001005",
                     },
                     "payload": _EXAMPLE_EVENT,
                 }

@@ -92,6 +92,12 @@ class OutcomeEvent(BaseModel):
     trace_id: str | None = Field(default=None, description="W3C trace id carried from the input.")
 
 
+def utc_text(moment: datetime) -> str:
+    """A time as outcomes carry it (``...T03:00:00.160000Z``): headers and tool output that show
+    one too read the same, whichever a consumer parses."""
+    return to_json(moment).decode()[1:-1]
+
+
 def dump_outcome(fields: dict[str, Any]) -> bytes:
     """``OutcomeEvent(**fields).model_dump_json()``, byte for byte, without building the model.
 

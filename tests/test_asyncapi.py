@@ -164,7 +164,20 @@ def test_message_examples_validate(document: dict[str, Any], written: Path) -> N
 
 
 def test_dead_letter_headers_are_the_documented_ones(document: dict[str, Any]) -> None:
-    letter = DeadLetter(b"CM1", b"{}", [("origin", b"x")], "rejected", "api_rejected", "no", "in", 0, 1, "e1")
+    letter = DeadLetter(
+        b"CM1",
+        b"{}",
+        [("origin", b"x")],
+        "rejected",
+        "api_rejected",
+        "no",
+        "in",
+        0,
+        1,
+        "e1",
+        http_status=400,
+        error_code="GOM.00001005",
+    )
     headers = dead_letter_headers(letter, "w", "00-" + "a" * 32 + "-" + "b" * 16 + "-01", datetime.now(UTC))
     written_names = {k for k, _ in headers if k.startswith("coc-dlq-")}
     assert set(DLQ_HEADERS) <= written_names <= set(DLQ_HEADERS) | set(DLQ_OPTIONAL_HEADERS)

@@ -667,9 +667,10 @@ async def test_a_redelivered_rejected_event_repeats_its_outcome_and_its_dead_let
     assert [(o["status"], o["redelivered"], o["error_code"]) for o in published.outcomes] == [
         ("rejected", True, "GOM.00001005")
     ]
-    assert [(d.status, d.redelivered, d.detail) for d in published.letters[-1:]] == [
-        ("rejected", True, "pending")
-    ]
+    # The letter carries the API's answer as the first one did (a DLQ consumer reads it there).
+    assert [
+        (d.status, d.redelivered, d.detail, d.http_status, d.error_code) for d in published.letters[-1:]
+    ] == [("rejected", True, "pending", 400, "GOM.00001005")]
 
 
 class _EchoesTheSecret(_Answers):
@@ -700,6 +701,20 @@ async def test_an_error_code_that_echoes_a_secret_is_redacted_in_the_outcome() -
     assert outcome["status"] == "rejected"
     assert SK not in json.dumps(outcome)
     assert outcome["error_code"] == REDACTED
+
+
+async def test_the_dead_letter_carries_the_apis_status_and_its_redacted_code() -> None:
+    """``coc-dlq-http-status`` and ``coc-dlq-error-code`` come from the same answer as the
+    outcome's, the code redacted as there: the API's text may echo a secret."""
+    register_secrets([SK])
+    published = Recorder()
+    pipeline, gate = _pipeline(MemoryStore(), _EchoesTheSecret("rejected"), published)
+    try:
+        await pipeline.process(job(STARTED))
+    finally:
+        await gate.close()
+    [letter] = published.letters
+    assert (letter.http_status, letter.error_code) == (400, REDACTED)
 
 
 async def test_a_secret_quoted_in_the_events_own_text_is_redacted_in_the_outcome() -> None:

@@ -49,6 +49,26 @@ def test_a_record_is_read_from_its_headers() -> None:
     assert record.source == "in/2/40"
     assert record.error == "GOM.00001005: sub-ticket s1 is pending"
     assert record.as_json()["dlq"] == {"topic": "dlq", "partition": 1, "offset": 7}
+    assert record.at == "2025-11-28T00:00:00Z"  # as the outcomes write their times
+    assert (record.http_status, record.error_code) == (None, None)
+    assert record.answer == record.error
+
+
+def test_the_apis_status_and_code_travel_with_the_dead_letter() -> None:
+    """A DLQ consumer tells a step out of order (400) from an unknown ticket (404) without joining
+    the results topic: the letter carries the API's answer, and ``dlq list`` shows it."""
+    message = dead_letter(http_status=400, error_code="GOM.00001005", detail="sub-ticket s1 is pending")
+    headers = dict(message.headers)
+    assert (headers["coc-dlq-http-status"], headers["coc-dlq-error-code"]) == (b"400", b"GOM.00001005")
+    record = DeadLetterRecord.from_message(message, 1 << 20)
+    assert (record.http_status, record.error_code) == (400, "GOM.00001005")
+    assert record.as_json()["http_status"] == 400
+    assert record.as_json()["error_code"] == "GOM.00001005"
+    assert list_row(record).endswith("HTTP 400 GOM.00001005: sub-ticket s1 is pending")
+    # A status the header cannot hold as a number is left out, not raised over.
+    odd = [(k, b"4x" if k == "coc-dlq-http-status" else v) for k, v in message.headers]
+    garbled = Message("dlq", 1, 7, message.key, message.value, odd, 0)
+    assert DeadLetterRecord.from_message(garbled, 1 << 20).http_status is None
 
 
 def test_ticket_and_event_id_fall_back_to_the_value_and_never_trust_a_hostile_key() -> None:
@@ -89,7 +109,7 @@ def test_replayed_headers_drop_the_dlq_explanation_and_say_where_from() -> None:
         ("coc-replayed-from-topic", b"dlq"),
         ("coc-replayed-from-partition", b"1"),
         ("coc-replayed-from-offset", b"7"),
-        ("coc-replayed-at", now.isoformat().encode()),
+        ("coc-replayed-at", b"2025-11-28T04:00:00Z"),
     ]
 
 

@@ -485,6 +485,8 @@ class Pipeline:
                 offset=m.offset,
                 event_id=identity["event_id"],
                 redelivered=redelivered,
+                http_status=http_status,
+                error_code=error_code,
             )
         ticket_id = identity["ticket_id"]
         key = ticket_id.encode() if ticket_id else None

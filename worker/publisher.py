@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
+from schemas.outcomes import utc_text
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
 from worker.kafka_config import broker_answers, cannot_connect, connection_kwargs, kafka_error_text
 from worker.logs import redact_text
@@ -60,6 +61,10 @@ class DeadLetter:
     event_id: str | None
     #: A repeat for a redelivered message: the first may or may not have been written.
     redelivered: bool = False
+    #: The API's answer, when it gave one: a DLQ consumer tells "not yet" (400, a step out of
+    #: order) from "never" (404, no such ticket) without joining the results topic.
+    http_status: int | None = None
+    error_code: str | None = None
 
 
 def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, now: datetime) -> Headers:
@@ -74,11 +79,15 @@ def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, no
         "source-topic": letter.topic,
         "source-partition": str(letter.partition),
         "source-offset": str(letter.offset),
-        "at": now.isoformat(),
+        "at": utc_text(now),
         "worker": worker_id,
     }
     if letter.event_id:
         ours["event-id"] = letter.event_id
+    if letter.http_status is not None:
+        ours["http-status"] = str(letter.http_status)
+    if letter.error_code:
+        ours["error-code"] = letter.error_code
     if letter.redelivered:
         ours["redelivered"] = "true"
     if letter.value is None:

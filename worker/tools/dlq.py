@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
+from schemas.outcomes import utc_text
 from worker.consumer import Message
 from worker.decode import salvage_identity, ticket_of_key
 from worker.errors import ConfigError
@@ -54,6 +55,9 @@ class DeadLetterRecord:
     event_id: str | None
     ticket_id: str | None
     source_topic: str | None
+    #: The API's answer, when the worker got one (``coc-dlq-http-status``, ``coc-dlq-error-code``)
+    http_status: int | None
+    error_code: str | None
     #: Why the dead-letter writer's record is not the whole message any more (None: it is).
     cut: str | None
 
@@ -90,8 +94,22 @@ class DeadLetterRecord:
             event_id=dlq.get("event-id") or identity["event_id"],
             ticket_id=ticket,
             source_topic=dlq.get("source-topic"),
+            http_status=int(code)
+            if (code := dlq.get("http-status", "")).isascii() and code.isdigit()
+            else None,
+            error_code=dlq.get("error-code") or None,
             cut=cut,
         )
+
+    @property
+    def answer(self) -> str:
+        """The error, after the API's status and code when it answered (``HTTP 400 GOM.00001005:``)."""
+        said = " ".join(
+            part
+            for part in (f"HTTP {self.http_status}" if self.http_status else "", self.error_code or "")
+            if part
+        )
+        return f"{said}: {self.error}" if said else self.error
 
     @property
     def identity(self) -> str:
@@ -111,6 +129,8 @@ class DeadLetterRecord:
             "dlq": {"topic": m.topic, "partition": m.partition, "offset": m.offset},
             "status": self.status,
             "reason": self.reason,
+            "http_status": self.http_status,
+            "error_code": self.error_code,
             "error": self.error,
             "source": self.source,
             "at": self.at,
@@ -169,7 +189,7 @@ def replay_headers(record: DeadLetterRecord, now: datetime) -> list[tuple[str, b
         (REPLAYED_FROM_PREFIX + "topic", m.topic.encode()),
         (REPLAYED_FROM_PREFIX + "partition", str(m.partition).encode()),
         (REPLAYED_FROM_PREFIX + "offset", str(m.offset).encode()),
-        (REPLAYED_AT, now.isoformat().encode()),
+        (REPLAYED_AT, utc_text(now).encode()),
     ]
 
 
@@ -214,7 +234,7 @@ def list_row(record: DeadLetterRecord) -> str:
         record.ticket_id or "-",
         record.event_id or "-",
         record.source,
-        record.error,
+        record.answer,
     )
     cells = [cell(v, w, cut=name == "ERROR") for v, (name, w) in zip(values, _LIST_COLUMNS, strict=True)]
     return " ".join(cells).rstrip()
