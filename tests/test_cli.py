@@ -119,6 +119,18 @@ def test_an_unknown_flags_value_is_not_repeated(capsys: pytest.CaptureFixture[st
     assert "hunter3" not in err
 
 
+@pytest.mark.parametrize("command", [["run"], ["demo"]])
+def test_an_unknown_flags_value_that_starts_with_a_dash_is_not_repeated(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret may start with "-": after a mistyped flag it was repeated as if it were one."""
+    with pytest.raises(SystemExit):
+        main([*command, "--kafka-sasl-passwrd", "-Hunter2-token", "--x=-Hunter3"])
+    err = capsys.readouterr().err
+    assert "--kafka-sasl-passwrd --x (values not repeated)" in err
+    assert "Hunter" not in err
+
+
 def test_flags_are_not_abbreviated(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["run", "--max-in-fl", "8"])

@@ -330,6 +330,11 @@ def test_short_secrets_are_refused(overrides: dict[str, str], tmp_path: Path) ->
         "redis://:pw/rest-of-it@redis:6379/0",
         "redis://:p#ss-word@redis:6379/0",
         "redis://:p?ss-word@redis:6379/0",
+        # Python's own URL parser quotes these in its errors: brackets that hold no IPv6 address,
+        # and characters that NFKC-normalise to @ : / ? (a CJK input method's full-width ones).
+        "redis://:Xy7[rest-of-it]Pq9@redis:6379/0",
+        "redis://:rest-of-it\uff20redis:6379/0",
+        "redis://:ss-word\uff1arest-of-it@redis:6379/0",
     ],
 )
 def test_a_redis_password_that_breaks_the_url_is_refused_without_showing_it(url: str) -> None:
@@ -342,6 +347,16 @@ def test_a_redis_password_that_breaks_the_url_is_refused_without_showing_it(url:
     assert "ss-word" not in str(refused.value)
     encoded = load_settings(dedup_url="redis://:pw%2Frest-of-it@redis:6379/0")
     assert encoded.secret_values() == ["pw%2Frest-of-it", "pw/rest-of-it"]  # as written, as sent
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["https://ak:x[rest-of-it]@coc.example.com", "https://ak:rest-of-it\uff20coc.example.com"]
+)
+def test_an_endpoint_python_cannot_parse_is_refused_without_showing_it(endpoint: str) -> None:
+    """``urlsplit``'s own error quoted the URL, credentials and all."""
+    with pytest.raises(ConfigError, match="must be an http") as refused:
+        load_settings(api_endpoint=endpoint)
+    assert "rest-of-it" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

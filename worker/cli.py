@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from worker.tools.dlq import Selection
 
 
+#: What an unknown argument must look like to be repeated in the error: a long flag's name.
+_FLAG_SHAPE = re.compile(r"--[a-z][a-z0-9-]{0,40}")
+
+
 class _Parser(argparse.ArgumentParser):
     """No abbreviated flags: ``--api-sk VALUE`` was taken as ``--api-sk-file`` and the secret
     typed after it sat in ``ps`` and shell history, with an error about a missing file."""
@@ -41,10 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         unknown = "unrecognized arguments: "
-        if message.startswith(unknown):  # the flags only: a value typed after one may be a secret
-            flags = [
-                arg.split("=", 1)[0] for arg in message.removeprefix(unknown).split() if arg.startswith("-")
-            ]
+        if message.startswith(unknown):  # the flags only: a value typed after one may be a secret,
+            # and a secret may start with "-" too: only what is shaped like a flag is repeated.
+            args = message.removeprefix(unknown).split()
+            flags = [name for arg in args if _FLAG_SHAPE.fullmatch(name := arg.split("=", 1)[0])]
             message = unknown + " ".join(flags) + " (values not repeated)"
         super().error(message)
 

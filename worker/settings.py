@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,9 +68,22 @@ LEASE_MARGIN_S = 2.0
 #: lease of 4.8 s that the chart rendered would stop the worker at start.
 _BOUND_SLACK_S = 1e-6
 _REDIS_URL_HINT = (
-    "must be redis://[[user]:password@]host[:port][/db]; a password holding / # ? @ or : must be"
-    " percent-encoded (%2F %23 %3F %40 %3A)"
+    "must be redis://[[user]:password@]host[:port][/db]; a password holding / # ? @ : [ ] or"
+    " characters outside ASCII must be percent-encoded (%2F %23 %3F %40 %3A %5B %5D, UTF-8 bytes)"
 )
+_ENDPOINT_HINT = "must be an http(s) URL such as https://coc.myhuaweicloud.com"
+
+
+def _split(url: str, hint: str) -> SplitResult:
+    """``urlsplit``, whose errors quote the URL (brackets that hold no IPv6 address, characters
+    that NFKC-normalise to ``@ : / ?``, a CJK input method's full-width ones): a password in it
+    would be printed with the configuration error. Only ``hint`` is said instead."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ValueError(hint) from None
+
+
 #: The options a Redis dedup URL may carry: the worker's key prefix, and the redis-py connection
 #: options it passes on (the database, TLS files and checks). Anything else is refused rather than
 #: dropped: a ``?password=`` would otherwise be ignored at the login and shown in clear.
@@ -259,9 +272,9 @@ class WorkerSettings(BaseSettings):
     def _endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
+        parts = _split(value, _ENDPOINT_HINT)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL such as https://coc.myhuaweicloud.com")
+            raise ValueError(_ENDPOINT_HINT)
         # What the HTTP client would refuse per request (every event failed as an internal error)
         # or rewrite after signing (every call refused as unauthenticated), refused here instead.
         try:
@@ -302,7 +315,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("dedup_url")
     @classmethod
     def _dedup(cls, value: str) -> str:
-        parts = urlsplit(value)
+        parts = _split(value, _REDIS_URL_HINT)
         if parts.scheme not in ("memory", "sqlite", "redis", "rediss"):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
         if parts.scheme == "memory":
