@@ -365,6 +365,37 @@ async def test_an_invalid_message_naming_a_busy_ticket_waits_for_that_tickets_ea
         await close_unstarted(worker)
 
 
+async def test_an_event_not_keyed_by_its_ticket_is_counted_and_said_once_a_minute(tmp_path: Path) -> None:
+    """An event produced without its ticket_id as key (a plug-in that forgot it) may run before
+    its ticket's earlier step, on another partition, and be refused: nothing said why. It is
+    still processed, but counted by kind and warned about, at most once a minute."""
+    worker = make_worker(tmp_path)
+    key = (worker.settings.input_topic, 0)
+    pipeline = holding_jobs(worker)
+    event = b'{"event_id": "ev-%d", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s-%d"}'
+    counts = worker.metrics.key_mismatches
+    try:
+        await worker.on_assigned({key})
+        with capture_logs() as logs:
+            worker._dispatch(Message(key[0], 0, 0, b"CM1", event % (0, 0), [], 0))  # keyed right
+            worker._dispatch(Message(key[0], 0, 1, None, event % (1, 1), [], 0))
+            worker._dispatch(Message(key[0], 0, 2, b"deploy-42", event % (2, 2), [], 0))
+            worker._dispatch(Message(key[0], 0, 3, None, b"{not json", [], 0))  # invalid: its own outcome
+        said = [line for line in logs if line["event"] == "message_key_not_ticket_id"]
+        assert [(line["offset"], line["key"], line["since_last_said"]) for line in said] == [(1, None, 1)]
+        assert counts.labels(kind="missing")._value.get() == 1
+        assert counts.labels(kind="other")._value.get() == 1
+        assert len(worker._lanes) == 4  # every one is processed all the same
+        worker._keys._next_at = 0.0  # a minute later
+        with capture_logs() as logs:
+            worker._dispatch(Message(key[0], 0, 4, b"CM2", event % (4, 4), [], 0))
+        [line] = [line for line in logs if line["event"] == "message_key_not_ticket_id"]
+        assert (line["key"], line["ticket_id"], line["since_last_said"]) == ("CM2", "CM1", 2)
+        pipeline.release.set()
+    finally:
+        await close_unstarted(worker)
+
+
 async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_others(
     tmp_path: Path,
 ) -> None:

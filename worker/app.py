@@ -55,6 +55,7 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics()
         register_secrets(settings.secret_values())
+        self._keys = _KeyWatch(self.metrics)
         self._stopping = asyncio.Event()
         self._hurried = asyncio.Event()  # a second stop request: no more waiting for the jobs
         self._room = asyncio.Event()
@@ -308,6 +309,8 @@ class Worker:
         event, invalid, salvaged = decode_or_salvage(
             message.value, self.settings.max_event_bytes, key=message.key, unreadable=message.unreadable
         )
+        if event is not None and message.key != event.ticket_id.encode():
+            self._keys.mismatch(message, event.ticket_id)
         job = Job(
             message,
             event,
@@ -531,6 +534,41 @@ class Worker:
         self._assigned = set(partitions)
         self._consumer.reapply_pause()
         log.info("partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in partitions))
+
+
+class _KeyWatch:
+    """Events whose message key is not their ticket_id. A ticket's events keep their order only
+    while they share a partition, which keying by ticket_id makes sure of: without a key (or with
+    one its events do not share) a later step may run first and be refused. Counted
+    (``coc_worker_key_mismatches_total``) and said at most once a minute, with how many since:
+    a producer that sets no key sends every message so."""
+
+    EVERY_S = 60.0
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._counters = {kind: metrics.key_mismatches.labels(kind=kind) for kind in ("missing", "other")}
+        self._since = 0
+        self._next_at = 0.0
+
+    def mismatch(self, message: Message, ticket_id: str) -> None:
+        kind = "missing" if message.key is None else "other"
+        self._counters[kind].inc()
+        self._since += 1
+        now = time.monotonic()
+        if now < self._next_at:
+            return
+        log.warning(
+            "message_key_not_ticket_id",
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            ticket_id=ticket_id,
+            key=None if message.key is None else message.key[:80].decode("utf-8", "replace"),
+            since_last_said=self._since,
+            detail="key each event by its ticket_id: a ticket's events keep their order only on one partition",
+        )
+        self._since = 0
+        self._next_at = now + self.EVERY_S
 
 
 async def _bounded(step: Awaitable[None], name: str) -> None:

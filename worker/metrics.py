@@ -161,6 +161,14 @@ class Metrics:
             self.pauses.labels(kind=kind)
         for kind in DEDUP_HIT_KINDS:
             self.dedup_hits.labels(kind=kind)
+        self.key_mismatches = Counter(
+            "coc_worker_key_mismatches",
+            "Events whose message key is not their ticket_id: 'missing' (no key) or 'other'.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("missing", "other"):
+            self.key_mismatches.labels(kind=kind)
         self.commits = Counter("coc_worker_commits", "Offset commits sent to the broker.", registry=r)
         self.rate_limited = Counter(
             "coc_worker_rate_limit_waits", "API calls delayed by the rate or concurrency limit.", registry=r
