@@ -76,7 +76,7 @@ _EXAMPLE_EVENT: dict[str, Any] = {
     "event_id": "am-fp-8c1d2e",
     "type": "change.failed",
     "ticket_id": "CM202511280003",
-    "sub_ticket_id": "eu-west-101",
+    "sub_ticket_id": "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
     "source": "alertmanager",
     "result": {
         "comment": "HighErrorRate firing",
@@ -88,7 +88,7 @@ _EXAMPLE_OUTCOME: dict[str, Any] = {
     "schema_version": 1,
     "event_id": "am-fp-8c1d2e",
     "ticket_id": "CM202511280003",
-    "sub_ticket_id": "eu-west-101",
+    "sub_ticket_id": "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
     "type": "change.failed",
     "status": "applied",
     "reason": None,
@@ -99,7 +99,7 @@ _EXAMPLE_OUTCOME: dict[str, Any] = {
     "request": {  # the body sent for _EXAMPLE_EVENT (worker.mapping.request_wire)
         "sub_tickets": [
             {
-                "ticket_id": "eu-west-101",
+                "ticket_id": "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
                 "sub_tickets": [],
                 "change_result": "change_result_failed",
                 "verified_docs": None,
@@ -250,7 +250,7 @@ def _messages() -> dict[str, Any]:
                         "traceparent": _EXAMPLE_TRACEPARENT,
                         "coc-dlq-status": "rejected",
                         "coc-dlq-reason": "api_rejected",
-                        "coc-dlq-error": "sub-ticket eu-west-101 is pending; change_set_change_result_success needs ended",
+                        "coc-dlq-error": "sub-ticket e72f9b49-2294-4c58-bc57-4a0c6903c5e1 is pending; change_set_change_result_success needs ended",
                         "coc-dlq-source-topic": "coc.change-events",
                         "coc-dlq-source-partition": "3",
                         "coc-dlq-source-offset": "41",

@@ -72,3 +72,15 @@ def test_a_row_is_one_line_whatever_the_message_holds() -> None:
         )
     )
     assert invalid.split()[1:6] == ["invalid", "-", "-", "-", "-"]
+
+
+def test_coc_ticket_and_sub_ticket_ids_are_shown_whole_and_line_up() -> None:
+    """The columns were 18 and 16 wide: a COC ticket id (CM and 24 digits) and a sub-ticket id (a
+    UUID, as in the API reference) came out cut, and could not be copied into ``dlq replay``."""
+    ticket, sub_ticket = "CM202506261919380164485133", "e72f9b49-2294-4c58-bc57-4a0c6903c5e1"
+    line = row(outcome(ticket_id=ticket, sub_ticket_id=sub_ticket))
+    head = header()
+    assert f" {ticket} " in line
+    assert f" {sub_ticket} " in line
+    assert line.index(sub_ticket) == head.index("SUB-TICKET")
+    assert line.index("change.ended") == head.index("TYPE")

@@ -25,8 +25,8 @@ from worker.tools.table import cell
 _COLUMNS: tuple[tuple[str, int], ...] = (
     ("FINISHED", 12),
     ("STATUS", 9),
-    ("TICKET", 18),
-    ("SUB-TICKET", 16),
+    ("TICKET", 26),  # a COC ticket id: CM and 24 digits
+    ("SUB-TICKET", 36),  # a COC sub-ticket id: a UUID
     ("TYPE", 16),
     ("EVENT", 24),
     ("TRIES", 5),
@@ -71,10 +71,11 @@ def row(outcome: OutcomeEvent) -> str:
         str(outcome.attempts),
         detail,
     )
-    # The event id whole (it pushes the rest of its row): ids that differ only at the end
-    # (``run-eu-west-1-start``, ``run-eu-west-1-succeeded``) must not look the same.
+    # Identifiers whole (a longer one pushes the rest of its row): ids that differ only at the
+    # end (``run-eu-west-1-start``, ``run-eu-west-1-succeeded``) must not look the same, and an
+    # operator copies them into ``dlq replay --ticket``. Only the detail is cut.
     return " ".join(
-        cell(v, w, cut=name != "EVENT") for v, (name, w) in zip(values, _COLUMNS, strict=True)
+        cell(v, w, cut=name == "DETAIL") for v, (name, w) in zip(values, _COLUMNS, strict=True)
     ).rstrip()
 
 
