@@ -36,7 +36,7 @@ _RFC3339 = re.compile(
 )
 #: Epoch milliseconds from 2000-01-01 (a time in epoch *seconds* is below that, so the common mix-up
 #: is refused instead of sent as a date in January 1970) to year 9999, well inside a Java ``Long``.
-_MIN_EPOCH_MS = 946_684_800_000
+MIN_EPOCH_MS = 946_684_800_000
 _MAX_EPOCH_MS = 253_402_300_799_999
 
 
@@ -78,7 +78,11 @@ OccurredAt = Annotated[
         # The exported schema says it too: "format" alone is an annotation most validators skip,
         # so a producer's schema check passed a time without a zone that the worker refuses.
         json_schema_extra={
-            "pattern": r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+            # Ranges too (month 13, hour 24, a leap second, year 0000 passed the schema, not the
+            # worker); not a day past its month's end. No look-ahead: not every validator has one.
+            "pattern": r"^([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+            r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+            r"(\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
         },
     ),
     BeforeValidator(_rfc3339_string),
@@ -86,7 +90,7 @@ OccurredAt = Annotated[
 EpochMs = Annotated[
     int,
     Field(
-        ge=_MIN_EPOCH_MS,
+        ge=MIN_EPOCH_MS,
         le=_MAX_EPOCH_MS,
         description="Epoch milliseconds (from 2000-01-01: a time in seconds is refused).",
     ),

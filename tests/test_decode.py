@@ -486,3 +486,43 @@ def test_an_invalid_message_names_the_ticket_of_its_key_when_its_value_names_non
     assert why is not None
     assert found is not None
     assert found["ticket_id"] == ticket
+
+
+_BASE = {"event_id": "e1", "ticket_id": "CM1", "sub_ticket_id": "s1"}
+
+
+@pytest.mark.parametrize(
+    ("event", "said"),
+    [
+        (
+            {**_BASE, "type": "change.failed", "result": {"rollback_start_time": 1_764_300_000}},
+            "$.result.rollback_start_time: Input should be greater than or equal to 946684800000 (epoch"
+            " milliseconds from 2000-01-01: a time in seconds is 1,000 times smaller)",
+        ),
+        (
+            {**_BASE, "type": "change.started", "result": {"comment": "x"}},
+            "$.result: change.started takes no result (only change.succeeded, change.failed,"
+            " change.cancelled take it)",
+        ),
+        (
+            {**_BASE, "type": "change.succeeded", "result": {"is_monitor_found": True}},
+            "$.result.is_monitor_found: change.succeeded takes no is_monitor_found (only change.failed takes it)",
+        ),
+        (
+            {**_BASE, "type": "change.failed", "ticket_info": {"phase": "phase_change_x"}},
+            "$.ticket_info: change.failed takes no ticket_info (only ticket.update takes it)",
+        ),
+        ({**_BASE, "type": "change.succeeded", "result": "x"}, "$.result: Input should be a JSON object"),
+        # a key no type takes: pydantic's own words
+        (
+            {**_BASE, "type": "change.failed", "result": {"bogus": 1}},
+            "$.result.bogus: Extra inputs are not permitted",
+        ),
+    ],
+)
+def test_an_invalid_events_error_says_how_to_put_it_right(event: dict[str, Any], said: str) -> None:
+    """ "Extra inputs are not permitted" for a field of another type's event, a bare minimum for a
+    time in seconds, a Python class name: the producer learned what was wrong, not what to send."""
+    with pytest.raises(InvalidEvent) as refused:
+        decode(json.dumps(event).encode(), 1 << 20)
+    assert str(refused.value) == f"schema: {said}"

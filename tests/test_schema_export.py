@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from pydantic import ValidationError
 
 from schemas.events import CHANGE_EVENT_ADAPTER
 from schemas.export import JSON_DIR, contract_schemas, render
@@ -96,6 +97,26 @@ INVALID_EVENTS: list[dict[str, Any]] = [
         "result": {"rollback_start_time": 1_750_000_000},  # seconds, not milliseconds
     },
     [],
+    # times out of range: the pattern took them (only \d{2}), the worker does not
+    *(
+        {
+            "event_id": "e1",
+            "ticket_id": "CM1",
+            "sub_ticket_id": "S1",
+            "type": "change.started",
+            "occurred_at": t,
+        }
+        for t in (
+            "2025-13-26T00:00:00Z",
+            "2025-01-01T24:00:00Z",
+            "2025-01-01T00:60:00Z",
+            "2025-01-01T23:59:60Z",
+            "2025-01-01T00:00:00+25:00",
+            "0000-01-01T00:00:00Z",
+            "2025-00-10T00:00:00Z",
+            "2025-01-32T00:00:00Z",
+        )
+    ),
 ]
 
 
@@ -173,6 +194,8 @@ def test_event_schema_accepts_valid_event(
 @pytest.mark.parametrize("value", INVALID_EVENTS)
 def test_event_schema_rejects_invalid_event(event_validator: Draft202012Validator, value: Any) -> None:
     assert not event_validator.is_valid(value)
+    with pytest.raises(ValidationError):  # and the models agree it is invalid
+        CHANGE_EVENT_ADAPTER.validate_python(value)
 
 
 def test_outcome_schema_accepts_valid_outcome(outcome_validator: Draft202012Validator) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from schemas.events import (
     CHANGE_EVENT_ADAPTER,
     EVENT_ID_PATTERN,
+    MIN_EPOCH_MS,
     TICKET_ID_PATTERN,
     AnyChangeEvent,
     EventType,
@@ -141,10 +143,51 @@ def _json_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def _keys_by_type() -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
+    """Per event type, the keys its event takes and those its ``result`` takes (from the models)."""
+    event_keys: dict[str, frozenset[str]] = {}
+    result_keys: dict[str, frozenset[str]] = {}
+    for model in get_args(AnyChangeEvent):
+        tag = get_args(model.model_fields["type"].annotation)[0].value
+        event_keys[tag] = frozenset(model.model_fields)
+        if (result := model.model_fields.get("result")) is not None:
+            result_model = result.annotation
+            if not (isinstance(result_model, type) and issubclass(result_model, BaseModel)):
+                raise TypeError(f"{model.__name__}.result is not a model")  # a contract change to follow here
+            result_keys[tag] = frozenset(result_model.model_fields)
+    return event_keys, result_keys
+
+
+_EVENT_KEYS, _RESULT_KEYS = _keys_by_type()
+
+
+def _said_better(err: ErrorDetails) -> str:
+    """pydantic's message, with what a producer needs to put it right where it is not enough: a
+    key of another type's event (which types take it), a time in seconds, a Python class name."""
+    loc, kind, message = err["loc"], err["type"], err["msg"]
+    tag = loc[0] if loc and isinstance(loc[0], str) and loc[0] in _EVENT_TYPES else None
+    if kind == "greater_than_equal" and (err.get("ctx") or {}).get("ge") == MIN_EPOCH_MS:
+        return message + " (epoch milliseconds from 2000-01-01: a time in seconds is 1,000 times smaller)"
+    if kind == "extra_forbidden" and tag is not None and len(loc) in (2, 3):
+        if len(loc) == 2:
+            takers = [t for t, keys in _EVENT_KEYS.items() if loc[1] in keys]
+        elif loc[1] == "result":
+            takers = [t for t, keys in _RESULT_KEYS.items() if loc[2] in keys]
+        else:
+            takers = []
+        if takers:
+            verb = "takes" if len(takers) == 1 else "take"
+            return f"{tag} takes no {loc[-1]} (only {', '.join(takers)} {verb} it)"
+    if kind == "model_type":
+        return "Input should be a JSON object"
+    return message
+
+
 def describe(exc: ValidationError) -> list[tuple[str, str]]:
     """(JSON path, message) for every error, input values left out (they may be hostile or huge)."""
     return [
-        (_json_path(err["loc"]), err["msg"]) for err in exc.errors(include_url=False, include_input=False)
+        (_json_path(err["loc"]), _said_better(err))
+        for err in exc.errors(include_url=False, include_input=False)
     ]
 
 
