@@ -42,6 +42,30 @@ def test_a_secret_in_a_nested_field_a_repr_or_an_exception_is_redacted(log_outpu
         assert fragment not in output
 
 
+@pytest.mark.parametrize("renderer", ["json", "console"])
+def test_a_secret_with_an_apostrophe_inside_a_repr_that_escapes_it_is_redacted(renderer: str) -> None:
+    """Python writes ``'`` as ``\\'`` in a repr of text that also holds a ``"`` (a KeyError's
+    message, a list of strings), and the console's repr of a field escapes that again: a password
+    with an apostrophe came out in both."""
+    secret = "Pass'word-Secret-3"
+    register_secrets([secret])
+    out = io.StringIO()
+    configure("INFO", renderer, out)
+    try:
+        log = get_logger("test")
+        try:
+            raise KeyError(f'credentials "{secret}" refused')
+        except KeyError:
+            log.exception("probe_crashed")
+        log.warning("fetch_failed", detail=str([f'user "{secret}"']))
+        logging.getLogger("aiokafka").warning("conn %r", f'pw="{secret}"')
+    finally:
+        configure()
+    output = out.getvalue()
+    assert output.count("probe_crashed") == 1
+    assert "word-Secret-3" not in output
+
+
 async def test_a_request_the_http_server_cannot_parse_is_logged_without_its_text(
     log_output: io.StringIO,
 ) -> None:

@@ -51,6 +51,11 @@ def register_secrets(values: Iterable[str]) -> None:
             # repr of a raw header line): quotes and control or non-ASCII characters escaped.
             *_with_json_escapes(repr(value)[1:-1]),
             *_with_json_escapes(repr(value.encode())[2:-1]),
+            # Inside a repr of text that holds both quotes (a KeyError's message, a list of
+            # strings), where "'" is escaped too; and that again, as the console's repr of a
+            # field shows it.
+            *_with_json_escapes(forced := _repr_escaping_quotes(value)),
+            _repr_escaping_quotes(forced),
         )
         for form in forms:
             if form not in _secrets:
@@ -59,6 +64,11 @@ def register_secrets(values: Iterable[str]) -> None:
     if added:
         _longest_first = sorted(_secrets, key=len, reverse=True)
         _longest_first_bytes = [form.encode() for form in _longest_first]
+
+
+def _repr_escaping_quotes(text: str) -> str:
+    """``text`` as ``repr`` shows it inside a string that also holds a ``"``: its ``'`` as ``\'``."""
+    return repr(text + '"')[1:-2]
 
 
 def _with_json_escapes(form: str) -> tuple[str, str]:
