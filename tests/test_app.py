@@ -934,3 +934,18 @@ async def test_the_health_watcher_survives_an_unexpected_error(tmp_path: Path) -
     finally:
         await cancel_and_wait([monitor])
         await close_unstarted(worker)
+
+
+async def test_the_adaptive_api_limit_starts_at_the_clients_connection_limit(tmp_path: Path) -> None:
+    """It started at max_in_flight whatever COC_WORKER_API_MAX_CONNECTIONS said: with fewer
+    connections, calls queued inside the HTTP client with their timeout running."""
+    worker = make_worker(tmp_path, max_in_flight=64, api_max_connections=8)
+    try:
+        assert worker._pipeline._caller._concurrency.limit == 8
+    finally:
+        await close_unstarted(worker)
+    worker = make_worker(tmp_path, max_in_flight=64)
+    try:
+        assert worker._pipeline._caller._concurrency.limit == 64
+    finally:
+        await close_unstarted(worker)

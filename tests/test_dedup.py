@@ -260,6 +260,31 @@ async def test_sqlite_checkpoints_the_wal_off_the_loop(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_failing_checkpoint_is_said_once_per_episode(tmp_path: Path) -> None:
+    """A checkpoint that failed (a locked or unwritable file) returned 0 without a word, every
+    second: the WAL grew with nothing in the log to say why."""
+    store = SqliteStore(tmp_path / "d.sqlite3")
+    try:
+        await store.mark_done("e1", DedupRecord("done", "w1", "t/0/1", "applied"), 60)
+
+        class _Refusing:
+            def execute(self, _: str) -> None:
+                raise sqlite3.OperationalError("database is locked")
+
+        store._maintenance_conn = _Refusing()  # type: ignore[assignment]
+        with capture_logs() as logs:
+            assert store._checkpoint_wal() == 0
+            assert store._checkpoint_wal() == 0
+            store._maintenance_conn = None  # the next one opens its connection again, and works
+            assert store._checkpoint_wal() >= 0
+        assert [(line["event"], line.get("detail")) for line in logs] == [
+            ("dedup_checkpoint_failed", "database is locked"),
+            ("dedup_checkpoint_recovered", None),
+        ]
+    finally:
+        await store.close()
+
+
 async def test_memory_is_bounded() -> None:
     store = MemoryStore(max_entries=10)
     for i in range(50):

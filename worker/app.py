@@ -94,7 +94,9 @@ class Worker:
                 self.metrics,
                 settings.api_unreachable_threshold_s,
                 rate_limit=self._rate_limit,
-                concurrency=AdaptiveConcurrency(settings.max_in_flight, self.metrics),
+                # As many as the HTTP client has connections for: above that, calls would queue
+                # inside the client, their timeout running, instead of here.
+                concurrency=AdaptiveConcurrency(settings.api_request_limit, self.metrics),
                 settle_s=settings.api_request_timeout_s,
                 # one total timeout to get a connection (the client may queue it), one to be sent
                 abandon_s=settings.api_abandon_s,

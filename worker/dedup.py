@@ -291,6 +291,7 @@ class SqliteStore:
         self._checkpoint: Future[int] | None = None
         self._holding = False  # writes wait for the checkpoint that lets the WAL start over
         self._maintenance_conn: sqlite3.Connection | None = None  # used on the maintenance thread only
+        self._checkpoint_failing = False  # on the maintenance thread only: said once per episode
         self._closed = False
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -393,9 +394,15 @@ class SqliteStore:
                     self._path, isolation_level=None, check_same_thread=False, timeout=5
                 )
             _, frames, _ = self._maintenance_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            return int(frames)
-        except Exception:  # retried a second later; the WAL only grows meanwhile
+        except (sqlite3.Error, OSError) as exc:  # retried a second later; the WAL only grows meanwhile
+            if not self._checkpoint_failing:  # said once per episode, not every second
+                log.warning("dedup_checkpoint_failed", error=type(exc).__name__, detail=str(exc))
+            self._checkpoint_failing = True
             return 0
+        if self._checkpoint_failing:
+            log.info("dedup_checkpoint_recovered")
+            self._checkpoint_failing = False
+        return int(frames)
 
     @staticmethod
     def _read(conn: sqlite3.Connection, event_id: str, now: float) -> DedupRecord | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from worker.cancel import cancel_and_wait
 from worker.errors import CocWorkerError, SystemicError
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.retry import backoff_delay
+from worker.retry import backoff_delay, half_to_full
 
 log = get_logger(__name__)
 
@@ -111,7 +110,7 @@ class Gate:
     async def _probe(self, kind: str, probe: Probe, attempt: int, wake: asyncio.Event) -> None:
         while True:
             attempt += 1
-            delay = backoff_delay(attempt, self._probe_base_s, self._probe_max_s, _half_to_full)
+            delay = backoff_delay(attempt, self._probe_base_s, self._probe_max_s, half_to_full)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), delay)
             wake.clear()
@@ -144,8 +143,3 @@ class Gate:
         self._causes.clear()
         self._metrics.paused.set(0)
         self._open.set()  # nothing is probing any more: let waiters through to see the shutdown
-
-
-def _half_to_full() -> float:
-    """Jitter in [0.5, 1): probes back off steadily instead of firing at once."""
-    return 0.5 + random.random() / 2

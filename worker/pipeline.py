@@ -31,6 +31,7 @@ from worker.mapping import already_applied, event_target, request_wire
 from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
 from worker.publisher import DeadLetter, Publisher
+from worker.retry import backoff_delay, half_to_full
 from worker.settings import WorkerSettings
 from worker.tracing import TraceContext
 
@@ -236,7 +237,7 @@ class Pipeline:
         outcome decided without the API (``_finish_at_position``) waits too: both workers went
         ahead, and both published it and its dead letter unmarked. With the claim, when it was
         asked for (``time.monotonic()``): its lease runs from no later than that."""
-        held_delay = 0.0  # the next wait before asking again
+        polls = 0  # answers "held" so far
         while True:
             asked_at = time.monotonic()
             claim = await self._dedup(
@@ -244,10 +245,11 @@ class Pipeline:
             )
             if claim.kind is not ClaimKind.HELD:
                 return claim, asked_at
-            if not held_delay:
+            if not polls:
                 log.info("event_claimed_elsewhere", owner=claim.record.owner if claim.record else None)
-            held_delay = min(held_delay * 2 or _HELD_POLL_FIRST_S, _HELD_POLL_MAX_S)
-            await asyncio.sleep(held_delay)
+            polls += 1
+            # Jittered: the workers waiting on one claim (a rebalance's) do not ask in lockstep.
+            await asyncio.sleep(backoff_delay(polls, _HELD_POLL_FIRST_S, _HELD_POLL_MAX_S, half_to_full))
 
     async def _apply(
         self, job: Job, event: AnyChangeEvent, payload: bytes, *, ambiguous: bool, claimed_at: float

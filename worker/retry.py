@@ -31,6 +31,12 @@ def backoff_delay(
     return ceiling * draw()
 
 
+def half_to_full() -> float:
+    """Jitter in [0.5, 1) for ``backoff_delay``: waits that back off steadily, yet apart, instead
+    of firing at once (a probe) or in lockstep with other workers' (a poll)."""
+    return 0.5 + random.random() / 2
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_attempts: int = 8

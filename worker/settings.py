@@ -216,7 +216,8 @@ class WorkerSettings(BaseSettings):
     max_in_flight: int = Field(
         256,
         ge=1,
-        description="Events processed at once (each of a different ticket); also the API call limit.",
+        description="Events processed at once (each of a different ticket); also the API call limit"
+        " unless api_max_connections sets another.",
     )
     max_buffered: int | None = Field(
         None,
