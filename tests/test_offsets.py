@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.offsets import NotAssigned, OffsetTracker, PartitionOffsets
+from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, PartitionOffsets
 
 
 def test_watermark_is_first_unfinished() -> None:
@@ -40,10 +40,10 @@ def test_gaps_in_offsets_are_fine() -> None:
 def test_offsets_must_increase() -> None:
     part = PartitionOffsets()
     part.take(3)
-    with pytest.raises(ValueError, match="must increase"):
+    with pytest.raises(OffsetWentBack, match="must increase"):
         part.take(3)
     part.finish(3)
-    with pytest.raises(ValueError, match="below the finished position"):
+    with pytest.raises(OffsetWentBack, match="below the finished position"):
         part.take(2)
 
 

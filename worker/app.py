@@ -34,7 +34,7 @@ from worker.kafka_config import ensure_topics
 from worker.lanes import Lanes
 from worker.logs import get_logger, register_secrets
 from worker.metrics import Metrics
-from worker.offsets import NotAssigned, OffsetTracker, PartitionKey
+from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, PartitionKey
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
@@ -290,7 +290,7 @@ class Worker:
                 offset=message.offset,
             )
             return
-        except ValueError:
+        except OffsetWentBack:
             self._start_over(message)
             return
         self.metrics.count_consumed()

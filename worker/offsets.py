@@ -25,9 +25,9 @@ class PartitionOffsets:
 
     def take(self, offset: int) -> None:
         if self.taken and offset <= self.taken[-1]:
-            raise ValueError(f"offset {offset} taken after {self.taken[-1]}: offsets must increase")
+            raise OffsetWentBack(f"offset {offset} taken after {self.taken[-1]}: offsets must increase")
         if self.next_position is not None and offset < self.next_position:
-            raise ValueError(f"offset {offset} is below the finished position {self.next_position}")
+            raise OffsetWentBack(f"offset {offset} is below the finished position {self.next_position}")
         self.taken.append(offset)
 
     def finish(self, offset: int) -> None:
@@ -56,6 +56,11 @@ class PartitionOffsets:
 
 class NotAssigned(KeyError):
     """A message of a partition that is not (or no longer) assigned to this member."""
+
+
+class OffsetWentBack(ValueError):
+    """A message at or below an offset already taken in its partition: the log was truncated or
+    the partition read again from an earlier position (the worker starts it over)."""
 
 
 class OffsetTracker:
