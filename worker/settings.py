@@ -21,6 +21,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.asyncapi import DEFAULT_TOPICS
 from worker.errors import ConfigError
 
 ENV_PREFIX = "COC_WORKER_"
@@ -33,12 +34,12 @@ COC_REGION_ENDPOINTS: dict[str, str] = {
 }
 
 
-#: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
 def env_var(field: str) -> str:
     """A setting's environment variable: ``max_in_flight`` is ``COC_WORKER_MAX_IN_FLIGHT``."""
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+#: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
 SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest_tokens")
 
 #: Finite: "inf" parses as a float, and a store's TTL in ms or a token bucket's burst cannot be infinite.
@@ -135,9 +136,10 @@ class WorkerSettings(BaseSettings):
 
     # --- Kafka ---------------------------------------------------------------------------------
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
-    input_topic: TopicName = "coc.change-events"
-    results_topic: TopicName = "coc.change-outcomes"
-    dlq_topic: TopicName = "coc.change-events.dlq"
+    # The contract's topic names (schemas/asyncapi.py documents the same channels).
+    input_topic: TopicName = DEFAULT_TOPICS["input"]
+    results_topic: TopicName = DEFAULT_TOPICS["results"]
+    dlq_topic: TopicName = DEFAULT_TOPICS["dlq"]
     group_id: str = Field("coc-change-worker", min_length=1)
     kafka_client_id: str = "coc-change-worker"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
