@@ -9,8 +9,10 @@ what the pipeline does with the message::
     ├── TransientError            may work if tried again -> retry with backoff
     │   └── ApiTransientError     connection error, timeout, 408, 429 (+Retry-After), 500/502/503/504
     ├── PermanentError            will fail the same way again -> outcome + DLQ, no retry
-    │   ├── ApiRejected           other 3xx/4xx/5xx, or a 2xx with a non-success error_code -> `rejected`
-    │   └── RetriesExhausted      a transient error outlived the retry budget -> `failed`
+    │   └── ApiRejected           other 3xx/4xx/5xx, or a 2xx with a non-success error_code -> `rejected`
+    │                             (a transient error that outlives the retry budget is `failed`:
+    │                             an outcome of the retry loop, worker/apply.py, not an error)
+    ├── KafkaClientStopped        a Kafka client ended for good: the process exits to start afresh
     └── SystemicError             the *worker* cannot make progress, not the message:
         │                         pause consumption, report not-ready, probe, resume by itself;
         │                         the message is retried, never rejected or dead-lettered
@@ -20,9 +22,10 @@ what the pipeline does with the message::
         ├── ApiUnreachable        every call failed to connect for longer than the threshold
         ├── DedupUnavailable      the dedup store cannot be reached
         └── BrokerUnavailable     outcome/DLQ writes cannot be confirmed by the broker
+            └── DeadLetterUnwritable  only the dead letter's write was refused
 
 Library exceptions (pyreqwest, aiohttp, aiokafka, redis, sqlite3) never cross a module boundary:
-they are translated here with ``raise ... from exc``. Messages never carry secrets.
+the module that speaks to the library translates them into these with ``raise ... from exc``. Messages never carry secrets.
 """
 
 from __future__ import annotations
@@ -98,16 +101,6 @@ class ApiRejected(PermanentError):
         self.http_status = http_status
         self.error_code = error_code
         self.error_msg = error_msg
-
-
-class RetriesExhausted(PermanentError):
-    """The retry budget (attempts or elapsed time) ran out on a transient error."""
-
-    def __init__(self, last: ApiTransientError, attempts: int, elapsed_s: float) -> None:
-        super().__init__(f"gave up after {attempts} attempts in {elapsed_s:.1f}s: {last.detail}")
-        self.last = last
-        self.attempts = attempts
-        self.elapsed_s = elapsed_s
 
 
 class SystemicError(CocWorkerError):
