@@ -120,3 +120,21 @@ async def test_an_unanswered_probe_says_why() -> None:
         await broker_answers(refused(), 1.0)
     with pytest.raises(BrokerUnavailable, match=r"broker unreachable: no answer within 0\.05 s"):
         await broker_answers(silent(), 0.05)
+
+
+@pytest.mark.parametrize(
+    ("event_bytes", "limit"), [(256, 1_048_576), (1_048_576, 1_114_112), (4 << 20, (4 << 20) + 65_536)]
+)
+async def test_every_client_takes_the_largest_record_the_worker_may_meet(
+    event_bytes: int, limit: int
+) -> None:
+    """An event at the size limit with its key and headers: the outcome producer, the consumer's
+    fetch and the tools' clients each wrote this limit out by hand (four copies)."""
+    settings = load_settings(kafka_bootstrap_servers="127.0.0.1:1", max_event_bytes=event_bytes)
+    publisher, consumer = Publisher(settings), Consumer(settings, None)  # type: ignore[arg-type]
+    try:
+        assert publisher._producer._max_request_size == limit
+        assert consumer._consumer._max_partition_fetch_bytes == limit
+    finally:
+        await publisher.stop()
+        await consumer.stop()

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from worker.errors import BrokerUnavailable, KafkaClientStopped
-from worker.kafka_config import broker_answers, cannot_connect, connection_kwargs
+from worker.kafka_config import broker_answers, cannot_connect, connection_kwargs, record_limit_bytes
 from worker.logs import get_logger
 from worker.offsets import PartitionKey
 from worker.settings import COMMIT_TIMEOUT_S, WorkerSettings
@@ -107,7 +107,7 @@ class Consumer:
             # the coordinator for dead and joined again).
             request_timeout_ms=max(_AIOKAFKA_REQUEST_TIMEOUT_MS, settings.kafka_rebalance_timeout_ms + 5_000),
             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-            max_partition_fetch_bytes=max(1_048_576, settings.max_event_bytes + 65_536),
+            max_partition_fetch_bytes=record_limit_bytes(settings),
         )
         self._paused = False
         self._held: set[PartitionKey] = set()  # paused on their own, whatever ``_paused`` says

@@ -57,6 +57,30 @@ async def broker_answers(request: Awaitable[T], timeout_s: float) -> T:
         raise BrokerUnavailable(f"broker unreachable: {kafka_error_text(exc)}") from exc
 
 
+#: Room above the event size limit for a record's key, headers (a dead letter's ``coc-dlq-*``)
+#: and framing.
+_RECORD_HEADROOM_BYTES = 64 * 1024
+
+
+def record_limit_bytes(settings: WorkerSettings) -> int:
+    """The largest record the worker and its tools read or write: an event at its size limit with
+    its key and headers, never under Kafka's own default limit (1 MiB)."""
+    return max(settings.max_event_bytes + _RECORD_HEADROOM_BYTES, 1_048_576)
+
+
+def producer_kwargs(settings: WorkerSettings) -> dict[str, Any]:
+    """What every producer of the worker and its tools shares: a write counts once every in-sync
+    replica has it (outcomes, dead letters and sent events are never lost with a leader), a short
+    linger to batch what concurrent jobs write, and room for the largest record."""
+    return {
+        **connection_kwargs(settings),
+        "acks": "all",
+        "linger_ms": 2,
+        "enable_idempotence": settings.kafka_enable_idempotence,
+        "max_request_size": record_limit_bytes(settings),
+    }
+
+
 def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),

@@ -20,7 +20,12 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.outcomes import utc_text
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable
-from worker.kafka_config import broker_answers, cannot_connect, connection_kwargs, kafka_error_text
+from worker.kafka_config import (
+    broker_answers,
+    cannot_connect,
+    kafka_error_text,
+    producer_kwargs,
+)
 from worker.logs import redact_text
 from worker.settings import WorkerSettings
 from worker.tracing import HEADER as TRACEPARENT
@@ -31,8 +36,6 @@ _Queued = tuple[bytes | None, bytes, Headers, "asyncio.Future[None]"]
 
 DLQ_HEADER_PREFIX = "coc-dlq-"
 _DETAIL_LIMIT = 1000
-#: Extra room above the event size limit for the DLQ record's headers.
-_HEADROOM_BYTES = 64 * 1024
 #: Outcomes written together in one record batch (they are ~1 KB each).
 _OUTCOME_BATCH_BYTES = 256 * 1024
 #: How long the gate's probe of the broker waits for an answer.
@@ -105,13 +108,7 @@ class Publisher:
     def __init__(self, settings: WorkerSettings) -> None:
         self._settings = settings
         self._producer = AIOKafkaProducer(
-            **connection_kwargs(settings),
-            acks="all",
-            linger_ms=2,
-            max_batch_size=_OUTCOME_BATCH_BYTES,
-            enable_idempotence=settings.kafka_enable_idempotence,
-            max_request_size=max(settings.max_event_bytes + _HEADROOM_BYTES, 1_048_576),
-            compression_type=None,
+            **producer_kwargs(settings), max_batch_size=_OUTCOME_BATCH_BYTES, compression_type=None
         )
         self._partitioner = DefaultPartitioner()
         self._queued: dict[int, list[_Queued]] = {}  # partition -> outcomes waiting for its writer

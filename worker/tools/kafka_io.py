@@ -20,14 +20,18 @@ from aiokafka.structs import RecordMetadata
 
 from worker.consumer import Message, messages_from
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.kafka_config import broker_answers, connection_kwargs, kafka_error_text
+from worker.kafka_config import (
+    broker_answers,
+    connection_kwargs,
+    kafka_error_text,
+    producer_kwargs,
+    record_limit_bytes,
+)
 from worker.settings import WorkerSettings
 
 Headers = list[tuple[str, bytes]]
 C = TypeVar("C", AIOKafkaProducer, AIOKafkaConsumer)
 
-#: Room above the event size limit for headers (the same headroom the worker's publisher keeps).
-_HEADROOM_BYTES = 64 * 1024
 _FETCH_TIMEOUT_S = 0.2
 _PROBE_TIMEOUT_S = 2.0
 
@@ -93,14 +97,7 @@ class EventProducer(_Client[AIOKafkaProducer]):
 
     async def start(self) -> None:
         s = self._settings
-        producer = AIOKafkaProducer(
-            **connection_kwargs(s),
-            acks="all",
-            linger_ms=2,
-            enable_idempotence=s.kafka_enable_idempotence,
-            max_request_size=max(s.max_event_bytes + _HEADROOM_BYTES, 1_048_576),
-            request_timeout_ms=self._request_timeout_ms,
-        )
+        producer = AIOKafkaProducer(**producer_kwargs(s), request_timeout_ms=self._request_timeout_ms)
         try:
             await producer.start()
         except KafkaError as exc:
@@ -166,7 +163,7 @@ class TopicReader(_Client[AIOKafkaConsumer]):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
-            max_partition_fetch_bytes=max(1_048_576, s.max_event_bytes + _HEADROOM_BYTES),
+            max_partition_fetch_bytes=record_limit_bytes(s),
         )
         self._client = consumer  # before its start: one that fails to start is stopped too
         try:
