@@ -8,9 +8,10 @@ from dataclasses import fields
 import pytest
 
 from schemas.events import ChangeFailed, TicketUpdate
+from worker.decode import contract_errors
 from worker.errors import InvalidEvent
 from worker.tools import events
-from worker.tools.events import EventFlags, build, contract_errors, validated
+from worker.tools.events import EventFlags, build, validated
 
 
 def test_every_flag_has_a_place_in_the_event() -> None:

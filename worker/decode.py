@@ -197,17 +197,37 @@ def json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def validate(obj: Any) -> AnyChangeEvent:
-    """Step two: the pydantic contract."""
+def check(obj: Any) -> AnyChangeEvent | list[tuple[str, str]] | ValidationError:
+    """``obj`` as an event, or how it breaks the contract, not yet described: describing every
+    error is the costly part, which a count of invalid items (the ingress) never needs."""
     if not isinstance(obj, dict):
-        raise InvalidEvent("schema", f"$: expected a JSON object, got {json_type(obj)}")
+        return [("$", f"expected a JSON object, got {json_type(obj)}")]
     try:
         return CHANGE_EVENT_ADAPTER.validate_python(obj)
     except ValidationError as exc:
-        errors = describe(exc)
-        shown = "; ".join(f"{path}: {msg}" for path, msg in errors[:_MAX_ERRORS_SHOWN])
-        more = f" (+{len(errors) - _MAX_ERRORS_SHOWN} more)" if len(errors) > _MAX_ERRORS_SHOWN else ""
-        raise InvalidEvent("schema", shown + more) from None
+        return exc
+
+
+def contract_errors(obj: Any) -> list[tuple[str, str]]:
+    """Every (JSON path, message) by which ``obj`` breaks the contract; empty when it is valid."""
+    found = check(obj)
+    if isinstance(found, ValidationError):
+        return describe(found)
+    return found if isinstance(found, list) else []
+
+
+def validate(obj: Any, shown: int = _MAX_ERRORS_SHOWN) -> AnyChangeEvent:
+    """Step two: the pydantic contract. ``InvalidEvent`` names the first ``shown`` errors: an
+    outcome carries a few (a hostile message may break thousands of rules), a person at the
+    command line wants them all."""
+    found = check(obj)
+    if isinstance(found, ValidationError):
+        found = describe(found)
+    if isinstance(found, list):
+        text = "; ".join(f"{path}: {msg}" for path, msg in found[:shown])
+        more = f" (+{len(found) - shown} more)" if len(found) > shown else ""
+        raise InvalidEvent("schema", text + more)
+    return found
 
 
 def decode(value: bytes | None, max_bytes: int) -> AnyChangeEvent:

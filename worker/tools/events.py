@@ -8,6 +8,7 @@ Kafka. Nothing here talks to Kafka.
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,8 +16,8 @@ from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent, EventType
-from worker.decode import describe, json_type, parse_json
+from schemas.events import AnyChangeEvent, EventType
+from worker.decode import check, contract_errors, parse_json, validate
 from worker.errors import InvalidEvent
 
 #: Short names accepted by ``--type`` besides the full ones.
@@ -116,24 +117,6 @@ def build(base: dict[str, Any] | None, flags: EventFlags) -> dict[str, Any]:
     return event
 
 
-def _breach(obj: Any) -> list[tuple[str, str]] | ValidationError | None:
-    """How ``obj`` breaks the contract, not yet described (describing every error is the costly
-    part); None when it is valid."""
-    if not isinstance(obj, dict):
-        return [("$", f"expected a JSON object, got {json_type(obj)}")]
-    try:
-        CHANGE_EVENT_ADAPTER.validate_python(obj)
-    except ValidationError as exc:
-        return exc
-    return None
-
-
-def contract_errors(obj: Any) -> list[tuple[str, str]]:
-    """Every (JSON path, message) by which ``obj`` breaks the contract; empty when it is valid."""
-    breach = _breach(obj)
-    return describe(breach) if isinstance(breach, ValidationError) else breach or []
-
-
 def _size_error(obj: dict[str, Any], max_event_bytes: int) -> str | None:
     size = len(encode(obj))
     return f"event is {size} bytes, the limit is {max_event_bytes}" if size > max_event_bytes else None
@@ -151,15 +134,12 @@ def event_errors(obj: Any, max_event_bytes: int) -> list[tuple[str, str]]:
 
 def is_valid_event(obj: Any, max_event_bytes: int) -> bool:
     """``not event_errors(obj, max_event_bytes)``, without describing any error."""
-    return _breach(obj) is None and _size_error(obj, max_event_bytes) is None
+    return not isinstance(check(obj), list | ValidationError) and _size_error(obj, max_event_bytes) is None
 
 
 def validated(obj: dict[str, Any], max_event_bytes: int) -> AnyChangeEvent:
     """The event, or ``InvalidEvent`` naming every error on one line."""
-    try:
-        event = CHANGE_EVENT_ADAPTER.validate_python(obj)
-    except ValidationError as exc:
-        raise InvalidEvent("schema", "; ".join(f"{path}: {msg}" for path, msg in describe(exc))) from None
+    event = validate(obj, shown=sys.maxsize)
     too_large = _size_error(obj, max_event_bytes)
     if too_large is not None:
         raise InvalidEvent("too_large", too_large)
