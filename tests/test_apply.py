@@ -1113,3 +1113,18 @@ async def test_only_an_events_first_retry_is_logged_at_info(rig: Rig) -> None:
     assert result.status == "failed"
     retries = [(e["log_level"], e["attempt"]) for e in logs if e["event"] == "api_retry"]
     assert retries == [("info", 1), ("debug", 2), ("debug", 3)]
+
+
+async def test_the_reads_that_settle_a_lost_answer_log_their_retries_at_debug(rig: Rig) -> None:
+    """After a lost answer the worker reads the ticket, sending nothing: every such round counted
+    as the event's first retry (one send so far), so an outage of 504s logged each at info."""
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[504])
+    policy = RetryPolicy(max_attempts=4, max_elapsed_s=1.0, base_delay_s=0.01, max_delay_s=0.02)
+    with capture_logs() as logs:
+        result = await rig.apply(rig.caller(policy), confirm=lambda _: False)
+    assert result.status == "failed"
+    levels = [(e["log_level"], e["reading"]) for e in logs if e["event"] == "api_retry"]
+    assert len(levels) > 2
+    assert levels[0][0] == "info"
+    assert {level for level, _ in levels[1:]} == {"debug"}
+    assert any(reading for _, reading in levels)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from worker.errors import ApiTransientError
 from worker.retry import RetryPolicy, backoff_delay
+from worker.settings import load_settings
 
 
 def test_backoff_ceiling_doubles_then_caps() -> None:
@@ -74,3 +75,18 @@ def test_a_floor_from_the_caller_is_waited_and_must_fit_the_budget() -> None:
     assert policy.next_delay(1, 6.0, err, lambda: 0.5, at_least_s=3.0) == 3.0
     assert policy.next_delay(1, 7.5, err, lambda: 0.5, at_least_s=3.0) is None
     assert policy.next_delay(1, 7.5, err, lambda: 0.5) == 0.05
+
+
+def test_by_default_the_time_budget_not_the_attempt_cap_ends_an_events_retries() -> None:
+    """At 8 attempts the full-jitter backoff spent ~13 s on average (6-18 s in an outage), and an
+    API answering 503 for 30-60 s failed every event it touched, while the documented budget was
+    120 s. With the default cap, a typical draw reaches the time budget first."""
+    policy = RetryPolicy.from_settings(load_settings())
+    error = ApiTransientError("HTTP 503", http_status=503)
+    for draw in (0.4, 0.5, 0.6):  # around the mean draw
+        attempts, elapsed = 1, 0.0
+        while (delay := policy.next_delay(attempts, elapsed, error, lambda d=draw: d)) is not None:
+            attempts, elapsed = attempts + 1, elapsed + delay
+        assert elapsed > 100.0, draw
+        if draw >= 0.5:
+            assert attempts < policy.max_attempts  # the time ran out first

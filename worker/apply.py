@@ -398,8 +398,10 @@ class ApiCaller:
                     continue
                 return _failed(calls, active_s, error, applied_maybe=ambiguous)
             # The first retry of an event at info, the later ones at debug (coc_worker_api_retries
-            # counts them all): at 256 events in flight an outage wrote thousands of lines.
-            (log.info if calls == 1 else log.debug)(
+            # counts them all): at 256 events in flight an outage wrote thousands of lines. By
+            # round, not by send: the reads that settle a lost answer send nothing, and each of
+            # them logged at info.
+            (log.info if rounds == 1 else log.debug)(
                 "api_retry", attempt=calls, reading=will_read, delay_s=round(delay, 3), detail=error.detail
             )
             await asyncio.sleep(delay)

@@ -39,7 +39,7 @@ def half_to_full() -> float:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int = 8
+    max_attempts: int = 20
     max_elapsed_s: float = 120.0
     base_delay_s: float = 0.2
     max_delay_s: float = 20.0

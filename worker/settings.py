@@ -190,7 +190,13 @@ class WorkerSettings(BaseSettings):
     )
 
     # --- Retry policy --------------------------------------------------------------------------
-    retry_max_attempts: int = Field(8, ge=1)
+    retry_max_attempts: int = Field(
+        20,
+        ge=1,
+        description="Attempts per event, the first included. Enough that retry_max_elapsed_s bounds"
+        " an event's retries: at 8, full-jitter backoff spent ~13 s, and an API answering 503 or 429"
+        " for 30-60 s failed every event it touched.",
+    )
     retry_max_elapsed_s: PositiveSeconds = 120.0
     retry_base_delay_s: PositiveSeconds = 0.2
     retry_max_delay_s: PositiveSeconds = 20.0
