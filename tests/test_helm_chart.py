@@ -811,6 +811,20 @@ def test_default_render(helm_results: dict[str, Any]) -> None:
     assert "WARNING" not in helm_results["default"]["notes"]
 
 
+def test_the_notes_say_when_the_dedup_store_dies_with_the_pod(helm_results: dict[str, Any]) -> None:
+    """The defaults keep the sqlite file on an emptyDir: a job in hand when the pod is replaced is
+    sent again by the next pod as if new (an on-call review saw five applied events come out
+    "rejected"). Said at install, and not when the store outlives the pod."""
+    assert "lost with the pod" in helm_results["default"]["notes"]
+    for case in GOOD:
+        values = GOOD[case]
+        dedup = values.get("dedup", {}).get("backend", "sqlite")
+        on_pvc = values.get("persistence", {}).get("type", "emptyDir") == "pvc"
+        assert ("lost with the pod" in helm_results[case]["notes"]) == (dedup == "sqlite" and not on_pvc), (
+            case
+        )
+
+
 def test_rolling_updates_only_with_a_shared_dedup_store(helm_results: dict[str, Any]) -> None:
     """A rolling update runs the old and the new pod together, the partitions moving between them:
     with each pod's own sqlite file the new one did not know what the old one had in hand."""
