@@ -526,3 +526,10 @@ def test_an_invalid_events_error_says_how_to_put_it_right(event: dict[str, Any],
     with pytest.raises(InvalidEvent) as refused:
         decode(json.dumps(event).encode(), 1 << 20)
     assert str(refused.value) == f"schema: {said}"
+
+
+def test_a_number_too_long_for_python_says_so_in_the_producers_words() -> None:
+    """Python's error told the producer to call sys.set_int_max_str_digits()."""
+    with pytest.raises(InvalidEvent) as refused:
+        decode(b'{"event_id": ' + b"1" * 5000 + b"}", 1 << 20)
+    assert str(refused.value) == "bad_json: a number of thousands of digits: no field takes one"

@@ -118,7 +118,10 @@ def parse_json(value: bytes | None, max_bytes: int) -> Any:
         raise InvalidEvent("bad_json", f"an object has {exc} keys, more than {MAX_KEYS}") from None
     except RecursionError:
         raise InvalidEvent("bad_json", "JSON nesting is too deep") from None
-    except ValueError as exc:  # JSONDecodeError and the NaN/Infinity refusal
+    except ValueError as exc:  # JSONDecodeError, the NaN/Infinity refusal, a huge integer
+        if not isinstance(exc, json.JSONDecodeError) and "integer string conversion" in str(exc):
+            # Python's own words told the producer to call sys.set_int_max_str_digits().
+            raise InvalidEvent("bad_json", "a number of thousands of digits: no field takes one") from None
         raise InvalidEvent("bad_json", str(exc)[:200]) from None
     # Walk the structure only when the text has enough brackets to nest that deep at all.
     if value.count(b"{") + value.count(b"[") > MAX_DEPTH and _depth(obj, MAX_DEPTH):
