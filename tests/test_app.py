@@ -790,12 +790,47 @@ async def test_a_topic_the_broker_lists_no_more_makes_the_worker_not_ready(tmp_p
             await worker._check_health()
             await worker._check_health()  # said once, not every check
         assert not worker.ready
+        assert worker.metrics.topics_missing._value.get() == 1  # an alert can see it, not only a probe
         assert worker.status()["topics_missing"] == [worker.settings.input_topic]
         assert [(e["event"], e["topics"]) for e in logs] == [
             ("topics_missing", {"COC_WORKER_INPUT_TOPIC": worker.settings.input_topic})
         ]
         listed.add(worker.settings.input_topic)
         await worker._check_health()
+        assert worker.ready
+        assert worker.metrics.topics_missing._value.get() == 0
+    finally:
+        await close_unstarted(worker)
+
+
+async def test_with_create_topics_a_topic_the_broker_lost_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker restarted without its data: the worker started with --create-topics stayed not
+    ready for good (on-call review); it makes the topics again, as at start."""
+    worker = make_worker(tmp_path, create_topics=True)
+    worker._assigned = {(worker.settings.input_topic, 0)}
+    listed = listed_topics(worker) - {worker.settings.results_topic}
+    made: list[list[str]] = []
+
+    async def ping(timeout_s: float = 3.0) -> set[str]:
+        return set(listed)
+
+    async def ensure_topics(settings: Any, topics: Any = None) -> list[str]:
+        wanted = sorted({settings.input_topic, settings.results_topic, settings.dlq_topic} - listed)
+        made.append(wanted)
+        listed.update(wanted)
+        return wanted
+
+    worker._consumer.ping = ping  # type: ignore[method-assign]
+    worker._consumer.highwater = lambda key: None  # type: ignore[method-assign]
+    monkeypatch.setattr("worker.app.ensure_topics", ensure_topics)
+    try:
+        with capture_logs() as logs:
+            await worker._check_health()
+            await worker._check_health()
+        assert made == [[worker.settings.results_topic]]
+        assert [e["event"] for e in logs] == ["topics_missing", "topics_created", "topics_listed_again"]
         assert worker.ready
     finally:
         await close_unstarted(worker)

@@ -427,6 +427,8 @@ class Worker:
             # probe_max_delay_s (30 s).
             self._gate.probe_now(BrokerUnavailable.kind, self._consumer.ping)
             self._note_missing_topics(listed)
+            if self._topics_missing and self.settings.create_topics:
+                await self._create_missing_topics()
         for key in self._assigned or set():
             high = self._consumer.highwater(key)
             position = self._offsets.committed_position(key)
@@ -446,6 +448,18 @@ class Worker:
         elif not missing and self._topics_missing:
             log.info("topics_listed_again", topics=self._topics_missing)
         self._topics_missing = missing
+        self.metrics.topics_missing.set(len(missing))
+
+    async def _create_missing_topics(self) -> None:
+        """With ``create_topics`` on, what the broker lists no more (it lost its data) is made again,
+        as at start: the worker stayed not ready until someone restarted it."""
+        try:
+            created = await asyncio.wait_for(ensure_topics(self.settings), _SHUTDOWN_STEP_S)
+        except (BrokerUnavailable, TimeoutError) as exc:
+            log.warning("topics_not_created", detail=str(exc) or type(exc).__name__)
+            return
+        if created:
+            log.info("topics_created", topics=created)
 
     async def _shutdown(self) -> None:
         s = self.settings

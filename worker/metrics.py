@@ -149,6 +149,11 @@ class Metrics:
         self.lag = Gauge(
             "coc_worker_consumer_lag", "High watermark minus committed offset.", ["partition"], registry=r
         )
+        self.topics_missing = Gauge(
+            "coc_worker_topics_missing",
+            "The worker's topics (input, results, dead-letter) the broker does not list: not ready while above 0.",
+            registry=r,
+        )
         self.paused = Gauge(
             "coc_worker_paused", "1 while consumption is paused by a systemic failure.", registry=r
         )
