@@ -469,7 +469,11 @@ async def test_unreachable_api_pauses_and_resumes(policy: RetryPolicy, threshold
     rig = Rig(sim, client, gate, metrics)
     task = asyncio.create_task(rig.apply(rig.caller(policy, threshold_s)))
     try:
-        await until(lambda: gate.causes == ["api_unreachable"])
+        with capture_logs() as logs:
+            await until(lambda: gate.causes == ["api_unreachable"])
+        # The pause names where it tried and the setting that says so (on-call review).
+        [paused] = [e for e in logs if e["event"] == "worker_paused"]
+        assert f"(http://127.0.0.1:{sim.config.port}: COC_WORKER_API_ENDPOINT or _REGION)" in paused["detail"]
         connect_errors = rig.sample("coc_worker_api_requests_total", code="connect_error")
         await until(
             lambda: rig.sample("coc_worker_api_requests_total", code="connect_error") > connect_errors

@@ -238,6 +238,11 @@ class CocApiClient:
             await self._client.close()
             self._client = None
 
+    @property
+    def base_url(self) -> str:
+        """The API's URL, as configured (never with credentials: the settings refuse them)."""
+        return self._origin + self._prefix
+
     def refresh_credentials(self) -> None:
         """Re-read secret files (a rotated Kubernetes secret) before probing after a 401."""
         self._credentials = self._load_credentials()

@@ -141,7 +141,9 @@ class ApiCaller:
                 await self._client.probe(ticket_id)
             self._reachability.reached()
 
-        self._gate.trip(ApiUnreachable(detail), probe)
+        # Where it tried, and the setting that says so: a wrong endpoint is a likely cause.
+        where = self._client.base_url
+        self._gate.trip(ApiUnreachable(f"{detail} ({where}: COC_WORKER_API_ENDPOINT or _REGION)"), probe)
 
     async def _attempt(
         self,
