@@ -51,6 +51,10 @@ _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving 
 
 
 class Worker:
+    """One worker process's lifecycle: start the clients, consume and dispatch, watch health,
+    commit, stop. It owns the flow control (the buffer and each partition's share of it) and the
+    rebalance hooks; what happens to one message is the pipeline's."""
+
     def __init__(self, settings: WorkerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()

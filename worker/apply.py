@@ -67,6 +67,10 @@ UNNAMED_TICKET = "coc-worker-auth-probe"
 
 
 class ApiCaller:
+    """One event's change, applied at most once: signed sends with the retry policy and the limits
+    in front, a lost answer settled by reading the ticket before anything is sent again, and the
+    API's systemic failures (credentials, reachability) turned into pauses instead of outcomes."""
+
     def __init__(
         self,
         client: CocApiClient,

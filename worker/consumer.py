@@ -90,6 +90,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Consumer:
+    """aiokafka's consumer behind the worker's own terms (``Message``, ``BrokerUnavailable``): a
+    group member with manual commits, fetches shared out over the partitions, pauses that keep what
+    was prefetched, and unreadable records turned into messages instead of errors."""
+
     def __init__(self, settings: WorkerSettings, handler: RebalanceHandler) -> None:
         self._settings = settings
         self._handler = handler

@@ -179,6 +179,9 @@ def claimed(owner: str, source: str, now: float, lease_s: float, target: str = "
 
 
 class DedupStore(Protocol):
+    """What the pipeline needs from a dedup backend (memory, sqlite, Redis): atomic claims with a
+    lease, and the records that let a redelivery repeat its first answer instead of calling again."""
+
     async def claim(
         self, event_id: str, owner: str, source: str, lease_s: float, target: str = ""
     ) -> Claim: ...

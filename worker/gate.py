@@ -42,6 +42,9 @@ class _Cause:
 
 
 class Gate:
+    """The pause every stage waits at while the worker as a whole cannot progress: one cause per
+    kind, each with a prober that clears it; open again only when every cause has cleared."""
+
     def __init__(
         self,
         metrics: Metrics,

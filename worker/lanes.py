@@ -24,6 +24,9 @@ J = TypeVar("J")
 
 
 class Lanes(Generic[J]):
+    """Per-ticket order with tickets in parallel: a ticket's messages run one after another, at
+    most ``max_in_flight`` tickets at once; the rest wait in the buffer, not in a slot."""
+
     def __init__(
         self,
         run: Callable[[J], Coroutine[object, object, None]],

@@ -101,6 +101,10 @@ class _ClaimLost(Exception):
 
 
 class Pipeline:
+    """What happens to one message, from its claim to its outcome: decided once (dedup), applied
+    at most once (the API caller), and answered exactly once (the outcome, and the dead letter when
+    it was not applied), each durable before the next step relies on it."""
+
     def __init__(
         self,
         settings: WorkerSettings,

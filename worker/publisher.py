@@ -105,6 +105,10 @@ def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, no
 
 
 class Publisher:
+    """The producer of outcomes and dead letters: each call returns only once the broker has
+    acknowledged what it wrote, so that an offset is never committed past a message whose answer
+    could still be lost."""
+
     def __init__(self, settings: WorkerSettings) -> None:
         self._settings = settings
         self._producer = AIOKafkaProducer(
