@@ -132,13 +132,15 @@ class Pipeline:
     async def process(self, job: Job) -> None:
         m = job.message
         event = job.event
+        # An invalid message's lines name what its value or key still tells, as its outcome does.
+        named = {"event_id": event.event_id, "ticket_id": event.ticket_id} if event else job.salvaged or {}
         bind_message_context(
             {
                 "topic": m.topic,
                 "partition": m.partition,
                 "offset": m.offset,
-                "event_id": event.event_id if event else None,
-                "ticket_id": event.ticket_id if event else None,
+                "event_id": named.get("event_id"),
+                "ticket_id": named.get("ticket_id"),
             }
         )
         try:
