@@ -114,7 +114,7 @@ async def test_an_unanswered_probe_says_why() -> None:
         raise KafkaConnectionError("Connection at 127.0.0.1:19192 closed")
 
     async def silent() -> None:
-        await asyncio.sleep(60)
+        await asyncio.Event().wait()  # a broker that never answers
 
     with pytest.raises(BrokerUnavailable, match=r"broker unreachable: KafkaConnectionError: .*19192 closed"):
         await broker_answers(refused(), 1.0)
@@ -129,7 +129,8 @@ async def test_every_client_takes_the_largest_record_the_worker_may_meet(
     event_bytes: int, limit: int
 ) -> None:
     """An event at the size limit with its key and headers: the outcome producer, the consumer's
-    fetch and the tools' clients each wrote this limit out by hand (four copies)."""
+    fetch and the tools' clients each wrote this limit out by hand (four copies); the tools' now
+    build from the same helpers (``producer_kwargs``, ``record_limit_bytes``)."""
     settings = load_settings(kafka_bootstrap_servers="127.0.0.1:1", max_event_bytes=event_bytes)
     publisher, consumer = Publisher(settings), Consumer(settings, None)  # type: ignore[arg-type]
     try:
