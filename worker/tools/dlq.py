@@ -35,7 +35,7 @@ from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
 from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
 from worker.tools.progress import Progress
-from worker.tools.table import cell
+from worker.tools.table import api_answer, cell
 
 REPLAYED_FROM_PREFIX = "coc-replayed-from-"
 REPLAYED_AT = "coc-replayed-at"
@@ -104,11 +104,7 @@ class DeadLetterRecord:
     @property
     def answer(self) -> str:
         """The error, after the API's status and code when it answered (``HTTP 400 GOM.00001005:``)."""
-        said = " ".join(
-            part
-            for part in (f"HTTP {self.http_status}" if self.http_status else "", self.error_code or "")
-            if part
-        )
+        said = api_answer(self.http_status, self.error_code)
         return f"{said}: {self.error}" if said else self.error
 
     @property

@@ -21,3 +21,10 @@ def cell(value: str, width: int, *, cut: bool = True) -> str:
     if cut and len(value) > limit:
         value = value[: limit - 1] + "…"
     return value.ljust(width)
+
+
+def api_answer(http_status: int | None, error_code: str | None) -> str:
+    """The API's answer as both tables show it (``HTTP 400 GOM.00001005``); empty when it gave none."""
+    return " ".join(
+        part for part in (f"HTTP {http_status}" if http_status is not None else "", error_code) if part
+    )

@@ -20,7 +20,7 @@ from worker.consumer import Message
 from worker.settings import WorkerSettings
 from worker.tools.kafka_io import TopicReader
 from worker.tools.progress import Progress
-from worker.tools.table import cell
+from worker.tools.table import api_answer, cell
 
 _COLUMNS: tuple[tuple[str, int], ...] = (
     ("FINISHED", 12),
@@ -54,8 +54,7 @@ def row(outcome: OutcomeEvent) -> str:
         part
         for part in (
             outcome.reason or "",
-            f"HTTP {outcome.http_status}" if outcome.http_status is not None else "",
-            outcome.error_code or "",
+            api_answer(outcome.http_status, outcome.error_code),
             outcome.error_msg or "" if outcome.status is not OutcomeStatus.APPLIED else "",
             "(redelivered)" if outcome.redelivered else "",
         )
