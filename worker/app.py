@@ -33,7 +33,7 @@ from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
 from worker.lanes import Lanes
 from worker.logs import get_logger, register_secrets
-from worker.metrics import Metrics
+from worker.metrics import KEY_MISMATCH_KINDS, Metrics
 from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, PartitionKey
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 _FETCH_TIMEOUT_S = 0.5
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
+_TOPICS_CREATE_S = 5.0  # making lost topics again from the health check, at most
 _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
 
 
@@ -458,7 +459,7 @@ class Worker:
         """With ``create_topics`` on, what the broker lists no more (it lost its data) is made again,
         as at start: the worker stayed not ready until someone restarted it."""
         try:
-            created = await asyncio.wait_for(ensure_topics(self.settings), _SHUTDOWN_STEP_S)
+            created = await asyncio.wait_for(ensure_topics(self.settings), _TOPICS_CREATE_S)
         except (BrokerUnavailable, TimeoutError) as exc:
             log.warning("topics_not_created", detail=str(exc) or type(exc).__name__)
             return
@@ -566,7 +567,7 @@ class _KeyWatch:
     EVERY_S = 60.0
 
     def __init__(self, metrics: Metrics) -> None:
-        self._counters = {kind: metrics.key_mismatches.labels(kind=kind) for kind in ("missing", "other")}
+        self._counters = {kind: metrics.key_mismatches.labels(kind=kind) for kind in KEY_MISMATCH_KINDS}
         self._since = 0
         self._next_at = 0.0
 

@@ -25,7 +25,8 @@ what the pipeline does with the message::
             └── DeadLetterUnwritable  only the dead letter's write was refused
 
 Library exceptions (pyreqwest, aiohttp, aiokafka, redis, sqlite3) never cross a module boundary:
-the module that speaks to the library translates them into these with ``raise ... from exc``. Messages never carry secrets.
+the module that speaks to the library translates them into these with ``raise ... from exc``.
+Messages never carry secrets.
 """
 
 from __future__ import annotations

@@ -116,6 +116,8 @@ def _bucket_label(bound: float) -> str:
 
 #: Why an event was not applied again (``coc_worker_dedup_hits``'s label values).
 DEDUP_HIT_KINDS = ("duplicate", "redelivered")
+#: ``coc_worker_key_mismatches_total``: no key at all, or a key other than the ticket_id.
+KEY_MISMATCH_KINDS = ("missing", "other")
 
 
 class Metrics:
@@ -172,7 +174,7 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        for kind in ("missing", "other"):
+        for kind in KEY_MISMATCH_KINDS:
             self.key_mismatches.labels(kind=kind)
         self.commits = Counter("coc_worker_commits", "Offset commits sent to the broker.", registry=r)
         self.rate_limited = Counter(

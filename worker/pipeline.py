@@ -132,15 +132,20 @@ class Pipeline:
     async def process(self, job: Job) -> None:
         m = job.message
         event = job.event
-        # An invalid message's lines name what its value or key still tells, as its outcome does.
-        named = {"event_id": event.event_id, "ticket_id": event.ticket_id} if event else job.salvaged or {}
+        event_id: str | None
+        ticket_id: str | None
+        if event is not None:
+            event_id, ticket_id = event.event_id, event.ticket_id
+        else:  # an invalid message's lines name what its value or key still tells, as its outcome does
+            salvaged = job.salvaged or {}
+            event_id, ticket_id = salvaged.get("event_id"), salvaged.get("ticket_id")
         bind_message_context(
             {
                 "topic": m.topic,
                 "partition": m.partition,
                 "offset": m.offset,
-                "event_id": named.get("event_id"),
-                "ticket_id": named.get("ticket_id"),
+                "event_id": event_id,
+                "ticket_id": ticket_id,
             }
         )
         try:

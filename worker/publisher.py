@@ -64,8 +64,8 @@ class DeadLetter:
     event_id: str | None
     #: A repeat for a redelivered message: the first may or may not have been written.
     redelivered: bool = False
-    #: The API's answer, when it gave one: a DLQ consumer tells "not yet" (400, a step out of
-    #: order) from "never" (404, no such ticket) without joining the results topic.
+    #: The API's answer, when it gave one: a DLQ consumer tells "not yet" (GOM.00001005, a step
+    #: out of order) from "never" (GOM.00001003, no such ticket) without joining the results topic.
     http_status: int | None = None
     error_code: str | None = None
 

@@ -6,8 +6,9 @@ Two independent brakes, both in front of every HTTP attempt:
   GCRA form (one "theoretical arrival time" instead of a token count). With the Redis dedup
   backend the bucket lives in Redis, so the limit holds for all replicas together;
 * an **adaptive concurrency limit** (always on): AIMD like TCP's congestion window. It starts at
-  the API request limit (``api_max_connections``, else ``max_in_flight``); a 429 halves it (at most once per second), every success adds ``1/limit``. So
-  after 429s the worker slows down by itself and speeds up again when the API recovers.
+  the API request limit (``api_max_connections``, else ``max_in_flight``); a 429 halves it (at
+  most once per second), every success adds ``1/limit``. So after 429s the worker slows down by
+  itself and speeds up again when the API recovers.
 """
 
 from __future__ import annotations
