@@ -21,8 +21,9 @@ import worker.consumer as consumer_module
 from worker.app import Worker
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
-from worker.errors import BrokerUnavailable, KafkaClientStopped
+from worker.errors import BrokerUnavailable, DedupUnavailable, KafkaClientStopped
 from worker.pipeline import Job
+from worker.sandbox import free_port
 from worker.settings import WorkerSettings
 
 
@@ -943,6 +944,61 @@ async def test_a_stop_during_the_start_ends_it_at_once(tmp_path: Path) -> None:
         assert not worker.started.is_set()
     finally:
         server.close()
+
+
+async def test_a_start_without_a_broker_gives_up_after_the_startup_wait(tmp_path: Path) -> None:
+    """Nothing listens at the bootstrap address: the start tries again, says what it waits for,
+    and ends with the broker's error (exit 1) once ``startup_wait_s`` has passed, not before."""
+    dead = free_port()
+    worker = make_worker(
+        tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{dead}", http_port=0, startup_wait_s=1.5
+    )
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with capture_logs() as logs:
+        running = asyncio.create_task(worker.run())
+        await until(lambda: worker.status()["waiting_for"] == "broker", timeout_s=10)
+        assert not worker.status()["ready"]
+        with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{dead}"):
+            await asyncio.wait_for(running, 20)
+    assert loop.time() - began >= 1.5
+    waits = [line for line in logs if line["event"] == "waiting_for_dependency"]
+    assert len(waits) >= 2  # tried again, with the setting named
+    assert {line["dependency"] for line in waits} == {"broker"}
+    assert waits[0]["setting"] == "COC_WORKER_STARTUP_WAIT_S"
+
+
+async def test_a_start_with_no_startup_wait_gives_up_at_once(tmp_path: Path) -> None:
+    worker = make_worker(
+        tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", http_port=0, startup_wait_s=0
+    )
+    with capture_logs() as logs, pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(worker.run(), 20)
+    assert not [line for line in logs if line["event"] == "waiting_for_dependency"]
+
+
+async def test_a_start_waits_for_the_dedup_store_and_goes_on_when_it_answers(tmp_path: Path) -> None:
+    """The dedup store is tried again as the broker is; once it answers, the start goes on to
+    the next step (here the broker, which is not there either)."""
+    worker = make_worker(tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", http_port=0)
+    pings = 0
+
+    async def away_twice() -> None:
+        nonlocal pings
+        pings += 1
+        if pings <= 2:
+            raise DedupUnavailable("redis dedup store: Error 111 connecting to 127.0.0.1:6390")
+
+    worker._store.ping = away_twice  # type: ignore[method-assign]
+    running = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.status()["waiting_for"] == "dedup_store", timeout_s=10)
+        await until(lambda: worker.status()["waiting_for"] == "broker", timeout_s=10)
+        assert pings == 3
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 10)
+    assert not worker.started.is_set()
 
 
 async def test_the_health_watcher_survives_an_unexpected_error(tmp_path: Path) -> None:

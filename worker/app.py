@@ -1,7 +1,8 @@
 """The worker: wires the stages together and owns the lifecycle, top to bottom.
 
 start:    [ingress ->] HTTP server (/readyz 503 until joined) -> [topics ->] dedup store -> API client ->
-          producer -> consumer (joins the group)
+          producer -> consumer (joins the group); the broker and the dedup store are tried again
+          while they do not answer, for up to ``startup_wait_s``
 run:      fetch -> decode -> submit to the ticket's lane (at most ``max_in_flight`` run at once, up
           to ``buffer_limit`` wait; fetching pauses when full or when the gate is closed) ; every
           second commit the watermarks
@@ -27,7 +28,7 @@ from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable, KafkaClientStopped
+from worker.errors import BrokerUnavailable, DedupUnavailable, KafkaClientStopped
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -38,7 +39,7 @@ from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, Partition
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
-from worker.retry import RetryPolicy
+from worker.retry import RetryPolicy, backoff_delay, half_to_full
 from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, env_var, without_password
 from worker.tracing import from_headers
 
@@ -49,6 +50,7 @@ _FETCH_TIMEOUT_S = 0.5
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
 _TOPICS_CREATE_S = 5.0  # making lost topics again from the health check, at most
 _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
+_STARTUP_RETRY_MAX_S = 15.0  # the longest wait between a start's tries of the broker or dedup store
 
 
 class Worker:
@@ -129,6 +131,9 @@ class Worker:
         #: Partitions whose revoke is under way (``on_revoked``).
         self._revoking: set[PartitionKey] = set()
         self.started = asyncio.Event()
+        self._start_began = 0.0
+        #: What the start is waiting for (``_once_reachable``), for ``/readyz``.
+        self._waiting_for: str | None = None
 
     # --- public ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -167,6 +172,7 @@ class Worker:
             "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
             "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # at max_uncommitted
             "stopping": self._stopping.is_set(),
+            "waiting_for": self._waiting_for,  # while starting: "broker" or "dedup_store"
         }
 
     @property
@@ -189,6 +195,7 @@ class Worker:
     # --- lifecycle ------------------------------------------------------------------------------------
     async def _start(self) -> None:
         s = self.settings
+        self._start_began = asyncio.get_running_loop().time()
         log.info(
             "worker_starting",
             worker=s.worker_id,
@@ -203,16 +210,16 @@ class Worker:
             api=s.api_base_url,  # an endpoint with credentials is refused too
         )
         if self._ingress is not None:
-            await self._ingress.start()
+            await self._once_reachable("broker", self._ingress.start)
         await self._http.start()
         if s.create_topics:
-            created = await ensure_topics(s)
+            created = await self._once_reachable("broker", lambda: ensure_topics(s))
             if created:
                 log.info("topics_created", topics=created)
-        await self._store.ping()
+        await self._once_reachable("dedup_store", self._store.ping)
         await self._client.start()
-        await self._publisher.start()
-        await self._consumer.start()
+        await self._once_reachable("broker", self._publisher.start)
+        await self._once_reachable("broker", self._consumer.start)
         self._broker_answered = True
         self._tasks = [
             asyncio.create_task(self._commit_periodically(), name="committer"),
@@ -221,6 +228,40 @@ class Worker:
         self.started.set()
         loop = type(asyncio.get_running_loop())
         log.info("worker_started", http_port=self._http.port, event_loop=f"{loop.__module__}.{loop.__name__}")
+
+    async def _once_reachable(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """A start step that needs the broker or the dedup store, tried again with backoff while
+        they do not answer, for up to ``startup_wait_s`` in all; then its error ends the start
+        (exit 1). Exiting at once left a worker started during an outage to the kubelet's growing
+        back-off: it came back up to 5 minutes after the broker did. Meanwhile ``/healthz``
+        answers and ``/readyz`` says what it waits for."""
+        loop = asyncio.get_running_loop()
+        deadline = self._start_began + self.settings.startup_wait_s
+        attempt = 0
+        while True:
+            try:
+                result = await step()
+            except (BrokerUnavailable, DedupUnavailable) as exc:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                attempt += 1
+                delay = min(left, backoff_delay(attempt, 0.5, _STARTUP_RETRY_MAX_S, half_to_full))
+                self._waiting_for = what
+                log.warning(
+                    "waiting_for_dependency",
+                    dependency=what,
+                    detail=str(exc),
+                    retry_in_s=round(delay, 1),
+                    gives_up_in_s=round(left, 1),
+                    setting=env_var("startup_wait_s"),
+                )
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                log.info("dependency_reached", dependency=what, attempts=attempt + 1)
+            self._waiting_for = None
+            return result
 
     async def _consume(self) -> None:
         resume_at = self._resume_at

@@ -243,6 +243,13 @@ class WorkerSettings(BaseSettings):
     max_event_bytes: int = Field(1_048_576, ge=256)
     commit_interval_s: PositiveSeconds = 1.0
     shutdown_grace_s: PositiveSeconds = 25.0
+    startup_wait_s: float = Field(
+        120.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="How long a starting worker waits for its broker and dedup store to answer"
+        " (alive, not ready, retrying with backoff) before it exits 1; 0 exits at once.",
+    )
     revoke_grace_s: PositiveSeconds = 10.0
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=200)
 

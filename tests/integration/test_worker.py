@@ -24,7 +24,7 @@ from waiting import until
 from schemas.outcomes import OutcomeStatus
 from worker.app import Worker
 from worker.dedup import ClaimKind, open_store
-from worker.sandbox import TansuBroker, committed_offsets, create_topics, produce, read_topic
+from worker.sandbox import TansuBroker, committed_offsets, create_topics, free_port, produce, read_topic
 from worker.simulator import SimulatorServer
 
 
@@ -520,6 +520,52 @@ async def test_a_stop_with_the_broker_gone_still_ends(
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_worker_started_before_its_broker_waits_for_it_and_then_works(
+    make_settings: SettingsFactory, tmp_path: Path, unique: str
+) -> None:
+    """Started while the broker was away, the worker exited 1 and was left to the kubelet's
+    growing back-off: it came back up to 5 minutes after the broker did. Now it waits (alive, not
+    ready, saying what for) and goes to work as soon as the broker answers."""
+    names = {k: f"{k}-{unique}" for k in ("input", "results", "dlq")}
+    port = free_port()
+    settings = make_settings(
+        kafka_bootstrap_servers=f"127.0.0.1:{port}",
+        input_topic=names["input"],
+        results_topic=names["results"],
+        dlq_topic=names["dlq"],
+        create_topics=True,
+        topic_partitions=1,
+        startup_wait_s=60,
+    )
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.status()["waiting_for"] == "broker", 20, 0.02, what="the wait")
+        base = f"http://127.0.0.1:{worker.http_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/healthz") as alive:
+                assert alive.status == 200
+            async with http.get(f"{base}/readyz") as ready:
+                assert ready.status == 503
+                assert (await ready.json())["waiting_for"] == "broker"
+        assert not task.done()
+        with TansuBroker(port=port, log_path=tmp_path / "tansu.log") as late:
+            await until(lambda: worker.started.is_set() or task.done(), 30, 0.02, what="the start")
+            assert not task.done()
+            assert worker.status()["waiting_for"] is None
+            await produce(late.bootstrap, names["input"], [(b"CM1", b"not json", None)])
+            got = await read_topic(
+                late.bootstrap, names["results"], until=lambda got: len(got) >= 1, timeout_s=30
+            )
+            assert [json.loads(r.value)["status"] for r in got] == ["invalid"]
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+    finally:
+        if not task.done():
+            worker.stop()
+            await asyncio.gather(asyncio.wait_for(task, 30), return_exceptions=True)
 
 
 async def test_a_stuck_message_holds_back_its_partition_not_an_ever_longer_tail(
