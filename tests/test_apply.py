@@ -493,6 +493,87 @@ async def test_unreachable_api_pauses_and_resumes(policy: RetryPolicy, threshold
         await sim.stop()
 
 
+SHORT_BUDGET = RetryPolicy(max_attempts=1000, max_elapsed_s=0.3, base_delay_s=0.002, max_delay_s=0.01)
+
+
+async def test_a_server_error_storm_longer_than_the_budget_pauses_instead_of_failing(rig: Rig) -> None:
+    """An API answering 503 to everything for longer than an event's retry budget failed every
+    event it touched (each dead-lettered, and each ticket's later steps refused after it). With
+    no working answer for the threshold, the event pauses the worker; the probe keeps it paused
+    while the API still fails, and the event is applied once it works."""
+    state = rig.sim.state
+    state.set_faults(error_ratio=1.0, error_statuses=[503])
+    task = asyncio.create_task(rig.apply(rig.caller(SHORT_BUDGET, unreachable_threshold_s=0.1)))
+    try:
+        with capture_logs() as logs:
+            await until(lambda: rig.gate.causes == ["api_failing"])
+        [paused] = [e for e in logs if e["event"] == "worker_paused"]
+        assert "COC_WORKER_API_UNREACHABLE_THRESHOLD_S" in paused["detail"]
+        probes = [r for r in state.requests if r.method == "PUT" and UNNAMED_TICKET in r.path]
+        await until(
+            lambda: (
+                len([r for r in state.requests if r.method == "PUT" and UNNAMED_TICKET in r.path])
+                > len(probes) + 1
+            )
+        )
+        assert not task.done()  # the probe is refused too: still paused, not failed
+        state.set_faults(error_ratio=0.0)
+        result = await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert (result.status, result.http_status) == ("applied", 200)
+    assert len(state.applied_for("ev-start")) == 1
+    assert rig.gate.is_open
+    assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 1.0
+
+
+class _OneTicketFailing:
+    """A stand-in client: the API answers 503 for ticket ``T-X`` only, and works otherwise."""
+
+    def __init__(self) -> None:
+        self.probed = 0
+
+    async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.001)
+        if ticket_id == "T-X":
+            raise ApiTransientError("HTTP 503 (GOM.00009503)", http_status=503)
+        return ApiResponse(200, UpdateTicketResponse(), 0.0)
+
+    async def probe_write(self, ticket_id: str) -> None:
+        self.probed += 1
+
+
+async def test_one_ticket_the_api_fails_on_still_fails_while_others_are_answered(rig: Rig) -> None:
+    """The pause is for outages: other tickets' changes answered meanwhile mean the API works, and
+    the event the API keeps failing on ends failed (dead-lettered), as before, without a pause."""
+    client = _OneTicketFailing()
+    caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 0.1)  # type: ignore[arg-type]
+    failing = asyncio.create_task(caller.apply("T-X", b"{}", event_id="ev-x", traceparent=TRACEPARENT))
+    n = 0
+    while not failing.done():  # other tickets' events, answered all along
+        n += 1
+        assert (
+            await caller.apply("T-OK", b"{}", event_id=f"ev-{n}", traceparent=TRACEPARENT)
+        ).status == "applied"
+    result = failing.result()
+    assert (result.status, result.http_status) == ("failed", 503)
+    assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 0.0
+    assert client.probed == 0
+
+
+async def test_one_ticket_the_api_fails_on_alone_pauses_once_then_fails(rig: Rig) -> None:
+    """With nothing else in flight the worker cannot tell one failing ticket from an outage: it
+    pauses, the probe is answered, the event gets one more try and then ends failed; it does
+    not keep the worker paused."""
+    client = _OneTicketFailing()
+    caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 0.1)  # type: ignore[arg-type]
+    result = await asyncio.wait_for(caller.apply("T-X", b"{}", event_id="ev-x", traceparent=TRACEPARENT), 10)
+    assert (result.status, result.http_status) == ("failed", 503)
+    assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 1.0
+    assert client.probed == 1
+    assert rig.gate.is_open
+
+
 async def test_short_connect_failures_are_plain_retries(rig: Rig) -> None:
     port = free_port()
     metrics = rig.metrics

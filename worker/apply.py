@@ -4,7 +4,11 @@ This is where the retry policy meets the gate: transient errors back off (``work
 systemic ones (credentials refused, API unreachable past the threshold) trip the gate and wait
 for it without spending the message's budget, so an outage never turns into rejected or failed
 events. A connect failure that outlives the budget is systemic too: the API is down, not the
-event wrong.
+event wrong. So is a run of server errors, throttling or timeouts that outlives it while no call
+of any event has had a working answer for the threshold: the event pauses the worker instead of
+failing (``api_failing``), and the probe, a change to a ticket no event names, must be answered
+by something other than a server error before it is tried again. One ticket the API fails on
+while others are answered (or the probe is) still ends ``failed``: the pause is for outages.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.api_client import ApiResponse, CocApiClient
-from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ApiUnreachable
+from worker.errors import ApiAuthError, ApiFailing, ApiRejected, ApiTransientError, ApiUnreachable
 from worker.gate import Gate
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -45,21 +49,34 @@ class ApplyResult:
 
 
 class Reachability:
-    """Tracks how long every API call has failed to connect (any HTTP answer resets it)."""
+    """Tracks how long every API call has failed to connect (any HTTP answer resets it), and when
+    the API last gave a working answer (a success or a refusal: not a server error, a 429 or a
+    timeout)."""
 
     def __init__(self, threshold_s: float) -> None:
-        self._threshold_s = threshold_s
+        self.threshold_s = threshold_s
         self._failing_since: float | None = None
+        #: Counted from the start: a worker started into an outage has had no working answer.
+        self._answered_at = time.monotonic()
 
     def reached(self) -> None:
         self._failing_since = None
+
+    def answered(self) -> None:
+        """A working answer (it reached the API too)."""
+        self._failing_since = None
+        self._answered_at = time.monotonic()
+
+    def failing(self) -> bool:
+        """Whether no call has had a working answer for the threshold."""
+        return time.monotonic() - self._answered_at >= self.threshold_s
 
     def connect_failed(self) -> bool:
         """Record a connect failure; ``True`` once failures have lasted past the threshold."""
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
-        return now - self._failing_since >= self._threshold_s
+        return now - self._failing_since >= self.threshold_s
 
 
 #: The ticket the auth probe reads when no ticket has answered yet: an id no deploy system uses.
@@ -136,6 +153,24 @@ class ApiCaller:
                         raise
 
         self._gate.trip(exc, probe)
+
+    def _trip_failing(self, error: ApiTransientError) -> None:
+        async def probe() -> None:
+            # A change to a ticket no event names changes nothing; any answer but a server error,
+            # a 429 or a timeout says the API works again (a refusal of the credentials too: the
+            # next attempt pauses on that cause, whose probe knows what to do).
+            with contextlib.suppress(ApiAuthError):
+                await self._client.probe_write(UNNAMED_TICKET)
+            self._reachability.answered()
+
+        self._gate.trip(
+            ApiFailing(
+                f"{error.detail}: no API call has had a working answer for"
+                f" {self._reachability.threshold_s:g} s or more, and an event's retry budget ran out"
+                " (COC_WORKER_API_UNREACHABLE_THRESHOLD_S)"
+            ),
+            probe,
+        )
 
     def _trip_unreachable(self, detail: str, ticket_id: str) -> None:
         async def probe() -> None:
@@ -326,7 +361,7 @@ class ApiCaller:
                     self._metrics.retries.inc()
                 response = await self._attempt(ticket_id, body, event_id, traceparent, before_send, waited)
             except ApiAuthError as exc:
-                self._reachability.reached()
+                self._reachability.answered()
                 if sent:
                     spent -= 1
                 forbidden += exc.http_status == 403
@@ -344,7 +379,7 @@ class ApiCaller:
                 self._trip_auth(exc, ticket_id)
                 continue
             except ApiRejected as exc:
-                self._reachability.reached()
+                self._reachability.answered()
                 error_msg, detail = exc.error_msg, exc.detail
                 if unconfirmed:
                     # First: a record keeps the first 500 characters, and a redelivery repeats them.
@@ -380,7 +415,7 @@ class ApiCaller:
                 # it, the client's with their request bodies) in a cycle only the collector frees.
                 error = exc.with_traceback(None)
             else:
-                self._reachability.reached()
+                self._reachability.answered()
                 self._answered_ticket = ticket_id
                 return ApplyResult("applied", calls, http_status=response.http_status, response=response)
             active_s += time.monotonic() - started - waited.s
@@ -401,6 +436,14 @@ class ApiCaller:
                     if sent:
                         spent -= 1
                     self._trip_unreachable(error.detail, ticket_id)
+                    continue
+                if self._reachability.failing():
+                    # Not this event's fault: the API has answered nothing properly for a while.
+                    # After the pause it gets one more try; the probe's answer then counts as a
+                    # working one, so an event the API fails on alone ends failed after it.
+                    if sent:
+                        spent -= 1
+                    self._trip_failing(error)
                     continue
                 return _failed(calls, active_s, error, applied_maybe=ambiguous)
             # The first retry of an event at info, the later ones at debug (coc_worker_api_retries

@@ -131,6 +131,13 @@ class ApiUnreachable(SystemicError):
     kind = "api_unreachable"
 
 
+class ApiFailing(SystemicError):
+    """The API answers, but with server errors, throttling or timeouts only: an event's whole
+    retry budget passed and no call has had a working answer for longer than the threshold."""
+
+    kind = "api_failing"
+
+
 class DedupUnavailable(SystemicError):
     """The dedup store cannot be read or written; applying without it risks double application."""
 
@@ -155,7 +162,14 @@ class DeadLetterUnwritable(BrokerUnavailable):
 #: Every kind of pause (``SystemicError.kind`` of each subclass): a metric's label values, fixed.
 PAUSE_KINDS = tuple(
     cls.kind
-    for cls in (ApiAuthError, ApiUnreachable, DedupUnavailable, BrokerUnavailable, DeadLetterUnwritable)
+    for cls in (
+        ApiAuthError,
+        ApiUnreachable,
+        ApiFailing,
+        DedupUnavailable,
+        BrokerUnavailable,
+        DeadLetterUnwritable,
+    )
 )
 
 

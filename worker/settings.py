@@ -179,7 +179,10 @@ class WorkerSettings(BaseSettings):
         description="API requests in flight at once, the HTTP client's limit (default max_in_flight).",
     )
     api_unreachable_threshold_s: PositiveSeconds = Field(
-        10.0, description="Connection failures for this long with no success pause the worker."
+        10.0,
+        description="Connection failures for this long with no success pause the worker; so do"
+        " server errors, 429s and timeouts past an event's retry budget with no working answer"
+        " for this long.",
     )
     api_rate_limit_per_s: float | None = Field(
         None,

@@ -359,6 +359,33 @@ async def test_revoked_credentials_pause_and_resume_without_rejecting(
     assert len(simulator.state.applied_log) == len(stream)
 
 
+async def test_a_server_error_storm_longer_than_the_retry_budget_pauses_and_fails_nothing(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """The API answers 503 to everything for longer than an event's retry budget: every event in
+    flight failed (dead-lettered) and the tickets' later steps were refused after them. Now the
+    worker pauses on ``api_failing`` and applies them all once the API works again."""
+    stream = [e for n in range(10) for e in ticket_script(f"CMS{n:03d}", subs=1)]
+    settings = make_settings(
+        retry_max_elapsed_s=0.5,
+        api_unreachable_threshold_s=0.3,
+        api_connect_timeout_s=0.1,
+        api_request_timeout_s=0.2,
+        retry_after_max_s=0.5,
+    )
+    async with running_worker(settings) as worker:
+        simulator.state.set_faults(error_ratio=1.0, error_statuses=[503])
+        await send(broker.bootstrap, topics["input"], stream)
+        await until(lambda: worker.status()["paused_by"] == ["api_failing"], 20, 0.02, what="the pause")
+        await simulator.state.wait_for(lambda: simulator.state.status_counts["503"] >= 50, 20)
+        assert worker.status()["paused_by"] == ["api_failing"]  # the probe fails too: still paused
+        simulator.state.set_faults(error_ratio=0.0)
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
+        await until(lambda: worker.ready, 20, 0.02, what="the worker to resume")
+    assert {o["status"] for o in outcomes} == {"applied"}
+    assert len(simulator.state.applied_log) == len(stream)
+
+
 async def test_health_and_metrics_endpoints(
     broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
 ) -> None:
