@@ -968,6 +968,22 @@ async def test_a_start_without_a_broker_gives_up_after_the_startup_wait(tmp_path
     assert waits[0]["setting"] == "COC_WORKER_STARTUP_WAIT_S"
 
 
+async def test_an_ingress_tried_again_at_start_says_its_settings_once(tmp_path: Path) -> None:
+    """The ingress's start is tried again while the broker is away: its warning about running
+    without tokens is said once, not at every try."""
+    worker = make_worker(
+        tmp_path,
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+        http_port=0,
+        ingest_enabled=True,
+        startup_wait_s=1.0,
+    )
+    with capture_logs() as logs, pytest.raises(BrokerUnavailable):
+        await asyncio.wait_for(worker.run(), 20)
+    assert len([line for line in logs if line["event"] == "waiting_for_dependency"]) >= 2
+    assert len([line for line in logs if line["event"] == "ingest_auth_disabled"]) == 1
+
+
 async def test_a_start_with_no_startup_wait_gives_up_at_once(tmp_path: Path) -> None:
     worker = make_worker(
         tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", http_port=0, startup_wait_s=0

@@ -115,6 +115,7 @@ class Ingress:
         self._settings = settings
         self._producer = EventProducer(settings)
         self._started = False
+        self._checked = False  # the settings checked and said (``start``)
         #: Tokens are required once either setting is given, even while the list is empty.
         self._auth = settings.ingest_auth_configured
         self._body_timeout_s = body_timeout_s
@@ -149,11 +150,15 @@ class Ingress:
         return [web.post("/v1/events", self._post_events), web.post("/v1/alertmanager", self._post_alerts)]
 
     async def start(self) -> None:
-        tokens = self._tokens()  # fail at start, not at the first request, on an unreadable file
-        if not self._auth:
-            log.warning("ingest_auth_disabled", setting="COC_WORKER_INGEST_TOKENS")
-        elif not tokens:
-            log.warning("ingest_no_tokens", detail="every request is refused until tokens are set")
+        """Tried again while the broker is away (``Worker._once_reachable``): the settings are
+        checked and said once."""
+        if not self._checked:
+            tokens = self._tokens()  # fail at start, not at the first request, on an unreadable file
+            if not self._auth:
+                log.warning("ingest_auth_disabled", setting="COC_WORKER_INGEST_TOKENS")
+            elif not tokens:
+                log.warning("ingest_no_tokens", detail="every request is refused until tokens are set")
+            self._checked = True
         await self._producer.start()
         self._started = True
         self._watcher = asyncio.create_task(self._watch_broker(), name="ingest-broker-check")
