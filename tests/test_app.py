@@ -993,10 +993,53 @@ async def test_a_start_with_no_startup_wait_gives_up_at_once(tmp_path: Path) -> 
     assert not [line for line in logs if line["event"] == "waiting_for_dependency"]
 
 
+async def test_a_start_gives_up_on_a_broker_that_never_answers_when_the_wait_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One try against a broker that takes connections and never answers lasted 40 s per
+    bootstrap server, past the startup wait (and the startup probe's allowance): each try is
+    bounded by what is left of the wait (review)."""
+    monkeypatch.setattr(app_module, "_STARTUP_LAST_TRY_S", 0.2)
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    worker = make_worker(
+        tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{port}", http_port=0, startup_wait_s=0.5
+    )
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"no answer within COC_WORKER_STARTUP_WAIT_S=0\.5 s"):
+            await asyncio.wait_for(worker.run(), 20)
+    finally:
+        server.close()
+
+
+async def test_a_local_dedup_store_that_fails_at_start_is_not_waited_for(tmp_path: Path) -> None:
+    """A sqlite file that cannot be opened will not open by waiting: the start ends at once."""
+    (tmp_path / "not-a-dir").write_text("a file where the store's directory should be")
+    worker = make_worker(
+        tmp_path,
+        dedup_url=f"sqlite:///{tmp_path}/not-a-dir/d.sqlite3",
+        http_port=0,
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+    )
+    with capture_logs() as logs, pytest.raises(DedupUnavailable):
+        await asyncio.wait_for(worker.run(), 20)
+    assert not [line for line in logs if line["event"] == "waiting_for_dependency"]
+
+
 async def test_a_start_waits_for_the_dedup_store_and_goes_on_when_it_answers(tmp_path: Path) -> None:
-    """The dedup store is tried again as the broker is; once it answers, the start goes on to
+    """A Redis dedup store is tried again as the broker is; once it answers, the start goes on to
     the next step (here the broker, which is not there either)."""
-    worker = make_worker(tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", http_port=0)
+    worker = make_worker(
+        tmp_path,
+        dedup_url=f"redis://127.0.0.1:{free_port()}/0",
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+        http_port=0,
+    )
     pings = 0
 
     async def away_twice() -> None:

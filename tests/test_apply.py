@@ -528,13 +528,15 @@ async def test_a_server_error_storm_longer_than_the_budget_pauses_instead_of_fai
 
 
 class _OneTicketFailing:
-    """A stand-in client: the API answers 503 for ticket ``T-X`` only, and works otherwise."""
+    """A stand-in client: the API answers 503 for ticket ``T-X`` only (after ``slow_s``), and
+    works otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, slow_s: float = 0.001) -> None:
         self.probed = 0
+        self.slow_s = slow_s
 
     async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(self.slow_s if ticket_id == "T-X" else 0.001)
         if ticket_id == "T-X":
             raise ApiTransientError("HTTP 503 (GOM.00009503)", http_status=503)
         return ApiResponse(200, UpdateTicketResponse(), 0.0)
@@ -561,11 +563,14 @@ async def test_one_ticket_the_api_fails_on_still_fails_while_others_are_answered
     assert client.probed == 0
 
 
-async def test_one_ticket_the_api_fails_on_alone_pauses_once_then_fails(rig: Rig) -> None:
+@pytest.mark.parametrize("slow_s", [0.001, 0.15], ids=["fast", "slower-than-the-threshold"])
+async def test_one_ticket_the_api_fails_on_alone_pauses_once_then_fails(rig: Rig, slow_s: float) -> None:
     """With nothing else in flight the worker cannot tell one failing ticket from an outage: it
     pauses, the probe is answered, the event gets one more try and then ends failed; it does
-    not keep the worker paused."""
-    client = _OneTicketFailing()
+    not keep the worker paused. Also when each failure takes longer than the threshold (a
+    timeout as long as it, the defaults): the try after the probe then tripped the gate again,
+    and the event never ended (review)."""
+    client = _OneTicketFailing(slow_s)
     caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 0.1)  # type: ignore[arg-type]
     result = await asyncio.wait_for(caller.apply("T-X", b"{}", event_id="ev-x", traceparent=TRACEPARENT), 10)
     assert (result.status, result.http_status) == ("failed", 503)
@@ -948,6 +953,25 @@ class _TimesOutThenLands:
 
     async def show_ticket(self, ticket_id: str) -> dict[str, Any]:
         return {"landed": self.landed}
+
+
+async def test_a_lost_answer_that_ends_the_budget_in_an_outage_is_read_only_once_it_may_have_landed(
+    rig: Rig,
+) -> None:
+    """A timed-out send whose budget ran out during an outage pauses the worker (``api_failing``);
+    the probe reopened the gate at once, the ticket was read before that send could land, and
+    the change was sent a second time (review). The next round waits for it as a backoff would."""
+
+    class Probed(_TimesOutThenLands):
+        async def probe_write(self, ticket_id: str) -> None:
+            return None
+
+    client = Probed(late_s=0.3)
+    caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 1e-6, settle_s=0.5, abandon_s=2.0)  # type: ignore[arg-type]
+    result = await asyncio.wait_for(rig.apply(caller, confirm=lambda detail: bool(detail["landed"])), 5)
+    assert (result.status, result.calls, result.reconciled) == ("applied", 1, True)
+    assert client.puts == 1
+    assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 1.0
 
 
 @pytest.mark.parametrize(

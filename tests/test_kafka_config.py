@@ -9,6 +9,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 from structlog.testing import capture_logs
 
+from worker import kafka_config
 from worker.consumer import Consumer
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.kafka_config import broker_answers, connection_kwargs
@@ -139,3 +140,46 @@ async def test_every_client_takes_the_largest_record_the_worker_may_meet(
     finally:
         await publisher.stop()
         await consumer.stop()
+
+
+class _RefusingAdmin:
+    """An admin client whose broker answers CreateTopics with ``code`` for every topic."""
+
+    code = 0
+
+    def __init__(self, **kwargs: object) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def list_topics(self) -> list[str]:
+        return []
+
+    async def create_topics(self, topics: list[object]) -> object:
+        class Response:
+            topic_errors = [(t.name, _RefusingAdmin.code, None) for t in topics]  # type: ignore[attr-defined]
+
+        return Response()
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "says"),
+    [
+        (38, ConfigError, "INVALID_REPLICATION_FACTOR"),
+        (29, ConfigError, "TOPIC_AUTHORIZATION_FAILED"),
+        (41, BrokerUnavailable, "Kafka error 41"),  # NOT_CONTROLLER: the broker is busy, try again
+    ],
+)
+async def test_a_topic_the_broker_refuses_to_create_is_a_configuration_error(
+    code: int, error: type[Exception], says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused for its settings or the ACLs, the start tried again for the whole startup wait as
+    if the broker were away (review): waiting will not change that answer."""
+    monkeypatch.setattr(kafka_config, "AIOKafkaAdminClient", _RefusingAdmin)
+    monkeypatch.setattr(_RefusingAdmin, "code", code)
+    with pytest.raises(error, match=says):
+        await kafka_config.ensure_topics(load_settings(topic_replication_factor=3))

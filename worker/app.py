@@ -1,6 +1,6 @@
 """The worker: wires the stages together and owns the lifecycle, top to bottom.
 
-start:    [ingress ->] HTTP server (/readyz 503 until joined) -> [topics ->] dedup store -> API client ->
+start:    HTTP server (/readyz 503 until joined) [-> ingress] [-> topics] -> dedup store -> API client ->
           producer -> consumer (joins the group); the broker and the dedup store are tried again
           while they do not answer, for up to ``startup_wait_s``
 run:      fetch -> decode -> submit to the ticket's lane (at most ``max_in_flight`` run at once, up
@@ -27,8 +27,8 @@ from worker.apply import ApiCaller
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
-from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable, DedupUnavailable, KafkaClientStopped
+from worker.dedup import DedupStore, RedisStore, open_store
+from worker.errors import BrokerUnavailable, ConfigError, DedupUnavailable, KafkaClientStopped
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -51,6 +51,7 @@ _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
 _TOPICS_CREATE_S = 5.0  # making lost topics again from the health check, at most
 _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
 _STARTUP_RETRY_MAX_S = 15.0  # the longest wait between a start's tries of the broker or dedup store
+_STARTUP_LAST_TRY_S = 5.0  # a try of the broker or dedup store gets at least this long
 
 
 class Worker:
@@ -209,14 +210,19 @@ class Worker:
             bootstrap_servers=s.kafka_bootstrap_servers,  # credentials are refused there
             api=s.api_base_url,  # an endpoint with credentials is refused too
         )
+        # First, so that /healthz answers while the steps below wait (the ingress's routes say
+        # 503 until its producer has started).
+        await self._http.start()
         if self._ingress is not None:
             await self._once_reachable("broker", self._ingress.start)
-        await self._http.start()
         if s.create_topics:
             created = await self._once_reachable("broker", lambda: ensure_topics(s))
             if created:
                 log.info("topics_created", topics=created)
-        await self._once_reachable("dedup_store", self._store.ping)
+        if isinstance(self._store, RedisStore):
+            await self._once_reachable("dedup_store", self._store.ping)
+        else:  # a local file or memory: waiting would not make it work
+            await self._store.ping()
         await self._client.start()
         await self._once_reachable("broker", self._publisher.start)
         await self._once_reachable("broker", self._consumer.start)
@@ -236,11 +242,20 @@ class Worker:
         back-off: it came back up to 5 minutes after the broker did. Meanwhile ``/healthz``
         answers and ``/readyz`` says what it waits for."""
         loop = asyncio.get_running_loop()
-        deadline = self._start_began + self.settings.startup_wait_s
+        wait_s = self.settings.startup_wait_s
+        deadline = self._start_began + wait_s
         attempt = 0
         while True:
+            # Each try bounded by what is left of the wait: a broker that takes connections and
+            # never answers holds one try 40 s per bootstrap server.
+            bound = asyncio.timeout(max(deadline - loop.time(), _STARTUP_LAST_TRY_S) if wait_s else None)
             try:
-                result = await step()
+                async with bound:
+                    result = await step()
+            except TimeoutError:
+                if not bound.expired():
+                    raise
+                raise self._not_reached(what) from None
             except (BrokerUnavailable, DedupUnavailable) as exc:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -262,6 +277,17 @@ class Worker:
                 log.info("dependency_reached", dependency=what, attempts=attempt + 1)
             self._waiting_for = None
             return result
+
+    def _not_reached(self, what: str) -> BrokerUnavailable | DedupUnavailable:
+        """The error a start ends with when a try of ``what`` outlasted the startup wait."""
+        s = self.settings
+        waited = f"no answer within {env_var('startup_wait_s')}={s.startup_wait_s:g} s"
+        if what == "broker":
+            return BrokerUnavailable(
+                f"the broker: {waited} ({env_var('kafka_bootstrap_servers')}={s.kafka_bootstrap_servers})"
+            )
+        where = without_password(s.dedup_url.split("?", 1)[0])
+        return DedupUnavailable(f"the dedup store: {waited} ({env_var('dedup_url')}={where})")
 
     async def _consume(self) -> None:
         resume_at = self._resume_at
@@ -501,7 +527,7 @@ class Worker:
         as at start: the worker stayed not ready until someone restarted it."""
         try:
             created = await asyncio.wait_for(ensure_topics(self.settings), _TOPICS_CREATE_S)
-        except (BrokerUnavailable, TimeoutError) as exc:
+        except (BrokerUnavailable, ConfigError, TimeoutError) as exc:
             log.warning("topics_not_created", detail=str(exc) or type(exc).__name__)
             return
         if created:

@@ -332,6 +332,7 @@ class ApiCaller:
         forbidden = 0  # 403s met by this event
         active_s = 0.0  # time spent trying, time paused at the gate excluded
         error: ApiTransientError | None = None
+        paused_failing = False  # this event has paused the worker as api_failing once
         #: A lost answer was followed by a read of the ticket that did not show the change: the
         #: API may not show it at all (its sub-tickets have no state), so a refusal of the send
         #: that follows may be of a change already made.
@@ -437,13 +438,20 @@ class ApiCaller:
                         spent -= 1
                     self._trip_unreachable(error.detail, ticket_id)
                     continue
-                if self._reachability.failing():
+                if not paused_failing and self._reachability.failing():
                     # Not this event's fault: the API has answered nothing properly for a while.
-                    # After the pause it gets one more try; the probe's answer then counts as a
-                    # working one, so an event the API fails on alone ends failed after it.
+                    # After the pause it gets one more try, and no second pause: a ticket the API
+                    # fails on alone, slowly (a timeout as long as the threshold), tripped the
+                    # gate again after each try and never ended.
+                    paused_failing = True
                     if sent:
                         spent -= 1
                     self._trip_failing(error)
+                    # A send whose answer was lost may still land: as a backoff would, wait before
+                    # the ticket is read or the change sent again (the probe reopens in a moment).
+                    settle_s = unsettled.until - time.monotonic()
+                    if settle_s > 0:
+                        await asyncio.sleep(settle_s)
                     continue
                 return _failed(calls, active_s, error, applied_maybe=ambiguous)
             # The first retry of an event at info, the later ones at debug (coc_worker_api_retries

@@ -212,6 +212,8 @@ class Ingress:
 
     async def _guarded(self, request: web.Request, handle: _Handler) -> web.Response:
         """Auth, then the size limit, then strict JSON; ``handle(document)`` does the rest."""
+        if not self._started:  # the worker's HTTP server is up before its ingress (Worker._start)
+            return _error(503, "not_started", "the ingress is not started (waiting for the broker); retry")
         if self._auth:
             try:
                 tokens = self._tokens()

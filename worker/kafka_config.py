@@ -22,6 +22,17 @@ log = get_logger(__name__)
 
 #: Kafka's error code for "topic already exists".
 _TOPIC_EXISTS = 36
+#: CreateTopics answers that say the request itself is wrong (settings, ACLs), not that the broker
+#: is busy: a start stops at once on them instead of trying again for COC_WORKER_STARTUP_WAIT_S.
+_REFUSED_TOPIC_CODES = {
+    29: "TOPIC_AUTHORIZATION_FAILED",
+    31: "CLUSTER_AUTHORIZATION_FAILED",
+    37: "INVALID_PARTITIONS",
+    38: "INVALID_REPLICATION_FACTOR",
+    39: "INVALID_REPLICA_ASSIGNMENT",
+    40: "INVALID_CONFIG",
+    44: "POLICY_VIOLATION",
+}
 
 
 T = TypeVar("T")
@@ -124,10 +135,18 @@ async def ensure_topics(settings: WorkerSettings, topics: list[str] | None = Non
                 [NewTopic(n, settings.topic_partitions, settings.topic_replication_factor) for n in wanted]
             )
             for topic, code, *_ in getattr(response, "topic_errors", []):
+                if code in _REFUSED_TOPIC_CODES:  # waiting will not change the answer
+                    raise ConfigError(
+                        f"cannot create topic {topic}: {_REFUSED_TOPIC_CODES[code]} (Kafka error {code});"
+                        " check COC_WORKER_TOPIC_PARTITIONS, _TOPIC_REPLICATION_FACTOR and the ACLs, or"
+                        " create the topics yourself"
+                    )
                 if code not in (0, _TOPIC_EXISTS):
                     raise BrokerUnavailable(f"cannot create topic {topic}: Kafka error {code}")
         return wanted
     except KafkaError as exc:
-        raise BrokerUnavailable(f"cannot create topics: {type(exc).__name__}") from exc
+        raise BrokerUnavailable(
+            cannot_connect("admin client", settings.kafka_bootstrap_servers, exc)
+        ) from exc
     finally:
         await admin.close()

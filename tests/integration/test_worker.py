@@ -565,6 +565,7 @@ async def test_a_worker_started_before_its_broker_waits_for_it_and_then_works(
         create_topics=True,
         topic_partitions=1,
         startup_wait_s=60,
+        ingest_enabled=True,  # its producer waits too, with /healthz served meanwhile
     )
     worker = Worker(settings)
     task = asyncio.create_task(worker.run())
@@ -577,6 +578,9 @@ async def test_a_worker_started_before_its_broker_waits_for_it_and_then_works(
             async with http.get(f"{base}/readyz") as ready:
                 assert ready.status == 503
                 assert (await ready.json())["waiting_for"] == "broker"
+            async with http.post(f"{base}/v1/events", json=event("change.started", "CM1", "s-1")) as early:
+                assert early.status == 503
+                assert (await early.json())["error"] == "not_started"
         assert not task.done()
         with TansuBroker(port=port, log_path=tmp_path / "tansu.log") as late:
             await until(lambda: worker.started.is_set() or task.done(), 30, 0.02, what="the start")

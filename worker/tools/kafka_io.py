@@ -103,6 +103,9 @@ class EventProducer(_Client[AIOKafkaProducer]):
         except KafkaError as exc:
             await producer.stop()
             raise BrokerUnavailable(f"cannot connect to the broker: {kafka_error_text(exc)}") from exc
+        except BaseException:  # cancelled (a stop, a bounded try at start): no client left behind
+            await producer.stop()
+            raise
         self._client = producer
 
     async def ping(self, timeout_s: float = 3.0) -> None:
