@@ -40,7 +40,7 @@ from worker.simulator.tickets import ILLEGAL_TRANSITION, SubTicket, Ticket, appl
 
 AK = "AK-APPLY-TEST-01"
 SK = "sk-apply-test-secret-0001"
-SEED: dict[str, Any] = {"tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1", "s-2"]}]}
+SEED: dict[str, Any] = {"tickets": [{"ticket_id": "CM1", "sub_tickets": ["s-1", "s-2", "s-3"]}]}
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 FAST = RetryPolicy(
     max_attempts=5, max_elapsed_s=10.0, base_delay_s=0.002, max_delay_s=0.01, retry_after_max_s=1.0
@@ -503,7 +503,9 @@ async def test_a_server_error_storm_longer_than_the_budget_pauses_instead_of_fai
     while the API still fails, and the event is applied once it works."""
     state = rig.sim.state
     state.set_faults(error_ratio=1.0, error_statuses=[503])
-    task = asyncio.create_task(rig.apply(rig.caller(SHORT_BUDGET, unreachable_threshold_s=0.1)))
+    caller = rig.caller(SHORT_BUDGET, unreachable_threshold_s=0.1)
+    events = [started(sub, f"ev-{sub}") for sub in ("s-1", "s-2", "s-3")]  # OUTAGE_MIN_EVENTS
+    task = asyncio.ensure_future(asyncio.gather(*(rig.apply(caller, event) for event in events)))
     try:
         with capture_logs() as logs:
             await until(lambda: rig.gate.causes == ["api_failing"])
@@ -518,13 +520,27 @@ async def test_a_server_error_storm_longer_than_the_budget_pauses_instead_of_fai
         )
         assert not task.done()  # the probe is refused too: still paused, not failed
         state.set_faults(error_ratio=0.0)
-        result = await asyncio.wait_for(task, 5)
+        results = await asyncio.wait_for(task, 5)
     finally:
         task.cancel()
-    assert (result.status, result.http_status) == ("applied", 200)
-    assert len(state.applied_for("ev-start")) == 1
+    assert [(r.status, r.http_status) for r in results] == [("applied", 200)] * 3
+    assert all(len(state.applied_for(event.event_id)) == 1 for event in events)
     assert rig.gate.is_open
     assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 1.0
+
+
+async def test_the_last_events_of_a_run_failing_alone_do_not_pause(rig: Rig) -> None:
+    """Fewer than ``OUTAGE_MIN_EVENTS`` events failing with nothing else in flight (the tail of a
+    run, an idle worker) are not taken for an outage: they end failed after their budget, each
+    with no more attempts than the cap, as before."""
+    rig.sim.state.set_faults(error_ratio=1.0, error_statuses=[503])
+    policy = RetryPolicy(max_attempts=4, max_elapsed_s=10.0, base_delay_s=0.05, max_delay_s=0.06)
+    caller = rig.caller(policy, unreachable_threshold_s=0.01)
+    events = [started(sub, f"ev-{sub}") for sub in ("s-1", "s-2")]
+    # (taken for an outage, they waited for ever: the API answers nothing but 503 here)
+    results = await asyncio.wait_for(asyncio.gather(*(rig.apply(caller, event) for event in events)), 10)
+    assert [(r.status, r.calls) for r in results] == [("failed", 4)] * 2
+    assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 0.0
 
 
 class _OneTicketFailing:
@@ -565,15 +581,20 @@ async def test_one_ticket_the_api_fails_on_still_fails_while_others_are_answered
 
 @pytest.mark.parametrize("slow_s", [0.001, 0.15], ids=["fast", "slower-than-the-threshold"])
 async def test_one_ticket_the_api_fails_on_alone_pauses_once_then_fails(rig: Rig, slow_s: float) -> None:
-    """With nothing else in flight the worker cannot tell one failing ticket from an outage: it
-    pauses, the probe is answered, the event gets one more try and then ends failed; it does
-    not keep the worker paused. Also when each failure takes longer than the threshold (a
-    timeout as long as it, the defaults): the try after the probe then tripped the gate again,
-    and the event never ended (review)."""
+    """With nothing else in flight the worker cannot tell a ticket whose events fail (three of
+    them here) from an outage: it pauses, the probe is answered, each event gets one more try
+    and then ends failed; they do not keep the worker paused. Also when each failure takes longer
+    than the threshold (a timeout as long as it, the defaults): the try after the probe then
+    tripped the gate again, and the events never ended (review)."""
     client = _OneTicketFailing(slow_s)
     caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 0.1)  # type: ignore[arg-type]
-    result = await asyncio.wait_for(caller.apply("T-X", b"{}", event_id="ev-x", traceparent=TRACEPARENT), 10)
-    assert (result.status, result.http_status) == ("failed", 503)
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(caller.apply("T-X", b"{}", event_id=f"ev-x{n}", traceparent=TRACEPARENT) for n in range(3))
+        ),
+        10,
+    )
+    assert [(r.status, r.http_status) for r in results] == [("failed", 503)] * 3
     assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 1.0
     assert client.probed == 1
     assert rig.gate.is_open
@@ -962,15 +983,44 @@ async def test_a_lost_answer_that_ends_the_budget_in_an_outage_is_read_only_once
     the probe reopened the gate at once, the ticket was read before that send could land, and
     the change was sent a second time (review). The next round waits for it as a backoff would."""
 
-    class Probed(_TimesOutThenLands):
+    class EachTimesOutThenLands:
+        """Per ticket, ``_TimesOutThenLands``: three tickets (``OUTAGE_MIN_EVENTS``), the last one's
+        answer lost after the other two's, so that its budget's end finds three events failing."""
+
+        def __init__(self) -> None:
+            self.each = {t: _TimesOutThenLands(late_s=0.3) for t in ("T-1", "T-2", "T-3")}
+            self.after_s = {"T-1": 0.01, "T-2": 0.01, "T-3": 0.1}
+
+        async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
+            await asyncio.sleep(self.after_s[ticket_id])
+            return await self.each[ticket_id].update_ticket(ticket_id, body)
+
+        async def show_ticket(self, ticket_id: str) -> dict[str, Any]:
+            return await self.each[ticket_id].show_ticket(ticket_id)
+
         async def probe_write(self, ticket_id: str) -> None:
             return None
 
-    client = Probed(late_s=0.3)
+    client = EachTimesOutThenLands()
     caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 1e-6, settle_s=0.5, abandon_s=2.0)  # type: ignore[arg-type]
-    result = await asyncio.wait_for(rig.apply(caller, confirm=lambda detail: bool(detail["landed"])), 5)
-    assert (result.status, result.calls, result.reconciled) == ("applied", 1, True)
-    assert client.puts == 1
+
+    async def apply(ticket_id: str) -> ApplyResult:
+        return await caller.apply(
+            ticket_id,
+            b"{}",
+            event_id=f"ev-{ticket_id}",
+            traceparent=TRACEPARENT,
+            confirm=lambda detail: bool(detail["landed"]),
+        )
+
+    results = await asyncio.wait_for(asyncio.gather(*(apply(t) for t in client.each)), 5)
+    # The first two ran out of budget before a third event had failed: failed, as before.
+    assert [(r.status, r.calls, r.reconciled) for r in results] == [
+        ("failed", 1, False),
+        ("failed", 1, False),
+        ("applied", 1, True),
+    ]
+    assert client.each["T-3"].puts == 1
     assert rig.sample("coc_worker_pauses_total", kind="api_failing") == 1.0
 
 

@@ -48,16 +48,23 @@ class ApplyResult:
     maybe_applied: bool = False
 
 
+#: Events whose calls must have failed (server errors, 429s, timeouts) since the API's last working
+#: answer before one that runs out of budget pauses the worker: an outage, not the last few events
+#: of a run failing alone (the soak's tail: an idle worker cannot tell that from an outage).
+OUTAGE_MIN_EVENTS = 3
+
+
 class Reachability:
     """Tracks how long every API call has failed to connect (any HTTP answer resets it), and when
     the API last gave a working answer (a success or a refusal: not a server error, a 429 or a
-    timeout)."""
+    timeout) and how many events' calls have failed since."""
 
     def __init__(self, threshold_s: float) -> None:
         self.threshold_s = threshold_s
         self._failing_since: float | None = None
         #: Counted from the start: a worker started into an outage has had no working answer.
         self._answered_at = time.monotonic()
+        self._failed_events: set[str] = set()  # since the last working answer, up to the minimum
 
     def reached(self) -> None:
         self._failing_since = None
@@ -66,10 +73,21 @@ class Reachability:
         """A working answer (it reached the API too)."""
         self._failing_since = None
         self._answered_at = time.monotonic()
+        self._failed_events.clear()
+
+    def failed(self, event_id: str) -> None:
+        """A call of ``event_id`` answered with a server error, a 429 or not in time."""
+        self._failing_since = None
+        if len(self._failed_events) < OUTAGE_MIN_EVENTS:
+            self._failed_events.add(event_id)
 
     def failing(self) -> bool:
-        """Whether no call has had a working answer for the threshold."""
-        return time.monotonic() - self._answered_at >= self.threshold_s
+        """Whether no call has had a working answer for the threshold, while the calls of several
+        events failed."""
+        return (
+            len(self._failed_events) >= OUTAGE_MIN_EVENTS
+            and time.monotonic() - self._answered_at >= self.threshold_s
+        )
 
     def connect_failed(self) -> bool:
         """Record a connect failure; ``True`` once failures have lasted past the threshold."""
@@ -155,6 +173,8 @@ class ApiCaller:
         self._gate.trip(exc, probe)
 
     def _trip_failing(self, error: ApiTransientError) -> None:
+        """Pause on ``api_failing`` (see ``Reachability.failing``)."""
+
         async def probe() -> None:
             # A change to a ticket no event names changes nothing; any answer but a server error,
             # a 429 or a timeout says the API works again (a refusal of the credentials too: the
@@ -166,8 +186,9 @@ class ApiCaller:
         self._gate.trip(
             ApiFailing(
                 f"{error.detail}: no API call has had a working answer for"
-                f" {self._reachability.threshold_s:g} s or more, and an event's retry budget ran out"
-                " (COC_WORKER_API_UNREACHABLE_THRESHOLD_S)"
+                f" {self._reachability.threshold_s:g} s or more (COC_WORKER_API_UNREACHABLE_THRESHOLD_S),"
+                f" the calls of {OUTAGE_MIN_EVENTS} events or more failed, and an event's retry budget"
+                " ran out"
             ),
             probe,
         )
@@ -411,7 +432,7 @@ class ApiCaller:
                         self._trip_unreachable(exc.detail, ticket_id)
                         continue
                 else:
-                    self._reachability.reached()
+                    self._reachability.failed(event_id)
                 # Without its traceback: kept past this block, it would hold this frame (and, below
                 # it, the client's with their request bodies) in a cycle only the collector frees.
                 error = exc.with_traceback(None)
