@@ -352,12 +352,12 @@ class Rig:
             await asyncio.sleep(0.05)
 
     def pauses(self) -> Counter[str]:
-        """Why the workers paused (``worker_paused`` log lines): ``cause: detail`` -> count."""
+        """Why the workers paused (``worker_paused`` log lines): ``cause: detail`` -> count. The
+        detail whole: cut at its first colon, an address in it (``http://host:port``) was cut too."""
         found: Counter[str] = Counter()
         for w in self.workers:
             for line in w.events("worker_paused"):
-                detail = str(line.get("detail", "")).split(":", 1)[-1].strip()
-                found[f"{line.get('cause')}: {detail}"] += 1
+                found[f"{line.get('cause')}: {line.get('detail', '')}"] += 1
         return found
 
     # --- input / progress ---------------------------------------------------------------------------
