@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +63,9 @@ class TcpProxy:
         self.upstream = (upstream_host, upstream_port)
         self.host = "127.0.0.1"
         self.port = listen_port or free_port()
+        #: A port picked here may be taken by the time it is listened on (an ephemeral port of
+        #: another connection): until the first listen, nobody has been told it, and it may move.
+        self._port_movable = listen_port is None
         self.stats = ProxyStats()
         self._pipes: set[_Pipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -127,9 +131,19 @@ class TcpProxy:
     async def _listen(self) -> None:
         if self._listener is not None:
             return
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
+        for tries_left in range(4, -1, -1):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                listener.bind((self.host, self.port))
+            except OSError as exc:
+                listener.close()  # not left to the collector (a ResourceWarning in a later test)
+                if exc.errno != errno.EADDRINUSE or not self._port_movable or not tries_left:
+                    raise
+                self.port = free_port()
+                continue
+            break
+        self._port_movable = False
         listener.listen(128)
         listener.setblocking(False)
         self._listener = listener
