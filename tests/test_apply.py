@@ -989,11 +989,19 @@ async def test_a_lost_answer_that_ends_the_budget_in_an_outage_is_read_only_once
 
         def __init__(self) -> None:
             self.each = {t: _TimesOutThenLands(late_s=0.3) for t in ("T-1", "T-2", "T-3")}
-            self.after_s = {"T-1": 0.01, "T-2": 0.01, "T-3": 0.1}
+            self.lost = 0  # answers of T-1 and T-2 lost so far
+            self.others_lost = asyncio.Event()
 
         async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
-            await asyncio.sleep(self.after_s[ticket_id])
-            return await self.each[ticket_id].update_ticket(ticket_id, body)
+            if ticket_id == "T-3":
+                await self.others_lost.wait()
+            try:
+                return await self.each[ticket_id].update_ticket(ticket_id, body)
+            finally:
+                if ticket_id != "T-3":
+                    self.lost += 1
+                    if self.lost == 2:  # T-3 goes on once T-2's caller has taken in its failure
+                        self.others_lost.set()
 
         async def show_ticket(self, ticket_id: str) -> dict[str, Any]:
             return await self.each[ticket_id].show_ticket(ticket_id)

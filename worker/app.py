@@ -40,7 +40,7 @@ from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
 from worker.retry import RetryPolicy, backoff_delay, half_to_full
-from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, env_var, without_password
+from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, env_var
 from worker.tracing import from_headers
 
 log = get_logger(__name__)
@@ -206,7 +206,7 @@ class Worker:
             group_id=s.group_id,
             max_in_flight=s.max_in_flight,
             max_buffered=self._buffer_limit,
-            dedup=without_password(s.dedup_url.split("?", 1)[0]),  # options left out
+            dedup=s.dedup_url_shown,
             bootstrap_servers=s.kafka_bootstrap_servers,  # credentials are refused there
             api=s.api_base_url,  # an endpoint with credentials is refused too
         )
@@ -286,8 +286,7 @@ class Worker:
             return BrokerUnavailable(
                 f"the broker: {waited} ({env_var('kafka_bootstrap_servers')}={s.kafka_bootstrap_servers})"
             )
-        where = without_password(s.dedup_url.split("?", 1)[0])
-        return DedupUnavailable(f"the dedup store: {waited} ({env_var('dedup_url')}={where})")
+        return DedupUnavailable(f"the dedup store: {waited} ({env_var('dedup_url')}={s.dedup_url_shown})")
 
     async def _consume(self) -> None:
         resume_at = self._resume_at

@@ -71,13 +71,13 @@ class Reachability:
 
     def answered(self) -> None:
         """A working answer (it reached the API too)."""
-        self._failing_since = None
+        self.reached()
         self._answered_at = time.monotonic()
         self._failed_events.clear()
 
     def failed(self, event_id: str) -> None:
         """A call of ``event_id`` answered with a server error, a 429 or not in time."""
-        self._failing_since = None
+        self.reached()
         if len(self._failed_events) < OUTAGE_MIN_EVENTS:
             self._failed_events.add(event_id)
 

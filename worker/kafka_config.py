@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from aiokafka import errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
@@ -20,19 +21,19 @@ from worker.settings import WorkerSettings, env_var
 
 log = get_logger(__name__)
 
-#: Kafka's error code for "topic already exists".
-_TOPIC_EXISTS = 36
 #: CreateTopics answers that say the request itself is wrong (settings, ACLs), not that the broker
 #: is busy: a start stops at once on them instead of trying again for COC_WORKER_STARTUP_WAIT_S.
-_REFUSED_TOPIC_CODES = {
-    29: "TOPIC_AUTHORIZATION_FAILED",
-    31: "CLUSTER_AUTHORIZATION_FAILED",
-    37: "INVALID_PARTITIONS",
-    38: "INVALID_REPLICATION_FACTOR",
-    39: "INVALID_REPLICA_ASSIGNMENT",
-    40: "INVALID_CONFIG",
-    44: "POLICY_VIOLATION",
-}
+_REFUSED_TOPIC_ERRORS: frozenset[type[KafkaError]] = frozenset(
+    {
+        errors.TopicAuthorizationFailedError,
+        errors.ClusterAuthorizationFailedError,
+        errors.InvalidPartitionsError,
+        errors.InvalidReplicationFactorError,
+        errors.InvalidReplicationAssignmentError,
+        errors.InvalidConfigurationError,
+        errors.PolicyViolationError,
+    }
+)
 
 
 T = TypeVar("T")
@@ -135,14 +136,16 @@ async def ensure_topics(settings: WorkerSettings, topics: list[str] | None = Non
                 [NewTopic(n, settings.topic_partitions, settings.topic_replication_factor) for n in wanted]
             )
             for topic, code, *_ in getattr(response, "topic_errors", []):
-                if code in _REFUSED_TOPIC_CODES:  # waiting will not change the answer
+                if code in (0, errors.TopicAlreadyExistsError.errno):
+                    continue
+                error = errors.for_code(code)
+                refused = f"cannot create topic {topic}: {error.message} (Kafka error {code})"
+                if error in _REFUSED_TOPIC_ERRORS:  # waiting will not change the answer
                     raise ConfigError(
-                        f"cannot create topic {topic}: {_REFUSED_TOPIC_CODES[code]} (Kafka error {code});"
-                        " check COC_WORKER_TOPIC_PARTITIONS, _TOPIC_REPLICATION_FACTOR and the ACLs, or"
-                        " create the topics yourself"
+                        f"{refused}; check COC_WORKER_TOPIC_PARTITIONS, _TOPIC_REPLICATION_FACTOR and"
+                        " the ACLs, or create the topics yourself"
                     )
-                if code not in (0, _TOPIC_EXISTS):
-                    raise BrokerUnavailable(f"cannot create topic {topic}: Kafka error {code}")
+                raise BrokerUnavailable(refused)
         return wanted
     except KafkaError as exc:
         raise BrokerUnavailable(

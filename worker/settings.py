@@ -490,6 +490,11 @@ class WorkerSettings(BaseSettings):
             yield name, value
 
     @property
+    def dedup_url_shown(self) -> str:
+        """The dedup store's URL for logs and errors: no password, no options."""
+        return without_password(self.dedup_url.split("?", 1)[0])
+
+    @property
     def ingest_auth_configured(self) -> bool:
         """Whether the ingress asks for tokens: once either variable is given, even empty (an
         empty one counts as not set for its value, but must not open the ingress to anyone:

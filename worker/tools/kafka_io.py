@@ -100,11 +100,10 @@ class EventProducer(_Client[AIOKafkaProducer]):
         producer = AIOKafkaProducer(**producer_kwargs(s), request_timeout_ms=self._request_timeout_ms)
         try:
             await producer.start()
-        except KafkaError as exc:
+        except BaseException as exc:  # cancelled too (a stop, a bounded try at start): none left behind
             await producer.stop()
-            raise BrokerUnavailable(f"cannot connect to the broker: {kafka_error_text(exc)}") from exc
-        except BaseException:  # cancelled (a stop, a bounded try at start): no client left behind
-            await producer.stop()
+            if isinstance(exc, KafkaError):
+                raise BrokerUnavailable(f"cannot connect to the broker: {kafka_error_text(exc)}") from exc
             raise
         self._client = producer
 
