@@ -21,7 +21,7 @@ import worker.consumer as consumer_module
 from worker.app import Worker
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
-from worker.errors import BrokerUnavailable, DedupUnavailable, KafkaClientStopped
+from worker.errors import ApiUnreachable, BrokerUnavailable, DedupUnavailable, KafkaClientStopped
 from worker.pipeline import Job
 from worker.sandbox import free_port
 from worker.settings import WorkerSettings
@@ -899,6 +899,54 @@ async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path)
             assert commits == [{key: 7}]  # up to the job, not past it: the next owner reads it again
         finally:
             pipeline.release.set()
+
+
+async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wait_out_the_grace(
+    tmp_path: Path,
+) -> None:
+    """A worker paused on an outage (here the API unreachable) has jobs that cannot finish before
+    it ends: a stop (a rolling update, a drained node) waited out the whole grace (25 s by
+    default). Now the stop waits for the jobs still at work only; once every running job waits at
+    the gate, they are cancelled, what finished is committed, and the rest is read again by the
+    next owner."""
+    worker = make_worker(tmp_path, shutdown_grace_s=60.0)
+    key = (worker.settings.input_topic, 0)
+    member = Polled({TopicPartition(*key)})
+    at_work = asyncio.Event()  # set: the job at offset 8 finishes
+    started: list[int] = []
+
+    async def process(job: Job) -> None:
+        started.append(job.message.offset)
+        if job.message.offset == 8:
+            await at_work.wait()
+        else:
+            await worker._gate.wait_open()
+
+    async def still_down() -> None:
+        raise ApiUnreachable("still down")
+
+    worker._pipeline = SimpleNamespace(process=process)  # type: ignore[assignment]
+    async with member_in_place(worker, member) as commits:
+        try:
+            await worker.on_assigned({key})
+            worker._gate.trip(ApiUnreachable("connect refused"), still_down)
+            for offset in (7, 8):  # keyless: in lanes of their own
+                worker._dispatch(Message(key[0], 0, offset, None, b"{}", [], 0))
+            await until(lambda: sorted(started) == [7, 8])
+            worker.stop()
+            with capture_logs() as logs:
+                stopping = asyncio.ensure_future(worker._shutdown())
+                await until(lambda: member.polls >= 1)  # draining: the job at 8 is still at work
+                assert not stopping.done()
+                at_work.set()
+                await asyncio.wait_for(stopping, 10)  # not the 60 s grace
+            assert commits == [{key: 7}]  # 8 finished, 7 did not: read again by the next owner
+            assert [e["paused_by"] for e in logs if e["event"] == "shutdown_while_paused"] == [
+                ["api_unreachable"]
+            ]
+            assert not any(e["event"] == "shutdown_grace_exceeded" for e in logs)
+        finally:
+            at_work.set()
 
 
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from worker.logs import REDACTED, bind_message_context, configure, get_logger, r
 from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
 from worker.publisher import DeadLetter
+from worker.ratelimit import AdaptiveConcurrency
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
@@ -100,6 +101,8 @@ class Rig:
     sim: SimulatorServer
     pipeline: Pipeline
     published: Recorder
+    store: MemoryStore
+    settings: WorkerSettings
 
 
 def job(raw: dict[str, Any], offset: int = 7) -> Job:
@@ -109,7 +112,11 @@ def job(raw: dict[str, Any], offset: int = 7) -> Job:
 
 
 @contextlib.asynccontextmanager
-async def make_rig(policy: RetryPolicy, settle_s: float = 0.0) -> AsyncIterator[Rig]:
+async def make_rig(
+    policy: RetryPolicy, settle_s: float = 0.0, concurrency: int = 1 << 30, abandon_s: float = 0.0
+) -> AsyncIterator[Rig]:
+    """``concurrency``: the API requests the caller lets out at once; ``abandon_s``: how long a
+    request of a cancelled job may still land."""
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     async with SimulatorServer(SimulatorConfig(port=0, credentials={AK: SK}, seed=SEED)) as sim:
@@ -117,12 +124,34 @@ async def make_rig(policy: RetryPolicy, settle_s: float = 0.0) -> AsyncIterator[
         client = CocApiClient(settings, metrics)
         await client.start()
         published = Recorder()
-        caller = ApiCaller(client, policy, gate, metrics, 60.0, settle_s=settle_s)
+        limit = AdaptiveConcurrency(concurrency, metrics)
+        caller = ApiCaller(
+            client, policy, gate, metrics, 60.0, concurrency=limit, settle_s=settle_s, abandon_s=abandon_s
+        )
+        store = MemoryStore()
         try:
-            yield Rig(sim, Pipeline(settings, MemoryStore(), caller, published, gate, metrics), published)
+            yield Rig(
+                sim, Pipeline(settings, store, caller, published, gate, metrics), published, store, settings
+            )
         finally:
             await client.close()
             await gate.close()
+
+
+@contextlib.asynccontextmanager
+async def another_worker(rig: Rig, policy: RetryPolicy) -> AsyncIterator[Pipeline]:
+    """Another worker's pipeline (another claimant) on the rig's simulator and dedup store."""
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    settings = rig.settings.model_copy(update={"worker_id": "w2"})
+    client = CocApiClient(settings, metrics)
+    await client.start()
+    caller = ApiCaller(client, policy, gate, metrics, 60.0)
+    try:
+        yield Pipeline(settings, rig.store, caller, rig.published, gate, metrics)
+    finally:
+        await client.close()
+        await gate.close()
 
 
 @pytest.fixture
@@ -159,6 +188,56 @@ async def test_a_job_cancelled_after_sending_is_checked_before_its_owner_sends_a
         assert [r.method for r in state.requests] == ["PUT", "GET"]
         assert [(o["status"], o["attempts"]) for o in rig.published.outcomes] == [("applied", 0)]
         assert rig.published.letters == []
+
+
+async def test_a_job_cancelled_before_it_sent_anything_gives_its_claim_back() -> None:
+    """A stop or a revoke past its grace cancels a job that holds its claim and has sent nothing
+    yet (here it waits for a free API slot). The claim is deleted: another worker's copy of the
+    message starts afresh at once, instead of waiting out the lease (30 s) and reading the ticket."""
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
+    async with make_rig(policy, concurrency=1) as rig:
+        limit = rig.pipeline._caller._concurrency
+        await limit.acquire()  # the only slot, taken
+        first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
+        await until(lambda: rig.store._get("ev-1") is not None, what="the claim")
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        limit.release()
+
+        assert rig.store._get("ev-1") is None
+        async with another_worker(rig, policy) as other:
+            await asyncio.wait_for(other.process(job(STARTED)), 10)  # not the 30 s lease
+
+        assert [r.method for r in rig.sim.state.requests] == ["PUT"]  # no read of the ticket first
+        assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", None)]
+
+
+async def test_a_job_cancelled_after_its_answer_was_lost_hands_its_claim_on_once_the_request_has_landed() -> (
+    None
+):
+    """The cancelled job's change reached the API and its answer was lost (or had not come yet):
+    the request may still land for a while (1 s here, whether the job was cancelled in the send
+    or in its settle wait after it). Its claim is not deleted: it expires once that time is out,
+    not after the lease (30 s). Another worker then takes it over, reads the ticket first and
+    finds the change in place: one PUT in all, the outcome ``applied`` (reconciled)."""
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
+    async with make_rig(policy, settle_s=1.0, abandon_s=1.0) as rig:
+        state = rig.sim.state
+        state.set_faults(drop_after_apply_ratio=1.0)
+        first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
+        await until(lambda: bool(state.applied_log))
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        state.set_faults(drop_after_apply_ratio=0.0)
+
+        taken = await rig.store.claim("ev-1", "w3/probe", "in/0/7", 30.0)
+        assert taken.kind is ClaimKind.HELD  # the request may still land
+        async with another_worker(rig, policy) as other:
+            await asyncio.wait_for(other.process(job(STARTED)), 10)  # not the 30 s lease
+
+        assert [r.method for r in state.requests] == ["PUT", "GET"]
+        assert len(state.applied_for("ev-1")) == 1
+        assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
 
 
 async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None:
@@ -454,6 +533,9 @@ class _Answers:
     def __init__(self, status: str) -> None:
         self.status = status
         self.calls = 0
+
+    def landing_until(self, event_id: str) -> float:
+        return 0.0
 
     async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
         self.calls += 1

@@ -539,7 +539,6 @@ class Worker:
         with contextlib.suppress(Exception):
             self._consumer.pause()
         if not await self._drain(s.shutdown_grace_s):
-            log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
             await self._lanes.close(timeout_s=5.0)
         await cancel_and_wait(self._tasks)
         # With the broker gone, aiokafka would retry each of these for ever: bound them, so that a
@@ -560,12 +559,21 @@ class Worker:
     async def _drain(self, grace_s: float) -> bool:
         """Wait up to ``grace_s`` for the jobs in hand, polling meanwhile as a paused worker does:
         aiokafka leaves the group of a member that has not polled for ``kafka_max_poll_interval_ms``
-        (10 s at least; the grace is 25 s by default), and the final commit would then be refused."""
+        (10 s at least; the grace is 25 s by default), and the final commit would then be refused.
+
+        Not while the worker is paused and every running job waits at the gate: none of them can
+        finish before the outage ends, and a stop during one (a rolling update, a node drained)
+        waited out the whole grace. Their claims are handed on as they are cancelled
+        (``Pipeline._let_go``); their messages are read again by the next owner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         polling = True
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
             if loop.time() >= deadline or self._hurried.is_set():
+                log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
+                return False
+            if not self._gate.is_open and self._gate.waiting >= self._lanes.running:
+                log.warning("shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes))
                 return False
             if not polling:
                 continue

@@ -247,6 +247,11 @@ class ApiCaller:
         if self._rate_limit is not None and slot is not None:
             await self._rate_limit.give_back(slot)
 
+    def landing_until(self, event_id: str) -> float:
+        """Until when (monotonic) a request of ``event_id`` left behind by a cancelled job may still
+        reach the API; 0 when none may."""
+        return self._abandoned.get(event_id, 0.0)
+
     def _abandon(self, event_id: str, until: float) -> None:
         """A cancelled job leaves a request of ``event_id`` behind that may reach the API until
         ``until``: the event's next job waits for it, then reads the ticket before sending."""

@@ -62,6 +62,8 @@ class Gate:
         self._cleared: dict[str, tuple[int, float]] = {}
         self._open = asyncio.Event()
         self._open.set()
+        #: Callers of ``wait_open`` waiting now.
+        self._waiting = 0
 
     @property
     def is_open(self) -> bool:
@@ -70,6 +72,11 @@ class Gate:
     @property
     def causes(self) -> list[str]:
         return sorted(self._causes)
+
+    @property
+    def waiting(self) -> int:
+        """How many callers wait for the gate to open: a stop compares it with the jobs running."""
+        return self._waiting
 
     def trip(self, error: SystemicError, probe: Probe) -> None:
         """Close the gate for ``error.kind`` (idempotent while that cause is already open)."""
@@ -107,7 +114,11 @@ class Gate:
             return 0.0
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await self._open.wait()
+        self._waiting += 1
+        try:
+            await self._open.wait()
+        finally:
+            self._waiting -= 1
         return loop.time() - started
 
     async def _probe(self, kind: str, probe: Probe, attempt: int, wake: asyncio.Event) -> None:

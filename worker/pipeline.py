@@ -42,6 +42,9 @@ T = TypeVar("T")
 _RECORD_DETAIL_CHARS = 500
 _HELD_POLL_FIRST_S = 0.05
 _HELD_POLL_MAX_S = 1.0
+#: How long a cancelled job may spend handing its claim on (``Pipeline._let_go``): within the
+#: waits of a stop and a revoke for their cancelled jobs (5 s).
+_LET_GO_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -98,6 +101,13 @@ def _as_repeat(letter: DeadLetter | None) -> DeadLetter | None:
 
 class _ClaimLost(Exception):
     """Our lease expired and another worker took the event: go back and ask the store again."""
+
+
+@dataclass(slots=True)
+class _Sends:
+    """Whether a job has come as far as sending its change (a request may have reached the API)."""
+
+    began: bool = False
 
 
 class Pipeline:
@@ -187,7 +197,11 @@ class Pipeline:
         if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", fingerprint):
             await self._repeat_outcome(job, record, body=None)
             return False
-        await self._remember(key, job, status, reason=reason, detail=detail, target=fingerprint)
+        try:
+            await self._remember(key, job, status, reason=reason, detail=detail, target=fingerprint)
+        except asyncio.CancelledError:
+            await self._let_go(key, unsent=record is None)  # nothing here is ever sent to the API
+            raise
         await self._emit(job, status, reason=reason, error_msg=detail)
         return True
 
@@ -220,17 +234,50 @@ class Pipeline:
                 return
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
+            sends = _Sends()
             try:
                 result = await self._apply(
-                    job, event, wire_bytes(body), ambiguous=claim.maybe_sent, claimed_at=claimed_at
+                    job,
+                    event,
+                    wire_bytes(body),
+                    ambiguous=claim.maybe_sent,
+                    claimed_at=claimed_at,
+                    sends=sends,
                 )
                 if result.status != "applied":
                     await self._still_held(event.event_id)
             except _ClaimLost:
                 log.warning("claim_lost")
                 continue
+            except asyncio.CancelledError:
+                await self._let_go(event.event_id, unsent=claim.record is None and not sends.began)
+                raise
             break
-        await self._finish_applied_or_not(job, event, target, body, result)
+        try:
+            await self._finish_applied_or_not(job, event, target, body, result)
+        except asyncio.CancelledError:  # before its record replaced the claim, or after: then a no-op
+            await self._let_go(event.event_id, unsent=False)
+            raise
+
+    async def _let_go(self, key: str, *, unsent: bool) -> None:
+        """Hand on the claim of a job cancelled while it held it (a stop or a revoke past its
+        grace), so that the event's next owner need not wait out the lease (``dedup_lease_s``).
+        ``unsent``: the claim replaced no record and nothing was sent under it: deleted, the next
+        owner starts afresh. Otherwise it is made to expire at once, or once a request it left
+        behind can no longer land: the next owner takes it over and reads the ticket first. Not
+        behind the gate and bounded: while the store is away the lease runs out as before."""
+        try:
+            let_go: Awaitable[object]
+            if unsent:
+                let_go = self._store.release(key, self._claimant)
+            else:
+                hold_s = max(0.0, self._caller.landing_until(key) - time.monotonic())
+                let_go = self._store.extend(key, self._claimant, hold_s)
+            await asyncio.wait_for(let_go, _LET_GO_TIMEOUT_S)
+        except (DedupUnavailable, TimeoutError) as exc:
+            log.info("claim_kept", detail=str(exc) or type(exc).__name__)
+        except Exception:  # a bug here must not turn the cancellation into the job's failure outcome
+            log.exception("claim_not_handed_on")
 
     async def _still_held(self, event_id: str) -> None:
         """Raise ``_ClaimLost`` unless our claim still stands (renewed, for the writes that follow).
@@ -263,7 +310,14 @@ class Pipeline:
             await asyncio.sleep(backoff_delay(polls, _HELD_POLL_FIRST_S, _HELD_POLL_MAX_S, half_to_full))
 
     async def _apply(
-        self, job: Job, event: AnyChangeEvent, payload: bytes, *, ambiguous: bool, claimed_at: float
+        self,
+        job: Job,
+        event: AnyChangeEvent,
+        payload: bytes,
+        *,
+        ambiguous: bool,
+        claimed_at: float,
+        sends: _Sends,
     ) -> ApplyResult:
         # The lease runs from the store's write, which came before its answer (by up to a second
         # when a Redis write waits for its replicas): counted from the asking, so never too late.
@@ -275,6 +329,7 @@ class Pipeline:
             # other worker takes the event over while a request of ours, even one whose job was
             # cancelled, may still land. The usual send, just after the claim, renews nothing.
             nonlocal renewed_at
+            sends.began = True
             if self._lease_s - (time.monotonic() - renewed_at) > self._settings.api_abandon_s:
                 return
             asked_at = time.monotonic()

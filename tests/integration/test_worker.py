@@ -386,6 +386,41 @@ async def test_a_server_error_storm_longer_than_the_retry_budget_pauses_and_fail
     assert len(simulator.state.applied_log) == len(stream)
 
 
+async def test_a_worker_stopped_during_an_api_outage_ends_at_once_and_the_next_takes_its_events_over(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """A stop while the API is unreachable waited out the whole grace (60 s here) with every job at
+    the gate, and the next worker then waited out each claim's lease (60 s) before it could take
+    the events over. Now the stop ends once every job waits at the gate, the cancelled jobs' claims
+    expire as they are cancelled, and the next worker applies every event (reading each claimed
+    ticket first: the first worker's sends may have landed), each once."""
+    stream = [e for n in range(5) for e in ticket_script(f"CMO{n:03d}", subs=1)]
+    down = make_settings(
+        worker_id="w-down",
+        api_endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens: connections refused
+        api_unreachable_threshold_s=0.3,
+        shutdown_grace_s=60,
+        dedup_lease_s=60,
+    )
+    worker = Worker(down)
+    task = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: bool(worker.status()["assigned"]), 20, 0.02, what="a partition assignment")
+        await send(broker.bootstrap, topics["input"], stream)
+        await until(lambda: worker.status()["paused_by"] == ["api_unreachable"], 20, 0.02, what="the pause")
+        worker.stop()
+        await asyncio.wait_for(task, 20)  # not the 60 s grace
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert simulator.state.applied_log == []
+    async with running_worker(make_settings(worker_id="w-up", dedup_lease_s=60)):
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=30)
+    assert [o["status"] for o in outcomes] == ["applied"] * len(stream)
+    assert sorted(e["event_id"] for e in simulator.state.applied_log) == sorted(e["event_id"] for e in stream)
+
+
 async def test_health_and_metrics_endpoints(
     broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
 ) -> None:
