@@ -18,7 +18,6 @@ import contextlib
 import time
 from collections import deque
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -26,7 +25,7 @@ import redis.exceptions as redis_errors
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.redis_config import DEFAULT_PREFIX, key_prefix, leave_demoted_node, redis_client
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, is_redis_url
 
 log = get_logger(__name__)
 
@@ -273,7 +272,7 @@ def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | 
     if rate is None:
         return None
     burst = max(1, int(rate))
-    if urlsplit(settings.dedup_url).scheme in ("redis", "rediss"):
+    if is_redis_url(settings.dedup_url):
         prefix = key_prefix(settings.dedup_url)
         # the default prefix keeps the key of earlier releases (pods of a rolling update share it)
         key = (

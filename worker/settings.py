@@ -127,6 +127,12 @@ def memory_max_entries(url: str) -> int:
     return int(entries)
 
 
+def is_redis_url(url: str) -> bool:
+    """Whether a dedup URL names the Redis store (``redis://``, ``rediss://``), whose Redis the rate
+    limit then shares."""
+    return urlsplit(url).scheme in ("redis", "rediss")
+
+
 class WorkerSettings(BaseSettings):
     """Settings of ``coc-worker`` (environment ``COC_WORKER_<FIELD>``, e.g. ``COC_WORKER_MAX_IN_FLIGHT``)."""
 
@@ -339,7 +345,7 @@ class WorkerSettings(BaseSettings):
             raise ValueError("must start with memory://, sqlite:///, redis:// or rediss://")
         if parts.scheme == "memory":
             memory_max_entries(value)
-        if parts.scheme.startswith("redis"):
+        if is_redis_url(value):
             # A password with an unencoded / # ? or @ splits the URL in the wrong place: the rest of
             # it would be read as the host or the port, and printed in an error. Nothing is echoed.
             try:

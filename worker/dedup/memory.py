@@ -1,0 +1,69 @@
+"""The ``memory://`` dedup backend: nothing to run or keep on disk, and nothing kept past the process."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from worker.dedup.records import CLAIM_RECORD_KEEP_S, Claim, ClaimKind, DedupRecord, claimed, decide
+from worker.settings import MEMORY_MAX_ENTRIES
+
+
+class MemoryStore:
+    """Bounded LRU in this process: protects against redelivery, not against restarts."""
+
+    def __init__(
+        self, max_entries: int = MEMORY_MAX_ENTRIES, claim_keep_s: float = CLAIM_RECORD_KEEP_S
+    ) -> None:
+        self._max = max_entries
+        self._claim_keep_s = claim_keep_s
+        self._items: OrderedDict[str, tuple[DedupRecord, float]] = OrderedDict()  # record, expires_at
+
+    def _get(self, event_id: str) -> DedupRecord | None:
+        item = self._items.get(event_id)
+        if item is None:
+            return None
+        if item[1] < time.monotonic():
+            del self._items[event_id]
+            return None
+        self._items.move_to_end(event_id)
+        return item[0]
+
+    def _put(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._items[event_id] = (record, time.monotonic() + ttl_s)
+        self._items.move_to_end(event_id)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
+        now = time.time()
+        answer = decide(self._get(event_id), owner, source, now, target)
+        if answer.kind is ClaimKind.NEW:
+            self._put(event_id, claimed(owner, source, now, lease_s, target), lease_s + self._claim_keep_s)
+        return answer
+
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+        record = self._get(event_id)
+        if record is None or record.state != "claimed" or record.owner != owner:
+            return False
+        now = time.time()
+        renewed = claimed(owner, record.source, now, lease_s, record.target)
+        self._put(event_id, renewed, lease_s + self._claim_keep_s)
+        return True
+
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._put(event_id, record, ttl_s)
+
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        self._put(event_id, record, ttl_s)
+
+    async def release(self, event_id: str, owner: str) -> None:
+        record = self._get(event_id)
+        if record is not None and record.state == "claimed" and record.owner == owner:
+            del self._items[event_id]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

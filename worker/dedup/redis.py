@@ -1,0 +1,220 @@
+"""The ``redis://`` / ``rediss://`` dedup backend: one store shared by every replica.
+
+Claims are atomic by Lua script, which follows ``records.decide`` with Redis' own clock.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from worker.dedup.records import (
+    _PROBE_KEY,
+    _PROBE_OWNER,
+    CLAIM_RECORD_KEEP_S,
+    Claim,
+    ClaimKind,
+    DedupRecord,
+    decide,
+)
+from worker.errors import DedupUnavailable
+from worker.logs import redact_text
+from worker.redis_config import DEFAULT_PREFIX, leave_demoted_node, redis_client
+
+#: How long a Redis write waits for its replicas' acknowledgements (``RedisStore._write``).
+_REPLICA_WAIT_MS = 1000
+
+
+# Claim atomically with Redis' clock, following ``decide()``. Returns {taken, previous-or-false}.
+_CLAIM_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('GET', KEYS[1])
+if v then
+  local ok, r = pcall(cjson.decode, v)
+  -- unreadable: answered as it is, for the caller to refuse (as sqlite does), not a store error
+  if not ok or type(r) ~= 'table' then return {0, v} end
+  -- the id reused for another change: never taken, whatever the record's state
+  if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then return {0, v} end
+  if r['state'] == 'claimed' then
+    if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v} end
+  elseif r['state'] == 'applied' then
+    return {0, v}
+  elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
+    return {0, v}
+  end
+end
+local mine = cjson.decode(ARGV[2])
+mine['lease_until'] = now + tonumber(ARGV[4])
+redis.call('SET', KEYS[1], cjson.encode(mine), 'PX', ARGV[5])
+return {1, v or false}
+"""
+_EXTEND_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, r = pcall(cjson.decode, v)
+if not ok or type(r) ~= 'table' then return 0 end
+if r['state'] == 'claimed' and r['owner'] == ARGV[1] then
+  local t = redis.call('TIME')
+  r['lease_until'] = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[2])
+  redis.call('SET', KEYS[1], cjson.encode(r), 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+_RELEASE_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, r = pcall(cjson.decode, v)
+if not ok or type(r) ~= 'table' then return 0 end
+if r['state'] == 'claimed' and r['owner'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class _NotReplicated(DedupUnavailable):
+    """A Redis write the primary made but too few replicas acknowledged; ``result`` is its answer."""
+
+    def __init__(self, detail: str, result: Any) -> None:
+        super().__init__(detail)
+        self.result = result
+
+
+class RedisStore:
+    """Shared by every replica; atomic claims by Lua script."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = DEFAULT_PREFIX,
+        claim_keep_s: float = CLAIM_RECORD_KEEP_S,
+        min_replicas: int = 0,
+    ) -> None:
+        self._prefix = prefix
+        self._claim_keep_s = claim_keep_s
+        self._min_replicas = min_replicas
+        #: Events whose claim here was refused for want of replicas only (``claim``), with the
+        #: record that claim replaced on the primary (None: none).
+        self._unreplicated: dict[str, str | bytes | None] = {}
+        self._client: aioredis.Redis = redis_client(url, socket_timeout_s=2.0)
+        self._claim = self._client.register_script(_CLAIM_LUA)
+        self._extend = self._client.register_script(_EXTEND_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
+
+    def _key(self, event_id: str) -> str:
+        return self._prefix + event_id
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            # One lost connection, all of them, most likely (a restart, a failover, a network cut):
+            # the probe would pass on a fresh one and each job then meet another dead one, every
+            # pause starting from the backoff already reached. The idle ones are dropped and made
+            # afresh; those in use end on their own.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            # redis-py's text names the address it tried (never the password; redacted all the same)
+            reason = redact_text(str(exc))[:200]
+            raise DedupUnavailable(
+                f"redis dedup store unreachable: {type(exc).__name__}" + (f": {reason}" if reason else "")
+            ) from exc
+        except redis_errors.ReadOnlyError as exc:
+            await leave_demoted_node(self._client)
+            raise DedupUnavailable("redis dedup store is a read-only replica now (failover)") from exc
+        except redis_errors.RedisError as exc:
+            raise DedupUnavailable(f"redis dedup store error: {type(exc).__name__}") from exc
+
+    async def _write(self, command: Callable[[Any], Any]) -> Any:
+        """``command(client)``, a write. With ``min_replicas``, sent on one connection followed by
+        ``WAIT``, and refused as the store being away unless that many replicas acknowledged it:
+        Redis replicates asynchronously, and a failover lost the last claims and records the
+        worker had acted on (another worker claimed the same event as new and sent it too)."""
+        if not self._min_replicas:
+            return await self._call(command(self._client))
+
+        async def replicated() -> Any:
+            async with self._client.pipeline(transaction=False) as pipe:
+                queued = command(pipe)
+                if inspect.isawaitable(queued):  # a script queues itself in a coroutine
+                    await queued
+                pipe.wait(self._min_replicas, _REPLICA_WAIT_MS)
+                result, acked = await pipe.execute()
+            if acked < self._min_replicas:
+                raise _NotReplicated(
+                    f"redis dedup store: a write reached {acked} of {self._min_replicas} replicas"
+                    f" in {_REPLICA_WAIT_MS} ms",
+                    result,
+                )
+            return result
+
+        return await self._call(replicated())
+
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
+        mine = DedupRecord("claimed", owner, source, target=target).encode()
+        keep_ms = int((lease_s + self._claim_keep_s) * 1000)
+        try:
+            taken, previous = await self._write(
+                lambda client: self._claim(
+                    keys=[self._key(event_id)],
+                    args=[owner, mine, source, lease_s, keep_ms, target],
+                    client=client,
+                )
+            )
+        except _NotReplicated as exc:
+            refused_taken, replaced = exc.result
+            if refused_taken:  # written on the primary: our claim, nothing sent yet
+                # What it replaced is what this claim answers for when asked again (the first
+                # refusal's: a second would only have replaced our own claim).
+                self._unreplicated.setdefault(event_id, replaced or None)
+            raise
+        record = DedupRecord.decode(previous) if previous else None
+        if taken:
+            if event_id in self._unreplicated:
+                replaced = self._unreplicated.pop(event_id)
+                if record is not None and record.state == "claimed" and record.owner == owner:
+                    # Our own claim, written by the refused attempt: the record before it tells
+                    # what this claim took over (another owner's expired claim, a failed event).
+                    record = DedupRecord.decode(replaced) if replaced else None
+            # The script followed decide(): any previous claim (another owner's expired one, or
+            # our own unfinished one) was a takeover.
+            return Claim(ClaimKind.NEW, record, taken_over=record is not None and record.state == "claimed")
+        assert record is not None
+        # Not taken: held by a live owner, claimed for another change, applied, or done. decide()
+        # says which (a held claim's lease is by definition in the future of Redis' clock, hence
+        # "now" = 0 for it).
+        return decide(record, owner, source, 0.0, target)
+
+    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+        keep_ms = int((lease_s + self._claim_keep_s) * 1000)
+        extended = await self._write(
+            lambda client: self._extend(
+                keys=[self._key(event_id)], args=[owner, lease_s, keep_ms], client=client
+            )
+        )
+        return bool(extended)
+
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        await self._put(event_id, record, ttl_s)
+
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        await self._put(event_id, record, ttl_s)
+
+    async def _put(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        value = record.encode()
+        await self._write(lambda client: client.set(self._key(event_id), value, px=int(ttl_s * 1000)))
+
+    async def release(self, event_id: str, owner: str) -> None:
+        await self._call(self._release(keys=[self._key(event_id)], args=[owner]))
+
+    async def ping(self) -> None:
+        """A claim of the probe key, not ``PING``: a replica answers ``PING``, as an ACL user
+        without scripts answers a ``SET``, and the gate would reopen onto a node (or with a user)
+        that refuses every claim."""
+        await self.claim(_PROBE_KEY, _PROBE_OWNER, "probe", 1.0)  # acknowledged as a claim must be
+
+    async def close(self) -> None:
+        await self._client.aclose()
