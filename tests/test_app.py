@@ -902,13 +902,14 @@ async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path)
 
 
 async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wait_out_the_grace(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker paused on an outage (here the API unreachable) has jobs that cannot finish before
     it ends: a stop (a rolling update, a drained node) waited out the whole grace (25 s by
-    default). Now the stop waits for the jobs still at work only; once every running job waits at
-    the gate, they are cancelled, what finished is committed, and the rest is read again by the
-    next owner."""
+    default). Now the stop waits for the jobs still at work, then a short while (5 s, 0.2 s here)
+    for the pause to end; then the jobs waiting at the gate are cancelled, what finished is
+    committed, and the rest is read again by the next owner."""
+    monkeypatch.setattr(app_module, "_PAUSED_STOP_WAIT_S", 0.2)
     worker = make_worker(tmp_path, shutdown_grace_s=60.0)
     key = (worker.settings.input_topic, 0)
     member = Polled({TopicPartition(*key)})
@@ -947,6 +948,42 @@ async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wa
             assert not any(e["event"] == "shutdown_grace_exceeded" for e in logs)
         finally:
             at_work.set()
+
+
+async def test_a_pause_that_ends_soon_after_a_stop_lets_the_jobs_waiting_for_it_finish(
+    tmp_path: Path,
+) -> None:
+    """A stop during a short outage (a Redis failover, a leader election) does not cancel the jobs
+    waiting at the gate at once: the pause ends within the stop's wait for it, and they finish."""
+    worker = make_worker(tmp_path, shutdown_grace_s=60.0)
+    key = (worker.settings.input_topic, 0)
+    member = Polled({TopicPartition(*key)})
+    back = asyncio.Event()  # set: the store answers again
+    finished: list[int] = []
+
+    async def process(job: Job) -> None:
+        await worker._gate.wait_open()
+        finished.append(job.message.offset)
+
+    async def store_probe() -> None:
+        if not back.is_set():
+            raise DedupUnavailable("failing over")
+
+    worker._pipeline = SimpleNamespace(process=process)  # type: ignore[assignment]
+    async with member_in_place(worker, member) as commits:
+        await worker.on_assigned({key})
+        worker._gate.trip(DedupUnavailable("failing over"), store_probe)
+        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+        await until(lambda: worker._gate.waiting == 1)
+        worker.stop()
+        with capture_logs() as logs:
+            stopping = asyncio.ensure_future(worker._shutdown())
+            await until(lambda: member.polls >= 3)  # 1 s into the wait
+            back.set()
+            await asyncio.wait_for(stopping, 10)
+        assert finished == [7]
+        assert commits == [{key: 8}]
+        assert not any(e["event"] == "shutdown_while_paused" for e in logs)
 
 
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:

@@ -26,7 +26,13 @@ from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
 from worker.dedup import Claim, ClaimKind, DedupRecord, MemoryStore
-from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
+from worker.errors import (
+    ApiUnreachable,
+    BrokerUnavailable,
+    DeadLetterUnwritable,
+    DedupUnavailable,
+    InvalidEvent,
+)
 from worker.gate import Gate
 from worker.logs import REDACTED, bind_message_context, configure, get_logger, register_secrets
 from worker.metrics import Metrics
@@ -113,14 +119,18 @@ def job(raw: dict[str, Any], offset: int = 7) -> Job:
 
 @contextlib.asynccontextmanager
 async def make_rig(
-    policy: RetryPolicy, settle_s: float = 0.0, concurrency: int = 1 << 30, abandon_s: float = 0.0
+    policy: RetryPolicy,
+    settle_s: float = 0.0,
+    concurrency: int = 1 << 30,
+    abandon_s: float = 0.0,
+    **settings_: Any,
 ) -> AsyncIterator[Rig]:
     """``concurrency``: the API requests the caller lets out at once; ``abandon_s``: how long a
-    request of a cancelled job may still land."""
+    request of a cancelled job may still land; ``settings_``: the worker's settings."""
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     async with SimulatorServer(SimulatorConfig(port=0, credentials={AK: SK}, seed=SEED)) as sim:
-        settings = WorkerSettings(api_endpoint=sim.url, api_ak=AK, api_sk=SK, worker_id="w1")
+        settings = WorkerSettings(api_endpoint=sim.url, api_ak=AK, api_sk=SK, worker_id="w1", **settings_)
         client = CocApiClient(settings, metrics)
         await client.start()
         published = Recorder()
@@ -236,6 +246,42 @@ async def test_a_job_cancelled_after_its_answer_was_lost_hands_its_claim_on_once
             await asyncio.wait_for(other.process(job(STARTED)), 10)  # not the 30 s lease
 
         assert [r.method for r in state.requests] == ["PUT", "GET"]
+        assert len(state.applied_for("ev-1")) == 1
+        assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
+
+
+async def test_a_job_cancelled_after_failing_on_a_lost_answer_keeps_its_claim_while_the_request_may_land() -> (
+    None
+):
+    """The budget ran out before the settle wait of a send whose answer was lost (the API applies
+    it 0.8 s after it arrived; the client gave up at 0.3 s): ``failed``, and that request may land
+    for 1 s more. The job is cancelled before its record is written (it waits at the gate there).
+    Its claim expired at once, so another worker read the ticket before the change landed and
+    sent it again: applied twice. Now the claim is held until the request can no longer land."""
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=0.5, base_delay_s=0.01, max_delay_s=0.01)
+    timeouts = {"api_connect_timeout_s": 0.2, "api_request_timeout_s": 0.3}
+    async with make_rig(policy, settle_s=1.0, abandon_s=1.0, **timeouts) as rig:
+        state = rig.sim.state
+        state.set_faults(latency_ms=800)
+        first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
+        await until(lambda: state.arrived == 1, what="the PUT")
+        state.set_faults(latency_ms=0)
+
+        async def still_down() -> None:
+            raise ApiUnreachable("still down")
+
+        gate = rig.pipeline._gate
+        gate.trip(ApiUnreachable("another job's outage"), still_down)
+        await until(lambda: gate.waiting == 1, what="the failed job at the gate")
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+        taken = await rig.store.claim("ev-1", "w3/probe", "in/0/7", 30.0)
+        assert taken.kind is ClaimKind.HELD  # the request may still land
+        async with another_worker(rig, policy) as other:
+            await asyncio.wait_for(other.process(job(STARTED)), 10)
+        await until(lambda: len(state.requests) == state.arrived, what="every request answered")
+
         assert len(state.applied_for("ev-1")) == 1
         assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
 

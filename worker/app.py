@@ -47,6 +47,9 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 _FETCH_TIMEOUT_S = 0.5
+#: How long a stop waits for a pause to end once every running job waits at the gate: a short
+#: outage (a Redis failover, a broker's leader election) ends within it, and its jobs finish.
+_PAUSED_STOP_WAIT_S = 5.0
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
 _TOPICS_CREATE_S = 5.0  # making lost topics again from the health check, at most
 _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
@@ -561,18 +564,25 @@ class Worker:
         aiokafka leaves the group of a member that has not polled for ``kafka_max_poll_interval_ms``
         (10 s at least; the grace is 25 s by default), and the final commit would then be refused.
 
-        Not while the worker is paused and every running job waits at the gate: none of them can
-        finish before the outage ends, and a stop during one (a rolling update, a node drained)
-        waited out the whole grace. Their claims are handed on as they are cancelled
-        (``Pipeline._let_go``); their messages are read again by the next owner."""
+        Nor while the worker is paused and every running job has waited at the gate for
+        ``_PAUSED_STOP_WAIT_S``: none of them can finish before the outage ends, and a stop during
+        one (a rolling update, a node drained) waited out the whole grace. Their claims are handed
+        on as they are cancelled (``Pipeline._let_go``); their messages are read again by the next
+        owner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         polling = True
+        stalled_since: float | None = None  # since when every running job waits at the gate
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
-            if loop.time() >= deadline or self._hurried.is_set():
+            now = loop.time()
+            if now >= deadline or self._hurried.is_set():
                 log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
                 return False
-            if not self._gate.is_open and self._gate.waiting >= self._lanes.running:
+            if self._gate.is_open or self._gate.waiting < self._lanes.running:
+                stalled_since = None
+            elif stalled_since is None:
+                stalled_since = now
+            elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
                 log.warning("shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes))
                 return False
             if not polling:

@@ -305,8 +305,9 @@ class ApiCaller:
         is not is sent again; while the ticket cannot be read, reading it is what is retried,
         within the same budget. So a change whose answer was lost is not applied twice.
 
-        A job cancelled while a timed-out request of its own may still land (in its settle wait,
-        or reading the ticket after it) leaves that request behind, as one cancelled mid-send does.
+        A request whose answer was lost and that may still land when this returns (the budget
+        ran out before its settle wait) or when the job is cancelled (in that wait, or reading the
+        ticket after it) is left behind, as one cancelled mid-send is (``landing_until``).
         """
         unsettled = _Unsettled()
         try:
@@ -321,10 +322,9 @@ class ApiCaller:
                 ambiguous,
                 unsettled,
             )
-        except asyncio.CancelledError:
+        finally:
             if unsettled.until > time.monotonic():
                 self._abandon(event_id, unsettled.until)
-            raise
 
     async def _rounds(
         self,

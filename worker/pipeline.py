@@ -228,7 +228,13 @@ class Pipeline:
         body = request_wire(event)
         target = event_target(event)
         while True:
-            claim, claimed_at = await self._claim_when_free(event.event_id, job.source, target)
+            try:
+                claim, claimed_at = await self._claim_when_free(event.event_id, job.source, target)
+            except asyncio.CancelledError:
+                # The claim may have been written all the same (the store's call goes on without
+                # its caller), over a record that is not known here: expired, never deleted.
+                await self._let_go(event.event_id, unsent=False)
+                raise
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
                 await self._finish_known(job, event, target, body, claim.record)
                 return

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -391,7 +393,7 @@ async def test_a_worker_stopped_during_an_api_outage_ends_at_once_and_the_next_t
 ) -> None:
     """A stop while the API is unreachable waited out the whole grace (60 s here) with every job at
     the gate, and the next worker then waited out each claim's lease (60 s) before it could take
-    the events over. Now the stop ends once every job waits at the gate, the cancelled jobs' claims
+    the events over. Now the stop ends once every job has waited at the gate for 5 s, the cancelled jobs' claims
     expire as they are cancelled, and the next worker applies every event (reading each claimed
     ticket first: the first worker's sends may have landed), each once."""
     stream = [e for n in range(5) for e in ticket_script(f"CMO{n:03d}", subs=1)]
@@ -415,10 +417,16 @@ async def test_a_worker_stopped_during_an_api_outage_ends_at_once_and_the_next_t
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     assert simulator.state.applied_log == []
+    with contextlib.closing(sqlite3.connect(down.dedup_url.removeprefix("sqlite:///"))) as db:
+        left = [json.loads(r) for (r,) in db.execute("SELECT record FROM dedup WHERE event_id NOT LIKE '@%'")]
+    assert left  # the first event of each ticket, in hand
+    assert {r["state"] for r in left} == {"claimed"}
     async with running_worker(make_settings(worker_id="w-up", dedup_lease_s=60)):
         outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=30)
     assert [o["status"] for o in outcomes] == ["applied"] * len(stream)
     assert sorted(e["event_id"] for e in simulator.state.applied_log) == sorted(e["event_id"] for e in stream)
+    # each claim taken over had its ticket read before the send: the first worker's may have landed
+    assert sum(r.method == "GET" for r in simulator.state.requests) == len(left)
 
 
 async def test_health_and_metrics_endpoints(

@@ -1,6 +1,7 @@
 """The simulator's HTTP face: the COC API routes (gateway auth, faults, logs) and the ``/_sim`` admin.
 
-Per API request, in the order a real deployment would meet them: injected latency, then a hang
+Per API request, in the order a real deployment would meet them: the request read whole, injected
+latency (a slow service: a request slower than its client's timeout is still applied), then a hang
 or a dropped connection (the network), then authentication and throttling (the API gateway),
 then an injected 5xx or the real handler (the service), then perhaps a drop after applying.
 Nothing is printed per request: the benchmark pushes thousands of requests a second through here.
@@ -96,6 +97,9 @@ class _Api:
     async def _serve(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         state = self.state
         state.arrived += 1
+        # Read whole on arrival, as a real service's front end does: a request slower than its
+        # client's timeout (injected latency) is still applied after the client gave up on it.
+        body = await request.read()
         decision = state.injector.decide()
         if decision.delay_s > 0:
             await asyncio.sleep(decision.delay_s)
@@ -107,7 +111,6 @@ class _Api:
             return self._drop(request, event_id, kind)
         if kind is FaultKind.DROP:
             return self._drop(request, event_id, kind)
-        body = await request.read()
         reason = self._authenticate(request, body) if state.auth_enabled else None
         if reason is not None:
             kind = None  # the gateway refused it first: no fault was applied
