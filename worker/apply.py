@@ -130,10 +130,11 @@ class ApiCaller:
         self._rate_limit = rate_limit
         self._concurrency = concurrency or AdaptiveConcurrency(1 << 30, metrics)
         self._settle_s = settle_s
-        #: event_id -> until when a PUT of it, left behind by a cancelled job, may still reach the
-        #: API: the HTTP client does not abort a request whose caller was cancelled (one waiting
-        #: for a connection is even sent later), so the next job of that event must not read the
-        #: ticket and send before then
+        #: event_id -> until when a PUT of it, left behind by a cancelled job (or by an ``apply``
+        #: that returned while a send whose answer was lost may land), may still reach the API:
+        #: the HTTP client does not abort a request whose caller was cancelled (one waiting for a
+        #: connection is even sent later), so the next job of that event must not read the ticket
+        #: and send before then
         self._abandoned: dict[str, float] = {}
         self._abandon_s = abandon_s
         #: The last ticket the API applied a change to: the auth probe reads it when there is one.
@@ -248,13 +249,14 @@ class ApiCaller:
             await self._rate_limit.give_back(slot)
 
     def landing_until(self, event_id: str) -> float:
-        """Until when (monotonic) a request of ``event_id`` left behind by a cancelled job may still
+        """Until when (monotonic) a request of ``event_id`` left behind (``_abandon``) may still
         reach the API; 0 when none may."""
         return self._abandoned.get(event_id, 0.0)
 
     def _abandon(self, event_id: str, until: float) -> None:
-        """A cancelled job leaves a request of ``event_id`` behind that may reach the API until
-        ``until``: the event's next job waits for it, then reads the ticket before sending."""
+        """A request of ``event_id`` is left behind that may reach the API until ``until`` (its job
+        was cancelled, or its answer was lost and ``apply`` returned before it could land): the
+        event's next job waits for it, then reads the ticket before sending."""
         now = time.monotonic()
         for stale in [e for e, at in self._abandoned.items() if at <= now]:
             del self._abandoned[stale]
