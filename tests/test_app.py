@@ -907,8 +907,8 @@ async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wa
     """A worker paused on an outage (here the API unreachable) has jobs that cannot finish before
     it ends: a stop (a rolling update, a drained node) waited out the whole grace (25 s by
     default). Now the stop waits for the jobs still at work, then a short while (5 s, 0.2 s here)
-    for the pause to end; then the jobs waiting at the gate are cancelled, what finished is
-    committed, and the rest is read again by the next owner."""
+    for the pause to end; then the jobs waiting at the gate, or for a job of their event that
+    does, are cancelled, what finished is committed, and the rest is read again by the next owner."""
     monkeypatch.setattr(app_module, "_PAUSED_STOP_WAIT_S", 0.2)
     worker = make_worker(tmp_path, shutdown_grace_s=60.0)
     key = (worker.settings.input_topic, 0)
@@ -920,20 +920,27 @@ async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wa
         started.append(job.message.offset)
         if job.message.offset == 8:
             await at_work.wait()
+        elif job.message.offset == 9:  # its event is in hand at 7, which waits at the gate
+            pipeline.waiting_for_own_jobs += 1
+            try:
+                await asyncio.Event().wait()
+            finally:
+                pipeline.waiting_for_own_jobs -= 1
         else:
             await worker._gate.wait_open()
 
     async def still_down() -> None:
         raise ApiUnreachable("still down")
 
-    worker._pipeline = SimpleNamespace(process=process)  # type: ignore[assignment]
+    pipeline = SimpleNamespace(process=process, waiting_for_own_jobs=0)
+    worker._pipeline = pipeline  # type: ignore[assignment]
     async with member_in_place(worker, member) as commits:
         try:
             await worker.on_assigned({key})
             worker._gate.trip(ApiUnreachable("connect refused"), still_down)
-            for offset in (7, 8):  # keyless: in lanes of their own
+            for offset in (7, 8, 9):  # keyless: in lanes of their own
                 worker._dispatch(Message(key[0], 0, offset, None, b"{}", [], 0))
-            await until(lambda: sorted(started) == [7, 8])
+            await until(lambda: sorted(started) == [7, 8, 9])
             worker.stop()
             with capture_logs() as logs:
                 stopping = asyncio.ensure_future(worker._shutdown())
@@ -969,7 +976,7 @@ async def test_a_pause_that_ends_soon_after_a_stop_lets_the_jobs_waiting_for_it_
         if not back.is_set():
             raise DedupUnavailable("failing over")
 
-    worker._pipeline = SimpleNamespace(process=process)  # type: ignore[assignment]
+    worker._pipeline = SimpleNamespace(process=process, waiting_for_own_jobs=0)  # type: ignore[assignment]
     async with member_in_place(worker, member) as commits:
         await worker.on_assigned({key})
         worker._gate.trip(DedupUnavailable("failing over"), store_probe)

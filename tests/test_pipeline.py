@@ -443,6 +443,31 @@ async def test_a_record_without_a_target_still_makes_a_duplicate(rig: Rig) -> No
     ]
 
 
+async def test_a_job_waiting_for_another_of_its_event_is_counted_as_held_by_what_holds_that_one(
+    rig: Rig,
+) -> None:
+    """A stop during a pause compares the jobs it holds with those running: a job waiting for
+    another job of its event (one event_id on two tickets) is held by that one's wait at the gate."""
+    gate = rig.pipeline._gate
+
+    async def still_down() -> None:
+        raise DedupUnavailable("still away")
+
+    gate.trip(DedupUnavailable("away"), still_down)
+    other_ticket = {**STARTED, "ticket_id": "CM2", "sub_ticket_id": "s-2"}
+    first = asyncio.create_task(rig.pipeline.process(job(STARTED, offset=7)))
+    await until(lambda: gate.waiting == 1, what="the first job at the gate")
+    second = asyncio.create_task(rig.pipeline.process(job(other_ticket, offset=8)))
+    await until(lambda: rig.pipeline.waiting_for_own_jobs == 1, what="the second job waiting for the first")
+    assert gate.waiting == 1
+    first.cancel()
+    await until(
+        lambda: gate.waiting == 1 and rig.pipeline.waiting_for_own_jobs == 0, what="the second at the gate"
+    )
+    second.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+
+
 async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_cancelled(rig: Rig) -> None:
     """The job holding the event is cancelled (a revocation past its grace): the waiting one is not
     left waiting. It finds the cancelled job's claim, of another change (the id reused for another

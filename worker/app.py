@@ -564,21 +564,24 @@ class Worker:
         aiokafka leaves the group of a member that has not polled for ``kafka_max_poll_interval_ms``
         (10 s at least; the grace is 25 s by default), and the final commit would then be refused.
 
-        Nor while the worker is paused and every running job has waited at the gate for
-        ``_PAUSED_STOP_WAIT_S``: none of them can finish before the outage ends, and a stop during
+        Nor while the worker is paused and every running job has waited at the gate (or for a
+        job of its event that does) for ``_PAUSED_STOP_WAIT_S``: none of them can finish before the outage ends, and a stop during
         one (a rolling update, a node drained) waited out the whole grace. Their claims are handed
         on as they are cancelled (``Pipeline._let_go``); their messages are read again by the next
         owner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         polling = True
-        stalled_since: float | None = None  # since when every running job waits at the gate
+        stalled_since: float | None = None  # since when every running job is held by the pause
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
             now = loop.time()
             if now >= deadline or self._hurried.is_set():
                 log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
                 return False
-            if self._gate.is_open or self._gate.waiting < self._lanes.running:
+            if (
+                self._gate.is_open
+                or self._gate.waiting + self._pipeline.waiting_for_own_jobs < self._lanes.running
+            ):
                 stalled_since = None
             elif stalled_since is None:
                 stalled_since = now

@@ -138,6 +138,12 @@ class Pipeline:
         #: event_id -> jobs waiting for the job of this worker that has that event in hand
         self._in_hand: dict[str, list[asyncio.Future[None]]] = {}
 
+    @property
+    def waiting_for_own_jobs(self) -> int:
+        """Jobs waiting for another job of this worker that has their event in hand: blocked by
+        whatever blocks that one (a stop compares the jobs blocked by a pause with those running)."""
+        return sum(not w.done() for waiters in self._in_hand.values() for w in waiters)
+
     # --- the one entry point ----------------------------------------------------------------------
     async def process(self, job: Job) -> None:
         m = job.message
