@@ -921,18 +921,18 @@ async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wa
         if job.message.offset == 8:
             await at_work.wait()
         elif job.message.offset == 9:  # its event is in hand at 7, which waits at the gate
-            pipeline.waiting_for_own_jobs += 1
+            pipeline.waiting_on_other_jobs += 1
             try:
                 await asyncio.Event().wait()
             finally:
-                pipeline.waiting_for_own_jobs -= 1
+                pipeline.waiting_on_other_jobs -= 1
         else:
             await worker._gate.wait_open()
 
     async def still_down() -> None:
         raise ApiUnreachable("still down")
 
-    pipeline = SimpleNamespace(process=process, waiting_for_own_jobs=0)
+    pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0)
     worker._pipeline = pipeline  # type: ignore[assignment]
     async with member_in_place(worker, member) as commits:
         try:
@@ -976,7 +976,7 @@ async def test_a_pause_that_ends_soon_after_a_stop_lets_the_jobs_waiting_for_it_
         if not back.is_set():
             raise DedupUnavailable("failing over")
 
-    worker._pipeline = SimpleNamespace(process=process, waiting_for_own_jobs=0)  # type: ignore[assignment]
+    worker._pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0)  # type: ignore[assignment]
     async with member_in_place(worker, member) as commits:
         await worker.on_assigned({key})
         worker._gate.trip(DedupUnavailable("failing over"), store_probe)

@@ -27,7 +27,6 @@ from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
 from worker.dedup import Claim, ClaimKind, DedupRecord, MemoryStore
 from worker.errors import (
-    ApiUnreachable,
     BrokerUnavailable,
     DeadLetterUnwritable,
     DedupUnavailable,
@@ -250,40 +249,62 @@ async def test_a_job_cancelled_after_its_answer_was_lost_hands_its_claim_on_once
         assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
 
 
+_LOST_ANSWER_POLICY = RetryPolicy(max_attempts=5, max_elapsed_s=0.5, base_delay_s=0.01, max_delay_s=0.01)
+_LOST_ANSWER_TIMEOUTS = {"api_connect_timeout_s": 0.2, "api_request_timeout_s": 0.3}
+
+
 async def test_a_job_cancelled_after_failing_on_a_lost_answer_keeps_its_claim_while_the_request_may_land() -> (
     None
 ):
     """The budget ran out before the settle wait of a send whose answer was lost (the API applies
     it 0.8 s after it arrived; the client gave up at 0.3 s): ``failed``, and that request may land
-    for 1 s more. The job is cancelled before its record is written (it waits at the gate there).
-    Its claim expired at once, so another worker read the ticket before the change landed and
-    sent it again: applied twice. Now the claim is held until the request can no longer land."""
-    policy = RetryPolicy(max_attempts=5, max_elapsed_s=0.5, base_delay_s=0.01, max_delay_s=0.01)
-    timeouts = {"api_connect_timeout_s": 0.2, "api_request_timeout_s": 0.3}
-    async with make_rig(policy, settle_s=1.0, abandon_s=1.0, **timeouts) as rig:
+    for 1 s more. The job is cancelled before its record is written. Its claim expired at once, so
+    another worker read the ticket before the change landed and sent it again: applied twice. Now
+    the claim is held until the request can no longer land."""
+    async with make_rig(_LOST_ANSWER_POLICY, settle_s=1.0, abandon_s=1.0, **_LOST_ANSWER_TIMEOUTS) as rig:
         state = rig.sim.state
         state.set_faults(latency_ms=800)
         first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
         await until(lambda: state.arrived == 1, what="the PUT")
         state.set_faults(latency_ms=0)
-
-        async def still_down() -> None:
-            raise ApiUnreachable("still down")
-
-        gate = rig.pipeline._gate
-        gate.trip(ApiUnreachable("another job's outage"), still_down)
-        await until(lambda: gate.waiting == 1, what="the failed job at the gate")
+        caller = rig.pipeline._caller
+        await until(lambda: caller.landing_until("ev-1") > time.monotonic(), what="the failed result")
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
 
         taken = await rig.store.claim("ev-1", "w3/probe", "in/0/7", 30.0)
         assert taken.kind is ClaimKind.HELD  # the request may still land
-        async with another_worker(rig, policy) as other:
+        async with another_worker(rig, _LOST_ANSWER_POLICY) as other:
             await asyncio.wait_for(other.process(job(STARTED)), 10)
         await until(lambda: len(state.requests) == state.arrived, what="every request answered")
 
+        assert [r.method for r in state.requests] == ["PUT", "GET"]
         assert len(state.applied_for("ev-1")) == 1
         assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
+
+
+async def test_a_failed_events_record_waits_until_its_lost_request_can_no_longer_land() -> None:
+    """The same ``failed`` event, not cancelled: its record came at once, and a copy of the event
+    waiting at another worker (a DLQ replay, a copy on another partition) then claimed it, read the
+    ticket before the late request landed, and sent the change again. Now the record waits until
+    that request can no longer land: the copy reads the change in place and sends nothing."""
+    async with make_rig(_LOST_ANSWER_POLICY, settle_s=1.0, abandon_s=1.0, **_LOST_ANSWER_TIMEOUTS) as rig:
+        state = rig.sim.state
+        state.set_faults(latency_ms=800)
+        first = asyncio.create_task(rig.pipeline.process(job(STARTED, offset=7)))
+        await until(lambda: state.arrived == 1, what="the PUT")
+        state.set_faults(latency_ms=0)
+        async with another_worker(rig, _LOST_ANSWER_POLICY) as other:
+            copy = asyncio.create_task(other.process(job(STARTED, offset=8)))
+            await asyncio.wait_for(asyncio.gather(first, copy), 10)
+        await until(lambda: len(state.requests) == state.arrived, what="every request answered")
+
+        assert [r.method for r in state.requests] == ["PUT", "GET"]
+        assert len(state.applied_for("ev-1")) == 1
+        assert sorted((o["status"], o["reason"]) for o in rig.published.outcomes) == [
+            ("applied", "reconciled"),
+            ("failed", "retries_exhausted_maybe_applied"),
+        ]
 
 
 async def test_a_replay_of_a_failed_event_is_checked_before_it_is_sent() -> None:
@@ -458,14 +479,30 @@ async def test_a_job_waiting_for_another_of_its_event_is_counted_as_held_by_what
     first = asyncio.create_task(rig.pipeline.process(job(STARTED, offset=7)))
     await until(lambda: gate.waiting == 1, what="the first job at the gate")
     second = asyncio.create_task(rig.pipeline.process(job(other_ticket, offset=8)))
-    await until(lambda: rig.pipeline.waiting_for_own_jobs == 1, what="the second job waiting for the first")
+    await until(lambda: rig.pipeline.waiting_on_other_jobs == 1, what="the second job waiting for the first")
     assert gate.waiting == 1
     first.cancel()
     await until(
-        lambda: gate.waiting == 1 and rig.pipeline.waiting_for_own_jobs == 0, what="the second at the gate"
+        lambda: gate.waiting == 1 and rig.pipeline.waiting_on_other_jobs == 0, what="the second at the gate"
     )
     second.cancel()
     await asyncio.gather(first, second, return_exceptions=True)
+
+
+async def test_a_job_waiting_for_an_api_slot_is_counted_as_held_by_the_slots_holders() -> None:
+    """Jobs queued for an API slot (``max_in_flight`` above the slots, or the limit halved after
+    429s) are held by the jobs that hold the slots: when those wait at the gate, a stop during the
+    pause waited out the grace, these not being counted."""
+    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
+    async with make_rig(policy, concurrency=1) as rig:
+        limit = rig.pipeline._caller._concurrency
+        await limit.acquire()  # the only slot, held by a job elsewhere
+        queued = asyncio.create_task(rig.pipeline.process(job(STARTED)))
+        await until(lambda: rig.pipeline.waiting_on_other_jobs == 1, what="the job queued for the slot")
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        limit.release()
+        assert rig.pipeline.waiting_on_other_jobs == 0
 
 
 async def test_a_job_waiting_for_the_same_event_id_goes_on_when_the_first_is_cancelled(rig: Rig) -> None:
@@ -549,7 +586,14 @@ class _Clock:
         return self.now
 
 
-class _SlowSender:
+class _CallerStandIn:
+    """What a stand-in for ``ApiCaller`` answers besides ``apply``: no request left behind."""
+
+    def landing_until(self, event_id: str) -> float:
+        return 0.0
+
+
+class _SlowSender(_CallerStandIn):
     """An ApiCaller stand-in: sends twice, the second time ``gap_s`` after the first (a retry)."""
 
     def __init__(self, clock: _Clock, gap_s: float) -> None:
@@ -598,15 +642,12 @@ async def test_a_send_renews_the_claim_unless_the_lease_outlasts_a_late_request(
     assert store.extended == renewals  # never for the send just after the claim
 
 
-class _Answers:
+class _Answers(_CallerStandIn):
     """An ApiCaller stand-in answering with ``status``; counts its calls."""
 
     def __init__(self, status: str) -> None:
         self.status = status
         self.calls = 0
-
-    def landing_until(self, event_id: str) -> float:
-        return 0.0
 
     async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
         self.calls += 1
@@ -688,7 +729,7 @@ async def test_an_invalid_message_in_hand_at_another_worker_is_waited_for_then_r
 _SHORT_LEASE = {"api_connect_timeout_s": 0.1, "api_request_timeout_s": 0.1, "dedup_lease_s": 2.5}
 
 
-class _FailsOnceTheOtherApplied:
+class _FailsOnceTheOtherApplied(_CallerStandIn):
     """An ApiCaller stand-in for a worker whose lease runs out while it backs off: it sends, then
     waits until ``other_done`` (another worker took the event over and applied it), then gives up."""
 
@@ -744,7 +785,7 @@ class _AnswersLate(MemoryStore):
         return await super().extend(*args, **kwargs)
 
 
-class _SendsAfter:
+class _SendsAfter(_CallerStandIn):
     """An ApiCaller stand-in that sends ``after_s`` into its call."""
 
     def __init__(self, after_s: float) -> None:

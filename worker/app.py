@@ -564,8 +564,8 @@ class Worker:
         aiokafka leaves the group of a member that has not polled for ``kafka_max_poll_interval_ms``
         (10 s at least; the grace is 25 s by default), and the final commit would then be refused.
 
-        Nor while the worker is paused and every running job has waited at the gate (or for a
-        job of its event that does) for ``_PAUSED_STOP_WAIT_S``: none of them can finish before the outage ends, and a stop during
+        Nor while the worker is paused and every running job has waited at the gate (or for jobs
+        that do: one of its event, the API slots' holders) for ``_PAUSED_STOP_WAIT_S``: none of them can finish before the outage ends, and a stop during
         one (a rolling update, a node drained) waited out the whole grace. Their claims are handed
         on as they are cancelled (``Pipeline._let_go``); their messages are read again by the next
         owner."""
@@ -580,7 +580,7 @@ class Worker:
                 return False
             if (
                 self._gate.is_open
-                or self._gate.waiting + self._pipeline.waiting_for_own_jobs < self._lanes.running
+                or self._gate.waiting + self._pipeline.waiting_on_other_jobs < self._lanes.running
             ):
                 stalled_since = None
             elif stalled_since is None:

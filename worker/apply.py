@@ -248,6 +248,11 @@ class ApiCaller:
         if self._rate_limit is not None and slot is not None:
             await self._rate_limit.give_back(slot)
 
+    @property
+    def waiting_for_slots(self) -> int:
+        """Calls waiting for a concurrency slot, which other calls hold."""
+        return self._concurrency.waiting
+
     def landing_until(self, event_id: str) -> float:
         """Until when (monotonic) a request of ``event_id`` left behind (``_abandon``) may still
         reach the API; 0 when none may."""

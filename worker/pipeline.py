@@ -139,10 +139,12 @@ class Pipeline:
         self._in_hand: dict[str, list[asyncio.Future[None]]] = {}
 
     @property
-    def waiting_for_own_jobs(self) -> int:
-        """Jobs waiting for another job of this worker that has their event in hand: blocked by
-        whatever blocks that one (a stop compares the jobs blocked by a pause with those running)."""
-        return sum(not w.done() for waiters in self._in_hand.values() for w in waiters)
+    def waiting_on_other_jobs(self) -> int:
+        """Jobs waiting for other jobs of this worker: for one that has their event in hand, or for
+        an API slot the others hold. Each is held by whatever holds those (a stop compares the jobs
+        a pause holds with those running)."""
+        twins = sum(not w.done() for waiters in self._in_hand.values() for w in waiters)
+        return twins + self._caller.waiting_for_slots
 
     # --- the one entry point ----------------------------------------------------------------------
     async def process(self, job: Job) -> None:
@@ -257,6 +259,7 @@ class Pipeline:
                     sends=sends,
                 )
                 if result.status != "applied":
+                    await self._until_landed(event.event_id)
                     await self._still_held(event.event_id)
             except _ClaimLost:
                 log.warning("claim_lost")
@@ -290,6 +293,17 @@ class Pipeline:
             log.info("claim_kept", detail=str(exc) or type(exc).__name__)
         except Exception:  # a bug here must not turn the cancellation into the job's failure outcome
             log.exception("claim_not_handed_on")
+
+    async def _until_landed(self, event_id: str) -> None:
+        """Wait until a request of this event whose answer was lost can no longer land, before the
+        record of an event not applied: the record frees the event for another message of it (a
+        replay, a copy on another partition), which reads the ticket before it sends, and a read
+        before the request landed found nothing: the change was sent twice. The lease, renewed at
+        the send for longer than a request may take, still holds."""
+        wait_s = self._caller.landing_until(event_id) - time.monotonic()
+        if wait_s > 0:
+            log.info("api_waiting_for_lost_answer", wait_s=round(wait_s, 3))
+            await asyncio.sleep(wait_s)
 
     async def _still_held(self, event_id: str) -> None:
         """Raise ``_ClaimLost`` unless our claim still stands (renewed, for the writes that follow).

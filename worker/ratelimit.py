@@ -215,6 +215,11 @@ class AdaptiveConcurrency:
     def limit(self) -> int:
         return self._slots
 
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a slot now."""
+        return len(self._waiters)
+
     def _set_limit(self, limit: float) -> None:
         self._limit = limit
         self._slots = max(1, int(limit))  # as whole slots, asked for on every call

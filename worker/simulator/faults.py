@@ -4,10 +4,11 @@ One seeded ``random.Random`` makes every decision, so a run with the same ``rng_
 same request order injects the same faults. Per request there is at most one fault, drawn with a
 single number against the cumulative ratios in this order: hang, drop, error, throttle,
 drop-after-apply, timeout-after-apply (so ratios summing past 1 starve the later kinds). Latency is
-independent and is spent *before* the request is handled: a client timing out during it sees a
-change that was never applied; ``drop_after_apply_ratio`` (the connection drops) and
-``timeout_after_apply_ratio`` (the gateway answers 504 while its backend applied the change) are
-the faults for the ambiguous case.
+independent and is spent once the request has been read, before it is handled: a client that
+times out during it leaves a change that is applied all the same, later, as a slow service's
+would be; ``drop_after_apply_ratio`` (the connection drops) and ``timeout_after_apply_ratio`` (the
+gateway answers 504 while its backend applied the change) lose the answer to a change applied at
+once.
 """
 
 from __future__ import annotations
