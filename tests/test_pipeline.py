@@ -163,11 +163,25 @@ async def another_worker(rig: Rig, policy: RetryPolicy) -> AsyncIterator[Pipelin
         await gate.close()
 
 
+#: Long backoff: after its first attempt a job sleeps until it is cancelled.
+_SLOW_RETRIES = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
+
+
+async def cancel_once_applied_with_its_answer_lost(rig: Rig, raw: dict[str, Any]) -> None:
+    """Process ``raw`` with every answer dropped after the change is applied; cancel the job
+    (a revoke or a stop past its grace) once the change is in; answer again from then on."""
+    state = rig.sim.state
+    state.set_faults(drop_after_apply_ratio=1.0)
+    first = asyncio.create_task(rig.pipeline.process(job(raw)))
+    await until(lambda: bool(state.applied_log))
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    state.set_faults(drop_after_apply_ratio=0.0)
+
+
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    # Long backoff: after its first attempt the job sleeps until it is cancelled.
-    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
-    async with make_rig(policy) as made:
+    async with make_rig(_SLOW_RETRIES) as made:
         yield made
 
 
@@ -181,15 +195,9 @@ async def test_a_job_cancelled_after_sending_is_checked_before_its_owner_sends_a
     ``applied``, not a state-machine refusal (or, for ``ticket.update``, a second application)."""
     # The first job's own read of the ticket waits the settle time, so the cancel comes first (with
     # none, a loaded machine let it read and reconcile before the test's poll saw the change).
-    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
-    async with make_rig(policy, settle_s=1.0) as rig:
+    async with make_rig(_SLOW_RETRIES, settle_s=1.0) as rig:
         state = rig.sim.state
-        state.set_faults(drop_after_apply_ratio=1.0)
-        first = asyncio.create_task(rig.pipeline.process(job(raw)))
-        await until(lambda: bool(state.applied_log))
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        state.set_faults(drop_after_apply_ratio=0.0)
+        await cancel_once_applied_with_its_answer_lost(rig, raw)
 
         await rig.pipeline.process(job(raw))
 
@@ -203,8 +211,7 @@ async def test_a_job_cancelled_before_it_sent_anything_gives_its_claim_back() ->
     """A stop or a revoke past its grace cancels a job that holds its claim and has sent nothing
     yet (here it waits for a free API slot). The claim is deleted: another worker's copy of the
     message starts afresh at once, instead of waiting out the lease (30 s) and reading the ticket."""
-    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
-    async with make_rig(policy, concurrency=1) as rig:
+    async with make_rig(_SLOW_RETRIES, concurrency=1) as rig:
         limit = rig.pipeline._caller._concurrency
         await limit.acquire()  # the only slot, taken
         first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
@@ -214,7 +221,7 @@ async def test_a_job_cancelled_before_it_sent_anything_gives_its_claim_back() ->
         limit.release()
 
         assert rig.store._get("ev-1") is None
-        async with another_worker(rig, policy) as other:
+        async with another_worker(rig, _SLOW_RETRIES) as other:
             await asyncio.wait_for(other.process(job(STARTED)), 10)  # not the 30 s lease
 
         assert [r.method for r in rig.sim.state.requests] == ["PUT"]  # no read of the ticket first
@@ -229,19 +236,13 @@ async def test_a_job_cancelled_after_its_answer_was_lost_hands_its_claim_on_once
     or in its settle wait after it). Its claim is not deleted: it expires once that time is out,
     not after the lease (30 s). Another worker then takes it over, reads the ticket first and
     finds the change in place: one PUT in all, the outcome ``applied`` (reconciled)."""
-    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
-    async with make_rig(policy, settle_s=1.0, abandon_s=1.0) as rig:
+    async with make_rig(_SLOW_RETRIES, settle_s=1.0, abandon_s=1.0) as rig:
         state = rig.sim.state
-        state.set_faults(drop_after_apply_ratio=1.0)
-        first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
-        await until(lambda: bool(state.applied_log))
-        first.cancel()
-        await asyncio.gather(first, return_exceptions=True)
-        state.set_faults(drop_after_apply_ratio=0.0)
+        await cancel_once_applied_with_its_answer_lost(rig, STARTED)
 
         taken = await rig.store.claim("ev-1", "w3/probe", "in/0/7", 30.0)
         assert taken.kind is ClaimKind.HELD  # the request may still land
-        async with another_worker(rig, policy) as other:
+        async with another_worker(rig, _SLOW_RETRIES) as other:
             await asyncio.wait_for(other.process(job(STARTED)), 10)  # not the 30 s lease
 
         assert [r.method for r in state.requests] == ["PUT", "GET"]
@@ -258,17 +259,20 @@ async def test_a_job_cancelled_after_failing_on_a_lost_answer_keeps_its_claim_wh
 ):
     """The budget ran out before the settle wait of a send whose answer was lost (the API applies
     it 0.8 s after it arrived; the client gave up at 0.3 s): ``failed``, and that request may land
-    for 1 s more. The job is cancelled before its record is written. Its claim expired at once, so
-    another worker read the ticket before the change landed and sent it again: applied twice. Now
-    the claim is held until the request can no longer land."""
+    for 1 s more. The job is cancelled while it waits for that, before its record is written. Its
+    claim expired at once, so another worker read the ticket before the change landed and sent it
+    again: applied twice. Now the claim is held until the request can no longer land."""
     async with make_rig(_LOST_ANSWER_POLICY, settle_s=1.0, abandon_s=1.0, **_LOST_ANSWER_TIMEOUTS) as rig:
         state = rig.sim.state
         state.set_faults(latency_ms=800)
         first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
         await until(lambda: state.arrived == 1, what="the PUT")
         state.set_faults(latency_ms=0)
-        caller = rig.pipeline._caller
-        await until(lambda: caller.landing_until("ev-1") > time.monotonic(), what="the failed result")
+        with capture_logs() as logs:
+            await until(
+                lambda: any(e["event"] == "api_waiting_for_lost_answer" for e in logs),
+                what="the budget spent, the lost answer's request still landing",
+            )
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
 
@@ -493,8 +497,7 @@ async def test_a_job_waiting_for_an_api_slot_is_counted_as_held_by_the_slots_hol
     """Jobs queued for an API slot (``max_in_flight`` above the slots, or the limit halved after
     429s) are held by the jobs that hold the slots: when those wait at the gate, a stop during the
     pause waited out the grace, these not being counted."""
-    policy = RetryPolicy(max_attempts=5, max_elapsed_s=100, base_delay_s=30, max_delay_s=30)
-    async with make_rig(policy, concurrency=1) as rig:
+    async with make_rig(_SLOW_RETRIES, concurrency=1) as rig:
         limit = rig.pipeline._caller._concurrency
         await limit.acquire()  # the only slot, held by a job elsewhere
         queued = asyncio.create_task(rig.pipeline.process(job(STARTED)))

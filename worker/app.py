@@ -565,10 +565,10 @@ class Worker:
         (10 s at least; the grace is 25 s by default), and the final commit would then be refused.
 
         Nor while the worker is paused and every running job has waited at the gate (or for jobs
-        that do: one of its event, the API slots' holders) for ``_PAUSED_STOP_WAIT_S``: none of them can finish before the outage ends, and a stop during
-        one (a rolling update, a node drained) waited out the whole grace. Their claims are handed
-        on as they are cancelled (``Pipeline._let_go``); their messages are read again by the next
-        owner."""
+        that do: one of its event, the API slots' holders) for ``_PAUSED_STOP_WAIT_S``: none of
+        them can finish before the outage ends, and a stop during one (a rolling update, a node
+        drained) waited out the whole grace. Their claims are handed on as they are cancelled
+        (``Pipeline._let_go``); their messages are read again by the next owner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         polling = True

@@ -130,11 +130,10 @@ class ApiCaller:
         self._rate_limit = rate_limit
         self._concurrency = concurrency or AdaptiveConcurrency(1 << 30, metrics)
         self._settle_s = settle_s
-        #: event_id -> until when a PUT of it, left behind by a cancelled job (or by an ``apply``
-        #: that returned while a send whose answer was lost may land), may still reach the API:
-        #: the HTTP client does not abort a request whose caller was cancelled (one waiting for a
-        #: connection is even sent later), so the next job of that event must not read the ticket
-        #: and send before then
+        #: event_id -> until when a PUT of it, left behind by a cancelled job, may still reach the
+        #: API: the HTTP client does not abort a request whose caller was cancelled (one waiting
+        #: for a connection is even sent later), so the next job of that event must not read the
+        #: ticket and send before then
         self._abandoned: dict[str, float] = {}
         self._abandon_s = abandon_s
         #: The last ticket the API applied a change to: the auth probe reads it when there is one.
@@ -259,9 +258,8 @@ class ApiCaller:
         return self._abandoned.get(event_id, 0.0)
 
     def _abandon(self, event_id: str, until: float) -> None:
-        """A request of ``event_id`` is left behind that may reach the API until ``until`` (its job
-        was cancelled, or its answer was lost and ``apply`` returned before it could land): the
-        event's next job waits for it, then reads the ticket before sending."""
+        """A cancelled job leaves a request of ``event_id`` behind that may reach the API until
+        ``until``: the event's next job waits for it, then reads the ticket before sending."""
         now = time.monotonic()
         for stale in [e for e, at in self._abandoned.items() if at <= now]:
             del self._abandoned[stale]
@@ -312,9 +310,10 @@ class ApiCaller:
         is not is sent again; while the ticket cannot be read, reading it is what is retried,
         within the same budget. So a change whose answer was lost is not applied twice.
 
-        A request whose answer was lost and that may still land when this returns (the budget
-        ran out before its settle wait) or when the job is cancelled (in that wait, or reading the
-        ticket after it) is left behind, as one cancelled mid-send is (``landing_until``).
+        An event whose budget runs out while a request of it whose answer was lost may still land
+        is given up only once it can no longer land. A job cancelled while such a request may still
+        land (in its settle wait, or reading the ticket after it) leaves that request behind, as
+        one cancelled mid-send does (``landing_until``).
         """
         unsettled = _Unsettled()
         try:
@@ -329,9 +328,10 @@ class ApiCaller:
                 ambiguous,
                 unsettled,
             )
-        finally:
+        except asyncio.CancelledError:
             if unsettled.until > time.monotonic():
                 self._abandon(event_id, unsettled.until)
+            raise
 
     async def _rounds(
         self,
@@ -352,10 +352,7 @@ class ApiCaller:
             # A cancelled job's request for this event may still be on its way: let it land, then
             # read the ticket before sending anything. The record goes only after the wait: this
             # job may be cancelled too while it waits, and the next one must wait as well.
-            wait_s = until - time.monotonic()
-            if wait_s > 0:
-                log.info("api_waiting_for_abandoned_request", wait_s=round(wait_s, 3))
-                await asyncio.sleep(wait_s)
+            await _landed(until, "api_waiting_for_abandoned_request")
             if self._abandoned.get(event_id) == until:
                 del self._abandoned[event_id]
             ambiguous = True
@@ -482,10 +479,13 @@ class ApiCaller:
                     self._trip_failing(error)
                     # A send whose answer was lost may still land: as a backoff would, wait before
                     # the ticket is read or the change sent again (the probe reopens in a moment).
-                    settle_s = unsettled.until - time.monotonic()
-                    if settle_s > 0:
-                        await asyncio.sleep(settle_s)
+                    await _landed(unsettled.until)
                     continue
+                # Nor before the event is given up: its record frees it for another message of it
+                # (a replay, a copy on another partition), which reads the ticket before it sends;
+                # read before the request landed, the ticket showed nothing and the change went
+                # out twice. The lease, renewed at the send for longer than that, still holds.
+                await _landed(unsettled.until, "api_waiting_for_lost_answer")
                 return _failed(calls, active_s, error, applied_maybe=ambiguous)
             # The first retry of an event at info, the later ones at debug (coc_worker_api_retries
             # counts them all): at 256 events in flight an outage wrote thousands of lines. By
@@ -540,6 +540,16 @@ _UNCONFIRMED_NOTE = (
     "the change may already be in place (refused after an earlier attempt's answer was lost, and"
     " the ticket did not show the change)"
 )
+
+
+async def _landed(until: float, said_as: str | None = None) -> None:
+    """Wait until ``until`` (monotonic), when a request whose answer was lost can no longer land;
+    ``said_as``: the info line that says so, with the wait."""
+    wait_s = until - time.monotonic()
+    if wait_s > 0:
+        if said_as is not None:
+            log.info(said_as, wait_s=round(wait_s, 3))
+        await asyncio.sleep(wait_s)
 
 
 def _failed(calls: int, active_s: float, error: ApiTransientError, *, applied_maybe: bool) -> ApplyResult:

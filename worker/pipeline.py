@@ -259,7 +259,6 @@ class Pipeline:
                     sends=sends,
                 )
                 if result.status != "applied":
-                    await self._until_landed(event.event_id)
                     await self._still_held(event.event_id)
             except _ClaimLost:
                 log.warning("claim_lost")
@@ -293,17 +292,6 @@ class Pipeline:
             log.info("claim_kept", detail=str(exc) or type(exc).__name__)
         except Exception:  # a bug here must not turn the cancellation into the job's failure outcome
             log.exception("claim_not_handed_on")
-
-    async def _until_landed(self, event_id: str) -> None:
-        """Wait until a request of this event whose answer was lost can no longer land, before the
-        record of an event not applied: the record frees the event for another message of it (a
-        replay, a copy on another partition), which reads the ticket before it sends, and a read
-        before the request landed found nothing: the change was sent twice. The lease, renewed at
-        the send for longer than a request may take, still holds."""
-        wait_s = self._caller.landing_until(event_id) - time.monotonic()
-        if wait_s > 0:
-            log.info("api_waiting_for_lost_answer", wait_s=round(wait_s, 3))
-            await asyncio.sleep(wait_s)
 
     async def _still_held(self, event_id: str) -> None:
         """Raise ``_ClaimLost`` unless our claim still stands (renewed, for the writes that follow).

@@ -27,8 +27,8 @@ class ClaimKind(StrEnum):
 CLAIM_RECORD_KEEP_S = 24 * 3600.0
 #: Written by the stores' probes; '@' never occurs in an event_id (nor "@probe" in an invalid
 #: message's key, ``@topic/partition/offset``).
-_PROBE_KEY = "@probe"
-_PROBE_OWNER = "coc-worker-probe"
+PROBE_KEY = "@probe"
+PROBE_OWNER = "coc-worker-probe"
 
 
 @dataclass(frozen=True, slots=True)

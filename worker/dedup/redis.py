@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from worker.dedup.records import (
-    _PROBE_KEY,
-    _PROBE_OWNER,
     CLAIM_RECORD_KEEP_S,
+    PROBE_KEY,
+    PROBE_OWNER,
     Claim,
     ClaimKind,
     DedupRecord,
@@ -214,7 +214,7 @@ class RedisStore:
         """A claim of the probe key, not ``PING``: a replica answers ``PING``, as an ACL user
         without scripts answers a ``SET``, and the gate would reopen onto a node (or with a user)
         that refuses every claim."""
-        await self.claim(_PROBE_KEY, _PROBE_OWNER, "probe", 1.0)  # acknowledged as a claim must be
+        await self.claim(PROBE_KEY, PROBE_OWNER, "probe", 1.0)  # acknowledged as a claim must be
 
     async def close(self) -> None:
         await self._client.aclose()

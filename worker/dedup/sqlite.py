@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from worker.dedup.records import (
-    _PROBE_KEY,
-    _PROBE_OWNER,
     CLAIM_RECORD_KEEP_S,
+    PROBE_KEY,
+    PROBE_OWNER,
     Claim,
     ClaimKind,
     DedupRecord,
@@ -257,7 +257,7 @@ class SqliteStore:
     async def ping(self) -> None:
         """A claim of the probe key: a full disk or a read-only file answers ``SELECT 1`` all the
         same, and the gate would reopen onto a store that refuses every claim."""
-        await self.claim(_PROBE_KEY, _PROBE_OWNER, "probe", 1.0)
+        await self.claim(PROBE_KEY, PROBE_OWNER, "probe", 1.0)
 
     async def close(self) -> None:
         self._closed = True  # no batch after this one opens the database again
