@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -638,3 +639,25 @@ def test_ceiling_b_on_the_worker_client_runs_once_at_0_ms_and_is_no_target() -> 
         "targets": [dataclasses.asdict(t) for t in report.evaluate_targets(summary, 256)],
     }
     assert text in report.readme_section(doc)
+
+
+def test_readme_tallies_match_the_runs_recorded() -> None:
+    """The README's "met in" column counts the rows of bench/runs.md, which are kept by hand: a
+    run added there and not counted (or the reverse) fails here."""
+    root = Path(__file__).resolve().parents[1]
+    runs = (root / "bench" / "runs.md").read_text("utf-8").partition("## The runs")[2]
+    rows = [line for line in runs.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
+    columns = {
+        "| 0 ms API: >= 0.7": 2,
+        "20 ms API: >= 0.8": 3,
+        "FastStream": 4,
+        "p99 added": 5,
+        "peak RSS": 6,
+    }
+    met = {name: sum("✅" in row.strip("|").split("|")[col] for row in rows) for name, col in columns.items()}
+    readme = (root / "README.md").read_text("utf-8")
+    assert f"Over the {len(rows)} full runs so far" in readme
+    table = readme.partition("**Where it stands**")[2].partition("**Why")[0]
+    for name, count in met.items():
+        line = next(line for line in table.splitlines() if name in line)
+        assert re.search(rf"\| {count} of {len(rows)}\b", line), (name, count, line)
