@@ -993,6 +993,42 @@ async def test_a_pause_that_ends_soon_after_a_stop_lets_the_jobs_waiting_for_it_
         assert not any(e["event"] == "shutdown_while_paused" for e in logs)
 
 
+async def test_a_stop_probes_the_pause_at_once_instead_of_after_its_backoff(tmp_path: Path) -> None:
+    """The probes of a long pause back off up to ``COC_WORKER_PROBE_MAX_DELAY_S`` (30 s): an
+    outage that ended 1 s into the stop's 5 s wait for it was seen only at the next probe, after
+    the jobs it held had been cancelled. A stop now probes every cause each turn of that wait."""
+    worker = make_worker(tmp_path, shutdown_grace_s=60.0)
+    worker._gate._probe_base_s = worker._gate._probe_max_s = 30.0  # the next probe 15-30 s away
+    key = (worker.settings.input_topic, 0)
+    member = Polled({TopicPartition(*key)})
+    back = asyncio.Event()  # set: the store answers again
+    finished: list[int] = []
+
+    async def process(job: Job) -> None:
+        await worker._gate.wait_open()
+        finished.append(job.message.offset)
+
+    async def store_probe() -> None:
+        if not back.is_set():
+            raise DedupUnavailable("failing over")
+
+    worker._pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0)  # type: ignore[assignment]
+    async with member_in_place(worker, member) as commits:
+        await worker.on_assigned({key})
+        worker._gate.trip(DedupUnavailable("failing over"), store_probe)
+        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+        await until(lambda: worker._gate.waiting == 1)
+        worker.stop()
+        with capture_logs() as logs:
+            stopping = asyncio.ensure_future(worker._shutdown())
+            await until(lambda: member.polls >= 2)  # into the wait
+            back.set()
+            await asyncio.wait_for(stopping, 10)
+        assert finished == [7]
+        assert commits == [{key: 8}]
+        assert not any(e["event"] == "shutdown_while_paused" for e in logs)
+
+
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:
     """aiokafka's producer fails every send with a copy of its sender task's error once that task
     has ended (a refused InitProducerId, an unrecoverable sequence error), and never starts it

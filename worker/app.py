@@ -567,8 +567,10 @@ class Worker:
         Nor while the worker is paused and every running job has waited at the gate (or for jobs
         that do: one of its event, the API slots' holders) for ``_PAUSED_STOP_WAIT_S``: none of
         them can finish before the outage ends, and a stop during one (a rolling update, a node
-        drained) waited out the whole grace. Their claims are handed on as they are cancelled
-        (``Pipeline._let_go``); their messages are read again by the next owner."""
+        drained) waited out the whole grace. Meanwhile every cause is probed each turn, not after
+        its backoff (up to ``probe_max_delay_s``): an outage that ends within the wait lets the
+        jobs finish. Their claims are handed on as they are cancelled (``Pipeline._let_go``);
+        their messages are read again by the next owner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         polling = True
@@ -583,11 +585,15 @@ class Worker:
                 or self._gate.waiting + self._pipeline.waiting_on_other_jobs < self._lanes.running
             ):
                 stalled_since = None
-            elif stalled_since is None:
-                stalled_since = now
-            elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
-                log.warning("shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes))
-                return False
+            else:
+                if stalled_since is None:
+                    stalled_since = now
+                elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
+                    log.warning(
+                        "shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes)
+                    )
+                    return False
+                self._gate.probe_every_cause_now()  # each turn (0.5-1 s): the wait sees the outage end
             if not polling:
                 continue
             try:  # bounded: during a rebalance aiokafka's poll waits for the new assignment

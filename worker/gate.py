@@ -108,6 +108,13 @@ class Gate:
         if cause is not None and cause.probe == probe:
             cause.wake.set()
 
+    def probe_every_cause_now(self) -> None:
+        """Probe every cause at once, whatever its backoff: a stop is about to cancel the jobs this
+        pause holds, and an outage that ended during a long backoff (up to ``probe_max_s``) would
+        have cost them all the same. A probe already running is followed by another at once."""
+        for cause in self._causes.values():
+            cause.wake.set()
+
     async def wait_open(self) -> float:
         """Wait until no cause is open; returns the seconds spent waiting."""
         if self._open.is_set():
