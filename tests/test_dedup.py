@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -188,6 +189,52 @@ async def test_release_frees_only_own_claim(store: DedupStore) -> None:
     assert (await store.claim("e5", "w2", "t/0/1", 30)).kind is ClaimKind.HELD
     await store.release("e5", "w1")
     assert (await store.claim("e5", "w2", "t/0/1", 30)).kind is ClaimKind.NEW
+
+
+async def test_a_late_hand_on_of_an_earlier_claim_leaves_its_owners_later_claim_alone(
+    store: DedupStore,
+) -> None:
+    """A cancelled job's release or renewal that timed out may still run later (Redis runs a
+    command already sent, sqlite's batch runs whatever its caller does), after its owner claimed
+    the event again (a redelivery, taken over as its own). Matched by owner alone, it deleted that
+    later claim, or set its lease to the hand-on's (0 s): another worker could claim the event and
+    send the change too. Each claim carries its token, and only that token reaches it."""
+    assert (await store.claim("e12", "w1", "t/0/1", 30, token="1")).kind is ClaimKind.NEW
+    again = await store.claim("e12", "w1", "t/0/1", 30, token="2")
+    assert (again.kind, again.taken_over) == (ClaimKind.NEW, True)
+    assert again.record is not None
+    assert again.record.token == "1"
+
+    async def lease_seen_by_another_worker() -> float:
+        held = await store.claim("e12", "w2", "t/0/1", 30)
+        assert held.kind is ClaimKind.HELD
+        assert held.record is not None
+        assert (held.record.owner, held.record.token) == ("w1", "2")
+        return held.record.lease_until
+
+    lease = await lease_seen_by_another_worker()
+    await store.release("e12", "w1", token="1")  # the first claim's, late
+    assert not await store.extend("e12", "w1", 0.0, token="1")
+    assert not await store.extend("e12", "w1", 0.0)  # no token: never a claim that has one
+    await store.release("e12", "w1")
+    assert await lease_seen_by_another_worker() == lease  # still held, its lease as it was
+
+    assert await store.extend("e12", "w1", 60, token="2")  # its own token renews it
+    assert await lease_seen_by_another_worker() > lease
+    await store.release("e12", "w1", token="2")
+    assert (await store.claim("e12", "w2", "t/0/1", 30)).kind is ClaimKind.NEW
+
+
+async def test_a_claim_without_a_token_is_reached_only_without_one(store: DedupStore) -> None:
+    """A claim an earlier release wrote has no token (nor has the probe's): a caller without one
+    renews and releases it as before; a caller with a token names another claim, and leaves it."""
+    await store.claim("e13", "w1", "t/0/1", 30)  # as an earlier release wrote it: no token
+    assert not await store.extend("e13", "w1", 30, token="1")
+    await store.release("e13", "w1", token="1")
+    assert (await store.claim("e13", "w2", "t/0/1", 30)).kind is ClaimKind.HELD
+    assert await store.extend("e13", "w1", 30)
+    await store.release("e13", "w1")
+    assert (await store.claim("e13", "w2", "t/0/1", 30)).kind is ClaimKind.NEW
 
 
 async def test_release_never_drops_an_applied_record(store: DedupStore) -> None:
@@ -452,8 +499,8 @@ async def test_a_redis_record_that_cannot_be_read_fails_its_own_event_as_on_sqli
 
 def test_records_stay_readable_by_the_release_before_and_after() -> None:
     """Claimed records are written as the first release wrote them, and keys a later release adds
-    (the dead-letter fields, the target) are left out when read, not an error: a rollback reads
-    the records of the release after it."""
+    (the dead-letter fields, the target, the token) are left out when read, not an error: a
+    rollback reads the records of the release after it."""
     claimed = DedupRecord("claimed", "w1", "t/0/1", lease_until=5.0)
     assert set(json.loads(claimed.encode())) == {
         "state",
@@ -465,6 +512,9 @@ def test_records_stay_readable_by_the_release_before_and_after() -> None:
         "lease_until",
         "reason",
     }
+    mine = replace(claimed, target="x CM1/", token="1f")  # a claim of a later release
+    assert set(json.loads(mine.encode())) - set(json.loads(claimed.encode())) == {"target", "token"}
+    assert DedupRecord.decode(mine.encode()) == mine
     done = DedupRecord(
         "done", "w1", "t/0/1", "rejected", 1, 400, error_code="GOM.1", detail="pending", target="x CM1/"
     )

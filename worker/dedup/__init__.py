@@ -14,7 +14,9 @@ Each event id moves through three states in the store::
   taker is told (``Claim.taken_over``): the dead owner may have reached the API, so the change
   is checked against the ticket before it is sent again. The same holds for a worker's own
   unfinished claim (a job cancelled mid-call by a revocation or a shutdown past its grace, or a
-  restart under the same worker id): its owner may claim it again at once, as a takeover.
+  restart under the same worker id): its owner may claim it again at once, as a takeover. A
+  claim carries its owner's token for it: a renewal or release acts only on that one claim, not
+  on a later claim of the same owner (``DedupStore``).
 * ``applied`` is written right after the API accepted the change, *before* the outcome is
   published, and is the event's last record: a redelivery, whether the crash came before the
   outcome was published or after, republishes ``applied`` without calling the API again.
@@ -74,15 +76,23 @@ log = get_logger(__name__)
 
 class DedupStore(Protocol):
     """What the pipeline needs from a dedup backend (memory, sqlite, Redis): atomic claims with a
-    lease, and the records that let a redelivery repeat its first answer instead of calling again."""
+    lease, and the records that let a redelivery repeat its first answer instead of calling again.
+
+    ``token`` names one claim of its owner (``Pipeline`` gives each claim a fresh one): ``extend``
+    and ``release`` act only on the claim with the owner *and* the token they are given. A hand-on
+    that timed out may still run later (Redis runs a command already sent; sqlite's batch runs
+    whatever its caller does), after the owner claimed the event again: matched by owner alone, it
+    deleted or changed that newer claim, and another worker could claim the event and send it too.
+    An empty token matches only a claim without one (an earlier release's, the probe's), never a
+    claim that has one: a caller that cannot name its claim must not act on whichever is there."""
 
     async def claim(
-        self, event_id: str, owner: str, source: str, lease_s: float, target: str = ""
+        self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
     ) -> Claim: ...
-    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool: ...
+    async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool: ...
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
-    async def release(self, event_id: str, owner: str) -> None: ...
+    async def release(self, event_id: str, owner: str, token: str = "") -> None: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 

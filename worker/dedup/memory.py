@@ -35,19 +35,22 @@ class MemoryStore:
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
+    async def claim(
+        self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
+    ) -> Claim:
         now = time.time()
         answer = decide(self._get(event_id), owner, source, now, target)
         if answer.kind is ClaimKind.NEW:
-            self._put(event_id, claimed(owner, source, now, lease_s, target), lease_s + self._claim_keep_s)
+            record = claimed(owner, source, now, lease_s, target, token)
+            self._put(event_id, record, lease_s + self._claim_keep_s)
         return answer
 
-    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+    async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
         record = self._get(event_id)
-        if record is None or record.state != "claimed" or record.owner != owner:
+        if record is None or not record.is_claim_of(owner, token):
             return False
         now = time.time()
-        renewed = claimed(owner, record.source, now, lease_s, record.target)
+        renewed = claimed(owner, record.source, now, lease_s, record.target, token)
         self._put(event_id, renewed, lease_s + self._claim_keep_s)
         return True
 
@@ -57,9 +60,9 @@ class MemoryStore:
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         self._put(event_id, record, ttl_s)
 
-    async def release(self, event_id: str, owner: str) -> None:
+    async def release(self, event_id: str, owner: str, token: str = "") -> None:
         record = self._get(event_id)
-        if record is not None and record.state == "claimed" and record.owner == owner:
+        if record is not None and record.is_claim_of(owner, token):
             del self._items[event_id]
 
     async def ping(self) -> None:

@@ -47,17 +47,26 @@ class DedupRecord:
     #: What the event changes (``Pipeline``'s ``event_target``), for "applied" and "done": another
     #: message with this event_id but another target reused the id, it is not a duplicate
     target: str = ""
+    #: Which claim of its owner this is, for "claimed" (``Pipeline``: one per claim it asks for):
+    #: a release or renewal of an earlier claim, late, must not act on a later one of the owner
+    token: str = ""
 
     def of_another_change(self, target: str) -> bool:
         """Whether this record is of another change than ``target``: the event_id was reused.
         A record without a target (an earlier release's) cannot tell."""
         return bool(target and self.target and self.target != target)
 
+    def is_claim_of(self, owner: str, token: str) -> bool:
+        """Whether this is the claim ``owner`` made with ``token``: what a renewal or a release acts
+        on. An empty token matches only a record without one (an earlier release's claim, the
+        probe's): matching any claim of its owner, it would reach that owner's later claims."""
+        return self.state == "claimed" and self.owner == owner and self.token == token
+
     def encode(self) -> str:
         # Not dataclasses.asdict (it deep-copies every value) nor the json module (3x slower):
-        # both are measurable at three writes per event. The dead-letter fields and the target
-        # are written only when set, and decode leaves out keys it does not know: a release reads
-        # the records of a later one (a rolling update, a rollback).
+        # both are measurable at three writes per event. The dead-letter fields, the target and
+        # the token are written only when set, and decode leaves out keys it does not know: a
+        # release reads the records of a later one (a rolling update, a rollback).
         data = {name: getattr(self, name) for name in _BASE_FIELDS}
         if self.error_code is not None:
             data["error_code"] = self.error_code
@@ -65,6 +74,8 @@ class DedupRecord:
             data["detail"] = self.detail
         if self.target:
             data["target"] = self.target
+        if self.token:
+            data["token"] = self.token
         return to_json(data).decode()
 
     @classmethod
@@ -75,7 +86,9 @@ class DedupRecord:
 
 
 _RECORD_FIELDS = frozenset(f.name for f in fields(DedupRecord))
-_BASE_FIELDS = tuple(f.name for f in fields(DedupRecord) if f.name not in ("error_code", "detail", "target"))
+_BASE_FIELDS = tuple(
+    f.name for f in fields(DedupRecord) if f.name not in ("error_code", "detail", "target", "token")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +132,9 @@ def decide(record: DedupRecord | None, owner: str, source: str, now: float, targ
     return Claim(ClaimKind.DONE, record)
 
 
-def claimed(owner: str, source: str, now: float, lease_s: float, target: str = "") -> DedupRecord:
-    """A claim, with the change it is for: another change under the same id is a reuse."""
-    return DedupRecord("claimed", owner, source, lease_until=now + lease_s, target=target)
+def claimed(
+    owner: str, source: str, now: float, lease_s: float, target: str = "", token: str = ""
+) -> DedupRecord:
+    """A claim, with the change it is for (another change under the same id is a reuse) and the
+    token its owner gave it."""
+    return DedupRecord("claimed", owner, source, lease_until=now + lease_s, target=target, token=token)

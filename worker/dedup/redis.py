@@ -53,12 +53,14 @@ mine['lease_until'] = now + tonumber(ARGV[4])
 redis.call('SET', KEYS[1], cjson.encode(mine), 'PX', ARGV[5])
 return {1, v or false}
 """
+# Renew / release the claim owner ARGV[1] made with the token in the last ARGV, as
+# ``DedupRecord.is_claim_of`` (a record without a token matches only the empty one).
 _EXTEND_LUA = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local ok, r = pcall(cjson.decode, v)
 if not ok or type(r) ~= 'table' then return 0 end
-if r['state'] == 'claimed' and r['owner'] == ARGV[1] then
+if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == ARGV[4] then
   local t = redis.call('TIME')
   r['lease_until'] = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[2])
   redis.call('SET', KEYS[1], cjson.encode(r), 'PX', ARGV[3])
@@ -71,7 +73,9 @@ local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local ok, r = pcall(cjson.decode, v)
 if not ok or type(r) ~= 'table' then return 0 end
-if r['state'] == 'claimed' and r['owner'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == ARGV[2] then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
@@ -153,8 +157,10 @@ class RedisStore:
 
         return await self._call(replicated())
 
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
-        mine = DedupRecord("claimed", owner, source, target=target).encode()
+    async def claim(
+        self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
+    ) -> Claim:
+        mine = DedupRecord("claimed", owner, source, target=target, token=token).encode()
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         try:
             taken, previous = await self._write(
@@ -188,11 +194,11 @@ class RedisStore:
         # "now" = 0 for it).
         return decide(record, owner, source, 0.0, target)
 
-    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+    async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         extended = await self._write(
             lambda client: self._extend(
-                keys=[self._key(event_id)], args=[owner, lease_s, keep_ms], client=client
+                keys=[self._key(event_id)], args=[owner, lease_s, keep_ms, token], client=client
             )
         )
         return bool(extended)
@@ -207,8 +213,8 @@ class RedisStore:
         value = record.encode()
         await self._write(lambda client: client.set(self._key(event_id), value, px=int(ttl_s * 1000)))
 
-    async def release(self, event_id: str, owner: str) -> None:
-        await self._call(self._release(keys=[self._key(event_id)], args=[owner]))
+    async def release(self, event_id: str, owner: str, token: str = "") -> None:
+        await self._call(self._release(keys=[self._key(event_id)], args=[owner, token]))
 
     async def ping(self) -> None:
         """A claim of the probe key, not ``PING``: a replica answers ``PING``, as an ACL user

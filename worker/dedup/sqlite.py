@@ -206,23 +206,24 @@ class SqliteStore:
         lease_s: float,
         keep_s: float,
         target: str,
+        token: str,
     ) -> Claim:
         now = time.time()
         answer = decide(cls._read(conn, event_id, now), owner, source, now, target)
         if answer.kind is ClaimKind.NEW:
-            record = claimed(owner, source, now, lease_s, target)
+            record = claimed(owner, source, now, lease_s, target, token)
             cls._write(conn, event_id, record, now + lease_s + keep_s)
         return answer
 
     @classmethod
     def _extend_op(
-        cls, conn: sqlite3.Connection, event_id: str, owner: str, lease_s: float, keep_s: float
+        cls, conn: sqlite3.Connection, event_id: str, owner: str, lease_s: float, keep_s: float, token: str
     ) -> bool:
         now = time.time()
         record = cls._read(conn, event_id, now)
-        if record is None or record.state != "claimed" or record.owner != owner:
+        if record is None or not record.is_claim_of(owner, token):
             return False
-        renewed = claimed(owner, record.source, now, lease_s, record.target)
+        renewed = claimed(owner, record.source, now, lease_s, record.target, token)
         cls._write(conn, event_id, renewed, now + lease_s + keep_s)
         return True
 
@@ -231,19 +232,21 @@ class SqliteStore:
         cls._write(conn, event_id, record, time.time() + ttl_s)
 
     @classmethod
-    def _release_op(cls, conn: sqlite3.Connection, event_id: str, owner: str) -> None:
+    def _release_op(cls, conn: sqlite3.Connection, event_id: str, owner: str, token: str) -> None:
         record = cls._read(conn, event_id, time.time())
-        if record is not None and record.state == "claimed" and record.owner == owner:
+        if record is not None and record.is_claim_of(owner, token):
             conn.execute("DELETE FROM dedup WHERE event_id = ?", (event_id,))
 
-    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, target: str = "") -> Claim:
+    async def claim(
+        self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
+    ) -> Claim:
         result: Claim = await self._run(
-            self._claim_op, event_id, owner, source, lease_s, self._claim_keep_s, target
+            self._claim_op, event_id, owner, source, lease_s, self._claim_keep_s, target, token
         )
         return result
 
-    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
-        return bool(await self._run(self._extend_op, event_id, owner, lease_s, self._claim_keep_s))
+    async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
+        return bool(await self._run(self._extend_op, event_id, owner, lease_s, self._claim_keep_s, token))
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._run(self._put_op, event_id, record, ttl_s)
@@ -251,8 +254,8 @@ class SqliteStore:
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._run(self._put_op, event_id, record, ttl_s)
 
-    async def release(self, event_id: str, owner: str) -> None:
-        await self._run(self._release_op, event_id, owner)
+    async def release(self, event_id: str, owner: str, token: str = "") -> None:
+        await self._run(self._release_op, event_id, owner, token)
 
     async def ping(self) -> None:
         """A claim of the probe key: a full disk or a read-only file answers ``SELECT 1`` all the
