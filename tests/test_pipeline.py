@@ -614,9 +614,9 @@ class _CountingStore(MemoryStore):
         super().__init__()
         self.extended = 0
 
-    async def extend(self, event_id: str, owner: str, lease_s: float) -> bool:
+    async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
         self.extended += 1
-        return await super().extend(event_id, owner, lease_s)
+        return await super().extend(event_id, owner, lease_s, token)
 
 
 @pytest.mark.parametrize(("gap_s", "renewals"), [(0.5, 0), (2.2, 1)])
@@ -981,9 +981,9 @@ async def test_two_processes_with_one_worker_id_do_not_both_send_the_change() ->
 
     class Recording(MemoryStore):
         async def claim(
-            self, event_id: str, owner: str, source: str, lease_s: float, target: str = ""
+            self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
         ) -> Claim:
-            answer = await super().claim(event_id, owner, source, lease_s, target)
+            answer = await super().claim(event_id, owner, source, lease_s, target, token)
             answers.append(answer.kind)
             return answer
 
@@ -1012,3 +1012,96 @@ async def test_two_processes_with_one_worker_id_do_not_both_send_the_change() ->
         await second_gate.close()
     assert (first_caller.calls, second_caller.calls) == (1, 0)
     assert [o["redelivered"] for o in published.outcomes] == [False, True]
+
+
+class _Blocks(_CallerStandIn):
+    """An ApiCaller stand-in that blocks (until cancelled or ``go`` is set), before its send or
+    just after it (``sent``: then a cancelled job's claim is expired, not deleted)."""
+
+    def __init__(self, sent: bool) -> None:
+        self.sent_first, self.go, self.calls = sent, asyncio.Event(), 0
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        self.calls += 1
+        if self.sent_first:
+            await kwargs["before_send"]()
+        await self.go.wait()
+        if not self.sent_first:
+            await kwargs["before_send"]()
+        return ApplyResult("applied", 1, http_status=200)
+
+
+class _LateHandOns(MemoryStore):
+    """A store whose releases and renewals at lease 0 (``Pipeline._let_go``'s) land only once
+    ``land`` is set, whether their caller still waits or not: Redis runs a command already sent
+    after its client gave up, sqlite's batch runs whatever its caller does. Records the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.land = asyncio.Event()
+        self.claimed: list[str] = []
+        self.handed_on: list[tuple[str, str]] = []  # (release or extend, token)
+        self.landed: list[asyncio.Task[Any]] = []
+
+    async def claim(
+        self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
+    ) -> Claim:
+        self.claimed.append(token)
+        return await super().claim(event_id, owner, source, lease_s, target, token)
+
+    async def _late(self, call: Any) -> Any:
+        landing = asyncio.create_task(self._after_land(call))
+        self.landed.append(landing)
+        return await asyncio.shield(landing)
+
+    async def _after_land(self, call: Any) -> Any:
+        await self.land.wait()
+        return await call()
+
+    async def release(self, event_id: str, owner: str, token: str = "") -> None:
+        self.handed_on.append(("release", token))
+        await self._late(lambda: MemoryStore.release(self, event_id, owner, token))
+
+    async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
+        if lease_s:  # a renewal before a send
+            return await super().extend(event_id, owner, lease_s, token)
+        self.handed_on.append(("extend", token))
+        return bool(await self._late(lambda: MemoryStore.extend(self, event_id, owner, lease_s, token)))
+
+
+@pytest.mark.parametrize("sent", [False, True], ids=["released", "expired"])
+async def test_a_late_hand_on_of_a_cancelled_jobs_claim_leaves_the_claim_of_its_redelivery_alone(
+    monkeypatch: pytest.MonkeyPatch, sent: bool
+) -> None:
+    """A cancelled job hands its claim on (deleted when nothing was sent, expired otherwise); the
+    store does not answer within the bound, and the call lands later all the same, after the
+    message came back to this worker and was claimed again (our own claim: taken over at once).
+    It deleted or expired that new claim, and another worker could take the event and send the
+    change while the redelivery sent it too. The hand-on names its claim's token now."""
+    monkeypatch.setattr("worker.pipeline._LET_GO_TIMEOUT_S", 0.05)
+    store, published, caller = _LateHandOns(), Recorder(), _Blocks(sent)
+    pipeline, gate = _pipeline(store, caller, published)
+    try:
+        first = asyncio.create_task(pipeline.process(job(STARTED)))
+        await until(lambda: caller.calls == 1, what="the first job in its call")
+        with capture_logs() as logs:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        assert "claim_kept" in [e["event"] for e in logs]  # the store did not answer in time
+        redelivered = asyncio.create_task(pipeline.process(job(STARTED)))
+        await until(lambda: caller.calls == 2, what="the redelivery in its call")
+        store.land.set()
+        await asyncio.gather(*store.landed)
+
+        first_token, second_token = store.claimed
+        assert first_token != second_token
+        assert store.handed_on == [("extend" if sent else "release", first_token)]
+        held = await store.claim("ev-1", "w9", "in/0/7", 30)
+        assert held.kind is ClaimKind.HELD  # another worker must not take it: the redelivery sends
+        assert held.record is not None
+        assert held.record.token == second_token
+        caller.go.set()
+        await asyncio.wait_for(redelivered, 10)
+    finally:
+        await gate.close()
+    assert [o["status"] for o in published.outcomes] == ["applied"]
