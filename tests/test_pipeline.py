@@ -1105,3 +1105,37 @@ async def test_a_late_hand_on_of_a_cancelled_jobs_claim_leaves_the_claim_of_its_
     finally:
         await gate.close()
     assert [o["status"] for o in published.outcomes] == ["applied"]
+
+
+class _ClaimAnswersOnlyOnce(MemoryStore):
+    """A store whose claim is written and then answers only once ``answer`` is set (a slow
+    store): a job cancelled meanwhile does not know it holds the claim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        answer = await super().claim(*args, **kwargs)
+        self.written.set()
+        await self.answer.wait()
+        return answer
+
+
+async def test_an_invalid_message_cancelled_while_its_claim_is_written_hands_the_claim_on() -> None:
+    """The outcome of an invalid message (or a duplicate) is kept under the message's position;
+    its job, cancelled while that claim was being written, left it for its whole lease (30 s):
+    the message's next owner waited that long before it could publish the outcome."""
+    store, published = _ClaimAnswersOnlyOnce(), Recorder()
+    pipeline, gate = _pipeline(store, _Answers("applied"), published)
+    try:
+        running = asyncio.create_task(pipeline.process(invalid_job()))
+        await store.written.wait()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    finally:
+        await gate.close()
+    store.answer.set()
+    taken = await store.claim("@in/0/9", "w9", "in/0/9", 30)
+    assert (taken.kind, taken.taken_over) == (ClaimKind.NEW, True)  # expired, not left to its lease
+    assert published.outcomes == []

@@ -202,7 +202,13 @@ class Pipeline:
         key = f"@{job.source}"  # '@' never occurs in an event_id
         fingerprint = _fingerprint(job)
         token = next(self._tokens)
-        claim, _ = await self._claim_when_free(key, job.source, token)
+        try:
+            claim, _ = await self._claim_when_free(key, job.source, token)
+        except asyncio.CancelledError:
+            # As in _claim_and_apply: the claim may have been written without our knowing; it would
+            # otherwise be kept for its whole lease, the message's next owner waiting it out.
+            await self._let_go(key, token, unsent=False)
+            raise
         record = claim.record
         # The same message, not another one at a position read again after its log was cut back
         # (an unclean leader election, a recreated topic); a record without a fingerprint (an
