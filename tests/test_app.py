@@ -21,6 +21,7 @@ import worker.consumer as consumer_module
 from worker.app import Worker
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
+from worker.dedup import SqliteStore
 from worker.errors import ApiUnreachable, BrokerUnavailable, DedupUnavailable, KafkaClientStopped
 from worker.pipeline import Job
 from worker.sandbox import free_port
@@ -138,12 +139,17 @@ async def close_unstarted(worker: Worker, real_consumer: AIOKafkaConsumer | None
     await worker._store.close()
 
 
+async def nothing_to_hand_on() -> None:
+    """A stand-in pipeline's ``handed_on``: none of its jobs holds a claim."""
+
+
 class Holds:
     """A pipeline whose jobs wait until ``release`` is set, so that they stay in hand."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.started: list[Job] = []
+        self.handed_on = nothing_to_hand_on
 
     async def process(self, job: Job) -> None:
         self.started.append(job)
@@ -932,7 +938,7 @@ async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wa
     async def still_down() -> None:
         raise ApiUnreachable("still down")
 
-    pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0)
+    pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on)
     worker._pipeline = pipeline  # type: ignore[assignment]
     async with member_in_place(worker, member) as commits:
         try:
@@ -976,7 +982,9 @@ async def test_a_pause_that_ends_soon_after_a_stop_lets_the_jobs_waiting_for_it_
         if not back.is_set():
             raise DedupUnavailable("failing over")
 
-    worker._pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0)  # type: ignore[assignment]
+    worker._pipeline = SimpleNamespace(  # type: ignore[assignment]
+        process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on
+    )
     async with member_in_place(worker, member) as commits:
         await worker.on_assigned({key})
         worker._gate.trip(DedupUnavailable("failing over"), store_probe)
@@ -1012,7 +1020,9 @@ async def test_a_stop_probes_the_pause_at_once_instead_of_after_its_backoff(tmp_
         if not back.is_set():
             raise DedupUnavailable("failing over")
 
-    worker._pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0)  # type: ignore[assignment]
+    worker._pipeline = SimpleNamespace(  # type: ignore[assignment]
+        process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on
+    )
     async with member_in_place(worker, member) as commits:
         await worker.on_assigned({key})
         worker._gate.trip(DedupUnavailable("failing over"), store_probe)
@@ -1027,6 +1037,33 @@ async def test_a_stop_probes_the_pause_at_once_instead_of_after_its_backoff(tmp_
         assert finished == [7]
         assert commits == [{key: 8}]
         assert not any(e["event"] == "shutdown_while_paused" for e in logs)
+
+
+async def test_a_stop_closes_the_dedup_store_only_once_the_cancelled_jobs_claims_are_handed_on(
+    tmp_path: Path,
+) -> None:
+    """A job cancelled twice (a revoke's cancellation, then the stop's) ends at once while its
+    claim is still being handed on (``Pipeline._let_go``): the stop must not close the store under
+    that call, or the claim is kept for its whole lease after all."""
+    worker = make_worker(tmp_path)
+    member = Polled({TopicPartition(worker.settings.input_topic, 0)})
+    pipeline = holding_jobs(worker)
+    asked, handed_on = asyncio.Event(), asyncio.Event()
+
+    async def still_handing_on() -> None:
+        asked.set()
+        await handed_on.wait()
+
+    pipeline.handed_on = still_handing_on
+    store = worker._store
+    assert isinstance(store, SqliteStore)
+    async with member_in_place(worker, member):
+        stopping = asyncio.ensure_future(worker._shutdown())
+        await asyncio.wait_for(asked.wait(), 10)
+        assert not store._closed
+        handed_on.set()
+        await asyncio.wait_for(stopping, 10)
+        assert store._closed
 
 
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:

@@ -1107,6 +1107,43 @@ async def test_a_late_hand_on_of_a_cancelled_jobs_claim_leaves_the_claim_of_its_
     assert [o["status"] for o in published.outcomes] == ["applied"]
 
 
+class _SlowHandOn(MemoryStore):
+    """A store whose release (``Pipeline._let_go``'s, its job's change unsent) waits for
+    ``answer``; cancelled meanwhile, it does nothing (a Redis call cut before it was sent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releasing, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def release(self, event_id: str, owner: str, token: str = "") -> None:
+        self.releasing.set()
+        await self.answer.wait()
+        await super().release(event_id, owner, token)
+
+
+async def test_a_claim_is_still_handed_on_when_its_job_is_cancelled_again_meanwhile() -> None:
+    """A revoke cancels a job, which begins to hand its claim on; a stop then cancels it again (the
+    lanes cancel what is still running). The second cancellation cut the store call, and the claim
+    stayed for its whole lease. The hand-on goes on now; the job ends at once all the same."""
+    store, published, caller = _SlowHandOn(), Recorder(), _Blocks(sent=False)
+    pipeline, gate = _pipeline(store, caller, published)
+    try:
+        running = asyncio.create_task(pipeline.process(job(STARTED)))
+        await until(lambda: caller.calls == 1, what="the job in its call")
+        running.cancel()  # the revoke's
+        await store.releasing.wait()
+        running.cancel()  # the stop's
+        await asyncio.gather(running, return_exceptions=True)
+        assert running.cancelled()
+        assert store._get("ev-1") is not None  # its hand-on still waits for the store
+        store.answer.set()
+        await asyncio.wait_for(pipeline.handed_on(), 5)
+    finally:
+        await gate.close()
+    assert store._get("ev-1") is None
+    assert published.outcomes == []
+
+
 class _ClaimAnswersOnlyOnce(MemoryStore):
     """A store whose claim is written and then answers only once ``answer`` is set (a slow
     store): a job cancelled meanwhile does not know it holds the claim."""

@@ -553,6 +553,7 @@ class Worker:
         await self._client.close()
         if self._rate_limit is not None:
             await self._rate_limit.close()
+        await self._pipeline.handed_on()  # a job cancelled twice may still be handing its claim on
         await self._store.close()
         await self._http.stop()
         if self._ingress is not None:

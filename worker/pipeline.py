@@ -139,6 +139,9 @@ class Pipeline:
         #: One token per claim asked for (``_claim_when_free``), unique within ``_claimant``: a
         #: count, in hex ("0x1f"), not a uuid: one per event, on the hot path (0.06 us).
         self._tokens = map(hex, itertools.count(1))
+        #: Hand-ons of cancelled jobs' claims still running (``_let_go``): kept until done, not
+        #: cut by a second cancellation of their job.
+        self._handing_on: set[asyncio.Task[None]] = set()
         #: event_id -> jobs waiting for the job of this worker that has that event in hand
         self._in_hand: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -296,7 +299,16 @@ class Pipeline:
 
         ``token``: that claim's. A hand-on that timed out may still run later, after this process
         claimed the event again (a redelivery): matched by owner alone, it deleted or expired that
-        newer claim, and another worker could claim the event and send it too."""
+        newer claim, and another worker could claim the event and send it too. Run in a task of
+        its own, shielded: a second cancellation of the job (a revoke's cancelled job hit again by
+        a stop's) ends the job at once, not the hand-on, which ``handed_on`` waits for."""
+        handing_on = asyncio.create_task(self._hand_on(key, token, unsent=unsent))
+        self._handing_on.add(handing_on)
+        handing_on.add_done_callback(self._handing_on.discard)
+        await asyncio.shield(handing_on)
+
+    async def _hand_on(self, key: str, token: str, *, unsent: bool) -> None:
+        """``_let_go``'s store call, its failure logged: it ends no job, whoever awaits it."""
         try:
             let_go: Awaitable[object]
             if unsent:
@@ -309,6 +321,12 @@ class Pipeline:
             log.info("claim_kept", detail=str(exc) or type(exc).__name__)
         except Exception:  # a bug here must not turn the cancellation into the job's failure outcome
             log.exception("claim_not_handed_on")
+
+    async def handed_on(self) -> None:
+        """Wait for the cancelled jobs' hand-ons still running (each 2 s at most, and so this): a
+        stop closes the store only after them, or their claims would be kept for their lease."""
+        if self._handing_on:
+            await asyncio.wait(set(self._handing_on), timeout=_LET_GO_TIMEOUT_S)
 
     async def _still_held(self, event_id: str, token: str) -> None:
         """Raise ``_ClaimLost`` unless our claim still stands (renewed, for the writes that follow).
