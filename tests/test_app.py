@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -1064,6 +1065,42 @@ async def test_a_stop_closes_the_dedup_store_only_once_the_cancelled_jobs_claims
         handed_on.set()
         await asyncio.wait_for(stopping, 10)
         assert store._closed
+
+
+async def test_a_stop_does_not_probe_a_flapping_pause_each_turn(tmp_path: Path) -> None:
+    """A cause whose probe passes while the work fails (metadata answers, the writes are refused)
+    flaps: woken each turn of the stop's wait, the gate reopened, every held job retried and failed
+    again 0.7 s later, and the wait began afresh each time until the whole grace ran out. A cause
+    back within the flap window is left to its backoff: the stop ends after the 5 s wait."""
+    worker = make_worker(tmp_path, shutdown_grace_s=20.0)
+    worker._gate._probe_base_s = worker._gate._probe_max_s = 30.0  # the next probe 15-30 s away
+    key = (worker.settings.input_topic, 0)
+    member = Polled({TopicPartition(*key)})
+    tries: list[float] = []
+
+    async def passes() -> None:
+        return None
+
+    async def process(job: Job) -> None:
+        while True:
+            await worker._gate.wait_open()
+            tries.append(time.monotonic())
+            await asyncio.sleep(0.7)  # the write that is refused again, after a while
+            worker._gate.trip(BrokerUnavailable("writes refused"), passes)
+
+    worker._pipeline = SimpleNamespace(  # type: ignore[assignment]
+        process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on
+    )
+    async with member_in_place(worker, member):
+        await worker.on_assigned({key})
+        worker._gate.trip(BrokerUnavailable("writes refused"), passes)
+        worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
+        await until(lambda: worker._gate.waiting == 1)
+        worker.stop()
+        with capture_logs() as logs:
+            await asyncio.wait_for(worker._shutdown(), 15)  # not the 20 s grace
+        assert [e["event"] for e in logs if e["event"].startswith("shutdown_")] == ["shutdown_while_paused"]
+        assert len(tries) <= 2  # woken once, then left to its backoff
 
 
 async def test_a_producer_whose_sender_ended_stops_the_worker(tmp_path: Path) -> None:

@@ -39,6 +39,9 @@ class _Cause:
     probe: Probe
     #: Set to end the prober's backoff wait early (``probe_now``).
     wake: asyncio.Event
+    #: Back within ``flap_window_s`` of clearing: its probe passes while the work fails (metadata
+    #: answers, the topic's writes are refused), so only its backoff spaces the flaps out.
+    flapping: bool = False
 
 
 class Gate:
@@ -96,7 +99,7 @@ class Gate:
             name=f"probe-{error.kind}",
             context=contextvars.Context(),
         )
-        self._causes[error.kind] = _Cause(error, task, probe, wake)
+        self._causes[error.kind] = _Cause(error, task, probe, wake, flapping=attempts > 0)
 
     def probe_now(self, kind: str, probe: Probe) -> None:
         """Probe ``kind`` at once instead of after its backoff, when it is paused on ``probe``
@@ -111,9 +114,12 @@ class Gate:
     def probe_every_cause_now(self) -> None:
         """Probe every cause at once, whatever its backoff: a stop is about to cancel the jobs this
         pause holds, and an outage that ended during a long backoff (up to ``probe_max_s``) would
-        have cost them all the same. A probe already running is followed by another at once."""
+        have cost them all the same. A probe already running is followed by another at once. Not
+        a flapping cause: woken each turn of the stop's wait, it reopened the gate onto work that
+        failed again, every job retried ~10 times, and the wait began afresh until the grace ran out."""
         for cause in self._causes.values():
-            cause.wake.set()
+            if not cause.flapping:
+                cause.wake.set()
 
     async def wait_open(self) -> float:
         """Wait until no cause is open; returns the seconds spent waiting."""

@@ -13,8 +13,8 @@ Each event id moves through three states in the store::
   the API; a crashed owner's claim expires after ``lease_s`` and may then be *taken over*. The
   taker is told (``Claim.taken_over``): the dead owner may have reached the API, so the change
   is checked against the ticket before it is sent again. The same holds for a worker's own
-  unfinished claim (a job cancelled mid-call by a revocation or a shutdown past its grace): its
-  owner, the same process, may claim it again at once, as a takeover. A restarted worker is
+  unfinished claim (a job cancelled mid-call by a revocation past its grace, the partition
+  assigned back): its owner, the same process, may claim it again at once, as a takeover. A restarted worker is
   another owner (``Pipeline``'s claimant carries a per-process nonce) and takes it over once the
   lease has run out or been handed on. A
   claim carries its owner's token for it: a renewal or release acts only on that one claim, not
@@ -82,9 +82,10 @@ class DedupStore(Protocol):
 
     ``token`` names one claim of its owner (``Pipeline`` gives each claim a fresh one): ``extend``
     and ``release`` act only on the claim with the owner *and* the token they are given. A hand-on
-    that timed out may still run later (Redis runs a command already sent; sqlite's batch runs
-    whatever its caller does), after the owner claimed the event again: matched by owner alone, it
-    deleted or changed that newer claim, and another worker could claim the event and send it too.
+    that timed out may still run later on Redis (a command already sent runs after the client gave
+    up on it), after the owner claimed the event again: matched by owner alone, it deleted or
+    changed that newer claim, and another worker could claim the event and send it too. (sqlite
+    runs its calls in the order they were made, so there the token is a second line of defence.)
     An empty token matches only a claim without one (an earlier release's, the probe's), never a
     claim that has one: a caller that cannot name its claim must not act on whichever is there."""
 
