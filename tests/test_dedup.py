@@ -195,8 +195,8 @@ async def test_a_late_hand_on_of_an_earlier_claim_leaves_its_owners_later_claim_
     store: DedupStore,
 ) -> None:
     """A cancelled job's release or renewal that timed out may still run later (Redis runs a
-    command already sent, sqlite's batch runs whatever its caller does), after its owner claimed
-    the event again (a redelivery, taken over as its own). Matched by owner alone, it deleted that
+    command already sent after its client gave up), after its owner claimed the event again (a
+    redelivery, taken over as its own). Matched by owner alone, it deleted that
     later claim, or set its lease to the hand-on's (0 s): another worker could claim the event and
     send the change too. Each claim carries its token, and only that token reaches it."""
     assert (await store.claim("e12", "w1", "t/0/1", 30, token="1")).kind is ClaimKind.NEW

@@ -1033,8 +1033,8 @@ class _Blocks(_CallerStandIn):
 
 class _LateHandOns(MemoryStore):
     """A store whose releases and renewals at lease 0 (``Pipeline._let_go``'s) land only once
-    ``land`` is set, whether their caller still waits or not: Redis runs a command already sent
-    after its client gave up, sqlite's batch runs whatever its caller does. Records the tokens."""
+    ``land`` is set, whether their caller still waits or not, as Redis runs a command already
+    sent after its client gave up. Records the tokens."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1131,7 +1131,7 @@ async def test_a_claim_is_still_handed_on_when_its_job_is_cancelled_again_meanwh
         running = asyncio.create_task(pipeline.process(job(STARTED)))
         await until(lambda: caller.calls == 1, what="the job in its call")
         running.cancel()  # the revoke's
-        await store.releasing.wait()
+        await asyncio.wait_for(store.releasing.wait(), 10)
         running.cancel()  # the stop's
         await asyncio.gather(running, return_exceptions=True)
         assert running.cancelled()
@@ -1167,7 +1167,7 @@ async def test_an_invalid_message_cancelled_while_its_claim_is_written_hands_the
     pipeline, gate = _pipeline(store, _Answers("applied"), published)
     try:
         running = asyncio.create_task(pipeline.process(invalid_job()))
-        await store.written.wait()
+        await asyncio.wait_for(store.written.wait(), 10)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
     finally:

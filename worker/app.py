@@ -581,19 +581,18 @@ class Worker:
             if now >= deadline or self._hurried.is_set():
                 log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
                 return False
-            if (
-                self._gate.is_open
-                or self._gate.waiting + self._pipeline.waiting_on_other_jobs < self._lanes.running
-            ):
+            held = (
+                not self._gate.is_open
+                and self._gate.waiting + self._pipeline.waiting_on_other_jobs >= self._lanes.running
+            )
+            if not held:
                 stalled_since = None
-            else:
-                if stalled_since is None:
-                    stalled_since = now
-                elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
-                    log.warning(
-                        "shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes)
-                    )
-                    return False
+            elif stalled_since is None:
+                stalled_since = now
+            elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
+                log.warning("shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes))
+                return False
+            if held:
                 self._gate.probe_every_cause_now()  # each turn (0.5-1 s): the wait sees the outage end
             if not polling:
                 continue

@@ -14,11 +14,11 @@ Each event id moves through three states in the store::
   taker is told (``Claim.taken_over``): the dead owner may have reached the API, so the change
   is checked against the ticket before it is sent again. The same holds for a worker's own
   unfinished claim (a job cancelled mid-call by a revocation past its grace, the partition
-  assigned back): its owner, the same process, may claim it again at once, as a takeover. A restarted worker is
-  another owner (``Pipeline``'s claimant carries a per-process nonce) and takes it over once the
-  lease has run out or been handed on. A
-  claim carries its owner's token for it: a renewal or release acts only on that one claim, not
-  on a later claim of the same owner (``DedupStore``).
+  assigned back): its owner, the same process, may claim it again at once, as a takeover. A
+  restarted worker is another owner (``Pipeline``'s claimant carries a per-process nonce) and
+  takes it over once the lease has run out or been handed on. A claim carries its owner's token
+  for it: a renewal or release acts only on that one claim, not on a later claim of the same
+  owner (``DedupStore``).
 * ``applied`` is written right after the API accepted the change, *before* the outcome is
   published, and is the event's last record: a redelivery, whether the crash came before the
   outcome was published or after, republishes ``applied`` without calling the API again.

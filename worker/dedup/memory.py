@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from worker.dedup.records import CLAIM_RECORD_KEEP_S, Claim, ClaimKind, DedupRecord, claimed, decide
+from worker.dedup.records import CLAIM_RECORD_KEEP_S, Claim, ClaimKind, DedupRecord, claimed, decide, renewed
 from worker.settings import MEMORY_MAX_ENTRIES
 
 
@@ -46,12 +46,10 @@ class MemoryStore:
         return answer
 
     async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
-        record = self._get(event_id)
-        if record is None or not record.is_claim_of(owner, token):
+        renewal = renewed(self._get(event_id), owner, token, time.time(), lease_s)
+        if renewal is None:
             return False
-        now = time.time()
-        renewed = claimed(owner, record.source, now, lease_s, record.target, token)
-        self._put(event_id, renewed, lease_s + self._claim_keep_s)
+        self._put(event_id, renewal, lease_s + self._claim_keep_s)
         return True
 
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:

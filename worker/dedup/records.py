@@ -138,3 +138,14 @@ def claimed(
     """A claim, with the change it is for (another change under the same id is a reuse) and the
     token its owner gave it."""
     return DedupRecord("claimed", owner, source, lease_until=now + lease_s, target=target, token=token)
+
+
+def renewed(
+    record: DedupRecord | None, owner: str, token: str, now: float, lease_s: float
+) -> DedupRecord | None:
+    """``record`` with its lease renewed for ``lease_s`` from ``now`` when it is the claim ``owner``
+    made with ``token`` (``DedupRecord.is_claim_of``); None when there is no such claim to renew.
+    The rule of every backend's ``extend`` (the Redis script mirrors it)."""
+    if record is None or not record.is_claim_of(owner, token):
+        return None
+    return claimed(owner, record.source, now, lease_s, record.target, token)

@@ -21,6 +21,7 @@ from worker.dedup.records import (
     DedupRecord,
     claimed,
     decide,
+    renewed,
 )
 from worker.errors import DedupUnavailable
 from worker.logs import get_logger
@@ -220,11 +221,10 @@ class SqliteStore:
         cls, conn: sqlite3.Connection, event_id: str, owner: str, lease_s: float, keep_s: float, token: str
     ) -> bool:
         now = time.time()
-        record = cls._read(conn, event_id, now)
-        if record is None or not record.is_claim_of(owner, token):
+        renewal = renewed(cls._read(conn, event_id, now), owner, token, now, lease_s)
+        if renewal is None:
             return False
-        renewed = claimed(owner, record.source, now, lease_s, record.target, token)
-        cls._write(conn, event_id, renewed, now + lease_s + keep_s)
+        cls._write(conn, event_id, renewal, now + lease_s + keep_s)
         return True
 
     @classmethod
