@@ -462,7 +462,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['cpu_count']} CPUs · load average {env['loadavg_start']} → {env['loadavg_end']} · "
         f"Python {env['python']} · {config['mode']} run: {config['events']:,} events over "
         f"{config['tickets']:,} tickets, {config['repeats']} repeat(s), medians shown · "
-        f"took {report['elapsed_s']:.0f} s",
+        f"took {report['elapsed_s']:.0f} s"
+        f"{' from the start of `make bench`' if config.get('budget_from') == 'make' else ''}",
         "",
         "## Targets (issue 5), as ratios from this run",
         "",
@@ -575,6 +576,7 @@ def readme_section(report: dict[str, Any]) -> str:
             ),
             "",
             *_paragraph(versus_own_client(report["summary"], concurrency)),
+            *_paragraph(" ".join(n for n in report.get("notes", []) if _shapes_the_run(n))),
             f"0 ms API latency, worker max_in_flight {concurrency}:",
             "",
             scenario_table(report["summary"], "api0", concurrency),
@@ -592,6 +594,11 @@ def readme_section(report: dict[str, Any]) -> str:
             README_END,
         ]
     )
+
+
+def _shapes_the_run(note: str) -> bool:
+    """A note the README's block repeats: what the time budget cut, which subjects ran once."""
+    return note.startswith("Time budget") or "first repeat only" in note
 
 
 def splice_readme(readme: str, section: str) -> str:

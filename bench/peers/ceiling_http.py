@@ -4,7 +4,7 @@ The same events as the backlog (regenerated from the same seed), mapped to the s
 bodies ahead of time and signed per request with the worker's signer. Each ticket's requests go
 in order (so the simulator's state machine accepts them all, as it does the worker's), at most
 ``--concurrency`` at a time over all tickets. Prints one JSON line:
-``{"count", "elapsed_s", "rate", "statuses"}``.
+``{"count", "elapsed_s", "rate", "statuses"}``; ``count`` and ``rate`` are of 2xx answers only.
 
 ``--client pyreqwest`` sends them with the worker's own HTTP client library instead of aiohttp, and
 ``--loop uvloop`` runs on the worker's event loop: not the issue's ceiling B (aiohttp), an
@@ -96,7 +96,9 @@ async def main(args: argparse.Namespace) -> None:
         deadline[0] = started + args.max_seconds
         await asyncio.gather(*(run_ticket(session, reqs) for reqs in plan.values()))
         elapsed = time.perf_counter() - started
-    count = sum(statuses.values())
+    # Only accepted changes count: a refusal (a bad signature, a step out of order) is cheaper
+    # than a change, and would make the ceiling look faster (the report names any such status).
+    count = sum(n for status, n in statuses.items() if 200 <= status < 300)
     print(
         json.dumps(
             {

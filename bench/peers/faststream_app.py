@@ -1,9 +1,10 @@
 """Peer 1: the same pipeline as a FastStream application, with FastStream's at-least-once settings.
 
-``ack_policy=AckPolicy.ACK`` acknowledges (commits) a message only after its handler returned,
-which here means after the outcome was published and confirmed (``broker.publish`` waits for the
-broker's ack; the producer uses ``acks="all"``); auto-commit is then off. ``max_workers`` > 1 with
-that policy gives FastStream's ``ConcurrentBetweenPartitionsSubscriber``: one consumer per worker
+``ack_policy=AckPolicy.NACK_ON_ERROR`` acknowledges (commits) a message only after its handler
+returned, which here means after the outcome was published and confirmed (``broker.publish`` waits
+for the broker's ack; the producer uses ``acks="all"``), and seeks back to it when the handler
+raised, so that it is read again (``AckPolicy.ACK`` would commit it then too, its outcome never
+written); auto-commit is then off. ``max_workers`` > 1 with that policy gives FastStream's ``ConcurrentBetweenPartitionsSubscriber``: one consumer per worker
 in the group, each handling its partitions one message at a time, so per-ticket order holds and
 concurrency is bounded by the partition count. (Concurrency *within* a partition exists only
 with ``AckPolicy.ACK_FIRST``, which commits before processing: not at-least-once.)
@@ -30,7 +31,7 @@ step = Step(args.api, args.ak, args.sk, connections=args.concurrency)
     fetch_max_wait_ms=args.fetch_max_wait_ms,
     session_timeout_ms=args.session_timeout_ms,
     heartbeat_interval_ms=args.heartbeat_ms,
-    ack_policy=AckPolicy.ACK,
+    ack_policy=AckPolicy.NACK_ON_ERROR,
     max_workers=args.concurrency,
 )
 async def handle(msg: KafkaMessage) -> None:
