@@ -728,6 +728,25 @@ async def test_redis_writes_wait_for_the_replicas_asked_for(
         await trusting.close()
 
 
+async def test_a_release_waits_for_replicas_as_a_renewal_does(own_redis: OwnRedis) -> None:
+    """A cancelled job's hand-on deletes its claim (nothing sent) or makes it expire: both are
+    writes a failover may undo, and both are refused alike when no replica acknowledged them (the
+    deletion was not, and the log said the claim was kept only for the other). No replica runs
+    here."""
+    plain = RedisStore(own_redis.url)
+    guarded = RedisStore(own_redis.url, min_replicas=1)
+    try:
+        await plain.claim("e1", "w1", "t/0/1", 30, token="1")
+        with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+            await guarded.extend("e1", "w1", 30.0, token="1")
+        with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+            await guarded.release("e1", "w1", token="1")
+        assert (await plain.claim("e1", "w2", "t/0/2", 30)).kind is ClaimKind.NEW  # done on the primary
+    finally:
+        await plain.close()
+        await guarded.close()
+
+
 async def test_a_takeover_refused_for_want_of_replicas_is_still_a_takeover_when_asked_again(
     own_redis: OwnRedis,
 ) -> None:

@@ -34,6 +34,7 @@ from worker.errors import (
 )
 from worker.gate import Gate
 from worker.logs import REDACTED, bind_message_context, configure, get_logger, register_secrets
+from worker.mapping import event_target
 from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
 from worker.publisher import DeadLetter
@@ -674,6 +675,62 @@ class _StoreAway(MemoryStore):
     async def ping(self) -> None:
         if self.away:
             raise DedupUnavailable("store away")
+
+
+class _AnswerLostThenClaimLost(_CallerStandIn):
+    """Sends, loses the answer and cannot read the ticket (``failed``, maybe applied) while the
+    store loses the claim (a Redis failover, an eviction); then applies. Records, per pass,
+    whether it was told a request of the event may have landed."""
+
+    def __init__(self, store: MemoryStore, hold: asyncio.Event | None = None) -> None:
+        self.store, self.hold = store, hold
+        self.ambiguous: list[bool] = []
+
+    async def apply(self, ticket_id: str, payload: bytes, **kwargs: Any) -> ApplyResult:
+        self.ambiguous.append(kwargs["ambiguous"])
+        if len(self.ambiguous) == 1:
+            await kwargs["before_send"]()
+            del self.store._items["ev-1"]
+            return ApplyResult("failed", 3, http_status=504, maybe_applied=True)
+        if self.hold is not None:
+            await self.hold.wait()  # cancelled here, before it sends again
+        await kwargs["before_send"]()
+        return ApplyResult("applied", 1, http_status=200)
+
+
+async def test_a_claim_lost_after_a_send_reads_the_ticket_before_sending_again() -> None:
+    """The first pass sent and its answer was lost; the store lost its claim meanwhile, so the
+    next claim is a fresh one that says nothing of that send. The next pass must still read the
+    ticket first (it sent the change a second time, unread)."""
+    store, published = MemoryStore(), Recorder()
+    caller = _AnswerLostThenClaimLost(store)
+    pipeline, gate = _pipeline(store, caller, published)
+    try:
+        await pipeline.process(job(STARTED))
+    finally:
+        await gate.close()
+    assert caller.ambiguous == [False, True]
+
+
+async def test_a_job_cancelled_after_its_claim_was_lost_past_a_send_leaves_the_next_owner_a_read() -> None:
+    """Cancelled in the second pass, before it sent again: its claim replaced no record, but the
+    first pass sent. The claim must expire (the next owner takes it over and reads the ticket),
+    not be deleted as if nothing had been sent."""
+    store, published, hold = MemoryStore(), Recorder(), asyncio.Event()
+    caller = _AnswerLostThenClaimLost(store, hold)
+    pipeline, gate = _pipeline(store, caller, published)
+    task = asyncio.create_task(pipeline.process(job(STARTED)))
+    try:
+        await until(lambda: len(caller.ambiguous) == 2, what="the second pass")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        target = event_target(CHANGE_EVENT_ADAPTER.validate_python(STARTED))
+        claim = await store.claim("ev-1", "another-worker", "t/0/9", 30.0, target=target)
+    finally:
+        await gate.close()
+    assert claim.kind is ClaimKind.NEW
+    assert claim.taken_over
 
 
 def _pipeline(

@@ -249,6 +249,9 @@ class Pipeline:
     async def _claim_and_apply(self, job: Job, event: AnyChangeEvent) -> None:
         body = request_wire(event)
         target = event_target(event)
+        # A pass whose claim was lost after it sent: the request may have landed, and the next
+        # claim (the store lost the first: a failover, an eviction) may not say so.
+        sent_before = False
         while True:
             token = next(self._tokens)  # this claim's: a late hand-on of the last must not reach it
             try:
@@ -269,7 +272,7 @@ class Pipeline:
                     job,
                     event,
                     wire_bytes(body),
-                    ambiguous=claim.maybe_sent,
+                    ambiguous=claim.maybe_sent or sent_before,
                     claimed_at=claimed_at,
                     token=token,
                     sends=sends,
@@ -278,9 +281,11 @@ class Pipeline:
                     await self._still_held(event.event_id, token)
             except _ClaimLost:
                 log.warning("claim_lost")
+                sent_before = sent_before or sends.began
                 continue
             except asyncio.CancelledError:
-                await self._let_go(event.event_id, token, unsent=claim.record is None and not sends.began)
+                unsent = claim.record is None and not (sends.began or sent_before)
+                await self._let_go(event.event_id, token, unsent=unsent)
                 raise
             break
         try:

@@ -214,7 +214,11 @@ class RedisStore:
         await self._write(lambda client: client.set(self._key(event_id), value, px=int(ttl_s * 1000)))
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None:
-        await self._call(self._release(keys=[self._key(event_id)], args=[owner, token]))
+        # A write like the others: one no replica acknowledged may come back after a failover
+        # (the claim then runs out its lease), so it is reported as not done, as a renewal is.
+        await self._write(
+            lambda client: self._release(keys=[self._key(event_id)], args=[owner, token], client=client)
+        )
 
     async def ping(self) -> None:
         """A claim of the probe key, not ``PING``: a replica answers ``PING``, as an ACL user
