@@ -128,3 +128,12 @@ class UpdateTicketResponse(BaseModel):
         """Table 6 gives ``error_code`` the default value ``GOM.00000000``: an answer without it
         says success as much as one with it (a 2xx without it was reported ``rejected``)."""
         return self.error_code is None or self.error_code == SUCCESS_CODE
+
+    def names_ticket(self, ticket_id: str) -> bool:
+        """Whether ``data`` names the ticket, as the example response (``data.ticket_info``) or
+        Table 7 (``data.ticket_id``) does: what confirms an answer that carries no ``error_code``."""
+        data = self.data if isinstance(self.data, dict) else {}
+        info = data.get("ticket_info")
+        return data.get("ticket_id") == ticket_id or (
+            isinstance(info, dict) and info.get("ticket_id") == ticket_id
+        )

@@ -882,16 +882,36 @@ async def test_an_http_client_that_cannot_start_without_a_ca_file_names_no_ca_fi
     )
 
 
-async def test_a_success_answer_without_an_error_code_is_a_success() -> None:
+async def test_a_success_answer_without_an_error_code_is_a_success_when_it_names_the_ticket() -> None:
     """Table 6 gives ``error_code`` the default value GOM.00000000: a 200 without it was reported
-    ``rejected`` (with a dead letter) for a change the API had made."""
+    ``rejected`` (with a dead letter) for a change the API had made. Its ``data`` names the ticket,
+    as Table 7 (``data.ticket_id``) or the example response (``data.ticket_info``) does."""
     async with serving(Stub()) as stub:
         stub.reply(200, {"provider_code": "049", "data": {"ticket_id": "CM1"}})
         async with running(settings(stub.url)) as client:
             assert (await put(client)).http_status == 200
+            stub.reply(200, {"data": {"ticket_info": {"ticket_id": "CM1", "sub_tickets": []}}})
+            assert (await put(client)).http_status == 200
             stub.reply(200, {"error_code": "GOM.00001001", "error_msg": "refused"})
             with pytest.raises(ApiRejected):
                 await put(client)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"status": "ok"}, {"error_code": None}, {"data": {"ticket_id": "CM2"}}, {"data": [1]}],
+)
+async def test_a_2xx_that_neither_says_success_nor_names_the_ticket_is_ambiguous(answer: object) -> None:
+    """A wrong route or a gateway answering 200 with JSON of its own: it was taken for the API's
+    success, the event reported applied and its offset committed with nothing changed. Now the
+    ticket is read before anything else, as after an unreadable 2xx."""
+    async with serving(Stub()) as stub:
+        stub.reply(200, answer)
+        async with running(settings(stub.url)) as client:
+            with pytest.raises(ApiTransientError) as exc:
+                await put(client)
+    assert exc.value.ambiguous
+    assert exc.value.http_status == 200
 
 
 async def test_an_answer_is_judged_by_its_error_code_alone() -> None:

@@ -19,6 +19,9 @@ read timeout, dropped connection             ``ApiTransientError(ambiguous=True)
 other 3xx/4xx/5xx, 2xx with another code     ``ApiRejected``
 =========================================  ===========================================
 
+A 2xx without ``error_code`` (Table 6's default is the success code) is a success when its ``data``
+names the ticket, and ambiguous, as an unreadable one, when it does not: a wrong route's ``{}``.
+
 Three requests: the ``PUT`` of a change; a ``GET`` of the ticket, to confirm a change whose answer
 was lost and as the auth gate's probe; and, for credentials that may change tickets but not read
 them, a ``PUT {}`` to a ticket no event names (``probe_write``), which changes nothing.
@@ -333,6 +336,13 @@ class CocApiClient:
                     http_status=status,
                     error_code=code,
                     error_msg=_short(parsed.error_msg),
+                )
+            if parsed.error_code is None and not parsed.names_ticket(ticket_id):
+                # JSON that neither says success nor names the ticket ({} from a wrong route, a
+                # gateway's own answer) was taken for the API's: the change reported applied, its
+                # offset committed, and nothing made. Whether it is in place is read instead.
+                raise ApiTransientError(
+                    f"HTTP {status} without error_code or the ticket", http_status=status, ambiguous=True
                 )
             return ApiResponse(status, parsed, latency)
         raise self._classify_failure(status, parsed, retry_after)
