@@ -662,11 +662,63 @@ async def test_a_partition_whose_offsets_went_back_starts_over_after_its_jobs(tm
         pipeline.release.set()
         await until(lambda: group.seeks == [(tp, 0)])
         assert group.paused_now == set()
-        assert worker._offsets.to_commit() == {}  # tracked afresh: nothing of the old log to commit
+        assert worker._offsets.to_commit() == {key: 0}  # tracked afresh: the new log's start
         worker._dispatch(Message(key[0], 0, 0, None, b"{}", [], 0))  # read again, and taken now
         await until(lambda: [job.message.offset for job in pipeline.started] == [5, 6, 0])
     finally:  # never started: only the clients' objects to close
         await close_unstarted(worker, real)
+
+
+class EachOwnRelease:
+    """A pipeline whose jobs each wait for their own offset's release."""
+
+    def __init__(self) -> None:
+        self.go: dict[int, asyncio.Event] = {}
+        self.handed_on = nothing_to_hand_on
+
+    async def process(self, job: Job) -> None:
+        await self.go.setdefault(job.message.offset, asyncio.Event()).wait()
+
+
+async def test_what_is_committed_while_a_partition_starts_over_is_the_new_logs_start(tmp_path: Path) -> None:
+    """Jobs of the old log still ran when the log went back: a periodic commit sent the old log's
+    watermark (6), a position the new log had not reached; the next owner, or the worker
+    restarted, began there, and the new log's first messages never had an outcome."""
+    worker = make_worker(tmp_path)
+    pipeline = EachOwnRelease()
+    worker._pipeline = pipeline  # type: ignore[assignment]
+    key = (worker.settings.input_topic, 0)
+    async with member_in_place(worker, GroupMember({TopicPartition(*key)})) as commits:
+        await worker.on_assigned({key})
+        for offset in (5, 6, 0):  # 0: the new log's
+            worker._dispatch(Message(key[0], 0, offset, b"t%d" % offset, b"{}", [], 0))
+        await until(lambda: {5, 6} <= set(pipeline.go), what="the old log's jobs")
+        pipeline.go[5].set()
+        await worker._commit()
+        assert commits == [{key: 0}]
+        pipeline.go[6].set()
+        await until(lambda: key not in worker._rewinding, what="the start over")
+        await worker._commit()
+        assert commits == [{key: 0}]  # nothing of the old log, and nothing new yet
+
+
+async def test_a_revoke_while_a_partition_starts_over_commits_the_new_logs_start(tmp_path: Path) -> None:
+    """The revoke waits for the old log's jobs, then commits: it committed their watermark (7),
+    and the next owner skipped the new log's messages below it."""
+    worker = make_worker(tmp_path, revoke_grace_s=5.0)
+    pipeline = EachOwnRelease()
+    worker._pipeline = pipeline  # type: ignore[assignment]
+    key = (worker.settings.input_topic, 0)
+    async with member_in_place(worker, GroupMember({TopicPartition(*key)})) as commits:
+        await worker.on_assigned({key})
+        for offset in (5, 6, 0):
+            worker._dispatch(Message(key[0], 0, offset, b"t%d" % offset, b"{}", [], 0))
+        await until(lambda: {5, 6} <= set(pipeline.go), what="the old log's jobs")
+        revoking = asyncio.create_task(worker.on_revoked({key}))
+        pipeline.go[5].set()
+        pipeline.go[6].set()
+        await revoking
+    assert commits == [{key: 0}]
 
 
 async def test_records_read_before_a_rebalance_during_the_same_fetch_are_not_handed_up() -> None:

@@ -405,8 +405,9 @@ class Worker:
         """An offset at or below one already taken: the partition's log was truncated or the topic
         recreated (an unclean leader election; the broker lost its data), and aiokafka went back
         to its start. These are new messages: dropped as seen twice, they had no outcome, and the
-        commit of a later offset went past them. The partition is paused until its jobs of the
-        old log have finished, then tracked afresh and read again from this offset."""
+        commit of a later offset went past them. The partition is tracked afresh from this offset
+        at once (what is committed meanwhile is this offset), paused until its jobs of the old log
+        have finished, then read again from this offset."""
         key = message.partition_key
         token = self._rewinding[key] = object()
         self._consumer.hold(key)
@@ -417,6 +418,7 @@ class Worker:
             offset=message.offset,
             in_flight=self._offsets.pending_of(key),
         )
+        self._offsets.start_over(key, message.offset)  # commits meanwhile name the new log's start
         self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.get_running_loop().create_task(self._rewind(key, message.offset, token)))
 
@@ -429,8 +431,6 @@ class Worker:
         if self._rewinding.get(key) is not token:
             return  # revoked meanwhile: its next owner reads it from the last commit
         del self._rewinding[key]
-        self._offsets.drop({key})
-        self._offsets.assign(key)
         self._consumer.seek(key, offset)
         self._consumer.release(key)
         log.info("partition_started_over", topic=key[0], partition=key[1], offset=offset)

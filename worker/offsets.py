@@ -122,6 +122,15 @@ class OffsetTracker:
         part = self._parts.get(key)
         return part.committed if part else None
 
+    def start_over(self, key: PartitionKey, offset: int) -> None:
+        """The partition's log went back (truncated, the topic recreated): track it afresh from
+        ``offset``, the new log's, which is what commits now name. The old log's watermark named a
+        position the new log had not reached: committed, by the periodic commit, a revoke or a
+        stop while old jobs still ran, it skipped the new log's first messages for the next owner.
+        Old jobs' finishes go to the tracker they were taken in, no longer this one."""
+        old = self._parts.get(key)
+        self._parts[key] = PartitionOffsets(next_position=offset, committed=old.committed if old else None)
+
     def drop(self, keys: set[PartitionKey]) -> None:
         for key in keys:
             self._parts.pop(key, None)
