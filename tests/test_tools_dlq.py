@@ -119,7 +119,7 @@ def test_the_dead_letter_of_an_unreadable_record_is_never_replayed() -> None:
     record = DeadLetterRecord.from_message(
         dead_letter(value=b"", key=None, event_id=None, status="invalid", reason="unreadable"), 1 << 20
     )
-    assert _refusal(record, "in", target_named=False) == (
+    assert _refusal(record, "in", from_any_topic=False) == (
         "the Kafka client could not read the input record (a header key that is not UTF-8);"
         " the whole message is at in/2/40"
     )
@@ -215,3 +215,101 @@ def test_dlq_list_keeps_its_columns_and_its_identifiers_whole() -> None:
     assert long_id in lines[1]
     assert lines[2].endswith("…")
     assert lines[1].index("in/2/40") == lines[2].index("in/2/40") == lines[0].index("SOURCE")
+
+
+def _replay_kafka(topic: str = "in") -> list[str]:
+    return ["--kafka-bootstrap-servers", "127.0.0.1:9", "--input-topic", topic, "--dlq-topic", "dlq"]
+
+
+class _Accepts:
+    """Stands in for ``EventProducer``: every record acknowledged; what was sent, by topic."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[OutRecord]]] = []
+
+    def __call__(self, settings: Any) -> _Accepts:
+        return self
+
+    async def __aenter__(self) -> _Accepts:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        self.sent.append((topic, list(records)))
+        return [Delivered(topic, 0, i) for i in range(len(records))]
+
+    def event_ids(self) -> list[tuple[str, str]]:
+        return [(topic, json.loads(r.value or b"")["event_id"]) for topic, rs in self.sent for r in rs]
+
+
+def _letter_from(topic: str, event_id: str, offset: int) -> Message:
+    value = json.dumps({**EVENT, "event_id": event_id}).encode()
+    dead = DeadLetter(b"CM1", value, [], "rejected", "api_rejected", "d", topic, 0, offset, event_id)
+    return Message(
+        "dlq", 0, offset, b"CM1", value, dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC)), 0
+    )
+
+
+def test_following_the_to_topic_hint_sends_only_that_topics_dead_letters(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two workers share a DLQ. The hint for the other topic's record says --to-topic other; with
+    it every record went there, this worker's own too, exit code 0."""
+    letters = [_letter_from("in", "x0", 0), _letter_from("other", "x1", 1)]
+    producer = _Accepts()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic(letters))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    assert main(["dlq", "replay", "--all", *_replay_kafka()]) == 1
+    assert "replay it with --to-topic other" in capsys.readouterr().out
+    assert main(["dlq", "replay", "--all", "--to-topic", "other", *_replay_kafka()]) == 1
+    assert (
+        main(["dlq", "replay", "--all", "--to-topic", "renamed", "--from-any-topic", *_replay_kafka()]) == 0
+    )
+    assert producer.event_ids() == [("in", "x0"), ("other", "x1"), ("renamed", "x0"), ("renamed", "x1")]
+
+
+def test_records_the_worker_did_not_write_are_never_replayed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record written to the DLQ by hand: a keyed tombstone went to the input topic as a
+    tombstone, and one without key or value made aiokafka raise an AssertionError past every
+    handler (a traceback, the records before it in the same group sent and never reported)."""
+    letters = [
+        _letter_from("in", "x0", 0),
+        Message("dlq", 0, 1, None, None, [], 0),
+        Message("dlq", 0, 2, b"CM1", None, [], 0),
+        Message("dlq", 0, 3, b"CM1", json.dumps(EVENT).encode(), [], 0),
+    ]
+    producer = _Accepts()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic(letters))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    assert main(["dlq", "replay", "--all", *_replay_kafka()]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["replay", "NOT", "NOT", "NOT"]
+    assert all("not a dead letter of the worker" in line for line in out[1:])
+    assert producer.event_ids() == [("in", "x0")]
+
+
+def test_a_replay_goes_on_when_its_output_is_cut(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dlq replay --all | head``: the first line after head left raised BrokenPipeError and the
+    run ended with the first group of 500 sent and the rest not, exit code 141, no summary."""
+    import io
+
+    class Cut(io.StringIO):
+        def write(self, text: str) -> int:
+            if self.tell() > 200:
+                raise BrokenPipeError
+            return super().write(text)
+
+    letters = [_letter_from("in", f"x{i}", i) for i in range(600)]
+    producer = _Accepts()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic(letters))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    monkeypatch.setattr("sys.stdout", Cut())
+    assert main(["dlq", "replay", "--all", *_replay_kafka()]) == 0
+    assert len(producer.event_ids()) == 600
+    assert "replayed 600 of 600 record(s)" in capsys.readouterr().err

@@ -476,6 +476,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             sys.stdout,
             sys.stderr,
             to_topic=args.to_topic,
+            from_any_topic=args.from_any_topic,
             dry_run=args.dry_run,
             limit=args.limit,
         )
@@ -583,8 +584,9 @@ def _add_tool_parsers(sub: Any) -> None:
     replaying = dlq_sub.add_parser(
         "replay",
         help="send selected records back to the input topic (same key, value, event_id)",
-        description="One copy of a message (its key and value bytes) per run; records cut by the dead-letter writer, or from "
-        "another topic than the target (unless --to-topic), are not sent. Exit codes: 0 every "
+        description="One copy of a message (its key and value bytes) per run; records cut by the dead-letter writer, "
+        "not written by the worker, or from another topic than the target (unless --from-any-topic), are not "
+        "sent. Exit codes: 0 every "
         "selected record replayed or a skipped copy; 1 a record NOT replayable, or a write failed "
         "(UNKNOWN: sent, not acknowledged); 2 bad input.",
     )
@@ -592,6 +594,11 @@ def _add_tool_parsers(sub: Any) -> None:
     replaying.add_argument("--all", action="store_true", help="replay every record (no selection)")
     replaying.add_argument("--dry-run", action="store_true", help="only show what would be replayed")
     replaying.add_argument("--to-topic", help="replay here instead of the input topic")
+    replaying.add_argument(
+        "--from-any-topic",
+        action="store_true",
+        help="also send records dead-lettered from another topic than the target (a renamed input topic)",
+    )
     _add_settings_flags(replaying, _KAFKA_SETTINGS)
     replaying.set_defaults(func=cmd_dlq_replay)
 

@@ -217,8 +217,10 @@ class Ingress:
         if self._auth:
             try:
                 tokens = self._tokens()
-            except ConfigError:
-                log.error("ingest_tokens_unreadable")
+            except ConfigError as exc:
+                # Why (a short token, a file that is not UTF-8): the message names a length, never
+                # a token. Without it, a readable file with a bad token looked unreadable.
+                log.error("ingest_tokens_unreadable", detail=str(exc))
                 return _error(503, "auth_unavailable", "the ingress cannot read its tokens")
             if not _authorized(request, tokens):
                 return self._unauthorized(request)

@@ -132,6 +132,14 @@ async def test_an_emptied_tokens_file_lets_nobody_in(ingress: str, settings: Wor
     settings.ingest_tokens_file.write_bytes(b"\xff\xfe")
     status, body, _ = await post(f"{ingress}/v1/events", one, bearer(TOKENS[0]))
     assert (status, body["error"]) == (503, "auth_unavailable")
+    # A readable file with a token too short (a "# tokens" comment line is two): the log says why,
+    # not only that the tokens could not be read; and never the token.
+    settings.ingest_tokens_file.write_text("# tokens\n" + "\n".join(TOKENS) + "\n")
+    with capture_logs() as logs:
+        status, body, _ = await post(f"{ingress}/v1/events", one, bearer(TOKENS[0]))
+    assert (status, body["error"]) == (503, "auth_unavailable")
+    [said] = [e for e in logs if e["event"] == "ingest_tokens_unreadable"]
+    assert "a value of 1 characters" in said["detail"]
     assert await size(settings) == 2
 
 

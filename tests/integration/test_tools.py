@@ -461,7 +461,7 @@ async def test_a_replay_sends_one_copy_of_an_event_and_nothing_that_is_not_the_e
     assert run.lines[1].endswith(f"a copy of {first_at}, sent by this run")
     assert "cut its value to 40 of" in run.lines[2]
     assert f"the whole message is at {topics['input']}/0/1" in run.lines[2]
-    assert f"pass --to-topic {other}" in run.lines[3]
+    assert f"replay it with --to-topic {other}" in run.lines[3]
     assert "replayed 3 of 6 record(s)" in run.err
     assert "1 later copy of an event skipped; 2 NOT replayable" in run.err
     sent = await read_records(broker.bootstrap, topics["input"], 3)
@@ -472,10 +472,12 @@ async def test_a_replay_sends_one_copy_of_an_event_and_nothing_that_is_not_the_e
     assert [line.split()[0] for line in dry.lines] == ["would", "would", "NOT", "NOT", "would", "would"]
     assert dry.lines[1].startswith("would skip")
     assert "dry run: 3 of 6 record(s) would be replayed" in dry.err
-    named = await cli("dlq", "replay", "--event-id", "r2", "--to-topic", other)
-    assert named.code == 0, named.err
+    named = await cli("dlq", "replay", "--all", "--to-topic", other)  # as the hint says
+    assert named.code == 1, named.err
+    assert [line.split()[0] for line in named.lines].count("replay") == 1  # r2 alone, not the others
     [stranger] = await read_records(broker.bootstrap, other, 1)
     assert json.loads(stranger.value or b"")["event_id"] == "r2"
+    assert await topic_size(broker, other) == 1
 
 
 async def test_replay_targets_and_partitions_are_checked(

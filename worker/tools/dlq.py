@@ -12,8 +12,11 @@ the DLQ again, and must not be picked up by the same run). For the same reason o
 copy of a message (its key and value bytes): an event replayed and rejected again has two records
 in the DLQ, and sending both on the next run would double them on every run. A record the dead-letter writer had to cut
 (too large for the DLQ) is never sent: its bytes are no longer the event; the headers say where the
-whole message still is. A record that came from another topic than the target is not sent either,
-unless ``--to-topic`` names the target explicitly.
+whole message still is. A record that came from another topic than the target is not sent either
+(``--to-topic`` names the target; ``--from-any-topic`` sends such records all the same, for a
+renamed input topic), nor one the worker did not write (no ``coc-dlq-*`` headers) or one without a
+value. The replay goes on when its output's reader goes away (``| head``): stopped there, it left
+the rest unsent with the user none the wiser.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class DeadLetterRecord:
             dlq.get(name, "?") for name in ("source-topic", "source-partition", "source-offset")
         )
         cut = None
-        if "tombstone" in dlq:
+        if not dlq:
+            cut = "not a dead letter of the worker (no coc-dlq-* headers): written to the DLQ by hand?"
+        elif "tombstone" in dlq or message.value is None:
             cut = "the input was a tombstone (no value): there is no event to replay"
         elif dlq.get("reason") == "unreadable":
             # Its empty key and value are not the event: sent, they would be a junk message.
@@ -277,16 +282,34 @@ class ReplayReport:
     refused: int = 0
 
 
-def _refusal(record: DeadLetterRecord, target: str, target_named: bool) -> str | None:
-    """Why this record must not be sent to ``target``, if it must not."""
+def _refusal(record: DeadLetterRecord, target: str, from_any_topic: bool) -> str | None:
+    """Why this record must not be sent to ``target``, if it must not. A record of another topic
+    is refused whatever ``--to-topic`` says: following the hint below for one topic's records sent
+    every other topic's there too."""
     if record.cut is not None:
         return f"{record.cut}; the whole message is at {record.source}"
-    if not target_named and record.source_topic is not None and record.source_topic != target:
+    if not from_any_topic and record.source_topic is not None and record.source_topic != target:
         return (
-            f"it came from {record.source_topic!r}, not {target!r}; "
-            f"pass --to-topic {record.source_topic} to send it there"
+            f"it came from {record.source_topic!r}, not {target!r}; replay it with "
+            f"--to-topic {record.source_topic} (or pass --from-any-topic to send it to {target!r})"
         )
     return None
+
+
+class _Lines:
+    """The replay's report lines on ``out``, until its reader goes away (``| head``): then on
+    nothing, and the replay goes on (its summary is on stderr)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out: TextIO | None = out
+
+    def __call__(self, text: str) -> None:
+        if self._out is None:
+            return
+        try:
+            print(text, file=self._out, flush=True)
+        except BrokenPipeError:
+            self._out = None
 
 
 async def replay(
@@ -296,11 +319,13 @@ async def replay(
     err: TextIO,
     *,
     to_topic: str | None = None,
+    from_any_topic: bool = False,
     dry_run: bool = False,
     limit: int | None = None,
 ) -> ReplayReport:
     """Send the matching records back to the input topic (or only list them with ``dry_run``)."""
     target = to_topic or settings.input_topic
+    say = _Lines(out)
     progress = Progress(f"dlq replay -> {target}", stream=err)
     selected, sent, refused = 0, 0, 0
     first_copy: dict[str, str] = {}  # identity -> the DLQ position of the record this run sends
@@ -331,7 +356,7 @@ async def replay(
             acked, failure, handed = exc.acked, exc, exc.handed
         except asyncio.CancelledError:  # Ctrl-C while the chunk was on its way
             for record in to_send:
-                print(line("UNKNOWN", record, "interrupted while it was being sent"), file=out, flush=True)
+                say(line("UNKNOWN", record, "interrupted while it was being sent"))
             print(
                 f"dlq replay: interrupted; {sent} record(s) replayed before this last group of "
                 f"{len(to_send)}, which may or may not have been written: check {target!r} before "
@@ -342,17 +367,17 @@ async def replay(
         unknown, i = 0, 0
         for record, note in chunk:
             if note is not None:
-                print(note, file=out, flush=True)
+                say(note)
                 continue
             if producer is None:
-                print(line("would replay", record), file=out, flush=True)
+                say(line("would replay", record))
             elif acked[i] is not None:
-                print(line("replay", record), file=out, flush=True)
+                say(line("replay", record))
             elif i < handed:
                 unknown += 1
-                print(line("UNKNOWN", record, "not acknowledged, may be written"), file=out, flush=True)
+                say(line("UNKNOWN", record, "not acknowledged, may be written"))
             else:
-                print(line("NOT replayed", record), file=out, flush=True)
+                say(line("NOT replayed", record))
             i += 1
         done = sum(where is not None for where in acked)
         sent += done
@@ -374,7 +399,7 @@ async def replay(
         async with aclosing(records):
             async for record in records:
                 selected += 1
-                why = _refusal(record, target, to_topic is not None)
+                why = _refusal(record, target, from_any_topic)
                 earlier = first_copy.get(record.identity)
                 if why is not None:
                     refused += 1
