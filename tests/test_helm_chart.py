@@ -167,6 +167,13 @@ GOOD: dict[str, dict[str, Any]] = {
         },
     ),
     "keda_scale_to_zero": merged(FULL, {"autoscaling": {"keda": {"minReplicaCount": 0}}}),
+    "keda_scale_to_zero_sqlite_on_a_pvc": merged(
+        MINIMAL,
+        {
+            "persistence": {"type": "pvc"},
+            "autoscaling": {"keda": {"enabled": True, "minReplicaCount": 0, "maxReplicaCount": 1}},
+        },
+    ),
     # a values file from before the key was retired: accepted (an upgrade must not fail on it), ignored
     "keda_old_offset_reset_policy": merged(FULL, {"autoscaling": {"keda": {"offsetResetPolicy": "latest"}}}),
     "redis_url_with_options": merged(
@@ -272,6 +279,19 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
             {"autoscaling": {"keda": {"minReplicaCount": 0}}, "podDisruptionBudget": {"minAvailable": 1}},
         ),
         "minAvailable=1 with 1 replica (autoscaling.keda.minReplicaCount=0",
+    ),
+    # scaled to zero, the pod goes and a store that lives in it (sqlite on an emptyDir, memory) too
+    "keda_scale_to_zero_with_the_dedup_store_in_the_pod": (
+        {"autoscaling": {"keda": {"enabled": True, "minReplicaCount": 0, "maxReplicaCount": 1}}},
+        "every scale to zero removes the pod and the dedup store with it",
+    ),
+    "keda_scale_to_zero_with_the_memory_store_on_a_pvc": (
+        {
+            "dedup": {"backend": "memory"},
+            "persistence": {"type": "pvc"},
+            "autoscaling": {"keda": {"enabled": True, "minReplicaCount": 0, "maxReplicaCount": 1}},
+        },
+        "dedup.backend=memory on persistence.type=pvc",
     ),
     "sasl_without_mechanism": ({"kafka": {"securityProtocol": "SASL_SSL"}}, "mechanism"),
     "password_in_redis_url": (

@@ -198,6 +198,10 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- end }}
 {{- end }}
+{{- $storeDiesWithThePod := or (eq $v.dedup.backend "memory") (and (eq $v.dedup.backend "sqlite") (ne $v.persistence.type "pvc")) }}
+{{- if and $v.autoscaling.keda.enabled (eq ($v.autoscaling.keda.minReplicaCount | int64) 0) $storeDiesWithThePod }}
+{{- fail (printf "autoscaling.keda.minReplicaCount=0 with dedup.backend=%s on persistence.type=%s: every scale to zero removes the pod and the dedup store with it, and the events it had applied would be sent again when read again; use persistence.type=pvc (sqlite) or dedup.backend=redis, or minReplicaCount 1" $v.dedup.backend $v.persistence.type) }}
+{{- end }}
 {{- if and (ne $v.dedup.backend "redis") (gt (include "coc.maxReplicas" . | int64) 1) }}
 {{- fail (printf "dedup.backend=%s keeps each pod's own records: after a rebalance a pod would not know what another applied; run one replica or use dedup.backend=redis" $v.dedup.backend) }}
 {{- end }}
