@@ -596,9 +596,14 @@ def readme_section(report: dict[str, Any]) -> str:
     )
 
 
+#: How ``bench/run.py`` begins a note on what its time budget cut, and marks one on which subjects
+#: ran in the first repeat only: the notes the README's block repeats.
+BUDGET_NOTE = "Time budget"
+FIRST_REPEAT_ONLY_NOTE = "in the first repeat only"
+
+
 def _shapes_the_run(note: str) -> bool:
-    """A note the README's block repeats: what the time budget cut, which subjects ran once."""
-    return note.startswith("Time budget") or "first repeat only" in note
+    return note.startswith(BUDGET_NOTE) or FIRST_REPEAT_ONLY_NOTE in note
 
 
 def splice_readme(readme: str, section: str) -> str:

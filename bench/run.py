@@ -525,42 +525,38 @@ def _budget_notes(plan: Plan, extra: dict[str, Any]) -> list[str]:
     notes = []
     if "rss_cap_trimmed_s" in extra:
         notes.append(
-            f"Time budget ({plan.budget_s:g} s): the peak-RSS run's window was trimmed from "
+            f"{report.BUDGET_NOTE} ({plan.budget_s:g} s): the peak-RSS run's window was trimmed from "
             f"{plan.rss_cap_s:g} s to {extra['rss_cap_trimmed_s']:g} s."
         )
     if "repeats_done" in extra:
         notes.append(
-            f"Time budget ({plan.budget_s:g} s): {extra['repeats_done']} of the {plan.repeats} repeats of the "
+            f"{report.BUDGET_NOTE} ({plan.budget_s:g} s): {extra['repeats_done']} of the {plan.repeats} repeats of the "
             "0 ms and 20 ms scenarios (and as many paced pairs) fitted; the medians are of those."
         )
     if extra.get("sweep_skipped"):
         points = ", ".join(str(c) for c in extra["sweep_skipped"])
         notes.append(
-            f"Time budget ({plan.budget_s:g} s): the sweep's points at max_in_flight {points} did not "
+            f"{report.BUDGET_NOTE} ({plan.budget_s:g} s): the sweep's points at max_in_flight {points} did not "
             "fit and are not in the chart."
         )
     return notes
 
 
-_NAMES = {"pyrallel": "Peer 2 (pyrallel-consumer)", "baseline": "the baseline (sequential loop)"}
-
-
 def _notes(plan: Plan, runs: list[dict[str, Any]]) -> list[str]:
-    once = [s for s in ("pyrallel", "baseline") if s in plan.subjects and plan.repeats > 1]
-    notes = [
-        *(
-            [
-                f"{' and '.join(_NAMES[s] for s in once)} ran in the first repeat only, once at each latency: "
-                "no target depends on them, and the time went to the sweep."
-            ]
-            if once
-            else []
-        ),
+    notes = []
+    once = [s for s in plan.subjects if s in FIRST_REPEAT_ONLY] if plan.repeats > 1 else []
+    if once:
+        notes.append(
+            f"Run once at each latency, {report.FIRST_REPEAT_ONLY_NOTE} (no target depends on them, and the "
+            f"time went to the sweep): {'; '.join(report.LABELS[s] for s in once)}."
+        )
+    notes += [
         "Every subject is its own process; the simulator is another (one process for the whole run, reset "
         "before each run); broker: a fresh Tansu per run. All share the machine's cores.",
         "FastStream runs with `ack_policy=AckPolicy.NACK_ON_ERROR` (commit after the handler, i.e. after the "
-        "outcome is confirmed; a handler that raised reads its message again) and `max_workers` = partitions: at-least-once FastStream handles one message at a time per "
-        "partition, so its concurrency is the partition count, not max_in_flight.",
+        "outcome is confirmed; a handler that raised reads its message again) and `max_workers` = "
+        "partitions: at-least-once FastStream handles one message at a time per partition, so its "
+        "concurrency is the partition count, not max_in_flight.",
     ]
     bad = [r for r in runs if r["statuses"] and set(r["statuses"]) != {"applied"}]
     for r in bad:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +23,7 @@ from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.dedup import SqliteStore
 from worker.errors import ApiUnreachable, BrokerUnavailable, DedupUnavailable, KafkaClientStopped
+from worker.offsets import PartitionKey
 from worker.pipeline import Job
 from worker.sandbox import free_port
 from worker.settings import WorkerSettings
@@ -154,6 +155,13 @@ class Holds:
     async def process(self, job: Job) -> None:
         self.started.append(job)
         await self.release.wait()
+
+
+def processing_with(worker: Worker, process: Callable[[Job], Awaitable[None]]) -> SimpleNamespace:
+    """A stand-in pipeline whose jobs run ``process``: none waits on another job, none holds a claim."""
+    pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on)
+    worker._pipeline = pipeline  # type: ignore[assignment]
+    return pipeline
 
 
 def holding_jobs(worker: Worker) -> Holds:
@@ -680,19 +688,25 @@ class EachOwnRelease:
         await self.go.setdefault(job.message.offset, asyncio.Event()).wait()
 
 
+async def old_log_still_running(worker: Worker, key: PartitionKey) -> EachOwnRelease:
+    """The partition's jobs at 5 and 6 running when its log goes back (0, the new log's)."""
+    pipeline = EachOwnRelease()
+    worker._pipeline = pipeline  # type: ignore[assignment]
+    await worker.on_assigned({key})
+    for offset in (5, 6, 0):
+        worker._dispatch(Message(key[0], 0, offset, b"t%d" % offset, b"{}", [], 0))
+    await until(lambda: {5, 6} <= set(pipeline.go), what="the old log's jobs")
+    return pipeline
+
+
 async def test_what_is_committed_while_a_partition_starts_over_is_the_new_logs_start(tmp_path: Path) -> None:
     """Jobs of the old log still ran when the log went back: a periodic commit sent the old log's
     watermark (6), a position the new log had not reached; the next owner, or the worker
     restarted, began there, and the new log's first messages never had an outcome."""
     worker = make_worker(tmp_path)
-    pipeline = EachOwnRelease()
-    worker._pipeline = pipeline  # type: ignore[assignment]
     key = (worker.settings.input_topic, 0)
     async with member_in_place(worker, GroupMember({TopicPartition(*key)})) as commits:
-        await worker.on_assigned({key})
-        for offset in (5, 6, 0):  # 0: the new log's
-            worker._dispatch(Message(key[0], 0, offset, b"t%d" % offset, b"{}", [], 0))
-        await until(lambda: {5, 6} <= set(pipeline.go), what="the old log's jobs")
+        pipeline = await old_log_still_running(worker, key)
         pipeline.go[5].set()
         await worker._commit()
         assert commits == [{key: 0}]
@@ -706,14 +720,9 @@ async def test_a_revoke_while_a_partition_starts_over_commits_the_new_logs_start
     """The revoke waits for the old log's jobs, then commits: it committed their watermark (7),
     and the next owner skipped the new log's messages below it."""
     worker = make_worker(tmp_path, revoke_grace_s=5.0)
-    pipeline = EachOwnRelease()
-    worker._pipeline = pipeline  # type: ignore[assignment]
     key = (worker.settings.input_topic, 0)
     async with member_in_place(worker, GroupMember({TopicPartition(*key)})) as commits:
-        await worker.on_assigned({key})
-        for offset in (5, 6, 0):
-            worker._dispatch(Message(key[0], 0, offset, b"t%d" % offset, b"{}", [], 0))
-        await until(lambda: {5, 6} <= set(pipeline.go), what="the old log's jobs")
+        pipeline = await old_log_still_running(worker, key)
         revoking = asyncio.create_task(worker.on_revoked({key}))
         pipeline.go[5].set()
         pipeline.go[6].set()
@@ -990,8 +999,7 @@ async def test_a_stop_while_the_jobs_in_hand_wait_at_the_closed_gate_does_not_wa
     async def still_down() -> None:
         raise ApiUnreachable("still down")
 
-    pipeline = SimpleNamespace(process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on)
-    worker._pipeline = pipeline  # type: ignore[assignment]
+    pipeline = processing_with(worker, process)
     async with member_in_place(worker, member) as commits:
         try:
             await worker.on_assigned({key})
@@ -1040,9 +1048,7 @@ async def test_a_pause_that_ends_soon_after_a_stop_lets_the_jobs_waiting_for_it_
         if not back.is_set():
             raise DedupUnavailable("failing over")
 
-    worker._pipeline = SimpleNamespace(  # type: ignore[assignment]
-        process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on
-    )
+    processing_with(worker, process)
     async with member_in_place(worker, member) as commits:
         await worker.on_assigned({key})
         worker._gate.trip(DedupUnavailable("failing over"), store_probe)
@@ -1107,9 +1113,7 @@ async def test_a_stop_does_not_probe_a_flapping_pause_each_turn(tmp_path: Path) 
             await asyncio.sleep(0.7)  # the write that is refused again, after a while
             worker._gate.trip(BrokerUnavailable("writes refused"), passes)
 
-    worker._pipeline = SimpleNamespace(  # type: ignore[assignment]
-        process=process, waiting_on_other_jobs=0, handed_on=nothing_to_hand_on
-    )
+    processing_with(worker, process)
     async with member_in_place(worker, member):
         await worker.on_assigned({key})
         worker._gate.trip(BrokerUnavailable("writes refused"), passes)

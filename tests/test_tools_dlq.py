@@ -152,17 +152,16 @@ class _DeadLetterTopic:
             yield message
 
 
-class _AnswerLost:
-    """Stands in for ``EventProducer``: the write times out after two records were handed to the
-    client, the first of them acknowledged (as ``EventProducer.send_many`` raises it)."""
+class _Accepts:
+    """Stands in for ``EventProducer``: every record acknowledged; what was sent, by topic."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[OutRecord]]] = []
 
-    def __call__(self, settings: Any) -> _AnswerLost:
+    def __call__(self, settings: Any) -> _Accepts:
         return self
 
-    async def __aenter__(self) -> _AnswerLost:
+    async def __aenter__(self) -> _Accepts:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -170,7 +169,31 @@ class _AnswerLost:
 
     async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
         self.sent.append((topic, list(records)))
+        return [Delivered(topic, 0, i) for i in range(len(records))]
+
+    def event_ids(self) -> list[tuple[str, str]]:
+        return [(topic, json.loads(r.value or b"")["event_id"]) for topic, rs in self.sent for r in rs]
+
+
+class _AnswerLost(_Accepts):
+    """The write times out after two records were handed to the client, the first of them
+    acknowledged (as ``EventProducer.send_many`` raises it)."""
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        self.sent.append((topic, list(records)))
         raise PartialWrite("timed out", [Delivered(topic, 0, 0), None, None], handed=2)
+
+
+def _replay_kafka(topic: str = "in") -> list[str]:
+    return ["--kafka-bootstrap-servers", "127.0.0.1:9", "--input-topic", topic, "--dlq-topic", "dlq"]
+
+
+def _letter_from(topic: str, event_id: str, offset: int, ticket: str = "CM1") -> Message:
+    """A dead letter as the worker writes one, of an event of ``ticket`` read from ``topic``."""
+    value = json.dumps({**EVENT, "event_id": event_id, "ticket_id": ticket}).encode()
+    dead = DeadLetter(ticket.encode(), value, [], "rejected", "api_rejected", "d", topic, 0, offset, event_id)
+    headers = dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC))
+    return Message("dlq", 0, offset, ticket.encode(), value, headers, 0)
 
 
 def test_records_sent_but_not_acknowledged_are_reported_as_unknown(
@@ -179,17 +202,11 @@ def test_records_sent_but_not_acknowledged_are_reported_as_unknown(
     """A record handed to the client whose acknowledgement never came (a timeout) may be written:
     before, it was reported 'NOT replayed ... were not written'. The replay's account of a partial
     write, not the broker, is tested here: the DLQ and the producer are stand-ins."""
-    letters = []
-    for i in range(3):
-        value = json.dumps({**EVENT, "event_id": f"r{i}", "ticket_id": "CM-R"}).encode()
-        dead = DeadLetter(b"CM-R", value, [], "rejected", "api_rejected", "d", "in", 0, i, f"r{i}")
-        headers = dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC))
-        letters.append(Message("dlq", 0, i, b"CM-R", value, headers, 0))
+    letters = [_letter_from("in", f"r{i}", i, ticket="CM-R") for i in range(3)]
     producer = _AnswerLost()
     monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic(letters))
     monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
-    kafka = ["--kafka-bootstrap-servers", "127.0.0.1:9", "--input-topic", "in", "--dlq-topic", "dlq"]
-    code = main(["dlq", "replay", "--all", *kafka])
+    code = main(["dlq", "replay", "--all", *_replay_kafka()])
     out, err = capsys.readouterr()
     assert code == 1
     [(topic, records)] = producer.sent
@@ -215,41 +232,6 @@ def test_dlq_list_keeps_its_columns_and_its_identifiers_whole() -> None:
     assert long_id in lines[1]
     assert lines[2].endswith("…")
     assert lines[1].index("in/2/40") == lines[2].index("in/2/40") == lines[0].index("SOURCE")
-
-
-def _replay_kafka(topic: str = "in") -> list[str]:
-    return ["--kafka-bootstrap-servers", "127.0.0.1:9", "--input-topic", topic, "--dlq-topic", "dlq"]
-
-
-class _Accepts:
-    """Stands in for ``EventProducer``: every record acknowledged; what was sent, by topic."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, list[OutRecord]]] = []
-
-    def __call__(self, settings: Any) -> _Accepts:
-        return self
-
-    async def __aenter__(self) -> _Accepts:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        pass
-
-    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
-        self.sent.append((topic, list(records)))
-        return [Delivered(topic, 0, i) for i in range(len(records))]
-
-    def event_ids(self) -> list[tuple[str, str]]:
-        return [(topic, json.loads(r.value or b"")["event_id"]) for topic, rs in self.sent for r in rs]
-
-
-def _letter_from(topic: str, event_id: str, offset: int) -> Message:
-    value = json.dumps({**EVENT, "event_id": event_id}).encode()
-    dead = DeadLetter(b"CM1", value, [], "rejected", "api_rejected", "d", topic, 0, offset, event_id)
-    return Message(
-        "dlq", 0, offset, b"CM1", value, dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC)), 0
-    )
 
 
 def test_following_the_to_topic_hint_sends_only_that_topics_dead_letters(

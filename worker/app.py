@@ -570,8 +570,9 @@ class Worker:
         them can finish before the outage ends, and a stop during one (a rolling update, a node
         drained) waited out the whole grace. Meanwhile every cause but a flapping one is probed
         each turn, not after its backoff (up to ``probe_max_delay_s``): an outage that ends within
-        the wait lets the jobs finish (``Gate.probe_every_cause_now``). Their claims are handed on as they are cancelled (``Pipeline._let_go``);
-        their messages are read again by the next owner."""
+        the wait lets the jobs finish (``Gate.probe_every_cause_now``). Their claims are handed on
+        as they are cancelled (``Pipeline._let_go``); their messages are read again by the next
+        owner."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         polling = True

@@ -4,9 +4,10 @@
 returned, which here means after the outcome was published and confirmed (``broker.publish`` waits
 for the broker's ack; the producer uses ``acks="all"``), and seeks back to it when the handler
 raised, so that it is read again (``AckPolicy.ACK`` would commit it then too, its outcome never
-written); auto-commit is then off. ``max_workers`` > 1 with that policy gives FastStream's ``ConcurrentBetweenPartitionsSubscriber``: one consumer per worker
-in the group, each handling its partitions one message at a time, so per-ticket order holds and
-concurrency is bounded by the partition count. (Concurrency *within* a partition exists only
+written); auto-commit is then off. ``max_workers`` > 1 with that policy gives FastStream's
+``ConcurrentBetweenPartitionsSubscriber``: one consumer per worker in the group, each handling its
+partitions one message at a time, so per-ticket order holds and concurrency is bounded by the
+partition count. (Concurrency *within* a partition exists only
 with ``AckPolicy.ACK_FIRST``, which commits before processing: not at-least-once.)
 """
 
