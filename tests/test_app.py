@@ -567,6 +567,61 @@ async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_
         await close_unstarted(worker, real)
 
 
+class Trickle(Prefetched):
+    """Records of ``size`` bytes, at most ``per_call`` a call: aiokafka hands out what one fetch
+    of a partition brought (at most ``max_partition_fetch_bytes``), however many were asked for."""
+
+    def __init__(self, records: dict[TopicPartition, int], size: int, per_call: int) -> None:
+        super().__init__(records)
+        self.size, self.per_call = size, per_call
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int | None = None
+    ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        got = await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=self.per_call)
+        for records in got.values():
+            for record in records:
+                record.value = b"x" * self.size
+        return got
+
+
+async def test_large_records_pause_fetching_at_the_byte_limit_long_before_the_message_limit(
+    tmp_path: Path,
+) -> None:
+    """The buffer was bounded in messages only: 1,024 records of up to ``max_event_bytes`` (1 MiB;
+    invalid ones, waiting behind their ticket's earlier events) could hold ~1 GiB against the
+    chart's 512 MiB limit. Fetching now pauses at ``max_buffered_bytes`` too (one fetch may go past
+    it), and resumes once a quarter of those bytes are free."""
+    settings = worker_settings(tmp_path, max_in_flight=2, max_buffered=64, max_buffered_bytes=4096)
+    worker = Worker(settings)
+    tp = TopicPartition(settings.input_topic, 0)
+    member = Trickle({tp: 100}, size=1000, per_call=2)
+    real, worker._consumer._consumer = worker._consumer._consumer, member
+    release = holding_jobs(worker).release
+    try:
+        await worker.on_assigned({(tp.topic, tp.partition)})
+        consuming = asyncio.create_task(worker._consume())
+        await until(lambda: bool(member.paused_now), what="the byte limit to pause fetching")
+        polls = len(member.asked)
+        await until(lambda: len(member.asked) >= polls + 3, what="polls while paused")
+        # 2,000 and 4,000 bytes were under the limit; the third fetch went past it, the last one
+        assert len(worker._lanes) == 6 < worker._buffer_limit
+        assert worker.status()["buffered_bytes"] == 6000
+        assert worker.metrics.registry.get_sample_value("coc_worker_buffered_bytes") == 6000
+        assert not member.dropped
+
+        release.set()  # every job finishes: the bytes are free again, and fetching goes on to the end
+        await until(lambda: len(member.handed_out) == 100, what="the rest to be fetched")
+        await until(lambda: len(worker._lanes) == 0, what="the jobs to finish")
+        assert worker.status()["buffered_bytes"] == 0
+        worker._stopping.set()
+        await asyncio.wait_for(consuming, 2)
+    finally:
+        release.set()
+        worker._stopping.set()
+        await close_unstarted(worker, real)
+
+
 async def test_a_fetch_takes_a_share_of_every_partition_that_has_messages() -> None:
     """aiokafka hands out one partition's prefetched records before the next's: a fetch filled the
     buffer from one partition, whose messages name few tickets, and each ticket's events run one at

@@ -73,6 +73,11 @@ class Worker:
         #: Fetching pauses at the buffer limit and resumes once this few are left (hysteresis).
         self._buffer_limit = settings.buffer_limit
         self._resume_at = max(1, self._buffer_limit * 3 // 4)
+        #: The same in bytes of keys and values: a run of large records (invalid ones waiting
+        #: behind their ticket's earlier events) must not fill ``buffer_limit`` slots of 1 MiB each.
+        self._bytes_limit = settings.max_buffered_bytes
+        self._bytes_resume_at = self._bytes_limit * 3 // 4
+        self._buffered_bytes = 0
         #: A partition this far behind its oldest unfinished message stops being fetched, until half
         #: of that is left: a stuck message must not hold an ever longer tail in memory.
         self._uncommitted_limit = settings.max_uncommitted
@@ -87,6 +92,7 @@ class Worker:
         self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
         # read when scraped, not set twice per message
         self.metrics.in_flight.set_function(lambda: len(self._lanes))
+        self.metrics.buffered_bytes.set_function(lambda: self._buffered_bytes)
         self._commit_lock = asyncio.Lock()
         self._store: DedupStore = open_store(
             settings.dedup_url, settings.dedup_ttl_s, settings.dedup_redis_min_replicas
@@ -173,6 +179,7 @@ class Worker:
             "paused_by": self._gate.causes,
             "topics_missing": sorted(self._topics_missing.values()),
             "in_flight": len(self._lanes),  # taken from Kafka, not yet finished
+            "buffered_bytes": self._buffered_bytes,  # their keys and values
             "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
             "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # at max_uncommitted
             "stopping": self._stopping.is_set(),
@@ -209,6 +216,7 @@ class Worker:
             group_id=s.group_id,
             max_in_flight=s.max_in_flight,
             max_buffered=self._buffer_limit,
+            max_buffered_bytes=self._bytes_limit,
             dedup=s.dedup_url_shown,
             bootstrap_servers=s.kafka_bootstrap_servers,  # credentials are refused there
             api=s.api_base_url,  # an endpoint with credentials is refused too
@@ -292,16 +300,16 @@ class Worker:
         return DedupUnavailable(f"the dedup store: {waited} ({env_var('dedup_url')}={s.dedup_url_shown})")
 
     async def _consume(self) -> None:
-        resume_at = self._resume_at
         while not self._stopping.is_set():
             if (ended := self._publisher.ended()) is not None:
                 # Every outcome would fail for ever, the worker paused and /healthz alive: stop
                 # (exit 1) to be started afresh, as for the consumer's coordination.
                 raise KafkaClientStopped(f"the Kafka producer's sender ended ({ended}): restart")
             in_flight = len(self._lanes)
-            if not self._consumer.paused and (in_flight >= self._buffer_limit or not self._gate.is_open):
+            full = in_flight >= self._buffer_limit or self._buffered_bytes >= self._bytes_limit
+            if not self._consumer.paused and (full or not self._gate.is_open):
                 self._consumer.pause()
-            elif self._consumer.paused and in_flight <= resume_at and self._gate.is_open:
+            elif self._consumer.paused and self._may_resume() and self._gate.is_open:
                 self._consumer.resume()
             if self._consumer.paused:
                 # Waiting for room or the gate, polling all the same: it keeps the group membership.
@@ -313,6 +321,11 @@ class Worker:
                 continue
             for message in await self._poll(self._buffer_limit - in_flight, _FETCH_TIMEOUT_S):
                 self._dispatch(message)
+
+    def _may_resume(self) -> bool:
+        """A paused fetch resumes once a quarter of the buffer is free, in messages and in bytes
+        (hysteresis: not a pause and a resume per finished job)."""
+        return len(self._lanes) <= self._resume_at and self._buffered_bytes <= self._bytes_resume_at
 
     async def _poll(self, max_records: int, timeout_s: float) -> list[Message]:
         """A fetch that a stop interrupts: while a rebalance is under way aiokafka's fetch waits for
@@ -399,6 +412,7 @@ class Worker:
             salvaged,
             taken_in,
         )
+        self._buffered_bytes += _size(message)
         self._lanes.submit(job.lane, job)
 
     def _start_over(self, message: Message) -> None:
@@ -440,6 +454,7 @@ class Worker:
 
     def _job_left(self, job: Job, finished: bool) -> None:
         key = job.message.partition_key
+        self._buffered_bytes -= _size(job.message)
         taken_in = job.taken_in
         if finished and taken_in is not None:
             self._offsets.finish(key, job.message.offset, taken_in)
@@ -451,7 +466,7 @@ class Worker:
         ):
             self._consumer.release(key)
             log.info("partition_released", topic=key[0], partition=key[1])
-        if len(self._lanes) <= self._resume_at:  # wake the consumer only when it may resume fetching
+        if self._may_resume():  # wake the consumer only when it may resume fetching
             self._room.set()
 
     async def _commit(self, keys: set[PartitionKey] | None = None) -> None:
@@ -649,6 +664,11 @@ class Worker:
         self._assigned = set(partitions)
         self._consumer.reapply_pause()
         log.info("partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in partitions))
+
+
+def _size(message: Message) -> int:
+    """What a message holds in the buffer, as ``max_buffered_bytes`` counts it."""
+    return len(message.value or b"") + len(message.key or b"")
 
 
 class _KeyWatch:

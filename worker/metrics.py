@@ -148,6 +148,11 @@ class Metrics:
             "Messages taken from Kafka, not yet finished (running, or waiting in their ticket's lane).",
             registry=r,
         )
+        self.buffered_bytes = Gauge(
+            "coc_worker_buffered_bytes",
+            "Bytes (keys and values) of the messages taken from Kafka, not yet finished.",
+            registry=r,
+        )
         self.lag = Gauge(
             "coc_worker_consumer_lag", "High watermark minus committed offset.", ["partition"], registry=r
         )

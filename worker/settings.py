@@ -242,6 +242,14 @@ class WorkerSettings(BaseSettings):
         description="Messages taken from Kafka and not yet finished (default 4 x max_in_flight): later"
         " events of busy tickets wait here while other tickets' events use the free slots.",
     )
+    max_buffered_bytes: int = Field(
+        64 * 1_048_576,
+        ge=256,
+        description="Bytes (keys and values) of the messages taken from Kafka and not yet finished:"
+        " fetching pauses at this many as at max_buffered messages, so a run of large records cannot"
+        " hold max_buffered of them in memory. The fetch that reaches it may go past it (by up to one"
+        " fetch of each assigned partition), and an empty buffer takes a fetch whatever its size.",
+    )
     max_uncommitted: int = Field(
         10_000,
         ge=1,

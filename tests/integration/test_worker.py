@@ -7,7 +7,7 @@ import contextlib
 import json
 import random
 import sqlite3
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from waiting import until
 from schemas.outcomes import OutcomeStatus
 from worker.app import Worker
 from worker.dedup import ClaimKind, open_store
+from worker.kafka_config import record_limit_bytes
 from worker.sandbox import TansuBroker, committed_offsets, create_topics, free_port, produce, read_topic
 from worker.simulator import SimulatorServer
 
@@ -445,7 +446,7 @@ async def test_health_and_metrics_endpoints(
                 body = await resp.json()
                 assert body["ready"] is True
                 assert body["broker_reachable"] is True
-                assert (body["in_flight"], body["running"]) == (0, 0)
+                assert (body["in_flight"], body["running"], body["buffered_bytes"]) == (0, 0, 0)
             async with http.get(base + "/metrics") as resp:
                 text = await resp.text()
     for line in (
@@ -456,6 +457,7 @@ async def test_health_and_metrics_endpoints(
         'coc_worker_api_requests_total{code="200"} 1.0',
         "coc_worker_dead_letters_total 1.0",
         "coc_worker_in_flight 0.0",
+        "coc_worker_buffered_bytes 0.0",
         "coc_worker_paused 0.0",
     ):
         assert line in text, line
@@ -694,3 +696,37 @@ async def test_a_stuck_message_holds_back_its_partition_not_an_ever_longer_tail(
         await store.close()
     assert {o["status"] for o in outcomes} == {"applied"}
     assert {o["ticket_id"] for o in outcomes} == {"CM-STUCK", *behind, *elsewhere}
+
+
+async def test_large_records_waiting_behind_a_stuck_ticket_are_bounded_in_bytes(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """Invalid records of 100 KB each wait behind their ticket's first event, which cannot finish
+    (another live worker holds its claim). Bounded in messages only, the buffer took them until the
+    partition's share (64 here), 6.4 MB; fetching now pauses at ``max_buffered_bytes`` (one fetch
+    may go past it), and every record still ends as an outcome once the ticket moves."""
+    limit = 256 * 1024
+    settings = make_settings(max_in_flight=8, max_buffered=128, max_buffered_bytes=limit)
+    stuck = event("change.started", "CM-BIG", "s1", event_id="ev-big-stuck")
+    large = [event("change.started", "CM-BIG", "s1", pad="x" * 100_000) for _ in range(80)]
+    store = open_store(settings.dedup_url)
+    try:
+        assert (
+            await store.claim("ev-big-stuck", "another-worker", "elsewhere/0/0", 600)
+        ).kind is ClaimKind.NEW
+        async with running_worker(settings) as worker:
+            await send(broker.bootstrap, topics["input"], [stuck, *large])
+            await until(lambda: worker.status()["in_flight"] > 1, 30, 0.02, what="the records fetched")
+            await until(lambda: worker._consumer.paused, 30, 0.02, what="fetching paused")
+            status = worker.status()
+            # at most one partition's fetch (max_event_bytes and headroom, ~10 records) past the limit
+            assert limit <= status["buffered_bytes"] <= limit + record_limit_bytes(settings)
+            assert status["in_flight"] < 16
+            assert not status["held"]
+
+            await store.release("ev-big-stuck", "another-worker")
+            outcomes = await read_json(broker.bootstrap, topics["results"], 1 + len(large), 60)
+            await until(lambda: worker.status()["buffered_bytes"] == 0, 30, 0.02, what="the buffer empty")
+    finally:
+        await store.close()
+    assert Counter(o["status"] for o in outcomes) == {"applied": 1, "invalid": len(large)}
