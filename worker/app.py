@@ -27,7 +27,7 @@ from worker.apply import ApiCaller
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
-from worker.dedup import DedupStore, RedisStore, open_store
+from worker.dedup import DedupStore, open_store
 from worker.errors import BrokerUnavailable, ConfigError, DedupUnavailable, KafkaClientStopped
 from worker.gate import Gate
 from worker.health import HealthServer
@@ -230,7 +230,7 @@ class Worker:
             created = await self._once_reachable("broker", lambda: ensure_topics(s))
             if created:
                 log.info("topics_created", topics=created)
-        if isinstance(self._store, RedisStore):
+        if self._store.remote:
             await self._once_reachable("dedup_store", self._store.ping)
         else:  # a local file or memory: waiting would not make it work
             await self._store.ping()

@@ -89,6 +89,10 @@ class DedupStore(Protocol):
     An empty token matches only a claim without one (an earlier release's, the probe's), never a
     claim that has one: a caller that cannot name its claim must not act on whichever is there."""
 
+    #: A server that may answer later (a start waits for it); a local file or memory either works
+    #: at once or never will.
+    remote: bool
+
     async def claim(
         self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
     ) -> Claim: ...

@@ -12,6 +12,8 @@ from worker.settings import MEMORY_MAX_ENTRIES
 class MemoryStore:
     """Bounded LRU in this process: protects against redelivery, not against restarts."""
 
+    remote = False
+
     def __init__(
         self, max_entries: int = MEMORY_MAX_ENTRIES, claim_keep_s: float = CLAIM_RECORD_KEEP_S
     ) -> None:

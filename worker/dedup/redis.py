@@ -91,6 +91,8 @@ class _NotReplicated(DedupUnavailable):
 class RedisStore:
     """Shared by every replica; atomic claims by Lua script."""
 
+    remote = True
+
     def __init__(
         self,
         url: str,

@@ -47,6 +47,8 @@ class SqliteStore:
     of the little written meanwhile, and the commit after it starts the WAL over.
     """
 
+    remote = False
+
     _CHECKPOINT_EVERY_S = 1.0
     #: Pages (32 MiB). Each hold stops every dedup write for a checkpoint's length (7-15 ms here),
     #: and at SQLite's own auto-checkpoint size (1,000 pages) one came every ~2 s at 1,000 events/s:
