@@ -15,7 +15,7 @@ from waiting import until
 from worker import gate as gate_module
 from worker.errors import ApiAuthError, ApiTransientError, ApiUnreachable, DedupUnavailable
 from worker.gate import Gate
-from worker.logs import bind_message_context, configure
+from worker.logs import bind_message_context, configure, register_secrets
 from worker.metrics import Metrics
 
 BASE_S, CAP_S = 0.01, 0.04
@@ -197,6 +197,32 @@ async def test_a_crashing_probe_does_not_kill_its_prober(gate: Gate) -> None:
     # with its cause (only the class name was logged), and its traceback the first time
     assert [(e["detail"], e["exc_info"]) for e in crashes] == [("probe bug", True), ("probe bug", False)]
     assert len(probe.at) >= 3
+
+
+async def test_a_crashed_probes_detail_is_redacted_before_it_is_cut(metrics: Metrics) -> None:
+    """The detail is cut at 300 characters; cut first, a secret across the cut was no longer whole
+    where the log line is redacted, and its first characters were written as they were."""
+    secret = "sk-gate-test-0123456789abcdefghij"
+    register_secrets([secret])
+    out = io.StringIO()
+    configure("DEBUG", "json", out)
+    gate = Gate(metrics, probe_base_s=BASE_S, probe_max_s=CAP_S)
+    calls = 0
+
+    async def probe() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("x" * 280 + f" token={secret} and more")
+
+    try:
+        gate.trip(DedupUnavailable("down"), probe)
+        await asyncio.wait_for(gate.wait_open(), timeout=2.0)
+    finally:
+        await gate.close()
+    [line] = [json.loads(text) for text in out.getvalue().splitlines() if "probe_crashed" in text]
+    assert line["detail"] == ("x" * 280 + " token=**redacted** and more")[:300]
+    assert secret[:8] not in out.getvalue()
 
 
 async def test_close_cancels_the_probers(metrics: Metrics) -> None:

@@ -987,6 +987,54 @@ async def test_a_secret_quoted_in_the_events_own_text_is_redacted_in_the_outcome
     assert REDACTED in json.dumps(outcome["request"])
 
 
+async def test_a_non_ascii_secret_with_a_quote_is_redacted_in_the_outcome() -> None:
+    """The outcome's serialiser writes non-ASCII as it is and escapes a quote: a secret with both
+    (a password chosen by a person) matched none of the forms the redactor knew, and a comment
+    quoting it went to the results topic as it was."""
+    secret = 'Grüße"Kafka-2024'
+    register_secrets([secret])
+    succeeded = {
+        "event_id": "ev-s",
+        "type": "change.succeeded",
+        "ticket_id": "CM1",
+        "sub_ticket_id": "s-1",
+        "result": {"comment": f"deployed with pw {secret}"},
+    }
+    outcome = await _the_outcome(_Answers("applied"), succeeded)
+    assert outcome["request"]["sub_tickets"][0]["comment"] == f"deployed with pw {REDACTED}"
+
+
+async def test_a_secret_used_as_a_ticket_id_is_kept_out_of_the_outcome_and_its_key() -> None:
+    """A secret key has the shape of an id (letters and digits), so a producer that put one in
+    ``ticket_id`` by mistake had it written to the results topic, in the outcome and as its key."""
+    register_secrets([SK])
+    secret = "sk1234567890abcdefghij1234567890ABCDEFGH"
+    register_secrets([secret])
+    keys: list[bytes | None] = []
+
+    class Keys(Recorder):
+        async def publish(self, key: bytes | None, *args: Any) -> None:
+            keys.append(key)
+            await super().publish(key, *args)
+
+    published = Keys()
+    pipeline, gate = _pipeline(MemoryStore(), _Answers("applied"), published)
+    try:
+        await pipeline.process(job({**STARTED, "ticket_id": secret}))  # valid: sent, then applied
+        raw = json.dumps({"event_id": "ev-x", "ticket_id": secret}).encode()  # invalid: no type
+        _, invalid, salvaged = decode_or_salvage(raw, 1 << 20)
+        message = Message("in", 0, 8, None, raw, [], 0)
+        await pipeline.process(
+            Job(message, None, invalid, from_headers([]), datetime.now(UTC), time.monotonic(), salvaged)
+        )
+    finally:
+        await gate.close()
+    assert [o["status"] for o in published.outcomes] == ["applied", "invalid"]
+    assert [o["ticket_id"] for o in published.outcomes] == [REDACTED, REDACTED]
+    assert keys == [REDACTED.encode()] * 2
+    assert secret not in json.dumps(published.outcomes, default=str)
+
+
 async def test_each_jobs_log_lines_carry_its_message_and_event(rig: Rig) -> None:
     """Every line a job logs names its message and event (``logs.bind_message_context``), also in
     jobs running at the same time, and a line's own value of a key is kept."""

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker.errors import ConfigError
+from worker.logs import REDACTED, redact_text
 from worker.settings import (
     COC_REGION_ENDPOINTS,
     ENV_PREFIX,
@@ -281,6 +282,29 @@ def test_secret_file_is_read_and_re_read(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     path.write_text("", encoding="utf-8")
     assert settings.secret(name) is None
+
+
+@pytest.mark.parametrize("name", SECRET_FIELDS)
+def test_a_secret_re_read_from_its_rotated_file_is_scrubbed_from_output(tmp_path: Path, name: str) -> None:
+    """Only the values read at start were known to the log redactor: a SASL password re-read
+    after its file was rotated (each Kafka client built later reads it again) was not."""
+    path = tmp_path / f"{name}.secret"
+    path.write_text(SECRET, encoding="utf-8")
+    settings = load_settings(**{f"{name}_file": str(path)})
+    rotated = f"rotated-{name}-{os.urandom(8).hex()}"  # known to no earlier test
+    assert redact_text(f"text with {rotated}") == f"text with {rotated}"  # not read yet: unknown
+    path.write_text(rotated, encoding="utf-8")
+    assert settings.secret(name) == rotated
+    assert redact_text(f"text with {rotated}") == f"text with {REDACTED}"
+
+
+def test_a_short_redis_password_is_refused_without_being_shown() -> None:
+    """As every other secret: under 8 characters a password is guessable, and the redactor (which
+    leaves values under 4 alone) could not scrub it."""
+    message = config_error(dedup_url="redis://:pw12@redis:6379/0")
+    assert "the Redis password is 4 characters; at least 8 are needed" in message
+    assert "pw12" not in message
+    assert load_settings(dedup_url="redis://:pw123456@redis:6379/0").secret_values() == ["pw123456"]
 
 
 def test_missing_secret_file_names_the_variable(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
 from worker.lanes import Lanes
-from worker.logs import get_logger, register_secrets
+from worker.logs import get_logger, redact_text, register_secrets
 from worker.metrics import KEY_MISMATCH_KINDS, Metrics
 from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, PartitionKey
 from worker.pipeline import Job, Pipeline
@@ -713,4 +713,7 @@ async def _bounded(step: Awaitable[None], name: str) -> None:
     except TimeoutError:
         log.warning("shutdown_step_timed_out", step=name, timeout_s=_SHUTDOWN_STEP_S)
     except Exception as exc:  # the rest of the shutdown must still run
-        log.warning("shutdown_step_failed", step=name, error=type(exc).__name__, detail=str(exc)[:300])
+        # redacted whole before it is cut: a secret across the cut would leave its start readable
+        log.warning(
+            "shutdown_step_failed", step=name, error=type(exc).__name__, detail=redact_text(str(exc))[:300]
+        )

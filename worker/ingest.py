@@ -42,7 +42,7 @@ from worker.cancel import cancel_and_wait
 from worker.decode import describe, parse_json
 from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
-from worker.logs import get_logger, register_secrets
+from worker.logs import get_logger
 from worker.settings import WorkerSettings, split_tokens
 from worker.tools import alertmanager
 from worker.tools.events import encode, event_errors, is_valid_event
@@ -388,10 +388,8 @@ class Ingress:
 
     # --- auth ----------------------------------------------------------------------------------------
     def _tokens(self) -> list[str]:
-        raw = self._settings.secret("ingest_tokens") or ""
-        tokens = split_tokens(raw)
-        register_secrets(tokens)  # each token on its own: the log redactor must know them all
-        return tokens
+        # each token on its own (``secret`` registers them with the log redactor)
+        return split_tokens(self._settings.secret("ingest_tokens") or "")
 
     @staticmethod
     def _unauthorized(request: web.Request) -> web.Response:

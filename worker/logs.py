@@ -47,6 +47,10 @@ def register_secrets(values: Iterable[str]) -> None:
             quote_plus(value),
             escaped,
             escaped.replace("/", "\\/"),
+            # As the outcome's serialiser writes it: non-ASCII as it is, quotes and backslashes
+            # escaped (the ASCII-only form above does not match "ü" next to an escaped '"').
+            unicode_escaped := json.dumps(value, ensure_ascii=False)[1:-1],
+            unicode_escaped.replace("/", "\\/"),
             # As a repr shows it (a dict or bytes in a log field, a KeyError's text, a library's
             # repr of a raw header line): quotes and control or non-ASCII characters escaped.
             *_with_json_escapes(repr(value)[1:-1]),

@@ -85,12 +85,19 @@ def _fingerprint(job: Job) -> str:
     return "#" + digest.hexdigest()
 
 
+#: The outcome's fields that echo the producer's text: ``request`` (a comment may quote a secret)
+#: and the ids (a producer's mistake may use one as an id, which the contract's pattern admits).
+#: The error texts are scrubbed as they are made.
+_PRODUCERS_TEXT = ("event_id", "ticket_id", "sub_ticket_id", "request")
+
+
 def _dump(outcome: dict[str, Any]) -> bytes:
-    """The outcome's bytes. ``request`` echoes the producer's text (a comment), which may quote a
-    secret: then its values are scrubbed (the other texts are already) and it is written again."""
+    """The outcome's bytes; when they hold a secret, the producer's text in it is scrubbed (in
+    ``outcome`` too, whose ``ticket_id`` keys the record) and it is written again."""
     payload = dump_outcome(outcome)
-    if outcome["request"] is not None and holds_secret(payload):
-        outcome["request"] = redact_values(outcome["request"])
+    if holds_secret(payload):
+        for name in _PRODUCERS_TEXT:
+            outcome[name] = redact_values(outcome[name])
         payload = dump_outcome(outcome)
     return payload
 
@@ -620,10 +627,10 @@ class Pipeline:
                 http_status=http_status,
                 error_code=error_code,
             )
-        ticket_id = identity["ticket_id"]
-        key = ticket_id.encode() if ticket_id else None
         traceparent = job.trace.child_traceparent()
         payload: bytes | None = _dump(outcome)
+        ticket_id = outcome["ticket_id"]  # as written: scrubbed if it was a secret
+        key = ticket_id.encode() if ticket_id else None
         owed = letter
         while True:
             await self._gate.wait_open()

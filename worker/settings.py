@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.asyncapi import DEFAULT_TOPICS
 from worker.errors import ConfigError
+from worker.logs import register_secrets
 
 ENV_PREFIX = "COC_WORKER_"
 
@@ -371,6 +372,13 @@ class WorkerSettings(BaseSettings):
                 )
             if parts.scheme == "redis" and any(name.startswith("ssl_") for name in options):
                 raise ValueError("the ssl_* options need a TLS connection: rediss://")
+            if parts.password is not None and len(unquote(parts.password)) < MIN_SECRET_CHARS:
+                # as for every other secret: a short one is guessable, and the log redactor cannot
+                # tell it apart from ordinary text (its length only, never the value)
+                raise ValueError(
+                    f"the Redis password is {len(unquote(parts.password))} characters; at least"
+                    f" {MIN_SECRET_CHARS} are needed"
+                )
             if not values.get("db", "0").isdigit():  # redis-py raised at start, naming no setting
                 raise ValueError("?db= must be a whole number")
             if values.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
@@ -494,6 +502,10 @@ class WorkerSettings(BaseSettings):
                     f" {MIN_SECRET_CHARS} are needed (a short secret is guessable, and cannot be"
                     " told apart from ordinary text in logs)"
                 )
+        if found is not None:
+            # Every value read is scrubbed from all output, also one re-read after its file was
+            # rotated (a Kafka client built after a reconnect, a token reloaded after a 401).
+            register_secrets(split_tokens(found) if name == "ingest_tokens" else [found])
         return found
 
     def __repr_args__(self) -> Any:
