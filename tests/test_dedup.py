@@ -176,11 +176,30 @@ async def test_applied_then_done(store: DedupStore) -> None:
     assert claim.kind is ClaimKind.APPLIED
     assert claim.record == applied  # the target too: a reuse of the id is told from a copy by it
     assert not await store.extend("e4", "w1", 30)  # no longer a claim
-    await store.mark_done("e4", DedupRecord("done", "w1", "t/0/7", "applied", 2, 200), 60)
-    claim = await store.claim("e4", "w1", "t/0/7", 30)
+    await store.mark_done("e5", DedupRecord("done", "w1", "t/0/7", "failed", 2, 503), 60)
+    claim = await store.claim("e5", "w1", "t/0/7", 30)
     assert claim.kind is ClaimKind.DONE
     assert claim.record is not None
     assert claim.record.source == "t/0/7"
+
+
+async def test_a_done_record_never_replaces_an_applied_one(store: DedupStore) -> None:
+    """A worker whose claim ran out while its gate was closed (an outage longer than the lease)
+    finished late, after another worker had taken the event over and applied it: its done-record
+    (failed) replaced the applied one, the same message read again was answered "failed", and a
+    later copy of the event was no duplicate."""
+    assert (await store.claim("e6", "w1", "t/0/7", 0.05, token="0x1")).kind is ClaimKind.NEW
+    target = "change.started CM1/s-1"
+
+    async def taken_over() -> bool:
+        return (await store.claim("e6", "w2", "t/0/7", 30, target, token="0x1")).kind is ClaimKind.NEW
+
+    await until(taken_over, timeout_s=5, every_s=0.02, what="w1's lease to run out")
+    applied = DedupRecord("applied", "w2", "t/0/7", "applied", 1, 200, target=target)
+    await store.mark_applied("e6", applied, 60)
+    await store.mark_done("e6", DedupRecord("done", "w1", "t/0/7", "failed", 6, 503, target=target), 60)
+    again = await store.claim("e6", "w3", "t/0/7", 30, target)
+    assert (again.kind, again.record) == (ClaimKind.APPLIED, applied)
 
 
 async def test_release_frees_only_own_claim(store: DedupStore) -> None:
@@ -627,6 +646,30 @@ async def test_the_sqlite_probe_fails_while_claims_fail(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_sqlite_file_locked_by_another_writer_fails_fast_without_stalling_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Another writer holding the file (an operator's ``sqlite3`` shell in a transaction, a backup)
+    kept each batch waiting up to 5 s on the event loop's thread: heartbeats, /healthz and every
+    job stopped with it. It now waits at most 0.1 s and reports the store unavailable, and the
+    worker pauses and probes as for any outage; the claim goes through once the lock is gone."""
+    path = tmp_path / "d.sqlite3"
+    store = SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.ping()
+        assert store._conn is not None
+        assert store._conn.execute("PRAGMA busy_timeout").fetchone() == (100,)
+        other.execute("BEGIN IMMEDIATE")  # the other writer takes the lock and keeps it
+        with pytest.raises(DedupUnavailable, match="locked"):
+            await store.claim("e1", "w1", "t/0/1", 30)
+        other.execute("ROLLBACK")
+        assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+    finally:
+        other.close()
+        await store.close()
+
+
 async def _fill(store: SqliteStore) -> DedupUnavailable:
     """Write until the store refuses; return its error."""
     for n in range(10_000):
@@ -726,6 +769,36 @@ async def test_redis_writes_wait_for_the_replicas_asked_for(
         primary.close()
         await guarded.close()
         await trusting.close()
+
+
+async def test_a_refused_claim_over_another_owners_failed_record_is_answered_with_that_record(
+    own_redis: OwnRedis,
+) -> None:
+    """The first refused claim (no replica acknowledged it) was remembered with what it replaced,
+    and later refusals were not: once that claim had run out, another worker took the event over
+    and failed it, and a second refused claim replaced that failed record; the claim that then
+    passed was answered as if nothing had been there, and the change went out again without a
+    look at the ticket (the failed attempt may have landed). No replica runs here."""
+    guarded = RedisStore(own_redis.url, min_replicas=1)
+    other = RedisStore(own_redis.url)
+    try:
+        with pytest.raises(DedupUnavailable, match="replicas"):
+            await guarded.claim("e", "A", "t/0/1", 0.05, "tgt", "0x1")
+
+        async def taken_over() -> bool:
+            return (await other.claim("e", "B", "t/0/2", 30, "tgt", "0x1")).taken_over
+
+        await until(taken_over, timeout_s=5, every_s=0.02, what="A's refused claim to run out")
+        failed = DedupRecord("done", "B", "t/0/2", "failed", 6, 503, target="tgt")
+        await other.mark_done("e", failed, 60)
+        with pytest.raises(DedupUnavailable, match="replicas"):
+            await guarded.claim("e", "A", "t/0/3", 30, "tgt", "0x2")  # over B's failed record
+        guarded._min_replicas = 0  # the replica back
+        got = await guarded.claim("e", "A", "t/0/3", 30, "tgt", "0x2")
+        assert (got.kind, got.record, got.maybe_sent) == (ClaimKind.NEW, failed, True)
+    finally:
+        await guarded.close()
+        await other.close()
 
 
 async def test_a_release_waits_for_replicas_as_a_renewal_does(own_redis: OwnRedis) -> None:

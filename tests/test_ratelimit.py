@@ -167,11 +167,13 @@ def test_deployments_told_apart_by_the_redis_prefix_keep_apart_buckets(redis_url
     assert all(isinstance(b, RedisTokenBucket) for b in buckets)
     keys = [b._key for b in buckets if isinstance(b, RedisTokenBucket)]
     assert keys[0] == "coc:ratelimit:coc-change-worker"  # as before for the default prefix
-    assert keys[1:] == ["staging:ratelimit:coc-change-worker", "prod:ratelimit:coc-change-worker"]
+    # in the dedup store's key space, apart from every event_id by "@" (the claim of an event
+    # "ratelimit:coc-change-worker" met the bucket's key)
+    assert keys[1:] == ["staging:@ratelimit:coc-change-worker", "prod:@ratelimit:coc-change-worker"]
     # the prefix the store uses: the default spelled out is the default, the last of two wins
     for url, key in [
         (f"{base}?prefix=coc:dedup:", "coc:ratelimit:coc-change-worker"),
-        (f"{base}?prefix=a:&prefix=b:", "b:ratelimit:coc-change-worker"),
+        (f"{base}?prefix=a:&prefix=b:", "b:@ratelimit:coc-change-worker"),
     ]:
         bucket = build_rate_limit(load_settings(api_rate_limit_per_s=5, dedup_url=url), Metrics())
         assert isinstance(bucket, RedisTokenBucket)

@@ -298,6 +298,11 @@ def test_a_secret_re_read_from_its_rotated_file_is_scrubbed_from_output(tmp_path
     assert redact_text(f"text with {rotated}") == f"text with {REDACTED}"
 
 
+def test_an_empty_redis_key_prefix_is_refused() -> None:
+    """Every dedup key would be a bare event_id, among whatever else the database holds."""
+    assert "?prefix= must not be empty" in config_error(dedup_url="redis://redis:6379/0?prefix=")
+
+
 def test_a_short_redis_password_is_refused_without_being_shown() -> None:
     """As every other secret: under 8 characters a password is guessable, and the redactor (which
     leaves values under 4 alone) could not scrub it."""

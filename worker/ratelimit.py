@@ -279,11 +279,13 @@ def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | 
     burst = max(1, int(rate))
     if is_redis_url(settings.dedup_url):
         prefix = key_prefix(settings.dedup_url)
-        # the default prefix keeps the key of earlier releases (pods of a rolling update share it)
+        # The default prefix keeps the key of earlier releases (pods of a rolling update share it).
+        # Under another prefix the key is in the dedup store's key space, where "@" keeps it apart
+        # from every event_id ("ratelimit:<group>" is a valid one, and its claim met this key).
         key = (
             f"coc:ratelimit:{settings.group_id}"
             if prefix == DEFAULT_PREFIX
-            else f"{prefix}ratelimit:{settings.group_id}"
+            else f"{prefix}@ratelimit:{settings.group_id}"
         )
         return RedisTokenBucket(settings.dedup_url, key, rate, burst, metrics)
     return TokenBucket(rate, burst, metrics)

@@ -227,7 +227,10 @@ class WorkerSettings(BaseSettings):
         " an event whose record was lost may be applied again.",
     )
     dedup_lease_s: PositiveSeconds = Field(
-        30.0, description="Claim lease; renewed while held. A crashed worker's claims wait this long."
+        30.0,
+        description="Claim lease; renewed before each send when it would not outlast the request (not"
+        " while a job backs off or waits out a pause: a taker then reads the ticket before it sends)."
+        " A crashed worker's claims wait this long.",
     )
 
     # --- Pipeline ------------------------------------------------------------------------------
@@ -379,6 +382,9 @@ class WorkerSettings(BaseSettings):
                     f"the Redis password is {len(unquote(parts.password))} characters; at least"
                     f" {MIN_SECRET_CHARS} are needed"
                 )
+            if values.get("prefix") == "":
+                # every key would be a bare event_id, among whatever else the database holds
+                raise ValueError("?prefix= must not be empty (the default is coc:dedup:)")
             if not values.get("db", "0").isdigit():  # redis-py raised at start, naming no setting
                 raise ValueError("?db= must be a whole number")
             if values.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):

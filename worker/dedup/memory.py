@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from worker.dedup.records import CLAIM_RECORD_KEEP_S, Claim, ClaimKind, DedupRecord, claimed, decide, renewed
+from worker.dedup.records import (
+    CLAIM_RECORD_KEEP_S,
+    Claim,
+    ClaimKind,
+    DedupRecord,
+    claimed,
+    decide,
+    done_may_replace,
+    renewed,
+)
 from worker.settings import MEMORY_MAX_ENTRIES
 
 
@@ -58,7 +67,8 @@ class MemoryStore:
         self._put(event_id, record, ttl_s)
 
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        self._put(event_id, record, ttl_s)
+        if done_may_replace(self._get(event_id)):
+            self._put(event_id, record, ttl_s)
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None:
         record = self._get(event_id)

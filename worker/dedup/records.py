@@ -91,6 +91,14 @@ _BASE_FIELDS = tuple(
 )
 
 
+def done_may_replace(current: DedupRecord | None) -> bool:
+    """Whether a done-record may be written over ``current``: never over an ``applied`` one. A
+    worker whose claim ran out while its gate was closed (an outage longer than the lease) may
+    finish late, after another worker took the event over and applied it; its done-record then
+    turned the event back into a failure, and a later copy of the event was no duplicate."""
+    return current is None or current.state != "applied"
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     kind: ClaimKind

@@ -78,6 +78,16 @@ if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == A
 end
 return 0
 """
+#: ``records.done_may_replace``: a done-record never replaces an applied one.
+_DONE_LUA = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local ok, r = pcall(cjson.decode, v)
+  if ok and type(r) == 'table' and r['state'] == 'applied' then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 
 class _NotReplicated(DedupUnavailable):
@@ -110,6 +120,7 @@ class RedisStore:
         self._claim = self._client.register_script(_CLAIM_LUA)
         self._extend = self._client.register_script(_EXTEND_LUA)
         self._release = self._client.register_script(_RELEASE_LUA)
+        self._done = self._client.register_script(_DONE_LUA)
 
     def _key(self, event_id: str) -> str:
         return self._prefix + event_id
@@ -175,9 +186,15 @@ class RedisStore:
         except _NotReplicated as exc:
             refused_taken, replaced = exc.result
             if refused_taken:  # written on the primary: our claim, nothing sent yet
-                # What it replaced is what this claim answers for when asked again (the first
-                # refusal's: a second would only have replaced our own claim).
-                self._unreplicated.setdefault(event_id, replaced or None)
+                # What it replaced is what this claim answers for when asked again. Our own claim,
+                # written by an earlier refused attempt, tells nothing: what that one replaced
+                # stays. Anything else (another owner's claim or failed record, taken after our
+                # refused claim ran out) is the record now, and must not be hidden by an older one.
+                before = DedupRecord.decode(replaced) if replaced else None
+                if before is not None and before.state == "claimed" and before.owner == owner:
+                    self._unreplicated.setdefault(event_id, replaced)
+                else:
+                    self._unreplicated[event_id] = replaced or None
             raise
         record = DedupRecord.decode(previous) if previous else None
         if taken:
@@ -191,6 +208,7 @@ class RedisStore:
             # our own unfinished one) was a takeover.
             return Claim(ClaimKind.NEW, record, taken_over=record is not None and record.state == "claimed")
         assert record is not None
+        self._unreplicated.pop(event_id, None)  # no claim of ours there any more: nothing to answer for
         # Not taken: held by a live owner, claimed for another change, applied, or done. decide()
         # says which (a held claim's lease is by definition in the future of Redis' clock, hence
         # "now" = 0 for it).
@@ -209,7 +227,10 @@ class RedisStore:
         await self._put(event_id, record, ttl_s)
 
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._put(event_id, record, ttl_s)
+        value, ttl_ms = record.encode(), int(ttl_s * 1000)
+        await self._write(
+            lambda client: self._done(keys=[self._key(event_id)], args=[value, ttl_ms], client=client)
+        )
 
     async def _put(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         value = record.encode()

@@ -21,12 +21,20 @@ from worker.dedup.records import (
     DedupRecord,
     claimed,
     decide,
+    done_may_replace,
     renewed,
 )
 from worker.errors import DedupUnavailable
 from worker.logs import get_logger
 
 log = get_logger(__name__)
+
+
+#: How long a batch waits for another writer's lock (an operator's ``sqlite3`` shell, a backup, a
+#: second process on the same file) before the store reports itself unavailable and the worker
+#: pauses: it waits on the event loop's thread, so everything else waits with it (5 s stopped
+#: heartbeats, /healthz and every job). The maintenance thread's checkpoints never take the lock.
+_LOCKED_WAIT_S = 0.1
 
 
 class SqliteStore:
@@ -114,7 +122,9 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=5)
+            conn = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=_LOCKED_WAIT_S
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the maintenance thread checkpoints
@@ -234,6 +244,12 @@ class SqliteStore:
         cls._write(conn, event_id, record, time.time() + ttl_s)
 
     @classmethod
+    def _done_op(cls, conn: sqlite3.Connection, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        now = time.time()
+        if done_may_replace(cls._read(conn, event_id, now)):
+            cls._write(conn, event_id, record, now + ttl_s)
+
+    @classmethod
     def _release_op(cls, conn: sqlite3.Connection, event_id: str, owner: str, token: str) -> None:
         record = cls._read(conn, event_id, time.time())
         if record is not None and record.is_claim_of(owner, token):
@@ -254,7 +270,7 @@ class SqliteStore:
         await self._run(self._put_op, event_id, record, ttl_s)
 
     async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._run(self._put_op, event_id, record, ttl_s)
+        await self._run(self._done_op, event_id, record, ttl_s)
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None:
         await self._run(self._release_op, event_id, owner, token)
