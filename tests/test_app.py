@@ -18,6 +18,7 @@ from waiting import until
 
 import worker.app as app_module
 import worker.consumer as consumer_module
+import worker.retry as retry_module
 from worker.app import Worker
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
@@ -1279,7 +1280,7 @@ async def test_a_start_gives_up_on_a_broker_that_never_answers_when_the_wait_is_
     """One try against a broker that takes connections and never answers lasted 40 s per
     bootstrap server, past the startup wait (and the startup probe's allowance): each try is
     bounded by what is left of the wait (review)."""
-    monkeypatch.setattr(app_module, "_STARTUP_LAST_TRY_S", 0.2)
+    monkeypatch.setattr(retry_module, "_STARTUP_LAST_TRY_S", 0.2)
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()

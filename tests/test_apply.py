@@ -1125,6 +1125,28 @@ async def test_a_ticket_refused_even_to_reads_does_not_keep_every_ticket_paused(
     assert (await asyncio.wait_for(put("T-OK", "ev-3"), 5)).status == "applied"
 
 
+async def test_the_later_events_of_a_ticket_refused_after_verification_do_not_pause_again(rig: Rig) -> None:
+    """Each event of a ticket outside the credentials' scope paused the whole worker once (its
+    first 403), every pause longer than the one before as the gate's backoff carried over: seven
+    events, seven pauses heading for 30 s, /readyz 503 for every ticket meanwhile. Once one event
+    of the ticket was refused after the probe verified the credentials, the ticket's later 403s
+    are its own at once."""
+    client = _OneTicketForbidden()
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
+
+    async def put(ticket_id: str, event_id: str) -> ApplyResult:
+        return await asyncio.wait_for(
+            caller.apply(ticket_id, b"{}", event_id=event_id, traceparent=TRACEPARENT), 5
+        )
+
+    assert (await put("T-OK", "ev-0")).status == "applied"
+    results = [await put("T-X", f"ev-{n}") for n in range(1, 8)]
+    assert [(r.status, r.http_status) for r in results] == [("rejected", 403)] * 7
+    assert [r.calls for r in results] == [2] + [1] * 6  # the first met its 403 twice, the rest once
+    assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 1.0
+    assert (await put("T-OK", "ev-9")).status == "applied"
+
+
 async def test_a_ticket_refused_even_to_reads_before_any_ticket_answered_does_not_pause_for_ever(
     rig: Rig,
 ) -> None:

@@ -28,7 +28,7 @@ from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable, ConfigError, DedupUnavailable, KafkaClientStopped
+from worker.errors import BrokerUnavailable, ConfigError, KafkaClientStopped
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -39,7 +39,7 @@ from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, Partition
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
-from worker.retry import RetryPolicy, backoff_delay, half_to_full
+from worker.retry import RetryPolicy, StartupWait
 from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, env_var
 from worker.tracing import from_headers
 
@@ -53,8 +53,6 @@ _PAUSED_STOP_WAIT_S = 5.0
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
 _TOPICS_CREATE_S = 5.0  # making lost topics again from the health check, at most
 _SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
-_STARTUP_RETRY_MAX_S = 15.0  # the longest wait between a start's tries of the broker or dedup store
-_STARTUP_LAST_TRY_S = 5.0  # a try of the broker or dedup store gets at least this long
 
 
 class Worker:
@@ -141,9 +139,8 @@ class Worker:
         #: Partitions whose revoke is under way (``on_revoked``).
         self._revoking: set[PartitionKey] = set()
         self.started = asyncio.Event()
-        self._start_began = 0.0
-        #: What the start is waiting for (``_once_reachable``), for ``/readyz``.
-        self._waiting_for: str | None = None
+        #: The start's steps that need the broker or the dedup store, and what it waits for.
+        self._startup = StartupWait(settings)
 
     # --- public ---------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -183,7 +180,7 @@ class Worker:
             "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
             "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # at max_uncommitted
             "stopping": self._stopping.is_set(),
-            "waiting_for": self._waiting_for,  # while starting: "broker" or "dedup_store"
+            "waiting_for": self._startup.waiting_for,  # while starting: "broker" or "dedup_store"
         }
 
     @property
@@ -206,7 +203,7 @@ class Worker:
     # --- lifecycle ------------------------------------------------------------------------------------
     async def _start(self) -> None:
         s = self.settings
-        self._start_began = asyncio.get_running_loop().time()
+        self._startup.begin()
         log.info(
             "worker_starting",
             worker=s.worker_id,
@@ -247,57 +244,7 @@ class Worker:
         log.info("worker_started", http_port=self._http.port, event_loop=f"{loop.__module__}.{loop.__name__}")
 
     async def _once_reachable(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
-        """A start step that needs the broker or the dedup store, tried again with backoff while
-        they do not answer, for up to ``startup_wait_s`` in all; then its error ends the start
-        (exit 1). Exiting at once left a worker started during an outage to the kubelet's growing
-        back-off: it came back up to 5 minutes after the broker did. Meanwhile ``/healthz``
-        answers and ``/readyz`` says what it waits for."""
-        loop = asyncio.get_running_loop()
-        wait_s = self.settings.startup_wait_s
-        deadline = self._start_began + wait_s
-        attempt = 0
-        while True:
-            # Each try bounded by what is left of the wait: a broker that takes connections and
-            # never answers holds one try 40 s per bootstrap server.
-            bound = asyncio.timeout(max(deadline - loop.time(), _STARTUP_LAST_TRY_S) if wait_s else None)
-            try:
-                async with bound:
-                    result = await step()
-            except TimeoutError:
-                if not bound.expired():
-                    raise
-                raise self._not_reached(what) from None
-            except (BrokerUnavailable, DedupUnavailable) as exc:
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise
-                attempt += 1
-                delay = min(left, backoff_delay(attempt, 0.5, _STARTUP_RETRY_MAX_S, half_to_full))
-                self._waiting_for = what
-                log.warning(
-                    "waiting_for_dependency",
-                    dependency=what,
-                    detail=str(exc),
-                    retry_in_s=round(delay, 1),
-                    gives_up_in_s=round(left, 1),
-                    setting=env_var("startup_wait_s"),
-                )
-                await asyncio.sleep(delay)
-                continue
-            if attempt:
-                log.info("dependency_reached", dependency=what, attempts=attempt + 1)
-            self._waiting_for = None
-            return result
-
-    def _not_reached(self, what: str) -> BrokerUnavailable | DedupUnavailable:
-        """The error a start ends with when a try of ``what`` outlasted the startup wait."""
-        s = self.settings
-        waited = f"no answer within {env_var('startup_wait_s')}={s.startup_wait_s:g} s"
-        if what == "broker":
-            return BrokerUnavailable(
-                f"the broker: {waited} ({env_var('kafka_bootstrap_servers')}={s.kafka_bootstrap_servers})"
-            )
-        return DedupUnavailable(f"the dedup store: {waited} ({env_var('dedup_url')}={s.dedup_url_shown})")
+        return await self._startup.once_reachable(what, step)
 
     async def _consume(self) -> None:
         while not self._stopping.is_set():

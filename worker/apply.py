@@ -31,6 +31,12 @@ from worker.retry import RetryPolicy
 log = get_logger(__name__)
 
 
+#: How long a ticket refused with 403 after the credentials were verified is taken as refused: its
+#: later events end ``rejected`` at their first 403, without pausing the worker again.
+_NOT_PERMITTED_FOR_S = 300.0
+_NOT_PERMITTED_MAX = 10_000  # tickets remembered at most
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     """What the API made of one event: ``status`` is ``applied``, ``rejected`` or ``failed``."""
@@ -141,6 +147,25 @@ class ApiCaller:
         #: ticket kept every event of every ticket paused; the refused event, once the gate opens,
         #: meets its second 403 and ends rejected.
         self._answered_ticket: str | None = None
+        #: ticket_id -> until when (monotonic) a 403 for it is the ticket's own: it was refused
+        #: again after the probe verified the credentials. Each event of such a ticket paused the
+        #: whole worker once, the gate's backoff growing with every one (1.8, 3.2, 7.8, 11.5 s...).
+        self._not_permitted: dict[str, float] = {}
+
+    def _known_not_permitted(self, ticket_id: str) -> bool:
+        until = self._not_permitted.get(ticket_id)
+        return until is not None and until > time.monotonic()
+
+    def _remember_not_permitted(self, ticket_id: str) -> None:
+        """For ``_NOT_PERMITTED_FOR_S``: a permission granted meanwhile is used within minutes,
+        and credentials that stopped working everywhere still pause at another ticket's 403."""
+        now = time.monotonic()
+        if len(self._not_permitted) >= _NOT_PERMITTED_MAX:
+            self._not_permitted = {t: u for t, u in self._not_permitted.items() if u > now}
+            while len(self._not_permitted) >= _NOT_PERMITTED_MAX:  # all live: the oldest go
+                del self._not_permitted[next(iter(self._not_permitted))]
+        self._not_permitted.pop(ticket_id, None)  # to the end: the dict stays in order of time
+        self._not_permitted[ticket_id] = now + _NOT_PERMITTED_FOR_S
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
         async def probe() -> None:
@@ -396,10 +421,12 @@ class ApiCaller:
                 if sent:
                     spent -= 1
                 forbidden += exc.http_status == 403
-                if forbidden > 1:
+                if forbidden > 1 or (forbidden and self._known_not_permitted(ticket_id)):
                     # Refused again after the gate reopened, that is after its probe read a ticket
-                    # with these credentials: they work, but may not do this (a read-only policy,
-                    # a ticket outside their scope). Waiting would never end it.
+                    # with these credentials (or, lately, for this ticket's earlier event): they
+                    # work, but may not do this (a read-only policy, a ticket outside their scope).
+                    # Waiting would never end it.
+                    self._remember_not_permitted(ticket_id)
                     return ApplyResult(
                         "rejected",
                         calls,

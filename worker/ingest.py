@@ -43,6 +43,7 @@ from worker.decode import describe, parse_json
 from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
 from worker.logs import get_logger
+from worker.retry import StartupWait
 from worker.settings import WorkerSettings, split_tokens
 from worker.tools import alertmanager
 from worker.tools.events import encode, event_errors, is_valid_event
@@ -415,18 +416,32 @@ def _authorized(request: web.Request, tokens: list[str]) -> bool:
 async def serve(
     settings: WorkerSettings, stop: asyncio.Event, ready: Callable[[int], None] | None = None
 ) -> None:
-    """``coc-worker ingest``: the ingress on its own HTTP server (with /healthz, /readyz, /metrics)."""
+    """``coc-worker ingest``: the ingress on its own HTTP server (with /healthz, /readyz, /metrics);
+    ``ready(port)`` once it takes events.
+
+    It serves first and waits for the broker as the worker does (``startup_wait_s``, its routes
+    answering 503 meanwhile): started during a broker outage it exited at once, and a rollout
+    then crash-looped through the outage the ingress is there to carry alerts across."""
     # Its own metrics only: the worker's (outcomes, API calls, lag) would all show 0 here.
     registry = CollectorRegistry()
     ingress = Ingress(settings, registry)
-    server = HealthServer(settings, registry, ingress.status, ingress.routes())
-    await ingress.start()
+    startup = StartupWait(settings)
+    server = HealthServer(
+        settings, registry, lambda: {**ingress.status(), "waiting_for": startup.waiting_for}, ingress.routes()
+    )
+    startup.begin()
+    await server.start()
+    starting = asyncio.ensure_future(startup.once_reachable("broker", ingress.start))
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
         log.info("ingest_listening", host=settings.http_host, port=server.port)
-        if ready is not None and server.port is not None:
-            ready(server.port)
-        await stop.wait()
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # the broker never answered within the wait: exit 1
+            if ready is not None and server.port is not None:
+                ready(server.port)  # serving, and taking events
+            await stopped
     finally:
+        await cancel_and_wait([starting, stopped])
         await server.stop()
         await ingress.stop()

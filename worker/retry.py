@@ -13,12 +13,21 @@ bounds are tested directly.
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from worker.errors import ApiTransientError
-from worker.settings import WorkerSettings
+from worker.errors import ApiTransientError, BrokerUnavailable, DedupUnavailable
+from worker.logs import get_logger
+from worker.settings import WorkerSettings, env_var
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+_STARTUP_RETRY_MAX_S = 15.0  # the longest wait between a start's tries of the broker or dedup store
+_STARTUP_LAST_TRY_S = 5.0  # a try of the broker or dedup store gets at least this long
 
 
 def backoff_delay(
@@ -81,3 +90,68 @@ class RetryPolicy:
         if elapsed_s + delay > self.max_elapsed_s:
             return None
         return delay
+
+
+class StartupWait:
+    """A start's steps that need the broker or the dedup store (the worker's, and the standalone
+    ingress's), each tried again with backoff while they do not answer, for up to
+    ``startup_wait_s`` from ``begin`` in all; then its error ends the start (exit 1). Exiting at
+    once left a process started during an outage to the kubelet's growing back-off: it came back up
+    to 5 minutes after the broker did. Meanwhile ``/healthz`` answers and ``/readyz`` says what it
+    waits for (``waiting_for``)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self._settings = settings
+        self._began = 0.0
+        self.waiting_for: str | None = None  # "broker" or "dedup_store" while a step is retried
+
+    def begin(self) -> None:
+        self._began = asyncio.get_running_loop().time()
+
+    async def once_reachable(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        wait_s = self._settings.startup_wait_s
+        deadline = self._began + wait_s
+        attempt = 0
+        while True:
+            # Each try bounded by what is left of the wait: a broker that takes connections and
+            # never answers holds one try 40 s per bootstrap server.
+            bound = asyncio.timeout(max(deadline - loop.time(), _STARTUP_LAST_TRY_S) if wait_s else None)
+            try:
+                async with bound:
+                    result = await step()
+            except TimeoutError:
+                if not bound.expired():
+                    raise
+                raise self._not_reached(what) from None
+            except (BrokerUnavailable, DedupUnavailable) as exc:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                attempt += 1
+                delay = min(left, backoff_delay(attempt, 0.5, _STARTUP_RETRY_MAX_S, half_to_full))
+                self.waiting_for = what
+                log.warning(
+                    "waiting_for_dependency",
+                    dependency=what,
+                    detail=str(exc),
+                    retry_in_s=round(delay, 1),
+                    gives_up_in_s=round(left, 1),
+                    setting=env_var("startup_wait_s"),
+                )
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                log.info("dependency_reached", dependency=what, attempts=attempt + 1)
+            self.waiting_for = None
+            return result
+
+    def _not_reached(self, what: str) -> BrokerUnavailable | DedupUnavailable:
+        """The error a start ends with when a try of ``what`` outlasted the startup wait."""
+        s = self._settings
+        waited = f"no answer within {env_var('startup_wait_s')}={s.startup_wait_s:g} s"
+        if what == "broker":
+            return BrokerUnavailable(
+                f"the broker: {waited} ({env_var('kafka_bootstrap_servers')}={s.kafka_bootstrap_servers})"
+            )
+        return DedupUnavailable(f"the dedup store: {waited} ({env_var('dedup_url')}={s.dedup_url_shown})")

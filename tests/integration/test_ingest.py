@@ -23,7 +23,7 @@ from waiting import until
 from worker.health import HealthServer
 from worker.ingest import Ingress, serve
 from worker.metrics import Metrics
-from worker.sandbox import TansuBroker, create_topics, read_topic
+from worker.sandbox import TansuBroker, create_topics, free_port, read_topic
 from worker.settings import WorkerSettings, load_settings
 from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, TopicReader
 
@@ -517,3 +517,59 @@ async def test_a_refusal_on_the_alertmanager_route_is_logged(ingress: str, setti
     assert refused == [("413", "too_large"), ("400", "unsupported_version")]
     assert all(e["log_level"] == "warning" for e in logs if e["event"] == "ingest_refused")
     assert await size(settings) == 0
+
+
+async def test_coc_worker_ingest_started_before_the_broker_waits_for_it(tmp_path: Path) -> None:
+    """Served alone and started while the broker was away, the ingress exited 1 within a second,
+    never serving /healthz: a rollout during an outage crash-looped, the kubelet's back-off
+    growing, through the outage it is there to carry alerts across. It now waits as the worker
+    does (``startup_wait_s``), alive and saying what for, and takes events once the broker
+    answers."""
+    port, http_port = free_port(), free_port()
+    settings = load_settings(
+        kafka_bootstrap_servers=f"127.0.0.1:{port}",
+        input_topic="in-late",
+        http_host="127.0.0.1",
+        http_port=http_port,
+        startup_wait_s=60,
+    )
+    stop = asyncio.Event()
+    taking: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(settings, stop, taking.set_result))
+    try:
+        base = f"http://127.0.0.1:{http_port}"
+        async with aiohttp.ClientSession() as http:
+
+            async def readyz() -> tuple[int, dict[str, Any]]:
+                async with http.get(f"{base}/readyz") as r:
+                    return r.status, await r.json()
+
+            async def waiting() -> bool:
+                try:
+                    return (await readyz())[1]["waiting_for"] == "broker"
+                except aiohttp.ClientConnectionError:  # not serving yet
+                    return False
+
+            await until(waiting, 20, 0.05, what="the wait for the broker")
+            async with http.get(f"{base}/healthz") as alive:
+                assert alive.status == 200
+            assert (await readyz())[0] == 503
+            assert not task.done()
+            with TansuBroker(port=port, log_path=tmp_path / "tansu.log") as late:
+                await create_topics(late.bootstrap, ["in-late"], partitions=1)
+
+                async def ready() -> bool:
+                    return (await readyz())[0] == 200
+
+                await until(ready, 40, 0.1, what="the ingress to start once the broker answers")
+                assert await asyncio.wait_for(taking, 5) == http_port
+                async with http.post(f"{base}/v1/events", json=event("change.started", "CM1", "s-1")) as sent:
+                    assert sent.status == 202
+                got = await read_topic(late.bootstrap, "in-late", until=lambda r: len(r) >= 1, timeout_s=30)
+                assert json.loads(got[0].value or b"{}")["ticket_id"] == "CM1"
+                stop.set()
+                await asyncio.wait_for(task, 30)
+    finally:
+        stop.set()
+        if not task.done():
+            await asyncio.gather(asyncio.wait_for(task, 30), return_exceptions=True)
