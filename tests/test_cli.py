@@ -144,6 +144,22 @@ def test_run_help_says_where_the_secrets_go() -> None:
         assert f"COC_WORKER_{name.upper()}" in text.replace("\n", " ")
 
 
+def test_run_help_gives_each_settings_default_and_allowed_values() -> None:
+    """Outside the Helm chart an operator had no place to find most defaults (the README names
+    only the main ones: the unreachable threshold's 10 s, the lease's 30 s were nowhere)."""
+    text = " ".join(subcommand_help("run").split())
+
+    def help_of(flag: str) -> str:  # the last mention: the first is the usage line's
+        return text.rsplit(flag, 1)[1].split(" --", 1)[0]
+
+    assert "Default: 10.0." in help_of("--api-unreachable-threshold-s API_UNREACHABLE_THRESHOLD_S")
+    assert "Default: 30.0." in help_of("--dedup-lease-s DEDUP_LEASE_S")
+    assert "One of: PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL. Default: PLAINTEXT." in help_of(
+        "--kafka-security-protocol KAFKA_SECURITY_PROTOCOL"
+    )
+    assert "Default: false." in help_of("--create-topics, --no-create-topics")
+
+
 def subcommand_help(command: str) -> str:
     with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
         main([command, "--help"])

@@ -19,11 +19,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, get_args, get_origin
+
+from pydantic.fields import FieldInfo
 
 from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
 from worker.errors import CocWorkerError, ConfigError, InvalidEvent
-from worker.logs import configure, register_secrets
+from worker.logs import configure, redact_text, register_secrets
 from worker.loop import loop_factory
 from worker.settings import SECRET_FIELDS, TOPIC_NAME_PATTERN, WorkerSettings, env_var, load_settings
 
@@ -75,13 +77,25 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | N
         if only is not None and name not in only:
             continue
         flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
+        help_text = _with_default(field.description or "", field)
         if field.annotation is bool:
             group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
             group.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def _with_default(text: str, field: FieldInfo) -> str:
+    """A flag's help with the setting's allowed values and default: an operator outside the Helm
+    chart has no other place to find them (the README names only the main ones)."""
+    choices = [str(c) for c in get_args(field.annotation) if isinstance(c, str | int)]
+    if get_origin(field.annotation) is Literal and choices:
+        text += f" One of: {', '.join(choices)}."
+    if field.default_factory is None and field.default is not None:
+        default = field.default
+        text += f" Default: {str(default).lower() if isinstance(default, bool) else default}."
+    return text.strip().replace("%", "%%")  # argparse formats help with %
 
 
 def _settings_from(args: argparse.Namespace) -> WorkerSettings:
@@ -671,11 +685,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: Any = args.func(args)
-    except ConfigError as exc:
-        print(f"coc-worker: configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # the messages never hold a value; redacted all the same
+        print(f"coc-worker: configuration error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except CocWorkerError as exc:
-        print(f"coc-worker: {exc}", file=sys.stderr)
+        print(f"coc-worker: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -30,11 +30,17 @@ from worker.simulator import SimulatorConfig, SimulatorServer
 
 AK, SK = "demo-ak", "demo-sk-0123456789abcdef"
 TOPICS = {"input": "coc.change-events", "results": "coc.change-outcomes", "dlq": "coc.change-events.dlq"}
+#: Sub-ticket ids as the API gives them (UUIDs, not the regions' names).
+SUB_1, SUB_2, SUB_3 = (
+    "e72f9b49-2294-4c58-bc57-4a0c6903c5e1",
+    "3b1c0d7e-5a42-4f0e-9d6b-8c2e1f4a7b90",
+    "9f8e7d6c-1b2a-4c3d-8e9f-0a1b2c3d4e5f",
+)
 SEED: dict[str, list[dict[str, Any]]] = {
     "tickets": [
-        {"ticket_id": "CM202511280001", "sub_tickets": ["cn-north-4"]},
-        {"ticket_id": "CM202511280002", "sub_tickets": ["ap-southeast-3"]},
-        {"ticket_id": "CM202511280003", "sub_tickets": ["eu-west-101"]},
+        {"ticket_id": "CM202511280001", "sub_tickets": [SUB_1]},
+        {"ticket_id": "CM202511280002", "sub_tickets": [SUB_2]},
+        {"ticket_id": "CM202511280003", "sub_tickets": [SUB_3]},
     ]
 }
 BURST_TICKETS, BURST_PER_TICKET = 300, 3
@@ -51,28 +57,28 @@ def _scenario() -> list[tuple[str, dict[str, Any] | bytes]]:
         "event_id": "argo-7f3a-result",
         "type": "change.succeeded",
         "ticket_id": t1,
-        "sub_ticket_id": "cn-north-4",
+        "sub_ticket_id": SUB_1,
         "source": "argo-cd",
         "result": {"is_verified_in_change_time": True, "comment": "Rollout healthy."},
     }
     return [
-        ("argo-cd", _ev("argo-7f3a-start", "change.started", t1, "cn-north-4", "argo-cd")),
-        ("argo-cd", _ev("argo-7f3a-end", "change.ended", t1, "cn-north-4", "argo-cd")),
+        ("argo-cd", _ev("argo-7f3a-start", "change.started", t1, SUB_1, "argo-cd")),
+        ("argo-cd", _ev("argo-7f3a-end", "change.ended", t1, SUB_1, "argo-cd")),
         ("argo-cd", success),
-        ("spinnaker", _ev("spin-91-start", "change.started", t2, "ap-southeast-3", "spinnaker")),
+        ("spinnaker", _ev("spin-91-start", "change.started", t2, SUB_2, "spinnaker")),
         (
             "spinnaker",
             {
-                **_ev("spin-91-cancel", "change.cancelled", t2, "ap-southeast-3", "spinnaker"),
+                **_ev("spin-91-cancel", "change.cancelled", t2, SUB_2, "spinnaker"),
                 "result": {"comment": "Pipeline aborted by operator."},
             },
         ),
-        ("argo-cd", _ev("argo-c4-start", "change.started", t3, "eu-west-101", "argo-cd")),
-        ("argo-cd", _ev("argo-c4-end", "change.ended", t3, "eu-west-101", "argo-cd")),
+        ("argo-cd", _ev("argo-c4-start", "change.started", t3, SUB_3, "argo-cd")),
+        ("argo-cd", _ev("argo-c4-end", "change.ended", t3, SUB_3, "argo-cd")),
         (
             "alertmanager",
             {
-                **_ev("am-fp-8c1d2e", "change.failed", t3, "eu-west-101", "alertmanager"),
+                **_ev("am-fp-8c1d2e", "change.failed", t3, SUB_3, "alertmanager"),
                 "result": {
                     "comment": "HighErrorRate firing after the change.",
                     "change_fail_type": "fr_dependent_service_issue",
