@@ -591,30 +591,73 @@ async def test_large_records_pause_fetching_at_the_byte_limit_long_before_the_me
 ) -> None:
     """The buffer was bounded in messages only: 1,024 records of up to ``max_event_bytes`` (1 MiB;
     invalid ones, waiting behind their ticket's earlier events) could hold ~1 GiB against the
-    chart's 512 MiB limit. Fetching now pauses at ``max_buffered_bytes`` too (one fetch may go past
-    it), and resumes once a quarter of those bytes are free."""
-    settings = worker_settings(tmp_path, max_in_flight=2, max_buffered=64, max_buffered_bytes=4096)
+    chart's 512 MiB limit. Fetching now pauses at ``max_buffered_bytes`` too (the fetch that
+    reaches it may go past it), and resumes once a quarter of those bytes are free."""
+    settings = worker_settings(tmp_path, max_in_flight=2, max_buffered=64, max_buffered_bytes=8192)
     worker = Worker(settings)
-    tp = TopicPartition(settings.input_topic, 0)
-    member = Trickle({tp: 100}, size=1000, per_call=2)
+    parts = [TopicPartition(settings.input_topic, p) for p in range(4)]
+    member = Trickle(dict.fromkeys(parts, 25), size=1000, per_call=1)
     real, worker._consumer._consumer = worker._consumer._consumer, member
     release = holding_jobs(worker).release
     try:
-        await worker.on_assigned({(tp.topic, tp.partition)})
+        await worker.on_assigned({(tp.topic, tp.partition) for tp in parts})
         consuming = asyncio.create_task(worker._consume())
         await until(lambda: bool(member.paused_now), what="the byte limit to pause fetching")
         polls = len(member.asked)
         await until(lambda: len(member.asked) >= polls + 3, what="polls while paused")
-        # 2,000 and 4,000 bytes were under the limit; the third fetch went past it, the last one
-        assert len(worker._lanes) == 6 < worker._buffer_limit
-        assert worker.status()["buffered_bytes"] == 6000
-        assert worker.metrics.registry.get_sample_value("coc_worker_buffered_bytes") == 6000
+        # 4,000 and 8,000 bytes were under the limit; the third fetch went past it, the last one
+        assert len(worker._lanes) == 12 < worker._buffer_limit
+        assert worker.status()["buffered_bytes"] == 12_000
+        assert worker.metrics.registry.get_sample_value("coc_worker_buffered_bytes") == 12_000
+        assert worker._consumer.held == set()  # 3,000 bytes each: under a partition's share
         assert not member.dropped
 
         release.set()  # every job finishes: the bytes are free again, and fetching goes on to the end
         await until(lambda: len(member.handed_out) == 100, what="the rest to be fetched")
         await until(lambda: len(worker._lanes) == 0, what="the jobs to finish")
         assert worker.status()["buffered_bytes"] == 0
+        worker._stopping.set()
+        await asyncio.wait_for(consuming, 2)
+    finally:
+        release.set()
+        worker._stopping.set()
+        await close_unstarted(worker, real)
+
+
+async def test_large_records_stuck_in_one_partition_hold_that_partition_not_every_one(
+    tmp_path: Path,
+) -> None:
+    """Bytes were bounded for the whole buffer only: large records stuck behind one ticket of one
+    partition paused the fetching of every partition, and the others' small events, finished
+    long since, were not fetched again until that ticket moved. A partition is now held at half
+    of ``max_buffered_bytes`` of its own unfinished messages, released at a quarter."""
+    settings = worker_settings(tmp_path, max_in_flight=8, max_buffered=64, max_buffered_bytes=4096)
+    worker = Worker(settings)
+    stuck, other = TopicPartition(settings.input_topic, 0), TopicPartition(settings.input_topic, 1)
+    member = Trickle({stuck: 100, other: 200}, size=1000, per_call=1)
+    real, worker._consumer._consumer = worker._consumer._consumer, member
+    release = asyncio.Event()
+
+    async def process(job: Job) -> None:
+        if job.message.partition == 0:
+            await release.wait()
+
+    processing_with(worker, process)
+    try:
+        await worker.on_assigned({(tp.topic, tp.partition) for tp in (stuck, other)})
+        with capture_logs() as logs:
+            consuming = asyncio.create_task(worker._consume())
+            await until(lambda: len(member.handed_out) >= 200, what="the other partition fetched")
+        assert worker._consumer.held == {(stuck.topic, 0)}
+        assert worker._partition_bytes == {(stuck.topic, 0): 3000}  # 2,000 under its share, then 3,000
+        held = [(e["reason"], e["unfinished_bytes"]) for e in logs if e["event"] == "partition_held"]
+        assert held == [("bytes", 3000)]
+        assert not worker._consumer.paused
+
+        release.set()  # the ticket moves: its partition is released and read to the end
+        await until(lambda: len(member.handed_out) == 300, what="the stuck partition fetched again")
+        await until(lambda: len(worker._lanes) == 0, what="the jobs to finish")
+        assert worker._partition_bytes == {}
         worker._stopping.set()
         await asyncio.wait_for(consuming, 2)
     finally:

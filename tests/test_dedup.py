@@ -176,7 +176,7 @@ async def test_applied_then_done(store: DedupStore) -> None:
     assert claim.kind is ClaimKind.APPLIED
     assert claim.record == applied  # the target too: a reuse of the id is told from a copy by it
     assert not await store.extend("e4", "w1", 30)  # no longer a claim
-    await store.mark_done("e5", DedupRecord("done", "w1", "t/0/7", "failed", 2, 503), 60)
+    assert await store.mark_done("e5", DedupRecord("done", "w1", "t/0/7", "failed", 2, 503), 60) is None
     claim = await store.claim("e5", "w1", "t/0/7", 30)
     assert claim.kind is ClaimKind.DONE
     assert claim.record is not None
@@ -197,7 +197,8 @@ async def test_a_done_record_never_replaces_an_applied_one(store: DedupStore) ->
     await until(taken_over, timeout_s=5, every_s=0.02, what="w1's lease to run out")
     applied = DedupRecord("applied", "w2", "t/0/7", "applied", 1, 200, target=target)
     await store.mark_applied("e6", applied, 60)
-    await store.mark_done("e6", DedupRecord("done", "w1", "t/0/7", "failed", 6, 503, target=target), 60)
+    late = DedupRecord("done", "w1", "t/0/7", "failed", 6, 503, target=target)
+    assert await store.mark_done("e6", late, 60) == applied  # kept, and said: its outcome is the event's
     again = await store.claim("e6", "w3", "t/0/7", 30, target)
     assert (again.kind, again.record) == (ClaimKind.APPLIED, applied)
 

@@ -359,6 +359,7 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
     # settings the worker would refuse at start (the pod would crash-loop)
     "lease_shorter_than_a_call": ({"api": {"requestTimeoutS": 30}}, "dedup.leaseS"),
     "buffer_below_in_flight": ({"worker": {"maxBuffered": 100}}, "worker.maxBuffered"),
+    "buffer_bytes_below_a_record": ({"worker": {"maxBufferedBytes": 100}}, "worker.maxBufferedBytes"),
     "domain_id_not_header_safe": ({"api": {"domainId": "abc def"}}, "domainId"),
     "results_topic_is_input": ({"kafka": {"resultsTopic": "coc.change-events"}}, "three different topics"),
     "dlq_topic_dots": ({"kafka": {"dlqTopic": ".."}}, "'..'"),

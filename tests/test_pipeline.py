@@ -662,6 +662,34 @@ class _Answers(_CallerStandIn):
         )
 
 
+class _AppliedMeanwhile(MemoryStore):
+    """A store where another worker applies the event (it took the claim over while this one's
+    had run out) just before this worker writes its done-record."""
+
+    async def mark_done(self, key: str, record: Any, ttl_s: float) -> Any:
+        applied = DedupRecord("applied", "w2", record.source, "applied", 1, 200, target=record.target)
+        await self.mark_applied(key, applied, ttl_s)
+        return await super().mark_done(key, record, ttl_s)
+
+
+async def test_an_event_applied_elsewhere_before_its_done_record_ends_applied_not_failed() -> None:
+    """The late worker's done-record no longer replaces the applied one, but it still published
+    its own ``failed`` outcome and dead letter for an event another worker had applied (and a
+    redelivery later answered ``applied``). The outcome is now the applied one, repeated."""
+    published = Recorder()
+    store = _AppliedMeanwhile()
+    pipeline, gate = _pipeline(store, _Answers("failed"), published)
+    try:
+        await pipeline.process(job(STARTED))
+    finally:
+        await gate.close()
+    assert [(o["status"], o["redelivered"]) for o in published.outcomes] == [("applied", True)]
+    assert published.letters == []
+    record = store._get(STARTED["event_id"])
+    assert record is not None
+    assert (record.state, record.owner) == ("applied", "w2")
+
+
 class _StoreAway(MemoryStore):
     """A store whose done-records fail while ``away``."""
 
@@ -1033,6 +1061,19 @@ async def test_a_secret_used_as_a_ticket_id_is_kept_out_of_the_outcome_and_its_k
     assert [o["ticket_id"] for o in published.outcomes] == [REDACTED, REDACTED]
     assert keys == [REDACTED.encode()] * 2
     assert secret not in json.dumps(published.outcomes, default=str)
+
+
+async def test_an_id_that_merely_contains_a_short_registered_value_is_kept() -> None:
+    """Only an id holding a secret of 8 characters or more is replaced, and whole: a short access
+    key of a test set-up turned a ticket holding it ("CMZq9x7001") into "CM**redacted**001", its
+    outcome's key with it, while the comment quoting the SK still had to be scrubbed."""
+    register_secrets(["Zq9x7", SK])  # no other test's text holds it: the registry is per process
+    outcome = await _the_outcome(
+        _Answers("applied"),
+        {**STARTED, "ticket_id": "CMZq9x7001", "type": "change.succeeded", "result": {"comment": SK}},
+    )
+    assert outcome["ticket_id"] == "CMZq9x7001"
+    assert outcome["request"]["sub_tickets"][0]["comment"] == REDACTED
 
 
 async def test_each_jobs_log_lines_carry_its_message_and_event(rig: Rig) -> None:

@@ -310,6 +310,7 @@ def test_a_short_redis_password_is_refused_without_being_shown() -> None:
     assert "the Redis password is 4 characters; at least 8 are needed" in message
     assert "pw12" not in message
     assert load_settings(dedup_url="redis://:pw123456@redis:6379/0").secret_values() == ["pw123456"]
+    assert load_settings(dedup_url="redis://acl-user:@redis:6379/0").secret_values() == []  # none at all
 
 
 def test_missing_secret_file_names_the_variable(tmp_path: Path) -> None:

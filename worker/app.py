@@ -76,6 +76,10 @@ class Worker:
         self._bytes_limit = settings.max_buffered_bytes
         self._bytes_resume_at = self._bytes_limit * 3 // 4
         self._buffered_bytes = 0
+        #: Per partition, as its share of the buffer in messages (below): large records stuck
+        #: behind one ticket must not pause the fetching of every partition.
+        self._partition_bytes: dict[PartitionKey, int] = {}
+        self._partition_bytes_share = self._bytes_limit // 2
         #: A partition this far behind its oldest unfinished message stops being fetched, until half
         #: of that is left: a stuck message must not hold an ever longer tail in memory.
         self._uncommitted_limit = settings.max_uncommitted
@@ -329,8 +333,14 @@ class Worker:
             return
         self.metrics.count_consumed()
         key = message.partition_key
+        size = _size(message)
+        partition_bytes = self._partition_bytes[key] = self._partition_bytes.get(key, 0) + size
         stuck = taken_in.pending >= self._uncommitted_limit
-        if (stuck or taken_in.unfinished >= self._partition_share) and key not in self._consumer.held:
+        if (
+            stuck
+            or taken_in.unfinished >= self._partition_share
+            or partition_bytes >= self._partition_bytes_share
+        ) and key not in self._consumer.held:
             self._consumer.hold(key)
             # Far behind its oldest unfinished message: one is stuck, worth a look. At its share
             # of the buffer: flow control, which a plain backlog meets every few hundred messages.
@@ -338,9 +348,14 @@ class Worker:
                 "partition_held",
                 topic=key[0],
                 partition=key[1],
-                reason="uncommitted" if stuck else "share",
+                reason="uncommitted"
+                if stuck
+                else "share"
+                if partition_bytes < self._partition_bytes_share
+                else "bytes",
                 uncommitted=taken_in.pending,
                 unfinished=taken_in.unfinished,
+                unfinished_bytes=partition_bytes,
             )
         event, invalid, salvaged = decode_or_salvage(
             message.value, self.settings.max_event_bytes, key=message.key, unreadable=message.unreadable
@@ -359,7 +374,7 @@ class Worker:
             salvaged,
             taken_in,
         )
-        self._buffered_bytes += _size(message)
+        self._buffered_bytes += size
         self._lanes.submit(job.lane, job)
 
     def _start_over(self, message: Message) -> None:
@@ -401,7 +416,12 @@ class Worker:
 
     def _job_left(self, job: Job, finished: bool) -> None:
         key = job.message.partition_key
-        self._buffered_bytes -= _size(job.message)
+        size = _size(job.message)
+        self._buffered_bytes -= size
+        if (partition_bytes := self._partition_bytes[key] - size) > 0:
+            self._partition_bytes[key] = partition_bytes
+        else:
+            del self._partition_bytes[key]
         taken_in = job.taken_in
         if finished and taken_in is not None:
             self._offsets.finish(key, job.message.offset, taken_in)
@@ -409,6 +429,7 @@ class Worker:
             key in self._consumer.held
             and self._offsets.pending_of(key) <= self._uncommitted_limit // 2
             and self._offsets.unfinished_of(key) <= self._partition_share // 2
+            and partition_bytes <= self._partition_bytes_share // 2
             and key not in self._rewinding
         ):
             self._consumer.release(key)

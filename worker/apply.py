@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.api_client import ApiResponse, CocApiClient
-from worker.errors import ApiAuthError, ApiFailing, ApiRejected, ApiTransientError, ApiUnreachable
+from worker.errors import (
+    ApiAuthError,
+    ApiFailing,
+    ApiRejected,
+    ApiTransientError,
+    ApiUnreachable,
+    CocWorkerError,
+)
 from worker.gate import Gate
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -168,6 +175,11 @@ class ApiCaller:
         self._not_permitted[ticket_id] = now + _NOT_PERMITTED_FOR_S
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
+        self._gate.trip(exc, self._auth_probe(ticket_id))
+
+    def _auth_probe(self, ticket_id: str) -> Callable[[], Awaitable[None]]:
+        """Whether the credentials work at all, after ``ticket_id``'s request met a 401/403."""
+
         async def probe() -> None:
             """Each question in turn, the next asked only when this one is refused with 403 (the
             credentials authenticate, but may not do that); any other refusal is the answer."""
@@ -195,7 +207,7 @@ class ApiCaller:
                     if refused.http_status != 403 or i == len(questions) - 1:
                         raise
 
-        self._gate.trip(exc, probe)
+        return probe
 
     def _trip_failing(self, error: ApiTransientError) -> None:
         """Pause on ``api_failing`` (see ``Reachability.failing``)."""
@@ -421,11 +433,21 @@ class ApiCaller:
                 if sent:
                     spent -= 1
                 forbidden += exc.http_status == 403
-                if forbidden > 1 or (forbidden and self._known_not_permitted(ticket_id)):
-                    # Refused again after the gate reopened, that is after its probe read a ticket
-                    # with these credentials (or, lately, for this ticket's earlier event): they
-                    # work, but may not do this (a read-only policy, a ticket outside their scope).
-                    # Waiting would never end it.
+                if forbidden == 1 and self._known_not_permitted(ticket_id):
+                    # Refused lately for an earlier event of this ticket: the credentials are
+                    # verified here, by the gate's own probe, without pausing every other ticket
+                    # for it (each event of such a ticket paused the worker once, the backoff
+                    # growing). Refused there too, they fail everywhere: the worker pauses.
+                    try:
+                        await self._auth_probe(ticket_id)()
+                    except CocWorkerError:
+                        self._trip_auth(exc, ticket_id)
+                        continue
+                    forbidden += 1
+                if forbidden > 1:
+                    # Refused again after the credentials were verified (the gate's probe read a
+                    # ticket with them): they work, but may not do this (a read-only policy, a
+                    # ticket outside their scope). Waiting would never end it.
                     self._remember_not_permitted(ticket_id)
                     return ApplyResult(
                         "rejected",

@@ -92,6 +92,16 @@ def redact_text(text: str) -> str:
     return text
 
 
+def holds_secret_of(text: str, min_chars: int) -> bool:
+    """Whether ``text`` holds a registered value (in any form) of at least ``min_chars`` characters."""
+    for secret in _longest_first:
+        if len(secret) < min_chars:
+            return False
+        if secret in text:
+            return True
+    return False
+
+
 def holds_secret(data: bytes) -> bool:
     """Whether UTF-8 bytes (an outcome as written) hold a secret, without decoding them."""
     return any(secret in data for secret in _longest_first_bytes)

@@ -27,7 +27,15 @@ from worker.decode import Identity
 from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore
 from worker.errors import BrokerUnavailable, DeadLetterUnwritable, DedupUnavailable, InvalidEvent
 from worker.gate import Gate
-from worker.logs import bind_message_context, get_logger, holds_secret, redact_text, redact_values
+from worker.logs import (
+    REDACTED,
+    bind_message_context,
+    get_logger,
+    holds_secret,
+    holds_secret_of,
+    redact_text,
+    redact_values,
+)
 from worker.mapping import already_applied, event_target, request_wire
 from worker.metrics import Metrics
 from worker.offsets import PartitionOffsets
@@ -85,19 +93,25 @@ def _fingerprint(job: Job) -> str:
     return "#" + digest.hexdigest()
 
 
-#: The outcome's fields that echo the producer's text: ``request`` (a comment may quote a secret)
-#: and the ids (a producer's mistake may use one as an id, which the contract's pattern admits).
-#: The error texts are scrubbed as they are made.
-_PRODUCERS_TEXT = ("event_id", "ticket_id", "sub_ticket_id", "request")
+#: The outcome's ids, the producer's text: a producer's mistake may put a secret there (a secret
+#: key has the shape of an id). One that holds a secret of at least this many characters is
+#: replaced whole; shorter registered values (a short access key in a test set-up) would cut
+#: ordinary ids apart ("CM2025" out of a ticket "CM202511280001").
+_OUTCOME_IDS = ("event_id", "ticket_id", "sub_ticket_id")
+_ID_SECRET_MIN_CHARS = 8
 
 
 def _dump(outcome: dict[str, Any]) -> bytes:
-    """The outcome's bytes; when they hold a secret, the producer's text in it is scrubbed (in
-    ``outcome`` too, whose ``ticket_id`` keys the record) and it is written again."""
+    """The outcome's bytes. When they hold a secret, the producer's text in them is scrubbed (in
+    ``outcome`` too, whose ``ticket_id`` keys the record) and they are written again: the request
+    (a comment may quote a secret) and an id that is one; the error texts are scrubbed as made."""
     payload = dump_outcome(outcome)
     if holds_secret(payload):
-        for name in _PRODUCERS_TEXT:
-            outcome[name] = redact_values(outcome[name])
+        outcome["request"] = redact_values(outcome["request"])
+        for name in _OUTCOME_IDS:
+            value = outcome[name]
+            if value and holds_secret_of(value, _ID_SECRET_MIN_CHARS):
+                outcome[name] = REDACTED
         payload = dump_outcome(outcome)
     return payload
 
@@ -457,7 +471,13 @@ class Pipeline:
         # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter
         # and never calls the API again, while another message with this event_id (a fixed ticket,
         # a DLQ replay) may try again.
-        await self._remember(event.event_id, job, status, result, reason, detail=detail, target=target)
+        kept = await self._remember(event.event_id, job, status, result, reason, detail=detail, target=target)
+        if kept is not None:
+            # Applied meanwhile by another worker, which took the event over while this one's
+            # claim had run out (a pause longer than the lease): that is the event's outcome.
+            log.warning("event_applied_elsewhere", status=status.value, applied_by=kept.owner)
+            await self._finish_known(job, event, target, body, kept)
+            return
         await self._emit(
             job,
             status,
@@ -479,10 +499,11 @@ class Pipeline:
         *,
         detail: str | None = None,
         target: str = "",
-    ) -> None:
-        """The done-record of an event not applied, written before its outcome is published."""
+    ) -> DedupRecord | None:
+        """The done-record of an event not applied, written before its outcome is published; the
+        applied record the store kept instead, if another worker applied the event meanwhile."""
         done = self._record("done", job, status, result, reason, detail, target=target)
-        await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
+        return await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
 
     def _record(
         self,

@@ -375,7 +375,7 @@ class WorkerSettings(BaseSettings):
                 )
             if parts.scheme == "redis" and any(name.startswith("ssl_") for name in options):
                 raise ValueError("the ssl_* options need a TLS connection: rediss://")
-            if parts.password is not None and len(unquote(parts.password)) < MIN_SECRET_CHARS:
+            if parts.password and len(unquote(parts.password)) < MIN_SECRET_CHARS:
                 # as for every other secret: a short one is guessable, and the log redactor cannot
                 # tell it apart from ordinary text (its length only, never the value)
                 raise ValueError(
@@ -547,7 +547,7 @@ class WorkerSettings(BaseSettings):
         password = url.password
         if password:
             values += [password, unquote(password)]  # as written in the URL, and as sent to Redis
-        elif url.username and len(url.username) >= MIN_SECRET_CHARS:
+        elif password is None and url.username and len(url.username) >= MIN_SECRET_CHARS:
             # a password written where the user goes (``without_password`` masks it too)
             values += [url.username, unquote(url.username)]
         return list(dict.fromkeys(values))

@@ -703,30 +703,43 @@ async def test_large_records_waiting_behind_a_stuck_ticket_are_bounded_in_bytes(
 ) -> None:
     """Invalid records of 100 KB each wait behind their ticket's first event, which cannot finish
     (another live worker holds its claim). Bounded in messages only, the buffer took them until the
-    partition's share (64 here), 6.4 MB; fetching now pauses at ``max_buffered_bytes`` (one fetch
-    may go past it), and every record still ends as an outcome once the ticket moves."""
-    limit = 256 * 1024
+    partition's share (64 here), 6.4 MB, and with a byte bound on the whole buffer alone (4 MiB
+    here) fetching paused for every partition. Their partition is now held at half of
+    ``max_buffered_bytes`` (one fetch of it, ~1 MiB, may go past that) while the other
+    partitions' events go on, and every record still ends as an outcome once the ticket moves."""
+    limit = 4 * 1024 * 1024
     settings = make_settings(max_in_flight=8, max_buffered=128, max_buffered_bytes=limit)
+    partitioner = DefaultPartitioner()
+
+    def partition_of(ticket: str) -> int:
+        return int(partitioner(ticket.encode(), [0, 1, 2, 3], [0, 1, 2, 3]))
+
     stuck = event("change.started", "CM-BIG", "s1", event_id="ev-big-stuck")
     large = [event("change.started", "CM-BIG", "s1", pad="x" * 100_000) for _ in range(80)]
+    others = [t for t in (f"CM-O{n:03d}" for n in range(200)) if partition_of(t) != partition_of("CM-BIG")][
+        :40
+    ]
     store = open_store(settings.dedup_url)
     try:
         assert (
             await store.claim("ev-big-stuck", "another-worker", "elsewhere/0/0", 600)
         ).kind is ClaimKind.NEW
         async with running_worker(settings) as worker:
+            key = f"{topics['input']}/{partition_of('CM-BIG')}"
             await send(broker.bootstrap, topics["input"], [stuck, *large])
-            await until(lambda: worker.status()["in_flight"] > 1, 30, 0.02, what="the records fetched")
-            await until(lambda: worker._consumer.paused, 30, 0.02, what="fetching paused")
-            status = worker.status()
-            # at most one partition's fetch (max_event_bytes and headroom, ~10 records) past the limit
-            assert limit <= status["buffered_bytes"] <= limit + record_limit_bytes(settings)
-            assert status["in_flight"] < 16
-            assert not status["held"]
+            await until(lambda: key in worker.status()["held"], 30, 0.02, what="the partition held")
+            # at most one fetch of it (max_event_bytes and headroom, ~10 records) past its share
+            assert worker.status()["buffered_bytes"] <= limit // 2 + record_limit_bytes(settings)
+            assert worker.status()["in_flight"] < 40
+            await send(broker.bootstrap, topics["input"], [event("change.started", t, "s1") for t in others])
+            done = await read_json(broker.bootstrap, topics["results"], len(others), 60)
+            assert {o["ticket_id"] for o in done} == set(others)  # the other partitions went on
+            assert key in worker.status()["held"]
 
             await store.release("ev-big-stuck", "another-worker")
-            outcomes = await read_json(broker.bootstrap, topics["results"], 1 + len(large), 60)
+            outcomes = await read_json(broker.bootstrap, topics["results"], 1 + len(large) + len(others), 60)
             await until(lambda: worker.status()["buffered_bytes"] == 0, 30, 0.02, what="the buffer empty")
+            await until(lambda: not worker.status()["held"], 30, 0.02, what="the partition released")
     finally:
         await store.close()
-    assert Counter(o["status"] for o in outcomes) == {"applied": 1, "invalid": len(large)}
+    assert Counter(o["status"] for o in outcomes) == {"applied": 1 + len(others), "invalid": len(large)}

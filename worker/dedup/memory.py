@@ -66,9 +66,12 @@ class MemoryStore:
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         self._put(event_id, record, ttl_s)
 
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        if done_may_replace(self._get(event_id)):
-            self._put(event_id, record, ttl_s)
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
+        current = self._get(event_id)
+        if not done_may_replace(current):
+            return current
+        self._put(event_id, record, ttl_s)
+        return None
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None:
         record = self._get(event_id)

@@ -78,15 +78,15 @@ if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == A
 end
 return 0
 """
-#: ``records.done_may_replace``: a done-record never replaces an applied one.
+#: ``records.done_may_replace``: a done-record never replaces an applied one, which is returned.
 _DONE_LUA = """
 local v = redis.call('GET', KEYS[1])
 if v then
   local ok, r = pcall(cjson.decode, v)
-  if ok and type(r) == 'table' and r['state'] == 'applied' then return 0 end
+  if ok and type(r) == 'table' and r['state'] == 'applied' then return v end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+return false
 """
 
 
@@ -226,11 +226,12 @@ class RedisStore:
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._put(event_id, record, ttl_s)
 
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
         value, ttl_ms = record.encode(), int(ttl_s * 1000)
-        await self._write(
+        kept = await self._write(
             lambda client: self._done(keys=[self._key(event_id)], args=[value, ttl_ms], client=client)
         )
+        return DedupRecord.decode(kept) if kept else None
 
     async def _put(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         value = record.encode()

@@ -244,10 +244,15 @@ class SqliteStore:
         cls._write(conn, event_id, record, time.time() + ttl_s)
 
     @classmethod
-    def _done_op(cls, conn: sqlite3.Connection, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+    def _done_op(
+        cls, conn: sqlite3.Connection, event_id: str, record: DedupRecord, ttl_s: float
+    ) -> DedupRecord | None:
         now = time.time()
-        if done_may_replace(cls._read(conn, event_id, now)):
-            cls._write(conn, event_id, record, now + ttl_s)
+        current = cls._read(conn, event_id, now)
+        if not done_may_replace(current):
+            return current
+        cls._write(conn, event_id, record, now + ttl_s)
+        return None
 
     @classmethod
     def _release_op(cls, conn: sqlite3.Connection, event_id: str, owner: str, token: str) -> None:
@@ -269,8 +274,9 @@ class SqliteStore:
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._run(self._put_op, event_id, record, ttl_s)
 
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
-        await self._run(self._done_op, event_id, record, ttl_s)
+    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
+        kept: DedupRecord | None = await self._run(self._done_op, event_id, record, ttl_s)
+        return kept
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None:
         await self._run(self._release_op, event_id, owner, token)

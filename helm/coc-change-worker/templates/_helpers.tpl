@@ -226,6 +226,9 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if and (gt ($v.worker.maxBuffered | int64) 0) (lt ($v.worker.maxBuffered | int64) ($v.worker.maxInFlight | int64)) }}
 {{- fail "worker.maxBuffered must be 0 (4 x maxInFlight) or at least worker.maxInFlight" }}
 {{- end }}
+{{- if and (gt ($v.worker.maxBufferedBytes | int64) 0) (lt ($v.worker.maxBufferedBytes | int64) 256) }}
+{{- fail "worker.maxBufferedBytes must be 0 (64 MiB) or at least 256" }}
+{{- end }}
 {{- /* The budget binds hardest at the fewest replicas; a KEDA scaled to zero binds as soon as it
        wakes one pod. Kubernetes rounds a percentage up, of minAvailable as of maxUnavailable:
        minAvailable=50% of 1 pod is 1, and 67% of 3 is 3. */}}
