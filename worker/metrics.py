@@ -85,8 +85,9 @@ class _HotMetrics(Collector):
             consumed.add_metric([], m.consumed.value, created=created(m.consumed))
             for status, tally in m.outcome_counts.items():
                 outcomes.add_metric([status.value], tally.value, created=created(tally))
-            # a copy: a scrape from another thread must not see the dict grow under it
-            for code, tally in list(m.api_request_counts.items()):
+            # A tuple replaced whole when a code is added: a scrape from another thread must not
+            # iterate the dict while it grows (even a copy of it was seen to fail, rarely).
+            for code, tally in m.api_request_tallies:
                 requests.add_metric([code], tally.value, created=created(tally))
             latency = m.api_latency
             cumulative, buckets = 0, []
@@ -129,6 +130,7 @@ class Metrics:
         self.consumed = Tally()
         self.outcome_counts = {s: Tally() for s in OutcomeStatus}
         self.api_request_counts: dict[str, Tally] = {}  # HTTP codes and a few transport error names
+        self.api_request_tallies: tuple[tuple[str, Tally], ...] = ()  # the same, for scrapes
         self.api_latency = LatencyHistogram(API_LATENCY_BUCKETS)
         r.register(_HotMetrics(self))
         self.dead_letters = Counter(
@@ -201,6 +203,7 @@ class Metrics:
         tally = self.api_request_counts.get(code)
         if tally is None:
             tally = self.api_request_counts[code] = Tally()
+            self.api_request_tallies = (*self.api_request_tallies, (code, tally))
         tally.value += 1
 
     def render(self) -> bytes:
