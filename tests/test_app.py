@@ -666,6 +666,55 @@ async def test_large_records_stuck_in_one_partition_hold_that_partition_not_ever
         await close_unstarted(worker, real)
 
 
+async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) -> None:
+    """With nothing else to fetch, holding the only partition at half of ``max_buffered_bytes``
+    would halve the limit: the buffer's own pause comes at the limit instead."""
+    settings = worker_settings(tmp_path, max_in_flight=2, max_buffered=64, max_buffered_bytes=4096)
+    worker = Worker(settings)
+    tp = TopicPartition(settings.input_topic, 0)
+    member = Trickle({tp: 100}, size=1000, per_call=2)
+    real, worker._consumer._consumer = worker._consumer._consumer, member
+    release = holding_jobs(worker).release
+    try:
+        await worker.on_assigned({(tp.topic, tp.partition)})
+        consuming = asyncio.create_task(worker._consume())
+        await until(lambda: bool(member.paused_now), what="the byte limit to pause fetching")
+        assert (len(worker._lanes), worker.status()["buffered_bytes"]) == (6, 6000)
+        assert worker._consumer.held == set()
+        worker._stopping.set()
+        release.set()
+        await asyncio.wait_for(consuming, 2)
+    finally:
+        release.set()
+        worker._stopping.set()
+        await close_unstarted(worker, real)
+
+
+async def test_messages_of_no_bytes_leave_their_partition_to_be_committed(tmp_path: Path) -> None:
+    """An unreadable record (and a tombstone without a key) holds no bytes: the first of two to
+    leave dropped its partition's byte sum at 0, and the second's leaving raised ``KeyError``
+    inside the lanes' callback, its offset never finished: the partition was never committed past
+    it, and after a restart the same records did it again."""
+    worker = Worker(worker_settings(tmp_path))
+    topic = worker.settings.input_topic
+    done: list[int] = []
+
+    async def process(job: Job) -> None:
+        done.append(job.message.offset)
+
+    processing_with(worker, process)
+    try:
+        await worker.on_assigned({(topic, 0)})
+        for offset in (0, 1):
+            worker._dispatch(Message(topic, 0, offset, None, b"", [], 0, "unreadable"))
+        await until(lambda: len(done) == 2, what="both jobs run")
+        assert await worker._lanes.wait_idle(2.0)
+        assert worker._offsets.to_commit() == {(topic, 0): 2}
+        assert worker._partition_bytes == {}
+    finally:
+        await close_unstarted(worker)
+
+
 async def test_a_fetch_takes_a_share_of_every_partition_that_has_messages() -> None:
     """aiokafka hands out one partition's prefetched records before the next's: a fetch filled the
     buffer from one partition, whose messages name few tickets, and each ticket's events run one at

@@ -1129,8 +1129,8 @@ async def test_the_later_events_of_a_ticket_refused_after_verification_do_not_pa
     """Each event of a ticket outside the credentials' scope paused the whole worker once (its
     first 403), every pause longer than the one before as the gate's backoff carried over: seven
     events, seven pauses heading for 30 s, /readyz 503 for every ticket meanwhile. Once one event
-    of the ticket was refused after the probe verified the credentials, a later event's 403 is
-    checked by the same probe run for that event alone, without pausing the others."""
+    of the ticket was refused after the probe verified the credentials, a later event's 403 is the
+    ticket's own while the credentials have worked within the last seconds (here: the probe)."""
     client = _OneTicketForbidden()
     caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
 
@@ -1144,14 +1144,14 @@ async def test_the_later_events_of_a_ticket_refused_after_verification_do_not_pa
     assert [(r.status, r.http_status) for r in results] == [("rejected", 403)] * 7
     assert [r.calls for r in results] == [2] + [1] * 6  # the first met its 403 twice, the rest once
     assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 1.0
-    assert client.probed == ["T-OK"] * 7  # the gate's probe once, then one per later event
+    assert client.probed == ["T-OK"]  # the gate's one probe: no request beyond the events' own
     assert (await put("T-OK", "ev-9")).status == "applied"
 
 
 async def test_credentials_that_fail_everywhere_pause_even_for_a_ticket_refused_before(rig: Rig) -> None:
     """A ticket remembered as refused must not turn an outage of the credentials (a policy
-    detached) into dead letters: its next 403 is checked first, and refused there too the worker
-    pauses, as for any ticket."""
+    detached) into dead letters: once nothing has shown them working for a few seconds, its next
+    403 pauses the worker as any ticket's does, and the probe finds them refused everywhere."""
     client = _OneTicketForbidden()
     caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
     assert (await caller.apply("T-OK", b"{}", event_id="ev-0", traceparent=TRACEPARENT)).status == "applied"
@@ -1164,6 +1164,7 @@ async def test_credentials_that_fail_everywhere_pause_even_for_a_ticket_refused_
 
     client.probe = refused_everywhere  # type: ignore[method-assign]
     client.probe_write = refused_everywhere  # type: ignore[method-assign]
+    caller._verified_at -= 10.0  # ten seconds on, with nothing applied meanwhile
     later = asyncio.ensure_future(caller.apply("T-X", b"{}", event_id="ev-2", traceparent=TRACEPARENT))
     await until(lambda: not rig.gate.is_open, what="the pause")
     assert not later.done()

@@ -336,11 +336,10 @@ class Worker:
         size = _size(message)
         partition_bytes = self._partition_bytes[key] = self._partition_bytes.get(key, 0) + size
         stuck = taken_in.pending >= self._uncommitted_limit
-        if (
-            stuck
-            or taken_in.unfinished >= self._partition_share
-            or partition_bytes >= self._partition_bytes_share
-        ) and key not in self._consumer.held:
+        at_share = taken_in.unfinished >= self._partition_share
+        # In bytes only beside other partitions: alone, its share would halve the byte limit.
+        at_bytes = partition_bytes >= self._partition_bytes_share and len(self._assigned or ()) > 1
+        if (stuck or at_share or at_bytes) and key not in self._consumer.held:
             self._consumer.hold(key)
             # Far behind its oldest unfinished message: one is stuck, worth a look. At its share
             # of the buffer: flow control, which a plain backlog meets every few hundred messages.
@@ -348,11 +347,7 @@ class Worker:
                 "partition_held",
                 topic=key[0],
                 partition=key[1],
-                reason="uncommitted"
-                if stuck
-                else "share"
-                if partition_bytes < self._partition_bytes_share
-                else "bytes",
+                reason="uncommitted" if stuck else "share" if at_share else "bytes",
                 uncommitted=taken_in.pending,
                 unfinished=taken_in.unfinished,
                 unfinished_bytes=partition_bytes,
@@ -418,10 +413,12 @@ class Worker:
         key = job.message.partition_key
         size = _size(job.message)
         self._buffered_bytes -= size
-        if (partition_bytes := self._partition_bytes[key] - size) > 0:
+        # a message of no bytes (a tombstone without a key, an unreadable record) leaves the sum
+        # at 0, which is dropped: another of them may leave after it
+        if (partition_bytes := self._partition_bytes.get(key, 0) - size) > 0:
             self._partition_bytes[key] = partition_bytes
         else:
-            del self._partition_bytes[key]
+            self._partition_bytes.pop(key, None)
         taken_in = job.taken_in
         if finished and taken_in is not None:
             self._offsets.finish(key, job.message.offset, taken_in)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from worker.errors import (
     ApiRejected,
     ApiTransientError,
     ApiUnreachable,
-    CocWorkerError,
 )
 from worker.gate import Gate
 from worker.logs import get_logger
@@ -42,6 +42,9 @@ log = get_logger(__name__)
 #: later events end ``rejected`` at their first 403, without pausing the worker again.
 _NOT_PERMITTED_FOR_S = 300.0
 _NOT_PERMITTED_MAX = 10_000  # tickets remembered at most
+#: How recent a sign that the credentials work must be for such a ticket's 403 to be its own:
+#: credentials detached everywhere since must pause the worker, not dead-letter its events.
+_VERIFIED_FOR_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ class ApiCaller:
         #: again after the probe verified the credentials. Each event of such a ticket paused the
         #: whole worker once, the gate's backoff growing with every one (1.8, 3.2, 7.8, 11.5 s...).
         self._not_permitted: dict[str, float] = {}
+        #: When the credentials last worked (a change applied, the auth probe passed; monotonic).
+        self._verified_at = -math.inf
 
     def _known_not_permitted(self, ticket_id: str) -> bool:
         until = self._not_permitted.get(ticket_id)
@@ -202,6 +207,7 @@ class ApiCaller:
             for i, ask in enumerate(questions):
                 try:
                     await ask()
+                    self._verified_at = time.monotonic()
                     return
                 except ApiAuthError as refused:
                     if refused.http_status != 403 or i == len(questions) - 1:
@@ -433,16 +439,16 @@ class ApiCaller:
                 if sent:
                     spent -= 1
                 forbidden += exc.http_status == 403
-                if forbidden == 1 and self._known_not_permitted(ticket_id):
-                    # Refused lately for an earlier event of this ticket: the credentials are
-                    # verified here, by the gate's own probe, without pausing every other ticket
-                    # for it (each event of such a ticket paused the worker once, the backoff
-                    # growing). Refused there too, they fail everywhere: the worker pauses.
-                    try:
-                        await self._auth_probe(ticket_id)()
-                    except CocWorkerError:
-                        self._trip_auth(exc, ticket_id)
-                        continue
+                if (
+                    forbidden == 1
+                    and self._known_not_permitted(ticket_id)
+                    and time.monotonic() - self._verified_at < _VERIFIED_FOR_S
+                ):
+                    # Refused lately for an earlier event of this ticket, and the credentials
+                    # worked moments ago (a change applied, the gate's probe passed): this 403 is
+                    # the ticket's own, with no pause of every other ticket for it (each event of
+                    # such a ticket paused the worker once, the backoff growing). Otherwise the
+                    # pause and its probe find out whether they fail everywhere.
                     forbidden += 1
                 if forbidden > 1:
                     # Refused again after the credentials were verified (the gate's probe read a
@@ -497,6 +503,7 @@ class ApiCaller:
             else:
                 self._reachability.answered()
                 self._answered_ticket = ticket_id
+                self._verified_at = time.monotonic()
                 return ApplyResult("applied", calls, http_status=response.http_status, response=response)
             active_s += time.monotonic() - started - waited.s
             rounds += 1
