@@ -24,6 +24,7 @@ from huaweicloudsdkcoc.v1 import CocTicketDetailInfoResponseData, CocTicketDetai
 from structlog.testing import capture_logs
 from waiting import until
 
+import worker.apply as apply_module
 from schemas.api import UpdateTicketResponse
 from schemas.events import CHANGE_EVENT_ADAPTER, AnyChangeEvent
 from worker.api_client import ApiResponse, CocApiClient
@@ -1146,6 +1147,23 @@ async def test_the_later_events_of_a_ticket_refused_after_verification_do_not_pa
     assert rig.sample("coc_worker_pauses_total", kind="api_auth") == 1.0
     assert client.probed == ["T-OK"]  # the gate's one probe: no request beyond the events' own
     assert (await put("T-OK", "ev-9")).status == "applied"
+
+
+def test_tickets_refused_are_remembered_for_a_while_and_at_most_so_many(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded both ways: an entry expires (a permission granted meanwhile is used), and past the
+    limit the oldest goes."""
+    monkeypatch.setattr(apply_module, "_NOT_PERMITTED_MAX", 3)
+    caller = ApiCaller(_OneTicketForbidden(), FAST, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
+    for ticket in ("T-1", "T-2", "T-3", "T-2", "T-4"):  # T-2 again: now the newest
+        caller._remember_not_permitted(ticket)
+    assert list(caller._not_permitted) == ["T-3", "T-2", "T-4"]
+    assert caller._known_not_permitted("T-3")
+    assert not caller._known_not_permitted("T-1")
+    caller._not_permitted["T-3"] = caller._not_permitted["T-2"] = 0.0  # expired
+    caller._remember_not_permitted("T-5")
+    assert list(caller._not_permitted) == ["T-4", "T-5"]
 
 
 async def test_credentials_that_fail_everywhere_pause_even_for_a_ticket_refused_before(rig: Rig) -> None:

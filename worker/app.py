@@ -33,7 +33,7 @@ from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
 from worker.lanes import Lanes
-from worker.logs import get_logger, redact_text, register_secrets
+from worker.logs import get_logger, redact_cut, register_secrets
 from worker.metrics import KEY_MISMATCH_KINDS, Metrics
 from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, PartitionKey
 from worker.pipeline import Job, Pipeline
@@ -226,18 +226,18 @@ class Worker:
         # 503 until its producer has started).
         await self._http.start()
         if self._ingress is not None:
-            await self._once_reachable("broker", self._ingress.start)
+            await self._startup.once_reachable("broker", self._ingress.start)
         if s.create_topics:
-            created = await self._once_reachable("broker", lambda: ensure_topics(s))
+            created = await self._startup.once_reachable("broker", lambda: ensure_topics(s))
             if created:
                 log.info("topics_created", topics=created)
         if self._store.remote:
-            await self._once_reachable("dedup_store", self._store.ping)
+            await self._startup.once_reachable("dedup_store", self._store.ping)
         else:  # a local file or memory: waiting would not make it work
             await self._store.ping()
         await self._client.start()
-        await self._once_reachable("broker", self._publisher.start)
-        await self._once_reachable("broker", self._consumer.start)
+        await self._startup.once_reachable("broker", self._publisher.start)
+        await self._startup.once_reachable("broker", self._consumer.start)
         self._broker_answered = True
         self._tasks = [
             asyncio.create_task(self._commit_periodically(), name="committer"),
@@ -246,9 +246,6 @@ class Worker:
         self.started.set()
         loop = type(asyncio.get_running_loop())
         log.info("worker_started", http_port=self._http.port, event_loop=f"{loop.__module__}.{loop.__name__}")
-
-    async def _once_reachable(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
-        return await self._startup.once_reachable(what, step)
 
     async def _consume(self) -> None:
         while not self._stopping.is_set():
@@ -678,7 +675,6 @@ async def _bounded(step: Awaitable[None], name: str) -> None:
     except TimeoutError:
         log.warning("shutdown_step_timed_out", step=name, timeout_s=_SHUTDOWN_STEP_S)
     except Exception as exc:  # the rest of the shutdown must still run
-        # redacted whole before it is cut: a secret across the cut would leave its start readable
         log.warning(
-            "shutdown_step_failed", step=name, error=type(exc).__name__, detail=redact_text(str(exc))[:300]
+            "shutdown_step_failed", step=name, error=type(exc).__name__, detail=redact_cut(str(exc), 300)
         )

@@ -22,13 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.api_client import ApiResponse, CocApiClient
-from worker.errors import (
-    ApiAuthError,
-    ApiFailing,
-    ApiRejected,
-    ApiTransientError,
-    ApiUnreachable,
-)
+from worker.errors import ApiAuthError, ApiFailing, ApiRejected, ApiTransientError, ApiUnreachable
 from worker.gate import Gate
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -172,19 +166,16 @@ class ApiCaller:
         """For ``_NOT_PERMITTED_FOR_S``: a permission granted meanwhile is used within minutes,
         and credentials that stopped working everywhere still pause at another ticket's 403."""
         now = time.monotonic()
-        if len(self._not_permitted) >= _NOT_PERMITTED_MAX:
-            self._not_permitted = {t: u for t, u in self._not_permitted.items() if u > now}
-            while len(self._not_permitted) >= _NOT_PERMITTED_MAX:  # all live: the oldest go
-                del self._not_permitted[next(iter(self._not_permitted))]
-        self._not_permitted.pop(ticket_id, None)  # to the end: the dict stays in order of time
-        self._not_permitted[ticket_id] = now + _NOT_PERMITTED_FOR_S
+        remembered = self._not_permitted
+        remembered.pop(ticket_id, None)  # to the end: the dict stays in order of expiry
+        # the oldest go first: expired, or when there is no room
+        while remembered and (
+            len(remembered) >= _NOT_PERMITTED_MAX or next(iter(remembered.values())) <= now
+        ):
+            del remembered[next(iter(remembered))]
+        remembered[ticket_id] = now + _NOT_PERMITTED_FOR_S
 
     def _trip_auth(self, exc: ApiAuthError, ticket_id: str) -> None:
-        self._gate.trip(exc, self._auth_probe(ticket_id))
-
-    def _auth_probe(self, ticket_id: str) -> Callable[[], Awaitable[None]]:
-        """Whether the credentials work at all, after ``ticket_id``'s request met a 401/403."""
-
         async def probe() -> None:
             """Each question in turn, the next asked only when this one is refused with 403 (the
             credentials authenticate, but may not do that); any other refusal is the answer."""
@@ -213,7 +204,7 @@ class ApiCaller:
                     if refused.http_status != 403 or i == len(questions) - 1:
                         raise
 
-        return probe
+        self._gate.trip(exc, probe)
 
     def _trip_failing(self, error: ApiTransientError) -> None:
         """Pause on ``api_failing`` (see ``Reachability.failing``)."""
@@ -503,7 +494,7 @@ class ApiCaller:
             else:
                 self._reachability.answered()
                 self._answered_ticket = ticket_id
-                self._verified_at = time.monotonic()
+                self._verified_at = started  # the round's own clock read: no other on this path
                 return ApplyResult("applied", calls, http_status=response.http_status, response=response)
             active_s += time.monotonic() - started - waited.s
             rounds += 1

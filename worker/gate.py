@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from worker.cancel import cancel_and_wait
 from worker.errors import CocWorkerError, SystemicError
-from worker.logs import get_logger, redact_text
+from worker.logs import get_logger, redact_cut
 from worker.metrics import Metrics
 from worker.retry import backoff_delay, half_to_full
 
@@ -153,7 +153,7 @@ class Gate:
                     cause=kind,
                     attempt=attempt,
                     error=type(exc).__name__,
-                    detail=redact_text(str(exc))[:300],  # whole before it is cut: no prefix left
+                    detail=redact_cut(str(exc), 300),
                     exc_info=attempt == 1,
                 )
                 continue

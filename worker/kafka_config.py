@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.logs import get_logger, redact_text
+from worker.logs import get_logger, redact_cut
 from worker.settings import WorkerSettings, env_var
 
 log = get_logger(__name__)
@@ -44,7 +44,7 @@ def kafka_error_text(exc: BaseException) -> str:
     from [('127.0.0.1', 1, ...)]"; the class name alone read like a topic or permission
     problem), once with its class name, redacted and short."""
     text, name = str(exc), type(exc).__name__
-    return redact_text(text if text.startswith(name) else f"{name}: {text}" if text else name)[:300]
+    return redact_cut(text if text.startswith(name) else f"{name}: {text}" if text else name, 300)
 
 
 def cannot_connect(client: str, servers: str, exc: BaseException) -> str:

@@ -92,6 +92,12 @@ def redact_text(text: str) -> str:
     return text
 
 
+def redact_cut(text: str, limit: int) -> str:
+    """``text`` redacted whole, then cut to ``limit`` characters: cut first, a secret across the
+    cut no longer matches, and its first characters would be written as they are."""
+    return redact_text(text)[:limit]
+
+
 def holds_secret_of(text: str, min_chars: int) -> bool:
     """Whether ``text`` holds a registered value (in any form) of at least ``min_chars`` characters."""
     for secret in _longest_first:

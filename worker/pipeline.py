@@ -33,6 +33,7 @@ from worker.logs import (
     get_logger,
     holds_secret,
     holds_secret_of,
+    redact_cut,
     redact_text,
     redact_values,
 )
@@ -210,7 +211,7 @@ class Pipeline:
                 job,
                 OutcomeStatus.FAILED,
                 reason="internal_error",
-                error_msg=redact_text(f"{type(exc).__name__}: {exc}")[:500],
+                error_msg=redact_cut(f"{type(exc).__name__}: {exc}", 500),
             )
 
     # --- stages -------------------------------------------------------------------------------------
@@ -529,7 +530,7 @@ class Pipeline:
             result.http_status if result else None,
             reason=reason or "",
             error_code=result.error_code if result else None,
-            detail=redact_text(detail)[:_RECORD_DETAIL_CHARS] if detail else "",
+            detail=redact_cut(detail, _RECORD_DETAIL_CHARS) if detail else "",
             target=target,
         )
 

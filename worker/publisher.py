@@ -26,7 +26,7 @@ from worker.kafka_config import (
     kafka_error_text,
     producer_kwargs,
 )
-from worker.logs import redact_text
+from worker.logs import redact_cut
 from worker.settings import WorkerSettings
 from worker.tracing import HEADER as TRACEPARENT
 
@@ -78,7 +78,7 @@ def dead_letter_headers(letter: DeadLetter, worker_id: str, traceparent: str, no
     ours = {
         "status": letter.status,
         "reason": letter.reason,
-        "error": redact_text(letter.detail)[:_DETAIL_LIMIT],
+        "error": redact_cut(letter.detail, _DETAIL_LIMIT),
         "source-topic": letter.topic,
         "source-partition": str(letter.partition),
         "source-offset": str(letter.offset),

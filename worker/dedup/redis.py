@@ -22,7 +22,7 @@ from worker.dedup.records import (
     decide,
 )
 from worker.errors import DedupUnavailable
-from worker.logs import redact_text
+from worker.logs import redact_cut
 from worker.redis_config import DEFAULT_PREFIX, leave_demoted_node, redis_client
 
 #: How long a Redis write waits for its replicas' acknowledgements (``RedisStore._write``).
@@ -135,7 +135,7 @@ class RedisStore:
             # afresh; those in use end on their own.
             await self._client.connection_pool.disconnect(inuse_connections=False)
             # redis-py's text names the address it tried (never the password; redacted all the same)
-            reason = redact_text(str(exc))[:200]
+            reason = redact_cut(str(exc), 200)
             raise DedupUnavailable(
                 f"redis dedup store unreachable: {type(exc).__name__}" + (f": {reason}" if reason else "")
             ) from exc
