@@ -532,6 +532,25 @@ def _record(tp: TopicPartition, offset: int) -> SimpleNamespace:
     )
 
 
+@contextlib.asynccontextmanager
+async def consuming_from(worker: Worker, member: GroupMember) -> AsyncIterator[None]:
+    """``worker``'s consume loop over ``member`` (aiokafka's side), every partition of it assigned.
+    Leaving, a stop must end the loop within 2 s; the worker is closed whatever happened."""
+    real, worker._consumer._consumer = worker._consumer._consumer, member
+    task: asyncio.Task[None] | None = None
+    try:
+        await worker.on_assigned({(tp.topic, tp.partition) for tp in member.assigned})
+        task = asyncio.create_task(worker._consume())
+        yield
+        worker._stopping.set()
+        await asyncio.wait_for(task, 2)
+    finally:
+        worker._stopping.set()
+        if task is not None and not task.done():
+            await cancel_and_wait([task])
+        await close_unstarted(worker, real)
+
+
 async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_the_prefetch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -545,11 +564,8 @@ async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_
     worker = Worker(settings)
     tp = TopicPartition(settings.input_topic, 0)
     member = Prefetched({tp: 100})
-    real, worker._consumer._consumer = worker._consumer._consumer, member
     release = holding_jobs(worker).release
-    try:
-        await worker.on_assigned({(tp.topic, tp.partition)})
-        consuming = asyncio.create_task(worker._consume())
+    async with consuming_from(worker, member):
         await until(lambda: bool(member.paused_now), what="the buffer to fill")
         polls = len(member.asked)
         await until(lambda: len(member.asked) >= polls + 5, what="polls while paused")
@@ -560,12 +576,6 @@ async def test_a_full_buffer_pauses_fetching_and_keeps_polling_without_touching_
         release.set()  # room again: fetching resumes where the prefetch is
         await until(lambda: len(member.handed_out) > 4, what="fetching to resume")
         assert member.handed_out[:8] == [(0, offset) for offset in range(8)]
-        worker._stopping.set()
-        await asyncio.wait_for(consuming, 2)
-    finally:
-        release.set()
-        worker._stopping.set()
-        await close_unstarted(worker, real)
 
 
 class Trickle(Prefetched):
@@ -597,11 +607,8 @@ async def test_large_records_pause_fetching_at_the_byte_limit_long_before_the_me
     worker = Worker(settings)
     parts = [TopicPartition(settings.input_topic, p) for p in range(4)]
     member = Trickle(dict.fromkeys(parts, 25), size=1000, per_call=1)
-    real, worker._consumer._consumer = worker._consumer._consumer, member
     release = holding_jobs(worker).release
-    try:
-        await worker.on_assigned({(tp.topic, tp.partition) for tp in parts})
-        consuming = asyncio.create_task(worker._consume())
+    async with consuming_from(worker, member):
         await until(lambda: bool(member.paused_now), what="the byte limit to pause fetching")
         polls = len(member.asked)
         await until(lambda: len(member.asked) >= polls + 3, what="polls while paused")
@@ -616,12 +623,6 @@ async def test_large_records_pause_fetching_at_the_byte_limit_long_before_the_me
         await until(lambda: len(member.handed_out) == 100, what="the rest to be fetched")
         await until(lambda: len(worker._lanes) == 0, what="the jobs to finish")
         assert worker.status()["buffered_bytes"] == 0
-        worker._stopping.set()
-        await asyncio.wait_for(consuming, 2)
-    finally:
-        release.set()
-        worker._stopping.set()
-        await close_unstarted(worker, real)
 
 
 async def test_large_records_stuck_in_one_partition_hold_that_partition_not_every_one(
@@ -635,7 +636,6 @@ async def test_large_records_stuck_in_one_partition_hold_that_partition_not_ever
     worker = Worker(settings)
     stuck, other = TopicPartition(settings.input_topic, 0), TopicPartition(settings.input_topic, 1)
     member = Trickle({stuck: 100, other: 200}, size=1000, per_call=1)
-    real, worker._consumer._consumer = worker._consumer._consumer, member
     release = asyncio.Event()
 
     async def process(job: Job) -> None:
@@ -643,27 +643,19 @@ async def test_large_records_stuck_in_one_partition_hold_that_partition_not_ever
             await release.wait()
 
     processing_with(worker, process)
-    try:
-        await worker.on_assigned({(tp.topic, tp.partition) for tp in (stuck, other)})
-        with capture_logs() as logs:
-            consuming = asyncio.create_task(worker._consume())
+    with capture_logs() as logs:
+        async with consuming_from(worker, member):
             await until(lambda: len(member.handed_out) >= 200, what="the other partition fetched")
-        assert worker._consumer.held == {(stuck.topic, 0)}
-        assert worker._partition_bytes == {(stuck.topic, 0): 3000}  # 2,000 under its share, then 3,000
-        held = [(e["reason"], e["unfinished_bytes"]) for e in logs if e["event"] == "partition_held"]
-        assert held == [("bytes", 3000)]
-        assert not worker._consumer.paused
+            assert worker._consumer.held == {(stuck.topic, 0)}
+            assert worker._partition_bytes == {(stuck.topic, 0): 3000}  # 2,000 under its share, then 3,000
+            held = [(e["reason"], e["unfinished_bytes"]) for e in logs if e["event"] == "partition_held"]
+            assert held == [("bytes", 3000)]
+            assert not worker._consumer.paused
 
-        release.set()  # the ticket moves: its partition is released and read to the end
-        await until(lambda: len(member.handed_out) == 300, what="the stuck partition fetched again")
-        await until(lambda: len(worker._lanes) == 0, what="the jobs to finish")
-        assert worker._partition_bytes == {}
-        worker._stopping.set()
-        await asyncio.wait_for(consuming, 2)
-    finally:
-        release.set()
-        worker._stopping.set()
-        await close_unstarted(worker, real)
+            release.set()  # the ticket moves: its partition is released and read to the end
+            await until(lambda: len(member.handed_out) == 300, what="the stuck partition fetched again")
+            await until(lambda: len(worker._lanes) == 0, what="the jobs to finish")
+            assert worker._partition_bytes == {}
 
 
 async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) -> None:
@@ -673,21 +665,11 @@ async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) 
     worker = Worker(settings)
     tp = TopicPartition(settings.input_topic, 0)
     member = Trickle({tp: 100}, size=1000, per_call=2)
-    real, worker._consumer._consumer = worker._consumer._consumer, member
-    release = holding_jobs(worker).release
-    try:
-        await worker.on_assigned({(tp.topic, tp.partition)})
-        consuming = asyncio.create_task(worker._consume())
+    holding_jobs(worker)
+    async with consuming_from(worker, member):
         await until(lambda: bool(member.paused_now), what="the byte limit to pause fetching")
         assert (len(worker._lanes), worker.status()["buffered_bytes"]) == (6, 6000)
         assert worker._consumer.held == set()
-        worker._stopping.set()
-        release.set()
-        await asyncio.wait_for(consuming, 2)
-    finally:
-        release.set()
-        worker._stopping.set()
-        await close_unstarted(worker, real)
 
 
 async def test_messages_of_no_bytes_leave_their_partition_to_be_committed(tmp_path: Path) -> None:

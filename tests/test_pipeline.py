@@ -64,6 +64,7 @@ class Recorder:
     ``refuse_outcomes``: that many dead letters / outcomes fail while the other part goes through."""
 
     outcomes: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)  # each written outcome's
     letters: list[DeadLetter] = field(default_factory=list)
     refuse_letters: int = 0
     refuse_outcomes: int = 0
@@ -89,6 +90,7 @@ class Recorder:
             assert list(written) == list(OutcomeEvent.model_fields)
             assert OutcomeEvent.model_validate(written).status.value == status
             self.outcomes.append(written)
+            self.keys.append(key)
         if letter is not None:
             if self.refuse_letters:
                 self.refuse_letters -= 1
@@ -999,17 +1001,21 @@ async def test_the_dead_letter_carries_the_apis_status_and_its_redacted_code() -
     assert (letter.http_status, letter.error_code) == (400, REDACTED)
 
 
+def succeeded_with(comment: str, ticket_id: str = "CM1") -> dict[str, Any]:
+    """A change.succeeded event whose comment, the producer's text, the outcome echoes."""
+    return {
+        "event_id": "ev-s",
+        "type": "change.succeeded",
+        "ticket_id": ticket_id,
+        "sub_ticket_id": "s-1",
+        "result": {"comment": comment},
+    }
+
+
 async def test_a_secret_quoted_in_the_events_own_text_is_redacted_in_the_outcome() -> None:
     """The outcome echoes the request, whose comment is the producer's text: a secret quoted there
     (a pipeline's log pasted into the comment) went to the results topic as it was."""
-    succeeded = {
-        "event_id": "ev-s",
-        "type": "change.succeeded",
-        "ticket_id": "CM1",
-        "sub_ticket_id": "s-1",
-        "result": {"comment": f"deployed with key {SK}"},
-    }
-    outcome = await _the_outcome(_Answers("applied"), succeeded)
+    outcome = await _the_outcome(_Answers("applied"), succeeded_with(f"deployed with key {SK}"))
     assert outcome["status"] == "applied"
     assert SK not in json.dumps(outcome)
     assert REDACTED in json.dumps(outcome["request"])
@@ -1021,14 +1027,7 @@ async def test_a_non_ascii_secret_with_a_quote_is_redacted_in_the_outcome() -> N
     quoting it went to the results topic as it was."""
     secret = 'Grüße"Kafka-2024'
     register_secrets([secret])
-    succeeded = {
-        "event_id": "ev-s",
-        "type": "change.succeeded",
-        "ticket_id": "CM1",
-        "sub_ticket_id": "s-1",
-        "result": {"comment": f"deployed with pw {secret}"},
-    }
-    outcome = await _the_outcome(_Answers("applied"), succeeded)
+    outcome = await _the_outcome(_Answers("applied"), succeeded_with(f"deployed with pw {secret}"))
     assert outcome["request"]["sub_tickets"][0]["comment"] == f"deployed with pw {REDACTED}"
 
 
@@ -1038,14 +1037,7 @@ async def test_a_secret_used_as_a_ticket_id_is_kept_out_of_the_outcome_and_its_k
     register_secrets([SK])
     secret = "sk1234567890abcdefghij1234567890ABCDEFGH"
     register_secrets([secret])
-    keys: list[bytes | None] = []
-
-    class Keys(Recorder):
-        async def publish(self, key: bytes | None, *args: Any) -> None:
-            keys.append(key)
-            await super().publish(key, *args)
-
-    published = Keys()
+    published = Recorder()
     pipeline, gate = _pipeline(MemoryStore(), _Answers("applied"), published)
     try:
         await pipeline.process(job({**STARTED, "ticket_id": secret}))  # valid: sent, then applied
@@ -1059,7 +1051,7 @@ async def test_a_secret_used_as_a_ticket_id_is_kept_out_of_the_outcome_and_its_k
         await gate.close()
     assert [o["status"] for o in published.outcomes] == ["applied", "invalid"]
     assert [o["ticket_id"] for o in published.outcomes] == [REDACTED, REDACTED]
-    assert keys == [REDACTED.encode()] * 2
+    assert published.keys == [REDACTED.encode()] * 2
     assert secret not in json.dumps(published.outcomes, default=str)
 
 
@@ -1068,10 +1060,7 @@ async def test_an_id_that_merely_contains_a_short_registered_value_is_kept() -> 
     key of a test set-up turned a ticket holding it ("CMZq9x7001") into "CM**redacted**001", its
     outcome's key with it, while the comment quoting the SK still had to be scrubbed."""
     register_secrets(["Zq9x7", SK])  # no other test's text holds it: the registry is per process
-    outcome = await _the_outcome(
-        _Answers("applied"),
-        {**STARTED, "ticket_id": "CMZq9x7001", "type": "change.succeeded", "result": {"comment": SK}},
-    )
+    outcome = await _the_outcome(_Answers("applied"), succeeded_with(SK, ticket_id="CMZq9x7001"))
     assert outcome["ticket_id"] == "CMZq9x7001"
     assert outcome["request"]["sub_tickets"][0]["comment"] == REDACTED
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
-from worker.cancel import cancel_and_wait
+from worker.cancel import cancel_and_wait, unless_stopped
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
@@ -197,7 +197,7 @@ class Worker:
         server for a broker that takes connections and never answers."""
         start = asyncio.ensure_future(self._start())
         try:
-            if await self._unless_stopped(start) is not None:
+            if await unless_stopped(start, self._stopping) is not None:
                 start.result()  # the start's own failure, if any
                 await self._consume()
         finally:
@@ -265,7 +265,9 @@ class Worker:
                 await self._poll(0, 0.0)
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._unless_stopped(self._room.wait()), _FETCH_TIMEOUT_S)
+                    await asyncio.wait_for(
+                        unless_stopped(self._room.wait(), self._stopping), _FETCH_TIMEOUT_S
+                    )
                 continue
             for message in await self._poll(self._buffer_limit - in_flight, _FETCH_TIMEOUT_S):
                 self._dispatch(message)
@@ -279,7 +281,7 @@ class Worker:
         """A fetch that a stop interrupts: while a rebalance is under way aiokafka's fetch waits for
         the new assignment whatever its timeout (for ever, if the broker left), and a stop must
         still begin at once."""
-        fetch = await self._unless_stopped(self._consumer.fetch(max_records, timeout_s))
+        fetch = await unless_stopped(self._consumer.fetch(max_records, timeout_s), self._stopping)
         if fetch is None:
             return []
         try:
@@ -294,18 +296,6 @@ class Worker:
             self._fetch_failing = False
             self._broker_answered = True
         return messages
-
-    async def _unless_stopped(self, work: Awaitable[T]) -> asyncio.Future[T] | None:
-        """``work``, finished; or None, ``work`` cancelled, when a stop came first."""
-        task = asyncio.ensure_future(work)
-        stopped = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not task.done():
-                task.cancel()
-        return task if task.done() and not task.cancelled() else None
 
     def _dispatch(self, message: Message) -> None:
         if self._rewinding and message.partition_key in self._rewinding:

@@ -11,8 +11,10 @@ asked again until they are done.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Awaitable, Collection
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: How long a cancelled task is given before it is cancelled again.
 CANCEL_AGAIN_S = 0.5
@@ -27,3 +29,17 @@ async def cancel_and_wait(
             task.cancel()
         await asyncio.wait(pending, timeout=again_after_s)
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> asyncio.Future[T] | None:
+    """``work``, finished; or None, ``work`` cancelled (not waited for), when ``stop`` came first.
+    A stop must begin at once, whatever a step of a start or a fetch is waiting for."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+    return task if task.done() and not task.cancelled() else None

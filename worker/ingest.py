@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
-from worker.cancel import cancel_and_wait
+from worker.cancel import cancel_and_wait, unless_stopped
 from worker.decode import describe, parse_json
 from worker.errors import BrokerUnavailable, ConfigError, InvalidEvent
 from worker.health import HealthServer
@@ -432,16 +432,14 @@ async def serve(
     startup.begin()
     await server.start()
     starting = asyncio.ensure_future(startup.once_reachable("broker", ingress.start))
-    stopped = asyncio.ensure_future(stop.wait())
     try:
         log.info("ingest_listening", host=settings.http_host, port=server.port)
-        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
+        if await unless_stopped(starting, stop) is not None:
             starting.result()  # the broker never answered within the wait: exit 1
             if ready is not None and server.port is not None:
                 ready(server.port)  # serving, and taking events
-            await stopped
+            await stop.wait()
     finally:
-        await cancel_and_wait([starting, stopped])
+        await cancel_and_wait([starting])
         await server.stop()
         await ingress.stop()
