@@ -658,6 +658,48 @@ async def test_large_records_stuck_in_one_partition_hold_that_partition_not_ever
             assert worker._partition_bytes == {}
 
 
+class Waiting(Trickle):
+    """As aiokafka's ``getmany``: with nothing to hand out, it waits out its timeout."""
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int | None = None
+    ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        got = await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+        if not got and timeout_ms:
+            await asyncio.sleep(timeout_ms / 1000)
+        return got
+
+
+async def test_a_release_wakes_a_worker_whose_every_partition_is_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every assigned partition held (each stuck on its head, its uncommitted tail at
+    ``max_uncommitted``), the worker polled naming no partition for the whole fetch timeout, and a
+    partition released meanwhile waited for it to end. A release now wakes it at once."""
+    monkeypatch.setattr(app_module, "_FETCH_TIMEOUT_S", 60.0)  # a wait the test would notice
+    settings = worker_settings(tmp_path, max_in_flight=4, max_buffered=64, max_uncommitted=4)
+    worker = Worker(settings)
+    parts = [TopicPartition(settings.input_topic, p) for p in range(2)]
+    member = Waiting(dict.fromkeys(parts, 20), size=10, per_call=1)
+    heads = {p: asyncio.Event() for p in range(2)}
+
+    async def process(job: Job) -> None:
+        if job.message.offset == 0:  # each partition's first message is stuck; the rest finish
+            await heads[job.message.partition].wait()
+
+    processing_with(worker, process)
+    async with consuming_from(worker, member):
+        both = {(tp.topic, tp.partition) for tp in parts}
+        await until(lambda: worker._consumer.held == both, what="both partitions held")
+        await until(lambda: len(worker._lanes) == 2, what="the tails to finish")
+        fetched = len(member.handed_out)
+
+        heads[0].set()  # one head moves: its partition is released and read to the end
+        await until(lambda: len(member.handed_out) == fetched + (20 - 4), what="the released one fetched")
+        assert worker._consumer.held == {(parts[1].topic, 1)}
+        heads[1].set()
+
+
 async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) -> None:
     """With nothing else to fetch, holding the only partition at half of ``max_buffered_bytes``
     would halve the limit: the buffer's own pause comes at the limit instead."""

@@ -259,11 +259,13 @@ class Worker:
                 self._consumer.pause()
             elif self._consumer.paused and self._may_resume() and self._gate.is_open:
                 self._consumer.resume()
-            if self._consumer.paused:
-                # Waiting for room or the gate, polling all the same: it keeps the group membership.
-                # The poll takes nothing and touches nothing prefetched (``Consumer.fetch``).
-                await self._poll(0, 0.0)
+            if self._consumer.paused or self._consumer.all_held:
+                # Waiting for room, the gate or a partition's release, polling all the same: it keeps
+                # the group membership. The poll takes nothing and touches nothing prefetched
+                # (``Consumer.fetch``). Cleared before the poll: a job that finishes during it wakes
+                # the wait below at once.
                 self._room.clear()
+                await self._poll(0, 0.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         unless_stopped(self._room.wait(), self._stopping), _FETCH_TIMEOUT_S
@@ -391,6 +393,7 @@ class Worker:
         del self._rewinding[key]
         self._consumer.seek(key, offset)
         self._consumer.release(key)
+        self._room.set()
         log.info("partition_started_over", topic=key[0], partition=key[1], offset=offset)
 
     async def _run_job(self, job: Job) -> None:
@@ -418,7 +421,8 @@ class Worker:
         ):
             self._consumer.release(key)
             log.info("partition_released", topic=key[0], partition=key[1])
-        if self._may_resume():  # wake the consumer only when it may resume fetching
+            self._room.set()  # the consumer may be waiting with every partition held
+        elif self._may_resume():  # wake the consumer only when it may resume fetching
             self._room.set()
 
     async def _commit(self, keys: set[PartitionKey] | None = None) -> None:

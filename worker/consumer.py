@@ -345,6 +345,13 @@ class Consumer:
         """Partitions paused on their own (``hold``); read on every finished job, so not a copy."""
         return self._held
 
+    @property
+    def all_held(self) -> bool:
+        """Every assigned partition is held: a fetch could take nothing until one is released, and
+        only a finished job releases one (``Worker._consume`` then waits for that, not a timeout)."""
+        assigned = self.assignment()
+        return bool(assigned) and assigned <= self._held
+
     def hold(self, key: PartitionKey) -> None:
         """Stop fetching one partition while the others go on."""
         self._held.add(key)
