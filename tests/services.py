@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+
+from worker.redis_config import key_prefix
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -45,3 +49,19 @@ class OwnRedis:
         async with aioredis.Redis(port=self.port) as admin:
             mine = str(await admin.client_id())
             return {c["id"] for c in await admin.client_list() if c["id"] != mine}
+
+
+def store_redis(url: str) -> redis.Redis:
+    """A plain client on the Redis db of the dedup store at ``url`` (the ``redis_url`` fixture's)."""
+    parts = urlsplit(url)
+    return redis.Redis(host=parts.hostname, port=parts.port, db=int(parts.path.strip("/") or 0))
+
+
+def forget_store(url: str) -> None:
+    """What a Redis without persistence keeps of the dedup store at ``url`` when it restarts:
+    nothing (every key under its prefix deleted, the epoch with the records)."""
+    prefix = key_prefix(url)
+    with store_redis(url) as client:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)

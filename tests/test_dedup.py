@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
-from services import OwnRedis
+from services import OwnRedis, forget_store, store_redis
 from structlog.testing import capture_logs
 from waiting import until
 
@@ -33,7 +33,7 @@ from worker.dedup import (
     open_store,
 )
 from worker.errors import ConfigError, DedupUnavailable
-from worker.redis_config import REDIS_POOL_SIZE, connection_url
+from worker.redis_config import REDIS_POOL_SIZE, connection_url, key_prefix
 from worker.sandbox import free_port
 
 
@@ -888,3 +888,138 @@ async def test_after_a_redis_restart_the_pool_is_dropped_at_the_first_lost_conne
         assert [c for c in claims if isinstance(c, BaseException)] == []
     finally:
         await store.close()
+
+
+# --- a Redis store that may have forgotten (restarted empty) -------------------------------------
+#: The default of ``dedup_forgotten_window_s``.
+WINDOW_S = 600.0
+
+
+async def test_a_new_redis_store_answers_new_claims_as_maybe_sent_within_its_window(redis_url: str) -> None:
+    """A store without the epoch is new: either never used, or a Redis that restarted empty and
+    forgot every claim and applied record. A claim over no record then cannot tell "never seen"
+    from "forgotten", and is answered maybe sent (the ticket is read first), said once."""
+    client, prefix = store_redis(redis_url), key_prefix(redis_url)
+    store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
+    try:
+        with capture_logs() as logs:
+            first = await store.claim("e1", "w1", "t/0/1", 30)
+            second = await store.claim("e2", "w1", "t/0/2", 30)
+        assert (first.kind, first.record, first.taken_over) == (ClaimKind.NEW, None, False)
+        assert (first.store_young, first.maybe_sent) == (True, True)
+        assert second.maybe_sent
+        held = await store.claim("e1", "w2", "t/0/1", 30)  # only a NEW claim over nothing is young
+        assert (held.kind, held.maybe_sent) == (ClaimKind.HELD, False)
+        assert [(e["event"], e["log_level"], e["age_s"], e["window_s"]) for e in logs] == [
+            ("dedup_store_young", "warning", 0, WINDOW_S)
+        ]
+        # the store's creation time on Redis' clock, kept for ever
+        epoch = client.get(prefix + "@epoch")
+        assert epoch is not None
+        assert abs(float(epoch) - time.time()) < 5
+        assert client.ttl(prefix + "@epoch") == -1
+    finally:
+        client.close()
+        await store.close()
+
+
+async def test_a_window_of_0_answers_no_claim_as_maybe_sent_and_still_dates_the_store(redis_url: str) -> None:
+    """0 turns the window off; the epoch is written all the same, so that turning it on later, or
+    another process with it on, dates the store from its first claim."""
+    client, prefix = store_redis(redis_url), key_prefix(redis_url)
+    store = open_store(redis_url, redis_forgotten_window_s=0)
+    try:
+        with capture_logs() as logs:
+            claim = await store.claim("e1", "w1", "t/0/1", 30)
+        assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, False, False)
+        assert logs == []
+        assert client.get(prefix + "@epoch") is not None
+    finally:
+        client.close()
+        await store.close()
+
+
+@pytest.mark.parametrize(("age_s", "young"), [(60, True), (3600, False)])
+async def test_a_store_is_young_only_within_the_window_after_its_epoch(
+    redis_url: str, age_s: int, young: bool
+) -> None:
+    """The epoch is Unix seconds on Redis' clock; once the window is over, a claim over nothing is
+    a new event again (sent without a read) and the epoch is left as it is."""
+    client, prefix = store_redis(redis_url), key_prefix(redis_url)
+    created = f"{time.time() - age_s:.6f}"
+    client.set(prefix + "@epoch", created)
+    store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
+    try:
+        claim = await store.claim("e1", "w1", "t/0/1", 30)
+        assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, young, young)
+        assert client.get(prefix + "@epoch") == created.encode()
+    finally:
+        client.close()
+        await store.close()
+
+
+async def test_an_applied_event_forgotten_by_a_restarted_redis_is_claimed_as_maybe_sent(
+    redis_url: str,
+) -> None:
+    """The reviewer's case: an event applied, its offset not yet committed, and Redis (without
+    persistence) restarts empty. The redelivery found no record and was sent again without a look
+    at the ticket. Now the store is young again: the claim is NEW and maybe sent. The process that
+    saw the store emptied under it says so once, as an error."""
+    client, prefix = store_redis(redis_url), key_prefix(redis_url)
+    client.set(prefix + "@epoch", f"{time.time() - 3600:.6f}")  # a store in use for an hour
+    store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
+    try:
+        first = await store.claim("e1", "w1", "t/0/1", 30)
+        assert (first.kind, first.maybe_sent) == (ClaimKind.NEW, False)
+        await store.mark_applied("e1", DedupRecord("applied", "w1", "t/0/1", "applied"), 60)
+        assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.APPLIED
+
+        forget_store(redis_url)
+        with capture_logs() as logs:
+            again = await store.claim("e1", "w1", "t/0/1", 30)
+            await store.claim("e2", "w1", "t/0/2", 30)
+        assert (again.kind, again.record, again.taken_over) == (ClaimKind.NEW, None, False)
+        assert (again.store_young, again.maybe_sent) == (True, True)
+        assert [(e["event"], e["log_level"], e["age_s"]) for e in logs] == [
+            ("dedup_store_emptied", "error", 0)
+        ]
+    finally:
+        client.close()
+        await store.close()
+
+
+async def test_the_epoch_goes_through_the_replicas_wait_as_the_claim_does(
+    own_redis: OwnRedis, replica_of_own_redis: subprocess.Popen[bytes]
+) -> None:
+    """Written by the claim script, the epoch is acknowledged with the claim
+    (``dedup_redis_min_replicas``): a replica promoted after a failover knows the store's age. A
+    claim refused for want of replicas, asked again, is still young: it replaced nothing."""
+    primary = redis.Redis(port=own_redis.port)
+    args = list(replica_of_own_redis.args)
+    replica = redis.Redis(port=int(args[args.index("--port") + 1]))
+    guarded = RedisStore(own_redis.url, min_replicas=1, forgotten_window_s=WINDOW_S)
+    try:
+        await until(
+            lambda: primary.info("replication").get("slave0", {}).get("state") == "online",
+            what="the replica in sync",
+        )
+        first = await guarded.claim("e1", "w1", "t/0/1", 30)
+        assert (first.kind, first.store_young) == (ClaimKind.NEW, True)
+        assert replica.get("coc:dedup:@epoch") == primary.get("coc:dedup:@epoch") is not None
+
+        replica_of_own_redis.terminate()
+        await until(lambda: primary.info("replication")["connected_slaves"] == 0, what="the replica gone")
+        with pytest.raises(DedupUnavailable, match="reached 0 of 1 replicas"):
+            await guarded.claim("e2", "w1", "t/0/2", 30)  # written on the primary all the same
+        guarded._min_replicas = 0  # as if the replica were back: the claim again
+        again = await guarded.claim("e2", "w1", "t/0/2", 30)
+        assert (again.kind, again.taken_over, again.store_young, again.maybe_sent) == (
+            ClaimKind.NEW,
+            False,
+            True,
+            True,
+        )
+    finally:
+        primary.close()
+        replica.close()
+        await guarded.close()

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from services import forget_store, store_redis
 from structlog.testing import capture_logs
 from waiting import until
 
@@ -25,7 +26,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
-from worker.dedup import Claim, ClaimKind, DedupRecord, MemoryStore
+from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore, open_store
 from worker.errors import (
     BrokerUnavailable,
     DeadLetterUnwritable,
@@ -39,6 +40,7 @@ from worker.metrics import Metrics
 from worker.pipeline import Job, Pipeline
 from worker.publisher import DeadLetter
 from worker.ratelimit import AdaptiveConcurrency
+from worker.redis_config import key_prefix
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 from worker.simulator import SimulatorConfig, SimulatorServer
@@ -109,7 +111,7 @@ class Rig:
     sim: SimulatorServer
     pipeline: Pipeline
     published: Recorder
-    store: MemoryStore
+    store: DedupStore  # a MemoryStore unless the test gave another
     settings: WorkerSettings
 
 
@@ -125,10 +127,12 @@ async def make_rig(
     settle_s: float = 0.0,
     concurrency: int = 1 << 30,
     abandon_s: float = 0.0,
+    store: DedupStore | None = None,
     **settings_: Any,
 ) -> AsyncIterator[Rig]:
     """``concurrency``: the API requests the caller lets out at once; ``abandon_s``: how long a
-    request of a cancelled job may still land; ``settings_``: the worker's settings."""
+    request of a cancelled job may still land; ``store``: the dedup store (a new MemoryStore
+    unless given; the caller closes one it gives); ``settings_``: the worker's settings."""
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     async with SimulatorServer(SimulatorConfig(port=0, credentials={AK: SK}, seed=SEED)) as sim:
@@ -140,7 +144,7 @@ async def make_rig(
         caller = ApiCaller(
             client, policy, gate, metrics, 60.0, concurrency=limit, settle_s=settle_s, abandon_s=abandon_s
         )
-        store = MemoryStore()
+        store = store or MemoryStore()
         try:
             yield Rig(
                 sim, Pipeline(settings, store, caller, published, gate, metrics), published, store, settings
@@ -251,6 +255,73 @@ async def test_a_job_cancelled_after_its_answer_was_lost_hands_its_claim_on_once
         assert [r.method for r in state.requests] == ["PUT", "GET"]
         assert len(state.applied_for("ev-1")) == 1
         assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
+
+
+@contextlib.asynccontextmanager
+async def redis_store(url: str, window_s: float) -> AsyncIterator[DedupStore]:
+    """A Redis dedup store answering new claims ``store_young`` for ``window_s`` after its epoch."""
+    store = open_store(url, redis_forgotten_window_s=window_s)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("raw", [STARTED, TICKET_UPDATE], ids=["started", "ticket_update"])
+async def test_an_event_applied_before_a_redis_restart_is_read_not_sent_again(
+    raw: dict[str, Any], redis_url: str
+) -> None:
+    """A Redis without persistence restarts empty after the event was applied and before its
+    offset was committed: its message comes back to a store with no record of it. The store is
+    young again, so the ticket is read first: the change is in place, nothing is sent twice. (Its
+    first pass, in a store as young, read the ticket too: one GET more per event in the window.)"""
+    async with redis_store(redis_url, 600.0) as store, make_rig(_SLOW_RETRIES, store=store) as rig:
+        state = rig.sim.state
+        await rig.pipeline.process(job(raw))
+        forget_store(redis_url)
+
+        await rig.pipeline.process(job(raw))
+
+        assert len(state.applied_for("ev-1")) == 1
+        assert [r.method for r in state.requests] == ["GET", "PUT", "GET"]
+        assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [
+            ("applied", None),
+            ("applied", "reconciled"),
+        ]
+
+
+async def test_a_job_cancelled_before_sending_in_a_young_store_leaves_the_next_owner_a_read(
+    redis_url: str,
+) -> None:
+    """Cancelled while it waits for an API slot, having sent nothing: its claim replaced no record,
+    but in a young store that says nothing (the event may have been applied and forgotten). The
+    claim is not deleted but expires, and the next owner takes it over and reads the ticket, even
+    once the window is over."""
+    async with (
+        redis_store(redis_url, 600.0) as store,
+        make_rig(_SLOW_RETRIES, concurrency=1, store=store) as rig,
+    ):
+        prefix, client = key_prefix(redis_url), store_redis(redis_url)
+        limit = rig.pipeline._caller._concurrency
+        await limit.acquire()  # the only slot, taken
+        first = asyncio.create_task(rig.pipeline.process(job(STARTED)))
+        try:
+            # Past its claim (a cancel during the claim keeps the claim anyway, and one landing on
+            # the claim's answer may be lost on Python 3.11: worker/cancel.py), waiting to read.
+            await until(lambda: limit.waiting == 1, what="the job waiting for a slot")
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            limit.release()
+            await rig.pipeline.handed_on()
+            assert client.exists(prefix + "ev-1")  # kept, not deleted
+            client.set(prefix + "@epoch", f"{time.time() - 3600:.6f}")  # the window over
+        finally:
+            client.close()
+        async with another_worker(rig, _SLOW_RETRIES) as other:
+            await asyncio.wait_for(other.process(job(STARTED)), 10)
+
+        assert [r.method for r in rig.sim.state.requests] == ["GET", "PUT"]
+        assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", None)]
 
 
 _LOST_ANSWER_POLICY = RetryPolicy(max_attempts=5, max_elapsed_s=0.5, base_delay_s=0.01, max_delay_s=0.01)

@@ -97,7 +97,10 @@ class Worker:
         self.metrics.buffered_bytes.set_function(lambda: self._buffered_bytes)
         self._commit_lock = asyncio.Lock()
         self._store: DedupStore = open_store(
-            settings.dedup_url, settings.dedup_ttl_s, settings.dedup_redis_min_replicas
+            settings.dedup_url,
+            settings.dedup_ttl_s,
+            settings.dedup_redis_min_replicas,
+            settings.dedup_forgotten_window_s,
         )
         self._client = CocApiClient(settings, self.metrics)
         self._publisher = Publisher(settings)

@@ -308,7 +308,9 @@ class Pipeline:
                 sent_before = sent_before or sends.began
                 continue
             except asyncio.CancelledError:
-                unsent = claim.record is None and not (sends.began or sent_before)
+                # A young store's claim over no record is no proof that nothing was sent before
+                # (the store may have forgotten): kept, to be taken over and the ticket read.
+                unsent = claim.record is None and not (claim.store_young or sends.began or sent_before)
                 await self._let_go(event.event_id, token, unsent=unsent)
                 raise
             break
@@ -321,10 +323,11 @@ class Pipeline:
     async def _let_go(self, key: str, token: str, *, unsent: bool) -> None:
         """Hand on the claim of a job cancelled while it held it (a stop or a revoke past its
         grace), so that the event's next owner need not wait out the lease (``dedup_lease_s``).
-        ``unsent``: the claim replaced no record and nothing was sent under it: deleted, the next
-        owner starts afresh. Otherwise it is made to expire at once, or once a request it left
-        behind can no longer land: the next owner takes it over and reads the ticket first. Not
-        behind the gate and bounded: while the store is away the lease runs out as before.
+        ``unsent``: the claim replaced no record (in a store old enough to know) and nothing was
+        sent under it: deleted, the next owner starts afresh. Otherwise it is made to expire at
+        once, or once a request it left behind can no longer land: the next owner takes it over
+        and reads the ticket first. Not behind the gate and bounded: while the store is away the
+        lease runs out as before.
 
         ``token``: that claim's. A hand-on that timed out may still run later, after this process
         claimed the event again (a redelivery): matched by owner alone, it deleted or expired that

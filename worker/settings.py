@@ -226,6 +226,17 @@ class WorkerSettings(BaseSettings):
         " replicates asynchronously: with 0, a failover may lose the last claims and records, and"
         " an event whose record was lost may be applied again.",
     )
+    dedup_forgotten_window_s: float = Field(
+        600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="With a Redis dedup store: for this long after the store was created (its first"
+        " claim, on Redis' clock) every new event has its ticket read before it is sent, one GET more"
+        " per event. Such a store cannot tell an event never seen from one it forgot: a Redis without"
+        " persistence that restarted empty lost every applied record, and an event redelivered within"
+        " the window (its offset not yet committed) is not sent twice. Also the first minutes after"
+        " the first deployment, or an upgrade from a release without the key. 0: off.",
+    )
     dedup_lease_s: PositiveSeconds = Field(
         30.0,
         description="Claim lease; renewed before each send when it would not outlast the request (not"

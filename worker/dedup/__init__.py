@@ -34,6 +34,12 @@ Each event id moves through three states in the store::
   keeps its target too: a message for another change that meets an unfinished claim is refused
   the same way, and never takes the claim over, which the first message's redelivery does.
 
+* A store that cannot tell "never seen" from "forgotten": a Redis without persistence that
+  restarted empty lost every claim and applied record. The Redis store keeps its own creation
+  time (``@epoch``, written by the claim script); while it is younger than
+  ``dedup_forgotten_window_s`` a NEW claim over no record is ``Claim.store_young``, and the
+  change is checked against the ticket before it is sent, as after a takeover.
+
 Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
 (survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
 Every backend failure is raised as ``DedupUnavailable``.
@@ -108,10 +114,18 @@ class DedupStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str, record_ttl_s: float = 0.0, redis_min_replicas: int = 0) -> DedupStore:
+def open_store(
+    url: str,
+    record_ttl_s: float = 0.0,
+    redis_min_replicas: int = 0,
+    redis_forgotten_window_s: float = 0.0,
+) -> DedupStore:
     """The backend named by ``url`` (``COC_WORKER_DEDUP_URL``); ``record_ttl_s`` is how long it
     keeps an applied or done record (``dedup_ttl_s``), claims at least as long;
-    ``redis_min_replicas`` the replicas that must acknowledge each Redis write."""
+    ``redis_min_replicas`` the replicas that must acknowledge each Redis write;
+    ``redis_forgotten_window_s`` how long a new Redis store answers new claims ``store_young``
+    (``dedup_forgotten_window_s``; 0, the default here, never). Memory and sqlite have no window:
+    ``memory://`` is documented as lost with its process, sqlite keeps its file."""
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     keep_s = max(CLAIM_RECORD_KEEP_S, record_ttl_s)
@@ -137,5 +151,6 @@ def open_store(url: str, record_ttl_s: float = 0.0, redis_min_replicas: int = 0)
             prefix=key_prefix(url),
             claim_keep_s=keep_s,
             min_replicas=redis_min_replicas,
+            forgotten_window_s=redis_forgotten_window_s,
         )
     raise ConfigError(f"COC_WORKER_DEDUP_URL: unsupported scheme {parts.scheme!r}")

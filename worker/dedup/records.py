@@ -29,6 +29,10 @@ CLAIM_RECORD_KEEP_S = 24 * 3600.0
 #: message's key, ``@topic/partition/offset``).
 PROBE_KEY = "@probe"
 PROBE_OWNER = "coc-worker-probe"
+#: The Redis store's creation time (``RedisStore``), under its prefix as the rate limit's
+#: ``@ratelimit:<group>`` is: '@' never occurs in an event_id, and an invalid message's key
+#: (``@topic/partition/offset``) always holds a '/'.
+EPOCH_KEY = "@epoch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +108,23 @@ class Claim:
     kind: ClaimKind
     record: DedupRecord | None = None
     taken_over: bool = False  # NEW over an unfinished claim: another owner's expired one, or our own
+    #: NEW over no record in a store younger than its window (Redis' ``dedup_forgotten_window_s``):
+    #: such a store cannot tell an event never seen from one it forgot (a Redis without persistence
+    #: that restarted empty lost every claim and applied record; the event may be a redelivery of
+    #: one applied before).
+    store_young: bool = False
 
     @property
     def maybe_sent(self) -> bool:
         """Whether an earlier attempt may have reached the API without its answer being recorded:
-        an unfinished claim, or an earlier message of this event that failed (its last answer may
-        have been lost). The change is then checked against the ticket before it is sent."""
-        return self.taken_over or (self.record is not None and self.record.status == "failed")
+        an unfinished claim, an earlier message of this event that failed (its last answer may
+        have been lost), or a store that may have forgotten it (``store_young``). The change is then
+        checked against the ticket before it is sent."""
+        return (
+            self.taken_over
+            or self.store_young
+            or (self.record is not None and self.record.status == "failed")
+        )
 
 
 def decide(record: DedupRecord | None, owner: str, source: str, now: float, target: str = "") -> Claim:

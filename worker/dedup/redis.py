@@ -1,6 +1,13 @@
 """The ``redis://`` / ``rediss://`` dedup backend: one store shared by every replica.
 
 Claims are atomic by Lua script, which follows ``records.decide`` with Redis' own clock.
+
+A Redis without persistence that restarts comes back empty (its replicas resync to empty): every
+claim and applied record is gone, and an applied event read again (its offset not yet committed)
+would be claimed as new and sent again. The store keeps its creation time under ``@epoch``,
+written by the first claim of an empty store (the claim script itself: no round trip more, and
+through the same ``WAIT`` as the claim); for ``forgotten_window_s`` after it, a claim over no
+record may be of a forgotten event, and is answered ``store_young`` (the ticket is read first).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import redis.exceptions as redis_errors
 
 from worker.dedup.records import (
     CLAIM_RECORD_KEEP_S,
+    EPOCH_KEY,
     PROBE_KEY,
     PROBE_OWNER,
     Claim,
@@ -22,36 +30,50 @@ from worker.dedup.records import (
     decide,
 )
 from worker.errors import DedupUnavailable
-from worker.logs import redact_cut
+from worker.logs import get_logger, redact_cut
 from worker.redis_config import DEFAULT_PREFIX, leave_demoted_node, redis_client
+
+log = get_logger(__name__)
 
 #: How long a Redis write waits for its replicas' acknowledgements (``RedisStore._write``).
 _REPLICA_WAIT_MS = 1000
 
 
-# Claim atomically with Redis' clock, following ``decide()``. Returns {taken, previous-or-false}.
+# Claim atomically with Redis' clock, following ``decide()``. Returns {taken, previous-or-false,
+# epoch, age}: the store's creation time (KEYS[2], Unix seconds on Redis' clock, no TTL), written
+# here when absent, and its age in whole seconds (0 when written now).
 _CLAIM_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local epoch = redis.call('GET', KEYS[2])
+local age = 0
+if epoch and tonumber(epoch) then
+  age = math.floor(now - tonumber(epoch))
+else
+  epoch = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
+  redis.call('SET', KEYS[2], epoch)
+end
 local v = redis.call('GET', KEYS[1])
 if v then
   local ok, r = pcall(cjson.decode, v)
   -- unreadable: answered as it is, for the caller to refuse (as sqlite does), not a store error
-  if not ok or type(r) ~= 'table' then return {0, v} end
+  if not ok or type(r) ~= 'table' then return {0, v, epoch, age} end
   -- the id reused for another change: never taken, whatever the record's state
-  if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then return {0, v} end
+  if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then
+    return {0, v, epoch, age}
+  end
   if r['state'] == 'claimed' then
-    if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v} end
+    if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v, epoch, age} end
   elseif r['state'] == 'applied' then
-    return {0, v}
+    return {0, v, epoch, age}
   elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
-    return {0, v}
+    return {0, v, epoch, age}
   end
 end
 local mine = cjson.decode(ARGV[2])
 mine['lease_until'] = now + tonumber(ARGV[4])
 redis.call('SET', KEYS[1], cjson.encode(mine), 'PX', ARGV[5])
-return {1, v or false}
+return {1, v or false, epoch, age}
 """
 # Renew / release the claim owner ARGV[1] made with the token in the last ARGV, as
 # ``DedupRecord.is_claim_of`` (a record without a token matches only the empty one).
@@ -109,10 +131,19 @@ class RedisStore:
         prefix: str = DEFAULT_PREFIX,
         claim_keep_s: float = CLAIM_RECORD_KEEP_S,
         min_replicas: int = 0,
+        forgotten_window_s: float = 0.0,
     ) -> None:
+        """``forgotten_window_s``: how long after the store's creation a claim over no record is
+        answered ``store_young`` (``dedup_forgotten_window_s``); 0: never."""
         self._prefix = prefix
         self._claim_keep_s = claim_keep_s
         self._min_replicas = min_replicas
+        self._forgotten_window_s = forgotten_window_s
+        self._epoch_key = prefix + EPOCH_KEY
+        #: The store's creation time as this process first saw it (None: no claim answered yet),
+        #: and whether another one has been seen since (said once).
+        self._epoch: bytes | None = None
+        self._emptied_said = False
         #: Events whose claim here was refused for want of replicas only (``claim``), with the
         #: record that claim replaced on the primary (None: none).
         self._unreplicated: dict[str, str | bytes | None] = {}
@@ -176,15 +207,15 @@ class RedisStore:
         mine = DedupRecord("claimed", owner, source, target=target, token=token).encode()
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
         try:
-            taken, previous = await self._write(
+            taken, previous, epoch, age_s = await self._write(
                 lambda client: self._claim(
-                    keys=[self._key(event_id)],
+                    keys=[self._key(event_id), self._epoch_key],
                     args=[owner, mine, source, lease_s, keep_ms, target],
                     client=client,
                 )
             )
         except _NotReplicated as exc:
-            refused_taken, replaced = exc.result
+            refused_taken, replaced, *_ = exc.result
             if refused_taken:  # written on the primary: our claim, nothing sent yet
                 # What it replaced is what this claim answers for when asked again. Our own claim,
                 # written by an earlier refused attempt, tells nothing: what that one replaced
@@ -196,6 +227,7 @@ class RedisStore:
                 else:
                     self._unreplicated[event_id] = replaced or None
             raise
+        self._see_epoch(epoch, age_s)
         record = DedupRecord.decode(previous) if previous else None
         if taken:
             if event_id in self._unreplicated:
@@ -205,14 +237,52 @@ class RedisStore:
                     # what this claim took over (another owner's expired claim, a failed event).
                     record = DedupRecord.decode(replaced) if replaced else None
             # The script followed decide(): any previous claim (another owner's expired one, or
-            # our own unfinished one) was a takeover.
-            return Claim(ClaimKind.NEW, record, taken_over=record is not None and record.state == "claimed")
+            # our own unfinished one) was a takeover. No record at all in a young store: never
+            # seen, or forgotten with the store (after the record substitution above: a record
+            # our refused claim replaced is what was there).
+            return Claim(
+                ClaimKind.NEW,
+                record,
+                taken_over=record is not None and record.state == "claimed",
+                store_young=record is None and self._young(age_s),
+            )
         assert record is not None
         self._unreplicated.pop(event_id, None)  # no claim of ours there any more: nothing to answer for
         # Not taken: held by a live owner, claimed for another change, applied, or done. decide()
         # says which (a held claim's lease is by definition in the future of Redis' clock, hence
         # "now" = 0 for it).
         return decide(record, owner, source, 0.0, target)
+
+    def _young(self, age_s: int) -> bool:
+        """Whether a store of this age may have forgotten what it was told before (a negative age,
+        Redis' clock stepped back, is not trusted as old either)."""
+        return self._forgotten_window_s > 0 and age_s < self._forgotten_window_s
+
+    def _see_epoch(self, epoch: bytes, age_s: int) -> None:
+        """Say once per process that the store is young (what the window costs: a read of each
+        ticket), and once that it was emptied while this process ran (another creation time than
+        the first seen): a restart without persistence, a failover to a replica that never had the
+        key, or an eviction; records of events applied before may be gone."""
+        if self._epoch is None:
+            self._epoch = epoch
+            if self._young(age_s):
+                log.warning(
+                    "dedup_store_young",
+                    age_s=age_s,
+                    window_s=self._forgotten_window_s,
+                    detail="new events have their ticket read before they are sent until the window ends",
+                )
+        elif epoch != self._epoch and not self._emptied_said:
+            self._emptied_said = True
+            log.error(
+                "dedup_store_emptied",
+                age_s=age_s,
+                window_s=self._forgotten_window_s,
+                created=epoch.decode(errors="replace"),
+                first_seen=self._epoch.decode(errors="replace"),
+                detail="the store lost its records: events applied before may be read again as new;"
+                " run Redis with persistence",
+            )
 
     async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
