@@ -88,6 +88,37 @@ async def test_drop_cancels_matching_and_keeps_others() -> None:
     assert ("y1", True) in left
 
 
+async def test_a_dropped_job_that_lost_its_cancellation_is_cancelled_again() -> None:
+    """On Python 3.11 a cancellation can be lost (``asyncio.wait_for`` returning the inner result
+    that came in the same loop step; redis-py reading a claim's reply): the dropped job went on,
+    past the revoke or the stop that waited for it. It is cancelled again while they wait."""
+    forever = asyncio.Event()
+    cancels = 0
+    started: list[str] = []
+
+    async def run(job: str) -> None:
+        nonlocal cancels
+        started.append(job)
+        try:
+            await forever.wait()
+        except asyncio.CancelledError:
+            cancels += 1  # lost: the job goes on
+        await forever.wait()
+
+    left: list[tuple[str, bool]] = []
+    lanes: Lanes[str] = Lanes(run, lambda job, ok: left.append((job, ok)))
+    lanes.submit("a", "1")
+    await until(lambda: started == ["1"])
+    lanes.drop(lambda _: True)
+    assert await lanes.wait_for(lambda _: True, 5.0)
+    assert (cancels, left) == (1, [("1", False)])
+
+    lanes.submit("a", "2")  # and as a stop's close does
+    await until(lambda: started == ["1", "2"])
+    await lanes.close(5.0)
+    assert (cancels, left) == (2, [("1", False), ("2", False)])
+
+
 async def test_close_cancels_everything() -> None:
     forever = asyncio.Event()
 

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Generic, TypeVar
 
+from worker.cancel import CANCEL_AGAIN_S
 from worker.logs import get_logger
 
 log = get_logger(__name__)
@@ -42,6 +43,8 @@ class Lanes(Generic[J]):
         self._ready: deque[tuple[str | None, J]] = deque()  # its turn has come; waits for a slot
         self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
         self._busy: set[str] = set()  # keys with a job running or ready
+        #: Running jobs ``drop`` cancelled, with when it last did (``_cancel_again``).
+        self._cancelled: dict[asyncio.Task[None], float] = {}
         self._closed = False
         self._count = 0  # jobs queued, ready or running, kept as a number: asked for on every message
         self._idle = asyncio.Event()
@@ -75,6 +78,7 @@ class Lanes(Generic[J]):
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         key, job = self._running.pop(task)
+        self._cancelled.pop(task, None)
         self._count -= 1
         error = None if task.cancelled() else task.exception()
         if error is not None:  # a job must end as an outcome: one that raised is a bug, said loudly
@@ -122,8 +126,20 @@ class Lanes(Generic[J]):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            timeout = min(remaining, CANCEL_AGAIN_S) if self._cancelled else remaining
+            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            self._cancel_again(loop.time())
         return True
+
+    def _cancel_again(self, now: float) -> None:
+        """Cancel again the dropped jobs still running ``CANCEL_AGAIN_S`` after their last
+        cancellation: on Python 3.11 one can be lost (``worker.cancel``; seen while redis-py read a
+        claim's reply), and the job went on, past the revoke or stop that was waiting for it. A
+        job's own clean-up after a cancellation is shielded (``Pipeline._let_go``)."""
+        for task, cancelled_at in list(self._cancelled.items()):
+            if now - cancelled_at >= CANCEL_AGAIN_S and not task.done():
+                task.cancel()
+                self._cancelled[task] = now
 
     def matching(self, predicate: Callable[[J], bool]) -> int:
         running = sum(1 for _, job in self._running.values() if predicate(job))
@@ -154,14 +170,15 @@ class Lanes(Generic[J]):
             else:
                 self._ready.append((lane, job))
         self._fill_slots()  # slots are taken in order: a kept job that was behind may start now
+        now = asyncio.get_running_loop().time()
         for task, (_, job) in list(self._running.items()):
             if predicate(job):
                 task.cancel()
+                self._cancelled[task] = now
         self._check_idle()
 
     async def close(self, timeout_s: float) -> None:
         """Drop everything waiting, cancel everything running, and wait for them to unwind."""
         self._closed = True
         self.drop(lambda _: True)
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=timeout_s)
+        await self.wait_for(lambda _: True, timeout_s)
