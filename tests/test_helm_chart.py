@@ -185,6 +185,15 @@ GOOD: dict[str, dict[str, Any]] = {
             },
         },
     ),
+    "redis_forgotten_window_off": merged(
+        MINIMAL,
+        {
+            "dedup": {
+                "backend": "redis",
+                "redis": {"url": "redis://redis-master:6379/0", "forgottenWindowS": 0},
+            }
+        },
+    ),
     # OpenShift's restricted-v2 SCC assigns the UID and fsGroup from the namespace's range, and
     # refused the pod when the chart named its own
     "platform_assigns_the_pod_identity": merged(
@@ -1090,6 +1099,23 @@ def test_redis_url_options_reach_the_worker(helm_results: dict[str, Any]) -> Non
     env = worker_env(manifests(helm_results, "redis_url_with_options"))
     assert env["COC_WORKER_DEDUP_URL"] == "redis://redis-master:6379/0?db=1&prefix=x"
     assert env["COC_WORKER_DEDUP_REDIS_MIN_REPLICAS"] == "1"
+
+
+def test_settings_added_since_the_last_release_are_rendered_only_when_set(
+    helm_results: dict[str, Any],
+) -> None:
+    """The worker refuses a setting it does not know, and a rollout or a rollback runs pods of the
+    release before on the new ConfigMap: a variable that release lacks crash-looped them. Left at
+    their defaults, such settings are not rendered (the worker's own default applies)."""
+    default = worker_env(manifests(helm_results, "redis_url_with_options"))
+    assert "COC_WORKER_DEDUP_FORGOTTEN_WINDOW_S" not in default
+    assert "COC_WORKER_MAX_BUFFERED_BYTES" not in default
+    assert (
+        worker_env(manifests(helm_results, "redis_forgotten_window_off"))[
+            "COC_WORKER_DEDUP_FORGOTTEN_WINDOW_S"
+        ]
+        == "0"
+    )
 
 
 def test_hpa_within_partitions(helm_results: dict[str, Any]) -> None:
