@@ -6,6 +6,7 @@ the gateway, 408, 501, odd 2xx bodies, ``Retry-After`` on a 503) come from a tin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -429,6 +430,43 @@ async def test_drop_after_apply_is_ambiguous_and_sent_exactly_once(sim: Simulato
         ("PUT", SUCCESS_CODE, "drop_after_apply")
     ]
     assert [e["event_id"] for e in sim.state.applied_log] == ["ev-amb"]
+
+
+@dataclass
+class DropsThenCancels(Stub):
+    """Closes each connection unanswered, then cancels ``caller`` once the HTTP client's own thread
+    has had time to meet the closed connection: the loop thread is held meanwhile, as on a loaded
+    machine, so the request's error is ready when the cancellation reaches its await."""
+
+    caller: asyncio.Task[Any] | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        request.transport.close()  # the socket is closed on the loop's next step
+
+        def held_then_cancelled() -> None:
+            time.sleep(0.05)  # not a wait for anything: the loop held while the client's thread reads
+            assert self.caller is not None
+            self.caller.cancel()
+
+        asyncio.get_running_loop().call_soon(held_then_cancelled)
+        return web.Response()
+
+
+async def test_a_request_cancelled_as_its_connection_drops_ends_cancelled() -> None:
+    """pyreqwest hands a cancellation to its Rust future, which ends with the request's own outcome
+    when that is ready in the same poll: the cancellation was lost. A job cancelled by a revoke or a
+    stop just as its PUT's connection dropped went on as if nothing had happened (it read the ticket
+    and retried for its whole budget) while the revoke or stop waited for it. About half of these
+    tries ended with the dropped connection's error instead; each must end cancelled."""
+    async with serving(DropsThenCancels()) as stub, running(settings(stub.url)) as client:
+        ends = []
+        for _ in range(20):
+            stub.caller = asyncio.create_task(put(client))
+            [end] = await asyncio.gather(stub.caller, return_exceptions=True)
+            ends.append(type(end).__name__)
+    assert ends == ["CancelledError"] * 20  # the stub cancels only a request that reached it
 
 
 def _causes(*messages: str) -> dict[str, Any]:

@@ -642,10 +642,19 @@ async def test_large_records_stuck_in_one_partition_hold_that_partition_not_ever
         if job.message.partition == 0:
             await release.wait()
 
+    def other_done() -> bool:
+        """The other partition's 200 messages fetched and their jobs gone. Not ``handed_out >= 200``:
+        that counts the stuck partition's 3 too, and came while the other's last messages were still
+        being fetched or their jobs had not left yet (its bytes still counted)."""
+        fetched = sum(partition == other.partition for partition, _ in member.handed_out)
+        return fetched == 200 and not worker._lanes.matching(
+            lambda job: job.message.partition == other.partition
+        )
+
     processing_with(worker, process)
     with capture_logs() as logs:
         async with consuming_from(worker, member):
-            await until(lambda: len(member.handed_out) >= 200, what="the other partition fetched")
+            await until(other_done, what="the other partition fetched to its end, its jobs finished")
             assert worker._consumer.held == {(stuck.topic, 0)}
             assert worker._partition_bytes == {(stuck.topic, 0): 3000}  # 2,000 under its share, then 3,000
             held = [(e["reason"], e["unfinished_bytes"]) for e in logs if e["event"] == "partition_held"]

@@ -29,6 +29,7 @@ them, a ``PUT {}`` to a ticket no event names (``probe_write``), which changes n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -190,6 +191,20 @@ def _classify_transport_error(exc: http_errors.PyreqwestError) -> tuple[str, Api
     return "client_error", ApiTransientError(f"HTTP client error: {type(exc).__name__}", ambiguous=True)
 
 
+def _cancelled_meanwhile(task: asyncio.Task[Any] | None, cancels: int) -> None:
+    """Raise ``CancelledError`` when ``task`` was cancelled while it awaited pyreqwest (it had
+    ``cancels`` cancellation requests before). pyreqwest drops a cancellation that comes as the
+    request ends: its ``send`` hands the cancellation to the Rust future, which races it against the
+    request, and the request's own answer or error comes back instead when both are ready (about
+    half the time, ``tests/test_api_client.py``). A job cancelled by a revoke or a stop just as its
+    PUT's connection dropped went on as if nothing had happened: it read the ticket and retried for
+    its whole budget (100 s in a test that waited for it), and the revoke or stop that cancelled it
+    waited for it in vain. Whatever the request's end, the cancellation wins, as at any other await:
+    the request has been made, and the caller treats it as one that may still land."""
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
+
+
 #: A request signature quoted back by the API or a proxy (a 400 that echoes the request's
 #: headers): it is no secret key, but it authorises that one request for 15 minutes, so it stays
 #: out of outcomes, dead letters and logs like one.
@@ -297,14 +312,18 @@ class CocApiClient:
         )
         if body:
             request = request.body_bytes(body)
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         started = time.perf_counter()
         code = "error"
         try:
             response = await request.build().send()
             payload = (await response.bytes()).to_bytes()
+            _cancelled_meanwhile(task, cancels)
             code = str(response.status)
             return response.status, payload, response.get_header("Retry-After"), time.perf_counter() - started
         except http_errors.PyreqwestError as exc:
+            _cancelled_meanwhile(task, cancels)
             code, error = _classify_transport_error(exc)
             try:
                 raise error from None
