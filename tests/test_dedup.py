@@ -895,10 +895,11 @@ async def test_after_a_redis_restart_the_pool_is_dropped_at_the_first_lost_conne
 WINDOW_S = 600.0
 
 
-async def test_a_new_redis_store_answers_new_claims_as_maybe_sent_within_its_window(redis_url: str) -> None:
+async def test_a_new_redis_store_answers_new_claims_as_young_within_its_window(redis_url: str) -> None:
     """A store without the epoch is new: either never used, or a Redis that restarted empty and
     forgot every claim and applied record. A claim over no record then cannot tell "never seen"
-    from "forgotten", and is answered maybe sent (the ticket is read first), said once."""
+    from "forgotten", and is answered young (the ticket is read first), said once. Not maybe
+    sent: no answer of ours is known lost (a refusal after the read is an ordinary one)."""
     client, prefix = store_redis(redis_url), key_prefix(redis_url)
     store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
     try:
@@ -906,10 +907,10 @@ async def test_a_new_redis_store_answers_new_claims_as_maybe_sent_within_its_win
             first = await store.claim("e1", "w1", "t/0/1", 30)
             second = await store.claim("e2", "w1", "t/0/2", 30)
         assert (first.kind, first.record, first.taken_over) == (ClaimKind.NEW, None, False)
-        assert (first.store_young, first.maybe_sent) == (True, True)
-        assert second.maybe_sent
+        assert (first.store_young, first.maybe_sent) == (True, False)
+        assert second.store_young
         held = await store.claim("e1", "w2", "t/0/1", 30)  # only a NEW claim over nothing is young
-        assert (held.kind, held.maybe_sent) == (ClaimKind.HELD, False)
+        assert (held.kind, held.store_young) == (ClaimKind.HELD, False)
         assert [(e["event"], e["log_level"], e["age_s"], e["window_s"]) for e in logs] == [
             ("dedup_store_young", "warning", 0, WINDOW_S)
         ]
@@ -923,7 +924,7 @@ async def test_a_new_redis_store_answers_new_claims_as_maybe_sent_within_its_win
         await store.close()
 
 
-async def test_a_window_of_0_answers_no_claim_as_maybe_sent_and_still_dates_the_store(redis_url: str) -> None:
+async def test_a_window_of_0_answers_no_claim_as_young_and_still_dates_the_store(redis_url: str) -> None:
     """0 turns the window off; the epoch is written all the same, so that turning it on later, or
     another process with it on, dates the store from its first claim."""
     client, prefix = store_redis(redis_url), key_prefix(redis_url)
@@ -951,20 +952,20 @@ async def test_a_store_is_young_only_within_the_window_after_its_epoch(
     store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
     try:
         claim = await store.claim("e1", "w1", "t/0/1", 30)
-        assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, young, young)
+        assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, young, False)
         assert client.get(prefix + "@epoch") == created.encode()
     finally:
         client.close()
         await store.close()
 
 
-async def test_an_applied_event_forgotten_by_a_restarted_redis_is_claimed_as_maybe_sent(
+async def test_an_applied_event_forgotten_by_a_restarted_redis_is_claimed_as_young(
     redis_url: str,
 ) -> None:
     """The reviewer's case: an event applied, its offset not yet committed, and Redis (without
     persistence) restarts empty. The redelivery found no record and was sent again without a look
-    at the ticket. Now the store is young again: the claim is NEW and maybe sent. The process that
-    saw the store emptied under it says so once, as an error."""
+    at the ticket. Now the store is young again: the claim is NEW and young. The process that saw
+    the store emptied under it says so, as an error, once for each time it was emptied."""
     client, prefix = store_redis(redis_url), key_prefix(redis_url)
     client.set(prefix + "@epoch", f"{time.time() - 3600:.6f}")  # a store in use for an hour
     store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
@@ -979,10 +980,15 @@ async def test_an_applied_event_forgotten_by_a_restarted_redis_is_claimed_as_may
             again = await store.claim("e1", "w1", "t/0/1", 30)
             await store.claim("e2", "w1", "t/0/2", 30)
         assert (again.kind, again.record, again.taken_over) == (ClaimKind.NEW, None, False)
-        assert (again.store_young, again.maybe_sent) == (True, True)
+        assert (again.store_young, again.maybe_sent) == (True, False)
         assert [(e["event"], e["log_level"], e["age_s"]) for e in logs] == [
             ("dedup_store_emptied", "error", 0)
         ]
+        forget_store(redis_url)  # emptied a second time: said again, once
+        with capture_logs() as logs:
+            await store.claim("e3", "w1", "t/0/3", 30)
+            await store.claim("e4", "w1", "t/0/4", 30)
+        assert [e["event"] for e in logs] == ["dedup_store_emptied"]
     finally:
         client.close()
         await store.close()
@@ -1017,7 +1023,7 @@ async def test_the_epoch_goes_through_the_replicas_wait_as_the_claim_does(
             ClaimKind.NEW,
             False,
             True,
-            True,
+            False,
         )
     finally:
         primary.close()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from waiting import until
 
+import worker.lanes as lanes_module
+import worker.pipeline as pipeline_module
+import worker.ratelimit as ratelimit_module
 from worker.lanes import Lanes
+from worker.settings import REVOKE_CANCEL_WAIT_S
 
 
 async def test_same_key_in_order_different_keys_concurrently() -> None:
@@ -88,10 +93,13 @@ async def test_drop_cancels_matching_and_keeps_others() -> None:
     assert ("y1", True) in left
 
 
-async def test_a_dropped_job_that_lost_its_cancellation_is_cancelled_again() -> None:
+async def test_a_dropped_job_that_lost_its_cancellation_is_cancelled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """On Python 3.11 a cancellation can be lost (``asyncio.wait_for`` returning the inner result
     that came in the same loop step; redis-py reading a claim's reply): the dropped job went on,
     past the revoke or the stop that waited for it. It is cancelled again while they wait."""
+    monkeypatch.setattr(lanes_module, "CANCEL_AGAIN_S", 0.05)
     forever = asyncio.Event()
     cancels = 0
     started: list[str] = []
@@ -117,6 +125,14 @@ async def test_a_dropped_job_that_lost_its_cancellation_is_cancelled_again() -> 
     await until(lambda: started == ["1", "2"])
     await lanes.close(5.0)
     assert (cancels, left) == (2, [("1", False), ("2", False)])
+
+
+def test_a_job_is_cancelled_again_only_after_its_bounded_clean_up() -> None:
+    """A second cancellation cuts a job's clean-up short: a rate-limit reservation given back
+    stayed taken in Redis, a claim not handed on made the next owner wait. It comes after both,
+    and within the revoke's wait for the jobs it cancelled."""
+    clean_ups = (pipeline_module._LET_GO_TIMEOUT_S, ratelimit_module._GIVE_BACK_TIMEOUT_S)
+    assert max(clean_ups) < lanes_module.CANCEL_AGAIN_S < REVOKE_CANCEL_WAIT_S
 
 
 async def test_close_cancels_everything() -> None:

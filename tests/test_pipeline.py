@@ -290,6 +290,22 @@ async def test_an_event_applied_before_a_redis_restart_is_read_not_sent_again(
         ]
 
 
+async def test_a_refusal_in_a_young_store_is_an_ordinary_one(redis_url: str) -> None:
+    """A young store's claims read the ticket first, but no answer of ours was lost: a refusal of
+    the send that follows is the API's ordinary one. It was reported ``*_maybe_applied`` ("refused
+    after an earlier attempt's answer was lost"), for every refusal in the 10 minutes after an
+    install or an upgrade, and a redelivery repeated it."""
+    ended = {**STARTED, "type": "change.ended"}  # refused: s-1 was never started
+    async with redis_store(redis_url, 600.0) as store, make_rig(_SLOW_RETRIES, store=store) as rig:
+        await rig.pipeline.process(job(ended))
+
+        assert [r.method for r in rig.sim.state.requests] == ["GET", "PUT"]
+        [outcome] = rig.published.outcomes
+        assert outcome["status"] == "rejected"
+        assert not outcome["reason"].endswith("_maybe_applied")
+        assert "answer was lost" not in (outcome["error_msg"] or "")
+
+
 async def test_a_job_cancelled_before_sending_in_a_young_store_leaves_the_next_owner_a_read(
     redis_url: str,
 ) -> None:

@@ -199,8 +199,10 @@ def _cancelled_meanwhile(task: asyncio.Task[Any] | None, cancels: int) -> None:
     half the time, ``tests/test_api_client.py``). A job cancelled by a revoke or a stop just as its
     PUT's connection dropped went on as if nothing had happened: it read the ticket and retried for
     its whole budget (100 s in a test that waited for it), and the revoke or stop that cancelled it
-    waited for it in vain. Whatever the request's end, the cancellation wins, as at any other await:
-    the request has been made, and the caller treats it as one that may still land."""
+    waited for it in vain. Called on a transport error only: the cancellation then wins, and the
+    caller treats the request as one that may still land. An answer received is kept (an applied
+    change is recorded in milliseconds; thrown away, the next owner would have to read the ticket,
+    which cannot show every change), and ``Lanes`` cancels a dropped job again if it goes on."""
     if task is not None and task.cancelling() > cancels:
         raise asyncio.CancelledError
 
@@ -319,7 +321,6 @@ class CocApiClient:
         try:
             response = await request.build().send()
             payload = (await response.bytes()).to_bytes()
-            _cancelled_meanwhile(task, cancels)
             code = str(response.status)
             return response.status, payload, response.get_header("Retry-After"), time.perf_counter() - started
         except http_errors.PyreqwestError as exc:
@@ -330,6 +331,7 @@ class CocApiClient:
             finally:
                 del error  # its traceback holds this frame: a local naming it would make a cycle
         finally:
+            task = None  # a CancelledError raised here holds this frame, and the task holds it: no cycle
             self._metrics.count_api_request(code)
             self._metrics.api_latency.observe(time.perf_counter() - started)
 

@@ -330,6 +330,7 @@ class ApiCaller:
         before_send: Callable[[], Awaitable[None]] | None = None,
         confirm: Callable[[dict[str, Any]], bool] | None = None,
         ambiguous: bool = False,
+        forgotten: bool = False,
     ) -> ApplyResult:
         """``confirm(ticket_detail)`` tells whether the change is already in place.
 
@@ -343,6 +344,9 @@ class ApiCaller:
         until the ticket has been read: a change in place ends ``applied`` (reconciled); one that
         is not is sent again; while the ticket cannot be read, reading it is what is retried,
         within the same budget. So a change whose answer was lost is not applied twice.
+        ``forgotten``: the dedup store may have forgotten an earlier send (``Claim.store_young``):
+        the ticket is read first too, but no answer is known lost, so a refusal of the send that
+        follows is an ordinary one, and a read 403 is not worth a warning per event.
 
         An event whose budget runs out while a request of it whose answer was lost may still land
         is given up only once it can no longer land. A job cancelled while such a request may still
@@ -360,6 +364,7 @@ class ApiCaller:
                 before_send,
                 confirm,
                 ambiguous,
+                forgotten,
                 unsettled,
             )
         except asyncio.CancelledError:
@@ -377,6 +382,7 @@ class ApiCaller:
         before_send: Callable[[], Awaitable[None]] | None,
         confirm: Callable[[dict[str, Any]], bool] | None,
         ambiguous: bool,
+        forgotten: bool,
         unsettled: _Unsettled,
     ) -> ApplyResult:
         """``apply``'s rounds; ``unsettled.until`` says until when a send whose answer was lost may
@@ -390,6 +396,9 @@ class ApiCaller:
             if self._abandoned.get(event_id) == until:
                 del self._abandoned[event_id]
             ambiguous = True
+        # Read first only because the store may have forgotten: no answer of ours was lost.
+        only_forgotten = forgotten and not ambiguous
+        ambiguous = ambiguous or forgotten
         calls = 0  # times the change was sent: the outcome's attempts
         spent = 0  # sends that count against the budget (a 401 or an outage does not)
         rounds = 0  # failed rounds, sends and reads alike: the backoff grows with them
@@ -411,11 +420,12 @@ class ApiCaller:
             settling = False  # whether that send's answer was lost: it may still land
             try:
                 if ambiguous and confirm is not None:
-                    if await self._in_place(ticket_id, confirm, waited):
+                    if await self._in_place(ticket_id, confirm, waited, quiet=only_forgotten):
                         log.info("api_reconciled", attempts=calls)
                         return ApplyResult("applied", calls, reconciled=True)
                     ambiguous = False  # read, and not there: safe to send
-                    unconfirmed = True
+                    unconfirmed = unconfirmed or not only_forgotten
+                    only_forgotten = False
                     unsettled.until = 0.0  # read after the settle wait: the request has landed or never will
                     if error is not None and spent >= self._policy.max_attempts:
                         return _failed(calls, active_s, error, applied_maybe=False)
@@ -545,21 +555,29 @@ class ApiCaller:
             active_s += delay
 
     async def _in_place(
-        self, ticket_id: str, confirm: Callable[[dict[str, Any]], bool], waited: _Waited
+        self,
+        ticket_id: str,
+        confirm: Callable[[dict[str, Any]], bool],
+        waited: _Waited,
+        *,
+        quiet: bool = False,
     ) -> bool:
         """Read the ticket: is the change there? Raises ``ApiTransientError`` when it cannot tell
         (the ticket unreadable), ``ApiAuthError`` on 401, like an attempt. Behind the same limits
         as a send: a read is a request to the same API. False when reads are not permitted (403:
         credentials that may change tickets but not read them): the send that follows decides, as
         against an API whose ticket detail does not show the change, and a refusal then says the
-        change may be in place."""
+        change may be in place. ``quiet``: a read only because the store may have forgotten, made
+        for every new event while it is young: a 403 is logged at debug, not once per event."""
         await self._limits(waited)
         try:
             detail = await self._client.show_ticket(ticket_id)
         except ApiAuthError as exc:
             if exc.http_status != 403:
                 raise
-            log.warning("api_ticket_unreadable", ticket_id=ticket_id, detail=str(exc))
+            (log.debug if quiet else log.warning)(
+                "api_ticket_unreadable", ticket_id=ticket_id, detail=str(exc)
+            )
             return False
         finally:
             self._concurrency.release()

@@ -16,10 +16,15 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Generic, TypeVar
 
-from worker.cancel import CANCEL_AGAIN_S
 from worker.logs import get_logger
 
 log = get_logger(__name__)
+
+#: How long a dropped job is given before it is cancelled again (``Lanes._cancel_again``): longer
+#: than a job's bounded clean-up after its cancellation (a claim's hand-on, 2 s; a rate-limit
+#: reservation given back, 1 s), which a second cancellation would cut short; shorter than the
+#: revoke's and the stop's waits for the jobs they cancel (5 s).
+CANCEL_AGAIN_S = 2.5
 
 J = TypeVar("J")
 
@@ -134,8 +139,7 @@ class Lanes(Generic[J]):
     def _cancel_again(self, now: float) -> None:
         """Cancel again the dropped jobs still running ``CANCEL_AGAIN_S`` after their last
         cancellation: on Python 3.11 one can be lost (``worker.cancel``; seen while redis-py read a
-        claim's reply), and the job went on, past the revoke or stop that was waiting for it. A
-        job's own clean-up after a cancellation is shielded (``Pipeline._let_go``)."""
+        claim's reply), and the job went on, past the revoke or stop that was waiting for it."""
         for task, cancelled_at in list(self._cancelled.items()):
             if now - cancelled_at >= CANCEL_AGAIN_S and not task.done():
                 task.cancel()

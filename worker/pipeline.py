@@ -297,6 +297,7 @@ class Pipeline:
                     event,
                     wire_bytes(body),
                     ambiguous=claim.maybe_sent or sent_before,
+                    forgotten=claim.store_young,
                     claimed_at=claimed_at,
                     token=token,
                     sends=sends,
@@ -406,6 +407,7 @@ class Pipeline:
         payload: bytes,
         *,
         ambiguous: bool,
+        forgotten: bool,
         claimed_at: float,
         token: str,
         sends: _Sends,
@@ -435,6 +437,7 @@ class Pipeline:
             before_send=renew_lease,
             confirm=lambda ticket: already_applied(event, ticket),
             ambiguous=ambiguous,
+            forgotten=forgotten,
         )
 
     async def _finish_applied_or_not(

@@ -111,20 +111,16 @@ class Claim:
     #: NEW over no record in a store younger than its window (Redis' ``dedup_forgotten_window_s``):
     #: such a store cannot tell an event never seen from one it forgot (a Redis without persistence
     #: that restarted empty lost every claim and applied record; the event may be a redelivery of
-    #: one applied before).
+    #: one applied before). The ticket is read before the first send; unlike ``maybe_sent``, no
+    #: answer of ours is known lost, so a refusal after that read is an ordinary one.
     store_young: bool = False
 
     @property
     def maybe_sent(self) -> bool:
         """Whether an earlier attempt may have reached the API without its answer being recorded:
-        an unfinished claim, an earlier message of this event that failed (its last answer may
-        have been lost), or a store that may have forgotten it (``store_young``). The change is then
-        checked against the ticket before it is sent."""
-        return (
-            self.taken_over
-            or self.store_young
-            or (self.record is not None and self.record.status == "failed")
-        )
+        an unfinished claim, or an earlier message of this event that failed (its last answer may
+        have been lost). The change is then checked against the ticket before it is sent."""
+        return self.taken_over or (self.record is not None and self.record.status == "failed")
 
 
 def decide(record: DedupRecord | None, owner: str, source: str, now: float, target: str = "") -> Claim:

@@ -140,10 +140,8 @@ class RedisStore:
         self._min_replicas = min_replicas
         self._forgotten_window_s = forgotten_window_s
         self._epoch_key = prefix + EPOCH_KEY
-        #: The store's creation time as this process first saw it (None: no claim answered yet),
-        #: and whether another one has been seen since (said once).
+        #: The store's creation time as this process last saw it (None: no claim answered yet).
         self._epoch: bytes | None = None
-        self._emptied_said = False
         #: Events whose claim here was refused for want of replicas only (``claim``), with the
         #: record that claim replaced on the primary (None: none).
         self._unreplicated: dict[str, str | bytes | None] = {}
@@ -260,9 +258,10 @@ class RedisStore:
 
     def _see_epoch(self, epoch: bytes, age_s: int) -> None:
         """Say once per process that the store is young (what the window costs: a read of each
-        ticket), and once that it was emptied while this process ran (another creation time than
-        the first seen): a restart without persistence, a failover to a replica that never had the
-        key, or an eviction; records of events applied before may be gone."""
+        ticket), and each time it was emptied while this process ran (another creation time than
+        the last seen; once per emptying, as the new epoch is kept): a restart without persistence,
+        a failover to a replica that never had the key, or an eviction; records of events applied
+        before may be gone."""
         if self._epoch is None:
             self._epoch = epoch
             if self._young(age_s):
@@ -272,17 +271,17 @@ class RedisStore:
                     window_s=self._forgotten_window_s,
                     detail="new events have their ticket read before they are sent until the window ends",
                 )
-        elif epoch != self._epoch and not self._emptied_said:
-            self._emptied_said = True
+        elif epoch != self._epoch:
             log.error(
                 "dedup_store_emptied",
                 age_s=age_s,
                 window_s=self._forgotten_window_s,
                 created=epoch.decode(errors="replace"),
-                first_seen=self._epoch.decode(errors="replace"),
+                last_seen=self._epoch.decode(errors="replace"),
                 detail="the store lost its records: events applied before may be read again as new;"
                 " run Redis with persistence",
             )
+            self._epoch = epoch
 
     async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool:
         keep_ms = int((lease_s + self._claim_keep_s) * 1000)
