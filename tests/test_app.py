@@ -23,7 +23,7 @@ from worker.app import Worker
 from worker.cancel import cancel_and_wait
 from worker.consumer import Consumer, Message
 from worker.dedup import SqliteStore
-from worker.errors import ApiUnreachable, BrokerUnavailable, DedupUnavailable, KafkaClientStopped
+from worker.errors import ApiUnreachable, BrokerUnavailable, DedupUnavailable, JobCrashed, KafkaClientStopped
 from worker.offsets import PartitionKey
 from worker.pipeline import Job
 from worker.sandbox import free_port
@@ -707,6 +707,38 @@ async def test_a_release_wakes_a_worker_whose_every_partition_is_held(
         await until(lambda: len(member.handed_out) == fetched + (20 - 4), what="the released one fetched")
         assert worker._consumer.held == {(parts[1].topic, 1)}
         heads[1].set()
+
+
+async def test_a_job_ending_without_an_outcome_stops_the_worker(tmp_path: Path) -> None:
+    """A job that raised (a bug in the outcome's own path) never finished its offset: its partition
+    was committed up to it and no further, and, held once ``max_uncommitted`` later messages were
+    done, stopped for good with no other sign than one logged error. The worker now stops (exit 1)
+    with what it finished committed, and a fresh process reads the message again."""
+    settings = worker_settings(tmp_path, max_in_flight=4, max_buffered=64)
+    worker = Worker(settings)
+    tp = TopicPartition(settings.input_topic, 0)
+    member = Prefetched({tp: 10})
+
+    async def process(job: Job) -> None:
+        if job.message.offset == 3:
+            raise RuntimeError("a bug with a secret-looking text")
+
+    processing_with(worker, process)
+    real, worker._consumer._consumer = worker._consumer._consumer, member
+    try:
+        await worker.on_assigned({(tp.topic, 0)})
+        with capture_logs() as logs:
+            consume = asyncio.create_task(worker._consume())
+            with pytest.raises(JobCrashed) as crashed:
+                await asyncio.wait_for(consume, 5)
+        assert str(crashed.value) == (
+            f"a job ended without an outcome (RuntimeError) at {tp.topic}/0 offset 3: restart"
+        )
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_crashed"]
+        await worker._lanes.wait_idle(2.0)
+        assert worker._offsets.to_commit() == {(tp.topic, 0): 3}  # up to the crashed one, not past it
+    finally:
+        await close_unstarted(worker, real)
 
 
 async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) -> None:

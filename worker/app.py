@@ -28,7 +28,7 @@ from worker.cancel import cancel_and_wait, unless_stopped
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
-from worker.errors import BrokerUnavailable, ConfigError, KafkaClientStopped
+from worker.errors import BrokerUnavailable, ConfigError, JobCrashed, KafkaClientStopped
 from worker.gate import Gate
 from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
@@ -91,7 +91,11 @@ class Worker:
         self._partition_share = share if share < self._buffer_limit else sys.maxsize
         self._gate = Gate(self.metrics, probe_max_s=settings.probe_max_delay_s)
         self._offsets = OffsetTracker()
-        self._lanes: Lanes[Job] = Lanes(self._run_job, self._job_left, settings.max_in_flight)
+        self._lanes: Lanes[Job] = Lanes(
+            self._run_job, self._job_left, settings.max_in_flight, on_crash=self._job_crashed
+        )
+        #: The first job that ended without an outcome (``_job_crashed``): the consume loop stops.
+        self._crashed: JobCrashed | None = None
         # read when scraped, not set twice per message
         self.metrics.in_flight.set_function(lambda: len(self._lanes))
         self.metrics.buffered_bytes.set_function(lambda: self._buffered_bytes)
@@ -252,6 +256,8 @@ class Worker:
 
     async def _consume(self) -> None:
         while not self._stopping.is_set():
+            if self._crashed is not None:
+                raise self._crashed
             if (ended := self._publisher.ended()) is not None:
                 # Every outcome would fail for ever, the worker paused and /healthz alive: stop
                 # (exit 1) to be started afresh, as for the consumer's coordination.
@@ -401,6 +407,19 @@ class Worker:
 
     async def _run_job(self, job: Job) -> None:
         await self._pipeline.process(job)
+
+    def _job_crashed(self, job: Job, error: BaseException) -> None:
+        """A job raised instead of ending as an outcome (``Lanes`` logged it, ``job_crashed``): its
+        partition could never be committed past it, and would stop for good once held. The worker
+        stops (exit 1) instead, what it finished committed, and a fresh process reads the message
+        again. Named by its position and the error's type only: the error's text may hold anything."""
+        if self._crashed is None:
+            m = job.message
+            self._crashed = JobCrashed(
+                f"a job ended without an outcome ({type(error).__name__}) at {m.topic}/{m.partition}"
+                f" offset {m.offset}: restart"
+            )
+        self._room.set()  # a paused consume loop sees it at once
 
     def _job_left(self, job: Job, finished: bool) -> None:
         key = job.message.partition_key

@@ -173,6 +173,13 @@ PAUSE_KINDS = tuple(
 )
 
 
+class JobCrashed(CocWorkerError):
+    """A job ended with an exception instead of an outcome: a bug in the outcome's own path (every
+    other one ends as a ``failed``/``internal_error`` outcome). Its offset can never be committed,
+    and its partition would stop for good behind it, held once ``max_uncommitted`` later messages
+    are done. Not a pause: the process stops (exit 1), and a fresh one reads the message again."""
+
+
 class KafkaClientStopped(CocWorkerError):
     """A Kafka client ended on an error it does not recover from, while the broker still answers:
     the consumer's group coordination (every fetch fails from then on, with no heartbeat and no

@@ -38,11 +38,14 @@ class Lanes(Generic[J]):
         run: Callable[[J], Coroutine[object, object, None]],
         on_done: Callable[[J, bool], None],
         max_running: int = sys.maxsize,
+        on_crash: Callable[[J, BaseException], None] | None = None,
     ) -> None:
         """``run(job)`` does the work; ``on_done(job, finished)`` is told when a job leaves, with
-        ``finished=False`` when it was cancelled or dropped before it could finish."""
+        ``finished=False`` when it was cancelled or dropped before it could finish, or raised;
+        ``on_crash(job, error)`` too, after it, when it raised."""
         self._run = run
         self._on_done = on_done
+        self._on_crash = on_crash
         self._max_running = max_running
         self._queued: dict[str, deque[J]] = {}  # behind the key's job that is running or ready
         self._ready: deque[tuple[str | None, J]] = deque()  # its turn has come; waits for a slot
@@ -90,6 +93,8 @@ class Lanes(Generic[J]):
             log.error("job_crashed", error=type(error).__name__, exc_info=error)
         ok = not task.cancelled() and error is None
         self._on_done(job, ok)
+        if error is not None and self._on_crash is not None:
+            self._on_crash(job, error)
         if key is not None:
             self._next_in_lane(key)
         self._fill_slots()
