@@ -5,7 +5,9 @@ CI must never go green because something it was meant to test could not run ther
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from worker.dedup import DedupStore, open_store
 from worker.redis_config import key_prefix
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -55,6 +58,16 @@ def store_redis(url: str) -> redis.Redis:
     """A plain client on the Redis db of the dedup store at ``url`` (the ``redis_url`` fixture's)."""
     parts = urlsplit(url)
     return redis.Redis(host=parts.hostname, port=parts.port, db=int(parts.path.strip("/") or 0))
+
+
+@contextlib.asynccontextmanager
+async def redis_store(url: str, window_s: float) -> AsyncIterator[DedupStore]:
+    """A Redis dedup store answering new claims ``store_young`` for ``window_s`` after its epoch."""
+    store = open_store(url, redis_forgotten_window_s=window_s)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def forget_store(url: str) -> None:

@@ -533,15 +533,16 @@ def _record(tp: TopicPartition, offset: int) -> SimpleNamespace:
 
 
 @contextlib.asynccontextmanager
-async def consuming_from(worker: Worker, member: GroupMember) -> AsyncIterator[None]:
-    """``worker``'s consume loop over ``member`` (aiokafka's side), every partition of it assigned.
-    Leaving, a stop must end the loop within 2 s; the worker is closed whatever happened."""
+async def consuming_from(worker: Worker, member: GroupMember) -> AsyncIterator[asyncio.Task[None]]:
+    """``worker``'s consume loop over ``member`` (aiokafka's side), every partition of it assigned;
+    the loop's task is yielded. Leaving, a stop must end the loop within 2 s (its own error, if it
+    ended on one, is raised); the worker is closed whatever happened."""
     real, worker._consumer._consumer = worker._consumer._consumer, member
     task: asyncio.Task[None] | None = None
     try:
         await worker.on_assigned({(tp.topic, tp.partition) for tp in member.assigned})
         task = asyncio.create_task(worker._consume())
-        yield
+        yield task
         worker._stopping.set()
         await asyncio.wait_for(task, 2)
     finally:
@@ -724,21 +725,20 @@ async def test_a_job_ending_without_an_outcome_stops_the_worker(tmp_path: Path) 
             raise RuntimeError("a bug with a secret-looking text")
 
     processing_with(worker, process)
-    real, worker._consumer._consumer = worker._consumer._consumer, member
-    try:
-        await worker.on_assigned({(tp.topic, 0)})
-        with capture_logs() as logs:
-            consume = asyncio.create_task(worker._consume())
-            with pytest.raises(JobCrashed) as crashed:
-                await asyncio.wait_for(consume, 5)
-        assert str(crashed.value) == (
-            f"a job ended without an outcome (RuntimeError) at {tp.topic}/0 offset 3: restart"
-        )
-        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_crashed"]
-        await worker._lanes.wait_idle(2.0)
-        assert worker._offsets.to_commit() == {(tp.topic, 0): 3}  # up to the crashed one, not past it
-    finally:
-        await close_unstarted(worker, real)
+
+    async def consume_until_stopped() -> None:  # leaving ``consuming_from`` raises the loop's error
+        async with consuming_from(worker, member) as consume:
+            await until(consume.done, timeout_s=5, what="the consume loop to stop")
+            assert await worker._lanes.wait_idle(2.0)
+            assert worker._offsets.to_commit() == {(tp.topic, 0): 3}  # up to the crashed one, not past it
+
+    with capture_logs() as logs, pytest.raises(JobCrashed) as crashed:
+        await consume_until_stopped()
+    assert (
+        str(crashed.value)
+        == f"a job ended without an outcome (RuntimeError) at {tp.topic}/0 offset 3: restart"
+    )
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_crashed"]
 
 
 async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
-from services import OwnRedis, forget_store, store_redis
+from services import OwnRedis, forget_store, redis_store, store_redis
 from structlog.testing import capture_logs
 from waiting import until
 
@@ -900,44 +900,38 @@ async def test_a_new_redis_store_answers_new_claims_as_young_within_its_window(r
     forgot every claim and applied record. A claim over no record then cannot tell "never seen"
     from "forgotten", and is answered young (the ticket is read first), said once. Not maybe
     sent: no answer of ours is known lost (a refusal after the read is an ordinary one)."""
-    client, prefix = store_redis(redis_url), key_prefix(redis_url)
-    store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
-    try:
-        with capture_logs() as logs:
-            first = await store.claim("e1", "w1", "t/0/1", 30)
-            second = await store.claim("e2", "w1", "t/0/2", 30)
-        assert (first.kind, first.record, first.taken_over) == (ClaimKind.NEW, None, False)
-        assert (first.store_young, first.maybe_sent) == (True, False)
-        assert second.store_young
-        held = await store.claim("e1", "w2", "t/0/1", 30)  # only a NEW claim over nothing is young
-        assert (held.kind, held.store_young) == (ClaimKind.HELD, False)
-        assert [(e["event"], e["log_level"], e["age_s"], e["window_s"]) for e in logs] == [
-            ("dedup_store_young", "warning", 0, WINDOW_S)
-        ]
-        # the store's creation time on Redis' clock, kept for ever
-        epoch = client.get(prefix + "@epoch")
-        assert epoch is not None
-        assert abs(float(epoch) - time.time()) < 5
-        assert client.ttl(prefix + "@epoch") == -1
-    finally:
-        client.close()
-        await store.close()
+    prefix = key_prefix(redis_url)
+    with store_redis(redis_url) as client:
+        async with redis_store(redis_url, WINDOW_S) as store:
+            with capture_logs() as logs:
+                first = await store.claim("e1", "w1", "t/0/1", 30)
+                second = await store.claim("e2", "w1", "t/0/2", 30)
+            assert (first.kind, first.record, first.taken_over) == (ClaimKind.NEW, None, False)
+            assert (first.store_young, first.maybe_sent) == (True, False)
+            assert second.store_young
+            held = await store.claim("e1", "w2", "t/0/1", 30)  # only a NEW claim over nothing is young
+            assert (held.kind, held.store_young) == (ClaimKind.HELD, False)
+            assert [(e["event"], e["log_level"], e["age_s"], e["window_s"]) for e in logs] == [
+                ("dedup_store_young", "warning", 0, WINDOW_S)
+            ]
+            # the store's creation time on Redis' clock, kept for ever
+            epoch = client.get(prefix + "@epoch")
+            assert epoch is not None
+            assert abs(float(epoch) - time.time()) < 5
+            assert client.ttl(prefix + "@epoch") == -1
 
 
 async def test_a_window_of_0_answers_no_claim_as_young_and_still_dates_the_store(redis_url: str) -> None:
     """0 turns the window off; the epoch is written all the same, so that turning it on later, or
     another process with it on, dates the store from its first claim."""
-    client, prefix = store_redis(redis_url), key_prefix(redis_url)
-    store = open_store(redis_url, redis_forgotten_window_s=0)
-    try:
-        with capture_logs() as logs:
-            claim = await store.claim("e1", "w1", "t/0/1", 30)
-        assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, False, False)
-        assert logs == []
-        assert client.get(prefix + "@epoch") is not None
-    finally:
-        client.close()
-        await store.close()
+    prefix = key_prefix(redis_url)
+    with store_redis(redis_url) as client:
+        async with redis_store(redis_url, 0) as store:
+            with capture_logs() as logs:
+                claim = await store.claim("e1", "w1", "t/0/1", 30)
+            assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, False, False)
+            assert logs == []
+            assert client.get(prefix + "@epoch") is not None
 
 
 @pytest.mark.parametrize(("age_s", "young"), [(60, True), (3600, False)])
@@ -946,17 +940,14 @@ async def test_a_store_is_young_only_within_the_window_after_its_epoch(
 ) -> None:
     """The epoch is Unix seconds on Redis' clock; once the window is over, a claim over nothing is
     a new event again (sent without a read) and the epoch is left as it is."""
-    client, prefix = store_redis(redis_url), key_prefix(redis_url)
-    created = f"{time.time() - age_s:.6f}"
-    client.set(prefix + "@epoch", created)
-    store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
-    try:
-        claim = await store.claim("e1", "w1", "t/0/1", 30)
-        assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, young, False)
-        assert client.get(prefix + "@epoch") == created.encode()
-    finally:
-        client.close()
-        await store.close()
+    prefix = key_prefix(redis_url)
+    with store_redis(redis_url) as client:
+        created = f"{time.time() - age_s:.6f}"
+        client.set(prefix + "@epoch", created)
+        async with redis_store(redis_url, WINDOW_S) as store:
+            claim = await store.claim("e1", "w1", "t/0/1", 30)
+            assert (claim.kind, claim.store_young, claim.maybe_sent) == (ClaimKind.NEW, young, False)
+            assert client.get(prefix + "@epoch") == created.encode()
 
 
 async def test_an_applied_event_forgotten_by_a_restarted_redis_is_claimed_as_young(
@@ -966,32 +957,29 @@ async def test_an_applied_event_forgotten_by_a_restarted_redis_is_claimed_as_you
     persistence) restarts empty. The redelivery found no record and was sent again without a look
     at the ticket. Now the store is young again: the claim is NEW and young. The process that saw
     the store emptied under it says so, as an error, once for each time it was emptied."""
-    client, prefix = store_redis(redis_url), key_prefix(redis_url)
-    client.set(prefix + "@epoch", f"{time.time() - 3600:.6f}")  # a store in use for an hour
-    store = open_store(redis_url, redis_forgotten_window_s=WINDOW_S)
-    try:
-        first = await store.claim("e1", "w1", "t/0/1", 30)
-        assert (first.kind, first.maybe_sent) == (ClaimKind.NEW, False)
-        await store.mark_applied("e1", DedupRecord("applied", "w1", "t/0/1", "applied"), 60)
-        assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.APPLIED
+    prefix = key_prefix(redis_url)
+    with store_redis(redis_url) as client:
+        client.set(prefix + "@epoch", f"{time.time() - 3600:.6f}")  # a store in use for an hour
+        async with redis_store(redis_url, WINDOW_S) as store:
+            first = await store.claim("e1", "w1", "t/0/1", 30)
+            assert (first.kind, first.maybe_sent) == (ClaimKind.NEW, False)
+            await store.mark_applied("e1", DedupRecord("applied", "w1", "t/0/1", "applied"), 60)
+            assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.APPLIED
 
-        forget_store(redis_url)
-        with capture_logs() as logs:
-            again = await store.claim("e1", "w1", "t/0/1", 30)
-            await store.claim("e2", "w1", "t/0/2", 30)
-        assert (again.kind, again.record, again.taken_over) == (ClaimKind.NEW, None, False)
-        assert (again.store_young, again.maybe_sent) == (True, False)
-        assert [(e["event"], e["log_level"], e["age_s"]) for e in logs] == [
-            ("dedup_store_emptied", "error", 0)
-        ]
-        forget_store(redis_url)  # emptied a second time: said again, once
-        with capture_logs() as logs:
-            await store.claim("e3", "w1", "t/0/3", 30)
-            await store.claim("e4", "w1", "t/0/4", 30)
-        assert [e["event"] for e in logs] == ["dedup_store_emptied"]
-    finally:
-        client.close()
-        await store.close()
+            forget_store(redis_url)
+            with capture_logs() as logs:
+                again = await store.claim("e1", "w1", "t/0/1", 30)
+                await store.claim("e2", "w1", "t/0/2", 30)
+            assert (again.kind, again.record, again.taken_over) == (ClaimKind.NEW, None, False)
+            assert (again.store_young, again.maybe_sent) == (True, False)
+            assert [(e["event"], e["log_level"], e["age_s"]) for e in logs] == [
+                ("dedup_store_emptied", "error", 0)
+            ]
+            forget_store(redis_url)  # emptied a second time: said again, once
+            with capture_logs() as logs:
+                await store.claim("e3", "w1", "t/0/3", 30)
+                await store.claim("e4", "w1", "t/0/4", 30)
+            assert [e["event"] for e in logs] == ["dedup_store_emptied"]
 
 
 async def test_the_epoch_goes_through_the_replicas_wait_as_the_claim_does(

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from services import forget_store, store_redis
+from services import forget_store, redis_store, store_redis
 from structlog.testing import capture_logs
 from waiting import until
 
@@ -26,7 +26,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
-from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore, open_store
+from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore
 from worker.errors import (
     BrokerUnavailable,
     DeadLetterUnwritable,
@@ -255,16 +255,6 @@ async def test_a_job_cancelled_after_its_answer_was_lost_hands_its_claim_on_once
         assert [r.method for r in state.requests] == ["PUT", "GET"]
         assert len(state.applied_for("ev-1")) == 1
         assert [(o["status"], o["reason"]) for o in rig.published.outcomes] == [("applied", "reconciled")]
-
-
-@contextlib.asynccontextmanager
-async def redis_store(url: str, window_s: float) -> AsyncIterator[DedupStore]:
-    """A Redis dedup store answering new claims ``store_young`` for ``window_s`` after its epoch."""
-    store = open_store(url, redis_forgotten_window_s=window_s)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @pytest.mark.parametrize("raw", [STARTED, TICKET_UPDATE], ids=["started", "ticket_update"])

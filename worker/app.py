@@ -401,9 +401,14 @@ class Worker:
             return  # revoked meanwhile: its next owner reads it from the last commit
         del self._rewinding[key]
         self._consumer.seek(key, offset)
+        self._release(key)
+        log.info("partition_started_over", topic=key[0], partition=key[1], offset=offset)
+
+    def _release(self, key: PartitionKey) -> None:
+        """Fetch a held partition again, waking the consume loop: it may be waiting with every
+        partition held (``Consumer.all_held``)."""
         self._consumer.release(key)
         self._room.set()
-        log.info("partition_started_over", topic=key[0], partition=key[1], offset=offset)
 
     async def _run_job(self, job: Job) -> None:
         await self._pipeline.process(job)
@@ -441,9 +446,8 @@ class Worker:
             and partition_bytes <= self._partition_bytes_share // 2
             and key not in self._rewinding
         ):
-            self._consumer.release(key)
+            self._release(key)
             log.info("partition_released", topic=key[0], partition=key[1])
-            self._room.set()  # the consumer may be waiting with every partition held
         elif self._may_resume():  # wake the consumer only when it may resume fetching
             self._room.set()
 

@@ -348,7 +348,10 @@ class Consumer:
     @property
     def all_held(self) -> bool:
         """Every assigned partition is held: a fetch could take nothing until one is released, and
-        only a finished job releases one (``Worker._consume`` then waits for that, not a timeout)."""
+        only a finished job releases one (``Worker._consume`` then waits for that, not a timeout).
+        Asked once per fetch: none held, the usual case, answers without building the assignment."""
+        if not self._held:
+            return False
         assigned = self.assignment()
         return bool(assigned) and assigned <= self._held
 
