@@ -196,7 +196,7 @@ def _run(
     return run
 
 
-def _repeat_at_0ms(worker: float, ceiling_b: float, **more: float) -> list[dict[str, Any]]:
+def _repeat_at_0ms(worker: float, ceiling_b: float, **more: float | None) -> list[dict[str, Any]]:
     """One repeat of the 0 ms scenario: the worker, ceiling A (far above) and ceiling B, then
     ``more`` subjects at the worker's concurrency, with these throughputs."""
     return [
@@ -735,6 +735,12 @@ def test_ceiling_b_on_the_worker_client_runs_once_at_0_ms_and_is_no_target() -> 
     assert text is not None
     assert "0.62x, the median of the per-repeat ratios (0.50, 0.75)" in text
     assert report.versus_own_client(report.summarize(_runs()), 256) is None  # not measured: no line
+    failed = report.versus_own_client(
+        report.summarize(_repeat_at_0ms(800.0, 1_000.0, ceiling_b_rs=None)), 256
+    )
+    assert failed is not None
+    assert "there is no figure: it did not finish in this run" in failed
+    assert "vs -" not in failed  # it read "the worker ran at 1,826 vs - ev/s = -x"
     doc = {
         "environment": {"date": "d", "git_commit": "c", "cpu_count": 2},
         "config": {"concurrency": 256, "events": 1, "tickets": 1, "repeats": 2},

@@ -12,6 +12,12 @@ from worker.http_site import TcpSite
 from worker.simulator.app import build_app
 from worker.simulator.state import SimulatorConfig, SimulatorState
 
+#: Connections the kernel queues before the server accepts them. aiohttp's default, 128, overflowed
+#: when a client opened 256 connections at once on a busy machine (the benchmark's ceiling B': the
+#: kernel logged "Possible SYN flooding" and a connection was reset); an API gateway has room for
+#: far more. The kernel caps it at ``net.core.somaxconn``.
+_LISTEN_BACKLOG = 1024
+
 
 class SimulatorServer:
     """``async with SimulatorServer(config) as sim:`` serves on ``sim.url`` until the block ends."""
@@ -31,7 +37,7 @@ class SimulatorServer:
         )
         await runner.setup()
         try:
-            site = TcpSite(runner, self.config.host, self.config.port)
+            site = TcpSite(runner, self.config.host, self.config.port, backlog=_LISTEN_BACKLOG)
             await site.start()
         except BaseException:
             await runner.cleanup()
