@@ -9,6 +9,8 @@ import io
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, build_parser, main
 from worker.settings import SECRET_FIELDS
@@ -173,3 +175,34 @@ def test_schema_needs_a_directory(capsys: pytest.CaptureFixture[str]) -> None:
         main(["schema"])
     assert exited.value.code == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["outcomes", "tail"], ["dlq", "list"]])
+def test_the_tools_take_a_client_certificate_and_name_one_that_does_not_load(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Behind a broker that requires client certificates the tools had no flag for one; one that
+    does not load is a configuration error naming its variable, never the key's password."""
+    worker = trustme.CA().issue_cert("coc-worker.clients.test")
+    key = serialization.load_pem_private_key(worker.private_key_pem.bytes(), password=None)
+    certfile, keyfile, password_file = tmp_path / "client.crt", tmp_path / "client.key", tmp_path / "pw"
+    certfile.write_bytes(worker.cert_chain_pems[0].bytes())
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"the-right-one"),
+        )
+    )
+    password_file.write_text("hunter2-key-password\n", encoding="utf-8")  # not the key's
+    flags = ["--kafka-security-protocol", "SSL", "--kafka-bootstrap-servers", "127.0.0.1:1"]
+    flags += ["--kafka-ssl-certfile", str(certfile), "--kafka-ssl-keyfile", str(keyfile)]
+    assert main([*command, *flags, "--kafka-ssl-key-password-file", str(password_file)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "coc-worker: configuration error: COC_WORKER_KAFKA_SSL_KEY_PASSWORD_FILE: does not open the"
+        " encrypted key in COC_WORKER_KAFKA_SSL_KEYFILE (a wrong password, or a damaged key)\n"
+    )
+    absent = tmp_path / "absent.crt"
+    assert main([*command, *flags[:4], "--kafka-ssl-certfile", str(absent)]) == 2
+    assert f"COC_WORKER_KAFKA_SSL_CERTFILE={absent}: cannot read it" in capsys.readouterr().err

@@ -55,6 +55,9 @@ CONTRACT = [
     "KAFKA_SASL_USERNAME",
     "KAFKA_SASL_PASSWORD",
     "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
+    "KAFKA_SSL_KEY_PASSWORD",
     "API_ENDPOINT",
     "API_REGION",
     "API_AK",
@@ -209,6 +212,50 @@ GOOD: dict[str, dict[str, Any]] = {
         },
     ),
     "aksk_secret_key_of_the_least_length": merged(MINIMAL, {"secrets": {"apiSk": "s" * MIN_SECRET_CHARS}}),
+    # a Strimzi KafkaUser with `authentication: tls`: its Secret's user.crt and user.key (the
+    # defaults), the cluster CA's Secret beside it
+    "strimzi_tls_user": merged(
+        MINIMAL,
+        {
+            "kafka": {
+                "securityProtocol": "SSL",
+                "ssl": {
+                    "caSecret": {"name": "my-cluster-cluster-ca-cert"},
+                    "clientSecret": {"name": "coc-worker"},
+                },
+            }
+        },
+    ),
+    # MSK with TLS client authentication: brokers with publicly trusted certificates (no CA
+    # Secret), the worker's key encrypted, its password in a Secret the user manages, KEDA on lag
+    "msk_client_certificate_keda": {
+        "api": {"region": "cn-north-4"},
+        "secrets": {"existingSecret": "coc-worker-credentials"},
+        "kafka": {
+            "securityProtocol": "SSL",
+            "ssl": {
+                "clientSecret": {
+                    "name": "coc-worker-msk-client",
+                    "certKey": "client.pem",
+                    "keyKey": "client-key.pem",
+                    "encryptedKey": True,
+                }
+            },
+        },
+        "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+        "autoscaling": {"keda": {"enabled": True, "minReplicaCount": 1, "maxReplicaCount": 3}},
+    },
+    # the worker sets no length for the key's password (it opens a file, and is sent nowhere)
+    "client_key_password_of_any_length": merged(
+        MINIMAL,
+        {
+            "kafka": {
+                "securityProtocol": "SSL",
+                "ssl": {"clientSecret": {"name": "u", "encryptedKey": True}},
+            },
+            "secrets": {"kafkaSslKeyPassword": "pw"},
+        },
+    ),
 }
 
 #: A secret one character too short for the worker, and not a word an error message would hold.
@@ -240,6 +287,29 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
     "short_sasl_password": (
         {"kafka": SASL, "secrets": {"kafkaSaslPassword": SHORT}},
         f"secrets.kafkaSaslPassword has {len(SHORT)} characters",
+    ),
+    # an encrypted client key: its password must be in the chart-made Secret, and belongs to a key
+    "encrypted_client_key_without_password": (
+        {"kafka": {"ssl": {"clientSecret": {"name": "coc-worker", "encryptedKey": True}}}},
+        "set secrets.kafkaSslKeyPassword: kafka.ssl.clientSecret.encryptedKey=true needs it",
+    ),
+    "encrypted_client_key_without_its_secret": (
+        {
+            "kafka": {"ssl": {"clientSecret": {"encryptedKey": True}}},
+            "secrets": {"kafkaSslKeyPassword": SHORT},
+        },
+        "kafka.ssl.clientSecret.encryptedKey needs kafka.ssl.clientSecret.name",
+    ),
+    "client_key_password_never_used": (
+        {
+            "kafka": {"ssl": {"clientSecret": {"name": "coc-worker"}}},
+            "secrets": {"kafkaSslKeyPassword": SHORT},
+        },
+        "secrets.kafkaSslKeyPassword is set, but the chart passes it only with",
+    ),
+    "client_certificate_key_not_a_secret_key": (
+        {"kafka": {"ssl": {"clientSecret": {"name": "coc-worker", "certKey": "user crt"}}}},
+        "certKey",
     ),
     # long enough in bytes, not in characters (the worker counts characters)
     "short_secret_key_in_characters": (
@@ -409,6 +479,7 @@ SCHEMA_BAD = [
     "bootstrap_with_credentials",
     "bootstrap_with_a_path",
     "redis_url_port_out_of_range",
+    "client_certificate_key_not_a_secret_key",
 ]
 
 
@@ -919,7 +990,7 @@ def test_chart_made_secrets_are_checked_without_showing_them(helm_results: dict[
     had none to read): the render fails instead, naming the key and never the value."""
     for case, (values, _) in BAD.items():
         error = helm_results[f"bad:{case}"]["error"]
-        for key in ("apiAk", "apiSk", "apiToken", "kafkaSaslPassword"):
+        for key in ("apiAk", "apiSk", "apiToken", "kafkaSaslPassword", "kafkaSslKeyPassword"):
             value = values["secrets"].get(key, "").strip()
             if value:
                 assert value not in error, case
@@ -981,10 +1052,15 @@ def test_secrets_are_files_wired_by_file_env(helm_results: dict[str, Any]) -> No
     assert "subPath" not in mount  # a rotated Secret reaches the files
     files = {item["path"]: item["key"] for item in volume["secret"]["items"]}
     file_envs = {k: v for k, v in env.items() if k.endswith("_FILE")}
-    assert set(file_envs) == {"COC_WORKER_API_TOKEN_FILE", "COC_WORKER_KAFKA_SASL_PASSWORD_FILE"}
+    assert set(file_envs) == {
+        "COC_WORKER_API_TOKEN_FILE",
+        "COC_WORKER_KAFKA_SASL_PASSWORD_FILE",
+        "COC_WORKER_KAFKA_SSL_KEY_PASSWORD_FILE",
+    }
     given = {
         "COC_WORKER_API_TOKEN_FILE": "test-token-value",
         "COC_WORKER_KAFKA_SASL_PASSWORD_FILE": "test-sasl-password",
+        "COC_WORKER_KAFKA_SSL_KEY_PASSWORD_FILE": "test-key-password",
     }
     for name, path in file_envs.items():
         directory, _, filename = path.rpartition("/")
@@ -1072,6 +1148,16 @@ def test_keda_scales_on_lag_within_partitions(helm_results: dict[str, Any]) -> N
     assert refs["password"]["name"] == secret["metadata"]["name"]
     assert base64.b64decode(secret["data"][refs["password"]["key"]]).decode() == "test-sasl-password"
     assert refs["ca"]["name"] == FULL["kafka"]["ssl"]["caSecret"]["name"]
+    client = FULL["kafka"]["ssl"]["clientSecret"]
+    assert (refs["cert"]["name"], refs["cert"]["key"]) == (
+        client["name"],
+        DEFAULTS["kafka"]["ssl"]["clientSecret"]["certKey"],
+    )
+    assert (refs["key"]["name"], refs["key"]["key"]) == (
+        client["name"],
+        DEFAULTS["kafka"]["ssl"]["clientSecret"]["keyKey"],
+    )
+    assert base64.b64decode(secret["data"][refs["keyPassword"]["key"]]).decode() == "test-key-password"
     (username,) = auth["spec"]["env"]
     assert username["name"] in env
     assert username["containerName"] == "worker"
@@ -1110,6 +1196,8 @@ def test_settings_added_since_the_last_release_are_rendered_only_when_set(
     default = worker_env(manifests(helm_results, "redis_url_with_options"))
     assert "COC_WORKER_DEDUP_FORGOTTEN_WINDOW_S" not in default
     assert "COC_WORKER_MAX_BUFFERED_BYTES" not in default
+    for name in ("CERTFILE", "KEYFILE", "KEY_PASSWORD_FILE"):
+        assert f"COC_WORKER_KAFKA_SSL_{name}" not in default
     assert (
         worker_env(manifests(helm_results, "redis_forgotten_window_off"))[
             "COC_WORKER_DEDUP_FORGOTTEN_WINDOW_S"
@@ -1159,6 +1247,69 @@ def test_network_policy_allows_only_dependencies(helm_results: dict[str, Any]) -
     assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert ingress["from"] == net["metricsFrom"]
     assert "NetworkPolicy" not in kinds(manifests(helm_results, "aksk_endpoint_hpa"))
+
+
+def test_a_client_certificate_is_mounted_and_passed_to_the_worker_and_keda(
+    helm_results: dict[str, Any],
+) -> None:
+    """Strimzi's ``tls`` users (mTLS) and MSK's TLS client authentication: the chart had no way to
+    give the worker, nor KEDA's lag scaler, a client certificate."""
+    objects = manifests(helm_results, "strimzi_tls_user")
+    env = worker_env(objects)
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-client")
+    assert mount == {"name": "kafka-client", "mountPath": "/etc/coc-worker/kafka-client", "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == "kafka-client")["secret"]
+    assert volume["secretName"] == "coc-worker"
+    assert volume["defaultMode"] == 0o440  # a private key: the pod's group only, as the credentials
+    files = {item["path"]: item["key"] for item in volume["items"]}
+    assert files == {"client.crt": "user.crt", "client.key": "user.key"}  # Strimzi's key names
+    assert env["COC_WORKER_KAFKA_SSL_CERTFILE"] == mount["mountPath"] + "/client.crt"
+    assert env["COC_WORKER_KAFKA_SSL_KEYFILE"] == mount["mountPath"] + "/client.key"
+    assert "COC_WORKER_KAFKA_SSL_KEY_PASSWORD_FILE" not in env  # Strimzi's key is not encrypted
+
+    # KEDA's scaler connects as the worker does: with the certificate alone (no SASL, no CA Secret)
+    # it needs a TriggerAuthentication too
+    objects = manifests(helm_results, "msk_client_certificate_keda")
+    env = worker_env(objects)
+    (trigger,) = one(objects, "ScaledObject")["spec"]["triggers"]
+    auth = one(objects, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert trigger["metadata"]["tls"] == "enable"
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "cert": ("coc-worker-msk-client", "client.pem"),
+        "key": ("coc-worker-msk-client", "client-key.pem"),
+        "keyPassword": ("coc-worker-credentials", "kafka-ssl-key-password"),
+    }
+    credentials = next(
+        v
+        for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == "credentials"
+    )
+    password_file = {i["key"]: i["path"] for i in credentials["secret"]["items"]}["kafka-ssl-key-password"]
+    assert env["COC_WORKER_KAFKA_SSL_KEY_PASSWORD_FILE"] == f"/etc/coc-worker/secrets/{password_file}"
+
+
+def test_without_a_client_certificate_nothing_of_it_is_rendered(helm_results: dict[str, Any]) -> None:
+    """Unset, no variable (a pod of the release before would refuse it during a rollout), no
+    volume, no KEDA parameter and no Secret key."""
+    for case, values in GOOD.items():
+        if merged(DEFAULTS, values)["kafka"]["ssl"]["clientSecret"]["name"]:
+            continue
+        objects = manifests(helm_results, case)
+        env = worker_env(objects)
+        assert not {
+            n for n in env if n.startswith(("COC_WORKER_KAFKA_SSL_CERT", "COC_WORKER_KAFKA_SSL_KEY"))
+        }, case
+        pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+        assert "kafka-client" not in {v["name"] for v in pod["volumes"]}, case
+        for (kind, _), obj in objects.items():
+            if kind == "TriggerAuthentication":
+                parameters = {r["parameter"] for r in obj["spec"]["secretTargetRef"]}
+                assert not parameters & {"cert", "key", "keyPassword"}, case
+            if kind == "Secret":
+                assert DEFAULTS["secrets"]["keys"]["kafkaSslKeyPassword"] not in obj["data"], case
 
 
 # --- drift between the chart and the worker's settings ---------------------------------------------------

@@ -76,6 +76,12 @@ def test_each_load_gets_its_own_worker_id() -> None:
         ("COC_WORKER_API_REQUEST_TIMEOUT_S", "api_request_timeout_s", "2.5", 2.5),
         ("COC_WORKER_KAFKA_SSL_VERIFY", "kafka_ssl_verify", "false", False),
         (
+            "COC_WORKER_KAFKA_SSL_CERTFILE",
+            "kafka_ssl_certfile",
+            "/etc/coc-worker/kafka-client/client.crt",
+            Path("/etc/coc-worker/kafka-client/client.crt"),
+        ),
+        (
             "COC_WORKER_KAFKA_BOOTSTRAP_SERVERS",
             "kafka_bootstrap_servers",
             " a:9092 , b:9093 ",
@@ -407,8 +413,12 @@ def test_secrets_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     path.write_text("file-" + SECRET, encoding="utf-8")
     monkeypatch.setenv("COC_WORKER_API_AK", "ak-" + SECRET)
     monkeypatch.setenv("COC_WORKER_API_SK_FILE", str(path))
-    settings = load_settings(api_token="token-" + SECRET, kafka_sasl_password="pw-" + SECRET)
+    monkeypatch.setenv("COC_WORKER_KAFKA_SSL_KEY_PASSWORD", "key-" + SECRET)
+    settings = load_settings(
+        api_token="token-" + SECRET, kafka_sasl_password="pw-" + SECRET, kafka_ssl_certfile="client.pem"
+    )
     assert settings.secret("api_token") == "token-" + SECRET
+    assert settings.secret("kafka_ssl_key_password") == "key-" + SECRET
     for text in (repr(settings), str(settings), settings.model_dump_json(), repr(settings.model_dump())):
         assert SECRET not in text
 
@@ -630,3 +640,30 @@ def test_errors_name_variables_and_a_level_may_be_lower_case(tmp_path: Path) -> 
     short.write_text("short\n")
     with pytest.raises(ConfigError, match=r"^COC_WORKER_API_SK_FILE: a value of 5 characters"):
         WorkerSettings(api_endpoint="http://127.0.0.1:1", api_ak="a", api_sk_file=str(short)).secret("api_sk")
+
+
+@pytest.mark.parametrize("protocol", ["SSL", "PLAINTEXT"])
+def test_a_client_key_without_its_certificate_is_refused(protocol: str) -> None:
+    """A key is shown to the broker only with its certificate: alone it would be ignored, and a
+    broker that requires one would close every connection with no word of why."""
+    message = config_error(kafka_security_protocol=protocol, kafka_ssl_keyfile="client.key")
+    assert "COC_WORKER_KAFKA_SSL_KEYFILE without COC_WORKER_KAFKA_SSL_CERTFILE" in message
+    settings = load_settings(
+        kafka_security_protocol=protocol, kafka_ssl_certfile="client.crt", kafka_ssl_keyfile="client.key"
+    )
+    assert (settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile) == (
+        Path("client.crt"),
+        Path("client.key"),
+    )
+
+
+def test_the_client_key_password_has_no_length_rule_and_is_scrubbed_from_output() -> None:
+    """Unlike the credentials sent to a service, the key's password only opens a file kept beside
+    it, and whoever issued the key chose it: a short one is taken, and scrubbed as every secret is."""
+    short = "k" + os.urandom(3).hex()  # 7 characters, known to no earlier test
+    settings = load_settings(kafka_ssl_certfile="client.pem", kafka_ssl_key_password=short)
+    assert settings.secret("kafka_ssl_key_password") == short
+    assert short in settings.secret_values()
+    assert redact_text(f"key {short} here") == f"key {REDACTED} here"
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert short not in text

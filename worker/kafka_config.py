@@ -1,6 +1,8 @@
 """Connection arguments shared by every Kafka client of the worker (consumer, producer, admin, tools).
 
-TLS verification is on unless ``COC_WORKER_KAFKA_SSL_VERIFY=false``, which logs a warning.
+TLS verification is on unless ``COC_WORKER_KAFKA_SSL_VERIFY=false``, which logs a warning. A client
+certificate (``COC_WORKER_KAFKA_SSL_CERTFILE``, mTLS) is loaded here too, so a file that cannot be
+used stops the start with the setting named instead of failing every handshake.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import errors
@@ -106,6 +109,7 @@ def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
             )
         except (OSError, ssl.SSLError) as exc:  # missing, unreadable or not a certificate
             raise ConfigError(f"COC_WORKER_KAFKA_SSL_CAFILE: cannot load it ({exc})") from None
+        load_client_certificate(context, settings)
         if not settings.kafka_ssl_verify:
             log.warning("kafka_tls_verification_disabled", setting="COC_WORKER_KAFKA_SSL_VERIFY")
             context.check_hostname = False
@@ -121,6 +125,78 @@ def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
                 " COC_WORKER_KAFKA_SASL_PASSWORD (or its _FILE)"
             )
     return kwargs
+
+
+class _KeyNeedsPassword(Exception):
+    """Raised from the key-password callback when none is configured: without a callback, OpenSSL
+    would ask for the pass phrase on the terminal, and a worker started from one would hang."""
+
+
+def _no_password() -> str:
+    raise _KeyNeedsPassword
+
+
+#: How an encrypted PEM key begins (PKCS#8), or says so in its header (the older OpenSSL form).
+_ENCRYPTED_KEY_MARKS = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
+
+
+def _read_pem(variable: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # named here: OpenSSL's error would not say which of the files
+        raise ConfigError(f"{variable}={path}: cannot read it ({exc.strerror})") from None
+
+
+def load_client_certificate(context: ssl.SSLContext, settings: WorkerSettings) -> None:
+    """Add the client certificate and its key (``COC_WORKER_KAFKA_SSL_CERTFILE``, ``_KEYFILE``,
+    ``_KEY_PASSWORD``) to ``context``, for brokers that authenticate clients by certificate.
+
+    Whatever keeps them from loading is a ``ConfigError`` naming the variables and what to check: a
+    broker would only close each connection, read as "broker unreachable" until the start gave up.
+    No message holds the password, nor anything read from the files."""
+    certfile, keyfile = settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile
+    if certfile is None:
+        return
+    password = settings.secret("kafka_ssl_key_password")  # its _FILE unreadable: a ConfigError
+    cert_var = env_var("kafka_ssl_certfile")
+    key_var = env_var("kafka_ssl_keyfile") if keyfile is not None else cert_var
+    password_var = env_var("kafka_ssl_key_password")
+    if settings.kafka_ssl_key_password_file is not None:
+        password_var += "_FILE"
+    cert_pem = _read_pem(cert_var, certfile)
+    key_pem = _read_pem(key_var, keyfile) if keyfile is not None else cert_pem
+    try:  # parsed apart first, so that a damaged certificate is not taken for a wrong password
+        # (as ASCII: text around the PEM blocks, such as an export's "friendlyName", may be any)
+        cadata = cert_pem.decode("ascii", "ignore")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cadata)
+    except ssl.SSLError:
+        raise ConfigError(
+            f"{cert_var}={certfile}: no PEM certificate that can be read in it (PKCS#12 and DER are not)"
+        ) from None
+    if b"PRIVATE KEY-----" not in key_pem:
+        elsewhere = (
+            f" (a key in a file of its own goes in {env_var('kafka_ssl_keyfile')})" if keyfile is None else ""
+        )
+        raise ConfigError(f"{key_var}={keyfile or certfile}: no PEM private key in it{elsewhere}")
+    try:
+        context.load_cert_chain(certfile, keyfile, password if password is not None else _no_password)
+    except _KeyNeedsPassword:
+        needed = env_var("kafka_ssl_key_password")
+        raise ConfigError(
+            f"{key_var}: the key is encrypted, and no password is given (set {needed} or {needed}_FILE)"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"{key_var}: the key is not the certificate's in {cert_var}") from None
+        if password is not None and any(mark in key_pem for mark in _ENCRYPTED_KEY_MARKS):
+            raise ConfigError(
+                f"{password_var}: does not open the encrypted key in {key_var} (a wrong password,"
+                " or a damaged key)"
+            ) from None
+        files = cert_var if keyfile is None else f"{cert_var} and {key_var}"
+        raise ConfigError(f"{files}: cannot load the client certificate and key ({exc})") from None
+    except ValueError:  # longer than OpenSSL takes (1 KiB); Python's message does not quote it
+        raise ConfigError(f"{password_var}: longer than a key's password can be (1024 bytes)") from None
 
 
 async def ensure_topics(settings: WorkerSettings, topics: list[str] | None = None) -> list[str]:

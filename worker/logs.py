@@ -1,9 +1,10 @@
 """Structured logging (structlog): JSON when not on a terminal, and no secret ever printed.
 
-Every secret value configured (AK, SK, token, SASL password) is registered with the redactor,
-which replaces it in every rendered line, whatever field or exception text carries it, also in
-the forms an echo may carry it in (percent-encoded, form-encoded, JSON-escaped). Longer secrets
-are replaced first, so one that contains another leaves nothing readable behind.
+Every secret value configured (AK, SK, token, SASL password, Kafka client key password, ...) is
+registered with the redactor, which replaces it in every rendered line, whatever field or
+exception text carries it, also in the forms an echo may carry it in (percent-encoded,
+form-encoded, JSON-escaped). Longer secrets are replaced first, so one that contains another
+leaves nothing readable behind.
 """
 
 from __future__ import annotations

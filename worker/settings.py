@@ -41,7 +41,14 @@ def env_var(field: str) -> str:
 
 
 #: Secret settings that may also be given as ``<NAME>_FILE`` (a path whose content is the value).
-SECRET_FIELDS = ("api_ak", "api_sk", "api_token", "kafka_sasl_password", "ingest_tokens")
+SECRET_FIELDS = (
+    "api_ak",
+    "api_sk",
+    "api_token",
+    "kafka_sasl_password",
+    "kafka_ssl_key_password",
+    "ingest_tokens",
+)
 
 #: Finite: "inf" parses as a float, and a store's TTL in ms or a token bucket's burst cannot be infinite.
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -52,7 +59,9 @@ COMMIT_TIMEOUT_S = 10.0
 #: The rejoin, beyond the revoke's waits and commit, before the group gives up on us.
 _REJOIN_MARGIN_S = 10.0
 
-#: Secrets meant to be strong (not the AK, an access key id sent in every signed request).
+#: Secrets meant to be strong (not the AK, an access key id sent in every signed request; nor the
+#: Kafka client key's password, which is never sent anywhere: it only opens a key file kept beside
+#: it, and is chosen by whoever issued the key, so a short one would refuse a key that works).
 _STRONG_SECRETS = frozenset({"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens"})
 MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")
@@ -155,6 +164,16 @@ class WorkerSettings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_sasl_password_file: Path | None = None
     kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = Field(
+        None,
+        description="PEM client certificate (chain) for TLS client authentication (mTLS); may hold"
+        " the key too.",
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        None, description="PEM private key of that certificate, when not in the certificate's file."
+    )
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_key_password_file: Path | None = None
     kafka_ssl_verify: bool = Field(True, description="Verify the broker's TLS certificate and hostname.")
     kafka_session_timeout_ms: int = Field(10_000, ge=1_000)
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
@@ -428,6 +447,12 @@ class WorkerSettings(BaseSettings):
             )
         if self.kafka_security_protocol.startswith("SASL") and self.kafka_sasl_mechanism is None:
             raise ValueError("COC_WORKER_KAFKA_SASL_MECHANISM is required with a SASL security protocol")
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            # whatever the protocol (unlike the files, read with TLS only): a key alone is never shown
+            raise ValueError(
+                "COC_WORKER_KAFKA_SSL_KEYFILE without COC_WORKER_KAFKA_SSL_CERTFILE: a client key goes"
+                " with its certificate (whose file may hold the key too)"
+            )
         if self.dedup_lease_s < self.api_abandon_s + LEASE_MARGIN_S - _BOUND_SLACK_S:
             raise ValueError(
                 "COC_WORKER_DEDUP_LEASE_S must be at least 2 x (COC_WORKER_API_CONNECT_TIMEOUT_S + COC_WORKER_API_REQUEST_TIMEOUT_S)"

@@ -73,7 +73,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if hasPrefix "SASL" .Values.kafka.securityProtocol }}
 {{- $files = append $files (list "KAFKA_SASL_PASSWORD" $k.kafkaSaslPassword "kafka-sasl-password") }}
 {{- end }}
+{{- if include "coc.kafkaKeyPassword" . }}
+{{- $files = append $files (list "KAFKA_SSL_KEY_PASSWORD" $k.kafkaSslKeyPassword "kafka-ssl-key-password") }}
+{{- end }}
 {{- toJson $files }}
+{{- end }}
+
+{{/* Whether the Kafka client key is encrypted, its password then in the Secret (with the
+certificate's Secret only: without it there is no key to open). */}}
+{{- define "coc.kafkaKeyPassword" -}}
+{{- if and .Values.kafka.ssl.clientSecret.name .Values.kafka.ssl.clientSecret.encryptedKey }}true{{ end }}
 {{- end }}
 
 {{- define "coc.redisUrlFromSecret" -}}
@@ -156,8 +165,14 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if gt (mul ($v.kafka.heartbeatIntervalMs | int64) 3) ($v.kafka.sessionTimeoutMs | int64) }}
 {{- fail "kafka.heartbeatIntervalMs must be at most a third of kafka.sessionTimeoutMs" }}
 {{- end }}
+{{- if and $v.kafka.ssl.clientSecret.encryptedKey (not $v.kafka.ssl.clientSecret.name) }}
+{{- fail "kafka.ssl.clientSecret.encryptedKey needs kafka.ssl.clientSecret.name: a key password opens no key without the certificate's Secret" }}
+{{- end }}
+{{- if and $v.secrets.kafkaSslKeyPassword (not (include "coc.kafkaKeyPassword" .)) }}
+{{- fail "secrets.kafkaSslKeyPassword is set, but the chart passes it only with kafka.ssl.clientSecret.name and kafka.ssl.clientSecret.encryptedKey: true" }}
+{{- end }}
 {{- if $v.secrets.existingSecret }}
-{{- range $key := list "apiAk" "apiSk" "apiToken" "kafkaSaslPassword" "redisUrl" }}
+{{- range $key := list "apiAk" "apiSk" "apiToken" "kafkaSaslPassword" "kafkaSslKeyPassword" "redisUrl" }}
 {{- if index $v.secrets $key }}
 {{- fail (printf "secrets.%s is set together with secrets.existingSecret: put it in that Secret instead" $key) }}
 {{- end }}
@@ -185,6 +200,10 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- if hasPrefix "SASL" $v.kafka.securityProtocol }}
 {{- $needs = append $needs (list "kafkaSaslPassword" (printf "kafka.securityProtocol=%s" $v.kafka.securityProtocol) true) }}
+{{- end }}
+{{- if include "coc.kafkaKeyPassword" . }}
+{{- /* not a strong secret: it only opens the key file, sent nowhere (the worker sets no length) */}}
+{{- $needs = append $needs (list "kafkaSslKeyPassword" "kafka.ssl.clientSecret.encryptedKey=true" false) }}
 {{- end }}
 {{- range $need := $needs }}
 {{- $key := index $need 0 }}
