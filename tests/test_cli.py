@@ -59,6 +59,27 @@ def test_a_dedup_url_with_a_password_is_refused_on_the_command_line(
     assert "pw-0123456789" not in err
 
 
+def test_the_redis_password_is_no_flag_and_its_file_is_checked_as_the_environment_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--dedup-redis-password`` would show in ``ps`` and shell history: refused with where it goes,
+    the value never repeated. Its file's path is no secret: a flag, under the same rules (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--dedup-redis-password", "hunter2-redis-pw"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "set COC_WORKER_DEDUP_REDIS_PASSWORD in the environment" in err
+    assert "COC_WORKER_DEDUP_REDIS_PASSWORD_FILE" in err
+    assert "hunter2" not in err
+    path = tmp_path / "redis-password"
+    path.write_text("hunter2-redis-pw", encoding="utf-8")
+    args = ["run", "--dedup-redis-password-file", str(path), "--dedup-url", f"sqlite:///{tmp_path}/d.sqlite3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "COC_WORKER_DEDUP_REDIS_PASSWORD_FILE is the Redis dedup store's password" in err
+    assert "hunter2" not in err
+
+
 def test_once_started_the_heap_is_frozen_and_cyclic_garbage_is_still_collected() -> None:
     """The worker raises the young generation's threshold once it has started (``cli``): the
     collector must still run by itself when cyclic garbage piles up, or memory would grow."""

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
@@ -33,8 +34,9 @@ from worker.dedup import (
     open_store,
 )
 from worker.errors import ConfigError, DedupUnavailable
-from worker.redis_config import REDIS_POOL_SIZE, connection_url, key_prefix
+from worker.redis_config import REDIS_POOL_SIZE, connection_url, dedup_target, key_prefix
 from worker.sandbox import free_port
+from worker.settings import load_settings
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -580,6 +582,75 @@ async def test_redis_url_options_reach_redis(redis_url: str) -> None:
     with redis.Redis(host="127.0.0.1", port=6379, db=15) as db15, redis.Redis(port=6379, db=0) as db0:
         assert db15.exists(prefix + "options-db") == 1
         assert db0.exists(prefix + "options-db") == 0
+
+
+@pytest.fixture
+def redis_acl_user(redis_url: str, unique: str) -> Iterator[tuple[str, str]]:
+    """An ACL user of this test's own on the shared Redis, with a password, allowed only the keys
+    under ``redis_url``'s prefix; deleted after (nothing else of that Redis changes)."""
+    name, password = f"coc-test-{unique}", f"acl-pw-{unique}-{uuid.uuid4().hex}"
+    with redis.Redis(host="127.0.0.1", port=6379) as admin:  # the shared one, as redis_url
+        admin.execute_command(
+            "ACL", "SETUSER", name, "on", f">{password}", f"~{key_prefix(redis_url)}*", "+@all"
+        )
+        try:
+            yield name, password
+        finally:
+            admin.execute_command("ACL", "DELUSER", name)
+
+
+async def test_the_password_setting_logs_the_store_in_as_the_urls_acl_user(
+    redis_url: str, redis_acl_user: tuple[str, str]
+) -> None:
+    """A Secret holding only the password (Bitnami's ``redis-password``, a Vault file) reached the
+    store only spliced into a URL by hand. Given apart, with the user named in the URL, it logs in;
+    a wrong or missing one is a login refused (not "unreachable"), the password never in the error."""
+    name, password = redis_acl_user
+    url = redis_url.replace("redis://", f"redis://{name}@")
+    store = open_store(dedup_target(load_settings(dedup_url=url, dedup_redis_password=password)))
+    try:
+        await store.ping()
+        assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+    finally:
+        await store.close()
+    with store_redis(redis_url) as raw:
+        assert raw.exists(key_prefix(url) + "e1") == 1
+    for wrong in (f"wrong-{password}", None):
+        store = open_store(dedup_target(load_settings(dedup_url=url, dedup_redis_password=wrong)))
+        try:
+            with pytest.raises(DedupUnavailable, match="refused the login: AuthenticationError") as refused:
+                await store.claim("e2", "w1", "t/0/1", 30)
+        finally:
+            await store.close()
+        assert password not in str(refused.value)
+        assert "invalid username-password pair" in str(refused.value)  # the server's words
+
+
+async def test_the_password_setting_logs_in_to_a_redis_that_wants_one_for_its_default_user(
+    own_redis: OwnRedis,
+) -> None:
+    """A Redis of the Bitnami chart: ``requirepass``, no ACL user, the URL without credentials."""
+    password = f"requirepass-{uuid.uuid4().hex}"
+    with redis.Redis(port=own_redis.port) as admin:
+        admin.config_set("requirepass", password)
+    try:
+        store = open_store(
+            dedup_target(load_settings(dedup_url=own_redis.url, dedup_redis_password=password))
+        )
+        try:
+            assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
+        finally:
+            await store.close()
+        store = open_store(own_redis.url)  # the URL alone
+        try:
+            with pytest.raises(DedupUnavailable, match="refused the login: AuthenticationError") as refused:
+                await store.ping()
+        finally:
+            await store.close()
+        assert password not in str(refused.value)
+    finally:
+        with redis.Redis(port=own_redis.port, password=password) as admin:
+            admin.config_set("requirepass", "")
 
 
 def test_the_worker_prefix_is_not_passed_to_redis() -> None:

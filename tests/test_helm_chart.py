@@ -197,6 +197,20 @@ GOOD: dict[str, dict[str, Any]] = {
             }
         },
     ),
+    # the password alone from a Secret of another chart (Bitnami's key), the URL in the ConfigMap
+    "redis_password_secret": merged(
+        MINIMAL,
+        {
+            "replicaCount": 2,
+            "dedup": {
+                "backend": "redis",
+                "redis": {
+                    "url": "redis://redis-master.data:6379/0",
+                    "passwordSecret": {"name": "redis", "key": "redis-password"},
+                },
+            },
+        },
+    ),
     # OpenShift's restricted-v2 SCC assigns the UID and fsGroup from the namespace's range, and
     # refused the pod when the chart named its own
     "platform_assigns_the_pod_identity": merged(
@@ -429,6 +443,20 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
         "existingSecret",
     ),
     "redis_without_url": ({"dedup": {"backend": "redis"}}, "dedup.redis.url"),
+    # the password alone says nothing of where Redis is (and the whole URL would come from secrets)
+    "redis_password_secret_without_url": (
+        {"dedup": {"backend": "redis", "redis": {"passwordSecret": {"name": "redis"}}}},
+        "dedup.redis.passwordSecret needs dedup.redis.url",
+    ),
+    # the worker refuses a Redis password for another store: the pod would crash-loop
+    "redis_password_secret_without_redis": (
+        {"dedup": {"redis": {"url": "redis://redis-master:6379/0", "passwordSecret": {"name": "redis"}}}},
+        "dedup.redis.passwordSecret.name is set with dedup.backend=sqlite",
+    ),
+    "redis_password_secret_bad_name": (
+        {"dedup": {"backend": "redis", "redis": {"passwordSecret": {"name": "Redis_Secret"}}}},
+        "passwordSecret/name",
+    ),
     # each pod's own sqlite file: after a rebalance a pod would not know what another applied
     "two_replicas_without_redis": ({"replicaCount": 2}, "dedup.backend=sqlite"),
     "autoscaled_without_redis": (
@@ -480,6 +508,7 @@ SCHEMA_BAD = [
     "bootstrap_with_a_path",
     "redis_url_port_out_of_range",
     "client_certificate_key_not_a_secret_key",
+    "redis_password_secret_bad_name",
 ]
 
 
@@ -1187,6 +1216,23 @@ def test_redis_url_options_reach_the_worker(helm_results: dict[str, Any]) -> Non
     assert env["COC_WORKER_DEDUP_REDIS_MIN_REPLICAS"] == "1"
 
 
+def test_the_redis_password_comes_from_its_own_secret(helm_results: dict[str, Any]) -> None:
+    """A Redis of another chart keeps only its password in a Secret (Bitnami's ``redis-password``):
+    the chart could read a whole URL from a Secret key only, and such a release needed a URL
+    Secret made by hand. The password reaches the worker by secretKeyRef, never the ConfigMap."""
+    objects = manifests(helm_results, "redis_password_secret")
+    env = worker_env(objects)
+    assert env["COC_WORKER_DEDUP_URL"] == "redis://redis-master.data:6379/0"  # the ConfigMap's
+    assert env["COC_WORKER_DEDUP_REDIS_PASSWORD"] == {
+        "secretKeyRef": {"name": "redis", "key": "redis-password"}
+    }
+    config = one(objects, "ConfigMap")["data"]
+    assert not [name for name in config if "PASSWORD" in name]
+    secret = one(objects, "Secret")  # the chart's own holds no Redis key: the password is not its
+    assert set(secret["data"]) == {DEFAULTS["secrets"]["keys"]["apiAk"], DEFAULTS["secrets"]["keys"]["apiSk"]}
+    assert one(objects, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"  # Redis shared
+
+
 def test_settings_added_since_the_last_release_are_rendered_only_when_set(
     helm_results: dict[str, Any],
 ) -> None:
@@ -1198,6 +1244,10 @@ def test_settings_added_since_the_last_release_are_rendered_only_when_set(
     assert "COC_WORKER_MAX_BUFFERED_BYTES" not in default
     for name in ("CERTFILE", "KEYFILE", "KEY_PASSWORD_FILE"):
         assert f"COC_WORKER_KAFKA_SSL_{name}" not in default
+    for case in GOOD:  # the Redis password's Secret: only when named
+        named = merged(DEFAULTS, GOOD[case])["dedup"]["redis"]["passwordSecret"]["name"]
+        rendered = "COC_WORKER_DEDUP_REDIS_PASSWORD" in worker_env(manifests(helm_results, case))
+        assert rendered is bool(named), case
     assert (
         worker_env(manifests(helm_results, "redis_forgotten_window_off"))[
             "COC_WORKER_DEDUP_FORGOTTEN_WINDOW_S"
@@ -1334,7 +1384,11 @@ def test_documented_contract_is_configurable(helm_results: dict[str, Any]) -> No
         if name not in reachable:
             missing.append(name)
     assert missing == []
-    assert not any(f"COC_WORKER_{s.upper()}" in reachable for s in SECRET_FIELDS), "a secret as plain env"
+    for case in GOOD:  # a secret never as a value: a mounted file, or an env var from a Secret
+        env = worker_env(manifests(helm_results, case))
+        for name in SECRET_FIELDS:
+            value = env.get(f"COC_WORKER_{name.upper()}")
+            assert value is None or set(value) == {"secretKeyRef"}, f"{case}: {name} as plain env"
 
 
 #: Where the chart's defaults differ from the worker's on purpose (a cluster, not a laptop: the
@@ -1380,7 +1434,9 @@ def test_rendered_config_is_accepted_by_the_worker(
     without_worker_env(monkeypatch)
     env = worker_env(manifests(helm_results, case))
     for name, value in env.items():
-        if isinstance(value, dict):  # from the Secret (the README's existingSecret holds a rediss:// URL)
+        if name == "COC_WORKER_DEDUP_REDIS_PASSWORD":  # from a Secret of its own
+            value = "test-redis-password"
+        elif isinstance(value, dict):  # from the Secret (the README's existingSecret holds a rediss:// URL)
             value = merged(DEFAULTS, GOOD[case])["secrets"]["redisUrl"] or "rediss://redis:6379/0"
         monkeypatch.setenv(name, value)
     settings = WorkerSettings()

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from worker.errors import ConfigError
 from worker.logs import REDACTED, redact_text
+from worker.redis_config import dedup_target
 from worker.settings import (
     COC_REGION_ENDPOINTS,
     ENV_PREFIX,
@@ -29,6 +30,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.upper().startswith(ENV_PREFIX):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+
+
+#: What a secret needs set beside it to be taken at all: the Redis password, a Redis dedup store.
+_SECRET_NEEDS = {"dedup_redis_password": {"COC_WORKER_DEDUP_URL": "redis://redis:6379/0"}}
+
+
+def secret_context(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Set what the secret ``name`` needs beside it (``_SECRET_NEEDS``)."""
+    for variable, value in _SECRET_NEEDS.get(name, {}).items():
+        monkeypatch.setenv(variable, value)
 
 
 def config_error(**overrides: object) -> str:
@@ -259,6 +270,7 @@ def test_no_endpoint_and_no_region() -> None:
 
 @pytest.mark.parametrize("name", SECRET_FIELDS)
 def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    secret_context(monkeypatch, name)
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET)
     assert load_settings().secret(name) == SECRET
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", SECRET + "\n")  # a Secret made with `echo`
@@ -277,6 +289,7 @@ def test_ids_sent_as_headers_must_be_header_safe(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("name", SECRET_FIELDS)
 def test_secret_file_is_read_and_re_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    secret_context(monkeypatch, name)
     path = tmp_path / f"{name}.secret"
     path.write_text(SECRET + "\n", encoding="utf-8")
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}_FILE", str(path))
@@ -291,9 +304,12 @@ def test_secret_file_is_read_and_re_read(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 @pytest.mark.parametrize("name", SECRET_FIELDS)
-def test_a_secret_re_read_from_its_rotated_file_is_scrubbed_from_output(tmp_path: Path, name: str) -> None:
+def test_a_secret_re_read_from_its_rotated_file_is_scrubbed_from_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
     """Only the values read at start were known to the log redactor: a SASL password re-read
     after its file was rotated (each Kafka client built later reads it again) was not."""
+    secret_context(monkeypatch, name)
     path = tmp_path / f"{name}.secret"
     path.write_text(SECRET, encoding="utf-8")
     settings = load_settings(**{f"{name}_file": str(path)})
@@ -450,6 +466,103 @@ def test_a_password_written_where_the_user_goes_is_not_shown(url: str, shown: st
     for text in (repr(settings), str(settings)):
         assert SECRET not in text
         assert shown in text
+
+
+# --- the Redis password apart from the URL ------------------------------------------------------
+REDIS_PASSWORD = "redis-pw-" + SECRET
+
+
+def test_the_redis_password_setting_is_a_secret_like_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Secret holding only the password (Bitnami's ``redis-password``) could reach the worker
+    only spliced into a URL by hand; now it has a variable of its own, kept as the others are."""
+    monkeypatch.setenv("COC_WORKER_DEDUP_URL", "redis://redis-master:6379/0")
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD", REDIS_PASSWORD + "\n")  # a Secret made with `echo`
+    settings = load_settings()
+    assert "dedup_redis_password" in SECRET_FIELDS
+    assert settings.secret("dedup_redis_password") == REDIS_PASSWORD
+    assert settings.secret_values() == [REDIS_PASSWORD]  # the redactor scrubs it from all output
+    assert redact_text(f"AUTH {REDIS_PASSWORD}") == f"AUTH {REDACTED}"
+    for text in (repr(settings), str(settings), settings.model_dump_json(), settings.dedup_url_shown):
+        assert SECRET not in text
+    # as short as the worker refuses any other secret (and as it refused it inside the URL)
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD", "pw12345")
+    message = config_error()
+    assert "COC_WORKER_DEDUP_REDIS_PASSWORD: a value of 7 characters; at least 8 are needed" in message
+    assert "pw12345" not in message
+    # empty counts as not set (compose's ${REDIS_PASSWORD:-}), whatever the store
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD", "")
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD_FILE", "")
+    monkeypatch.setenv("COC_WORKER_DEDUP_URL", "sqlite:///d.sqlite3")
+    assert load_settings().secret("dedup_redis_password") is None
+
+
+def test_the_redis_password_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A Vault agent or a CSI driver delivers the password as a file; the clients get what it holds."""
+    path = tmp_path / "redis-password"
+    path.write_text(REDIS_PASSWORD + "\n", encoding="utf-8")
+    monkeypatch.setenv("COC_WORKER_DEDUP_URL", "rediss://redis:6380/0")
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD_FILE", str(path))
+    settings = load_settings()
+    target = dedup_target(settings)
+    assert (target.url, target.password) == ("rediss://redis:6380/0", REDIS_PASSWORD)
+    assert SECRET not in repr(target)
+    assert REDIS_PASSWORD in settings.secret_values()
+    path.write_text("Zq9x7w\n", encoding="utf-8")  # read when a client is made: refused then
+    with pytest.raises(ConfigError, match="COC_WORKER_DEDUP_REDIS_PASSWORD_FILE: a value of 6") as short:
+        dedup_target(settings)
+    assert "Zq9x7w" not in str(short.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///d.sqlite3", "memory://"])
+@pytest.mark.parametrize(
+    "variable", ["COC_WORKER_DEDUP_REDIS_PASSWORD", "COC_WORKER_DEDUP_REDIS_PASSWORD_FILE"]
+)
+def test_a_redis_password_without_a_redis_store_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, variable: str
+) -> None:
+    """Set for a store that logs in nowhere, it would be dropped without a word: the operator
+    meant a Redis, and the replicas would each keep their own records."""
+    path = tmp_path / "redis-password"
+    path.write_text(REDIS_PASSWORD, encoding="utf-8")
+    monkeypatch.setenv("COC_WORKER_DEDUP_URL", url)
+    monkeypatch.setenv(variable, str(path) if variable.endswith("_FILE") else REDIS_PASSWORD)
+    message = config_error()
+    assert (
+        f"{variable} is the Redis dedup store's password, and COC_WORKER_DEDUP_URL names no Redis" in message
+    )
+    assert SECRET not in message
+
+
+def test_a_redis_password_in_the_url_and_in_the_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two passwords: which one logs in would be redis-py's choice (the URL's), not the operator's."""
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD", REDIS_PASSWORD)
+    for url in (
+        "redis://:url-pw-" + SECRET + "@redis:6379/0",
+        "redis://acl-user:url-pw-" + SECRET + "@redis/0",
+    ):
+        monkeypatch.setenv("COC_WORKER_DEDUP_URL", url)
+        message = config_error()
+        assert (
+            "COC_WORKER_DEDUP_REDIS_PASSWORD and a password in COC_WORKER_DEDUP_URL: give the password"
+            " in one place" in message
+        )
+        assert SECRET not in message
+
+
+def test_an_acl_user_in_the_url_with_the_password_setting_is_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``redis://coc-worker@redis`` with the password apart: the user is a name, shown where the
+    URL is (masked, as a password written where the user goes, the start-up line hid which user
+    failed to log in) and not scrubbed from every line (the redactor took "coc-worker" out of the
+    worker's own messages)."""
+    monkeypatch.setenv("COC_WORKER_DEDUP_URL", "redis://coc-worker@redis:6379/0?prefix=coc:")
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD", REDIS_PASSWORD)
+    settings = load_settings()
+    assert settings.dedup_url_shown == "redis://coc-worker@redis:6379/0"
+    assert settings.secret_values() == [REDIS_PASSWORD]
+    assert "dedup_url='redis://coc-worker@redis:6379/0?prefix=coc:'" in repr(settings)
+    assert SECRET not in repr(settings)
+    monkeypatch.delenv("COC_WORKER_DEDUP_REDIS_PASSWORD")  # without it: a password, as before
+    assert load_settings().dedup_url_shown == "redis://***@redis:6379/0"
 
 
 def test_settings_class_is_the_one_entry_point() -> None:

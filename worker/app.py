@@ -39,6 +39,7 @@ from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, Partition
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
 from worker.ratelimit import AdaptiveConcurrency, build_rate_limit
+from worker.redis_config import dedup_target
 from worker.retry import RetryPolicy, StartupWait
 from worker.settings import REVOKE_CANCEL_WAIT_S, WorkerSettings, env_var
 from worker.tracing import from_headers
@@ -101,7 +102,7 @@ class Worker:
         self.metrics.buffered_bytes.set_function(lambda: self._buffered_bytes)
         self._commit_lock = asyncio.Lock()
         self._store: DedupStore = open_store(
-            settings.dedup_url,
+            dedup_target(settings),
             settings.dedup_ttl_s,
             settings.dedup_redis_min_replicas,
             settings.dedup_forgotten_window_s,

@@ -24,7 +24,14 @@ import redis.exceptions as redis_errors
 
 from worker.logs import get_logger
 from worker.metrics import Metrics
-from worker.redis_config import DEFAULT_PREFIX, key_prefix, leave_demoted_node, redis_client
+from worker.redis_config import (
+    DEFAULT_PREFIX,
+    DedupTarget,
+    dedup_target,
+    key_prefix,
+    leave_demoted_node,
+    redis_client,
+)
 from worker.settings import WorkerSettings, is_redis_url
 
 log = get_logger(__name__)
@@ -119,7 +126,10 @@ return 0
 class RedisTokenBucket:
     """GCRA shared by every replica through one Redis key; degrades to local if Redis is away."""
 
-    def __init__(self, url: str, key: str, rate_per_s: float, burst: int, metrics: Metrics) -> None:
+    def __init__(
+        self, url: str | DedupTarget, key: str, rate_per_s: float, burst: int, metrics: Metrics
+    ) -> None:
+        """``url``: the dedup store's Redis, alone or with its password (``dedup_target``)."""
         self._client: aioredis.Redis = redis_client(url, socket_timeout_s=1.0)
         self._script = self._client.register_script(_GCRA_LUA)
         self._give_back_script = self._client.register_script(_GIVE_BACK_LUA)
@@ -287,5 +297,5 @@ def build_rate_limit(settings: WorkerSettings, metrics: Metrics) -> RateLimit | 
             if prefix == DEFAULT_PREFIX
             else f"{prefix}@ratelimit:{settings.group_id}"
         )
-        return RedisTokenBucket(settings.dedup_url, key, rate, burst, metrics)
+        return RedisTokenBucket(dedup_target(settings), key, rate, burst, metrics)
     return TokenBucket(rate, burst, metrics)

@@ -1,13 +1,19 @@
 """The Redis client shared in shape by every Redis user of the worker (dedup store, rate limit).
 
-One place for the pool policy, as ``kafka_config`` is for Kafka clients.
+One place for the pool policy, as ``kafka_config`` is for Kafka clients, and for the login:
+``dedup_target`` is where every Redis client's URL and password come from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 #: Connections per client; callers beyond them wait (up to REDIS_POOL_WAIT_S) for one.
 REDIS_POOL_SIZE = 64
@@ -33,15 +39,38 @@ def connection_url(url: str) -> str:
     return parts._replace(query=urlencode(options)).geturl()
 
 
-def redis_client(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
+@dataclass(frozen=True)
+class DedupTarget:
+    """The dedup store's URL, and the Redis password given apart from it
+    (``COC_WORKER_DEDUP_REDIS_PASSWORD``). Kept apart all the way to redis-py, never spliced into
+    the URL: a URL is what logs, errors and ``dedup_url_shown`` show, and the password must not
+    ride along; nor does the repr show it."""
+
+    url: str
+    password: str | None = field(default=None, repr=False)
+
+
+def dedup_target(settings: WorkerSettings) -> DedupTarget:
+    """Where every Redis client of the worker connects and how it logs in (the dedup store, and the
+    rate limit that shares its Redis): the one place the password setting is read for them. A
+    ``_FILE`` is read now, at the client's making: a rotated password needs a restart, as a rotated
+    URL does (redis-py keeps the password for every connection it makes later)."""
+    return DedupTarget(settings.dedup_url, settings.secret("dedup_redis_password"))
+
+
+def redis_client(target: DedupTarget | str, *, socket_timeout_s: float) -> aioredis.Redis:
     """A client whose callers *wait* for a free connection when all are busy; ``aclose()`` closes
-    its pool too.
+    its pool too. ``target``: a URL alone, or with the password of its own setting.
 
     redis-py's default pool raises once its connections are in use, which with hundreds of jobs
     in flight would read as "the store is down" and pause the worker for nothing.
     """
+    if isinstance(target, str):
+        target = DedupTarget(target)
     pool = aioredis.BlockingConnectionPool.from_url(
-        connection_url(url),
+        connection_url(target.url),
+        # the setting's; None: the URL's own, if any (settings refuse a password in both)
+        password=target.password,
         max_connections=REDIS_POOL_SIZE,
         timeout=REDIS_POOL_WAIT_S,
         socket_timeout=socket_timeout_s,

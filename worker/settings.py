@@ -48,6 +48,7 @@ SECRET_FIELDS = (
     "kafka_sasl_password",
     "kafka_ssl_key_password",
     "ingest_tokens",
+    "dedup_redis_password",
 )
 
 #: Finite: "inf" parses as a float, and a store's TTL in ms or a token bucket's burst cannot be infinite.
@@ -61,8 +62,11 @@ _REJOIN_MARGIN_S = 10.0
 
 #: Secrets meant to be strong (not the AK, an access key id sent in every signed request; nor the
 #: Kafka client key's password, which is never sent anywhere: it only opens a key file kept beside
-#: it, and is chosen by whoever issued the key, so a short one would refuse a key that works).
-_STRONG_SECRETS = frozenset({"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens"})
+#: it, and is chosen by whoever issued the key, so a short one would refuse a key that works). The
+#: Redis password is, as one inside the dedup URL already was: the same password either way.
+_STRONG_SECRETS = frozenset(
+    {"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens", "dedup_redis_password"}
+)
 MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")
 
@@ -236,6 +240,12 @@ class WorkerSettings(BaseSettings):
     dedup_url: str = Field(
         "sqlite:///coc-worker-dedup.sqlite3", description="memory://, sqlite:///, redis:// or rediss://"
     )
+    dedup_redis_password: SecretStr | None = Field(
+        None,
+        description="The Redis dedup store's password apart from dedup_url (a Secret key or a file"
+        " holding only the password); an ACL user is named in the URL, redis://user@host.",
+    )
+    dedup_redis_password_file: Path | None = None
     dedup_ttl_s: PositiveSeconds = Field(7 * 24 * 3600.0, description="How long an applied event is kept.")
     dedup_redis_min_replicas: int = Field(
         0,
@@ -438,6 +448,7 @@ class WorkerSettings(BaseSettings):
                     self.secret(name)
                 except ConfigError as exc:
                     raise ValueError(str(exc)) from None
+        self._check_redis_password()
         topics = {self.input_topic, self.results_topic, self.dlq_topic}
         if topics & {".", ".."}:
             raise ValueError("a topic cannot be named '.' or '..'")
@@ -482,6 +493,32 @@ class WorkerSettings(BaseSettings):
         if self.max_buffered is not None and self.max_buffered < self.max_in_flight:
             raise ValueError("COC_WORKER_MAX_BUFFERED must be at least COC_WORKER_MAX_IN_FLIGHT")
         return self
+
+    def _check_redis_password(self) -> None:
+        """The password setting is for a Redis store, and the only password: with one in the URL
+        too, which one the worker logs in with would be a guess (redis-py takes the URL's)."""
+        variable = self._redis_password_variable
+        if variable is None:
+            return
+        if not is_redis_url(self.dedup_url):
+            raise ValueError(
+                f"{variable} is the Redis dedup store's password, and {env_var('dedup_url')} names"
+                " no Redis (redis:// or rediss://)"
+            )
+        if urlsplit(self.dedup_url).password:
+            raise ValueError(
+                f"{variable} and a password in {env_var('dedup_url')}: give the password in one"
+                " place (a user name in the URL, with the password from the setting, is fine)"
+            )
+
+    @property
+    def _redis_password_variable(self) -> str | None:
+        """The variable that gives the Redis password apart from the URL, if one does."""
+        if self.dedup_redis_password is not None:
+            return env_var("dedup_redis_password")
+        if self.dedup_redis_password_file is not None:
+            return env_var("dedup_redis_password") + "_FILE"
+        return None
 
     # --- derived -------------------------------------------------------------------------------
     @property
@@ -554,13 +591,14 @@ class WorkerSettings(BaseSettings):
         """As pydantic's, with the password of ``dedup_url`` (a Redis URL may carry one) masked."""
         for name, value in super().__repr_args__():
             if name == "dedup_url" and isinstance(value, str):
-                value = without_password(value)
+                value = without_password(value, user_is_name=self._redis_password_variable is not None)
             yield name, value
 
     @property
     def dedup_url_shown(self) -> str:
         """The dedup store's URL for logs and errors: no password, no options."""
-        return without_password(self.dedup_url.split("?", 1)[0])
+        user_is_name = self._redis_password_variable is not None
+        return without_password(self.dedup_url.split("?", 1)[0], user_is_name=user_is_name)
 
     @property
     def ingest_auth_configured(self) -> bool:
@@ -583,7 +621,12 @@ class WorkerSettings(BaseSettings):
         password = url.password
         if password:
             values += [password, unquote(password)]  # as written in the URL, and as sent to Redis
-        elif password is None and url.username and len(url.username) >= MIN_SECRET_CHARS:
+        elif (
+            password is None
+            and url.username
+            and len(url.username) >= MIN_SECRET_CHARS
+            and self._redis_password_variable is None  # else an ACL user's name, shown
+        ):
             # a password written where the user goes (``without_password`` masks it too)
             values += [url.username, unquote(url.username)]
         return list(dict.fromkeys(values))
@@ -597,12 +640,13 @@ def _valid_host_port(entry: str) -> bool:
     return bool(host) and plain and port.isdigit() and 1 <= int(port) <= 65535
 
 
-def without_password(url: str) -> str:
+def without_password(url: str, *, user_is_name: bool = False) -> str:
     """``url`` with its password, if any, shown as ``***`` (a Redis URL may carry one). A user
     without a password is masked too: ``redis://S3cret@host`` is a password written where the user
-    goes (for ``redis://:S3cret@host``) more often than a ``nopass`` ACL user."""
+    goes (for ``redis://:S3cret@host``) more often than a ``nopass`` ACL user. Not when
+    ``user_is_name``: the password comes from its own setting, and the URL names the ACL user."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    if "@" not in parts.netloc or (user_is_name and parts.password is None):
         return url
     host = parts.netloc.rpartition("@")[2]
     shown = "***" if parts.password is None else f"{parts.username or ''}:***"

@@ -62,7 +62,7 @@ from worker.dedup.redis import RedisStore
 from worker.dedup.sqlite import SqliteStore
 from worker.errors import ConfigError
 from worker.logs import get_logger
-from worker.redis_config import key_prefix
+from worker.redis_config import DedupTarget, key_prefix
 from worker.settings import is_redis_url, memory_max_entries
 
 __all__ = [
@@ -115,7 +115,7 @@ class DedupStore(Protocol):
 
 
 def open_store(
-    url: str,
+    url: str | DedupTarget,
     record_ttl_s: float = 0.0,
     redis_min_replicas: int = 0,
     redis_forgotten_window_s: float = 0.0,
@@ -125,7 +125,10 @@ def open_store(
     ``redis_min_replicas`` the replicas that must acknowledge each Redis write;
     ``redis_forgotten_window_s`` how long a new Redis store answers new claims ``store_young``
     (``dedup_forgotten_window_s``; 0, the default here, never). Memory and sqlite have no window:
-    ``memory://`` is documented as lost with its process, sqlite keeps its file."""
+    ``memory://`` is documented as lost with its process, sqlite keeps its file. ``url`` may carry
+    the Redis password of its own setting (``redis_config.dedup_target``)."""
+    target = url if isinstance(url, DedupTarget) else DedupTarget(url)
+    url = target.url
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     keep_s = max(CLAIM_RECORD_KEEP_S, record_ttl_s)
@@ -147,7 +150,7 @@ def open_store(
         if query.get("ssl_cert_reqs") == "none":  # said as loudly as for Kafka and the API
             log.warning("redis_tls_verification_disabled", setting="COC_WORKER_DEDUP_URL")
         return RedisStore(
-            url,
+            target,
             prefix=key_prefix(url),
             claim_keep_s=keep_s,
             min_replicas=redis_min_replicas,

@@ -31,7 +31,7 @@ from worker.dedup.records import (
 )
 from worker.errors import DedupUnavailable
 from worker.logs import get_logger, redact_cut
-from worker.redis_config import DEFAULT_PREFIX, leave_demoted_node, redis_client
+from worker.redis_config import DEFAULT_PREFIX, DedupTarget, leave_demoted_node, redis_client
 
 log = get_logger(__name__)
 
@@ -127,13 +127,14 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str,
+        url: str | DedupTarget,
         prefix: str = DEFAULT_PREFIX,
         claim_keep_s: float = CLAIM_RECORD_KEEP_S,
         min_replicas: int = 0,
         forgotten_window_s: float = 0.0,
     ) -> None:
-        """``forgotten_window_s``: how long after the store's creation a claim over no record is
+        """``url``: alone, or with the password of its own setting (``dedup_target``);
+        ``forgotten_window_s``: how long after the store's creation a claim over no record is
         answered ``store_young`` (``dedup_forgotten_window_s``); 0: never."""
         self._prefix = prefix
         self._claim_keep_s = claim_keep_s
@@ -157,6 +158,14 @@ class RedisStore:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
+        except redis_errors.AuthenticationError as exc:
+            # Not "unreachable": a wrong or missing password, which waiting will not mend. redis-py's
+            # text is the server's (WRONGPASS, NOAUTH), never the password; redacted all the same.
+            reason = redact_cut(str(exc), 200)
+            raise DedupUnavailable(
+                f"redis dedup store refused the login: {type(exc).__name__}"
+                + (f": {reason}" if reason else "")
+            ) from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             # One lost connection, all of them, most likely (a restart, a failover, a network cut):
             # the probe would pass on a fresh one and each job then meet another dead one, every

@@ -171,6 +171,14 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if and $v.secrets.kafkaSslKeyPassword (not (include "coc.kafkaKeyPassword" .)) }}
 {{- fail "secrets.kafkaSslKeyPassword is set, but the chart passes it only with kafka.ssl.clientSecret.name and kafka.ssl.clientSecret.encryptedKey: true" }}
 {{- end }}
+{{- if $v.dedup.redis.passwordSecret.name }}
+{{- if ne $v.dedup.backend "redis" }}
+{{- fail (printf "dedup.redis.passwordSecret.name is set with dedup.backend=%s: it is a Redis password, and the worker refuses COC_WORKER_DEDUP_REDIS_PASSWORD without a Redis store" $v.dedup.backend) }}
+{{- end }}
+{{- if not $v.dedup.redis.url }}
+{{- fail "dedup.redis.passwordSecret needs dedup.redis.url (without credentials): the Secret gives the password only, the URL where Redis is" }}
+{{- end }}
+{{- end }}
 {{- if $v.secrets.existingSecret }}
 {{- range $key := list "apiAk" "apiSk" "apiToken" "kafkaSaslPassword" "kafkaSslKeyPassword" "redisUrl" }}
 {{- if index $v.secrets $key }}
