@@ -259,15 +259,23 @@ GOOD: dict[str, dict[str, Any]] = {
         "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
         "autoscaling": {"keda": {"enabled": True, "minReplicaCount": 1, "maxReplicaCount": 3}},
     },
-    # the worker sets no length for the key's password (it opens a file, and is sent nowhere)
-    "client_key_password_of_any_length": merged(
+    # the key's password at the worker's length, and Secret names YAML would read as a boolean and
+    # a number: quoted, or the API server refuses the manifest
+    "client_key_password_and_secret_names_not_strings": merged(
         MINIMAL,
         {
             "kafka": {
                 "securityProtocol": "SSL",
-                "ssl": {"clientSecret": {"name": "u", "encryptedKey": True}},
+                "ssl": {"clientSecret": {"name": "true", "certKey": "123", "encryptedKey": True}},
             },
-            "secrets": {"kafkaSslKeyPassword": "pw"},
+            "secrets": {"kafkaSslKeyPassword": "pw-" + "k" * MIN_SECRET_CHARS},
+            "dedup": {
+                "backend": "redis",
+                "redis": {
+                    "url": "redis://redis-master:6379/0",
+                    "passwordSecret": {"name": "null", "key": "1"},
+                },
+            },
         },
     ),
 }
@@ -304,7 +312,12 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     # an encrypted client key: its password must be in the chart-made Secret, and belongs to a key
     "encrypted_client_key_without_password": (
-        {"kafka": {"ssl": {"clientSecret": {"name": "coc-worker", "encryptedKey": True}}}},
+        {
+            "kafka": {
+                "securityProtocol": "SSL",
+                "ssl": {"clientSecret": {"name": "coc-worker", "encryptedKey": True}},
+            }
+        },
         "set secrets.kafkaSslKeyPassword: kafka.ssl.clientSecret.encryptedKey=true needs it",
     ),
     "encrypted_client_key_without_its_secret": (
@@ -316,13 +329,33 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "client_key_password_never_used": (
         {
-            "kafka": {"ssl": {"clientSecret": {"name": "coc-worker"}}},
+            "kafka": {"securityProtocol": "SSL", "ssl": {"clientSecret": {"name": "coc-worker"}}},
             "secrets": {"kafkaSslKeyPassword": SHORT},
         },
         "secrets.kafkaSslKeyPassword is set, but the chart passes it only with",
     ),
+    "short_client_key_password": (
+        {
+            "kafka": {
+                "securityProtocol": "SSL",
+                "ssl": {"clientSecret": {"name": "u", "encryptedKey": True}},
+            },
+            "secrets": {"kafkaSslKeyPassword": SHORT},
+        },
+        f"secrets.kafkaSslKeyPassword has {len(SHORT)} characters",
+    ),
+    # a certificate that a protocol without TLS would never show: only "broker unreachable" then
+    "client_certificate_without_tls": (
+        {"kafka": {"ssl": {"clientSecret": {"name": "coc-worker"}}}},
+        "kafka.ssl.clientSecret.name is set with kafka.securityProtocol=PLAINTEXT, which uses no TLS",
+    ),
     "client_certificate_key_not_a_secret_key": (
-        {"kafka": {"ssl": {"clientSecret": {"name": "coc-worker", "certKey": "user crt"}}}},
+        {
+            "kafka": {
+                "securityProtocol": "SSL",
+                "ssl": {"clientSecret": {"name": "coc-worker", "certKey": "user crt"}},
+            }
+        },
         "certKey",
     ),
     # long enough in bytes, not in characters (the worker counts characters)
@@ -1445,3 +1478,39 @@ def test_rendered_config_is_accepted_by_the_worker(
 
 if __name__ == "__main__":  # `make helm-venv`
     print(ensure_helm_venv(), file=sys.stderr)
+
+
+def test_secret_names_and_keys_render_as_strings_whatever_they_look_like(
+    helm_results: dict[str, Any],
+) -> None:
+    """A Secret named "true" or a key "123" rendered bare is a boolean or a number to YAML, and the
+    API server refuses the manifest: every reference to a Secret is quoted."""
+    objects = manifests(helm_results, "client_key_password_and_secret_names_not_strings")
+    found: list[tuple[str, object]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for field in ("secretName", "secretKeyRef"):
+                if field in node:
+                    ref = node[field]
+                    found.extend(
+                        [(field, ref)]
+                        if field == "secretName"
+                        else [("name", ref["name"]), ("key", ref["key"])]
+                    )
+            if "items" in node and "secretName" in node:
+                found.extend(("items.key", item["key"]) for item in node["items"])
+            if "parameter" in node and "name" in node:  # KEDA's TriggerAuthentication
+                found.extend([("name", node["name"]), ("key", node["key"])])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(list(objects.values()))
+    assert ("secretName", "true") in found
+    assert ("items.key", "123") in found
+    assert ("name", "null") in found
+    assert ("key", "1") in found
+    assert all(isinstance(value, str) for _, value in found), found

@@ -383,8 +383,36 @@ def test_a_key_of_another_certificate_is_refused(pki: Pki) -> None:
     )
 
 
+def test_a_key_of_another_type_is_refused_as_not_the_certificates(pki: Pki, tmp_path: Path) -> None:
+    """An RSA key for the worker's ECDSA certificate: OpenSSL says NO_CERTIFICATE_ASSIGNED, not
+    KEY_VALUES_MISMATCH. It read as "cannot load", or, encrypted and opened with the right
+    password, as a wrong password."""
+    rsa = pki.ca.issue_cert("other.clients.test", key_type=trustme.KeyType.RSA)
+    key = serialization.load_pem_private_key(rsa.private_key_pem.bytes(), password=None)
+    plain, encrypted = tmp_path / "rsa.key", tmp_path / "rsa-encrypted.key"
+    plain.write_bytes(rsa.private_key_pem.bytes())
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(KEY_PASSWORD.encode()),
+        )
+    )
+    for keyfile, password in ((plain, {}), (encrypted, {"kafka_ssl_key_password": KEY_PASSWORD})):
+        settings = tls_settings(
+            pki, kafka_ssl_certfile=str(pki.certfile), kafka_ssl_keyfile=str(keyfile), **password
+        )
+        with pytest.raises(ConfigError) as refused:
+            connection_kwargs(settings)
+        assert str(refused.value) == (
+            "COC_WORKER_KAFKA_SSL_KEYFILE: the key is not the certificate's in COC_WORKER_KAFKA_SSL_CERTFILE"
+        )
+
+
 def test_a_client_certificate_file_that_cannot_be_read_is_named(pki: Pki, tmp_path: Path) -> None:
     missing = tmp_path / "absent.pem"
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
     cases = [
         ({"kafka_ssl_certfile": str(missing)}, f"COC_WORKER_KAFKA_SSL_CERTFILE={missing}: cannot read it"),
         (
@@ -403,6 +431,10 @@ def test_a_client_certificate_file_that_cannot_be_read_is_named(pki: Pki, tmp_pa
         (  # the two files swapped
             {"kafka_ssl_certfile": str(pki.keyfile), "kafka_ssl_keyfile": str(pki.certfile)},
             f"COC_WORKER_KAFKA_SSL_CERTFILE={pki.keyfile}: no PEM certificate that can be read in it",
+        ),
+        (  # empty: a Secret's key before its first sync (it was a ValueError and a traceback)
+            {"kafka_ssl_certfile": str(empty), "kafka_ssl_keyfile": str(pki.keyfile)},
+            f"COC_WORKER_KAFKA_SSL_CERTFILE={empty}: no PEM certificate that can be read in it",
         ),
     ]
     for files, says in cases:
@@ -424,7 +456,24 @@ def test_without_tls_the_client_certificate_is_not_read(protocol: str, tmp_path:
         kafka_ssl_keyfile=missing,
         kafka_ssl_key_password_file=missing,
     )
-    assert "ssl_context" not in connection_kwargs(settings)
+    with capture_logs() as logs:
+        assert "ssl_context" not in connection_kwargs(settings)
+    # said, as a broker that wants a client certificate would only close every connection
+    assert [(entry["event"], entry["log_level"]) for entry in logs] == [
+        ("kafka_tls_settings_ignored", "warning")
+    ]
+    assert logs[0]["settings"] == [
+        "COC_WORKER_KAFKA_SSL_CAFILE",
+        "COC_WORKER_KAFKA_SSL_CERTFILE",
+        "COC_WORKER_KAFKA_SSL_KEYFILE",
+        "COC_WORKER_KAFKA_SSL_KEY_PASSWORD",
+    ]
+
+
+def test_plaintext_without_tls_settings_says_nothing() -> None:
+    with capture_logs() as logs:
+        connection_kwargs(load_settings(kafka_security_protocol="PLAINTEXT"))
+    assert logs == []
 
 
 async def test_every_kafka_client_of_the_worker_and_its_tools_shows_the_certificate(tmp_path: Path) -> None:

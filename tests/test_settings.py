@@ -770,13 +770,18 @@ def test_a_client_key_without_its_certificate_is_refused(protocol: str) -> None:
     )
 
 
-def test_the_client_key_password_has_no_length_rule_and_is_scrubbed_from_output() -> None:
-    """Unlike the credentials sent to a service, the key's password only opens a file kept beside
-    it, and whoever issued the key chose it: a short one is taken, and scrubbed as every secret is."""
+def test_the_client_key_password_needs_8_characters_and_is_scrubbed_from_output() -> None:
+    """It is never sent anywhere, but every secret read is scrubbed from all output: a short one
+    ("true", "123456") was scrubbed out of JSON log lines ("ready": **redacted**) and offsets."""
     short = "k" + os.urandom(3).hex()  # 7 characters, known to no earlier test
-    settings = load_settings(kafka_ssl_certfile="client.pem", kafka_ssl_key_password=short)
-    assert settings.secret("kafka_ssl_key_password") == short
-    assert short in settings.secret_values()
-    assert redact_text(f"key {short} here") == f"key {REDACTED} here"
+    with pytest.raises(
+        ConfigError, match="COC_WORKER_KAFKA_SSL_KEY_PASSWORD: a value of 7 characters"
+    ) as refused:
+        load_settings(kafka_ssl_certfile="client.pem", kafka_ssl_key_password=short)
+    assert short not in str(refused.value)
+    good = "k" + os.urandom(8).hex()
+    settings = load_settings(kafka_ssl_certfile="client.pem", kafka_ssl_key_password=good)
+    assert settings.secret("kafka_ssl_key_password") == good
+    assert redact_text(f"key {good} here") == f"key {REDACTED} here"
     for text in (repr(settings), str(settings), settings.model_dump_json()):
-        assert short not in text
+        assert good not in text

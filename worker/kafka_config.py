@@ -115,6 +115,23 @@ def connection_kwargs(settings: WorkerSettings) -> dict[str, Any]:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         kwargs["ssl_context"] = context
+    else:
+        ignored = [
+            env_var(name)
+            for name in (
+                "kafka_ssl_cafile",
+                "kafka_ssl_certfile",
+                "kafka_ssl_keyfile",
+                "kafka_ssl_key_password",
+            )
+            if getattr(settings, name) is not None or getattr(settings, name + "_file", None) is not None
+        ]
+        if ignored:  # a broker that wants a client certificate would only close every connection
+            log.warning(
+                "kafka_tls_settings_ignored",
+                settings=ignored,
+                detail=f"COC_WORKER_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} uses no TLS",
+            )
     if settings.kafka_security_protocol.startswith("SASL"):
         kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
         kwargs["sasl_plain_username"] = settings.kafka_sasl_username
@@ -169,7 +186,7 @@ def load_client_certificate(context: ssl.SSLContext, settings: WorkerSettings) -
         # (as ASCII: text around the PEM blocks, such as an export's "friendlyName", may be any)
         cadata = cert_pem.decode("ascii", "ignore")
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cadata)
-    except ssl.SSLError:
+    except (ssl.SSLError, ValueError):  # ValueError: an empty file (a Secret not yet synced)
         raise ConfigError(
             f"{cert_var}={certfile}: no PEM certificate that can be read in it (PKCS#12 and DER are not)"
         ) from None
@@ -186,7 +203,10 @@ def load_client_certificate(context: ssl.SSLContext, settings: WorkerSettings) -
             f"{key_var}: the key is encrypted, and no password is given (set {needed} or {needed}_FILE)"
         ) from None
     except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
+        # A key of the certificate's type but another pair: KEY_VALUES_MISMATCH; of another type
+        # (an EC key for an RSA certificate): NO_CERTIFICATE_ASSIGNED. Said before the password is
+        # suspected, which a right password to a wrong key would otherwise be.
+        if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             raise ConfigError(f"{key_var}: the key is not the certificate's in {cert_var}") from None
         if password is not None and any(mark in key_pem for mark in _ENCRYPTED_KEY_MARKS):
             raise ConfigError(

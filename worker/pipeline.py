@@ -98,8 +98,8 @@ def _fingerprint(job: Job) -> str:
 #: key has the shape of an id). One that holds a secret of at least this many characters is
 #: replaced whole; shorter registered values (a short access key in a test set-up) would cut
 #: ordinary ids apart ("CM2025" out of a ticket "CM202511280001"). Every secret but the access
-#: key id (not a secret by itself) and the Kafka client key's password (it opens a file, and is
-#: sent nowhere) is refused under 8 characters, so only one of those that short is left in an id.
+#: key id (not a secret by itself) is refused under 8 characters, so only an AK that short is
+#: left in an id.
 _OUTCOME_IDS = ("event_id", "ticket_id", "sub_ticket_id")
 _ID_SECRET_MIN_CHARS = 8
 

@@ -60,12 +60,19 @@ COMMIT_TIMEOUT_S = 10.0
 #: The rejoin, beyond the revoke's waits and commit, before the group gives up on us.
 _REJOIN_MARGIN_S = 10.0
 
-#: Secrets meant to be strong (not the AK, an access key id sent in every signed request; nor the
-#: Kafka client key's password, which is never sent anywhere: it only opens a key file kept beside
-#: it, and is chosen by whoever issued the key, so a short one would refuse a key that works). The
-#: Redis password is, as one inside the dedup URL already was: the same password either way.
+#: Secrets meant to be strong (not the AK, an access key id sent in every signed request). The
+#: Redis password is, as one inside the dedup URL already was: the same password either way. So is
+#: the Kafka client key's: it is never sent anywhere, but every secret read is scrubbed from all
+#: output, and a short one ("true", "123456") would be scrubbed out of JSON keys, values and offsets.
 _STRONG_SECRETS = frozenset(
-    {"api_sk", "api_token", "kafka_sasl_password", "ingest_tokens", "dedup_redis_password"}
+    {
+        "api_sk",
+        "api_token",
+        "kafka_sasl_password",
+        "kafka_ssl_key_password",
+        "ingest_tokens",
+        "dedup_redis_password",
+    }
 )
 MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")

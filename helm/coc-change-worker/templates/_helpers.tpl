@@ -165,6 +165,9 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- if gt (mul ($v.kafka.heartbeatIntervalMs | int64) 3) ($v.kafka.sessionTimeoutMs | int64) }}
 {{- fail "kafka.heartbeatIntervalMs must be at most a third of kafka.sessionTimeoutMs" }}
 {{- end }}
+{{- if and $v.kafka.ssl.clientSecret.name (not (has $v.kafka.securityProtocol (list "SSL" "SASL_SSL"))) }}
+{{- fail (printf "kafka.ssl.clientSecret.name is set with kafka.securityProtocol=%s, which uses no TLS: the certificate would not be shown, and a broker that wants one only closes every connection; use SSL or SASL_SSL" $v.kafka.securityProtocol) }}
+{{- end }}
 {{- if and $v.kafka.ssl.clientSecret.encryptedKey (not $v.kafka.ssl.clientSecret.name) }}
 {{- fail "kafka.ssl.clientSecret.encryptedKey needs kafka.ssl.clientSecret.name: a key password opens no key without the certificate's Secret" }}
 {{- end }}
@@ -210,8 +213,7 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- $needs = append $needs (list "kafkaSaslPassword" (printf "kafka.securityProtocol=%s" $v.kafka.securityProtocol) true) }}
 {{- end }}
 {{- if include "coc.kafkaKeyPassword" . }}
-{{- /* not a strong secret: it only opens the key file, sent nowhere (the worker sets no length) */}}
-{{- $needs = append $needs (list "kafkaSslKeyPassword" "kafka.ssl.clientSecret.encryptedKey=true" false) }}
+{{- $needs = append $needs (list "kafkaSslKeyPassword" "kafka.ssl.clientSecret.encryptedKey=true" true) }}
 {{- end }}
 {{- range $need := $needs }}
 {{- $key := index $need 0 }}
