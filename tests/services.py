@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,14 @@ class OwnRedis:
 
     async def promote(self) -> None:
         await self._admin("REPLICAOF", "NO", "ONE")
+
+    def require_password(self) -> str:
+        """Make the default user need a fresh password, as a Redis of the Bitnami chart does, and
+        return it. The server is the test's own and ends with it: nothing to put back."""
+        password = f"requirepass-{uuid.uuid4().hex}"
+        with redis.Redis(port=self.port) as admin:
+            admin.config_set("requirepass", password)
+        return password
 
     async def connections(self) -> set[str]:
         """The ids of the server's client connections, other than the one asking."""

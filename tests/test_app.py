@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -12,7 +11,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from services import OwnRedis
@@ -1508,41 +1506,35 @@ async def test_the_workers_redis_clients_log_in_with_the_password_setting(
     """The dedup store and the shared rate limit, the worker's two Redis clients, both log in with
     COC_WORKER_DEDUP_REDIS_PASSWORD to a Redis that wants a password; a wrong one ends the start
     with the login refused, and no line, field or error holds either password."""
-    password = f"requirepass-{uuid.uuid4().hex}"
-    with redis.Redis(port=own_redis.port) as admin:
-        admin.config_set("requirepass", password)
+    password = own_redis.require_password()
+    worker = make_worker(
+        tmp_path, dedup_url=own_redis.url, dedup_redis_password=password, api_rate_limit_per_s=50
+    )
+    assert isinstance(worker._rate_limit, RedisTokenBucket)
     try:
-        worker = make_worker(
-            tmp_path, dedup_url=own_redis.url, dedup_redis_password=password, api_rate_limit_per_s=50
-        )
-        assert isinstance(worker._rate_limit, RedisTokenBucket)
-        try:
-            await worker._store.ping()
-            with capture_logs() as logs:
-                await asyncio.wait_for(worker._rate_limit.acquire(), 5)
-            assert logs == []  # no "rate_limit_local": Redis took the reservation
-        finally:
-            await worker._rate_limit.close()
-            await close_unstarted(worker)
-        wrong = f"wrong-{password}"
-        worker = make_worker(
-            tmp_path,
-            dedup_url=own_redis.url,
-            dedup_redis_password=wrong,
-            kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
-            http_port=0,
-            startup_wait_s=0.5,
-        )
-        with capture_logs() as logs, pytest.raises(DedupUnavailable) as failed:
-            await asyncio.wait_for(worker.run(), 20)
-        waited = [line for line in logs if line["event"] == "waiting_for_dependency"]
-        assert waited
-        assert "refused the login: AuthenticationError" in waited[0]["detail"]
-        said = repr(logs) + str(failed.value) + repr(worker.settings)
-        assert password not in said  # the wrong one holds the right one: both checked
+        await worker._store.ping()
+        with capture_logs() as logs:
+            await asyncio.wait_for(worker._rate_limit.acquire(), 5)
+        assert logs == []  # no "rate_limit_local": Redis took the reservation
     finally:
-        with redis.Redis(port=own_redis.port, password=password) as admin:
-            admin.config_set("requirepass", "")
+        await worker._rate_limit.close()
+        await close_unstarted(worker)
+    wrong = f"wrong-{password}"
+    worker = make_worker(
+        tmp_path,
+        dedup_url=own_redis.url,
+        dedup_redis_password=wrong,
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+        http_port=0,
+        startup_wait_s=0.5,
+    )
+    with capture_logs() as logs, pytest.raises(DedupUnavailable) as failed:
+        await asyncio.wait_for(worker.run(), 20)
+    waited = [line for line in logs if line["event"] == "waiting_for_dependency"]
+    assert waited
+    assert "refused the login: AuthenticationError" in waited[0]["detail"]
+    said = repr(logs) + str(failed.value) + repr(worker.settings)
+    assert password not in said  # the wrong one holds the right one: both checked
 
 
 async def test_the_health_watcher_survives_an_unexpected_error(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives import serialization
+from pki import encrypted_key
 
 from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, build_parser, main
 from worker.settings import SECRET_FIELDS
@@ -205,16 +205,9 @@ def test_the_tools_take_a_client_certificate_and_name_one_that_does_not_load(
     """Behind a broker that requires client certificates the tools had no flag for one; one that
     does not load is a configuration error naming its variable, never the key's password."""
     worker = trustme.CA().issue_cert("coc-worker.clients.test")
-    key = serialization.load_pem_private_key(worker.private_key_pem.bytes(), password=None)
     certfile, keyfile, password_file = tmp_path / "client.crt", tmp_path / "client.key", tmp_path / "pw"
     certfile.write_bytes(worker.cert_chain_pems[0].bytes())
-    keyfile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"the-right-one"),
-        )
-    )
+    keyfile.write_bytes(encrypted_key(worker, "the-right-one"))
     password_file.write_text("hunter2-key-password\n", encoding="utf-8")  # not the key's
     flags = ["--kafka-security-protocol", "SSL", "--kafka-bootstrap-servers", "127.0.0.1:1"]
     flags += ["--kafka-ssl-certfile", str(certfile), "--kafka-ssl-keyfile", str(keyfile)]

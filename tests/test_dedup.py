@@ -630,27 +630,19 @@ async def test_the_password_setting_logs_in_to_a_redis_that_wants_one_for_its_de
     own_redis: OwnRedis,
 ) -> None:
     """A Redis of the Bitnami chart: ``requirepass``, no ACL user, the URL without credentials."""
-    password = f"requirepass-{uuid.uuid4().hex}"
-    with redis.Redis(port=own_redis.port) as admin:
-        admin.config_set("requirepass", password)
+    password = own_redis.require_password()
+    store = open_store(dedup_target(load_settings(dedup_url=own_redis.url, dedup_redis_password=password)))
     try:
-        store = open_store(
-            dedup_target(load_settings(dedup_url=own_redis.url, dedup_redis_password=password))
-        )
-        try:
-            assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
-        finally:
-            await store.close()
-        store = open_store(own_redis.url)  # the URL alone
-        try:
-            with pytest.raises(DedupUnavailable, match="refused the login: AuthenticationError") as refused:
-                await store.ping()
-        finally:
-            await store.close()
-        assert password not in str(refused.value)
+        assert (await store.claim("e1", "w1", "t/0/1", 30)).kind is ClaimKind.NEW
     finally:
-        with redis.Redis(port=own_redis.port, password=password) as admin:
-            admin.config_set("requirepass", "")
+        await store.close()
+    store = open_store(own_redis.url)  # the URL alone
+    try:
+        with pytest.raises(DedupUnavailable, match="refused the login: AuthenticationError") as refused:
+            await store.ping()
+    finally:
+        await store.close()
+    assert password not in str(refused.value)
 
 
 def test_the_worker_prefix_is_not_passed_to_redis() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trustme
 from aiokafka.errors import KafkaConnectionError
-from cryptography.hazmat.primitives import serialization
+from pki import encrypted_key
 from structlog.testing import capture_logs
 
 from worker import kafka_config
@@ -222,12 +222,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     broker = ca.issue_cert("127.0.0.1", "localhost")
     worker = ca.issue_cert("coc-worker.clients.test", common_name="coc-worker")
     root = tmp_path_factory.mktemp("pki")
-    key = serialization.load_pem_private_key(worker.private_key_pem.bytes(), password=None)
-    encrypted = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(KEY_PASSWORD.encode()),
-    )
+    encrypted = encrypted_key(worker, KEY_PASSWORD)
     files = {
         "cafile": ca.cert_pem.bytes(),
         "certfile": b"".join(blob.bytes() for blob in worker.cert_chain_pems),
@@ -388,16 +383,9 @@ def test_a_key_of_another_type_is_refused_as_not_the_certificates(pki: Pki, tmp_
     KEY_VALUES_MISMATCH. It read as "cannot load", or, encrypted and opened with the right
     password, as a wrong password."""
     rsa = pki.ca.issue_cert("other.clients.test", key_type=trustme.KeyType.RSA)
-    key = serialization.load_pem_private_key(rsa.private_key_pem.bytes(), password=None)
     plain, encrypted = tmp_path / "rsa.key", tmp_path / "rsa-encrypted.key"
     plain.write_bytes(rsa.private_key_pem.bytes())
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(KEY_PASSWORD.encode()),
-        )
-    )
+    encrypted.write_bytes(encrypted_key(rsa, KEY_PASSWORD))
     for keyfile, password in ((plain, {}), (encrypted, {"kafka_ssl_key_password": KEY_PASSWORD})):
         settings = tls_settings(
             pki, kafka_ssl_certfile=str(pki.certfile), kafka_ssl_keyfile=str(keyfile), **password

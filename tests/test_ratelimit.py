@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 import redis.asyncio as aioredis
@@ -188,9 +187,7 @@ def test_deployments_told_apart_by_the_redis_prefix_keep_apart_buckets(redis_url
 async def test_the_shared_bucket_logs_in_with_the_redis_password_setting(own_redis: OwnRedis) -> None:
     """The bucket shares the dedup store's Redis, so its password too: without it, a Redis that
     wants one refused every reservation, and each replica limited alone to the whole rate."""
-    password = f"requirepass-{uuid.uuid4().hex}"
-    async with aioredis.Redis(port=own_redis.port) as admin:
-        await admin.config_set("requirepass", password)
+    password = own_redis.require_password()
     settings = load_settings(api_rate_limit_per_s=5, dedup_url=own_redis.url, dedup_redis_password=password)
     bucket = build_rate_limit(settings, Metrics())
     assert isinstance(bucket, RedisTokenBucket)
@@ -200,7 +197,6 @@ async def test_the_shared_bucket_logs_in_with_the_redis_password_setting(own_red
         assert logs == []  # no "rate_limit_local": the reservation was Redis'
         async with aioredis.Redis(port=own_redis.port, password=password) as admin:
             assert await admin.exists(bucket._key) == 1
-            await admin.config_set("requirepass", "")
     finally:
         await bucket.close()
 

@@ -177,9 +177,7 @@ def load_client_certificate(context: ssl.SSLContext, settings: WorkerSettings) -
     password = settings.secret("kafka_ssl_key_password")  # its _FILE unreadable: a ConfigError
     cert_var = env_var("kafka_ssl_certfile")
     key_var = env_var("kafka_ssl_keyfile") if keyfile is not None else cert_var
-    password_var = env_var("kafka_ssl_key_password")
-    if settings.kafka_ssl_key_password_file is not None:
-        password_var += "_FILE"
+    password_var = settings.secret_source("kafka_ssl_key_password")
     cert_pem = _read_pem(cert_var, certfile)
     key_pem = _read_pem(key_var, keyfile) if keyfile is not None else cert_pem
     try:  # parsed apart first, so that a damaged certificate is not taken for a wrong password

@@ -64,16 +64,7 @@ _REJOIN_MARGIN_S = 10.0
 #: Redis password is, as one inside the dedup URL already was: the same password either way. So is
 #: the Kafka client key's: it is never sent anywhere, but every secret read is scrubbed from all
 #: output, and a short one ("true", "123456") would be scrubbed out of JSON keys, values and offsets.
-_STRONG_SECRETS = frozenset(
-    {
-        "api_sk",
-        "api_token",
-        "kafka_sasl_password",
-        "kafka_ssl_key_password",
-        "ingest_tokens",
-        "dedup_redis_password",
-    }
-)
+_STRONG_SECRETS = frozenset(SECRET_FIELDS) - {"api_ak"}
 MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")
 
@@ -521,11 +512,7 @@ class WorkerSettings(BaseSettings):
     @property
     def _redis_password_variable(self) -> str | None:
         """The variable that gives the Redis password apart from the URL, if one does."""
-        if self.dedup_redis_password is not None:
-            return env_var("dedup_redis_password")
-        if self.dedup_redis_password_file is not None:
-            return env_var("dedup_redis_password") + "_FILE"
-        return None
+        return self.secret_source("dedup_redis_password")
 
     # --- derived -------------------------------------------------------------------------------
     @property
@@ -564,6 +551,13 @@ class WorkerSettings(BaseSettings):
         worst_s = self.revoke_grace_s + REVOKE_CANCEL_WAIT_S + 2 * COMMIT_TIMEOUT_S + _REJOIN_MARGIN_S
         return max(self.kafka_session_timeout_ms, round(worst_s * 1000))
 
+    def secret_source(self, name: str) -> str | None:
+        """The variable a secret setting comes from (``<NAME>_FILE`` or ``<NAME>``; never both,
+        the settings refuse that), or None when it is not set: what an error about it names."""
+        if getattr(self, f"{name}_file") is not None:
+            return env_var(name) + "_FILE"
+        return env_var(name) if getattr(self, name) is not None else None
+
     def secret(self, name: str) -> str | None:
         """Current value of a secret setting, re-reading its ``_FILE`` when one is configured."""
         path: Path | None = getattr(self, f"{name}_file")
@@ -582,7 +576,7 @@ class WorkerSettings(BaseSettings):
             parts = split_tokens(found) if name == "ingest_tokens" else [found]
             short = [part for part in parts if len(part) < MIN_SECRET_CHARS]
             if short:
-                source = env_var(name) + ("_FILE" if path is not None else "")
+                source = self.secret_source(name)
                 raise ConfigError(
                     f"{source}: a value of {len(short[0])} characters; at least"
                     f" {MIN_SECRET_CHARS} are needed (a short secret is guessable, and cannot be"
