@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from egress_proxy import serving_proxy
 from multidict import CIMultiDict
 from pyreqwest import exceptions as http_errors
 from services import service_missing
@@ -269,6 +270,14 @@ def _stub_cases() -> list[Any]:
             ApiTransientError,  # accepted most likely, but unconfirmed: the ticket is read first
             {"http_status": 200, "error_code": None, "ambiguous": True},
             id="200-unreadable",
+        ),
+        pytest.param(
+            # A forward proxy's refusal (HTTP_PROXY with an http:// endpoint): it was ApiRejected,
+            # every event dead-lettered while the proxy's password was being rotated.
+            (407, None, b"<html>proxy auth</html>", {"Proxy-Authenticate": 'Basic realm="egress"'}),
+            ApiTransientError,
+            {"http_status": 407, "error_code": None, "ambiguous": False, "connect_failure": True},
+            id="407-proxy-never-sent",
         ),
         pytest.param(
             (408, None, b"", {}),
@@ -918,6 +927,96 @@ async def test_an_http_client_that_cannot_start_without_a_ca_file_names_no_ca_fi
     assert (
         str(refused.value) == "the API client cannot start (No CA certificates were loaded from the system)"
     )
+
+
+# --------------------------------------------------------------------------- an egress proxy
+
+PROXY_USER = "coc-worker"
+PROXY_PASSWORD = "egress-proxy-password-0001"
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The test's own proxy variables only, not the machine's."""
+    for name in (*_PROXY_ENV, "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("scheme", "env", "expected"),
+    [
+        ("https", {"HTTPS_PROXY": "http://p:3128", "https_proxy": "http://q:3128"}, "HTTPS_PROXY"),
+        ("https", {"https_proxy": "http://q:3128", "ALL_PROXY": "http://r:3128"}, "https_proxy"),
+        ("https", {"HTTP_PROXY": "http://p:3128", "all_proxy": "http://r:3128"}, "all_proxy"),
+        ("https", {"HTTP_PROXY": "http://p:3128", "HTTPS_PROXY": ""}, None),
+        ("http", {"HTTPS_PROXY": "http://p:3128", "http_proxy": "http://q:3128"}, "http_proxy"),
+        ("http", {}, None),
+    ],
+)
+def test_the_proxy_variable_is_the_one_the_http_client_reads(
+    scheme: str, env: dict[str, str], expected: str | None
+) -> None:
+    assert api_client_module.proxy_variable(scheme, env) == expected
+
+
+async def test_calls_go_through_the_egress_proxy_of_https_proxy(
+    private_ca: PrivateCa, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The README's promise: HTTPS_PROXY (with the proxy's credentials in it) carries the API's
+    calls through a CONNECT tunnel, TLS verified end to end; the password is never logged."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(private_ca.server_cert, private_ca.server_key)
+    async with serving(Stub(), server_context) as stub, serving_proxy(PROXY_USER, PROXY_PASSWORD) as proxy:
+        no_proxy_env.setenv(
+            "HTTPS_PROXY", proxy.url.replace("http://", f"http://{PROXY_USER}:{PROXY_PASSWORD}@")
+        )
+        with capture_logs() as logs:
+            async with running(settings(stub.url, api_ca_file=private_ca.ca_cert)) as client:
+                assert (await put(client)).http_status == 200
+        assert proxy.tunnels == [stub.url.removeprefix("https://")]
+        assert [s.headers["X-Event-Id"] for s in stub.seen] == ["ev-1"]
+        assert [(e["event"], e["variable"], e["no_proxy"]) for e in logs] == [
+            ("api_through_proxy", "HTTPS_PROXY", None)
+        ]
+        assert PROXY_PASSWORD not in repr(logs)
+
+
+async def test_no_proxy_exempts_the_api_from_the_proxy(no_proxy_env: pytest.MonkeyPatch) -> None:
+    async with serving(Stub()) as stub, serving_proxy(PROXY_USER, PROXY_PASSWORD) as proxy:
+        no_proxy_env.setenv("HTTP_PROXY", proxy.url)
+        no_proxy_env.setenv("NO_PROXY", "127.0.0.1")
+        with capture_logs() as logs:
+            async with running(settings(stub.url)) as client:
+                assert (await put(client)).http_status == 200
+        assert proxy.tunnels == []
+        assert proxy.refused == 0
+        assert len(stub.seen) == 1
+        # Said all the same, with the exemptions: which of the two applies is the operator's reading.
+        assert [(e["variable"], e["no_proxy"]) for e in logs] == [("HTTP_PROXY", "127.0.0.1")]
+
+
+async def test_a_proxy_that_refuses_the_tunnel_is_a_connect_failure_with_its_reason(
+    private_ca: PrivateCa, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """A wrong proxy password: never sent to the API, so a connect failure (the worker pauses as
+    unreachable, the event's budget untouched), with the proxy's own reason and without the
+    password in the error."""
+    wrong = "not-the-proxy-password-0002"
+    async with serving(Stub()) as stub, serving_proxy(PROXY_USER, PROXY_PASSWORD) as proxy:
+        no_proxy_env.setenv("HTTPS_PROXY", proxy.url.replace("http://", f"http://{PROXY_USER}:{wrong}@"))
+        async with running(settings(stub.url.replace("http://", "https://"))) as client:
+            assert client.proxy_variable == "HTTPS_PROXY"
+            with pytest.raises(ApiTransientError) as refused:
+                await put(client)
+        assert refused.value.connect_failure
+        assert "proxy authorization required" in str(refused.value)
+        assert wrong not in str(refused.value)
+        assert PROXY_USER not in str(refused.value)
+        assert proxy.refused == 1
+        assert proxy.tunnels == []
+        assert stub.seen == []
 
 
 async def test_a_success_answer_without_an_error_code_is_a_success_when_it_names_the_ticket() -> None:

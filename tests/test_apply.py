@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from egress_proxy import serving_proxy
 from huaweicloudsdkcoc.v1 import CocTicketDetailInfoResponseData, CocTicketDetailInfoResponseDataSubTickets
 from structlog.testing import capture_logs
 from waiting import until
@@ -492,6 +493,51 @@ async def test_unreachable_api_pauses_and_resumes(policy: RetryPolicy, threshold
         await gate.close()
         await client.close()
         await sim.stop()
+
+
+async def test_a_pause_behind_an_egress_proxy_names_the_proxy_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind a forward proxy that refuses the requests (its password rotated): its 407 was taken
+    for the API's refusal of the event (``rejected``, dead-lettered, one event after another). It
+    pauses the worker as unreachable, naming the proxy's variable beside the API's settings, with
+    the proxy's reason and not its password, and the probe does not take a 407 for an answer."""
+    password = "egress-proxy-password-0001"
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    metrics = Metrics()
+    gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
+    sim = make_sim(free_port())
+    async with serving_proxy("coc-worker", password) as proxy, sim:
+        monkeypatch.setenv(
+            "HTTP_PROXY", proxy.url.replace("http://", "http://coc-worker:stale-password-0002@")
+        )
+        client = CocApiClient(
+            WorkerSettings(api_endpoint=f"http://127.0.0.1:{sim.config.port}", api_ak=AK, api_sk=SK), metrics
+        )
+        await client.start()
+        rig = Rig(sim, client, gate, metrics)
+        task = asyncio.create_task(rig.apply(rig.caller(FAST, 0.0)))
+        try:
+            with capture_logs() as logs:
+                await until(lambda: gate.causes == ["api_unreachable"])
+            [paused] = [e for e in logs if e["event"] == "worker_paused"]
+            assert paused["detail"] == (
+                "the egress proxy refused the request (HTTP 407: proxy authorization required)"
+                f" (http://127.0.0.1:{sim.config.port}: COC_WORKER_API_ENDPOINT or _REGION,"
+                " or the proxy in HTTP_PROXY)"
+            )
+            refused = proxy.refused
+            await until(lambda: proxy.refused > refused)  # the probe's request, refused too
+            assert not gate.is_open
+            assert not task.done()
+            assert sim.state.arrived == 0
+            assert proxy.tunnels == []
+            assert "stale-password" not in repr(logs)
+        finally:
+            task.cancel()
+            await gate.close()
+            await client.close()
 
 
 SHORT_BUDGET = RetryPolicy(max_attempts=1000, max_elapsed_s=0.3, base_delay_s=0.002, max_delay_s=0.01)

@@ -15,6 +15,7 @@ connection refused / DNS / connect timeout   ``ApiTransientError(connect_failure
 read timeout, dropped connection             ``ApiTransientError(ambiguous=True)``
 408, 429 (+``Retry-After``), 500/502/503/504  ``ApiTransientError``
 401, 403                                     ``ApiAuthError`` (systemic)
+407 (an egress proxy's, never the API's)     ``ApiTransientError(connect_failure=True)``
 2xx with an unreadable body                  ``ApiTransientError(ambiguous=True)``
 other 3xx/4xx/5xx, 2xx with another code     ``ApiRejected``
 =========================================  ===========================================
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
@@ -60,6 +63,10 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: timed out on its backend): the change may have been made. 408, 429 and 503 say it was not.
 AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
 AUTH_STATUSES = frozenset({401, 403})
+#: An HTTP forward proxy's refusal (``HTTP_PROXY`` with an ``http://`` endpoint; through an HTTPS
+#: tunnel it is a connect error): the request never reached the API. It was ``rejected``, every
+#: event dead-lettered while the proxy's password was being rotated.
+PROXY_REFUSED = 407
 _ERROR_TEXT_LIMIT = 500
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 #: X-Request-Id values: unique per attempt, not secret; the PRNG avoids a syscall per request.
@@ -115,6 +122,20 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when.tzinfo is None:  # "-0000": UTC, not the local time naive datetimes stand for
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+#: Where the HTTP client takes a proxy from, as reqwest reads them when the client is built: the
+#: scheme's own variable (upper case before lower), else ALL_PROXY. NO_PROXY exempts hosts.
+_PROXY_VARIABLES = {
+    "https": ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"),
+    "http": ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"),
+}
+
+
+def proxy_variable(scheme: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The name of the variable whose proxy calls to a ``scheme`` URL go through (NO_PROXY may
+    still exempt the API's host). The name only: the value may hold the proxy's password."""
+    return next((name for name in _PROXY_VARIABLES.get(scheme, ()) if environ.get(name)), None)
 
 
 def _build_client(settings: WorkerSettings) -> Client:
@@ -245,9 +266,20 @@ class CocApiClient:
         self._metrics = metrics or Metrics()
         self._credentials = self._load_credentials()
         self._client: Client | None = None
+        #: The variable naming the egress proxy the calls go through, if any (``proxy_variable``).
+        self.proxy_variable: str | None = None
 
     async def start(self) -> None:
         self._client = _build_client(self._settings)
+        # Read by the client as it was built: said once, since a proxy that refuses the tunnel
+        # looks like an API that cannot be reached.
+        self.proxy_variable = proxy_variable(urlsplit(self._origin).scheme)
+        if self.proxy_variable is not None:
+            log.info(
+                "api_through_proxy",
+                variable=self.proxy_variable,
+                no_proxy=os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or None,
+            )
         try:  # built, not sent: what the client refuses would otherwise fail every event
             self._client.request("GET", self._origin + self._prefix + "/").build()
         except ValueError as exc:
@@ -382,7 +414,7 @@ class CocApiClient:
         For credentials that may change tickets but not read them, which ``probe`` cannot tell
         from refused ones. Raises like ``probe``."""
         status, payload, retry_after, _ = await self._send("PUT", request_path(ticket_id), b"{}", {})
-        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
+        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES or status == PROXY_REFUSED:
             raise self._classify_failure(status, self._parse(payload), retry_after)
 
     async def show_ticket(self, ticket_id: str) -> dict[str, Any] | None:
@@ -397,7 +429,7 @@ class CocApiClient:
     async def _get_ticket(self, ticket_id: str) -> bytes:
         """A signed GET of the ticket: its body, unless the answer is an auth or retryable failure."""
         status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
-        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES:
+        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES or status == PROXY_REFUSED:
             raise self._classify_failure(status, self._parse(payload), retry_after)
         return payload
 
@@ -413,6 +445,12 @@ class CocApiClient:
     def _classify_failure(
         status: int, parsed: UpdateTicketResponse | None, retry_after_header: str | None
     ) -> ApiTransientError | ApiAuthError | ApiRejected:
+        if status == PROXY_REFUSED:
+            return ApiTransientError(
+                "the egress proxy refused the request (HTTP 407: proxy authorization required)",
+                http_status=status,
+                connect_failure=True,
+            )
         code = _code(parsed)
         message = _short(parsed.error_msg) if parsed else None
         if status in AUTH_STATUSES:

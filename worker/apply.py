@@ -235,9 +235,14 @@ class ApiCaller:
                 await self._client.probe(ticket_id)
             self._reachability.reached()
 
-        # Where it tried, and the setting that says so: a wrong endpoint is a likely cause.
+        # Where it tried, and the settings that say so: a wrong endpoint is a likely cause, and so
+        # is an egress proxy that refuses the tunnel (its reason is in ``detail``).
         where = self._client.base_url
-        self._gate.trip(ApiUnreachable(f"{detail} ({where}: COC_WORKER_API_ENDPOINT or _REGION)"), probe)
+        proxy = self._client.proxy_variable
+        through = f", or the proxy in {proxy}" if proxy else ""
+        self._gate.trip(
+            ApiUnreachable(f"{detail} ({where}: COC_WORKER_API_ENDPOINT or _REGION{through})"), probe
+        )
 
     async def _attempt(
         self,
