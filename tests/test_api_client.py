@@ -951,6 +951,21 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         ("https", {"https_proxy": "http://q:3128", "ALL_PROXY": "http://r:3128"}, "https_proxy"),
         ("https", {"HTTP_PROXY": "http://p:3128", "all_proxy": "http://r:3128"}, "all_proxy"),
         ("https", {"HTTP_PROXY": "http://p:3128", "HTTPS_PROXY": ""}, None),
+        # Set but empty, the upper case still wins its pair: the lower case is not read.
+        ("https", {"HTTPS_PROXY": "", "https_proxy": "http://q:3128"}, None),
+        ("https", {"HTTPS_PROXY": "", "all_proxy": "http://r:3128"}, "all_proxy"),
+        ("https", {"HTTPS_PROXY": "q:3128"}, "HTTPS_PROXY"),  # no scheme: http
+        ("https", {"HTTPS_PROXY": "socks5h://q:1080"}, "HTTPS_PROXY"),
+        ("https", {"HTTPS_PROXY": "ftp://q:21", "ALL_PROXY": "http://r:3128"}, "ALL_PROXY"),
+        ("https", {"HTTPS_PROXY": "http://p:3128", "REQUEST_METHOD": "GET"}, None),
+        ("https", {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": ".example.com"}, None),
+        ("https", {"HTTPS_PROXY": "http://p:3128", "no_proxy": "api.example.com"}, None),
+        ("https", {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "", "no_proxy": "*"}, "HTTPS_PROXY"),
+        (
+            "https",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "ample.com,api.example.com:443"},
+            "HTTPS_PROXY",
+        ),
         ("http", {"HTTPS_PROXY": "http://p:3128", "http_proxy": "http://q:3128"}, "http_proxy"),
         ("http", {}, None),
     ],
@@ -958,7 +973,67 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_the_proxy_variable_is_the_one_the_http_client_reads(
     scheme: str, env: dict[str, str], expected: str | None
 ) -> None:
-    assert api_client_module.proxy_variable(scheme, env) == expected
+    assert api_client_module.proxy_variable(scheme, "api.example.com", env) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "no_proxy", "exempt"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "10.0.0.0/8, 127.0.0.0/8", True),
+        ("127.0.0.1", "*", False),  # "*" is a name entry: an address is matched by addresses only
+        ("::1", "::1", True),
+        ("api.example.com", "*", True),
+        ("api.example.com", "example.com", True),
+        ("api.example.com", ".EXAMPLE.com", True),
+        ("example.com", ".example.com", True),
+        ("api.example.com", "ample.com", False),
+        ("api.example.com", "api.example.com:443", False),
+        ("api.example.com", " , other.org ,", False),
+    ],
+)
+def test_no_proxy_rules(host: str, no_proxy: str, exempt: bool) -> None:
+    assert api_client_module.no_proxy_exempts(host, no_proxy) is exempt
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HTTP_PROXY": "{proxy}"}, "HTTP_PROXY"),
+        ({"HTTP_PROXY": "", "http_proxy": "{proxy}"}, None),
+        ({"HTTP_PROXY": "", "ALL_PROXY": "{proxy}"}, "ALL_PROXY"),
+        ({"HTTP_PROXY": "ftp://127.0.0.1:1", "all_proxy": "{proxy}"}, "all_proxy"),
+        ({"http_proxy": "{address}"}, "http_proxy"),
+        ({"HTTP_PROXY": "{proxy}", "NO_PROXY": "127.0.0.0/8"}, None),
+        ({"HTTP_PROXY": "{proxy}", "NO_PROXY": "*"}, "HTTP_PROXY"),
+        ({"HTTP_PROXY": "{proxy}", "NO_PROXY": "", "no_proxy": "127.0.0.1"}, "HTTP_PROXY"),
+        ({"HTTP_PROXY": "{proxy}", "NO_PROXY": "127.0.0.1:{port}"}, "HTTP_PROXY"),
+        ({"HTTP_PROXY": "{proxy}", "REQUEST_METHOD": "GET"}, None),
+    ],
+)
+async def test_the_proxy_variable_named_is_the_proxy_the_client_uses(
+    env: dict[str, str], expected: str | None, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The variable the worker names (its log, its pause) is checked against the HTTP client's own
+    choice: a call through the proxy is refused there (407), a direct one reaches the API."""
+    async with serving(Stub()) as stub, serving_proxy(PROXY_USER, PROXY_PASSWORD) as proxy:
+        port = stub.url.rpartition(":")[2]
+        values = {"proxy": proxy.url, "address": proxy.url.removeprefix("http://"), "port": port}
+        no_proxy_env.delenv("REQUEST_METHOD", raising=False)
+        for name, value in env.items():
+            no_proxy_env.setenv(name, value.format(**values))
+        async with running(settings(stub.url)) as client:
+            assert client.proxy_variable == expected
+            outcome = await asyncio.gather(put(client), return_exceptions=True)
+        through_proxy = expected is not None
+        if through_proxy:
+            [refused] = outcome
+            assert isinstance(refused, ApiTransientError)
+            assert refused.http_status == 407
+        else:
+            assert [r.http_status for r in outcome if isinstance(r, ApiResponse)] == [200]
+        assert proxy.refused == (1 if through_proxy else 0)
+        assert len(stub.seen) == (0 if through_proxy else 1)
 
 
 async def test_calls_go_through_the_egress_proxy_of_https_proxy(
@@ -993,8 +1068,8 @@ async def test_no_proxy_exempts_the_api_from_the_proxy(no_proxy_env: pytest.Monk
         assert proxy.tunnels == []
         assert proxy.refused == 0
         assert len(stub.seen) == 1
-        # Said all the same, with the exemptions: which of the two applies is the operator's reading.
-        assert [(e["variable"], e["no_proxy"]) for e in logs] == [("HTTP_PROXY", "127.0.0.1")]
+        assert client.proxy_variable is None  # nothing said of a proxy the calls do not use
+        assert [e for e in logs if e["event"] == "api_through_proxy"] == []
 
 
 async def test_a_proxy_that_refuses_the_tunnel_is_a_connect_failure_with_its_reason(

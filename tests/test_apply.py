@@ -523,7 +523,7 @@ async def test_a_pause_behind_an_egress_proxy_names_the_proxy_variable(
                 await until(lambda: gate.causes == ["api_unreachable"])
             [paused] = [e for e in logs if e["event"] == "worker_paused"]
             assert paused["detail"] == (
-                "the egress proxy refused the request (HTTP 407: proxy authorization required)"
+                "a proxy refused the request (HTTP 407: proxy authorization required)"
                 f" (http://127.0.0.1:{sim.config.port}: COC_WORKER_API_ENDPOINT or _REGION,"
                 " or the proxy in HTTP_PROXY)"
             )

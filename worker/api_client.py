@@ -15,7 +15,7 @@ connection refused / DNS / connect timeout   ``ApiTransientError(connect_failure
 read timeout, dropped connection             ``ApiTransientError(ambiguous=True)``
 408, 429 (+``Retry-After``), 500/502/503/504  ``ApiTransientError``
 401, 403                                     ``ApiAuthError`` (systemic)
-407 (an egress proxy's, never the API's)     ``ApiTransientError(connect_failure=True)``
+407 (a proxy's, never the API's)            ``ApiTransientError(connect_failure=True)``
 2xx with an unreadable body                  ``ApiTransientError(ambiguous=True)``
 other 3xx/4xx/5xx, 2xx with another code     ``ApiRejected``
 =========================================  ===========================================
@@ -31,6 +31,7 @@ them, a ``PUT {}`` to a ticket no event names (``probe_write``), which changes n
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import random
@@ -124,18 +125,73 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-#: Where the HTTP client takes a proxy from, as reqwest reads them when the client is built: the
-#: scheme's own variable (upper case before lower), else ALL_PROXY. NO_PROXY exempts hosts.
+#: Where the HTTP client takes a proxy from, as reqwest (hyper-util's ``Matcher::from_env``) reads
+#: them when the client is built: the first of each pair that is set, even empty, wins its pair;
+#: the scheme's own pair first, and ALL_PROXY when its value is no proxy URL.
 _PROXY_VARIABLES = {
-    "https": ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"),
-    "http": ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"),
+    "https": (("HTTPS_PROXY", "https_proxy"), ("ALL_PROXY", "all_proxy")),
+    "http": (("HTTP_PROXY", "http_proxy"), ("ALL_PROXY", "all_proxy")),
 }
+_NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
+_PROXY_SCHEMES = frozenset({"http", "https", "socks4", "socks4a", "socks5", "socks5h"})
 
 
-def proxy_variable(scheme: str, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The name of the variable whose proxy calls to a ``scheme`` URL go through (NO_PROXY may
-    still exempt the API's host). The name only: the value may hold the proxy's password."""
-    return next((name for name in _PROXY_VARIABLES.get(scheme, ()) if environ.get(name)), None)
+def _first_set(names: tuple[str, ...], environ: Mapping[str, str]) -> str | None:
+    return next((name for name in names if name in environ), None)
+
+
+def _is_proxy_url(value: str) -> bool:
+    """What the client accepts as a proxy: a known scheme (none means http) and a host."""
+    scheme, sep, rest = value.strip().partition("://")
+    if not sep:
+        scheme, rest = "http", value.strip()
+    authority = rest.split("/", 1)[0].rpartition("@")[2]
+    return scheme.lower() in _PROXY_SCHEMES and bool(authority)
+
+
+def no_proxy_exempts(host: str, no_proxy: str) -> bool:
+    """Whether a ``NO_PROXY`` list exempts ``host``, by the client's rules: an address or a network
+    (``10.0.0.0/8``) for an address; for a name, ``*`` or a domain, which covers its subdomains,
+    with or without a leading dot. An entry with a port never matches."""
+    host = host.strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in filter(None, (part.strip() for part in no_proxy.split(","))):
+        try:
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            network = None
+        if address is not None or network is not None:
+            # An address is matched by address and network entries only ("*" is a domain entry).
+            if address is not None and network is not None and address in network:
+                return True
+            continue
+        domain, name = entry.lower(), host.lower()
+        if (
+            entry == "*"
+            or name == domain.removeprefix(".")
+            or name.endswith(domain if domain.startswith(".") else "." + domain)
+        ):
+            return True
+    return False
+
+
+def proxy_variable(scheme: str, host: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The name of the variable whose proxy the client sends calls to ``scheme://host`` through,
+    or ``None`` when it connects directly. The name only: the value may hold the proxy's password.
+    """
+    if "REQUEST_METHOD" in environ:  # a CGI environment: the client ignores every proxy variable
+        return None
+    no_proxy = _first_set(_NO_PROXY_VARIABLES, environ)
+    if no_proxy is not None and no_proxy_exempts(host, environ[no_proxy]):
+        return None
+    for pair in _PROXY_VARIABLES.get(scheme, ()):
+        name = _first_set(pair, environ)
+        if name is not None and _is_proxy_url(environ[name]):
+            return name
+    return None
 
 
 def _build_client(settings: WorkerSettings) -> Client:
@@ -273,12 +329,14 @@ class CocApiClient:
         self._client = _build_client(self._settings)
         # Read by the client as it was built: said once, since a proxy that refuses the tunnel
         # looks like an API that cannot be reached.
-        self.proxy_variable = proxy_variable(urlsplit(self._origin).scheme)
+        origin = urlsplit(self._origin)
+        self.proxy_variable = proxy_variable(origin.scheme, origin.hostname or "")
         if self.proxy_variable is not None:
+            no_proxy = _first_set(_NO_PROXY_VARIABLES, os.environ)
             log.info(
                 "api_through_proxy",
                 variable=self.proxy_variable,
-                no_proxy=os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or None,
+                no_proxy=os.environ[no_proxy] if no_proxy else None,
             )
         try:  # built, not sent: what the client refuses would otherwise fail every event
             self._client.request("GET", self._origin + self._prefix + "/").build()
@@ -447,7 +505,7 @@ class CocApiClient:
     ) -> ApiTransientError | ApiAuthError | ApiRejected:
         if status == PROXY_REFUSED:
             return ApiTransientError(
-                "the egress proxy refused the request (HTTP 407: proxy authorization required)",
+                "a proxy refused the request (HTTP 407: proxy authorization required)",
                 http_status=status,
                 connect_failure=True,
             )
