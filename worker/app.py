@@ -141,6 +141,9 @@ class Worker:
             settings, self.metrics.registry, self.status, self._ingress.routes() if self._ingress else None
         )
         self._assigned: set[PartitionKey] | None = None
+        #: The group's committed offset of each assigned partition (``None``: the group has none),
+        #: the lag's base until this member commits it.
+        self._group_committed: dict[PartitionKey, int | None] = {}
         self._broker_answered = False  # the last metadata request was answered (``_check_health``)
         self._fetch_failing = False  # the last fetch failed (``_poll``)
         #: setting -> topic, of the three the broker's last metadata did not list (``_check_health``)
@@ -501,10 +504,31 @@ class Worker:
             self._note_missing_topics(listed)
             if self._topics_missing and self.settings.create_topics:
                 await self._create_missing_topics()
-        for key in self._assigned or set():
+        await self._report_lag()
+
+    async def _report_lag(self) -> None:
+        """Lag from this member's last commit or, before its first one, from the group's: without
+        that base a restarted pod reported no lag for a backlog it could not work off (the API
+        away), and each partition's lag came back only after its first commit."""
+        for key in list(self._assigned or ()):
             high = self._consumer.highwater(key)
+            if high is None:
+                continue
             position = self._offsets.committed_position(key)
-            if high is not None and position is not None:
+            if position is None:
+                if key not in self._group_committed:
+                    if not self._broker_answered:
+                        continue  # the lookup would wait out its timeout, holding readiness back
+                    try:
+                        found = await self._consumer.group_committed(key)
+                    except BrokerUnavailable:
+                        return  # the broker check above says so; asked again on the next round
+                    if key not in (self._assigned or ()):
+                        continue  # revoked meanwhile: its lag is another member's now
+                    # Fixed for this assignment: only this member commits the partition now.
+                    self._group_committed[key] = found
+                position = self._group_committed[key]
+            if position is not None:
                 self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
 
     def _note_missing_topics(self, listed: set[str]) -> None:
@@ -631,6 +655,7 @@ class Worker:
         self._offsets.drop(partitions)
         for key in partitions:
             self._rewinding.pop(key, None)
+            self._group_committed.pop(key, None)
         # Its tail is dropped with its offsets: held on, a partition assigned back at once (eager
         # rebalances revoke everything first) would never have a job left to release it.
         self._consumer.forget_held(partitions)
@@ -644,6 +669,7 @@ class Worker:
     async def on_assigned(self, partitions: set[PartitionKey]) -> None:
         for key in partitions:
             self._offsets.assign(key)
+            self._group_committed.pop(key, None)  # another member may have committed it since
         self._assigned = set(partitions)
         self._consumer.reapply_pause()
         log.info("partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in partitions))

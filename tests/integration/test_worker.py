@@ -464,6 +464,43 @@ async def test_health_and_metrics_endpoints(
     assert "coc_worker_api_request_seconds_bucket" in text
 
 
+async def test_a_restarted_worker_reports_the_lag_of_partitions_it_has_taken_nothing_from(
+    broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
+) -> None:
+    """The lag was exported only once this pod had committed a partition itself, which it does only
+    after taking a message there: after a restart an idle partition had no lag series (0 was not
+    said; the sum across pods jumped whenever one appeared or went). Before its own first commit
+    the base is the group's; a backlog then reads as its size."""
+    first = [e for n in range(8) for e in ticket_script(f"CML{n:03d}", subs=1)]
+    settings = make_settings()
+    async with running_worker(settings):
+        await send(broker.bootstrap, topics["input"], first)
+        await read_json(broker.bootstrap, topics["results"], len(first))
+
+        async def all_committed() -> bool:
+            found = await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 4)
+            return sum(max(0, offset) for offset in found.values()) == len(first)
+
+        await until(all_committed, timeout_s=20, every_s=0.1)
+    found = await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 4)
+    with_commits = {str(partition) for partition, offset in found.items() if offset > 0}
+
+    def lag(worker: Worker) -> dict[str, float]:
+        [metric] = [m for m in worker.metrics.registry.collect() if m.name == "coc_worker_consumer_lag"]
+        return {sample.labels["partition"]: sample.value for sample in metric.samples}
+
+    async with running_worker(settings) as worker:
+        await until(lambda: set(lag(worker)) == with_commits, 20, 0.05, what="every partition's lag")
+        assert set(lag(worker).values()) == {0.0}
+    backlog = [e for n in range(6) for e in ticket_script(f"CMB{n:03d}", subs=1)]
+    await send(broker.bootstrap, topics["input"], backlog)
+    down = make_settings(api_endpoint=f"http://127.0.0.1:{free_port()}", api_unreachable_threshold_s=0.3)
+    async with running_worker(down) as worker:
+        await until(lambda: worker.status()["paused_by"] == ["api_unreachable"], 20, 0.02, what="the pause")
+        await until(lambda: sum(lag(worker).values()) == len(backlog), 20, 0.05, what="the backlog's lag")
+    assert len(simulator.state.applied_log) == len(first)
+
+
 async def test_offsets_are_committed_only_over_finished_work(
     broker: TansuBroker,
     topics: dict[str, str],
