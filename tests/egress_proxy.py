@@ -13,6 +13,21 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import pytest
+
+#: Every variable the HTTP client reads a proxy from, and CGI's, which turns them all off.
+PROXY_ENV = (
+    "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+    "NO_PROXY", "no_proxy", "REQUEST_METHOD",
+)  # fmt: skip
+
+
+def clear_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The test's own proxy variables only, not the machine's."""
+    for name in PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
 
 @dataclass
 class ConnectProxy:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from egress_proxy import serving_proxy
+from egress_proxy import clear_proxy_env, serving_proxy
 from multidict import CIMultiDict
 from pyreqwest import exceptions as http_errors
 from services import service_missing
@@ -933,15 +933,11 @@ async def test_an_http_client_that_cannot_start_without_a_ca_file_names_no_ca_fi
 
 PROXY_USER = "coc-worker"
 PROXY_PASSWORD = "egress-proxy-password-0001"
-_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 @pytest.fixture
 def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """The test's own proxy variables only, not the machine's."""
-    for name in (*_PROXY_ENV, "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    return clear_proxy_env(monkeypatch)
 
 
 @pytest.mark.parametrize(
@@ -1019,7 +1015,6 @@ async def test_the_proxy_variable_named_is_the_proxy_the_client_uses(
     async with serving(Stub()) as stub, serving_proxy(PROXY_USER, PROXY_PASSWORD) as proxy:
         port = stub.url.rpartition(":")[2]
         values = {"proxy": proxy.url, "address": proxy.url.removeprefix("http://"), "port": port}
-        no_proxy_env.delenv("REQUEST_METHOD", raising=False)
         for name, value in env.items():
             no_proxy_env.setenv(name, value.format(**values))
         async with running(settings(stub.url)) as client:
@@ -1073,7 +1068,7 @@ async def test_no_proxy_exempts_the_api_from_the_proxy(no_proxy_env: pytest.Monk
 
 
 async def test_a_proxy_that_refuses_the_tunnel_is_a_connect_failure_with_its_reason(
-    private_ca: PrivateCa, no_proxy_env: pytest.MonkeyPatch
+    no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     """A wrong proxy password: never sent to the API, so a connect failure (the worker pauses as
     unreachable, the event's budget untouched), with the proxy's own reason and without the

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from egress_proxy import serving_proxy
+from egress_proxy import clear_proxy_env, serving_proxy
 from huaweicloudsdkcoc.v1 import CocTicketDetailInfoResponseData, CocTicketDetailInfoResponseDataSubTickets
 from structlog.testing import capture_logs
 from waiting import until
@@ -503,8 +503,7 @@ async def test_a_pause_behind_an_egress_proxy_names_the_proxy_variable(
     pauses the worker as unreachable, naming the proxy's variable beside the API's settings, with
     the proxy's reason and not its password, and the probe does not take a 407 for an answer."""
     password = "egress-proxy-password-0001"
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    clear_proxy_env(monkeypatch)
     metrics = Metrics()
     gate = Gate(metrics, probe_base_s=0.01, probe_max_s=0.05)
     sim = make_sim(free_port())

@@ -68,6 +68,9 @@ AUTH_STATUSES = frozenset({401, 403})
 #: tunnel it is a connect error): the request never reached the API. It was ``rejected``, every
 #: event dead-lettered while the proxy's password was being rotated.
 PROXY_REFUSED = 407
+#: Statuses that say nothing of the ticket (credentials refused, a failure to retry, a proxy's
+#: refusal): a probe or a read raises on them, and takes any other answer for one.
+_NOT_AN_ANSWER = AUTH_STATUSES | RETRYABLE_STATUSES | {PROXY_REFUSED}
 _ERROR_TEXT_LIMIT = 500
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 #: X-Request-Id values: unique per attempt, not secret; the PRNG avoids a syscall per request.
@@ -142,9 +145,10 @@ def _first_set(names: tuple[str, ...], environ: Mapping[str, str]) -> str | None
 
 def _is_proxy_url(value: str) -> bool:
     """What the client accepts as a proxy: a known scheme (none means http) and a host."""
-    scheme, sep, rest = value.strip().partition("://")
+    value = value.strip()
+    scheme, sep, rest = value.partition("://")
     if not sep:
-        scheme, rest = "http", value.strip()
+        scheme, rest = "http", value
     authority = rest.split("/", 1)[0].rpartition("@")[2]
     return scheme.lower() in _PROXY_SCHEMES and bool(authority)
 
@@ -472,7 +476,7 @@ class CocApiClient:
         For credentials that may change tickets but not read them, which ``probe`` cannot tell
         from refused ones. Raises like ``probe``."""
         status, payload, retry_after, _ = await self._send("PUT", request_path(ticket_id), b"{}", {})
-        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES or status == PROXY_REFUSED:
+        if status in _NOT_AN_ANSWER:
             raise self._classify_failure(status, self._parse(payload), retry_after)
 
     async def show_ticket(self, ticket_id: str) -> dict[str, Any] | None:
@@ -487,7 +491,7 @@ class CocApiClient:
     async def _get_ticket(self, ticket_id: str) -> bytes:
         """A signed GET of the ticket: its body, unless the answer is an auth or retryable failure."""
         status, payload, retry_after, _ = await self._send("GET", request_path(ticket_id), b"", {})
-        if status in AUTH_STATUSES or status in RETRYABLE_STATUSES or status == PROXY_REFUSED:
+        if status in _NOT_AN_ANSWER:
             raise self._classify_failure(status, self._parse(payload), retry_after)
         return payload
 

@@ -404,12 +404,7 @@ class Consumer:
         """The offset the group last committed for a partition (by this member's predecessor), or
         ``None`` when it has none. Bounded, since aiokafka retries the lookup for as long as the
         broker is away; raises ``BrokerUnavailable`` then."""
-        try:
-            offset = await asyncio.wait_for(self._consumer.committed(TopicPartition(*key)), timeout_s)
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"committed offset lookup failed: {type(exc).__name__}") from exc
-        except TimeoutError:
-            raise BrokerUnavailable(f"committed offset not answered within {timeout_s:g} s") from None
+        offset = await broker_answers(self._consumer.committed(TopicPartition(*key)), timeout_s)
         return int(offset) if offset is not None and offset >= 0 else None
 
     async def ping(self, timeout_s: float = 3.0) -> set[str]:
