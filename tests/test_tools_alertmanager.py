@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import re
 from typing import Any
 
 import pytest
 
-from schemas.events import CHANGE_EVENT_ADAPTER, ChangeFailed
+from schemas.events import CHANGE_EVENT_ADAPTER, EVENT_ID_PATTERN, ChangeFailed
 from worker.tools.alertmanager import Notification, event_id, to_events
 
 MAX = 1 << 20  # COC_WORKER_MAX_EVENT_BYTES
@@ -84,6 +87,54 @@ def test_the_event_id_is_stable_per_alert_instance() -> None:
     unprinted = notification(fingerprint=None).alerts[0]
     assert event_id(unprinted) == event_id(notification(fingerprint="not hex!").alerts[0])
     assert CHANGE_EVENT_ADAPTER.validate_python(to_events(notification(fingerprint="x" * 500), MAX)[0][0])
+
+
+def test_a_change_named_by_annotations_is_part_of_the_event_id() -> None:
+    """The fingerprint hashes the labels only. A deploy system reinstalled a rule with a new
+    ``ticket_id`` annotation while its alert kept firing (Prometheus keeps ``startsAt``): the new
+    change's failure got the old one's event_id, and the worker marked it ``event_id_reused``."""
+    labels = {"alertname": "HighErrorRate", "severity": "critical"}
+    ids = {
+        event_id(
+            notification(labels=labels, annotations={"ticket_id": ticket, "sub_ticket_id": sub}).alerts[0]
+        )
+        for ticket, sub in (("CM1", "s1"), ("CM2", "s1"), ("CM1", "s2"))
+    }
+    assert len(ids) == 3
+    again = notification(
+        labels=labels, annotations={"ticket_id": "CM1", "sub_ticket_id": "s1", "summary": "x"}
+    )
+    assert event_id(again.alerts[0]) in ids  # the same alert notified again: the same event
+    half = notification(labels={**labels, "ticket_id": "CM1"}, annotations={"sub_ticket_id": "s1"})
+    other_half = notification(labels={**labels, "ticket_id": "CM1"}, annotations={"sub_ticket_id": "s2"})
+    assert event_id(half.alerts[0]) != event_id(other_half.alerts[0])
+    [event], _ = to_events(
+        notification(labels=labels, annotations={"ticket_id": "CM1", "sub_ticket_id": "s1"}), MAX
+    )
+    assert event["event_id"].startswith("am-1a30ba71cca2921f.")
+    assert event["event_id"].endswith("-1675688925828")
+    # The longest there is (a 64-digit fingerprint, a start time 16 characters long) fits the contract.
+    widest = notification(
+        labels=labels,
+        annotations={"ticket_id": "C" * 64, "sub_ticket_id": "s" * 64},
+        fingerprint="f" * 64,
+        startsAt="0001-01-01T00:00:00Z",
+    )
+    [event], _ = to_events(widest, MAX)
+    assert re.fullmatch(EVENT_ID_PATTERN, event["event_id"]) is not None
+    assert CHANGE_EVENT_ADAPTER.validate_python(event)
+
+
+def test_the_event_id_of_a_label_only_alert_is_as_it_always_was() -> None:
+    """Deployed rules that name their change with labels keep their ids (an id that changed would
+    apply an alert already applied once more): ``am-<fingerprint>-<startsAt in epoch ms>``."""
+    assert event_id(notification().alerts[0]) == "am-1a30ba71cca2921f-1675688925828"
+    labelled = notification(annotations={"ticket_id": "CM9", "sub_ticket_id": "s9"})  # labels win
+    assert event_id(labelled.alerts[0]) == "am-1a30ba71cca2921f-1675688925828"
+    unprinted = notification(fingerprint=None).alerts[0]
+    labels = json.dumps(sorted(unprinted.labels.items()), ensure_ascii=True)
+    ours = hashlib.sha256(labels.encode()).hexdigest()[:16]
+    assert event_id(unprinted) == f"am-{ours}-1675688925828"
 
 
 def test_labels_may_be_annotations_and_the_fail_type_is_carried() -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 
 from worker.cli import main
 from worker.consumer import Message
-from worker.publisher import DeadLetter, dead_letter_headers
+from worker.publisher import DeadLetter, Publisher, dead_letter_headers
+from worker.settings import load_settings
 from worker.tools.dlq import DeadLetterRecord, Selection, _refusal, list_header, list_row, replay_headers
 from worker.tools.kafka_io import Delivered, OutRecord, PartialWrite
 
@@ -295,3 +298,87 @@ def test_a_replay_goes_on_when_its_output_is_cut(
     assert main(["dlq", "replay", "--all", *_replay_kafka()]) == 0
     assert len(producer.event_ids()) == 600
     assert "replayed 600 of 600 record(s)" in capsys.readouterr().err
+
+
+def test_a_dead_letter_is_listed_and_chosen_by_its_events_ticket_not_its_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the worker reads it: the value's ticket_id, the key only when the value names none.
+    Almost any key is a valid ticket id, so the key came first: a record keyed ``svc-payments`` of
+    ticket CMB was listed as ``svc-payments``, ``--ticket CMB`` chose nothing and
+    ``--ticket svc-payments`` replayed other tickets' events."""
+    value = json.dumps({**EVENT, "ticket_id": "CMB"}).encode()
+    record = DeadLetterRecord.from_message(dead_letter(value=value, key=b"svc-payments"), 1 << 20)
+    assert record.ticket_id == "CMB"
+    assert record.as_json()["ticket_id"] == "CMB"
+    assert " CMB " in list_row(record)
+    assert Selection(tickets=frozenset({"CMB"})).matches(record)
+    assert not Selection(tickets=frozenset({"svc-payments"})).matches(record)
+    # A value that names no valid ticket: the key still says whose event it was.
+    broken = DeadLetterRecord.from_message(dead_letter(value=b"{", key=b"CM9", status="invalid"), 1 << 20)
+    assert broken.ticket_id == "CM9"
+
+    letter = dead_letter(value=value, key=b"svc-payments")
+    producer = _Accepts()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic([letter]))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    assert main(["dlq", "replay", "--ticket", "svc-payments", *_replay_kafka()]) == 0
+    assert producer.sent == []
+    assert main(["dlq", "replay", "--ticket", "CMB", *_replay_kafka()]) == 0
+    assert producer.event_ids() == [("in", "e1")]
+    assert "ticket=CMB" in capsys.readouterr().out
+
+
+def _written_without_its_headers(letter: DeadLetter, monkeypatch: pytest.MonkeyPatch) -> Message:
+    """The record the dead-letter writer makes of ``letter`` when the input's own headers are too
+    large: the broker refuses every record that still carries them."""
+    written: list[Message] = []
+
+    async def send(topic: str, *, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> Any:
+        if any(k.startswith("origin") for k, _ in headers):
+            raise MessageSizeTooLargeError()
+        written.append(Message(topic, 0, 9, key, value, headers, 0))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def write() -> None:
+        publisher = Publisher(load_settings())
+        monkeypatch.setattr(publisher._producer, "send", send)
+        try:
+            await publisher._deliver_dead_letter(letter, TRACEPARENT)
+        finally:
+            await publisher.stop()
+
+    asyncio.run(write())  # not an async test: ``main`` below runs its own event loop
+    [record] = written
+    return record
+
+
+def test_a_dead_letter_written_without_its_producers_headers_is_never_replayed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The writer's third size step keeps key and value but leaves out the input's own headers
+    (``coc-dlq-headers-dropped``). Replayed, the event reached the input stripped of its
+    producer's headers and nothing said so."""
+    value = json.dumps(EVENT).encode()
+    headers = [("origin", b"x" * 2_000_000), ("origin-2", b"ci")]
+    letter = DeadLetter(b"CM1", value, headers, "rejected", "api_rejected", "d", "in", 2, 40, "e1")
+    message = _written_without_its_headers(letter, monkeypatch)
+    assert (message.key, message.value, dict(message.headers)["coc-dlq-headers-dropped"]) == (
+        b"CM1",
+        value,
+        b"2",
+    )
+    record = DeadLetterRecord.from_message(message, 1 << 20)
+    assert record.cut == "the dead-letter writer left out its 2 producer header(s) (too large)"
+    assert record.as_json()["cut"] == record.cut
+    assert _refusal(record, "in", from_any_topic=True) == f"{record.cut}; the whole message is at in/2/40"
+
+    producer = _Accepts()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic([message]))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    assert main(["dlq", "replay", "--all", *_replay_kafka()]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith("NOT replayable 0/9 rejected api_rejected ticket=CM1 event=e1: the dead-letter")
+    assert producer.sent == []

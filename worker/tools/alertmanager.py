@@ -4,8 +4,9 @@ Alertmanager POSTs a group of alerts (``{"version": "4", "status", "alerts": [{"
 "annotations", "startsAt", "endsAt", "fingerprint", ...}], ...}``). Each *firing* alert that
 names a change through ``ticket_id`` and ``sub_ticket_id`` (labels, else annotations) becomes a
 ``change.failed`` event with ``result.is_monitor_found = true``. Its ``event_id`` is derived from
-the alert's fingerprint and start time, so the same alert notified again (``repeat_interval``, a
-retried POST, several Alertmanager replicas) is the same event and the worker applies it once.
+the alert's fingerprint and start time (and the change, when an annotation names it), so the same
+alert notified again (``repeat_interval``, a retried POST, several Alertmanager replicas) is the
+same event and the worker applies it once.
 Resolved alerts and alerts without the labels are skipped and reported, never an error: a 4xx
 would only make Alertmanager retry a notification that can never succeed. A firing alert that names
 a change but would make an invalid event is skipped as ``invalid``: the ingress logs a warning for
@@ -129,14 +130,26 @@ def _started(alert: Alert) -> datetime | None:
         return None
 
 
+def _change_of(alert: Alert) -> str:
+    """``.<hash of ticket_id and sub_ticket_id>`` when either comes from an annotation, else "".
+
+    The fingerprint hashes the labels only: a rule reinstalled with a new ``ticket_id`` annotation
+    while its alert keeps firing keeps ``startsAt`` too, and the new change's failure got the old
+    one's id (``event_id_reused``, the report lost). Label-only alerts keep the ids they had."""
+    if alert.labels.get(TICKET_LABEL) and alert.labels.get(SUB_TICKET_LABEL):
+        return ""
+    change = json.dumps([_lookup(alert, TICKET_LABEL), _lookup(alert, SUB_TICKET_LABEL)])
+    return "." + hashlib.sha256(change.encode()).hexdigest()[:16]
+
+
 def event_id(alert: Alert) -> str:
-    """Stable per alert instance: the same fingerprint and start time give the same id."""
+    """Stable per alert instance: the same fingerprint, change and start time give the same id."""
     started = _started(alert)
     if started is not None:
         stamp = str(int(started.timestamp() * 1000))
     else:
         stamp = hashlib.sha256((alert.startsAt or "").encode()).hexdigest()[:12]
-    return f"am-{_fingerprint(alert)}-{stamp}"
+    return f"am-{_fingerprint(alert)}{_change_of(alert)}-{stamp}"
 
 
 def _comment(alert: Alert) -> str:

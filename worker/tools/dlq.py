@@ -10,10 +10,11 @@ rejected because the ticket was not ready, replayed once the ticket is fixed, en
 Only records present when the command starts are read (a replay that is rejected again lands in
 the DLQ again, and must not be picked up by the same run). For the same reason one run sends one
 copy of a message (its key and value bytes): an event replayed and rejected again has two records
-in the DLQ, and sending both on the next run would double them on every run. A record the dead-letter writer had to cut
-(too large for the DLQ) is never sent: its bytes are no longer the event; the headers say where the
-whole message still is. A record that came from another topic than the target is not sent either
-(``--to-topic`` names the target; ``--from-any-topic`` sends such records all the same, for a
+in the DLQ, and sending both on the next run would double them on every run. A record the
+dead-letter writer had to cut (too large for the DLQ: its value cut, its producer's headers left
+out, or its key and value dropped) is never sent: it is no longer the event; the headers say where
+the whole message still is. A record that came from another topic than the target is not sent
+either (``--to-topic`` names the target; ``--from-any-topic`` sends such records all the same, for a
 renamed input topic), nor one the worker did not write (no ``coc-dlq-*`` headers) or one without a
 value. The replay goes on when its output's reader goes away (``| head``): stopped there, it left
 the rest unsent with the user none the wiser.
@@ -72,7 +73,10 @@ class DeadLetterRecord:
             if k.startswith(DLQ_HEADER_PREFIX)
         }
         identity = salvage_identity(message.value, max_event_bytes)
-        ticket = ticket_of_key(message.key) or identity["ticket_id"]
+        # As the worker reads it (``decode_or_salvage``): the value's ticket, the key only when the
+        # value names none. Almost any key is a valid ticket id, so the key first listed and
+        # selected a record keyed ``svc-payments`` under that name instead of its event's ticket.
+        ticket = identity["ticket_id"] or ticket_of_key(message.key)
         source = "/".join(
             dlq.get(name, "?") for name in ("source-topic", "source-partition", "source-offset")
         )
@@ -89,6 +93,11 @@ class DeadLetterRecord:
         elif "value-truncated-from" in dlq:
             kept = len(message.value) if message.value is not None else 0
             cut = f"the dead-letter writer cut its value to {kept} of {dlq['value-truncated-from']} bytes"
+        elif "headers-dropped" in dlq:
+            # Sent, the event would reach the input without its producer's headers, silently.
+            cut = (
+                f"the dead-letter writer left out its {dlq['headers-dropped']} producer header(s) (too large)"
+            )
         return cls(
             message=message,
             status=dlq.get("status", "?"),
