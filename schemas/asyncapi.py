@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas.events import SCHEMA_VERSION, TICKET_ID_PATTERN
 from schemas.export import JSON_DIR
-from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
+from schemas.outcomes import DEAD_LETTER_STATUSES, REDACTED, OutcomeStatus
 
 ASYNCAPI_FILE = "asyncapi.yaml"
 EVENT_SCHEMA_FILE = "change-event.v1.schema.json"
@@ -203,8 +203,12 @@ def _messages() -> dict[str, Any]:
                 {
                     **ticket_key,
                     "type": ["string", "null"],
+                    # The outcome's own ticket_id, scrubbed there too: one that holds a secret
+                    # (a producer's mistake) keyed the record with a value this pattern refused.
+                    "pattern": f"^({TICKET_ID_PATTERN[1:-1]}|{re.escape(REDACTED)})$",
                     "description": "The ticket_id; for an invalid input whose value names none that "
-                    "could be read, its key when that is a ticket id; else null.",
+                    f"could be read, its key when that is a ticket id; else null. {REDACTED} when the "
+                    "ticket_id holds a secret (a producer's mistake), as in the outcome.",
                 }
             ),
             "examples": [

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
 OUTCOME_SCHEMA_VERSION: Literal[1] = 1
+#: What stands in for a secret wherever the worker writes: in an outcome, a field (an id, the
+#: request's text) that held one; in the logs, the secret itself.
+REDACTED = "**redacted**"
 
 
 class OutcomeStatus(StrEnum):
@@ -78,7 +81,11 @@ class OutcomeEvent(BaseModel):
     http_status: int | None = None
     error_code: str | None = None
     error_msg: str | None = None
-    request: dict[str, Any] | None = Field(default=None, description="The API request body sent.")
+    request: dict[str, Any] | None = Field(
+        default=None,
+        description="The API request body the event maps to, as sent; with attempts 0 (a change "
+        "found in place: reconciled) nothing was sent.",
+    )
     source: SourceRef
     received_at: datetime
     finished_at: datetime

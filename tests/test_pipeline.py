@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from services import forget_store, redis_store, store_redis
 from structlog.testing import capture_logs
 from waiting import until
 
+from schemas.asyncapi import asyncapi_document
 from schemas.events import CHANGE_EVENT_ADAPTER
 from schemas.outcomes import OutcomeEvent
 from worker.api_client import CocApiClient
@@ -1034,6 +1036,63 @@ async def test_a_redelivered_rejected_event_repeats_its_outcome_and_its_dead_let
     ] == [("rejected", True, "pending", 400, "GOM.00001005")]
 
 
+@pytest.mark.parametrize("second", ["applied", "rejected"])
+async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_its_own_outcome(
+    second: str,
+) -> None:
+    """A refused event's record stood under its event_id only, and the next message of that
+    event_id (its dead letter replayed, a producer's retry) replaced it. The first message, read
+    again after that (a crash while an earlier offset kept its own uncommitted), took the other's
+    record for its own: a ``duplicate`` of the retry when that was applied, a second send when it
+    was refused too. It now repeats its own outcome, and the retry's record stays."""
+    store, published = MemoryStore(), Recorder()
+    answers = _Answers("rejected")
+    pipeline, gate = _pipeline(store, answers, published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        answers.status = second
+        await pipeline.process(job(STARTED, offset=8))  # e.g. `coc-worker dlq replay`
+        await pipeline.process(job(STARTED, offset=7))  # read again
+        await pipeline.process(job(STARTED, offset=8))  # and the retry, read again
+    finally:
+        await gate.close()
+    assert answers.calls == 2
+    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
+        ("rejected", 7, False),
+        (second, 8, False),
+        ("rejected", 7, True),
+        (second, 8, True),
+    ]
+    first, _, repeat, _ = published.outcomes
+    for name in ("reason", "error_code", "error_msg", "http_status", "attempts", "request"):
+        assert repeat[name] == first[name], name
+    assert [(d.offset, d.redelivered) for d in published.letters] == (
+        [(7, False), (7, True)] if second == "applied" else [(7, False), (8, False), (7, True), (8, True)]
+    )
+    record = await store.claim("ev-1", "w9", "in/0/9", 60.0, event_target(job(STARTED).event), "t")
+    assert (record.kind, record.record.source if record.record else None) == (
+        (ClaimKind.APPLIED, "in/0/8") if second == "applied" else (ClaimKind.NEW, "in/0/8")
+    )
+
+
+async def test_a_retry_of_a_refused_event_is_sent_and_leaves_no_claim_at_its_position() -> None:
+    """The retry's own position is looked at (it may be a message read again) and given back when
+    empty: a claim left there would make the message's next reading wait out its lease."""
+    store, published = MemoryStore(), Recorder()
+    answers = _Answers("rejected")
+    pipeline, gate = _pipeline(store, answers, published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        answers.status = "applied"
+        await pipeline.process(job(STARTED, offset=8))
+    finally:
+        await gate.close()
+    assert answers.calls == 2
+    assert [o["status"] for o in published.outcomes] == ["rejected", "applied"]
+    assert store._get("@in/0/8") is None
+    assert store._get("@in/0/7") is not None  # the refusal, by position
+
+
 class _EchoesTheSecret(_Answers):
     """An API that answers a refusal with the caller's secret key as its error code."""
 
@@ -1130,6 +1189,10 @@ async def test_a_secret_used_as_a_ticket_id_is_kept_out_of_the_outcome_and_its_k
     assert [o["ticket_id"] for o in published.outcomes] == [REDACTED, REDACTED]
     assert published.keys == [REDACTED.encode()] * 2
     assert secret not in json.dumps(published.outcomes, default=str)
+    # The documented key allows it: the AsyncAPI key binding refused this key, a consumer's
+    # contract check with it would have refused the record.
+    key_schema = asyncapi_document()["components"]["messages"]["OutcomeEvent"]["bindings"]["kafka"]["key"]
+    assert all(re.match(key_schema["pattern"], key.decode()) for key in published.keys if key)
 
 
 async def test_an_id_that_merely_contains_a_short_registered_value_is_kept() -> None:

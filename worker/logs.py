@@ -23,7 +23,8 @@ from urllib.parse import quote, quote_plus
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
-REDACTED = "**redacted**"
+from schemas.outcomes import REDACTED as REDACTED  # the log marker is the outcomes' too
+
 #: Shorter values are not scrubbed (they would mangle every line); settings refuse short secrets.
 MIN_REDACTED_CHARS = 4
 _secrets: set[str] = set()

@@ -50,6 +50,9 @@ T = TypeVar("T")
 
 #: The dead letter's detail a done-record keeps (redacted), so that a redelivery can repeat it.
 _RECORD_DETAIL_CHARS = 500
+#: A record's statuses (``DedupRecord.status``) of an event that went to the API and was not
+#: applied: a repeat of its outcome carries the request, as the first did.
+_SENT_STATUSES = frozenset({OutcomeStatus.REJECTED.value, OutcomeStatus.FAILED.value})
 _HELD_POLL_FIRST_S = 0.05
 _HELD_POLL_MAX_S = 1.0
 #: How long a cancelled job may spend handing its claim on (``Pipeline._let_go``): within the
@@ -221,11 +224,18 @@ class Pipeline:
             log.info("event_invalid", reason=invalid.reason, detail=invalid.detail)
 
     async def _finish_at_position(
-        self, job: Job, status: OutcomeStatus, reason: str, detail: str | None
+        self,
+        job: Job,
+        status: OutcomeStatus,
+        reason: str,
+        detail: str | None,
+        body: dict[str, Any] | None = None,
     ) -> bool:
         """An outcome decided without the API (invalid, duplicate), remembered under the message's
         position, not its event_id; False when this message had one already, now repeated (marked
-        ``redelivered``, as every outcome of a message read again)."""
+        ``redelivered``, as every outcome of a message read again). ``body``: the event's request,
+        repeated when the outcome found is a refusal or failure this message had before another
+        message of its event_id was applied."""
         key = f"@{job.source}"  # '@' never occurs in an event_id
         fingerprint = _fingerprint(job)
         token = next(self._tokens)
@@ -241,7 +251,7 @@ class Pipeline:
         # (an unclean leader election, a recreated topic); a record without a fingerprint (an
         # earlier release's) cannot tell.
         if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", fingerprint):
-            await self._repeat_outcome(job, record, body=None)
+            await self._repeat_outcome(job, record, body if record.status in _SENT_STATUSES else None)
             return False
         try:
             await self._remember(key, job, status, reason=reason, detail=detail, target=fingerprint)
@@ -288,6 +298,21 @@ class Pipeline:
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
                 await self._finish_known(job, event, target, body, claim.record)
                 return
+            if (
+                claim.record is not None
+                and claim.record.state == "done"
+                and claim.record.source != job.source
+            ):
+                try:
+                    answered = await self._answered_at_position(job)
+                    if answered is not None:
+                        await self._give_back(event.event_id, claim.record)
+                except asyncio.CancelledError:
+                    await self._let_go(event.event_id, token, unsent=False)
+                    raise
+                if answered is not None:
+                    await self._repeat_outcome(job, answered, body)
+                    return
             if claim.taken_over:
                 log.warning("claim_taken_over", previous_owner=claim.record.owner if claim.record else None)
             sends = _Sends()
@@ -373,6 +398,28 @@ class Pipeline:
         )
         if not renewed:
             raise _ClaimLost
+
+    async def _answered_at_position(self, job: Job) -> DedupRecord | None:
+        """This message's own record by position, when it was refused or failed before and another
+        message of its event_id has finished since (whose record now stands under the event_id).
+        Asked only then: on the path of a retried event, never of a first one."""
+        key = f"@{job.source}"
+        token = next(self._tokens)
+        try:
+            claim, _ = await self._claim_when_free(key, job.source, token)
+        except asyncio.CancelledError:
+            await self._let_go(key, token, unsent=False)
+            raise
+        record = claim.record
+        if claim.kind is ClaimKind.DONE and record is not None and record.target == _fingerprint(job):
+            return record
+        if claim.kind is ClaimKind.NEW:  # nothing there: the position is not ours to keep
+            await self._let_go(key, token, unsent=record is None)
+        return None
+
+    async def _give_back(self, event_id: str, record: DedupRecord) -> None:
+        """Put back the other message's record over our claim: the event_id stays as it finished."""
+        await self._dedup(lambda: self._store.mark_done(event_id, record, self._settings.dedup_ttl_s))
 
     async def _claim_when_free(
         self, key: str, source: str, token: str, target: str = ""
@@ -487,6 +534,13 @@ class Pipeline:
             log.warning("event_applied_elsewhere", status=status.value, applied_by=kept.owner)
             await self._finish_known(job, event, target, body, kept)
             return
+        # By position too: another message of this event_id (a dead letter replayed, a producer's
+        # retry) replaces the record above once it finishes, and this message, read again after
+        # that (a crash before its offset was committed), took the other's record for its own:
+        # a `duplicate` of it, or a second send. It repeats this outcome instead.
+        await self._remember(
+            f"@{job.source}", job, status, result, reason, detail=detail, target=_fingerprint(job)
+        )
         await self._emit(
             job,
             status,
@@ -568,7 +622,7 @@ class Pipeline:
             )
             return
         detail = f"event_id already applied from {record.source}" if record else None
-        if await self._finish_at_position(job, OutcomeStatus.DUPLICATE, "duplicate_event_id", detail):
+        if await self._finish_at_position(job, OutcomeStatus.DUPLICATE, "duplicate_event_id", detail, body):
             self._metrics.dedup_hits.labels(kind="duplicate").inc()
             log.info("event_duplicate", first_source=record.source if record else None)
 
