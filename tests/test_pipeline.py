@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
-from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore
+from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore, open_store
 from worker.errors import (
     BrokerUnavailable,
     DeadLetterUnwritable,
@@ -842,9 +843,7 @@ async def test_a_job_cancelled_after_its_claim_was_lost_past_a_send_leaves_the_n
     assert claim.taken_over
 
 
-def _pipeline(
-    store: MemoryStore, caller: Any, published: Recorder, **settings_: Any
-) -> tuple[Pipeline, Gate]:
+def _pipeline(store: DedupStore, caller: Any, published: Recorder, **settings_: Any) -> tuple[Pipeline, Gate]:
     """A pipeline around stand-ins (no simulator): ``caller`` answers, ``published`` records."""
     settings = WorkerSettings(
         api_endpoint="http://127.0.0.1:1", api_ak=AK, api_sk=SK, worker_id="w1", **settings_
@@ -1036,16 +1035,19 @@ async def test_a_redelivered_rejected_event_repeats_its_outcome_and_its_dead_let
     ] == [("rejected", True, "pending", 400, "GOM.00001005")]
 
 
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
 @pytest.mark.parametrize("second", ["applied", "rejected"])
 async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_its_own_outcome(
-    second: str,
+    second: str, backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """A refused event's record stood under its event_id only, and the next message of that
     event_id (its dead letter replayed, a producer's retry) replaced it. The first message, read
     again after that (a crash while an earlier offset kept its own uncommitted), took the other's
     record for its own: a ``duplicate`` of the retry when that was applied, a second send when it
     was refused too. It now repeats its own outcome, and the retry's record stays."""
-    store, published = MemoryStore(), Recorder()
+    urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/dedup.db"}
+    url = urls.get(backend) or request.getfixturevalue("redis_url")
+    store, published = open_store(url), Recorder()
     answers = _Answers("rejected")
     pipeline, gate = _pipeline(store, answers, published)
     try:
@@ -1054,8 +1056,10 @@ async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_i
         await pipeline.process(job(STARTED, offset=8))  # e.g. `coc-worker dlq replay`
         await pipeline.process(job(STARTED, offset=7))  # read again
         await pipeline.process(job(STARTED, offset=8))  # and the retry, read again
+        record = await store.claim("ev-1", "w9", "in/0/9", 60.0, event_target(job(STARTED).event), "t")
     finally:
         await gate.close()
+        await store.close()
     assert answers.calls == 2
     assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
         ("rejected", 7, False),
@@ -1069,7 +1073,6 @@ async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_i
     assert [(d.offset, d.redelivered) for d in published.letters] == (
         [(7, False), (7, True)] if second == "applied" else [(7, False), (8, False), (7, True), (8, True)]
     )
-    record = await store.claim("ev-1", "w9", "in/0/9", 60.0, event_target(job(STARTED).event), "t")
     assert (record.kind, record.record.source if record.record else None) == (
         (ClaimKind.APPLIED, "in/0/8") if second == "applied" else (ClaimKind.NEW, "in/0/8")
     )
