@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -9,11 +10,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from schemas.api import Phase
 from schemas.events import (
     CHANGE_EVENT_ADAPTER,
+    ENVELOPE_KEYS,
+    AnyChangeEvent,
     ChangeCancelled,
     ChangeEnded,
     ChangeFailed,
@@ -22,17 +26,28 @@ from schemas.events import (
     EventType,
     TicketUpdate,
 )
+from schemas.export import JSON_DIR
+from worker.decode import contract_errors
 from worker.mapping import request_path, request_wire, to_request_body
 
 CHANGE_TYPES = [t for t in EventType if t is not EventType.TICKET_UPDATE]
 RESULT_TYPES = [EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED]
-MODELS = {
+MODELS: dict[EventType, type[AnyChangeEvent]] = {
     EventType.STARTED: ChangeStarted,
     EventType.ENDED: ChangeEnded,
     EventType.SUCCEEDED: ChangeSucceeded,
     EventType.FAILED: ChangeFailed,
     EventType.CANCELLED: ChangeCancelled,
     EventType.TICKET_UPDATE: TicketUpdate,
+}
+#: The keys of other types' events each type does not take: their null is the key left out.
+NOT_TAKEN = {
+    EventType.STARTED: ("result", "ticket_info"),
+    EventType.ENDED: ("result", "ticket_info"),
+    EventType.SUCCEEDED: ("ticket_info",),
+    EventType.FAILED: ("ticket_info",),
+    EventType.CANCELLED: ("ticket_info",),
+    EventType.TICKET_UPDATE: ("result", "sub_ticket_id"),
 }
 TICKET_ID_CHARS = string.ascii_letters + string.digits + "_-"
 EVENT_ID_CHARS = string.ascii_letters + string.digits + "._:-"
@@ -96,7 +111,15 @@ def test_schema_version_defaults_to_1() -> None:
     assert accepts(event(schema_version=1)).schema_version == 1
 
 
-@pytest.mark.parametrize("version", [True, 1.0, "1", 2, 0, -1, None, [1]])
+@pytest.mark.parametrize("kind", list(EventType))
+def test_a_null_schema_version_is_one_left_out(kind: EventType) -> None:
+    """Null from a producer that writes every field of its envelope class: version 1, the default."""
+    parsed = accepts(event(kind, schema_version=None))
+    assert parsed.schema_version == 1
+    assert request_wire(parsed) == request_wire(accepts(event(kind)))
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", 2, 0, -1, [1]])
 def test_schema_version_only_integer_1(version: Any) -> None:
     rejects(event(schema_version=version), "schema_version")
 
@@ -232,6 +255,56 @@ def test_occurred_at_keeps_offset() -> None:
 )
 def test_occurred_at_rejects(value: Any) -> None:
     rejects(event(occurred_at=value), "occurred_at")
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("2025-06-26T19:19:38+0800", "the offset needs a colon: ±hh:mm (+08:00, not +0800), or Z"),
+        ("2025-06-26T19:19:38-0500", "the offset needs a colon: ±hh:mm (+08:00, not +0800), or Z"),
+        ("2025-06-26T19:19Z", "needs seconds: the time is hh:mm:ss, e.g. 2025-06-26T19:19:38Z or"),
+        ("2025-06-26T19:19+08:00", "needs seconds: the time is hh:mm:ss"),
+        ("2025-06-26T19:19:38.1234567890Z", "a fraction of a second takes 1 to 9 digits after the point"),
+        ("2025-06-26T19:19:38.Z", "a fraction of a second takes 1 to 9 digits after the point"),
+        ("2025-01-01T24:00:00Z", "hour must be 00-23"),
+        ("2025-01-01T00:60:00Z", "minute must be 00-59"),
+        ("2025-12-31T23:59:60Z", "second 60 (a leap second) is refused by this worker: second must be 00-59"),
+        ("2025-01-01T00:00:61Z", "second must be 00-59"),
+        ("2025-06-26T19:19:38", "needs a timezone after the time: Z or ±hh:mm"),
+        ("2025-06-26T19:19:38.123", "needs a timezone after the time: Z or ±hh:mm"),
+        ("2025-06-26T19:19:38+08", "the timezone must be Z or an offset ±hh:mm"),
+        ("2025-06-26T19:19:38 Z", "the timezone must be Z or an offset ±hh:mm"),
+        ("2025-06-26T19:19:38+24:00", "the offset's hours must be 00-23"),
+        ("2025-06-26T19:19:38+08:60", "the offset's minutes must be 00-59"),
+        ("2025-06-26T19:19:38Z\n", "nothing may follow the timezone"),
+        ("2025-06-26", "must be an RFC 3339 date-time string with a timezone"),
+        ("yesterday", "must be an RFC 3339 date-time string with a timezone"),
+        (1750965578, "must be an RFC 3339 date-time string with a timezone"),
+        # checked by the date-time parser after the pattern: its words, which already name the rule
+        ("2025-13-01T00:00:00Z", "month value is outside expected range of 1-12"),
+    ],
+)
+def test_occurred_at_refusal_names_the_rule(text: Any, said: str) -> None:
+    """ "with a timezone" for an offset without its colon, "unexpected extra characters" for hour 24
+    or a leap second: the producer was told the wrong rule, or none."""
+    [(path, message)] = contract_errors(event(occurred_at=text))
+    assert path == "$.occurred_at"
+    assert said in message, message
+
+
+def test_occurred_at_ranges_accept_what_they_did() -> None:
+    """The pattern now checks the ranges the parser refused after it: each two-digit field passes
+    exactly in its range, as before."""
+
+    def taken(text: str) -> bool:
+        return not contract_errors(event(occurred_at=text))
+
+    for n in range(100):
+        assert taken(f"2025-01-01T{n:02d}:00:00Z") is (n <= 23)
+        assert taken(f"2025-01-01T00:{n:02d}:00Z") is (n <= 59)
+        assert taken(f"2025-01-01T00:00:{n:02d}Z") is (n <= 59)
+        assert taken(f"2025-01-01T00:00:00+{n:02d}:00") is (n <= 23)
+        assert taken(f"2025-01-01T00:00:00-00:{n:02d}") is (n <= 59)
 
 
 def test_occurred_at_optional() -> None:
@@ -443,6 +516,9 @@ def test_ticket_info_accepts(info: dict[str, Any]) -> None:
         {"phase": ["phase_change_end"]},
         {"work_flow_status": 3},
         {"work_flow_status": True},
+        # "" met "phase and/or work_flow_status" and sent a PUT that changed nothing
+        {"work_flow_status": ""},
+        {"phase": "phase_change_end", "work_flow_status": ""},
         {"phase": "phase_change_end", "unknown": 1},
         {"action": "change_start_change_success"},
     ],
@@ -463,6 +539,81 @@ def test_ticket_info_required_on_ticket_update() -> None:
 @pytest.mark.parametrize("kind", CHANGE_TYPES)
 def test_ticket_info_only_on_ticket_update(kind: EventType) -> None:
     rejects(event(kind, ticket_info={"phase": "phase_change_end"}), "ticket_info")
+
+
+# --- null for a key of another type's event ------------------------------------------------------
+
+
+def test_not_taken_is_each_types_missing_envelope_keys() -> None:
+    """The table the tests below use is the rule itself: a key of some types and not this one."""
+    for kind, model in MODELS.items():
+        assert set(NOT_TAKEN[kind]) == set(ENVELOPE_KEYS) - set(model.model_fields), kind
+
+
+@pytest.fixture(scope="module")
+def event_schema() -> Draft202012Validator:
+    return Draft202012Validator(json.loads((JSON_DIR / "change-event.v1.schema.json").read_text("utf-8")))
+
+
+@pytest.mark.parametrize(("kind", "key"), [(kind, key) for kind, keys in NOT_TAKEN.items() for key in keys])
+def test_null_for_a_key_the_type_does_not_take_is_one_left_out(
+    kind: EventType, key: str, event_schema: Draft202012Validator
+) -> None:
+    """Jackson's default and Go without omitempty write null for every unset field of an envelope
+    class: the same producer's change.succeeded passed and its change.started was invalid."""
+    raw = event(kind, **{key: None})
+    parsed = accepts(raw)
+    assert parsed == accepts(event(kind))
+    assert request_wire(parsed) == request_wire(accepts(event(kind)))
+    assert raw[key] is None  # the producer's dict is not changed
+    assert event_schema.is_valid(raw)
+
+
+@pytest.mark.parametrize("kind", list(EventType))
+def test_a_whole_envelope_with_nulls_maps_as_the_event_without_them(
+    kind: EventType, event_schema: Draft202012Validator
+) -> None:
+    """Every key of the envelope class written, null where unset (result too on its own types)."""
+    envelope = {"schema_version": None, "occurred_at": None, "source": None}
+    envelope |= {key: None for key in NOT_TAKEN[kind]}
+    if kind in RESULT_TYPES:
+        envelope["result"] = None
+    raw = event(kind, **envelope)
+    assert request_wire(accepts(raw)) == request_wire(accepts(event(kind)))
+    assert event_schema.is_valid(raw)
+
+
+@pytest.mark.parametrize(
+    ("kind", "key"),
+    [(kind, "sub_ticket_id") for kind in CHANGE_TYPES] + [(EventType.TICKET_UPDATE, "ticket_info")],
+)
+def test_null_for_a_key_the_type_requires_is_refused(
+    kind: EventType, key: str, event_schema: Draft202012Validator
+) -> None:
+    raw = event(kind, **{key: None})
+    rejects(raw, key)
+    [(path, message)] = contract_errors(raw)
+    assert path == f"$.{key}"
+    assert "not null" in message
+    assert not event_schema.is_valid(raw)
+
+
+@pytest.mark.parametrize(("kind", "key"), [(kind, key) for kind, keys in NOT_TAKEN.items() for key in keys])
+@pytest.mark.parametrize("value", [{}, {"phase": "phase_change_end"}, "S1", "", 0, False, []])
+def test_a_value_for_a_key_the_type_does_not_take_is_still_refused(
+    kind: EventType, key: str, value: Any, event_schema: Draft202012Validator
+) -> None:
+    """Only null stands for the key left out: ``"result": {}`` on change.started stays invalid."""
+    raw = event(kind, **{key: value})
+    rejects(raw, key)
+    assert not event_schema.is_valid(raw)
+
+
+def test_the_schema_refuses_an_empty_work_flow_status(event_schema: Draft202012Validator) -> None:
+    raw = event(EventType.TICKET_UPDATE, ticket_info={"work_flow_status": ""})
+    rejects(raw, "work_flow_status")
+    assert not event_schema.is_valid(raw)
+    assert event_schema.is_valid(event(EventType.TICKET_UPDATE, ticket_info={"work_flow_status": "x"}))
 
 
 # --- unknown fields and strict types -------------------------------------------------------------
@@ -581,11 +732,15 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
         )
     )
     fields.update(optional)
+    fields.update(draw(st.fixed_dictionaries({}, optional={key: st.none() for key in NOT_TAKEN[kind]})))
     if kind is EventType.TICKET_UPDATE:
         info = draw(
             st.fixed_dictionaries(
                 {},
-                optional={"phase": st.sampled_from([p.value for p in Phase]), "work_flow_status": short_text},
+                optional={
+                    "phase": st.sampled_from([p.value for p in Phase]),
+                    "work_flow_status": st.text(min_size=1, max_size=256),
+                },
             ).filter(bool)
         )
         fields["ticket_info"] = info
@@ -621,5 +776,5 @@ def test_random_valid_events_map_to_their_sub_ticket(raw: dict[str, Any]) -> Non
     assert [sub["ticket_id"] for sub in body["sub_tickets"]] == [raw["sub_ticket_id"]]
     assert "ticket_info" not in body
     sent = body["sub_tickets"][0]
-    for key, value in raw.get("result", {}).items():
+    for key, value in (raw.get("result") or {}).items():
         assert sent[key] == value

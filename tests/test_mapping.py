@@ -204,7 +204,6 @@ def test_cancelled_without_comment() -> None:
             {"phase": "phase_change_cancel", "work_flow_status": "cancelled"},
             {"phase": "phase_change_cancel", "work_flow_status": "cancelled"},
         ),
-        ({"work_flow_status": ""}, {"work_flow_status": ""}),
     ],
 )
 def test_ticket_update_sends_ticket_info_only(ticket_info: dict[str, Any], expected: dict[str, Any]) -> None:
