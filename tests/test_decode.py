@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from schemas.events import ChangeFailed, ChangeStarted, EventType
 from worker.decode import MAX_DEPTH, MAX_KEYS, decode, decode_or_salvage, salvage_identity
 from worker.errors import InvalidEvent
+from worker.logs import REDACTED, register_secrets
 
 MAX_BYTES = 64 * 1024
 TICKET_ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
@@ -49,6 +50,23 @@ def test_decodes_a_valid_event() -> None:
     assert isinstance(parsed, ChangeStarted)
     assert (parsed.event_id, parsed.ticket_id, parsed.sub_ticket_id) == ("evt-1", "CM1", "S1")
     assert parsed.source == "argo-cd"
+
+
+def test_a_producer_that_writes_null_for_every_unset_field() -> None:
+    """Jackson's default (Go without omitempty): one envelope class for every type, null where a
+    field is unset; its change.started was invalid while its change.succeeded passed."""
+    envelope = dict.fromkeys(["schema_version", "occurred_at", "source", "result", "ticket_info"])
+    started = decode(encode(event(**envelope)), MAX_BYTES)
+    assert started == decode(encode(event()), MAX_BYTES)
+    update = {
+        "event_id": "e1",
+        "ticket_id": "CM1",
+        "type": "ticket.update",
+        "ticket_info": {"phase": "phase_change_end"},
+    }
+    assert decode(
+        encode({**update, "schema_version": None, "sub_ticket_id": None, "result": None}), MAX_BYTES
+    ) == (decode(encode(update), MAX_BYTES))
 
 
 def test_non_ascii_text_survives() -> None:
@@ -513,6 +531,44 @@ _BASE = {"event_id": "e1", "ticket_id": "CM1", "sub_ticket_id": "s1"}
             "$.ticket_info: change.failed takes no ticket_info (only ticket.update takes it)",
         ),
         ({**_BASE, "type": "change.succeeded", "result": "x"}, "$.result: Input should be a JSON object"),
+        # null is a left-out key only where the type takes no such key; here it takes one
+        (
+            {**_BASE, "type": "change.ended", "sub_ticket_id": None},
+            "$.sub_ticket_id: Value error, every change.* type requires a sub-ticket id, not null (null"
+            " stands for a left-out key only where the type takes no such key)",
+        ),
+        (
+            {"event_id": "e1", "ticket_id": "CM1", "type": "ticket.update", "ticket_info": None},
+            "$.ticket_info: Value error, ticket.update requires a ticket_info object, not null (null"
+            " stands for a left-out key only where the type takes no such key)",
+        ),
+        # a value, not null, of another type's key: still refused, in the same words as before
+        (
+            {**_BASE, "type": "change.started", "result": {}, "ticket_info": None},
+            "$.result: change.started takes no result (only change.succeeded, change.failed,"
+            " change.cancelled take it)",
+        ),
+        (
+            {
+                "event_id": "e1",
+                "ticket_id": "CM1",
+                "type": "ticket.update",
+                "sub_ticket_id": "s1",
+                "result": None,
+                "ticket_info": {"work_flow_status": "done"},
+            },
+            "$.sub_ticket_id: ticket.update takes no sub_ticket_id (only change.started, change.ended,"
+            " change.succeeded, change.failed, change.cancelled take it)",
+        ),
+        (
+            {**_BASE, "type": "change.started", "occurred_at": "2025-06-26T19:19:38+0800"},
+            "$.occurred_at: Value error, the offset needs a colon: ±hh:mm (+08:00, not +0800), or Z",
+        ),
+        (
+            {**_BASE, "type": "change.started", "occurred_at": "2016-12-31T23:59:60Z"},
+            "$.occurred_at: Value error, second 60 (a leap second) is refused by this worker: second must"
+            " be 00-59",
+        ),
         # a key no type takes: pydantic's own words
         (
             {**_BASE, "type": "change.failed", "result": {"bogus": 1}},
@@ -533,3 +589,28 @@ def test_a_number_too_long_for_python_says_so_in_the_producers_words() -> None:
     with pytest.raises(InvalidEvent) as refused:
         decode(b'{"event_id": ' + b"1" * 5000 + b"}", 1 << 20)
     assert str(refused.value) == "bad_json: a number of thousands of digits: no field takes one"
+
+
+_KEY_SECRET = "Zq9vR2mXk7LpT4wYb8NcD3fHj6GsA1eQ0uVi5oPn"  # 40 characters, as a secret key
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # an unknown key quoting a secret: the path shows the key cut to 32 characters
+        '{"event_id": "e1", "type": "change.started", "ticket_id": "CM1", "sub_ticket_id": "s1", '
+        f'"sk={_KEY_SECRET}": 1}}',
+        # a duplicate key quoting one: the error shows the key cut to 64 characters
+        f'{{"{"k" * 30}{_KEY_SECRET}": 1, "{"k" * 30}{_KEY_SECRET}": 2}}',
+    ],
+    ids=["unknown_key", "duplicate_key"],
+)
+def test_a_secret_in_a_refused_key_is_redacted_before_the_key_is_cut(value: str) -> None:
+    """The key was cut first and redacted later (the outcome, the dead letter, the log line): a
+    secret across the cut matched nothing there, and up to 34 of its 40 characters went out."""
+    register_secrets([_KEY_SECRET])
+    with pytest.raises(InvalidEvent) as caught:
+        decode(value.encode(), 1 << 20)
+    detail = caught.value.detail
+    assert REDACTED in detail
+    assert not any(_KEY_SECRET[i : i + 8] in detail for i in range(len(_KEY_SECRET) - 7)), detail

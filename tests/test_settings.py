@@ -277,6 +277,20 @@ def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch, name: str) -> 
     assert load_settings().secret(name) == SECRET
 
 
+@pytest.mark.parametrize("name", SECRET_FIELDS)
+def test_a_secret_variable_that_is_not_utf8_is_named_and_never_quoted(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates; the codec's error ("can't encode
+    character '\\udcff' in position 8") came out as the settings error: a byte of the secret and
+    where it sits, the variable not named."""
+    secret_context(monkeypatch, name)
+    monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", "abcdefgh\udcffijklmnop")
+    message = config_error()
+    assert f"{ENV_PREFIX}{name.upper()} is not UTF-8 text" in message
+    assert "udcff" not in message and "position" not in message
+
+
 @pytest.mark.parametrize("name", ["api_domain_id", "api_project_id"])
 def test_ids_sent_as_headers_must_be_header_safe(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", "0a1b2c3d4e5f\n")

@@ -52,7 +52,7 @@ from pyreqwest.client import Client, ClientBuilder
 from schemas.api import UpdateTicketResponse
 from worker import signing
 from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigError
-from worker.logs import REDACTED, get_logger, redact_text, register_secrets
+from worker.logs import REDACTED, get_logger, redact_cut, redact_text, register_secrets
 from worker.mapping import request_path
 from worker.metrics import Metrics
 from worker.settings import HEADER_VALUE, WorkerSettings
@@ -261,7 +261,7 @@ def _classify_transport_error(exc: http_errors.PyreqwestError) -> tuple[str, Api
         # The innermost cause tells a refused connection from a name not found or a TLS failure.
         innermost = str(causes[-1].get("message") or "") if causes else ""
         if innermost and innermost != _CONNECT_PHASE_CAUSE:
-            detail += f" ({innermost[:200]})"
+            detail += f" ({redact_cut(innermost, 200)})"
         return "connect_error", ApiTransientError(detail, connect_failure=True)
     if timed_out:
         return "timeout", ApiTransientError("the API did not answer in time", timed_out=True)

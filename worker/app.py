@@ -707,7 +707,8 @@ class _KeyWatch:
             partition=message.partition,
             offset=message.offset,
             ticket_id=ticket_id,
-            key=None if message.key is None else message.key[:80].decode("utf-8", "replace"),
+            # Redacted whole, then cut: a key may hold a secret (a producer's mistake).
+            key=None if message.key is None else redact_cut(message.key.decode("utf-8", "replace"), 80),
             since_last_said=self._since,
             detail="key each event by its ticket_id: a ticket's events keep their order only on one partition",
         )

@@ -25,6 +25,7 @@ from schemas.events import (
     EventType,
 )
 from worker.errors import InvalidEvent
+from worker.logs import redact_cut, redact_text
 
 #: The contract nests three levels at most; anything much deeper is hostile.
 MAX_DEPTH = 16
@@ -128,7 +129,7 @@ def parse_json(value: bytes | None, max_bytes: int) -> Any:
     try:
         obj = _loads(text)
     except _DuplicateKey as exc:
-        raise InvalidEvent("bad_json", f"duplicate key {str(exc)[:64]!r}") from None
+        raise InvalidEvent("bad_json", f"duplicate key {redact_cut(str(exc), 64)!r}") from None
     except _TooManyKeys as exc:
         raise InvalidEvent("bad_json", f"an object has {exc} keys, more than {MAX_KEYS}") from None
     except RecursionError:
@@ -155,8 +156,10 @@ def _json_path(loc: tuple[int | str, ...]) -> str:
             path += f"[{part}]"
         elif _PLAIN_KEY.match(part):
             path += f".{part}"
-        else:  # an unknown key may be hostile: ASCII-escaped and cut short
-            path += f"[{json.dumps(part[:_KEY_SHOWN])}{'...' if len(part) > _KEY_SHOWN else ''}]"
+        else:  # an unknown key may be hostile: redacted, then ASCII-escaped and cut short (cut
+            # first, the part of a secret before the cut matched nothing and went out as it was)
+            shown = redact_text(part)
+            path += f"[{json.dumps(shown[:_KEY_SHOWN])}{'...' if len(shown) > _KEY_SHOWN else ''}]"
     return path
 
 

@@ -521,7 +521,7 @@ class Pipeline:
             attempts=result.calls,
             http_status=result.http_status,
             error_code=result.error_code,
-            detail=detail[:_RECORD_DETAIL_CHARS] if detail else None,  # the log line is redacted whole
+            detail=redact_cut(detail, _RECORD_DETAIL_CHARS) if detail else None,
         )
         # Remembered with its message before anything is published, as an applied event is: a
         # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter

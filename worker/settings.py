@@ -572,6 +572,11 @@ class WorkerSettings(BaseSettings):
             value: SecretStr | None = getattr(self, name)
             # stripped like a file's content: a Secret made with `echo` ends with a newline
             found = (value.get_secret_value().strip() or None) if value is not None else None
+            if found is not None and not found.isascii():
+                try:  # bytes that are not UTF-8 come from the environment as lone surrogates
+                    found.encode("utf-8")
+                except UnicodeEncodeError:  # the codec's error would quote a byte of the secret
+                    raise ConfigError(f"{env_var(name)} is not UTF-8 text") from None
         if found is not None and name in _STRONG_SECRETS:
             parts = split_tokens(found) if name == "ingest_tokens" else [found]
             short = [part for part in parts if len(part) < MIN_SECRET_CHARS]
