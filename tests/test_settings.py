@@ -288,7 +288,8 @@ def test_a_secret_variable_that_is_not_utf8_is_named_and_never_quoted(
     monkeypatch.setenv(f"{ENV_PREFIX}{name.upper()}", "abcdefgh\udcffijklmnop")
     message = config_error()
     assert f"{ENV_PREFIX}{name.upper()} is not UTF-8 text" in message
-    assert "udcff" not in message and "position" not in message
+    assert "udcff" not in message
+    assert "position" not in message
 
 
 @pytest.mark.parametrize("name", ["api_domain_id", "api_project_id"])
