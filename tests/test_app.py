@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.consumer.fetcher import Fetcher, FetchResult, PartitionRecords
+from aiokafka.consumer.subscription_state import Assignment
 from aiokafka.errors import KafkaError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
 from services import OwnRedis
 from structlog.testing import capture_logs
 from waiting import until
@@ -832,6 +836,99 @@ async def test_a_fetch_error_met_after_other_partitions_gave_their_share_loses_n
         assert len(received) == 60
     finally:
         await real.stop()
+
+
+def _record_batch(base: int, count: int, *, corrupt: bool = False) -> bytes:
+    """A real v2 record batch of ``count`` records from offset ``base``; ``corrupt``: its CRC broken."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for i in range(count):
+        builder.append(i, timestamp=None, key=b"CM1", value=b"{}", headers=[])
+    raw = builder.build()
+    raw[0:8] = base.to_bytes(8, "big")
+    if corrupt:
+        raw[-1] ^= 0xFF
+    return bytes(raw)
+
+
+class RealFetcher(GroupMember):
+    """aiokafka's own ``Fetcher.fetched_records`` over records this stand-in buffers as a fetch
+    response would (a batch of five per partition from its position, one ``corrupt`` batch first):
+    the positions move, and the errors come out, exactly as in the client."""
+
+    def __init__(self, partitions: list[TopicPartition], corrupt: TopicPartition) -> None:
+        super().__init__(set(partitions))
+        self.partitions = partitions
+        self.corrupt = {corrupt}
+        self.state = Assignment(set(partitions))
+        for tp in partitions:
+            self.state.state_value(tp).seek(0)
+        self.records: dict[TopicPartition, FetchResult] = {}
+        self.fetcher = SimpleNamespace(
+            _subscriptions=SimpleNamespace(reassignment_in_progress=False, is_assigned=lambda tp: True),
+            _records=self.records,
+            _notify=lambda future: None,
+            _wait_consume_future=None,
+        )
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.state.state_value(tp).seek(offset)
+        self.records.pop(tp, None)
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return None
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, 0)
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int | None = None
+    ) -> Any:
+        if timeout_ms:  # the waiting getmany: a fetch response came in meanwhile
+            for tp in self.partitions:
+                if tp not in self.records:
+                    position = self.state.state_value(tp).position
+                    raw = _record_batch(position, 5, corrupt=tp in self.corrupt)
+                    self.corrupt.discard(tp)
+                    records = PartitionRecords(tp, MemoryRecords(raw), None, position, None, None, True, 0)
+                    self.records[tp] = FetchResult(
+                        tp, assignment=self.state, partition_records=records, backoff=0
+                    )
+        return await Fetcher.fetched_records(self.fetcher, partitions, 0, max_records=max_records)  # type: ignore[arg-type]
+
+
+async def test_a_batch_the_client_cannot_decode_loses_none_of_the_records_drained_before_it() -> None:
+    """A CRC mismatch, or a compressed batch whose codec the client lacks, raises out of aiokafka's
+    getmany after it drained other partitions (and earlier batches of its own), moving their
+    positions past records it never returned: those got no job and no outcome, and the commit
+    passed them by. Each partition is now read again from the message after the last handed up."""
+    settings = worker_settings()
+    consumer = Consumer(settings, handler=None)  # type: ignore[arg-type]
+    parts = [TopicPartition(settings.input_topic, p) for p in range(2)]
+    member = RealFetcher(parts, corrupt=parts[1])
+    real, consumer._consumer = consumer._consumer, member  # type: ignore[assignment]
+    received: list[tuple[int, int]] = []
+    errors = 0
+    try:
+        for _ in range(6):
+            try:
+                received += [(m.partition, m.offset) for m in await consumer.fetch(100, 0.1)]
+            except BrokerUnavailable:
+                errors += 1
+    finally:
+        await real.stop()
+    assert errors == 1
+    for tp in parts:
+        offsets = [offset for partition, offset in received if partition == tp.partition]
+        assert offsets == list(range(len(offsets))), offsets  # every one, once, in order
+        assert len(offsets) >= 10
 
 
 async def test_a_stopping_worker_keeps_polling_while_it_drains(

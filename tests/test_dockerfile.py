@@ -498,6 +498,18 @@ def test_image_install_replays(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+    # The image reads compressed input: without the codec library every fetch of a partition
+    # holding a producer's lz4, snappy or zstd batch failed (gzip is the standard library's).
+    codecs = "from aiokafka import codec\nprint(codec.has_lz4(), codec.has_snappy(), codec.has_zstd())"
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", codecs],
+        cwd=workdir,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout.split()) == (0, ["True", "True", "True"]), proc.stderr
     assert not list(workdir.iterdir()), "the worker wrote into its working directory"
 
 

@@ -9,7 +9,7 @@ drained and committed before another member takes them), and turns Kafka errors 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +33,8 @@ _Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
 #: How long a partition read again after an unreadable record is waited for, one record at a time.
 _STEP_WAIT_MS = 200
+#: How long a partition's committed or earliest offset is waited for before reading it again.
+_LOOKUP_S = 3.0
 _UNREADABLE = (
     "the Kafka client cannot read this record, or one before it in its record batch (a header key"
     " that is not UTF-8, which the Kafka protocol requires): its key, value and headers are only in"
@@ -119,6 +121,8 @@ class Consumer:
         self._deferred: Exception | None = None  # raised by the next fetch (``_shares``)
         #: Per partition, the offset after the last message handed up (``_read_past_unreadable``).
         self._next: dict[PartitionKey, int] = {}
+        #: Partitions a failed fetch may have moved past records it never handed up (``fetch``).
+        self._read_again: set[TopicPartition] = set()
         #: Bumped by every rebalance: a fetch that spans one drops what it read before it.
         self._generation = 0
 
@@ -150,10 +154,21 @@ class Consumer:
         worker read ~10 times the input's bytes.
         """
         try:
+            if self._read_again:
+                await self._seek_to_next(self._read_again)
+                self._read_again = set()
             try:
                 batches = await self._take(max_records, int(timeout_s * 1000))
             except UnicodeDecodeError:
                 return await self._read_past_unreadable(max_records)
+            except KafkaError:
+                # Raised while aiokafka handed out records: a batch it cannot decode (a CRC
+                # mismatch, a codec it lacks) after other partitions' records, or earlier ones of
+                # its own, were drained and their positions moved past. Raised over them, they were
+                # lost, and the commit later passed them by: each is read again from the message
+                # after the last one handed up.
+                self._read_again = set(self._fetchable()[1])
+                raise
         except KafkaError as exc:
             if self._coordination_ended():
                 raise KafkaClientStopped(
@@ -218,13 +233,7 @@ class Consumer:
         if max_records <= 0:  # a poll that takes nothing: the next fetch meets the record again
             return []
         _, partitions = self._fetchable()
-        for tp in partitions:
-            start = self._next.get((tp.topic, tp.partition))
-            if start is None:  # nothing handed up since it was assigned: from the last commit
-                start = await self._consumer.committed(tp)
-            if start is None:
-                start = (await self._consumer.beginning_offsets([tp]))[tp]
-            self._consumer.seek(tp, start)
+        await self._seek_to_next(partitions)
         read: list[tuple[int, Message]] = []  # (the rebalance count it was read under, the message)
         share = max(1, max_records // max(1, len(partitions)))
         for tp in partitions:
@@ -243,6 +252,21 @@ class Consumer:
         for m in messages:
             self._next[m.topic, m.partition] = m.offset + 1
         return messages
+
+    async def _seek_to_next(self, partitions: Iterable[TopicPartition]) -> None:
+        """Each partition (still assigned) read again from the message after the last one handed
+        up; one with none handed up since it was assigned, from the group's commit (the earliest
+        offset without one, as ``auto_offset_reset`` says)."""
+        assigned = self._consumer.assignment()
+        for tp in partitions:
+            if tp not in assigned:  # revoked meanwhile: its next owner reads it from the commit
+                continue
+            start = self._next.get((tp.topic, tp.partition))
+            if start is None:  # bounded: aiokafka retries these for as long as the broker is away
+                start = await broker_answers(self._consumer.committed(tp), _LOOKUP_S)
+            if start is None:
+                start = (await broker_answers(self._consumer.beginning_offsets([tp]), _LOOKUP_S))[tp]
+            self._consumer.seek(tp, start)
 
     async def _step(self, tp: TopicPartition, most: int) -> list[tuple[int, Message]]:
         """Up to ``most`` messages of one partition, one record at a time, ending at an unreadable
