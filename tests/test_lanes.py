@@ -59,18 +59,35 @@ async def test_keyless_jobs_run_at_once() -> None:
     assert await lanes.wait_idle(2)
 
 
-async def test_a_failing_job_does_not_block_its_lane() -> None:
+async def test_a_job_that_raised_halts_its_lane_and_no_other() -> None:
+    """A job that raised (a bug: the worker stops, and a fresh process reads it again) let its
+    key's later jobs run, and those were applied ahead of it, against the key's order. They are
+    dropped now, those waiting and those submitted later; other keys go on."""
     left: list[tuple[str, bool]] = []
+    ran: list[str] = []
 
     async def run(job: str) -> None:
-        if job == "bad":
+        ran.append(job)
+        if job == "k-bad":
             raise RuntimeError("boom")
 
-    lanes: Lanes[str] = Lanes(run, lambda job, ok: left.append((job, ok)))
-    lanes.submit("k", "bad")
-    lanes.submit("k", "good")
+    crashed: list[str] = []
+    lanes: Lanes[str] = Lanes(
+        run, lambda job, ok: left.append((job, ok)), on_crash=lambda job, _: crashed.append(job)
+    )
+    lanes.submit("k", "k-bad")
+    lanes.submit("k", "k-next")
+    lanes.submit("j", "j-1")
     assert await lanes.wait_idle(2)
-    assert left == [("bad", False), ("good", True)]
+    lanes.submit("k", "k-later")
+    lanes.submit("j", "j-2")
+    assert await lanes.wait_idle(2)
+    assert crashed == ["k-bad"]
+    assert ran == ["k-bad", "j-1", "j-2"]
+    assert sorted(left) == sorted(
+        [("k-bad", False), ("k-next", False), ("j-1", True), ("k-later", False), ("j-2", True)]
+    )
+    assert len(lanes) == 0
 
 
 async def test_drop_cancels_matching_and_keeps_others() -> None:

@@ -51,6 +51,8 @@ class Lanes(Generic[J]):
         self._ready: deque[tuple[str | None, J]] = deque()  # its turn has come; waits for a slot
         self._running: dict[asyncio.Task[None], tuple[str | None, J]] = {}
         self._busy: set[str] = set()  # keys with a job running or ready
+        #: Keys whose job raised: their later jobs never run (``_halt``).
+        self._halted: set[str] = set()
         #: Running jobs ``drop`` cancelled, with when it last did (``_cancel_again``).
         self._cancelled: dict[asyncio.Task[None], float] = {}
         self._closed = False
@@ -69,6 +71,9 @@ class Lanes(Generic[J]):
     def submit(self, key: str | None, job: J) -> None:
         if self._closed:
             raise RuntimeError("lanes are closed")
+        if key is not None and key in self._halted:
+            self._on_done(job, False)
+            return
         self._idle.clear()
         self._count += 1
         if key is not None:
@@ -96,9 +101,21 @@ class Lanes(Generic[J]):
         if error is not None and self._on_crash is not None:
             self._on_crash(job, error)
         if key is not None:
-            self._next_in_lane(key)
+            if error is None:
+                self._next_in_lane(key)
+            else:
+                self._halt(key)
         self._fill_slots()
         self._check_idle()
+
+    def _halt(self, key: str) -> None:
+        """The key's job raised (a bug; the caller stops the process): its later jobs are dropped,
+        now and as they come. Run, they were applied ahead of the one that failed, which the next
+        process reads again, against the key's order."""
+        self._halted.add(key)
+        for job in self._queued.pop(key, ()):
+            self._count -= 1
+            self._on_done(job, False)
 
     def _next_in_lane(self, key: str) -> None:
         """The key's job has left: its next job waits for a slot, or the key is free."""
