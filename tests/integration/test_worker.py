@@ -178,6 +178,29 @@ async def test_bad_input_becomes_invalid_outcome_and_dead_letter(
     assert all("etc/passwd" not in r["path"] for r in simulator.state.request_dicts())
 
 
+async def test_compressed_input_is_read_whatever_the_codec(
+    broker: TansuBroker, topics: dict[str, str], make_settings: SettingsFactory
+) -> None:
+    """Producers compress their batches (Kafka's gzip, snappy, lz4, zstd); the worker reads them
+    all (the image ships the codecs: it had none but gzip)."""
+    codecs = ("gzip", "snappy", "lz4", "zstd")
+    sent = {codec: event("change.started", f"CM-{codec.upper()}", "s1") for codec in codecs}
+    async with running_worker(make_settings()):
+        for codec, item in sent.items():
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, compression_type=codec)
+            await producer.start()
+            try:
+                await producer.send_and_wait(
+                    topics["input"], json.dumps(item).encode(), key=item["ticket_id"].encode()
+                )
+            finally:
+                await producer.stop()
+        outcomes = await read_json(broker.bootstrap, topics["results"], len(codecs))
+    assert {o["event_id"]: o["status"] for o in outcomes} == {
+        item["event_id"]: "applied" for item in sent.values()
+    }
+
+
 async def test_a_tombstone_without_a_key_is_dead_lettered_and_its_partition_moves_on(
     broker: TansuBroker, topics: dict[str, str], simulator: SimulatorServer, make_settings: SettingsFactory
 ) -> None:
