@@ -7,6 +7,7 @@ the gateway, 408, 501, odd 2xx bodies, ``Retry-After`` on a 503) come from a tin
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import shutil
@@ -1146,3 +1147,38 @@ async def test_a_gateway_timeout_is_read_as_our_own_timeout() -> None:
             with pytest.raises(ApiTransientError) as lost:
                 await put(client)
             assert (lost.value.ambiguous, lost.value.timed_out) == (True, timed_out)
+
+
+async def test_the_proxy_password_is_scrubbed_in_every_form_the_client_sends_it(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """The proxy URL's password was never registered with the redactor: kept out of the logs only
+    because no message happened to quote it. It is scrubbed now as written (percent-encoded),
+    decoded, and as the ``Proxy-Authorization: Basic`` value the client sends."""
+    decoded = "proxy-pass@word:0003"
+    no_proxy_env.setenv("HTTPS_PROXY", "http://egress:proxy-pass%40word%3A0003@127.0.0.1:9")
+    async with running(settings("https://coc.example.test")):
+        pass
+    basic = base64.b64encode(f"egress:{decoded}".encode()).decode()
+    for form in ("proxy-pass%40word%3A0003", decoded, basic):
+        assert redact_text(f"said {form} here") == f"said {REDACTED} here", form
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "credentials", "warned"),
+    [
+        ("http://127.0.0.1:9", {"api_token": TOKEN}, True),
+        ("https://127.0.0.1:9", {"api_token": TOKEN}, False),
+        ("http://127.0.0.1:9", {"api_ak": AK, "api_sk": SK}, False),  # a signature, not the secret
+    ],
+)
+async def test_a_token_sent_over_plain_http_is_warned_of(
+    endpoint: str, credentials: dict[str, str], warned: bool
+) -> None:
+    config = WorkerSettings(api_endpoint=endpoint, **credentials)
+    with capture_logs() as logs:
+        async with running(config):
+            pass
+    said = [e for e in logs if e["event"] == "api_token_over_plain_http"]
+    assert len(said) == warned
+    assert TOKEN not in repr(logs)

@@ -1513,6 +1513,7 @@ async def test_an_ingress_tried_again_at_start_says_its_settings_once(tmp_path: 
         kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
         http_port=0,
         ingest_enabled=True,
+        ingest_allow_anonymous=True,
         startup_wait_s=1.0,
     )
     with capture_logs() as logs, pytest.raises(BrokerUnavailable):

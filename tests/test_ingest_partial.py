@@ -16,6 +16,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from worker.app import Worker
+from worker.errors import ConfigError
 from worker.health import HealthServer
 from worker.ingest import Ingress
 from worker.metrics import Metrics
@@ -70,7 +72,11 @@ class PartlyWriting:
 @pytest.fixture
 def stub_settings() -> WorkerSettings:
     return load_settings(
-        kafka_bootstrap_servers="127.0.0.1:9", input_topic="in-stub", http_host="127.0.0.1", http_port=0
+        kafka_bootstrap_servers="127.0.0.1:9",
+        input_topic="in-stub",
+        http_host="127.0.0.1",
+        http_port=0,
+        ingest_allow_anonymous=True,
     )
 
 
@@ -178,3 +184,22 @@ async def test_an_empty_tokens_variable_lets_nobody_in(
     )
     assert (status, body["error"]) == (401, "unauthorized")
     assert producer.calls == []
+
+
+def test_an_ingress_without_tokens_does_not_start_unless_told_to_let_anyone_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With neither tokens variable the ingress took any request: a forgotten variable let
+    whoever reached the port (0.0.0.0 by default) post events, which the worker sends to the API
+    with its own credentials. It now refuses to start, naming the settings, unless told."""
+    for variable in ("COC_WORKER_INGEST_TOKENS", "COC_WORKER_INGEST_TOKENS_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+    base = {"kafka_bootstrap_servers": "127.0.0.1:9", "input_topic": "in-stub"}
+    with pytest.raises(ConfigError) as refused:
+        Ingress(load_settings(**base))
+    assert "COC_WORKER_INGEST_TOKENS" in str(refused.value)
+    assert "COC_WORKER_INGEST_ALLOW_ANONYMOUS=true" in str(refused.value)
+    with pytest.raises(ConfigError):  # in the worker too
+        Worker(load_settings(**base, ingest_enabled=True, dedup_url="memory://"))
+    Ingress(load_settings(**base, ingest_allow_anonymous=True))
+    Ingress(load_settings(**base, ingest_tokens="a-token-long-enough"))

@@ -31,6 +31,7 @@ them, a ``PUT {}`` to a ticket no event names (``probe_write``), which changes n
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import os
@@ -43,7 +44,7 @@ from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 from pyreqwest import exceptions as http_errors
@@ -313,6 +314,20 @@ def _code(parsed: UpdateTicketResponse | None) -> str | None:
     return "unparseable"
 
 
+def _proxy_secrets(url: str) -> list[str]:
+    """A proxy URL's password as the redactor must know it: as written, decoded, and inside the
+    ``Proxy-Authorization: Basic`` value the client sends (base64 of ``user:password``)."""
+    try:
+        parts = urlsplit(url.strip())
+        password = parts.password
+    except ValueError:
+        return []
+    if not password:
+        return []
+    user, secret = unquote(parts.username or ""), unquote(password)
+    return [password, secret, base64.b64encode(f"{user}:{secret}".encode()).decode()]
+
+
 class CocApiClient:
     """Calls ``PUT /v1/change/tickets/{ticket_id}`` (and a read-only GET used as a health probe)."""
 
@@ -336,12 +351,16 @@ class CocApiClient:
         origin = urlsplit(self._origin)
         self.proxy_variable = proxy_variable(origin.scheme, origin.hostname or "")
         if self.proxy_variable is not None:
+            register_secrets(_proxy_secrets(os.environ.get(self.proxy_variable, "")))
             no_proxy = _first_set(_NO_PROXY_VARIABLES, os.environ)
             log.info(
                 "api_through_proxy",
                 variable=self.proxy_variable,
                 no_proxy=os.environ[no_proxy] if no_proxy else None,
             )
+        if self._credentials.token and origin.scheme == "http":
+            # The token is the credential itself (a signature is not): in clear text on the wire.
+            log.warning("api_token_over_plain_http", endpoint=self.base_url)
         try:  # built, not sent: what the client refuses would otherwise fail every event
             self._client.request("GET", self._origin + self._prefix + "/").build()
         except ValueError as exc:

@@ -286,6 +286,7 @@ _INGEST_SETTINGS = (
     "ingest_tokens_file",
     "ingest_max_body_bytes",
     "ingest_max_batch",
+    "ingest_allow_anonymous",
 )
 _TOOL_LOG_LEVEL = "WARNING"
 

@@ -119,6 +119,14 @@ class Ingress:
         self._checked = False  # the settings checked and said (``start``)
         #: Tokens are required once either setting is given, even while the list is empty.
         self._auth = settings.ingest_auth_configured
+        if not self._auth and not settings.ingest_allow_anonymous:
+            # It let any request in, and a forgotten variable opened the API to the whole network
+            # under the worker's credentials (it listens on 0.0.0.0 by default).
+            raise ConfigError(
+                "the ingress needs tokens: set COC_WORKER_INGEST_TOKENS or COC_WORKER_INGEST_TOKENS_FILE,"
+                " or COC_WORKER_INGEST_ALLOW_ANONYMOUS=true to let anyone who reaches its port post"
+                " events, which the worker sends with its own credentials"
+            )
         self._body_timeout_s = body_timeout_s
         self._broker_check_s = broker_check_s
         self._broker_ok = True
@@ -156,7 +164,7 @@ class Ingress:
         if not self._checked:
             tokens = self._tokens()  # fail at start, not at the first request, on an unreadable file
             if not self._auth:
-                log.warning("ingest_auth_disabled", setting="COC_WORKER_INGEST_TOKENS")
+                log.warning("ingest_auth_disabled", setting="COC_WORKER_INGEST_ALLOW_ANONYMOUS")
             elif not tokens:
                 log.warning("ingest_no_tokens", detail="every request is refused until tokens are set")
             self._checked = True

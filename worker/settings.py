@@ -323,6 +323,11 @@ class WorkerSettings(BaseSettings):
     ingest_tokens_file: Path | None = None
     ingest_max_body_bytes: int = Field(1_048_576, ge=1024)
     ingest_max_batch: int = Field(500, ge=1)
+    ingest_allow_anonymous: bool = Field(
+        False,
+        description="Serve the ingress without tokens: anyone who reaches its port may post events, "
+        "which the worker sends to the API with its own credentials.",
+    )
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @field_validator("log_level", mode="before")

@@ -374,7 +374,11 @@ async def test_standalone_readiness_sees_the_broker_go(tmp_path: Path) -> None:
     async with ProxiedBroker(tmp_path / "tansu.log") as pb:
         await create_topics(pb.bootstrap, ["in-ready"], partitions=1)
         settings = load_settings(
-            kafka_bootstrap_servers=pb.bootstrap, input_topic="in-ready", http_host="127.0.0.1", http_port=0
+            kafka_bootstrap_servers=pb.bootstrap,
+            input_topic="in-ready",
+            http_host="127.0.0.1",
+            http_port=0,
+            ingest_allow_anonymous=True,
         )
         metrics = Metrics()
         ingress = Ingress(settings, metrics.registry, broker_check_s=0.1)
@@ -532,6 +536,7 @@ async def test_coc_worker_ingest_started_before_the_broker_waits_for_it(tmp_path
         http_host="127.0.0.1",
         http_port=http_port,
         startup_wait_s=60,
+        ingest_allow_anonymous=True,
     )
     stop = asyncio.Event()
     taking: asyncio.Future[int] = asyncio.get_running_loop().create_future()

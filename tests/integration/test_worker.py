@@ -671,6 +671,7 @@ async def test_a_worker_started_before_its_broker_waits_for_it_and_then_works(
         topic_partitions=1,
         startup_wait_s=60,
         ingest_enabled=True,  # its producer waits too, with /healthz served meanwhile
+        ingest_allow_anonymous=True,
     )
     worker = Worker(settings)
     task = asyncio.create_task(worker.run())
