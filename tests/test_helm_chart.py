@@ -1252,13 +1252,20 @@ def test_redis_url_options_reach_the_worker(helm_results: dict[str, Any]) -> Non
 def test_the_redis_password_comes_from_its_own_secret(helm_results: dict[str, Any]) -> None:
     """A Redis of another chart keeps only its password in a Secret (Bitnami's ``redis-password``):
     the chart could read a whole URL from a Secret key only, and such a release needed a URL
-    Secret made by hand. The password reaches the worker by secretKeyRef, never the ConfigMap."""
+    Secret made by hand. The password reaches the worker as a file mounted from that Secret: not
+    the ConfigMap, and not the environment (an env var from a secretKeyRef shows in `kubectl exec
+    env` and /proc/<pid>/environ), as every other secret of the chart."""
     objects = manifests(helm_results, "redis_password_secret")
     env = worker_env(objects)
     assert env["COC_WORKER_DEDUP_URL"] == "redis://redis-master.data:6379/0"  # the ConfigMap's
-    assert env["COC_WORKER_DEDUP_REDIS_PASSWORD"] == {
-        "secretKeyRef": {"name": "redis", "key": "redis-password"}
-    }
+    assert "COC_WORKER_DEDUP_REDIS_PASSWORD" not in env
+    path = env["COC_WORKER_DEDUP_REDIS_PASSWORD_FILE"]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "redis-password"]
+    assert volume["secret"]["secretName"] == "redis"
+    assert volume["secret"]["items"] == [{"key": "redis-password", "path": "password"}]
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "redis-password"]
+    assert (mount["readOnly"], f"{mount['mountPath']}/password") == (True, path)
     config = one(objects, "ConfigMap")["data"]
     assert not [name for name in config if "PASSWORD" in name]
     secret = one(objects, "Secret")  # the chart's own holds no Redis key: the password is not its
@@ -1279,7 +1286,7 @@ def test_settings_added_since_the_last_release_are_rendered_only_when_set(
         assert f"COC_WORKER_KAFKA_SSL_{name}" not in default
     for case in GOOD:  # the Redis password's Secret: only when named
         named = merged(DEFAULTS, GOOD[case])["dedup"]["redis"]["passwordSecret"]["name"]
-        rendered = "COC_WORKER_DEDUP_REDIS_PASSWORD" in worker_env(manifests(helm_results, case))
+        rendered = "COC_WORKER_DEDUP_REDIS_PASSWORD_FILE" in worker_env(manifests(helm_results, case))
         assert rendered is bool(named), case
     assert (
         worker_env(manifests(helm_results, "redis_forgotten_window_off"))[
@@ -1461,14 +1468,16 @@ def test_chart_defaults_are_the_workers(
 
 @pytest.mark.parametrize("case", sorted(GOOD))
 def test_rendered_config_is_accepted_by_the_worker(
-    helm_results: dict[str, Any], case: str, monkeypatch: pytest.MonkeyPatch
+    helm_results: dict[str, Any], case: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The ConfigMap as the worker reads it: WorkerSettings validates every value (types, ranges, rules)."""
     without_worker_env(monkeypatch)
     env = worker_env(manifests(helm_results, case))
     for name, value in env.items():
-        if name == "COC_WORKER_DEDUP_REDIS_PASSWORD":  # from a Secret of its own
-            value = "test-redis-password"
+        if name == "COC_WORKER_DEDUP_REDIS_PASSWORD_FILE":  # mounted from a Secret of its own
+            password = tmp_path / "redis-password"
+            password.write_text("test-redis-password\n", encoding="utf-8")
+            value = str(password)
         elif isinstance(value, dict):  # from the Secret (the README's existingSecret holds a rediss:// URL)
             value = merged(DEFAULTS, GOOD[case])["secrets"]["redisUrl"] or "rediss://redis:6379/0"
         monkeypatch.setenv(name, value)
@@ -1511,6 +1520,6 @@ def test_secret_names_and_keys_render_as_strings_whatever_they_look_like(
     walk(list(objects.values()))
     assert ("secretName", "true") in found
     assert ("items.key", "123") in found
-    assert ("name", "null") in found
-    assert ("key", "1") in found
+    assert ("secretName", "null") in found  # the Redis password's Secret, mounted
+    assert ("items.key", "1") in found
     assert all(isinstance(value, str) for _, value in found), found
