@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ import redis
 import structlog
 from services import OwnRedis, service_missing
 
+from worker.dedup import DedupStore, open_store
 from worker.logs import bind_message_context
 from worker.sandbox import TansuBroker, create_topics, free_port, wait_for_port
 
@@ -123,3 +124,19 @@ def redis_url(unique: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupStore]:
+    """A dedup store of each backend (the real Redis for ``redis``), closed after the test."""
+    if request.param == "memory":
+        url = "memory://?max_entries=1000"
+    elif request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/dedup.sqlite3"
+    else:
+        url = request.getfixturevalue("redis_url")
+    opened = open_store(url)
+    try:
+        yield opened
+    finally:
+        await opened.close()

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -37,21 +37,6 @@ from worker.errors import ConfigError, DedupUnavailable
 from worker.redis_config import REDIS_POOL_SIZE, connection_url, dedup_target, key_prefix
 from worker.sandbox import free_port
 from worker.settings import load_settings
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupStore]:
-    if request.param == "memory":
-        url = "memory://?max_entries=1000"
-    elif request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/dedup.sqlite3"
-    else:
-        url = request.getfixturevalue("redis_url")
-    s = open_store(url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_first_claim_wins_and_others_see_it_held(store: DedupStore) -> None:

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +28,7 @@ from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
-from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore, open_store
+from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore
 from worker.errors import (
     BrokerUnavailable,
     DeadLetterUnwritable,
@@ -1035,19 +1034,16 @@ async def test_a_redelivered_rejected_event_repeats_its_outcome_and_its_dead_let
     ] == [("rejected", True, "pending", 400, "GOM.00001005")]
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
 @pytest.mark.parametrize("second", ["applied", "rejected"])
 async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_its_own_outcome(
-    second: str, backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    second: str, store: DedupStore
 ) -> None:
     """A refused event's record stood under its event_id only, and the next message of that
     event_id (its dead letter replayed, a producer's retry) replaced it. The first message, read
     again after that (a crash while an earlier offset kept its own uncommitted), took the other's
     record for its own: a ``duplicate`` of the retry when that was applied, a second send when it
     was refused too. It now repeats its own outcome, and the retry's record stays."""
-    urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/dedup.db"}
-    url = urls.get(backend) or request.getfixturevalue("redis_url")
-    store, published = open_store(url), Recorder()
+    published = Recorder()
     answers = _Answers("rejected")
     pipeline, gate = _pipeline(store, answers, published)
     try:
@@ -1059,7 +1055,6 @@ async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_i
         record = await store.claim("ev-1", "w9", "in/0/9", 60.0, event_target(job(STARTED).event), "t")
     finally:
         await gate.close()
-        await store.close()
     assert answers.calls == 2
     assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
         ("rejected", 7, False),
@@ -1076,6 +1071,45 @@ async def test_a_refused_message_read_again_after_a_retry_of_its_event_repeats_i
     assert (record.kind, record.record.source if record.record else None) == (
         (ClaimKind.APPLIED, "in/0/8") if second == "applied" else (ClaimKind.NEW, "in/0/8")
     )
+
+
+class _TakenOverWhileLookingUp(MemoryStore):
+    """While the worker looks up a message's position, its claim of the event runs out and another
+    worker (w2) takes the event over: what a lookup that waits out the lease (a pause) allows."""
+
+    armed = False
+
+    async def claim(self, event_id: str, owner: str, source: str, lease_s: float, *args: Any) -> Claim:
+        if self.armed and event_id.startswith("@"):
+            self.armed = False
+            target = event_target(job(STARTED).event)
+            self._put(
+                "ev-1",
+                DedupRecord(
+                    "claimed", "w2/x", "in/0/9", lease_until=time.time() + 60, target=target, token="t2"
+                ),
+                60,
+            )
+        return await super().claim(event_id, owner, source, lease_s, *args)
+
+
+async def test_a_record_given_back_never_replaces_a_claim_taken_over_meanwhile() -> None:
+    """The first message, read again after a refused retry, puts the retry's record back over its
+    own claim once it has found its outcome by position; written without a look, it replaced the
+    claim of a worker that had taken the event over meanwhile, which then lost it and sent again."""
+    store, published = _TakenOverWhileLookingUp(), Recorder()
+    pipeline, gate = _pipeline(store, _Answers("rejected"), published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        await pipeline.process(job(STARTED, offset=8))
+        store.armed = True
+        await pipeline.process(job(STARTED, offset=7))  # read again
+    finally:
+        await gate.close()
+    assert [(o["source"]["offset"], o["redelivered"]) for o in published.outcomes][-1] == (7, True)
+    record = store._get("ev-1")
+    assert record is not None
+    assert (record.state, record.owner) == ("claimed", "w2/x")  # the other worker's, untouched
 
 
 async def test_a_retry_of_a_refused_event_is_sent_and_leaves_no_claim_at_its_position() -> None:

@@ -56,7 +56,7 @@ from worker.errors import ApiAuthError, ApiRejected, ApiTransientError, ConfigEr
 from worker.logs import REDACTED, get_logger, redact_cut, redact_text, register_secrets
 from worker.mapping import request_path
 from worker.metrics import Metrics
-from worker.settings import HEADER_VALUE, WorkerSettings
+from worker.settings import HEADER_VALUE, WorkerSettings, url_credential_forms
 
 log = get_logger(__name__)
 
@@ -325,7 +325,7 @@ def _proxy_secrets(url: str) -> list[str]:
     if not password:
         return []
     user, secret = unquote(parts.username or ""), unquote(password)
-    return [password, secret, base64.b64encode(f"{user}:{secret}".encode()).decode()]
+    return [*url_credential_forms(password), base64.b64encode(f"{user}:{secret}".encode()).decode()]
 
 
 class CocApiClient:

@@ -233,7 +233,11 @@ class Consumer:
         if max_records <= 0:  # a poll that takes nothing: the next fetch meets the record again
             return []
         _, partitions = self._fetchable()
+        # Marked first: a lookup that fails (the broker away) leaves the rest where the failed
+        # fetch put them, past records it drained, and the next fetch puts them back.
+        self._read_again = set(partitions)
         await self._seek_to_next(partitions)
+        self._read_again = set()
         read: list[tuple[int, Message]] = []  # (the rebalance count it was read under, the message)
         share = max(1, max_records // max(1, len(partitions)))
         for tp in partitions:
@@ -257,16 +261,17 @@ class Consumer:
         """Each partition (still assigned) read again from the message after the last one handed
         up; one with none handed up since it was assigned, from the group's commit (the earliest
         offset without one, as ``auto_offset_reset`` says)."""
-        assigned = self._consumer.assignment()
         for tp in partitions:
-            if tp not in assigned:  # revoked meanwhile: its next owner reads it from the commit
-                continue
             start = self._next.get((tp.topic, tp.partition))
-            if start is None:  # bounded: aiokafka retries these for as long as the broker is away
+            if start is None and tp in self._consumer.assignment():
+                # bounded: aiokafka retries these for as long as the broker is away
                 start = await broker_answers(self._consumer.committed(tp), _LOOKUP_S)
-            if start is None:
-                start = (await broker_answers(self._consumer.beginning_offsets([tp]), _LOOKUP_S))[tp]
-            self._consumer.seek(tp, start)
+                if start is None:
+                    start = (await broker_answers(self._consumer.beginning_offsets([tp]), _LOOKUP_S))[tp]
+            # Asked again after the lookups: revoked meanwhile, its next owner reads it from the
+            # commit (a seek of a partition no longer assigned raises).
+            if start is not None and tp in self._consumer.assignment():
+                self._consumer.seek(tp, start)
 
     async def _step(self, tp: TopicPartition, most: int) -> list[tuple[int, Message]]:
         """Up to ``most`` messages of one partition, one record at a time, ending at an unreadable

@@ -279,9 +279,14 @@ def decode_or_salvage(
 
 
 def _with_key_ticket(identity: Identity, key: bytes | None) -> Identity:
-    if identity["ticket_id"] is None:
-        identity["ticket_id"] = ticket_of_key(key)
+    identity["ticket_id"] = ticket_of(identity, key)
     return identity
+
+
+def ticket_of(identity: Identity, key: bytes | None) -> str | None:
+    """An invalid message's ticket: its value's, else its key's when that is a ticket id (inputs
+    are keyed by ticket_id; almost any key passes the pattern, so the value's comes first)."""
+    return identity["ticket_id"] or ticket_of_key(key)
 
 
 def ticket_of_key(key: bytes | None) -> str | None:

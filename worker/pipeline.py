@@ -50,9 +50,11 @@ T = TypeVar("T")
 
 #: The dead letter's detail a done-record keeps (redacted), so that a redelivery can repeat it.
 _RECORD_DETAIL_CHARS = 500
-#: A record's statuses (``DedupRecord.status``) of an event that went to the API and was not
-#: applied: a repeat of its outcome carries the request, as the first did.
-_SENT_STATUSES = frozenset({OutcomeStatus.REJECTED.value, OutcomeStatus.FAILED.value})
+#: A record's statuses (``DedupRecord.status``; none is an applied one's) of an event that went
+#: to the API: a repeat of its outcome carries the request, as the first did.
+_WITH_REQUEST = frozenset(
+    {None, "", OutcomeStatus.APPLIED.value, OutcomeStatus.REJECTED.value, OutcomeStatus.FAILED.value}
+)
 _HELD_POLL_FIRST_S = 0.05
 _HELD_POLL_MAX_S = 1.0
 #: How long a cancelled job may spend handing its claim on (``Pipeline._let_go``): within the
@@ -232,12 +234,31 @@ class Pipeline:
         body: dict[str, Any] | None = None,
     ) -> bool:
         """An outcome decided without the API (invalid, duplicate), remembered under the message's
-        position, not its event_id; False when this message had one already, now repeated (marked
-        ``redelivered``, as every outcome of a message read again). ``body``: the event's request,
-        repeated when the outcome found is a refusal or failure this message had before another
-        message of its event_id was applied."""
-        key = f"@{job.source}"  # '@' never occurs in an event_id
-        fingerprint = _fingerprint(job)
+        position, not its event_id; False when this message had an outcome there already (also a
+        refusal or failure of its own, before another message of its event_id was applied), now
+        repeated (marked ``redelivered``, as every outcome of a message read again). ``body``: the
+        event's request, for a repeated outcome that carried one."""
+        claim, token, answered = await self._claim_position(job)
+        if answered is not None:
+            await self._repeat_outcome(job, answered, body)
+            return False
+        key = f"@{job.source}"
+        try:
+            await self._remember(key, job, status, reason=reason, detail=detail, target=_fingerprint(job))
+        except asyncio.CancelledError:
+            # nothing here is ever sent to the API
+            await self._let_go(key, token, unsent=claim.record is None)
+            raise
+        await self._emit(job, status, reason=reason, error_msg=detail)
+        return True
+
+    async def _claim_position(self, job: Job) -> tuple[Claim, str, DedupRecord | None]:
+        """The claim of the message's position (``@topic/partition/offset``; '@' never occurs in an
+        event_id), its token, and the outcome this message had there, if any: the same message,
+        not another one at a position read again after its log was cut back (an unclean leader
+        election, a recreated topic); a record without a fingerprint (an earlier release's) cannot
+        tell."""
+        key = f"@{job.source}"
         token = next(self._tokens)
         try:
             claim, _ = await self._claim_when_free(key, job.source, token)
@@ -247,19 +268,9 @@ class Pipeline:
             await self._let_go(key, token, unsent=False)
             raise
         record = claim.record
-        # The same message, not another one at a position read again after its log was cut back
-        # (an unclean leader election, a recreated topic); a record without a fingerprint (an
-        # earlier release's) cannot tell.
-        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", fingerprint):
-            await self._repeat_outcome(job, record, body if record.status in _SENT_STATUSES else None)
-            return False
-        try:
-            await self._remember(key, job, status, reason=reason, detail=detail, target=fingerprint)
-        except asyncio.CancelledError:
-            await self._let_go(key, token, unsent=record is None)  # nothing here is ever sent to the API
-            raise
-        await self._emit(job, status, reason=reason, error_msg=detail)
-        return True
+        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", _fingerprint(job)):
+            return claim, token, record
+        return claim, token, None
 
     async def _process_event(self, job: Job, event: AnyChangeEvent) -> None:
         """One job per event_id at a time in this worker. Two messages with one event_id but
@@ -306,7 +317,7 @@ class Pipeline:
                 try:
                     answered = await self._answered_at_position(job)
                     if answered is not None:
-                        await self._give_back(event.event_id, claim.record)
+                        await self._give_back(event.event_id, token, claim.record)
                 except asyncio.CancelledError:
                     await self._let_go(event.event_id, token, unsent=False)
                     raise
@@ -400,26 +411,23 @@ class Pipeline:
             raise _ClaimLost
 
     async def _answered_at_position(self, job: Job) -> DedupRecord | None:
-        """This message's own record by position, when it was refused or failed before and another
+        """This message's own outcome by position, when it was refused or failed before and another
         message of its event_id has finished since (whose record now stands under the event_id).
         Asked only then: on the path of a retried event, never of a first one."""
-        key = f"@{job.source}"
-        token = next(self._tokens)
-        try:
-            claim, _ = await self._claim_when_free(key, job.source, token)
-        except asyncio.CancelledError:
-            await self._let_go(key, token, unsent=False)
-            raise
-        record = claim.record
-        if claim.kind is ClaimKind.DONE and record is not None and record.target == _fingerprint(job):
-            return record
+        claim, token, answered = await self._claim_position(job)
         if claim.kind is ClaimKind.NEW:  # nothing there: the position is not ours to keep
-            await self._let_go(key, token, unsent=record is None)
-        return None
+            await self._let_go(f"@{job.source}", token, unsent=claim.record is None)
+        return answered
 
-    async def _give_back(self, event_id: str, record: DedupRecord) -> None:
-        """Put back the other message's record over our claim: the event_id stays as it finished."""
-        await self._dedup(lambda: self._store.mark_done(event_id, record, self._settings.dedup_ttl_s))
+    async def _give_back(self, event_id: str, token: str, record: DedupRecord) -> None:
+        """Put the other message's record back over our claim: the event_id stays as it finished.
+        Only while the claim still stands (renewed first): the position's lookup may have waited
+        out the lease (a pause), and another worker taken the event over; written over its claim,
+        that worker lost it and sent again."""
+        if await self._dedup(
+            lambda: self._store.extend(event_id, self._claimant, self._lease_s, token=token)
+        ):
+            await self._dedup(lambda: self._store.mark_done(event_id, record, self._settings.dedup_ttl_s))
 
     async def _claim_when_free(
         self, key: str, source: str, token: str, target: str = ""
@@ -641,7 +649,7 @@ class Pipeline:
             http_status=record.http_status,
             error_code=record.error_code,
             error_msg=record.detail or None,
-            request=body,
+            request=body if record.status in _WITH_REQUEST else None,
             redelivered=True,
         )
 

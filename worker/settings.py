@@ -69,6 +69,12 @@ MIN_SECRET_CHARS = 8
 _TOKEN_SEPARATORS = re.compile(r"[,\s]+")
 
 
+def url_credential_forms(text: str) -> list[str]:
+    """A credential of a URL as written in it (percent-encoded) and as sent (decoded): the
+    redactor must know both."""
+    return [text, unquote(text)]
+
+
 def split_tokens(text: str) -> list[str]:
     """``ingest_tokens`` holds several, separated by commas or whitespace (one per line in a file)."""
     return [token for token in _TOKEN_SEPARATORS.split(text) if token]
@@ -631,7 +637,7 @@ class WorkerSettings(BaseSettings):
         url = urlsplit(self.dedup_url)
         password = url.password
         if password:
-            values += [password, unquote(password)]  # as written in the URL, and as sent to Redis
+            values += url_credential_forms(password)
         elif (
             password is None
             and url.username
@@ -639,7 +645,7 @@ class WorkerSettings(BaseSettings):
             and self._redis_password_variable is None  # else an ACL user's name, shown
         ):
             # a password written where the user goes (``without_password`` masks it too)
-            values += [url.username, unquote(url.username)]
+            values += url_credential_forms(url.username)
         return list(dict.fromkeys(values))
 
 

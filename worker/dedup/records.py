@@ -25,12 +25,13 @@ class ClaimKind(StrEnum):
 #: is longer: a message read again days after its worker crashed mid-send must still find the
 #: claim, or it is sent again without a look at the ticket (the first send may have landed).
 CLAIM_RECORD_KEEP_S = 24 * 3600.0
-#: Written by the stores' probes; '@' never occurs in an event_id (nor "@probe" in an invalid
-#: message's key, ``@topic/partition/offset``).
+#: Written by the stores' probes; '@' never occurs in an event_id (nor "@probe" in a message's
+#: position key, ``@topic/partition/offset``: an outcome decided without the API, or a refusal
+#: or failure, kept by position too).
 PROBE_KEY = "@probe"
 PROBE_OWNER = "coc-worker-probe"
 #: The Redis store's creation time (``RedisStore``), under its prefix as the rate limit's
-#: ``@ratelimit:<group>`` is: '@' never occurs in an event_id, and an invalid message's key
+#: ``@ratelimit:<group>`` is: '@' never occurs in an event_id, and a message's position key
 #: (``@topic/partition/offset``) always holds a '/'.
 EPOCH_KEY = "@epoch"
 

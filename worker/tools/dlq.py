@@ -33,7 +33,7 @@ from typing import TextIO
 
 from schemas.outcomes import utc_text
 from worker.consumer import Message
-from worker.decode import salvage_identity, ticket_of_key
+from worker.decode import salvage_identity, ticket_of
 from worker.errors import ConfigError
 from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
@@ -73,10 +73,9 @@ class DeadLetterRecord:
             if k.startswith(DLQ_HEADER_PREFIX)
         }
         identity = salvage_identity(message.value, max_event_bytes)
-        # As the worker reads it (``decode_or_salvage``): the value's ticket, the key only when the
-        # value names none. Almost any key is a valid ticket id, so the key first listed and
-        # selected a record keyed ``svc-payments`` under that name instead of its event's ticket.
-        ticket = identity["ticket_id"] or ticket_of_key(message.key)
+        # As the worker reads it: the key first listed and selected a record keyed
+        # ``svc-payments`` under that name instead of its event's ticket.
+        ticket = ticket_of(identity, message.key)
         source = "/".join(
             dlq.get(name, "?") for name in ("source-topic", "source-partition", "source-offset")
         )

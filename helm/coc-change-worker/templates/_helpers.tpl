@@ -176,7 +176,7 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- if $v.dedup.redis.passwordSecret.name }}
 {{- if ne $v.dedup.backend "redis" }}
-{{- fail (printf "dedup.redis.passwordSecret.name is set with dedup.backend=%s: it is a Redis password, and the worker refuses COC_WORKER_DEDUP_REDIS_PASSWORD without a Redis store" $v.dedup.backend) }}
+{{- fail (printf "dedup.redis.passwordSecret.name is set with dedup.backend=%s: it is a Redis password, and the worker refuses COC_WORKER_DEDUP_REDIS_PASSWORD_FILE without a Redis store" $v.dedup.backend) }}
 {{- end }}
 {{- if not $v.dedup.redis.url }}
 {{- fail "dedup.redis.passwordSecret needs dedup.redis.url (without credentials): the Secret gives the password only, the URL where Redis is" }}
