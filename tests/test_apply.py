@@ -1406,3 +1406,141 @@ async def test_the_reads_that_settle_a_lost_answer_log_their_retries_at_debug(ri
     assert levels[0][0] == "info"
     assert {level for level, _ in levels[1:]} == {"debug"}
     assert any(reading for _, reading in levels)
+
+
+class _StandIn:
+    """A stand-in client, scripted per test: the API's answers without a simulator."""
+
+    base_url = "http://coc.example.test"
+    proxy_variable = None
+
+    def __init__(self) -> None:
+        self.up = True
+        self.puts = 0
+        self.reads = 0
+        self.probed = 0
+
+    async def update_ticket(self, ticket_id: str, body: bytes, **kwargs: Any) -> Any:
+        self.puts += 1
+        return await self.put(self.puts)
+
+    async def put(self, n: int) -> Any:
+        if not self.up:
+            raise ApiTransientError("cannot connect to the API", connect_failure=True)
+        return ApiResponse(200, UpdateTicketResponse(), 0.0)
+
+    async def show_ticket(self, ticket_id: str) -> Any:
+        self.reads += 1
+        return await self.read(self.reads)
+
+    async def read(self, n: int) -> Any:
+        return {"ticket_id": "CM1"}
+
+    async def probe(self, ticket_id: str) -> None:
+        self.probed += 1
+        if not self.up:
+            raise ApiTransientError("cannot connect to the API", connect_failure=True)
+
+    async def probe_write(self, ticket_id: str) -> None:
+        self.probed += 1
+
+
+class _BackButThatTicketUnreadable(_StandIn):
+    """The API comes back, but a read of the ticket that tripped the pause answers 503."""
+
+    async def probe(self, ticket_id: str) -> None:
+        await super().probe(ticket_id)
+        raise ApiTransientError("HTTP 503 (GOM.00009503)", http_status=503)
+
+
+async def test_an_unreachable_pause_ends_on_any_http_answer_of_its_probe(rig: Rig) -> None:
+    """The probe reads the ticket of the event that tripped the pause, and only a 401/403 counted as
+    an answer besides a success: a 5xx of that one ticket's read (a fault of the ticket, a detail
+    endpoint failing while changes work) kept every ticket paused after the API was back."""
+    client = _BackButThatTicketUnreadable()
+    client.up = False
+    caller = ApiCaller(client, SHORT_BUDGET, rig.gate, rig.metrics, 0.05)  # type: ignore[arg-type]
+    task = asyncio.create_task(caller.apply("CM1", b"{}", event_id="ev-1", traceparent=TRACEPARENT))
+    try:
+        await until(lambda: rig.gate.causes == ["api_unreachable"])
+        client.up = True
+        result = await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert result.status == "applied"
+    assert rig.gate.is_open
+
+
+class _LostThenFailing(_StandIn):
+    """The first send's answer is lost (the change made); the ticket read does not show it (the
+    API's detail has no sub-ticket state); every later send answers 503."""
+
+    async def put(self, n: int) -> Any:
+        if n == 1:
+            raise ApiTransientError("HTTP 504", http_status=504, ambiguous=True)
+        raise ApiTransientError("HTTP 503 (GOM.00009503)", http_status=503)
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_a_failure_after_an_unconfirmed_lost_answer_says_it_may_be_applied(
+    rig: Rig, attempts: int
+) -> None:
+    """``*_maybe_applied`` marked a refusal after a lost answer the ticket read could not confirm,
+    not a failure: the outcome said ``retries_exhausted``, "not changed", of a change in place."""
+    policy = RetryPolicy(max_attempts=attempts, max_elapsed_s=5.0, base_delay_s=0.001, max_delay_s=0.002)
+    caller = ApiCaller(_LostThenFailing(), policy, rig.gate, rig.metrics, 60.0)  # type: ignore[arg-type]
+    result = await caller.apply(
+        "CM1", b"{}", event_id="ev-1", traceparent=TRACEPARENT, confirm=lambda detail: False
+    )
+    assert (result.status, result.maybe_applied) == ("failed", True)
+    assert "may already be in place" in result.detail
+
+
+class _ReadsAfterALostAnswer(_StandIn):
+    """The first send's answer is lost; the first read of the ticket fails as ``first_read`` says,
+    the next shows the change."""
+
+    def __init__(self, first_read: ApiTransientError) -> None:
+        super().__init__()
+        self.first_read = first_read
+
+    async def put(self, n: int) -> Any:
+        if n == 1:
+            raise ApiTransientError("HTTP 504", http_status=504, ambiguous=True)
+        return await super().put(n)
+
+    async def read(self, n: int) -> Any:
+        if n == 1:
+            raise self.first_read
+        return {"ticket_id": "CM1", "applied": True}
+
+
+async def test_a_read_that_settles_a_lost_answer_clears_the_connect_failures_before_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connect failure of the first read, then a read that answers: the event ended reconciled,
+    and the failure's start was kept, so the next event's first connect failure, any time later,
+    paused the whole worker as unreachable at once."""
+    client = _ReadsAfterALostAnswer(ApiTransientError("cannot connect to the API", connect_failure=True))
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 0.05)  # type: ignore[arg-type]
+    first = await caller.apply(
+        "CM1", b"{}", event_id="ev-1", traceparent=TRACEPARENT, confirm=lambda detail: "applied" in detail
+    )
+    assert (first.status, first.reconciled) == ("applied", True)
+    later = time.monotonic() + 1.0  # past the threshold, as after an idle while
+    monkeypatch.setattr(apply_module, "time", types.SimpleNamespace(monotonic=lambda: later))
+    assert not caller._reachability.connect_failed()  # the next blip starts a new count
+
+
+async def test_a_429_on_a_read_halves_the_concurrency_limit_as_on_a_send(rig: Rig) -> None:
+    """Reads go behind the same limits as sends (README), but only a send's 429 lowered the
+    adaptive limit: reads throttled by the API (the young store's window reads before every
+    event) kept coming at the full limit."""
+    limit = AdaptiveConcurrency(64, rig.metrics)
+    client = _ReadsAfterALostAnswer(ApiTransientError("HTTP 429", http_status=429))
+    caller = ApiCaller(client, FAST, rig.gate, rig.metrics, 60.0, concurrency=limit)  # type: ignore[arg-type]
+    result = await caller.apply(
+        "CM1", b"{}", event_id="ev-1", traceparent=TRACEPARENT, confirm=lambda detail: "applied" in detail
+    )
+    assert result.status == "applied"
+    assert limit.limit == 32

@@ -231,8 +231,15 @@ class ApiCaller:
         async def probe() -> None:
             # A 401/403 is an answer: the API is back. Clearing this cause lets the next attempt
             # trip the auth cause, whose probe re-reads the credentials (rotated while it was away).
-            with contextlib.suppress(ApiAuthError):
+            # So is any other HTTP answer (a 5xx, a 429): the probe reads one ticket, whose read
+            # may fail on its own, and every ticket stayed paused on it (review).
+            try:
                 await self._client.probe(ticket_id)
+            except ApiAuthError:
+                pass
+            except ApiTransientError as exc:
+                if exc.connect_failure or exc.http_status is None:
+                    raise
             self._reachability.reached()
 
         # Where it tried, and the settings that say so: a wrong endpoint is a likely cause, and so
@@ -433,7 +440,7 @@ class ApiCaller:
                     only_forgotten = False
                     unsettled.until = 0.0  # read after the settle wait: the request has landed or never will
                     if error is not None and spent >= self._policy.max_attempts:
-                        return _failed(calls, active_s, error, applied_maybe=False)
+                        return _failed(calls, active_s, error, applied_maybe=False, unconfirmed=unconfirmed)
                 spent += 1
                 calls += 1
                 sent = True
@@ -461,12 +468,14 @@ class ApiCaller:
                     # ticket with them): they work, but may not do this (a read-only policy, a
                     # ticket outside their scope). Waiting would never end it.
                     self._remember_not_permitted(ticket_id)
+                    detail = f"{exc}, again after the credentials were verified: not permitted"
                     return ApplyResult(
                         "rejected",
                         calls,
                         http_status=exc.http_status,
                         error_code=exc.error_code,
-                        detail=f"{exc}, again after the credentials were verified: not permitted",
+                        detail=f"{_UNCONFIRMED_NOTE}: {detail}" if unconfirmed else detail,
+                        maybe_applied=unconfirmed,
                     )
                 self._trip_auth(exc, ticket_id)
                 continue
@@ -548,7 +557,7 @@ class ApiCaller:
                 # read before the request landed, the ticket showed nothing and the change went
                 # out twice. The lease, renewed at the send for longer than that, still holds.
                 await _landed(unsettled.until, "api_waiting_for_lost_answer")
-                return _failed(calls, active_s, error, applied_maybe=ambiguous)
+                return _failed(calls, active_s, error, applied_maybe=ambiguous, unconfirmed=unconfirmed)
             # The first retry of an event at info, the later ones at debug (coc_worker_api_retries
             # counts them all): at 256 events in flight an outage wrote thousands of lines. By
             # round, not by send: the reads that settle a lost answer send nothing, and each of
@@ -580,14 +589,23 @@ class ApiCaller:
         except ApiAuthError as exc:
             if exc.http_status != 403:
                 raise
+            self._reachability.reached()
             (log.debug if quiet else log.warning)(
                 "api_ticket_unreadable", ticket_id=ticket_id, detail=str(exc)
             )
             return False
+        except ApiTransientError as exc:
+            if exc.http_status == 429:  # a read is a request too: the limit halves, as for a send
+                self._concurrency.throttled()
+            raise
         finally:
             self._concurrency.release()
         if detail is None:
+            self._reachability.reached()
             raise ApiTransientError("the ticket's state is unreadable after a lost answer")
+        # A working answer: a connect failure before it (a blip on the first read) no longer
+        # counts towards the unreachable threshold, which the next blip then tripped at once.
+        self._reachability.answered()
         return confirm(detail)
 
 
@@ -622,15 +640,22 @@ async def _landed(until: float, said_as: str | None = None) -> None:
         await asyncio.sleep(wait_s)
 
 
-def _failed(calls: int, active_s: float, error: ApiTransientError, *, applied_maybe: bool) -> ApplyResult:
+def _failed(
+    calls: int, active_s: float, error: ApiTransientError, *, applied_maybe: bool, unconfirmed: bool
+) -> ApplyResult:
+    """``applied_maybe``: the last answer was lost, the ticket unread; ``unconfirmed``: an earlier
+    one was, and the ticket read then did not show the change (which such a read cannot always
+    show): either way the change may be in place, and the outcome says so."""
     detail = f"gave up after {calls} attempts in {active_s:.1f}s: {error.detail}"
     if applied_maybe:
         detail += " (its answer was lost and the ticket could not be read: it may have been applied)"
+    elif unconfirmed:
+        detail += f" ({_UNCONFIRMED_NOTE.replace('refused', 'failed')})"
     return ApplyResult(
         "failed",
         calls,
         http_status=error.http_status,
         error_code=error.error_code,
         detail=detail,
-        maybe_applied=applied_maybe,
+        maybe_applied=applied_maybe or unconfirmed,
     )
