@@ -463,9 +463,10 @@ def test_image_install_replays(tmp_path: Path) -> None:
     workdir = tmp_path / "data"
     workdir.mkdir()
 
-    def worker(*argv: str) -> str:
+    def installed(program: str, *argv: str) -> str:
+        """What a program of the image's venv prints, run as the final stage runs it; it must succeed."""
         proc = subprocess.run(
-            [str(venv / "bin" / "coc-worker"), *argv],
+            [str(venv / "bin" / program), *argv],
             cwd=workdir,
             env=run_env,
             capture_output=True,
@@ -474,6 +475,9 @@ def test_image_install_replays(tmp_path: Path) -> None:
         )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
+
+    def worker(*argv: str) -> str:
+        return installed("coc-worker", *argv)
 
     assert "run" in worker("--help")
     out = tmp_path / "schemas"
@@ -489,27 +493,11 @@ def test_image_install_replays(tmp_path: Path) -> None:
         "        if not mod.name.endswith('__main__'):\n"
         "            importlib.import_module(mod.name)\n"
     )
-    proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", imports],
-        cwd=workdir,
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    installed("python", "-c", imports)
     # The image reads compressed input: without the codec library every fetch of a partition
     # holding a producer's lz4, snappy or zstd batch failed (gzip is the standard library's).
     codecs = "from aiokafka import codec\nprint(codec.has_lz4(), codec.has_snappy(), codec.has_zstd())"
-    proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", codecs],
-        cwd=workdir,
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert (proc.returncode, proc.stdout.split()) == (0, ["True", "True", "True"]), proc.stderr
+    assert installed("python", "-c", codecs).split() == ["True", "True", "True"]
     assert not list(workdir.iterdir()), "the worker wrote into its working directory"
 
 

@@ -624,10 +624,15 @@ class _Waited:
     s: float = 0.0
 
 
-_UNCONFIRMED_NOTE = (
-    "the change may already be in place (refused after an earlier attempt's answer was lost, and"
-    " the ticket did not show the change)"
-)
+def _unconfirmed_note(ended: str) -> str:
+    """What a refusal or failure says after a lost answer the ticket read did not confirm."""
+    return (
+        f"the change may already be in place ({ended} after an earlier attempt's answer was lost,"
+        " and the ticket did not show the change)"
+    )
+
+
+_UNCONFIRMED_NOTE = _unconfirmed_note("refused")
 
 
 async def _landed(until: float, said_as: str | None = None) -> None:
@@ -650,7 +655,7 @@ def _failed(
     if applied_maybe:
         detail += " (its answer was lost and the ticket could not be read: it may have been applied)"
     elif unconfirmed:
-        detail += f" ({_UNCONFIRMED_NOTE.replace('refused', 'failed')})"
+        detail += f" ({_unconfirmed_note('failed')})"
     return ApplyResult(
         "failed",
         calls,

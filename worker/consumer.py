@@ -264,8 +264,7 @@ class Consumer:
         for tp in partitions:
             start = self._next.get((tp.topic, tp.partition))
             if start is None and tp in self._consumer.assignment():
-                # bounded: aiokafka retries these for as long as the broker is away
-                start = await broker_answers(self._consumer.committed(tp), _LOOKUP_S)
+                start = await self.group_committed((tp.topic, tp.partition), _LOOKUP_S)
                 if start is None:
                     start = (await broker_answers(self._consumer.beginning_offsets([tp]), _LOOKUP_S))[tp]
             # Asked again after the lookups: revoked meanwhile, its next owner reads it from the

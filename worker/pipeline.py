@@ -50,10 +50,10 @@ T = TypeVar("T")
 
 #: The dead letter's detail a done-record keeps (redacted), so that a redelivery can repeat it.
 _RECORD_DETAIL_CHARS = 500
-#: A record's statuses (``DedupRecord.status``; none is an applied one's) of an event that went
-#: to the API: a repeat of its outcome carries the request, as the first did.
+#: A record's statuses (``DedupRecord.status``; "" is an applied one's, from an earlier release) of
+#: an event that went to the API: a repeat of its outcome carries the request, as the first did.
 _WITH_REQUEST = frozenset(
-    {None, "", OutcomeStatus.APPLIED.value, OutcomeStatus.REJECTED.value, OutcomeStatus.FAILED.value}
+    {"", OutcomeStatus.APPLIED.value, OutcomeStatus.REJECTED.value, OutcomeStatus.FAILED.value}
 )
 _HELD_POLL_FIRST_S = 0.05
 _HELD_POLL_MAX_S = 1.0
@@ -83,6 +83,11 @@ class Job:
     def __post_init__(self) -> None:
         m = self.message
         self.source = f"{m.topic}/{m.partition}/{m.offset}"
+
+    @property
+    def position_key(self) -> str:
+        """The dedup key of the message's position; '@' never occurs in an event_id."""
+        return "@" + self.source
 
     @property
     def lane(self) -> str | None:
@@ -238,27 +243,28 @@ class Pipeline:
         refusal or failure of its own, before another message of its event_id was applied), now
         repeated (marked ``redelivered``, as every outcome of a message read again). ``body``: the
         event's request, for a repeated outcome that carried one."""
-        claim, token, answered = await self._claim_position(job)
+        fingerprint = _fingerprint(job)
+        claim, token, answered = await self._claim_position(job, fingerprint)
         if answered is not None:
             await self._repeat_outcome(job, answered, body)
             return False
-        key = f"@{job.source}"
         try:
-            await self._remember(key, job, status, reason=reason, detail=detail, target=_fingerprint(job))
+            await self._remember(
+                job.position_key, job, status, reason=reason, detail=detail, target=fingerprint
+            )
         except asyncio.CancelledError:
             # nothing here is ever sent to the API
-            await self._let_go(key, token, unsent=claim.record is None)
+            await self._let_go(job.position_key, token, unsent=claim.record is None)
             raise
         await self._emit(job, status, reason=reason, error_msg=detail)
         return True
 
-    async def _claim_position(self, job: Job) -> tuple[Claim, str, DedupRecord | None]:
-        """The claim of the message's position (``@topic/partition/offset``; '@' never occurs in an
-        event_id), its token, and the outcome this message had there, if any: the same message,
-        not another one at a position read again after its log was cut back (an unclean leader
-        election, a recreated topic); a record without a fingerprint (an earlier release's) cannot
-        tell."""
-        key = f"@{job.source}"
+    async def _claim_position(self, job: Job, fingerprint: str) -> tuple[Claim, str, DedupRecord | None]:
+        """The claim of the message's position (``Job.position_key``), its token, and the outcome
+        this message (``fingerprint``) had there, if any: the same message, not another one at a
+        position read again after its log was cut back (an unclean leader election, a recreated
+        topic); a record without a fingerprint (an earlier release's) cannot tell."""
+        key = job.position_key
         token = next(self._tokens)
         try:
             claim, _ = await self._claim_when_free(key, job.source, token)
@@ -268,7 +274,7 @@ class Pipeline:
             await self._let_go(key, token, unsent=False)
             raise
         record = claim.record
-        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", _fingerprint(job)):
+        if claim.kind is ClaimKind.DONE and record is not None and record.target in ("", fingerprint):
             return claim, token, record
         return claim, token, None
 
@@ -414,9 +420,9 @@ class Pipeline:
         """This message's own outcome by position, when it was refused or failed before and another
         message of its event_id has finished since (whose record now stands under the event_id).
         Asked only then: on the path of a retried event, never of a first one."""
-        claim, token, answered = await self._claim_position(job)
+        claim, token, answered = await self._claim_position(job, _fingerprint(job))
         if claim.kind is ClaimKind.NEW:  # nothing there: the position is not ours to keep
-            await self._let_go(f"@{job.source}", token, unsent=claim.record is None)
+            await self._let_go(job.position_key, token, unsent=claim.record is None)
         return answered
 
     async def _give_back(self, event_id: str, token: str, record: DedupRecord) -> None:
@@ -547,7 +553,7 @@ class Pipeline:
         # that (a crash before its offset was committed), took the other's record for its own:
         # a `duplicate` of it, or a second send. It repeats this outcome instead.
         await self._remember(
-            f"@{job.source}", job, status, result, reason, detail=detail, target=_fingerprint(job)
+            job.position_key, job, status, result, reason, detail=detail, target=_fingerprint(job)
         )
         await self._emit(
             job,
