@@ -208,7 +208,7 @@ async def test_a_held_partition_assigned_back_at_once_is_fetched_again(tmp_path:
     worker._consumer._consumer = group  # the library's side of pause/resume, without a broker
     try:
         await worker.on_assigned({key})
-        worker._consumer.hold(key)
+        worker._consumer.hold(key, "share")
         assert group.paused_now == {TopicPartition(*key)}
 
         await worker.on_revoked({key})
@@ -322,6 +322,10 @@ async def test_a_message_dispatched_while_its_partitions_revoke_commits_is_not_t
         await close_unstarted(worker)
 
 
+def abandoned(worker: Worker, kind: str) -> float | None:
+    return worker.metrics.registry.get_sample_value("coc_worker_messages_abandoned_total", {"kind": kind})
+
+
 async def test_a_job_left_behind_by_a_revoke_does_not_finish_its_offset_for_the_next_assignment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -349,7 +353,12 @@ async def test_a_job_left_behind_by_a_revoke_does_not_finish_its_offset_for_the_
         await worker.on_assigned({key})
         worker._dispatch(Message(key[0], 0, 6, None, b"{}", [], 0))
         await until(lambda: len(started) == 1)
-        await worker.on_revoked({key})  # gives up on it
+        with capture_logs() as logs:
+            await worker.on_revoked({key})  # gives up on it
+        # consumed without an outcome here: counted, and named by its position
+        assert abandoned(worker, "revoked") == 1
+        [given_up] = [e for e in logs if e["event"] == "revoke_grace_exceeded"]
+        assert (given_up["abandoned"], given_up["offsets"]) == (1, {f"{key[0]}/0": "6-6 (1)"})
         await worker.on_assigned({key})  # an eager rebalance: assigned back at once
         worker._dispatch(Message(key[0], 0, 6, None, b"{}", [], 0))  # read again from the commit
         await until(lambda: len(started) == 2)
@@ -418,6 +427,14 @@ async def test_an_event_not_keyed_by_its_ticket_is_counted_and_said_once_a_minut
         await close_unstarted(worker)
 
 
+def held_gauges(worker: Worker) -> dict[str, float | None]:
+    """``coc_worker_partitions_held`` by reason."""
+    return {
+        reason: worker.metrics.registry.get_sample_value("coc_worker_partitions_held", {"reason": reason})
+        for reason in ("uncommitted", "share", "bytes", "rewinding")
+    }
+
+
 async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_others(
     tmp_path: Path,
 ) -> None:
@@ -454,6 +471,8 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
         # flow control, not a fault: a plain backlog with one partition per pod meets it all along
         held = [(e["log_level"], e["reason"]) for e in logs if e["event"] == "partition_held"]
         assert held == [("info", "share")]
+        # its lag is frozen while held (no fetch updates the high watermark): the gauge says why
+        assert held_gauges(worker) == {"uncommitted": 0, "share": 1, "bytes": 0, "rewinding": 0}
         assert group.paused_now == {TopicPartition(*hot)}
         assert len(worker._lanes) == 16 < worker._buffer_limit  # room for the other partition
         for n in range(40):  # its tickets come and go
@@ -464,6 +483,7 @@ async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_
         stuck.set()  # the head gives up at last: the ticket's queue drains, the partition is fetched again
         await until(lambda: worker._consumer.held == set())
         assert group.paused_now == set()
+        assert set(held_gauges(worker).values()) == {0}
     finally:
         await close_unstarted(worker, real)
 
@@ -744,7 +764,15 @@ async def test_a_job_ending_without_an_outcome_stops_the_worker(tmp_path: Path) 
         str(crashed.value)
         == f"a job ended without an outcome (RuntimeError) at {tp.topic}/0 offset 3: restart"
     )
-    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["job_crashed"]
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == ["job_crashed"]
+    # Named as the job's own lines are (README: "on every line about a message"): the callback
+    # that logs it runs outside the job's log context.
+    assert {k: errors[0][k] for k in ("topic", "partition", "offset")} == {
+        "topic": tp.topic,
+        "partition": 0,
+        "offset": 3,
+    }
 
 
 async def test_a_single_partition_is_not_held_at_half_the_bytes(tmp_path: Path) -> None:
@@ -1075,6 +1103,10 @@ async def test_records_read_before_a_rebalance_during_the_same_fetch_are_not_han
         await real.stop()
 
 
+def ready_gauge(worker: Worker) -> float | None:
+    return worker.metrics.registry.get_sample_value("coc_worker_ready")
+
+
 async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_answers(tmp_path: Path) -> None:
     """The health watcher's metadata request is answered while every fetch fails (a topic's ACL
     revoked, the client's coordination gone): it set the worker ready again every 2 s."""
@@ -1104,6 +1136,9 @@ async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_ans
         seen = pings
         await until(lambda: pings >= seen + 1, timeout_s=5)
         assert not worker.ready
+        # Not paused, no topic missing: only a gauge of readiness shows it in the metrics.
+        assert ready_gauge(worker) == 0.0
+        assert worker.metrics.registry.get_sample_value("coc_worker_paused") == 0.0
 
         async def works(max_records: int, timeout_s: float) -> list[Message]:
             return []
@@ -1111,6 +1146,7 @@ async def test_readiness_stays_off_while_every_fetch_fails_though_the_broker_ans
         worker._consumer.fetch = works  # type: ignore[method-assign]
         await worker._poll(10, 0.1)
         assert worker.ready  # at once, not at the next health tick
+        assert ready_gauge(worker) == 1.0
     finally:
         await cancel_and_wait([monitor])
         await close_unstarted(worker)
@@ -1275,6 +1311,7 @@ async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path)
             worker.stop()  # asked again
             await asyncio.wait_for(stopping, 10)  # not the 60 s grace
             assert not pipeline.release.is_set()  # the job never finished: cancelled
+            assert (abandoned(worker, "stopped"), abandoned(worker, "revoked")) == (1, 0)
             assert commits == [{key: 7}]  # up to the job, not past it: the next owner reads it again
         finally:
             pipeline.release.set()

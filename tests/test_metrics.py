@@ -61,6 +61,10 @@ def _reference() -> tuple[CollectorRegistry, Counter, Counter, Counter, Histogra
     )
     for status in OutcomeStatus:
         outcomes.labels(status=status.value)
+    # the transport codes at 0 from the start: increase() cannot see a series' first sample, so
+    # the first timeouts of an outage went unseen by an alert on them
+    for code in ("connect_error", "timeout", "disconnected", "client_error", "error"):
+        requests.labels(code=code)
     return ref, consumed, outcomes, requests, latency
 
 

@@ -26,6 +26,7 @@ from schemas.events import CHANGE_EVENT_ADAPTER
 from schemas.outcomes import OutcomeEvent
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller, ApplyResult
+from worker.cancel import cancel_and_wait
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
 from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore
@@ -650,6 +651,28 @@ async def test_a_dead_letter_refused_is_sent_again_without_its_confirmed_outcome
         rig.pipeline._metrics.registry.get_sample_value("coc_worker_pauses_total", {"kind": "dlq_unwritable"})
         == 3
     )
+
+
+async def test_an_outcome_written_before_a_dead_letter_outage_is_counted_when_written(rig: Rig) -> None:
+    """The outcome went through and the dead-letter topic refuses its record for as long as the
+    job lives (a stop during the outage cancels it): the results topic holds the outcome, so
+    ``coc_worker_outcomes_total`` counts it, as it counts every outcome written. It was counted
+    only once the dead letter was in too, and a stop during the outage left it uncounted."""
+    rig.published.refuse_letters = 1_000_000
+
+    def outcomes() -> float | None:
+        return rig.pipeline._metrics.registry.get_sample_value(
+            "coc_worker_outcomes_total", {"status": "invalid"}
+        )
+
+    task = asyncio.create_task(rig.pipeline.process(invalid_job()))
+    try:
+        await until(lambda: bool(rig.published.outcomes), what="the outcome written")
+        await until(lambda: outcomes() == 1, what="the outcome counted")
+    finally:
+        await cancel_and_wait([task])
+    assert [o["status"] for o in rig.published.outcomes] == ["invalid"]
+    assert outcomes() == 1
 
 
 async def test_an_outcome_refused_is_sent_again_without_its_confirmed_dead_letter(rig: Rig) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from worker.health import HealthServer
 from worker.kafka_config import ensure_topics
 from worker.lanes import Lanes
 from worker.logs import get_logger, redact_cut, register_secrets
-from worker.metrics import KEY_MISMATCH_KINDS, Metrics
+from worker.metrics import HOLD_REASONS, KEY_MISMATCH_KINDS, Metrics
 from worker.offsets import NotAssigned, OffsetTracker, OffsetWentBack, PartitionKey
 from worker.pipeline import Job, Pipeline
 from worker.publisher import Publisher
@@ -100,6 +101,7 @@ class Worker:
         # read when scraped, not set twice per message
         self.metrics.in_flight.set_function(lambda: len(self._lanes))
         self.metrics.buffered_bytes.set_function(lambda: self._buffered_bytes)
+        self.metrics.ready.set_function(lambda: float(self.ready))
         self._commit_lock = asyncio.Lock()
         self._store: DedupStore = open_store(
             dedup_target(settings),
@@ -110,6 +112,10 @@ class Worker:
         self._client = CocApiClient(settings, self.metrics)
         self._publisher = Publisher(settings)
         self._consumer = Consumer(settings, self)
+        for reason in HOLD_REASONS:
+            self.metrics.partitions_held.labels(reason=reason).set_function(
+                functools.partial(self._consumer.held_for, reason)
+            )
         self._rate_limit = build_rate_limit(settings, self.metrics)
         self._pipeline = Pipeline(
             settings,
@@ -141,9 +147,9 @@ class Worker:
             settings, self.metrics.registry, self.status, self._ingress.routes() if self._ingress else None
         )
         self._assigned: set[PartitionKey] | None = None
-        #: The group's committed offset of each assigned partition (``None``: the group has none),
-        #: the lag's base until this member commits it.
-        self._group_committed: dict[PartitionKey, int | None] = {}
+        #: The group's committed offset of each assigned partition (the log's start when the group
+        #: has none), the lag's base until this member commits it.
+        self._group_committed: dict[PartitionKey, int] = {}
         self._broker_answered = False  # the last metadata request was answered (``_check_health``)
         self._fetch_failing = False  # the last fetch failed (``_poll``)
         #: setting -> topic, of the three the broker's last metadata did not list (``_check_health``)
@@ -342,14 +348,15 @@ class Worker:
         # In bytes only beside other partitions: alone, its share would halve the byte limit.
         at_bytes = partition_bytes >= self._partition_bytes_share and len(self._assigned or ()) > 1
         if (stuck or at_share or at_bytes) and key not in self._consumer.held:
-            self._consumer.hold(key)
+            reason = "uncommitted" if stuck else "share" if at_share else "bytes"
+            self._consumer.hold(key, reason)
             # Far behind its oldest unfinished message: one is stuck, worth a look. At its share
             # of the buffer: flow control, which a plain backlog meets every few hundred messages.
             (log.warning if stuck else log.info)(
                 "partition_held",
                 topic=key[0],
                 partition=key[1],
-                reason="uncommitted" if stuck else "share" if at_share else "bytes",
+                reason=reason,
                 uncommitted=taken_in.pending,
                 unfinished=taken_in.unfinished,
                 unfinished_bytes=partition_bytes,
@@ -383,7 +390,7 @@ class Worker:
         have finished, then read again from this offset."""
         key = message.partition_key
         token = self._rewinding[key] = object()
-        self._consumer.hold(key)
+        self._consumer.hold(key, "rewinding")
         log.error(
             "partition_offset_went_back",
             topic=key[0],
@@ -418,12 +425,24 @@ class Worker:
         await self._pipeline.process(job)
 
     def _job_crashed(self, job: Job, error: BaseException) -> None:
-        """A job raised instead of ending as an outcome (``Lanes`` logged it, ``job_crashed``): its
-        partition could never be committed past it, and would stop for good once held. The worker
-        stops (exit 1) instead, what it finished committed, and a fresh process reads the message
-        again. Named by its position and the error's type only: the error's text may hold anything."""
+        """A job raised instead of ending as an outcome (a bug): its partition could never be
+        committed past it, and would stop for good once held. The worker stops (exit 1) instead,
+        what it finished committed, and a fresh process reads the message again. Named by its
+        position and the error's type only: the error's text may hold anything (the traceback's
+        line goes through the redactor). The log line names the message as the job's own lines
+        do: this runs in a done-callback, outside the job's log context."""
+        m = job.message
+        log.error(
+            "job_crashed",
+            error=type(error).__name__,
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            event_id=job.event.event_id if job.event is not None else None,
+            ticket_id=job.event.ticket_id if job.event is not None else None,
+            exc_info=error,
+        )
         if self._crashed is None:
-            m = job.message
             self._crashed = JobCrashed(
                 f"a job ended without an outcome ({type(error).__name__}) at {m.topic}/{m.partition}"
                 f" offset {m.offset}: restart"
@@ -509,7 +528,9 @@ class Worker:
     async def _report_lag(self) -> None:
         """Lag from this member's last commit or, before its first one, from the group's: without
         that base a restarted pod reported no lag for a backlog it could not work off (the API
-        away), and each partition's lag came back only after its first commit."""
+        away), and each partition's lag came back only after its first commit. A partition the
+        group never committed is read from the log's start, and its lag counts from there: a new
+        group (or one whose offsets expired) whose events could not finish showed no lag at all."""
         for key in list(self._assigned or ()):
             high = self._consumer.highwater(key)
             if high is None:
@@ -521,6 +542,8 @@ class Worker:
                         continue  # the lookup would wait out its timeout, holding readiness back
                     try:
                         found = await self._consumer.group_committed(key)
+                        if found is None:
+                            found = await self._consumer.log_start(key)
                     except BrokerUnavailable:
                         return  # the broker check above says so; asked again on the next round
                     if key not in (self._assigned or ()):
@@ -528,8 +551,7 @@ class Worker:
                     # Fixed for this assignment: only this member commits the partition now.
                     self._group_committed[key] = found
                 position = self._group_committed[key]
-            if position is not None:
-                self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
+            self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
 
     def _note_missing_topics(self, listed: set[str]) -> None:
         """Not ready while the broker lists one of the three topics no more (it lost its data, the
@@ -602,7 +624,7 @@ class Worker:
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
             now = loop.time()
             if now >= deadline or self._hurried.is_set():
-                log.warning("shutdown_grace_exceeded", abandoned=len(self._lanes))
+                self._abandon("stopped", self._lanes.select(_every), "shutdown_grace_exceeded")
                 return False
             held = (
                 not self._gate.is_open
@@ -613,7 +635,12 @@ class Worker:
             elif stalled_since is None:
                 stalled_since = now
             elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
-                log.warning("shutdown_while_paused", paused_by=self._gate.causes, abandoned=len(self._lanes))
+                self._abandon(
+                    "stopped",
+                    self._lanes.select(_every),
+                    "shutdown_while_paused",
+                    paused_by=self._gate.causes,
+                )
                 return False
             if held:
                 self._gate.probe_every_cause_now()  # each turn (0.5-1 s): the wait sees the outage end
@@ -628,6 +655,23 @@ class Worker:
                 # nothing left to keep alive, and the jobs in hand still get their grace.
                 polling = False
         return True
+
+    def _abandon(self, kind: str, jobs: list[Job], event: str, **fields: Any) -> None:
+        """Jobs about to be cancelled without an outcome here (their claims are handed on; the
+        partition's next reader reads their messages again): counted, and named by partition and
+        offsets, so that consumed minus outcomes can be accounted for."""
+        self.metrics.abandoned.labels(kind=kind).inc(len(jobs))
+        offsets: dict[str, list[int]] = {}
+        for job in jobs:
+            m = job.message
+            offsets.setdefault(f"{m.topic}/{m.partition}", []).append(m.offset)
+        log.warning(
+            event,
+            abandoned=len(jobs),
+            # first and last offset and how many, per partition: bounded whatever the buffer holds
+            offsets={part: f"{min(o)}-{max(o)} ({len(o)})" for part, o in sorted(offsets.items())},
+            **fields,
+        )
 
     # --- rebalance (called by the consumer inside the group protocol) -------------------------------
     async def on_revoked(self, partitions: set[PartitionKey]) -> None:
@@ -648,7 +692,7 @@ class Worker:
     async def _revoke(self, partitions: set[PartitionKey], revoked: Callable[[Job], bool]) -> None:
         pending = self._lanes.matching(revoked)
         if pending and not await self._lanes.wait_for(revoked, self.settings.revoke_grace_s):
-            log.warning("revoke_grace_exceeded", abandoned=self._lanes.matching(revoked))
+            self._abandon("revoked", self._lanes.select(revoked), "revoke_grace_exceeded")
             self._lanes.drop(revoked)
             await self._lanes.wait_for(revoked, REVOKE_CANCEL_WAIT_S)
         await self._commit(partitions)
@@ -673,6 +717,10 @@ class Worker:
         self._assigned = set(partitions)
         self._consumer.reapply_pause()
         log.info("partitions_assigned", partitions=sorted(f"{t}/{p}" for t, p in partitions))
+
+
+def _every(_: Job) -> bool:
+    return True
 
 
 def _size(message: Message) -> int:

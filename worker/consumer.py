@@ -116,7 +116,8 @@ class Consumer:
             max_partition_fetch_bytes=record_limit_bytes(settings),
         )
         self._paused = False
-        self._held: set[PartitionKey] = set()  # paused on their own, whatever ``_paused`` says
+        #: Paused on their own, whatever ``_paused`` says, and why (``hold``).
+        self._held: dict[PartitionKey, str] = {}
         self._turn = 0  # the partition a fetch asks first (``_shares``)
         self._deferred: Exception | None = None  # raised by the next fetch (``_shares``)
         #: Per partition, the offset after the last message handed up (``_read_past_unreadable``).
@@ -370,8 +371,12 @@ class Consumer:
 
     @property
     def held(self) -> AbstractSet[PartitionKey]:
-        """Partitions paused on their own (``hold``); read on every finished job, so not a copy."""
-        return self._held
+        """Partitions paused on their own (``hold``); read on every finished job, so a view."""
+        return self._held.keys()
+
+    def held_for(self, reason: str) -> int:
+        """How many partitions are held for this reason (a gauge, read at scrape time)."""
+        return sum(1 for why in self._held.values() if why == reason)
 
     @property
     def all_held(self) -> bool:
@@ -381,11 +386,12 @@ class Consumer:
         if not self._held:
             return False
         assigned = self.assignment()
-        return bool(assigned) and assigned <= self._held
+        return bool(assigned) and assigned <= self._held.keys()
 
-    def hold(self, key: PartitionKey) -> None:
-        """Stop fetching one partition while the others go on."""
-        self._held.add(key)
+    def hold(self, key: PartitionKey, reason: str) -> None:
+        """Stop fetching one partition while the others go on; a hold already in place takes the
+        new reason."""
+        self._held[key] = reason
         tp = TopicPartition(*key)
         if tp in self._consumer.assignment():
             self._consumer.pause(tp)
@@ -393,19 +399,20 @@ class Consumer:
     def forget_held(self, keys: set[PartitionKey]) -> None:
         """Partitions being revoked: whoever gets them next starts fetching them afresh, from the
         last commit."""
-        self._held -= keys
         for key in keys:
+            self._held.pop(key, None)
             self._next.pop(key, None)
 
     def release(self, key: PartitionKey) -> None:
-        self._held.discard(key)
+        self._held.pop(key, None)
         tp = TopicPartition(*key)
         if not self._paused and tp in self._consumer.assignment():
             self._consumer.resume(tp)
 
     def reapply_pause(self) -> None:
         """After a rebalance, newly assigned partitions start unpaused: keep our state."""
-        self._held &= self.assignment()
+        assigned = self.assignment()
+        self._held = {key: why for key, why in self._held.items() if key in assigned}
         if self._paused:
             self.pause()
         elif self._held:
@@ -434,6 +441,13 @@ class Consumer:
         broker is away; raises ``BrokerUnavailable`` then."""
         offset = await broker_answers(self._consumer.committed(TopicPartition(*key)), timeout_s)
         return int(offset) if offset is not None and offset >= 0 else None
+
+    async def log_start(self, key: PartitionKey, timeout_s: float = 3.0) -> int:
+        """The partition's first offset: where a group that never committed it starts reading
+        (``auto_offset_reset="earliest"``). Bounded as ``group_committed``."""
+        tp = TopicPartition(*key)
+        offsets = await broker_answers(self._consumer.beginning_offsets([tp]), timeout_s)
+        return int(offsets[tp])
 
     async def ping(self, timeout_s: float = 3.0) -> set[str]:
         """A metadata round trip: proves the broker answers; the topics it lists."""

@@ -42,7 +42,8 @@ class Lanes(Generic[J]):
     ) -> None:
         """``run(job)`` does the work; ``on_done(job, finished)`` is told when a job leaves, with
         ``finished=False`` when it was cancelled or dropped before it could finish, or raised;
-        ``on_crash(job, error)`` too, after it, when it raised."""
+        ``on_crash(job, error)`` too, after it, when it raised; it logs the crash, as only it knows
+        what names the job (this callback runs outside the job's own log context)."""
         self._run = run
         self._on_done = on_done
         self._on_crash = on_crash
@@ -94,7 +95,7 @@ class Lanes(Generic[J]):
         self._cancelled.pop(task, None)
         self._count -= 1
         error = None if task.cancelled() else task.exception()
-        if error is not None:  # a job must end as an outcome: one that raised is a bug, said loudly
+        if error is not None and self._on_crash is None:  # a job must end as an outcome: a bug, said loudly
             log.error("job_crashed", error=type(error).__name__, exc_info=error)
         ok = not task.cancelled() and error is None
         self._on_done(job, ok)
@@ -168,9 +169,14 @@ class Lanes(Generic[J]):
                 self._cancelled[task] = now
 
     def matching(self, predicate: Callable[[J], bool]) -> int:
-        running = sum(1 for _, job in self._running.values() if predicate(job))
-        ready = sum(1 for _, job in self._ready if predicate(job))
-        return running + ready + sum(1 for q in self._queued.values() for job in q if predicate(job))
+        return len(self.select(predicate))
+
+    def select(self, predicate: Callable[[J], bool]) -> list[J]:
+        """The jobs in hand (running, ready or queued) matching ``predicate``."""
+        jobs = [job for _, job in self._running.values() if predicate(job)]
+        jobs += (job for _, job in self._ready if predicate(job))
+        jobs += (job for q in self._queued.values() for job in q if predicate(job))
+        return jobs
 
     def drop(self, predicate: Callable[[J], bool]) -> None:
         """Remove waiting jobs matching ``predicate`` and cancel running ones (they do not finish)."""

@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 import prometheus_client.metrics
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric, Sample
 from prometheus_client.registry import Collector
 
@@ -119,6 +119,14 @@ def _bucket_label(bound: float) -> str:
 DEDUP_HIT_KINDS = ("duplicate", "redelivered")
 #: ``coc_worker_key_mismatches_total``: no key at all, or a key other than the ticket_id.
 KEY_MISMATCH_KINDS = ("missing", "other")
+#: Why a partition is held (``coc_worker_partitions_held``): one message stuck ``max_uncommitted``
+#: messages back, the partition at its share of the buffer (messages or bytes), or its log
+#: started over and its old jobs still running.
+HOLD_REASONS = ("uncommitted", "share", "bytes", "rewinding")
+#: ``coc_worker_messages_abandoned_total``: jobs cancelled past a revoke's or a stop's grace.
+ABANDON_KINDS = ("revoked", "stopped")
+#: The API request codes that are not HTTP statuses (``count_api_request``), shown from the start.
+TRANSPORT_CODES = ("connect_error", "timeout", "disconnected", "client_error", "error")
 
 
 class Metrics:
@@ -132,7 +140,14 @@ class Metrics:
         self.api_request_counts: dict[str, Tally] = {}  # HTTP codes and a few transport error names
         self.api_request_tallies: tuple[tuple[str, Tally], ...] = ()  # the same, for scrapes
         self.api_latency = LatencyHistogram(API_LATENCY_BUCKETS)
+        # At 0 from the start, as the pause kinds below: the first timeouts of an outage are the
+        # ones an alert on increase() must see.
+        for code in TRANSPORT_CODES:
+            self.count_api_request(code, 0)
         r.register(_HotMetrics(self))
+        # The process's memory, CPU and open files, as the default registry would show them: the
+        # worker's limits (max_buffered_bytes) are set against the container's memory.
+        ProcessCollector(registry=r)
         self.dead_letters = Counter(
             "coc_worker_dead_letters", "Records written to the DLQ topic.", registry=r
         )
@@ -156,8 +171,35 @@ class Metrics:
             registry=r,
         )
         self.lag = Gauge(
-            "coc_worker_consumer_lag", "High watermark minus committed offset.", ["partition"], registry=r
+            "coc_worker_consumer_lag",
+            "High watermark minus committed offset (before the group's first commit: minus the log's"
+            " start). Frozen while the partition is held or consumption paused: no fetch updates it.",
+            ["partition"],
+            registry=r,
         )
+        self.ready = Gauge(
+            "coc_worker_ready",
+            "1 while /readyz answers 200 (assigned, broker answering and fetching, topics present,"
+            " not paused, not stopping).",
+            registry=r,
+        )
+        self.partitions_held = Gauge(
+            "coc_worker_partitions_held",
+            "Assigned partitions not fetched for now, by reason: 'uncommitted' (a message stuck"
+            " max_uncommitted messages back), 'share' or 'bytes' (at its share of the buffer),"
+            " 'rewinding' (its log started over).",
+            ["reason"],
+            registry=r,
+        )
+        self.abandoned = Counter(
+            "coc_worker_messages_abandoned",
+            "Messages whose job was cancelled past a revoke's or a stop's grace, without an outcome"
+            " here: the partition's next reader reads them again.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ABANDON_KINDS:
+            self.abandoned.labels(kind=kind)
         self.topics_missing = Gauge(
             "coc_worker_topics_missing",
             "The worker's topics (input, results, dead-letter) the broker does not list: not ready while above 0.",
@@ -183,7 +225,7 @@ class Metrics:
         )
         for kind in KEY_MISMATCH_KINDS:
             self.key_mismatches.labels(kind=kind)
-        self.commits = Counter("coc_worker_commits", "Offset commits sent to the broker.", registry=r)
+        self.commits = Counter("coc_worker_commits", "Offset commits the broker accepted.", registry=r)
         self.rate_limited = Counter(
             "coc_worker_rate_limit_waits", "API calls delayed by the rate or concurrency limit.", registry=r
         )
@@ -199,12 +241,12 @@ class Metrics:
     def count_outcome(self, status: OutcomeStatus) -> None:
         self.outcome_counts[status].value += 1
 
-    def count_api_request(self, code: str) -> None:
+    def count_api_request(self, code: str, n: int = 1) -> None:
         tally = self.api_request_counts.get(code)
         if tally is None:
             tally = self.api_request_counts[code] = Tally()
             self.api_request_tallies = (*self.api_request_tallies, (code, tally))
-        tally.value += 1
+        tally.value += n
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -205,6 +205,7 @@ class Pipeline:
                 "offset": m.offset,
                 "event_id": event_id,
                 "ticket_id": ticket_id,
+                "trace_id": job.trace.trace_id,  # the outcome's and the API call's: a line leads to both
             }
         )
         try:
@@ -739,6 +740,8 @@ class Pipeline:
                 # The outcome is in: only the dead letter is owed, and the pause lasts until its
                 # topic answers (a missing topic is not an outage the results topic would show).
                 # A timed-out write may have been stored: the next is marked as a possible repeat.
+                if payload is not None:  # counted as written: a stop during the outage ends the job
+                    self._metrics.count_outcome(status)
                 payload = None
                 owed = _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping_dead_letters)
@@ -749,7 +752,8 @@ class Pipeline:
                 payload = _dump(outcome)
                 owed = None if exc.dead_letter_confirmed else _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping)
-        self._metrics.count_outcome(status)
+        if payload is not None:
+            self._metrics.count_outcome(status)
         if letter is not None:
             self._metrics.dead_letters.inc()
 

@@ -483,8 +483,13 @@ async def test_health_and_metrics_endpoints(
         "coc_worker_in_flight 0.0",
         "coc_worker_buffered_bytes 0.0",
         "coc_worker_paused 0.0",
+        "coc_worker_ready 1.0",
+        'coc_worker_partitions_held{reason="uncommitted"} 0.0',
+        'coc_worker_messages_abandoned_total{kind="stopped"} 0.0',
+        'coc_worker_api_requests_total{code="timeout"} 0.0',  # at 0 before the first
     ):
         assert line in text, line
+    assert "\nprocess_resident_memory_bytes " in text  # the worker's own registry has them too
     assert "coc_worker_api_request_seconds_bucket" in text
 
 
@@ -506,15 +511,9 @@ async def test_a_restarted_worker_reports_the_lag_of_partitions_it_has_taken_not
             return sum(max(0, offset) for offset in found.values()) == len(first)
 
         await until(all_committed, timeout_s=20, every_s=0.1)
-    found = await committed_offsets(broker.bootstrap, settings.group_id, topics["input"], 4)
-    with_commits = {str(partition) for partition, offset in found.items() if offset > 0}
-
-    def lag(worker: Worker) -> dict[str, float]:
-        [metric] = [m for m in worker.metrics.registry.collect() if m.name == "coc_worker_consumer_lag"]
-        return {sample.labels["partition"]: sample.value for sample in metric.samples}
 
     async with running_worker(settings) as worker:
-        await until(lambda: set(lag(worker)) == with_commits, 20, 0.05, what="every partition's lag")
+        await until(lambda: set(lag(worker)) == {"0", "1", "2", "3"}, 20, 0.05, what="every partition's lag")
         assert set(lag(worker).values()) == {0.0}
     backlog = [e for n in range(6) for e in ticket_script(f"CMB{n:03d}", subs=1)]
     await send(broker.bootstrap, topics["input"], backlog)
@@ -523,6 +522,33 @@ async def test_a_restarted_worker_reports_the_lag_of_partitions_it_has_taken_not
         await until(lambda: worker.status()["paused_by"] == ["api_unreachable"], 20, 0.02, what="the pause")
         await until(lambda: sum(lag(worker).values()) == len(backlog), 20, 0.05, what="the backlog's lag")
     assert len(simulator.state.applied_log) == len(first)
+
+
+async def test_a_new_group_reports_the_lag_of_a_backlog_it_cannot_work_off(
+    broker: TansuBroker, topics: dict[str, str], make_settings: SettingsFactory
+) -> None:
+    """A group that never committed a partition (new, or its offsets expired) reads it from the
+    log's start. With the API away from the start, the one message taken (a buffer of one) never
+    finishes, and the partitions nothing was taken from were never committed: they had no lag
+    series at all, a backlog no alert could see. Their base is now the log's start."""
+    backlog = [e for n in range(6) for e in ticket_script(f"CMN{n:03d}", subs=1)]
+    await send(broker.bootstrap, topics["input"], backlog)
+    down = make_settings(
+        api_endpoint=f"http://127.0.0.1:{free_port()}",
+        api_unreachable_threshold_s=0.3,
+        max_in_flight=1,
+        max_buffered=1,
+    )
+    async with running_worker(down) as worker:
+        await until(lambda: worker.status()["paused_by"] == ["api_unreachable"], 20, 0.02, what="the pause")
+        await until(lambda: sum(lag(worker).values()) == len(backlog), 20, 0.05, what="the backlog's lag")
+        assert set(lag(worker)) == {"0", "1", "2", "3"}
+
+
+def lag(worker: Worker) -> dict[str, float]:
+    """The worker's ``coc_worker_consumer_lag`` samples, by partition."""
+    [metric] = [m for m in worker.metrics.registry.collect() if m.name == "coc_worker_consumer_lag"]
+    return {sample.labels["partition"]: sample.value for sample in metric.samples}
 
 
 async def test_offsets_are_committed_only_over_finished_work(
