@@ -701,8 +701,9 @@ async def test_requests_are_counted_by_code_and_timed(sim: SimulatorServer) -> N
         return metrics.registry.get_sample_value("coc_worker_api_requests_total", {"code": code})
 
     assert (count("200"), count("400"), count("503"), count("connect_error")) == (1.0, 2.0, 1.0, 1.0)
-    assert metrics.registry.get_sample_value("coc_worker_api_request_seconds_count") == 5.0
-    latency_sum = metrics.registry.get_sample_value("coc_worker_api_request_seconds_sum")
+    assert metrics.registry.get_sample_value("coc_worker_api_request_seconds_count", {"method": "PUT"}) == 5.0
+    assert metrics.registry.get_sample_value("coc_worker_api_request_seconds_count", {"method": "GET"}) == 0.0
+    latency_sum = metrics.registry.get_sample_value("coc_worker_api_request_seconds_sum", {"method": "PUT"})
     assert latency_sum is not None
     assert latency_sum > 0
 

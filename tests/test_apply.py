@@ -329,7 +329,7 @@ async def test_before_send_runs_once_the_limits_let_the_request_through(rig: Rig
     task = asyncio.create_task(
         rig.apply(rig.caller(concurrency=limit), hook=before_attempt, before_send=before_send)
     )
-    await until(lambda: rig.sample("coc_worker_rate_limit_waits_total") == 1.0)
+    await until(lambda: rig.sample("coc_worker_rate_limit_waits_total", limit="concurrency") == 1.0)
     assert seen == ["round"]  # waiting for the slot; nothing renewed yet
     limit.release()
     result = await asyncio.wait_for(task, 5)

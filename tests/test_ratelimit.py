@@ -30,7 +30,7 @@ async def test_token_bucket_caps_the_rate() -> None:
     elapsed = time.monotonic() - started
     # 5 pass at once (burst), the other 25 are spaced 20 ms apart
     assert elapsed >= 25 * 0.02 * 0.95
-    assert metrics.rate_limited._value.get() >= 25
+    assert metrics.rate_limited.labels(limit="rate")._value.get() >= 25
 
 
 async def test_redis_bucket_is_shared_between_replicas(redis_url: str) -> None:
@@ -85,7 +85,8 @@ async def _cancel_sleepers(bucket: TokenBucket | RedisTokenBucket, metrics: Metr
     """``count`` callers that reserved a slot and sleep until it, cancelled (as a rebalance does)."""
     sleepers = [asyncio.create_task(bucket.acquire()) for _ in range(count)]
     await until(
-        lambda: metrics.rate_limited._value.get() >= count - 1, what="every caller asleep on its slot"
+        lambda: metrics.rate_limited.labels(limit="rate")._value.get() >= count - 1,
+        what="every caller asleep on its slot",
     )
     for task in sleepers:
         task.cancel()
@@ -254,7 +255,7 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     await asyncio.wait_for(held.wait(), 1)
     waiter = asyncio.create_task(holder())
     waits = "coc_worker_rate_limit_waits_total"
-    await until(lambda: metrics.registry.get_sample_value(waits) == 1)  # queued behind the first
+    await until(lambda: metrics.registry.get_sample_value(waits, {"limit": "concurrency"}) == 1)  # queued
     waiter.cancel()
     hold.set()
     await first
@@ -320,6 +321,8 @@ async def test_a_slot_whose_time_has_passed_is_not_given_back() -> None:
         await bucket.acquire()
     for slot in old:  # the first burst's jobs never sent (cancelled late)
         await bucket.give_back(slot)
-    waits = metrics.rate_limited._value.get()
+    waits = metrics.rate_limited.labels(limit="rate")._value.get()
     await asyncio.wait_for(bucket.acquire(), 1.0)
-    assert metrics.rate_limited._value.get() == waits + 1  # the fifth call in 0.5 s at 4/s waits
+    assert (
+        metrics.rate_limited.labels(limit="rate")._value.get() == waits + 1
+    )  # the fifth call in 0.5 s at 4/s waits

@@ -446,7 +446,7 @@ class CocApiClient:
         finally:
             task = None  # a CancelledError raised here holds this frame, and the task holds it: no cycle
             self._metrics.count_api_request(code)
-            self._metrics.api_latency.observe(time.perf_counter() - started)
+            self._metrics.api_latency_by_method[method].observe(time.perf_counter() - started)
 
     async def update_ticket(
         self, ticket_id: str, body: bytes, *, event_id: str, traceparent: str

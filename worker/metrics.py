@@ -80,7 +80,7 @@ class _HotMetrics(Collector):
         consumed = CounterMetricFamily(*_CONSUMED)
         outcomes = CounterMetricFamily(*_OUTCOMES, labels=["status"])
         requests = CounterMetricFamily(*_API_REQUESTS, labels=["code"])
-        histogram = HistogramMetricFamily(*_API_LATENCY)
+        histogram = HistogramMetricFamily(*_API_LATENCY, labels=["method"])
         if with_samples:
             consumed.add_metric([], m.consumed.value, created=created(m.consumed))
             for status, tally in m.outcome_counts.items():
@@ -89,14 +89,16 @@ class _HotMetrics(Collector):
             # iterate the dict while it grows (even a copy of it was seen to fail, rarely).
             for code, tally in m.api_request_tallies:
                 requests.add_metric([code], tally.value, created=created(tally))
-            latency = m.api_latency
-            cumulative, buckets = 0, []
-            for bound, count in zip(latency.bounds, latency.counts, strict=True):
-                cumulative += count
-                buckets.append((_bucket_label(bound), cumulative))
-            histogram.add_metric([], buckets, latency.sum)
-            if use_created:
-                histogram.samples.append(Sample(f"{_API_LATENCY[0]}_created", {}, latency.created))
+            for method, latency in m.api_latency_by_method.items():
+                cumulative, buckets = 0, []
+                for bound, count in zip(latency.bounds, latency.counts, strict=True):
+                    cumulative += count
+                    buckets.append((_bucket_label(bound), cumulative))
+                histogram.add_metric([method], buckets, latency.sum)
+                if use_created:
+                    histogram.samples.append(
+                        Sample(f"{_API_LATENCY[0]}_created", {"method": method}, latency.created)
+                    )
         yield from (consumed, outcomes, requests, histogram)
 
 
@@ -107,7 +109,12 @@ _API_REQUESTS = (
     "API calls by HTTP status code (or 'connect_error', 'timeout', 'disconnected', 'client_error';"
     " 'error': a call cancelled before its answer).",
 )
-_API_LATENCY = ("coc_worker_api_request_seconds", "API call latency, successful or not.")
+_API_LATENCY = (
+    "coc_worker_api_request_seconds",
+    "API call latency, answered or not, by method: PUT (changes, the write probe), GET (ticket reads, probes).",
+)
+#: ``coc_worker_api_request_seconds``'s label values: a ticket read's latency is not a change's.
+API_METHODS = ("PUT", "GET")
 
 
 def _bucket_label(bound: float) -> str:
@@ -125,6 +132,8 @@ KEY_MISMATCH_KINDS = ("missing", "other")
 HOLD_REASONS = ("uncommitted", "share", "bytes", "rewinding")
 #: ``coc_worker_messages_abandoned_total``: jobs cancelled past a revoke's or a stop's grace.
 ABANDON_KINDS = ("revoked", "stopped")
+#: ``coc_worker_rate_limit_waits_total``: the request rate limit, or the calls-in-flight one.
+RATE_LIMIT_KINDS = ("rate", "concurrency")
 #: The API request codes that are not HTTP statuses (``count_api_request``), shown from the start.
 TRANSPORT_CODES = ("connect_error", "timeout", "disconnected", "client_error", "error")
 
@@ -139,7 +148,7 @@ class Metrics:
         self.outcome_counts = {s: Tally() for s in OutcomeStatus}
         self.api_request_counts: dict[str, Tally] = {}  # HTTP codes and a few transport error names
         self.api_request_tallies: tuple[tuple[str, Tally], ...] = ()  # the same, for scrapes
-        self.api_latency = LatencyHistogram(API_LATENCY_BUCKETS)
+        self.api_latency_by_method = {method: LatencyHistogram(API_LATENCY_BUCKETS) for method in API_METHODS}
         # At 0 from the start, as the pause kinds below: the first timeouts of an outage are the
         # ones an alert on increase() must see.
         for code in TRANSPORT_CODES:
@@ -227,8 +236,14 @@ class Metrics:
             self.key_mismatches.labels(kind=kind)
         self.commits = Counter("coc_worker_commits", "Offset commits the broker accepted.", registry=r)
         self.rate_limited = Counter(
-            "coc_worker_rate_limit_waits", "API calls delayed by the rate or concurrency limit.", registry=r
+            "coc_worker_rate_limit_waits",
+            "API calls delayed, by limit: 'rate' (COC_WORKER_API_RATE_LIMIT_PER_S) or 'concurrency'"
+            " (the adaptive limit on calls in flight).",
+            ["limit"],
+            registry=r,
         )
+        for limit in RATE_LIMIT_KINDS:
+            self.rate_limited.labels(limit=limit)
         self.api_concurrency_limit = Gauge(
             "coc_worker_api_concurrency_limit",
             "Adaptive limit on concurrent API calls (halved on 429).",

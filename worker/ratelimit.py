@@ -73,7 +73,7 @@ class TokenBucket:
         wait_s = tat - self._tolerance_s - now
         until = self._tat = tat + self._interval_s
         if wait_s > 0:
-            self._metrics.rate_limited.inc()
+            self._metrics.rate_limited.labels(limit="rate").inc()
             try:
                 await asyncio.sleep(wait_s)
             except asyncio.CancelledError:
@@ -166,7 +166,7 @@ class RedisTokenBucket:
             self._local_since_failure = False
             log.info("rate_limit_shared_again")
         if wait_ms > 0:
-            self._metrics.rate_limited.inc()
+            self._metrics.rate_limited.labels(limit="rate").inc()
             try:
                 await asyncio.sleep(wait_ms / 1000)
             except asyncio.CancelledError:
@@ -219,6 +219,7 @@ class AdaptiveConcurrency:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._last_halved = 0.0
         self._metrics = metrics
+        self._waited = metrics.rate_limited.labels(limit="concurrency")  # looked up once: per call
         self._set_limit(self._max)
 
     @property
@@ -245,7 +246,7 @@ class AdaptiveConcurrency:
         if self._in_use < self._slots and not self._waiters:
             self._in_use += 1
             return
-        self._metrics.rate_limited.inc()
+        self._waited.inc()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
