@@ -1,6 +1,8 @@
 """The COC change-ticket API: request body and response of ``PUT /v1/change/tickets/{ticket_id}``.
 
-Field names and enumerations are the reference page's (Tables 2-8). The request models are dumped
+Field names are the reference page's (Tables 2-8), and so are the enumerations of ``phase``
+(Table 3) and ``action`` (Table 5). ``change_result`` has none there (Table 4: "Value range: N/A"):
+its three values are the ones the request examples send. The request models are dumped
 with ``exclude_unset=True``: the mapping sets exactly the keys the reference examples show,
 including the explicit ``null`` values some of them carry (``verified_docs``, rollback times).
 """
@@ -43,7 +45,8 @@ class HistoryAction(StrEnum):
 
 
 class ChangeResult(StrEnum):
-    """``sub_tickets[].change_result`` values used by the reference examples."""
+    """``sub_tickets[].change_result``: the values the reference's request examples send, not an
+    enumeration of the reference's (Table 4 gives its value range as N/A)."""
 
     SUCCESS = "change_result_success"
     FAILED = "change_result_failed"

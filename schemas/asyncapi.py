@@ -51,8 +51,11 @@ DLQ_OPTIONAL_HEADERS: dict[str, str] = {
     "coc-dlq-event-id": "The input's event_id, when it could be read.",
     "coc-dlq-http-status": "The API's HTTP status (decimal), when the worker got an answer (a rejected "
     "event's 400, a failed one's last 5xx).",
-    "coc-dlq-error-code": "The API's error_code, when its answer carried one (secrets redacted): GOM.00001005, "
-    "the sub-ticket's state does not allow the step yet; GOM.00001003, no such ticket.",
+    "coc-dlq-error-code": "The API's error_code, when its answer carried one (secrets redacted), as the API "
+    "sent it. The COC reference gives only its range (GOM.00000000~GOM.00009999999) and refers to its Error "
+    "Codes page, no code per cause: the codes this project's simulator answers with (GOM.00001005, a step "
+    "its state machine does not allow; GOM.00001003, no such ticket) are its own, and a consumer of the "
+    "real API must not rely on them.",
     "coc-dlq-value-truncated-from": "Set when the value was cut to fit the broker's limit: its full size in bytes.",
     "coc-dlq-headers-dropped": "Set when the input's own headers were left out to fit the broker's limit: how many.",
     "coc-dlq-key-dropped": "Set (true) when even the key had to be left out to fit the broker's limit.",
@@ -250,11 +253,13 @@ def _messages() -> dict[str, Any]:
             "examples": [
                 {
                     "name": "rejected",
+                    "summary": "The example event refused by this project's simulator: its own error "
+                    "code and message, not the real API's.",
                     "headers": {
                         "traceparent": _EXAMPLE_TRACEPARENT,
                         "coc-dlq-status": "rejected",
                         "coc-dlq-reason": "api_rejected",
-                        "coc-dlq-error": "sub-ticket e72f9b49-2294-4c58-bc57-4a0c6903c5e1 is pending; change_set_change_result_success needs ended",
+                        "coc-dlq-error": "sub-ticket e72f9b49-2294-4c58-bc57-4a0c6903c5e1 is pending; change_set_change_result_success with change_result_failed needs implementing or ended",
                         "coc-dlq-source-topic": "coc.change-events",
                         "coc-dlq-source-partition": "3",
                         "coc-dlq-source-offset": "41",

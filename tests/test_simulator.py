@@ -85,6 +85,10 @@ ALLOWED: dict[tuple[SubState, HistoryAction, ChangeResult | None], SubState] = {
     (SubState.ENDED, HistoryAction.SET_RESULT, ChangeResult.FAILED): SubState.FAILED,
     (SubState.ENDED, HistoryAction.RESULT_FAILED, None): SubState.FAILED,
     (SubState.ENDED, HistoryAction.RESULT_FAILED, ChangeResult.FAILED): SubState.FAILED,
+    # a failure reported during the rollout (a monitoring system's alert); a success needs the end
+    (SubState.IMPLEMENTING, HistoryAction.SET_RESULT, ChangeResult.FAILED): SubState.FAILED,
+    (SubState.IMPLEMENTING, HistoryAction.RESULT_FAILED, None): SubState.FAILED,
+    (SubState.IMPLEMENTING, HistoryAction.RESULT_FAILED, ChangeResult.FAILED): SubState.FAILED,
     (SubState.PENDING, HistoryAction.CANCEL, None): SubState.CANCELLED,
     (SubState.PENDING, HistoryAction.CANCEL, ChangeResult.CANCEL): SubState.CANCELLED,
     (SubState.IMPLEMENTING, HistoryAction.CANCEL, None): SubState.CANCELLED,
@@ -550,6 +554,100 @@ async def test_auto_create_on_first_sight() -> None:
         api = Api(session, sim)
         assert (await api.put("CM-BENCH", START, auth=False)).status == 200
         assert sim.state.tickets["CM-BENCH"].sub_tickets["s-1"].state == "implementing"
+
+
+async def test_a_failure_is_taken_while_the_change_is_implementing_a_success_is_not(
+    api: Api, sim: SimulatorServer
+) -> None:
+    """A monitoring system reports a failure while the deploy system is still rolling out: the
+    reference's fourth example (and Table 5's ``change_result_failed`` action) on an implementing
+    sub-ticket is applied and leaves it failed. A success still needs the end, and the deploy
+    system's own end after the failure is refused."""
+    started = {
+        "history_info": {"action": "change_start_change_success"},
+        "sub_tickets": [{"ticket_id": s} for s in ("s-1", "s-2", "s-3")],
+    }
+    assert (await api.put("CM1", started)).status == 200
+    alert = {
+        "sub_tickets": [
+            {
+                "ticket_id": "s-1",
+                "sub_tickets": [],
+                "change_result": "change_result_failed",
+                "verified_docs": None,
+                "comment": "HighErrorRate firing",
+                "change_fail_type": "fr_dependent_service_issue",
+                "rollback_start_time": None,
+                "rollback_end_time": None,
+                "is_monitor_found": True,
+            }
+        ],
+        "history_info": {"action": "change_set_change_result_success"},
+    }
+    reply = await api.put("CM1", alert)
+    assert (reply.status, reply.json) == (200, success_body("CM1"))
+    failed_action = {
+        "history_info": {"action": "change_result_failed"},
+        "sub_tickets": [{"ticket_id": "s-2"}],
+    }
+    assert (await api.put("CM1", failed_action)).status == 200
+    subs = sim.state.tickets["CM1"].sub_tickets
+    assert (subs["s-1"].state, subs["s-1"].change_result) == ("failed", "change_result_failed")
+    assert subs["s-1"].fields["is_monitor_found"] is True
+    assert subs["s-2"].state == "failed"
+
+    success = {
+        "sub_tickets": [{"ticket_id": "s-3", "sub_tickets": [], "change_result": "change_result_success"}],
+        "history_info": {"action": "change_set_change_result_success"},
+    }
+    reply = await api.put("CM1", success)
+    assert (reply.status, reply.json["error_code"], reply.json["error_msg"]) == (
+        400,
+        ILLEGAL_TRANSITION,
+        "sub-ticket s-3 is implementing; change_set_change_result_success with change_result_success"
+        " needs ended",
+    )
+    assert subs["s-3"].state == "implementing"
+    ended = {"history_info": {"action": "change_end_change_success"}, "sub_tickets": [{"ticket_id": "s-1"}]}
+    reply = await api.put("CM1", ended)
+    assert (reply.status, reply.json["error_code"]) == (400, ILLEGAL_TRANSITION)
+    assert "sub-ticket s-1 is failed; change_end_change_success needs implementing" in reply.json["error_msg"]
+    assert [(e["sub_ticket_id"], e["action"]) for e in sim.state.applied_log[3:]] == [
+        ("s-1", "change_set_change_result_success"),
+        ("s-2", "change_result_failed"),
+    ]
+
+
+async def test_auto_create_stores_a_ticket_only_once_a_write_to_it_is_accepted() -> None:
+    """``auto_create`` made a ticket on any sight: a read, or a write it then refused (the worker's
+    probe sends ``{}`` to a ticket no event names), contrary to "nothing is written if any part
+    fails". A read answers with a fresh ticket's view, as before, without storing it."""
+    async with SimulatorServer(SimulatorConfig(auto_create=True)) as sim, aiohttp.ClientSession() as session:
+        api = Api(session, sim)
+        detail = await api.call("GET", "/v1/change/tickets/CM-READ", auth=False)
+        assert (detail.status, detail.json["error_code"]) == (200, SUCCESS_CODE)
+        data = detail.json["data"]
+        assert (data["ticket_id"], data["phase"], data["sub_tickets"]) == (
+            "CM-READ",
+            "phase_change_implemente",
+            [],
+        )
+        listed = await api.call("GET", "/v1/change/tickets/CM-LIST/list-sub-tickets", auth=False)
+        assert (listed.status, listed.json["data"]) == (200, {"total": 0, "sub_tickets": []})
+        empty = await api.put("CM-EMPTY", {}, auth=False)
+        assert (empty.status, empty.json["error_code"]) == (400, BAD_ACTION)
+        ended = {
+            "history_info": {"action": "change_end_change_success"},
+            "sub_tickets": [{"ticket_id": "s-1"}],
+        }
+        refused = await api.put("CM-EARLY", ended, auth=False)
+        assert (refused.status, refused.json["error_code"]) == (400, ILLEGAL_TRANSITION)
+        assert sim.state.tickets == {}
+        assert sim.state.stats()["tickets"] == 0
+
+        assert (await api.put("CM-EARLY", START, auth=False)).status == 200
+        assert list(sim.state.tickets) == ["CM-EARLY"]
+        assert sim.state.tickets["CM-EARLY"].sub_tickets["s-1"].state == "implementing"
 
 
 async def test_applied_log_carries_event_id_and_traceparent(api: Api, sim: SimulatorServer) -> None:

@@ -64,8 +64,10 @@ class DeadLetter:
     event_id: str | None
     #: A repeat for a redelivered message: the first may or may not have been written.
     redelivered: bool = False
-    #: The API's answer, when it gave one: a DLQ consumer tells "not yet" (GOM.00001005, a step
-    #: out of order) from "never" (GOM.00001003, no such ticket) without joining the results topic.
+    #: The API's answer, when it gave one, passed on as it came (the worker branches on no code):
+    #: a DLQ consumer reads why without joining the results topic. Which code means what is the
+    #: API's Error Codes page's to say; the reference gives only GOM.00000000~GOM.00009999999, and
+    #: the simulator's codes (GOM.00001005, GOM.00001003, ...) are its own, not the real API's.
     http_status: int | None = None
     error_code: str | None = None
 

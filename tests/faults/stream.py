@@ -3,9 +3,11 @@
 Each ticket walks its sub-tickets through the simulator's state machine (``started`` ->
 ``ended`` -> ``succeeded`` | ``failed``, sometimes ``cancelled`` instead) with ``ticket.update``
 events (a new ``work_flow_status`` each time) in between. Any event applied out of order is
-refused by the simulator, and a ``ticket.update`` applied twice shows up twice in its applied
-log, so the stream itself exposes reordering and double application. Tickets are interleaved at
-random, with each ticket's events kept in order; a seeded ``random.Random`` makes it repeatable.
+refused by the simulator (but for a ``change.failed`` overtaking its ``change.ended``: the failure,
+taken during the change, is applied, and the end it overtook refused), and a ``ticket.update``
+applied twice shows up twice in its applied log, so the stream itself exposes reordering and
+double application. Tickets are interleaved at random, with each ticket's events kept in order; a
+seeded ``random.Random`` makes it repeatable.
 """
 
 from __future__ import annotations

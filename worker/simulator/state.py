@@ -30,7 +30,8 @@ class SimulatorConfig(BaseModel):
     #: AK -> SK. With no credentials and no tokens, authentication is off.
     credentials: dict[str, str] = Field(default_factory=dict, repr=False)
     tokens: set[str] = Field(default_factory=set, repr=False)
-    #: Create unknown tickets and sub-tickets (``pending``) on first sight, for benchmarks.
+    #: Take any ticket and sub-ticket id (an unknown sub-ticket is ``pending``), for benchmarks: an
+    #: unknown ticket reads as a fresh one and is stored once a write to it is accepted.
     auto_create: bool = False
     #: Tickets to start with, the seed file's JSON (see ``tickets.Seed``).
     seed: dict[str, Any] | None = None

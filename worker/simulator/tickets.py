@@ -3,31 +3,52 @@
 Each change sub-ticket (one per change region) walks::
 
     pending --start--> implementing --end--> ended --set result--> succeeded | failed
-       |                    |
+       |                    |  |                                               ^
+       |                    |  +------------- failed result -------------------+
        +------cancel--------+--> cancelled
 
 ``history_info.action`` names the step (Table 5 of the reference page); ``change_result`` must
 agree with it.
 
 Assumptions beyond the reference page (it gives the fields, their types and the five examples, not
-the rules the service enforces): the order above, taken from the examples' order (start, end,
-then "fill in the change result"), so a result before the end is refused; a sub-ticket needs its
-``ticket_id`` (Table 4 marks it optional, but without it nothing says which region changes);
-``change_result`` takes the three values of the examples (Table 4: "Value range: N/A"); unknown
-keys are refused; a ticket's ``phase`` may move to any phase; the detail (``GET``) of a
-sub-ticket carries its ``state`` and ``change_result``, which the SDK's detail model does not
-have: against the real API the worker's check of a lost answer (``mapping.already_applied``)
-finds no state and confirms nothing, so such an event ends ``rejected`` instead of
-``reconciled``. A body touching several sub-tickets is all-or-nothing: the whole plan is checked
-before anything is written. The ticket itself only carries ``phase`` and ``work_flow_status``,
-and once its phase is ``phase_change_close`` or ``phase_change_cancel`` it accepts nothing more.
+the rules the service enforces):
 
-The simulator's own error codes (the real API's codes are not published per cause)::
+* the order above, taken from the examples' order (start, end, then "fill in the change result"),
+  so a success result before the end is refused. A failed result (the fourth example's
+  ``change_set_change_result_success`` with ``change_result_failed``, or Table 5's
+  ``change_result_failed``) is taken from ``implementing`` too: a monitoring system
+  (``is_monitor_found``) reports a failure while the deploy system is still rolling out. The
+  sub-ticket is then ``failed``, and the deploy system's own end or result after it is refused;
+* optional fields made mandatory: a body must change something (``{}``, a bare ``history_info``,
+  or a ``ticket_info`` without ``phase`` and ``work_flow_status``, with no ``sub_tickets``, is
+  refused); ``sub_tickets`` need ``history_info.action``; each sub-ticket needs its ``ticket_id``
+  (Table 4 marks it optional, but without it nothing says which region changes);
+  ``change_set_change_result_success`` needs a ``change_result``;
+* ``change_result`` takes the three values of the examples (Table 4: "Value range: N/A"); unknown
+  keys are refused;
+* the ticket's ``phase`` is not checked for sub-ticket steps (a sub-ticket of a
+  ``phase_change_draft`` ticket starts all the same), except that once it is
+  ``phase_change_close`` or ``phase_change_cancel`` the ticket accepts nothing more; otherwise its
+  ``phase`` may move to any phase. A body with ``ticket_info`` and no ``sub_tickets`` is accepted
+  whatever its action (even ``change_start_change_success``) and only sets the phase or status.
+  The ticket itself only carries ``phase`` and ``work_flow_status``;
+* a body touching several sub-tickets is all-or-nothing: the whole plan is checked before
+  anything is written;
+* the detail (``GET``) of a sub-ticket carries its ``state`` and ``change_result``, which the
+  SDK's detail model does not have: against the real API the worker's check of a lost answer
+  (``mapping.already_applied``) finds no state and confirms nothing, so such an event ends
+  ``rejected`` instead of ``reconciled``.
+
+The simulator's own error codes, not the real API's: the reference page gives only the range
+``GOM.00000000~GOM.00009999999`` and points to its Error Codes page, no code per cause, so a
+consumer of the real API must not rely on these (the worker itself only tells success,
+``GOM.00000000`` or no code, from any other code, which it passes on as it came)::
 
     code           HTTP  meaning
     GOM.00001001   400   body is not JSON, not an object, or breaks Table 2 (unknown keys, types)
     GOM.00001002   400   ticket_type in the path is not ``change``
-    GOM.00001003   400   no such ticket (the reference lists 400 as the only error status)
+    GOM.00001003   400   no such ticket (400 as every refusal here; the reference's table shows
+                         200 and 400 and refers to its Status Codes page for more)
     GOM.00001004   400   no such sub-ticket on this ticket
     GOM.00001005   400   the sub-ticket's state does not allow this action
     GOM.00001006   400   the ticket is closed or cancelled: no more updates
@@ -92,26 +113,28 @@ class Refused(Exception):
 
 
 @dataclass(frozen=True)
-class _Rule:
+class _Step:
+    """Where an action (with one ``change_result``) may start from, and where it leaves the sub-ticket."""
+
     sources: frozenset[SubState]
-    # change_result sent with the action -> resulting state; a key absent here is refused.
-    results: Mapping[ChangeResult | None, SubState]
+    target: SubState
 
 
-_RULES: dict[HistoryAction, _Rule] = {
-    HistoryAction.START: _Rule(frozenset({SubState.PENDING}), {None: SubState.IMPLEMENTING}),
-    HistoryAction.END: _Rule(frozenset({SubState.IMPLEMENTING}), {None: SubState.ENDED}),
-    HistoryAction.SET_RESULT: _Rule(
-        frozenset({SubState.ENDED}),
-        {ChangeResult.SUCCESS: SubState.SUCCEEDED, ChangeResult.FAILED: SubState.FAILED},
-    ),
-    HistoryAction.RESULT_FAILED: _Rule(
-        frozenset({SubState.ENDED}), {None: SubState.FAILED, ChangeResult.FAILED: SubState.FAILED}
-    ),
-    HistoryAction.CANCEL: _Rule(
-        frozenset({SubState.PENDING, SubState.IMPLEMENTING}),
-        {None: SubState.CANCELLED, ChangeResult.CANCEL: SubState.CANCELLED},
-    ),
+_FAILED = _Step(frozenset({SubState.IMPLEMENTING, SubState.ENDED}), SubState.FAILED)
+_CANCELLED = _Step(frozenset({SubState.PENDING, SubState.IMPLEMENTING}), SubState.CANCELLED)
+
+#: action -> change_result sent with it -> step; a change_result absent here is refused. A failed
+#: result is taken while the change is still implementing (a monitoring system's alert during the
+#: rollout), a successful one only once it has ended.
+_RULES: dict[HistoryAction, dict[ChangeResult | None, _Step]] = {
+    HistoryAction.START: {None: _Step(frozenset({SubState.PENDING}), SubState.IMPLEMENTING)},
+    HistoryAction.END: {None: _Step(frozenset({SubState.IMPLEMENTING}), SubState.ENDED)},
+    HistoryAction.SET_RESULT: {
+        ChangeResult.SUCCESS: _Step(frozenset({SubState.ENDED}), SubState.SUCCEEDED),
+        ChangeResult.FAILED: _FAILED,
+    },
+    HistoryAction.RESULT_FAILED: {None: _FAILED, ChangeResult.FAILED: _FAILED},
+    HistoryAction.CANCEL: {None: _CANCELLED, ChangeResult.CANCEL: _CANCELLED},
 }
 
 _ORDER = list(SubState)
@@ -121,14 +144,17 @@ def transition(
     sub_ticket_id: str, state: SubState, action: HistoryAction, change_result: ChangeResult | None
 ) -> SubState:
     """The state after ``action``, or ``Refused`` saying what the action needed."""
-    rule = _RULES[action]
-    if change_result not in rule.results:
-        allowed = " or ".join("no change_result" if r is None else str(r) for r in rule.results)
+    steps = _RULES[action]
+    step = steps.get(change_result)
+    if step is None:
+        allowed = " or ".join("no change_result" if r is None else str(r) for r in steps)
         raise Refused(BAD_ACTION, f"{action} takes {allowed}, not {change_result}")
-    if state not in rule.sources:
-        needs = " or ".join(s for s in _ORDER if s in rule.sources)
-        raise Refused(ILLEGAL_TRANSITION, f"sub-ticket {sub_ticket_id} is {state}; {action} needs {needs}")
-    return rule.results[change_result]
+    if state not in step.sources:
+        needs = " or ".join(s for s in _ORDER if s in step.sources)
+        # the result named only where it decides the states the action may start from
+        what = action if len({s.sources for s in steps.values()}) == 1 else f"{action} with {change_result}"
+        raise Refused(ILLEGAL_TRANSITION, f"sub-ticket {sub_ticket_id} is {state}; {what} needs {needs}")
+    return step.target
 
 
 @dataclass(slots=True)
@@ -301,7 +327,12 @@ def load_seed_file(path: Path) -> dict[str, Any]:
 
 
 class TicketBook:
-    """Every ticket the simulator knows, by id."""
+    """Every ticket the simulator knows, by id.
+
+    With ``auto_create`` every ticket id is taken: an unknown one reads as a fresh ticket (phase
+    ``phase_change_implemente``, no sub-tickets), which is stored only once a write to it is
+    accepted; a read or a refused write leaves the book as it was.
+    """
 
     def __init__(self, *, auto_create: bool = False) -> None:
         self.auto_create = auto_create
@@ -328,16 +359,19 @@ class TicketBook:
         return len(seed.tickets)
 
     def get(self, ticket_id: str, *, now_ms: int) -> Ticket:
-        """The ticket, created on first sight with ``auto_create``, else ``Refused`` (400)."""
+        """The ticket, else ``Refused`` (400); with ``auto_create`` an unknown one is a fresh
+        ``Ticket`` that is not stored (``apply`` stores it once a write to it is accepted)."""
         ticket = self.tickets.get(ticket_id)
         if ticket is None:
             if not self.auto_create:
                 raise Refused(TICKET_NOT_FOUND, f"ticket {ticket_id} not found")
             ticket = Ticket(ticket_id, create_time=now_ms, update_time=now_ms)
-            self.tickets[ticket_id] = ticket
         return ticket
 
     def apply(self, ticket_id: str, body: UpdateTicketBody, *, now_ms: int) -> list[Change]:
-        return apply_update(
-            self.get(ticket_id, now_ms=now_ms), body, now_ms=now_ms, create_missing=self.auto_create
-        )
+        """Apply ``body`` to the ticket (see ``apply_update``): nothing is written, a ticket that
+        ``auto_create`` would make included, unless the whole body is accepted."""
+        ticket = self.get(ticket_id, now_ms=now_ms)
+        changes = apply_update(ticket, body, now_ms=now_ms, create_missing=self.auto_create)
+        self.tickets.setdefault(ticket_id, ticket)
+        return changes
