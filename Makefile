@@ -6,15 +6,22 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint unit integration soak bench schemas simulate broker clean
 
+# A failed step removes the half-made venv: `python3 -m venv` without Debian's python3-venv writes
+# bin/python, then fails (no ensurepip), and the next run took that venv for a made one.
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "coc-change-worker needs Python >= 3.11; '$(PYTHON)' is older or missing: run 'make clean' and then e.g. 'make demo PYTHON=python3.11'" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
+
+# A venv without pip (left by an older Makefile, as above) gets it back once ensurepip is installed.
+ENSURE_PIP = @$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade >/dev/null || { \
+	  echo "$(VENV) has no pip and ensurepip cannot add it (on Debian/Ubuntu: install python3-venv), or run 'make clean'" >&2; exit 1; }
 
 # Reinstall whenever the project's dependency list or its pins change. The pins are constraints:
 # a fresh machine gets the versions CI last passed with (`make lock` re-pins from .venv).
 $(STAMP): pyproject.toml requirements-test.lock | $(BIN)/python
+	$(ENSURE_PIP)
 	$(BIN)/python -m pip install --quiet -c requirements-test.lock -e '.[test]'
 	touch $(STAMP)
 
@@ -43,6 +50,7 @@ soak: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): pyproject.toml requirements-bench.lock | $(BIN)/python
+	$(ENSURE_PIP)
 	$(BIN)/python -m pip install --quiet -c requirements-bench.lock -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 

@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import gc
 import io
+import json
 from pathlib import Path
 
 import pytest
 import trustme
 from pki import encrypted_key
 
-from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, build_parser, main
+from worker.cli import _YOUNG_THRESHOLD, _freeze_heap_when_started, _settings_from, build_parser, main
+from worker.errors import BrokerUnavailable, ConfigError, JobCrashed, KafkaClientStopped
+from worker.logs import REDACTED, redact_text
 from worker.settings import SECRET_FIELDS
 
 
@@ -220,3 +223,143 @@ def test_the_tools_take_a_client_certificate_and_name_one_that_does_not_load(
     absent = tmp_path / "absent.crt"
     assert main([*command, *flags[:4], "--kafka-ssl-certfile", str(absent)]) == 2
     assert f"COC_WORKER_KAFKA_SSL_CERTFILE={absent}: cannot read it" in capsys.readouterr().err
+
+
+def flag_help(argv: list[str], flag: str) -> str:
+    """The help of ``flag`` (its last mention: the first is the usage line's) in ``argv --help``."""
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        main([*argv, "--help"])
+    return " ".join(out.getvalue().split()).rsplit(flag, 1)[1].split(" --", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "command", [["send"], ["validate"], ["outcomes", "tail"], ["dlq", "list"], ["dlq", "replay"]]
+)
+def test_the_tools_help_gives_the_log_level_they_run_at(command: list[str]) -> None:
+    """The tools log at WARNING unless a level is set (their output is on stdout): their help said
+    INFO, the worker's default."""
+    assert "Default: WARNING." in flag_help(command, "--log-level LOG_LEVEL")
+    for server in (["run"], ["ingest"]):  # these log at the setting's own default
+        assert "Default: INFO." in flag_help(server, "--log-level LOG_LEVEL")
+
+
+@pytest.mark.parametrize("command", [["run"], ["send"], ["dlq", "list"]])
+def test_an_optional_settings_help_names_its_allowed_values(command: list[str]) -> None:
+    """``--kafka-sasl-mechanism`` (optional: no default) named none of the three it takes."""
+    text = flag_help(command, "--kafka-sasl-mechanism KAFKA_SASL_MECHANISM")
+    assert "One of: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512." in text
+    assert "Default" not in text
+
+
+def test_a_dedup_url_naming_an_acl_user_without_a_password_is_taken_from_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``redis://user@host``, the password in COC_WORKER_DEDUP_REDIS_PASSWORD, is how the README
+    names an ACL user; ``--dedup-url`` refused any ``@``."""
+    monkeypatch.setenv("COC_WORKER_DEDUP_REDIS_PASSWORD", "hunter2-redis-pw")
+    url = "redis://coc-worker@redis:6379/0"
+    assert _settings_from(build_parser().parse_args(["run", "--dedup-url", url])).dedup_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://coc-worker:pw-0123456789@redis:6379/0",
+        "rediss://:pw-0123456789@redis:6379/0",
+        "redis://coc-worker:@redis:6379/0",  # an empty password is one too
+        "redis://:pw-01234/56789@redis:6379/0",  # the unencoded "/" moves the "@" into the path
+        "redis://:pw-01234?56789@redis:6379/0",
+        "redis://:pw-01234#56789@redis:6379/0",
+        "redis://:pw-01234@56789@redis:6379/0",
+        "redis://pw-01234@56789@redis:6379/0",
+    ],
+)
+def test_a_dedup_url_that_may_hold_a_password_is_still_refused_on_the_command_line(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--dedup-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "COC_WORKER_DEDUP_URL" in err
+    assert "COC_WORKER_DEDUP_REDIS_PASSWORD" in err
+    assert "56789" not in err
+
+
+SK = "hunter2-sk-0123456789"
+
+
+class _FailingWorker:
+    """Stands in for ``worker.app.Worker``: its run ends on ``error`` (before ``started``: the
+    heap of this process stays unfrozen)."""
+
+    error: Exception
+
+    def __init__(self, settings: object) -> None:
+        self.started = asyncio.Event()
+
+    def stop(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        raise self.error
+
+
+@pytest.fixture
+def failing_worker(monkeypatch: pytest.MonkeyPatch) -> type[_FailingWorker]:
+    """``coc-worker run`` on ``_FailingWorker``, with no signal handlers: the event loop's would
+    stay installed in this process after it closed (SIGTERM and Ctrl-C to a closed loop)."""
+    monkeypatch.setenv("COC_WORKER_API_SK", SK)
+    monkeypatch.setattr("worker.app.Worker", _FailingWorker)
+    monkeypatch.setattr("worker.cli._stop_on_signals", lambda stop: None)
+    return _FailingWorker
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "kind"),
+    [
+        (KafkaClientStopped(f"the Kafka producer's sender ended (KafkaError {SK}): restart"), 1, None),
+        (JobCrashed("a job ended without an outcome (KeyError) at coc.change-events/3 offset 7"), 1, None),
+        (
+            BrokerUnavailable("the broker: no answer within COC_WORKER_STARTUP_WAIT_S=120 s"),
+            1,
+            "broker_unavailable",
+        ),
+        (ConfigError("COC_WORKER_INPUT_TOPIC: the broker refuses to create it"), 2, None),
+    ],
+)
+def test_an_error_that_ends_the_worker_is_logged_as_its_last_line_at_error_level(
+    error: Exception,
+    code: int,
+    kind: str | None,
+    failing_worker: type[_FailingWorker],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With JSON logs the last structured line of a worker that exits 1 (its Kafka clients stopped,
+    a job crashed, the startup wait ran out) was ``worker_stopped`` at info, which reads as a clean
+    stop: only a plain line on stderr said otherwise. It says so, redacted, and the plain line stays."""
+    monkeypatch.setattr(failing_worker, "error", error, raising=False)
+    assert main(["run", "--log-format", "json", "--dedup-url", "memory://"]) == code
+    err = capsys.readouterr().err
+    assert SK not in err
+    *lines, plain = err.splitlines()
+    assert plain.startswith("coc-worker: ")
+    assert lines, "no log line before the plain one"
+    last = json.loads(lines[-1])
+    assert last["event"] == "worker_failed"
+    assert last["level"] == "error"
+    assert last["error"] == type(error).__name__
+    assert last["exit_code"] == code
+    assert last["detail"] == redact_text(str(error))
+    assert last.get("kind") == kind
+
+
+def test_a_bug_that_ends_the_worker_is_logged_too_and_keeps_its_traceback(
+    failing_worker: type[_FailingWorker], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(failing_worker, "error", RuntimeError(f"unexpected {SK}"), raising=False)
+    with pytest.raises(RuntimeError):
+        main(["run", "--log-format", "json", "--dedup-url", "memory://"])
+    (line,) = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert line["event"] == "worker_failed"
+    assert (line["level"], line["error"], line["exit_code"]) == ("error", "RuntimeError", 1)
+    assert line["detail"] == f"unexpected {REDACTED}"

@@ -328,6 +328,63 @@ def test_the_bench_lock_pins_what_make_bench_installs() -> None:
     assert "-c requirements-bench.lock -e '.[test,bench]'" in makefile
 
 
+# --- the Makefile's venv ----------------------------------------------------------------------------
+#: The venv python's arguments for what ``make test`` installs, as a stand-in logs them.
+MAKE_TEST_INSTALL = "-m pip install --quiet -c requirements-test.lock -e .[test]"
+
+
+def run_make(where: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``make`` on a copy of the Makefile in ``where``: the project's own .venv is left alone."""
+    shutil.copy(ROOT / "Makefile", where / "Makefile")
+    for name in ("pyproject.toml", "requirements-test.lock"):  # the stamp's prerequisites
+        (where / name).touch()
+    return subprocess.run(["make", *args], cwd=where, capture_output=True, text=True, check=False)
+
+
+def stand_in(path: Path, script: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + script, encoding="utf-8")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_a_venv_that_failed_to_be_made_is_removed_and_the_next_run_makes_it(tmp_path: Path) -> None:
+    """On Debian/Ubuntu without python3-venv, ``python3 -m venv`` writes bin/python, then fails (no
+    ensurepip): the next ``make``, python3-venv installed meanwhile, took that venv for a made one
+    and failed with ".venv/bin/python: No module named pip" until a ``make clean``."""
+    venv_python = stand_in(tmp_path / "venv-python", 'echo "$*" >> calls.log\n')  # what the venv gets
+    makes_venv = (  # python3 -m venv DIR
+        f'[ "$1" = -c ] && exit 0  # the version check\nmkdir -p "$3/bin"\ncp {venv_python} "$3/bin/python"\n'
+    )
+    without_ensurepip = stand_in(
+        tmp_path / "python3-no-venv", makes_venv + 'echo "ensurepip is not available" >&2; exit 1\n'
+    )
+    failed = run_make(tmp_path, ".venv/.installed", f"PYTHON={without_ensurepip}")
+    assert failed.returncode != 0
+    assert not (tmp_path / ".venv").exists(), "the half-made venv was left"
+    made = run_make(tmp_path, ".venv/.installed", f"PYTHON={stand_in(tmp_path / 'python3', makes_venv)}")
+    assert made.returncode == 0, made.stderr
+    assert MAKE_TEST_INSTALL in (tmp_path / "calls.log").read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_a_venv_without_pip_gets_it_back_before_the_install(tmp_path: Path) -> None:
+    """A venv left without pip by an earlier Makefile (above) is mended by ensurepip, not refused."""
+    stand_in(
+        tmp_path / ".venv" / "bin" / "python",
+        'here=$(dirname "$0"); echo "$*" >> calls.log\n'
+        'case "$2" in\n'
+        '  ensurepip) touch "$here/pip"; exit 0;;\n'
+        '  pip) [ -f "$here/pip" ] || { echo "No module named pip" >&2; exit 1; };;\n'
+        "esac\n",
+    )
+    made = run_make(tmp_path, ".venv/.installed")
+    assert made.returncode == 0, made.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls.index("-m ensurepip --upgrade") < calls.index(MAKE_TEST_INSTALL)
+
+
 def test_build_context_holds_what_the_build_copies() -> None:
     for stage in STAGES.values():
         for args in args_of(stage, "COPY"):

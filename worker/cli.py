@@ -17,15 +17,16 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic.fields import FieldInfo
 
 from schemas.outcomes import DEAD_LETTER_STATUSES, OutcomeStatus
-from worker.errors import CocWorkerError, ConfigError, InvalidEvent
-from worker.logs import configure, redact_text, register_secrets
+from worker.errors import CocWorkerError, ConfigError, InvalidEvent, SystemicError
+from worker.logs import configure, get_logger, redact_cut, redact_text, register_secrets
 from worker.loop import loop_factory
 from worker.settings import SECRET_FIELDS, TOPIC_NAME_PATTERN, WorkerSettings, env_var, load_settings
 
@@ -67,7 +68,13 @@ class _RefuseSecret(argparse.Action):
         )
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+def _add_settings_flags(
+    parser: argparse.ArgumentParser,
+    only: Sequence[str] | None = None,
+    defaults: Mapping[str, str] | None = None,
+) -> None:
+    """``defaults``: what the command uses when a setting is not given, where that is not the
+    setting's own default (the tools log at ``_TOOL_LOG_LEVEL``)."""
     group = parser.add_argument_group("settings (each also COC_WORKER_<NAME>)")
     for name, field in WorkerSettings.model_fields.items():
         if name in SECRET_FIELDS:  # env or *_FILE only; refused on every command, used there or not
@@ -77,7 +84,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | N
         if only is not None and name not in only:
             continue
         flag = "--" + name.replace("_", "-")
-        help_text = _with_default(field.description or "", field)
+        help_text = _with_default(field.description or "", field, (defaults or {}).get(name))
         if field.annotation is bool:
             group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -86,24 +93,51 @@ def _add_settings_flags(parser: argparse.ArgumentParser, only: Sequence[str] | N
             group.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
-def _with_default(text: str, field: FieldInfo) -> str:
-    """A flag's help with the setting's allowed values and default: an operator outside the Helm
-    chart has no other place to find them (the README names only the main ones)."""
-    choices = [str(c) for c in get_args(field.annotation) if isinstance(c, str | int)]
-    if get_origin(field.annotation) is Literal and choices:
+def _with_default(text: str, field: FieldInfo, default: object = None) -> str:
+    """A flag's help with the setting's allowed values and default (``default``, when given, is
+    the command's own): an operator outside the Helm chart has no other place to find them (the
+    README names only the main ones)."""
+    choices = _choices(field.annotation)
+    if choices:
         text += f" One of: {', '.join(choices)}."
-    if field.default_factory is None and field.default is not None:
+    if default is None and field.default_factory is None:
         default = field.default
+    if default is not None:
         text += f" Default: {str(default).lower() if isinstance(default, bool) else default}."
     return text.strip().replace("%", "%%")  # argparse formats help with %
 
 
+def _choices(annotation: object) -> list[str]:
+    """The values of a ``Literal``, also of an optional one (``Literal[...] | None``, such as
+    ``kafka_sasl_mechanism``: its flag named no allowed value)."""
+    if get_origin(annotation) is Literal:
+        return [str(c) for c in get_args(annotation) if isinstance(c, str | int)]
+    return [choice for arg in get_args(annotation) if get_origin(arg) is Literal for choice in _choices(arg)]
+
+
+def _password_in(url: str) -> bool:
+    """Whether a URL given as a flag may hold a password: ``user:password@`` (an empty one too), or
+    an ``@`` anywhere but after a plain user name (an unencoded ``/``, ``?``, ``#`` or ``@`` in a
+    password moves the ``@`` after it out of the host part, and the rest with it). A user alone,
+    ``redis://user@host``, is an ACL user's name, its password in COC_WORKER_DEDUP_REDIS_PASSWORD."""
+    if "@" not in url:
+        return False
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # not a URL: what it holds cannot be told apart
+        return True
+    user = netloc.rpartition("@")[0]
+    return url.count("@") > 1 or not user or ":" in user
+
+
 def _settings_from(args: argparse.Namespace) -> WorkerSettings:
     flagged_url = getattr(args, "dedup_url", None)
-    if flagged_url and "@" in flagged_url:
+    if flagged_url and _password_in(flagged_url):
         raise ConfigError(
-            "--dedup-url with credentials: a command line shows in `ps` and shell history; set"
-            " COC_WORKER_DEDUP_URL in the environment instead"
+            "--dedup-url with a password: a command line shows in `ps` and shell history; set"
+            " COC_WORKER_DEDUP_URL in the environment instead, or keep the URL (an ACL user's name"
+            " may stay in it, redis://user@host) and give the password in"
+            " COC_WORKER_DEDUP_REDIS_PASSWORD or COC_WORKER_DEDUP_REDIS_PASSWORD_FILE"
         )
     overrides = {name: getattr(args, name, None) for name in WorkerSettings.model_fields}
     settings = load_settings(**overrides)
@@ -127,9 +161,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             freeze.cancel()
 
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(main())
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(main())
+    except Exception as exc:
+        _log_failure(exc)
+        raise  # main prints its plain line and exits by the error (a bug's traceback as before)
     return 0
+
+
+def _log_failure(exc: Exception) -> None:
+    """One line at error level when an error ends the worker (the Kafka clients stopped, a job
+    crashed, the startup wait ran out, ...): the line before is ``worker_stopped`` at info, and
+    with JSON logs only the plain line on stderr said it was no clean stop. The text is the one
+    ``main`` prints, redacted (the worker's messages hold no secret; a library's may)."""
+    fields: dict[str, Any] = {
+        "error": type(exc).__name__,
+        "exit_code": 2 if isinstance(exc, ConfigError) else 1,
+    }
+    if isinstance(exc, SystemicError):
+        fields["kind"] = exc.kind
+    detail = _os_error_text(exc) if isinstance(exc, OSError) else str(exc) or type(exc).__name__
+    get_logger(__name__).error("worker_failed", detail=redact_cut(detail, _FAILURE_DETAIL_CHARS), **fields)
+
+
+#: A failure's text in its log line is cut at this many characters (a library's may be long).
+_FAILURE_DETAIL_CHARS = 2000
+
+
+def _os_error_text(exc: OSError) -> str:
+    """A file or port we were given (a seed file, --out, a port in use), without a traceback."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 #: Tracked objects that must be allocated (net of those freed) before a young collection; see below.
@@ -205,7 +268,11 @@ def _add_simulator_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sk", default="demo-sk-0123456789", help="its secret key (a simulator default)")
     parser.add_argument("--token", action="append", default=[], help="also accept this X-Auth-Token")
     parser.add_argument("--seed-file", type=Path, help='JSON {"tickets": [{"ticket_id", "sub_tickets"}]}')
-    parser.add_argument("--auto-create", action="store_true", help="create unknown tickets on first sight")
+    parser.add_argument(
+        "--auto-create",
+        action="store_true",
+        help="take any ticket: an unknown one is created by the first write it accepts (a read sees it fresh)",
+    )
     parser.add_argument(
         "--detail-as-sdk",
         action="store_true",
@@ -289,6 +356,8 @@ _INGEST_SETTINGS = (
     "ingest_allow_anonymous",
 )
 _TOOL_LOG_LEVEL = "WARNING"
+#: What a tool's help gives as its defaults (``_tool_settings``), where they are not the settings' own.
+_TOOL_DEFAULTS = {"log_level": _TOOL_LOG_LEVEL}
 
 
 def _tool_settings(args: argparse.Namespace) -> WorkerSettings:
@@ -548,7 +617,7 @@ def _add_tool_parsers(sub: Any) -> None:
     send.add_argument("--timeout-s", type=_seconds, default=None, help="how long --wait-outcome waits (60)")
     send.add_argument("--json", action="store_true", help="print the outcome as JSON")
     send.add_argument("--traceparent", help="continue this W3C trace (default: a new one)")
-    _add_settings_flags(send, _KAFKA_SETTINGS)
+    _add_settings_flags(send, _KAFKA_SETTINGS, _TOOL_DEFAULTS)
     send.set_defaults(func=cmd_send)
 
     validate = sub.add_parser("validate", help="check event files against the contract (exit 0 valid, 1 not)")
@@ -558,6 +627,7 @@ def _add_tool_parsers(sub: Any) -> None:
     _add_settings_flags(
         validate,
         ("max_event_bytes", "ingest_max_body_bytes", "ingest_max_batch", "log_level", "log_format"),
+        _TOOL_DEFAULTS,
     )
     validate.set_defaults(func=cmd_validate)
 
@@ -589,7 +659,7 @@ def _add_tool_parsers(sub: Any) -> None:
         help="keep waiting for new outcomes (--no-follow: stop at the current end)",
     )
     tail.add_argument("--max-count", type=_at_least_one, metavar="N", help="stop after N outcomes")
-    _add_settings_flags(tail, _KAFKA_SETTINGS)
+    _add_settings_flags(tail, _KAFKA_SETTINGS, _TOOL_DEFAULTS)
     tail.set_defaults(func=cmd_outcomes_tail)
 
     dlq = sub.add_parser("dlq", help="list and replay dead-letter records")
@@ -597,7 +667,7 @@ def _add_tool_parsers(sub: Any) -> None:
     listing = dlq_sub.add_parser("list", help="dead-letter records with their reasons")
     _add_dlq_selection(listing)
     listing.add_argument("--json", action="store_true", help="one record per line as JSON")
-    _add_settings_flags(listing, _KAFKA_SETTINGS)
+    _add_settings_flags(listing, _KAFKA_SETTINGS, _TOOL_DEFAULTS)
     listing.set_defaults(func=cmd_dlq_list)
     replaying = dlq_sub.add_parser(
         "replay",
@@ -617,7 +687,7 @@ def _add_tool_parsers(sub: Any) -> None:
         action="store_true",
         help="also send records dead-lettered from another topic than the target (a renamed input topic)",
     )
-    _add_settings_flags(replaying, _KAFKA_SETTINGS)
+    _add_settings_flags(replaying, _KAFKA_SETTINGS, _TOOL_DEFAULTS)
     replaying.set_defaults(func=cmd_dlq_replay)
 
 
@@ -702,8 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:  # a file or port we were given (a seed file, --out, a port in use)
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"coc-worker: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"coc-worker: {_os_error_text(exc)}", file=sys.stderr)
         return 1
     return int(result or 0)
 

@@ -444,7 +444,7 @@ class Consumer:
 
     async def log_start(self, key: PartitionKey, timeout_s: float = 3.0) -> int:
         """The partition's first offset: where a group that never committed it starts reading
-        (``auto_offset_reset="earliest"``). Bounded as ``group_committed``."""
+        (the consumer resets to the earliest offset). Bounded as ``group_committed``."""
         tp = TopicPartition(*key)
         offsets = await broker_answers(self._consumer.beginning_offsets([tp]), timeout_s)
         return int(offsets[tp])
