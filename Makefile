@@ -6,13 +6,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint unit integration soak bench schemas simulate broker clean
 
-# A failed step removes the half-made venv: `python3 -m venv` without Debian's python3-venv writes
-# bin/python, then fails (no ensurepip), and the next run took that venv for a made one.
+# A failed `python3 -m venv` removes the half-made venv: without Debian's python3-venv it writes
+# bin/python, then fails (no ensurepip), and the next run took that venv for a made one. A failed
+# pip upgrade (offline, a mirror without pip) keeps it: its own pip installs all the same.
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "coc-change-worker needs Python >= 3.11; '$(PYTHON)' is older or missing: run 'make clean' and then e.g. 'make demo PYTHON=python3.11'" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
-	$(BIN)/python -m pip install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
+	-$(BIN)/python -m pip install --quiet --upgrade pip
 
 # A venv without pip (left by an older Makefile, as above) gets it back once ensurepip is installed.
 ENSURE_PIP = @$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade >/dev/null || { \

@@ -1,8 +1,10 @@
 """The benchmark's input: a deterministic backlog of valid change events, and how it is produced.
 
 Every ticket walks its sub-tickets through the simulator's state machine in order (started ->
-ended -> succeeded | failed), so an event applied out of order is refused by the simulator and
-shows up as a ``rejected`` outcome: the report counts them, which doubles as an ordering check.
+ended -> succeeded | failed), so an event applied out of order is refused by the simulator (a
+result before its start; a ``failed`` result overtaking its end is taken, and the end after it
+refused) and shows up as a ``rejected`` outcome: the report counts them, which doubles as an
+ordering check.
 Events are produced keyed by ticket, tickets interleaved, so every partition holds many tickets.
 """
 

@@ -435,6 +435,57 @@ def held_gauges(worker: Worker) -> dict[str, float | None]:
     }
 
 
+async def test_a_partition_held_for_its_share_then_only_by_its_oldest_message_says_so(
+    tmp_path: Path,
+) -> None:
+    """Held at its share of the buffer (flow control), a partition whose later messages finish
+    while its oldest does not stays held by that one message (it cannot be committed past, and
+    nothing more is fetched): the gauge kept saying ``share`` for as long as the message was
+    stuck, and an alert on ``uncommitted`` never saw it."""
+    worker = make_worker(tmp_path, max_in_flight=8, max_buffered=32, max_uncommitted=24)
+    topic = worker.settings.input_topic
+    hot, other = (topic, 0), (topic, 1)
+    real, group = worker._consumer._consumer, GroupMember({TopicPartition(*hot), TopicPartition(*other)})
+    worker._consumer._consumer = group
+    stuck = asyncio.Event()
+    finish = asyncio.Event()
+
+    class HeadStuck:
+        async def process(self, job: Job) -> None:
+            await (stuck if job.message.offset == 0 else finish).wait()
+
+    worker._pipeline = HeadStuck()  # type: ignore[assignment]
+    try:
+        await worker.on_assigned({hot, other})
+        for n in range(16):  # sixteen tickets: half the buffer, under max_uncommitted (24)
+            ticket = f"T{n}"
+            worker._dispatch(
+                Message(
+                    topic,
+                    0,
+                    n,
+                    ticket.encode(),
+                    f'{{"event_id": "e{n}", "ticket_id": "{ticket}"}}'.encode(),
+                    [],
+                    0,
+                )
+            )
+        assert worker._consumer.held == {hot}
+        assert held_gauges(worker)["share"] == 1
+        with capture_logs() as logs:
+            finish.set()  # all but the oldest finish: 15 of 16 still uncommitted behind it
+            await until(lambda: worker._offsets.unfinished_of(hot) == 1)
+        assert worker._consumer.held == {hot}
+        assert held_gauges(worker) == {"uncommitted": 1, "share": 0, "bytes": 0, "rewinding": 0}
+        held = [(e["log_level"], e["reason"]) for e in logs if e["event"] == "partition_held"]
+        assert held == [("warning", "uncommitted")]  # said once, not per finished message
+        stuck.set()
+        await until(lambda: worker._consumer.held == set())
+    finally:
+        stuck.set()
+        await close_unstarted(worker, real)
+
+
 async def test_a_ticket_stuck_in_one_partition_does_not_fill_the_buffer_for_the_others(
     tmp_path: Path,
 ) -> None:
@@ -1303,15 +1354,22 @@ async def test_a_second_stop_request_does_not_wait_out_the_grace(tmp_path: Path)
         try:
             await worker.on_assigned({key})
             worker._dispatch(Message(key[0], 0, 7, None, b"{}", [], 0))
-            await until(lambda: len(pipeline.started) == 1)
+            # another whose outcome is written and whose dead letter is owed (its topic away)
+            worker._dispatch(Message(key[0], 0, 8, b"T8", b"{}", [], 0))
+            await until(lambda: len(pipeline.started) == 2)
+            pipeline.started[1].outcome_written = True
             worker.stop()
             stopping = asyncio.ensure_future(worker._shutdown())
             await until(lambda: member.polls >= 1)  # draining: waiting for the job in hand
             assert not stopping.done()
-            worker.stop()  # asked again
-            await asyncio.wait_for(stopping, 10)  # not the 60 s grace
+            with capture_logs() as logs:
+                worker.stop()  # asked again
+                await asyncio.wait_for(stopping, 10)  # not the 60 s grace
             assert not pipeline.release.is_set()  # the job never finished: cancelled
+            # The one without an outcome is counted and named; the other is counted as an outcome.
             assert (abandoned(worker, "stopped"), abandoned(worker, "revoked")) == (1, 0)
+            [given_up] = [e for e in logs if e["event"] == "shutdown_grace_exceeded"]
+            assert given_up["offsets"] == {f"{key[0]}/0": "7-7 (1)"}
             assert commits == [{key: 7}]  # up to the job, not past it: the next owner reads it again
         finally:
             pipeline.release.set()

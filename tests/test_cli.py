@@ -272,11 +272,16 @@ def test_a_dedup_url_naming_an_acl_user_without_a_password_is_taken_from_the_com
         "redis://:pw-01234#56789@redis:6379/0",
         "redis://:pw-01234@56789@redis:6379/0",
         "redis://pw-01234@56789@redis:6379/0",
+        # a user part alone with no password given apart: a password written where the user goes
+        # is likelier than a nopass ACL user (the settings take it so: ``secret_values``)
+        "redis://pw-0123456789@redis:6379/0",
     ],
 )
 def test_a_dedup_url_that_may_hold_a_password_is_still_refused_on_the_command_line(
-    url: str, capsys: pytest.CaptureFixture[str]
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    for name in ("COC_WORKER_DEDUP_REDIS_PASSWORD", "COC_WORKER_DEDUP_REDIS_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
     assert main(["run", "--dedup-url", url]) == 2
     err = capsys.readouterr().err
     assert "COC_WORKER_DEDUP_URL" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from waiting import until
@@ -142,6 +143,29 @@ async def test_a_dropped_job_that_lost_its_cancellation_is_cancelled_again(
     await until(lambda: started == ["1", "2"])
     await lanes.close(5.0)
     assert (cancels, left) == (2, [("1", False), ("2", False)])
+
+
+async def test_a_dropped_job_still_unwinding_is_selected_only_when_asked_for() -> None:
+    """A job cancelled by a revoke that outlives its cancellation is still in hand (a revoke waits
+    for it), but a later stop must not count it abandoned a second time."""
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def run(job: str) -> None:
+        started.append(job)
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    lanes: Lanes[str] = Lanes(run, lambda *_: None)
+    lanes.submit("a", "1")
+    lanes.submit("b", "2")
+    await until(lambda: started == ["1", "2"])
+    lanes.drop(lambda job: job == "1")
+    assert sorted(lanes.select(lambda _: True)) == ["1", "2"]
+    assert lanes.select(lambda _: True, cancelled=False) == ["2"]
+    release.set()
+    assert await lanes.wait_idle(5.0)
 
 
 def test_a_job_is_cancelled_again_only_after_its_bounded_clean_up() -> None:

@@ -675,6 +675,32 @@ async def test_an_outcome_written_before_a_dead_letter_outage_is_counted_when_wr
     assert outcomes() == 1
 
 
+async def test_an_outcome_confirmed_is_not_sent_again_whatever_the_dead_letters_write_raises(rig: Rig) -> None:
+    """The outcome is in and the dead letter refused; the next try, of the dead letter alone,
+    meets the broker away: the outcome was sent (and counted) a second time."""
+
+    class AwayOnTheSecondTry(Recorder):
+        tries = 0
+
+        async def publish(
+            self, key: bytes | None, outcome: bytes | None, status: str, letter: DeadLetter | None, tp: str
+        ) -> None:
+            self.tries += 1
+            if self.tries == 1:
+                await super().publish(key, outcome, status, None, tp)
+                raise DeadLetterUnwritable("topic missing")
+            if self.tries == 2:
+                raise BrokerUnavailable("broker away")
+            await super().publish(key, outcome, status, letter, tp)
+
+    rig.pipeline._publisher = published = AwayOnTheSecondTry()
+    await asyncio.wait_for(rig.pipeline.process(invalid_job()), 10)
+    assert [o["status"] for o in published.outcomes] == ["invalid"]
+    assert len(published.letters) == 1
+    registry = rig.pipeline._metrics.registry
+    assert registry.get_sample_value("coc_worker_outcomes_total", {"status": "invalid"}) == 1
+
+
 async def test_an_outcome_refused_is_sent_again_without_its_confirmed_dead_letter(rig: Rig) -> None:
     rig.published.refuse_outcomes = 2
 

@@ -114,7 +114,7 @@ class Worker:
         self._consumer = Consumer(settings, self)
         for reason in HOLD_REASONS:
             self.metrics.partitions_held.labels(reason=reason).set_function(
-                functools.partial(self._consumer.held_for, reason)
+                functools.partial(self._consumer.held_count, reason)
             )
         self._rate_limit = build_rate_limit(settings, self.metrics)
         self._pipeline = Pipeline(
@@ -147,9 +147,11 @@ class Worker:
             settings, self.metrics.registry, self.status, self._ingress.routes() if self._ingress else None
         )
         self._assigned: set[PartitionKey] | None = None
-        #: The group's committed offset of each assigned partition (the log's start when the group
-        #: has none), the lag's base until this member commits it.
-        self._group_committed: dict[PartitionKey, int] = {}
+        #: The group's committed offset of each assigned partition (``None``: the group has none),
+        #: the lag's base until this member commits it.
+        self._group_committed: dict[PartitionKey, int | None] = {}
+        #: Replaced on every assignment: a lookup that spans one is not taken for the new one.
+        self._assignment = object()
         self._broker_answered = False  # the last metadata request was answered (``_check_health``)
         self._fetch_failing = False  # the last fetch failed (``_poll``)
         #: setting -> topic, of the three the broker's last metadata did not list (``_check_health``)
@@ -199,7 +201,7 @@ class Worker:
             "in_flight": len(self._lanes),  # taken from Kafka, not yet finished
             "buffered_bytes": self._buffered_bytes,  # their keys and values
             "running": self._lanes.running,  # of those, being processed now (<= max_in_flight)
-            "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # at max_uncommitted
+            "held": sorted(f"{t}/{p}" for t, p in self._consumer.held),  # not fetched for now
             "stopping": self._stopping.is_set(),
             "waiting_for": self._startup.waiting_for,  # while starting: "broker" or "dedup_store"
         }
@@ -431,18 +433,9 @@ class Worker:
         position and the error's type only: the error's text may hold anything (the traceback's
         line goes through the redactor). The log line names the message as the job's own lines
         do: this runs in a done-callback, outside the job's log context."""
-        m = job.message
-        log.error(
-            "job_crashed",
-            error=type(error).__name__,
-            topic=m.topic,
-            partition=m.partition,
-            offset=m.offset,
-            event_id=job.event.event_id if job.event is not None else None,
-            ticket_id=job.event.ticket_id if job.event is not None else None,
-            exc_info=error,
-        )
+        log.error("job_crashed", error=type(error).__name__, exc_info=error, **job.log_context())
         if self._crashed is None:
+            m = job.message
             self._crashed = JobCrashed(
                 f"a job ended without an outcome ({type(error).__name__}) at {m.topic}/{m.partition}"
                 f" offset {m.offset}: restart"
@@ -462,17 +455,38 @@ class Worker:
         taken_in = job.taken_in
         if finished and taken_in is not None:
             self._offsets.finish(key, job.message.offset, taken_in)
-        if (
-            key in self._consumer.held
-            and self._offsets.pending_of(key) <= self._uncommitted_limit // 2
-            and self._offsets.unfinished_of(key) <= self._partition_share // 2
-            and partition_bytes <= self._partition_bytes_share // 2
-            and key not in self._rewinding
-        ):
+        if key in self._consumer.held and self._releasable(key, partition_bytes):
             self._release(key)
             log.info("partition_released", topic=key[0], partition=key[1])
         elif self._may_resume():  # wake the consumer only when it may resume fetching
             self._room.set()
+
+    def _releasable(self, key: PartitionKey, partition_bytes: int) -> bool:
+        """A held partition may be fetched again once it is down to half of every limit that holds
+        it. One held for its share of the buffer whose messages finish while its oldest one does
+        not is then held by that one alone: its reason becomes ``uncommitted`` (a hold that
+        alerts), not flow control for as long as that message is stuck."""
+        if key in self._rewinding:
+            return False
+        room = (
+            self._offsets.unfinished_of(key) <= self._partition_share // 2
+            and partition_bytes <= self._partition_bytes_share // 2
+        )
+        pending = self._offsets.pending_of(key)
+        if pending <= self._uncommitted_limit // 2:
+            return room
+        if room and self._consumer.hold_reason(key) != "uncommitted":
+            self._consumer.hold(key, "uncommitted")
+            log.warning(
+                "partition_held",
+                topic=key[0],
+                partition=key[1],
+                reason="uncommitted",
+                uncommitted=pending,
+                unfinished=self._offsets.unfinished_of(key),
+                unfinished_bytes=partition_bytes,
+            )
+        return False
 
     async def _commit(self, keys: set[PartitionKey] | None = None) -> None:
         async with self._commit_lock:
@@ -530,27 +544,33 @@ class Worker:
         that base a restarted pod reported no lag for a backlog it could not work off (the API
         away), and each partition's lag came back only after its first commit. A partition the
         group never committed is read from the log's start, and its lag counts from there: a new
-        group (or one whose offsets expired) whose events could not finish showed no lag at all."""
+        group (or one whose offsets expired) whose events could not finish showed no lag at all.
+        The group's offset is looked up once per assignment (only this member commits the
+        partition now); the log's start each round (retention moves it)."""
         for key in list(self._assigned or ()):
             high = self._consumer.highwater(key)
             if high is None:
                 continue
             position = self._offsets.committed_position(key)
             if position is None:
-                if key not in self._group_committed:
-                    if not self._broker_answered:
-                        continue  # the lookup would wait out its timeout, holding readiness back
-                    try:
+                if not self._broker_answered and (
+                    key not in self._group_committed or self._group_committed[key] is None
+                ):
+                    continue  # a lookup would wait out its timeout, holding readiness back
+                assignment = self._assignment
+                try:
+                    if key not in self._group_committed:
                         found = await self._consumer.group_committed(key)
-                        if found is None:
-                            found = await self._consumer.log_start(key)
-                    except BrokerUnavailable:
-                        return  # the broker check above says so; asked again on the next round
-                    if key not in (self._assigned or ()):
-                        continue  # revoked meanwhile: its lag is another member's now
-                    # Fixed for this assignment: only this member commits the partition now.
-                    self._group_committed[key] = found
-                position = self._group_committed[key]
+                        if assignment is not self._assignment:
+                            continue  # revoked (and maybe assigned back) meanwhile: asked again
+                        self._group_committed[key] = found
+                    position = self._group_committed[key]
+                    if position is None:
+                        position = await self._consumer.log_start(key)
+                except BrokerUnavailable:
+                    return  # the broker check above says so; asked again on the next round
+                if assignment is not self._assignment:
+                    continue  # revoked meanwhile: its lag is another member's now
             self.metrics.lag.labels(partition=str(key[1])).set(max(0, high - position))
 
     def _note_missing_topics(self, listed: set[str]) -> None:
@@ -624,7 +644,7 @@ class Worker:
         while not await self._lanes.wait_idle(min(_FETCH_TIMEOUT_S, max(0.0, deadline - loop.time()))):
             now = loop.time()
             if now >= deadline or self._hurried.is_set():
-                self._abandon("stopped", self._lanes.select(_every), "shutdown_grace_exceeded")
+                self._abandon("stopped", _every, "shutdown_grace_exceeded")
                 return False
             held = (
                 not self._gate.is_open
@@ -637,7 +657,7 @@ class Worker:
             elif now - stalled_since >= _PAUSED_STOP_WAIT_S:
                 self._abandon(
                     "stopped",
-                    self._lanes.select(_every),
+                    _every,
                     "shutdown_while_paused",
                     paused_by=self._gate.causes,
                 )
@@ -656,10 +676,13 @@ class Worker:
                 polling = False
         return True
 
-    def _abandon(self, kind: str, jobs: list[Job], event: str, **fields: Any) -> None:
-        """Jobs about to be cancelled without an outcome here (their claims are handed on; the
+    def _abandon(self, kind: str, which: Callable[[Job], bool], event: str, **fields: Any) -> None:
+        """The jobs about to be cancelled without an outcome here (their claims are handed on; the
         partition's next reader reads their messages again): counted, and named by partition and
-        offsets, so that consumed minus outcomes can be accounted for."""
+        offsets, so that consumed minus outcomes can be accounted for. Not those cancelled before
+        (an earlier revoke's, still unwinding: counted then), nor those whose outcome is written
+        (a dead letter still owed: counted as outcomes)."""
+        jobs = [job for job in self._lanes.select(which, cancelled=False) if not job.outcome_written]
         self.metrics.abandoned.labels(kind=kind).inc(len(jobs))
         offsets: dict[str, list[int]] = {}
         for job in jobs:
@@ -692,7 +715,7 @@ class Worker:
     async def _revoke(self, partitions: set[PartitionKey], revoked: Callable[[Job], bool]) -> None:
         pending = self._lanes.matching(revoked)
         if pending and not await self._lanes.wait_for(revoked, self.settings.revoke_grace_s):
-            self._abandon("revoked", self._lanes.select(revoked), "revoke_grace_exceeded")
+            self._abandon("revoked", revoked, "revoke_grace_exceeded")
             self._lanes.drop(revoked)
             await self._lanes.wait_for(revoked, REVOKE_CANCEL_WAIT_S)
         await self._commit(partitions)
@@ -711,6 +734,7 @@ class Worker:
         log.info("partitions_revoked", partitions=sorted(f"{t}/{p}" for t, p in partitions), drained=pending)
 
     async def on_assigned(self, partitions: set[PartitionKey]) -> None:
+        self._assignment = object()
         for key in partitions:
             self._offsets.assign(key)
             self._group_committed.pop(key, None)  # another member may have committed it since

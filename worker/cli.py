@@ -119,7 +119,9 @@ def _password_in(url: str) -> bool:
     """Whether a URL given as a flag may hold a password: ``user:password@`` (an empty one too), or
     an ``@`` anywhere but after a plain user name (an unencoded ``/``, ``?``, ``#`` or ``@`` in a
     password moves the ``@`` after it out of the host part, and the rest with it). A user alone,
-    ``redis://user@host``, is an ACL user's name, its password in COC_WORKER_DEDUP_REDIS_PASSWORD."""
+    ``redis://user@host``, is an ACL user's name only when the password is given apart
+    (COC_WORKER_DEDUP_REDIS_PASSWORD or its _FILE): otherwise it is more often a password written
+    where the user goes, as the settings take it (``WorkerSettings.secret_values``)."""
     if "@" not in url:
         return False
     try:
@@ -127,7 +129,8 @@ def _password_in(url: str) -> bool:
     except ValueError:  # not a URL: what it holds cannot be told apart
         return True
     user = netloc.rpartition("@")[0]
-    return url.count("@") > 1 or not user or ":" in user
+    password_apart = any(os.environ.get(env_var("dedup_redis_password") + end) for end in ("", "_FILE"))
+    return url.count("@") > 1 or not user or ":" in user or not password_apart
 
 
 def _settings_from(args: argparse.Namespace) -> WorkerSettings:
@@ -177,7 +180,11 @@ def _log_failure(exc: Exception) -> None:
     ``main`` prints, redacted (the worker's messages hold no secret; a library's may)."""
     fields: dict[str, Any] = {
         "error": type(exc).__name__,
-        "exit_code": 2 if isinstance(exc, ConfigError) else 1,
+        "exit_code": 2
+        if isinstance(exc, ConfigError)
+        else 141
+        if isinstance(exc, BrokenPipeError)
+        else 1,  # as main
     }
     if isinstance(exc, SystemicError):
         fields["kind"] = exc.kind

@@ -374,7 +374,11 @@ class Consumer:
         """Partitions paused on their own (``hold``); read on every finished job, so a view."""
         return self._held.keys()
 
-    def held_for(self, reason: str) -> int:
+    def hold_reason(self, key: PartitionKey) -> str | None:
+        """Why the partition is held (``hold``), or ``None`` when it is not."""
+        return self._held.get(key)
+
+    def held_count(self, reason: str) -> int:
         """How many partitions are held for this reason (a gauge, read at scrape time)."""
         return sum(1 for why in self._held.values() if why == reason)
 

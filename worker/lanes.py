@@ -171,9 +171,14 @@ class Lanes(Generic[J]):
     def matching(self, predicate: Callable[[J], bool]) -> int:
         return len(self.select(predicate))
 
-    def select(self, predicate: Callable[[J], bool]) -> list[J]:
-        """The jobs in hand (running, ready or queued) matching ``predicate``."""
-        jobs = [job for _, job in self._running.values() if predicate(job)]
+    def select(self, predicate: Callable[[J], bool], *, cancelled: bool = True) -> list[J]:
+        """The jobs in hand (running, ready or queued) matching ``predicate``; with
+        ``cancelled=False`` not those already cancelled and still unwinding (``drop``)."""
+        jobs = [
+            job
+            for task, (_, job) in self._running.items()
+            if predicate(job) and (cancelled or task not in self._cancelled)
+        ]
         jobs += (job for _, job in self._ready if predicate(job))
         jobs += (job for q in self._queued.values() for job in q if predicate(job))
         return jobs

@@ -79,6 +79,9 @@ class Job:
     taken_in: PartitionOffsets | None = None
     #: ``topic/partition/offset``, formatted once (the dedup store is told it on every call).
     source: str = field(init=False)
+    #: The results topic has this message's outcome (its dead letter may still be owed): a job
+    #: cancelled after that is not counted as abandoned (``Worker._abandon``).
+    outcome_written: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         m = self.message
@@ -94,6 +97,26 @@ class Job:
         if self.event is not None:
             return self.event.ticket_id
         return self.salvaged["ticket_id"] if self.salvaged is not None else None
+
+    def log_context(self) -> dict[str, Any]:
+        """The fields every log line about this message carries: an invalid message's name what
+        its value or key still tells, as its outcome does."""
+        m = self.message
+        event_id: str | None
+        ticket_id: str | None
+        if self.event is not None:
+            event_id, ticket_id = self.event.event_id, self.event.ticket_id
+        else:
+            salvaged = self.salvaged or {}
+            event_id, ticket_id = salvaged.get("event_id"), salvaged.get("ticket_id")
+        return {
+            "topic": m.topic,
+            "partition": m.partition,
+            "offset": m.offset,
+            "event_id": event_id,
+            "ticket_id": ticket_id,
+            "trace_id": self.trace.trace_id,  # the outcome's and the API call's: a line leads to both
+        }
 
 
 def _fingerprint(job: Job) -> str:
@@ -189,25 +212,8 @@ class Pipeline:
 
     # --- the one entry point ----------------------------------------------------------------------
     async def process(self, job: Job) -> None:
-        m = job.message
         event = job.event
-        event_id: str | None
-        ticket_id: str | None
-        if event is not None:
-            event_id, ticket_id = event.event_id, event.ticket_id
-        else:  # an invalid message's lines name what its value or key still tells, as its outcome does
-            salvaged = job.salvaged or {}
-            event_id, ticket_id = salvaged.get("event_id"), salvaged.get("ticket_id")
-        bind_message_context(
-            {
-                "topic": m.topic,
-                "partition": m.partition,
-                "offset": m.offset,
-                "event_id": event_id,
-                "ticket_id": ticket_id,
-                "trace_id": job.trace.trace_id,  # the outcome's and the API call's: a line leads to both
-            }
-        )
+        bind_message_context(job.log_context())
         try:
             if event is None:
                 assert job.invalid is not None
@@ -741,23 +747,28 @@ class Pipeline:
                 # topic answers (a missing topic is not an outage the results topic would show).
                 # A timed-out write may have been stored: the next is marked as a possible repeat.
                 if payload is not None:  # counted as written: a stop during the outage ends the job
-                    self._metrics.count_outcome(status)
+                    self._outcome_written(job, status)
                 payload = None
                 owed = _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping_dead_letters)
             except BrokerUnavailable as exc:
                 # The broker may have stored the first copy and lost only its answer: whatever is
-                # sent again is marked as a possible repeat.
-                outcome["redelivered"] = True
-                payload = _dump(outcome)
+                # sent again is marked as a possible repeat (an outcome confirmed before is not).
+                if payload is not None:
+                    outcome["redelivered"] = True
+                    payload = _dump(outcome)
                 owed = None if exc.dead_letter_confirmed else _as_repeat(owed)
                 self._gate.trip(exc, self._publisher.ping)
         if payload is not None:
-            self._metrics.count_outcome(status)
+            self._outcome_written(job, status)
         if letter is not None:
             self._metrics.dead_letters.inc()
 
     # --- helpers ------------------------------------------------------------------------------------
+    def _outcome_written(self, job: Job, status: OutcomeStatus) -> None:
+        job.outcome_written = True
+        self._metrics.count_outcome(status)
+
     @property
     def _lease_s(self) -> float:
         return self._settings.dedup_lease_s

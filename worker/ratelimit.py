@@ -65,7 +65,7 @@ class TokenBucket:
         self._interval_s = 1.0 / rate_per_s
         self._tolerance_s = (max(1, burst) - 1) * self._interval_s
         self._tat = 0.0
-        self._metrics = metrics
+        self._waited = metrics.rate_limited.labels(limit="rate")  # looked up once: per call
 
     async def acquire(self) -> float:
         now = time.monotonic()
@@ -73,7 +73,7 @@ class TokenBucket:
         wait_s = tat - self._tolerance_s - now
         until = self._tat = tat + self._interval_s
         if wait_s > 0:
-            self._metrics.rate_limited.labels(limit="rate").inc()
+            self._waited.inc()
             try:
                 await asyncio.sleep(wait_s)
             except asyncio.CancelledError:
@@ -138,7 +138,7 @@ class RedisTokenBucket:
         self._interval_ms = 1000.0 / rate_per_s
         self._tolerance_ms = (max(1, burst) - 1) * self._interval_ms
         self._local = TokenBucket(rate_per_s, burst, metrics)
-        self._metrics = metrics
+        self._waited = metrics.rate_limited.labels(limit="rate")
         self._local_since_failure = False
 
     async def acquire(self) -> float:
@@ -166,7 +166,7 @@ class RedisTokenBucket:
             self._local_since_failure = False
             log.info("rate_limit_shared_again")
         if wait_ms > 0:
-            self._metrics.rate_limited.labels(limit="rate").inc()
+            self._waited.inc()
             try:
                 await asyncio.sleep(wait_ms / 1000)
             except asyncio.CancelledError:

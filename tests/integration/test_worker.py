@@ -75,7 +75,7 @@ async def test_per_ticket_order_under_concurrency(
     async with running_worker(make_settings(max_in_flight=32)) as worker:
         await send(broker.bootstrap, topics["input"], stream)
         outcomes = await read_json(broker.bootstrap, topics["results"], len(stream), timeout_s=60)
-        assert worker.metrics.api_latency.sum > 0  # API calls were really made
+        assert worker.metrics.api_latency_by_method["PUT"].sum > 0  # API calls were really made
     del state.record_request
     assert len(outcomes) == len(stream)
     assert {o["status"] for o in outcomes} == {"applied"}
