@@ -675,7 +675,9 @@ async def test_an_outcome_written_before_a_dead_letter_outage_is_counted_when_wr
     assert outcomes() == 1
 
 
-async def test_an_outcome_confirmed_is_not_sent_again_whatever_the_dead_letters_write_raises(rig: Rig) -> None:
+async def test_an_outcome_confirmed_is_not_sent_again_whatever_the_dead_letters_write_raises(
+    rig: Rig,
+) -> None:
     """The outcome is in and the dead letter refused; the next try, of the dead letter alone,
     meets the broker away: the outcome was sent (and counted) a second time."""
 
