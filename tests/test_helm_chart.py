@@ -16,6 +16,7 @@ import base64
 import copy
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -96,6 +97,14 @@ def readme_example() -> dict[str, Any]:
     assert match, "README: no values example in 'Deploy on Kubernetes'"
     example: dict[str, Any] = yaml.safe_load(match[1])
     return example
+
+
+def readme_ingress_deployment(text: str) -> dict[str, Any]:
+    """The standalone ingress Deployment of the README's "Monitoring: Alertmanager into the ingress"."""
+    match = re.search(r"```yaml\n(# coc-ingest\.yaml.*?)```", text, re.DOTALL)
+    assert match, "README: no coc-ingest.yaml example"
+    deployment: dict[str, Any] = next(d for d in yaml.safe_load_all(match[1]) if d["kind"] == "Deployment")
+    return deployment
 
 
 DEFAULTS = load_yaml(CHART / "values.yaml")
@@ -278,6 +287,91 @@ GOOD: dict[str, dict[str, Any]] = {
             },
         },
     ),
+    # release names YAML would read as a number and a boolean (RELEASE_NAMES): quoted in the labels
+    "release_named_like_a_number": MINIMAL,
+    "release_named_like_a_boolean": MINIMAL,
+    # every endpoint on another port than the egress rules' defaults, each port opened
+    "network_policy_with_the_endpoints_ports": merged(
+        MINIMAL,
+        {
+            "kafka": {"bootstrapServers": "kafka-0.kafka:9093, kafka-1.kafka:9094"},
+            "api": {"endpoint": "https://gw.example.com:8443/coc"},
+            "dedup": {"backend": "redis", "redis": {"url": "rediss://redis:6380/0"}},
+            "networkPolicy": {
+                "enabled": True,
+                "kafka": {"peers": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [9093, 9094]},
+                "api": {"peers": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [8443]},
+                "redis": {"peers": [{"ipBlock": {"cidr": "10.1.0.0/16"}}], "ports": [6380]},
+            },
+        },
+    ),
+    # through an egress proxy the API's rule is the proxy's: its port is not the endpoint's
+    "network_policy_api_through_a_proxy": merged(
+        MINIMAL,
+        {
+            "api": {"endpoint": "https://gw.example.com:8443"},
+            "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.infra:3128"}],
+            "networkPolicy": {
+                "enabled": True,
+                "kafka": {"peers": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+                "api": {"peers": [{"ipBlock": {"cidr": "10.2.0.0/16"}}], "ports": [3128]},
+            },
+        },
+    ),
+    # Prometheus takes a scrape timeout equal to the interval, in other units too
+    "service_monitor_timeout_as_long_as_the_interval": merged(
+        MINIMAL, {"serviceMonitor": {"enabled": True, "interval": "1m", "scrapeTimeout": "60s"}}
+    ),
+    # the rolling update as given; with a hard anti-affinity too, where a node is known to be free
+    "update_strategy_given": merged(
+        MINIMAL,
+        {
+            "replicaCount": 4,
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "updateStrategy": {"maxSurge": "25%", "maxUnavailable": 0},
+        },
+    ),
+    "update_strategy_given_with_hard_anti_affinity": merged(
+        MINIMAL,
+        {
+            "replicaCount": 3,
+            "podAntiAffinity": "hard",
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "updateStrategy": {"maxSurge": 1},
+        },
+    ),
+    # a required anti-affinity of the user's own (any topology): as podAntiAffinity: hard
+    "required_anti_affinity_in_affinity": merged(
+        MINIMAL,
+        {
+            "replicaCount": 3,
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "affinity": {
+                "podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "topologyKey": "topology.kubernetes.io/zone",
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "coc-change-worker"}},
+                        }
+                    ]
+                }
+            },
+        },
+    ),
+}
+
+#: GOOD cases installed under another release name than "coc".
+RELEASE_NAMES = {"release_named_like_a_number": "2024", "release_named_like_a_boolean": "true"}
+
+#: A NetworkPolicy with the peers it needs (the ports left at the chart's defaults): each BAD case
+#: below moves one endpoint off its rule's ports.
+NETWORK_POLICY: dict[str, Any] = {
+    "networkPolicy": {
+        "enabled": True,
+        "kafka": {"peers": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+        "api": {"peers": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]},
+        "redis": {"peers": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]},
+    }
 }
 
 #: A secret one character too short for the worker, and not a word an error message would hold.
@@ -515,6 +609,59 @@ _BAD: dict[str, tuple[dict[str, Any], str]] = {
     # the worker refuses these at start (credentials or a scheme taken for a host name)
     "bootstrap_with_credentials": ({"kafka": {"bootstrapServers": "user@kafka:9092"}}, "bootstrapServers"),
     "bootstrap_with_a_path": ({"kafka": {"bootstrapServers": "kafka/x:9092"}}, "bootstrapServers"),
+    # a NetworkPolicy whose egress ports miss an endpoint's: rendered, the pod could reach none
+    "network_policy_without_a_broker_port": (
+        merged(NETWORK_POLICY, {"kafka": {"bootstrapServers": "kafka-0.kafka:9092,kafka-1.kafka:9093"}}),
+        "kafka.bootstrapServers names kafka-1.kafka:9093, but networkPolicy.kafka.ports (9092) has no 9093",
+    ),
+    "network_policy_without_the_api_port": (
+        merged(NETWORK_POLICY, {"api": {"endpoint": "https://gw.example.com:8443"}}),
+        "api.endpoint https://gw.example.com:8443 is on port 8443, but networkPolicy.api.ports (443)",
+    ),
+    "network_policy_without_the_http_api_default_port": (
+        merged(NETWORK_POLICY, {"api": {"endpoint": "http://gw.example.com/coc"}}),
+        "is on port 80, but networkPolicy.api.ports (443) has no 80",
+    ),
+    "network_policy_without_the_region_port": (
+        merged(NETWORK_POLICY, {"networkPolicy": {"api": {"ports": [8443]}}}),
+        "api.region cn-north-4 (https) is on port 443, but networkPolicy.api.ports (8443) has no 443",
+    ),
+    "network_policy_without_the_redis_port": (
+        merged(NETWORK_POLICY, {"dedup": {"backend": "redis", "redis": {"url": "rediss://redis:6380/0"}}}),
+        "dedup.redis.url is on port 6380, but networkPolicy.redis.ports (6379) has no 6380",
+    ),
+    "network_policy_without_the_redis_default_port": (
+        merged(
+            NETWORK_POLICY,
+            {
+                "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master/0"}},
+                "networkPolicy": {"redis": {"ports": [6380]}},
+            },
+        ),
+        "dedup.redis.url is on port 6379, but networkPolicy.redis.ports (6380) has no 6379",
+    ),
+    # the kubelet's probes reach the pod's IP, never its loopback: every probe would fail
+    "http_host_loopback": ({"worker": {"httpHost": "127.0.0.1"}}, "httpHost"),
+    # Prometheus refuses a scrape timeout above its interval (the Operator's config reload fails)
+    "scrape_timeout_over_the_interval": (
+        {"serviceMonitor": {"enabled": True, "interval": "30s", "scrapeTimeout": "1m"}},
+        "serviceMonitor.scrapeTimeout (1m) is longer than serviceMonitor.interval (30s)",
+    ),
+    "scrape_timeout_over_the_interval_in_ms": (
+        {"serviceMonitor": {"enabled": True, "interval": "1s", "scrapeTimeout": "1500ms"}},
+        "serviceMonitor.scrapeTimeout (1500ms) is longer than serviceMonitor.interval (1s)",
+    ),
+    # hard anti-affinity makes maxSurge 0: with maxUnavailable 0 too no pod could be replaced
+    "rolling_update_that_replaces_no_pod": (
+        {
+            "replicaCount": 2,
+            "podAntiAffinity": "hard",
+            "dedup": {"backend": "redis", "redis": {"url": "redis://redis-master:6379/0"}},
+            "updateStrategy": {"maxUnavailable": 0},
+        },
+        "updateStrategy.maxSurge and updateStrategy.maxUnavailable are both 0",
+    ),
+    "rolling_update_unavailable_over_all": ({"updateStrategy": {"maxUnavailable": "150%"}}, "maxUnavailable"),
 }
 BAD = {name: (merged(MINIMAL, values), fragment) for name, (values, fragment) in _BAD.items()}
 
@@ -542,6 +689,8 @@ SCHEMA_BAD = [
     "redis_url_port_out_of_range",
     "client_certificate_key_not_a_secret_key",
     "redis_password_secret_bad_name",
+    "http_host_loopback",
+    "rolling_update_unavailable_over_all",
 ]
 
 
@@ -832,7 +981,7 @@ for name, chart in job["lint"].items():
 for name, values in job["render"].items():
     try:
         release = asyncio.run(helm.Install(config).run(
-            "coc", job["chart"], values=values or None, wait=False, timeout=30))
+            job["releases"].get(name, "coc"), job["chart"], values=values or None, wait=False, timeout=30))
         out[name] = {"manifest": release["manifest"], "notes": release.get("info", {}).get("notes", "")}
     except helm.HelmError as exc:
         out[name] = {"error": str(exc)}
@@ -878,6 +1027,7 @@ def helm_results(stand_in_api: str, tmp_path_factory: pytest.TempPathFactory) ->
         "chart": str(CHART),
         "lint": linted,
         "render": {**GOOD, **{f"bad:{name}": values for name, (values, _) in BAD.items()}},
+        "releases": RELEASE_NAMES,
     }
     proc = subprocess.run(
         [str(python), "-c", _DRIVER],
@@ -979,6 +1129,10 @@ def test_the_notes_say_when_the_dedup_store_dies_with_the_pod(helm_results: dict
     sent again by the next pod as if new (an on-call review saw five applied events come out
     "rejected"). Said at install, and not when the store outlives the pod."""
     assert "lost with the pod" in helm_results["default"]["notes"]
+    # and that an emptyDir outgrown by the sqlite file gets the pod evicted, with the sizing rule
+    notes = " ".join(helm_results["default"]["notes"].split())
+    assert "sizeLimit (1Gi) as ~330-430 bytes x events/s x ttlS + 64 MiB" in notes
+    assert "evicts the pod with a 1-second grace: no drain, no final commit" in notes
     for case in GOOD:
         values = GOOD[case]
         dedup = values.get("dedup", {}).get("backend", "sqlite")
@@ -995,6 +1149,65 @@ def test_rolling_updates_only_with_a_shared_dedup_store(helm_results: dict[str, 
     assert strategy["type"] == "Recreate"
     strategy = one(manifests(helm_results, "aksk_endpoint_hpa"), "Deployment")["spec"]["strategy"]
     assert strategy["type"] == "RollingUpdate"
+
+
+def test_hard_anti_affinity_rolls_without_a_surge_pod(helm_results: dict[str, Any]) -> None:
+    """``podAntiAffinity: hard`` with the fixed maxSurge 1 / maxUnavailable 0: with as many replicas
+    as schedulable nodes the surge pod stayed Pending and the rollout never ended. With a required
+    anti-affinity (the preset or the user's own) the chart now stops a pod before its replacement
+    starts; the rolling update is configurable (updateStrategy), and Recreate stays where it was."""
+
+    def rolling(case: str) -> dict[str, Any]:
+        strategy = one(manifests(helm_results, case), "Deployment")["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate", case
+        found: dict[str, Any] = strategy["rollingUpdate"]
+        return found
+
+    assert rolling("aksk_endpoint_hpa") == {"maxSurge": 0, "maxUnavailable": 1}  # podAntiAffinity: hard
+    assert rolling("required_anti_affinity_in_affinity") == {"maxSurge": 0, "maxUnavailable": 1}
+    assert rolling("redis_password_secret") == {"maxSurge": 1, "maxUnavailable": 0}  # soft: as before
+    assert rolling("update_strategy_given") == {"maxSurge": "25%", "maxUnavailable": 0}
+    assert rolling("update_strategy_given_with_hard_anti_affinity") == {"maxSurge": 1, "maxUnavailable": 1}
+    for case in ("default", "existing_secret_pvc", "keda_scale_to_zero_sqlite_on_a_pvc"):
+        assert one(manifests(helm_results, case), "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert DEFAULTS["updateStrategy"] == {"maxSurge": None, "maxUnavailable": None}
+
+
+def test_labels_are_strings_whatever_the_release_is_named(helm_results: dict[str, Any]) -> None:
+    """A release named ``2024`` or ``true`` rendered ``app.kubernetes.io/instance: 2024``, a number
+    to YAML, and the API server refused every object (label values are strings)."""
+    for case, name in RELEASE_NAMES.items():
+        objects = manifests(helm_results, case)
+        for (kind, _), obj in objects.items():
+            assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == name, (case, kind)
+        deployment = one(objects, "Deployment")
+        for labels in (
+            deployment["spec"]["selector"]["matchLabels"],
+            deployment["spec"]["template"]["metadata"]["labels"],
+        ):
+            assert all(isinstance(value, str) for value in labels.values()), (case, labels)
+        assert deployment["metadata"]["name"] == f"{name}-coc-change-worker"
+
+
+def test_the_readme_ingress_deployment_is_hardened_as_the_chart(helm_results: dict[str, Any]) -> None:
+    """The README's standalone ``coc-worker ingest`` Deployment ran as the image's user with a
+    writable root, every capability, no resources and the probes' 1 s default timeout: it now
+    carries the chart's pod hardening, resources and probe timeouts."""
+    chart_pod = one(manifests(helm_results, "default"), "Deployment")["spec"]["template"]["spec"]
+    chart_container = chart_pod["containers"][0]
+    pod = readme_ingress_deployment((ROOT / "README.md").read_text(encoding="utf-8"))["spec"]["template"][
+        "spec"
+    ]
+    (container,) = pod["containers"]
+    assert pod["securityContext"] == chart_pod["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == chart_container["securityContext"]
+    assert container["resources"]["requests"].keys() == {"cpu", "memory"}
+    assert container["resources"]["limits"].keys() == {"memory"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["timeoutSeconds"] == chart_container[probe]["timeoutSeconds"], probe
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp"}  # a read-only root: /tmp its only writable path
 
 
 def test_api_request_limit_is_passed_only_when_set(helm_results: dict[str, Any]) -> None:
@@ -1076,8 +1289,10 @@ def test_probes_and_grace_period(helm_results: dict[str, Any]) -> None:
         assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         grace = float(env["COC_WORKER_SHUTDOWN_GRACE_S"])
-        # the grace, then the shutdown's bounded steps (5 s to abandon work, 3 broker steps of 5 s)
-        assert pod["terminationGracePeriodSeconds"] >= grace + 20 + 5, case
+        # the grace, then the shutdown's worst case after it (values.yaml terminationGraceExtraS):
+        # ~0.5 s drain overrun, 5 s closing the lanes, 3 broker steps of 5 s, ~2 s handing on the
+        # claims, ~2 s stopping the HTTP server
+        assert pod["terminationGracePeriodSeconds"] >= math.ceil(grace) + 0.5 + 5 + 3 * 5 + 2 + 2, case
     full_pod = one(manifests(helm_results, "full"), "Deployment")["spec"]["template"]["spec"]
     assert (
         full_pod["terminationGracePeriodSeconds"] == 43 + 20 + DEFAULTS["terminationGraceExtraS"]
@@ -1237,6 +1452,29 @@ def test_keda_counts_lag_from_the_earliest_offset_whatever_an_old_values_file_sa
     assert trigger["metadata"]["offsetResetPolicy"] == "earliest"
 
 
+def test_keda_lag_threshold_is_above_what_a_pod_holds(helm_results: dict[str, Any]) -> None:
+    """The worker commits its lowest unfinished offset, so a pod's buffer (maxBuffered, 4 x
+    maxInFlight by default) counts as lag: the default threshold of 100 made one busy pod look like
+    ten pods' backlog, and KEDA added pods (each a group-wide rebalance) every polling interval."""
+    keda = DEFAULTS["autoscaling"]["keda"]
+    worker = DEFAULTS["worker"]
+    default_buffer = worker["maxBuffered"] or 4 * worker["maxInFlight"]
+    assert keda["lagThreshold"] >= default_buffer
+    assert keda["scaleUpStabilizationS"] >= 60
+    scaled = one(manifests(helm_results, "msk_client_certificate_keda"), "ScaledObject")  # the defaults
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["lagThreshold"] == str(keda["lagThreshold"])
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"] == {"stabilizationWindowSeconds": keda["scaleUpStabilizationS"]}
+    assert behavior["scaleDown"] == {"stabilizationWindowSeconds": keda["scaleDownStabilizationS"]}
+    for case in GOOD:  # the examples too (ci/full-values.yaml, the README's)
+        values = merged(DEFAULTS, GOOD[case])
+        if values["autoscaling"]["keda"]["enabled"]:
+            buffer = values["worker"]["maxBuffered"] or 4 * values["worker"]["maxInFlight"]
+            (trigger,) = one(manifests(helm_results, case), "ScaledObject")["spec"]["triggers"]
+            assert int(trigger["metadata"]["lagThreshold"]) >= buffer, case
+
+
 def test_keda_may_scale_to_zero(helm_results: dict[str, Any]) -> None:
     objects = manifests(helm_results, "keda_scale_to_zero")
     assert one(objects, "ScaledObject")["spec"]["minReplicaCount"] == 0
@@ -1337,6 +1575,24 @@ def test_network_policy_allows_only_dependencies(helm_results: dict[str, Any]) -
     assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert ingress["from"] == net["metricsFrom"]
     assert "NetworkPolicy" not in kinds(manifests(helm_results, "aksk_endpoint_hpa"))
+
+
+def test_network_policy_opens_the_ports_of_the_endpoints(helm_results: dict[str, Any]) -> None:
+    """The egress ports were never compared with the endpoints: brokers on 9093, an API on 8443 or
+    a Redis on 6380 rendered with the default ports, and the pod could reach none of them (a crash
+    loop). The chart refuses that now (BAD); with the ports listed, each rule opens them."""
+    policy = one(manifests(helm_results, "network_policy_with_the_endpoints_ports"), "NetworkPolicy")
+    ports = [
+        sorted(p["port"] for p in rule["ports"] if p["protocol"] == "TCP")
+        for rule in policy["spec"]["egress"]
+    ]
+    assert ports == [[53], [9093, 9094], [8443], [6380]]  # DNS, Kafka, the API, Redis
+    proxied = one(manifests(helm_results, "network_policy_api_through_a_proxy"), "NetworkPolicy")
+    assert [p["port"] for p in proxied["spec"]["egress"][2]["ports"]] == [3128]
+    # the DNS default fits kube-dns only: values.yaml says what NodeLocal DNSCache and OpenShift need
+    text = (CHART / "values.yaml").read_text(encoding="utf-8")
+    for needed in ("NodeLocal DNSCache", "openshift-dns", "5353"):
+        assert needed in text
 
 
 def test_a_client_certificate_is_mounted_and_passed_to_the_worker_and_keda(

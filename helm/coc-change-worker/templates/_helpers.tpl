@@ -21,8 +21,10 @@
 {{- end }}
 
 {{- define "coc.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "coc.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{- /* quoted: a release (or nameOverride) named 2024 or true would be a number or a boolean to
+       YAML, and the API server refuses a label value that is not a string */}}
+app.kubernetes.io/name: {{ include "coc.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end }}
 
 {{- define "coc.labels" -}}
@@ -98,9 +100,58 @@ certificate's Secret only: without it there is no key to open). */}}
 
 {{/* Kubernetes waits this long after SIGTERM: the worker's own grace, then the 20 s its shutdown
 may still take by design (5 s to abandon unfinished work, then at most 5 s for each broker step:
-final commit, leaving the group, the producer), then terminationGraceExtraS for the rest. */}}
+final commit, leaving the group, the producer), then terminationGraceExtraS for the rest: ~0.5 s
+the drain may overrun the grace, ~2 s handing on claims, ~2 s stopping the HTTP server (a worst
+case of ~24.5 s after the grace), and closing the API client and the dedup store. */}}
 {{- define "coc.terminationGracePeriodSeconds" -}}
 {{- add (ceil .Values.worker.shutdownGraceS | int64) 20 (.Values.terminationGraceExtraS | int64) }}
+{{- end }}
+
+{{/* Whether a required pod anti-affinity keeps two pods of the release off one node (or zone):
+the preset podAntiAffinity=hard, or required terms in a user-given affinity. */}}
+{{- define "coc.hardAntiAffinity" -}}
+{{- if .Values.affinity }}
+{{- if dig "podAntiAffinity" "requiredDuringSchedulingIgnoredDuringExecution" list .Values.affinity }}true{{ end }}
+{{- else if eq .Values.podAntiAffinity "hard" }}true
+{{- end }}
+{{- end }}
+
+{{/* The Deployment's update: Recreate with a store of the pod's own (sqlite, memory) or a PVC,
+else a rolling update, as JSON {"type": ..., "maxSurge": ..., "maxUnavailable": ...}. Unset
+(null), maxSurge is 1 and maxUnavailable 0; with a hard anti-affinity 0 and 1: a surge pod has no
+node to go to when every node already runs a pod of the release, and the rollout would wait for
+ever. */}}
+{{- define "coc.updateStrategy" -}}
+{{- $v := .Values }}
+{{- if or (eq $v.persistence.type "pvc") (ne $v.dedup.backend "redis") }}
+{{- toJson (dict "type" "Recreate") }}
+{{- else }}
+{{- $hard := include "coc.hardAntiAffinity" . }}
+{{- $u := $v.updateStrategy | default dict }}
+{{- $surge := ternary 0 1 (eq $hard "true") }}
+{{- if not (kindIs "invalid" $u.maxSurge) }}{{ $surge = $u.maxSurge }}{{ end }}
+{{- $unavailable := ternary 1 0 (eq $hard "true") }}
+{{- if not (kindIs "invalid" $u.maxUnavailable) }}{{ $unavailable = $u.maxUnavailable }}{{ end }}
+{{- if not (kindIs "string" $surge) }}{{ $surge = $surge | int64 }}{{ end }}
+{{- if not (kindIs "string" $unavailable) }}{{ $unavailable = $unavailable | int64 }}{{ end }}
+{{- toJson (dict "type" "RollingUpdate" "maxSurge" $surge "maxUnavailable" $unavailable) }}
+{{- end }}
+{{- end }}
+
+{{/* A Go/Prometheus duration of the schema's units (ms, s, m, h; "1m30s" too) in milliseconds. */}}
+{{- define "coc.durationMs" -}}
+{{- $ms := 0 }}
+{{- $units := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 }}
+{{- range $part := regexFindAll "[0-9]+(ms|s|m|h)" (toString .) -1 }}
+{{- $ms = add $ms (mul (regexFind "^[0-9]+" $part | int64) (get $units (regexReplaceAll "^[0-9]+" $part ""))) }}
+{{- end }}
+{{- $ms }}
+{{- end }}
+
+{{/* The port of a URL's host[:port] (urlParse's "host"), or the given default. */}}
+{{- define "coc.urlPort" -}}
+{{- $port := regexFind ":[0-9]+$" (index . 0) | trimPrefix ":" }}
+{{- default (index . 1) $port }}
 {{- end }}
 
 {{- define "coc.kedaMaxReplicas" -}}
@@ -303,6 +354,55 @@ final commit, leaving the group, the producer), then terminationGraceExtraS for 
 {{- end }}
 {{- if and (eq $v.dedup.backend "redis") (not $v.networkPolicy.redis.peers) }}
 {{- fail "networkPolicy.enabled with dedup.backend=redis needs networkPolicy.redis.peers" }}
+{{- end }}
+{{- /* Each port the worker connects to must be in its egress rule's ports, or the policy blocks
+       it and the pod crash-loops (startupWaitS, then exit 1). */}}
+{{- $np := $v.networkPolicy }}
+{{- $kafkaPorts := list }}
+{{- range $np.kafka.ports }}{{ $kafkaPorts = append $kafkaPorts (. | int64 | toString) }}{{ end }}
+{{- range $server := splitList "," $v.kafka.bootstrapServers }}
+{{- $server = trim $server }}
+{{- $port := regexFind "[0-9]+$" $server }}
+{{- if and $server (not (has $port $kafkaPorts)) }}
+{{- fail (printf "kafka.bootstrapServers names %s, but networkPolicy.kafka.ports (%s) has no %s: the NetworkPolicy would block the brokers; add %s to networkPolicy.kafka.ports" $server (join ", " $kafkaPorts) $port $port) }}
+{{- end }}
+{{- end }}
+{{- /* The region's endpoints are all https (worker/settings.py COC_REGION_ENDPOINTS). Through an
+       egress proxy (extraEnv) the worker connects to the proxy instead, whose port the chart does
+       not know: networkPolicy.api then describes the proxy, and is not checked. */}}
+{{- $endpoint := urlParse (default "https://coc.myhuaweicloud.com" $v.api.endpoint) }}
+{{- $proxyVariables := list "ALL_PROXY" (printf "%s_PROXY" (upper $endpoint.scheme)) }}
+{{- $proxied := false }}
+{{- range $v.extraEnv }}{{ if has (upper (toString .name)) $proxyVariables }}{{ $proxied = true }}{{ end }}{{ end }}
+{{- $apiPort := include "coc.urlPort" (list $endpoint.host (ternary "443" "80" (eq $endpoint.scheme "https"))) }}
+{{- $apiPorts := list }}
+{{- range $np.api.ports }}{{ $apiPorts = append $apiPorts (. | int64 | toString) }}{{ end }}
+{{- if and (not $proxied) (not (has $apiPort $apiPorts)) }}
+{{- $which := ternary (printf "api.endpoint %s" $v.api.endpoint) (printf "api.region %s (https)" $v.api.region) (ne $v.api.endpoint "") }}
+{{- fail (printf "%s is on port %s, but networkPolicy.api.ports (%s) has no %s: the NetworkPolicy would block the COC API; add %s to networkPolicy.api.ports" $which $apiPort (join ", " $apiPorts) $apiPort $apiPort) }}
+{{- end }}
+{{- /* A Redis URL in the ConfigMap only: one from a Secret is not the chart's to read. */}}
+{{- if and (eq $v.dedup.backend "redis") $v.dedup.redis.url }}
+{{- $redisPort := include "coc.urlPort" (list (urlParse $v.dedup.redis.url).host "6379") }}
+{{- $redisPorts := list }}
+{{- range $np.redis.ports }}{{ $redisPorts = append $redisPorts (. | int64 | toString) }}{{ end }}
+{{- if not (has $redisPort $redisPorts) }}
+{{- fail (printf "dedup.redis.url is on port %s, but networkPolicy.redis.ports (%s) has no %s: the NetworkPolicy would block Redis; add %s to networkPolicy.redis.ports" $redisPort (join ", " $redisPorts) $redisPort $redisPort) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- /* A rolling update must be allowed to replace a pod: Kubernetes refuses both at zero. */}}
+{{- $strategy := include "coc.updateStrategy" . | fromJson }}
+{{- if eq $strategy.type "RollingUpdate" }}
+{{- if and (has (toString $strategy.maxSurge) (list "0" "0%")) (has (toString $strategy.maxUnavailable) (list "0" "0%")) }}
+{{- fail "updateStrategy.maxSurge and updateStrategy.maxUnavailable are both 0 (with a hard pod anti-affinity maxSurge defaults to 0): a rolling update could replace no pod, and Kubernetes refuses the Deployment; set updateStrategy.maxUnavailable to 1 (or maxSurge, if a node is free for the surge pod)" }}
+{{- end }}
+{{- end }}
+{{- if $v.serviceMonitor.enabled }}
+{{- $interval := include "coc.durationMs" $v.serviceMonitor.interval | int64 }}
+{{- $timeout := include "coc.durationMs" $v.serviceMonitor.scrapeTimeout | int64 }}
+{{- if gt $timeout $interval }}
+{{- fail (printf "serviceMonitor.scrapeTimeout (%s) is longer than serviceMonitor.interval (%s): Prometheus refuses a scrape timeout above its interval; lower serviceMonitor.scrapeTimeout" $v.serviceMonitor.scrapeTimeout $v.serviceMonitor.interval) }}
 {{- end }}
 {{- end }}
 {{- /* The pod template carries the selector's labels, then podLabels: one of the same name would
