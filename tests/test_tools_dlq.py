@@ -382,3 +382,31 @@ def test_a_dead_letter_written_without_its_producers_headers_is_never_replayed(
     [line] = capsys.readouterr().out.splitlines()
     assert line.startswith("NOT replayable 0/9 rejected api_rejected ticket=CM1 event=e1: the dead-letter")
     assert producer.sent == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["replay", "--from-offset", "0"],
+        ["replay", "--to-offset", "5", "--dry-run"],
+        ["list", "--from-offset", "1"],
+        ["list", "--from-offset", "0", "--to-offset", "1"],
+    ],
+)
+def test_offsets_without_a_partition_are_refused(
+    flags: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offsets are one partition's. Without --partition they applied to every partition and
+    counted as a selection: `dlq replay --from-offset 0` replayed the whole DLQ without --all."""
+    letters = [_letter_from("in", f"o{i}", i) for i in range(3)]
+    producer = _Accepts()
+    monkeypatch.setattr("worker.tools.dlq.TopicReader", _DeadLetterTopic(letters))
+    monkeypatch.setattr("worker.tools.dlq.EventProducer", producer)
+    assert main(["dlq", *flags, *_replay_kafka()]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "needs --partition" in err
+    assert producer.sent == []
+    # with the partition named, the same offsets select
+    assert main(["dlq", "replay", "--partition", "0", "--from-offset", "1", *_replay_kafka()]) == 0
+    assert producer.event_ids() == [("in", "o1"), ("in", "o2")]

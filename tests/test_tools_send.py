@@ -1,14 +1,28 @@
-"""``send``: exit codes by outcome status, and the one-line summary a CI log shows."""
+"""``send``: exit codes by outcome status, the one-line summary a CI log shows, ``--json``'s one
+document, the trace it continues, the time limit of a send that waits, and the README's CI recipe."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from schemas.outcomes import OutcomeEvent, OutcomeStatus, SourceRef
+from worker.cli import main
+from worker.errors import BrokerUnavailable
+from worker.tools import send
+from worker.tools.events import validated
 from worker.tools.kafka_io import Delivered
-from worker.tools.send import EXIT_NOT_APPLIED, EXIT_OK, SendResult, describe_outcome
+from worker.tools.send import EXIT_NOT_APPLIED, EXIT_OK, SendResult, describe_outcome, record_for
+from worker.tracing import parse
 
 DELIVERED = Delivered("in", 0, 1)
 
@@ -69,3 +83,171 @@ def test_summary_lines() -> None:
     assert describe_outcome(outcome(OutcomeStatus.DUPLICATE, attempts=0, reason="duplicate_event_id")) == (
         "duplicate (reason duplicate_event_id)"
     )
+
+
+TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+SEND = ["send", "--type", "started", "--ticket", "T", "--sub-ticket", "s", "--event-id", "deploy-9"]
+
+
+def test_a_callers_traceparent_is_the_parent_of_the_events_span() -> None:
+    """``--traceparent`` names the caller's span: the event's header carries a child of it (the same
+    trace, a span id of its own, the same flags), as the ingress makes it. Before, the caller's
+    span id went on unchanged, and the worker's spans hung off the caller's own."""
+    caller = parse(TRACEPARENT)
+    assert caller is not None
+    obj = {"event_id": "e1", "type": "change.started", "ticket_id": "T", "sub_ticket_id": "s"}
+    record = record_for(validated(obj, 1 << 20), obj, caller)
+    [(name, value)] = record.headers
+    sent = parse(value)
+    assert name == "traceparent"
+    assert sent is not None
+    assert (sent.trace_id, sent.flags) == (caller.trace_id, caller.flags)
+    assert sent.span_id != caller.span_id
+
+
+def _send_gives(monkeypatch: pytest.MonkeyPatch, result: SendResult | BaseException) -> None:
+    """``send_event`` stands in: it returns ``result`` (or raises it) without a broker."""
+
+    async def sent(*args: Any, **kwargs: Any) -> SendResult:
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    monkeypatch.setattr(send, "send_event", sent)
+
+
+def test_send_json_prints_one_document_holding_the_event_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --json, stdout is exactly one JSON document: the event id went on a line before it, so
+    `| jq` failed, and a timeout printed only that line."""
+    applied = outcome(OutcomeStatus.APPLIED, event_id="deploy-9", http_status=200)
+    _send_gives(monkeypatch, SendResult("deploy-9", DELIVERED, "t", applied))
+    assert main([*SEND, "--wait-outcome", "--json"]) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert OutcomeEvent.model_validate_json(out) == applied  # the whole of stdout: one document
+    assert json.loads(out)["event_id"] == "deploy-9"
+    # an outcome the worker could not read the event of still names the event id
+    _send_gives(
+        monkeypatch, SendResult("deploy-9", DELIVERED, "t", outcome(OutcomeStatus.INVALID, event_id=None))
+    )
+    assert main([*SEND, "--wait-outcome", "--json"]) == EXIT_NOT_APPLIED
+    assert json.loads(capsys.readouterr().out)["event_id"] == "deploy-9"
+    # no outcome in time: the event id, the status, where the event was written, and why
+    _send_gives(monkeypatch, SendResult("deploy-9", DELIVERED, "t", timed_out=True))
+    assert main([*SEND, "--wait-outcome", "--json", "--timeout-s", "5"]) == EXIT_NOT_APPLIED
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {
+        "event_id": "deploy-9",
+        "status": "timeout",
+        "stage": "outcome",
+        "timeout_s": 5.0,
+        "source": {"topic": "in", "partition": 0, "offset": 1},
+        "detail": "no outcome for deploy-9 within 5s (is a worker running on coc.change-events, and not"
+        " paused? its /readyz says)",
+    }
+    assert err == ""
+    # a failure: the event id in the document all the same (a retry must reuse it), the error on stderr
+    _send_gives(monkeypatch, BrokerUnavailable("cannot connect to the broker: KafkaConnectionError"))
+    assert main([*SEND, "--wait-outcome", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {
+        "event_id": "deploy-9",
+        "status": "error",
+        "detail": "cannot connect to the broker: KafkaConnectionError",
+    }
+    assert err == "coc-worker: cannot connect to the broker: KafkaConnectionError\n"
+
+
+def test_send_without_json_prints_the_event_id_then_the_outcome_as_before(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    applied = outcome(OutcomeStatus.APPLIED, event_id="deploy-9", http_status=200)
+    _send_gives(monkeypatch, SendResult("deploy-9", DELIVERED, "t", applied))
+    assert main([*SEND, "--wait-outcome"]) == EXIT_OK
+    assert capsys.readouterr() == ("deploy-9\napplied (HTTP 200, after 1 attempt)\n", "")
+    _send_gives(monkeypatch, SendResult("deploy-9", DELIVERED, "t", timed_out=True))
+    assert main([*SEND, "--wait-outcome", "--timeout-s", "5"]) == EXIT_NOT_APPLIED
+    assert capsys.readouterr() == (
+        "deploy-9\n",
+        "coc-worker send: no outcome for deploy-9 within 5s (is a worker running on coc.change-events,"
+        " and not paused? its /readyz says)\n",
+    )
+
+
+@pytest.fixture
+async def silent_broker() -> AsyncIterator[str]:
+    """An address that accepts connections and never answers (a broker hung, a proxy in front of
+    none): each request waits for the client's own timeout."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):  # read and drop every request, until the client leaves
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_the_time_limit_bounds_the_whole_send_connecting_too(
+    silent_broker: str, as_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--timeout-s bounded only the wait for the outcome: connecting the reader and the producer
+    (aiokafka's 40 s and 30 s request timeouts) came on top, so `--timeout-s 2` took over 40 s
+    against a broker that does not answer."""
+    argv = [*SEND, "--wait-outcome", "--timeout-s", "2", "--kafka-bootstrap-servers", silent_broker]
+    began = time.monotonic()
+    code = await asyncio.to_thread(main, [*argv, "--json"] if as_json else argv)
+    took = time.monotonic() - began
+    out, err = capsys.readouterr()
+    assert code == EXIT_NOT_APPLIED
+    assert took < 2 + 4, f"took {took:.1f}s"
+    said = (
+        f"the broker did not answer within 2s (COC_WORKER_KAFKA_BOOTSTRAP_SERVERS={silent_broker});"
+        " deploy-9 was not sent"
+    )
+    if as_json:
+        assert json.loads(out) == {
+            "event_id": "deploy-9",
+            "status": "timeout",
+            "stage": "connect",
+            "timeout_s": 2.0,
+            "source": None,
+            "detail": said,
+        }
+        assert err == ""
+    else:
+        assert out == "deploy-9\n"
+        assert err == f"coc-worker send: {said}\n"
+
+
+def _readme_ci_workflow() -> dict[Any, Any]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"```yaml\n(# \.github/workflows/deploy\.yml\n.*?)```", readme, re.DOTALL)
+    assert found, "the README's GitHub Actions recipe"
+    workflow = yaml.safe_load(found.group(1))
+    assert isinstance(workflow, dict)
+    return workflow
+
+
+def test_the_readme_ci_recipe_reports_the_end_and_result_only_of_a_started_change() -> None:
+    """The end and result steps ran with `!cancelled()` alone, also after "Change started" failed:
+    the deploy was skipped, and the failed branch reported a failure for a deploy that never ran,
+    which a re-run could not take back."""
+    steps = {step.get("name"): step for step in _readme_ci_workflow()["jobs"]["deploy"]["steps"]}
+    assert steps["Change started"]["id"] == "start"
+    assert "if" not in steps["Deploy"]  # runs only after a successful start
+    for name in ("Change ended", "Change result"):
+        condition = steps[name]["if"].removeprefix("${{").removesuffix("}}").strip()
+        assert condition == "!cancelled() && steps.start.outcome == 'success'", name
+        assert "--wait-outcome" in steps[name]["run"]

@@ -412,6 +412,8 @@ _SEND_TIMEOUT_S = 60.0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    import json
+
     from worker.tools import events, send
     from worker.tracing import parse
 
@@ -455,18 +457,34 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"coc-worker send: invalid event: {exc.detail}", file=sys.stderr)
         return send.EXIT_BAD_INPUT
     wait_s = (args.timeout_s or _SEND_TIMEOUT_S) if args.wait_outcome else None
-    # The id first, before anything can fail: a caller retrying after an error must reuse it.
-    print(event.event_id, flush=True)
-    result = asyncio.run(send.send_event(settings, event, obj, trace=trace, wait_outcome_s=wait_s))
-    if result.timed_out:
-        print(
-            f"coc-worker send: no outcome for {result.event_id} within {wait_s:g}s "
-            f"(is a worker running on {settings.input_topic}, and not paused? its /readyz says)",
-            file=sys.stderr,
-        )
+    if not args.json:
+        # The id first, before anything can fail: a caller retrying after an error must reuse it.
+        # With --json it is in the one document printed (a line before it broke `| jq`).
+        print(event.event_id, flush=True)
+    try:
+        result = asyncio.run(send.send_event(settings, event, obj, trace=trace, wait_outcome_s=wait_s))
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.json:  # the id even so, in the document; the error goes to stderr as without --json
+            failed = {"event_id": event.event_id, "status": "error", "detail": _send_failure(exc)}
+            with contextlib.suppress(OSError):
+                print(json.dumps(failed), flush=True)
+        raise
+    if wait_s is not None and args.json:
+        print(send.result_json(result, wait_s, settings))
+    elif wait_s is not None and result.timed_out:
+        print(f"coc-worker send: {send.timeout_detail(result, wait_s, settings)}", file=sys.stderr)
     elif result.outcome is not None:
-        print(result.outcome.model_dump_json() if args.json else send.describe_outcome(result.outcome))
+        print(send.describe_outcome(result.outcome))
     return result.exit_code
+
+
+def _send_failure(exc: BaseException) -> str:
+    """A failed send's error as ``main`` says it (redacted), for ``send --json``'s document."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OSError):
+        return _os_error_text(exc)
+    return redact_text(str(exc)) or type(exc).__name__
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -520,6 +538,11 @@ def cmd_outcomes_tail(args: argparse.Namespace) -> int:
 def _selection(args: argparse.Namespace) -> Selection:
     from worker.tools.dlq import Selection
 
+    if args.partition is None and (args.from_offset is not None or args.to_offset is not None):
+        # Offsets are a partition's own: applied to every partition, --from-offset 0 selected the
+        # whole DLQ, and passed for a selection, `dlq replay --from-offset 0` replayed it all.
+        flag = "--from-offset" if args.from_offset is not None else "--to-offset"
+        raise ConfigError(f"{flag} needs --partition: offsets are those of one DLQ partition")
     if args.from_offset is not None and args.to_offset is not None and args.from_offset > args.to_offset:
         raise ConfigError(f"--from-offset {args.from_offset} is after --to-offset {args.to_offset}")
     return Selection(
@@ -553,8 +576,8 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     selection = _selection(args)
     if not selection.narrows and not args.all:
         print(
-            "coc-worker dlq replay: choose records (--reason, --status, --ticket, --event-id, --partition, "
-            "--from-offset, --to-offset) or pass --all",
+            "coc-worker dlq replay: choose records (--reason, --status, --ticket, --event-id, --partition "
+            "with --from-offset and --to-offset) or pass --all",
             file=sys.stderr,
         )
         return 2
@@ -605,8 +628,12 @@ def _add_dlq_selection(parser: argparse.ArgumentParser) -> None:
     select.add_argument("--ticket", action="append", default=[], metavar="ID", help="ticket_id")
     select.add_argument("--event-id", action="append", default=[], metavar="ID")
     select.add_argument("--partition", type=_not_negative, help="only this DLQ partition")
-    select.add_argument("--from-offset", type=_not_negative, metavar="N", help="first DLQ offset (inclusive)")
-    select.add_argument("--to-offset", type=_not_negative, metavar="N", help="last DLQ offset (inclusive)")
+    select.add_argument(
+        "--from-offset", type=_not_negative, metavar="N", help="first offset (inclusive) of --partition"
+    )
+    select.add_argument(
+        "--to-offset", type=_not_negative, metavar="N", help="last offset (inclusive) of --partition"
+    )
     select.add_argument("--limit", type=_at_least_one, metavar="N", help="stop after N records")
 
 
@@ -621,8 +648,18 @@ def _add_tool_parsers(sub: Any) -> None:
     send.add_argument(
         "--wait-outcome", action="store_true", help="wait for the outcome and exit by its status"
     )
-    send.add_argument("--timeout-s", type=_seconds, default=None, help="how long --wait-outcome waits (60)")
-    send.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    send.add_argument(
+        "--timeout-s",
+        type=_seconds,
+        default=None,
+        help="how long the whole send with --wait-outcome may take: connecting, producing, waiting (60)",
+    )
+    send.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document instead of the lines: the outcome, or the event_id with status "
+        "timeout or error",
+    )
     send.add_argument("--traceparent", help="continue this W3C trace (default: a new one)")
     _add_settings_flags(send, _KAFKA_SETTINGS, _TOOL_DEFAULTS)
     send.set_defaults(func=cmd_send)

@@ -129,7 +129,9 @@ class Ingress:
             )
         self._body_timeout_s = body_timeout_s
         self._broker_check_s = broker_check_s
-        self._broker_ok = True
+        #: Whether the broker answered last: not before its first answer (a ``/readyz`` that said
+        #: ``"broker": true`` while waiting for it sent a reader to the wrong place).
+        self._broker_ok = False
         self._watcher: asyncio.Task[None] | None = None
         registry = registry or CollectorRegistry()
         self._requests = Counter(
@@ -169,6 +171,7 @@ class Ingress:
                 log.warning("ingest_no_tokens", detail="every request is refused until tokens are set")
             self._checked = True
         await self._producer.start()
+        self._broker_ok = True  # its start is the broker's first answer (the metadata it fetched)
         self._started = True
         self._watcher = asyncio.create_task(self._watch_broker(), name="ingest-broker-check")
         log.info("ingest_started", topic=self._settings.input_topic, auth=self._auth)
@@ -177,6 +180,7 @@ class Ingress:
         self._started = False
         if self._watcher is not None:
             await cancel_and_wait([self._watcher])
+        self._broker_ok = False
         await self._producer.stop()
 
     def status(self) -> dict[str, Any]:

@@ -558,7 +558,9 @@ async def test_coc_worker_ingest_started_before_the_broker_waits_for_it(tmp_path
             await until(waiting, 20, 0.05, what="the wait for the broker")
             async with http.get(f"{base}/healthz") as alive:
                 assert alive.status == 200
-            assert (await readyz())[0] == 503
+            status, body = await readyz()
+            # not "broker": true while the broker never answered yet
+            assert (status, body["ready"], body["broker"]) == (503, False, False)
             assert not task.done()
             with TansuBroker(port=port, log_path=tmp_path / "tansu.log") as late:
                 await create_topics(late.bootstrap, ["in-late"], partitions=1)
@@ -567,6 +569,7 @@ async def test_coc_worker_ingest_started_before_the_broker_waits_for_it(tmp_path
                     return (await readyz())[0] == 200
 
                 await until(ready, 40, 0.1, what="the ingress to start once the broker answers")
+                assert (await readyz())[1]["broker"] is True
                 assert await asyncio.wait_for(taking, 5) == http_port
                 async with http.post(f"{base}/v1/events", json=event("change.started", "CM1", "s-1")) as sent:
                     assert sent.status == 202

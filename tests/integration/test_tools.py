@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,13 +20,16 @@ import aiohttp
 import pytest
 from conftest import SettingsFactory, running_worker
 from helpers import event, read_json, read_records, send
+from waiting import until
 
 from schemas.outcomes import OutcomeEvent, OutcomeStatus, SourceRef
 from worker.cli import main
+from worker.consumer import Message
 from worker.publisher import DeadLetter, dead_letter_headers
-from worker.sandbox import TansuBroker, free_port, produce
+from worker.sandbox import TansuBroker, create_topics, free_port, produce
 from worker.settings import load_settings
 from worker.simulator import SimulatorServer
+from worker.tools import kafka_io
 from worker.tools.kafka_io import TopicReader
 
 
@@ -104,7 +110,9 @@ async def test_send_waits_for_the_outcome_and_exits_by_its_status(
         # the sub-ticket is implementing now: starting it again is refused by the API
         again = await cli(*send_waiting("change.started", "CM-SEND", "--json"))
         assert again.code == 1
-        refused = OutcomeEvent.model_validate_json(again.lines[1])
+        refused = OutcomeEvent.model_validate_json(again.out)  # stdout is that one document
+        assert refused.event_id is not None
+        assert refused.event_id.startswith("cli-")
         assert refused.status is OutcomeStatus.REJECTED
         assert (refused.http_status, refused.error_code) == (400, "GOM.00001005")
         # the same event id again (a retried CI step): a duplicate, which is success
@@ -190,6 +198,17 @@ async def test_send_refuses_bad_input_and_reports_a_missing_outcome(
     [record] = await read_records(broker.bootstrap, topics["input"], 1)
     assert record.key == b"CM-T"
     assert json.loads(record.value or b"")["event_id"] == waited.lines[0]
+    # with --json: one document, the event id in it, and where the event was written
+    as_json = await cli(*send_waiting("started", "CM-T", "--json", "--event-id", "deploy-8", timeout_s="0.5"))
+    assert as_json.code == 1
+    timed_out = json.loads(as_json.out)
+    assert (timed_out["event_id"], timed_out["status"], timed_out["stage"]) == (
+        "deploy-8",
+        "timeout",
+        "outcome",
+    )
+    assert timed_out["source"]["topic"] == topics["input"]
+    assert timed_out["detail"].startswith("no outcome for deploy-8 within 0.5s")
 
 
 async def test_send_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -> None:
@@ -218,6 +237,12 @@ async def test_send_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[
     assert out == "deploy-7\n"  # printed before the attempt: a retry must reuse it
     assert await asyncio.to_thread(main, argv) == 1
     assert capsys.readouterr().out.startswith("cli-")  # a generated id too (before: none on a failure)
+    waiting = [*argv, "--event-id", "deploy-7", "--wait-outcome", "--json"]
+    assert await asyncio.to_thread(main, waiting) == 1
+    out, err = capsys.readouterr()
+    failed = json.loads(out)  # one document, the id in it
+    assert (failed["event_id"], failed["status"]) == ("deploy-7", "error")
+    assert failed["detail"] in err
 
 
 def test_send_refuses_wait_flags_without_wait_outcome_and_bad_timeouts(
@@ -488,7 +513,7 @@ async def test_replay_targets_and_partitions_are_checked(
         run = await cli("dlq", "replay", "--all", "--to-topic", target)
         assert run.code == 2
         assert "--to-topic" in run.err
-    backwards = await cli("dlq", "list", "--from-offset", "9", "--to-offset", "3")
+    backwards = await cli("dlq", "list", "--partition", "0", "--from-offset", "9", "--to-offset", "3")
     assert backwards.code == 2
     assert "--from-offset 9 is after --to-offset 3" in backwards.err
     missing = await cli("dlq", "replay", "--partition", "99")
@@ -679,3 +704,210 @@ async def test_a_table_tool_prints_no_header_when_the_broker_cannot_be_reached(
     out, err = capsys.readouterr()
     assert out == ""
     assert "Unable to bootstrap" in err
+
+
+# --- a broker lost while a tool reads ------------------------------------------------------------------------
+async def main_within(argv: list[str], timeout_s: float) -> int:
+    """``main(argv)`` in a thread of its own, awaited with a deadline. A daemon thread: a tool that
+    hangs (as they did on a lost broker) fails the test at the deadline instead of holding the run."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+
+    def run() -> None:
+        try:
+            code = main(argv)
+        except BaseException as exc:  # SystemExit too: handed to the test
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, code)
+
+    threading.Thread(target=run, daemon=True).start()
+    return await asyncio.wait_for(done, timeout_s)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A Tansu broker of this test alone: it is lost (killed) while a tool reads."""
+    broker = TansuBroker(log_path=tmp_path / "tansu.log").start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+OWN_TOPICS = {"input": "in-lost", "results": "out-lost", "dlq": "dlq-lost"}
+
+
+def lose(broker: TansuBroker) -> None:
+    """The broker gone at once, as in a crash (SIGKILL: stopped with SIGTERM, Tansu waits 5 s for
+    its clients to leave); a no-op once it is."""
+    if broker.pid is not None:
+        os.kill(broker.pid, signal.SIGKILL)
+        broker.stop()  # reaps it
+
+
+def own_flags(broker: TansuBroker) -> list[str]:
+    return [
+        "--kafka-bootstrap-servers",
+        broker.bootstrap,
+        "--input-topic",
+        OWN_TOPICS["input"],
+        "--results-topic",
+        OWN_TOPICS["results"],
+        "--dlq-topic",
+        OWN_TOPICS["dlq"],
+    ]
+
+
+def stopping_at_the_first_record(
+    monkeypatch: pytest.MonkeyPatch, broker: TansuBroker, name: str
+) -> list[int]:
+    """Stop ``broker`` as ``TopicReader.<name>`` hands out its first record (the broker gone
+    mid-read, the rest of the topic not fetched yet); returns the offsets handed out."""
+    original = getattr(TopicReader, name)
+    handed: list[int] = []
+
+    async def wrapped(self: TopicReader, *args: dict[int, int]) -> AsyncGenerator[Message, None]:
+        async for message in original(self, *args):
+            lose(broker)  # in the tool's own loop, before the record is handed on
+            handed.append(message.offset)
+            yield message
+
+    monkeypatch.setattr(TopicReader, name, wrapped)
+    return handed
+
+
+def padded_outcome(ticket: str, offset: int) -> bytes:
+    """An outcome of ~200 KiB: 80 of them are more than a reader fetches ahead."""
+    return _outcome(ticket, OutcomeStatus.FAILED, offset, error_msg="x" * (200 * 1024))
+
+
+def padded_dead_letter(i: int) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    value = json.dumps(event("change.ended", "CM-LOST", event_id=f"lost-{i}", comment="x" * (200 * 1024)))
+    dead = DeadLetter(
+        b"CM-LOST",
+        value.encode(),
+        [],
+        "rejected",
+        "api_rejected",
+        "d",
+        OWN_TOPICS["input"],
+        0,
+        i,
+        f"lost-{i}",
+    )
+    return b"CM-LOST", value.encode(), dead_letter_headers(dead, "w-1", TRACEPARENT, datetime.now(UTC))
+
+
+@pytest.mark.parametrize(
+    ("command", "reads"),
+    [
+        (["dlq", "list"], "read_range"),
+        (["dlq", "replay", "--all"], "read_range"),
+        (["dlq", "replay", "--all", "--dry-run"], "read_range"),
+        (["outcomes", "tail", "--from-beginning", "--no-follow"], "read_range"),
+        (["outcomes", "tail", "--from-beginning"], "follow"),
+    ],
+)
+async def test_a_tool_that_loses_the_broker_mid_read_fails_naming_it(
+    command: list[str],
+    reads: str,
+    own_broker: TansuBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """aiokafka's fetches only come back empty while the broker is gone: the tools waited forever,
+    without a word. Now nothing read for STALL_S makes them ask the broker, and no answer ends
+    them with exit 1 and the servers named."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.5)
+    await create_topics(own_broker.bootstrap, list(OWN_TOPICS.values()), partitions=1)
+    count = 80
+    if command[0] == "dlq":
+        topic = OWN_TOPICS["dlq"]
+        await produce(own_broker.bootstrap, topic, [padded_dead_letter(i) for i in range(count)])
+    else:
+        topic = OWN_TOPICS["results"]
+        await produce(
+            own_broker.bootstrap,
+            topic,
+            [(b"CM-LOST", padded_outcome("CM-LOST", i), None) for i in range(count)],
+        )
+    handed = stopping_at_the_first_record(monkeypatch, own_broker, reads)
+    code = await main_within([*command, *own_flags(own_broker)], 60)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert 0 < len(handed) < count  # stopped mid-read
+    assert (
+        f"coc-worker: lost the broker while reading {topic!r}: nothing came for 0.5 s, and"
+        f" COC_WORKER_KAFKA_BOOTSTRAP_SERVERS={own_broker.bootstrap} does not answer"
+    ) in err
+    assert "Traceback" not in err
+    if command[:2] == ["dlq", "replay"] and "--dry-run" not in command:
+        assert f"dlq replay: reading the DLQ failed; 0 record(s) replayed to {OWN_TOPICS['input']!r}" in err
+
+
+async def test_outcomes_tail_follows_an_idle_topic_while_the_broker_answers_then_fails_without_it(
+    own_broker: TansuBroker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An idle results topic is normal: the tail asks the broker every STALL_S and goes on while it
+    answers; once it does not, the tail ends (exit 1, the servers named) instead of waiting forever."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
+    await create_topics(own_broker.bootstrap, list(OWN_TOPICS.values()), partitions=1)
+    answered: list[bool] = []
+    ping = TopicReader.ping
+
+    async def counted(self: TopicReader) -> None:
+        await ping(self)
+        answered.append(True)
+
+    monkeypatch.setattr(TopicReader, "ping", counted)
+    following = asyncio.ensure_future(main_within(["outcomes", "tail", *own_flags(own_broker)], 60))
+    await until(lambda: len(answered) >= 3 or following.done(), 20, 0.02, what="three answers while idle")
+    assert not following.done()
+    await produce(
+        own_broker.bootstrap,
+        OWN_TOPICS["results"],
+        [(b"CM-IDLE", _outcome("CM-IDLE", OutcomeStatus.APPLIED, 1), None)],
+    )
+    seen = len(answered)
+    await until(
+        lambda: len(answered) > seen or following.done(), 20, 0.02, what="an answer after the outcome"
+    )
+    assert not following.done()
+    lose(own_broker)
+    assert await asyncio.wait_for(following, 30) == 1
+    out, err = capsys.readouterr()
+    assert [line.split()[1:3] for line in out.splitlines()[1:]] == [["applied", "CM-IDLE"]]
+    assert f"lost the broker while reading {OWN_TOPICS['results']!r}" in err
+    assert f"COC_WORKER_KAFKA_BOOTSTRAP_SERVERS={own_broker.bootstrap}" in err
+
+
+async def test_send_waiting_for_an_outcome_ends_when_the_broker_is_lost(
+    own_broker: TansuBroker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It waited out its whole --timeout-s for an outcome that could not come, then blamed the
+    worker ("is a worker running?")."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
+    await create_topics(own_broker.bootstrap, list(OWN_TOPICS.values()), partitions=1)
+    answered: list[bool] = []
+    ping = TopicReader.ping
+
+    async def counted(self: TopicReader) -> None:
+        await ping(self)
+        answered.append(True)
+
+    monkeypatch.setattr(TopicReader, "ping", counted)
+    argv = [
+        *send_waiting("started", "CM-GONE", "--event-id", "deploy-lost", timeout_s="120"),
+        *own_flags(own_broker),
+    ]
+    waiting = asyncio.ensure_future(main_within(argv, 60))
+    await until(lambda: bool(answered) or waiting.done(), 20, 0.02, what="the wait for the outcome")
+    began = time.monotonic()
+    lose(own_broker)
+    assert await asyncio.wait_for(waiting, 30) == 1
+    assert time.monotonic() - began < 10
+    out, err = capsys.readouterr()
+    assert out == "deploy-lost\n"
+    assert f"lost the broker while reading {OWN_TOPICS['results']!r}" in err
+    assert "no outcome" not in err

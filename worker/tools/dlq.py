@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +34,7 @@ from typing import TextIO
 from schemas.outcomes import utc_text
 from worker.consumer import Message
 from worker.decode import salvage_identity, ticket_of
-from worker.errors import ConfigError
+from worker.errors import BrokerUnavailable, ConfigError
 from worker.publisher import DLQ_HEADER_PREFIX
 from worker.settings import WorkerSettings
 from worker.tools.kafka_io import Delivered, EventProducer, OutRecord, PartialWrite, TopicReader
@@ -320,6 +320,24 @@ class _Lines:
             self._out = None
 
 
+async def _reported(
+    records: AsyncGenerator[DeadLetterRecord, None], err: TextIO, target: str, sent: Callable[[], int]
+) -> AsyncGenerator[DeadLetterRecord, None]:
+    """``records``, saying on ``err`` how far the replay got when reading the DLQ fails (the
+    broker lost): its error alone left the user to count the ``replay`` lines."""
+    try:
+        async with aclosing(records):
+            async for record in records:
+                yield record
+    except BrokerUnavailable:
+        print(
+            f"dlq replay: reading the DLQ failed; {sent()} record(s) replayed to {target!r} before"
+            " (the lines above), the rest not sent",
+            file=err,
+        )
+        raise
+
+
 async def replay(
     settings: WorkerSettings,
     selection: Selection,
@@ -403,7 +421,9 @@ async def replay(
     async with AsyncExitStack() as stack:
         reader = await stack.enter_async_context(TopicReader(settings, settings.dlq_topic))
         producer = None if dry_run else await stack.enter_async_context(EventProducer(settings))
-        records = _records(reader, selection, settings.max_event_bytes, progress)
+        records = _reported(
+            _records(reader, selection, settings.max_event_bytes, progress), err, target, lambda: sent
+        )
         async with aclosing(records):
             async for record in records:
                 selected += 1

@@ -4,6 +4,11 @@ The only module of the tools (and of the HTTP ingress) that drives aiokafka, as 
 and ``publisher.py`` are for the worker. Readers never join a consumer group: they assign every
 partition themselves, so a tool can never steal partitions from the worker nor commit its offsets.
 Kafka errors surface as ``BrokerUnavailable``; a topic that does not exist is a ``ConfigError``.
+
+A reader that gets nothing for ``STALL_S`` asks the broker for metadata (the request the worker's
+health check makes), bounded by ``PING_TIMEOUT_S``: aiokafka's fetches only come back empty while
+the broker is gone, and a tool waited forever without a word. No answer is a ``BrokerUnavailable``
+naming the servers; an answer (an idle topic: ``outcomes tail`` waiting for outcomes) goes on.
 """
 
 from __future__ import annotations
@@ -27,13 +32,19 @@ from worker.kafka_config import (
     producer_kwargs,
     record_limit_bytes,
 )
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, env_var
 
 Headers = list[tuple[str, bytes]]
 C = TypeVar("C", AIOKafkaProducer, AIOKafkaConsumer)
 
 _FETCH_TIMEOUT_S = 0.2
 _PROBE_TIMEOUT_S = 2.0
+#: A read that gets no record (and moves no position) for this long asks the broker whether it
+#: still answers: a metadata request, bounded by ``PING_TIMEOUT_S`` as the worker's health check
+#: (``Consumer.ping``). Worst case, a lost broker is reported STALL_S + PING_TIMEOUT_S after the
+#: last record. Read at each check: tests shorten it.
+STALL_S = 5.0
+PING_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +86,19 @@ class _Client(Generic[C]):
 
     async def stop(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
+        if client is None:
+            return
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        try:
             await client.stop()
+        except asyncio.CancelledError:
+            if task is None or task.cancelling() > cancels:
+                raise  # this task is being cancelled (Ctrl-C, a bounded wait): let it
+            # Not ours: aiokafka's fetcher cancels its fetches and awaits them, and one sleeping
+            # out its retry backoff (the broker gone) raises CancelledError out of ``stop``, which
+            # replaced the tool's error with a traceback and left the connections open.
+            await _finish_stop(client)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -86,6 +108,19 @@ class _Client(Generic[C]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def _finish_stop(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """What a consumer's ``stop`` left undone when its fetcher raised: the other fetches, the
+    connections."""
+    fetcher = getattr(client, "_fetcher", None)
+    pending = list(getattr(fetcher, "_pending_tasks", ()))
+    for fetch in pending:
+        fetch.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    connections = getattr(client, "_client", None)
+    if connections is not None:
+        await connections.close()
 
 
 class EventProducer(_Client[AIOKafkaProducer]):
@@ -151,10 +186,18 @@ class EventProducer(_Client[AIOKafkaProducer]):
 class TopicReader(_Client[AIOKafkaConsumer]):
     """Reads every partition of one topic from chosen positions, outside any consumer group."""
 
-    def __init__(self, settings: WorkerSettings, topic: str, *, metadata_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        topic: str,
+        *,
+        metadata_timeout_s: float = 10.0,
+        request_timeout_s: float = 40.0,
+    ) -> None:
         self._settings = settings
         self.topic = topic
         self._metadata_timeout_s = metadata_timeout_s
+        self._request_timeout_ms = int(request_timeout_s * 1000)  # aiokafka's default: 40 s
         self._partitions: list[TopicPartition] = []
 
     async def start(self) -> None:
@@ -166,6 +209,7 @@ class TopicReader(_Client[AIOKafkaConsumer]):
             auto_offset_reset="earliest",
             fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=record_limit_bytes(s),
+            request_timeout_ms=self._request_timeout_ms,
         )
         self._client = consumer  # before its start: one that fails to start is stopped too
         try:
@@ -259,26 +303,65 @@ class TopicReader(_Client[AIOKafkaConsumer]):
 
     async def read_range(self, start: dict[int, int], end: dict[int, int]) -> AsyncGenerator[Message, None]:
         """Every record with ``start[p] <= offset < end[p]``, then stop (partitions missing from
-        ``start`` are not read)."""
+        ``start`` are not read). Raises ``BrokerUnavailable`` when the broker is lost meanwhile."""
         consumer = self._require()
         remaining = {p for p in start if start[p] < end.get(p, 0)}
         consumer.pause(*self._partitions)
         consumer.resume(*(TopicPartition(self.topic, p) for p in remaining))
         self.seek({p: start[p] for p in remaining})
+        positions = {p: start[p] for p in remaining}
+        quiet_since = asyncio.get_running_loop().time()
         while remaining:
-            for message in await self.fetch():
+            messages = await self.fetch()
+            for message in messages:
                 p = message.partition
                 if p in remaining and start[p] <= message.offset < end[p]:
                     yield message
+            progressed = bool(messages)
             for partition in list(remaining):
-                if await consumer.position(TopicPartition(self.topic, partition)) >= end[partition]:
+                position = await consumer.position(TopicPartition(self.topic, partition))
+                if position != positions[partition]:  # records skipped count too (control batches)
+                    positions[partition] = position
+                    progressed = True
+                if position >= end[partition]:
                     remaining.discard(partition)
                     consumer.pause(TopicPartition(self.topic, partition))
+            if remaining:
+                quiet_since = await self._still_answering(quiet_since, progressed)
 
     async def follow(self, start: dict[int, int]) -> AsyncGenerator[Message, None]:
-        """Every record from ``start`` on, waiting for new ones forever (the caller stops iterating)."""
+        """Every record from ``start`` on, waiting for new ones forever (the caller stops
+        iterating). Raises ``BrokerUnavailable`` when the broker is lost: an idle topic is waited
+        for as long as the broker answers."""
         self._require().resume(*self._partitions)
         self.seek(start)
+        quiet_since = asyncio.get_running_loop().time()
         while True:
-            for message in await self.fetch():
+            messages = await self.fetch()
+            for message in messages:
                 yield message
+            quiet_since = await self._still_answering(quiet_since, bool(messages))
+
+    async def _still_answering(self, quiet_since: float, progressed: bool) -> float:
+        """Since when nothing came: now after progress; else ``quiet_since`` until ``STALL_S``
+        passed, then the broker is asked (``ping``), and now again if it answered. The time the
+        caller spends on what was yielded is not counted: progress is noted after it."""
+        now = asyncio.get_running_loop().time()
+        if progressed:
+            return now
+        if now - quiet_since < STALL_S:
+            return quiet_since
+        await self.ping()
+        return asyncio.get_running_loop().time()
+
+    async def ping(self) -> None:
+        """A metadata request, bounded: raises ``BrokerUnavailable`` naming the broker when it
+        does not answer."""
+        try:
+            await broker_answers(self._require().topics(), PING_TIMEOUT_S)
+        except BrokerUnavailable as exc:
+            servers = f"{env_var('kafka_bootstrap_servers')}={self._settings.kafka_bootstrap_servers}"
+            raise BrokerUnavailable(
+                f"lost the broker while reading {self.topic!r}: nothing came for {STALL_S:g} s, and"
+                f" {servers} does not answer a metadata request ({exc})"
+            ) from exc
