@@ -19,10 +19,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
+from redis._parsers.base import BaseParser
+from redis.exceptions import ReadOnlyError, ResponseError
 from services import OwnRedis, forget_store, redis_store, store_redis
 from structlog.testing import capture_logs
 from waiting import until
 
+from worker import dedup, redis_config
 from worker.dedup import (
     Claim,
     ClaimKind,
@@ -34,6 +37,8 @@ from worker.dedup import (
     open_store,
 )
 from worker.errors import ConfigError, DedupUnavailable
+from worker.metrics import Metrics
+from worker.ratelimit import RedisTokenBucket
 from worker.redis_config import REDIS_POOL_SIZE, connection_url, dedup_target, key_prefix
 from worker.sandbox import free_port
 from worker.settings import load_settings
@@ -92,7 +97,7 @@ async def test_extend_keeps_a_claim_alive(store: DedupStore) -> None:
 async def test_rejected_events_repeat_for_their_message_and_retry_for_another(store: DedupStore) -> None:
     await store.claim("e9", "w1", "t/0/5", 30)
     await store.mark_done(
-        "e9", DedupRecord("done", "w1", "t/0/5", "rejected", 1, 400, reason="api_rejected"), 60
+        "e9", DedupRecord("done", "w1", "t/0/5", "rejected", 1, 400, reason="api_rejected"), 60, owner="w1"
     )
     same = await store.claim("e9", "w2", "t/0/5", 30)
     assert same.kind is ClaimKind.DONE  # the same message read again: repeat its outcome
@@ -140,7 +145,7 @@ async def test_an_unfinished_claim_for_another_change_is_not_taken_over(store: D
 async def test_a_failed_event_retried_by_another_message_may_have_been_sent(store: DedupStore) -> None:
     await store.claim("e10", "w1", "t/0/5", 30)
     await store.mark_done(
-        "e10", DedupRecord("done", "w1", "t/0/5", "failed", 5, None, reason="api_failed"), 60
+        "e10", DedupRecord("done", "w1", "t/0/5", "failed", 5, None, reason="api_failed"), 60, owner="w1"
     )
     replay = await store.claim("e10", "w2", "dlq-replay/0/1", 30)
     assert replay.kind is ClaimKind.NEW
@@ -188,6 +193,102 @@ async def test_a_done_record_never_replaces_an_applied_one(store: DedupStore) ->
     assert await store.mark_done("e6", late, 60) == applied  # kept, and said: its outcome is the event's
     again = await store.claim("e6", "w3", "t/0/7", 30, target)
     assert (again.kind, again.record) == (ClaimKind.APPLIED, applied)
+
+
+async def test_a_done_record_never_replaces_a_live_claim_of_another(store: DedupStore) -> None:
+    """A's lease ran out (a pause longer than it), B took the event over and is sending it; A then
+    finished (failed) and its done-record erased B's live claim: the event's next message was
+    claimed as new while B was sending, and B's renewal found its claim gone. The done-record is
+    written only over the writer's own claim (its owner and token), no record, or a record that is
+    no live claim of another; else the record there is kept, and returned."""
+    assert (await store.claim("e20", "A", "t/0/1", 0.05, "tgt", "0x1")).kind is ClaimKind.NEW
+    took = await claim_once_expired(store, "e20", "B", "t/0/1", 30, "tgt", "0x1")
+    assert took.taken_over
+    late = DedupRecord("done", "A", "t/0/1", "failed", 6, 503, target="tgt")
+    for writer in ({}, {"owner": "A", "token": "0x1"}, {"owner": "B", "token": "0x2"}):
+        # no claim (a record kept by position), the stale owner's, B's with another claim's token
+        kept = await store.mark_done("e20", late, 60, **writer)
+        assert kept is not None, writer
+        assert (kept.state, kept.owner, kept.token) == ("claimed", "B", "0x1")
+    assert (await store.claim("e20", "C", "t/1/9", 30, "tgt", "0x1")).kind is ClaimKind.HELD
+    assert await store.extend("e20", "B", 30, token="0x1")  # B still holds it
+    mine = DedupRecord("done", "B", "t/0/1", "rejected", 1, 400, target="tgt")
+    assert await store.mark_done("e20", mine, 60, owner="B", token="0x1") is None  # over its own
+    assert (await store.claim("e20", "C", "t/0/1", 30, "tgt", "0x1")).record == mine
+
+
+async def test_a_done_record_replaces_its_writers_claim_expired_claims_and_done_records(
+    store: DedupStore,
+) -> None:
+    """What a done-record may replace: its writer's own claim, live or run out; another's claim
+    that ran out (its owner is gone: a request of it can no longer land); a done-record."""
+    first = DedupRecord("done", "A", "t/0/1", "rejected", 1, 400, target="tgt")
+    await store.claim("e21", "A", "t/0/1", 30, "tgt", "0x1")
+    assert await store.mark_done("e21", first, 60, owner="A", token="0x1") is None  # its own, live
+    run_out = DedupRecord("claimed", "A", "t/0/1", lease_until=time.time() - 1, target="tgt", token="0x2")
+    await _put_raw(store, "e22", run_out.encode())
+    assert await store.mark_done("e22", first, 60, owner="A", token="0x2") is None  # its own, run out
+    await _put_raw(store, "e23", replace(run_out, owner="X").encode())
+    assert await store.mark_done("e23", first, 60, owner="A", token="0x2") is None  # X's, run out
+    assert await store.mark_done("e22", first, 60) is None  # without a claim too
+    again = DedupRecord("done", "B", "t/0/2", "failed", 3, 503, target="tgt")
+    assert await store.mark_done("e22", again, 60) is None  # a done-record
+    assert (await store.claim("e22", "C", "t/0/2", 30, "tgt")).record == again
+
+
+async def test_the_same_claim_asked_again_is_answered_as_the_first(store: DedupStore) -> None:
+    """A claim whose answer was lost (it ran on Redis; the client timed out) is asked again with
+    the same claimant and token. It found its own claim and answered "taken over, our own claim",
+    hiding what the first replaced: a failed message's record, for which the pipeline looks up the
+    message's position (read again after a retry of its event, it repeats its own outcome), was
+    not seen, and the message was sent again. The claim keeps what it replaced, and the same ask
+    is answered as the first was; a renewal keeps it too."""
+    failed = DedupRecord("done", "W", "t/1/7", "failed", 6, 503, target="tgt")
+    await store.mark_done("e23", failed, 60)
+    first = await store.claim("e23", "A/1", "t/0/3", 30, "tgt", "0x5")
+    assert (first.kind, first.record, first.taken_over) == (ClaimKind.NEW, failed, False)
+    assert await store.extend("e23", "A/1", 30, token="0x5")
+    for _ in range(2):
+        again = await store.claim("e23", "A/1", "t/0/3", 30, "tgt", "0x5")
+        assert (again.kind, again.record, again.taken_over, again.maybe_sent) == (
+            ClaimKind.NEW,
+            failed,
+            False,
+            True,
+        )
+    # over another's expired claim: a takeover then, a takeover again, of that claim
+    await store.claim("e24", "W", "t/0/3", 0.05, "tgt", "0x1")
+    took = await claim_once_expired(store, "e24", "A/1", "t/0/3", 30, "tgt", "0x6")
+    again = await store.claim("e24", "A/1", "t/0/3", 30, "tgt", "0x6")
+    assert (again.kind, again.taken_over) == (ClaimKind.NEW, True)
+    assert again.record == took.record
+    assert again.record is not None
+    assert (again.record.owner, again.record.token) == ("W", "0x1")
+    # another ask of the same owner (another token) takes the claim over as before
+    other = await store.claim("e24", "A/1", "t/0/3", 30, "tgt", "0x7")
+    assert (other.kind, other.taken_over) == (ClaimKind.NEW, True)
+    assert other.record is not None
+    assert (other.record.owner, other.record.token, other.record.replaced) == ("A/1", "0x6", took.record)
+
+
+async def test_a_claim_keeps_one_claim_at_most_of_what_it_replaced(store: DedupStore) -> None:
+    """A chain of takeovers (each claim taken over once its lease ran out) keeps the claim it took
+    over and the last record before the chain, never the whole chain."""
+    failed = DedupRecord("done", "W", "t/1/7", "failed", 6, 503, target="tgt")
+    await store.mark_done("e25", failed, 60)
+    await store.claim("e25", "A", "t/0/3", 0.05, "tgt", "0x1")
+    await claim_once_expired(store, "e25", "B", "t/0/3", 0.05, "tgt", "0x1")
+    took = await claim_once_expired(store, "e25", "C", "t/0/3", 30, "tgt", "0x1")
+    assert took.record is not None  # what C found: B's claim, as it was
+    assert took.record.replaced is not None
+    assert (took.record.owner, took.record.replaced.owner, took.record.replaced.replaced) == (
+        "B",
+        "A",
+        failed,
+    )
+    held = await store.claim("e25", "D", "t/0/3", 30, "tgt", "0x1")
+    assert held.record is not None  # what C keeps: B's claim, and the record before the chain
+    assert (held.record.owner, held.record.replaced) == ("C", replace(took.record, replaced=failed))
 
 
 async def test_release_frees_only_own_claim(store: DedupStore) -> None:
@@ -460,14 +561,23 @@ async def test_a_hold_released_after_close_does_not_open_the_database_again(tmp_
     assert store._conn is None
 
 
-async def test_a_record_that_cannot_be_read_fails_its_own_event_not_the_batch(tmp_path: Path) -> None:
+async def test_a_call_that_fails_fails_its_own_event_not_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A call of a group commit that raised anything but a database error rolled the whole batch
-    back and failed every event in it, each ending as an internal error without calling the API."""
+    back and failed every event in it, each ending as an internal error without calling the API.
+    (A record that cannot be read no longer raises, ``test_a_record_that_cannot_be_read_is_taken_over``:
+    a read that fails stands in for any such call.)"""
+    read = SqliteStore._read
+
+    def refusing(conn: sqlite3.Connection, event_id: str, now: float) -> DedupRecord | None:
+        if event_id == "bad":
+            raise ValueError("this call's own failure")
+        return read(conn, event_id, now)
+
+    monkeypatch.setattr(SqliteStore, "_read", staticmethod(refusing))
     store = SqliteStore(tmp_path / "d.sqlite3")
     try:
-        await store.ping()
-        assert store._conn is not None
-        store._conn.execute("INSERT INTO dedup VALUES ('bad', '{not json', 9e99)")
         bad, good = await asyncio.gather(
             store.claim("bad", "w1", "t/0/1", 30.0),
             store.claim("good", "w1", "t/0/2", 30.0),
@@ -481,26 +591,106 @@ async def test_a_record_that_cannot_be_read_fails_its_own_event_not_the_batch(tm
         await store.close()
 
 
-async def test_a_redis_record_that_cannot_be_read_fails_its_own_event_as_on_sqlite(
-    redis_url: str,
-) -> None:
-    """The claim script failed to decode it: a Redis error, so the store counted as away, the
-    worker paused, its probe passed, the same claim paused it again, without end. It is refused
-    like sqlite's now: that event fails (ValueError), the store stays up, renewals say not held."""
+async def _put_raw(store: DedupStore, event_id: str, text: str) -> None:
+    """``text`` stored as ``event_id``'s record, as it is: what a bug, an operator or another
+    program may leave there. The memory store keeps records decoded, so it is given what it would
+    have decoded."""
+    if isinstance(store, MemoryStore):
+        store._put(event_id, DedupRecord.decode(text), 600)
+    elif isinstance(store, SqliteStore):
+        await store.ping()
+        assert store._conn is not None
+        store._conn.execute("INSERT INTO dedup VALUES (?, ?, ?)", (event_id, text, time.time() + 600))
+    else:
+        assert isinstance(store, RedisStore)
+        await store._client.set(store._key(event_id), text, ex=600)
+
+
+#: Records no release writes: a claim without a lease or with a lease that is no number (0, as
+#: the scripts' ``tonumber(x) or 0``), not JSON, not an object, no known state, an owner that is
+#: no string, a token that is null.
+ODD_RECORDS = {
+    "no_lease": '{"state": "claimed", "owner": "X", "source": "s", "target": "tgt"}',
+    "lease_text": '{"state": "claimed", "owner": "X", "source": "s", "lease_until": "soon"}',
+    "lease_true": '{"state": "claimed", "owner": "X", "source": "s", "lease_until": true}',
+    "not_json": "{not json",
+    "array": '["claimed", "X"]',
+    "number": "42",
+    "no_state": '{"owner": "X", "source": "s", "lease_until": 9e99}',
+    "state_unknown": '{"state": "sending", "owner": "X", "lease_until": 9e99}',
+    "owner_number": '{"state": "claimed", "owner": 7, "source": "s", "lease_until": 9e99}',
+    "token_null": '{"state": "claimed", "owner": "X", "source": "s", "lease_until": 9e99, "token": null}',
+}
+
+
+@pytest.mark.parametrize("odd", list(ODD_RECORDS))
+async def test_a_record_that_cannot_be_read_is_taken_over(store: DedupStore, odd: str) -> None:
+    """On Redis a claim without ``lease_until`` (``tonumber(nil) > now``) or one that is no number
+    was a Lua error, and a record that was no JSON object came back for the caller to refuse: a
+    store error that paused the worker, its probe (another key) passed, the gate reopened, and the
+    same record paused it again, over and over; sqlite took a claim without a lease over and failed
+    the others' jobs, memory took them over. Every backend now reads a record alike: one it cannot
+    read is an expired claim of no one, taken over with the ticket read first (it may have been
+    sent), written over by a done-record, never renewed nor released."""
+    await _put_raw(store, "odd", ODD_RECORDS[odd])
+    assert not await store.extend("odd", "X", 30, token="1")
+    await store.release("odd", "X", token="1")
+    claim = await store.claim("odd", "B", "t/0/2", 30, "tgt", "0x9")
+    assert (claim.kind, claim.taken_over, claim.maybe_sent) == (ClaimKind.NEW, True, True)
+    assert claim.record is not None
+    assert claim.record.lease_until == 0
+    held = await store.claim("odd", "C", "t/0/3", 30, "tgt", "0x1")
+    assert held.kind is ClaimKind.HELD  # B's claim, written over it
+    assert held.record is not None
+    assert held.record.owner == "B"
+    assert await store.extend("odd", "B", 30, token="0x9")
+    await _put_raw(store, "odd-done", ODD_RECORDS[odd])
+    done = DedupRecord("done", "B", "t/0/2", "failed", target="tgt")
+    assert await store.mark_done("odd-done", done, 60, owner="B", token="0x9") is None
+    assert (await store.claim("odd-done", "C", "t/0/2", 30, "tgt", "0x1")).record == done
+    await store.ping()
+
+
+async def test_a_redis_key_of_another_type_fails_its_own_event_not_the_store(redis_url: str) -> None:
+    """A key under the prefix holding a hash (WRONGTYPE in the script) was a store error: the
+    worker paused, its probe on another key passed, and the same key paused it again, without end.
+    It is that event's failure now, with the server's words; the store stays up. The store's own
+    ``@epoch`` of another type is rewritten, as an epoch that is no number is (every claim reads
+    it: failing them all would fail every event)."""
     store = open_store(redis_url)
     assert isinstance(store, RedisStore)
-    raw = redis.Redis.from_url(redis_url.split("?", 1)[0])
     try:
-        raw.set(store._key("bad"), "{not json")
-        with pytest.raises(ValueError, match="Expecting property name"):  # json's, not the store's
-            await store.claim("bad", "w1", "t/0/1", 30.0)
-        assert not await store.extend("bad", "w1", 30.0)
-        await store.release("bad", "w1")
+        await store._client.hset(store._key("hash"), "x", "1")
+        for call in (
+            lambda: store.claim("hash", "w1", "t/0/1", 30.0, "tgt", "0x1"),
+            lambda: store.extend("hash", "w1", 30.0, token="0x1"),
+            lambda: store.release("hash", "w1", token="0x1"),
+            lambda: store.mark_done("hash", DedupRecord("done", "w1", "t/0/1", "failed"), 60, owner="w1"),
+        ):
+            with pytest.raises(dedup.DedupRecordError, match="WRONGTYPE Operation against a key") as failed:
+                await call()
+            assert not isinstance(failed.value, DedupUnavailable)
         await store.ping()
+        await store._client.delete(store._epoch_key)
+        await store._client.hset(store._epoch_key, "x", "1")
         assert (await store.claim("good", "w1", "t/0/2", 30.0)).kind is ClaimKind.NEW
+        assert float(await store._client.get(store._epoch_key)) == pytest.approx(time.time(), abs=60)
     finally:
-        raw.delete(store._key("bad"), store._key("good"))
-        raw.close()
+        await store.close()
+
+
+async def test_a_redis_key_of_another_type_fails_its_own_event_with_replicas_asked_for_too(
+    own_redis: OwnRedis,
+) -> None:
+    """With ``dedup_redis_min_replicas`` the script runs in a pipeline, whose error names the
+    command first: still this event's failure, not the store's (no replica runs here: a claim
+    that went through would be refused for want of one)."""
+    store = RedisStore(own_redis.url, min_replicas=1)
+    try:
+        await store._client.hset(store._key("hash"), "x", "1")
+        with pytest.raises(dedup.DedupRecordError, match="WRONGTYPE"):
+            await store.claim("hash", "w1", "t/0/1", 30.0, "tgt", "0x1")
+    finally:
         await store.close()
 
 
@@ -528,6 +718,76 @@ def test_records_stay_readable_by_the_release_before_and_after() -> None:
     assert DedupRecord.decode(done.encode()) == done
     later = json.dumps({**json.loads(done.encode()), "a_later_field": [1]})
     assert DedupRecord.decode(later) == done
+
+
+#: What Redis before 7 answers a write refused inside a script on a replica (7 answers READONLY
+#: itself), and the other script errors of that release, each as redis-py raises it (``ERR`` cut off).
+REDIS_6_SCRIPT_ERRORS = {
+    "readonly": "Error running script (call to f_6b1bf486c81ceb7edf3c093f4c48582e38c0e791):"
+    " @user_script:12: -READONLY You can't write against a read only replica.",
+    "noreplicas": "Error running script (call to f_6b1bf486c81ceb7edf3c093f4c48582e38c0e791):"
+    " @user_script:12: -NOREPLICAS Not enough good replicas to write.",
+    "wrongtype": "Error running script (call to f_6b1bf486c81ceb7edf3c093f4c48582e38c0e791):"
+    " @user_script:9: WRONGTYPE Operation against a key holding the wrong kind of value",
+    "lua": "Error running script (call to f_6b1bf486c81ceb7edf3c093f4c48582e38c0e791):"
+    " @user_script:20: user_script:20: attempt to compare nil with number",
+}
+
+
+async def test_a_readonly_wrapped_in_a_script_error_leaves_the_demoted_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before Redis 7 a write refused inside a script comes back as the script's error, which
+    redis-py raises as a plain ResponseError, not ReadOnlyError: the pooled connections to the
+    demoted node were never dropped, and the worker (its probe a claim script too) stayed paused
+    on it. Both Redis users (the dedup store, the rate limit) read it as READONLY now, by one rule;
+    a script's other errors stay what they were: the store away (NOREPLICAS), or this event's."""
+    wrapped = BaseParser.parse_error("ERR " + REDIS_6_SCRIPT_ERRORS["readonly"])
+    assert type(wrapped) is ResponseError  # what redis-py makes of it
+    assert str(wrapped) == REDIS_6_SCRIPT_ERRORS["readonly"]
+    assert redis_config.is_read_only(wrapped)
+    assert redis_config.is_read_only(ReadOnlyError("You can't write against a read only replica."))
+    for name in ("noreplicas", "wrongtype", "lua"):
+        assert not redis_config.is_read_only(ResponseError(REDIS_6_SCRIPT_ERRORS[name])), name
+
+    left: list[object] = []
+
+    async def leave(client: object) -> None:
+        left.append(client)
+
+    monkeypatch.setattr("worker.dedup.redis.leave_demoted_node", leave)
+    monkeypatch.setattr("worker.ratelimit.leave_demoted_node", leave)
+
+    async def fails(text: str) -> None:
+        raise BaseParser.parse_error("ERR " + text)
+
+    store = RedisStore("redis://127.0.0.1:1/0")  # never reached: each call fails as scripted
+    try:
+        with pytest.raises(DedupUnavailable, match="read-only replica"):
+            await store._call(fails(REDIS_6_SCRIPT_ERRORS["readonly"]))
+        assert left == [store._client]
+        with pytest.raises(DedupUnavailable, match="NOREPLICAS Not enough good replicas") as away:
+            await store._call(fails(REDIS_6_SCRIPT_ERRORS["noreplicas"]))
+        assert not isinstance(away.value, dedup.DedupRecordError)
+        for name in ("wrongtype", "lua"):
+            with pytest.raises(dedup.DedupRecordError, match=r"user_script:\d+: \w") as own:
+                await store._call(fails(REDIS_6_SCRIPT_ERRORS[name]))
+            assert not isinstance(own.value, DedupUnavailable)
+        assert left == [store._client]
+    finally:
+        await store.close()
+
+    bucket = RedisTokenBucket("redis://127.0.0.1:1/0", "k", rate_per_s=100, burst=1, metrics=Metrics())
+
+    async def script(**_: Any) -> int:
+        raise BaseParser.parse_error("ERR " + REDIS_6_SCRIPT_ERRORS["readonly"])
+
+    bucket._script = script  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(bucket.acquire(), 5)  # limited locally meanwhile
+        assert left == [store._client, bucket._client]
+    finally:
+        await bucket.close()
 
 
 async def test_a_redis_demoted_by_a_failover_is_left_and_not_probed_as_healthy(own_redis: OwnRedis) -> None:
@@ -839,7 +1099,7 @@ async def test_a_refused_claim_over_another_owners_failed_record_is_answered_wit
 
         await until(taken_over, timeout_s=5, every_s=0.02, what="A's refused claim to run out")
         failed = DedupRecord("done", "B", "t/0/2", "failed", 6, 503, target="tgt")
-        await other.mark_done("e", failed, 60)
+        await other.mark_done("e", failed, 60, owner="B", token="0x1")
         with pytest.raises(DedupUnavailable, match="replicas"):
             await guarded.claim("e", "A", "t/0/3", 30, "tgt", "0x2")  # over B's failed record
         guarded._min_replicas = 0  # the replica back

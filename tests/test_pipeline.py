@@ -29,7 +29,7 @@ from worker.apply import ApiCaller, ApplyResult
 from worker.cancel import cancel_and_wait
 from worker.consumer import Message
 from worker.decode import decode_or_salvage, salvage_identity
-from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore
+from worker.dedup import Claim, ClaimKind, DedupRecord, DedupStore, MemoryStore, RedisStore, open_store
 from worker.errors import (
     BrokerUnavailable,
     DeadLetterUnwritable,
@@ -798,10 +798,10 @@ class _AppliedMeanwhile(MemoryStore):
     """A store where another worker applies the event (it took the claim over while this one's
     had run out) just before this worker writes its done-record."""
 
-    async def mark_done(self, key: str, record: Any, ttl_s: float) -> Any:
+    async def mark_done(self, key: str, record: Any, ttl_s: float, **claim: str) -> Any:
         applied = DedupRecord("applied", "w2", record.source, "applied", 1, 200, target=record.target)
         await self.mark_applied(key, applied, ttl_s)
-        return await super().mark_done(key, record, ttl_s)
+        return await super().mark_done(key, record, ttl_s, **claim)
 
 
 async def test_an_event_applied_elsewhere_before_its_done_record_ends_applied_not_failed() -> None:
@@ -827,10 +827,10 @@ class _StoreAway(MemoryStore):
 
     away = False
 
-    async def mark_done(self, key: str, record: Any, ttl_s: float) -> None:
+    async def mark_done(self, key: str, record: Any, ttl_s: float, **claim: str) -> Any:
         if self.away:
             raise DedupUnavailable("store away")
-        await super().mark_done(key, record, ttl_s)
+        return await super().mark_done(key, record, ttl_s, **claim)
 
     async def ping(self) -> None:
         if self.away:
@@ -915,11 +915,11 @@ class _SlowFirstDone(MemoryStore):
         self.claims += 1
         return await super().claim(*args, **kwargs)
 
-    async def mark_done(self, key: str, record: Any, ttl_s: float) -> None:
+    async def mark_done(self, key: str, record: Any, ttl_s: float, **claim: str) -> Any:
         if not self.entered.is_set():
             self.entered.set()
             await self.release.wait()
-        await super().mark_done(key, record, ttl_s)
+        return await super().mark_done(key, record, ttl_s, **claim)
 
 
 async def test_an_invalid_message_in_hand_at_another_worker_is_waited_for_then_repeated() -> None:
@@ -1161,6 +1161,152 @@ async def test_a_record_given_back_never_replaces_a_claim_taken_over_meanwhile()
     record = store._get("ev-1")
     assert record is not None
     assert (record.state, record.owner) == ("claimed", "w2/x")  # the other worker's, untouched
+
+
+class _ClaimAnswerLost(MemoryStore):
+    """A store whose next claim of ``lose`` is written and its answer lost, as a Redis call that
+    timed out on its way back after it ran: the pipeline asks again with the same token."""
+
+    lose: str | None = None
+
+    async def claim(self, event_id: str, *args: Any, **kwargs: Any) -> Claim:
+        answer = await super().claim(event_id, *args, **kwargs)
+        if event_id == self.lose:
+            self.lose = None
+            raise DedupUnavailable("redis dedup store unreachable: TimeoutError (the claim ran)")
+        return answer
+
+
+async def test_a_message_read_again_whose_claims_answer_was_lost_repeats_its_own_outcome() -> None:
+    """Message 7 was refused, message 8 of its event_id failed; 7 read again must repeat its own
+    outcome (kept by position), not be sent. Its claim replaced 8's record and the answer was lost;
+    asked again, the claim found our own claim and answered "taken over", which hid 8's record:
+    the position was never looked at, and 7 was sent again and had a second outcome."""
+    store, published = _ClaimAnswerLost(), Recorder()
+    answers = _Answers("rejected")
+    pipeline, gate = _pipeline(store, answers, published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        answers.status = "failed"
+        await pipeline.process(job(STARTED, offset=8))
+        store.lose = "ev-1"
+        await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)  # read again
+    finally:
+        await gate.close()
+    assert answers.calls == 2
+    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
+        ("rejected", 7, False),
+        ("failed", 8, False),
+        ("rejected", 7, True),
+    ]
+    record = store._get("ev-1")
+    assert record is not None
+    assert (record.state, record.source, record.status) == ("done", "in/0/8", "failed")  # given back
+
+
+class _ClaimQueued(MemoryStore):
+    """A store whose claims of ``queue`` are written, then answered only once ``answer`` is set, as
+    sqlite's claims queued for a group commit: a caller cancelled meanwhile never hears of it."""
+
+    queue: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def claim(self, event_id: str, *args: Any, **kwargs: Any) -> Claim:
+        answer = await super().claim(event_id, *args, **kwargs)
+        if event_id == self.queue:
+            self.written.set()
+            await self.answer.wait()
+        return answer
+
+
+async def test_a_message_read_again_after_its_job_was_cancelled_in_its_claim_repeats_its_own_outcome() -> (
+    None
+):
+    """As above, but message 7's job (read again) was cancelled while its claim was queued (a
+    revoke): the claim was written over 8's record all the same, and the job's hand-on let it run
+    out. The next reading took our own claim over and sent 7 again, never looking at 7's position.
+    It sees through a claim of its own message to what that claim replaced now."""
+    store, published = _ClaimQueued(), Recorder()
+    answers = _Answers("rejected")
+    pipeline, gate = _pipeline(store, answers, published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        answers.status = "failed"
+        await pipeline.process(job(STARTED, offset=8))
+        store.queue = "ev-1"
+        cancelled = asyncio.create_task(pipeline.process(job(STARTED, offset=7)))
+        await asyncio.wait_for(store.written.wait(), 10)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        store.queue = None
+        store.answer.set()
+        await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)  # read again
+    finally:
+        await gate.close()
+    assert answers.calls == 2
+    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
+        ("rejected", 7, False),
+        ("failed", 8, False),
+        ("rejected", 7, True),
+    ]
+
+
+class _TakenOverBeforeTheRecord(MemoryStore):
+    """While the worker finishes an event it could not apply, its claim runs out and another
+    worker (w2) takes the event over: what a done-record that waits out the lease (a pause) meets."""
+
+    async def mark_done(self, key: str, record: Any, ttl_s: float, **claim: str) -> Any:
+        if key == "ev-1":
+            taker = DedupRecord(
+                "claimed", "w2/x", "in/0/9", lease_until=time.time() + 60, target=record.target, token="t2"
+            )
+            self._put(key, taker, 60)
+        return await super().mark_done(key, record, ttl_s, **claim)
+
+
+async def test_a_done_record_leaves_the_claim_of_a_worker_that_took_the_event_over() -> None:
+    """The late worker's done-record replaced the other worker's live claim: the event's next
+    message was claimed as new while that worker was sending. The claim stays now; the late job
+    ends as it did, with its own outcome (and its record by position), without a pause."""
+    store, published = _TakenOverBeforeTheRecord(), Recorder()
+    pipeline, gate = _pipeline(store, _Answers("rejected"), published)
+    try:
+        with capture_logs() as logs:
+            await asyncio.wait_for(pipeline.process(job(STARTED)), 10)
+        assert gate.is_open
+    finally:
+        await gate.close()
+    assert [(o["status"], o["redelivered"]) for o in published.outcomes] == [("rejected", False)]
+    record = store._get("ev-1")
+    assert record is not None
+    assert (record.state, record.owner, record.token) == ("claimed", "w2/x", "t2")
+    assert store._get("@in/0/7") is not None  # its outcome, by position
+    [line] = [e for e in logs if e["event"] == "dedup_record_left_to_claim"]
+    assert (line["key"], line["holder"]) == ("ev-1", "w2/x")
+
+
+async def test_a_redis_key_of_another_type_fails_its_job_without_pausing_the_worker(redis_url: str) -> None:
+    """A hash under the event's key (WRONGTYPE in the claim script) counted as the store away: the
+    worker paused, the probe (another key) passed, the gate reopened, and the same claim paused it
+    again, without end, every other job waiting at the gate. The job fails now, with the server's
+    words, and the gate never closes."""
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    await store._client.hset(store._key("ev-1"), "x", "1")
+    published = Recorder()
+    pipeline, gate = _pipeline(store, _Answers("applied"), published)
+    try:
+        await asyncio.wait_for(pipeline.process(job(STARTED)), 10)
+        assert gate.is_open
+    finally:
+        await gate.close()
+        await store.close()
+    [outcome] = published.outcomes
+    assert (outcome["status"], outcome["reason"]) == ("failed", "internal_error")
+    assert "WRONGTYPE" in outcome["error_msg"]
 
 
 async def test_a_retry_of_a_refused_event_is_sent_and_leaves_no_claim_at_its_position() -> None:

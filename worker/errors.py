@@ -9,7 +9,9 @@ what the pipeline does with the message::
     ├── TransientError            may work if tried again -> retry with backoff
     │   └── ApiTransientError     connection error, timeout, 408, 429 (+Retry-After), 500/502/503/504
     ├── PermanentError            will fail the same way again -> outcome + DLQ, no retry
-    │   └── ApiRejected           other 3xx/4xx/5xx, or a 2xx with a non-success error_code -> `rejected`
+    │   ├── ApiRejected           other 3xx/4xx/5xx, or a 2xx with a non-success error_code -> `rejected`
+    │   └── DedupRecordError      this event's own dedup record is unusable (a Redis key of another
+    │                             type, a script error on it) -> `failed`; the store is not away
     │                             (a transient error that outlives the retry budget is `failed`:
     │                             an outcome of the retry loop, worker/apply.py, not an error)
     ├── KafkaClientStopped        a Kafka client ended for good: the process exits to start afresh
@@ -102,6 +104,13 @@ class ApiRejected(PermanentError):
         self.http_status = http_status
         self.error_code = error_code
         self.error_msg = error_msg
+
+
+class DedupRecordError(PermanentError):
+    """A store call that this event's own record refuses (a Redis key of another type, a script
+    error on it), not the store: the job fails (``failed``, ``internal_error``, dead-lettered) and
+    the worker does not pause. ``DedupUnavailable`` paused it, its probe on another key passed,
+    the gate reopened, and the same record paused it again, without end."""
 
 
 class SystemicError(CocWorkerError):

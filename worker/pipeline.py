@@ -257,7 +257,7 @@ class Pipeline:
             return False
         try:
             await self._remember(
-                job.position_key, job, status, reason=reason, detail=detail, target=fingerprint
+                job.position_key, job, status, reason=reason, detail=detail, target=fingerprint, token=token
             )
         except asyncio.CancelledError:
             # nothing here is ever sent to the API
@@ -310,6 +310,7 @@ class Pipeline:
         # A pass whose claim was lost after it sent: the request may have landed, and the next
         # claim (the store lost the first: a failover, an eviction) may not say so.
         sent_before = False
+        position_token = ""  # of our claim of the message's position, if one was asked for
         while True:
             token = next(self._tokens)  # this claim's: a late hand-on of the last must not reach it
             try:
@@ -322,15 +323,17 @@ class Pipeline:
             if claim.kind in (ClaimKind.APPLIED, ClaimKind.DONE):
                 await self._finish_known(job, event, target, body, claim.record)
                 return
-            if (
-                claim.record is not None
-                and claim.record.state == "done"
-                and claim.record.source != job.source
-            ):
+            before = claim.record
+            if before is not None and before.state == "claimed" and before.source == job.source:
+                # A job of this message that did not finish (cancelled while its claim was written:
+                # it had not looked at its position yet, or had found nothing there and sent):
+                # what its claim replaced is what this one must look at.
+                before = before.replaced
+            if before is not None and before.state == "done" and before.source != job.source:
                 try:
-                    answered = await self._answered_at_position(job)
+                    answered, position_token = await self._answered_at_position(job)
                     if answered is not None:
-                        await self._give_back(event.event_id, token, claim.record)
+                        await self._give_back(event.event_id, token, before)
                 except asyncio.CancelledError:
                     await self._let_go(event.event_id, token, unsent=False)
                     raise
@@ -365,7 +368,7 @@ class Pipeline:
                 raise
             break
         try:
-            await self._finish_applied_or_not(job, event, target, body, result)
+            await self._finish_applied_or_not(job, event, target, body, result, token, position_token)
         except asyncio.CancelledError:  # before its record replaced the claim, or after: then a no-op
             await self._let_go(event.event_id, token, unsent=False)
             raise
@@ -423,24 +426,31 @@ class Pipeline:
         if not renewed:
             raise _ClaimLost
 
-    async def _answered_at_position(self, job: Job) -> DedupRecord | None:
+    async def _answered_at_position(self, job: Job) -> tuple[DedupRecord | None, str]:
         """This message's own outcome by position, when it was refused or failed before and another
-        message of its event_id has finished since (whose record now stands under the event_id).
-        Asked only then: on the path of a retried event, never of a first one."""
+        message of its event_id has finished since (whose record now stands under the event_id),
+        and the token of the position's claim. Asked only then: on the path of a retried event,
+        never of a first one."""
         claim, token, answered = await self._claim_position(job, _fingerprint(job))
         if claim.kind is ClaimKind.NEW:  # nothing there: the position is not ours to keep
             await self._let_go(job.position_key, token, unsent=claim.record is None)
-        return answered
+        return answered, token
 
     async def _give_back(self, event_id: str, token: str, record: DedupRecord) -> None:
         """Put the other message's record back over our claim: the event_id stays as it finished.
-        Only while the claim still stands (renewed first): the position's lookup may have waited
-        out the lease (a pause), and another worker taken the event over; written over its claim,
-        that worker lost it and sent again."""
+        Only while the claim still stands (renewed first, and the write is over our claim only,
+        ``DedupStore.mark_done``): the position's lookup may have waited out the lease (a pause),
+        and another worker taken the event over; written over its claim, that worker lost it and
+        sent again. The renewal also leaves alone a claim another worker took over and left
+        unfinished (expired), which the done-record's rule would replace."""
         if await self._dedup(
             lambda: self._store.extend(event_id, self._claimant, self._lease_s, token=token)
         ):
-            await self._dedup(lambda: self._store.mark_done(event_id, record, self._settings.dedup_ttl_s))
+            await self._dedup(
+                lambda: self._store.mark_done(
+                    event_id, record, self._settings.dedup_ttl_s, owner=self._claimant, token=token
+                )
+            )
 
     async def _claim_when_free(
         self, key: str, source: str, token: str, target: str = ""
@@ -509,9 +519,19 @@ class Pipeline:
         )
 
     async def _finish_applied_or_not(
-        self, job: Job, event: AnyChangeEvent, target: str, body: dict[str, Any], result: ApplyResult
+        self,
+        job: Job,
+        event: AnyChangeEvent,
+        target: str,
+        body: dict[str, Any],
+        result: ApplyResult,
+        token: str,
+        position_token: str = "",
     ) -> None:
-        """``target``: what the event changes (``event_target``), kept in its record."""
+        """``target``: what the event changes (``event_target``), kept in its record; ``token``:
+        the claim's, which the done-record of an event not applied may replace; ``position_token``:
+        our claim's of the message's position, if the job looked there (``_answered_at_position``),
+        which its record by position may replace (a hand-on that failed keeps it live)."""
         if result.status == "applied":
             reason = "reconciled" if result.reconciled else None
             # The last write for this event: with it, a redelivery repeats the outcome below
@@ -548,10 +568,14 @@ class Pipeline:
         # redelivery (a crash, a lost partition, whenever) repeats this outcome and its dead letter
         # and never calls the API again, while another message with this event_id (a fixed ticket,
         # a DLQ replay) may try again.
-        kept = await self._remember(event.event_id, job, status, result, reason, detail=detail, target=target)
-        if kept is not None:
+        kept = await self._remember(
+            event.event_id, job, status, result, reason, detail=detail, target=target, token=token
+        )
+        if kept is not None and kept.state == "applied":
             # Applied meanwhile by another worker, which took the event over while this one's
             # claim had run out (a pause longer than the lease): that is the event's outcome.
+            # (Another worker's live claim kept instead: this job ends with its own outcome, as it
+            # did before it could tell, and the other's claim stands: ``_remember``.)
             log.warning("event_applied_elsewhere", status=status.value, applied_by=kept.owner)
             await self._finish_known(job, event, target, body, kept)
             return
@@ -560,7 +584,14 @@ class Pipeline:
         # that (a crash before its offset was committed), took the other's record for its own:
         # a `duplicate` of it, or a second send. It repeats this outcome instead.
         await self._remember(
-            job.position_key, job, status, result, reason, detail=detail, target=_fingerprint(job)
+            job.position_key,
+            job,
+            status,
+            result,
+            reason,
+            detail=detail,
+            target=_fingerprint(job),
+            token=position_token,
         )
         await self._emit(
             job,
@@ -583,11 +614,25 @@ class Pipeline:
         *,
         detail: str | None = None,
         target: str = "",
+        token: str = "",
     ) -> DedupRecord | None:
-        """The done-record of an event not applied, written before its outcome is published; the
-        applied record the store kept instead, if another worker applied the event meanwhile."""
+        """The done-record of an event not applied, written before its outcome is published, over
+        our claim ``token`` ("": none, a record kept by position); the record the store kept
+        instead (``DedupStore.mark_done``): an applied one, if another worker applied the event
+        meanwhile, or the live claim of a worker that took the event (or the message's position)
+        over while ours had run out (a pause longer than the lease). That one is left as it is,
+        not an error: the job ends with its outcome, published as before; the other worker goes
+        on with the event and publishes its own (a stale owner's record erased that claim, and
+        the event's next message was claimed as new while the other may have been sending)."""
         done = self._record("done", job, status, result, reason, detail, target=target)
-        return await self._dedup(lambda: self._store.mark_done(key, done, self._settings.dedup_ttl_s))
+        kept = await self._dedup(
+            lambda: self._store.mark_done(
+                key, done, self._settings.dedup_ttl_s, owner=self._claimant, token=token
+            )
+        )
+        if kept is not None and kept.state == "claimed":
+            log.warning("dedup_record_left_to_claim", key=key, holder=kept.owner, status=status.value)
+        return kept
 
     def _record(
         self,

@@ -28,6 +28,7 @@ from worker.redis_config import (
     DEFAULT_PREFIX,
     DedupTarget,
     dedup_target,
+    is_read_only,
     key_prefix,
     leave_demoted_node,
     redis_client,
@@ -151,7 +152,7 @@ class RedisTokenBucket:
             await self._give_back_reservation(reservation)
             raise
         except (redis_errors.RedisError, OSError) as exc:
-            if isinstance(exc, redis_errors.ReadOnlyError):
+            if is_read_only(exc):
                 await leave_demoted_node(self._client)
             # The dedup store's own failure handling pauses the worker; meanwhile limit locally
             # (each replica to the whole rate: said once per episode, so it is not a silent change).

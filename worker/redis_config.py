@@ -6,11 +6,13 @@ One place for the pool policy, as ``kafka_config`` is for Kafka clients, and for
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -78,6 +80,23 @@ def redis_client(target: DedupTarget | str, *, socket_timeout_s: float) -> aiore
         health_check_interval=15,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+#: Redis' READONLY code, wherever it stands in an error's text (first, or after a script's "-").
+_READ_ONLY = re.compile(r"\bREADONLY\b")
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis' ``READONLY`` refusal: the node is a replica now (a failover), and
+    ``leave_demoted_node`` is due. redis-py raises ``ReadOnlyError`` for the plain answer; before
+    Redis 7, a write refused inside a script (every write of the dedup store and the rate limit)
+    comes back wrapped in the script's error, ``ERR Error running script (call to f_…):
+    @user_script:N: -READONLY You can't write against a read only replica.``, a plain
+    ``ResponseError``: the pool was never dropped, and the worker stayed paused on the demoted node
+    (its probe is a script too)."""
+    return isinstance(exc, redis_errors.ReadOnlyError) or (
+        isinstance(exc, redis_errors.ResponseError) and _READ_ONLY.search(str(exc)) is not None
+    )
 
 
 async def leave_demoted_node(client: aioredis.Redis) -> None:

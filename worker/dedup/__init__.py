@@ -40,9 +40,15 @@ Each event id moves through three states in the store::
   ``dedup_forgotten_window_s`` a NEW claim over no record is ``Claim.store_young``, and the
   change is checked against the ticket before it is sent, as after a takeover.
 
+* A record a backend cannot read (not JSON, not an object, no known state, a field the rule
+  compares of another type) is an expired claim of no one (``records.UNREADABLE``): taken over,
+  the ticket read first, and written over by a done-record. Every backend reads a record so
+  (``DedupRecord.decode``, the Redis scripts' ``record``); a lease that is no number is expired.
+
 Backends by URL: ``memory://?max_entries=N`` (bounded LRU, one process), ``sqlite:///path``
 (survives restarts on one node), ``redis://host:port/db?prefix=...`` (shared by all replicas).
-Every backend failure is raised as ``DedupUnavailable``.
+Every backend failure is raised as ``DedupUnavailable`` (the worker pauses); what one event's own
+record refuses (a Redis key of another type) as ``DedupRecordError``, which fails that job only.
 
 The package: ``records`` (the records and ``decide``, the rule every backend follows), one
 module per backend (``memory``, ``sqlite``, ``redis``), and here the ``DedupStore`` Protocol and
@@ -57,10 +63,17 @@ from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from worker.dedup.memory import MemoryStore
-from worker.dedup.records import CLAIM_RECORD_KEEP_S, Claim, ClaimKind, DedupRecord, claimed, decide
+from worker.dedup.records import (
+    CLAIM_RECORD_KEEP_S,
+    Claim,
+    ClaimKind,
+    DedupRecord,
+    claimed,
+    decide,
+)
 from worker.dedup.redis import RedisStore
 from worker.dedup.sqlite import SqliteStore
-from worker.errors import ConfigError
+from worker.errors import ConfigError, DedupRecordError
 from worker.logs import get_logger
 from worker.redis_config import DedupTarget, key_prefix
 from worker.settings import is_redis_url, memory_max_entries
@@ -70,6 +83,7 @@ __all__ = [
     "Claim",
     "ClaimKind",
     "DedupRecord",
+    "DedupRecordError",
     "DedupStore",
     "MemoryStore",
     "RedisStore",
@@ -103,10 +117,23 @@ class DedupStore(Protocol):
         self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
     ) -> Claim: ...
     async def extend(self, event_id: str, owner: str, lease_s: float, token: str = "") -> bool: ...
-    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None: ...
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
-        """Write the done-record, unless an applied record is there (``done_may_replace``): then
-        that one is kept and returned, and the caller's outcome is that one's."""
+    async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
+        """Write the applied record whatever is there (one plain write, on the hot path): it is
+        the event's last record and true whoever holds the claim now; a worker that took the event
+        over finds it (its renewal fails, its next claim answers ``APPLIED``), and the event's next
+        message is a duplicate, as it should be."""
+        ...
+
+    async def mark_done(
+        self, event_id: str, record: DedupRecord, ttl_s: float, *, owner: str = "", token: str = ""
+    ) -> DedupRecord | None:
+        """Write the done-record, atomically with a look at what is there (``done_may_replace``):
+        over no record, the claim ``owner`` made with ``token`` (the writer's own, expired or not),
+        an expired claim, a done-record or one that cannot be read; never over an applied record
+        nor a live claim of another (``owner`` "": a writer without a claim). Returns None when
+        written, else the record kept, unchanged: an applied one (the event's outcome is that
+        one's), or the live claim of a worker that took the event over (it may be sending: the
+        caller's job ends with its own outcome, and leaves that claim to its owner)."""
         ...
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None: ...

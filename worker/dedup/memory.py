@@ -10,6 +10,7 @@ from worker.dedup.records import (
     Claim,
     ClaimKind,
     DedupRecord,
+    claim_keeps,
     claimed,
     decide,
     done_may_replace,
@@ -50,9 +51,10 @@ class MemoryStore:
         self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
     ) -> Claim:
         now = time.time()
-        answer = decide(self._get(event_id), owner, source, now, target)
+        found = self._get(event_id)
+        answer = decide(found, owner, source, now, target, token)
         if answer.kind is ClaimKind.NEW:
-            record = claimed(owner, source, now, lease_s, target, token)
+            record = claimed(owner, source, now, lease_s, target, token, claim_keeps(found, owner, token))
             self._put(event_id, record, lease_s + self._claim_keep_s)
         return answer
 
@@ -66,9 +68,11 @@ class MemoryStore:
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         self._put(event_id, record, ttl_s)
 
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
+    async def mark_done(
+        self, event_id: str, record: DedupRecord, ttl_s: float, *, owner: str = "", token: str = ""
+    ) -> DedupRecord | None:
         current = self._get(event_id)
-        if not done_may_replace(current):
+        if not done_may_replace(current, owner, token, time.time()):
             return current
         self._put(event_id, record, ttl_s)
         return None

@@ -13,6 +13,7 @@ record may be of a forgotten event, and is answered ``store_young`` (the ticket 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,17 @@ from worker.dedup.records import (
     ClaimKind,
     DedupRecord,
     decide,
+    first_record,
 )
-from worker.errors import DedupUnavailable
+from worker.errors import DedupRecordError, DedupUnavailable
 from worker.logs import get_logger, redact_cut
-from worker.redis_config import DEFAULT_PREFIX, DedupTarget, leave_demoted_node, redis_client
+from worker.redis_config import (
+    DEFAULT_PREFIX,
+    DedupTarget,
+    is_read_only,
+    leave_demoted_node,
+    redis_client,
+)
 
 log = get_logger(__name__)
 
@@ -39,50 +47,88 @@ log = get_logger(__name__)
 _REPLICA_WAIT_MS = 1000
 
 
+#: How every script reads a record, as ``DedupRecord.decode`` does (``records._from_data``): nil when
+#: it cannot be read (not JSON, not an object, no known state, a field the rule compares that is no
+#: string), then taken as ``records.UNREADABLE``; a lease that is no number is 0 (expired). A Lua
+#: error here (``tonumber(nil) > now``, a record that is no table) failed the call as the store
+#: being away: the worker paused, its probe passed, the same record paused it again.
+_RECORD_LUA = """
+local function record(v)
+  local ok, r = pcall(cjson.decode, v)
+  if not ok or type(r) ~= 'table' then return nil end
+  for _, k in ipairs({'state', 'owner', 'source', 'status', 'target', 'token'}) do
+    if r[k] ~= nil and type(r[k]) ~= 'string' then return nil end
+  end
+  local s = r['state']
+  if s ~= 'claimed' and s ~= 'applied' and s ~= 'done' then return nil end
+  if type(r['lease_until']) ~= 'number' then r['lease_until'] = 0 end
+  return r
+end
+"""
 # Claim atomically with Redis' clock, following ``decide()``. Returns {taken, previous-or-false,
 # epoch, age}: the store's creation time (KEYS[2], Unix seconds on Redis' clock, no TTL), written
-# here when absent, and its age in whole seconds (0 when written now).
-_CLAIM_LUA = """
+# here when absent or unreadable (of another type too), and its age in whole seconds (0 when
+# written now). The claim keeps what it replaced (``records.claim_keeps``), for the same ask made
+# again (its answer lost) to be answered as the first was (``records.first_record``).
+_CLAIM_LUA = (
+    _RECORD_LUA
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local epoch = redis.call('GET', KEYS[2])
+local epoch = redis.pcall('GET', KEYS[2])
 local age = 0
-if epoch and tonumber(epoch) then
+if type(epoch) == 'string' and tonumber(epoch) then
   age = math.floor(now - tonumber(epoch))
 else
   epoch = string.format('%d.%06d', tonumber(t[1]), tonumber(t[2]))
   redis.call('SET', KEYS[2], epoch)
 end
+local mine = cjson.decode(ARGV[2])
 local v = redis.call('GET', KEYS[1])
 if v then
-  local ok, r = pcall(cjson.decode, v)
-  -- unreadable: answered as it is, for the caller to refuse (as sqlite does), not a store error
-  if not ok or type(r) ~= 'table' then return {0, v, epoch, age} end
-  -- the id reused for another change: never taken, whatever the record's state
-  if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then
-    return {0, v, epoch, age}
-  end
-  if r['state'] == 'claimed' then
-    if r['owner'] ~= ARGV[1] and tonumber(r['lease_until']) > now then return {0, v, epoch, age} end
-  elseif r['state'] == 'applied' then
-    return {0, v, epoch, age}
-  elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
-    return {0, v, epoch, age}
+  local r = record(v)
+  if not r then
+    mine['replaced'] = {state = 'claimed'}  -- records.UNREADABLE: taken over as an expired claim
+  else
+    -- the id reused for another change: never taken, whatever the record's state
+    if ARGV[6] ~= '' and r['target'] and r['target'] ~= '' and r['target'] ~= ARGV[6] then
+      return {0, v, epoch, age}
+    end
+    if r['state'] == 'claimed' then
+      if r['owner'] ~= ARGV[1] and r['lease_until'] > now then return {0, v, epoch, age} end
+    elseif r['state'] == 'applied' then
+      return {0, v, epoch, age}
+    elseif r['status'] == 'applied' or r['source'] == ARGV[3] then
+      return {0, v, epoch, age}
+    end
+    local token = mine['token'] or ''
+    if r['state'] == 'claimed' and r['owner'] == ARGV[1] and token ~= '' and r['token'] == token then
+      mine['replaced'] = r['replaced']  -- this very claim, asked again: what the first replaced
+    else
+      local q = r['replaced']
+      if r['state'] ~= 'claimed' then
+        r['replaced'] = nil
+      elseif type(q) == 'table' and q['state'] == 'claimed' then
+        r['replaced'] = q['replaced']  -- one claim deep at most
+      end
+      mine['replaced'] = r
+    end
   end
 end
-local mine = cjson.decode(ARGV[2])
 mine['lease_until'] = now + tonumber(ARGV[4])
 redis.call('SET', KEYS[1], cjson.encode(mine), 'PX', ARGV[5])
 return {1, v or false, epoch, age}
 """
+)
 # Renew / release the claim owner ARGV[1] made with the token in the last ARGV, as
 # ``DedupRecord.is_claim_of`` (a record without a token matches only the empty one).
-_EXTEND_LUA = """
+_EXTEND_LUA = (
+    _RECORD_LUA
+    + """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
-local ok, r = pcall(cjson.decode, v)
-if not ok or type(r) ~= 'table' then return 0 end
-if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == ARGV[4] then
+local r = record(v)
+if r and r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == ARGV[4] then
   local t = redis.call('TIME')
   r['lease_until'] = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[2])
   redis.call('SET', KEYS[1], cjson.encode(r), 'PX', ARGV[3])
@@ -90,26 +136,40 @@ if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == A
 end
 return 0
 """
-_RELEASE_LUA = """
+)
+_RELEASE_LUA = (
+    _RECORD_LUA
+    + """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
-local ok, r = pcall(cjson.decode, v)
-if not ok or type(r) ~= 'table' then return 0 end
-if r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == ARGV[2] then
+local r = record(v)
+if r and r['state'] == 'claimed' and r['owner'] == ARGV[1] and (r['token'] or '') == ARGV[2] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
-#: ``records.done_may_replace``: a done-record never replaces an applied one, which is returned.
-_DONE_LUA = """
+)
+#: ``records.done_may_replace`` for owner ARGV[3]'s claim with token ARGV[4]: a done-record never
+#: replaces an applied record nor a live claim of another, which is returned instead.
+_DONE_LUA = (
+    _RECORD_LUA
+    + """
 local v = redis.call('GET', KEYS[1])
 if v then
-  local ok, r = pcall(cjson.decode, v)
-  if ok and type(r) == 'table' and r['state'] == 'applied' then return v end
+  local r = record(v)
+  if r and r['state'] == 'applied' then return v end
+  if r and r['state'] == 'claimed' and not (r['owner'] == ARGV[3] and (r['token'] or '') == ARGV[4]) then
+    local t = redis.call('TIME')
+    if r['lease_until'] > tonumber(t[1]) + tonumber(t[2]) / 1000000 then return v end
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
+)
+#: A script's own runtime error (Lua's position, ``user_script:N:``, which Redis' own ``@user_script``
+#: is not) or a key of another type: this record's fault, not the store's (``DedupRecordError``).
+_RECORD_ERROR = re.compile(r"\bWRONGTYPE\b|(?<![@\w])user_script:\d+:")
 
 
 class _NotReplicated(DedupUnavailable):
@@ -177,11 +237,20 @@ class RedisStore:
             raise DedupUnavailable(
                 f"redis dedup store unreachable: {type(exc).__name__}" + (f": {reason}" if reason else "")
             ) from exc
-        except redis_errors.ReadOnlyError as exc:
-            await leave_demoted_node(self._client)
-            raise DedupUnavailable("redis dedup store is a read-only replica now (failover)") from exc
         except redis_errors.RedisError as exc:
-            raise DedupUnavailable(f"redis dedup store error: {type(exc).__name__}") from exc
+            if is_read_only(exc):  # also as a script's error before Redis 7: redis_config.is_read_only
+                await leave_demoted_node(self._client)
+                raise DedupUnavailable("redis dedup store is a read-only replica now (failover)") from exc
+            # The server's text (redacted all the same): its own words, or a script's position and
+            # Lua's message, and in a pipeline the start of the command (a key, never a password).
+            reason = redact_cut(str(exc), 300)
+            if type(exc) is redis_errors.ResponseError and _RECORD_ERROR.search(reason):
+                # This event's record, not the store: the job fails, the worker does not pause
+                # (NOREPLICAS, OOM, MISCONF, NOPERM, BUSY... still do: the store cannot write).
+                raise DedupRecordError(f"redis dedup store cannot use this event's key: {reason}") from exc
+            raise DedupUnavailable(
+                f"redis dedup store error: {type(exc).__name__}" + (f": {reason}" if reason else "")
+            ) from exc
 
     async def _write(self, command: Callable[[Any], Any]) -> Any:
         """``command(client)``, a write. With ``min_replicas``, sent on one connection followed by
@@ -237,6 +306,8 @@ class RedisStore:
         self._see_epoch(epoch, age_s)
         record = DedupRecord.decode(previous) if previous else None
         if taken:
+            # Our claim with this token: this ask, made again (its answer lost), answered as then.
+            record = first_record(record, owner, token)
             if event_id in self._unreplicated:
                 replaced = self._unreplicated.pop(event_id)
                 if record is not None and record.state == "claimed" and record.owner == owner:
@@ -258,7 +329,13 @@ class RedisStore:
         # Not taken: held by a live owner, claimed for another change, applied, or done. decide()
         # says which (a held claim's lease is by definition in the future of Redis' clock, hence
         # "now" = 0 for it).
-        return decide(record, owner, source, 0.0, target)
+        answer = decide(record, owner, source, 0.0, target, token)
+        if answer.kind is ClaimKind.NEW:  # the script and decide() read the record apart: no claim
+            raise DedupRecordError(
+                "redis dedup store: the claim script refused a record that decide() takes"
+                f" ({record.state}, of {record.owner!r}); nothing was written"
+            )
+        return answer
 
     def _young(self, age_s: int) -> bool:
         """Whether a store of this age may have forgotten what it was told before (a negative age,
@@ -304,10 +381,14 @@ class RedisStore:
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._put(event_id, record, ttl_s)
 
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
+    async def mark_done(
+        self, event_id: str, record: DedupRecord, ttl_s: float, *, owner: str = "", token: str = ""
+    ) -> DedupRecord | None:
         value, ttl_ms = record.encode(), int(ttl_s * 1000)
         kept = await self._write(
-            lambda client: self._done(keys=[self._key(event_id)], args=[value, ttl_ms], client=client)
+            lambda client: self._done(
+                keys=[self._key(event_id)], args=[value, ttl_ms, owner, token], client=client
+            )
         )
         return DedupRecord.decode(kept) if kept else None
 

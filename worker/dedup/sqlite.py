@@ -19,6 +19,7 @@ from worker.dedup.records import (
     Claim,
     ClaimKind,
     DedupRecord,
+    claim_keeps,
     claimed,
     decide,
     done_may_replace,
@@ -222,9 +223,10 @@ class SqliteStore:
         token: str,
     ) -> Claim:
         now = time.time()
-        answer = decide(cls._read(conn, event_id, now), owner, source, now, target)
+        found = cls._read(conn, event_id, now)
+        answer = decide(found, owner, source, now, target, token)
         if answer.kind is ClaimKind.NEW:
-            record = claimed(owner, source, now, lease_s, target, token)
+            record = claimed(owner, source, now, lease_s, target, token, claim_keeps(found, owner, token))
             cls._write(conn, event_id, record, now + lease_s + keep_s)
         return answer
 
@@ -245,11 +247,17 @@ class SqliteStore:
 
     @classmethod
     def _done_op(
-        cls, conn: sqlite3.Connection, event_id: str, record: DedupRecord, ttl_s: float
+        cls,
+        conn: sqlite3.Connection,
+        event_id: str,
+        record: DedupRecord,
+        ttl_s: float,
+        owner: str,
+        token: str,
     ) -> DedupRecord | None:
         now = time.time()
         current = cls._read(conn, event_id, now)
-        if not done_may_replace(current):
+        if not done_may_replace(current, owner, token, now):
             return current
         cls._write(conn, event_id, record, now + ttl_s)
         return None
@@ -274,8 +282,10 @@ class SqliteStore:
     async def mark_applied(self, event_id: str, record: DedupRecord, ttl_s: float) -> None:
         await self._run(self._put_op, event_id, record, ttl_s)
 
-    async def mark_done(self, event_id: str, record: DedupRecord, ttl_s: float) -> DedupRecord | None:
-        kept: DedupRecord | None = await self._run(self._done_op, event_id, record, ttl_s)
+    async def mark_done(
+        self, event_id: str, record: DedupRecord, ttl_s: float, *, owner: str = "", token: str = ""
+    ) -> DedupRecord | None:
+        kept: DedupRecord | None = await self._run(self._done_op, event_id, record, ttl_s, owner, token)
         return kept
 
     async def release(self, event_id: str, owner: str, token: str = "") -> None:
