@@ -1685,3 +1685,42 @@ async def test_an_invalid_message_cancelled_while_its_claim_is_written_hands_the
     taken = await store.claim("@in/0/9", "w9", "in/0/9", 30)
     assert (taken.kind, taken.taken_over) == (ClaimKind.NEW, True)  # expired, not left to its lease
     assert published.outcomes == []
+
+
+@pytest.mark.parametrize("beneath", ["two of this message", "another message's"])
+async def test_a_message_read_again_looks_beneath_unfinished_claims_to_its_events_record(
+    beneath: str,
+) -> None:
+    """Message 7 was refused, message 8 of the same event then failed; unfinished claims were left
+    over message 8's record (two of message 7's, interrupted readings; or another message's, a
+    replay that crashed). Message 7 read again looked only one claim of its own deep: it missed
+    message 8's record, skipped its position, was sent again and published a second outcome."""
+    store, published = MemoryStore(), Recorder()
+    answers = _Answers("rejected")
+    pipeline, gate = _pipeline(store, answers, published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        answers.status = "failed"
+        await pipeline.process(job(STARTED, offset=8))
+        done = store._get("ev-1")
+        assert done is not None
+        assert (done.state, done.source) == ("done", "in/0/8")
+        past = time.time() - 100
+        source = "in/0/7" if beneath == "two of this message" else "in/0/9"
+        left = DedupRecord(
+            "claimed", "w2/x", source, lease_until=past, target=done.target, token="t1", replaced=done
+        )
+        if beneath == "two of this message":
+            left = DedupRecord(
+                "claimed", "w3/y", "in/0/7", lease_until=past, target=done.target, token="t2", replaced=left
+            )
+        store._put("ev-1", left, 600)
+        await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)
+    finally:
+        await gate.close()
+    assert answers.calls == 2  # message 7 is not sent again
+    assert [(o["status"], o["source"]["offset"]) for o in published.outcomes] == [
+        ("rejected", 7),
+        ("failed", 8),
+        ("rejected", 7),  # its own outcome repeated
+    ]

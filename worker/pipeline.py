@@ -324,10 +324,11 @@ class Pipeline:
                 await self._finish_known(job, event, target, body, claim.record)
                 return
             before = claim.record
-            if before is not None and before.state == "claimed" and before.source == job.source:
-                # A job of this message that did not finish (cancelled while its claim was written:
-                # it had not looked at its position yet, or had found nothing there and sent):
-                # what its claim replaced is what this one must look at.
+            while before is not None and before.state == "claimed" and before.replaced is not None:
+                # Claims that did not finish (this message's, cancelled while its claim was written,
+                # before it looked at its position or after it found nothing there and sent; or
+                # another message's, a crashed replay): what they replaced is what this one must
+                # look at. At most two deep (``records.claim_keeps``).
                 before = before.replaced
             if before is not None and before.state == "done" and before.source != job.source:
                 try:

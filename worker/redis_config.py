@@ -95,8 +95,16 @@ def is_read_only(exc: BaseException) -> bool:
     ``ResponseError``: the pool was never dropped, and the worker stayed paused on the demoted node
     (its probe is a script too)."""
     return isinstance(exc, redis_errors.ReadOnlyError) or (
-        isinstance(exc, redis_errors.ResponseError) and _READ_ONLY.search(str(exc)) is not None
+        isinstance(exc, redis_errors.ResponseError) and _READ_ONLY.search(server_text(exc)) is not None
     )
+
+
+def server_text(exc: BaseException) -> str:
+    """A Redis error's own words. Inside a pipeline (``min_replicas``: the write and its ``WAIT``)
+    redis-py puts the command before them, ``Command # 1 (EVALSHA … <key> …) of pipeline caused
+    error: …``, and a key holds a producer's event_id: an id with READONLY or WRONGTYPE in it made
+    another error read as that one."""
+    return str(exc).rpartition(" of pipeline caused error: ")[2]
 
 
 async def leave_demoted_node(client: aioredis.Redis) -> None:

@@ -33,6 +33,15 @@ Each event id moves through three states in the store::
   pipeline refuses it (records of an earlier release, without a target, cannot tell). A claim
   keeps its target too: a message for another change that meets an unfinished claim is refused
   the same way, and never takes the claim over, which the first message's redelivery does.
+* A done-record is written over the writer's own claim (its owner and token), an expired claim,
+  another done-record or nothing, never over an applied record or another worker's live claim
+  (``records.done_may_replace``): a worker whose lease ran out meanwhile (a pause) erased the
+  claim of the worker that took the event over, and the event's next message was claimed as new
+  while the other may have been sending.
+* A claim keeps what it replaced (``DedupRecord.replaced``, at most one claim deep): the same ask
+  made again (its answer lost: a Redis call that timed out after it ran) is answered as the first
+  was (``records.first_record``), and a message read again after an unfinished claim sees the
+  record beneath it.
 
 * A store that cannot tell "never seen" from "forgotten": a Redis without persistence that
   restarted empty lost every claim and applied record. The Redis store keeps its own creation

@@ -8,11 +8,8 @@ from collections import OrderedDict
 from worker.dedup.records import (
     CLAIM_RECORD_KEEP_S,
     Claim,
-    ClaimKind,
     DedupRecord,
-    claim_keeps,
-    claimed,
-    decide,
+    claim_over,
     done_may_replace,
     renewed,
 )
@@ -51,10 +48,8 @@ class MemoryStore:
         self, event_id: str, owner: str, source: str, lease_s: float, target: str = "", token: str = ""
     ) -> Claim:
         now = time.time()
-        found = self._get(event_id)
-        answer = decide(found, owner, source, now, target, token)
-        if answer.kind is ClaimKind.NEW:
-            record = claimed(owner, source, now, lease_s, target, token, claim_keeps(found, owner, token))
+        answer, record = claim_over(self._get(event_id), owner, source, now, lease_s, target, token)
+        if record is not None:
             self._put(event_id, record, lease_s + self._claim_keep_s)
         return answer
 

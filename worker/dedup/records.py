@@ -249,16 +249,33 @@ def claim_keeps(found: DedupRecord | None, owner: str, token: str) -> DedupRecor
     replaces, ``found``: what the first ask kept, when ``found`` is its claim (``first_record``);
     else ``found``, with only the last record before a chain of claims (a claim taken over from a
     claim that had taken one over): a claim holds at most one claim, and that one no claim."""
-    if found is None:
-        return None
-    if token and found.is_claim_of(owner, token):
-        return found.replaced
+    kept = first_record(found, owner, token)
+    if kept is not found or found is None:
+        return kept
     inner = found.replaced
     if inner is None:
         return found
     if found.state != "claimed":
         return replace(found, replaced=None)
     return replace(found, replaced=inner.replaced) if inner.state == "claimed" else found
+
+
+def claim_over(
+    found: DedupRecord | None,
+    owner: str,
+    source: str,
+    now: float,
+    lease_s: float,
+    target: str = "",
+    token: str = "",
+) -> tuple[Claim, DedupRecord | None]:
+    """A claim over ``found``, the record there: the answer (``decide``) and, when it is ``NEW``,
+    the claim to write in its place (keeping what ``claim_keeps`` says). The backends that run the
+    rule in Python (memory, sqlite) call this; Redis' script mirrors it."""
+    answer = decide(found, owner, source, now, target, token)
+    if answer.kind is not ClaimKind.NEW:
+        return answer, None
+    return answer, claimed(owner, source, now, lease_s, target, token, claim_keeps(found, owner, token))
 
 
 def claimed(

@@ -39,6 +39,7 @@ from worker.redis_config import (
     is_read_only,
     leave_demoted_node,
     redis_client,
+    server_text,
 )
 
 log = get_logger(__name__)
@@ -116,7 +117,12 @@ if v then
   end
 end
 mine['lease_until'] = now + tonumber(ARGV[4])
-redis.call('SET', KEYS[1], cjson.encode(mine), 'PX', ARGV[5])
+local ok, claim = pcall(cjson.encode, mine)
+if not ok then  -- what it replaced holds what cjson cannot write (NaN, Inf): kept as unreadable
+  mine['replaced'] = {state = 'claimed'}
+  claim = cjson.encode(mine)
+end
+redis.call('SET', KEYS[1], claim, 'PX', ARGV[5])
 return {1, v or false, epoch, age}
 """
 )
@@ -167,9 +173,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
 )
-#: A script's own runtime error (Lua's position, ``user_script:N:``, which Redis' own ``@user_script``
-#: is not) or a key of another type: this record's fault, not the store's (``DedupRecordError``).
-_RECORD_ERROR = re.compile(r"\bWRONGTYPE\b|(?<![@\w])user_script:\d+:")
+#: A key of another type under the prefix: this record's fault, not the store's
+#: (``DedupRecordError``). A script's own runtime error is not: the scripts read every record shape
+#: (``_RECORD_LUA``), so one would be a bug of the script, which would fail every event alike, and
+#: the worker pauses on it instead (the messages wait for a fix, none is dead-lettered).
+_RECORD_ERROR = re.compile(r"\bWRONGTYPE\b")
 
 
 class _NotReplicated(DedupUnavailable):
@@ -244,7 +252,7 @@ class RedisStore:
             # The server's text (redacted all the same): its own words, or a script's position and
             # Lua's message, and in a pipeline the start of the command (a key, never a password).
             reason = redact_cut(str(exc), 300)
-            if type(exc) is redis_errors.ResponseError and _RECORD_ERROR.search(reason):
+            if type(exc) is redis_errors.ResponseError and _RECORD_ERROR.search(server_text(exc)):
                 # This event's record, not the store: the job fails, the worker does not pause
                 # (NOREPLICAS, OOM, MISCONF, NOPERM, BUSY... still do: the store cannot write).
                 raise DedupRecordError(f"redis dedup store cannot use this event's key: {reason}") from exc

@@ -17,11 +17,8 @@ from worker.dedup.records import (
     PROBE_KEY,
     PROBE_OWNER,
     Claim,
-    ClaimKind,
     DedupRecord,
-    claim_keeps,
-    claimed,
-    decide,
+    claim_over,
     done_may_replace,
     renewed,
 )
@@ -223,10 +220,10 @@ class SqliteStore:
         token: str,
     ) -> Claim:
         now = time.time()
-        found = cls._read(conn, event_id, now)
-        answer = decide(found, owner, source, now, target, token)
-        if answer.kind is ClaimKind.NEW:
-            record = claimed(owner, source, now, lease_s, target, token, claim_keeps(found, owner, token))
+        answer, record = claim_over(
+            cls._read(conn, event_id, now), owner, source, now, lease_s, target, token
+        )
+        if record is not None:
             cls._write(conn, event_id, record, now + lease_s + keep_s)
         return answer
 
