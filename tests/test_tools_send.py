@@ -18,9 +18,10 @@ import yaml
 from schemas.outcomes import OutcomeEvent, OutcomeStatus, SourceRef
 from worker.cli import main
 from worker.errors import BrokerUnavailable
+from worker.settings import load_settings
 from worker.tools import send
 from worker.tools.events import validated
-from worker.tools.kafka_io import Delivered
+from worker.tools.kafka_io import Delivered, EventProducer, TopicReader
 from worker.tools.send import EXIT_NOT_APPLIED, EXIT_OK, SendResult, describe_outcome, record_for
 from worker.tracing import parse
 
@@ -229,6 +230,61 @@ async def test_the_time_limit_bounds_the_whole_send_connecting_too(
     else:
         assert out == "deploy-9\n"
         assert err == f"coc-worker send: {said}\n"
+
+
+@pytest.mark.parametrize("close_s", [0.3, None], ids=["slow-close", "hung-close"])
+async def test_an_outcome_received_is_reported_whatever_the_readers_close_takes(
+    monkeypatch: pytest.MonkeyPatch, close_s: float | None
+) -> None:
+    """The results reader closed inside the send's time limit: the limit passing while it closed
+    (its fetcher, its connections) reported an outcome received as "no outcome within" (stage
+    "outcome", exit 1) and interrupted the close, which left the connections open. Now the close
+    runs after, to its end, bounded (``_CLOSE_TIMEOUT_S``: a close that hangs is cut short)."""
+    closed: list[bool] = []
+
+    async def started(self: Any) -> None:
+        self._client = object()
+
+    async def slow_stop(self: TopicReader) -> None:
+        if self._client is None:
+            return
+        if close_s is None:
+            await asyncio.Event().wait()  # a close that never ends
+        await asyncio.sleep(close_s)  # past the send's time limit
+        self._client = None
+        closed.append(True)
+
+    async def stopped(self: EventProducer) -> None:
+        self._client = None
+
+    async def ends(self: TopicReader) -> dict[int, int]:
+        return {0: 0}
+
+    async def acked(self: EventProducer, topic: str, record: Any) -> Delivered:
+        return Delivered(topic, 0, 1)
+
+    received = outcome(OutcomeStatus.APPLIED)
+
+    async def outcome_of(results: TopicReader, start: dict[int, int], delivered: Delivered) -> OutcomeEvent:
+        await asyncio.sleep(0.1)
+        return received
+
+    monkeypatch.setattr(TopicReader, "start", started)
+    monkeypatch.setattr(TopicReader, "stop", slow_stop)
+    monkeypatch.setattr(TopicReader, "end_offsets", ends)
+    monkeypatch.setattr(EventProducer, "start", started)
+    monkeypatch.setattr(EventProducer, "stop", stopped)
+    monkeypatch.setattr(EventProducer, "send", acked)
+    monkeypatch.setattr(send, "_outcome_of", outcome_of)
+    monkeypatch.setattr(send, "_CLOSE_TIMEOUT_S", 0.5, raising=False)
+    obj = {"event_id": "e1", "type": "change.started", "ticket_id": "T", "sub_ticket_id": "s"}
+    began = time.monotonic()
+    result = await send.send_event(load_settings(), validated(obj, 1 << 20), obj, wait_outcome_s=0.2)
+    took = time.monotonic() - began
+    assert (result.timed_out, result.outcome) == (False, received)
+    assert result.exit_code == EXIT_OK
+    assert closed == ([True] if close_s is not None else [])
+    assert took < 0.2 + 0.5 + 0.5, f"took {took:.1f}s"
 
 
 def _readme_ci_workflow() -> dict[Any, Any]:

@@ -25,6 +25,7 @@ from waiting import until
 from schemas.outcomes import OutcomeEvent, OutcomeStatus, SourceRef
 from worker.cli import main
 from worker.consumer import Message
+from worker.errors import BrokerUnavailable
 from worker.publisher import DeadLetter, dead_letter_headers
 from worker.sandbox import TansuBroker, create_topics, free_port, produce
 from worker.settings import load_settings
@@ -911,3 +912,87 @@ async def test_send_waiting_for_an_outcome_ends_when_the_broker_is_lost(
     assert out == "deploy-lost\n"
     assert f"lost the broker while reading {OWN_TOPICS['results']!r}" in err
     assert "no outcome" not in err
+
+
+async def test_a_slow_broker_that_answers_is_not_taken_for_a_lost_one(
+    broker: TansuBroker, topics: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ping after STALL_S was bounded by 3 s, but aiokafka sends it on the fetcher's connection,
+    behind a fetch in flight (up to max_partition_fetch_bytes per partition: ~10 s for a large DLQ
+    over a slow VPN): a tool failed with "lost the broker" on a broker only slow. The ping is now
+    bounded by the reader's request timeout, as aiokafka's own requests are."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
+    settings = load_settings(kafka_bootstrap_servers=broker.bootstrap)
+    answered: list[float] = []
+    async with TopicReader(settings, topics["results"], request_timeout_s=5.0) as reader:
+        consumer = reader._require()
+        metadata = consumer.topics
+
+        async def slow_metadata() -> set[str]:
+            began = time.monotonic()
+            await asyncio.sleep(3.5)  # over the old 3 s bound, under the request timeout
+            found = await metadata()
+            answered.append(time.monotonic() - began)
+            return found
+
+        monkeypatch.setattr(consumer, "topics", slow_metadata)
+        start = await reader.end_offsets()
+        try:
+            async with asyncio.timeout(4.5):  # a slow answer, then the next ping under way
+                async for message in reader.follow(start):
+                    pytest.fail(f"nothing was produced, read {message}")
+        except TimeoutError:
+            pass
+    assert len(answered) == 1, answered
+    assert answered[0] > 3.0, answered
+
+
+async def test_a_silent_broker_is_still_reported_within_the_request_timeout(
+    broker: TansuBroker, topics: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that does not answer the ping at all fails the read once the reader's request
+    timeout passed (``REQUEST_TIMEOUT_S``, the default, shortened as STALL_S is)."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
+    monkeypatch.setattr(kafka_io, "REQUEST_TIMEOUT_S", 1.0)
+    settings = load_settings(kafka_bootstrap_servers=broker.bootstrap)
+    async with TopicReader(settings, topics["results"]) as reader:
+        consumer = reader._require()
+
+        async def no_answer() -> set[str]:
+            await asyncio.Event().wait()  # a broker silent, not gone (a refused connection fails at once)
+            raise AssertionError("unreachable")
+
+        monkeypatch.setattr(consumer, "topics", no_answer)
+        start = await reader.end_offsets()
+        began = time.monotonic()
+
+        async def read() -> None:
+            async with asyncio.timeout(10):
+                async for _ in reader.follow(start):
+                    pass
+
+        with pytest.raises(BrokerUnavailable, match=r"lost the broker .* no answer within 1 s"):
+            await read()
+    assert time.monotonic() - began < 0.2 + 1.0 + 1.0
+
+
+async def test_a_close_that_hangs_is_cut_short_and_still_closes_the_connections(
+    broker: TansuBroker, topics: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop_within``: a reader's close past its time is cancelled, and the connections are closed
+    all the same (an interrupted ``stop`` left them open)."""
+    reader = TopicReader(load_settings(kafka_bootstrap_servers=broker.bootstrap), topics["results"])
+    await reader.start()
+    await reader.end_offsets()  # a fetch too: the fetcher's connection
+    consumer = reader._require()
+    connections = list(consumer._client._conns.values())
+    assert any(conn.connected() for conn in connections)
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(consumer._fetcher, "close", hangs)  # the consumer's stop waits on it
+    began = time.monotonic()
+    await reader.stop_within(0.3)
+    assert time.monotonic() - began < 2
+    assert not any(conn.connected() for conn in connections)

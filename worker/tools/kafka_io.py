@@ -6,9 +6,10 @@ partition themselves, so a tool can never steal partitions from the worker nor c
 Kafka errors surface as ``BrokerUnavailable``; a topic that does not exist is a ``ConfigError``.
 
 A reader that gets nothing for ``STALL_S`` asks the broker for metadata (the request the worker's
-health check makes), bounded by ``PING_TIMEOUT_S``: aiokafka's fetches only come back empty while
-the broker is gone, and a tool waited forever without a word. No answer is a ``BrokerUnavailable``
-naming the servers; an answer (an idle topic: ``outcomes tail`` waiting for outcomes) goes on.
+health check makes), bounded by the reader's request timeout: aiokafka's fetches only come back
+empty while the broker is gone, and a tool waited forever without a word. No answer is a
+``BrokerUnavailable`` naming the servers; an answer (an idle topic: ``outcomes tail`` waiting for
+outcomes) goes on.
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ C = TypeVar("C", AIOKafkaProducer, AIOKafkaConsumer)
 _FETCH_TIMEOUT_S = 0.2
 _PROBE_TIMEOUT_S = 2.0
 #: A read that gets no record (and moves no position) for this long asks the broker whether it
-#: still answers: a metadata request, bounded by ``PING_TIMEOUT_S`` as the worker's health check
-#: (``Consumer.ping``). Worst case, a lost broker is reported STALL_S + PING_TIMEOUT_S after the
-#: last record. Read at each check: tests shorten it.
+#: still answers: a metadata request, bounded by the reader's request timeout. Not by a few seconds
+#: as the worker's health check (``Consumer.ping``): aiokafka sends it on the fetcher's connection,
+#: and the broker answers one request of a connection at a time, so the ping waits behind a fetch
+#: in flight (up to ``max_partition_fetch_bytes`` per partition: seconds over a slow link), and a
+#: slow broker was reported lost. aiokafka itself gives up on a request after the request timeout.
+#: Worst case, a lost broker is reported STALL_S + the request timeout after the last record (a
+#: refused connection at once). Read at each check: tests shorten it.
 STALL_S = 5.0
-PING_TIMEOUT_S = 3.0
+#: A reader's request timeout when none is given (aiokafka's default). Read when a reader is made:
+#: tests shorten it.
+REQUEST_TIMEOUT_S = 40.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +100,22 @@ class _Client(Generic[C]):
         try:
             await client.stop()
         except asyncio.CancelledError:
-            if task is None or task.cancelling() > cancels:
-                raise  # this task is being cancelled (Ctrl-C, a bounded wait): let it
-            # Not ours: aiokafka's fetcher cancels its fetches and awaits them, and one sleeping
-            # out its retry backoff (the broker gone) raises CancelledError out of ``stop``, which
-            # replaced the tool's error with a traceback and left the connections open.
+            # Ours (Ctrl-C, a bounded wait: ``stop_within``) or not: aiokafka's fetcher cancels its
+            # fetches and awaits them, and one sleeping out its retry backoff (the broker gone)
+            # raises CancelledError out of ``stop``, which replaced the tool's error with a
+            # traceback. Either way the connections are closed: an interrupted stop left them open.
             await _finish_stop(client)
+            if task is None or task.cancelling() > cancels:
+                raise  # this task is being cancelled: let it
+
+    async def stop_within(self, timeout_s: float) -> None:
+        """``stop``, bounded: past ``timeout_s`` the fetches are cancelled and the connections
+        closed without waiting for the rest (``_finish_stop``)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.stop()
+        except TimeoutError:
+            pass  # ``stop`` finished the close when it was cancelled
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -192,12 +209,13 @@ class TopicReader(_Client[AIOKafkaConsumer]):
         topic: str,
         *,
         metadata_timeout_s: float = 10.0,
-        request_timeout_s: float = 40.0,
+        request_timeout_s: float | None = None,
     ) -> None:
         self._settings = settings
         self.topic = topic
         self._metadata_timeout_s = metadata_timeout_s
-        self._request_timeout_ms = int(request_timeout_s * 1000)  # aiokafka's default: 40 s
+        self._request_timeout_s = REQUEST_TIMEOUT_S if request_timeout_s is None else request_timeout_s
+        self._request_timeout_ms = int(self._request_timeout_s * 1000)
         self._partitions: list[TopicPartition] = []
 
     async def start(self) -> None:
@@ -355,10 +373,11 @@ class TopicReader(_Client[AIOKafkaConsumer]):
         return asyncio.get_running_loop().time()
 
     async def ping(self) -> None:
-        """A metadata request, bounded: raises ``BrokerUnavailable`` naming the broker when it
-        does not answer."""
+        """A metadata request, bounded by the request timeout (it may wait behind a fetch in
+        flight: see ``STALL_S``): raises ``BrokerUnavailable`` naming the broker when it does not
+        answer."""
         try:
-            await broker_answers(self._require().topics(), PING_TIMEOUT_S)
+            await broker_answers(self._require().topics(), self._request_timeout_s)
         except BrokerUnavailable as exc:
             servers = f"{env_var('kafka_bootstrap_servers')}={self._settings.kafka_bootstrap_servers}"
             raise BrokerUnavailable(

@@ -43,6 +43,8 @@ Stage = Literal["connect", "produce", "outcome"]
 #: what is left of the send's time: closing a client after the time ran out waits for none longer.
 _READER_REQUEST_TIMEOUT_S = 40.0
 _PRODUCER_REQUEST_TIMEOUT_S = 30.0
+#: How long closing the results reader may take after the outcome came (or the time ran out).
+_CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +141,15 @@ async def send_event(
     stage: Stage = "connect"
     found: Delivered | None = None
     budget = asyncio.timeout_at(deadline)
+    results = TopicReader(
+        settings,
+        settings.results_topic,
+        request_timeout_s=min(wait_outcome_s, _READER_REQUEST_TIMEOUT_S),
+    )
     try:
-        async with budget:
-            reader = TopicReader(
-                settings,
-                settings.results_topic,
-                request_timeout_s=min(wait_outcome_s, _READER_REQUEST_TIMEOUT_S),
-            )
-            async with reader as results:
+        try:
+            async with budget:
+                await results.start()
                 start = await results.end_offsets()  # before producing: the outcome comes after this
                 left_s = max(deadline - loop.time(), 0.001)
                 producing = EventProducer(
@@ -163,6 +166,10 @@ async def send_event(
                     offset=delivered.offset,
                 )
                 outcome = await _outcome_of(results, start, delivered)
+        finally:
+            # Outside the budget: the deadline passing while the reader closed reported an outcome
+            # received as "no outcome within", and left the reader's connections open.
+            await results.stop_within(_CLOSE_TIMEOUT_S)
     except TimeoutError:
         if not budget.expired():  # not the send's time: another's, raised through
             raise
