@@ -1177,6 +1177,25 @@ class _ClaimAnswerLost(MemoryStore):
         return answer
 
 
+async def _refused_then_failed_elsewhere(pipeline: Pipeline, answers: _Answers) -> None:
+    """Message 7 of event ev-1 refused, then message 8 of the same event failed: 8's record
+    stands under the event_id, 7's outcome under its position."""
+    await pipeline.process(job(STARTED, offset=7))
+    answers.status = "failed"
+    await pipeline.process(job(STARTED, offset=8))
+
+
+def assert_own_outcome_repeated(answers: _Answers, published: Recorder) -> None:
+    """Message 7, read again after ``_refused_then_failed_elsewhere``, was not sent again: it
+    repeated its own outcome."""
+    assert answers.calls == 2
+    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
+        ("rejected", 7, False),
+        ("failed", 8, False),
+        ("rejected", 7, True),
+    ]
+
+
 async def test_a_message_read_again_whose_claims_answer_was_lost_repeats_its_own_outcome() -> None:
     """Message 7 was refused, message 8 of its event_id failed; 7 read again must repeat its own
     outcome (kept by position), not be sent. Its claim replaced 8's record and the answer was lost;
@@ -1186,19 +1205,12 @@ async def test_a_message_read_again_whose_claims_answer_was_lost_repeats_its_own
     answers = _Answers("rejected")
     pipeline, gate = _pipeline(store, answers, published)
     try:
-        await pipeline.process(job(STARTED, offset=7))
-        answers.status = "failed"
-        await pipeline.process(job(STARTED, offset=8))
+        await _refused_then_failed_elsewhere(pipeline, answers)
         store.lose = "ev-1"
         await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)  # read again
     finally:
         await gate.close()
-    assert answers.calls == 2
-    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
-        ("rejected", 7, False),
-        ("failed", 8, False),
-        ("rejected", 7, True),
-    ]
+    assert_own_outcome_repeated(answers, published)
     record = store._get("ev-1")
     assert record is not None
     assert (record.state, record.source, record.status) == ("done", "in/0/8", "failed")  # given back
@@ -1233,9 +1245,7 @@ async def test_a_message_read_again_after_its_job_was_cancelled_in_its_claim_rep
     answers = _Answers("rejected")
     pipeline, gate = _pipeline(store, answers, published)
     try:
-        await pipeline.process(job(STARTED, offset=7))
-        answers.status = "failed"
-        await pipeline.process(job(STARTED, offset=8))
+        await _refused_then_failed_elsewhere(pipeline, answers)
         store.queue = "ev-1"
         cancelled = asyncio.create_task(pipeline.process(job(STARTED, offset=7)))
         await asyncio.wait_for(store.written.wait(), 10)
@@ -1246,12 +1256,7 @@ async def test_a_message_read_again_after_its_job_was_cancelled_in_its_claim_rep
         await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)  # read again
     finally:
         await gate.close()
-    assert answers.calls == 2
-    assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
-        ("rejected", 7, False),
-        ("failed", 8, False),
-        ("rejected", 7, True),
-    ]
+    assert_own_outcome_repeated(answers, published)
 
 
 class _TakenOverBeforeTheRecord(MemoryStore):
@@ -1699,9 +1704,7 @@ async def test_a_message_read_again_looks_beneath_unfinished_claims_to_its_event
     answers = _Answers("rejected")
     pipeline, gate = _pipeline(store, answers, published)
     try:
-        await pipeline.process(job(STARTED, offset=7))
-        answers.status = "failed"
-        await pipeline.process(job(STARTED, offset=8))
+        await _refused_then_failed_elsewhere(pipeline, answers)
         done = store._get("ev-1")
         assert done is not None
         assert (done.state, done.source) == ("done", "in/0/8")
@@ -1718,9 +1721,4 @@ async def test_a_message_read_again_looks_beneath_unfinished_claims_to_its_event
         await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)
     finally:
         await gate.close()
-    assert answers.calls == 2  # message 7 is not sent again
-    assert [(o["status"], o["source"]["offset"]) for o in published.outcomes] == [
-        ("rejected", 7),
-        ("failed", 8),
-        ("rejected", 7),  # its own outcome repeated
-    ]
+    assert_own_outcome_repeated(answers, published)

@@ -847,13 +847,8 @@ async def test_a_tool_that_loses_the_broker_mid_read_fails_naming_it(
         assert f"dlq replay: reading the DLQ failed; 0 record(s) replayed to {OWN_TOPICS['input']!r}" in err
 
 
-async def test_outcomes_tail_follows_an_idle_topic_while_the_broker_answers_then_fails_without_it(
-    own_broker: TansuBroker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """An idle results topic is normal: the tail asks the broker every STALL_S and goes on while it
-    answers; once it does not, the tail ends (exit 1, the servers named) instead of waiting forever."""
-    monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
-    await create_topics(own_broker.bootstrap, list(OWN_TOPICS.values()), partitions=1)
+def count_answered_pings(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A list that grows by one for each broker check a reader makes that the broker answers."""
     answered: list[bool] = []
     ping = TopicReader.ping
 
@@ -862,6 +857,17 @@ async def test_outcomes_tail_follows_an_idle_topic_while_the_broker_answers_then
         answered.append(True)
 
     monkeypatch.setattr(TopicReader, "ping", counted)
+    return answered
+
+
+async def test_outcomes_tail_follows_an_idle_topic_while_the_broker_answers_then_fails_without_it(
+    own_broker: TansuBroker, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An idle results topic is normal: the tail asks the broker every STALL_S and goes on while it
+    answers; once it does not, the tail ends (exit 1, the servers named) instead of waiting forever."""
+    monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
+    await create_topics(own_broker.bootstrap, list(OWN_TOPICS.values()), partitions=1)
+    answered = count_answered_pings(monkeypatch)
     following = asyncio.ensure_future(main_within(["outcomes", "tail", *own_flags(own_broker)], 60))
     await until(lambda: len(answered) >= 3 or following.done(), 20, 0.02, what="three answers while idle")
     assert not following.done()
@@ -890,14 +896,7 @@ async def test_send_waiting_for_an_outcome_ends_when_the_broker_is_lost(
     worker ("is a worker running?")."""
     monkeypatch.setattr(kafka_io, "STALL_S", 0.2)
     await create_topics(own_broker.bootstrap, list(OWN_TOPICS.values()), partitions=1)
-    answered: list[bool] = []
-    ping = TopicReader.ping
-
-    async def counted(self: TopicReader) -> None:
-        await ping(self)
-        answered.append(True)
-
-    monkeypatch.setattr(TopicReader, "ping", counted)
+    answered = count_answered_pings(monkeypatch)
     argv = [
         *send_waiting("started", "CM-GONE", "--event-id", "deploy-lost", timeout_s="120"),
         *own_flags(own_broker),
