@@ -7,6 +7,7 @@ line), not the broker: the producer is a stand-in whose ``send_many`` raises ``P
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from structlog.testing import capture_logs
+from waiting import until
 
 from worker.app import Worker
 from worker.errors import ConfigError
@@ -203,3 +205,80 @@ def test_an_ingress_without_tokens_does_not_start_unless_told_to_let_anyone_in(
         Worker(load_settings(**base, ingest_enabled=True, dedup_url="memory://"))
     Ingress(load_settings(**base, ingest_allow_anonymous=True))
     Ingress(load_settings(**base, ingest_tokens="a-token-long-enough"))
+
+
+class Holding:
+    """A producer whose writes wait until ``release`` is set, as in a broker outage."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.waiting = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def ping(self, timeout_s: float = 3.0) -> None:
+        pass
+
+    async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
+        self.waiting += 1
+        await self.release.wait()
+        return [Delivered(topic, 0, n) for n in range(len(records))]
+
+
+async def test_requests_over_the_bytes_in_hand_are_answered_503_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a broker outage each request held its body, document and records until the producer gave
+    up (30 s), with no bound: 40 concurrent 1 MB notifications took the process from 70 to 526 MB,
+    past the README Deployment's 256 Mi limit, and the pod was killed in the outage it was to ride
+    out. Bodies in hand are bounded (four times the body limit); a request above it is answered 503
+    at once with Retry-After, and Alertmanager sends it again."""
+    settings = load_settings(
+        kafka_bootstrap_servers="127.0.0.1:9",
+        input_topic="in-stub",
+        http_host="127.0.0.1",
+        http_port=0,
+        ingest_allow_anonymous=True,
+        ingest_max_body_bytes=4096,
+    )
+    producer = Holding()
+    monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
+    metrics = Metrics()
+    ingress = Ingress(settings, metrics.registry)
+    server = HealthServer(settings, metrics.registry, ingress.status, ingress.routes())
+    await ingress.start()
+    await server.start()
+
+    def body() -> bytes:  # ~3,100 bytes: one fits, and four of them fill the budget of 16,384
+        batch = [event("change.started", f"CM-B{n}", "s1") for n in range(30)]
+        return json.dumps(batch).encode()
+
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def post() -> tuple[int, dict[str, Any], str | None]:
+                async with http.post(
+                    f"http://127.0.0.1:{server.port}/v1/events",
+                    data=body(),
+                    headers={"Content-Type": "application/json"},
+                ) as r:
+                    return r.status, await r.json(), r.headers.get("Retry-After")
+
+            held = [asyncio.ensure_future(post()) for _ in range(5)]
+            await until(lambda: producer.waiting == 5, what="five requests in hand")
+            refused = await asyncio.wait_for(post(), 5)  # a sixth, at once: not after the outage
+            assert refused[0] == 503
+            assert refused[1]["error"] == "busy"
+            assert refused[2] == "5"
+            producer.release.set()
+            answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+            assert [status for status, _, _ in answers] == [202] * 5
+            assert (await asyncio.wait_for(post(), 5))[0] == 202  # room again
+    finally:
+        producer.release.set()
+        await server.stop()
+        await ingress.stop()

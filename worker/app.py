@@ -19,13 +19,13 @@ import contextlib
 import functools
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from worker.api_client import CocApiClient
 from worker.apply import ApiCaller
-from worker.cancel import cancel_and_wait, unless_stopped
+from worker.cancel import bounded_step, cancel_and_wait, unless_stopped
 from worker.consumer import Consumer, Message
 from worker.decode import decode_or_salvage
 from worker.dedup import DedupStore, open_store
@@ -54,7 +54,6 @@ _FETCH_TIMEOUT_S = 0.5
 _PAUSED_STOP_WAIT_S = 5.0
 _HEALTH_EVERY_S = 2.0  # how quickly /readyz notices the broker is gone
 _TOPICS_CREATE_S = 5.0  # making lost topics again from the health check, at most
-_SHUTDOWN_STEP_S = 5.0  # each broker step of a shutdown (final commit, leaving the group, producer)
 
 
 class Worker:
@@ -610,10 +609,10 @@ class Worker:
         await cancel_and_wait(self._tasks)
         # With the broker gone, aiokafka would retry each of these for ever: bound them, so that a
         # stop request always ends the process. What is not committed is read again (deduplicated).
-        await _bounded(self._commit(), "final_commit")
+        await bounded_step(self._commit(), "final_commit")
         await self._gate.close()
-        await _bounded(self._consumer.stop(), "consumer_stop")
-        await _bounded(self._publisher.stop(), "producer_stop")
+        await bounded_step(self._consumer.stop(), "consumer_stop")
+        await bounded_step(self._publisher.stop(), "producer_stop")
         await self._client.close()
         if self._rate_limit is not None:
             await self._rate_limit.close()
@@ -621,7 +620,7 @@ class Worker:
         await self._store.close()
         await self._http.stop()
         if self._ingress is not None:
-            await _bounded(self._ingress.stop(), "ingress_stop")  # its producer, the broker gone
+            await bounded_step(self._ingress.stop(), "ingress_stop")  # its producer, the broker gone
         log.info("worker_stopped")
 
     async def _drain(self, grace_s: float) -> bool:
@@ -786,15 +785,3 @@ class _KeyWatch:
         )
         self._since = 0
         self._next_at = now + self.EVERY_S
-
-
-async def _bounded(step: Awaitable[None], name: str) -> None:
-    """One step of a shutdown, given at most ``_SHUTDOWN_STEP_S``; a failure is logged, not raised."""
-    try:
-        await asyncio.wait_for(step, _SHUTDOWN_STEP_S)
-    except TimeoutError:
-        log.warning("shutdown_step_timed_out", step=name, timeout_s=_SHUTDOWN_STEP_S)
-    except Exception as exc:  # the rest of the shutdown must still run
-        log.warning(
-            "shutdown_step_failed", step=name, error=type(exc).__name__, detail=redact_cut(str(exc), 300)
-        )

@@ -14,7 +14,14 @@ import asyncio
 from collections.abc import Awaitable, Collection
 from typing import Any, TypeVar
 
+from worker.logs import get_logger, redact_cut
+
 T = TypeVar("T")
+log = get_logger(__name__)
+
+#: Each broker step of a shutdown (final commit, leaving the group, a producer's stop): aiokafka
+#: waits for a broker that is gone until its own timeouts (30-40 s), past a pod's grace.
+SHUTDOWN_STEP_S = 5.0
 
 #: How long a cancelled task is given before it is cancelled again.
 CANCEL_AGAIN_S = 0.5
@@ -43,3 +50,15 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> asyncio.Fut
         if not task.done():
             task.cancel()
     return task if task.done() and not task.cancelled() else None
+
+
+async def bounded_step(step: Awaitable[None], name: str) -> None:
+    """One step of a shutdown, given at most ``SHUTDOWN_STEP_S``; a failure is logged, not raised."""
+    try:
+        await asyncio.wait_for(step, SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("shutdown_step_timed_out", step=name, timeout_s=SHUTDOWN_STEP_S)
+    except Exception as exc:  # the rest of the shutdown must still run
+        log.warning(
+            "shutdown_step_failed", step=name, error=type(exc).__name__, detail=redact_cut(str(exc), 300)
+        )
