@@ -8,9 +8,10 @@ line), not the broker: the producer is a stand-in whose ``send_many`` raises ``P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -44,13 +45,8 @@ def alert(n: int) -> dict[str, Any]:
     }
 
 
-class PartlyWriting:
-    """A producer whose ``fail_call``-th ``send_many`` acknowledges only the records ``acked``
-    marks True (as ``EventProducer.send_many`` raises on a failed write); the others succeed."""
-
-    def __init__(self, fail_call: int, acked: list[bool]) -> None:
-        self.fail_call, self.acked = fail_call, acked
-        self.calls: list[int] = []
+class StandInProducer:
+    """What the ingress asks of its producer besides ``send_many``, answered at once."""
 
     async def start(self) -> None:
         pass
@@ -60,6 +56,15 @@ class PartlyWriting:
 
     async def ping(self, timeout_s: float = 3.0) -> None:
         pass
+
+
+class PartlyWriting(StandInProducer):
+    """A producer whose ``fail_call``-th ``send_many`` acknowledges only the records ``acked``
+    marks True (as ``EventProducer.send_many`` raises on a failed write); the others succeed."""
+
+    def __init__(self, fail_call: int, acked: list[bool]) -> None:
+        self.fail_call, self.acked = fail_call, acked
+        self.calls: list[int] = []
 
     async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
         self.calls.append(len(records))
@@ -82,9 +87,11 @@ def stub_settings() -> WorkerSettings:
     )
 
 
-async def post_with_producer(
-    settings: WorkerSettings, producer: PartlyWriting, monkeypatch: pytest.MonkeyPatch, path: str, body: Any
-) -> tuple[int, Any, Metrics]:
+@contextlib.asynccontextmanager
+async def serving(
+    settings: WorkerSettings, producer: StandInProducer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, Metrics]]:
+    """The ingress on its HTTP server, writing with ``producer``: its base URL and metrics."""
     monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
     metrics = Metrics()
     ingress = Ingress(settings, metrics.registry)
@@ -92,19 +99,23 @@ async def post_with_producer(
     await ingress.start()
     await server.start()
     try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"http://127.0.0.1:{server.port}{path}",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            ) as r,
-        ):
-            status, answer = r.status, await r.json()
+        yield f"http://127.0.0.1:{server.port}", metrics
     finally:
         await server.stop()
         await ingress.stop()
-    return status, answer, metrics
+
+
+async def post_with_producer(
+    settings: WorkerSettings, producer: PartlyWriting, monkeypatch: pytest.MonkeyPatch, path: str, body: Any
+) -> tuple[int, Any, Metrics]:
+    async with (
+        serving(settings, producer, monkeypatch) as (base, metrics),
+        aiohttp.ClientSession() as http,
+        http.post(
+            base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        ) as r,
+    ):
+        return r.status, await r.json(), metrics
 
 
 async def test_a_partly_written_batch_says_which_events_were_written(
@@ -207,21 +218,12 @@ def test_an_ingress_without_tokens_does_not_start_unless_told_to_let_anyone_in(
     Ingress(load_settings(**base, ingest_tokens="a-token-long-enough"))
 
 
-class Holding:
+class Holding(StandInProducer):
     """A producer whose writes wait until ``release`` is set, as in a broker outage."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.waiting = 0
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def ping(self, timeout_s: float = 3.0) -> None:
-        pass
 
     async def send_many(self, topic: str, records: Sequence[OutRecord]) -> list[Delivered]:
         self.waiting += 1
@@ -246,25 +248,17 @@ async def test_requests_over_the_bytes_in_hand_are_answered_503_at_once(
         ingest_max_body_bytes=4096,
     )
     producer = Holding()
-    monkeypatch.setattr("worker.ingest.EventProducer", lambda settings: producer)
-    metrics = Metrics()
-    ingress = Ingress(settings, metrics.registry)
-    server = HealthServer(settings, metrics.registry, ingress.status, ingress.routes())
-    await ingress.start()
-    await server.start()
 
     def body() -> bytes:  # ~3,100 bytes: one fits, and four of them fill the budget of 16,384
         batch = [event("change.started", f"CM-B{n}", "s1") for n in range(30)]
         return json.dumps(batch).encode()
 
     try:
-        async with aiohttp.ClientSession() as http:
+        async with serving(settings, producer, monkeypatch) as (base, _), aiohttp.ClientSession() as http:
 
             async def post() -> tuple[int, dict[str, Any], str | None]:
                 async with http.post(
-                    f"http://127.0.0.1:{server.port}/v1/events",
-                    data=body(),
-                    headers={"Content-Type": "application/json"},
+                    base + "/v1/events", data=body(), headers={"Content-Type": "application/json"}
                 ) as r:
                     return r.status, await r.json(), r.headers.get("Retry-After")
 
@@ -280,5 +274,3 @@ async def test_requests_over_the_bytes_in_hand_are_answered_503_at_once(
             assert (await asyncio.wait_for(post(), 5))[0] == 202  # room again
     finally:
         producer.release.set()
-        await server.stop()
-        await ingress.stop()
