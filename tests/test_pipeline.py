@@ -1177,16 +1177,25 @@ class _ClaimAnswerLost(MemoryStore):
         return answer
 
 
-async def _refused_then_failed_elsewhere(pipeline: Pipeline, answers: _Answers) -> None:
-    """Message 7 of event ev-1 refused, then message 8 of the same event failed: 8's record
-    stands under the event_id, 7's outcome under its position."""
-    await pipeline.process(job(STARTED, offset=7))
-    answers.status = "failed"
-    await pipeline.process(job(STARTED, offset=8))
+@contextlib.asynccontextmanager
+async def refused_then_failed_elsewhere(
+    store: DedupStore,
+) -> AsyncIterator[tuple[Pipeline, _Answers, Recorder]]:
+    """A pipeline on ``store`` after message 7 of event ev-1 was refused, then message 8 of the
+    same event failed: 8's record stands under the event_id, 7's outcome under its position."""
+    published, answers = Recorder(), _Answers("rejected")
+    pipeline, gate = _pipeline(store, answers, published)
+    try:
+        await pipeline.process(job(STARTED, offset=7))
+        answers.status = "failed"
+        await pipeline.process(job(STARTED, offset=8))
+        yield pipeline, answers, published
+    finally:
+        await gate.close()
 
 
 def assert_own_outcome_repeated(answers: _Answers, published: Recorder) -> None:
-    """Message 7, read again after ``_refused_then_failed_elsewhere``, was not sent again: it
+    """Message 7, read again after ``refused_then_failed_elsewhere``, was not sent again: it
     repeated its own outcome."""
     assert answers.calls == 2
     assert [(o["status"], o["source"]["offset"], o["redelivered"]) for o in published.outcomes] == [
@@ -1201,15 +1210,10 @@ async def test_a_message_read_again_whose_claims_answer_was_lost_repeats_its_own
     outcome (kept by position), not be sent. Its claim replaced 8's record and the answer was lost;
     asked again, the claim found our own claim and answered "taken over", which hid 8's record:
     the position was never looked at, and 7 was sent again and had a second outcome."""
-    store, published = _ClaimAnswerLost(), Recorder()
-    answers = _Answers("rejected")
-    pipeline, gate = _pipeline(store, answers, published)
-    try:
-        await _refused_then_failed_elsewhere(pipeline, answers)
+    store = _ClaimAnswerLost()
+    async with refused_then_failed_elsewhere(store) as (pipeline, answers, published):
         store.lose = "ev-1"
         await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)  # read again
-    finally:
-        await gate.close()
     assert_own_outcome_repeated(answers, published)
     record = store._get("ev-1")
     assert record is not None
@@ -1241,11 +1245,8 @@ async def test_a_message_read_again_after_its_job_was_cancelled_in_its_claim_rep
     revoke): the claim was written over 8's record all the same, and the job's hand-on let it run
     out. The next reading took our own claim over and sent 7 again, never looking at 7's position.
     It sees through a claim of its own message to what that claim replaced now."""
-    store, published = _ClaimQueued(), Recorder()
-    answers = _Answers("rejected")
-    pipeline, gate = _pipeline(store, answers, published)
-    try:
-        await _refused_then_failed_elsewhere(pipeline, answers)
+    store = _ClaimQueued()
+    async with refused_then_failed_elsewhere(store) as (pipeline, answers, published):
         store.queue = "ev-1"
         cancelled = asyncio.create_task(pipeline.process(job(STARTED, offset=7)))
         await asyncio.wait_for(store.written.wait(), 10)
@@ -1254,8 +1255,6 @@ async def test_a_message_read_again_after_its_job_was_cancelled_in_its_claim_rep
         store.queue = None
         store.answer.set()
         await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)  # read again
-    finally:
-        await gate.close()
     assert_own_outcome_repeated(answers, published)
 
 
@@ -1700,11 +1699,8 @@ async def test_a_message_read_again_looks_beneath_unfinished_claims_to_its_event
     over message 8's record (two of message 7's, interrupted readings; or another message's, a
     replay that crashed). Message 7 read again looked only one claim of its own deep: it missed
     message 8's record, skipped its position, was sent again and published a second outcome."""
-    store, published = MemoryStore(), Recorder()
-    answers = _Answers("rejected")
-    pipeline, gate = _pipeline(store, answers, published)
-    try:
-        await _refused_then_failed_elsewhere(pipeline, answers)
+    store = MemoryStore()
+    async with refused_then_failed_elsewhere(store) as (pipeline, answers, published):
         done = store._get("ev-1")
         assert done is not None
         assert (done.state, done.source) == ("done", "in/0/8")
@@ -1719,6 +1715,4 @@ async def test_a_message_read_again_looks_beneath_unfinished_claims_to_its_event
             )
         store._put("ev-1", left, 600)
         await asyncio.wait_for(pipeline.process(job(STARTED, offset=7)), 10)
-    finally:
-        await gate.close()
     assert_own_outcome_repeated(answers, published)

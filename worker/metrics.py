@@ -138,6 +138,18 @@ RATE_LIMIT_KINDS = ("rate", "concurrency")
 TRANSPORT_CODES = ("connect_error", "timeout", "disconnected", "client_error", "error")
 
 
+def _counter_by(
+    registry: CollectorRegistry, name: str, documentation: str, label: str, values: tuple[str, ...]
+) -> Counter:
+    """A counter with one label, every value of it at 0 from the start: increase() cannot see a
+    series' first sample, so a first pause of a kind (or a short one that flapped) went unseen by
+    an alert on it."""
+    counter = Counter(name, documentation, [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -163,11 +175,12 @@ class Metrics:
         self.retries = Counter(
             "coc_worker_api_retries", "API attempts after the first, per message.", registry=r
         )
-        self.dedup_hits = Counter(
+        self.dedup_hits = _counter_by(
+            r,
             "coc_worker_dedup_hits",
             "Events not applied again: 'duplicate' (another message) or 'redelivered' (same one).",
-            ["kind"],
-            registry=r,
+            "kind",
+            DEDUP_HIT_KINDS,
         )
         self.in_flight = Gauge(
             "coc_worker_in_flight",
@@ -200,15 +213,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.abandoned = Counter(
+        self.abandoned = _counter_by(
+            r,
             "coc_worker_messages_abandoned",
             "Messages whose job was cancelled past a revoke's or a stop's grace, without an outcome"
             " here: the partition's next reader reads them again.",
-            ["kind"],
-            registry=r,
+            "kind",
+            ABANDON_KINDS,
         )
-        for kind in ABANDON_KINDS:
-            self.abandoned.labels(kind=kind)
         self.topics_missing = Gauge(
             "coc_worker_topics_missing",
             "The worker's topics (input, results, dead-letter) the broker does not list: not ready while above 0.",
@@ -217,33 +229,25 @@ class Metrics:
         self.paused = Gauge(
             "coc_worker_paused", "1 while consumption is paused by a systemic failure.", registry=r
         )
-        self.pauses = Counter(
-            "coc_worker_pauses", "Systemic failures that paused consumption, by kind.", ["kind"], registry=r
+        self.pauses = _counter_by(
+            r, "coc_worker_pauses", "Systemic failures that paused consumption, by kind.", "kind", PAUSE_KINDS
         )
-        # Every kind from the start, at 0: increase() cannot see a series' first sample, so a
-        # first pause of a kind (or a short one that flapped) went unseen by an alert on it.
-        for kind in PAUSE_KINDS:
-            self.pauses.labels(kind=kind)
-        for kind in DEDUP_HIT_KINDS:
-            self.dedup_hits.labels(kind=kind)
-        self.key_mismatches = Counter(
+        self.key_mismatches = _counter_by(
+            r,
             "coc_worker_key_mismatches",
             "Events whose message key is not their ticket_id: 'missing' (no key) or 'other'.",
-            ["kind"],
-            registry=r,
+            "kind",
+            KEY_MISMATCH_KINDS,
         )
-        for kind in KEY_MISMATCH_KINDS:
-            self.key_mismatches.labels(kind=kind)
         self.commits = Counter("coc_worker_commits", "Offset commits the broker accepted.", registry=r)
-        self.rate_limited = Counter(
+        self.rate_limited = _counter_by(
+            r,
             "coc_worker_rate_limit_waits",
             "API calls delayed, by limit: 'rate' (COC_WORKER_API_RATE_LIMIT_PER_S) or 'concurrency'"
             " (the adaptive limit on calls in flight).",
-            ["limit"],
-            registry=r,
+            "limit",
+            RATE_LIMIT_KINDS,
         )
-        for limit in RATE_LIMIT_KINDS:
-            self.rate_limited.labels(limit=limit)
         self.api_concurrency_limit = Gauge(
             "coc_worker_api_concurrency_limit",
             "Adaptive limit on concurrent API calls (halved on 429).",
